@@ -1,0 +1,213 @@
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysegment.prepare import PrepareConfig, PrepareError, main, normalize_intensity, prepare, read_h5_volume, read_nifti_patient
+from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
+
+
+def read_rows(out: Path) -> list[dict]:
+    rows = []
+    for f in sorted(out.glob("*/*.parquet")):
+        rows.extend(pq.read_table(f).to_pylist())
+    return rows
+
+
+def slice_array(row, key, dtype):
+    return np.asarray(row[key], dtype).reshape(row["height"], row["width"])
+
+
+def test_official_nifti_layout_every_field(tmp_path):
+    src = make_nifti_dataset(tmp_path / "acdc", n=4)
+    out = tmp_path / "shards"
+    manifest = prepare(PrepareConfig(source=src, out=out, val_fraction=0.25, progress=False))
+    assert manifest["source_format"] == "acdc-nifti"
+    rows = read_rows(out)
+    # 4 patients x 2 phases x 4 slices; the 4-D cine file is not a labelled frame.
+    assert len(rows) == 32
+    assert manifest["counts"]["volumes"] == {"train": 6, "val": 2}
+    by_key = {(r["patient"], r["phase"], r["slice"]): r for r in rows}
+    for number in range(1, 5):
+        pid = f"patient{number:03d}"
+        pdir = src / "training" / pid
+        for phase, frame in (("ED", 1), ("ES", 7)):
+            gt = np.transpose(np.asarray(nib.load(str(pdir / f"{pid}_frame{frame:02d}_gt.nii.gz")).dataobj), (2, 1, 0))
+            img = np.transpose(np.asarray(nib.load(str(pdir / f"{pid}_frame{frame:02d}.nii.gz")).dataobj), (2, 1, 0))
+            norm = normalize_intensity(img)
+            for k in range(4):
+                r = by_key[(pid, phase, k)]
+                assert r["spacing"] == pytest.approx([10.0, 1.5, 1.25])
+                assert (r["height"], r["width"], r["num_slices"]) == (40, 48, 4)
+                assert r["group"] == ["DCM", "HCM", "MINF", "NOR"][number - 1]
+                # Orientation: shard slice k is volume[k] in (z, y, x) order, (H, W) = (y, x).
+                np.testing.assert_array_equal(slice_array(r, "label", np.uint8), gt[k])
+                np.testing.assert_array_equal(slice_array(r, "image", np.float32), norm[k])
+    # ED and ES frame mapping from Info.cfg: ES (frame 7) has the smaller LV.
+    lv = {ph: sum((slice_array(r, "label", np.uint8) == 3).sum() for r in rows if r["patient"] == "patient001" and r["phase"] == ph) for ph in ("ED", "ES")}
+    assert lv["ED"] > lv["ES"]
+    # split by patient: both phases of a patient share the split
+    splits = {}
+    for r in rows:
+        splits.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert sum(s == {"val"} for s in splits.values()) == 1
+
+
+def test_h5_and_nifti_readers_agree(tmp_path):
+    """Round trip: an h5 volume written as NIfTI reads back as identical (z, y, x) slices."""
+    image, label = synthetic_volume(3, shape=(5, 30, 44))
+    label[0, 0, :5] = 1  # break symmetry so a transposed or flipped read would differ
+    (tmp_path / "h5").mkdir()
+    write_h5(tmp_path / "h5" / "patient042_frame01.h5", image, label)
+    h5 = read_h5_volume(tmp_path / "h5" / "patient042_frame01.h5")
+    pdir = make_nifti_patient(tmp_path / "nii", 42, ed=1, es=2, nframes=2, shape=(5, 30, 44))
+    write_nifti(pdir / "patient042_frame01.nii.gz", image, (8.0, 1.0, 1.0))
+    write_nifti(pdir / "patient042_frame01_gt.nii.gz", label, (8.0, 1.0, 1.0), np.uint8)
+    nii = read_nifti_patient(pdir)[0]
+    assert nii.phase == h5.phase == "ED"
+    assert h5.group == "MINF" and h5.spacing is None and nii.spacing == (8.0, 1.0, 1.0)
+    np.testing.assert_array_equal(nii.label, h5.label)
+    np.testing.assert_array_equal(nii.image, h5.image)
+
+
+def test_normalisation_is_scale_free(tmp_path):
+    image, label = synthetic_volume(5, shape=(3, 32, 32))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root, scale in ((a, 1.0), (b, 2731.0)):
+        (root / "volumes").mkdir(parents=True)
+        for frame in (1, 2):
+            write_h5(root / "volumes" / f"patient001_frame0{frame}.h5", (image * scale).astype(np.float32), label)
+    for root in (a, b):
+        prepare(PrepareConfig(source=root, out=root / "out", val_fraction=0.0, progress=False))
+    ra, rb = read_rows(a / "out"), read_rows(b / "out")
+    for x, y in zip(ra, rb):
+        np.testing.assert_allclose(x["image"], y["image"], atol=1e-6)
+    assert 0.0 <= min(min(r["image"]) for r in ra) and max(max(r["image"]) for r in ra) <= 1.0
+
+
+def test_rerun_is_identical_and_split_files_are_used(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3, 4, 21), val=(2, 21))
+    m1 = prepare(PrepareConfig(source=src, out=tmp_path / "o1", progress=False))
+    m2 = prepare(PrepareConfig(source=src, out=tmp_path / "o2", progress=False))
+    assert m1["content_hash"] == m2["content_hash"]
+    for f in sorted((tmp_path / "o1").rglob("*.parquet")):
+        assert f.read_bytes() == (tmp_path / "o2" / f.relative_to(tmp_path / "o1")).read_bytes()
+    assert m1["splits"] == {"train": ["patient001", "patient003", "patient004"], "val": ["patient002", "patient021"]}
+    assert m1["counts"]["patients_by_group"] == {"DCM": 4, "HCM": 1}
+    assert m1["counts"]["slices"] == {"train": 24, "val": 16}
+    manifest = json.loads((tmp_path / "o1" / "manifest.json").read_text())
+    assert manifest == m1 and manifest["format_version"] == 1
+    assert sum(manifest["counts"]["voxels_by_class"].values()) == 10 * 4 * 40 * 48
+    # existing output needs --overwrite; with it, the result is the same
+    with pytest.raises(PrepareError, match="output exists"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "o1", progress=False))
+    m3 = prepare(PrepareConfig(source=src, out=tmp_path / "o1", overwrite=True, progress=False))
+    assert m3["content_hash"] == m1["content_hash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o1", "o2", "src"]
+
+
+def _nifti_src(tmp_path):
+    return make_nifti_dataset(tmp_path / "src", n=2)
+
+
+def _break_missing_gt(src):
+    (src / "training/patient002/patient002_frame07_gt.nii.gz").unlink()
+    return "patient002_frame07_gt.nii.gz", "missing gt"
+
+
+def _break_shape(src):
+    write_nifti(src / "training/patient001/patient001_frame01_gt.nii.gz", np.zeros((4, 40, 40), np.uint8), (10, 1.5, 1.25))
+    return "patient001_frame01_gt.nii.gz", "does not match image shape"
+
+
+def _break_labels(src):
+    lab = np.zeros((4, 40, 48), np.uint8)
+    lab[0, 0, 0] = 7
+    write_nifti(src / "training/patient001/patient001_frame07_gt.nii.gz", lab, (10, 1.5, 1.25))
+    return "patient001_frame07_gt.nii.gz", "outside 0..3"
+
+
+def _break_nan(src):
+    img = np.ones((4, 40, 48), np.float32)
+    img[1, 2, 3] = np.nan
+    write_nifti(src / "training/patient002/patient002_frame01.nii.gz", img, (10, 1.5, 1.25))
+    return "patient002_frame01.nii.gz", "NaN or inf"
+
+
+def _break_2d(src):
+    nib.save(nib.Nifti1Image(np.ones((48, 40), np.int16), np.eye(4)), str(src / "training/patient001/patient001_frame01.nii.gz"))
+    return "patient001_frame01.nii.gz", "must be 3-D"
+
+
+def _break_5d(src):
+    nib.save(nib.Nifti1Image(np.ones((48, 40, 4, 2, 2), np.int16), np.eye(4)), str(src / "training/patient001/patient001_frame01.nii.gz"))
+    return "patient001_frame01.nii.gz", "must be 3-D"
+
+
+def _break_gzip(src):
+    path = src / "training/patient002/patient002_frame07.nii.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return "patient002_frame07.nii.gz", "unreadable NIfTI"
+
+
+def _break_not_gzip(src):
+    (src / "training/patient001/patient001_frame07.nii.gz").write_bytes(b"this is not a gzip file at all")
+    return "patient001_frame07.nii.gz", "unreadable NIfTI"
+
+
+def _break_empty(src):
+    import shutil
+    shutil.rmtree(src / "training")
+    return "src", "empty source"
+
+
+def _break_duplicate(src):
+    import shutil
+    shutil.copytree(src / "training/patient001", src / "testing/patient001")
+    return "patient001", "duplicate patient id"
+
+
+BAD = [_break_missing_gt, _break_shape, _break_labels, _break_nan, _break_2d, _break_5d,
+       _break_gzip, _break_not_gzip, _break_empty, _break_duplicate]
+
+
+@pytest.mark.parametrize("breaker", BAD, ids=[b.__name__[7:] for b in BAD])
+def test_bad_input_one_line_error_nothing_written(tmp_path, breaker, capsys):
+    src = _nifti_src(tmp_path)
+    fname, problem = breaker(src)
+    out = tmp_path / "out" / "shards"
+    code = main(["--source", str(src), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert fname in err and problem in err, err
+    assert not out.exists()
+    assert list((tmp_path / "out").iterdir()) == [] if (tmp_path / "out").exists() else True
+
+
+def test_bad_h5_inputs(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
+    (src / "volumes" / "patient002_frame02.h5").write_bytes(b"")
+    with pytest.raises(PrepareError, match=r"patient002_frame02.h5: unreadable HDF5"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "out", progress=False))
+    (src / "volumes" / "patient002_frame02.h5").unlink()
+    with pytest.raises(PrepareError, match=r"missing frame02 of patient002"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "out", progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_runs_as_module(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
+    r = subprocess.run([sys.executable, "-m", "raysegment.prepare", "--source", str(src), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "patient" in r.stderr  # tqdm progress bar over patients
+    assert "slices {'train': 8, 'val': 8}" in r.stdout
