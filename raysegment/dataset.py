@@ -1,0 +1,172 @@
+"""Ray Data over the Parquet shards, batched torch augmentation, and whole-volume loading.
+
+Slices are resampled to a square ``image_size`` grid (pixels) on the way in: the SSL4MIS files
+carry no spacing, so a fixed grid is the one thing both layouts share. Augmentation samples
+parameters first (``sample_augment``), then applies them with one deterministic, batched
+``apply_augment`` (a single ``grid_sample`` does scale, rotation, flip and crop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random augmentation. Angles in degrees, scale as a zoom factor."""
+
+    scale: tuple[float, float] = (0.85, 1.2)
+    rotation_deg: float = 20.0
+    flip_prob: float = 0.5
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.02
+    foreground_prob: float = 0.67  # share of crops centred on a foreground pixel
+
+
+# --------------------------------------------------------------------------- resampling
+
+
+def resize_slice(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (H, W) slice → (size, size): bilinear image, nearest label."""
+    img = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    if label is None:
+        return img, None
+    lab = torch.from_numpy(np.ascontiguousarray(label, np.uint8))[None, None].float()
+    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
+    return img, lab
+
+
+def resize_batch(batch: dict, image_size: int) -> dict:
+    """Ray Data ``map_batches`` function: flattened variable-size slices → fixed grid arrays."""
+    images, labels = [], []
+    for img, lab, h, w in zip(batch["image"], batch["label"], batch["height"], batch["width"]):
+        i, l = resize_slice(np.asarray(img, np.float32).reshape(h, w), np.asarray(lab, np.uint8).reshape(h, w), image_size)
+        images.append(i.numpy())
+        labels.append(l.numpy())
+    return {
+        "image": np.stack(images),
+        "label": np.stack(labels),
+        "patient": np.asarray(batch["patient"]),
+        "phase": np.asarray(batch["phase"]),
+        "slice": np.asarray(batch["slice"]),
+    }
+
+
+def read_split(shards: str | Path, split: str, image_size: int):
+    """Ray Dataset of one split, resampled to ``image_size``² (pixels)."""
+    import ray.data
+
+    path = Path(shards) / split
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no '{split}' shards; run raysegment.prepare first")
+    ds = ray.data.read_parquet(str(path)).select_columns(TRAIN_COLUMNS)
+    # Small output blocks: streaming_split hands out whole blocks, so they set the balance
+    # between workers.
+    return ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size}, batch_size=8, batch_format="numpy")
+
+
+# --------------------------------------------------------------------------- whole volumes
+
+
+@dataclass
+class VolumeRecord:
+    """One 3-D frame read back from the shards; ``image``/``label`` are (z, y, x)."""
+
+    patient: str
+    phase: str
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float] | None
+    group: str
+
+
+def load_volumes(shards: str | Path, split: str, patients: list[str] | None = None) -> list[VolumeRecord]:
+    """Reassemble the 3-D volumes of one split (sorted by patient, phase)."""
+    table = pq.read_table(Path(shards) / split)
+    rows = table.to_pylist()
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if patients is None or r["patient"] in patients:
+            by_key.setdefault((r["patient"], r["phase"]), []).append(r)
+    volumes = []
+    for (patient, phase), rs in sorted(by_key.items()):
+        rs.sort(key=lambda r: r["slice"])
+        h, w = rs[0]["height"], rs[0]["width"]
+        image = np.stack([np.asarray(r["image"], np.float32).reshape(h, w) for r in rs])
+        label = np.stack([np.asarray(r["label"], np.uint8).reshape(h, w) for r in rs])
+        sp = rs[0]["spacing"]
+        volumes.append(VolumeRecord(patient, phase, image, label, tuple(sp) if sp else None, rs[0]["group"]))
+    return volumes
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def sample_augment(labels: torch.Tensor, config: AugmentConfig, crop_size: int, generator: torch.Generator) -> dict:
+    """Draw per-sample augmentation parameters for a batch of labels (N, S, S)."""
+    n, s = labels.shape[0], labels.shape[-1]
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=generator)
+
+    # Crop centres: a random foreground pixel with probability foreground_prob, else anywhere.
+    centres = torch.rand(n, 2, generator=generator) * (s - 1)
+    fg_pick = torch.rand(n, generator=generator) < config.foreground_prob
+    for i in torch.nonzero(fg_pick).flatten().tolist():
+        fg = torch.nonzero(labels[i] > 0)
+        if len(fg):
+            centres[i] = fg[torch.randint(len(fg), (1,), generator=generator)].float()[0]
+    return {
+        "zoom": uniform(*config.scale),
+        "angle": uniform(-config.rotation_deg, config.rotation_deg) * math.pi / 180,
+        "flip": torch.rand(n, generator=generator) < config.flip_prob,
+        "centre_yx": centres,
+        "int_scale": uniform(*config.intensity_scale),
+        "int_shift": uniform(*config.intensity_shift),
+        "gamma": uniform(*config.gamma),
+        "noise": torch.randn(n, 1, crop_size, crop_size, generator=generator) * config.noise_std,
+    }
+
+
+def apply_augment(images: torch.Tensor, labels: torch.Tensor, params: dict, crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic batched augmentation: (N, S, S) float images and labels → (N, 1, C, C), (N, C, C)."""
+    n, s = images.shape[0], images.shape[-1]
+    device = images.device
+    p = {k: v.to(device) for k, v in params.items()}
+    ratio = crop_size / s
+    cos, sin = torch.cos(p["angle"]), torch.sin(p["angle"])
+    flip = torch.where(p["flip"], -1.0, 1.0)
+    k = ratio / p["zoom"]
+    centre = (2 * p["centre_yx"] + 1) / s - 1  # pixel → normalised [-1, 1] (align_corners=False)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = k * cos * flip
+    theta[:, 0, 1] = -k * sin
+    theta[:, 1, 0] = k * sin * flip
+    theta[:, 1, 1] = k * cos
+    theta[:, 0, 2] = centre[:, 1]
+    theta[:, 1, 2] = centre[:, 0]
+    grid = F.affine_grid(theta, (n, 1, crop_size, crop_size), align_corners=False)
+    img = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    img = img.clamp(0, 1) ** p["gamma"].view(n, 1, 1, 1)
+    img = img * p["int_scale"].view(n, 1, 1, 1) + p["int_shift"].view(n, 1, 1, 1) + p["noise"]
+    return img, lab[:, 0].round().to(torch.long)
+
+
+def centre_crop(images: torch.Tensor, labels: torch.Tensor, crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """No augmentation: the central crop (for benchmarks and tests). Shapes as ``apply_augment``."""
+    s = images.shape[-1]
+    a = (s - crop_size) // 2
+    return images[:, None, a : a + crop_size, a : a + crop_size].float(), labels[:, a : a + crop_size, a : a + crop_size].long()

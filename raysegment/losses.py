@@ -1,0 +1,43 @@
+"""Weighted cross-entropy + weighted soft Dice for 4-class segmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss = ce_weight · CE(class_weights) + dice_weight · Σ_c w_c·(1 − softDice_c) / Σ_c w_c.
+
+    ``class_weights`` are (RV, MYO, LV); background has weight 1 in the CE and no Dice term.
+    """
+
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    smooth: float = 1e-5
+
+
+def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Batch soft Dice for classes 1..C-1 → tensor (C-1,). Sums over the batch and pixels."""
+    probs = logits.float().softmax(dim=1)[:, 1:]
+    onehot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return (2 * inter + smooth) / (denom + smooth)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """Scalar loss for logits (N, C, H, W) and integer target (N, H, W)."""
+    w = torch.tensor((1.0, *config.class_weights), device=logits.device, dtype=torch.float32)
+    loss = logits.new_zeros((), dtype=torch.float32)
+    if config.ce_weight:
+        loss = loss + config.ce_weight * F.cross_entropy(logits.float(), target.long(), weight=w)
+    if config.dice_weight:
+        dice = soft_dice_per_class(logits, target, config.smooth)
+        loss = loss + config.dice_weight * ((1 - dice) * w[1:]).sum() / w[1:].sum()
+    return loss

@@ -1,0 +1,218 @@
+"""U-Nets over torchvision encoders: a registry of backbone name → builder.
+
+Each encoder yields five feature maps at strides 2, 4, 8, 16, 32; the decoder upsamples
+by 2 at each stage, concatenates the skip and applies two 3×3 conv-BN-ReLU blocks.
+Input is 1-channel (the pretrained first conv sums its RGB kernels); output is 4-class logits
+at the input's H×W (inputs are padded to a multiple of 32 inside and cropped back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raysegment import NUM_CLASSES
+
+if TYPE_CHECKING:
+    import numpy as np
+
+Weights = Literal["imagenet"] | None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (weights come from the checkpoint, not from here)."""
+
+    backbone: str = "mobilenet_v2"
+    decoder_width: int = 32
+    num_classes: int = NUM_CLASSES
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    pass
+
+
+def _imagenet_state_dict(weights_enum) -> dict:
+    """Load ImageNet weights from the torch hub cache through torchvision's weights API.
+
+    Offline machines cannot download, so a missing file is a clear error naming the path.
+    """
+    url = weights_enum.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"ImageNet weights not found at {path}. Download {url} on a machine with internet access "
+            f"and copy it there (or set TORCH_HOME), or use weights=None for random initialisation."
+        )
+    # torchvision's loader reads the cached file with torch.load(weights_only=True).
+    return weights_enum.get_state_dict(progress=False, check_hash=False)
+
+
+def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
+    """The same conv taking 1 channel; the RGB kernels are summed (grey = R = G = B)."""
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+class DenseNet121Encoder(nn.Module):
+    channels = (64, 256, 512, 1024, 1024)
+
+    def __init__(self, weights: Weights):
+        super().__init__()
+        from torchvision.models import DenseNet121_Weights, densenet121
+
+        net = densenet121(weights=None)
+        if weights == "imagenet":
+            # DenseNet's checkpoint has legacy key names; torchvision's own loader renames them.
+            from torchvision.models.densenet import _load_state_dict
+
+            _imagenet_state_dict(DenseNet121_Weights.IMAGENET1K_V1)  # clear error when missing
+            _load_state_dict(net, DenseNet121_Weights.IMAGENET1K_V1, progress=False)
+        f = net.features
+        f.conv0 = _one_channel(f.conv0)
+        self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0)  # /2
+        self.stage1 = nn.Sequential(f.pool0, f.denseblock1)  # /4
+        self.stage2 = nn.Sequential(f.transition1, f.denseblock2)  # /8
+        self.stage3 = nn.Sequential(f.transition2, f.denseblock3)  # /16
+        self.stage4 = nn.Sequential(f.transition3, f.denseblock4, f.norm5, nn.ReLU(inplace=True))  # /32
+
+    def forward(self, x):
+        x0 = self.stem(x)
+        x1 = self.stage1(x0)
+        x2 = self.stage2(x1)
+        x3 = self.stage3(x2)
+        return [x0, x1, x2, x3, self.stage4(x3)]
+
+
+class MobileNetV2Encoder(nn.Module):
+    channels = (16, 24, 32, 96, 1280)
+    _cuts = (2, 4, 7, 14, 19)  # features[:2] → /2, [2:4] → /4, ... [14:19] → /32
+
+    def __init__(self, weights: Weights):
+        super().__init__()
+        from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+        net = mobilenet_v2(weights=None)
+        if weights == "imagenet":
+            net.load_state_dict(_imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V2))
+        f = net.features
+        f[0][0] = _one_channel(f[0][0])
+        starts = (0,) + self._cuts[:-1]
+        self.stages = nn.ModuleList(nn.Sequential(*f[a:b]) for a, b in zip(starts, self._cuts))
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """Encoder + U-Net decoder. Decoder widths are (8w, 4w, 2w, w, w/2) from /16 to /1."""
+
+    def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        enc = encoder.channels
+        w = decoder_width
+        widths = (8 * w, 4 * w, 2 * w, w, max(w // 2, 8))
+        skips = (enc[3], enc[2], enc[1], enc[0], 0)
+        blocks, cin = [], enc[4]
+        for skip, cout in zip(skips, widths):
+            blocks.append(_conv_block(cin + skip, cout))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(cin, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected input (N, 1, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % 32, (-w) % 32
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "constant")
+        feats = self.encoder(x)
+        y = feats[-1]
+        for block, skip in zip(self.blocks, list(reversed(feats[:-1])) + [None]):
+            y = F.interpolate(y, scale_factor=2, mode="nearest")
+            if skip is not None:
+                y = torch.cat([y, skip], dim=1)
+            y = block(y)
+        return self.head(y)[..., :h, :w]
+
+
+def _build_densenet121(decoder_width: int, num_classes: int, weights: Weights) -> UNet:
+    return UNet(DenseNet121Encoder(weights), decoder_width, num_classes)
+
+
+def _build_mobilenet_v2(decoder_width: int, num_classes: int, weights: Weights) -> UNet:
+    return UNet(MobileNetV2Encoder(weights), decoder_width, num_classes)
+
+
+MODELS: dict[str, Callable[..., UNet]] = {
+    "densenet121": _build_densenet121,
+    "mobilenet_v2": _build_mobilenet_v2,
+}
+
+
+def build_model(config: ModelConfig, weights: Weights = None) -> UNet:
+    """Build the U-Net that ``config`` names; ``weights='imagenet'`` loads the cached encoder."""
+    if config.backbone not in MODELS:
+        raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {sorted(MODELS)}")
+    if weights not in (None, "imagenet"):
+        raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
+    return MODELS[config.backbone](config.decoder_width, config.num_classes, weights)
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: "np.ndarray",
+    image_size: int,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    flip_tta: bool = False,
+) -> "np.ndarray":
+    """Segment a normalised (z, H, W) volume slice-wise → uint8 labels (z, H, W).
+
+    Slices are resampled to ``image_size``² for the network and the logits back to (H, W).
+    """
+    import numpy as np
+
+    z, h, w = image.shape
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[:, None].to(device)
+    out = np.empty((z, h, w), np.uint8)
+    was_training = model.training
+    model.eval()
+    for a in range(0, z, batch_size):
+        xb = F.interpolate(x[a : a + batch_size], size=(image_size, image_size), mode="bilinear", align_corners=False)
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = model(xb).float()
+            if flip_tta:
+                logits = logits + model(xb.flip(-1)).float().flip(-1)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        out[a : a + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
+    model.train(was_training)
+    return out

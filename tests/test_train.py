@@ -1,0 +1,126 @@
+"""Ray Train integration: exactly-once sharding, DDP weight sync, fault recovery, overfitting."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_ACDC
+from raysegment.dataset import AugmentConfig, apply_augment, centre_crop, load_volumes, resize_slice, sample_augment
+from raysegment.losses import LossConfig, segmentation_loss
+from raysegment.models import ModelConfig, build_model, predict_volume
+from raysegment.prepare import PrepareConfig, prepare
+from raysegment.train import RunSpec, TrainConfig, load_checkpoint_model, train
+from synth import make_h5_dataset
+
+TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
+            precision="fp32", threads_per_worker=1)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    # 5 train patients x 2 phases x 3 slices = 30 slices: not a multiple of 2 workers x batch 4.
+    src = make_h5_dataset(root / "src", patients=(1, 2, 3, 4, 5, 6), val=(6,), shape=(3, 40, 48))
+    prepare(PrepareConfig(source=src, out=root / "shards", progress=False))
+    return root / "shards"
+
+
+def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shards, tmp_path):
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    config = TrainConfig(data=str(tiny_shards), epochs=1, audit_dir=str(audit), **TINY)
+    result = train(config, RunSpec(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"), name="ddp"))
+    assert result.error is None
+    ranks = [json.loads((audit / f"epoch0-rank{r}.json").read_text()) for r in (0, 1)]
+    seen = ranks[0]["seen"] + ranks[1]["seen"]
+    expected = {f"patient{p:03d}/{ph}/{s}" for p in range(1, 6) for ph in ("ED", "ES") for s in range(3)}
+    assert len(seen) == len(set(seen)) == 30  # no duplicates
+    assert set(seen) == expected  # none missing
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]  # DDP kept the replicas identical
+    assert set(result.metrics) >= {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "loss", "epoch"}
+
+
+def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
+    marker = tmp_path / "failed-once"
+    config = TrainConfig(data=str(tiny_shards), epochs=4, fail_at_epoch=2, fail_marker=str(marker),
+                         max_steps_per_epoch=2, **TINY)
+    result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1))
+    assert marker.exists(), "the fault was not injected"
+    assert result.error is None
+    assert result.metrics["epoch"] == 3
+    model, saved, state = load_checkpoint_model(result.checkpoint.path)
+    assert saved.model == config.model and state["epoch"] == 3
+    # The history survives the restart: epochs 0..3 once each, epoch 2 run after the resume.
+    assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3]
+
+
+def test_augmentation_is_deterministic_given_params():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 64, 64)
+    labels = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    labels[:, 20:30, 30:40] = 3
+    params = sample_augment(labels, AugmentConfig(), 48, gen)
+    a = apply_augment(images, labels, params, 48)
+    b = apply_augment(images, labels, params, 48)
+    assert a[0].shape == (3, 1, 48, 48) and a[1].shape == (3, 48, 48)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert set(a[1].unique().tolist()) <= {0, 3}
+    # identity parameters reproduce the centre crop
+    ident = {**params, "zoom": torch.ones(3), "angle": torch.zeros(3), "flip": torch.zeros(3, dtype=torch.bool),
+             "centre_yx": torch.full((3, 2), 31.5), "int_scale": torch.ones(3), "int_shift": torch.zeros(3),
+             "gamma": torch.ones(3), "noise": torch.zeros(3, 1, 48, 48)}
+    x, y = apply_augment(images, labels, ident, 48)
+    cx, cy = centre_crop(images, labels, 48)
+    torch.testing.assert_close(x, cx, atol=1e-5, rtol=0)
+    assert torch.equal(y, cy)
+
+
+def test_foreground_oversampling_centres_on_labels():
+    gen = torch.Generator().manual_seed(1)
+    labels = torch.zeros(200, 64, 64, dtype=torch.uint8)
+    labels[:, 5:8, 50:54] = 2
+    params = sample_augment(labels, AugmentConfig(foreground_prob=1.0), 32, gen)
+    c = params["centre_yx"]
+    assert bool(((c[:, 0] >= 5) & (c[:, 0] < 8) & (c[:, 1] >= 50) & (c[:, 1] < 54)).all())
+
+
+@pytest.mark.skipif(not SHARED_ACDC.is_dir(), reason="needs ../shared/acdc")
+def test_overfits_a_few_real_slices(tmp_path):
+    src = tmp_path / "src" / "volumes"
+    src.mkdir(parents=True)
+    for f in ("patient003_frame01.h5", "patient003_frame02.h5"):
+        (src / f).symlink_to(SHARED_ACDC / "volumes" / f)
+    prepare(PrepareConfig(source=src.parent, out=tmp_path / "shards", val_fraction=0.0, progress=False))
+    vol = load_volumes(tmp_path / "shards", "train")[0]
+    keep = [k for k in range(vol.label.shape[0]) if (vol.label[k] > 0).sum() > 500][:4]
+    size = 128
+    pairs = [resize_slice(vol.image[k], vol.label[k], size) for k in keep]
+    x = torch.stack([p[0] for p in pairs])[:, None]
+    y = torch.stack([p[1] for p in pairs]).long()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenet_v2", decoder_width=16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss = segmentation_loss(logits, y, LossConfig())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pred = predict_volume(model, vol.image[keep], size, autocast_dtype=torch.bfloat16)
+    from raysegment.metrics import dice
+    scores = [dice(pred == c, vol.label[keep] == c) for c in (1, 2, 3)]
+    assert min(scores) > 0.9, scores
