@@ -42,7 +42,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -185,9 +185,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                      local_shuffle_buffer_size=4 * config.batch_size)
         # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
         join = model.join() if hasattr(model, "join") else _nullcontext()
+        data_wait, batch_iter = 0.0, iter(batches)
         with join:
-            for batch in batches:
-                if config.max_steps_per_epoch and step >= config.max_steps_per_epoch:
+            while True:
+                t_wait = time.perf_counter()
+                batch = next(batch_iter, None)
+                data_wait += time.perf_counter() - t_wait
+                if batch is None or (config.max_steps_per_epoch and step >= config.max_steps_per_epoch):
                     break
                 if config.audit_dir:
                     seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
@@ -214,7 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                    "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
-                   "train_seconds": train_time}
+                   "train_seconds": train_time, "data_wait_seconds": data_wait}
         if rank == 0:
             val, _ = validate(core, volumes, config, device)
             metrics.update(val)
@@ -256,7 +260,8 @@ class RunSpec:
     storage_path: str = "./runs"
     name: str | None = None
     max_failures: int = 2
-    keep_checkpoints: int = 2
+    keep_checkpoints: int | None = 2  # best by val dice_mean; None keeps all
+    cache_data: bool = True  # resample once into the object store instead of every epoch
 
 
 class ExactlyOnceDataConfig:
@@ -312,9 +317,16 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
                                                          checkpoint_score_order="max"),
             callbacks=list(run_callbacks),
         ),
-        datasets={"train": read_split(config.data, "train", config.image_size)},
+        datasets={"train": _train_dataset(config, spec)},
         dataset_config=ExactlyOnceDataConfig(),
     )
+
+
+def _train_dataset(config: TrainConfig, spec: RunSpec):
+    ds = read_split(config.data, "train", config.image_size)
+    # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
+    # with the training step for the same cores every epoch (measured with raysegment.bench).
+    return ds.materialize() if spec.cache_data else ds
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -346,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     p.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16)

@@ -1,0 +1,119 @@
+"""Benchmarks. Numbers go in the README, never into timed test assertions.
+
+    python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
+
+``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
+a bare single-process loop with the same model, batch, crop, augmentation and precision, in
+one run. The first epoch of each is warm-up (Ray Data start, allocator, kernel selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+
+def bare_loop_slices_per_s(config, steps: int, warmup: int = 3) -> float:
+    """A plain PyTorch loop over pre-resized train slices held in memory."""
+    import pyarrow.parquet as pq
+
+    from raysegment.dataset import apply_augment, resize_batch, sample_augment
+    from raysegment.losses import segmentation_loss
+    from raysegment.models import build_model
+    from raysegment.train import autocast_dtype
+
+    torch.set_num_threads(config.threads_per_worker or os.cpu_count())
+    n = config.batch_size * (steps + warmup)
+    table = pq.read_table(os.path.join(config.data, "train")).slice(0, n)
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("image", "label", "height", "width", "patient", "phase", "slice")}
+    data = resize_batch(cols, config.image_size)
+    images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+    torch.manual_seed(config.seed)
+    model = build_model(config.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    dtype = autocast_dtype(config.precision, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    t0 = None
+    for step in range((len(images) + config.batch_size - 1) // config.batch_size):
+        if step == warmup:
+            t0 = time.perf_counter()
+        sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
+        params = sample_augment(labels[sl], config.augment, config.crop_size, gen)
+        x, y = apply_augment(images[sl], labels[sl], params, config.crop_size)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = model(x)
+        loss = segmentation_loss(logits, y, config.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * config.batch_size / (time.perf_counter() - t0)
+
+
+def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True) -> tuple[float, list[dict]]:
+    """Ray Train with 1 worker; slices/s of the epochs after the first (warm-up) epoch."""
+    import tempfile
+
+    from raysegment.train import RunSpec, ensure_ray, train
+
+    ensure_ray()
+    cfg = replace(config, epochs=3, max_steps_per_epoch=steps, val_patients=config.val_patients)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(cfg, RunSpec(num_workers=1, cpus_per_worker=cpus_per_worker, storage_path=tmp, name="bench",
+                                             keep_checkpoints=None, cache_data=cache_data))
+        rows = result.metrics_dataframe.sort_values("epoch")[["epoch", "train_slices", "train_seconds", "data_wait_seconds"]].to_dict("records")
+    later = rows[1:]
+    return sum(r["train_slices"] for r in later) / sum(r["train_seconds"] for r in later), rows
+
+
+def bench_train(args) -> dict:
+    from raysegment.dataset import load_volumes
+    from raysegment.models import ModelConfig
+    from raysegment.train import TrainConfig
+
+    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]
+    config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone),
+                         batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
+                         precision=args.precision, threads_per_worker=args.threads or os.cpu_count(),
+                         val_patients=val_one)
+    bare = bare_loop_slices_per_s(config, args.steps)
+    ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker)
+    out = {"backbone": args.backbone, "batch_size": args.batch_size, "crop_size": args.crop_size,
+           "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
+           "bare_slices_per_s": round(bare, 2), "ray_slices_per_s": round(ray_rate, 2),
+           "ratio": round(ray_rate / bare, 3), "ray_epochs": rows}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raysegment import disable_telemetry
+
+    disable_telemetry()
+    p = argparse.ArgumentParser(prog="python -m raysegment.bench")
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
+    t.add_argument("--data", required=True)
+    t.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--crop-size", type=int, default=160)
+    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    a = p.parse_args(argv)
+    out = bench_train(a)
+    print(json.dumps(out))
+    print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
+          f"slices/s, ratio {out['ratio']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
