@@ -39,11 +39,11 @@ class AugmentConfig:
 
 def resize_slice(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (H, W) slice → (size, size): bilinear image, nearest label."""
-    img = torch.from_numpy(np.ascontiguousarray(image, np.float32))[None, None]
+    img = torch.from_numpy(np.array(image, np.float32))[None, None]
     img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     if label is None:
         return img, None
-    lab = torch.from_numpy(np.ascontiguousarray(label, np.uint8))[None, None].float()
+    lab = torch.from_numpy(np.array(label, np.uint8))[None, None].float()
     lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[0, 0].to(torch.uint8)
     return img, lab
 

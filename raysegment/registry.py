@@ -55,8 +55,8 @@ def _signature():
     from mlflow.types.schema import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1), name="image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), name="mask")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
     )
 
 

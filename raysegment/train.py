@@ -341,7 +341,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
     import ray.data
 
     # Our per-epoch line is the progress report; Ray Data's per-operator bars flood job logs.

@@ -1,0 +1,79 @@
+"""Figures: segmentation overlays and learning curves (PNG, matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8"}  # RV red, MYO green, LV blue
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_slices: int = 3, title: str = "",
+                   gt_zyx: np.ndarray | None = None) -> Path:
+    """Save ``n_slices`` basal-to-apical slices with RV/MYO/LV contours (dashed: ground truth)."""
+    plt = _plt()
+    z = image_zyx.shape[0]
+    has = [k for k in range(z) if mask_zyx[k].any()] or list(range(z))
+    picks = [has[int(round(i))] for i in np.linspace(0, len(has) - 1, min(n_slices, len(has)))]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
+    for ax, k in zip(axes[0], picks):
+        ax.imshow(image_zyx[k], cmap="gray")
+        for lab, colour in COLOURS.items():
+            if (mask_zyx[k] == lab).any():
+                ax.contour(mask_zyx[k] == lab, levels=[0.5], colors=colour, linewidths=1.2)
+            if gt_zyx is not None and (gt_zyx[k] == lab).any():
+                ax.contour(gt_zyx[k] == lab, levels=[0.5], colors=colour, linewidths=0.8, linestyles="dashed")
+        ax.set_title(f"slice {k}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title or "RV red, MYO green, LV blue", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def overlay_png(study: Path, mask: Path, out: Path, n_slices: int = 3) -> Path:
+    """Overlay of a study's first frame and its mask NIfTI."""
+    import nibabel as nib
+
+    from raysegment.prepare import normalize_intensity
+
+    img = np.asarray(nib.load(str(study)).dataobj, dtype=np.float64)
+    seg = np.asarray(nib.load(str(mask)).dataobj)
+    if img.ndim == 4:
+        img, seg = img[..., 0], seg[..., 0]
+    image_zyx = normalize_intensity(np.transpose(img, (2, 1, 0)))
+    return overlay_slices(image_zyx, np.transpose(seg, (2, 1, 0)), out, n_slices, title=study.name)
+
+
+def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
+    """Val Dice per class and train loss against epoch, one column per run."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, len(histories), figsize=(5 * len(histories), 6), squeeze=False)
+    for col, (name, hist) in enumerate(histories.items()):
+        ep = [h["epoch"] + 1 for h in hist]
+        for key, colour in (("dice_rv", COLOURS[1]), ("dice_myo", COLOURS[2]), ("dice_lv", COLOURS[3]), ("dice_mean", "k")):
+            axes[0][col].plot(ep, [h[key] for h in hist], color=colour, label=key)
+        axes[0][col].set_title(name)
+        axes[0][col].set_ylim(0, 1)
+        axes[0][col].set_ylabel("val Dice (3-D)")
+        axes[0][col].legend(fontsize=8)
+        axes[1][col].plot(ep, [h["loss"] for h in hist], color="k")
+        axes[1][col].set_ylabel("train loss")
+        axes[1][col].set_xlabel("epoch")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -1,0 +1,323 @@
+"""Hyper-parameter search: Ray Tune (Optuna TPE + ASHA) over the Ray Train loop, tracked in MLflow.
+
+    ray job submit -- python -m raysegment.tune --backbone densenet121 --data SHARDS \\
+        --mlflow-uri http://127.0.0.1:5000
+
+Without ``--data`` the bundled ACDC sample is prepared into ``./runs/sample-shards``; without
+``--mlflow-uri`` runs go to ``sqlite:///mlflow.db`` in the working directory. One MLflow parent
+run per invocation, one child run per trial (params, per-epoch loss and Dice, config). The best
+trial's best checkpoint is registered as ``raysegment-<backbone>``; the ``champion`` alias moves
+only if it beats the current champion on the same data manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from raysegment import disable_telemetry
+from raysegment.losses import LossConfig
+from raysegment.models import ModelConfig
+from raysegment.train import RunSpec, TrainConfig, ensure_ray, make_trainer
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
+
+
+def search_space() -> dict:
+    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate."""
+    from ray import tune
+
+    return {
+        "dice_fraction": tune.uniform(0.1, 0.9),  # dice_weight = f, ce_weight = 1 - f
+        "w_rv": tune.uniform(0.5, 2.0),
+        "w_myo": tune.uniform(0.5, 2.0),
+        "w_lv": tune.uniform(0.5, 2.0),
+        "decoder_width": tune.choice([16, 32, 48]),
+        "lr": tune.loguniform(3e-4, 6e-3),
+    }
+
+
+def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
+    """The TrainConfig of one trial: ``base`` with the searched (or fixed) parameters applied."""
+    cw = base.loss.class_weights
+    loss = replace(base.loss, class_weights=(float(params.get("w_rv", cw[0])), float(params.get("w_myo", cw[1])),
+                                             float(params.get("w_lv", cw[2]))))
+    if "dice_fraction" in params:
+        f = float(params["dice_fraction"])
+        loss = replace(loss, ce_weight=1.0 - f, dice_weight=f)
+    model = replace(base.model, decoder_width=int(params.get("decoder_width", base.model.decoder_width)))
+    return replace(base, loss=loss, model=model, lr=float(params.get("lr", base.lr)))
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """One search: what to train, how many trials, where results go."""
+
+    base: TrainConfig
+    run: RunSpec = field(default_factory=RunSpec)
+    num_samples: int = 4
+    concurrency: int = 1
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    trial_cpus: float = 0.01  # the trial driver only waits; its Train workers reserve their own resources
+    fixed: dict = field(default_factory=dict)  # searched names pinned to a value
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment: str = "raysegment-tune"
+    seed: int = 0
+    register: bool = True
+
+
+def run_trial(params: dict, base: TrainConfig, run: RunSpec) -> None:
+    """Tune function trainable: one Ray Train run whose reports flow back to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = apply_params(base, params)
+    trial = tune.get_context().get_trial_id()
+    spec = replace(run, name=f"{run.name}-trial-{trial}")
+    make_trainer(config, spec, run_callbacks=[TuneReportCallback()]).fit()
+
+
+# --------------------------------------------------------------------------- MLflow tracking
+
+
+def _mlflow_client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+class MlflowTrialLogger:
+    """A Tune callback (built lazily, Tune is imported late) that mirrors trials into MLflow."""
+
+    def __new__(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, base: TrainConfig):
+        from ray import tune
+
+        class _Logger(tune.Callback):
+            def __init__(self):
+                self.client = _mlflow_client(tracking_uri)
+                self.runs: dict[str, str] = {}
+
+            def _run_for(self, trial) -> str:
+                if trial.trial_id in self.runs:
+                    return self.runs[trial.trial_id]
+                # A resumed experiment finds the child run it made before.
+                found = self.client.search_runs(
+                    [experiment_id],
+                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.tune_trial_id = '{trial.trial_id}'",
+                )
+                if found:
+                    run_id = found[0].info.run_id
+                else:
+                    run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}",
+                                                 tags={"mlflow.parentRunId": parent_run_id,
+                                                       "tune_trial_id": trial.trial_id})
+                    run_id = run.info.run_id
+                    config = apply_params(base, trial.config)
+                    for k in SEARCHED:
+                        if k in trial.config:
+                            self.client.log_param(run_id, k, trial.config[k])
+                    self.client.log_param(run_id, "backbone", config.model.backbone)
+                    self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
+                self.runs[trial.trial_id] = run_id
+                return run_id
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._run_for(trial)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                run_id = self._run_for(trial)
+                step = int(result.get("epoch", result.get("training_iteration", 0)))
+                for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean", "train_seconds"):
+                    v = result.get(k)
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self.client.log_metric(run_id, k, float(v), step=step)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.client.set_terminated(self._run_for(trial), "FINISHED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.client.set_terminated(self._run_for(trial), "FAILED")
+
+        return _Logger()
+
+
+def _parent_run(spec: TuneSpec, exp_dir: Path) -> tuple[str, str]:
+    """(experiment_id, parent run id); a resumed search reuses its parent run."""
+    client = _mlflow_client(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    marker = exp_dir / "mlflow_parent_run.json"
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved.get("tracking_uri") == spec.tracking_uri:
+            return exp_id, saved["run_id"]
+    run = client.create_run(exp_id, run_name=spec.run.name,
+                            tags={"backbone": spec.base.model.backbone, "manifest_hash": spec.base.manifest_hash})
+    for k, v in {"num_samples": spec.num_samples, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
+                 "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()}}.items():
+        client.log_param(run.info.run_id, k, v)
+    client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id}))
+    return exp_id, run.info.run_id
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def trial_table(results) -> list[dict]:
+    """One row per trial: searched params → best val Dice over its epochs."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or "dice_mean" not in df:
+            continue
+        best = df.loc[df["dice_mean"].idxmax()]
+        rows.append({**{k: r.config.get(k) for k in SEARCHED if k in r.config},
+                     "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+                     **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+                     "checkpoint_path": best.get("checkpoint_path")})
+    return sorted(rows, key=lambda r: -r["dice_mean"])
+
+
+def run_search(spec: TuneSpec) -> dict:
+    """Run (or resume) a search, track it, register the best checkpoint → summary dict."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysegment.prepare import load_manifest
+
+    disable_telemetry()
+    manifest = load_manifest(spec.base.data)
+    spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
+    storage = Path(spec.run.storage_path).resolve()
+    exp_dir = storage / spec.run.name
+    exp_id, parent_id = _parent_run(spec, exp_dir)
+
+    space = {k: v for k, v in search_space().items() if k not in spec.fixed}
+    space.update(spec.fixed)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=replace(spec.run, storage_path=str(storage / spec.run.name / "train"))),
+                                    {"CPU": spec.trial_cpus})
+    searcher = ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.concurrency)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.base.epochs,
+                              grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
+    callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
+    run_config = tune.RunConfig(name=spec.run.name, storage_path=str(storage), callbacks=callbacks, verbose=1)
+    tune_path = str(storage / spec.run.name)
+    if tune.Tuner.can_restore(tune_path):
+        print(f"[raysegment] resuming search {tune_path}", flush=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="dice_mean", mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    table = trial_table(results)
+    client = _mlflow_client(spec.tracking_uri)
+    client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
+    summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}
+    if not table:
+        client.set_terminated(parent_id, "FAILED")
+        raise RuntimeError(f"no trial reported a result ({len(results.errors)} errors); see {tune_path}")
+    best = table[0]
+    for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+        client.log_metric(parent_id, f"best_{k}", best[k])
+    if spec.register and best.get("checkpoint_path"):
+        from raysegment.registry import register_checkpoint
+
+        reg = register_checkpoint(best["checkpoint_path"], metrics=best, tracking_uri=spec.tracking_uri,
+                                  run_id=parent_id)
+        summary["registered"] = asdict(reg)
+    client.set_terminated(parent_id, "FINISHED")
+    return summary
+
+
+def _parse_fixed(items: list[str]) -> dict:
+    fixed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SEARCHED:
+            raise SystemExit(f"error: --set {item!r}: expected NAME=VALUE with NAME in {', '.join(SEARCHED)}")
+        fixed[key] = int(value) if key == "decoder_width" else float(value)
+    return fixed
+
+
+def default_sample_shards(out: Path) -> Path:
+    """Prepare the bundled sample once (embedded default)."""
+    from raysegment.prepare import PrepareConfig, prepare
+
+    if not (out / "manifest.json").exists():
+        prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raysegment.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    p.add_argument("--data", default=None, help="shards from raysegment.prepare (default: the bundled sample)")
+    p.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3, help="the most epochs per trial (ASHA stops weak trials early)")
+    p.add_argument("--concurrency", type=int, default=1, help="trials at once")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--crop-size", type=int, default=160)
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"pin a searched parameter ({', '.join(SEARCHED)})")
+    p.add_argument("--storage", default="./runs", help="shared storage for trials and checkpoints")
+    p.add_argument("--name", default=None, help="experiment name; an existing one is resumed")
+    p.add_argument("--no-register", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--address", default=None)
+    a = p.parse_args(argv)
+    disable_telemetry()
+    fixed = _parse_fixed(a.fixed)
+    data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
+    workers_total = a.workers * a.concurrency
+    base = TrainConfig(
+        data=str(data.resolve()), model=ModelConfig(backbone=a.backbone), loss=LossConfig(), epochs=a.epochs,
+        batch_size=a.batch_size, image_size=a.image_size, crop_size=a.crop_size, seed=a.seed,
+        max_steps_per_epoch=a.max_steps_per_epoch,
+        threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // workers_total),
+    )
+    name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=bool(a.gpus_per_worker),
+                                           cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name),
+                    num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
+                    tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register)
+    ensure_ray(a.address)
+    summary = run_search(spec)
+    print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
+    for r in summary["trials"]:
+        params = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in SEARCHED if k in r)
+        print(f"  {params} epochs={r['epochs']} -> dice rv {r['dice_rv']:.3f} myo {r['dice_myo']:.3f} "
+              f"lv {r['dice_lv']:.3f} mean {r['dice_mean']:.3f}")
+    if "registered" in summary:
+        reg = summary["registered"]
+        print(f"[raysegment] registered {reg['name']} v{reg['version']}; champion: {reg['champion']} ({reg['reason']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""End to end with real processes: `ray start --head` (token auth), `mlflow server`, `ray job submit`.
+
+tune → registry (champion alias) → pyfunc → scheduled-style batch inference, then a killed
+inference run that resumes with every study exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synth import make_nifti_patient, synthetic_volume
+
+pytestmark = pytest.mark.slow
+VENV_BIN = str(Path(sys.executable).parent)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A token-auth Ray head and an MLflow server (sqlite + local artifacts) on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("cluster")
+    token = root / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+    mlflow_log = open(root / "mlflow.log", "w")
+    mlflow_proc = subprocess.Popen(
+        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        env=env, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+    subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
+                    "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
+                    "--disable-usage-stats", "--temp-dir", str(root / "ray")],
+                   env=env, check=True, capture_output=True, cwd=root)
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    try:
+        wait_http(f"{uri}/health")
+        wait_http(f"http://127.0.0.1:{dash}")
+        yield {"env": env, "root": root, "mlflow": uri, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
+    finally:
+        subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env, capture_output=True)
+        os.killpg(mlflow_proc.pid, signal.SIGTERM)
+        mlflow_proc.wait(timeout=30)
+        mlflow_log.close()
+
+
+def submit(cluster, *args: str, timeout: float = 900) -> str:
+    """`ray job submit -- python -m ...` (waits for the job); returns its log, fails the test on error."""
+    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", cluster["address"], "--", f"{VENV_BIN}/python", "-m", *args]
+    r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=cluster["root"])
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory):
+    from raysegment.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("shards") / "sample"
+    prepare(PrepareConfig(source=REPO / "raysegment" / "sample", out=out, progress=False))
+    return out
+
+
+TUNE_SMALL = ["--image-size", "96", "--crop-size", "96", "--cpus-per-worker", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def registered(cluster, sample_shards):
+    """A first search (2 trials) registers a champion."""
+    log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
+                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--epochs", "3", "--set", "lr=0.003",
+                 "--storage", str(cluster["root"] / "runs"), "--name", "first", *TUNE_SMALL)
+    assert "registered raysegment-mobilenet_v2 v1; champion: True" in log, log[-3000:]
+    return log
+
+
+def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cluster["mlflow"])
+    champion = client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion")
+    for key in ("dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+        assert 0.0 <= float(champion.tags[key]) <= 1.0
+    assert len(champion.tags["manifest_hash"]) == 64 and champion.tags["git_commit"]
+    assert json.loads(champion.tags["config"])["model"]["backbone"] == "mobilenet_v2"
+    # one parent run, one child run per trial with per-epoch Dice
+    exp = client.get_experiment_by_name("raysegment-tune")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and len(runs) == 3
+    history = client.get_metric_history(children[0].info.run_id, "dice_mean")
+    assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(children[0].data.params)
+
+
+def test_worse_search_does_not_move_champion(cluster, registered, sample_shards):
+    from mlflow import MlflowClient
+
+    log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
+                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "1", "--epochs", "1", "--set", "lr=1e-9",
+                 "--storage", str(cluster["root"] / "runs"), "--name", "worse", *TUNE_SMALL)
+    assert "registered raysegment-mobilenet_v2 v2; champion: False" in log, log[-3000:]
+    client = MlflowClient(cluster["mlflow"])
+    assert client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version == "1"
+    v2 = client.get_model_version("raysegment-mobilenet_v2", "2")
+    assert float(v2.tags["dice_mean"]) <= float(client.get_model_version("raysegment-mobilenet_v2", "1").tags["dice_mean"])
+
+
+def test_champion_loads_through_pyfunc(cluster, registered):
+    import mlflow
+
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    model = mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion")
+    image, _ = synthetic_volume(1, shape=(3, 60, 70))
+    mask = model.predict((image * 900).astype(np.float32))
+    assert mask.shape == (3, 60, 70) and mask.dtype == np.uint8
+    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3}
+
+
+def _studies(root: Path, n_extra: int = 0) -> None:
+    make_nifti_patient(root, 7, ed=1, es=5, nframes=6)
+    (root / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00broken gzip stream")
+    (root / "zero.nii").write_bytes(b"")
+    img, _ = synthetic_volume(3, shape=(4, 50, 60))
+    cine = np.stack([img, img * 0.9, img], axis=-1)
+    affine = np.array([[0.0, 1.4, 0.1, -20], [1.3, 0.0, 0.0, 15], [0.0, 0.2, 9.0, 3], [0, 0, 0, 1]])  # oblique
+    nib.save(nib.Nifti1Image((np.transpose(cine, (2, 1, 0, 3)) * 1500).astype(np.int16), affine), str(root / "cine_4d.nii.gz"))
+    for i in range(n_extra):
+        img, _ = synthetic_volume(20 + i, shape=(4, 48, 48))
+        nib.save(nib.Nifti1Image((np.transpose(img, (2, 1, 0)) * 800).astype(np.int16), np.diag([1.5, 1.5, 8, 1])),
+                 str(root / f"extra{i:02d}.nii.gz"))
+
+
+def test_scheduled_inference_job(cluster, registered, tmp_path):
+    import pyarrow.parquet as pq
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    _studies(inp)
+    args = ["raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion", "--input", str(inp),
+            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1"]
+    log = submit(cluster, *args)
+    assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    failed = {Path(r["study"]).name: r["reason"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"corrupt.nii.gz", "zero.nii"}
+    assert "0 bytes" in failed["zero.nii"] and "unreadable" in failed["corrupt.nii.gz"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert {Path(r["study"]).name for r in done} == {"patient007_frame01.nii.gz", "patient007_frame05.nii.gz",
+                                                        "patient007_4d.nii.gz", "cine_4d.nii.gz"}
+    for r in done:
+        src, seg = nib.load(r["study"]), nib.load(r["mask"])
+        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+        assert seg.get_data_dtype() == np.uint8
+        assert r["model_version"] == "raysegment-mobilenet_v2/1"
+    ed = next(r for r in done if r["study"].endswith("frame01.nii.gz"))
+    assert ed["phase"] == "ED" and ed["dice_lv"] is not None and ed["volume_lv_ml"] >= 0
+    assert ed["ef_lv_pct"] is not None  # ED and ES of patient007 both segmented
+    assert len([r for r in done if r["study"].endswith("cine_4d.nii.gz")]) == 3  # every frame
+    assert (out / "report.md").read_text().count("![") >= 4
+
+    log = submit(cluster, *args)
+    assert "0 to segment" in log
+    img, _ = synthetic_volume(9, shape=(4, 40, 40))
+    nib.save(nib.Nifti1Image((np.transpose(img, (2, 1, 0)) * 100).astype(np.int16), np.diag([1.2, 1.2, 7, 1])),
+             str(inp / "new_study.nii.gz"))
+    log = submit(cluster, *args)
+    assert "1 to segment" in log and "new_study.nii.gz ok" in log
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 7 and len({e["path"] for e in ledger}) == 7
+
+
+def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    _studies(inp, n_extra=10)
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
+    cmd = [sys.executable, "-m", "raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion",
+           "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ledger = out / "ledger.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not ledger.exists() or len(ledger.read_text().splitlines()) < 3):
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = len(ledger.read_text().splitlines())
+    assert 3 <= first < 16
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    paths = [e["path"] for e in entries]
+    assert len(paths) == len(set(paths)) == 16  # every study once, none lost
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert len(masks) == 14 and not [m for m in masks if m.startswith(".partial")]
+    import pyarrow.parquet as pq
+
+    studies = {r["study"] for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert len(studies) == 16
