@@ -166,3 +166,48 @@ def load_registered(model_uri: str, tracking_uri: str | None = None, device: str
         folder = download_checkpoint(model_uri, tracking_uri, tmp)
         model, config, state = load_checkpoint_model(folder, device)
     return model, config, state
+
+
+def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: bool = False) -> Registration:
+    """Register a shipped ``.safetensors`` weights file (its val Dice comes from its metadata)."""
+    from raysegment.weights import checkpoint_from_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint_from_weights(weights_file, Path(tmp) / "checkpoint")
+        state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+        metrics = state.get("metrics", {})
+        if any(k not in metrics for k in DICE_KEYS):
+            raise ValueError(f"{weights_file}: no val Dice in the file's metadata; cannot rank it for '{CHAMPION}'")
+        return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="register a shipped weights file (.safetensors)")
+    imp.add_argument("weights")
+    imp.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
+    imp.add_argument("--force-champion", action="store_true")
+    reg = sub.add_parser("register", help="register a training checkpoint folder")
+    reg.add_argument("checkpoint")
+    reg.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
+    reg.add_argument("--force-champion", action="store_true")
+    a = p.parse_args(argv)
+    disable_telemetry()
+    if a.cmd == "import":
+        r = import_weights(a.weights, a.mlflow_uri, a.force_champion)
+    else:
+        state = json.loads((Path(a.checkpoint) / "state.json").read_text())
+        r = register_checkpoint(a.checkpoint, metrics=state["metrics"], tracking_uri=a.mlflow_uri,
+                                force_champion=a.force_champion)
+    print(f"registered {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

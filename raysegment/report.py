@@ -77,3 +77,74 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracking_uri: str | None = None,
+             flip_tta: bool = False) -> list[dict]:
+    """Per-volume records (Dice, HD95, ASSD per class) of a model on the shards' splits."""
+    import torch
+
+    from raysegment.infer import load_model
+    from raysegment.dataset import load_volumes
+    from raysegment.metrics import score_records
+    from raysegment.models import predict_volume
+
+    model, config, _ = load_model(model_ref, tracking_uri)
+    records = []
+    for split in splits:
+        for v in load_volumes(shards, split):
+            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16, flip_tta=flip_tta)
+            records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+    return records
+
+
+def dice_table(records: list[dict]) -> str:
+    """Markdown: rows split × phase (all, ED, ES); columns Dice RV/MYO/LV/mean and HD95 RV/MYO/LV."""
+    from raysegment.metrics import aggregate
+
+    lines = ["| split | phase | Dice RV | Dice MYO | Dice LV | Dice mean | HD95 RV | HD95 MYO | HD95 LV |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for split in sorted({r["split"] for r in records}, key=lambda s: s != "train"):
+        for phase in ("all", "ED", "ES"):
+            rs = [r for r in records if r["split"] == split and (phase == "all" or r["phase"] == phase)]
+            agg = {row["class"]: row for row in aggregate(rs, by=("class",))}
+            unit = agg["lv"]["unit"]
+            mean = np.mean([agg[c]["dice"] for c in ("rv", "myo", "lv")])
+            lines.append(f"| {split} | {phase} | " + " | ".join(f"{agg[c]['dice']:.3f}" for c in ("rv", "myo", "lv"))
+                         + f" | {mean:.3f} | " + " | ".join(f"{agg[c]['hd95']:.1f}" for c in ("rv", "myo", "lv")) + " |")
+    lines.append(f"\nDice and HD95 per 3-D volume, averaged over volumes; HD95 in {unit}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from raysegment import disable_telemetry
+
+    p = argparse.ArgumentParser(prog="python -m raysegment.report")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
+    ev.add_argument("--model", required=True, help="checkpoint folder, .safetensors file or models:/ URI")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--splits", nargs="+", default=["train", "val"])
+    ev.add_argument("--mlflow-uri", default=None)
+    ev.add_argument("--flip-tta", action="store_true")
+    ev.add_argument("--out", default=None, help="folder for records.json, table.md and overlay figures")
+    a = p.parse_args(argv)
+    disable_telemetry()
+    records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta)
+    table = dice_table(records)
+    print(table)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "records.json").write_text(json.dumps(records, indent=1))
+        (out / "table.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
