@@ -1,6 +1,7 @@
 """Benchmarks. Numbers go in the README, never into timed test assertions.
 
     python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
+    python -m raysegment.bench infer --data /tmp/shards --backbone densenet121
 
 ``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
 a bare single-process loop with the same model, batch, crop, augmentation and precision, in
@@ -82,6 +83,10 @@ def bench_train(args) -> dict:
                          batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
                          precision=args.precision, threads_per_worker=args.threads or os.cpu_count(),
                          val_patients=val_one)
+    from raysegment.train import ensure_ray
+
+    # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
+    ensure_ray()
     bare = bare_loop_slices_per_s(config, args.steps)
     ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker)
     out = {"backbone": args.backbone, "batch_size": args.batch_size, "crop_size": args.crop_size,
@@ -89,6 +94,35 @@ def bench_train(args) -> dict:
            "bare_slices_per_s": round(bare, 2), "ray_slices_per_s": round(ray_rate, 2),
            "ratio": round(ray_rate / bare, 3), "ray_epochs": rows}
     return out
+
+
+def bench_infer(args) -> dict:
+    """Seconds per volume: batched slices (what ``raysegment.infer`` does) vs one slice at a time."""
+    from raysegment.dataset import load_volumes
+    from raysegment.models import ModelConfig, build_model, predict_volume
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    if args.model:
+        from raysegment.infer import load_model
+
+        model, config, _ = load_model(args.model)
+        image_size, backbone = config.image_size, config.model.backbone
+    else:  # speed does not depend on the weights
+        model, image_size, backbone = build_model(ModelConfig(backbone=args.backbone)).eval(), args.image_size, args.backbone
+    volumes = [v.image for v in load_volumes(args.data, "val")][: args.volumes]
+    dtype = None if args.precision == "fp32" else torch.bfloat16
+    predict_volume(model, volumes[0], image_size, autocast_dtype=dtype)  # warm-up
+    timings = {}
+    for name, bs in (("batched", args.batch_size), ("one_slice", 1)):
+        t0 = time.perf_counter()
+        for v in volumes:
+            predict_volume(model, v, image_size, batch_size=bs, autocast_dtype=dtype)
+        timings[name] = (time.perf_counter() - t0) / len(volumes)
+    slices = float(np.mean([v.shape[0] for v in volumes]))
+    return {"backbone": backbone, "volumes": len(volumes), "mean_slices": round(slices, 1),
+            "precision": args.precision, "s_per_volume_batched": round(timings["batched"], 3),
+            "s_per_volume_one_slice": round(timings["one_slice"], 3),
+            "speedup": round(timings["one_slice"] / timings["batched"], 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,11 +141,26 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    i = sub.add_parser("infer", help="seconds per volume, batched vs one slice at a time")
+    i.add_argument("--data", required=True, help="shards; the val volumes are segmented")
+    i.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    i.add_argument("--model", default=None, help="a trained model (default: random weights, same speed)")
+    i.add_argument("--volumes", type=int, default=10)
+    i.add_argument("--batch-size", type=int, default=16)
+    i.add_argument("--image-size", type=int, default=224)
+    i.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    i.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
-    out = bench_train(a)
-    print(json.dumps(out))
-    print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
-          f"slices/s, ratio {out['ratio']:.2f}")
+    if a.what == "train":
+        out = bench_train(a)
+        print(json.dumps(out))
+        print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
+              f"slices/s, ratio {out['ratio']:.2f}")
+    else:
+        out = bench_infer(a)
+        print(json.dumps(out))
+        print(f"{out['backbone']}: {out['s_per_volume_batched']:.2f} s/volume batched, "
+              f"{out['s_per_volume_one_slice']:.2f} s/volume one slice at a time ({out['mean_slices']} slices/volume)")
     return 0
 
 

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from raysegment.prepare import Volume
+
 TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
 
 
@@ -80,20 +82,8 @@ def read_split(shards: str | Path, split: str, image_size: int):
 # --------------------------------------------------------------------------- whole volumes
 
 
-@dataclass
-class VolumeRecord:
-    """One 3-D frame read back from the shards; ``image``/``label`` are (z, y, x)."""
-
-    patient: str
-    phase: str
-    image: np.ndarray
-    label: np.ndarray
-    spacing: tuple[float, float, float] | None
-    group: str
-
-
-def load_volumes(shards: str | Path, split: str, patients: list[str] | None = None) -> list[VolumeRecord]:
-    """Reassemble the 3-D volumes of one split (sorted by patient, phase)."""
+def load_volumes(shards: str | Path, split: str, patients: list[str] | None = None) -> list[Volume]:
+    """Reassemble the 3-D volumes of one split (sorted by patient, phase) as normalised ``Volume``s."""
     table = pq.read_table(Path(shards) / split)
     rows = table.to_pylist()
     by_key: dict[tuple[str, str], list[dict]] = {}
@@ -107,7 +97,8 @@ def load_volumes(shards: str | Path, split: str, patients: list[str] | None = No
         image = np.stack([np.asarray(r["image"], np.float32).reshape(h, w) for r in rs])
         label = np.stack([np.asarray(r["label"], np.uint8).reshape(h, w) for r in rs])
         sp = rs[0]["spacing"]
-        volumes.append(VolumeRecord(patient, phase, image, label, tuple(sp) if sp else None, rs[0]["group"]))
+        volumes.append(Volume(patient, phase, image, label, tuple(sp) if sp else None, rs[0]["group"],
+                              source=str(Path(shards) / split)))
     return volumes
 
 

@@ -115,11 +115,9 @@ def register_checkpoint(
     else:
         with mlflow.start_run(run_id=run_id):
             uri = log_checkpoint_model(checkpoint_dir)
-    try:
-        client.create_registered_model(name, description=f"raysegment U-Net, {backbone} encoder, ACDC RV/MYO/LV")
-    except Exception:
-        pass  # already exists
-    mv = client.create_model_version(name, uri, run_id=run_id)
+    # register_model resolves a logged model's source (the REST store wants its model id).
+    mv = mlflow.register_model(uri, name)
+    client.update_registered_model(name, description=f"raysegment U-Net, {backbone} encoder, ACDC RV/MYO/LV")
     tags = {k: f"{float(metrics[k]):.6f}" for k in DICE_KEYS}
     tags.update(manifest_hash=config.get("manifest_hash", ""), git_commit=git_commit(), backbone=backbone,
                 config=json.dumps(config, sort_keys=True)[:4900])

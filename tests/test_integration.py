@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def cluster(tmp_path_factory):
            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
     env.pop("RAY_ADDRESS", None)
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     mlflow_log = open(root / "mlflow.log", "w")
     mlflow_proc = subprocess.Popen(
         [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
@@ -65,7 +67,7 @@ def cluster(tmp_path_factory):
         env=env, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
     subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
                     "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
-                    "--disable-usage-stats", "--temp-dir", str(root / "ray")],
+                    "--disable-usage-stats", "--temp-dir", ray_tmp],
                    env=env, check=True, capture_output=True, cwd=root)
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
@@ -77,6 +79,7 @@ def cluster(tmp_path_factory):
         os.killpg(mlflow_proc.pid, signal.SIGTERM)
         mlflow_proc.wait(timeout=30)
         mlflow_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def submit(cluster, *args: str, timeout: float = 900) -> str:
