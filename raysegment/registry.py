@@ -181,7 +181,6 @@ def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
     sub = p.add_subparsers(dest="cmd", required=True)

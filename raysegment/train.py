@@ -11,7 +11,6 @@ optimizer, epoch and the full ``TrainConfig``; a crashed worker restarts from it
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

@@ -1,7 +1,6 @@
 """Inference building blocks without Ray: study discovery, masks on the input grid, QC, ledger, weights."""
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np

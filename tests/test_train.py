@@ -1,9 +1,7 @@
 """Ray Train integration: exactly-once sharding, DDP weight sync, fault recovery, overfitting."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
