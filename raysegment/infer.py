@@ -23,7 +23,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -104,29 +104,37 @@ def load_model(model: str, tracking_uri: str | None = None):
     """(torch model, TrainConfig, model version string) from a registry URI or a local file."""
     from raysegment.train import load_checkpoint_model
 
+    version = model_version(model, tracking_uri)
     if model.startswith("models:/"):
-        from mlflow import MlflowClient
-
         from raysegment.registry import load_registered
 
         net, config, _ = load_registered(model, tracking_uri)
-        name, _, ref = model[len("models:/"):].partition("@")
-        client = MlflowClient(tracking_uri)
-        if ref:
-            version = client.get_model_version_by_alias(name, ref).version
-        else:
-            name, _, version = model[len("models:/"):].partition("/")
-        return net, config, f"{name}/{version}"
+        return net, config, version
     path = Path(model)
     if path.is_dir():
         net, config, _ = load_checkpoint_model(path)
-        return net, config, f"file:{path.name}:{file_hash(path / 'model.pt')[:12]}"
-    if path.suffix == ".safetensors":
-        from raysegment.weights import load_weights_file
+        return net, config, version
+    from raysegment.weights import load_weights_file
 
-        net, config = load_weights_file(path)
-        return net, config, f"file:{path.name}:{file_hash(path)[:12]}"
-    raise FileNotFoundError(f"{model}: not a models:/ URI, a checkpoint folder or a .safetensors file")
+    net, config = load_weights_file(path)
+    return net, config, version
+
+
+def model_version(model: str, tracking_uri: str | None = None) -> str:
+    """The version string results and the ledger key on: ``NAME/VERSION`` or ``file:NAME:HASH``."""
+    if model.startswith("models:/"):
+        from mlflow import MlflowClient
+
+        name, _, ref = model[len("models:/"):].partition("@")
+        if ref:
+            return f"{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, ref).version}"
+        return model[len("models:/"):]
+    path = Path(model)
+    weights = path / "model.pt" if path.is_dir() else path
+    if not weights.is_file() or not (path.is_dir() or path.suffix == ".safetensors"):
+        raise FileNotFoundError(f"{model}: not a models:/ URI, a checkpoint folder (model.pt + config.json) "
+                                f"or a .safetensors weights file")
+    return f"file:{path.name}:{file_hash(weights)[:12]}"
 
 
 # --------------------------------------------------------------------------- one study
@@ -352,23 +360,6 @@ class Ledger:
         self.entries[(entry["path"], entry["sha256"], entry["model_version"])] = entry
 
 
-def model_version_of(config: InferConfig) -> str:
-    """The version string the ledger keys on, without loading the network."""
-    if config.model.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        name, _, ref = config.model[len("models:/"):].partition("@")
-        if ref:
-            return f"{name}/{MlflowClient(config.tracking_uri).get_model_version_by_alias(name, ref).version}"
-        return config.model[len("models:/"):]
-    path = Path(config.model)
-    weights = path / "model.pt" if path.is_dir() else path
-    if not weights.is_file() or not (path.is_dir() or path.suffix == ".safetensors"):
-        raise FileNotFoundError(f"{config.model}: not a models:/ URI, a checkpoint folder (model.pt + config.json) "
-                                f"or a .safetensors weights file")
-    return f"file:{path.name}:{file_hash(weights)[:12]}"
-
-
 # --------------------------------------------------------------------------- the batch job
 
 
@@ -382,7 +373,10 @@ def run_batch(config: InferConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.jsonl")
-    version = model_version_of(config)
+    version = model_version(config.model, config.tracking_uri)
+    if config.model.startswith("models:/"):
+        # Pin the alias for the whole batch: actors load the version the ledger records.
+        config = replace(config, model=f"models:/{version}")
     studies = find_studies(config.input)
     todo = []
     for p in studies:
@@ -412,7 +406,7 @@ def run_batch(config: InferConfig) -> dict:
                 what = "ok" if entry["status"] == "done" else f"FAILED: {entry['reason']}"
                 print(f"[raysegment] {i}/{len(todo)} {Path(entry['path']).name} {what} ({entry['seconds']:.1f}s)",
                       flush=True)
-    table = write_results(ledger, out, version)
+    table = write_results(ledger, out)
     write_report(table, out, config.report_slices)
     return {"studies": len(studies), "segmented": done, "failed": failed, "skipped": len(studies) - len(todo),
             "version": version}
@@ -430,7 +424,7 @@ def results_rows(ledger: Ledger) -> list[dict]:
     return rows
 
 
-def write_results(ledger: Ledger, out: Path, version: str) -> list[dict]:
+def write_results(ledger: Ledger, out: Path) -> list[dict]:
     """Rewrite results.parquet/.csv from the ledger (atomically): one row per study frame."""
     import pyarrow as pa
     import pyarrow.csv as pacsv

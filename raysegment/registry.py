@@ -60,7 +60,7 @@ def _signature():
     )
 
 
-def log_checkpoint_model(checkpoint_dir: str | Path, run_id: str | None = None) -> str:
+def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
     """Log the checkpoint (state dict + config) as a pyfunc model in the active/new run → model URI."""
     import mlflow
 
