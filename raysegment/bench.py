@@ -2,6 +2,7 @@
 
     python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
     python -m raysegment.bench infer --data /tmp/shards --backbone densenet121
+    python -m raysegment.bench data --data /tmp/shards --cpus 1
 
 ``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
 a bare single-process loop with the same model, batch, crop, augmentation and precision, in
@@ -96,6 +97,46 @@ def bench_train(args) -> dict:
     return out
 
 
+def bench_data(args) -> dict:
+    """Input-pipeline rates for capacity planning (slices/s).
+
+    * ``pipeline``: Ray Data read_parquet → resample to ``image_size`` (what ``cache_data=False``
+      does every epoch, and ``cache_data=True`` once), on ``cpus`` Ray CPUs; the second pass is
+      timed, the first starts Ray's workers.
+    * ``augment``: sample_augment + apply_augment with one torch thread (what every train worker
+      does per step; on a GPU worker apply_augment runs on the GPU).
+    """
+    import ray
+
+    from raysegment.dataset import apply_augment, read_split, sample_augment
+    from raysegment.train import TrainConfig
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ds = read_split(args.data, "train", args.image_size)
+        rates, batch = [], None
+        for _ in range(2):
+            t0, n = time.perf_counter(), 0
+            for b in ds.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
+                n += len(b["image"])
+                batch = batch or b
+            rates.append(n / (time.perf_counter() - t0))
+    finally:
+        ray.shutdown()
+    torch.set_num_threads(1)
+    aug = TrainConfig(data=args.data).augment
+    images, labels = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+    gen = torch.Generator().manual_seed(0)
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        apply_augment(images, labels, sample_augment(labels, aug, args.crop_size, gen), args.crop_size)
+    augment = reps * len(images) / (time.perf_counter() - t0)
+    return {"cpus": args.cpus, "image_size": args.image_size, "crop_size": args.crop_size, "slices": n,
+            "pipeline_slices_per_s": round(rates[1], 1), "pipeline_slices_per_s_per_cpu": round(rates[1] / args.cpus, 1),
+            "augment_slices_per_s_one_thread": round(augment, 1)}
+
+
 def bench_infer(args) -> dict:
     """Seconds per volume: batched slices (what ``raysegment.infer`` does) vs one slice at a time."""
     from raysegment.dataset import load_volumes
@@ -125,10 +166,8 @@ def bench_infer(args) -> dict:
             "speedup": round(timings["one_slice"] / timings["batched"], 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from raysegment import disable_telemetry
-
-    disable_telemetry()
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.bench`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.bench")
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
@@ -136,11 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--crop-size", type=int, default=160)
+    t.add_argument("--crop-size", type=int, default=128)
     t.add_argument("--image-size", type=int, default=224)
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
+    d.add_argument("--data", required=True)
+    d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--image-size", type=int, default=224)
+    d.add_argument("--crop-size", type=int, default=128)
     i = sub.add_parser("infer", help="seconds per volume, batched vs one slice at a time")
     i.add_argument("--data", required=True, help="shards; the val volumes are segmented")
     i.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
@@ -150,12 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--image-size", type=int, default=224)
     i.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     i.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raysegment import disable_telemetry
+
+    disable_telemetry()
+    p = build_parser()
     a = p.parse_args(argv)
     if a.what == "train":
         out = bench_train(a)
         print(json.dumps(out))
         print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
               f"slices/s, ratio {out['ratio']:.2f}")
+    elif a.what == "data":
+        out = bench_data(a)
+        print(json.dumps(out))
+        print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
+              f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
     else:
         out = bench_infer(a)
         print(json.dumps(out))

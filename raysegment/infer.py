@@ -469,7 +469,8 @@ def write_report(rows: list[dict], out: Path, n_slices: int) -> None:
     _atomic_write_bytes(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.infer`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.infer", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder or .safetensors")
     p.add_argument("--input", required=True)
@@ -480,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per actor")
     p.add_argument("--limit", type=int, default=None, help="segment at most N new studies this run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
     config = InferConfig(model=a.model, input=a.input, output=a.output, tracking_uri=a.mlflow_uri,

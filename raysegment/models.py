@@ -194,10 +194,13 @@ def predict_volume(
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     flip_tta: bool = False,
+    largest_component: bool = True,
 ) -> "np.ndarray":
     """Segment a normalised (z, H, W) volume slice-wise → uint8 labels (z, H, W).
 
     Slices are resampled to ``image_size``² for the network and the logits back to (H, W).
+    ``largest_component`` keeps each structure's largest 3-D connected component: the heart has
+    one RV, one myocardium and one LV cavity, so islands elsewhere are false positives.
     """
     import numpy as np
 
@@ -215,4 +218,20 @@ def predict_volume(
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         out[a : a + batch_size] = logits.argmax(1).to(torch.uint8).cpu().numpy()
     model.train(was_training)
+    return keep_largest_component(out) if largest_component else out
+
+
+def keep_largest_component(labels: "np.ndarray") -> "np.ndarray":
+    """Per foreground label, keep only its largest 26-connected 3-D component (voxels); rest → 0."""
+    import numpy as np
+    from scipy import ndimage
+
+    out = labels.copy()
+    for lab in np.unique(labels):
+        if lab == 0:
+            continue
+        comps, n = ndimage.label(labels == lab, structure=np.ones((3, 3, 3), bool))
+        if n > 1:
+            sizes = np.bincount(comps.ravel())[1:]
+            out[(comps > 0) & (comps != 1 + int(np.argmax(sizes)))] = 0
     return out

@@ -504,7 +504,8 @@ def load_manifest(shards: Path | str) -> dict:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.prepare`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI or SSL4MIS h5)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
@@ -514,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     config = PrepareConfig(
         source=a.source,

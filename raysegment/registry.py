@@ -13,6 +13,7 @@ version only when its ``dice_mean`` beats the current champion's on the same man
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -179,9 +180,8 @@ def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: 
         return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="register a shipped weights file (.safetensors)")
@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     reg.add_argument("checkpoint")
     reg.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
     reg.add_argument("--force-champion", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
     if a.cmd == "import":

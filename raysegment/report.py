@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,46 @@ def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracki
     return records
 
 
+def model_history(model_ref: str) -> list[dict]:
+    """Per-epoch history (epoch, loss, val Dice) stored with a checkpoint folder or weights file."""
+    import json
+
+    path = Path(model_ref)
+    if path.is_dir():
+        state_file = path / "state.json"
+        return json.loads(state_file.read_text()).get("history", []) if state_file.exists() else []
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        state = (f.metadata() or {}).get("state")
+    return json.loads(state).get("history", []) if state else []
+
+
+def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None) -> list[Path]:
+    """learning_curves.png over ``models`` (name → checkpoint/weights) and, per model, an overlay of
+    one val patient's ED and ES volumes (prediction solid, ground truth dashed)."""
+    import torch
+
+    from raysegment.dataset import load_volumes
+    from raysegment.infer import load_model
+    from raysegment.models import predict_volume
+
+    written = []
+    histories = {name: h for name, ref in models.items() if (h := model_history(ref))}
+    if histories:
+        written.append(learning_curves(histories, out / "learning_curves.png"))
+    volumes = load_volumes(shards, "val")
+    patient = patient or volumes[0].patient
+    for name, ref in models.items():
+        model, config, _ = load_model(ref)
+        for v in (v for v in volumes if v.patient == patient):
+            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16)
+            written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
+                                          title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
+                                          gt_zyx=v.label))
+    return written
+
+
 def dice_table(records: list[dict]) -> str:
     """Markdown: rows split × phase (all, ED, ES); columns Dice RV/MYO/LV/mean and HD95 RV/MYO/LV."""
     from raysegment.metrics import aggregate
@@ -116,12 +157,8 @@ def dice_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
-    from raysegment import disable_telemetry
-
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.report")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
@@ -130,9 +167,29 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--splits", nargs="+", default=["train", "val"])
     ev.add_argument("--mlflow-uri", default=None)
     ev.add_argument("--flip-tta", action="store_true")
-    ev.add_argument("--out", default=None, help="folder for records.json, table.md and overlay figures")
+    ev.add_argument("--out", default=None, help="folder for records.json and table.md")
+    fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
+    fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="checkpoint folder or .safetensors file, repeatable")
+    fi.add_argument("--data", required=True)
+    fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
+    fi.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from raysegment import disable_telemetry
+
+    p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
+    if a.cmd == "figures":
+        models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
+        for path in figures(models, a.data, Path(a.out), a.patient):
+            print(path)
+        return 0
     records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta)
     table = dice_table(records)
     print(table)

@@ -47,9 +47,10 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     image_size: int = 224  # pixels, the square grid every slice is resampled to
-    crop_size: int = 160  # pixels, the training crop
+    crop_size: int = 128  # pixels, the training crop (heart-centred with foreground_prob)
     precision: Precision = "auto"  # auto: bf16 autocast on CPU, fp16 AMP on GPU
-    weights: Literal["imagenet"] | None = None
+    weights: Literal["imagenet"] | None = None  # encoder init
+    init_weights: str | None = None  # .safetensors file or checkpoint folder to start from (fine-tuning)
     seed: int = 0
     threads_per_worker: int | None = None  # torch threads; None: the CPUs Ray gave the worker
     max_steps_per_epoch: int | None = None  # cap for smoke tests and benchmarks
@@ -137,11 +138,15 @@ def _lr_at(config: TrainConfig, epoch_progress: float) -> float:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
+    import ray.data
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
 
     config = TrainConfig.from_dict(loop_config)
+    # A single worker runs its Ray Data iterator in-process; the epoch line is our progress report.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.threads_per_worker:
@@ -150,6 +155,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(config.model, weights=config.weights)
+    if config.init_weights:
+        from raysegment.weights import init_state_dict
+
+        model.load_state_dict(init_state_dict(config.init_weights, config.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -211,7 +220,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_time = time.perf_counter() - t0
 
         if config.audit_dir:
-            audit = {"rank": rank, "epoch": epoch, "seen": seen,
+            audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
                      "weights_sum": float(sum(p.double().sum() for p in core.parameters()))}
             Path(config.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
 
@@ -261,6 +270,7 @@ class RunSpec:
     max_failures: int = 2
     keep_checkpoints: int | None = 2  # best by val dice_mean; None keeps all
     cache_data: bool = True  # resample once into the object store instead of every epoch
+    placement: str = "PACK"  # Ray placement-group strategy; STRICT_SPREAD puts each worker on its own node
 
 
 class ExactlyOnceDataConfig:
@@ -279,6 +289,11 @@ class ExactlyOnceDataConfig:
                 for name, ds in datasets.items():
                     ds = ds.copy(ds)
                     ds.context.execution_options = self._resolve_execution_options(name)
+                    if world_size == 1:
+                        # One worker needs no split coordinator actor: on a small node its
+                        # scheduling loop takes CPU from the training step (raysegment.bench).
+                        out[0][name] = ds.iterator()
+                        continue
                     for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                         out[i][name] = split
                 return out
@@ -306,7 +321,7 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, placement_strategy=spec.placement),
         run_config=ray.train.RunConfig(
             name=spec.name,
             storage_path=str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path,
@@ -326,6 +341,20 @@ def _train_dataset(config: TrainConfig, spec: RunSpec):
     # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
     # with the training step for the same cores every epoch (measured with raysegment.bench).
     return ds.materialize() if spec.cache_data else ds
+
+
+def resolve_init_weights(value: str | None, backbone: str) -> str | None:
+    """CLI value → absolute path ('shipped' → the weights bundled with raysegment for ``backbone``)."""
+    if not value:
+        return None
+    if value == "shipped":
+        from raysegment.weights import shipped_weights
+
+        return str(shipped_weights(backbone))
+    path = Path(value).resolve()
+    if not path.exists():
+        raise SystemExit(f"error: --init-weights {value}: no such file or folder")
+    return str(path)
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -353,7 +382,8 @@ def train(config: TrainConfig, spec: RunSpec):
     return make_trainer(config, spec).fit()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.train`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     p.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
@@ -368,27 +398,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dice-weight", type=float, default=1.0)
     p.add_argument("--class-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("RV", "MYO", "LV"))
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--crop-size", type=int, default=160)
+    p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--weights", default=None, choices=["imagenet"], help="encoder init (default: random)")
+    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
+                   help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default="./runs", help="shared storage path for checkpoints (local dir or URI)")
     p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")
     p.add_argument("--max-failures", type=int, default=2)
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: this machine's cores / workers)")
+    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="how workers are placed on nodes (STRICT_SPREAD: one worker per node)")
+    p.add_argument("--audit-dir", default=None,
+                   help="debug: write, per epoch and rank, the slices seen, the node and a weights checksum (JSON)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     config = TrainConfig(
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width),
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
-        precision=a.precision, weights=a.weights, seed=a.seed,
+        precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // a.workers),
+        audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,
     )
     spec = RunSpec(num_workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
-                   name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures)
+                   name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
+                   placement=a.placement)
     ensure_ray(a.address)
     result = train(config, spec)
     if result.error:

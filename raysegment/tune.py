@@ -24,7 +24,7 @@ from pathlib import Path
 from raysegment import disable_telemetry
 from raysegment.losses import LossConfig
 from raysegment.models import ModelConfig
-from raysegment.train import RunSpec, TrainConfig, ensure_ray, make_trainer
+from raysegment.train import RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
@@ -266,7 +266,8 @@ def default_sample_shards(out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.tune`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     p.add_argument("--data", default=None, help="shards from raysegment.prepare (default: the bundled sample)")
@@ -279,26 +280,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--crop-size", type=int, default=160)
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: 224, or that of --init-weights)")
+    p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
     p.add_argument("--storage", default="./runs", help="shared storage for trials and checkpoints")
     p.add_argument("--name", default=None, help="experiment name; an existing one is resumed")
+    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
+                   help="every trial starts from these weights ('shipped': the bundled ones); pins decoder_width")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--address", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
     fixed = _parse_fixed(a.fixed)
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
     workers_total = a.workers * a.concurrency
+    init = resolve_init_weights(a.init_weights, a.backbone)
+    image_size = a.image_size or 224
+    if init:
+        from raysegment.weights import saved_config
+
+        saved = saved_config(init)
+        image_size = a.image_size or saved.image_size
+        if fixed.setdefault("decoder_width", saved.model.decoder_width) != saved.model.decoder_width:
+            raise SystemExit(f"error: --init-weights has decoder_width {saved.model.decoder_width}; "
+                             f"--set decoder_width={fixed['decoder_width']} cannot load it")
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone), loss=LossConfig(), epochs=a.epochs,
-        batch_size=a.batch_size, image_size=a.image_size, crop_size=a.crop_size, seed=a.seed,
-        max_steps_per_epoch=a.max_steps_per_epoch,
+        batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
+        max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // workers_total),
     )
     name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -10,6 +10,47 @@ from pathlib import Path
 
 import torch
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_weights(backbone: str) -> Path:
+    """The weights file bundled with raysegment for ``backbone`` (``raysegment/shipped/``)."""
+    path = SHIPPED_DIR / f"{backbone}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped weights for {backbone!r} (looked for {path})")
+    return path
+
+
+def saved_config(path: str | Path):
+    """The TrainConfig stored with a weights file or a checkpoint folder."""
+    from raysegment.train import TrainConfig
+
+    path = Path(path)
+    if path.is_dir():
+        return TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: no raysegment config in the file's metadata")
+    return TrainConfig.from_dict(json.loads(meta["config"]))
+
+
+def init_state_dict(path: str | Path, model_config) -> dict:
+    """State dict (fp32) of a weights file or checkpoint folder, checked against ``model_config``."""
+    path = Path(path)
+    saved = saved_config(path).model
+    if path.is_dir():
+        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    if saved != model_config:
+        raise ValueError(f"{path}: weights are for {saved}, the run wants {model_config}")
+    return state
+
 
 def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = True) -> Path:
     """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``)."""
@@ -60,3 +101,60 @@ def checkpoint_from_weights(path: str | Path, out_dir: str | Path) -> Path:
     if state:
         (out_dir / "state.json").write_text(state)
     return out_dir
+
+
+def sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(folder: str | Path = SHIPPED_DIR) -> dict[str, bool]:
+    """Check every file listed in ``folder/SHA256SUMS`` → {file name: matches}."""
+    folder = Path(folder)
+    out = {}
+    for line in (folder / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        name = name.lstrip("*")
+        out[name] = (folder / name).exists() and sha256(folder / name) == digest
+    return out
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m raysegment.weights", description="shipped weights files")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
+    ex.add_argument("--fp32", action="store_true")
+    ve = sub.add_parser("verify", help="check the files against SHA256SUMS")
+    ve.add_argument("--folder", default=str(SHIPPED_DIR))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "export":
+        out = export_weights(a.checkpoint, a.out, half=not a.fp32)
+        sums = out.parent / "SHA256SUMS"
+        lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(" " + out.name)]
+        digest = sha256(out)
+        sums.write_text("\n".join(sorted(lines + [f"{digest}  {out.name}"])) + "\n")
+        print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest}")
+        return 0
+    results = verify(a.folder)
+    for name, ok in results.items():
+        print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    return 0 if results and all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

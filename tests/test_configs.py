@@ -1,5 +1,17 @@
-"""Every YAML manifest in jobs/ and cluster/ parses; shell scripts pass `bash -n`."""
+"""Offline checks of everything in jobs/ and cluster/.
 
+* every YAML parses; the Ray cluster launcher file validates against Ray's own schema
+  (``ray-schema.json``, the check ``ray up`` runs first);
+* Kubernetes manifests pass structural checks of the fields we rely on (no cluster or network
+  here for ``kubectl --dry-run=server`` or kubeconform schemas);
+* every raysegment entrypoint written in a job spec (RayJob, CronJob, systemd, cron, submit.sh
+  examples) is dry-run through that module's own argument parser;
+* shell scripts pass ``bash -n``.
+"""
+
+import importlib
+import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -9,15 +21,129 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 YAMLS = sorted(list((REPO / "jobs").glob("*.yaml")) + list((REPO / "cluster").rglob("*.yaml")))
 SCRIPTS = sorted((REPO / "jobs").glob("*.sh"))
+K8S = [p for p in YAMLS if any("apiVersion" in (d or {}) for d in yaml.safe_load_all(p.read_text()))]
+CRON_FIELD = re.compile(r"^(\*|\d+(-\d+)?)(/\d+)?(,(\*|\d+(-\d+)?)(/\d+)?)*$")
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def pod_specs(obj):
+    """Every pod spec (a dict with ``containers``) anywhere inside ``obj``."""
+    if isinstance(obj, dict):
+        if "containers" in obj:
+            yield obj
+        for v in obj.values():
+            yield from pod_specs(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from pod_specs(v)
+
+
+def dry_run(argv: list[str]) -> None:
+    """``python -m raysegment.X ARGS`` → parse ARGS with X's parser (SystemExit on a bad flag)."""
+    i = argv.index("-m")
+    module = argv[i + 1]
+    assert module.startswith("raysegment."), argv
+    importlib.import_module(module).build_parser().parse_args(argv[i + 2:])
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[p.name for p in YAMLS])
 def test_yaml_parses(path):
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    assert docs
-    for d in docs:
-        if "apiVersion" in d:
-            assert d.get("kind") and d.get("metadata", {}).get("name")
+    assert docs(path)
+
+
+def test_ray_cluster_launcher_validates_against_ray_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster" / "aws-gpu.yaml").read_text())
+    validate_config(prepare_config(config))
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in starts
+    broken = prepare_config(config)
+    broken["available_node_types"]["bogus"] = {"resources": {}}
+    with pytest.raises(Exception, match="node_config"):
+        validate_config(broken)  # the schema check is real
+
+
+@pytest.mark.parametrize("path", K8S, ids=[p.name for p in K8S])
+def test_kubernetes_manifest_structure(path):
+    objects = docs(path)
+    for d in objects:
+        assert d.get("kind") and d.get("metadata", {}).get("name"), d
+        assert d["kind"] not in ("Ingress",), "nothing is exposed outside the cluster"
+        if d["kind"] == "Service":
+            assert d["spec"].get("type", "ClusterIP") == "ClusterIP"
+        for pod in pod_specs(d.get("spec", {})):
+            for c in pod["containers"]:
+                assert c.get("name") and c.get("image"), c
+                for e in c.get("env", []):
+                    assert "name" in e and ("value" in e or "valueFrom" in e), e
+                    assert not isinstance(e.get("value", ""), (int, float, bool)), f"env values are strings: {e}"
+                mounts = {m["name"] for m in c.get("volumeMounts", [])}
+                assert mounts <= {v["name"] for v in pod.get("volumes", [])}, f"{c['name']}: undeclared volume"
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                runs = c["image"] + " ".join(c.get("command", []) + c.get("args", []))
+                if "raysegment" in runs or "rayproject" in runs:
+                    assert env.get("RAY_USAGE_STATS_ENABLED") == "0", f"{c['name']}: Ray telemetry not off"
+                if "mlflow" in runs:
+                    assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true", f"{c['name']}: MLflow telemetry not off"
+        if d["kind"] == "RayCluster":
+            spec = d["spec"]
+            assert spec["authOptions"]["mode"] == "token"
+            assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+            for g in spec["workerGroupSpecs"]:
+                assert g["groupName"] and g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        if d["kind"] == "RayJob":
+            assert d["spec"].get("clusterSelector") or d["spec"].get("rayClusterSpec")
+            dry_run(shlex.split(d["spec"]["entrypoint"]))
+            assert yaml.safe_load(d["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        if d["kind"] == "CronJob":
+            fields = d["spec"]["schedule"].split()
+            assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields)
+            assert d["spec"].get("concurrencyPolicy") == "Forbid"
+            pod = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+            assert pod["restartPolicy"] in ("Never", "OnFailure")
+            for c in pod["containers"]:
+                cmd = c["command"] + c.get("args", [])
+                if "--" in cmd:
+                    dry_run(cmd[cmd.index("--") + 1:])
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    services = [d for d in objects if d["kind"] == "Service"]
+    workloads = [d for d in objects if d["kind"] in ("Deployment", "StatefulSet")]
+    for s in services:  # each Service selects a workload in the same file
+        assert any(s["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                   for w in workloads), s["metadata"]["name"]
+
+
+def _submit_sh_lines() -> list[list[str]]:
+    """`jobs/submit.sh STAGE ARGS` invocations in the job files, with shell variables filled in."""
+    out = []
+    for f in sorted((REPO / "jobs").iterdir()):
+        for line in f.read_text().splitlines():
+            m = re.search(r"submit\.sh\"?\s+(tune|train|infer|prepare)\s+(.*?)('|$|>>)", line)
+            if m:
+                args = re.sub(r'"?\$[A-Z_]+"?', "VALUE", m.group(2))
+                out.append(["python", "-m", f"raysegment.{m.group(1)}", *shlex.split(args)])
+    return out
+
+
+def test_job_entrypoints_dry_run():
+    lines = _submit_sh_lines()
+    stages = {argv[2] for argv in lines}
+    assert {"raysegment.tune", "raysegment.train", "raysegment.infer"} <= stages, stages
+    for argv in lines:
+        dry_run(argv)
+    with pytest.raises(SystemExit):
+        dry_run(["python", "-m", "raysegment.tune", "--no-such-flag"])  # the dry-run can fail
+
+
+def test_runtime_env_turns_telemetry_off():
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.name for p in SCRIPTS])

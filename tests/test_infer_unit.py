@@ -93,3 +93,54 @@ def test_weights_file_round_trip(tmp_path, tiny_model):
         torch.testing.assert_close(loaded(x), model(x), atol=2e-2, rtol=0)  # fp16 storage
     back = checkpoint_from_weights(out, tmp_path / "back")
     assert json.loads((back / "state.json").read_text())["epoch"] == 3
+
+
+def _checkpoint(tmp_path, tiny_model, history=()):
+    model, config = tiny_model
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    save_checkpoint(ckpt, model, None, config, {"epoch": len(history) - 1, "history": list(history)})
+    return ckpt
+
+
+def test_weights_cli_writes_checksums_that_catch_corruption(tmp_path, tiny_model):
+    from raysegment import weights
+
+    out = tmp_path / "shipped" / "mobilenet_v2.safetensors"
+    assert weights.main(["export", str(_checkpoint(tmp_path, tiny_model)), "--out", str(out)]) == 0
+    assert (out.parent / "SHA256SUMS").read_text().split() == [weights.sha256(out), "mobilenet_v2.safetensors"]
+    assert weights.main(["verify", "--folder", str(out.parent)]) == 0
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0xFF
+    out.write_bytes(bytes(data))
+    assert weights.main(["verify", "--folder", str(out.parent)]) == 1
+
+
+def test_init_weights_must_match_the_model(tmp_path, tiny_model):
+    from dataclasses import replace
+
+    from raysegment.weights import init_state_dict
+
+    model, config = tiny_model
+    out = export_weights(_checkpoint(tmp_path, tiny_model), tmp_path / "w.safetensors")
+    fresh = build_model(config.model)
+    fresh.load_state_dict(init_state_dict(out, config.model))
+    for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-2, rtol=1e-2, msg=k)
+    with pytest.raises(ValueError, match="decoder_width=16"):
+        init_state_dict(out, replace(config.model, decoder_width=16))
+
+
+def test_figures_write_learning_curves_and_overlays(tmp_path, tiny_model):
+    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.report import figures
+    from synth import make_h5_dataset
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    prepare(PrepareConfig(source=src, out=tmp_path / "shards", progress=False))
+    history = [{"epoch": e, "loss": 1.0 / (e + 1), "dice_rv": 0.1 * e, "dice_myo": 0.1 * e, "dice_lv": 0.2 * e,
+                "dice_mean": 0.13 * e} for e in range(3)]
+    written = figures({"tiny": str(_checkpoint(tmp_path, tiny_model, history))}, tmp_path / "shards", tmp_path / "fig")
+    names = sorted(p.name for p in written)
+    assert names == ["learning_curves.png", "overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]
+    assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)

@@ -53,3 +53,19 @@ def test_imagenet_weights_load_from_the_hub_cache(backbone, tmp_path, monkeypatc
 def test_unknown_backbone():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model(ModelConfig(backbone="resnet9000"))
+
+
+def test_keep_largest_component_drops_islands_per_label():
+    import numpy as np
+
+    from raysegment.models import keep_largest_component
+
+    m = np.zeros((4, 20, 20), np.uint8)
+    m[1:3, 2:8, 2:8] = 3       # LV: the big blob
+    m[0, 15:17, 15:17] = 3     # LV island, far away
+    m[2, 10:12, 2:6] = 1       # RV: one component, kept
+    out = keep_largest_component(m)
+    assert (out[1:3, 2:8, 2:8] == 3).all() and (out[0, 15:17, 15:17] == 0).all()
+    assert (out == 1).sum() == (m == 1).sum()
+    assert not keep_largest_component(np.zeros((2, 5, 5), np.uint8)).any()
+    np.testing.assert_array_equal(keep_largest_component(out), out)  # idempotent
