@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 
-def bare_loop_slices_per_s(config, steps: int, warmup: int = 3) -> float:
+def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "cpu") -> float:
     """A plain PyTorch loop over pre-resized train slices held in memory."""
     import pyarrow.parquet as pq
 
@@ -38,9 +38,10 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3) -> float:
     data = resize_batch(cols, config.image_size)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)
-    model = build_model(config.model)
+    model = build_model(config.model).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    dtype = autocast_dtype(config.precision, torch.device("cpu"))
+    dtype = autocast_dtype(config.precision, torch.device(device))
+    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and dtype == torch.float16)
     gen = torch.Generator().manual_seed(0)
     t0 = None
     for step in range((len(images) + config.batch_size - 1) // config.batch_size):
@@ -48,17 +49,19 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3) -> float:
             t0 = time.perf_counter()
         sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
         params = sample_augment(labels[sl], config.augment, config.crop_size, gen)
-        x, y = apply_augment(images[sl], labels[sl], params, config.crop_size)
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        x, y = apply_augment(images[sl].to(device), labels[sl].to(device), params, config.crop_size)
+        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = model(x)
         loss = segmentation_loss(logits, y, config.loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        float(loss.detach())  # one sync per step, as the Ray loop does
     return steps * config.batch_size / (time.perf_counter() - t0)
 
 
-def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True) -> tuple[float, list[dict]]:
+def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True, gpu: bool = False) -> tuple[float, list[dict]]:
     """Ray Train with 1 worker; slices/s of the epochs after the first (warm-up) epoch."""
     import tempfile
 
@@ -67,7 +70,7 @@ def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_dat
     ensure_ray()
     cfg = replace(config, epochs=3, max_steps_per_epoch=steps, val_patients=config.val_patients)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(cfg, RunSpec(num_workers=1, cpus_per_worker=cpus_per_worker, storage_path=tmp, name="bench",
+        result = train(cfg, RunSpec(num_workers=1, use_gpu=gpu, cpus_per_worker=cpus_per_worker, storage_path=tmp, name="bench",
                                              keep_checkpoints=None, cache_data=cache_data))
         rows = result.metrics_dataframe.sort_values("epoch")[["epoch", "train_slices", "train_seconds", "data_wait_seconds"]].to_dict("records")
     later = rows[1:]
@@ -88,8 +91,8 @@ def bench_train(args) -> dict:
 
     # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
     ensure_ray()
-    bare = bare_loop_slices_per_s(config, args.steps)
-    ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker)
+    bare = bare_loop_slices_per_s(config, args.steps, device="cuda" if args.gpu else "cpu")
+    ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu)
     out = {"backbone": args.backbone, "batch_size": args.batch_size, "crop_size": args.crop_size,
            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
            "bare_slices_per_s": round(bare, 2), "ray_slices_per_s": round(ray_rate, 2),
@@ -180,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--gpu", action="store_true", help="both loops on one GPU (fp16 AMP with --precision auto)")
     d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
     d.add_argument("--data", required=True)
     d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")

@@ -90,6 +90,8 @@ def test_two_node_training_spreads_workers_and_data(two_nodes):
 
     tasks = json.loads(ray_cli(env, "list", "tasks", "--address", two_nodes["address"], "--format", "json",
                                "--detail", "--limit", "10000").stdout)
-    read_nodes = {t["node_id"] for t in tasks if "ReadParquet" in t["name"] and t.get("node_id")}
+    # Ray Data's read and resample tasks (names like ReadFilesParquetV2, MapBatches(resize_batch)).
+    data_tasks = [t for t in tasks if (t["name"].startswith("Read") or "resize_batch" in t["name"]) and t.get("node_id")]
+    read_nodes = {t["node_id"] for t in data_tasks}
     assert read_nodes == alive, f"Ray Data read tasks ran on {len(read_nodes)} node(s): " + \
         str(sorted({t['name'] for t in tasks}))

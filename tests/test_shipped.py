@@ -1,0 +1,43 @@
+"""The weights shipped in raysegment/shipped/: checksums, size, and that they segment real ACDC.
+
+The bundled sample's val patients (028, 078) were in the val split when the weights were trained,
+so this is a held-out check of the files exactly as shipped.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raysegment.metrics import dice_summary, score_records
+from raysegment.models import predict_volume
+from raysegment.prepare import normalize_intensity, read_h5_volume
+from raysegment.weights import SHIPPED_DIR, load_weights_file, verify
+
+SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
+BACKBONES = ("densenet121", "mobilenet_v2")
+
+
+def test_checksums_and_sizes():
+    results = verify()
+    assert set(results) == {f"{b}.safetensors" for b in BACKBONES}
+    assert all(results.values()), results
+    for b in BACKBONES:
+        assert (SHIPPED_DIR / f"{b}.safetensors").stat().st_size < 30e6
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shipped_weights_segment_val_patients(backbone):
+    model, config = load_weights_file(SHIPPED_DIR / f"{backbone}.safetensors")
+    assert config.model.backbone == backbone
+    torch.set_num_threads(2)
+    records = []
+    for path in sorted((SAMPLE / "volumes").glob("patient0[27]8_frame*.h5")):
+        v = read_h5_volume(path)
+        pred = predict_volume(model, normalize_intensity(v.image), config.image_size, autocast_dtype=torch.bfloat16)
+        assert pred.shape == v.label.shape and pred.dtype == np.uint8
+        records += score_records(pred, v.label, v.spacing, distances=False)
+    summary = dice_summary(records)
+    assert len(records) == 4 * 3  # 2 patients x ED/ES x 3 classes
+    assert summary["dice_mean"] > 0.8, summary
