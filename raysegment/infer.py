@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from raysegment import CLASS_NAMES, disable_telemetry
+from raysegment.weights import sha256
 
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 # QC bounds (mL) for a single cavity or myocardium of an adult heart; outside is implausible.
@@ -73,14 +74,6 @@ def gt_for(path: Path) -> Path | None:
         if cand.is_file():
             return cand
     return None
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def acdc_phase(path: Path) -> str | None:
@@ -134,7 +127,7 @@ def model_version(model: str, tracking_uri: str | None = None) -> str:
     if not weights.is_file() or not (path.is_dir() or path.suffix == ".safetensors"):
         raise FileNotFoundError(f"{model}: not a models:/ URI, a checkpoint folder (model.pt + config.json) "
                                 f"or a .safetensors weights file")
-    return f"file:{path.name}:{file_hash(weights)[:12]}"
+    return f"file:{path.name}:{sha256(weights)[:12]}"
 
 
 # --------------------------------------------------------------------------- one study
@@ -380,7 +373,7 @@ def run_batch(config: InferConfig) -> dict:
     studies = find_studies(config.input)
     todo = []
     for p in studies:
-        digest = file_hash(p)
+        digest = sha256(p)
         if not ledger.has(str(p.resolve()), digest, version):
             todo.append({"path": str(p.resolve()), "sha256": digest})
     if config.limit is not None:

@@ -101,17 +101,9 @@ def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracki
 
 def model_history(model_ref: str) -> list[dict]:
     """Per-epoch history (epoch, loss, val Dice) stored with a checkpoint folder or weights file."""
-    import json
+    from raysegment.weights import saved_state
 
-    path = Path(model_ref)
-    if path.is_dir():
-        state_file = path / "state.json"
-        return json.loads(state_file.read_text()).get("history", []) if state_file.exists() else []
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        state = (f.metadata() or {}).get("state")
-    return json.loads(state).get("history", []) if state else []
+    return saved_state(model_ref).get("history", [])
 
 
 def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None) -> list[Path]:

@@ -109,8 +109,9 @@ def load_checkpoint_model(folder: str | Path, device: str = "cpu"):
     config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
     model = build_model(config.model)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=device, weights_only=True))
-    state = json.loads((folder / STATE_FILE).read_text()) if (folder / STATE_FILE).exists() else {}
-    return model.to(device).eval(), config, state
+    from raysegment.weights import saved_state
+
+    return model.to(device).eval(), config, saved_state(folder)
 
 
 # --------------------------------------------------------------------------- validation

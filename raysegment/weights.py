@@ -21,6 +21,13 @@ def shipped_weights(backbone: str) -> Path:
     return path
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def saved_config(path: str | Path):
     """The TrainConfig stored with a weights file or a checkpoint folder."""
     from raysegment.train import TrainConfig
@@ -28,13 +35,20 @@ def saved_config(path: str | Path):
     path = Path(path)
     if path.is_dir():
         return TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path}: no raysegment config in the file's metadata")
     return TrainConfig.from_dict(json.loads(meta["config"]))
+
+
+def saved_state(path: str | Path) -> dict:
+    """The training state (epoch, metrics, history) stored with a weights file or checkpoint folder; {} if none."""
+    path = Path(path)
+    if path.is_dir():
+        state_file = path / "state.json"
+        return json.loads(state_file.read_text()) if state_file.exists() else {}
+    state = _metadata(path).get("state")
+    return json.loads(state) if state else {}
 
 
 def init_state_dict(path: str | Path, model_config) -> dict:
@@ -69,17 +83,11 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
 
 def load_weights_file(path: str | Path, device: str = "cpu"):
     """(model in eval mode, TrainConfig) from a .safetensors file written by ``export_weights``."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from raysegment.models import build_model
-    from raysegment.train import TrainConfig
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "config" not in meta:
-        raise ValueError(f"{path}: no raysegment config in the file's metadata")
-    config = TrainConfig.from_dict(json.loads(meta["config"]))
+    config = saved_config(path)
     model = build_model(config.model)
     state = load_file(str(path), device=device)
     ref = model.state_dict()
@@ -89,21 +97,19 @@ def load_weights_file(path: str | Path, device: str = "cpu"):
 
 def checkpoint_from_weights(path: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint folder (model.pt + config.json) from a weights file, e.g. to register it."""
-    from safetensors import safe_open
-
     model, config = load_weights_file(path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out_dir / "model.pt")
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    with safe_open(str(path), framework="pt") as f:
-        state = (f.metadata() or {}).get("state")
+    state = _metadata(Path(path)).get("state")
     if state:
         (out_dir / "state.json").write_text(state)
     return out_dir
 
 
 def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
     import hashlib
 
     h = hashlib.sha256()

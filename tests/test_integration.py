@@ -48,15 +48,21 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A token-auth Ray head and an MLflow server (sqlite + local artifacts) on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("cluster")
+def ray_env(root: Path) -> dict:
+    """Environment for `ray` CLI calls: token auth (a fresh token file in ``root``), telemetry off."""
     token = root / "ray_token"
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A token-auth Ray head and an MLflow server (sqlite + local artifacts) on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("cluster")
+    env = ray_env(root)
     gcs, dash, mlflow_port = free_port(), free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     mlflow_log = open(root / "mlflow.log", "w")

@@ -9,8 +9,6 @@ single-node assumptions (paths only the head sees, checkpoints on one node's dis
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +16,7 @@ import tempfile
 import pytest
 
 from synth import make_h5_dataset
-from test_integration import VENV_BIN, free_port, wait_http
+from test_integration import VENV_BIN, free_port, ray_env, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +32,7 @@ def ray_cli(env, *args, check=True, timeout=300):
 def two_nodes(tmp_path_factory):
     """Head (1 CPU, resource node_head) + worker node (1 CPU, resource node_worker), token auth."""
     root = tmp_path_factory.mktemp("twonode")
-    token = root / "ray_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
-    env.pop("RAY_ADDRESS", None)
+    env = ray_env(root)
     gcs, dash = free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rs2-", dir="/tmp")
     common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", ray_tmp]
