@@ -81,7 +81,7 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
 
 
 def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracking_uri: str | None = None,
-             flip_tta: bool = False) -> list[dict]:
+             flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
     """Per-volume records (Dice, HD95, ASSD per class) of a model on the shards' splits."""
     import torch
 
@@ -94,7 +94,8 @@ def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracki
     records = []
     for split in splits:
         for v in load_volumes(shards, split):
-            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16, flip_tta=flip_tta)
+            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16, flip_tta=flip_tta,
+                                  largest_component=largest_component)
             records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
     return records
 
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--splits", nargs="+", default=["train", "val"])
     ev.add_argument("--mlflow-uri", default=None)
     ev.add_argument("--flip-tta", action="store_true")
+    ev.add_argument("--no-largest-component", action="store_true",
+                    help="score the raw argmax, without keeping each structure's largest 3-D component")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
     fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in figures(models, a.data, Path(a.out), a.patient):
             print(path)
         return 0
-    records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta)
+    records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta, not a.no_largest_component)
     table = dice_table(records)
     print(table)
     if a.out:
