@@ -18,6 +18,8 @@ from torch import nn
 
 from raysegment import NUM_CLASSES
 
+RV, MYO, LV = 1, 2, 3  # ACDC labels
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -221,17 +223,31 @@ def predict_volume(
     return keep_largest_component(out) if largest_component else out
 
 
-def keep_largest_component(labels: "np.ndarray") -> "np.ndarray":
-    """Per foreground label, keep only its largest 26-connected 3-D component (voxels); rest → 0."""
+def keep_largest_component(labels: "np.ndarray", rv_contact_px: int = 5) -> "np.ndarray":
+    """Per foreground label keep one 26-connected 3-D component (voxels); the rest → 0.
+
+    MYO and LV keep their largest component. The RV keeps its largest component among those
+    within ``rv_contact_px`` pixels (in-plane) of the kept myocardium or LV cavity: the RV lies
+    against the septum, and a larger false blob away from the heart (stomach, liver) must not win.
+    With no such component the largest is kept.
+    """
     import numpy as np
     from scipy import ndimage
 
     out = labels.copy()
-    for lab in np.unique(labels):
-        if lab == 0:
-            continue
+    for lab in (MYO, LV, RV):
         comps, n = ndimage.label(labels == lab, structure=np.ones((3, 3, 3), bool))
-        if n > 1:
-            sizes = np.bincount(comps.ravel())[1:]
-            out[(comps > 0) & (comps != 1 + int(np.argmax(sizes)))] = 0
+        if n <= 1:
+            continue
+        sizes = np.bincount(comps.ravel())[1:].astype(np.int64)
+        if lab == RV:
+            heart = np.isin(out, (MYO, LV))
+            if heart.any():
+                # 2-D dilation per slice: contact is judged in-plane, slices are far apart.
+                near = ndimage.binary_dilation(heart, structure=np.ones((1, 3, 3), bool), iterations=rv_contact_px)
+                touching = np.zeros(n, bool)
+                touching[np.unique(comps[near & (comps > 0)]) - 1] = True
+                if touching.any():
+                    sizes = np.where(touching, sizes, -1)
+        out[(comps > 0) & (comps != 1 + int(np.argmax(sizes)))] = 0
     return out

@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default: 224, or that of --init-weights)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: 256, or that of --init-weights)")
     p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--grace-period", type=int, default=1)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
     workers_total = a.workers * a.concurrency
     init = resolve_init_weights(a.init_weights, a.backbone)
-    image_size = a.image_size or 224
+    image_size = a.image_size or TrainConfig.__dataclass_fields__["image_size"].default
     if init:
         from raysegment.weights import saved_config
 

@@ -69,3 +69,22 @@ def test_keep_largest_component_drops_islands_per_label():
     assert (out == 1).sum() == (m == 1).sum()
     assert not keep_largest_component(np.zeros((2, 5, 5), np.uint8)).any()
     np.testing.assert_array_equal(keep_largest_component(out), out)  # idempotent
+
+
+def test_keep_largest_component_rv_must_touch_the_heart():
+    import numpy as np
+
+    from raysegment.models import keep_largest_component
+
+    m = np.zeros((3, 40, 40), np.uint8)
+    m[:, 10:20, 10:20] = 2       # MYO ring (filled square here)
+    m[:, 13:17, 13:17] = 3       # LV cavity inside it
+    m[:, 10:20, 21:25] = 1       # true RV: small, 1 px from the myocardium
+    m[:, 32:40, 0:20] = 1        # false RV: larger, far below the heart
+    out = keep_largest_component(m)
+    assert (out[:, 10:20, 21:25] == 1).all() and not (out[:, 32:40, 0:20] == 1).any()
+    # Without a heart to touch, the largest RV component wins as before.
+    no_heart = np.where(m == 1, 1, 0).astype(np.uint8)
+    out2 = keep_largest_component(no_heart)
+    assert (out2[:, 32:40, 0:20] == 1).all() and not (out2[:, 10:20, 21:25] == 1).any()
+    np.testing.assert_array_equal(keep_largest_component(out), out)
