@@ -21,6 +21,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from raysegment.train import DEFAULT_IMAGE_SIZE
+
 
 def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "cpu") -> float:
     """A plain PyTorch loop over pre-resized train slices held in memory."""
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--crop-size", type=int, default=128)
-    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", required=True)
     d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
     d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--image-size", type=int, default=256)
+    d.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     d.add_argument("--crop-size", type=int, default=128)
     i = sub.add_parser("infer", help="seconds per volume, batched vs one slice at a time")
     i.add_argument("--data", required=True, help="shards; the val volumes are segmented")
@@ -196,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default=None, help="a trained model (default: random weights, same speed)")
     i.add_argument("--volumes", type=int, default=10)
     i.add_argument("--batch-size", type=int, default=16)
-    i.add_argument("--image-size", type=int, default=256)
+    i.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     i.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     i.add_argument("--threads", type=int, default=None)
     return p

@@ -239,7 +239,7 @@ def keep_largest_component(labels: "np.ndarray", rv_contact_px: int = 5) -> "np.
         comps, n = ndimage.label(labels == lab, structure=np.ones((3, 3, 3), bool))
         if n <= 1:
             continue
-        sizes = np.bincount(comps.ravel())[1:].astype(np.int64)
+        sizes = np.bincount(comps.ravel())[1:]
         if lab == RV:
             heart = np.isin(out, (MYO, LV))
             if heart.any():

@@ -24,7 +24,7 @@ from pathlib import Path
 from raysegment import disable_telemetry
 from raysegment.losses import LossConfig
 from raysegment.models import ModelConfig
-from raysegment.train import RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
+from raysegment.train import DEFAULT_IMAGE_SIZE, RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
     workers_total = a.workers * a.concurrency
     init = resolve_init_weights(a.init_weights, a.backbone)
-    image_size = a.image_size or TrainConfig.__dataclass_fields__["image_size"].default
+    image_size = a.image_size or DEFAULT_IMAGE_SIZE
     if init:
         from raysegment.weights import saved_config
 
