@@ -184,7 +184,11 @@ def build_model(config: ModelConfig, weights: Weights = None) -> UNet:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {sorted(MODELS)}")
     if weights not in (None, "imagenet"):
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
-    return MODELS[config.backbone](config.decoder_width, config.num_classes, weights)
+    model = MODELS[config.backbone](config.decoder_width, config.num_classes, weights)
+    # NHWC weights make oneDNN (and cuDNN) pick their fast conv kernels: a bf16 train step on
+    # 2 CPU cores is 1.29× faster for MobileNetV2 and 1.14× for DenseNet-121 (16×128², measured).
+    # With 1 input channel NCHW and NHWC inputs are the same memory, so callers change nothing.
+    return model.to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
