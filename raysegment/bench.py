@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from raysegment.train import DEFAULT_IMAGE_SIZE
+from raysegment.train import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE
 
 
 def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "cpu") -> float:
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True)
     t.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     t.add_argument("--steps", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     t.add_argument("--crop-size", type=int, default=128)
     t.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
     d.add_argument("--data", required=True)
     d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
-    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     d.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     d.add_argument("--crop-size", type=int, default=128)
     i = sub.add_parser("infer", help="seconds per volume, batched vs one slice at a time")

@@ -24,7 +24,7 @@ from pathlib import Path
 from raysegment import disable_telemetry
 from raysegment.losses import LossConfig
 from raysegment.models import ModelConfig
-from raysegment.train import DEFAULT_IMAGE_SIZE, RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
+from raysegment.train import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--image-size", type=int, default=None, help="pixels (default: 256, or that of --init-weights)")
     p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
