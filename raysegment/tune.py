@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--image-size", type=int, default=None, help="pixels (default: 256, or that of --init-weights)")
+    p.add_argument("--image-size", type=int, default=None, help=f"pixels (default: {DEFAULT_IMAGE_SIZE}, or that of --init-weights)")
     p.add_argument("--crop-size", type=int, default=128)
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--grace-period", type=int, default=1)
