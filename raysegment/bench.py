@@ -36,8 +36,9 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "c
     torch.set_num_threads(config.threads_per_worker or os.cpu_count())
     n = config.batch_size * (steps + warmup)
     table = pq.read_table(os.path.join(config.data, "train")).slice(0, n)
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in ("image", "label", "height", "width", "patient", "phase", "slice")}
-    data = resize_batch(cols, config.image_size)
+    names = ["image", "label", "height", "width", "patient", "phase", "slice"] + (["neighbours"] if config.model.context_slices else [])
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in names}
+    data = resize_batch(cols, config.image_size, config.model.context_slices)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
@@ -85,7 +86,7 @@ def bench_train(args) -> dict:
     from raysegment.train import TrainConfig
 
     val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]
-    config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone),
+    config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone, context_slices=args.context_slices),
                          batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
                          precision=args.precision, threads_per_worker=args.threads or os.cpu_count(),
                          val_patients=val_one)
@@ -95,7 +96,7 @@ def bench_train(args) -> dict:
     ensure_ray()
     bare = bare_loop_slices_per_s(config, args.steps, device="cuda" if args.gpu else "cpu")
     ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu)
-    out = {"backbone": args.backbone, "batch_size": args.batch_size, "crop_size": args.crop_size,
+    out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
            "bare_slices_per_s": round(bare, 2), "ray_slices_per_s": round(ray_rate, 2),
            "ratio": round(ray_rate / bare, 3), "ray_epochs": rows}
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     t.add_argument("--crop-size", type=int, default=128)
+    t.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="2.5-D input (neighbouring slices)")
     t.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     t.add_argument("--threads", type=int, default=None)

@@ -40,9 +40,10 @@ class AugmentConfig:
 
 
 def resize_slice(image: np.ndarray, label: np.ndarray | None, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (H, W) slice → (size, size): bilinear image, nearest label."""
-    img = torch.from_numpy(np.array(image, np.float32))[None, None]
-    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    """One (H, W) or (C, H, W) slice → (size, size) / (C, size, size): bilinear image, nearest label."""
+    img = torch.from_numpy(np.array(image, np.float32))
+    img = F.interpolate(img.reshape(1, -1, *img.shape[-2:]), size=(size, size), mode="bilinear", align_corners=False)
+    img = img[0, 0] if image.ndim == 2 else img[0]
     if label is None:
         return img, None
     lab = torch.from_numpy(np.array(label, np.uint8))[None, None].float()
@@ -50,11 +51,19 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None, size: int) -> tupl
     return img, lab
 
 
-def resize_batch(batch: dict, image_size: int) -> dict:
-    """Ray Data ``map_batches`` function: flattened variable-size slices → fixed grid arrays."""
+def resize_batch(batch: dict, image_size: int, context_slices: int = 0) -> dict:
+    """Ray Data ``map_batches`` function: flattened variable-size slices → fixed grid arrays.
+
+    Images come out (N, S, S), or (N, 3, S, S) = slices k-1, k, k+1 with ``context_slices=1``.
+    """
     images, labels = [], []
-    for img, lab, h, w in zip(batch["image"], batch["label"], batch["height"], batch["width"]):
-        i, l = resize_slice(np.asarray(img, np.float32).reshape(h, w), np.asarray(lab, np.uint8).reshape(h, w), image_size)
+    neighbours = batch["neighbours"] if context_slices else [None] * len(batch["image"])
+    for img, nb, lab, h, w in zip(batch["image"], neighbours, batch["label"], batch["height"], batch["width"]):
+        img = np.asarray(img, np.float32).reshape(h, w)
+        if context_slices:
+            below, above = np.asarray(nb, np.float32).reshape(2, h, w)
+            img = np.stack([below, img, above])
+        i, l = resize_slice(img, np.asarray(lab, np.uint8).reshape(h, w), image_size)
         images.append(i.numpy())
         labels.append(l.numpy())
     return {
@@ -66,17 +75,25 @@ def resize_batch(batch: dict, image_size: int) -> dict:
     }
 
 
-def read_split(shards: str | Path, split: str, image_size: int):
-    """Ray Dataset of one split, resampled to ``image_size``² (pixels)."""
+def read_split(shards: str | Path, split: str, image_size: int, context_slices: int = 0):
+    """Ray Dataset of one split, resampled to ``image_size``² (pixels), with 2.5-D context if asked."""
     import ray.data
 
     path = Path(shards) / split
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no '{split}' shards; run raysegment.prepare first")
-    ds = ray.data.read_parquet(str(path)).select_columns(TRAIN_COLUMNS)
+    columns = list(TRAIN_COLUMNS)
+    if context_slices:
+        first = next(iter(sorted(path.glob("*.parquet"))), None)
+        if first is None or "neighbours" not in pq.read_schema(first).names:
+            raise ValueError(f"{path}: shards have no 'neighbours' column (written by an older raysegment.prepare); "
+                             f"re-run raysegment.prepare to train with context_slices={context_slices}")
+        columns.append("neighbours")
+    ds = ray.data.read_parquet(str(path)).select_columns(columns)
     # Small output blocks: streaming_split hands out whole blocks, so they set the balance
     # between workers.
-    return ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size}, batch_size=8, batch_format="numpy")
+    return ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size, "context_slices": context_slices},
+                          batch_size=8, batch_format="numpy")
 
 
 # --------------------------------------------------------------------------- whole volumes
@@ -132,8 +149,11 @@ def sample_augment(labels: torch.Tensor, config: AugmentConfig, crop_size: int, 
 
 
 def apply_augment(images: torch.Tensor, labels: torch.Tensor, params: dict, crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic batched augmentation: (N, S, S) float images and labels → (N, 1, C, C), (N, C, C)."""
+    """Deterministic batched augmentation: (N, S, S) or (N, K, S, S) float images and (N, S, S) labels
+    → (N, 1 or K, C, C) images, (N, C, C) labels. Every channel of a sample gets the same warp."""
     n, s = images.shape[0], images.shape[-1]
+    if images.ndim == 3:
+        images = images[:, None]
     device = images.device
     p = {k: v.to(device) for k, v in params.items()}
     ratio = crop_size / s
@@ -149,7 +169,7 @@ def apply_augment(images: torch.Tensor, labels: torch.Tensor, params: dict, crop
     theta[:, 0, 2] = centre[:, 1]
     theta[:, 1, 2] = centre[:, 0]
     grid = F.affine_grid(theta, (n, 1, crop_size, crop_size), align_corners=False)
-    img = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    img = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     img = img.clamp(0, 1) ** p["gamma"].view(n, 1, 1, 1)
     img = img * p["int_scale"].view(n, 1, 1, 1) + p["int_shift"].view(n, 1, 1, 1) + p["noise"]
@@ -160,4 +180,6 @@ def centre_crop(images: torch.Tensor, labels: torch.Tensor, crop_size: int) -> t
     """No augmentation: the central crop (for benchmarks and tests). Shapes as ``apply_augment``."""
     s = images.shape[-1]
     a = (s - crop_size) // 2
-    return images[:, None, a : a + crop_size, a : a + crop_size].float(), labels[:, a : a + crop_size, a : a + crop_size].long()
+    if images.ndim == 3:
+        images = images[:, None]
+    return images[:, :, a : a + crop_size, a : a + crop_size].float(), labels[:, a : a + crop_size, a : a + crop_size].long()

@@ -2,8 +2,10 @@
 
 Each encoder yields five feature maps at strides 2, 4, 8, 16, 32; the decoder upsamples
 by 2 at each stage, concatenates the skip and applies two 3×3 conv-BN-ReLU blocks.
-Input is 1-channel (the pretrained first conv sums its RGB kernels); output is 4-class logits
-at the input's H×W (inputs are padded to a multiple of 32 inside and cropped back).
+Input is the slice itself, plus ``context_slices`` neighbours on each side with 2.5-D context
+(channels ordered from slice k-c to k+c; the pretrained first conv's summed RGB kernel goes to
+the centre channel, the neighbour kernels start at zero). Output is 4-class logits at the
+input's H×W (inputs are padded to a multiple of 32 inside and cropped back).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class ModelConfig:
     backbone: str = "mobilenet_v2"
     decoder_width: int = 32
     num_classes: int = NUM_CLASSES
+    # Neighbouring slices per side fed as extra channels (0 = plain 2-D). With 1 the network
+    # sees slices k-1, k, k+1 and can tell the basal slice, where ES labels often stop the RV.
+    context_slices: int = 0
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + 2 * self.context_slices
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -55,11 +64,16 @@ def _imagenet_state_dict(weights_enum) -> dict:
     return weights_enum.get_state_dict(progress=False, check_hash=False)
 
 
-def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
-    """The same conv taking 1 channel; the RGB kernels are summed (grey = R = G = B)."""
-    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
+def _grey_input(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    """The same conv taking ``in_channels`` grey channels.
+
+    The centre channel gets the summed RGB kernels (grey = R = G = B); neighbour channels start
+    at zero, so a fresh 2.5-D network computes exactly what its 2-D self does.
+    """
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None)
     with torch.no_grad():
-        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        new.weight.zero_()
+        new.weight[:, in_channels // 2] = conv.weight.sum(dim=1)
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     return new
@@ -67,8 +81,9 @@ def _one_channel(conv: nn.Conv2d) -> nn.Conv2d:
 
 class DenseNet121Encoder(nn.Module):
     channels = (64, 256, 512, 1024, 1024)
+    first_conv = "stem.0"  # parameter path of the input conv
 
-    def __init__(self, weights: Weights):
+    def __init__(self, weights: Weights, in_channels: int = 1):
         super().__init__()
         from torchvision.models import DenseNet121_Weights, densenet121
 
@@ -80,7 +95,7 @@ class DenseNet121Encoder(nn.Module):
             _imagenet_state_dict(DenseNet121_Weights.IMAGENET1K_V1)  # clear error when missing
             _load_state_dict(net, DenseNet121_Weights.IMAGENET1K_V1, progress=False)
         f = net.features
-        f.conv0 = _one_channel(f.conv0)
+        f.conv0 = _grey_input(f.conv0, in_channels)
         self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0)  # /2
         self.stage1 = nn.Sequential(f.pool0, f.denseblock1)  # /4
         self.stage2 = nn.Sequential(f.transition1, f.denseblock2)  # /8
@@ -98,8 +113,9 @@ class DenseNet121Encoder(nn.Module):
 class MobileNetV2Encoder(nn.Module):
     channels = (16, 24, 32, 96, 1280)
     _cuts = (2, 4, 7, 14, 19)  # features[:2] → /2, [2:4] → /4, ... [14:19] → /32
+    first_conv = "stages.0.0.0"
 
-    def __init__(self, weights: Weights):
+    def __init__(self, weights: Weights, in_channels: int = 1):
         super().__init__()
         from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
@@ -107,7 +123,7 @@ class MobileNetV2Encoder(nn.Module):
         if weights == "imagenet":
             net.load_state_dict(_imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V2))
         f = net.features
-        f[0][0] = _one_channel(f[0][0])
+        f[0][0] = _grey_input(f[0][0], in_channels)
         starts = (0,) + self._cuts[:-1]
         self.stages = nn.ModuleList(nn.Sequential(*f[a:b]) for a, b in zip(starts, self._cuts))
 
@@ -133,9 +149,10 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class UNet(nn.Module):
     """Encoder + U-Net decoder. Decoder widths are (8w, 4w, 2w, w, w/2) from /16 to /1."""
 
-    def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int):
+    def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int, context_slices: int = 0):
         super().__init__()
         self.encoder = encoder
+        self.context_slices = context_slices
         enc = encoder.channels
         w = decoder_width
         widths = (8 * w, 4 * w, 2 * w, w, max(w // 2, 8))
@@ -148,8 +165,9 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(cin, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected input (N, 1, H, W), got {tuple(x.shape)}")
+        c = 1 + 2 * self.context_slices
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"expected input (N, {c}, H, W) (context_slices={self.context_slices}), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         ph, pw = (-h) % 32, (-w) % 32
         if ph or pw:
@@ -164,17 +182,22 @@ class UNet(nn.Module):
         return self.head(y)[..., :h, :w]
 
 
-def _build_densenet121(decoder_width: int, num_classes: int, weights: Weights) -> UNet:
-    return UNet(DenseNet121Encoder(weights), decoder_width, num_classes)
+def _build_densenet121(decoder_width: int, num_classes: int, weights: Weights, context_slices: int = 0) -> UNet:
+    return UNet(DenseNet121Encoder(weights, 1 + 2 * context_slices), decoder_width, num_classes, context_slices)
 
 
-def _build_mobilenet_v2(decoder_width: int, num_classes: int, weights: Weights) -> UNet:
-    return UNet(MobileNetV2Encoder(weights), decoder_width, num_classes)
+def _build_mobilenet_v2(decoder_width: int, num_classes: int, weights: Weights, context_slices: int = 0) -> UNet:
+    return UNet(MobileNetV2Encoder(weights, 1 + 2 * context_slices), decoder_width, num_classes, context_slices)
 
 
 MODELS: dict[str, Callable[..., UNet]] = {
     "densenet121": _build_densenet121,
     "mobilenet_v2": _build_mobilenet_v2,
+}
+# Parameter path (under ``encoder.``) of each backbone's input conv, for widening 2-D weights to 2.5-D.
+MODELS_FIRST_CONV: dict[str, str] = {
+    "densenet121": DenseNet121Encoder.first_conv,
+    "mobilenet_v2": MobileNetV2Encoder.first_conv,
 }
 
 
@@ -184,11 +207,25 @@ def build_model(config: ModelConfig, weights: Weights = None) -> UNet:
         raise ValueError(f"unknown backbone {config.backbone!r}; choose one of {sorted(MODELS)}")
     if weights not in (None, "imagenet"):
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
-    model = MODELS[config.backbone](config.decoder_width, config.num_classes, weights)
+    if config.context_slices not in (0, 1):
+        raise ValueError(f"context_slices must be 0 or 1 (the shards store one neighbour per side), got {config.context_slices}")
+    model = MODELS[config.backbone](config.decoder_width, config.num_classes, weights, config.context_slices)
     # NHWC weights make oneDNN (and cuDNN) pick their fast conv kernels: a bf16 train step on
     # 2 CPU cores is 1.29× faster for MobileNetV2 and 1.14× for DenseNet-121 (16×128², measured).
-    # With 1 input channel NCHW and NHWC inputs are the same memory, so callers change nothing.
+    # Callers pass NCHW inputs; the first conv converts them once.
     return model.to(memory_format=torch.channels_last)
+
+
+def with_context(volume: torch.Tensor, context_slices: int) -> torch.Tensor:
+    """(z, H, W) volume → (z, 1 + 2c, H, W) network input: slices k-c … k+c, zeros beyond the stack.
+
+    Zeros (not a repeated edge slice) mark the end of the stack, as ``prepare`` writes them.
+    """
+    if context_slices == 0:
+        return volume[:, None]
+    c = context_slices
+    padded = F.pad(volume, (0, 0, 0, 0, c, c))
+    return torch.stack([padded[i : i + volume.shape[0]] for i in range(2 * c + 1)], dim=1)
 
 
 @torch.no_grad()
@@ -204,6 +241,7 @@ def predict_volume(
 ) -> "np.ndarray":
     """Segment a normalised (z, H, W) volume slice-wise → uint8 labels (z, H, W).
 
+    A 2.5-D model (``model.context_slices`` > 0) gets each slice's neighbours as channels.
     Slices are resampled to ``image_size``² for the network and the logits back to (H, W).
     ``largest_component`` keeps each structure's largest 3-D connected component: the heart has
     one RV, one myocardium and one LV cavity, so islands elsewhere are false positives.
@@ -211,7 +249,7 @@ def predict_volume(
     import numpy as np
 
     z, h, w = image.shape
-    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[:, None].to(device)
+    x = with_context(torch.from_numpy(np.ascontiguousarray(image, np.float32)), getattr(model, "context_slices", 0)).to(device)
     out = np.empty((z, h, w), np.uint8)
     was_training = model.training
     model.eval()

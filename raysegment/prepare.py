@@ -1,7 +1,8 @@
 """Ingest ACDC (official NIfTI release or SSL4MIS HDF5) into Parquet shards of 2-D slices.
 
 One row per short-axis slice: ``patient, phase, slice, height, width, image (float32),
-label (uint8), spacing (z, y, x mm or null), group, split``. Shards land in
+neighbours (slices k-1, k+1; float32), label (uint8), spacing (z, y, x mm or null), group,
+split``. Shards land in
 ``OUT/train/*.parquet`` and ``OUT/val/*.parquet`` with ``OUT/manifest.json``.
 
 Both readers yield volumes as (z, y, x) arrays, the order SimpleITK gives and the SSL4MIS
@@ -30,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the neighbours column
 PHASES = ("ED", "ES")
 SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]
 
@@ -48,6 +49,8 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("image", pa.list_(pa.float32())),
+        # Slices k-1 and k+1 (2·H·W, zeros beyond the stack) for 2.5-D models.
+        ("neighbours", pa.list_(pa.float32())),
         ("label", pa.list_(pa.uint8())),
         ("spacing", pa.list_(pa.float32())),  # (z, y, x) mm, null when unknown
         ("group", pa.string()),
@@ -388,6 +391,7 @@ class _ShardWriter:
 
 def _rows(volume: Volume, split: str) -> Iterator[dict]:
     image = normalize_intensity(volume.image)
+    padded = np.pad(image, ((1, 1), (0, 0), (0, 0)))
     for k in range(image.shape[0]):
         yield {
             "patient": volume.patient,
@@ -397,6 +401,7 @@ def _rows(volume: Volume, split: str) -> Iterator[dict]:
             "height": int(image.shape[1]),
             "width": int(image.shape[2]),
             "image": image[k].ravel(),
+            "neighbours": np.concatenate([padded[k].ravel(), padded[k + 2].ravel()]),
             "label": volume.label[k].ravel(),
             "spacing": None if volume.spacing is None else [float(s) for s in volume.spacing],
             "group": volume.group,

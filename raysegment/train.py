@@ -43,7 +43,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 20
+    epochs: int = 20  # with time_budget_min: the most epochs
+    # Wall minutes for training + validation; after each epoch the LR schedule is re-planned to
+    # the number of epochs that fit, so the run ends annealed inside the budget.
+    time_budget_min: float | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -69,6 +72,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
+        if isinstance(d.get("model"), dict) and "context_slices" not in d["model"]:
+            d["model"] = {**d["model"], "context_slices": 0}  # saved before 2.5-D input existed: 2-D
         nested = {"model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig}
         for key, typ in nested.items():
             if key in d and isinstance(d[key], dict):
@@ -132,12 +137,23 @@ def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[di
 # --------------------------------------------------------------------------- the per-worker loop
 
 
-def _lr_at(config: TrainConfig, epoch_progress: float) -> float:
-    """Linear warm-up, then cosine decay to 1 % of ``lr``; ``epoch_progress`` in epochs."""
+def _lr_at(config: TrainConfig, epoch_progress: float, total_epochs: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 1 % of ``lr`` at ``total_epochs`` (default ``epochs``);
+    ``epoch_progress`` in epochs."""
+    total = config.epochs if total_epochs is None else total_epochs
     if epoch_progress < config.warmup_epochs:
         return config.lr * max(epoch_progress / config.warmup_epochs, 0.01)
-    t = (epoch_progress - config.warmup_epochs) / max(config.epochs - config.warmup_epochs, 1e-9)
+    t = (epoch_progress - config.warmup_epochs) / max(total - config.warmup_epochs, 1e-9)
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> int:
+    """Epochs the run will do in all: ``epochs``, or with a time budget those that fit in it at
+    the mean epoch time so far (at least the ones done)."""
+    if config.time_budget_min is None or epochs_done == 0:
+        return config.epochs
+    left = config.time_budget_min * 60 - elapsed_s
+    return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -163,7 +179,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         model.load_state_dict(init_state_dict(config.init_weights, config.model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, history = 0, []
+    start_epoch, history, elapsed_before = 0, [], 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -171,6 +187,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.load_state_dict(torch.load(Path(d) / OPTIM_FILE, map_location="cpu", weights_only=True))
             state = json.loads((Path(d) / STATE_FILE).read_text())
         start_epoch, history = state["epoch"] + 1, state.get("history", [])
+        elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
         if rank == 0:
             print(f"[raysegment] resumed from checkpoint at epoch {state['epoch']}", flush=True)
     model = ray.train.torch.prepare_model(model)
@@ -185,7 +202,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.max_steps_per_epoch:
         steps_est = min(steps_est, config.max_steps_per_epoch)
 
+    t_start = time.perf_counter() - elapsed_before  # a resumed run keeps its clock (time budget)
+    total_epochs = planned_epochs(config, start_epoch, elapsed_before)
     for epoch in range(start_epoch, config.epochs):
+        if epoch >= total_epochs:
+            break
         if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
             Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
             raise RuntimeError(f"injected fault at epoch {epoch}")
@@ -207,7 +228,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if config.audit_dir:
                     seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
                 for g in optimizer.param_groups:
-                    g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0))
+                    g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs)
                 images, labels = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
                 params = sample_augment(labels, config.augment, config.crop_size, gen)
                 x, y = apply_augment(images.to(device), labels.to(device), params, config.crop_size)
@@ -233,15 +254,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             val, _ = validate(core, volumes, config, device)
             metrics.update(val)
+            # Rank 0's clock decides, and the broadcast below gives every rank the same plan.
+            metrics["elapsed_s"] = time.perf_counter() - t_start
+            metrics["planned_epochs"] = planned_epochs(config, epoch + 1, metrics["elapsed_s"])
         if world > 1:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = {**box[0], "loss": metrics["loss"]}
         history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")})
+        total_epochs = metrics["planned_epochs"]
         if rank == 0:
-            print(f"[raysegment] epoch {epoch + 1}/{config.epochs} loss {metrics['loss']:.4f} "
+            budget = f", {metrics['elapsed_s'] / 60:.1f}/{config.time_budget_min:g} min" if config.time_budget_min else ""
+            print(f"[raysegment] epoch {epoch + 1}/{total_epochs} loss {metrics['loss']:.4f} "
                   f"dice rv {metrics['dice_rv']:.3f} myo {metrics['dice_myo']:.3f} lv {metrics['dice_lv']:.3f} "
-                  f"mean {metrics['dice_mean']:.3f} ({train_time:.0f}s train)", flush=True)
+                  f"mean {metrics['dice_mean']:.3f} ({train_time:.0f}s train{budget})", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -340,7 +366,7 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
 
 
 def _train_dataset(config: TrainConfig, spec: RunSpec):
-    ds = read_split(config.data, "train", config.image_size)
+    ds = read_split(config.data, "train", config.image_size, config.model.context_slices)
     # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
     # with the training step for the same cores every epoch (measured with raysegment.bench).
     return ds.materialize() if spec.cache_data else ds
@@ -391,12 +417,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
     p.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=20, help="epochs (with --minutes: the most epochs)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget for training + validation; the LR schedule is fitted to the epochs that fit")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--decoder-width", type=int, default=32)
+    p.add_argument("--context-slices", type=int, default=0, choices=[0, 1],
+                   help="neighbouring slices per side as extra input channels (1 = 2.5-D: slices k-1, k, k+1)")
     p.add_argument("--ce-weight", type=float, default=1.0)
     p.add_argument("--dice-weight", type=float, default=1.0)
     p.add_argument("--class-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("RV", "MYO", "LV"))
@@ -425,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     config = TrainConfig(
         data=str(Path(a.data).resolve()),
-        model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width),
+        model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
+        epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // a.workers),
         audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,

@@ -259,10 +259,13 @@ def _parse_fixed(items: list[str]) -> dict:
 
 def default_sample_shards(out: Path) -> Path:
     """Prepare the bundled sample once (embedded default)."""
-    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.prepare import FORMAT_VERSION, PrepareConfig, load_manifest, prepare
 
-    if not (out / "manifest.json").exists():
+    manifest = out / "manifest.json"
+    if not manifest.exists():
         prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False))
+    elif load_manifest(out).get("format_version") != FORMAT_VERSION:  # written by an older raysegment
+        prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False, overwrite=True))
     return out
 
 
@@ -282,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--image-size", type=int, default=None, help=f"pixels (default: {DEFAULT_IMAGE_SIZE}, or that of --init-weights)")
     p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
+                   help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
     p.add_argument("--grace-period", type=int, default=1)
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
@@ -305,16 +310,21 @@ def main(argv: list[str] | None = None) -> int:
     workers_total = a.workers * a.concurrency
     init = resolve_init_weights(a.init_weights, a.backbone)
     image_size = a.image_size or DEFAULT_IMAGE_SIZE
+    context = a.context_slices or 0
     if init:
         from raysegment.weights import saved_config
 
         saved = saved_config(init)
         image_size = a.image_size or saved.image_size
+        context = saved.model.context_slices if a.context_slices is None else a.context_slices
+        if context < saved.model.context_slices:
+            raise SystemExit(f"error: --init-weights is a 2.5-D model (context_slices {saved.model.context_slices}); "
+                             f"--context-slices {context} cannot load it")
         if fixed.setdefault("decoder_width", saved.model.decoder_width) != saved.model.decoder_width:
             raise SystemExit(f"error: --init-weights has decoder_width {saved.model.decoder_width}; "
                              f"--set decoder_width={fixed['decoder_width']} cannot load it")
     base = TrainConfig(
-        data=str(data.resolve()), model=ModelConfig(backbone=a.backbone), loss=LossConfig(), epochs=a.epochs,
+        data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
         max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // workers_total),

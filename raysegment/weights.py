@@ -61,8 +61,29 @@ def init_state_dict(path: str | Path, model_config) -> dict:
         from safetensors.torch import load_file
 
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    if saved != model_config:
+    from dataclasses import replace
+
+    if replace(saved, context_slices=model_config.context_slices) != model_config:
         raise ValueError(f"{path}: weights are for {saved}, the run wants {model_config}")
+    if saved.context_slices != model_config.context_slices:
+        state = widen_context(state, saved, model_config)
+    return state
+
+
+def widen_context(state: dict, saved, wanted) -> dict:
+    """A state dict for ``saved.context_slices`` → one for ``wanted.context_slices`` (more, not fewer).
+
+    The input conv's kernels for the added outer neighbours are zero, so the widened model
+    computes exactly what the saved one does; fine-tuning then learns to use the neighbours.
+    """
+    from raysegment.models import MODELS_FIRST_CONV
+
+    if wanted.context_slices < saved.context_slices:
+        raise ValueError(f"cannot narrow context_slices {saved.context_slices} → {wanted.context_slices}")
+    key = f"encoder.{MODELS_FIRST_CONV[wanted.backbone]}.weight"
+    pad = wanted.context_slices - saved.context_slices
+    state = dict(state)
+    state[key] = torch.nn.functional.pad(state[key], (0, 0, 0, 0, pad, pad))
     return state
 
 

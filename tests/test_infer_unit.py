@@ -129,6 +129,23 @@ def test_init_weights_must_match_the_model(tmp_path, tiny_model):
         torch.testing.assert_close(a, b.to(a.dtype), atol=1e-2, rtol=1e-2, msg=k)
     with pytest.raises(ValueError, match="decoder_width=16"):
         init_state_dict(out, replace(config.model, decoder_width=16))
+    # 2-D weights widen to a 2.5-D model that predicts exactly what the 2-D one does.
+    wide_config = replace(config.model, context_slices=1)
+    wide = build_model(wide_config).eval()
+    wide.load_state_dict(init_state_dict(out, wide_config))
+    narrow, _ = load_weights_file(out)
+    from raysegment.models import with_context
+
+    vol = torch.from_numpy(synthetic_volume(seed=3)[0].astype(np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(with_context(vol, 1)), narrow(vol[:, None]), atol=1e-5, rtol=1e-5)
+    wide_file = tmp_path / "wide.safetensors"
+    ckpt2 = tmp_path / "wide-ckpt"
+    ckpt2.mkdir()
+    save_checkpoint(ckpt2, wide, None, replace(config, model=wide_config), {"epoch": 0})
+    export_weights(ckpt2, wide_file)
+    with pytest.raises(ValueError, match="cannot narrow"):
+        init_state_dict(wide_file, config.model)
 
 
 def test_figures_write_learning_curves_and_overlays(tmp_path, tiny_model):
@@ -144,3 +161,12 @@ def test_figures_write_learning_curves_and_overlays(tmp_path, tiny_model):
     names = sorted(p.name for p in written)
     assert names == ["learning_curves.png", "overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_configs_saved_before_context_slices_load_as_2d():
+    config = TrainConfig(data="x", model=ModelConfig(backbone="densenet121", decoder_width=16, context_slices=1))
+    d = config.to_dict()
+    assert TrainConfig.from_dict(d) == config
+    del d["model"]["context_slices"]
+    old = TrainConfig.from_dict(d)
+    assert old.model == ModelConfig(backbone="densenet121", decoder_width=16, context_slices=0)

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 import torchvision
 
-from raysegment.models import MODELS, ModelConfig, WeightsNotFoundError, build_model
+from raysegment.models import MODELS, ModelConfig, WeightsNotFoundError, build_model, predict_volume, with_context
 
 WEIGHT_FILES = {"densenet121": "densenet121-a639ec97.pth", "mobilenet_v2": "mobilenet_v2-7ebf99e0.pth"}
 FIRST_CONV = {"densenet121": lambda m: m.features.conv0, "mobilenet_v2": lambda m: m.features[0][0]}
@@ -23,6 +24,53 @@ def test_forward_backward_any_size(backbone):
     assert float(OUR_FIRST_CONV[backbone](model).weight.grad.abs().sum()) > 0
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         model(torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("backbone", sorted(MODELS))
+def test_context_slices_take_neighbours_as_channels(backbone):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, decoder_width=8, context_slices=1))
+    conv = OUR_FIRST_CONV[backbone](model)
+    assert conv.in_channels == 3
+    # A fresh 2.5-D model starts as its 2-D self: neighbour kernels are zero.
+    assert not conv.weight[:, 0].any() and not conv.weight[:, 2].any()
+    x = torch.randn(2, 3, 64, 64)
+    model(x).square().mean().backward()
+    assert float(conv.weight.grad[:, 0].abs().sum()) > 0 and float(conv.weight.grad[:, 2].abs().sum()) > 0
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="context_slices"):
+        build_model(ModelConfig(backbone=backbone, context_slices=2))
+
+
+def test_with_context_stacks_neighbours_and_zero_pads():
+    vol = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3) + 1
+    x = with_context(vol, 1)
+    assert x.shape == (4, 3, 2, 3)
+    for k in range(4):
+        assert torch.equal(x[k, 1], vol[k])
+        assert torch.equal(x[k, 0], vol[k - 1] if k > 0 else torch.zeros(2, 3))
+        assert torch.equal(x[k, 2], vol[k + 1] if k < 3 else torch.zeros(2, 3))
+    assert torch.equal(with_context(vol, 0), vol[:, None])
+
+
+class _NextSliceModel(torch.nn.Module):
+    """Labels a pixel RV (1) where the *next* slice is bright: shows which channel is slice k+1."""
+
+    context_slices = 1
+
+    def forward(self, x):
+        nxt = x[:, 2]
+        zero = torch.zeros_like(nxt)
+        return torch.stack([zero, nxt - 0.5, zero - 1, zero - 1], dim=1)
+
+
+def test_predict_volume_feeds_slice_neighbours_in_order():
+    vol = torch.rand(4, 32, 32).numpy()
+    pred = predict_volume(_NextSliceModel(), vol, 32, largest_component=False)
+    for k in range(3):
+        np.testing.assert_array_equal(pred[k], (vol[k + 1] > 0.5).astype(np.uint8))
+    assert not pred[3].any()  # beyond the stack the neighbour is zero
 
 
 @pytest.mark.parametrize("backbone", sorted(MODELS))

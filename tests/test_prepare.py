@@ -48,6 +48,10 @@ def test_official_nifti_layout_every_field(tmp_path):
                 # Orientation: shard slice k is volume[k] in (z, y, x) order, (H, W) = (y, x).
                 np.testing.assert_array_equal(slice_array(r, "label", np.uint8), gt[k])
                 np.testing.assert_array_equal(slice_array(r, "image", np.float32), norm[k])
+                # 2.5-D context: slices k-1 and k+1, zeros beyond the stack.
+                nb = np.asarray(r["neighbours"], np.float32).reshape(2, 40, 48)
+                np.testing.assert_array_equal(nb[0], norm[k - 1] if k > 0 else 0)
+                np.testing.assert_array_equal(nb[1], norm[k + 1] if k < 3 else 0)
     # ED and ES frame mapping from Info.cfg: ES (frame 7) has the smaller LV.
     lv = {ph: sum((slice_array(r, "label", np.uint8) == 3).sum() for r in rows if r["patient"] == "patient001" and r["phase"] == ph) for ph in ("ED", "ES")}
     assert lv["ED"] > lv["ES"]
@@ -102,7 +106,7 @@ def test_rerun_is_identical_and_split_files_are_used(tmp_path):
     assert m1["counts"]["patients_by_group"] == {"DCM": 4, "HCM": 1}
     assert m1["counts"]["slices"] == {"train": 24, "val": 16}
     manifest = json.loads((tmp_path / "o1" / "manifest.json").read_text())
-    assert manifest == m1 and manifest["format_version"] == 1
+    assert manifest == m1 and manifest["format_version"] == 2
     assert sum(manifest["counts"]["voxels_by_class"].values()) == 10 * 4 * 40 * 48
     # existing output needs --overwrite; with it, the result is the same
     with pytest.raises(PrepareError, match="output exists"):

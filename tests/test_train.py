@@ -53,14 +53,16 @@ def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shard
 
 def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
     marker = tmp_path / "failed-once"
+    # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
+    tiny = {**TINY, "model": ModelConfig(backbone="mobilenet_v2", decoder_width=8, context_slices=1)}
     config = TrainConfig(data=str(tiny_shards), epochs=4, fail_at_epoch=2, fail_marker=str(marker),
-                         max_steps_per_epoch=2, **TINY)
+                         max_steps_per_epoch=2, **tiny)
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1))
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
     assert result.metrics["epoch"] == 3
     model, saved, state = load_checkpoint_model(result.checkpoint.path)
-    assert saved.model == config.model and state["epoch"] == 3
+    assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == 3
     # The history survives the restart: epochs 0..3 once each, epoch 2 run after the resume.
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3]
 
@@ -84,6 +86,54 @@ def test_augmentation_is_deterministic_given_params():
     cx, cy = centre_crop(images, labels, 48)
     torch.testing.assert_close(x, cx, atol=1e-5, rtol=0)
     assert torch.equal(y, cy)
+
+
+def test_augmentation_warps_every_context_channel_alike():
+    gen = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 64, 64)
+    labels = torch.zeros(4, 64, 64, dtype=torch.uint8)
+    labels[:, 20:40, 25:45] = 1
+    params = sample_augment(labels, AugmentConfig(), 48, gen)
+    x1, y1 = apply_augment(images, labels, params, 48)
+    stacked = torch.stack([images.flip(-1), images, images.flip(-2)], dim=1)
+    x3, y3 = apply_augment(stacked, labels, params, 48)
+    assert x3.shape == (4, 3, 48, 48) and torch.equal(y3, y1)
+    torch.testing.assert_close(x3[:, 1:2], x1)
+    x_flip, _ = apply_augment(images.flip(-1), labels, params, 48)
+    torch.testing.assert_close(x3[:, 0:1], x_flip)
+
+
+def test_resize_batch_builds_context_channels(tiny_shards):
+    import pyarrow.parquet as pq
+
+    from raysegment.dataset import resize_batch
+
+    table = pq.read_table(tiny_shards / "train").to_pydict()
+    out = resize_batch(table, 32, context_slices=1)
+    flat = resize_batch(table, 32)
+    assert out["image"].shape == (len(table["slice"]), 3, 32, 32) and flat["image"].shape == (len(table["slice"]), 32, 32)
+    assert (out["image"][:, 1] == flat["image"]).all()
+    key = {(p, ph, s): i for i, (p, ph, s) in enumerate(zip(table["patient"], table["phase"], table["slice"]))}
+    for (p, ph, s), i in key.items():
+        below, above = key.get((p, ph, s - 1)), key.get((p, ph, s + 1))
+        assert (out["image"][i, 0] == (flat["image"][below] if below is not None else 0)).all()
+        assert (out["image"][i, 2] == (flat["image"][above] if above is not None else 0)).all()
+
+
+def test_time_budget_plans_the_epochs_that_fit_and_anneals_by_then():
+    from raysegment.train import _lr_at, planned_epochs
+
+    fixed = TrainConfig(data="x", epochs=20)
+    assert planned_epochs(fixed, 3, 1e6) == 20
+    budget = TrainConfig(data="x", epochs=40, time_budget_min=10.0)
+    assert planned_epochs(budget, 0, 0.0) == 40  # nothing measured yet: the cap
+    assert planned_epochs(budget, 1, 60.0) == 10  # 60 s per epoch, 600 s budget
+    assert planned_epochs(budget, 4, 300.0) == 8  # 75 s per epoch: 4 more fit in the 300 s left
+    assert planned_epochs(budget, 5, 700.0) == 5  # over budget: stop after the epochs done
+    assert planned_epochs(TrainConfig(data="x", epochs=6, time_budget_min=10.0), 1, 10.0) == 6  # the cap holds
+    # The cosine reaches its floor (1 % of lr) at the planned end, not at the cap.
+    assert _lr_at(budget, 10.0, 10) == pytest.approx(0.01 * budget.lr)
+    assert _lr_at(budget, 10.0) > 0.5 * budget.lr
 
 
 def test_foreground_oversampling_centres_on_labels():
