@@ -67,12 +67,28 @@ def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3]
 
 
+def test_time_budget_stops_early_on_the_planned_epoch(ray_local, tiny_shards, tmp_path):
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.25, max_steps_per_epoch=2, **TINY)
+    result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="budget"))
+    assert result.error is None
+    done = result.metrics["epoch"] + 1
+    assert 1 < done < 200  # the budget, not the epoch cap, ended the run
+    assert result.metrics["planned_epochs"] == done
+    _, _, state = load_checkpoint_model(result.checkpoint.path)
+    assert [h["epoch"] for h in state["history"]] == list(range(done))
+
+
+def _images_labels_params(n: int, seed: int, label: int):
+    """n random 64² images, a labelled box in each, and augmentation parameters for 48² crops."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 64, 64, generator=gen)
+    labels = torch.zeros(n, 64, 64, dtype=torch.uint8)
+    labels[:, 20:30, 30:40] = label
+    return images, labels, sample_augment(labels, AugmentConfig(), 48, gen)
+
+
 def test_augmentation_is_deterministic_given_params():
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(3, 64, 64)
-    labels = torch.zeros(3, 64, 64, dtype=torch.uint8)
-    labels[:, 20:30, 30:40] = 3
-    params = sample_augment(labels, AugmentConfig(), 48, gen)
+    images, labels, params = _images_labels_params(3, seed=0, label=3)
     a = apply_augment(images, labels, params, 48)
     b = apply_augment(images, labels, params, 48)
     assert a[0].shape == (3, 1, 48, 48) and a[1].shape == (3, 48, 48)
@@ -89,11 +105,7 @@ def test_augmentation_is_deterministic_given_params():
 
 
 def test_augmentation_warps_every_context_channel_alike():
-    gen = torch.Generator().manual_seed(2)
-    images = torch.rand(4, 64, 64)
-    labels = torch.zeros(4, 64, 64, dtype=torch.uint8)
-    labels[:, 20:40, 25:45] = 1
-    params = sample_augment(labels, AugmentConfig(), 48, gen)
+    images, labels, params = _images_labels_params(4, seed=2, label=1)
     x1, y1 = apply_augment(images, labels, params, 48)
     stacked = torch.stack([images.flip(-1), images, images.flip(-2)], dim=1)
     x3, y3 = apply_augment(stacked, labels, params, 48)
