@@ -28,7 +28,7 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "c
     """A plain PyTorch loop over pre-resized train slices held in memory."""
     import pyarrow.parquet as pq
 
-    from raysegment.dataset import apply_augment, resize_batch, sample_augment
+    from raysegment.dataset import apply_augment, resize_batch, sample_augment, train_columns
     from raysegment.losses import segmentation_loss
     from raysegment.models import build_model
     from raysegment.train import autocast_dtype
@@ -36,8 +36,7 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "c
     torch.set_num_threads(config.threads_per_worker or os.cpu_count())
     n = config.batch_size * (steps + warmup)
     table = pq.read_table(os.path.join(config.data, "train")).slice(0, n)
-    names = ["image", "label", "height", "width", "patient", "phase", "slice"] + (["neighbours"] if config.model.context_slices else [])
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in names}
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in train_columns(config.model.context_slices)}
     data = resize_batch(cols, config.image_size, config.model.context_slices)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)

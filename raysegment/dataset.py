@@ -22,6 +22,11 @@ from raysegment.prepare import Volume
 TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
 
 
+def train_columns(context_slices: int) -> list[str]:
+    """The shard columns ``resize_batch`` needs (``neighbours`` only for 2.5-D input)."""
+    return TRAIN_COLUMNS + (["neighbours"] if context_slices else [])
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Ranges of the random augmentation. Angles in degrees, scale as a zoom factor."""
@@ -82,14 +87,12 @@ def read_split(shards: str | Path, split: str, image_size: int, context_slices: 
     path = Path(shards) / split
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no '{split}' shards; run raysegment.prepare first")
-    columns = list(TRAIN_COLUMNS)
     if context_slices:
         first = next(iter(sorted(path.glob("*.parquet"))), None)
         if first is None or "neighbours" not in pq.read_schema(first).names:
             raise ValueError(f"{path}: shards have no 'neighbours' column (written by an older raysegment.prepare); "
                              f"re-run raysegment.prepare to train with context_slices={context_slices}")
-        columns.append("neighbours")
-    ds = ray.data.read_parquet(str(path)).select_columns(columns)
+    ds = ray.data.read_parquet(str(path)).select_columns(train_columns(context_slices))
     # Small output blocks: streaming_split hands out whole blocks, so they set the balance
     # between workers.
     return ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size, "context_slices": context_slices},

@@ -96,6 +96,7 @@ class DenseNet121Encoder(nn.Module):
             _load_state_dict(net, DenseNet121_Weights.IMAGENET1K_V1, progress=False)
         f = net.features
         f.conv0 = _grey_input(f.conv0, in_channels)
+        self.in_channels = in_channels
         self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0)  # /2
         self.stage1 = nn.Sequential(f.pool0, f.denseblock1)  # /4
         self.stage2 = nn.Sequential(f.transition1, f.denseblock2)  # /8
@@ -124,6 +125,7 @@ class MobileNetV2Encoder(nn.Module):
             net.load_state_dict(_imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V2))
         f = net.features
         f[0][0] = _grey_input(f[0][0], in_channels)
+        self.in_channels = in_channels
         starts = (0,) + self._cuts[:-1]
         self.stages = nn.ModuleList(nn.Sequential(*f[a:b]) for a, b in zip(starts, self._cuts))
 
@@ -149,10 +151,11 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 class UNet(nn.Module):
     """Encoder + U-Net decoder. Decoder widths are (8w, 4w, 2w, w, w/2) from /16 to /1."""
 
-    def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int, context_slices: int = 0):
+    def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        self.context_slices = context_slices
+        # Slice k plus context_slices neighbours on each side (predict_volume reads it).
+        self.context_slices = (encoder.in_channels - 1) // 2
         enc = encoder.channels
         w = decoder_width
         widths = (8 * w, 4 * w, 2 * w, w, max(w // 2, 8))
@@ -165,7 +168,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(cin, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = 1 + 2 * self.context_slices
+        c = self.encoder.in_channels
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"expected input (N, {c}, H, W) (context_slices={self.context_slices}), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
@@ -182,12 +185,12 @@ class UNet(nn.Module):
         return self.head(y)[..., :h, :w]
 
 
-def _build_densenet121(decoder_width: int, num_classes: int, weights: Weights, context_slices: int = 0) -> UNet:
-    return UNet(DenseNet121Encoder(weights, 1 + 2 * context_slices), decoder_width, num_classes, context_slices)
+def _build_densenet121(config: ModelConfig, weights: Weights) -> UNet:
+    return UNet(DenseNet121Encoder(weights, config.in_channels), config.decoder_width, config.num_classes)
 
 
-def _build_mobilenet_v2(decoder_width: int, num_classes: int, weights: Weights, context_slices: int = 0) -> UNet:
-    return UNet(MobileNetV2Encoder(weights, 1 + 2 * context_slices), decoder_width, num_classes, context_slices)
+def _build_mobilenet_v2(config: ModelConfig, weights: Weights) -> UNet:
+    return UNet(MobileNetV2Encoder(weights, config.in_channels), config.decoder_width, config.num_classes)
 
 
 MODELS: dict[str, Callable[..., UNet]] = {
@@ -209,7 +212,7 @@ def build_model(config: ModelConfig, weights: Weights = None) -> UNet:
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
     if config.context_slices not in (0, 1):
         raise ValueError(f"context_slices must be 0 or 1 (the shards store one neighbour per side), got {config.context_slices}")
-    model = MODELS[config.backbone](config.decoder_width, config.num_classes, weights, config.context_slices)
+    model = MODELS[config.backbone](config, weights)
     # NHWC weights make oneDNN (and cuDNN) pick their fast conv kernels: a bf16 train step on
     # 2 CPU cores is 1.29× faster for MobileNetV2 and 1.14× for DenseNet-121 (16×128², measured).
     # Callers pass NCHW inputs; the first conv converts them once.

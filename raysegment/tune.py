@@ -261,11 +261,10 @@ def default_sample_shards(out: Path) -> Path:
     """Prepare the bundled sample once (embedded default)."""
     from raysegment.prepare import FORMAT_VERSION, PrepareConfig, load_manifest, prepare
 
-    manifest = out / "manifest.json"
-    if not manifest.exists():
-        prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False))
-    elif load_manifest(out).get("format_version") != FORMAT_VERSION:  # written by an older raysegment
-        prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False, overwrite=True))
+    exists = (out / "manifest.json").exists()
+    # Shards written by an older raysegment (another format version) are made again.
+    if not exists or load_manifest(out).get("format_version") != FORMAT_VERSION:
+        prepare(PrepareConfig(source=Path(__file__).with_name("sample"), out=out, progress=False, overwrite=exists))
     return out
 
 
