@@ -302,6 +302,10 @@ class SegmentActor:
             torch.set_num_threads(config.threads)
         self.config = config
         self.model, self.train_config, self.version = load_model(config.model, config.tracking_uri)
+        if config.flip_tta:
+            from raysegment.train import check_flip_tta
+
+            check_flip_tta(self.train_config)
 
     def __call__(self, batch: dict) -> dict:
         rows = []

@@ -91,6 +91,10 @@ def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracki
     from raysegment.models import predict_volume
 
     model, config, _ = load_model(model_ref, tracking_uri)
+    if flip_tta:
+        from raysegment.train import check_flip_tta
+
+        check_flip_tta(config)
     records = []
     for split in splits:
         for v in load_volumes(shards, split):

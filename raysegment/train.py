@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     threads_per_worker: int | None = None  # torch threads; None: the CPUs Ray gave the worker
     max_steps_per_epoch: int | None = None  # cap for smoke tests and benchmarks
+    # Slices held in each worker's shuffle buffer (on top of a per-epoch random block order):
+    # shards are stored volume by volume, and batches from one volume train far worse.
+    shuffle_buffer_slices: int = 256
     val_patients: tuple[str, ...] | None = None  # None: every val patient
     manifest_hash: str = ""
     # Test hooks: raise once at this epoch (marker file makes it once), write per-rank audits.
@@ -87,6 +90,14 @@ class TrainConfig:
 def _from_plain(typ, d: dict):
     # JSON turns tuples into lists; frozen configs want tuples back.
     return typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def check_flip_tta(config: TrainConfig) -> None:
+    """Flip test-time augmentation averages in the mirrored image's prediction; a model trained
+    without flips has never seen a mirrored heart, so refuse it."""
+    if config.augment.flip_prob == 0:
+        raise ValueError("flip TTA needs a model trained with left-right flips; this one was trained with "
+                         "augment.flip_prob=0 (train with --flip-prob 0.5 to use --flip-tta)")
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -214,7 +225,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         t0, seen, losses, step = time.perf_counter(), [], [], 0
         batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                     local_shuffle_buffer_size=4 * config.batch_size)
+                                     local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
+                                     local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank)
         # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
         join = model.join() if hasattr(model, "join") else _nullcontext()
         data_wait, batch_iter = 0.0, iter(batches)
@@ -366,10 +378,16 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
 
 
 def _train_dataset(config: TrainConfig, spec: RunSpec):
+    import ray.data
+
     ds = read_split(config.data, "train", config.image_size, config.model.context_slices)
     # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
     # with the training step for the same cores every epoch (measured with raysegment.bench).
-    return ds.materialize() if spec.cache_data else ds
+    if spec.cache_data:
+        ds = ds.materialize()
+    # Shards hold volumes in patient order; a new block order every epoch (reproducible from the
+    # seed) plus the workers' shuffle buffers keep each batch from being one patient's slices.
+    return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
 
 
 def resolve_init_weights(value: str | None, backbone: str) -> str | None:
@@ -432,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("RV", "MYO", "LV"))
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--flip-prob", type=float, default=AugmentConfig.flip_prob,
+                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--weights", default=None, choices=["imagenet"], help="encoder init (default: random)")
     p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
@@ -457,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
+        augment=AugmentConfig(flip_prob=a.flip_prob),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // a.workers),

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from raysegment import disable_telemetry
+from raysegment.dataset import AugmentConfig
 from raysegment.losses import LossConfig
 from raysegment.models import ModelConfig
 from raysegment.train import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--image-size", type=int, default=None, help=f"pixels (default: {DEFAULT_IMAGE_SIZE}, or that of --init-weights)")
     p.add_argument("--crop-size", type=int, default=128)
+    p.add_argument("--flip-prob", type=float, default=AugmentConfig.flip_prob,
+                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
     p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
                    help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
@@ -324,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--set decoder_width={fixed['decoder_width']} cannot load it")
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
+        augment=AugmentConfig(flip_prob=a.flip_prob),
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
         max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
         threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // workers_total),

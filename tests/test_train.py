@@ -39,16 +39,41 @@ def tiny_shards(tmp_path_factory):
 def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shards, tmp_path):
     audit = tmp_path / "audit"
     audit.mkdir()
-    config = TrainConfig(data=str(tiny_shards), epochs=1, audit_dir=str(audit), **TINY)
+    config = TrainConfig(data=str(tiny_shards), epochs=2, audit_dir=str(audit), **TINY)
     result = train(config, RunSpec(num_workers=2, cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"), name="ddp"))
     assert result.error is None
-    ranks = [json.loads((audit / f"epoch0-rank{r}.json").read_text()) for r in (0, 1)]
-    seen = ranks[0]["seen"] + ranks[1]["seen"]
     expected = {f"patient{p:03d}/{ph}/{s}" for p in range(1, 6) for ph in ("ED", "ES") for s in range(3)}
-    assert len(seen) == len(set(seen)) == 30  # no duplicates
-    assert set(seen) == expected  # none missing
-    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]  # DDP kept the replicas identical
+    orders = []
+    for epoch in (0, 1):
+        ranks = [json.loads((audit / f"epoch{epoch}-rank{r}.json").read_text()) for r in (0, 1)]
+        seen = ranks[0]["seen"] + ranks[1]["seen"]
+        assert len(seen) == len(set(seen)) == 30  # no duplicates
+        assert set(seen) == expected  # none missing
+        assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]  # DDP kept the replicas identical
+        orders.append(ranks[0]["seen"])
+    # Shards are stored patient by patient; training must not see them in that order, nor the
+    # same order every epoch.
+    file_order = sorted(expected, key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+    assert orders[0] != [k for k in file_order if k in orders[0]]
+    assert orders[0] != orders[1]
     assert set(result.metrics) >= {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "loss", "epoch"}
+
+
+def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shards):
+    from raysegment.train import _train_dataset
+
+    def epochs(seed, n=3):
+        it = _train_dataset(TrainConfig(data=str(tiny_shards), seed=seed, **TINY), RunSpec()).iterator()
+        return [[f"{p}/{ph}/{s}" for b in it.iter_batches(batch_size=4, batch_format="numpy")
+                 for p, ph, s in zip(b["patient"], b["phase"], b["slice"])] for _ in range(n)]
+
+    first = epochs(seed=0)
+    file_order = sorted(first[0], key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+    assert all(sorted(e) == sorted(file_order) for e in first)  # every slice, once
+    assert first[0] != file_order  # not patient by patient as stored
+    assert len({tuple(e) for e in first}) == 3  # a new order every epoch
+    assert epochs(seed=0) == first  # reproducible from the seed
+    assert epochs(seed=1) != first
 
 
 def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
