@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in figures(models, a.data, Path(a.out), a.patient):
             print(path)
         return 0
-    records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta, not a.no_largest_component)
+    try:
+        records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta, not a.no_largest_component)
+    except ValueError as exc:  # e.g. --flip-tta on a model trained without flips
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     table = dice_table(records)
     print(table)
     if a.out:
@@ -201,6 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

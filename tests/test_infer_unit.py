@@ -184,4 +184,8 @@ def test_flip_tta_is_refused_for_a_model_trained_without_flips(tmp_path, tiny_mo
     ckpt = _checkpoint(tmp_path, tiny_model)
     with pytest.raises(ValueError, match="flip TTA needs a model trained with left-right flips"):
         evaluate(str(ckpt), tmp_path / "no-shards", splits=("val",), flip_tta=True)
+    from raysegment import report
+
+    args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "no-shards"), "--splits", "val", "--flip-tta"]
+    assert report.main(args) == 2  # the CLI says why in one line, no traceback
     check_flip_tta(replace(config, augment=AugmentConfig(flip_prob=0.5)))  # trained with flips: allowed
