@@ -221,12 +221,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
             Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
             raise RuntimeError(f"injected fault at epoch {epoch}")
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101 + rank)
+        # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
+        epoch_seed = config.seed * 100_003 + epoch * 101 + rank
+        gen = torch.Generator().manual_seed(epoch_seed)
         model.train()
         t0, seen, losses, step = time.perf_counter(), [], [], 0
         batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                      local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
-                                     local_shuffle_seed=config.seed * 100_003 + epoch * 101 + rank)
+                                     local_shuffle_seed=epoch_seed)
         # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
         join = model.join() if hasattr(model, "join") else _nullcontext()
         data_wait, batch_iter = 0.0, iter(batches)

@@ -175,17 +175,15 @@ def test_configs_saved_before_context_slices_load_as_2d():
 def test_flip_tta_is_refused_for_a_model_trained_without_flips(tmp_path, tiny_model):
     from dataclasses import replace
 
+    from raysegment import report
     from raysegment.dataset import AugmentConfig
-    from raysegment.report import evaluate
     from raysegment.train import check_flip_tta
 
     _, config = tiny_model
     assert config.augment.flip_prob == 0  # the default: no mirrored hearts in training
     ckpt = _checkpoint(tmp_path, tiny_model)
     with pytest.raises(ValueError, match="flip TTA needs a model trained with left-right flips"):
-        evaluate(str(ckpt), tmp_path / "no-shards", splits=("val",), flip_tta=True)
-    from raysegment import report
-
+        report.evaluate(str(ckpt), tmp_path / "no-shards", splits=("val",), flip_tta=True)
     args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "no-shards"), "--splits", "val", "--flip-tta"]
     assert report.main(args) == 2  # the CLI says why in one line, no traceback
     check_flip_tta(replace(config, augment=AugmentConfig(flip_prob=0.5)))  # trained with flips: allowed

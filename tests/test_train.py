@@ -36,6 +36,11 @@ def tiny_shards(tmp_path_factory):
     return root / "shards"
 
 
+def _stored_order(keys):
+    """"patient/phase/slice" keys in the order the shards store them: patient, phase, slice number."""
+    return sorted(keys, key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+
+
 def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shards, tmp_path):
     audit = tmp_path / "audit"
     audit.mkdir()
@@ -53,7 +58,7 @@ def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shard
         orders.append(ranks[0]["seen"])
     # Shards are stored patient by patient; training must not see them in that order, nor the
     # same order every epoch.
-    file_order = sorted(expected, key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+    file_order = _stored_order(expected)
     assert orders[0] != [k for k in file_order if k in orders[0]]
     assert orders[0] != orders[1]
     assert set(result.metrics) >= {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "loss", "epoch"}
@@ -68,7 +73,7 @@ def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shar
                  for p, ph, s in zip(b["patient"], b["phase"], b["slice"])] for _ in range(n)]
 
     first = epochs(seed=0)
-    file_order = sorted(first[0], key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+    file_order = _stored_order(first[0])
     assert all(sorted(e) == sorted(file_order) for e in first)  # every slice, once
     assert first[0] != file_order  # not patient by patient as stored
     assert len({tuple(e) for e in first}) == 3  # a new order every epoch
