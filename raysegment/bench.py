@@ -1,12 +1,17 @@
 """Benchmarks. Numbers go in the README, never into timed test assertions.
 
     python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
-    python -m raysegment.bench infer --data /tmp/shards --backbone densenet121
+    python -m raysegment.bench infer --data /tmp/shards --model shipped:densenet121
     python -m raysegment.bench data --data /tmp/shards --cpus 1
 
 ``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
 a bare single-process loop with the same model, batch, crop, augmentation and precision, in
 one run. The first epoch of each is warm-up (Ray Data start, allocator, kernel selection).
+Both loops call the same ``train.train_step``.
+
+``infer``: per study, the Predictor's pure forward time (inside the network) next to what
+``raysegment.infer`` spends (its whole batch run on the same studies written as NIfTI, without
+ground truth, after Ray is up), in one run.
 """
 
 from __future__ import annotations
@@ -17,32 +22,34 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from raysegment.train import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE
+from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
+from raysegment.models import BACKBONES
 
 
-def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "cpu") -> float:
-    """A plain PyTorch loop over pre-resized train slices held in memory."""
+def bare_loop_slices_per_s(config: TrainConfig, steps: int, warmup: int = 3, device: str = "cpu") -> float:
+    """A plain PyTorch loop over pre-resized train slices held in memory, stepping with ``train_step``."""
     import pyarrow.parquet as pq
 
-    from raysegment.dataset import apply_augment, resize_batch, sample_augment, train_columns
-    from raysegment.losses import segmentation_loss
+    from raysegment.dataset import resize_batch, train_columns
     from raysegment.models import build_model
-    from raysegment.train import autocast_dtype
+    from raysegment.train import autocast_dtype, train_step
 
-    torch.set_num_threads(config.threads_per_worker or os.cpu_count())
+    torch.set_num_threads(config.threads_per_worker or torch_threads(None, 1))
     n = config.batch_size * (steps + warmup)
     table = pq.read_table(os.path.join(config.data, "train")).slice(0, n)
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in train_columns(config.model.context_slices)}
     data = resize_batch(cols, config.image_size, config.model.context_slices)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)
-    model = build_model(config.model).to(device)
+    dev = torch.device(device)
+    model = build_model(config.model).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
-    dtype = autocast_dtype(config.precision, torch.device(device))
+    dtype = autocast_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and dtype == torch.float16)
     gen = torch.Generator().manual_seed(0)
     t0 = None
@@ -50,16 +57,8 @@ def bare_loop_slices_per_s(config, steps: int, warmup: int = 3, device: str = "c
         if step == warmup:
             t0 = time.perf_counter()
         sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
-        params = sample_augment(labels[sl], config.augment, config.crop_size, gen)
-        x, y = apply_augment(images[sl].to(device), labels[sl].to(device), params, config.crop_size)
-        with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, config.loss)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        float(loss.detach())  # one sync per step, as the Ray loop does
+        loss = train_step(model, opt, scaler, images[sl], labels[sl], config, gen, dev, dtype)
+        float(loss)  # one sync per step, as the Ray loop does
     return steps * config.batch_size / (time.perf_counter() - t0)
 
 
@@ -81,13 +80,11 @@ def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_dat
 
 def bench_train(args) -> dict:
     from raysegment.dataset import load_volumes
-    from raysegment.models import ModelConfig
-    from raysegment.train import TrainConfig
 
     val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]
     config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone, context_slices=args.context_slices),
                          batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
-                         precision=args.precision, threads_per_worker=args.threads or os.cpu_count(),
+                         precision=args.precision, threads_per_worker=torch_threads(args.threads, 1),
                          val_patients=val_one)
     from raysegment.train import ensure_ray
 
@@ -114,7 +111,6 @@ def bench_data(args) -> dict:
     import ray
 
     from raysegment.dataset import apply_augment, read_split, sample_augment
-    from raysegment.train import TrainConfig
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -142,65 +138,106 @@ def bench_data(args) -> dict:
             "augment_slices_per_s_one_thread": round(augment, 1)}
 
 
+def write_studies(volumes, folder: Path, spacing_zyx=(10.0, 1.5625, 1.5625)) -> list[Path]:
+    """Shard volumes as int16 NIfTI studies (as scanners export them), no ground truth beside them."""
+    import nibabel as nib
+
+    from raysegment.studies import zyx_to_nifti
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    for v in volumes:
+        img = nib.Nifti1Image(zyx_to_nifti(np.round(v.image * 1000).astype(np.int16)), affine)
+        img.header.set_zooms(tuple(spacing_zyx[::-1]))
+        path = folder / f"{v.patient}_{v.phase}.nii.gz"
+        nib.save(img, str(path))
+        paths.append(path)
+    return paths
+
+
 def bench_infer(args) -> dict:
-    """Seconds per volume: batched slices (what ``raysegment.infer`` does) vs one slice at a time."""
+    """Seconds per study: the Predictor's pure forward pass vs ``raysegment.infer`` end to end."""
+    import json as _json
+    import tempfile
+
+    from raysegment.config import PredictConfig
     from raysegment.dataset import load_volumes
-    from raysegment.models import ModelConfig, build_model, predict_volume
+    from raysegment.infer import InferConfig, run_batch
+    from raysegment.predict import Predictor
+    from raysegment.studies import read_study
+    from raysegment.train import ensure_ray
 
-    torch.set_num_threads(args.threads or os.cpu_count())
-    if args.model:
-        from raysegment.infer import load_model
-
-        model, config, _ = load_model(args.model)
-        image_size, backbone = config.image_size, config.model.backbone
-    else:  # speed does not depend on the weights
-        model, image_size, backbone = build_model(ModelConfig(backbone=args.backbone)).eval(), args.image_size, args.backbone
-    volumes = [v.image for v in load_volumes(args.data, "val")][: args.volumes]
-    dtype = None if args.precision == "fp32" else torch.bfloat16
-    predict_volume(model, volumes[0], image_size, autocast_dtype=dtype)  # warm-up
-    timings = {}
-    for name, bs in (("batched", args.batch_size), ("one_slice", 1)):
+    model = args.model or f"shipped:{args.backbone}"
+    predict = PredictConfig(batch_size=args.batch_size, precision=args.precision)
+    threads = torch_threads(args.threads, 1)
+    volumes = load_volumes(args.data, "val")[: args.volumes]
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = write_studies(volumes, Path(tmp) / "in")
+        # In-process: the same studies, read and predicted as the actor does, forward time counted.
+        torch.set_num_threads(threads)
+        predictor = Predictor.load(model, predict)
+        _, frames, zooms = read_study(studies[0])
+        predictor.predict(frames[0])  # warm-up (allocator, kernel selection)
+        predictor.forward_seconds = 0.0
         t0 = time.perf_counter()
-        for v in volumes:
-            predict_volume(model, v, image_size, batch_size=bs, autocast_dtype=dtype)
-        timings[name] = (time.perf_counter() - t0) / len(volumes)
-    slices = float(np.mean([v.shape[0] for v in volumes]))
-    return {"backbone": backbone, "volumes": len(volumes), "mean_slices": round(slices, 1),
-            "precision": args.precision, "s_per_volume_batched": round(timings["batched"], 3),
-            "s_per_volume_one_slice": round(timings["one_slice"], 3),
-            "speedup": round(timings["one_slice"] / timings["batched"], 2)}
+        for path in studies:
+            _, frames, zooms = read_study(path)
+            for f in frames:
+                predictor.predict(f, spacing=(zooms[2], zooms[1], zooms[0]))
+        predict_s = (time.perf_counter() - t0) / len(studies)
+        forward_s = predictor.forward_seconds / len(studies)
+        # The batch job: local Ray up first (not counted), then one run over the folder.
+        ensure_ray()
+        config = InferConfig(models=(model,), input=str(Path(tmp) / "in"), output=str(Path(tmp) / "out"),
+                             predict=predict, threads=threads, progress=False)
+        t0 = time.perf_counter()
+        summary = run_batch(config)
+        infer_s = (time.perf_counter() - t0) / len(studies)
+        ledger = [_json.loads(line) for line in (Path(tmp) / "out" / "ledger.jsonl").read_text().splitlines()]
+    actor_s = float(np.mean([e["seconds"] for e in ledger]))
+    return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
+            "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),
+            "precision": predictor.config.precision, "threads": threads, "segmented": summary["segmented"],
+            "forward_s_per_study": round(forward_s, 3), "predict_s_per_study": round(predict_s, 3),
+            "infer_actor_s_per_study": round(actor_s, 3), "infer_s_per_study": round(infer_s, 3),
+            "infer_over_forward": round(infer_s / forward_s, 2)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.bench`` command line (also used to dry-run job specs)."""
+    from raysegment.config import PredictConfig
+
+    td = lambda name: default_of(TrainConfig, name)  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m raysegment.bench")
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
     t.add_argument("--data", required=True)
-    t.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    t.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
     t.add_argument("--steps", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    t.add_argument("--crop-size", type=int, default=128)
-    t.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="2.5-D input (neighbouring slices)")
-    t.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    t.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    t.add_argument("--batch-size", type=int, default=td("batch_size"))
+    t.add_argument("--crop-size", type=int, default=td("crop_size"))
+    t.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
+                   help="2.5-D input (neighbouring slices)")
+    t.add_argument("--image-size", type=int, default=td("image_size"))
+    t.add_argument("--precision", default=td("precision"), choices=["auto", "bf16", "fp16", "fp32"])
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
-    t.add_argument("--gpu", action="store_true", help="both loops on one GPU (fp16 AMP with --precision auto)")
+    t.add_argument("--gpu", action="store_true", help="both loops on one GPU")
     d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
     d.add_argument("--data", required=True)
     d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
-    d.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    d.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    d.add_argument("--crop-size", type=int, default=128)
-    i = sub.add_parser("infer", help="seconds per volume, batched vs one slice at a time")
-    i.add_argument("--data", required=True, help="shards; the val volumes are segmented")
-    i.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
-    i.add_argument("--model", default=None, help="a trained model (default: random weights, same speed)")
-    i.add_argument("--volumes", type=int, default=10)
-    i.add_argument("--batch-size", type=int, default=16)
-    i.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    i.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    d.add_argument("--batch-size", type=int, default=td("batch_size"))
+    d.add_argument("--image-size", type=int, default=td("image_size"))
+    d.add_argument("--crop-size", type=int, default=td("crop_size"))
+    i = sub.add_parser("infer", help="seconds per study: the Predictor's forward pass vs raysegment.infer end to end")
+    i.add_argument("--data", required=True, help="shards; their val volumes become the studies")
+    i.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES,
+                   help="shipped weights of this backbone, unless --model is given")
+    i.add_argument("--model", default=None, help="any reference raysegment.infer takes")
+    i.add_argument("--volumes", type=int, default=20)
+    i.add_argument("--batch-size", type=int, default=default_of(PredictConfig, "batch_size"))
+    i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--threads", type=int, default=None)
     return p
 
@@ -224,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = bench_infer(a)
         print(json.dumps(out))
-        print(f"{out['backbone']}: {out['s_per_volume_batched']:.2f} s/volume batched, "
-              f"{out['s_per_volume_one_slice']:.2f} s/volume one slice at a time ({out['mean_slices']} slices/volume)")
+        print(f"{out['backbone']} ({out['precision']}, {out['threads']} threads, {out['studies']} studies of "
+              f"{out['mean_slices']} slices): forward {out['forward_s_per_study']:.3f} s/study | Predictor "
+              f"{out['predict_s_per_study']:.3f} | infer actor {out['infer_actor_s_per_study']:.3f} | infer "
+              f"{out['infer_s_per_study']:.3f} s/study = {out['infer_over_forward']:.2f}× forward")
     return 0
 
 

@@ -9,7 +9,6 @@ parameters first (``sample_augment``), then applies them with one deterministic,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from raysegment.config import AugmentConfig
 from raysegment.prepare import Volume
 
 TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
@@ -25,24 +25,6 @@ TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label
 def train_columns(context_slices: int) -> list[str]:
     """The shard columns ``resize_batch`` needs (``neighbours`` only for 2.5-D input)."""
     return TRAIN_COLUMNS + (["neighbours"] if context_slices else [])
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Ranges of the random augmentation. Angles in degrees, scale as a zoom factor."""
-
-    scale: tuple[float, float] = (0.85, 1.2)
-    rotation_deg: float = 20.0
-    # Left-right flips are off by default: short-axis cine comes in one orientation (RV on the
-    # image's left in ACDC), a mirrored heart does not occur, and learning it cost a from-scratch
-    # MobileNetV2 .010 val mean Dice at 24 CPU-minutes (README, Results). Data of mixed
-    # orientation: set it to 0.5.
-    flip_prob: float = 0.0
-    intensity_scale: tuple[float, float] = (0.9, 1.1)
-    intensity_shift: tuple[float, float] = (-0.1, 0.1)
-    gamma: tuple[float, float] = (0.7, 1.5)
-    noise_std: float = 0.02
-    foreground_prob: float = 0.67  # share of crops centred on a foreground pixel
 
 
 # --------------------------------------------------------------------------- resampling

@@ -16,204 +16,50 @@ where it stopped. A bad study is recorded as failed with its reason and does not
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import re
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from raysegment import CLASS_NAMES, disable_telemetry
+from raysegment.clinical import add_cine_ef, add_patient_ef, myocardial_mass_g, qc_flags, volumes_ml
+from raysegment.config import PredictConfig, default_of, torch_threads
+from raysegment.studies import StudyError, acdc_phase, atomic_write, find_studies, gt_for, read_study, save_mask, study_stem
 from raysegment.weights import sha256
-
-MYOCARDIUM_DENSITY_G_PER_ML = 1.05
-# QC bounds (mL) for a single cavity or myocardium of an adult heart; outside is implausible.
-PLAUSIBLE_ML = (2.0, 500.0)
 
 
 @dataclass(frozen=True)
 class InferConfig:
-    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint folder, or a .safetensors file
+    """One batch run. ``models`` are references ``Predictor.load`` takes (several: an ensemble)."""
+
+    models: tuple[str, ...]  # models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folders, .safetensors files
     input: str
     output: str
     tracking_uri: str | None = None
-    flip_tta: bool = False
-    batch_size: int = 16  # slices per forward pass
+    predict: PredictConfig = field(default_factory=PredictConfig)
     actors: int = 1
     cpus_per_actor: float = 1.0
-    threads: int | None = None
-    report_slices: int = 3
+    threads: int | None = None  # torch threads per actor; None: ``torch_threads`` policy
+    report_figures: int = 4  # overlay PNGs in report.md (flagged studies first); each costs more than a study
     limit: int | None = None  # process at most this many new studies (then stop)
     progress: bool = True
-
-
-# --------------------------------------------------------------------------- studies
-
-
-def find_studies(root: str | Path) -> list[Path]:
-    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: input folder does not exist")
-    files = [p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))]
-    return sorted(p for p in files if not _stem(p).endswith("_gt"))
-
-
-def _stem(path: Path) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", path.name)
-
-
-def gt_for(path: Path) -> Path | None:
-    for ext in (".nii.gz", ".nii"):
-        cand = path.with_name(_stem(path) + "_gt" + ext)
-        if cand.is_file():
-            return cand
-    return None
-
-
-def acdc_phase(path: Path) -> str | None:
-    """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, else None."""
-    m = re.match(r"^(patient\d{3})_frame(\d+)$", _stem(path))
-    info = path.parent / "Info.cfg"
-    if not m or not info.is_file():
-        return None
-    values = dict(line.split(":", 1) for line in info.read_text().splitlines() if ":" in line)
-    frame = int(m.group(2))
-    for phase in ("ED", "ES"):
-        if values.get(phase, "").strip().isdigit() and int(values[phase]) == frame:
-            return phase
-    return None
-
-
-# --------------------------------------------------------------------------- model loading
-
-
-def load_model(model: str, tracking_uri: str | None = None):
-    """(torch model, TrainConfig, model version string) from a registry URI or a local file."""
-    from raysegment.train import load_checkpoint_model
-
-    version = model_version(model, tracking_uri)
-    if model.startswith("models:/"):
-        from raysegment.registry import load_registered
-
-        net, config, _ = load_registered(model, tracking_uri)
-        return net, config, version
-    path = Path(model)
-    if path.is_dir():
-        net, config, _ = load_checkpoint_model(path)
-        return net, config, version
-    from raysegment.weights import load_weights_file
-
-    net, config = load_weights_file(path)
-    return net, config, version
-
-
-def model_version(model: str, tracking_uri: str | None = None) -> str:
-    """The version string results and the ledger key on: ``NAME/VERSION`` or ``file:NAME:HASH``."""
-    if model.startswith("models:/"):
-        from mlflow import MlflowClient
-
-        name, _, ref = model[len("models:/"):].partition("@")
-        if ref:
-            return f"{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, ref).version}"
-        return model[len("models:/"):]
-    path = Path(model)
-    weights = path / "model.pt" if path.is_dir() else path
-    if not weights.is_file() or not (path.is_dir() or path.suffix == ".safetensors"):
-        raise FileNotFoundError(f"{model}: not a models:/ URI, a checkpoint folder (model.pt + config.json) "
-                                f"or a .safetensors weights file")
-    return f"file:{path.name}:{sha256(weights)[:12]}"
 
 
 # --------------------------------------------------------------------------- one study
 
 
-class StudyError(Exception):
-    pass
-
-
-def read_study(path: Path):
-    """(nibabel image, data as (frames, z, y, x) float64, zooms (x, y, z) mm)."""
-    import nibabel as nib
-
-    if path.stat().st_size == 0:
-        raise StudyError("empty file (0 bytes)")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float64)
-    except Exception as exc:
-        raise StudyError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
-    if data.ndim == 3:
-        frames = data[None]
-    elif data.ndim == 4:
-        frames = np.moveaxis(data, 3, 0)
-    else:
-        raise StudyError(f"expected a 3-D or 4-D volume, got {data.ndim}-D shape {data.shape}")
-    if min(frames.shape[1:3]) < 8:
-        raise StudyError(f"in-plane size {frames.shape[1:3]} too small for a short-axis image")
-    if not np.all(np.isfinite(frames)):
-        raise StudyError("image holds NaN or inf intensities")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return img, np.transpose(frames, (0, 3, 2, 1)), zooms
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (so os.replace is atomic), same suffix (nibabel picks the format by it).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_mask(mask_fzyx: np.ndarray, ref_img, path: Path) -> None:
-    """Write (frames, z, y, x) labels as uint8 NIfTI on exactly ``ref_img``'s grid and affine."""
-    import nibabel as nib
-
-    data = np.transpose(mask_fzyx, (3, 2, 1, 0))  # → (x, y, z, frames)
-    if len(ref_img.shape) == 3:
-        data = data[..., 0]
-    header = ref_img.header.copy()
-    header.set_data_dtype(np.uint8)
-    out = nib.Nifti1Image(data.astype(np.uint8), ref_img.affine, header)
-    out.set_qform(ref_img.get_qform(), code=int(ref_img.header["qform_code"]))
-    out.set_sform(ref_img.get_sform(), code=int(ref_img.header["sform_code"]))
-    out.header["scl_slope"], out.header["scl_inter"] = 1.0, 0.0
-    _atomic_write_bytes(path, lambda tmp: nib.save(out, tmp))
-
-
-def volumes_ml(mask_zyx: np.ndarray, zooms_xyz) -> dict:
-    voxel_ml = float(np.prod(zooms_xyz)) / 1000.0
-    return {name: float((mask_zyx == lab).sum()) * voxel_ml for lab, name in CLASS_NAMES.items()}
-
-
-def segment_study(path: Path, model, config, model_uri: str, model_version: str, out_dir: Path,
-                  flip_tta: bool, batch_size: int) -> list[dict]:
+def segment_study(path: Path, predictor, model_uri: str, out_dir: Path) -> list[dict]:
     """Segment one study file → result rows (one per frame). Raises StudyError on bad input."""
-    import torch
-
     from raysegment.metrics import score_records
-    from raysegment.models import predict_volume
-    from raysegment.prepare import normalize_intensity
 
     img, frames, zooms = read_study(path)
-    dtype = torch.bfloat16
-    masks = np.stack([
-        predict_volume(model, normalize_intensity(f), config.image_size, batch_size=batch_size,
-                       autocast_dtype=dtype, flip_tta=flip_tta)
-        for f in frames
-    ])
-    mask_path = out_dir / "masks" / f"{_mask_name(path)}"
+    spacing_zyx = (zooms[2], zooms[1], zooms[0])
+    masks = np.stack([predictor.predict(f, spacing=spacing_zyx) for f in frames])
+    mask_path = out_dir / "masks" / mask_name(path)
     save_mask(masks, img, mask_path)
 
     gt = gt_for(path)
@@ -224,102 +70,65 @@ def segment_study(path: Path, model, config, model_uri: str, model_version: str,
             gt_frames = g.astype(np.uint8) if g.shape == frames.shape else None
         except StudyError:
             gt_frames = None
-    spacing_zyx = (zooms[2], zooms[1], zooms[0])
     rows = []
     phase = acdc_phase(path)
     for t, m in enumerate(masks):
-        counts = {f"voxels_{n}": int((m == lab).sum()) for lab, n in CLASS_NAMES.items()}
+        counts = np.bincount(m.ravel(), minlength=len(CLASS_NAMES) + 1)
         vols = volumes_ml(m, zooms)
         row = {"study": str(path), "frame": t, "phase": phase or "", "mask": str(mask_path),
-               "model_uri": model_uri, "model_version": model_version, "status": "done", "reason": "",
-               "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]), **counts,
+               "model_uri": model_uri, "model_version": predictor.version, "status": "done", "reason": "",
+               "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]),
+               **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
                **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
-               "lv_myo_mass_g": vols["myo"] * MYOCARDIUM_DENSITY_G_PER_ML}
+               "lv_myo_mass_g": myocardial_mass_g(vols["myo"])}
         if gt_frames is not None:
             for rec in score_records(m, gt_frames[t], spacing_zyx):
                 row[f"dice_{rec['class']}"] = rec["dice"]
                 row[f"hd95_{rec['class']}_mm"] = rec["hd95"]
         rows.append(row)
-    _add_ejection_fraction(rows)
+    add_cine_ef(rows)
     for row in rows:
-        row["qc_flags"] = ";".join(_qc_flags(row))
+        row["qc_flags"] = ";".join(qc_flags(row))
     return rows
 
 
-def _mask_name(path: Path) -> str:
-    # Unique per input path: a short hash of the parent keeps same-named files apart.
+def mask_name(path: Path) -> str:
+    """``<stem>_<hash of the folder>_seg.nii.gz``: unique per input path, same-named files kept apart."""
+    import hashlib
+
     tag = hashlib.sha1(str(path.parent).encode()).hexdigest()[:6]
-    return f"{_stem(path)}_{tag}_seg.nii.gz"
-
-
-def _add_ejection_fraction(rows: list[dict]) -> None:
-    """EF (%) for 4-D studies: ED = frame of largest LV volume, ES = smallest."""
-    if len(rows) < 2:
-        return
-    for name in ("lv", "rv"):
-        vols = [r[f"volume_{name}_ml"] for r in rows]
-        edv, esv = max(vols), min(vols)
-        ef = 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
-        for r in rows:
-            r[f"ef_{name}_pct"] = ef
-
-
-def add_patient_ef(table: list[dict]) -> None:
-    """EF (%) for official-layout patients whose ED and ES frames were both segmented."""
-    by_dir: dict[str, dict[str, dict]] = {}
-    for r in table:
-        if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
-            by_dir.setdefault(str(Path(r["study"]).parent), {})[r["phase"]] = r
-    for phases in by_dir.values():
-        if set(phases) == {"ED", "ES"}:
-            for name in ("lv", "rv"):
-                edv, esv = phases["ED"][f"volume_{name}_ml"], phases["ES"][f"volume_{name}_ml"]
-                ef = 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
-                phases["ED"][f"ef_{name}_pct"] = phases["ES"][f"ef_{name}_pct"] = ef
-
-
-def _qc_flags(row: dict) -> list[str]:
-    flags = []
-    for name in CLASS_NAMES.values():
-        if row[f"voxels_{name}"] == 0:
-            flags.append(f"missing_{name}")
-        elif not PLAUSIBLE_ML[0] <= row[f"volume_{name}_ml"] <= PLAUSIBLE_ML[1]:
-            flags.append(f"implausible_volume_{name}")
-    return flags
+    return f"{study_stem(path)}_{tag}_seg.nii.gz"
 
 
 # --------------------------------------------------------------------------- Ray Data actors
 
 
 class SegmentActor:
-    """Ray Data actor: loads the model once, then segments one study per call."""
+    """Ray Data actor: loads the Predictor once, then segments one study per call."""
 
     def __init__(self, config: InferConfig):
         import torch
 
-        disable_telemetry()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.config = config
-        self.model, self.train_config, self.version = load_model(config.model, config.tracking_uri)
-        if config.flip_tta:
-            from raysegment.train import check_flip_tta
+        from raysegment.predict import Predictor
 
-            check_flip_tta(self.train_config)
+        disable_telemetry()
+        torch.set_num_threads(torch_threads(config.threads, config.actors, config.cpus_per_actor))
+        self.config = config
+        self.predictor = Predictor.load(list(config.models), config.predict, config.tracking_uri)
+        self.model_uri = " + ".join(config.models)
 
     def __call__(self, batch: dict) -> dict:
         rows = []
         for path, digest in zip(batch["path"], batch["sha256"]):
             t0 = time.perf_counter()
             try:
-                study_rows = segment_study(Path(path), self.model, self.train_config, self.config.model, self.version,
-                                           Path(self.config.output), self.config.flip_tta, self.config.batch_size)
+                study_rows = segment_study(Path(path), self.predictor, self.model_uri, Path(self.config.output))
                 status, reason = "done", ""
             except Exception as exc:  # a bad study never stops the batch
                 study_rows = []
                 status = "failed"
                 reason = str(exc) if isinstance(exc, StudyError) else f"{type(exc).__name__}: {exc}"
-            rows.append({"path": path, "sha256": digest, "model_version": self.version, "status": status,
+            rows.append({"path": path, "sha256": digest, "model_version": self.predictor.version, "status": status,
                          "reason": reason, "seconds": time.perf_counter() - t0, "rows": json.dumps(study_rows)})
         return {k: np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
 
@@ -343,7 +152,7 @@ class Ledger:
                 good.append(line)
                 self.entries[(e["path"], e["sha256"], e["model_version"])] = e
             # Drop torn lines for good, so every line of the ledger stays valid JSON.
-            _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
 
     def has(self, path: str, digest: str, version: str) -> bool:
         return (path, digest, version) in self.entries
@@ -360,6 +169,21 @@ class Ledger:
 # --------------------------------------------------------------------------- the batch job
 
 
+def pinned_models(config: InferConfig) -> tuple[tuple[str, ...], str]:
+    """(references with registry aliases pinned to today's version, the version string results key on).
+
+    Pinning makes every actor load the version the ledger records, even if an alias moves mid-batch.
+    """
+    from raysegment.predict import is_registry_uri, model_version
+
+    refs, versions = [], []
+    for ref in config.models:
+        version = model_version(ref, config.tracking_uri)
+        refs.append(f"models:/{version}" if is_registry_uri(ref) else ref)
+        versions.append(version)
+    return tuple(refs), "+".join(versions)
+
+
 def run_batch(config: InferConfig) -> dict:
     """Segment every new study under ``config.input``; returns counts."""
     import ray
@@ -370,10 +194,8 @@ def run_batch(config: InferConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.jsonl")
-    version = model_version(config.model, config.tracking_uri)
-    if config.model.startswith("models:/"):
-        # Pin the alias for the whole batch: actors load the version the ledger records.
-        config = replace(config, model=f"models:/{version}")
+    refs, version = pinned_models(config)
+    config = replace(config, models=refs)
     studies = find_studies(config.input)
     todo = []
     for p in studies:
@@ -404,7 +226,9 @@ def run_batch(config: InferConfig) -> dict:
                 print(f"[raysegment] {i}/{len(todo)} {Path(entry['path']).name} {what} ({entry['seconds']:.1f}s)",
                       flush=True)
     table = write_results(ledger, out)
-    write_report(table, out, config.report_slices)
+    from raysegment.report import batch_report
+
+    batch_report(table, out, n_figures=config.report_figures)
     return {"studies": len(studies), "segmented": done, "failed": failed, "skipped": len(studies) - len(todo),
             "version": version}
 
@@ -432,65 +256,43 @@ def write_results(ledger: Ledger, out: Path) -> list[dict]:
         return rows
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("study", "frame", "status"), k))
     table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
-    _atomic_write_bytes(out / "results.parquet", lambda tmp: pq.write_table(table, tmp))
-    _atomic_write_bytes(out / "results.csv", lambda tmp: pacsv.write_csv(table, tmp))
+    atomic_write(out / "results.parquet", lambda tmp: pq.write_table(table, tmp))
+    atomic_write(out / "results.csv", lambda tmp: pacsv.write_csv(table, tmp))
     return rows
-
-
-def write_report(rows: list[dict], out: Path, n_slices: int) -> None:
-    """report.md: a table of the batch and overlay PNGs (RV red, MYO green, LV blue contours)."""
-    from raysegment.report import overlay_png
-
-    lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
-             "| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    figs = []
-    for r in rows:
-        if r.get("status") != "done":
-            lines.append(f"| {Path(r['study']).name} | - | failed: {r.get('reason', '')} | | | | | | |")
-            continue
-        dice = "/".join(f"{r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv")) if "dice_lv" in r and r["dice_lv"] is not None else ""
-        ef = r.get("ef_lv_pct")
-        lines.append(f"| {Path(r['study']).name} | {r['frame']} | done | {r['volume_rv_ml']:.1f} | {r['volume_myo_ml']:.1f} "
-                     f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
-        if r["frame"] == 0:
-            png = out / "figures" / (Path(r["mask"]).name.replace(".nii.gz", ".png"))
-            if not png.exists():
-                try:
-                    overlay_png(Path(r["study"]), Path(r["mask"]), png, n_slices)
-                except Exception as exc:  # a figure must never fail the batch
-                    print(f"[raysegment] no overlay for {r['study']}: {exc}", file=sys.stderr)
-                    continue
-            figs.append(png)
-    lines += ["", "## Overlays", ""] + [f"![{p.stem}](figures/{p.name})" for p in figs]
-    _atomic_write_bytes(out / "report.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.infer`` command line (also used to dry-run job specs)."""
+    d = lambda name: default_of(InferConfig, name)  # noqa: E731
+    pd = lambda name: default_of(PredictConfig, name)  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m raysegment.infer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder or .safetensors")
+    p.add_argument("--model", required=True, action="append", dest="models",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder, .safetensors file or "
+                        "shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--mlflow-uri", default=None, help="tracking server of the registry (default: MLflow's own default)")
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
-    p.add_argument("--actors", type=int, default=1)
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per actor")
-    p.add_argument("--limit", type=int, default=None, help="segment at most N new studies this run")
+    p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
+    p.add_argument("--precision", default=pd("precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--actors", type=int, default=d("actors"))
+    p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"))
+    p.add_argument("--threads", type=int, default=d("threads"), help="torch threads per actor (default: the cores shared among the actors)")
+    p.add_argument("--report-figures", type=int, default=d("report_figures"), help="overlay PNGs in report.md")
+    p.add_argument("--limit", type=int, default=d("limit"), help="segment at most N new studies this run")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     disable_telemetry()
-    config = InferConfig(model=a.model, input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
-                         flip_tta=a.flip_tta, actors=a.actors, cpus_per_actor=a.cpus_per_actor,
-                         threads=a.threads or max(1, (os.cpu_count() or 1) // a.actors), limit=a.limit)
+    config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
+                         predict=PredictConfig(flip_tta=a.flip_tta, batch_size=a.batch_size, precision=a.precision),
+                         actors=a.actors, cpus_per_actor=a.cpus_per_actor, threads=a.threads,
+                         report_figures=a.report_figures, limit=a.limit)
     try:
         summary = run_batch(config)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"[raysegment] done: {summary}")

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from raysegment.config import LossConfig
 
-@dataclass(frozen=True)
-class LossConfig:
-    """Loss = ce_weight · CE(class_weights) + dice_weight · Σ_c w_c·(1 − softDice_c) / Σ_c w_c.
-
-    ``class_weights`` are (RV, MYO, LV); background has weight 1 in the CE and no Dice term.
-    """
-
-    ce_weight: float = 1.0
-    dice_weight: float = 1.0
-    class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    smooth: float = 1e-5
+__all__ = ["LossConfig", "segmentation_loss", "soft_dice_per_class"]
 
 
 def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:

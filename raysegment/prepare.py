@@ -31,6 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raysegment.config import DEFAULT_PERCENTILES
+from raysegment.studies import nifti_to_zyx, parse_info_cfg
+
 FORMAT_VERSION = 2  # 2: adds the neighbours column
 PHASES = ("ED", "ES")
 SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]
@@ -95,14 +98,14 @@ class PrepareConfig:
 # --------------------------------------------------------------------------- normalisation
 
 
-def normalize_intensity(image: np.ndarray) -> np.ndarray:
+def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
     """Scale-free intensity normalisation of one volume to roughly [0, 1].
 
-    Clips to the 0.5th/99.5th percentiles and maps them to 0/1, so an int16 export with an
-    arbitrary range and a float file in [0, 1] of the same scan give the same values.
+    Clips to the given percentiles (default 0.5th/99.5th) and maps them to 0/1, so an int16
+    export with an arbitrary range and a float file in [0, 1] of the same scan give the same values.
     """
     x = image.astype(np.float64)
-    lo, hi = np.percentile(x, [0.5, 99.5])
+    lo, hi = np.percentile(x, list(percentiles))
     if hi <= lo:
         return np.zeros(x.shape, np.float32)
     return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
@@ -189,11 +192,7 @@ def find_patient_dirs(source: Path) -> list[Path]:
 def read_info_cfg(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PrepareError(f"{path}: missing Info.cfg (needed for the ED/ES frame numbers)")
-    info: dict[str, str] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        if ":" in line:
-            key, value = line.split(":", 1)
-            info[key.strip()] = value.strip()
+    info = parse_info_cfg(path)
     for key in ("ED", "ES"):
         if not info.get(key, "").isdigit():
             raise PrepareError(f"{path}: no integer '{key}:' line")
@@ -212,11 +211,6 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     except Exception as exc:  # corrupt gzip, truncated file, not NIfTI at all
         raise PrepareError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
     return data, zooms
-
-
-def nifti_to_zyx(data: np.ndarray) -> np.ndarray:
-    """nibabel's (x, y, z) voxel order → SimpleITK's (z, y, x)."""
-    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
 
 
 def read_nifti_patient(patient_dir: Path) -> list[Volume]:

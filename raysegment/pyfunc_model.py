@@ -3,7 +3,10 @@
 MLflow loads this file, and the model rebuilds itself from the logged artifact folder
 ``checkpoint/`` (``model.pt`` state dict read with ``weights_only=True``, ``config.json``).
 ``predict`` takes one image volume (z, H, W) or slice (H, W), any intensity scale, and returns
-a uint8 label mask of the same shape (0 bg, 1 RV, 2 MYO, 3 LV).
+a uint8 label mask of the same shape (0 bg, 1 RV, 2 MYO, 3 LV). It is the same ``Predictor``
+that ``raysegment.infer`` and ``report`` use (default ``PredictConfig``), so it gives the same
+masks; pass ``params={"spacing_mm": [z, y, x]}`` when the spacing is known (as infer knows it
+from the NIfTI header), else the RV contact distance is in pixels.
 """
 
 from __future__ import annotations
@@ -15,14 +18,12 @@ from mlflow.models import set_model
 
 class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        from raysegment.train import load_checkpoint_model
+        from raysegment.checkpoint import load_checkpoint
+        from raysegment.predict import Predictor
 
-        self.model, self.config, _ = load_checkpoint_model(context.artifacts["checkpoint"])
+        self.predictor = Predictor(load_checkpoint(context.artifacts["checkpoint"]))
 
     def predict(self, context, model_input, params=None):
-        from raysegment.models import predict_volume
-        from raysegment.prepare import normalize_intensity
-
         if isinstance(model_input, dict):  # a named-tensor signature hands over {name: array}
             (model_input,) = model_input.values()
         image = np.asarray(model_input, dtype=np.float32)
@@ -31,7 +32,10 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
             image = image[None]
         if image.ndim != 3:
             raise ValueError(f"expected a (z, H, W) volume or an (H, W) slice, got shape {image.shape}")
-        mask = predict_volume(self.model, normalize_intensity(image), self.config.image_size)
+        spacing = (params or {}).get("spacing_mm") or None
+        if spacing is not None and len(spacing) != 3:
+            raise ValueError(f"spacing_mm must be (z, y, x) in mm, got {spacing}")
+        mask = self.predictor.predict(image, spacing=spacing)
         return mask[0] if squeeze else mask
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from raysegment import disable_telemetry
+from raysegment.checkpoint import LoadedModel, load_checkpoint
 
 CHAMPION = "champion"
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
@@ -53,11 +54,13 @@ class Registration:
 
 def _signature():
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        # (z, y, x) mm of the volume, when known: the RV contact distance is then in mm, as in infer.
+        params=ParamSchema([ParamSpec("spacing_mm", "double", [], (-1,))]),
     )
 
 
@@ -157,14 +160,12 @@ def download_checkpoint(model_uri: str, tracking_uri: str | None, dst: str | Pat
     return Path(local)
 
 
-def load_registered(model_uri: str, tracking_uri: str | None = None, device: str = "cpu"):
-    """(model, TrainConfig, version info) of a registry URI such as ``models:/raysegment-x@champion``."""
-    from raysegment.train import load_checkpoint_model
-
+def load_registered(model_uri: str, tracking_uri: str | None = None, device: str = "cpu",
+                    version: str | None = None) -> LoadedModel:
+    """The model of a registry URI such as ``models:/raysegment-x@champion``."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = download_checkpoint(model_uri, tracking_uri, tmp)
-        model, config, state = load_checkpoint_model(folder, device)
-    return model, config, state
+        return load_checkpoint(folder, device, version=version or model_uri[len("models:/"):])
 
 
 def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: bool = False) -> Registration:

@@ -1,12 +1,18 @@
-"""Figures: segmentation overlays and learning curves (PNG, matplotlib, headless)."""
+"""Reports: Dice tables of a model on the shards, the batch job's report.md, and figures
+(segmentation overlays, learning curves; PNG, matplotlib, headless)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+
+from raysegment.config import PredictConfig
+from raysegment.studies import atomic_write
 
 COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8"}  # RV red, MYO green, LV blue
 
@@ -47,16 +53,12 @@ def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_sli
 
 def overlay_png(study: Path, mask: Path, out: Path, n_slices: int = 3) -> Path:
     """Overlay of a study's first frame and its mask NIfTI."""
-    import nibabel as nib
-
     from raysegment.prepare import normalize_intensity
+    from raysegment.studies import read_study
 
-    img = np.asarray(nib.load(str(study)).dataobj, dtype=np.float64)
-    seg = np.asarray(nib.load(str(mask)).dataobj)
-    if img.ndim == 4:
-        img, seg = img[..., 0], seg[..., 0]
-    image_zyx = normalize_intensity(np.transpose(img, (2, 1, 0)))
-    return overlay_slices(image_zyx, np.transpose(seg, (2, 1, 0)), out, n_slices, title=study.name)
+    _, frames, _ = read_study(study)
+    _, seg, _ = read_study(mask)
+    return overlay_slices(normalize_intensity(frames[0]), seg[0].astype(np.uint8), out, n_slices, title=study.name)
 
 
 def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
@@ -81,26 +83,24 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
     return out
 
 
-def evaluate(model_ref: str, shards: str | Path, splits=("train", "val"), tracking_uri: str | None = None,
-             flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
-    """Per-volume records (Dice, HD95, ASSD per class) of a model on the shards' splits."""
-    import torch
+def predict_volumes(predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:
+    """(volume, predicted labels) for shard volumes (already normalised; spacing when they carry it)."""
+    for v in volumes:
+        yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
 
-    from raysegment.infer import load_model
+
+def evaluate(model_ref: str | list[str], shards: str | Path, splits=("train", "val"), tracking_uri: str | None = None,
+             flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
+    """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
     from raysegment.dataset import load_volumes
     from raysegment.metrics import score_records
-    from raysegment.models import predict_volume
+    from raysegment.predict import Predictor
 
-    model, config, _ = load_model(model_ref, tracking_uri)
-    if flip_tta:
-        from raysegment.train import check_flip_tta
-
-        check_flip_tta(config)
+    predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),
+                               tracking_uri)
     records = []
     for split in splits:
-        for v in load_volumes(shards, split):
-            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16, flip_tta=flip_tta,
-                                  largest_component=largest_component)
+        for v, pred in predict_volumes(predictor, load_volumes(shards, split)):
             records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
     return records
 
@@ -115,11 +115,8 @@ def model_history(model_ref: str) -> list[dict]:
 def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None) -> list[Path]:
     """learning_curves.png over ``models`` (name → checkpoint/weights) and, per model, an overlay of
     one val patient's ED and ES volumes (prediction solid, ground truth dashed)."""
-    import torch
-
     from raysegment.dataset import load_volumes
-    from raysegment.infer import load_model
-    from raysegment.models import predict_volume
+    from raysegment.predict import Predictor
 
     written = []
     histories = {name: h for name, ref in models.items() if (h := model_history(ref))}
@@ -128,9 +125,8 @@ def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str 
     volumes = load_volumes(shards, "val")
     patient = patient or volumes[0].patient
     for name, ref in models.items():
-        model, config, _ = load_model(ref)
-        for v in (v for v in volumes if v.patient == patient):
-            pred = predict_volume(model, v.image, config.image_size, autocast_dtype=torch.bfloat16)
+        predictor = Predictor.load(ref)
+        for v, pred in predict_volumes(predictor, (v for v in volumes if v.patient == patient)):
             written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
                                           title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
                                           gt_zyx=v.label))
@@ -155,12 +151,55 @@ def dice_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text) -> str:
+    """A markdown table cell: one line, no column breaks."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def batch_report(rows: list[dict], out: Path, n_figures: int, n_slices: int = 3) -> Path:
+    """``out/report.md`` for a batch: a table of every study frame and overlay PNGs (RV red, MYO green,
+    LV blue contours) of at most ``n_figures`` studies (the first ones in the table, and every
+    study with a QC flag among them first), made once and kept."""
+    lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
+             "| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    firsts = []
+    for r in rows:
+        if r.get("status") != "done":
+            lines.append(f"| {_cell(Path(r['study']).name)} | - | failed: {_cell(r.get('reason', ''))} | | | | | | |")
+            continue
+        dice = "/".join(f"{r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv")) if r.get("dice_lv") is not None else ""
+        ef = r.get("ef_lv_pct")
+        lines.append(f"| {_cell(Path(r['study']).name)} | {r['frame']} | done | {r['volume_rv_ml']:.1f} | {r['volume_myo_ml']:.1f} "
+                     f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
+        if r["frame"] == 0:
+            firsts.append(r)
+    # Figures cost more than segmenting a study: draw a few, flagged studies first.
+    firsts.sort(key=lambda r: not r.get("qc_flags"))
+    figs = []
+    for r in firsts[:n_figures]:
+        png = out / "figures" / (Path(r["mask"]).name.replace(".nii.gz", ".png"))
+        if not png.exists():
+            try:
+                overlay_png(Path(r["study"]), Path(r["mask"]), png, n_slices)
+            except Exception as exc:  # a figure must never fail the batch
+                print(f"[raysegment] no overlay for {r['study']}: {exc}", file=sys.stderr)
+                continue
+        figs.append(png)
+    lines += ["", f"## Overlays ({len(figs)} of {len(firsts)} studies)", ""]
+    lines += [f"![{p.stem}](figures/{p.name})" for p in figs]
+    path = out / "report.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.report")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
-    ev.add_argument("--model", required=True, help="checkpoint folder, .safetensors file or models:/ URI")
+    ev.add_argument("--model", required=True, action="append",
+                    help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
     ev.add_argument("--data", required=True)
     ev.add_argument("--splits", nargs="+", default=["train", "val"])
     ev.add_argument("--mlflow-uri", default=None)
@@ -191,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     try:
-        records = evaluate(a.model, a.data, a.splits, a.mlflow_uri, a.flip_tta, not a.no_largest_component)
-    except ValueError as exc:  # e.g. --flip-tta on a model trained without flips
+        records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
+                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component)
+    except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = dice_table(records)

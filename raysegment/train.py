@@ -17,131 +17,64 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
 from raysegment import disable_telemetry
-from raysegment.dataset import AugmentConfig, apply_augment, load_volumes, read_split, sample_augment
-from raysegment.losses import LossConfig, segmentation_loss
+from raysegment.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
+from raysegment.config import (AugmentConfig, LossConfig, ModelConfig, PredictConfig, Precision, TrainConfig, default_of,
+                               torch_threads)
+from raysegment.dataset import apply_augment, load_volumes, read_split, sample_augment
+from raysegment.losses import segmentation_loss
 from raysegment.metrics import dice_summary, score_records
-from raysegment.models import ModelConfig, build_model, predict_volume
+from raysegment.models import BACKBONES, build_model
+from raysegment.predict import Predictor, resolve_precision
 
-Precision = Literal["auto", "bf16", "fp32"]
-DEFAULT_IMAGE_SIZE = 256  # pixels; 256 beat 224 in equal CPU time (README, Results)
-DEFAULT_BATCH_SIZE = 8  # slices per worker step; MobileNetV2 from scratch: 8 beat 16 in equal CPU time (README)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs; it travels (as JSON) with every checkpoint and registered model."""
-
-    data: str
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 20  # with time_budget_min: the most epochs
-    # Wall minutes for training + validation; after each epoch the LR schedule is re-planned to
-    # the number of epochs that fit, so the run ends annealed inside the budget.
-    time_budget_min: float | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    image_size: int = DEFAULT_IMAGE_SIZE  # pixels, the square grid every slice is resampled to
-    crop_size: int = 128  # pixels, the training crop (heart-centred with foreground_prob)
-    precision: Precision = "auto"  # auto: bf16 autocast on CPU, fp16 AMP on GPU
-    weights: Literal["imagenet"] | None = None  # encoder init
-    init_weights: str | None = None  # .safetensors file or checkpoint folder to start from (fine-tuning)
-    seed: int = 0
-    threads_per_worker: int | None = None  # torch threads; None: the CPUs Ray gave the worker
-    max_steps_per_epoch: int | None = None  # cap for smoke tests and benchmarks
-    # Slices held in each worker's shuffle buffer (on top of a per-epoch random block order):
-    # shards are stored volume by volume, and batches from one volume train far worse.
-    shuffle_buffer_slices: int = 256
-    val_patients: tuple[str, ...] | None = None  # None: every val patient
-    manifest_hash: str = ""
-    # Test hooks: raise once at this epoch (marker file makes it once), write per-rank audits.
-    fail_at_epoch: int | None = None
-    fail_marker: str | None = None
-    audit_dir: str | None = None
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        if isinstance(d.get("model"), dict) and "context_slices" not in d["model"]:
-            d["model"] = {**d["model"], "context_slices": 0}  # saved before 2.5-D input existed: 2-D
-        nested = {"model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig}
-        for key, typ in nested.items():
-            if key in d and isinstance(d[key], dict):
-                d[key] = _from_plain(typ, d[key])
-        if d.get("val_patients") is not None:
-            d["val_patients"] = tuple(d["val_patients"])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _from_plain(typ, d: dict):
-    # JSON turns tuples into lists; frozen configs want tuples back.
-    return typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def check_flip_tta(config: TrainConfig) -> None:
-    """Flip test-time augmentation averages in the mirrored image's prediction; a model trained
-    without flips has never seen a mirrored heart, so refuse it."""
-    if config.augment.flip_prob == 0:
-        raise ValueError("flip TTA needs a model trained with left-right flips; this one was trained with "
-                         "augment.flip_prob=0 (train with --flip-prob 0.5 to use --flip-tta)")
+__all__ = ["RunSpec", "TrainConfig", "make_trainer", "train", "train_step", "validate"]
+SCALER_FILE = "scaler.pt"
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.bfloat16
+    """The autocast dtype of a training step (None: fp32); ``auto`` as ``resolve_precision``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(precision, device)]
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-MODEL_FILE, OPTIM_FILE, CONFIG_FILE, STATE_FILE = "model.pt", "optimizer.pt", "config.json", "state.json"
+# --------------------------------------------------------------------------- one step, one validation
 
 
-def save_checkpoint(folder: Path, model, optimizer, config: TrainConfig, state: dict) -> None:
-    torch.save(model.state_dict(), folder / MODEL_FILE)
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), folder / OPTIM_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-
-def load_checkpoint_model(folder: str | Path, device: str = "cpu"):
-    """Rebuild the model of a checkpoint folder from its own config → (model, config, state)."""
-    folder = Path(folder)
-    config = TrainConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    model = build_model(config.model)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=device, weights_only=True))
-    from raysegment.weights import saved_state
-
-    return model.to(device).eval(), config, saved_state(folder)
-
-
-# --------------------------------------------------------------------------- validation
+def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+               generator: torch.Generator, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimisation step on a batch of (N, [C,] S, S) images and (N, S, S) labels: sample and
+    apply the augmentation, forward under autocast, loss, backward, step. Returns the loss (on
+    the device; reading it syncs). ``raysegment.bench`` times exactly this function."""
+    params = sample_augment(labels, config.augment, config.crop_size, generator)
+    x, y = apply_augment(images.to(device), labels.to(device), params, config.crop_size)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    loss = segmentation_loss(logits, y, config.loss)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[dict]]:
-    """3-D per-volume Dice on whole val volumes → (summary, per-volume records)."""
+    """3-D per-volume Dice on whole val volumes → (summary, per-volume records), through the
+    same ``Predictor`` that serves the model (in the run's precision)."""
+    from raysegment.checkpoint import LoadedModel
+
+    was_training = model.training
+    predictor = Predictor(LoadedModel(model, config, "training"),
+                          PredictConfig(device=str(device), precision=config.precision))
     records = []
-    dtype = autocast_dtype(config.precision, device)
     for v in volumes:
-        pred = predict_volume(model, v.image, config.image_size, device=device, autocast_dtype=dtype)
+        pred = predictor.predict(v.image, spacing=v.spacing, normalized=True)
         records += score_records(pred, v.label, v.spacing, distances=False, patient=v.patient, phase=v.phase)
+    model.train(was_training)
     return dice_summary(records), records
 
 
@@ -167,11 +100,123 @@ def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> i
     return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray
-    import ray.data
+@dataclass
+class _Run:
+    """What a worker carries from epoch to epoch."""
+
+    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    core: torch.nn.Module  # the bare U-Net
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    start_epoch: int = 0
+    history: list = None
+    elapsed_before: float = 0.0  # seconds of earlier attempts (a resumed run keeps its clock)
+
+
+def _restore(config: TrainConfig, rank: int) -> _Run:
+    """Build model, optimizer and scaler, from the last checkpoint when Ray hands one over.
+
+    Weights load before ``prepare_model`` moves the model to its device, optimizer and scaler
+    state after, so Adam's moments land on the parameters' device.
+    """
     import ray.train
     import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    model = build_model(config.model, weights=config.weights)
+    if config.init_weights:
+        from raysegment.weights import init_state_dict
+
+        model.load_state_dict(init_state_dict(config.init_weights, config.model))
+    checkpoint, saved = ray.train.get_checkpoint(), None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            d = Path(d)
+            model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+            saved = {"optimizer": torch.load(d / OPTIM_FILE, map_location="cpu", weights_only=True),
+                     "scaler": torch.load(d / SCALER_FILE, weights_only=True) if (d / SCALER_FILE).exists() else None,
+                     "state": json.loads((d / STATE_FILE).read_text())}
+    model = ray.train.torch.prepare_model(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    run = _Run(model, core, optimizer, scaler, device, dtype, history=[])
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])  # casts the moments to each parameter's device
+        if saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        run.start_epoch, run.history = state["epoch"] + 1, state.get("history", [])
+        run.elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
+        if rank == 0:
+            print(f"[raysegment] resumed from checkpoint at epoch {state['epoch']}", flush=True)
+    return run
+
+
+def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs: int, steps_est: int,
+                 rank: int) -> dict:
+    """One pass over this worker's share of the train split → epoch metrics (and the slices seen)."""
+    # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
+    epoch_seed = config.seed * 100_003 + epoch * 101 + rank
+    gen = torch.Generator().manual_seed(epoch_seed)
+    run.model.train()
+    t0, seen, losses, step = time.perf_counter(), [], [], 0
+    batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                 local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
+                                 local_shuffle_seed=epoch_seed)
+    # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
+    join = run.model.join() if hasattr(run.model, "join") else _nullcontext()
+    data_wait, batch_iter = 0.0, iter(batches)
+    with join:
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batch_iter, None)
+            data_wait += time.perf_counter() - t_wait
+            if batch is None or (config.max_steps_per_epoch and step >= config.max_steps_per_epoch):
+                break
+            if config.audit_dir:
+                seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
+            for g in run.optimizer.param_groups:
+                g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs)
+            loss = train_step(run.model, run.optimizer, run.scaler, torch.from_numpy(batch["image"]),
+                              torch.from_numpy(batch["label"]), config, gen, run.device, run.dtype)
+            losses.append(float(loss))
+            step += 1
+    return {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
+            "train_seconds": time.perf_counter() - t0, "data_wait_seconds": data_wait, "_seen": seen}
+
+
+def _audit(run: _Run, config: TrainConfig, epoch: int, rank: int, seen: list[str]) -> None:
+    import ray
+
+    audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
+             "weights_sum": float(sum(p.double().sum() for p in run.core.parameters()))}
+    Path(config.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
+
+
+def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train keeps metrics only with a checkpoint)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), run.core, run.optimizer, config,
+                            {"epoch": metrics["epoch"], "metrics": metrics, "history": run.history})
+            if run.scaler.is_enabled():
+                torch.save(run.scaler.state_dict(), Path(tmp) / SCALER_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Restore, then per epoch: train, validate (rank 0), checkpoint and report."""
+    import ray.data
+    import ray.train
     import torch.distributed as dist
 
     config = TrainConfig.from_dict(loop_config)
@@ -182,92 +227,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if config.threads_per_worker:
         torch.set_num_threads(config.threads_per_worker)
     torch.manual_seed(config.seed)
-    device = ray.train.torch.get_device()
-
-    model = build_model(config.model, weights=config.weights)
-    if config.init_weights:
-        from raysegment.weights import init_state_dict
-
-        model.load_state_dict(init_state_dict(config.init_weights, config.model))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start_epoch, history, elapsed_before = 0, [], 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True))
-            optimizer.load_state_dict(torch.load(Path(d) / OPTIM_FILE, map_location="cpu", weights_only=True))
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-        start_epoch, history = state["epoch"] + 1, state.get("history", [])
-        elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
-        if rank == 0:
-            print(f"[raysegment] resumed from checkpoint at epoch {state['epoch']}", flush=True)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    dtype = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
-
+    run = _restore(config, rank)
     volumes = load_volumes(config.data, "val", list(config.val_patients) if config.val_patients else None) if rank == 0 else []
     shard = ray.train.get_dataset_shard("train")
-    n_train = int(loop_config.get("_n_train", 1000))
-    steps_est = max(1, math.ceil(n_train / world / config.batch_size))
+    steps_est = max(1, math.ceil(int(loop_config.get("_n_train", 1000)) / world / config.batch_size))
     if config.max_steps_per_epoch:
         steps_est = min(steps_est, config.max_steps_per_epoch)
 
-    t_start = time.perf_counter() - elapsed_before  # a resumed run keeps its clock (time budget)
-    total_epochs = planned_epochs(config, start_epoch, elapsed_before)
-    for epoch in range(start_epoch, config.epochs):
+    t_start = time.perf_counter() - run.elapsed_before
+    total_epochs = planned_epochs(config, run.start_epoch, run.elapsed_before)
+    for epoch in range(run.start_epoch, config.epochs):
         if epoch >= total_epochs:
             break
         if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
             Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
             raise RuntimeError(f"injected fault at epoch {epoch}")
-        # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
-        epoch_seed = config.seed * 100_003 + epoch * 101 + rank
-        gen = torch.Generator().manual_seed(epoch_seed)
-        model.train()
-        t0, seen, losses, step = time.perf_counter(), [], [], 0
-        batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
-                                     local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
-                                     local_shuffle_seed=epoch_seed)
-        # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
-        join = model.join() if hasattr(model, "join") else _nullcontext()
-        data_wait, batch_iter = 0.0, iter(batches)
-        with join:
-            while True:
-                t_wait = time.perf_counter()
-                batch = next(batch_iter, None)
-                data_wait += time.perf_counter() - t_wait
-                if batch is None or (config.max_steps_per_epoch and step >= config.max_steps_per_epoch):
-                    break
-                if config.audit_dir:
-                    seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
-                for g in optimizer.param_groups:
-                    g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs)
-                images, labels = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
-                params = sample_augment(labels, config.augment, config.crop_size, gen)
-                x, y = apply_augment(images.to(device), labels.to(device), params, config.crop_size)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    logits = model(x)
-                loss = segmentation_loss(logits, y, config.loss)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                step += 1
-        train_time = time.perf_counter() - t0
-
+        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank)
+        seen = metrics.pop("_seen")
         if config.audit_dir:
-            audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
-                     "weights_sum": float(sum(p.double().sum() for p in core.parameters()))}
-            Path(config.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
-
-        metrics = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                   "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
-                   "train_seconds": train_time, "data_wait_seconds": data_wait}
+            _audit(run, config, epoch, rank, seen)
         if rank == 0:
-            val, _ = validate(core, volumes, config, device)
-            metrics.update(val)
+            metrics.update(validate(run.core, volumes, config, run.device)[0])
             # Rank 0's clock decides, and the broadcast below gives every rank the same plan.
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["planned_epochs"] = planned_epochs(config, epoch + 1, metrics["elapsed_s"])
@@ -275,19 +255,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = {**box[0], "loss": metrics["loss"]}
-        history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")})
+        run.history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")})
         total_epochs = metrics["planned_epochs"]
         if rank == 0:
             budget = f", {metrics['elapsed_s'] / 60:.1f}/{config.time_budget_min:g} min" if config.time_budget_min else ""
             print(f"[raysegment] epoch {epoch + 1}/{total_epochs} loss {metrics['loss']:.4f} "
                   f"dice rv {metrics['dice_rv']:.3f} myo {metrics['dice_myo']:.3f} lv {metrics['dice_lv']:.3f} "
-                  f"mean {metrics['dice_mean']:.3f} ({train_time:.0f}s train{budget})", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(Path(tmp), core, optimizer, config, {"epoch": epoch, "metrics": metrics, "history": history})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+                  f"mean {metrics['dice_mean']:.3f} ({metrics['train_seconds']:.0f}s train{budget})", flush=True)
+        _report(run, config, metrics, rank)
 
 
 class _nullcontext:
@@ -431,50 +406,62 @@ def train(config: TrainConfig, spec: RunSpec):
     return make_trainer(config, spec).fit()
 
 
+def _td(name: str):
+    return default_of(TrainConfig, name)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options ``train`` and ``tune`` share: the recipe and where the run goes; defaults from the configs."""
+    p.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
+    p.add_argument("--workers", type=int, default=default_of(RunSpec, "num_workers"), help="Ray Train workers (per trial)")
+    p.add_argument("--cpus-per-worker", type=float, default=default_of(RunSpec, "cpus_per_worker"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: this node's cores shared among the workers)")
+    p.add_argument("--batch-size", type=int, default=_td("batch_size"), help="slices per worker step")
+    p.add_argument("--crop-size", type=int, default=_td("crop_size"), help="training crop, pixels")
+    p.add_argument("--flip-prob", type=float, default=default_of(AugmentConfig, "flip_prob"),
+                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
+    p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
+    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
+                   help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
+    p.add_argument("--seed", type=int, default=_td("seed"))
+    p.add_argument("--storage", default=default_of(RunSpec, "storage_path"),
+                   help="shared storage for checkpoints (local dir or URI)")
+    p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.train`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    add_run_arguments(p)
     p.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=20, help="epochs (with --minutes: the most epochs)")
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--epochs", type=int, default=_td("epochs"), help="epochs (with --minutes: the most epochs)")
+    p.add_argument("--minutes", type=float, default=_td("time_budget_min"),
                    help="wall-time budget for training + validation; the LR schedule is fitted to the epochs that fit")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, AMP")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--decoder-width", type=int, default=32)
-    p.add_argument("--context-slices", type=int, default=0, choices=[0, 1],
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--lr", type=float, default=_td("lr"))
+    p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"))
+    p.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
                    help="neighbouring slices per side as extra input channels (1 = 2.5-D: slices k-1, k, k+1)")
-    p.add_argument("--ce-weight", type=float, default=1.0)
-    p.add_argument("--dice-weight", type=float, default=1.0)
-    p.add_argument("--class-weights", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("RV", "MYO", "LV"))
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--crop-size", type=int, default=128)
-    p.add_argument("--flip-prob", type=float, default=AugmentConfig.flip_prob,
-                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--weights", default=None, choices=["imagenet"], help="encoder init (default: random)")
-    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
-                   help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--storage", default="./runs", help="shared storage path for checkpoints (local dir or URI)")
-    p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")
-    p.add_argument("--max-failures", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default: this machine's cores / workers)")
-    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+    loss = LossConfig()
+    p.add_argument("--ce-weight", type=float, default=loss.ce_weight)
+    p.add_argument("--dice-weight", type=float, default=loss.dice_weight)
+    p.add_argument("--class-weights", type=float, nargs=3, default=loss.class_weights, metavar=("RV", "MYO", "LV"))
+    p.add_argument("--image-size", type=int, default=_td("image_size"), help="square network grid, pixels")
+    p.add_argument("--weights", default=_td("weights"), choices=["imagenet"], help="encoder init (default: random)")
+    p.add_argument("--max-failures", type=int, default=default_of(RunSpec, "max_failures"))
+    p.add_argument("--placement", default=default_of(RunSpec, "placement"),
+                   choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one worker per node)")
     p.add_argument("--audit-dir", default=None,
                    help="debug: write, per epoch and rank, the slices seen, the node and a weights checksum (JSON)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     config = TrainConfig(
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
@@ -482,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         augment=AugmentConfig(flip_prob=a.flip_prob),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
-        threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // a.workers),
+        threads_per_worker=torch_threads(a.threads, a.workers, a.cpus_per_worker),
         audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,
     )
     spec = RunSpec(num_workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,

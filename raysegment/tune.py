@@ -15,17 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from raysegment import disable_telemetry
-from raysegment.dataset import AugmentConfig
-from raysegment.losses import LossConfig
-from raysegment.models import ModelConfig
-from raysegment.train import DEFAULT_BATCH_SIZE, DEFAULT_IMAGE_SIZE, RunSpec, TrainConfig, ensure_ray, make_trainer, resolve_init_weights
+from raysegment.config import AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of, torch_threads
+from raysegment.train import RunSpec, add_run_arguments, ensure_ray, make_trainer, resolve_init_weights
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
@@ -271,35 +268,24 @@ def default_sample_shards(out: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.tune`` command line (also used to dry-run job specs)."""
+    d = lambda name: default_of(TuneSpec, name)  # noqa: E731
     p = argparse.ArgumentParser(prog="python -m raysegment.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backbone", default="mobilenet_v2", choices=["densenet121", "mobilenet_v2"])
+    add_run_arguments(p)
     p.add_argument("--data", default=None, help="shards from raysegment.prepare (default: the bundled sample)")
-    p.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"))
+    p.add_argument("--num-samples", type=int, default=d("num_samples"))
     p.add_argument("--epochs", type=int, default=3, help="the most epochs per trial (ASHA stops weak trials early)")
-    p.add_argument("--concurrency", type=int, default=1, help="trials at once")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--concurrency", type=int, default=d("concurrency"), help="trials at once")
     p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--image-size", type=int, default=None, help=f"pixels (default: {DEFAULT_IMAGE_SIZE}, or that of --init-weights)")
-    p.add_argument("--crop-size", type=int, default=128)
-    p.add_argument("--flip-prob", type=float, default=AugmentConfig.flip_prob,
-                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"pixels (default: {default_of(TrainConfig, 'image_size')}, or that of --init-weights)")
     p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
                    help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
     p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--grace-period", type=int, default=1)
+    p.add_argument("--grace-period", type=int, default=d("grace_period"))
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
-    p.add_argument("--storage", default="./runs", help="shared storage for trials and checkpoints")
-    p.add_argument("--name", default=None, help="experiment name; an existing one is resumed")
-    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
-                   help="every trial starts from these weights ('shipped': the bundled ones); pins decoder_width")
     p.add_argument("--no-register", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--address", default=None)
     return p
 
 
@@ -309,9 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     fixed = _parse_fixed(a.fixed)
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
-    workers_total = a.workers * a.concurrency
     init = resolve_init_weights(a.init_weights, a.backbone)
-    image_size = a.image_size or DEFAULT_IMAGE_SIZE
+    image_size = a.image_size or default_of(TrainConfig, "image_size")
     context = a.context_slices or 0
     if init:
         from raysegment.weights import saved_config
@@ -327,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"--set decoder_width={fixed['decoder_width']} cannot load it")
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
-        augment=AugmentConfig(flip_prob=a.flip_prob),
+        augment=AugmentConfig(flip_prob=a.flip_prob), precision=a.precision,
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
         max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
-        threads_per_worker=a.threads or max(1, (os.cpu_count() or 1) // workers_total),
+        threads_per_worker=torch_threads(a.threads, a.workers * a.concurrency, a.cpus_per_worker),
     )
     name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
     spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=bool(a.gpus_per_worker),

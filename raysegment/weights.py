@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+from raysegment.checkpoint import (CONFIG_FILE, STATE_FILE, LoadedModel, read_config, read_state, read_state_dict,
+                                   save_checkpoint)
+from raysegment.config import TrainConfig
+
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
 
@@ -28,13 +32,11 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def saved_config(path: str | Path):
+def saved_config(path: str | Path) -> TrainConfig:
     """The TrainConfig stored with a weights file or a checkpoint folder."""
-    from raysegment.train import TrainConfig
-
     path = Path(path)
     if path.is_dir():
-        return TrainConfig.from_dict(json.loads((path / "config.json").read_text()))
+        return read_config(path)
     meta = _metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path}: no raysegment config in the file's metadata")
@@ -45,8 +47,7 @@ def saved_state(path: str | Path) -> dict:
     """The training state (epoch, metrics, history) stored with a weights file or checkpoint folder; {} if none."""
     path = Path(path)
     if path.is_dir():
-        state_file = path / "state.json"
-        return json.loads(state_file.read_text()) if state_file.exists() else {}
+        return read_state(path)
     state = _metadata(path).get("state")
     return json.loads(state) if state else {}
 
@@ -56,7 +57,7 @@ def init_state_dict(path: str | Path, model_config) -> dict:
     path = Path(path)
     saved = saved_config(path).model
     if path.is_dir():
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
     else:
         from safetensors.torch import load_file
 
@@ -76,11 +77,11 @@ def widen_context(state: dict, saved, wanted) -> dict:
     The input conv's kernels for the added outer neighbours are zero, so the widened model
     computes exactly what the saved one does; fine-tuning then learns to use the neighbours.
     """
-    from raysegment.models import MODELS_FIRST_CONV
+    from raysegment.models import first_conv_key
 
     if wanted.context_slices < saved.context_slices:
         raise ValueError(f"cannot narrow context_slices {saved.context_slices} → {wanted.context_slices}")
-    key = f"encoder.{MODELS_FIRST_CONV[wanted.backbone]}.weight"
+    key = first_conv_key(wanted.backbone)
     pad = wanted.context_slices - saved.context_slices
     state = dict(state)
     state[key] = torch.nn.functional.pad(state[key], (0, 0, 0, 0, pad, pad))
@@ -92,40 +93,37 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
     from safetensors.torch import save_file
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
-    state = torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True)
+    state = read_state_dict(checkpoint_dir)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    meta = {"config": (checkpoint_dir / "config.json").read_text(), "format": "raysegment-weights-1"}
-    if (checkpoint_dir / "state.json").exists():
-        meta["state"] = (checkpoint_dir / "state.json").read_text()
+    meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1"}
+    if (checkpoint_dir / STATE_FILE).exists():
+        meta["state"] = (checkpoint_dir / STATE_FILE).read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=meta)
     return out
 
 
-def load_weights_file(path: str | Path, device: str = "cpu"):
-    """(model in eval mode, TrainConfig) from a .safetensors file written by ``export_weights``."""
+def load_weights_file(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """The model (eval mode) of a .safetensors file written by ``export_weights``."""
     from safetensors.torch import load_file
 
     from raysegment.models import build_model
 
+    path = Path(path)
     config = saved_config(path)
     model = build_model(config.model)
     state = load_file(str(path), device=device)
     ref = model.state_dict()
     model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
-    return model.to(device).eval(), config
+    return LoadedModel(model.to(device).eval(), config, f"file:{path.name}", saved_state(path))
 
 
 def checkpoint_from_weights(path: str | Path, out_dir: str | Path) -> Path:
     """Write a checkpoint folder (model.pt + config.json) from a weights file, e.g. to register it."""
-    model, config = load_weights_file(path)
+    loaded = load_weights_file(path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out_dir / "model.pt")
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    state = _metadata(Path(path)).get("state")
-    if state:
-        (out_dir / "state.json").write_text(state)
+    save_checkpoint(out_dir, loaded.model, None, loaded.config, loaded.state)
     return out_dir
 
 

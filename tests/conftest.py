@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from raysegment import disable_telemetry  # noqa: E402
@@ -8,3 +10,31 @@ from raysegment import disable_telemetry  # noqa: E402
 disable_telemetry()
 
 SHARED_ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "acdc"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """(model in eval mode, TrainConfig): a small random MobileNetV2 U-Net on a 64² grid."""
+    import torch
+
+    from raysegment.config import ModelConfig, TrainConfig
+    from raysegment.models import build_model
+
+    torch.manual_seed(0)
+    config = TrainConfig(data="unused", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=64)
+    return build_model(config.model).eval(), config
+
+
+def write_checkpoint(folder: Path, model, config, state: dict | None = None) -> Path:
+    """A checkpoint folder (model.pt, config.json, state.json) of ``model``."""
+    from raysegment.checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(folder, model, None, config, state if state is not None else {"epoch": 0})
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model) -> Path:
+    model, config = tiny_model
+    return write_checkpoint(tmp_path / "ckpt", model, config)

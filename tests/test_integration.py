@@ -153,11 +153,52 @@ def test_champion_loads_through_pyfunc(cluster, registered):
     import mlflow
 
     mlflow.set_tracking_uri(cluster["mlflow"])
+    from raysegment.predict import Predictor
+
     model = mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion")
     image, _ = synthetic_volume(1, shape=(3, 60, 70))
-    mask = model.predict((image * 900).astype(np.float32))
+    raw = (image * 900).astype(np.float32)
+    mask = model.predict(raw)
     assert mask.shape == (3, 60, 70) and mask.dtype == np.uint8
-    assert set(np.unique(mask).tolist()) <= {0, 1, 2, 3}
+    # The registered pyfunc is the batch job's Predictor: the same mask, with and without spacing.
+    predictor = Predictor.load("models:/raysegment-mobilenet_v2@champion", tracking_uri=cluster["mlflow"])
+    assert predictor.version == "raysegment-mobilenet_v2/1"
+    np.testing.assert_array_equal(mask, predictor.predict(raw))
+    spaced = model.predict(raw, params={"spacing_mm": [8.0, 0.7, 0.7]})
+    np.testing.assert_array_equal(spaced, predictor.predict(raw, spacing=(8.0, 0.7, 0.7)))
+
+
+def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(cluster, registered, tmp_path):
+    from mlflow import MlflowClient
+
+    from raysegment.registry import register_checkpoint
+    from raysegment.weights import checkpoint_from_weights, shipped_weights
+
+    ckpt = checkpoint_from_weights(shipped_weights("mobilenet_v2"), tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["manifest_hash"] = "0" * 64  # another data set: its Dice says nothing about this one
+    (ckpt / "config.json").write_text(json.dumps(config))
+    reg = register_checkpoint(ckpt, metrics={"dice_rv": 0.99, "dice_myo": 0.99, "dice_lv": 0.99, "dice_mean": 0.99},
+                              tracking_uri=cluster["mlflow"])
+    assert not reg.champion and "another data manifest" in reg.reason
+    client = MlflowClient(cluster["mlflow"])
+    assert client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version == "1"
+    assert client.get_model_version("raysegment-mobilenet_v2", reg.version).tags["manifest_hash"] == "0" * 64
+
+
+def test_registry_import_registers_a_weights_file_with_its_dice(cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    from raysegment import registry
+    from raysegment.weights import saved_state, shipped_weights
+
+    path = shipped_weights("densenet121")
+    assert registry.main(["import", str(path), "--mlflow-uri", cluster["mlflow"]]) == 0
+    client = MlflowClient(cluster["mlflow"])
+    champion = client.get_model_version_by_alias("raysegment-densenet121", "champion")
+    expected = saved_state(path)["metrics"]
+    assert float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+    assert json.loads(champion.tags["config"])["model"]["context_slices"] == 1
 
 
 def _studies(root: Path, n_extra: int = 0) -> None:
@@ -197,8 +238,11 @@ def test_scheduled_inference_job(cluster, registered, tmp_path):
         assert seg.get_data_dtype() == np.uint8
         assert r["model_version"] == "raysegment-mobilenet_v2/1"
     ed = next(r for r in done if r["study"].endswith("frame01.nii.gz"))
-    assert ed["phase"] == "ED" and ed["dice_lv"] is not None and ed["volume_lv_ml"] >= 0
-    assert ed["ef_lv_pct"] is not None  # ED and ES of patient007 both segmented
+    es = next(r for r in done if r["study"].endswith("frame05.nii.gz"))
+    assert ed["phase"] == "ED" and es["phase"] == "ES" and 0 <= ed["dice_lv"] <= 1 and ed["volume_lv_ml"] >= 0
+    if ed["volume_lv_ml"] > 0:  # ED and ES of patient007 both segmented: EF from their LV volumes
+        expected = 100 * (ed["volume_lv_ml"] - es["volume_lv_ml"]) / ed["volume_lv_ml"]
+        assert ed["ef_lv_pct"] == pytest.approx(expected) and es["ef_lv_pct"] == pytest.approx(expected)
     assert len([r for r in done if r["study"].endswith("cine_4d.nii.gz")]) == 3  # every frame
     assert (out / "report.md").read_text().count("![") >= 4
 

@@ -3,14 +3,14 @@ import pytest
 import torch
 import torchvision
 
-from raysegment.models import MODELS, ModelConfig, WeightsNotFoundError, build_model, predict_volume, with_context
+from raysegment.models import BACKBONES, ENCODERS, ModelConfig, WeightsNotFoundError, build_model, first_conv_key, with_context
 
 WEIGHT_FILES = {"densenet121": "densenet121-a639ec97.pth", "mobilenet_v2": "mobilenet_v2-7ebf99e0.pth"}
 FIRST_CONV = {"densenet121": lambda m: m.features.conv0, "mobilenet_v2": lambda m: m.features[0][0]}
 OUR_FIRST_CONV = {"densenet121": lambda u: u.encoder.stem[0], "mobilenet_v2": lambda u: u.encoder.stages[0][0][0]}
 
 
-@pytest.mark.parametrize("backbone", sorted(MODELS))
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_forward_backward_any_size(backbone):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, decoder_width=8))
@@ -26,7 +26,7 @@ def test_forward_backward_any_size(backbone):
         model(torch.randn(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize("backbone", sorted(MODELS))
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_context_slices_take_neighbours_as_channels(backbone):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, decoder_width=8, context_slices=1))
@@ -54,33 +54,14 @@ def test_with_context_stacks_neighbours_and_zero_pads():
     assert torch.equal(with_context(vol, 0), vol[:, None])
 
 
-class _NextSliceModel(torch.nn.Module):
-    """Labels a pixel RV (1) where the *next* slice is bright: shows which channel is slice k+1."""
-
-    context_slices = 1
-
-    def forward(self, x):
-        nxt = x[:, 2]
-        zero = torch.zeros_like(nxt)
-        return torch.stack([zero, nxt - 0.5, zero - 1, zero - 1], dim=1)
-
-
-def test_predict_volume_feeds_slice_neighbours_in_order():
-    vol = torch.rand(4, 32, 32).numpy()
-    pred = predict_volume(_NextSliceModel(), vol, 32, largest_component=False)
-    for k in range(3):
-        np.testing.assert_array_equal(pred[k], (vol[k + 1] > 0.5).astype(np.uint8))
-    assert not pred[3].any()  # beyond the stack the neighbour is zero
-
-
-@pytest.mark.parametrize("backbone", sorted(MODELS))
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_decoder_width_changes_the_decoder(backbone):
     small = build_model(ModelConfig(backbone=backbone, decoder_width=8))
     big = build_model(ModelConfig(backbone=backbone, decoder_width=32))
     assert big.blocks[0][0].out_channels == 4 * small.blocks[0][0].out_channels == 256
 
 
-@pytest.mark.parametrize("backbone", sorted(MODELS))
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_imagenet_weights_load_from_the_hub_cache(backbone, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match=WEIGHT_FILES[backbone]) as err:
@@ -103,36 +84,18 @@ def test_unknown_backbone():
         build_model(ModelConfig(backbone="resnet9000"))
 
 
-def test_keep_largest_component_drops_islands_per_label():
-    import numpy as np
+def test_the_encoder_registry_is_the_one_list_of_backbones():
+    import argparse
 
-    from raysegment.models import keep_largest_component
+    from raysegment import bench, train, tune
 
-    m = np.zeros((4, 20, 20), np.uint8)
-    m[1:3, 2:8, 2:8] = 3       # LV: the big blob
-    m[0, 15:17, 15:17] = 3     # LV island, far away
-    m[2, 10:12, 2:6] = 1       # RV: one component, kept
-    out = keep_largest_component(m)
-    assert (out[1:3, 2:8, 2:8] == 3).all() and (out[0, 15:17, 15:17] == 0).all()
-    assert (out == 1).sum() == (m == 1).sum()
-    assert not keep_largest_component(np.zeros((2, 5, 5), np.uint8)).any()
-    np.testing.assert_array_equal(keep_largest_component(out), out)  # idempotent
-
-
-def test_keep_largest_component_rv_must_touch_the_heart():
-    import numpy as np
-
-    from raysegment.models import keep_largest_component
-
-    m = np.zeros((3, 40, 40), np.uint8)
-    m[:, 10:20, 10:20] = 2       # MYO ring (filled square here)
-    m[:, 13:17, 13:17] = 3       # LV cavity inside it
-    m[:, 10:20, 21:25] = 1       # true RV: small, 1 px from the myocardium
-    m[:, 32:40, 0:20] = 1        # false RV: larger, far below the heart
-    out = keep_largest_component(m)
-    assert (out[:, 10:20, 21:25] == 1).all() and not (out[:, 32:40, 0:20] == 1).any()
-    # Without a heart to touch, the largest RV component wins as before.
-    no_heart = np.where(m == 1, 1, 0).astype(np.uint8)
-    out2 = keep_largest_component(no_heart)
-    assert (out2[:, 32:40, 0:20] == 1).all() and not (out2[:, 10:20, 21:25] == 1).any()
-    np.testing.assert_array_equal(keep_largest_component(out), out)
+    assert BACKBONES == tuple(sorted(ENCODERS)) == ("densenet121", "mobilenet_v2")
+    for parser in (train.build_parser(), tune.build_parser()):
+        action = next(a for a in parser._actions if a.dest == "backbone")
+        assert tuple(action.choices) == BACKBONES
+    sub = next(a for a in bench.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ("train", "infer"):
+        assert tuple(next(a for a in sub.choices[name]._actions if a.dest == "backbone").choices) == BACKBONES
+    for backbone in BACKBONES:  # the 2.5-D widening path names a real parameter of each U-Net
+        model = build_model(ModelConfig(backbone=backbone, decoder_width=8, context_slices=1))
+        assert model.state_dict()[first_conv_key(backbone)].shape[1] == 3

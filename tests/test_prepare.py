@@ -214,3 +214,23 @@ def test_cli_runs_as_module(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "patient" in r.stderr  # tqdm progress bar over patients
     assert "slices {'train': 8, 'val': 8}" in r.stdout
+
+
+def test_val_split_is_stratified_by_group_and_seeded():
+    from raysegment.prepare import assign_splits
+
+    groups = ("DCM", "HCM", "MINF", "NOR", "RV")
+    patients = {f"patient{i:03d}": groups[(i - 1) // 20] for i in range(1, 101)}  # 20 per group, as ACDC
+    config = PrepareConfig(source=Path("/nowhere"), out=Path("/nowhere-out"), val_fraction=0.2, seed=3)
+    split = assign_splits(patients, config)
+    val = [p for p, s in split.items() if s == "val"]
+    assert len(val) == 20
+    assert {g: sum(patients[p] == g for p in val) for g in groups} == {g: 4 for g in groups}
+    assert assign_splits(patients, config) == split  # the same seed, the same split
+    other = assign_splits(patients, PrepareConfig(source=Path("/nowhere"), out=Path("/x"), val_fraction=0.2, seed=4))
+    assert other != split
+    # Small, uneven groups: still round(N * fraction) patients, every group represented first.
+    small = {"patient001": "DCM", "patient002": "DCM", "patient003": "DCM", "patient021": "HCM", "patient041": "MINF"}
+    val_small = [p for p, s in assign_splits(small, PrepareConfig(source=Path("/n"), out=Path("/o"), val_fraction=0.6)).items()
+                 if s == "val"]
+    assert len(val_small) == 3 and {small[p] for p in val_small} == {"DCM", "HCM", "MINF"}

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from raysegment.metrics import dice_summary, score_records
-from raysegment.models import predict_volume
-from raysegment.prepare import normalize_intensity, read_h5_volume
-from raysegment.weights import SHIPPED_DIR, load_weights_file, verify
+from raysegment.predict import Predictor
+from raysegment.prepare import read_h5_volume
+from raysegment.weights import SHIPPED_DIR, verify
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
 BACKBONES = ("densenet121", "mobilenet_v2")
@@ -29,13 +29,13 @@ def test_checksums_and_sizes():
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_shipped_weights_segment_val_patients(backbone):
-    model, config = load_weights_file(SHIPPED_DIR / f"{backbone}.safetensors")
-    assert config.model.backbone == backbone
+    predictor = Predictor.load(f"shipped:{backbone}")
+    assert predictor.members[0].config.model.backbone == backbone
     torch.set_num_threads(2)
     records = []
     for path in sorted((SAMPLE / "volumes").glob("patient0[27]8_frame*.h5")):
         v = read_h5_volume(path)
-        pred = predict_volume(model, normalize_intensity(v.image), config.image_size, autocast_dtype=torch.bfloat16)
+        pred = predictor.predict(v.image)
         assert pred.shape == v.label.shape and pred.dtype == np.uint8
         records += score_records(pred, v.label, v.spacing, distances=False)
     summary = dice_summary(records)

@@ -1,4 +1,5 @@
-"""Ray Train integration: exactly-once sharding, DDP weight sync, fault recovery, overfitting."""
+"""Training: augmentation, LR plan and the training step (fast); Ray Train integration (slow):
+exactly-once sharding, DDP weight sync, fault recovery, time budget, overfitting real slices."""
 
 import json
 
@@ -8,9 +9,12 @@ import torch
 from conftest import SHARED_ACDC
 from raysegment.dataset import AugmentConfig, apply_augment, centre_crop, load_volumes, resize_slice, sample_augment
 from raysegment.losses import LossConfig, segmentation_loss
-from raysegment.models import ModelConfig, build_model, predict_volume
+from raysegment.checkpoint import load_checkpoint
+from raysegment.config import PredictConfig
+from raysegment.models import ModelConfig, build_model
+from raysegment.predict import Predictor
 from raysegment.prepare import PrepareConfig, prepare
-from raysegment.train import RunSpec, TrainConfig, load_checkpoint_model, train
+from raysegment.train import RunSpec, TrainConfig, train, train_step
 from synth import make_h5_dataset
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
@@ -41,6 +45,7 @@ def _stored_order(keys):
     return sorted(keys, key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
 
 
+@pytest.mark.slow
 def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shards, tmp_path):
     audit = tmp_path / "audit"
     audit.mkdir()
@@ -64,6 +69,7 @@ def test_two_workers_see_every_slice_once_and_stay_in_sync(ray_local, tiny_shard
     assert set(result.metrics) >= {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "loss", "epoch"}
 
 
+@pytest.mark.slow
 def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shards):
     from raysegment.train import _train_dataset
 
@@ -81,6 +87,7 @@ def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shar
     assert epochs(seed=1) != first
 
 
+@pytest.mark.slow
 def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
     marker = tmp_path / "failed-once"
     # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
@@ -91,12 +98,14 @@ def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
     assert result.metrics["epoch"] == 3
-    model, saved, state = load_checkpoint_model(result.checkpoint.path)
+    loaded = load_checkpoint(result.checkpoint.path)
+    saved, state = loaded.config, loaded.state
     assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == 3
     # The history survives the restart: epochs 0..3 once each, epoch 2 run after the resume.
     assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_time_budget_stops_early_on_the_planned_epoch(ray_local, tiny_shards, tmp_path):
     config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.25, max_steps_per_epoch=2, **TINY)
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="budget"))
@@ -104,7 +113,7 @@ def test_time_budget_stops_early_on_the_planned_epoch(ray_local, tiny_shards, tm
     done = result.metrics["epoch"] + 1
     assert 1 < done < 200  # the budget, not the epoch cap, ended the run
     assert result.metrics["planned_epochs"] == done
-    _, _, state = load_checkpoint_model(result.checkpoint.path)
+    state = load_checkpoint(result.checkpoint.path).state
     assert [h["epoch"] for h in state["history"]] == list(range(done))
 
 
@@ -187,6 +196,22 @@ def test_foreground_oversampling_centres_on_labels():
     assert bool(((c[:, 0] >= 5) & (c[:, 0] < 8) & (c[:, 1] >= 50) & (c[:, 1] < 54)).all())
 
 
+def test_train_step_learns_a_batch():
+    """The one training step (train and bench call it): augment, forward, loss, backward, step."""
+    torch.manual_seed(0)
+    config = TrainConfig(data="unused", **{**TINY, "crop_size": 48})
+    model = build_model(config.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    images, labels, _ = _images_labels_params(4, seed=1, label=3)
+    images = images * 0.2 + (labels > 0) * 0.8  # the box is bright: learnable
+    gen = torch.Generator().manual_seed(0)
+    losses = [float(train_step(model, opt, scaler, images, labels, config, gen, torch.device("cpu"), None))
+              for _ in range(30)]
+    assert losses[-1] < 0.8 * losses[0] and sum(losses[-5:]) < sum(losses[:5]), losses
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not SHARED_ACDC.is_dir(), reason="needs ../shared/acdc")
 def test_overfits_a_few_real_slices(tmp_path):
     src = tmp_path / "src" / "volumes"
@@ -201,16 +226,19 @@ def test_overfits_a_few_real_slices(tmp_path):
     x = torch.stack([p[0] for p in pairs])[:, None]
     y = torch.stack([p[1] for p in pairs]).long()
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="mobilenet_v2", decoder_width=16))
+    config = TrainConfig(data="unused", model=ModelConfig(backbone="mobilenet_v2", decoder_width=16), image_size=size,
+                         precision="fp32")
+    model = build_model(config.model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, LossConfig())
+        loss = segmentation_loss(model(x), y, LossConfig())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    pred = predict_volume(model, vol.image[keep], size, autocast_dtype=torch.bfloat16)
+    from raysegment.checkpoint import LoadedModel
     from raysegment.metrics import dice
+
+    pred = Predictor(LoadedModel(model, config, "overfit"), PredictConfig(precision="fp32")).predict(
+        vol.image[keep], normalized=True)
     scores = [dice(pred == c, vol.label[keep] == c) for c in (1, 2, 3)]
     assert min(scores) > 0.9, scores

@@ -1,0 +1,183 @@
+"""Typed, frozen configs. A ``TrainConfig`` travels (as JSON) with every checkpoint, weights file
+and registered model, so loading a model needs nothing else; a ``PredictConfig`` says how a
+model is applied and is resolved per device (``Predictor.config``).
+
+This module imports nothing heavy (no torch), so every stage and every CLI can share it:
+command-line defaults are read from these dataclasses (``default_of``), never repeated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Literal
+
+from raysegment import NUM_CLASSES
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model (weights come from the checkpoint, not from here)."""
+
+    backbone: str = "mobilenet_v2"
+    decoder_width: int = 32
+    num_classes: int = NUM_CLASSES
+    # Neighbouring slices per side fed as extra channels (0 = plain 2-D). With 1 the network
+    # sees slices k-1, k, k+1 and can tell the basal slice, where ES labels often stop the RV.
+    context_slices: int = 0
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + 2 * self.context_slices
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss = ce_weight · CE(class_weights) + dice_weight · Σ_c w_c·(1 − softDice_c) / Σ_c w_c.
+
+    ``class_weights`` are (RV, MYO, LV); background has weight 1 in the CE and no Dice term.
+    """
+
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    class_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    smooth: float = 1e-5
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random augmentation. Angles in degrees, scale as a zoom factor."""
+
+    scale: tuple[float, float] = (0.85, 1.2)
+    rotation_deg: float = 20.0
+    # Left-right flips are off by default: short-axis cine comes in one orientation (RV on the
+    # image's left in ACDC), a mirrored heart does not occur, and learning it cost a from-scratch
+    # MobileNetV2 .010 val mean Dice at 24 CPU-minutes (README, Results). Data of mixed
+    # orientation: set it to 0.5.
+    flip_prob: float = 0.0
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: tuple[float, float] = (-0.1, 0.1)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    noise_std: float = 0.02
+    foreground_prob: float = 0.67  # share of crops centred on a foreground pixel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; it travels (as JSON) with every checkpoint and registered model."""
+
+    data: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 20  # with time_budget_min: the most epochs
+    # Wall minutes for training + validation; after each epoch the LR schedule is re-planned to
+    # the number of epochs that fit, so the run ends annealed inside the budget.
+    time_budget_min: float | None = None
+    # Slices per worker step; MobileNetV2 from scratch: 8 beat 16 in equal CPU time (README).
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    image_size: int = 256  # pixels, the square grid every slice is resampled to (256 beat 224, README)
+    crop_size: int = 128  # pixels, the training crop (heart-centred with foreground_prob)
+    # Per-volume intensity normalisation the model was trained with: clip to these percentiles
+    # and map them to 0/1 (prepare writes the shards so; the Predictor applies it to new images).
+    intensity_percentiles: tuple[float, float] = DEFAULT_PERCENTILES
+    # auto: bf16 autocast where the hardware computes bf16 (GPUs sm_80+, CPUs with AVX512-BF16 or
+    # AMX), fp16 AMP on older GPUs, fp32 on other CPUs (emulated bf16 is ~13× slower there).
+    precision: Precision = "auto"
+    weights: Literal["imagenet"] | None = None  # encoder init
+    init_weights: str | None = None  # .safetensors file or checkpoint folder to start from (fine-tuning)
+    seed: int = 0
+    threads_per_worker: int | None = None  # torch threads; None: the CPUs Ray gave the worker
+    max_steps_per_epoch: int | None = None  # cap for smoke tests and benchmarks
+    # Slices held in each worker's shuffle buffer (on top of a per-epoch random block order):
+    # shards are stored volume by volume, and batches from one volume train far worse.
+    shuffle_buffer_slices: int = 256
+    val_patients: tuple[str, ...] | None = None  # None: every val patient
+    manifest_hash: str = ""
+    # Test hooks: raise once at this epoch (marker file makes it once), write per-rank audits.
+    fail_at_epoch: int | None = None
+    fail_marker: str | None = None
+    audit_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        if isinstance(d.get("model"), dict) and "context_slices" not in d["model"]:
+            d["model"] = {**d["model"], "context_slices": 0}  # saved before 2.5-D input existed: 2-D
+        nested = {"model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig}
+        for key, typ in nested.items():
+            if key in d and isinstance(d[key], dict):
+                d[key] = _from_plain(typ, d[key])
+        for key in ("val_patients", "intensity_percentiles"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _from_plain(typ, d: dict):
+    # JSON turns tuples into lists; frozen configs want tuples back. Unknown keys (from a newer
+    # raysegment) are dropped rather than refused.
+    known = {f.name for f in fields(typ)}
+    return typ(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How a model is applied to an image. ``Predictor`` resolves ``precision`` for its device."""
+
+    device: str = "cpu"
+    # auto: as TrainConfig.precision (bf16 where the hardware has it, else fp16 on GPUs, fp32 on
+    # CPUs). The shipped models' README figures were measured in bf16 on a CPU with native bf16.
+    precision: Precision = "auto"
+    batch_size: int = 16  # slices per forward pass
+    flip_tta: bool = False  # average with the left-right mirrored image (models trained with flips only)
+    largest_component: bool = True  # keep each structure's largest 3-D component
+    # The RV keeps its largest component within this in-plane distance of the myocardium/LV:
+    # in mm where the image's spacing is known, else ``rv_contact_px`` pixels (7 mm ≈ 5 px at
+    # ACDC's typical 1.4 mm pixels).
+    rv_contact_mm: float = 7.0
+    rv_contact_px: int = 5
+
+
+def default_of(cls, name: str):
+    """A dataclass field's default (also for ``default_factory``), for CLI defaults."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def torch_threads(threads: int | None, processes: int, cpus_per_process: float = 1.0) -> int:
+    """The one thread policy: torch threads for each of ``processes`` workers/actors on a node.
+
+    An explicit ``threads`` wins; otherwise the node's cores are shared among the processes,
+    and never fewer than the CPUs Ray reserves for each (``cpus_per_process``).
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be ≥ 1, got {threads}")
+        return threads
+    return max(1, int(round(cpus_per_process)), available_cpus() // max(1, processes))

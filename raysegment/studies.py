@@ -1,0 +1,139 @@
+"""Study I/O: finding NIfTI studies, reading them as (frames, z, y, x), writing masks on the
+input's exact grid, the ACDC ``Info.cfg`` parser, and the one (x, y, z) ↔ (z, y, x) transpose.
+
+nibabel gives voxels in (x, y, z[, t]) order; everything inside raysegment works in
+SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class StudyError(Exception):
+    """Bad input in one study (the message says what); a batch records it and goes on."""
+
+
+def nifti_to_zyx(data: np.ndarray) -> np.ndarray:
+    """nibabel's voxel order → ours: (x, y, z) → (z, y, x), and (x, y, z, t) → (t, z, y, x)."""
+    if data.ndim == 4:
+        return np.ascontiguousarray(np.transpose(data, (3, 2, 1, 0)))
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
+
+
+def zyx_to_nifti(data: np.ndarray) -> np.ndarray:
+    """The inverse of ``nifti_to_zyx``: (z, y, x) → (x, y, z), (t, z, y, x) → (x, y, z, t)."""
+    return np.transpose(data, (3, 2, 1, 0) if data.ndim == 4 else (2, 1, 0))
+
+
+def parse_info_cfg(path: Path) -> dict[str, str]:
+    """``Key: value`` lines of an ACDC ``Info.cfg`` (ED, ES, Group, Height, NbFrame, Weight)."""
+    info: dict[str, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            info[key.strip()] = value.strip()
+    return info
+
+
+def study_stem(path: Path) -> str:
+    """File name without ``.nii`` / ``.nii.gz``."""
+    return re.sub(r"\.nii(\.gz)?$", "", path.name)
+
+
+def find_studies(root: str | Path) -> list[Path]:
+    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: input folder does not exist")
+    files = [p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))]
+    return sorted(p for p in files if not study_stem(p).endswith("_gt"))
+
+
+def gt_for(path: Path) -> Path | None:
+    """The ``<stem>_gt.nii[.gz]`` ground truth beside a study, if any."""
+    for ext in (".nii.gz", ".nii"):
+        cand = path.with_name(study_stem(path) + "_gt" + ext)
+        if cand.is_file():
+            return cand
+    return None
+
+
+def acdc_phase(path: Path) -> str | None:
+    """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, else None."""
+    m = re.match(r"^(patient\d{3})_frame(\d+)$", study_stem(path))
+    info = path.parent / "Info.cfg"
+    if not m or not info.is_file():
+        return None
+    values = parse_info_cfg(info)
+    frame = int(m.group(2))
+    for phase in ("ED", "ES"):
+        if values.get(phase, "").isdigit() and int(values[phase]) == frame:
+            return phase
+    return None
+
+
+def read_study(path: Path):
+    """(nibabel image, data as (frames, z, y, x) float64, zooms (x, y, z) mm). Raises StudyError."""
+    import nibabel as nib
+
+    if path.stat().st_size == 0:
+        raise StudyError("empty file (0 bytes)")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float64)
+    except Exception as exc:
+        raise StudyError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+    if data.ndim not in (3, 4):
+        raise StudyError(f"expected a 3-D or 4-D volume, got {data.ndim}-D shape {data.shape}")
+    frames = nifti_to_zyx(data if data.ndim == 4 else data[..., None])
+    if min(frames.shape[2:4]) < 8:
+        raise StudyError(f"in-plane size {frames.shape[2:4]} too small for a short-axis image")
+    if not np.all(np.isfinite(frames)):
+        raise StudyError("image holds NaN or inf intensities")
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return img, frames, zooms
+
+
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder (so os.replace is atomic), same suffix (nibabel picks the format by it).
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_mask(mask_fzyx: np.ndarray, ref_img, path: Path) -> None:
+    """Write (frames, z, y, x) labels as uint8 NIfTI on exactly ``ref_img``'s grid and affine."""
+    import nibabel as nib
+
+    data = zyx_to_nifti(mask_fzyx)  # → (x, y, z, frames)
+    if len(ref_img.shape) == 3:
+        data = data[..., 0]
+    out = mask_image(data.astype(np.uint8), ref_img)
+    atomic_write(path, lambda tmp: nib.save(out, tmp))
+
+
+def mask_image(data_xyz: np.ndarray, ref_img):
+    """A uint8 NIfTI image of ``data_xyz`` with ``ref_img``'s header, affine, qform and sform."""
+    import nibabel as nib
+
+    header = ref_img.header.copy()
+    header.set_data_dtype(np.uint8)
+    out = nib.Nifti1Image(data_xyz.astype(np.uint8), ref_img.affine, header)
+    out.set_qform(ref_img.get_qform(), code=int(ref_img.header["qform_code"]))
+    out.set_sform(ref_img.get_sform(), code=int(ref_img.header["sform_code"]))
+    out.header["scl_slope"], out.header["scl_inter"] = 1.0, 0.0
+    return out

@@ -1,0 +1,42 @@
+"""Benchmarks run (their numbers go in the README, never into assertions on speed)."""
+
+import json
+
+import pytest
+
+from conftest import write_checkpoint
+from raysegment import bench
+from raysegment.config import ModelConfig, TrainConfig
+from raysegment.prepare import PrepareConfig, prepare
+from synth import make_h5_dataset
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    src = make_h5_dataset(root / "src", patients=(1, 2, 3), val=(3,), shape=(3, 40, 48))
+    prepare(PrepareConfig(source=src, out=root / "shards", progress=False))
+    return root / "shards"
+
+
+def test_bare_training_loop_runs_the_train_step(shards):
+    config = TrainConfig(data=str(shards), model=ModelConfig(decoder_width=8), batch_size=2, image_size=64,
+                         crop_size=64, precision="fp32", threads_per_worker=1)
+    rate = bench.bare_loop_slices_per_s(config, steps=2, warmup=1)
+    assert rate > 0
+
+
+@pytest.mark.slow
+def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, tiny_model, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
+    assert bench.main(["infer", "--data", str(shards), "--model", str(ckpt), "--volumes", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[0])
+    assert result["studies"] == 2 and result["segmented"] == 2 and result["precision"] in ("fp32", "bf16")
+    assert 0 < result["forward_s_per_study"] <= result["predict_s_per_study"]
+    assert result["infer_over_forward"] == pytest.approx(result["infer_s_per_study"] / result["forward_s_per_study"],
+                                                         rel=0.02)
+    assert "× forward" in out[1]
+    import ray
+
+    ray.shutdown()

@@ -1,0 +1,93 @@
+"""The batch job's pieces without Ray: one study's rows, the ledger, results and the report."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import write_checkpoint
+from raysegment.clinical import ejection_fraction
+from raysegment.infer import Ledger, mask_name, results_rows, segment_study
+from raysegment.predict import Predictor
+from raysegment.report import batch_report
+from synth import make_nifti_patient
+
+
+@pytest.fixture
+def predictor(tmp_path, tiny_model):
+    model, config = tiny_model
+    return Predictor.load(str(write_checkpoint(tmp_path / "ckpt", model, config)))
+
+
+def test_study_rows_hold_volumes_mass_ef_dice_and_qc(tmp_path, predictor):
+    pdir = make_nifti_patient(tmp_path, 2, ed=1, es=3, nframes=4, spacing=(8.0, 1.5, 1.25))
+    study = pdir / "patient002_frame01.nii.gz"
+    (row,) = segment_study(study, predictor, "ref", tmp_path / "out")
+    seg = np.asarray(nib.load(row["mask"]).dataobj)
+    assert row["phase"] == "ED" and row["model_version"] == predictor.version and row["status"] == "done"
+    for lab, name in ((1, "rv"), (2, "myo"), (3, "lv")):
+        assert row[f"voxels_{name}"] == int((seg == lab).sum())
+        assert row[f"volume_{name}_ml"] == pytest.approx(row[f"voxels_{name}"] * 8.0 * 1.5 * 1.25 / 1000)
+    assert row["lv_myo_mass_g"] == pytest.approx(1.05 * row["volume_myo_ml"])
+    # Dice against the _gt file beside it, computed from the written mask here.
+    gt = np.asarray(nib.load(str(pdir / "patient002_frame01_gt.nii.gz")).dataobj)
+    expected = 2 * ((seg == 3) & (gt == 3)).sum() / max((seg == 3).sum() + (gt == 3).sum(), 1)
+    assert row["dice_lv"] == pytest.approx(expected if (seg == 3).any() or (gt == 3).any() else 1.0)
+    flags = row["qc_flags"].split(";") if row["qc_flags"] else []
+    assert flags == [f"missing_{n}" for n in ("rv", "myo", "lv") if row[f"voxels_{n}"] == 0] + [
+        f"implausible_volume_{n}" for n in ("rv", "myo", "lv")
+        if row[f"voxels_{n}"] and not 2.0 <= row[f"volume_{n}_ml"] <= 500.0]
+    # A 4-D study: one row per frame, EF from its largest and smallest LV frame.
+    rows = segment_study(pdir / "patient002_4d.nii.gz", predictor, "ref", tmp_path / "out")
+    assert [r["frame"] for r in rows] == [0, 1, 2, 3]
+    lv = [r["volume_lv_ml"] for r in rows]
+    if max(lv) > 0:
+        assert rows[0]["ef_lv_pct"] == pytest.approx(ejection_fraction(max(lv), min(lv)))
+
+
+def test_patient_ef_and_failed_rows_come_from_the_ledger(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    ed = {"study": "/p/patient001_frame01.nii.gz", "frame": 0, "phase": "ED", "status": "done",
+          "volume_lv_ml": 150.0, "volume_rv_ml": 160.0}
+    es = {**ed, "study": "/p/patient001_frame09.nii.gz", "phase": "ES", "volume_lv_ml": 60.0, "volume_rv_ml": 80.0}
+    led.append({"path": ed["study"], "sha256": "a", "model_version": "m/1", "status": "done", "rows": [ed]})
+    led.append({"path": es["study"], "sha256": "b", "model_version": "m/1", "status": "done", "rows": [es]})
+    led.append({"path": "/p/bad.nii", "sha256": "c", "model_version": "m/1", "status": "failed", "reason": "empty file"})
+    rows = results_rows(Ledger(tmp_path / "ledger.jsonl"))
+    assert [r["ef_lv_pct"] for r in rows[:2]] == [pytest.approx(60.0)] * 2
+    assert [r["ef_rv_pct"] for r in rows[:2]] == [pytest.approx(50.0)] * 2
+    assert rows[2] == {"study": "/p/bad.nii", "frame": -1, "status": "failed", "reason": "empty file",
+                       "model_version": "m/1"}
+
+
+def test_ledger_survives_a_torn_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led = Ledger(path)
+    led.append({"path": "/a", "sha256": "1", "model_version": "m/1", "status": "done"})
+    with open(path, "a") as f:
+        f.write('{"path": "/b", "sha2')  # killed mid-write
+    again = Ledger(path)
+    assert again.has("/a", "1", "m/1") and not again.has("/b", "1", "m/1")
+    again.append({"path": "/b", "sha256": "2", "model_version": "m/1", "status": "failed"})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["path"] for e in lines] == ["/a", "/b"]
+
+
+def test_report_draws_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp_path, predictor):
+    rows = []
+    for n in range(1, 4):
+        pdir = make_nifti_patient(tmp_path / "in", n, ed=1, es=2, nframes=2, shape=(3, 40, 48))
+        rows += segment_study(pdir / f"patient{n:03d}_frame01.nii.gz", predictor, "ref", tmp_path / "out")
+    for r, flags in zip(rows, ("", "", "missing_rv")):
+        r["qc_flags"] = flags
+    rows.append({"study": "/x/broken.nii", "frame": -1, "status": "failed", "reason": "line one\nline | two"})
+    report = batch_report(rows, tmp_path / "out", n_figures=2)
+    text = report.read_text()
+    pngs = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    assert len(pngs) == 2 and "Overlays (2 of 3 studies)" in text
+    assert mask_name(tmp_path / "in" / "training" / "patient003" / "patient003_frame01.nii.gz").replace(
+        ".nii.gz", ".png") in {p.name for p in pngs}  # the flagged study is drawn
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 4 and all(line.count(" | ") == 8 for line in table[1:] if "broken" not in line)
+    assert "failed: line one line \\| two" in text  # one table row, the pipe escaped

@@ -1,0 +1,276 @@
+"""The Predictor: one model or an ensemble, its precision, TTA, post-processing, references,
+and the same mask on every path (pyfunc, infer, report, raysegment.segment)."""
+
+from dataclasses import replace
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import raysegment
+from conftest import write_checkpoint
+from raysegment.checkpoint import LoadedModel
+from raysegment.config import AugmentConfig, PredictConfig
+from raysegment.models import build_model
+from raysegment.predict import (Predictor, check_flip_tta, contact_pixels, keep_largest_component, load_model,
+                                model_version, resolve_precision)
+from raysegment.prepare import normalize_intensity
+from synth import make_nifti_patient, synthetic_volume
+
+FP32 = PredictConfig(precision="fp32")
+
+
+def _loaded(tiny_model, seed=None, **train_changes) -> LoadedModel:
+    model, config = tiny_model
+    if seed is not None:
+        torch.manual_seed(seed)
+        model = build_model(config.model).eval()
+    return LoadedModel(model, replace(config, **train_changes), f"test:{seed}")
+
+
+def _old_keep_largest_component(labels, rv_contact_px=5):
+    """The whole-volume rule as it was before the Predictor (reference for the cropped one)."""
+    out = labels.copy()
+    for lab in (2, 3, 1):
+        comps, n = ndimage.label(labels == lab, structure=np.ones((3, 3, 3), bool))
+        if n <= 1:
+            continue
+        sizes = np.bincount(comps.ravel())[1:]
+        if lab == 1:
+            heart = np.isin(out, (2, 3))
+            if heart.any():
+                near = ndimage.binary_dilation(heart, structure=np.ones((1, 3, 3), bool), iterations=rv_contact_px)
+                touching = np.zeros(n, bool)
+                touching[np.unique(comps[near & (comps > 0)]) - 1] = True
+                if touching.any():
+                    sizes = np.where(touching, sizes, -1)
+        out[(comps > 0) & (comps != 1 + int(np.argmax(sizes)))] = 0
+    return out
+
+
+def _old_predict_volume(model, image, image_size, batch_size=16):
+    """predict_volume as it was before the Predictor: bilinear in, fp32 forward, bilinear out, argmax."""
+    x = torch.from_numpy(np.ascontiguousarray(image, np.float32))[:, None]
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(x), batch_size):
+            xb = F.interpolate(x[a : a + batch_size], size=(image_size, image_size), mode="bilinear", align_corners=False)
+            logits = F.interpolate(model(xb).float(), size=image.shape[1:], mode="bilinear", align_corners=False)
+            out.append(logits.argmax(1).to(torch.uint8).numpy())
+    return _old_keep_largest_component(np.concatenate(out))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cropped_largest_component_equals_the_whole_volume_rule(seed):
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((5, 60, 70), np.uint8)
+    for _ in range(12):  # random blobs of random labels, some touching, some far apart
+        z, y, x = rng.integers(0, 5), rng.integers(0, 55), rng.integers(0, 65)
+        labels[z : z + rng.integers(1, 3), y : y + rng.integers(2, 9), x : x + rng.integers(2, 9)] = rng.integers(1, 4)
+    for px in (1, 3, 5):
+        np.testing.assert_array_equal(keep_largest_component(labels, px), _old_keep_largest_component(labels, px))
+
+
+def test_keep_largest_component_drops_islands_per_label():
+    m = np.zeros((4, 20, 20), np.uint8)
+    m[1:3, 2:8, 2:8] = 3       # LV: the big blob
+    m[0, 15:17, 15:17] = 3     # LV island, far away
+    m[2, 10:12, 2:6] = 1       # RV: one component, kept
+    out = keep_largest_component(m)
+    assert (out[1:3, 2:8, 2:8] == 3).all() and (out[0, 15:17, 15:17] == 0).all()
+    assert (out == 1).sum() == (m == 1).sum()
+    assert not keep_largest_component(np.zeros((2, 5, 5), np.uint8)).any()
+    np.testing.assert_array_equal(keep_largest_component(out), out)  # idempotent
+
+
+def test_keep_largest_component_rv_must_touch_the_heart():
+    m = np.zeros((3, 40, 40), np.uint8)
+    m[:, 10:20, 10:20] = 2       # MYO ring (filled square here)
+    m[:, 13:17, 13:17] = 3       # LV cavity inside it
+    m[:, 10:20, 21:25] = 1       # true RV: small, 1 px from the myocardium
+    m[:, 32:40, 0:20] = 1        # false RV: larger, far below the heart
+    out = keep_largest_component(m)
+    assert (out[:, 10:20, 21:25] == 1).all() and not (out[:, 32:40, 0:20] == 1).any()
+    no_heart = np.where(m == 1, 1, 0).astype(np.uint8)  # without a heart to touch, the largest wins
+    out2 = keep_largest_component(no_heart)
+    assert (out2[:, 32:40, 0:20] == 1).all() and not (out2[:, 10:20, 21:25] == 1).any()
+
+
+def test_rv_contact_distance_is_in_mm_when_the_spacing_is_known():
+    config = PredictConfig()
+    assert contact_pixels(config, None) == config.rv_contact_px == 5
+    assert contact_pixels(config, (10.0, 1.4, 1.4)) == 5  # 7 mm
+    assert contact_pixels(config, (10.0, 0.7, 0.7)) == 10  # finer pixels: more of them
+    assert contact_pixels(config, (10.0, 3.5, 3.5)) == 2
+    # A false RV 8 px (= 6 mm at 0.75 mm) from the heart is near at 0.75 mm pixels, far at 2 mm pixels.
+    m = np.zeros((2, 60, 60), np.uint8)
+    m[:, 10:20, 10:20] = 2
+    m[:, 10:20, 28:30] = 1  # small, 8 px right of the myocardium
+    m[:, 45:60, 0:30] = 1  # big, far below
+    near = keep_largest_component(m, contact_pixels(config, (8.0, 0.75, 0.75)))
+    far = keep_largest_component(m, contact_pixels(config, (8.0, 2.0, 2.0)))
+    assert (near[:, 10:20, 28:30] == 1).all() and not near[:, 45:60].any()
+    assert (far[:, 45:60, 0:30] == 1).all()
+
+
+def test_one_model_predicts_exactly_as_before_the_refactor(tiny_model):
+    model, config = tiny_model
+    image, _ = synthetic_volume(5, shape=(5, 44, 52))
+    new = Predictor(_loaded(tiny_model), replace(FP32, batch_size=2)).predict(image, normalized=True)
+    np.testing.assert_array_equal(new, _old_predict_volume(model, image, config.image_size, batch_size=2))
+    # Normalisation is the model's recorded recipe: raw int16-like input gives the same mask.
+    raw = (image * 2500 - 300).astype(np.int16)
+    predictor = Predictor(_loaded(tiny_model), FP32)
+    np.testing.assert_array_equal(predictor.predict(raw), predictor.predict(normalize_intensity(raw), normalized=True))
+
+
+class _NextSliceModel(torch.nn.Module):
+    """Labels a pixel RV (1) where the *next* slice is bright: shows which channel is slice k+1."""
+
+    context_slices = 1
+
+    def forward(self, x):
+        nxt = x[:, 2]
+        zero = torch.zeros_like(nxt)
+        return torch.stack([zero, nxt - 0.5, zero - 1, zero - 1], dim=1)
+
+
+def test_predictor_feeds_slice_neighbours_in_order(tiny_model):
+    vol = torch.rand(4, 32, 32).numpy()
+    member = replace(_loaded(tiny_model, image_size=32), model=_NextSliceModel())
+    pred = Predictor(member, replace(FP32, largest_component=False)).predict(vol, normalized=True)
+    for k in range(3):
+        np.testing.assert_array_equal(pred[k], (vol[k + 1] > 0.5).astype(np.uint8))
+    assert not pred[3].any()  # beyond the stack the neighbour is zero
+
+
+def test_ensemble_averages_the_members_softmax(tiny_model):
+    a, b = _loaded(tiny_model, seed=1), _loaded(tiny_model, seed=2, image_size=48)  # members may differ in grid
+    image, _ = synthetic_volume(7, shape=(3, 40, 48))
+    pa = Predictor(a, FP32).probabilities(image)
+    pb = Predictor(b, FP32).probabilities(image)
+    ensemble = Predictor([a, b], FP32)
+    assert ensemble.version == "test:1+test:2"
+    pe = ensemble.probabilities(image)
+    assert pe.shape == (4, 3, 40, 48)
+    np.testing.assert_allclose(pa.sum(0), 1, atol=1e-5)
+    np.testing.assert_allclose(pe, (pa + pb) / 2, atol=1e-6)
+    assert not np.allclose(pa, pb, atol=1e-3)  # two different models, so the test means something
+    expected = keep_largest_component(pe.argmax(0).astype(np.uint8))
+    np.testing.assert_array_equal(ensemble.predict(image), expected)
+
+
+def test_flip_tta_only_for_models_trained_with_flips(tiny_model):
+    plain = _loaded(tiny_model)
+    assert plain.config.augment.flip_prob == 0  # today's default: no mirrored hearts in training
+    with pytest.raises(ValueError, match="flip TTA needs a model trained with left-right flips"):
+        Predictor(plain, replace(FP32, flip_tta=True))
+    flipped = replace(_loaded(tiny_model, augment=AugmentConfig(flip_prob=0.5), image_size=48), model=_RampModel())
+    check_flip_tta(flipped.config)
+    image = np.random.default_rng(0).random((2, 48, 48)).astype(np.float32)  # on the model grid: no resampling
+    tta = Predictor(flipped, replace(FP32, flip_tta=True)).probabilities(image, normalized=True)
+    # TTA averages the logits with the mirrored image's, mirrored back: the ramp cancels out,
+    # the image term (the same in both) stays.
+    img = torch.from_numpy(image)
+    expected = torch.stack([torch.zeros_like(img), img - 0.5, torch.zeros_like(img), torch.zeros_like(img) - 1]).softmax(0)
+    np.testing.assert_allclose(tta, expected.numpy(), atol=1e-5)
+    direct = Predictor(flipped, FP32).probabilities(image, normalized=True)
+    assert np.abs(direct - tta).max() > 0.1
+
+
+class _RampModel(torch.nn.Module):
+    """Logits: class 1 = image − 0.5; class 2 = a left-to-right ramp (not mirror-symmetric)."""
+
+    context_slices = 0
+
+    def forward(self, x):
+        img = x[:, 0]
+        ramp = torch.linspace(-1, 1, img.shape[-1]).expand_as(img)
+        return torch.stack([torch.zeros_like(img), img - 0.5, ramp, torch.zeros_like(img) - 1], dim=1)
+
+
+def test_precision_is_resolved_per_device_and_recorded(tiny_model, monkeypatch):
+    from raysegment import predict
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(predict, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    predictor = Predictor(_loaded(tiny_model))
+    assert predictor.config.precision == "fp32" and predictor.dtype is None
+
+
+def test_references_load_to_one_shape(tmp_path, tiny_model, tiny_checkpoint):
+    from raysegment.weights import export_weights, sha256
+
+    weights = export_weights(tiny_checkpoint, tmp_path / "tiny.safetensors")
+    for ref in (str(tiny_checkpoint), str(weights)):
+        loaded = load_model(ref)
+        assert isinstance(loaded, LoadedModel) and not loaded.model.training
+        assert loaded.config == tiny_model[1] and loaded.state == {"epoch": 0}
+    assert model_version(str(weights)) == f"file:tiny.safetensors:{sha256(weights)[:12]}"
+    assert load_model(str(weights)).version == model_version(str(weights))
+    assert model_version(str(tiny_checkpoint)) == f"file:ckpt:{sha256(tiny_checkpoint / 'model.pt')[:12]}"
+    shipped = load_model("shipped:mobilenet_v2")
+    assert shipped.config.model.backbone == "mobilenet_v2" and shipped.version.startswith("file:mobilenet_v2.safetensors:")
+    for bad in (str(tmp_path / "nothing"), str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match="not a models:/ URI"):
+            load_model(bad)
+
+
+def test_segment_api_returns_a_mask_on_the_input_grid(tmp_path, tiny_model):
+    pdir = make_nifti_patient(tmp_path, 4, ed=1, es=3, nframes=4, shape=(3, 40, 48))
+    predictor = Predictor(_loaded(tiny_model), FP32)
+    cine = nib.load(str(pdir / "patient004_4d.nii.gz"))
+    mask = raysegment.segment(cine, model=predictor)
+    assert mask.shape == cine.shape and np.allclose(mask.affine, cine.affine) and mask.get_data_dtype() == np.uint8
+    data = np.asarray(cine.dataobj, dtype=np.float64)
+    spacing = tuple(float(z) for z in cine.header.get_zooms()[:3])[::-1]
+    for t in range(4):
+        frame = np.transpose(data[..., t], (2, 1, 0))
+        expected = np.transpose(predictor.predict(frame, spacing=spacing), (2, 1, 0))
+        np.testing.assert_array_equal(np.asarray(mask.dataobj)[..., t], expected)
+    one = raysegment.segment(pdir / "patient004_frame01.nii.gz", model=predictor)
+    assert one.shape == (48, 40, 3)
+
+
+def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model):
+    """One study through the three serving paths: the MLflow pyfunc, the batch job's study function
+    and report's evaluation over prepared shards."""
+    import mlflow.pyfunc
+
+    from raysegment.dataset import load_volumes
+    from raysegment.infer import segment_study
+    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.registry import _signature
+    from raysegment.report import predict_volumes
+
+    # Pixels of 2 mm: every path passes the spacing on (RV contact 4 px; 5 px without spacing).
+    make_nifti_patient(tmp_path / "src", 1, ed=1, es=5, nframes=6, spacing=(10.0, 2.0, 2.0), shape=(4, 40, 48))
+    study = tmp_path / "src" / "training" / "patient001" / "patient001_frame05.nii.gz"
+    model, config = tiny_model
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
+
+    predictor = Predictor.load(str(ckpt))
+    rows = segment_study(study, predictor, str(ckpt), tmp_path / "out")
+    infer_mask = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))
+
+    prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.0, progress=False))
+    (volume,) = [v for v in load_volumes(tmp_path / "shards", "train") if v.phase == "ES"]
+    ((_, report_mask),) = list(predict_volumes(predictor, [volume]))
+
+    code = __import__("raysegment.pyfunc_model", fromlist=["x"]).__file__
+    mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
+                             signature=_signature())
+    raw = np.transpose(np.asarray(nib.load(str(study)).dataobj), (2, 1, 0)).astype(np.float32)
+    pyfunc_mask = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(raw, params={"spacing_mm": [10.0, 2.0, 2.0]})
+
+    assert infer_mask.dtype == report_mask.dtype == pyfunc_mask.dtype == np.uint8
+    assert infer_mask.any()
+    np.testing.assert_array_equal(infer_mask, report_mask)
+    np.testing.assert_array_equal(infer_mask, pyfunc_mask)

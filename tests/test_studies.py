@@ -1,0 +1,72 @@
+"""Study I/O: discovery, reading as (frames, z, y, x), masks written on the input's exact grid."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from raysegment.studies import (StudyError, acdc_phase, find_studies, gt_for, nifti_to_zyx, parse_info_cfg, read_study,
+                                save_mask, zyx_to_nifti)
+from synth import make_nifti_patient
+
+
+def test_find_studies_skips_ground_truth(tmp_path):
+    pdir = make_nifti_patient(tmp_path, 3, ed=1, es=4, nframes=5)
+    names = [p.name for p in find_studies(tmp_path)]
+    assert names == ["patient003_4d.nii.gz", "patient003_frame01.nii.gz", "patient003_frame04.nii.gz"]
+    assert gt_for(pdir / "patient003_frame01.nii.gz").name == "patient003_frame01_gt.nii.gz"
+    assert gt_for(pdir / "patient003_4d.nii.gz") is None
+    assert acdc_phase(pdir / "patient003_frame04.nii.gz") == "ES"
+    assert acdc_phase(pdir / "patient003_frame01.nii.gz") == "ED"
+    assert acdc_phase(pdir / "patient003_4d.nii.gz") is None
+    assert parse_info_cfg(pdir / "Info.cfg") == {"ED": "1", "ES": "4", "Group": "NOR", "Height": "180.0",
+                                                  "NbFrame": "5", "Weight": "80.0"}
+    with pytest.raises(FileNotFoundError):
+        find_studies(tmp_path / "missing")
+
+
+def test_transposes_round_trip_and_4d_frames_come_first(tmp_path):
+    xyz = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    zyx = nifti_to_zyx(xyz)
+    assert zyx.shape == (4, 3, 2) and zyx[3, 2, 1] == xyz[1, 2, 3]
+    np.testing.assert_array_equal(zyx_to_nifti(zyx), xyz)
+    xyzt = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    tzyx = nifti_to_zyx(xyzt)
+    assert tzyx.shape == (5, 4, 3, 2) and tzyx[4, 3, 2, 1] == xyzt[1, 2, 3, 4]
+    np.testing.assert_array_equal(zyx_to_nifti(tzyx), xyzt)
+    cine = np.arange(9 * 10 * 4 * 5).reshape(9, 10, 4, 5)  # (x, y, z, t)
+    nib.save(nib.Nifti1Image(cine.astype(np.int16), np.diag([1.5, 1.5, 8, 1])), str(tmp_path / "c.nii.gz"))
+    _, frames, zooms = read_study(tmp_path / "c.nii.gz")
+    assert frames.shape == (5, 4, 10, 9) and zooms == (1.5, 1.5, 8.0)
+    np.testing.assert_array_equal(frames, nifti_to_zyx(cine))
+
+
+def test_mask_keeps_oblique_affine_and_grid(tmp_path):
+    affine = np.array([[0.2, 1.3, 0.0, 5], [1.4, -0.1, 0.3, -7], [0.0, 0.1, 8.5, 2], [0, 0, 0, 1]])
+    src = tmp_path / "oblique.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((52, 40, 3), np.int16), affine), str(src))
+    img, frames, _ = read_study(src)
+    mask = np.zeros(frames.shape, np.uint8)
+    mask[0, 1, 2, 3] = 2  # frame 0, slice 1, y 2, x 3
+    save_mask(mask, img, tmp_path / "m" / "seg.nii.gz")
+    seg = nib.load(str(tmp_path / "m" / "seg.nii.gz"))
+    assert seg.shape == (52, 40, 3) and np.allclose(seg.affine, affine) and seg.get_data_dtype() == np.uint8
+    assert np.asarray(seg.dataobj)[3, 2, 1] == 2 and np.asarray(seg.dataobj).sum() == 2
+    assert not list((tmp_path / "m").glob(".partial-*"))
+
+
+def test_bad_studies_raise_study_error(tmp_path):
+    for name, data in {"zero.nii": b"", "text.nii.gz": b"not a nifti"}.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(StudyError):
+            read_study(tmp_path / name)
+    nan = np.ones((20, 20, 3), np.float32)
+    nan[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(StudyError, match="NaN"):
+        read_study(tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((20, 20), np.int16), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(StudyError, match="3-D or 4-D"):
+        read_study(tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 20, 3), np.int16), np.eye(4)), str(tmp_path / "thin.nii.gz"))
+    with pytest.raises(StudyError, match="too small"):
+        read_study(tmp_path / "thin.nii.gz")

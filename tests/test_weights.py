@@ -1,0 +1,62 @@
+"""Weights files (fp16 safetensors + config), checksums, fine-tuning init and 2-D → 2.5-D widening."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_checkpoint
+from raysegment.models import build_model, with_context
+from raysegment.weights import checkpoint_from_weights, export_weights, init_state_dict, load_weights_file
+from synth import synthetic_volume
+
+
+def test_weights_file_round_trip(tmp_path, tiny_model):
+    model, config = tiny_model
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, config, {"epoch": 3})
+    out = export_weights(ckpt, tmp_path / "mobilenet_v2.safetensors")
+    loaded = load_weights_file(out)
+    assert loaded.config == config and loaded.state == {"epoch": 3} and not loaded.model.training
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), atol=2e-2, rtol=0)  # fp16 storage
+    back = checkpoint_from_weights(out, tmp_path / "back")
+    assert json.loads((back / "state.json").read_text())["epoch"] == 3
+
+
+def test_weights_cli_writes_checksums_that_catch_corruption(tmp_path, tiny_model, tiny_checkpoint):
+    from raysegment import weights
+
+    out = tmp_path / "shipped" / "mobilenet_v2.safetensors"
+    assert weights.main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert (out.parent / "SHA256SUMS").read_text().split() == [weights.sha256(out), "mobilenet_v2.safetensors"]
+    assert weights.main(["verify", "--folder", str(out.parent)]) == 0
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0xFF
+    out.write_bytes(bytes(data))
+    assert weights.main(["verify", "--folder", str(out.parent)]) == 1
+
+
+def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint):
+    model, config = tiny_model
+    out = export_weights(tiny_checkpoint, tmp_path / "w.safetensors")
+    fresh = build_model(config.model)
+    fresh.load_state_dict(init_state_dict(out, config.model))
+    for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-2, rtol=1e-2, msg=k)
+    with pytest.raises(ValueError, match="decoder_width=16"):
+        init_state_dict(out, replace(config.model, decoder_width=16))
+    # 2-D weights widen to a 2.5-D model that predicts exactly what the 2-D one does.
+    wide_config = replace(config.model, context_slices=1)
+    wide = build_model(wide_config).eval()
+    wide.load_state_dict(init_state_dict(out, wide_config))
+    narrow = load_weights_file(out).model
+    vol = torch.from_numpy(synthetic_volume(seed=3)[0].astype(np.float32))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(with_context(vol, 1)), narrow(vol[:, None]), atol=1e-5, rtol=1e-5)
+    ckpt2 = write_checkpoint(tmp_path / "wide-ckpt", wide, replace(config, model=wide_config))
+    wide_file = export_weights(ckpt2, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="cannot narrow"):
+        init_state_dict(wide_file, config.model)
