@@ -17,6 +17,7 @@ from raysegment import NUM_CLASSES
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow store when none is given: a file in the working directory
 
 
 @dataclass(frozen=True)

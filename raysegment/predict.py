@@ -101,14 +101,42 @@ def _local_path(ref: str) -> Path:
                             f"a .safetensors weights file or shipped:BACKBONE")
 
 
-def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
-    """One model from a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``), a checkpoint
-    folder, a ``.safetensors`` weights file or ``shipped:BACKBONE``."""
+def registered_folders(model_uri: str, tracking_uri: str | None, dst: str | Path) -> list[Path]:
+    """Download a registered version's checkpoint folder(s) → ``[checkpoint]`` for a single model,
+    ``[members/0, members/1, ...]`` for an ensemble (``raysegment.registry ensemble``)."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=str(dst)))
+    if (root / "members").is_dir():
+        return sorted((p for p in (root / "members").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    return [root / "checkpoint"]
+
+
+def load_models(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> list[LoadedModel]:
+    """The model(s) of one reference: a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``;
+    an ensemble version gives its members), a checkpoint folder, a ``.safetensors`` weights file or
+    ``shipped:BACKBONE``."""
+    import tempfile
+
     ref = str(ref)
     if is_registry_uri(ref):
-        from raysegment.registry import load_registered
+        version = model_version(ref, tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = registered_folders(f"models:/{version}", tracking_uri, tmp)
+            return [load_checkpoint(f, device, version=version) for f in folders]
+    return [load_model(ref, device=device)]
 
-        return load_registered(ref, tracking_uri, device=device, version=model_version(ref, tracking_uri))
+
+def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
+    """One model (see ``load_models``); a registered ensemble is refused here."""
+    ref = str(ref)
+    if is_registry_uri(ref):
+        members = load_models(ref, tracking_uri, device)
+        if len(members) != 1:
+            raise ValueError(f"{ref} is an ensemble of {len(members)} models; use Predictor.load")
+        return members[0]
     path = _local_path(ref)
     version = model_version(str(path))
     if path.is_dir():
@@ -172,7 +200,8 @@ def keep_largest_component(labels: np.ndarray, rv_contact_px: int = 5) -> np.nda
 class Predictor:
     """Applies one model, or an ensemble of models, to (z, y, x) volumes on their own grid."""
 
-    def __init__(self, members: LoadedModel | Sequence[LoadedModel], config: PredictConfig = PredictConfig()):
+    def __init__(self, members: LoadedModel | Sequence[LoadedModel], config: PredictConfig = PredictConfig(),
+                 version: str | None = None):
         members = [members] if isinstance(members, LoadedModel) else list(members)
         if not members:
             raise ValueError("a Predictor needs at least one model")
@@ -187,19 +216,17 @@ class Predictor:
         self.dtype = _DTYPES[self.config.precision]
         self.members = [replace(m, model=m.model.to(self.device).eval()) for m in members]
         self.num_classes = classes.pop()
+        # What results and ledgers key on: the references' versions joined by "+" (``load``), else the members'.
+        self.version = version or "+".join(m.version for m in self.members)
         self.forward_seconds = 0.0  # time spent inside the networks (bench: "pure forward")
 
     @classmethod
     def load(cls, refs: str | Sequence[str], config: PredictConfig = PredictConfig(),
              tracking_uri: str | None = None) -> "Predictor":
         """From one reference or several (an ensemble); see ``load_model`` for what a reference is."""
-        refs = [refs] if isinstance(refs, (str, Path)) else list(refs)
-        return cls([load_model(str(r), tracking_uri, config.device) for r in refs], config)
-
-    @property
-    def version(self) -> str:
-        """Members' versions joined by ``+`` (what an ensemble's results and ledger key on)."""
-        return "+".join(m.version for m in self.members)
+        refs = [str(r) for r in ([refs] if isinstance(refs, (str, Path)) else refs)]
+        return cls([m for r in refs for m in load_models(r, tracking_uri, config.device)], config,
+                   version="+".join(model_version(r, tracking_uri) for r in refs))
 
     @property
     def train_configs(self) -> list[TrainConfig]:

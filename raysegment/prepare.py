@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raysegment.config import DEFAULT_PERCENTILES
+from raysegment.config import DEFAULT_PERCENTILES, default_of
 from raysegment.studies import nifti_to_zyx, parse_info_cfg
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
@@ -508,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raysegment.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI or SSL4MIS h5)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
-    p.add_argument("--format", default="auto", choices=["auto", "acdc-nifti", "ssl4mis-h5"])
-    p.add_argument("--val-file", type=Path, default=None, help="text file of validation patient ids")
-    p.add_argument("--val-fraction", type=float, default=0.125, help="used when no split file is given or found")
-    p.add_argument("--seed", type=int, default=0)
+    d = lambda name: default_of(PrepareConfig, name)  # noqa: E731
+    p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5"])
+    p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
+    p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
+    p.add_argument("--seed", type=int, default=d("seed"))
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true")
     return p

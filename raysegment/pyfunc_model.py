@@ -6,7 +6,8 @@ MLflow loads this file, and the model rebuilds itself from the logged artifact f
 a uint8 label mask of the same shape (0 bg, 1 RV, 2 MYO, 3 LV). It is the same ``Predictor``
 that ``raysegment.infer`` and ``report`` use (default ``PredictConfig``), so it gives the same
 masks; pass ``params={"spacing_mm": [z, y, x]}`` when the spacing is known (as infer knows it
-from the NIfTI header), else the RV contact distance is in pixels.
+from the NIfTI header), else the RV contact distance is in pixels. An ensemble version averages
+its members' softmax.
 """
 
 from __future__ import annotations
@@ -18,10 +19,17 @@ from mlflow.models import set_model
 
 class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        from pathlib import Path
+
         from raysegment.checkpoint import load_checkpoint
         from raysegment.predict import Predictor
 
-        self.predictor = Predictor(load_checkpoint(context.artifacts["checkpoint"]))
+        if "members" in context.artifacts:  # a raysegment-ensemble version: members/0, members/1, ...
+            folders = sorted((p for p in Path(context.artifacts["members"]).iterdir() if p.is_dir()),
+                             key=lambda p: int(p.name))
+        else:
+            folders = [Path(context.artifacts["checkpoint"])]
+        self.predictor = Predictor([load_checkpoint(f) for f in folders])
 
     def predict(self, context, model_input, params=None):
         if isinstance(model_input, dict):  # a named-tensor signature hands over {name: array}

@@ -7,8 +7,14 @@ pyfunc model defined from code (``raysegment/pyfunc_model.py``), so nothing is u
     mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion").predict(volume)
 
 Version tags: ``dice_rv, dice_myo, dice_lv, dice_mean`` (val, 3-D per volume),
-``manifest_hash``, ``git_commit``, ``backbone``. The alias ``champion`` moves to a new
-version only when its ``dice_mean`` beats the current champion's on the same manifest.
+``manifest_hash``, ``git_commit``, ``backbone`` (``final`` and ``source_trial`` for the final
+model of a search). The alias ``champion`` moves to a new version only when its ``dice_mean``
+beats the current champion's on the same manifest.
+
+``raysegment-ensemble`` versions (``python -m raysegment.registry ensemble``) hold
+``members/0``, ``members/1``, ... instead of ``checkpoint/``; their pyfunc, ``Predictor.load`` and
+``raysegment.infer`` average the members' softmax. Tags: ``members`` (pinned versions or file
+hashes), ``flip_tta`` (how the Dice tags were measured) and the Dice of the ensemble itself.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from raysegment import disable_telemetry
-from raysegment.checkpoint import LoadedModel, load_checkpoint
+from raysegment.checkpoint import save_checkpoint
+from raysegment.config import DEFAULT_TRACKING_URI
 
 CHAMPION = "champion"
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
@@ -64,26 +72,68 @@ def _signature():
     )
 
 
-def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
-    """Log the checkpoint (state dict + config) as a pyfunc model in the active/new run → model URI."""
+CHECKPOINT_FILES = ("model.pt", "config.json", "state.json")  # the optimizer state is training-only
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in CHECKPOINT_FILES:
+        if (src / f).exists():
+            shutil.copy(src / f, dst / f)
+    return dst
+
+
+def _log_pyfunc(artifacts: dict[str, str]) -> str:
+    """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp:
-        # Only weights and config travel; the optimizer state is training-only.
-        ckpt = Path(tmp) / "checkpoint"
-        ckpt.mkdir()
-        for f in ("model.pt", "config.json", "state.json"):
-            if (Path(checkpoint_dir) / f).exists():
-                shutil.copy(Path(checkpoint_dir) / f, ckpt / f)
-        code = Path(__file__).with_name("pyfunc_model.py")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            artifacts={"checkpoint": str(ckpt)},
-            signature=_signature(),
-            pip_requirements=["raysegment", "torch", "torchvision", "numpy"],
-        )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts=artifacts,
+        signature=_signature(),
+        pip_requirements=["raysegment", "torch", "torchvision", "numpy"],
+    )
     return info.model_uri
+
+
+def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
+    """Log the checkpoint (state dict + config) as a pyfunc model in the active/new run → model URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _copy_checkpoint(Path(checkpoint_dir), Path(tmp) / "checkpoint")
+        return _log_pyfunc({"checkpoint": str(ckpt)})
+
+
+def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tracking_uri: str,
+              force_champion: bool) -> Registration:
+    """Register a logged model as the next version of ``name``, tag it, decide on ``champion``."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    # register_model resolves a logged model's source (the REST store wants its model id).
+    mv = mlflow.register_model(uri, name)
+    client.update_registered_model(name, description=description)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, mv.version, k, v)
+    promote, reason = _should_promote(client, name, float(tags["dice_mean"]), tags["manifest_hash"])
+    if force_champion:
+        promote, reason = True, "forced"
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return Registration(name=name, version=str(mv.version), champion=promote, reason=reason)
+
+
+def _in_run(run_id: str | None, run_name: str, log) -> str:
+    """Call ``log()`` inside ``run_id`` (e.g. the tune parent run) or a new ``raysegment-registry`` run."""
+    import mlflow
+
+    if run_id is None:
+        mlflow.set_experiment("raysegment-registry")
+        with mlflow.start_run(run_name=run_name):
+            return log()
+    with mlflow.start_run(run_id=run_id):
+        return log()
 
 
 def register_checkpoint(
@@ -93,6 +143,7 @@ def register_checkpoint(
     tracking_uri: str,
     run_id: str | None = None,
     force_champion: bool = False,
+    extra_tags: dict[str, str] | None = None,
 ) -> Registration:
     """Register a checkpoint folder as a new version and decide on the ``champion`` alias.
 
@@ -100,7 +151,6 @@ def register_checkpoint(
     (e.g. the tune parent run) or a new run of experiment ``raysegment-registry``.
     """
     import mlflow
-    from mlflow import MlflowClient
 
     disable_telemetry()
     missing = [k for k in DICE_KEYS if k not in metrics]
@@ -108,32 +158,49 @@ def register_checkpoint(
         raise ValueError(f"metrics lack {missing}")
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
     backbone = config["model"]["backbone"]
-    name = model_name(backbone)
     mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    if run_id is None:
-        mlflow.set_experiment("raysegment-registry")
-        with mlflow.start_run(run_name=f"register-{backbone}") as run:
-            run_id = run.info.run_id
-            uri = log_checkpoint_model(checkpoint_dir)
-    else:
-        with mlflow.start_run(run_id=run_id):
-            uri = log_checkpoint_model(checkpoint_dir)
-    # register_model resolves a logged model's source (the REST store wants its model id).
-    mv = mlflow.register_model(uri, name)
-    client.update_registered_model(name, description=f"raysegment U-Net, {backbone} encoder, ACDC RV/MYO/LV")
+    uri = _in_run(run_id, f"register-{backbone}", lambda: log_checkpoint_model(checkpoint_dir))
     tags = {k: f"{float(metrics[k]):.6f}" for k in DICE_KEYS}
     tags.update(manifest_hash=config.get("manifest_hash", ""), git_commit=git_commit(), backbone=backbone,
-                config=json.dumps(config, sort_keys=True)[:4900])
-    for k, v in tags.items():
-        client.set_model_version_tag(name, mv.version, k, v)
+                config=json.dumps(config, sort_keys=True)[:4900], **(extra_tags or {}))
+    return _register(model_name(backbone), uri, description=f"raysegment U-Net, {backbone} encoder, ACDC RV/MYO/LV",
+                     tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
-    promote, reason = _should_promote(client, name, float(metrics["dice_mean"]), tags["manifest_hash"])
-    if force_champion:
-        promote, reason = True, "forced"
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-    return Registration(name=name, version=str(mv.version), champion=promote, reason=reason)
+
+ENSEMBLE_NAME = "raysegment-ensemble"
+
+
+def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: str, flip_tta: bool = False,
+                      force_champion: bool = False) -> Registration:
+    """Register ``members`` (registry URIs, checkpoint folders or weights files) as the next version of
+    ``raysegment-ensemble``: its pyfunc averages the members' softmax (``Predictor``). The version's
+    Dice tags come from evaluating the ensemble on the val split of ``shards`` here, with or without
+    flip TTA as asked (tag ``flip_tta``); ``members`` lists the pinned member versions."""
+    import mlflow
+
+    from raysegment.metrics import dice_summary
+    from raysegment.predict import is_registry_uri, load_models, model_version
+    from raysegment.prepare import load_manifest
+    from raysegment.report import evaluate
+
+    disable_telemetry()
+    if len(members) < 2:
+        raise ValueError("an ensemble needs at least two members")
+    mlflow.set_tracking_uri(tracking_uri)
+    versions = [model_version(m, tracking_uri) for m in members]
+    pinned = [f"models:/{v}" if is_registry_uri(m) else m for m, v in zip(members, versions)]
+    summary = dice_summary(evaluate(pinned, shards, splits=("val",), tracking_uri=tracking_uri, flip_tta=flip_tta))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "members"
+        for i, ref in enumerate(pinned):
+            (loaded,) = load_models(ref, tracking_uri)  # a member that is itself an ensemble is refused here
+            save_checkpoint(folder / str(i), loaded.model, None, loaded.config, loaded.state)
+        uri = _in_run(None, "register-ensemble", lambda: _log_pyfunc({"members": str(folder)}))
+    tags = {k: f"{float(summary[k]):.6f}" for k in DICE_KEYS}
+    tags.update(manifest_hash=load_manifest(shards)["content_hash"], git_commit=git_commit(),
+                members=json.dumps(versions), flip_tta=str(flip_tta).lower())
+    return _register(ENSEMBLE_NAME, uri, description="raysegment ensemble: the members' softmax averaged",
+                     tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
 
 def _should_promote(client, name: str, dice_mean: float, manifest_hash: str) -> tuple[bool, str]:
@@ -147,25 +214,6 @@ def _should_promote(client, name: str, dice_mean: float, manifest_hash: str) -> 
     if dice_mean > cur_dice:
         return True, f"dice_mean {dice_mean:.4f} beats champion v{current.version} ({cur_dice:.4f})"
     return False, f"dice_mean {dice_mean:.4f} does not beat champion v{current.version} ({cur_dice:.4f})"
-
-
-def download_checkpoint(model_uri: str, tracking_uri: str | None, dst: str | Path) -> Path:
-    """Fetch ``checkpoint/`` (state dict + config) of a registered model → local folder."""
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts/checkpoint",
-                                                dst_path=str(dst))
-    return Path(local)
-
-
-def load_registered(model_uri: str, tracking_uri: str | None = None, device: str = "cpu",
-                    version: str | None = None) -> LoadedModel:
-    """The model of a registry URI such as ``models:/raysegment-x@champion``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = download_checkpoint(model_uri, tracking_uri, tmp)
-        return load_checkpoint(folder, device, version=version or model_uri[len("models:/"):])
 
 
 def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: bool = False) -> Registration:
@@ -187,11 +235,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="register a shipped weights file (.safetensors)")
     imp.add_argument("weights")
-    imp.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
+    imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     imp.add_argument("--force-champion", action="store_true")
+    ens = sub.add_parser("ensemble", help="register an ensemble (raysegment-ensemble) of two or more models, "
+                                          "scored on the val split of --data")
+    ens.add_argument("--member", required=True, action="append", dest="members",
+                     help="models:/NAME@ALIAS or /VERSION, checkpoint folder or .safetensors file; repeat it")
+    ens.add_argument("--data", required=True, help="shards whose val split scores the ensemble (Dice tags)")
+    ens.add_argument("--flip-tta", action="store_true", help="score the ensemble with flip TTA (tag flip_tta)")
+    ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    ens.add_argument("--force-champion", action="store_true")
     reg = sub.add_parser("register", help="register a training checkpoint folder")
     reg.add_argument("checkpoint")
-    reg.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
+    reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     reg.add_argument("--force-champion", action="store_true")
     return p
 
@@ -202,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     if a.cmd == "import":
         r = import_weights(a.weights, a.mlflow_uri, a.force_champion)
+    elif a.cmd == "ensemble":
+        try:
+            r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
+                                  force_champion=a.force_champion)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     else:
         state = json.loads((Path(a.checkpoint) / "state.json").read_text())
         r = register_checkpoint(a.checkpoint, metrics=state["metrics"], tracking_uri=a.mlflow_uri,
@@ -211,6 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -89,7 +89,10 @@ def predict_volumes(predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:
         yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
 
 
-def evaluate(model_ref: str | list[str], shards: str | Path, splits=("train", "val"), tracking_uri: str | None = None,
+SPLITS = ("train", "val")
+
+
+def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
              flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
     """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
     from raysegment.dataset import load_volumes
@@ -201,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, action="append",
                     help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--splits", nargs="+", default=["train", "val"])
+    ev.add_argument("--splits", nargs="+", default=list(SPLITS))
     ev.add_argument("--mlflow-uri", default=None)
     ev.add_argument("--flip-tta", action="store_true")
     ev.add_argument("--no-largest-component", action="store_true",

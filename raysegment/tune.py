@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from raysegment import disable_telemetry
-from raysegment.config import AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of, torch_threads
+from raysegment.config import (DEFAULT_TRACKING_URI, AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of,
+                               torch_threads)
 from raysegment.train import RunSpec, add_run_arguments, ensure_ray, make_trainer, resolve_init_weights
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
 
 
@@ -69,6 +69,10 @@ class TuneSpec:
     experiment: str = "raysegment-tune"
     seed: int = 0
     register: bool = True
+    # After the trials, train the best trial's configuration again from scratch for this many wall
+    # minutes (one Ray Train run on ``run``'s resources) and register its last epoch as a final model.
+    final_minutes: float | None = None
+    final_max_epochs: int = 300  # the most epochs of the final run (the time budget usually ends it first)
 
 
 def run_trial(params: dict, base: TrainConfig, run: RunSpec) -> None:
@@ -180,7 +184,8 @@ def trial_table(results) -> list[dict]:
         if df is None or "dice_mean" not in df:
             continue
         best = df.loc[df["dice_mean"].idxmax()]
-        rows.append({**{k: r.config.get(k) for k in SEARCHED if k in r.config},
+        trial_id = (getattr(r, "metrics", None) or {}).get("trial_id") or Path(str(getattr(r, "path", ""))).name
+        rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config},
                      "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
                      **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
                      "checkpoint_path": best.get("checkpoint_path")})
@@ -241,8 +246,57 @@ def run_search(spec: TuneSpec) -> dict:
         reg = register_checkpoint(best["checkpoint_path"], metrics=best, tracking_uri=spec.tracking_uri,
                                   run_id=parent_id)
         summary["registered"] = asdict(reg)
+    if spec.final_minutes:
+        summary["final"] = run_final(spec, best, exp_id, parent_id)
     client.set_terminated(parent_id, "FINISHED")
     return summary
+
+
+def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str) -> dict:
+    """Train the best trial's configuration from scratch within ``spec.final_minutes`` and register
+    its last epoch (tags ``final=true``, ``source_trial``). Tracked as a child run of the search;
+    running the same search again resumes an interrupted final run."""
+    from raysegment.checkpoint import read_state
+
+    params = {k: best[k] for k in SEARCHED if k in best}
+    config = replace(apply_params(spec.base, params), epochs=spec.final_max_epochs, time_budget_min=spec.final_minutes)
+    run = replace(spec.run, name=f"{spec.run.name}-final",
+                  storage_path=str(Path(spec.run.storage_path).resolve() / spec.run.name / "train"))
+    client = _mlflow_client(spec.tracking_uri)
+    found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.final = 'true'")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name="final", tags={
+            "mlflow.parentRunId": parent_run_id, "final": "true", "source_trial": str(best["trial_id"])}).info.run_id
+        for k, v in {**params, "minutes": spec.final_minutes, "backbone": config.model.backbone}.items():
+            client.log_param(run_id, k, v)
+        client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
+    print(f"[raysegment] final run: trial {best['trial_id']}'s configuration from scratch for "
+          f"{spec.final_minutes:g} min ({run.name})", flush=True)
+    result = make_trainer(config, run).fit()
+    if result.error or result.checkpoint is None:
+        client.set_terminated(run_id, "FAILED")
+        raise RuntimeError(f"final run failed: {result.error}")
+    with result.checkpoint.as_directory() as d:  # local or remote storage alike
+        history = read_state(d).get("history", [])
+    for h in history:
+        for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+            if isinstance(h.get(k), (int, float)) and math.isfinite(h[k]):
+                client.log_metric(run_id, k, float(h[k]), step=int(h["epoch"]))
+    metrics = result.metrics
+    out = {"trial_id": best["trial_id"], "epochs": int(metrics["epoch"]) + 1,
+           **{k: float(metrics[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+           "checkpoint_path": result.checkpoint.path}
+    if spec.register:
+        from raysegment.registry import register_checkpoint
+
+        reg = register_checkpoint(result.checkpoint.path, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
+                                  extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
+                                              "search_run": parent_run_id})
+        out["registered"] = asdict(reg)
+    client.set_terminated(run_id, "FINISHED")
+    return out
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -286,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
     p.add_argument("--no-register", action="store_true")
+    p.add_argument("--final-minutes", type=float, default=d("final_minutes"),
+                   help="after the search, train the best trial's configuration from scratch for this many minutes "
+                        "and register its last epoch as a final model")
+    p.add_argument("--final-epochs", type=int, default=d("final_max_epochs"), help="the most epochs of the final run")
     return p
 
 
@@ -321,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=bool(a.gpus_per_worker),
                                            cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name),
                     num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
-                    tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register)
+                    tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
+                    final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
     ensure_ray(a.address)
     summary = run_search(spec)
     print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
@@ -332,6 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     if "registered" in summary:
         reg = summary["registered"]
         print(f"[raysegment] registered {reg['name']} v{reg['version']}; champion: {reg['champion']} ({reg['reason']})")
+    if "final" in summary:
+        f = summary["final"]
+        print(f"[raysegment] final model ({f['epochs']} epochs, from trial {f['trial_id']}): dice rv {f['dice_rv']:.3f} "
+              f"myo {f['dice_myo']:.3f} lv {f['dice_lv']:.3f} mean {f['dice_mean']:.3f}")
+        if "registered" in f:
+            reg = f["registered"]
+            print(f"[raysegment] registered final {reg['name']} v{reg['version']}; champion: {reg['champion']} "
+                  f"({reg['reason']})")
     return 0
 
 

@@ -91,3 +91,25 @@ def test_report_draws_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4 and all(line.count(" | ") == 8 for line in table[1:] if "broken" not in line)
     assert "failed: line one line \\| two" in text  # one table row, the pipe escaped
+
+
+def test_an_ensemble_segments_a_study_with_the_members_mean_softmax(tmp_path, tiny_model):
+    import torch
+
+    from raysegment.config import PredictConfig
+    from raysegment.models import build_model
+    from raysegment.predict import keep_largest_component
+
+    model, config = tiny_model
+    torch.manual_seed(7)
+    other = build_model(config.model).eval()
+    refs = [str(write_checkpoint(tmp_path / "a", model, config)), str(write_checkpoint(tmp_path / "b", other, config))]
+    ensemble = Predictor.load(refs, PredictConfig(precision="fp32"))
+    assert len(ensemble.members) == 2 and ensemble.version.count("+") == 1
+    pdir = make_nifti_patient(tmp_path / "in", 5, ed=1, es=2, nframes=2, spacing=(8.0, 1.4, 1.4))
+    (row,) = segment_study(pdir / "patient005_frame02.nii.gz", ensemble, " + ".join(refs), tmp_path / "out")
+    seg = np.transpose(np.asarray(nib.load(row["mask"]).dataobj), (2, 1, 0))
+    frame = np.transpose(np.asarray(nib.load(str(pdir / "patient005_frame02.nii.gz")).dataobj, np.float64), (2, 1, 0))
+    probs = [Predictor.load(r, PredictConfig(precision="fp32")).probabilities(frame) for r in refs]
+    np.testing.assert_array_equal(seg, keep_largest_component(((probs[0] + probs[1]) / 2).argmax(0).astype(np.uint8), 5))
+    assert row["model_version"] == ensemble.version

@@ -58,6 +58,35 @@ def ray_env(root: Path) -> dict:
     return env
 
 
+def stop_ray(env: dict, ray_tmp: str, grace: float = 15.0) -> None:
+    """Stop the Ray cluster a test started, and only that one (``ray stop --force`` would also kill
+    any other Ray on the machine, a developer's training run included): its processes carry the
+    test's token path in their environment or its temp dir on their command line."""
+    token = env["RAY_AUTH_TOKEN_PATH"].encode()
+
+    def ours() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                if ray_tmp.encode() in (d / "cmdline").read_bytes() or token in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A token-auth Ray head and an MLflow server (sqlite + local artifacts) on 127.0.0.1."""
@@ -81,7 +110,7 @@ def cluster(tmp_path_factory):
         wait_http(f"http://127.0.0.1:{dash}")
         yield {"env": env, "root": root, "mlflow": uri, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
-        subprocess.run([f"{VENV_BIN}/ray", "stop", "--force"], env=env, capture_output=True)
+        stop_ray(env, ray_tmp)
         os.killpg(mlflow_proc.pid, signal.SIGTERM)
         mlflow_proc.wait(timeout=30)
         mlflow_log.close()
@@ -91,7 +120,14 @@ def cluster(tmp_path_factory):
 def submit(cluster, *args: str, timeout: float = 900) -> str:
     """`ray job submit -- python -m ...` (waits for the job); returns its log, fails the test on error."""
     cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", cluster["address"], "--", f"{VENV_BIN}/python", "-m", *args]
-    r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=cluster["root"])
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=cluster["root"])
+        # The dashboard answers HTTP before its job agent is up (seconds on a loaded machine): the
+        # job was not submitted, so submitting again is safe.
+        if "No available agent to submit job" not in r.stdout + r.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
     return r.stdout
 
@@ -285,3 +321,75 @@ def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
 
     studies = {r["study"] for r in pq.read_table(out / "results.parquet").to_pylist()}
     assert len(studies) == 16
+
+
+def test_ensemble_version_averages_its_members_everywhere(cluster, registered, sample_shards, tmp_path):
+    """registry ensemble: members pinned, its own val Dice, and the pyfunc, Predictor.load and infer
+    (--model repeated, or the ensemble's URI) give the members' softmax average."""
+    import mlflow
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    from raysegment import registry
+    from raysegment.metrics import dice_summary
+    from raysegment.predict import Predictor
+    from raysegment.report import evaluate
+
+    from raysegment.weights import shipped_weights
+
+    files = ["models:/raysegment-mobilenet_v2/1", str(shipped_weights("mobilenet_v2"))]
+    assert registry.main(["ensemble", "--member", "models:/raysegment-mobilenet_v2@champion", "--member", files[1],
+                          "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    client = MlflowClient(cluster["mlflow"])
+    v = client.get_model_version_by_alias("raysegment-ensemble", "champion")
+    assert json.loads(v.tags["members"])[0] == "raysegment-mobilenet_v2/1" and v.tags["flip_tta"] == "false"
+    expected = dice_summary(evaluate(files, sample_shards, splits=("val",), tracking_uri=cluster["mlflow"]))
+    assert float(v.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+
+    image, _ = synthetic_volume(2, shape=(3, 60, 70))
+    raw = (image * 700).astype(np.float32)
+    direct = Predictor.load(files, tracking_uri=cluster["mlflow"])
+    registered_ensemble = Predictor.load("models:/raysegment-ensemble@champion", tracking_uri=cluster["mlflow"])
+    assert len(registered_ensemble.members) == 2 and registered_ensemble.version == f"raysegment-ensemble/{v.version}"
+    np.testing.assert_array_equal(registered_ensemble.predict(raw), direct.predict(raw))
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    pyfunc = mlflow.pyfunc.load_model("models:/raysegment-ensemble@champion")
+    np.testing.assert_array_equal(pyfunc.predict(raw), direct.predict(raw))
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_nifti_patient(inp, 8, ed=1, es=4, nframes=4)
+    log = submit(cluster, "raysegment.infer", *[x for f in files for x in ("--model", f)], "--input", str(inp),
+                 "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1")
+    assert "3 to segment" in log
+    rows = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["study"].endswith("frame04.nii.gz")]
+    seg = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))
+    study = nib.load(rows[0]["study"])
+    frame = np.transpose(np.asarray(study.dataobj, dtype=np.float64), (2, 1, 0))
+    spacing = tuple(float(z) for z in study.header.get_zooms()[:3])[::-1]
+    np.testing.assert_array_equal(seg, direct.predict(frame, spacing=spacing))
+    assert rows[0]["model_version"] == direct.version == "raysegment-mobilenet_v2/1+" + direct.members[1].version
+
+
+def test_search_with_a_final_stage_registers_a_final_model(cluster, registered, sample_shards):
+    from mlflow import MlflowClient
+
+    log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
+                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--epochs", "1", "--final-minutes", "1",
+                 "--max-steps-per-epoch", "4", "--storage", str(cluster["root"] / "runs"), "--name", "withfinal",
+                 *TUNE_SMALL)
+    assert "[raysegment] final run: trial" in log and "registered final raysegment-mobilenet_v2 v" in log, log[-3000:]
+    client = MlflowClient(cluster["mlflow"])
+    versions = client.search_model_versions("name = 'raysegment-mobilenet_v2'")
+    final = [v for v in versions if v.tags.get("final") == "true"]
+    assert len(final) == 1
+    tags = final[0].tags
+    assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(tags)
+    assert json.loads(tags["config"])["time_budget_min"] == 1.0
+    # Lineage: the final run is a child of the search's parent run and names the trial it came from.
+    parent = client.get_run(tags["search_run"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    final_run = [r for r in runs if r.data.tags.get("final") == "true"]
+    assert len(final_run) == 1 and final_run[0].data.tags["source_trial"] == tags["source_trial"]
+    assert len(client.get_metric_history(final_run[0].info.run_id, "dice_mean")) >= 1
+    trial_runs = [r for r in runs if r.data.tags.get("tune_trial_id") == tags["source_trial"]]
+    assert len(trial_runs) == 1

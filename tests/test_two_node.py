@@ -16,7 +16,7 @@ import tempfile
 import pytest
 
 from synth import make_h5_dataset
-from test_integration import VENV_BIN, free_port, ray_env, wait_http
+from test_integration import VENV_BIN, free_port, ray_env, stop_ray, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def two_nodes(tmp_path_factory):
         wait_http(f"http://127.0.0.1:{dash}")
         yield {"env": env, "root": root, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
-        ray_cli(env, "stop", "--force", check=False)
+        stop_ray(env, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
