@@ -194,6 +194,7 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
         folder = Path(tmp) / "members"
         for i, ref in enumerate(pinned):
             (loaded,) = load_models(ref, tracking_uri)  # a member that is itself an ensemble is refused here
+            (folder / str(i)).mkdir(parents=True)
             save_checkpoint(folder / str(i), loaded.model, None, loaded.config, loaded.state)
         uri = _in_run(None, "register-ensemble", lambda: _log_pyfunc({"members": str(folder)}))
     tags = {k: f"{float(summary[k]):.6f}" for k in DICE_KEYS}

@@ -84,6 +84,27 @@ def run_trial(params: dict, base: TrainConfig, run: RunSpec) -> None:
     trial = tune.get_context().get_trial_id()
     spec = replace(run, name=f"{run.name}-trial-{trial}")
     make_trainer(config, spec, run_callbacks=[TuneReportCallback()]).fit()
+    _wait_until_tune_has_every_report()
+
+
+def _wait_until_tune_has_every_report(timeout_s: float = 120.0) -> None:
+    """Return from a trial only after Tune has taken Train's last report.
+
+    Ray 2.60 passes Train's reports to Tune through a one-item queue actor. If the trial function
+    returns while the last report still sits there, the trial's own end-of-function result fills
+    the session's result queue first and the trial hangs for ever when Tune then moves the report
+    over (seen here: a 3-epoch trial stuck in ``Queue.put`` after its last epoch). Both queues
+    empty means Tune has every report.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    deadline = time.time() + timeout_s
+    while queue is not None and time.time() < deadline:
+        if queue.empty() and session.result_queue.empty():
+            return
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- MLflow tracking

@@ -102,7 +102,11 @@ def cluster(tmp_path_factory):
         env=env, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
     subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
                     "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
-                    "--disable-usage-stats", "--temp-dir", ray_tmp],
+                    "--disable-usage-stats", "--temp-dir", ray_tmp,
+                    # Ports of its own: another Ray on the machine (a developer's run) holds the defaults,
+                    # and a job agent that cannot bind leaves "No available agent to submit job".
+                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                    "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
                    env=env, check=True, capture_output=True, cwd=root)
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
@@ -374,7 +378,7 @@ def test_search_with_a_final_stage_registers_a_final_model(cluster, registered, 
     from mlflow import MlflowClient
 
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
-                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--epochs", "1", "--final-minutes", "1",
+                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--epochs", "1", "--final-minutes", "0.5",
                  "--max-steps-per-epoch", "4", "--storage", str(cluster["root"] / "runs"), "--name", "withfinal",
                  *TUNE_SMALL)
     assert "[raysegment] final run: trial" in log and "registered final raysegment-mobilenet_v2 v" in log, log[-3000:]
@@ -384,7 +388,7 @@ def test_search_with_a_final_stage_registers_a_final_model(cluster, registered, 
     assert len(final) == 1
     tags = final[0].tags
     assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(tags)
-    assert json.loads(tags["config"])["time_budget_min"] == 1.0
+    assert json.loads(tags["config"])["time_budget_min"] == 0.5
     # Lineage: the final run is a child of the search's parent run and names the trial it came from.
     parent = client.get_run(tags["search_run"])
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
