@@ -1,4 +1,4 @@
-"""U-Nets over torchvision encoders: a registry of backbone name → builder.
+"""U-Nets over torchvision encoders: a registry of backbone name → encoder class (smp style).
 
 Each encoder yields five feature maps at strides 2, 4, 8, 16, 32; the decoder upsamples
 by 2 at each stage, concatenates the skip and applies two 3×3 conv-BN-ReLU blocks.
@@ -134,7 +134,7 @@ class UNet(nn.Module):
     def __init__(self, encoder: nn.Module, decoder_width: int, num_classes: int):
         super().__init__()
         self.encoder = encoder
-        # Slice k plus context_slices neighbours on each side (predict_volume reads it).
+        # Slice k plus context_slices neighbours on each side (the Predictor reads it).
         self.context_slices = (encoder.in_channels - 1) // 2
         enc = encoder.channels
         w = decoder_width
