@@ -123,7 +123,12 @@ def cluster(tmp_path_factory):
 
 def submit(cluster, *args: str, timeout: float = 900) -> str:
     """`ray job submit -- python -m ...` (waits for the job); returns its log, fails the test on error."""
-    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", cluster["address"], "--", f"{VENV_BIN}/python", "-m", *args]
+    # RAY_ADDRESS for every process of the job: Ray Train's placement-group cleaner asks the state
+    # API for "the" cluster, and with another Ray on the machine (a developer's run) it cannot tell
+    # which one, dies, and leaks the trial's placement group (the next trial then waits for ever).
+    env_json = json.dumps({"env_vars": {"RAY_ADDRESS": cluster["gcs"]}})
+    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", cluster["address"], "--runtime-env-json", env_json, "--",
+           f"{VENV_BIN}/python", "-m", *args]
     deadline = time.time() + 120
     while True:
         r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=cluster["root"])
@@ -176,17 +181,36 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
     assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(children[0].data.params)
 
 
-def test_worse_search_does_not_move_champion(cluster, registered, sample_shards):
+def test_worse_search_does_not_move_champion_and_its_final_stage_registers_a_final_model(cluster, registered,
+                                                                                       sample_shards):
+    """A second search (1 trial at lr 1e-9, so worse) with a final stage: ray job submit -- raysegment.tune
+    ... --final-minutes M trains the best trial's configuration from scratch and registers its last
+    epoch as a final version, with lineage; neither moves the champion."""
     from mlflow import MlflowClient
 
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "1", "--epochs", "1", "--set", "lr=1e-9",
-                 "--storage", str(cluster["root"] / "runs"), "--name", "worse", *TUNE_SMALL)
+                 "--final-minutes", "0.5", "--storage", str(cluster["root"] / "runs"), "--name", "worse", *TUNE_SMALL)
     assert "registered raysegment-mobilenet_v2 v2; champion: False" in log, log[-3000:]
+    assert "[raysegment] final run: trial" in log, log[-3000:]
+    assert "registered final raysegment-mobilenet_v2 v3; champion: False" in log, log[-3000:]
     client = MlflowClient(cluster["mlflow"])
     assert client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version == "1"
-    v2 = client.get_model_version("raysegment-mobilenet_v2", "2")
-    assert float(v2.tags["dice_mean"]) <= float(client.get_model_version("raysegment-mobilenet_v2", "1").tags["dice_mean"])
+    v1, v2 = (client.get_model_version("raysegment-mobilenet_v2", v) for v in ("1", "2"))
+    assert float(v2.tags["dice_mean"]) <= float(v1.tags["dice_mean"])
+    assert "final" not in v2.tags
+    tags = client.get_model_version("raysegment-mobilenet_v2", "3").tags
+    assert tags["final"] == "true"
+    assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(tags)
+    config = json.loads(tags["config"])
+    assert config["time_budget_min"] == 0.5 and config["lr"] == 1e-9  # the best trial's configuration
+    # Lineage: the final run is a child of the search's parent run and names the trial it came from.
+    parent = client.get_run(tags["search_run"])
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    final_run = [r for r in runs if r.data.tags.get("final") == "true"]
+    assert len(final_run) == 1 and final_run[0].data.tags["source_trial"] == tags["source_trial"]
+    assert len(client.get_metric_history(final_run[0].info.run_id, "dice_mean")) >= 1
+    assert [r for r in runs if r.data.tags.get("tune_trial_id") == tags["source_trial"]]
 
 
 def test_champion_loads_through_pyfunc(cluster, registered):
@@ -372,28 +396,3 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     spacing = tuple(float(z) for z in study.header.get_zooms()[:3])[::-1]
     np.testing.assert_array_equal(seg, direct.predict(frame, spacing=spacing))
     assert rows[0]["model_version"] == direct.version == "raysegment-mobilenet_v2/1+" + direct.members[1].version
-
-
-def test_search_with_a_final_stage_registers_a_final_model(cluster, registered, sample_shards):
-    from mlflow import MlflowClient
-
-    log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
-                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--epochs", "1", "--final-minutes", "0.5",
-                 "--max-steps-per-epoch", "4", "--storage", str(cluster["root"] / "runs"), "--name", "withfinal",
-                 *TUNE_SMALL)
-    assert "[raysegment] final run: trial" in log and "registered final raysegment-mobilenet_v2 v" in log, log[-3000:]
-    client = MlflowClient(cluster["mlflow"])
-    versions = client.search_model_versions("name = 'raysegment-mobilenet_v2'")
-    final = [v for v in versions if v.tags.get("final") == "true"]
-    assert len(final) == 1
-    tags = final[0].tags
-    assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(tags)
-    assert json.loads(tags["config"])["time_budget_min"] == 0.5
-    # Lineage: the final run is a child of the search's parent run and names the trial it came from.
-    parent = client.get_run(tags["search_run"])
-    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    final_run = [r for r in runs if r.data.tags.get("final") == "true"]
-    assert len(final_run) == 1 and final_run[0].data.tags["source_trial"] == tags["source_trial"]
-    assert len(client.get_metric_history(final_run[0].info.run_id, "dice_mean")) >= 1
-    trial_runs = [r for r in runs if r.data.tags.get("tune_trial_id") == tags["source_trial"]]
-    assert len(trial_runs) == 1
