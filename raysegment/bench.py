@@ -199,8 +199,8 @@ def bench_infer(args) -> dict:
     return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
             "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),
             "precision": predictor.config.precision, "threads": threads, "segmented": summary["segmented"],
-            "forward_s_per_study": round(forward_s, 3), "predict_s_per_study": round(predict_s, 3),
-            "infer_actor_s_per_study": round(actor_s, 3), "infer_s_per_study": round(infer_s, 3),
+            "forward_s_per_study": round(forward_s, 4), "predict_s_per_study": round(predict_s, 4),
+            "infer_actor_s_per_study": round(actor_s, 4), "infer_s_per_study": round(infer_s, 4),
             "infer_over_forward": round(infer_s / forward_s, 2)}
 
 

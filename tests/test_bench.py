@@ -28,15 +28,17 @@ def test_bare_training_loop_runs_the_train_step(shards):
 
 @pytest.mark.slow
 def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, tiny_model, capsys):
+    import ray
+
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    assert bench.main(["infer", "--data", str(shards), "--model", str(ckpt), "--volumes", "2", "--threads", "1"]) == 0
+    try:  # bench starts a local Ray in this process; later tests start their own
+        assert bench.main(["infer", "--data", str(shards), "--model", str(ckpt), "--volumes", "2", "--threads", "1"]) == 0
+    finally:
+        ray.shutdown()
     out = capsys.readouterr().out.splitlines()
     result = json.loads(next(line for line in out if line.startswith("{")))
     assert result["studies"] == 2 and result["segmented"] == 2 and result["precision"] in ("fp32", "bf16")
     assert 0 < result["forward_s_per_study"] <= result["predict_s_per_study"]
-    assert result["infer_over_forward"] == pytest.approx(result["infer_s_per_study"] / result["forward_s_per_study"],
-                                                         rel=0.02)
+    fwd = result["forward_s_per_study"]  # rounded to 0.1 ms: the ratio from the rounded figures is close
+    assert result["infer_over_forward"] == pytest.approx(result["infer_s_per_study"] / fwd, rel=0.01 + 1e-4 / fwd)
     assert any(line.endswith("× forward") for line in out)
-    import ray
-
-    ray.shutdown()
