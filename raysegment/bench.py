@@ -158,7 +158,6 @@ def write_studies(volumes, folder: Path, spacing_zyx=(10.0, 1.5625, 1.5625)) -> 
 
 def bench_infer(args) -> dict:
     """Seconds per study: the Predictor's pure forward pass vs ``raysegment.infer`` end to end."""
-    import json as _json
     import tempfile
 
     from raysegment.config import PredictConfig
@@ -194,7 +193,7 @@ def bench_infer(args) -> dict:
         t0 = time.perf_counter()
         summary = run_batch(config)
         infer_s = (time.perf_counter() - t0) / len(studies)
-        ledger = [_json.loads(line) for line in (Path(tmp) / "out" / "ledger.jsonl").read_text().splitlines()]
+        ledger = [json.loads(line) for line in (Path(tmp) / "out" / "ledger.jsonl").read_text().splitlines()]
     actor_s = float(np.mean([e["seconds"] for e in ledger]))
     return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
             "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),

@@ -34,7 +34,7 @@ from raysegment.models import with_context
 from raysegment.prepare import normalize_intensity
 
 RV, MYO, LV = 1, 2, 3  # ACDC labels
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None: no autocast (fp32)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -213,7 +213,7 @@ class Predictor:
                 check_flip_tta(m.config)
         self.device = torch.device(config.device)
         self.config = replace(config, precision=resolve_precision(config.precision, self.device))
-        self.dtype = _DTYPES[self.config.precision]
+        self.dtype = AUTOCAST_DTYPES[self.config.precision]
         self.members = [replace(m, model=m.model.to(self.device).eval()) for m in members]
         self.num_classes = classes.pop()
         # What results and ledgers key on: the references' versions joined by "+" (``load``), else the members'.
@@ -227,10 +227,6 @@ class Predictor:
         refs = [str(r) for r in ([refs] if isinstance(refs, (str, Path)) else refs)]
         return cls([m for r in refs for m in load_models(r, tracking_uri, config.device)], config,
                    version="+".join(model_version(r, tracking_uri) for r in refs))
-
-    @property
-    def train_configs(self) -> list[TrainConfig]:
-        return [m.config for m in self.members]
 
     # ----------------------------------------------------------------- network passes
 

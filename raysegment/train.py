@@ -31,7 +31,7 @@ from raysegment.dataset import apply_augment, load_volumes, read_split, sample_a
 from raysegment.losses import segmentation_loss
 from raysegment.metrics import dice_summary, score_records
 from raysegment.models import BACKBONES, build_model
-from raysegment.predict import Predictor, resolve_precision
+from raysegment.predict import AUTOCAST_DTYPES, Predictor, resolve_precision
 
 __all__ = ["RunSpec", "TrainConfig", "make_trainer", "train", "train_step", "validate"]
 SCALER_FILE = "scaler.pt"
@@ -39,7 +39,7 @@ SCALER_FILE = "scaler.pt"
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of a training step (None: fp32); ``auto`` as ``resolve_precision``."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(precision, device)]
+    return AUTOCAST_DTYPES[resolve_precision(precision, device)]
 
 
 # --------------------------------------------------------------------------- one step, one validation
