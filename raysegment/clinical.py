@@ -14,10 +14,16 @@ MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 PLAUSIBLE_ML = (2.0, 500.0)
 
 
-def volumes_ml(mask_zyx: np.ndarray, zooms_xyz) -> dict[str, float]:
-    """Volume (mL) of each structure: voxel count × voxel volume (``zooms_xyz`` in mm)."""
+def voxel_counts(mask_zyx: np.ndarray) -> np.ndarray:
+    """Voxels of each label (index = label, background included)."""
+    return np.bincount(mask_zyx.ravel(), minlength=len(CLASS_NAMES) + 1)
+
+
+def volumes_ml(mask_zyx: np.ndarray, zooms_xyz, counts: np.ndarray | None = None) -> dict[str, float]:
+    """Volume (mL) of each structure: voxel count × voxel volume (``zooms_xyz`` in mm); pass the
+    mask's ``voxel_counts`` when they are at hand."""
     voxel_ml = float(np.prod(zooms_xyz)) / 1000.0
-    counts = np.bincount(mask_zyx.ravel(), minlength=len(CLASS_NAMES) + 1)
+    counts = voxel_counts(mask_zyx) if counts is None else counts
     return {name: float(counts[lab]) * voxel_ml for lab, name in CLASS_NAMES.items()}
 
 

@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from raysegment import CLASS_NAMES, disable_telemetry
-from raysegment.clinical import add_cine_ef, add_patient_ef, myocardial_mass_g, qc_flags, volumes_ml
+from raysegment.clinical import add_cine_ef, add_patient_ef, myocardial_mass_g, qc_flags, voxel_counts, volumes_ml
 from raysegment.config import PredictConfig, default_of, torch_threads
-from raysegment.studies import StudyError, acdc_phase, atomic_write, find_studies, gt_for, read_study, save_mask, study_stem
+from raysegment.studies import (StudyError, acdc_phase, atomic_write, find_studies, gt_for, normalize_intensity, read_study,
+                                save_mask, study_stem)
 from raysegment.weights import sha256
 
 
@@ -44,7 +45,7 @@ class InferConfig:
     actors: int = 1
     cpus_per_actor: float = 1.0
     threads: int | None = None  # torch threads per actor; None: ``torch_threads`` policy
-    report_figures: int = 4  # overlay PNGs in report.md (flagged studies first); each costs more than a study
+    report_figures: int = 4  # overlay PNGs in report.md (flagged studies first; flagged studies always get one)
     limit: int | None = None  # process at most this many new studies (then stop)
     progress: bool = True
 
@@ -52,14 +53,18 @@ class InferConfig:
 # --------------------------------------------------------------------------- one study
 
 
-def segment_study(path: Path, predictor, model_uri: str, out_dir: Path) -> list[dict]:
-    """Segment one study file → result rows (one per frame). Raises StudyError on bad input."""
+def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: bool = False) -> list[dict]:
+    """Segment one study file → result rows (one per frame). Raises StudyError on bad input.
+
+    With ``figure`` (or when a frame gets a QC flag) an overlay PNG of frame 0 is written to
+    ``out_dir/figures`` from the arrays already in memory, and its path goes in the rows."""
     from raysegment.metrics import score_records
 
     img, frames, zooms = read_study(path)
     spacing_zyx = (zooms[2], zooms[1], zooms[0])
     masks = np.stack([predictor.predict(f, spacing=spacing_zyx) for f in frames])
-    mask_path = out_dir / "masks" / mask_name(path)
+    name = mask_name(path)
+    mask_path = out_dir / "masks" / name
     save_mask(masks, img, mask_path)
 
     gt = gt_for(path)
@@ -73,8 +78,8 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path) -> list[
     rows = []
     phase = acdc_phase(path)
     for t, m in enumerate(masks):
-        counts = np.bincount(m.ravel(), minlength=len(CLASS_NAMES) + 1)
-        vols = volumes_ml(m, zooms)
+        counts = voxel_counts(m)
+        vols = volumes_ml(m, zooms, counts)
         row = {"study": str(path), "frame": t, "phase": phase or "", "mask": str(mask_path),
                "model_uri": model_uri, "model_version": predictor.version, "status": "done", "reason": "",
                "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]),
@@ -89,6 +94,12 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path) -> list[
     add_cine_ef(rows)
     for row in rows:
         row["qc_flags"] = ";".join(qc_flags(row))
+    if figure or any(row["qc_flags"] for row in rows):
+        from raysegment.report import overlay_thumbnail
+
+        png = overlay_thumbnail(normalize_intensity(frames[0]), masks[0], out_dir / "figures" / name.replace(".nii.gz", ".png"))
+        for row in rows:
+            row["figure"] = str(png)
     return rows
 
 
@@ -119,10 +130,11 @@ class SegmentActor:
 
     def __call__(self, batch: dict) -> dict:
         rows = []
-        for path, digest in zip(batch["path"], batch["sha256"]):
+        for path, digest, figure in zip(batch["path"], batch["sha256"], batch["figure"]):
             t0 = time.perf_counter()
             try:
-                study_rows = segment_study(Path(path), self.predictor, self.model_uri, Path(self.config.output))
+                study_rows = segment_study(Path(path), self.predictor, self.model_uri, Path(self.config.output),
+                                           figure=bool(figure))
                 status, reason = "done", ""
             except Exception as exc:  # a bad study never stops the batch
                 study_rows = []
@@ -204,6 +216,8 @@ def run_batch(config: InferConfig) -> dict:
             todo.append({"path": str(p.resolve()), "sha256": digest})
     if config.limit is not None:
         todo = todo[: config.limit]
+    for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
+        item["figure"] = i < config.report_figures
     print(f"[raysegment] {len(studies)} studies, {len(studies) - len(todo)} already done with {version}, "
           f"{len(todo)} to segment", flush=True)
     done = failed = 0

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from raysegment.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
 from raysegment.config import PredictConfig, Precision, TrainConfig
 from raysegment.models import with_context
-from raysegment.prepare import normalize_intensity
+from raysegment.studies import normalize_intensity
 
 RV, MYO, LV = 1, 2, 3  # ACDC labels
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None: no autocast (fp32)

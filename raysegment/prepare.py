@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raysegment.config import DEFAULT_PERCENTILES, default_of
-from raysegment.studies import nifti_to_zyx, parse_info_cfg
+from raysegment.config import default_of
+from raysegment.studies import nifti_to_zyx, normalize_intensity, parse_info_cfg
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
 PHASES = ("ED", "ES")
@@ -96,19 +96,6 @@ class PrepareConfig:
 
 
 # --------------------------------------------------------------------------- normalisation
-
-
-def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
-    """Scale-free intensity normalisation of one volume to roughly [0, 1].
-
-    Clips to the given percentiles (default 0.5th/99.5th) and maps them to 0/1, so an int16
-    export with an arbitrary range and a float file in [0, 1] of the same scan give the same values.
-    """
-    x = image.astype(np.float64)
-    lo, hi = np.percentile(x, list(percentiles))
-    if hi <= lo:
-        return np.zeros(x.shape, np.float32)
-    return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- validation

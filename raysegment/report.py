@@ -1,5 +1,6 @@
 """Reports: Dice tables of a model on the shards, the batch job's report.md, and figures
-(segmentation overlays, learning curves; PNG, matplotlib, headless)."""
+(segmentation overlays, learning curves; PNG, matplotlib, headless; the batch job's overlays
+are drawn without matplotlib, in the inference actor)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def _plt():
     return plt
 
 
+def pick_slices(mask_zyx: np.ndarray, n_slices: int) -> list[int]:
+    """``n_slices`` slice indices spread basal to apical over the slices the mask touches."""
+    has = [k for k in range(mask_zyx.shape[0]) if mask_zyx[k].any()] or list(range(mask_zyx.shape[0]))
+    return [has[int(round(i))] for i in np.linspace(0, len(has) - 1, min(n_slices, len(has)))]
+
+
 def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_slices: int = 3, title: str = "",
                    gt_zyx: np.ndarray | None = None) -> Path:
     """Save ``n_slices`` basal-to-apical slices with RV/MYO/LV contours (dashed: ground truth)."""
     plt = _plt()
-    z = image_zyx.shape[0]
-    has = [k for k in range(z) if mask_zyx[k].any()] or list(range(z))
-    picks = [has[int(round(i))] for i in np.linspace(0, len(has) - 1, min(n_slices, len(has)))]
+    picks = pick_slices(mask_zyx, n_slices)
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
     for ax, k in zip(axes[0], picks):
         ax.imshow(image_zyx[k], cmap="gray")
@@ -51,14 +56,34 @@ def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_sli
     return out
 
 
-def overlay_png(study: Path, mask: Path, out: Path, n_slices: int = 3) -> Path:
-    """Overlay of a study's first frame and its mask NIfTI."""
-    from raysegment.prepare import normalize_intensity
-    from raysegment.studies import read_study
+def overlay_thumbnail(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_slices: int = 3) -> Path:
+    """The batch job's overlay: ``n_slices`` basal-to-apical slices side by side, the image in grey
+    (``image_zyx`` normalised to [0, 1]) with each structure's outline in its colour (RV red, MYO
+    green, LV blue). Pure numpy + zlib, ~10 ms: no matplotlib in the inference actor."""
+    import struct
+    import zlib
 
-    _, frames, _ = read_study(study)
-    _, seg, _ = read_study(mask)
-    return overlay_slices(normalize_intensity(frames[0]), seg[0].astype(np.uint8), out, n_slices, title=study.name)
+    panels = []
+    for k in pick_slices(mask_zyx, n_slices):
+        grey = (np.clip(image_zyx[k], 0, 1) * 255).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        m = mask_zyx[k]
+        padded = np.pad(m, 1, mode="edge")
+        inner = ((padded[:-2, 1:-1] == m) & (padded[2:, 1:-1] == m) & (padded[1:-1, :-2] == m) & (padded[1:-1, 2:] == m))
+        for lab, colour in COLOURS.items():
+            rgb[(m == lab) & ~inner] = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        panels += [rgb, np.zeros((m.shape[0], 4, 3), np.uint8)]  # 4-pixel black gutter
+    pixels = np.concatenate(panels[:-1], axis=1)
+    h, w = pixels.shape[:2]
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), pixels.reshape(h, w * 3)], axis=1).tobytes()  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(png))
+    return out
 
 
 def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
@@ -159,10 +184,10 @@ def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def batch_report(rows: list[dict], out: Path, n_figures: int, n_slices: int = 3) -> Path:
-    """``out/report.md`` for a batch: a table of every study frame and overlay PNGs (RV red, MYO green,
-    LV blue contours) of at most ``n_figures`` studies (the first ones in the table, and every
-    study with a QC flag among them first), made once and kept."""
+def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
+    """``out/report.md`` for a batch: a table of every study frame and the overlay PNGs the actors
+    drew (``overlay_thumbnail``; RV red, MYO green, LV blue), at most ``n_figures``, flagged studies
+    first. Draws nothing itself."""
     lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -177,18 +202,9 @@ def batch_report(rows: list[dict], out: Path, n_figures: int, n_slices: int = 3)
                      f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
         if r["frame"] == 0:
             firsts.append(r)
-    # Figures cost more than segmenting a study: draw a few, flagged studies first.
+    # The actor drew overlays of the batch's first studies and of every flagged one: flagged first.
     firsts.sort(key=lambda r: not r.get("qc_flags"))
-    figs = []
-    for r in firsts[:n_figures]:
-        png = out / "figures" / (Path(r["mask"]).name.replace(".nii.gz", ".png"))
-        if not png.exists():
-            try:
-                overlay_png(Path(r["study"]), Path(r["mask"]), png, n_slices)
-            except Exception as exc:  # a figure must never fail the batch
-                print(f"[raysegment] no overlay for {r['study']}: {exc}", file=sys.stderr)
-                continue
-        figs.append(png)
+    figs = [Path(r["figure"]) for r in firsts if r.get("figure") and Path(r["figure"]).exists()][:n_figures]
     lines += ["", f"## Overlays ({len(figs)} of {len(firsts)} studies)", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in figs]
     path = out / "report.md"

@@ -1,4 +1,5 @@
-"""Study I/O: finding NIfTI studies, reading them as (frames, z, y, x), writing masks on the
+"""Study I/O: finding NIfTI studies, reading them as (frames, z, y, x), the one intensity
+normalisation (prepare and the Predictor), writing masks on the
 input's exact grid, the ACDC ``Info.cfg`` parser, and the one (x, y, z) ↔ (z, y, x) transpose.
 
 nibabel gives voxels in (x, y, z[, t]) order; everything inside raysegment works in
@@ -13,6 +14,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from raysegment.config import DEFAULT_PERCENTILES
 
 
 class StudyError(Exception):
@@ -76,6 +79,19 @@ def acdc_phase(path: Path) -> str | None:
         if values.get(phase, "").isdigit() and int(values[phase]) == frame:
             return phase
     return None
+
+
+def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
+    """Scale-free intensity normalisation of one volume to roughly [0, 1].
+
+    Clips to the given percentiles (default 0.5th/99.5th) and maps them to 0/1, so an int16
+    export with an arbitrary range and a float file in [0, 1] of the same scan give the same values.
+    """
+    x = image.astype(np.float64)
+    lo, hi = np.percentile(x, list(percentiles))
+    if hi <= lo:
+        return np.zeros(x.shape, np.float32)
+    return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
 
 
 def read_study(path: Path):

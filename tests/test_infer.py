@@ -10,7 +10,7 @@ from conftest import write_checkpoint
 from raysegment.clinical import ejection_fraction
 from raysegment.infer import Ledger, mask_name, results_rows, segment_study
 from raysegment.predict import Predictor
-from raysegment.report import batch_report
+from raysegment.report import batch_report, overlay_thumbnail, pick_slices
 from synth import make_nifti_patient
 
 
@@ -74,22 +74,50 @@ def test_ledger_survives_a_torn_line(tmp_path):
     assert [e["path"] for e in lines] == ["/a", "/b"]
 
 
-def test_report_draws_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp_path, predictor):
+def test_the_actor_draws_an_overlay_of_frame_0_when_asked_or_flagged(tmp_path, predictor):
+    import matplotlib.image
+
+    pdir = make_nifti_patient(tmp_path / "in", 1, ed=1, es=2, nframes=2, shape=(3, 40, 48))
+    rows = segment_study(pdir / "patient001_frame01.nii.gz", predictor, "ref", tmp_path / "out", figure=True)
+    png = matplotlib.image.imread(rows[0]["figure"])  # a PNG another reader decodes
+    mask = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))
+    n = len(pick_slices(mask, 3))
+    assert png.shape == (40, 48 * n + 4 * (n - 1), 3)
+    rows = segment_study(pdir / "patient001_frame02.nii.gz", predictor, "ref", tmp_path / "out", figure=False)
+    assert ("figure" in rows[0]) == bool(rows[0]["qc_flags"])
+
+
+def test_thumbnail_outlines_each_structure_in_its_colour(tmp_path):
+    import matplotlib.image
+
+    image = np.full((1, 30, 30), 0.5)
+    mask = np.zeros((1, 30, 30), np.uint8)
+    mask[0, 5:15, 5:15] = 3  # LV: outline blue, inside grey
+    mask[0, 20:26, 20:26] = 1  # RV: outline red
+    rgb = (matplotlib.image.imread(overlay_thumbnail(image, mask, tmp_path / "t.png")) * 255).round().astype(int)
+    assert rgb.shape == (30, 30, 3)
+    assert tuple(rgb[5, 9]) == tuple(rgb[14, 9]) == (0x43, 0x63, 0xD8) and tuple(rgb[10, 10]) == (127, 127, 127)
+    assert tuple(rgb[20, 22]) == (0xE6, 0x19, 0x4B) and tuple(rgb[0, 0]) == (127, 127, 127)
+    edges = ((rgb != 127).any(axis=2))
+    assert edges.sum() == 36 + 20  # the two squares' boundary pixels, nothing else
+
+
+def test_report_shows_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp_path):
+    out = tmp_path / "out"
     rows = []
-    for n in range(1, 4):
-        pdir = make_nifti_patient(tmp_path / "in", n, ed=1, es=2, nframes=2, shape=(3, 40, 48))
-        rows += segment_study(pdir / f"patient{n:03d}_frame01.nii.gz", predictor, "ref", tmp_path / "out")
-    for r, flags in zip(rows, ("", "", "missing_rv")):
-        r["qc_flags"] = flags
+    for n, flags in ((1, ""), (2, ""), (3, "missing_rv"), (4, "")):
+        png = out / "figures" / f"s{n}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        png.write_bytes(b"png")
+        rows.append({"study": f"/in/s{n}.nii.gz", "frame": 0, "status": "done", "volume_rv_ml": 1.0,
+                     "volume_myo_ml": 2.0, "volume_lv_ml": 3.0, "qc_flags": flags, "figure": str(png)})
+    rows[3].pop("figure")  # a study the actor did not draw
     rows.append({"study": "/x/broken.nii", "frame": -1, "status": "failed", "reason": "line one\nline | two"})
-    report = batch_report(rows, tmp_path / "out", n_figures=2)
-    text = report.read_text()
-    pngs = sorted((tmp_path / "out" / "figures").glob("*.png"))
-    assert len(pngs) == 2 and "Overlays (2 of 3 studies)" in text
-    assert mask_name(tmp_path / "in" / "training" / "patient003" / "patient003_frame01.nii.gz").replace(
-        ".nii.gz", ".png") in {p.name for p in pngs}  # the flagged study is drawn
+    text = batch_report(rows, out, n_figures=2).read_text()
+    assert "Overlays (2 of 4 studies)" in text
+    assert [line for line in text.splitlines() if line.startswith("![")] == ["![s3](figures/s3.png)", "![s1](figures/s1.png)"]
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 4 and all(line.count(" | ") == 8 for line in table[1:] if "broken" not in line)
+    assert len(table) == 1 + 5 and all(line.count(" | ") == 8 for line in table[1:] if "broken" not in line)
     assert "failed: line one line \\| two" in text  # one table row, the pipe escaped
 
 

@@ -17,7 +17,7 @@ from raysegment.config import AugmentConfig, PredictConfig
 from raysegment.models import build_model
 from raysegment.predict import (Predictor, check_flip_tta, contact_pixels, keep_largest_component, load_model,
                                 model_version, resolve_precision)
-from raysegment.prepare import normalize_intensity
+from raysegment.studies import normalize_intensity
 from synth import make_nifti_patient, synthetic_volume
 
 FP32 = PredictConfig(precision="fp32")

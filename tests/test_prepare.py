@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysegment.prepare import PrepareConfig, PrepareError, main, normalize_intensity, prepare, read_h5_volume, read_nifti_patient
+from raysegment.prepare import PrepareConfig, PrepareError, main, prepare, read_h5_volume, read_nifti_patient
+from raysegment.studies import normalize_intensity
 from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
 
 
