@@ -32,13 +32,16 @@ def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, ti
 
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
     try:  # bench starts a local Ray in this process; later tests start their own
-        assert bench.main(["infer", "--data", str(shards), "--model", str(ckpt), "--volumes", "2", "--threads", "1"]) == 0
+        assert bench.main(["infer", "--data", str(shards), "--model", str(ckpt), "--volumes", "3", "--threads", "1"]) == 0
     finally:
         ray.shutdown()
     out = capsys.readouterr().out.splitlines()
     result = json.loads(next(line for line in out if line.startswith("{")))
-    assert result["studies"] == 2 and result["segmented"] == 2 and result["precision"] in ("fp32", "bf16")
+    assert result["studies"] == 3 and result["segmented"] == 3  # 2 val volumes, then 1 train volume and result["precision"] in ("fp32", "bf16")
     assert 0 < result["forward_s_per_study"] <= result["predict_s_per_study"]
     fwd = result["forward_s_per_study"]  # rounded to 0.1 ms: the ratio from the rounded figures is close
     assert result["infer_over_forward"] == pytest.approx(result["infer_s_per_study"] / fwd, rel=0.01 + 1e-4 / fwd)
-    assert any(line.endswith("× forward") for line in out)
+    assert result["infer_fixed_s"] > 0  # actor start etc.: the end-to-end time minus the actors' per-study seconds
+    assert result["infer_s_per_study"] * 3 == pytest.approx(
+        result["infer_actor_s_per_study"] * 3 / result["actors"] + result["infer_fixed_s"], abs=0.02)
+    assert any("× forward (of which" in line for line in out)

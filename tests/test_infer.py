@@ -141,3 +141,57 @@ def test_an_ensemble_segments_a_study_with_the_members_mean_softmax(tmp_path, ti
     probs = [Predictor.load(r, PredictConfig(precision="fp32")).probabilities(frame) for r in refs]
     np.testing.assert_array_equal(seg, keep_largest_component(((probs[0] + probs[1]) / 2).argmax(0).astype(np.uint8), 5))
     assert row["model_version"] == ensemble.version
+
+
+def test_gpu_flag_gives_each_actor_a_gpu_and_predicts_on_cuda():
+    from raysegment.infer import InferConfig, actor_options, build_parser
+
+    a = build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--gpu"])
+    assert a.gpus_per_actor == 1.0
+    opts = actor_options(InferConfig(models=("m",), input="i", output="o", gpus_per_actor=0.5, cpus_per_actor=2))
+    assert opts["num_gpus"] == 0.5 and opts["num_cpus"] == 2
+    assert actor_options(InferConfig(models=("m",), input="i", output="o"))["num_gpus"] == 0
+
+
+@pytest.mark.slow
+def test_a_study_that_kills_its_worker_fails_after_bounded_attempts_and_the_batch_goes_on(tmp_path, tiny_checkpoint):
+    import ray
+
+    from raysegment.infer import InferConfig, run_batch
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "crash_me", "b"):
+        img = np.random.default_rng(0).random((40, 48, 3)).astype(np.float32)
+        nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / f"{name}.nii.gz"))
+    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(tmp_path / "out"), threads=1,
+                         crash_on="crash_me", max_attempts=2, progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_batch(config)
+        again = run_batch(config)
+    finally:
+        ray.shutdown()
+    assert summary["segmented"] == 2 and summary["failed"] == 1
+    ledger = [json.loads(line) for line in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    crashed = [e for e in ledger if e["path"].endswith("crash_me.nii.gz")]
+    assert len(ledger) == 3 and len(crashed) == 1 and "worker died on this study (2 attempts)" in crashed[0]["reason"]
+    assert again["skipped"] == 3  # a failed study is recorded, not retried for ever
+
+
+def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
+    from raysegment.infer import InferConfig, plan_actors
+
+    base = InferConfig(models=("m",), input="i", output="o")
+    auto = plan_actors(base, {"CPU": 8.0}, n_studies=100)
+    assert (auto.actors, auto.threads) == (8, 1)
+    assert plan_actors(base, {"CPU": 8.0}, n_studies=3).actors == 3
+    wide = plan_actors(InferConfig(models=("m",), input="i", output="o", cpus_per_actor=4), {"CPU": 8.0}, 100)
+    assert (wide.actors, wide.threads) == (2, 4)
+    gpu = plan_actors(InferConfig(models=("m",), input="i", output="o", gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}, 100)
+    assert gpu.actors == 4
+    assert plan_actors(base, {}, 5).actors == 1  # nothing free now: one actor, which waits for a CPU
+    explicit = InferConfig(models=("m",), input="i", output="o", actors=2)
+    assert plan_actors(explicit, {"CPU": 64.0}, 100) == explicit  # the node's cores shared, as before
+    with pytest.raises(ValueError, match="actors must be ≥ 1"):
+        plan_actors(InferConfig(models=("m",), input="i", output="o", actors=0), {"CPU": 2.0}, 5)
