@@ -107,7 +107,7 @@ def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
 
 @pytest.mark.slow
 def test_time_budget_stops_early_on_the_planned_epoch(ray_local, tiny_shards, tmp_path):
-    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.25, max_steps_per_epoch=2, **TINY)
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, **TINY)
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="budget"))
     assert result.error is None
     done = result.metrics["epoch"] + 1
