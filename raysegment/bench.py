@@ -9,6 +9,10 @@ a bare single-process loop with the same model, batch, crop, augmentation and pr
 one run. The first epoch of each is warm-up (Ray Data start, allocator, kernel selection).
 Both loops call the same ``train.train_step``.
 
+``gpu-smoke``: a ten-minute check of a GPU node (bench train on both backbones at two batch sizes,
+1 epoch then a resumed 2nd, GPU vs CPU inference masks), one JSON + markdown summary;
+``--dry-run`` prints its steps anywhere.
+
 ``infer``: per study, the Predictor's pure forward time (inside the network) next to what
 ``raysegment.infer`` spends (its whole batch run on the same studies written as NIfTI, without
 ground truth, after Ray is up), in one run.
@@ -31,8 +35,10 @@ from raysegment.config import ModelConfig, TrainConfig, default_of, torch_thread
 from raysegment.models import BACKBONES
 
 
-def bare_loop_slices_per_s(config: TrainConfig, steps: int, warmup: int = 3, device: str = "cpu") -> float:
-    """A plain PyTorch loop over pre-resized train slices held in memory, stepping with ``train_step``."""
+def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "cpu") -> dict:
+    """A plain PyTorch loop over pre-resized train slices held in memory, stepping with ``train_step``:
+    slices/s and, on a GPU, its peak memory (MiB) and the share of the steps' wall time the GPU
+    spends in kernels (profiled over up to 10 more steps)."""
     import pyarrow.parquet as pq
 
     from raysegment.dataset import resize_batch, train_columns
@@ -41,25 +47,45 @@ def bare_loop_slices_per_s(config: TrainConfig, steps: int, warmup: int = 3, dev
 
     torch.set_num_threads(config.threads_per_worker or torch_threads(None, 1))
     n = config.batch_size * (steps + warmup)
-    table = pq.read_table(os.path.join(config.data, "train")).slice(0, n)
+    table = pq.read_table(os.path.join(config.data, "train"))
+    table = table.take([i % table.num_rows for i in range(n)])  # as many batches as asked, on any data
     cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in train_columns(config.model.context_slices)}
     data = resize_batch(cols, config.image_size, config.model.context_slices)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
     model = build_model(config.model).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     dtype = autocast_dtype(config.precision, dev)
-    scaler = torch.amp.GradScaler(device, enabled=device == "cuda" and dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device, enabled=cuda and dtype == torch.float16)
     gen = torch.Generator().manual_seed(0)
-    t0 = None
-    for step in range((len(images) + config.batch_size - 1) // config.batch_size):
-        if step == warmup:
-            t0 = time.perf_counter()
-        sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
-        loss = train_step(model, opt, scaler, images[sl], labels[sl], config, gen, dev, dtype)
-        float(loss)  # one sync per step, as the Ray loop does
-    return steps * config.batch_size / (time.perf_counter() - t0)
+
+    def run(first: int, last: int):
+        loss_sum = torch.zeros((), device=dev)
+        for step in range(first, last):
+            sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
+            loss_sum += train_step(model, opt, scaler, images[sl], labels[sl], config, gen, dev, dtype)
+        return float(loss_sum)  # one sync at the end, as the Ray loop does per epoch
+
+    run(0, warmup)
+    t0 = time.perf_counter()
+    run(warmup, warmup + steps)
+    wall = time.perf_counter() - t0
+    out = {"slices_per_s": steps * config.batch_size / wall, "device": str(dev)}
+    if cuda:
+        out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        prof_steps = min(steps, 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t1 = time.perf_counter()
+            run(warmup, warmup + prof_steps)
+            prof_wall = time.perf_counter() - t1
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        out["gpu_busy_share"] = round(min(1.0, kernel_us / 1e6 / prof_wall), 3)
+    return out
 
 
 def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True, gpu: bool = False) -> tuple[float, list[dict]]:
@@ -90,12 +116,19 @@ def bench_train(args) -> dict:
 
     # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
     ensure_ray()
-    bare = bare_loop_slices_per_s(config, args.steps, device="cuda" if args.gpu else "cpu")
+    if args.gpu:  # the bare loop on a GPU worker too: the driver (a cluster's head) may have none
+        import ray
+
+        bare = ray.get(ray.remote(num_gpus=1, num_cpus=args.cpus_per_worker)(bare_loop).remote(
+            config, args.steps, device="cuda"))
+    else:
+        bare = bare_loop(config, args.steps, device="cpu")
     ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu)
     out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
-           "bare_slices_per_s": round(bare, 2), "ray_slices_per_s": round(ray_rate, 2),
-           "ratio": round(ray_rate / bare, 3), "ray_epochs": rows}
+           "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
+           "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epochs": rows,
+           **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
     return out
 
 
@@ -210,6 +243,105 @@ def bench_infer(args) -> dict:
             "infer_fixed_s": round(fixed_s, 2), "infer_over_forward": round(infer_s / forward_s, 2)}
 
 
+# --------------------------------------------------------------------------- GPU smoke test
+
+SMOKE_BATCHES = (8, 64)  # the default batch and a large one
+
+
+def smoke_plan(out: Path, shards: Path, studies: Path) -> list[tuple[str, list[str]]]:
+    """(step, command) of the GPU smoke test, in order: every step is one of raysegment's CLIs."""
+    py = [sys.executable, "-m"]
+    plan = [(f"bench train {b} batch {n}", py + ["raysegment.bench", "train", "--data", str(shards), "--backbone", b,
+                                                 "--batch-size", str(n), "--steps", "30", "--gpu"])
+            for b in BACKBONES for n in SMOKE_BATCHES]
+    run = ["--data", str(shards), "--gpu", "--storage", str(out / "runs"), "--name", "smoke", "--cpus-per-worker", "1"]
+    plan += [("train 1 epoch", py + ["raysegment.train", *run, "--epochs", "1"]),
+             ("resume it for a 2nd epoch", py + ["raysegment.train", *run, "--epochs", "2"])]
+    infer = ["raysegment.infer", "--model", "shipped:mobilenet_v2", "--input", str(studies), "--report-figures", "0"]
+    plan += [("infer on the GPU", py + infer + ["--output", str(out / "infer-gpu"), "--gpu"]),
+             ("infer on the CPU", py + infer + ["--output", str(out / "infer-cpu")])]
+    return plan
+
+
+def mask_agreement(a: Path, b: Path) -> float:
+    """Share of voxels with equal labels in the same-named masks of two ``infer`` outputs."""
+    import nibabel as nib
+
+    equal = total = 0
+    for path in sorted((a / "masks").glob("*.nii.gz")):
+        x, y = np.asarray(nib.load(str(path)).dataobj), np.asarray(nib.load(str(b / "masks" / path.name)).dataobj)
+        equal += int((x == y).sum())
+        total += x.size
+    if not total:
+        raise ValueError(f"no masks in {a / 'masks'}")
+    return equal / total
+
+
+def gpu_smoke(args) -> dict:
+    """Run (or with ``--dry-run`` print) the GPU smoke test; its summary goes to OUT/gpu-smoke.json and .md."""
+    import subprocess
+
+    from raysegment.dataset import load_volumes
+    from raysegment.tune import default_sample_shards
+
+    out = Path(args.out).resolve()
+    shards, studies = out / "sample-shards", out / "studies"
+    plan = smoke_plan(out, shards, studies)
+    if args.dry_run:
+        print(f"# raysegment GPU smoke test (dry run): bundled sample → {shards}, its volumes as NIfTI → {studies}")
+        for i, (what, cmd) in enumerate(plan, 1):
+            print(f"{i}. {what}: {' '.join(cmd[1:])}")
+        return {"dry_run": True, "steps": [what for what, _ in plan]}
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here (run with --dry-run to see the plan)")
+    out.mkdir(parents=True, exist_ok=True)
+    default_sample_shards(shards)
+    if not studies.exists():
+        write_studies(load_volumes(shards, "val") + load_volumes(shards, "train")[:4], studies)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip()
+    summary = {"device": torch.cuda.get_device_name(0), "driver": driver, "cuda": torch.version.cuda,
+               "torch": torch.__version__, "bf16": torch.cuda.is_bf16_supported(), "steps": []}
+    logs = {}
+    for what, cmd in plan:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.step_timeout)
+        logs[what] = r.stdout + r.stderr
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / (what.replace(" ", "_") + ".log")).write_text(logs[what])
+        step = {"step": what, "ok": r.returncode == 0, "seconds": round(time.perf_counter() - t0, 1)}
+        if what.startswith("bench train") and r.returncode == 0:
+            step.update(json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{"))))
+            step.pop("ray_epochs", None)
+        summary["steps"].append(step)
+        print(f"[raysegment] smoke: {what}: {'ok' if step['ok'] else 'FAILED'} ({step['seconds']} s)", flush=True)
+    summary["resumed"] = "resumed from checkpoint at epoch 0" in logs["resume it for a 2nd epoch"]
+    try:
+        summary["gpu_cpu_mask_agreement"] = mask_agreement(out / "infer-gpu", out / "infer-cpu")
+    except (OSError, ValueError) as exc:
+        summary["gpu_cpu_mask_agreement"] = None
+        summary["agreement_error"] = str(exc)
+    summary["passed"] = (all(s["ok"] for s in summary["steps"]) and summary["resumed"]
+                         and (summary["gpu_cpu_mask_agreement"] or 0) >= 0.999)
+    (out / "gpu-smoke.json").write_text(json.dumps(summary, indent=2))
+    (out / "gpu-smoke.md").write_text(smoke_markdown(summary))
+    return summary
+
+
+def smoke_markdown(summary: dict) -> str:
+    lines = [f"# GPU smoke test: {'PASSED' if summary['passed'] else 'FAILED'}", "",
+             f"{summary['device']}, driver {summary['driver']}, CUDA {summary['cuda']}, torch {summary['torch']}, "
+             f"bf16 {summary['bf16']}", "",
+             "| step | ok | s | bare slices/s | Ray Train slices/s | ratio | peak MiB | GPU busy |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary["steps"]:
+        lines.append(f"| {s['step']} | {s['ok']} | {s['seconds']} | {s.get('bare_slices_per_s', '')} | "
+                     f"{s.get('ray_slices_per_s', '')} | {s.get('ratio', '')} | {s.get('peak_mem_mib', '')} | "
+                     f"{s.get('gpu_busy_share', '')} |")
+    lines += ["", f"Resumed from the first run's checkpoint: {summary['resumed']}. GPU vs CPU masks: "
+              f"{summary['gpu_cpu_mask_agreement']} of voxels equal (needs ≥ 0.999)."]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.bench`` command line (also used to dry-run job specs)."""
     from raysegment.config import PredictConfig
@@ -246,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
     i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
+    g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
+    g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
+    g.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
+    g.add_argument("--step-timeout", type=float, default=300, help="seconds per step")
     return p
 
 
@@ -265,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
               f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
+    elif a.what == "gpu-smoke":
+        out = gpu_smoke(a)
+        if not out.get("dry_run"):
+            print(json.dumps(out))
+            return 0 if out["passed"] else 1
     else:
         out = bench_infer(a)
         print(json.dumps(out))

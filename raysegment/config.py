@@ -81,7 +81,8 @@ class TrainConfig:
     time_budget_min: float | None = None
     # Slices per worker step; MobileNetV2 from scratch: 8 beat 16 in equal CPU time (README).
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 2e-3  # for one worker's batch; with N data-parallel workers × lr_scaling's factor
+    lr_scaling: Literal["none", "sqrt", "linear"] = "sqrt"  # factor √N / N / 1 for N workers
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     image_size: int = 256  # pixels, the square grid every slice is resampled to (256 beat 224, README)

@@ -145,7 +145,7 @@ class SegmentActor:
             os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
         t0, f0 = time.perf_counter(), self.predictor.forward_seconds
         try:
-            rows = segment_study(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure=figure)
+            rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
             status, reason = "done", ""
         except Exception as exc:  # a bad study never stops the batch
             rows, status = [], "failed"
@@ -153,6 +153,25 @@ class SegmentActor:
         return {"path": path, "sha256": digest, "model_version": self.predictor.version, "status": status,
                 "reason": reason, "seconds": time.perf_counter() - t0,
                 "forward_seconds": self.predictor.forward_seconds - f0, "rows": rows}
+
+
+def segment_with_backoff(path: Path, predictor, model_uri: str, out_dir: Path, figure: bool) -> list[dict]:
+    """``segment_study``; when the GPU runs out of memory (a large study, or another process on the
+    GPU) the predictor's batch is halved and the study tried again, down to 1 slice per pass: an
+    environment limit, not a fault of the study. The smaller batch is kept for later studies."""
+    import torch
+
+    while True:
+        try:
+            return segment_study(path, predictor, model_uri, out_dir, figure=figure)
+        except torch.cuda.OutOfMemoryError:
+            if predictor.config.batch_size <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            predictor.config = replace(predictor.config, batch_size=predictor.config.batch_size // 2)
+            print(f"[raysegment] out of GPU memory on {path.name}: batch {predictor.config.batch_size} slices now",
+                  flush=True)
 
 
 # --------------------------------------------------------------------------- ledger

@@ -20,10 +20,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from raysegment import disable_telemetry
+from raysegment import disable_telemetry, storage
 from raysegment.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
 from raysegment.config import (AugmentConfig, LossConfig, ModelConfig, PredictConfig, Precision, TrainConfig, default_of,
                                torch_threads)
@@ -51,7 +50,10 @@ def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Ten
     apply the augmentation, forward under autocast, loss, backward, step. Returns the loss (on
     the device; reading it syncs). ``raysegment.bench`` times exactly this function."""
     params = sample_augment(labels, config.augment, config.crop_size, generator)
-    x, y = apply_augment(images.to(device), labels.to(device), params, config.crop_size)
+    if device.type == "cuda":  # pinned pages let the copies overlap the previous step's kernels
+        images, labels = images.pin_memory(), labels.pin_memory()
+    x, y = apply_augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), params,
+                         config.crop_size)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits = model(x)
     loss = segmentation_loss(logits, y, config.loss)
@@ -60,6 +62,17 @@ def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Ten
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
+
+
+def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: float | None = None) -> int:
+    """Torch threads of a training worker, decided on the worker's own node (a driver on the head
+    sees other cores): ``threads_per_worker``, else the CPUs Ray assigned it, or the node's cores
+    (``available_cpus`` there) shared among the ``processes_on_node`` workers when that is more."""
+    if assigned_cpus is None:
+        import ray
+
+        assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return torch_threads(config.threads_per_worker, processes_on_node, assigned_cpus)
 
 
 def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[dict]]:
@@ -75,7 +88,7 @@ def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[di
         pred = predictor.predict(v.image, spacing=v.spacing, normalized=True)
         records += score_records(pred, v.label, v.spacing, distances=False, patient=v.patient, phase=v.phase)
     model.train(was_training)
-    return dice_summary(records), records
+    return (dice_summary(records) if records else {}), records
 
 
 # --------------------------------------------------------------------------- the per-worker loop
@@ -89,6 +102,12 @@ def _lr_at(config: TrainConfig, epoch_progress: float, total_epochs: int | None 
         return config.lr * max(epoch_progress / config.warmup_epochs, 0.01)
     t = (epoch_progress - config.warmup_epochs) / max(total - config.warmup_epochs, 1e-9)
     return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def lr_scale_for(config: TrainConfig, world: int) -> float:
+    """Learning-rate factor for ``world`` data-parallel workers (their batches add up): ``lr`` is
+    tuned for one worker's batch; sqrt scaling is the safe rule for Adam-type optimizers."""
+    return {"none": 1.0, "sqrt": math.sqrt(world), "linear": float(world)}[config.lr_scaling]
 
 
 def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> int:
@@ -116,29 +135,38 @@ class _Run:
 
 
 def _restore(config: TrainConfig, rank: int) -> _Run:
-    """Build model, optimizer and scaler, from the last checkpoint when Ray hands one over.
-
-    Weights load before ``prepare_model`` moves the model to its device, optimizer and scaler
-    state after, so Adam's moments land on the parameters' device.
-    """
+    """``restore_run`` inside a Ray Train worker: its device, ``prepare_model`` (DDP), its checkpoint."""
     import ray.train
     import ray.train.torch
 
-    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return restore_run(config, None, ray.train.torch.prepare_model, ray.train.torch.get_device(), rank)
+    with checkpoint.as_directory() as d:
+        return restore_run(config, Path(d), ray.train.torch.prepare_model, ray.train.torch.get_device(), rank)
+
+
+def restore_run(config: TrainConfig, checkpoint_dir: Path | None, prepare, device: torch.device, rank: int = 0) -> _Run:
+    """Build model, optimizer and scaler, from ``checkpoint_dir`` when given; ``prepare`` moves the
+    model to ``device`` (and wraps it in DDP).
+
+    Weights load before ``prepare``, optimizer and scaler state after it, so Adam's moments land
+    on the parameters' device (loaded before, they would stay on the CPU and the first step after
+    any resume on a GPU would fail).
+    """
     model = build_model(config.model, weights=config.weights)
     if config.init_weights:
         from raysegment.weights import init_state_dict
 
         model.load_state_dict(init_state_dict(config.init_weights, config.model))
-    checkpoint, saved = ray.train.get_checkpoint(), None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            d = Path(d)
-            model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
-            saved = {"optimizer": torch.load(d / OPTIM_FILE, map_location="cpu", weights_only=True),
-                     "scaler": torch.load(d / SCALER_FILE, weights_only=True) if (d / SCALER_FILE).exists() else None,
-                     "state": json.loads((d / STATE_FILE).read_text())}
-    model = ray.train.torch.prepare_model(model)
+    saved = None
+    if checkpoint_dir is not None:
+        d = checkpoint_dir
+        model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+        saved = {"optimizer": torch.load(d / OPTIM_FILE, map_location="cpu", weights_only=True),
+                 "scaler": torch.load(d / SCALER_FILE, weights_only=True) if (d / SCALER_FILE).exists() else None,
+                 "state": json.loads((d / STATE_FILE).read_text())}
+    model = prepare(model)
     core = model.module if hasattr(model, "module") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     dtype = autocast_dtype(config.precision, device)
@@ -157,14 +185,16 @@ def _restore(config: TrainConfig, rank: int) -> _Run:
 
 
 def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs: int, steps_est: int,
-                 rank: int) -> dict:
+                 rank: int, world: int = 1) -> dict:
     """One pass over this worker's share of the train split → epoch metrics (and the slices seen)."""
+    lr_scale = lr_scale_for(config, world)
     # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
     epoch_seed = config.seed * 100_003 + epoch * 101 + rank
     gen = torch.Generator().manual_seed(epoch_seed)
     run.model.train()
-    t0, seen, losses, step = time.perf_counter(), [], [], 0
+    t0, seen, loss_sum, step = time.perf_counter(), [], torch.zeros((), device=run.device), 0
     batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                 prefetch_batches=2 if run.device.type == "cuda" else 1,
                                  local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
                                  local_shuffle_seed=epoch_seed)
     # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
@@ -180,12 +210,12 @@ def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs
             if config.audit_dir:
                 seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
             for g in run.optimizer.param_groups:
-                g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs)
+                g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs) * lr_scale
             loss = train_step(run.model, run.optimizer, run.scaler, torch.from_numpy(batch["image"]),
                               torch.from_numpy(batch["label"]), config, gen, run.device, run.dtype)
-            losses.append(float(loss))
+            loss_sum += loss  # on the device: reading it every step would sync the GPU every step
             step += 1
-    return {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+    return {"epoch": epoch, "loss": float(loss_sum) / step if step else float("nan"),
             "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
             "train_seconds": time.perf_counter() - t0, "data_wait_seconds": data_wait, "_seen": seen}
 
@@ -224,11 +254,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if config.threads_per_worker:
-        torch.set_num_threads(config.threads_per_worker)
+    torch.set_num_threads(worker_threads(config, ctx.get_local_world_size() * int(loop_config.get("_sharing", 1))))
     torch.manual_seed(config.seed)
     run = _restore(config, rank)
-    volumes = load_volumes(config.data, "val", list(config.val_patients) if config.val_patients else None) if rank == 0 else []
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest kernels, chosen once
+    # Every rank validates its share of the val volumes; the records are gathered, so no GPU
+    # waits for rank 0 alone.
+    volumes = load_volumes(config.data, "val", list(config.val_patients) if config.val_patients else None)[rank::world]
     shard = ray.train.get_dataset_shard("train")
     steps_est = max(1, math.ceil(int(loop_config.get("_n_train", 1000)) / world / config.batch_size))
     if config.max_steps_per_epoch:
@@ -242,12 +275,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
             Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
             raise RuntimeError(f"injected fault at epoch {epoch}")
-        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank)
+        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank, world)
         seen = metrics.pop("_seen")
         if config.audit_dir:
             _audit(run, config, epoch, rank, seen)
+        records = validate(run.core, volumes, config, run.device)[1]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, records)
+            records = [r for share in shares for r in share]
         if rank == 0:
-            metrics.update(validate(run.core, volumes, config, run.device)[0])
+            metrics.update(dice_summary(records))
             # Rank 0's clock decides, and the broadcast below gives every rank the same plan.
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["planned_epochs"] = planned_epochs(config, epoch + 1, metrics["elapsed_s"])
@@ -282,6 +320,7 @@ class RunSpec:
 
     num_workers: int = 1
     use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (0.5) packs small trials onto one GPU
     cpus_per_worker: float = 1.0
     storage_path: str = "./runs"
     name: str | None = None
@@ -289,15 +328,19 @@ class RunSpec:
     keep_checkpoints: int | None = 2  # best by val dice_mean; None keeps all
     cache_data: bool = True  # resample once into the object store instead of every epoch
     placement: str = "PACK"  # Ray placement-group strategy; STRICT_SPREAD puts each worker on its own node
+    sharing: int = 1  # runs side by side on a node (Tune trials at once): they share its cores
 
 
 class ExactlyOnceDataConfig:
     """Ray Train DataConfig whose split gives every row to exactly one worker (equal=False).
 
-    The default (equal=True) may drop up to world_size−1 rows per epoch to even out shards.
+    ``equal=True`` (Ray's default) may drop up to world_size−1 rows per epoch so every worker gets
+    as many: what fp16 training needs, where a worker that ran out early and ``join()``-ed would
+    skip its GradScaler updates and optimizer steps, so scales and moments drift apart
+    (pytorch#90057).
     """
 
-    def __new__(cls):
+    def __new__(cls, equal: bool = False):
         from ray.train import DataConfig
 
         class _Config(DataConfig):
@@ -312,7 +355,7 @@ class ExactlyOnceDataConfig:
                         # scheduling loop takes CPU from the training step (raysegment.bench).
                         out[0][name] = ds.iterator()
                         continue
-                    for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=hints)):
                         out[i][name] = split
                 return out
 
@@ -330,11 +373,10 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
     if not config.manifest_hash:
         config = replace(config, manifest_hash=manifest["content_hash"])
     loop_config = {**config.to_dict(), "_n_train": manifest["counts"]["slices"]["train"]}
-    if config.threads_per_worker is None:
-        loop_config["threads_per_worker"] = max(1, int(round(spec.cpus_per_worker)))
+    loop_config["_sharing"] = spec.sharing
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = spec.gpus_per_worker
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -342,7 +384,7 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
                                                resources_per_worker=resources, placement_strategy=spec.placement),
         run_config=ray.train.RunConfig(
             name=spec.name,
-            storage_path=str(Path(spec.storage_path).resolve()) if "://" not in spec.storage_path else spec.storage_path,
+            storage_path=storage.join(spec.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints,
                                                          checkpoint_score_attribute="dice_mean",
@@ -350,8 +392,14 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
             callbacks=list(run_callbacks),
         ),
         datasets={"train": _train_dataset(config, spec)},
-        dataset_config=ExactlyOnceDataConfig(),
+        dataset_config=ExactlyOnceDataConfig(equal=needs_equal_shards(config, spec)),
     )
+
+
+def needs_equal_shards(config: TrainConfig, spec: RunSpec) -> bool:
+    """Several GPU workers that may train in fp16 (explicitly, or ``auto`` on a GPU without bf16,
+    which the driver cannot see) get equal shards; elsewhere every slice goes to exactly one worker."""
+    return spec.use_gpu and spec.num_workers > 1 and config.precision in ("auto", "fp16")
 
 
 def _train_dataset(config: TrainConfig, spec: RunSpec):
@@ -440,7 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=_td("epochs"), help="epochs (with --minutes: the most epochs)")
     p.add_argument("--minutes", type=float, default=_td("time_budget_min"),
                    help="wall-time budget for training + validation; the LR schedule is fitted to the epochs that fit")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--gpu", action="store_const", const=1.0, dest="gpus_per_worker", default=0.0, help="one GPU per worker")
+    p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker",
+                   help="GPU share per worker (0.5: two workers or trials on one GPU)")
     p.add_argument("--lr", type=float, default=_td("lr"))
     p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"))
     p.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
@@ -469,10 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         augment=AugmentConfig(flip_prob=a.flip_prob),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
-        threads_per_worker=torch_threads(a.threads, a.workers, a.cpus_per_worker),
+        threads_per_worker=a.threads,
         audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,
     )
-    spec = RunSpec(num_workers=a.workers, use_gpu=a.gpu, cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
+    spec = RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0, gpus_per_worker=a.gpus_per_worker or 1.0,
+                   cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
                    name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
                    placement=a.placement)
     ensure_ray(a.address)

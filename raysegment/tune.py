@@ -20,9 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from raysegment import disable_telemetry
-from raysegment.config import (DEFAULT_TRACKING_URI, AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of,
-                               torch_threads)
+from raysegment import disable_telemetry, storage
+from raysegment.config import (DEFAULT_TRACKING_URI, AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of)
 from raysegment.train import RunSpec, add_run_arguments, ensure_ray, make_trainer, resolve_init_weights
 
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
@@ -173,14 +172,15 @@ class MlflowTrialLogger:
         return _Logger()
 
 
-def _parent_run(spec: TuneSpec, exp_dir: Path) -> tuple[str, str]:
+def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
     """(experiment_id, parent run id); a resumed search reuses its parent run."""
     client = _mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
-    marker = exp_dir / "mlflow_parent_run.json"
-    if marker.exists():
-        saved = json.loads(marker.read_text())
+    marker = storage.join(exp_dir, "mlflow_parent_run.json")
+    text = storage.read_text(marker)
+    if text:
+        saved = json.loads(text)
         if saved.get("tracking_uri") == spec.tracking_uri:
             return exp_id, saved["run_id"]
     run = client.create_run(exp_id, run_name=spec.run.name,
@@ -189,8 +189,7 @@ def _parent_run(spec: TuneSpec, exp_dir: Path) -> tuple[str, str]:
                  "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()}}.items():
         client.log_param(run.info.run_id, k, v)
     client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id}))
+    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id}))
     return exp_id, run.info.run_id
 
 
@@ -225,20 +224,19 @@ def run_search(spec: TuneSpec) -> dict:
     disable_telemetry()
     manifest = load_manifest(spec.base.data)
     spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
-    storage = Path(spec.run.storage_path).resolve()
-    exp_dir = storage / spec.run.name
-    exp_id, parent_id = _parent_run(spec, exp_dir)
+    root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
+    exp_id, parent_id = _parent_run(spec, storage.join(root, spec.run.name))
 
     space = {k: v for k, v in search_space().items() if k not in spec.fixed}
     space.update(spec.fixed)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=replace(spec.run, storage_path=str(storage / spec.run.name / "train"))),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=replace(spec.run, storage_path=storage.join(root, spec.run.name, "train"))),
                                     {"CPU": spec.trial_cpus})
     searcher = ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.concurrency)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.base.epochs,
                               grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
     callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
-    run_config = tune.RunConfig(name=spec.run.name, storage_path=str(storage), callbacks=callbacks, verbose=1)
-    tune_path = str(storage / spec.run.name)
+    run_config = tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks, verbose=1)
+    tune_path = storage.join(root, spec.run.name)
     if tune.Tuner.can_restore(tune_path):
         print(f"[raysegment] resuming search {tune_path}", flush=True)
         tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
@@ -264,8 +262,8 @@ def run_search(spec: TuneSpec) -> dict:
     if spec.register and best.get("checkpoint_path"):
         from raysegment.registry import register_checkpoint
 
-        reg = register_checkpoint(best["checkpoint_path"], metrics=best, tracking_uri=spec.tracking_uri,
-                                  run_id=parent_id)
+        with storage.local_checkpoint(best["checkpoint_path"], root) as folder:
+            reg = register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id)
         summary["registered"] = asdict(reg)
     if spec.final_minutes:
         summary["final"] = run_final(spec, best, exp_id, parent_id)
@@ -281,8 +279,8 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
 
     params = {k: best[k] for k in SEARCHED if k in best}
     config = replace(apply_params(spec.base, params), epochs=spec.final_max_epochs, time_budget_min=spec.final_minutes)
-    run = replace(spec.run, name=f"{spec.run.name}-final",
-                  storage_path=str(Path(spec.run.storage_path).resolve() / spec.run.name / "train"))
+    run = replace(spec.run, name=f"{spec.run.name}-final", sharing=1,
+                  storage_path=storage.join(spec.run.storage_path, spec.run.name, "train"))
     client = _mlflow_client(spec.tracking_uri)
     found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.final = 'true'")
     if found:
@@ -312,9 +310,10 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     if spec.register:
         from raysegment.registry import register_checkpoint
 
-        reg = register_checkpoint(result.checkpoint.path, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
-                                  extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
-                                              "search_run": parent_run_id})
+        with result.checkpoint.as_directory() as folder:  # local or remote storage alike
+            reg = register_checkpoint(folder, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
+                                      extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
+                                                  "search_run": parent_run_id})
         out["registered"] = asdict(reg)
     client.set_terminated(run_id, "FINISHED")
     return out
@@ -351,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=d("num_samples"))
     p.add_argument("--epochs", type=int, default=3, help="the most epochs per trial (ASHA stops weak trials early)")
     p.add_argument("--concurrency", type=int, default=d("concurrency"), help="trials at once")
-    p.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPU share per training worker (1; 0.5 runs two small trials on one GPU)")
     p.add_argument("--image-size", type=int, default=None,
                    help=f"pixels (default: {default_of(TrainConfig, 'image_size')}, or that of --init-weights)")
     p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     disable_telemetry()
     fixed = _parse_fixed(a.fixed)
+    if not a.data and storage.is_uri(a.storage):
+        raise SystemExit(f"error: --storage {a.storage} is remote: give --data (shards every node reads)")
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
     init = resolve_init_weights(a.init_weights, a.backbone)
     image_size = a.image_size or default_of(TrainConfig, "image_size")
@@ -394,11 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         augment=AugmentConfig(flip_prob=a.flip_prob), precision=a.precision,
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
         max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
-        threads_per_worker=torch_threads(a.threads, a.workers * a.concurrency, a.cpus_per_worker),
+        threads_per_worker=a.threads,
     )
     name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
-    spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=bool(a.gpus_per_worker),
-                                           cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name),
+    spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0,
+                                           gpus_per_worker=a.gpus_per_worker or 1.0,
+                                           cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name,
+                                           sharing=a.concurrency),
                     num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)

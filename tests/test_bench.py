@@ -22,8 +22,8 @@ def shards(tmp_path_factory):
 def test_bare_training_loop_runs_the_train_step(shards):
     config = TrainConfig(data=str(shards), model=ModelConfig(decoder_width=8), batch_size=2, image_size=64,
                          crop_size=64, precision="fp32", threads_per_worker=1)
-    rate = bench.bare_loop_slices_per_s(config, steps=2, warmup=1)
-    assert rate > 0
+    out = bench.bare_loop(config, steps=2, warmup=1)
+    assert out["slices_per_s"] > 0 and out["device"] == "cpu" and "peak_mem_mib" not in out
 
 
 @pytest.mark.slow
@@ -45,3 +45,29 @@ def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, ti
     assert result["infer_s_per_study"] * 3 == pytest.approx(
         result["infer_actor_s_per_study"] * 3 / result["actors"] + result["infer_fixed_s"], abs=0.02)
     assert any("× forward (of which" in line for line in out)
+
+
+def test_gpu_smoke_dry_run_prints_every_step_without_a_gpu(tmp_path, capsys):
+    assert bench.main(["gpu-smoke", "--dry-run", "--out", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert len(lines) == 2 * 2 + 2 + 2  # 2 backbones × 2 batch sizes, train + resume, infer GPU + CPU
+    for backbone in ("mobilenet_v2", "densenet121"):
+        assert sum(f"--backbone {backbone}" in line and "--gpu" in line for line in lines) == 2
+    train = [line for line in lines if "raysegment.train" in line]
+    assert "--epochs 1" in train[0] and "--epochs 2" in train[1] and all("--name smoke --" in t for t in train)
+    assert [("--gpu" in line) for line in lines if "raysegment.infer" in line] == [True, False]
+    assert not (tmp_path / "gpu-smoke.json").exists()  # nothing ran
+
+
+def test_mask_agreement_counts_equal_voxels_of_same_named_masks(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    for run, flip in (("a", 0), ("b", 10)):
+        (tmp_path / run / "masks").mkdir(parents=True)
+        m = np.zeros((10, 10, 2), np.uint8)
+        m.flat[:flip] = 1
+        nib.save(nib.Nifti1Image(m, np.eye(4)), str(tmp_path / run / "masks" / "s_seg.nii.gz"))
+    assert bench.mask_agreement(tmp_path / "a", tmp_path / "b") == pytest.approx(190 / 200)
+    with pytest.raises(ValueError, match="no masks"):
+        bench.mask_agreement(tmp_path / "empty", tmp_path / "b")

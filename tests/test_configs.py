@@ -93,8 +93,20 @@ def test_kubernetes_manifest_structure(path):
             spec = d["spec"]
             assert spec["authOptions"]["mode"] == "token"
             assert spec["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+            kinds = set()
             for g in spec["workerGroupSpecs"]:
                 assert g["groupName"] and g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+                pod = g["template"]["spec"]
+                for c in pod["containers"]:
+                    req = c["resources"]["requests"]
+                    gpu = "nvidia.com/gpu" in req
+                    kinds.add(gpu)
+                    # a whole 8-vCPU / 32 GiB node is never schedulable: the kubelet keeps some
+                    assert float(req["cpu"]) <= 7 and int(req["memory"].rstrip("Gi")) <= 28, req
+                    if gpu:
+                        assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), "GPU taint"
+                        assert {"NCCL_SOCKET_IFNAME", "NCCL_DEBUG"} <= {e["name"] for e in c["env"]}
+            assert kinds == {True, False}, "a GPU group and a CPU group (CPU-only demand must not wake GPU nodes)"
         if d["kind"] == "RayJob":
             assert d["spec"].get("clusterSelector") or d["spec"].get("rayClusterSpec")
             dry_run(shlex.split(d["spec"]["entrypoint"]))

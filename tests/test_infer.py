@@ -195,3 +195,28 @@ def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
     assert plan_actors(explicit, {"CPU": 64.0}, 100) == explicit  # the node's cores shared, as before
     with pytest.raises(ValueError, match="actors must be ≥ 1"):
         plan_actors(InferConfig(models=("m",), input="i", output="o", actors=0), {"CPU": 2.0}, 5)
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_tries_the_study_again(tmp_path, predictor, monkeypatch):
+    import torch
+
+    from raysegment.infer import segment_with_backoff
+
+    pdir = make_nifti_patient(tmp_path / "in", 1, ed=1, es=2, nframes=2, shape=(3, 40, 48))
+    tries = []
+    real = Predictor.predict
+
+    def predict_on_a_small_gpu(self, image, **kw):  # CUDA's OOM, raised for batches over 2 slices
+        tries.append(self.config.batch_size)
+        if self.config.batch_size > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, image, **kw)
+
+    monkeypatch.setattr(Predictor, "predict", predict_on_a_small_gpu)
+    rows = segment_with_backoff(pdir / "patient001_frame01.nii.gz", predictor, "ref", tmp_path / "out", False)
+    assert rows[0]["status"] == "done" and tries == [16, 8, 4, 2] and predictor.config.batch_size == 2
+    monkeypatch.setattr(Predictor, "predict", lambda self, image, **kw: (_ for _ in ()).throw(
+        torch.cuda.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # even 1 slice does not fit: the study fails
+        segment_with_backoff(pdir / "patient001_frame02.nii.gz", predictor, "ref", tmp_path / "out", False)
+    assert predictor.config.batch_size == 1

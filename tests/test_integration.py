@@ -89,10 +89,17 @@ def stop_ray(env: dict, ray_tmp: str, grace: float = 4.0) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A token-auth Ray head and an MLflow server (sqlite + local artifacts) on 127.0.0.1."""
+    """A token-auth Ray head, an MLflow server (sqlite + local artifacts) and an S3-compatible
+    object store (moto) holding the runs, all on 127.0.0.1."""
     root = tmp_path_factory.mktemp("cluster")
     env = ray_env(root)
-    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+    gcs, dash, mlflow_port, s3_port = free_port(), free_port(), free_port(), free_port()
+    # Credentials and endpoint reach every Ray process (and pyarrow's S3 client) as on a cluster.
+    env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    s3_log = open(root / "s3.log", "w")
+    s3_proc = subprocess.Popen([f"{VENV_BIN}/moto_server", "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
+                               stdout=s3_log, stderr=subprocess.STDOUT, start_new_session=True)
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     mlflow_log = open(root / "mlflow.log", "w")
     mlflow_proc = subprocess.Popen(
@@ -112,13 +119,30 @@ def cluster(tmp_path_factory):
     try:
         wait_http(f"{uri}/health")
         wait_http(f"http://127.0.0.1:{dash}")
-        yield {"env": env, "root": root, "mlflow": uri, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
+        wait_http(env["AWS_ENDPOINT_URL"])
+        s3_fs(env).create_dir(BUCKET)
+        yield {"env": env, "root": root, "mlflow": uri, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}",
+               "s3": f"s3://{BUCKET}/runs"}
     finally:
         stop_ray(env, ray_tmp)
-        os.killpg(mlflow_proc.pid, signal.SIGTERM)
-        mlflow_proc.wait(timeout=30)
+        for proc in (mlflow_proc, s3_proc):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
         mlflow_log.close()
+        s3_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+BUCKET = "raysegment-test"
+
+
+def s3_fs(env: dict):
+    """pyarrow's S3 client on the test's object store."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                                   secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"],
+                                   allow_bucket_creation=True)
 
 
 def submit(cluster, *args: str, timeout: float = 900) -> str:
@@ -159,7 +183,7 @@ def registered(cluster, sample_shards):
     better than anything the later, deliberately bad searches make) registers a champion."""
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--concurrency", "2", "--epochs", "1",
-                 "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", str(cluster["root"] / "runs"),
+                 "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", cluster["s3"],
                  "--name", "first", *TUNE_SMALL, "--cpus-per-worker", "0.5", "--image-size", "256")
     assert "registered raysegment-mobilenet_v2 v1; champion: True" in log, log[-3000:]
     return log
@@ -181,6 +205,13 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
     assert len(children) == 2 and len(runs) == 3
     history = client.get_metric_history(children[0].info.run_id, "dice_mean")
     assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(children[0].data.params)
+    # --storage s3://…: the trials' checkpoints and the search's state are in the object store
+    # (registration fetched the winner from there), nothing in a local folder named "s3:".
+    import pyarrow.fs
+
+    stored = [f.path for f in s3_fs(cluster["env"]).get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/runs/first", recursive=True))]
+    assert any(p.endswith("/model.pt") for p in stored) and any(p.endswith("mlflow_parent_run.json") for p in stored)
+    assert not (cluster["root"] / "s3:").exists()
 
 
 def test_worse_search_does_not_move_champion_and_its_final_stage_registers_a_final_model(cluster, registered,
@@ -193,7 +224,7 @@ def test_worse_search_does_not_move_champion_and_its_final_stage_registers_a_fin
     assert float(MlflowClient(cluster["mlflow"]).get_model_version("raysegment-mobilenet_v2", "1").tags["dice_mean"]) > 0.5
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "1", "--epochs", "1", "--set", "lr=1e-9",
-                 "--final-minutes", "0.1", "--storage", str(cluster["root"] / "runs"), "--name", "worse", *TUNE_SMALL)
+                 "--final-minutes", "0.1", "--storage", cluster["s3"], "--name", "worse", *TUNE_SMALL)
     assert "registered raysegment-mobilenet_v2 v2; champion: False" in log, log[-3000:]
     assert "[raysegment] final run: trial" in log, log[-3000:]
     assert "registered final raysegment-mobilenet_v2 v3; champion: False" in log, log[-3000:]
@@ -289,7 +320,7 @@ def test_scheduled_inference_job(cluster, registered, tmp_path):
     inp.mkdir()
     _studies(inp)
     args = ["raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion", "--input", str(inp),
-            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1"]
+            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
     log = submit(cluster, *args)
     assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
     rows = pq.read_table(out / "results.parquet").to_pylist()
@@ -329,7 +360,7 @@ def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
     _studies(inp, n_extra=10)
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
     cmd = [sys.executable, "-m", "raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion",
-           "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1"]
+           "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ledger = out / "ledger.jsonl"
     deadline = time.time() + 600
@@ -389,7 +420,7 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     inp, out = tmp_path / "in", tmp_path / "out"
     make_nifti_patient(inp, 8, ed=1, es=4, nframes=4)
     log = submit(cluster, "raysegment.infer", *[x for f in files for x in ("--model", f)], "--input", str(inp),
-                 "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1")
+                 "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1")
     assert "3 to segment" in log
     rows = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["study"].endswith("frame04.nii.gz")]
     seg = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))

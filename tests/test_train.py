@@ -88,32 +88,25 @@ def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shar
 
 
 @pytest.mark.slow
-def test_worker_fault_resumes_from_checkpoint(ray_local, tiny_shards, tmp_path):
+def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(ray_local, tiny_shards, tmp_path):
+    """One run shows both: a worker fault mid-run resumes from the last checkpoint (history kept,
+    the failed epoch run again) and the time budget, not the epoch cap, ends the run on the epoch
+    it planned."""
     marker = tmp_path / "failed-once"
     # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
     tiny = {**TINY, "model": ModelConfig(backbone="mobilenet_v2", decoder_width=8, context_slices=1)}
-    config = TrainConfig(data=str(tiny_shards), epochs=4, fail_at_epoch=2, fail_marker=str(marker),
-                         max_steps_per_epoch=2, **tiny)
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, fail_at_epoch=2,
+                         fail_marker=str(marker), max_steps_per_epoch=2, **tiny)
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1))
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
-    assert result.metrics["epoch"] == 3
+    done = result.metrics["epoch"] + 1
+    assert 3 < done < 200  # past the fault; the budget, not the epoch cap, ended the run
+    assert result.metrics["planned_epochs"] == done
     loaded = load_checkpoint(result.checkpoint.path)
     saved, state = loaded.config, loaded.state
-    assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == 3
-    # The history survives the restart: epochs 0..3 once each, epoch 2 run after the resume.
-    assert [h["epoch"] for h in state["history"]] == [0, 1, 2, 3]
-
-
-@pytest.mark.slow
-def test_time_budget_stops_early_on_the_planned_epoch(ray_local, tiny_shards, tmp_path):
-    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, **TINY)
-    result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="budget"))
-    assert result.error is None
-    done = result.metrics["epoch"] + 1
-    assert 1 < done < 200  # the budget, not the epoch cap, ended the run
-    assert result.metrics["planned_epochs"] == done
-    state = load_checkpoint(result.checkpoint.path).state
+    assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == done - 1
+    # The history survives the restart: every epoch once, epoch 2 run after the resume.
     assert [h["epoch"] for h in state["history"]] == list(range(done))
 
 
@@ -242,3 +235,52 @@ def test_overfits_a_few_real_slices(tmp_path):
         vol.image[keep], normalized=True)
     scores = [dice(pred == c, vol.label[keep] == c) for c in (1, 2, 3)]
     assert min(scores) > 0.9, scores
+
+
+def test_resume_loads_the_optimizer_moments_onto_the_parameters_device(tmp_path):
+    """The order a GPU resume needs, shown on CPU: the model moves ("meta" stands in for CUDA)
+    before the optimizer state loads, so Adam's moments follow the parameters."""
+    from raysegment.checkpoint import save_checkpoint
+    from raysegment.models import build_model
+    from raysegment.train import restore_run
+
+    config = TrainConfig(data="unused", **TINY)
+    model = build_model(config.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels, _ = _images_labels_params(4, seed=0, label=3)
+    train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), images, labels, config, torch.Generator(),
+               torch.device("cpu"), None)
+    save_checkpoint(tmp_path, model, opt, config, {"epoch": 3, "history": [{"epoch": e} for e in range(4)]})
+    run = restore_run(config, tmp_path, prepare=lambda m: m.to("meta"), device=torch.device("cpu"))
+    moments = [v for st in run.optimizer.state.values() for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert len(moments) == 2 * len(list(model.parameters()))
+    assert {t.device.type for t in moments} == {"meta"}
+    assert run.start_epoch == 4 and len(run.history) == 4
+    fresh = restore_run(config, None, prepare=lambda m: m, device=torch.device("cpu"))
+    assert fresh.start_epoch == 0 and not fresh.optimizer.state
+
+
+def test_lr_scales_with_the_workers_and_fp16_gpu_runs_get_equal_shards():
+    from raysegment.train import RunSpec, lr_scale_for, needs_equal_shards
+
+    config = TrainConfig(data="unused", **TINY)
+    assert lr_scale_for(config, 1) == 1.0 and lr_scale_for(config, 4) == 2.0  # sqrt by default
+    assert lr_scale_for(TrainConfig(data="u", lr_scaling="linear"), 4) == 4.0
+    assert lr_scale_for(TrainConfig(data="u", lr_scaling="none"), 4) == 1.0
+    gpus = RunSpec(num_workers=2, use_gpu=True)
+    assert needs_equal_shards(TrainConfig(data="u", precision="fp16"), gpus)
+    assert needs_equal_shards(TrainConfig(data="u", precision="auto"), gpus)  # may resolve to fp16 there
+    assert not needs_equal_shards(TrainConfig(data="u", precision="bf16"), gpus)
+    assert not needs_equal_shards(TrainConfig(data="u", precision="fp16"), RunSpec(num_workers=2))  # CPU: no scaler
+    assert not needs_equal_shards(TrainConfig(data="u", precision="fp16"), RunSpec(num_workers=1, use_gpu=True))
+
+
+def test_worker_threads_follow_the_cpus_ray_assigned_on_the_workers_node():
+    from raysegment.config import available_cpus
+    from raysegment.train import worker_threads
+
+    auto = TrainConfig(data="u")
+    node = available_cpus()
+    assert worker_threads(auto, processes_on_node=1, assigned_cpus=1) == max(1, node)
+    assert worker_threads(auto, processes_on_node=node * 4, assigned_cpus=3) == 3  # never fewer than assigned
+    assert worker_threads(TrainConfig(data="u", threads_per_worker=5), 1, assigned_cpus=1) == 5
