@@ -54,6 +54,7 @@ class InferConfig:
     report_figures: int = 4  # overlay PNGs in report.md (flagged studies first; flagged studies always get one)
     limit: int | None = None  # process at most this many new studies (then stop)
     max_attempts: int = 2  # tries of a study whose worker process dies (then: failed, "worker died")
+    retry_failed: bool = False  # segment again studies that failed for good in earlier runs
     progress: bool = True
     crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
 
@@ -76,13 +77,16 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
     save_mask(masks, img, mask_path)
 
     gt = gt_for(path)
-    gt_frames = None
-    if gt is not None:
+    gt_frames, gt_flag = None, ""
+    if gt is not None:  # unusable ground truth is flagged, never silently ignored
         try:
             _, g, _ = read_study(gt)
-            gt_frames = g.astype(np.uint8) if g.shape == frames.shape else None
+            if g.shape == frames.shape:
+                gt_frames = g.astype(np.uint8)
+            else:
+                gt_flag = f"gt_ignored_shape_{'x'.join(map(str, g.shape[1:]))}"
         except StudyError:
-            gt_frames = None
+            gt_flag = "gt_ignored_unreadable"
     rows = []
     phase = acdc_phase(path)
     for t, m in enumerate(masks):
@@ -101,7 +105,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
         rows.append(row)
     add_cine_ef(rows)
     for row in rows:
-        row["qc_flags"] = ";".join(qc_flags(row))
+        row["qc_flags"] = ";".join(qc_flags(row) + ([gt_flag] if gt_flag else []))
     if figure or any(row["qc_flags"] for row in rows):
         from raysegment.report import overlay_thumbnail
 
@@ -112,10 +116,11 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
 
 
 def mask_name(path: Path) -> str:
-    """``<stem>_<hash of the folder>_seg.nii.gz``: unique per input path, same-named files kept apart."""
+    """``<stem>_<hash of the full path>_seg.nii.gz``: unique per input file, so same-named files in
+    other folders and ``scan.nii`` beside ``scan.nii.gz`` each keep their own mask."""
     import hashlib
 
-    tag = hashlib.sha1(str(path.parent).encode()).hexdigest()[:6]
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"{study_stem(path)}_{tag}_seg.nii.gz"
 
 
@@ -147,9 +152,10 @@ class SegmentActor:
         try:
             rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
             status, reason = "done", ""
-        except Exception as exc:  # a bad study never stops the batch
-            rows, status = [], "failed"
-            reason = str(exc) if isinstance(exc, StudyError) else f"{type(exc).__name__}: {exc}"
+        except StudyError as exc:  # bad input: failed for good (until --retry-failed)
+            rows, status, reason = [], "failed", str(exc)
+        except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
+            rows, status, reason = [], "error", f"{type(exc).__name__}: {exc}"
         return {"path": path, "sha256": digest, "model_version": self.predictor.version, "status": status,
                 "reason": reason, "seconds": time.perf_counter() - t0,
                 "forward_seconds": self.predictor.forward_seconds - f0, "rows": rows}
@@ -195,8 +201,12 @@ class Ledger:
             # Drop torn lines for good, so every line of the ledger stays valid JSON.
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
 
-    def has(self, path: str, digest: str, version: str) -> bool:
-        return (path, digest, version) in self.entries
+    def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
+        """Whether this study content is settled for ``version``: done, or failed for good (bad
+        input, a worker it killed). Environment errors (status ``error``) are retried by the next
+        run; ``retry_failed`` retries failures too."""
+        e = self.entries.get((path, digest, version))
+        return e is not None and (e["status"] == "done" or (e["status"] == "failed" and not retry_failed))
 
     def append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,12 +247,15 @@ def run_batch(config: InferConfig) -> dict:
     from raysegment.train import ensure_ray
 
     disable_telemetry()
+    # Absolute paths, decided here: actors on other nodes or in other working directories write
+    # and read exactly these (a relative --output would land in each worker's own cwd).
+    config = replace(config, input=str(Path(config.input).resolve()), output=str(Path(config.output).resolve()))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.jsonl")
     refs, version = pinned_models(config)
     config = replace(config, models=refs)
-    studies = find_studies(config.input)
+    studies = find_studies(config.input, exclude=out)  # an output folder inside the input is not input
     actors = []
     if studies:
         ensure_ray()
@@ -251,14 +264,14 @@ def run_batch(config: InferConfig) -> dict:
         actors = [remote.remote(config) for _ in range(config.actors)]
     todo = []
     for p in studies:
-        digest = sha256(p)
-        if not ledger.has(str(p.resolve()), digest, version):
-            todo.append({"path": str(p.resolve()), "sha256": digest})
+        path, digest = _identity(p)
+        if not ledger.has(path, digest, version, retry_failed=config.retry_failed):
+            todo.append({"path": path, "sha256": digest})
     if config.limit is not None:
         todo = todo[: config.limit]
     print(f"[raysegment] {len(studies)} studies, {len(studies) - len(todo)} already done with {version}, "
           f"{len(todo)} to segment", flush=True)
-    done = failed = 0
+    done = failed = errors = 0
     if todo:
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -271,8 +284,10 @@ def run_batch(config: InferConfig) -> dict:
             ledger.append(entry)
             done += entry["status"] == "done"
             failed += entry["status"] == "failed"
+            errors += entry["status"] == "error"
             if config.progress:
-                what = "ok" if entry["status"] == "done" else f"FAILED: {entry['reason']}"
+                what = {"done": "ok", "failed": "FAILED", "error": "ERROR (retried next run)"}[entry["status"]]
+                what += f": {entry['reason']}" if entry["reason"] else ""
                 print(f"[raysegment] {n}/{len(todo)} {Path(entry['path']).name} {what} ({entry['seconds']:.1f}s)",
                       flush=True)
     for a in actors:
@@ -281,7 +296,8 @@ def run_batch(config: InferConfig) -> dict:
     from raysegment.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
-    return {"studies": len(studies), "segmented": done, "failed": failed, "skipped": len(studies) - len(todo),
+    return {"studies": len(studies), "segmented": done, "failed": failed, "errors": errors,
+            "skipped": len(studies) - len(todo),
             "version": version, "actors": len(actors)}
 
 
@@ -307,6 +323,15 @@ def actor_options(config: InferConfig) -> dict:
     dies, while the study it held is retried by ``run_batch`` (not by Ray), so the tries are counted."""
     return {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor, "max_restarts": -1,
             "max_task_retries": 0}
+
+
+def _identity(p: Path) -> tuple[str, str]:
+    """(absolute path, content hash) a study is known by; an unreadable file (broken or looping
+    symlink) gets a placeholder hash so it still gets its failed row."""
+    try:
+        return str(p.resolve()), sha256(p)
+    except (OSError, RuntimeError):
+        return str(p.absolute()), "unreadable"
 
 
 def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str) -> Iterator[dict]:
@@ -336,12 +361,18 @@ def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str
 
 
 def results_rows(ledger: Ledger) -> list[dict]:
+    """One row per study frame, from each study file's latest ledger entry (a file replaced in
+    place supersedes its earlier content; its mask was overwritten too)."""
+    latest = {}
+    for e in ledger.entries.values():  # in the order they were first written
+        latest.pop(e["path"], None)
+        latest[e["path"]] = e
     rows = []
-    for e in ledger.entries.values():
+    for e in latest.values():
         if e["status"] == "done":
             rows.extend(e["rows"])
         else:
-            rows.append({"study": e["path"], "frame": -1, "status": "failed", "reason": e["reason"],
+            rows.append({"study": e["path"], "frame": -1, "status": e["status"], "reason": e["reason"],
                          "model_version": e["model_version"]})
     add_patient_ef(rows)
     return rows
@@ -388,17 +419,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d("threads"), help="torch threads per actor (default: its CPUs, or with --actors the node's cores shared among them)")
     p.add_argument("--report-figures", type=int, default=d("report_figures"), help="overlay PNGs in report.md")
     p.add_argument("--limit", type=int, default=d("limit"), help="segment at most N new studies this run")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="segment again studies that failed for good before (environment errors are always retried)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    from raysegment.train import check_args
+
+    check_args(p, a)
+    for ref in a.models:  # local files are checked here, not by an actor after Ray has started
+        if not (ref.startswith("models:/") or ref.startswith("shipped:")):
+            from raysegment.weights import saved_config
+
+            try:
+                saved_config(ref)
+            except Exception as exc:
+                p.error(f"--model {ref}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
     disable_telemetry()
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,
                                                batch_size=a.batch_size, precision=a.precision),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
-                         threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts)
+                         threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
+                         retry_failed=a.retry_failed)
     try:
         summary = run_batch(config)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

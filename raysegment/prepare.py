@@ -405,8 +405,15 @@ def prepare(config: PrepareConfig) -> dict:
         raise PrepareError(f"--format {fmt}: must be auto, acdc-nifti or ssl4mis-h5")
     if not source.is_dir():
         raise PrepareError(f"{source}: source folder does not exist")
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise PrepareError(f"--out {out} is, contains or lies inside --source {source}: choose a folder apart from it")
     if out.exists() and not config.overwrite:
         raise PrepareError(f"{out}: output exists (pass --overwrite to replace it)")
+    if out.exists() and not (out / "manifest.json").is_file():
+        # --overwrite replaces only what prepare wrote: never a user's folder of other files
+        raise PrepareError(f"{out}: exists and holds no raysegment manifest.json; --overwrite replaces only "
+                           f"shards raysegment wrote, so remove or rename it yourself")
     refs = _patient_refs(source, fmt)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -194,7 +194,7 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     firsts = []
     for r in rows:
         if r.get("status") != "done":
-            lines.append(f"| {_cell(Path(r['study']).name)} | - | failed: {_cell(r.get('reason', ''))} | | | | | | |")
+            lines.append(f"| {_cell(Path(r['study']).name)} | - | {r.get('status', 'failed')}: {_cell(r.get('reason', ''))} | | | | | | |")
             continue
         dice = "/".join(f"{r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv")) if r.get("dice_lv") is not None else ""
         ef = r.get("ef_lv_pct")

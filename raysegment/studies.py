@@ -49,13 +49,23 @@ def study_stem(path: Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", path.name)
 
 
-def find_studies(root: str | Path) -> list[Path]:
-    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``)."""
+def find_studies(root: str | Path, exclude: str | Path | None = None) -> list[Path]:
+    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``) nor under
+    ``exclude`` (the job's own output folder, when it lies inside the input). Broken or looping
+    symlinks are kept, so they get a failed row rather than vanish."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
-    files = [p for p in root.rglob("*") if p.is_file() and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))]
-    return sorted(p for p in files if not study_stem(p).endswith("_gt"))
+    skip = Path(exclude).resolve() if exclude is not None else None
+    files = []
+    for p in root.rglob("*"):
+        if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")) or study_stem(p).endswith("_gt"):
+            continue
+        if p.is_symlink() and not p.exists():
+            files.append(p)
+        elif p.is_file() and not (skip and (skip == p.resolve() or skip in p.resolve().parents)):
+            files.append(p)
+    return sorted(files)
 
 
 def gt_for(path: Path) -> Path | None:
@@ -98,7 +108,11 @@ def read_study(path: Path):
     """(nibabel image, data as (frames, z, y, x) float64, zooms (x, y, z) mm). Raises StudyError."""
     import nibabel as nib
 
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # a broken or looping symlink, a file gone since discovery
+        raise StudyError(f"cannot open ({exc.strerror or exc})") from None
+    if size == 0:
         raise StudyError("empty file (0 bytes)")
     try:
         img = nib.load(str(path))
@@ -116,6 +130,12 @@ def read_study(path: Path):
     return img, frames, zooms
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +144,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -415,6 +415,38 @@ def _train_dataset(config: TrainConfig, spec: RunSpec):
     return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
 
 
+COUNTS = ("workers", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
+          "threads", "actors")
+POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor")
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
+    first problem, instead of a traceback from inside Ray minutes later."""
+    for name in COUNTS:
+        value = getattr(a, name, None)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    for name in POSITIVE:
+        value = getattr(a, name, None)
+        zero_ok = name in ("final_minutes", "gpus_per_worker")  # 0: no final stage, no GPU
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    data = getattr(a, "data", None)
+    if data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
+        p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
+    init = getattr(a, "init_weights", None)
+    if init and init != "shipped":
+        from raysegment.weights import saved_config
+
+        try:
+            saved_config(resolve_init_weights(init, a.backbone))
+        except SystemExit:
+            raise
+        except Exception as exc:
+            p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+
+
 def resolve_init_weights(value: str | None, backbone: str) -> str | None:
     """CLI value → absolute path ('shipped' → the weights bundled with raysegment for ``backbone``)."""
     if not value:
@@ -511,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_args(p, a)
     config = TrainConfig(
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from raysegment import disable_telemetry, storage
 from raysegment.config import (DEFAULT_TRACKING_URI, AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of)
-from raysegment.train import RunSpec, add_run_arguments, ensure_ray, make_trainer, resolve_init_weights
+from raysegment.train import RunSpec, add_run_arguments, check_args, ensure_ray, make_trainer, resolve_init_weights
 
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
 
@@ -371,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    check_args(p, a)
     disable_telemetry()
     fixed = _parse_fixed(a.fixed)
     if not a.data and storage.is_uri(a.storage):

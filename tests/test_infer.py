@@ -1,6 +1,7 @@
 """The batch job's pieces without Ray: one study's rows, the ledger, results and the report."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +11,7 @@ from conftest import write_checkpoint
 from raysegment.clinical import ejection_fraction
 from raysegment.infer import Ledger, mask_name, results_rows, segment_study
 from raysegment.predict import Predictor
+from raysegment.studies import _umask
 from raysegment.report import batch_report, overlay_thumbnail, pick_slices
 from synth import make_nifti_patient
 
@@ -154,29 +156,49 @@ def test_gpu_flag_gives_each_actor_a_gpu_and_predicts_on_cuda():
 
 
 @pytest.mark.slow
-def test_a_study_that_kills_its_worker_fails_after_bounded_attempts_and_the_batch_goes_on(tmp_path, tiny_checkpoint):
+def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, monkeypatch):
+    """One folder with every awkward case, three runs: a study that kills its worker fails after
+    bounded attempts; an environment fault (the masks folder blocked) is an ``error`` that the next
+    run retries; the output folder inside the input and a relative --output are no input;
+    ``scan.nii`` beside ``scan.nii.gz`` keep their own masks; a looping symlink gets a failed row."""
     import ray
 
     from raysegment.infer import InferConfig, run_batch
 
     inp = tmp_path / "in"
     inp.mkdir()
-    for name in ("a", "crash_me", "b"):
-        img = np.random.default_rng(0).random((40, 48, 3)).astype(np.float32)
-        nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / f"{name}.nii.gz"))
-    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(tmp_path / "out"), threads=1,
+    img = np.random.default_rng(0).random((40, 48, 3)).astype(np.float32)
+    for name in ("a.nii.gz", "crash_me.nii.gz", "scan.nii", "scan.nii.gz"):
+        nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / name))
+    (inp / "loop.nii.gz").symlink_to(inp / "loop.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    (inp / "out").mkdir()
+    (inp / "out" / "masks").write_text("in the way")  # masks cannot be written: an environment fault
+    config = InferConfig(models=(str(tiny_checkpoint),), input="in", output="in/out", threads=1, actors=1,
                          crash_on="crash_me", max_attempts=2, progress=False)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        summary = run_batch(config)
-        again = run_batch(config)
+        first = run_batch(config)
+        (inp / "out" / "masks").unlink()  # the operator fixes the disk
+        second = run_batch(config)
+        third = run_batch(config)
     finally:
         ray.shutdown()
-    assert summary["segmented"] == 2 and summary["failed"] == 1
-    ledger = [json.loads(line) for line in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
-    crashed = [e for e in ledger if e["path"].endswith("crash_me.nii.gz")]
-    assert len(ledger) == 3 and len(crashed) == 1 and "worker died on this study (2 attempts)" in crashed[0]["reason"]
-    assert again["skipped"] == 3  # a failed study is recorded, not retried for ever
+    out = inp / "out"
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    by_name = {}
+    for e in ledger:
+        by_name.setdefault(Path(e["path"]).name, []).append(e["status"])
+    assert first["studies"] == 5 and first["errors"] == 3 and first["failed"] == 2  # 3 writes, crash, loop
+    assert by_name["crash_me.nii.gz"] == ["failed"] and by_name["loop.nii.gz"] == ["failed"]
+    assert "worker died on this study (2 attempts)" in next(e["reason"] for e in ledger if "crash_me" in e["path"])
+    assert second["segmented"] == 3 and second["skipped"] == 2  # the errors retried, the failures not
+    assert third["studies"] == 5 and third["skipped"] == 5  # its own masks under in/out are not studies
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert len(masks) == 3 and len({m.split("_")[0] for m in masks}) == 2  # scan.nii and scan.nii.gz apart
+    rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
+    assert all(Path(r["mask"]).is_absolute() and Path(r["mask"]).exists() for r in rows)
+    assert oct((out / "results.csv").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
 def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
@@ -220,3 +242,31 @@ def test_out_of_gpu_memory_halves_the_batch_and_tries_the_study_again(tmp_path, 
     with pytest.raises(torch.cuda.OutOfMemoryError):  # even 1 slice does not fit: the study fails
         segment_with_backoff(pdir / "patient001_frame02.nii.gz", predictor, "ref", tmp_path / "out", False)
     assert predictor.config.batch_size == 1
+
+
+def test_ledger_settles_done_and_failed_studies_but_retries_errors(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    for path, status in (("/a", "done"), ("/b", "failed"), ("/c", "error")):
+        led.append({"path": path, "sha256": "1", "model_version": "m/1", "status": status, "reason": ""})
+    assert led.has("/a", "1", "m/1") and led.has("/b", "1", "m/1") and not led.has("/c", "1", "m/1")
+    assert not led.has("/b", "1", "m/1", retry_failed=True) and led.has("/a", "1", "m/1", retry_failed=True)
+    assert not led.has("/a", "2", "m/1")  # new content
+
+
+def test_results_keep_only_the_latest_content_of_a_study_file(tmp_path):
+    led = Ledger(tmp_path / "ledger.jsonl")
+    row = {"study": "/s.nii.gz", "frame": 0, "status": "done", "volume_lv_ml": 1.0}
+    led.append({"path": "/s.nii.gz", "sha256": "old", "model_version": "m/1", "status": "done", "rows": [row]})
+    led.append({"path": "/t.nii.gz", "sha256": "t", "model_version": "m/1", "status": "failed", "reason": "bad"})
+    led.append({"path": "/s.nii.gz", "sha256": "new", "model_version": "m/1", "status": "done",
+                "rows": [{**row, "volume_lv_ml": 2.0}]})
+    rows = results_rows(Ledger(tmp_path / "ledger.jsonl"))
+    assert [(r["study"], r.get("volume_lv_ml")) for r in rows] == [("/t.nii.gz", None), ("/s.nii.gz", 2.0)]
+
+
+def test_unusable_ground_truth_is_flagged(tmp_path, predictor):
+    pdir = make_nifti_patient(tmp_path, 3, ed=1, es=2, nframes=2, shape=(3, 40, 48))
+    gt = pdir / "patient003_frame01_gt.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 3), np.uint8), np.eye(4)), str(gt))  # wrong shape
+    (row,) = segment_study(pdir / "patient003_frame01.nii.gz", predictor, "ref", tmp_path / "out")
+    assert "gt_ignored_shape_3x20x20" in row["qc_flags"].split(";") and "dice_lv" not in row

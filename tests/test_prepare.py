@@ -89,8 +89,8 @@ def test_normalisation_is_scale_free(tmp_path):
         for frame in (1, 2):
             write_h5(root / "volumes" / f"patient001_frame0{frame}.h5", (image * scale).astype(np.float32), label)
     for root in (a, b):
-        prepare(PrepareConfig(source=root, out=root / "out", val_fraction=0.0, progress=False))
-    ra, rb = read_rows(a / "out"), read_rows(b / "out")
+        prepare(PrepareConfig(source=root, out=tmp_path / f"out-{root.name}", val_fraction=0.0, progress=False))
+    ra, rb = read_rows(tmp_path / "out-a"), read_rows(tmp_path / "out-b")
     for x, y in zip(ra, rb):
         np.testing.assert_allclose(x["image"], y["image"], atol=1e-6)
     assert 0.0 <= min(min(r["image"]) for r in ra) and max(max(r["image"]) for r in ra) <= 1.0
@@ -235,3 +235,19 @@ def test_val_split_is_stratified_by_group_and_seeded():
     val_small = [p for p, s in assign_splits(small, PrepareConfig(source=Path("/n"), out=Path("/o"), val_fraction=0.6)).items()
                  if s == "val"]
     assert len(val_small) == 3 and {small[p] for p in val_small} == {"DCM", "HCM", "MINF"}
+
+
+def test_overwrite_never_deletes_the_source_or_a_folder_prepare_did_not_write(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    for out in (src, src / "shards", tmp_path):  # is, inside, contains the source
+        with pytest.raises(PrepareError, match="apart from it"):
+            prepare(PrepareConfig(source=src, out=out, overwrite=True, progress=False))
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "thesis.docx").write_text("years of work")
+    with pytest.raises(PrepareError, match="no raysegment manifest.json"):
+        prepare(PrepareConfig(source=src, out=mine, overwrite=True, progress=False))
+    assert (mine / "thesis.docx").read_text() == "years of work"
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    assert main(["--source", str(src), "--out", str(src), "--overwrite"]) == 2  # one line, exit 2

@@ -70,3 +70,43 @@ def test_bad_studies_raise_study_error(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((4, 20, 3), np.int16), np.eye(4)), str(tmp_path / "thin.nii.gz"))
     with pytest.raises(StudyError, match="too small"):
         read_study(tmp_path / "thin.nii.gz")
+
+
+def test_output_inside_the_input_is_no_input_and_broken_links_are_kept(tmp_path):
+    import os
+
+    from raysegment.studies import StudyError, read_study
+
+    (tmp_path / "out" / "masks").mkdir(parents=True)
+    for p in (tmp_path / "a.nii.gz", tmp_path / "out" / "masks" / "a_1234_seg.nii.gz"):
+        p.write_bytes(b"x")
+    (tmp_path / "gone.nii").symlink_to(tmp_path / "nowhere.nii")
+    (tmp_path / "loop.nii.gz").symlink_to(tmp_path / "loop.nii.gz")
+    names = [p.name for p in find_studies(tmp_path, exclude=tmp_path / "out")]
+    assert names == ["a.nii.gz", "gone.nii", "loop.nii.gz"]
+    assert len(find_studies(tmp_path)) == 4  # without the exclusion the mask would be a study
+    for name in ("gone.nii", "loop.nii.gz"):
+        with pytest.raises(StudyError, match="cannot open"):
+            read_study(tmp_path / name)
+    assert os.path.islink(tmp_path / "loop.nii.gz")
+
+
+def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
+    import os
+
+    from raysegment.studies import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "r.csv", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.csv").stat().st_mode & 0o777 == 0o640
+
+
+def test_mask_names_differ_for_scan_nii_and_scan_nii_gz(tmp_path):
+    from raysegment.infer import mask_name
+
+    a, b = mask_name(tmp_path / "scan.nii"), mask_name(tmp_path / "scan.nii.gz")
+    assert a != b and a.startswith("scan_") and b.endswith("_seg.nii.gz")
+    assert mask_name(tmp_path / "x" / "scan.nii") != a

@@ -284,3 +284,36 @@ def test_worker_threads_follow_the_cpus_ray_assigned_on_the_workers_node():
     assert worker_threads(auto, processes_on_node=1, assigned_cpus=1) == max(1, node)
     assert worker_threads(auto, processes_on_node=node * 4, assigned_cpus=3) == 3  # never fewer than assigned
     assert worker_threads(TrainConfig(data="u", threads_per_worker=5), 1, assigned_cpus=1) == 5
+
+
+INFER = ["--input", "TMP", "--output", "TMP/o"]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("train", ["--data", "SHARDS", "--workers", "0"], "--workers must be ≥ 1"),
+    ("train", ["--data", "SHARDS", "--epochs", "-1"], "--epochs must be ≥ 1"),
+    ("train", ["--data", "SHARDS", "--minutes", "0"], "--minutes must be > 0"),
+    ("train", ["--data", "SHARDS", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
+    ("train", ["--data", "/nonexistent"], "no shards there"),
+    ("tune", ["--data", "SHARDS", "--num-samples", "0"], "--num-samples must be ≥ 1"),
+    ("tune", ["--data", "SHARDS", "--init-weights", "BROKEN"], "not a raysegment weights file"),
+    ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--actors", "0"], "--actors must be ≥ 1"),
+    ("infer", ["--model", "BROKEN", *INFER], "not a raysegment weights file"),
+])
+def test_bad_arguments_fail_before_ray_with_one_line(module, args, message, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    import ray
+
+    broken = tmp_path / "w.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")  # a header that is not JSON
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    fill = {"BROKEN": str(broken), "SHARDS": str(shards), "TMP": str(tmp_path), "TMP/o": str(tmp_path / "o")}
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"raysegment.{module}").main([fill.get(x, x) for x in args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and message in err.strip().splitlines()[-1]  # argparse: usage, then one error line
