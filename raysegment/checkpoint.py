@@ -61,6 +61,25 @@ def save_checkpoint(folder: Path, model, optimizer, config: TrainConfig, state: 
     (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
+class DamagedWeights(ValueError):
+    """Weights whose tensors no longer match the digest recorded for them."""
+
+
+def state_digest(state: dict) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes: what a weights file or a registered
+    version records, and what every load recomputes (a damaged copy anywhere is refused)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_checkpoint(folder: str | Path, device: str = "cpu", version: str | None = None) -> LoadedModel:
     """Rebuild the model of a checkpoint folder from its own config."""
     from raysegment.models import build_model

@@ -125,8 +125,23 @@ def load_models(ref: str, tracking_uri: str | None = None, device: str = "cpu") 
         version = model_version(ref, tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             folders = registered_folders(f"models:/{version}", tracking_uri, tmp)
+            if len(folders) == 1:
+                _check_registered_digest(folders[0], version, tracking_uri)
             return [load_checkpoint(f, device, version=version) for f in folders]
     return [load_model(ref, device=device)]
+
+
+def _check_registered_digest(folder: Path, version: str, tracking_uri: str | None) -> None:
+    """Refuse a registered checkpoint whose weights differ from the digest tagged at registration."""
+    from mlflow import MlflowClient
+
+    from raysegment.checkpoint import DamagedWeights, read_state_dict, state_digest
+
+    name, number = version.rsplit("/", 1)
+    expected = MlflowClient(tracking_uri).get_model_version(name, number).tags.get("weights_sha256")
+    if expected and state_digest(read_state_dict(folder)) != expected:
+        raise DamagedWeights(f"models:/{version}: the stored weights do not match the digest recorded when it was "
+                             f"registered (tag weights_sha256); the artifact was damaged or replaced")
 
 
 def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:

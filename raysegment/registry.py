@@ -104,6 +104,11 @@ def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
         return _log_pyfunc({"checkpoint": str(ckpt)})
 
 
+# A version below this val mean Dice segments next to nothing: it never becomes champion, even
+# when there is none yet (the alias would point batch jobs at a model that writes empty masks).
+MIN_CHAMPION_DICE = 0.1
+
+
 def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tracking_uri: str,
               force_champion: bool) -> Registration:
     """Register a logged model as the next version of ``name``, tag it, decide on ``champion``."""
@@ -117,6 +122,12 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
     for k, v in tags.items():
         client.set_model_version_tag(name, mv.version, k, v)
     promote, reason = _should_promote(client, name, float(tags["dice_mean"]), tags["manifest_hash"])
+    if tags.get("evaluated") == "false":
+        promote, reason = False, ("its Dice is the file's own claim, not an evaluation run here "
+                                  "(pass --data to score it on your val split)")
+    elif float(tags["dice_mean"]) < MIN_CHAMPION_DICE:
+        promote, reason = False, (f"fails the sanity check: val dice_mean {float(tags['dice_mean']):.4f} < "
+                                  f"{MIN_CHAMPION_DICE} (it segments next to nothing)")
     if force_champion:
         promote, reason = True, "forced"
     if promote:
@@ -161,8 +172,12 @@ def register_checkpoint(
     mlflow.set_tracking_uri(tracking_uri)
     uri = _in_run(run_id, f"register-{backbone}", lambda: log_checkpoint_model(checkpoint_dir))
     tags = {k: f"{float(metrics[k]):.6f}" for k in DICE_KEYS}
+    from raysegment.checkpoint import read_state_dict, state_digest
+
     tags.update(manifest_hash=config.get("manifest_hash", ""), git_commit=git_commit(), backbone=backbone,
-                config=json.dumps(config, sort_keys=True)[:4900], **(extra_tags or {}))
+                config=json.dumps(config, sort_keys=True)[:4900],
+                weights_sha256=state_digest(read_state_dict(checkpoint_dir)),  # checked whenever it is loaded
+                **(extra_tags or {}))
     return _register(model_name(backbone), uri, description=f"raysegment U-Net, {backbone} encoder, ACDC RV/MYO/LV",
                      tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
@@ -217,25 +232,51 @@ def _should_promote(client, name: str, dice_mean: float, manifest_hash: str) -> 
     return False, f"dice_mean {dice_mean:.4f} does not beat champion v{current.version} ({cur_dice:.4f})"
 
 
-def import_weights(weights_file: str | Path, tracking_uri: str, force_champion: bool = False) -> Registration:
-    """Register a shipped ``.safetensors`` weights file (its val Dice comes from its metadata)."""
+def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str | Path | None = None,
+                    force_champion: bool = False) -> Registration:
+    """Register a checkpoint folder made elsewhere. Its Dice tags come from scoring it here on the
+    val split of ``shards`` (whose manifest the champion rule then compares on); without ``shards``
+    its own ``state.json`` fills them, tagged ``evaluated=false``, and it never becomes champion
+    (a file can claim any Dice)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "checkpoint"
+        shutil.copytree(checkpoint_dir, ckpt)
+        if shards is not None:
+            from raysegment.metrics import dice_summary
+            from raysegment.prepare import load_manifest
+            from raysegment.report import evaluate
+
+            metrics = dice_summary(evaluate(str(ckpt), shards, splits=("val",)))
+            config = json.loads((ckpt / "config.json").read_text())
+            config["manifest_hash"] = load_manifest(shards)["content_hash"]
+            (ckpt / "config.json").write_text(json.dumps(config))
+            return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
+        state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+        metrics = state.get("metrics", {})
+        if any(k not in metrics for k in DICE_KEYS):
+            raise ValueError(f"{checkpoint_dir}: no val Dice recorded with it; pass --data to score it")
+        return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion,
+                                   extra_tags={"evaluated": "false"})
+
+
+def import_weights(weights_file: str | Path, tracking_uri: str, shards: str | Path | None = None,
+                   force_champion: bool = False) -> Registration:
+    """Register a ``.safetensors`` weights file (digest checked), scored as ``register_scored``."""
     from raysegment.weights import checkpoint_from_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint_from_weights(weights_file, Path(tmp) / "checkpoint")
-        state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
-        metrics = state.get("metrics", {})
-        if any(k not in metrics for k in DICE_KEYS):
-            raise ValueError(f"{weights_file}: no val Dice in the file's metadata; cannot rank it for '{CHAMPION}'")
-        return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
+        return register_scored(ckpt, tracking_uri, shards, force_champion)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
     sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="register a shipped weights file (.safetensors)")
+    imp = sub.add_parser("import", help="register a weights file (.safetensors), scored on the val split of --data")
     imp.add_argument("weights")
+    imp.add_argument("--data", default=None, help="shards whose val split scores it (Dice tags, champion rule); "
+                                                  "without it the file's own Dice claim is tagged and it is never champion")
     imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     imp.add_argument("--force-champion", action="store_true")
     ens = sub.add_parser("ensemble", help="register an ensemble (raysegment-ensemble) of two or more models, "
@@ -246,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--flip-tta", action="store_true", help="score the ensemble with flip TTA (tag flip_tta)")
     ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     ens.add_argument("--force-champion", action="store_true")
-    reg = sub.add_parser("register", help="register a training checkpoint folder")
+    reg = sub.add_parser("register", help="register a training checkpoint folder, scored on the val split of --data")
     reg.add_argument("checkpoint")
+    reg.add_argument("--data", default=None, help="as for import")
     reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     reg.add_argument("--force-champion", action="store_true")
     return p
@@ -257,19 +299,17 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
-    if a.cmd == "import":
-        r = import_weights(a.weights, a.mlflow_uri, a.force_champion)
-    elif a.cmd == "ensemble":
-        try:
+    try:
+        if a.cmd == "import":
+            r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
+        elif a.cmd == "ensemble":
             r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
                                   force_champion=a.force_champion)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    else:
-        state = json.loads((Path(a.checkpoint) / "state.json").read_text())
-        r = register_checkpoint(a.checkpoint, metrics=state["metrics"], tracking_uri=a.mlflow_uri,
-                                force_champion=a.force_champion)
+        else:
+            r = register_scored(a.checkpoint, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
+    except (ValueError, FileNotFoundError) as exc:  # DamagedWeights included
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"registered {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
     return 0
 

@@ -6,12 +6,14 @@ Loading never unpickles code: safetensors holds only tensors and strings.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from raysegment.checkpoint import (CONFIG_FILE, STATE_FILE, LoadedModel, read_config, read_state, read_state_dict,
-                                   save_checkpoint)
+                                   save_checkpoint, state_digest)
+from raysegment.checkpoint import DamagedWeights  # noqa: F401  (raised here, defined with the digest)
 from raysegment.config import TrainConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
@@ -43,6 +45,27 @@ def saved_config(path: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(json.loads(meta["config"]))
 
 
+DIGEST_KEY = "tensors_sha256"
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A weights file's tensors, checked against the digest in its metadata (files exported before
+    digests existed load unchecked, and say so once)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _metadata(path)
+    state = load_file(str(path), device=device)
+    expected = meta.get(DIGEST_KEY)
+    if expected is None:
+        print(f"[raysegment] warning: {path.name} carries no tensor digest; it cannot be verified "
+              f"(python -m raysegment.weights seal {path})", file=sys.stderr)
+    elif state_digest(state) != expected:
+        raise DamagedWeights(f"{path}: weights are damaged (their digest does not match the one written "
+                             f"into the file); use an intact copy")
+    return state
+
+
 def saved_state(path: str | Path) -> dict:
     """The training state (epoch, metrics, history) stored with a weights file or checkpoint folder; {} if none."""
     path = Path(path)
@@ -59,9 +82,7 @@ def init_state_dict(path: str | Path, model_config) -> dict:
     if path.is_dir():
         state = read_state_dict(path)
     else:
-        from safetensors.torch import load_file
-
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(path).items()}
     from dataclasses import replace
 
     if replace(saved, context_slices=model_config.context_slices) != model_config:
@@ -95,7 +116,8 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     state = read_state_dict(checkpoint_dir)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1"}
+    meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1",
+            DIGEST_KEY: state_digest(tensors)}
     if (checkpoint_dir / STATE_FILE).exists():
         meta["state"] = (checkpoint_dir / STATE_FILE).read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,15 +126,13 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
 
 
 def load_weights_file(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """The model (eval mode) of a .safetensors file written by ``export_weights``."""
-    from safetensors.torch import load_file
-
+    """The model (eval mode) of a .safetensors file written by ``export_weights`` (digest checked)."""
     from raysegment.models import build_model
 
     path = Path(path)
     config = saved_config(path)
     model = build_model(config.model)
-    state = load_file(str(path), device=device)
+    state = load_tensors(path, device)
     ref = model.state_dict()
     model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
     return LoadedModel(model.to(device).eval(), config, f"file:{path.name}", saved_state(path))
@@ -138,6 +158,20 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def seal(path: str | Path) -> str:
+    """Write the tensor digest into a weights file exported before digests existed (tensors and the
+    rest of the metadata unchanged) → the digest."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    meta, state = _metadata(path), load_file(str(path))
+    meta[DIGEST_KEY] = state_digest(state)
+    tmp = path.with_suffix(".sealing")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return meta[DIGEST_KEY]
+
+
 def verify(folder: str | Path = SHIPPED_DIR) -> dict[str, bool]:
     """Check every file listed in ``folder/SHA256SUMS`` → {file name: matches}."""
     folder = Path(folder)
@@ -158,6 +192,8 @@ def build_parser():
     ex.add_argument("checkpoint")
     ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
     ex.add_argument("--fp32", action="store_true")
+    se = sub.add_parser("seal", help="write the tensor digest into an older weights file (checked on every load)")
+    se.add_argument("file")
     ve = sub.add_parser("verify", help="check the files against SHA256SUMS")
     ve.add_argument("--folder", default=str(SHIPPED_DIR))
     return p
@@ -173,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         sums.write_text("\n".join(sorted(lines + [f"{digest}  {out.name}"])) + "\n")
         print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest}")
         return 0
+    if a.cmd == "seal":
+        print(f"{a.file}: tensors sha256 {seal(a.file)}")
+        return 0
     results = verify(a.folder)
     for name, ok in results.items():
         print(f"{name}: {'OK' if ok else 'MISMATCH'}")
@@ -180,6 +219,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -107,6 +107,10 @@ def test_kubernetes_manifest_structure(path):
                         assert any(t["key"] == "nvidia.com/gpu" for t in pod.get("tolerations", [])), "GPU taint"
                         assert {"NCCL_SOCKET_IFNAME", "NCCL_DEBUG"} <= {e["name"] for e in c["env"]}
             assert kinds == {True, False}, "a GPU group and a CPU group (CPU-only demand must not wake GPU nodes)"
+            for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                for c in g["template"]["spec"]["containers"]:  # every Ray pod logs in to MLflow from a Secret
+                    env = {e["name"]: e for e in c["env"]}
+                    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-client"
         if d["kind"] == "RayJob":
             assert d["spec"].get("clusterSelector") or d["spec"].get("rayClusterSpec")
             dry_run(shlex.split(d["spec"]["entrypoint"]))
@@ -124,6 +128,13 @@ def test_kubernetes_manifest_structure(path):
         if d["kind"] in ("Deployment", "StatefulSet"):
             labels = d["spec"]["template"]["metadata"]["labels"]
             assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow":
+            cmd = d["spec"]["template"]["spec"]["containers"][0]["command"]
+            assert cmd[cmd.index("--app-name") + 1] == "basic-auth", "MLflow without auth: anyone moves champion"
+            policies = [p for p in objects if p["kind"] == "NetworkPolicy"
+                        and p["spec"]["podSelector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            assert policies and all(src["podSelector"]["matchLabels"] == {"ray.io/cluster": "raysegment"}
+                                    for p in policies for rule in p["spec"]["ingress"] for src in rule["from"])
     services = [d for d in objects if d["kind"] == "Service"]
     workloads = [d for d in objects if d["kind"] in ("Deployment", "StatefulSet")]
     for s in services:  # each Service selects a workload in the same file

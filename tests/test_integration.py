@@ -284,19 +284,54 @@ def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(clus
     assert client.get_model_version("raysegment-mobilenet_v2", reg.version).tags["manifest_hash"] == "0" * 64
 
 
-def test_registry_import_registers_a_weights_file_with_its_dice(cluster, tmp_path):
+def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster, sample_shards, tmp_path):
+    """A file can claim any Dice: garbage weights claiming .99 are registered but never champion
+    (unscored: tagged evaluated=false; scored on --data: below the sanity floor); the shipped file,
+    scored on the sample's val split, becomes champion with the Dice measured here."""
+    import torch
     from mlflow import MlflowClient
 
+    from conftest import write_checkpoint
     from raysegment import registry
-    from raysegment.weights import saved_state, shipped_weights
+    from raysegment.config import ModelConfig, TrainConfig
+    from raysegment.metrics import dice_summary
+    from raysegment.models import build_model
+    from raysegment.report import evaluate
+    from raysegment.weights import export_weights, shipped_weights
+
+    torch.manual_seed(3)
+    config = TrainConfig(data="x", model=ModelConfig(backbone="densenet121", decoder_width=8), image_size=64)
+    claim = {"epoch": 9, "metrics": {"dice_rv": 0.99, "dice_myo": 0.99, "dice_lv": 0.99, "dice_mean": 0.99}}
+    garbage = export_weights(write_checkpoint(tmp_path / "g", build_model(config.model).eval(), config, claim),
+                             tmp_path / "garbage.safetensors")
+    client = MlflowClient(cluster["mlflow"])
+    assert registry.main(["import", str(garbage), "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry.main(["import", str(garbage), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    unscored, scored = (client.get_model_version("raysegment-densenet121", v) for v in ("1", "2"))
+    assert unscored.tags["evaluated"] == "false" and float(scored.tags["dice_mean"]) < 0.1
+    assert not client.get_registered_model("raysegment-densenet121").aliases  # neither moved the alias
 
     path = shipped_weights("densenet121")
-    assert registry.main(["import", str(path), "--mlflow-uri", cluster["mlflow"]]) == 0
-    client = MlflowClient(cluster["mlflow"])
+    assert registry.main(["import", str(path), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
     champion = client.get_model_version_by_alias("raysegment-densenet121", "champion")
-    expected = saved_state(path)["metrics"]
-    assert float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+    expected = dice_summary(evaluate(str(path), sample_shards, splits=("val",)))
+    assert champion.version == "3" and float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
     assert json.loads(champion.tags["config"])["model"]["context_slices"] == 1
+    assert "evaluated" not in champion.tags
+    # The version's weights digest is checked on every load: replaced weights in the artifact store
+    # (another valid state dict) are refused.
+    from raysegment.checkpoint import DamagedWeights, state_digest
+    from raysegment.predict import Predictor
+
+    stored = [p for p in (cluster["root"] / "artifacts").rglob("model.pt")
+              if state_digest(torch.load(p, weights_only=True)) == champion.tags["weights_sha256"]]
+    assert len(stored) == 1
+    state = torch.load(stored[0], weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 0.01
+    torch.save(state, stored[0])
+    with pytest.raises(DamagedWeights, match="do not match the digest"):
+        Predictor.load(f"models:/raysegment-densenet121/{champion.version}", tracking_uri=cluster["mlflow"])
 
 
 def _studies(root: Path, n_extra: int = 0) -> None:

@@ -60,3 +60,24 @@ def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint
     wide_file = export_weights(ckpt2, tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="cannot narrow"):
         init_state_dict(wide_file, config.model)
+
+
+def test_a_damaged_weights_file_is_refused_on_every_load(tmp_path):
+    import shutil
+
+    from raysegment.checkpoint import DamagedWeights
+    from raysegment.predict import Predictor
+    from raysegment.weights import init_state_dict, load_tensors, saved_config, shipped_weights
+
+    good = shipped_weights("mobilenet_v2")
+    load_tensors(good)  # intact: its digest matches
+    bad = tmp_path / "copy.safetensors"
+    shutil.copy(good, bad)
+    data = bytearray(bad.read_bytes())
+    for i in range(len(data) - 20_000, len(data) - 19_000):  # flip bytes inside the tensor data
+        data[i] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    for load in (lambda: load_tensors(bad), lambda: Predictor.load(str(bad)),
+                 lambda: init_state_dict(bad, saved_config(good).model)):
+        with pytest.raises(DamagedWeights, match="damaged"):
+            load()
