@@ -108,6 +108,8 @@ def _check_volume(path: str, image: np.ndarray, label: np.ndarray, gt_path: str)
         raise PrepareError(f"{gt_path}: label must be 3-D, got {label.ndim}-D shape {label.shape}")
     if image.shape != label.shape:
         raise PrepareError(f"{gt_path}: label shape {label.shape} does not match image shape {image.shape}")
+    if min(image.shape) == 0:
+        raise PrepareError(f"{path}: empty volume, shape {image.shape} (no slices or no pixels)")
     if not np.all(np.isfinite(image)):
         raise PrepareError(f"{path}: image holds NaN or inf intensities")
     if np.issubdtype(label.dtype, np.floating) and not np.all(np.isfinite(label)):
@@ -529,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         manifest = prepare(config)
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only or full disk under --out: nothing half-written is left (prepare cleans up)
+        print(f"error: cannot write {a.out}: {exc.strerror or exc}"
+              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}", file=sys.stderr)
         return 2
     c = manifest["counts"]
     print(

@@ -251,3 +251,24 @@ def test_overwrite_never_deletes_the_source_or_a_folder_prepare_did_not_write(tm
     assert (mine / "thesis.docx").read_text() == "years of work"
     assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
     assert main(["--source", str(src), "--out", str(src), "--overwrite"]) == 2  # one line, exit 2
+
+
+def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from synth import write_h5
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    empty = tmp_path / "empty"
+    shutil.copytree(src, empty)
+    write_h5(empty / "volumes" / "patient001_frame01.h5", np.zeros((0, 40, 48), np.float32), np.zeros((0, 40, 48), np.uint8))
+    assert main(["--source", str(empty), "--out", str(tmp_path / "o1")]) == 2
+    assert "empty volume" in capsys.readouterr().err
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("raysegment.prepare._write_shards", disk_full)
+    assert main(["--source", str(src), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
