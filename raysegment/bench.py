@@ -420,4 +420,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.bench by reference.
+    from raysegment.bench import main as _main
+
+    sys.exit(_main())

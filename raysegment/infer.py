@@ -455,4 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.infer by reference.
+    from raysegment.infer import main as _main
+
+    sys.exit(_main())
