@@ -38,3 +38,23 @@ def write_checkpoint(folder: Path, model, config, state: dict | None = None) -> 
 def tiny_checkpoint(tmp_path, tiny_model) -> Path:
     model, config = tiny_model
     return write_checkpoint(tmp_path / "ckpt", model, config)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Per test module: a token-auth Ray head, an MLflow server and a moto S3 on 127.0.0.1 (tests/servers.py)."""
+    from servers import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sample_shards(tmp_path_factory):
+    from raysegment.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("shards") / "sample"
+    prepare(PrepareConfig(source=Path(__file__).resolve().parents[1] / "raysegment" / "sample", out=out, progress=False))
+    return out
+
+

@@ -16,7 +16,7 @@ import tempfile
 import pytest
 
 from synth import make_h5_dataset
-from test_integration import VENV_BIN, free_port, ray_env, stop_ray, wait_http
+from servers import VENV_BIN, free_port, ray_env, stop_ray, wait_http
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,157 @@
+"""Real servers for the slow tier: a token-auth Ray head (`ray start`), an MLflow server and an
+S3-compatible object store (moto), all on 127.0.0.1, started and stopped by the tests themselves.
+Used by the ``cluster`` fixture (conftest) and the two-node test."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+VENV_BIN = str(Path(sys.executable).parent)
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "raysegment-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def ray_env(root: Path) -> dict:
+    """Environment for `ray` CLI calls: token auth (a fresh token file in ``root``), telemetry off."""
+    token = root / "ray_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+           "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1", "PATH": VENV_BIN + os.pathsep + os.environ["PATH"]}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def stop_ray(env: dict, ray_tmp: str, grace: float = 4.0) -> None:
+    """Stop the Ray cluster a test started, and only that one (``ray stop --force`` would also kill
+    any other Ray on the machine, a developer's training run included): its processes carry the
+    test's token path in their environment or its temp dir on their command line."""
+    token = env["RAY_AUTH_TOKEN_PATH"].encode()
+
+    def ours() -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
+                continue
+            try:
+                if ray_tmp.encode() in (d / "cmdline").read_bytes() or token in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        return pids
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace
+        while ours() and time.time() < deadline:
+            time.sleep(0.2)
+
+
+def s3_fs(env: dict):
+    """pyarrow's S3 client on the test's object store."""
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                                   secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_DEFAULT_REGION"],
+                                   allow_bucket_creation=True)
+
+
+def submit(cluster, *args: str, timeout: float = 900) -> str:
+    """`ray job submit -- python -m ...` (waits for the job); returns its log, fails the test on error."""
+    # RAY_ADDRESS for every process of the job: Ray Train's placement-group cleaner asks the state
+    # API for "the" cluster, and with another Ray on the machine (a developer's run) it cannot tell
+    # which one, dies, and leaks the trial's placement group (the next trial then waits for ever).
+    env_json = json.dumps({"env_vars": {"RAY_ADDRESS": cluster["gcs"]}})
+    cmd = [f"{VENV_BIN}/ray", "job", "submit", "--address", cluster["address"], "--runtime-env-json", env_json, "--",
+           f"{VENV_BIN}/python", "-m", *args]
+    deadline = time.time() + 120
+    while True:
+        r = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=timeout, cwd=cluster["root"])
+        # The dashboard answers HTTP before its job agent is up (seconds on a loaded machine): the
+        # job was not submitted, so submitting again is safe.
+        if "No available agent to submit job" not in r.stdout + r.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+
+
+@contextlib.contextmanager
+def running_cluster(root: Path) -> Iterator[dict]:
+    """A token-auth Ray head, an MLflow server (sqlite + local artifacts) and an S3-compatible
+    object store (moto) holding the runs, all on 127.0.0.1."""
+    env = ray_env(root)
+    gcs, dash, mlflow_port, s3_port = free_port(), free_port(), free_port(), free_port()
+    # Credentials and endpoint reach every Ray process (and pyarrow's S3 client) as on a cluster.
+    env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    s3_log = open(root / "s3.log", "w")
+    s3_proc = subprocess.Popen([f"{VENV_BIN}/moto_server", "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
+                               stdout=s3_log, stderr=subprocess.STDOUT, start_new_session=True)
+    ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    mlflow_log = open(root / "mlflow.log", "w")
+    mlflow_proc = subprocess.Popen(
+        [f"{VENV_BIN}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        env=env, stdout=mlflow_log, stderr=subprocess.STDOUT, start_new_session=True)
+    subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
+                    "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
+                    "--disable-usage-stats", "--temp-dir", ray_tmp,
+                    # Ports of its own: another Ray on the machine (a developer's run) holds the defaults,
+                    # and a job agent that cannot bind leaves "No available agent to submit job".
+                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                    "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
+                   env=env, check=True, capture_output=True, cwd=root)
+    uri = f"http://127.0.0.1:{mlflow_port}"
+    try:
+        wait_http(f"{uri}/health")
+        wait_http(f"http://127.0.0.1:{dash}")
+        wait_http(env["AWS_ENDPOINT_URL"])
+        s3_fs(env).create_dir(BUCKET)
+        yield {"env": env, "root": root, "mlflow": uri, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}",
+               "s3": f"s3://{BUCKET}/runs"}
+    finally:
+        stop_ray(env, ray_tmp)
+        for proc in (mlflow_proc, s3_proc):
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        mlflow_log.close()
+        s3_log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

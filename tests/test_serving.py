@@ -1,0 +1,217 @@
+"""Serving with real processes (tests/servers.py): the registry's import and tamper checks, a
+scheduled batch-inference job, a killed one that resumes exactly once, and ensembles — on a
+champion imported from the shipped weights (scored on the sample), so this module needs no search
+and runs beside tests/test_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from servers import submit
+from synth import make_nifti_patient, synthetic_volume
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registered(cluster, sample_shards):
+    """raysegment-mobilenet_v2 v1 = the shipped MobileNetV2, scored on the sample's val split: champion."""
+    from raysegment import registry
+    from raysegment.weights import shipped_weights
+
+    assert registry.main(["import", str(shipped_weights("mobilenet_v2")), "--data", str(sample_shards),
+                          "--mlflow-uri", cluster["mlflow"]]) == 0
+
+
+def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster, sample_shards, tmp_path):
+    """A file can claim any Dice: garbage weights claiming .99 are registered but never champion
+    (unscored: tagged evaluated=false; scored on --data: below the sanity floor); the shipped file,
+    scored on the sample's val split, becomes champion with the Dice measured here."""
+    import torch
+    from mlflow import MlflowClient
+
+    from conftest import write_checkpoint
+    from raysegment import registry
+    from raysegment.config import ModelConfig, TrainConfig
+    from raysegment.metrics import dice_summary
+    from raysegment.models import build_model
+    from raysegment.report import evaluate
+    from raysegment.weights import export_weights, shipped_weights
+
+    torch.manual_seed(3)
+    config = TrainConfig(data="x", model=ModelConfig(backbone="densenet121", decoder_width=8), image_size=64)
+    claim = {"epoch": 9, "metrics": {"dice_rv": 0.99, "dice_myo": 0.99, "dice_lv": 0.99, "dice_mean": 0.99}}
+    garbage = export_weights(write_checkpoint(tmp_path / "g", build_model(config.model).eval(), config, claim),
+                             tmp_path / "garbage.safetensors")
+    client = MlflowClient(cluster["mlflow"])
+    assert registry.main(["import", str(garbage), "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry.main(["import", str(garbage), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    unscored, scored = (client.get_model_version("raysegment-densenet121", v) for v in ("1", "2"))
+    assert unscored.tags["evaluated"] == "false" and float(scored.tags["dice_mean"]) < 0.1
+    assert not client.get_registered_model("raysegment-densenet121").aliases  # neither moved the alias
+
+    path = shipped_weights("densenet121")
+    assert registry.main(["import", str(path), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    champion = client.get_model_version_by_alias("raysegment-densenet121", "champion")
+    expected = dice_summary(evaluate(str(path), sample_shards, splits=("val",)))
+    assert champion.version == "3" and float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+    assert json.loads(champion.tags["config"])["model"]["context_slices"] == 1
+    assert "evaluated" not in champion.tags
+    # The version's weights digest is checked on every load: replaced weights in the artifact store
+    # (another valid state dict) are refused.
+    from raysegment.checkpoint import DamagedWeights, state_digest
+    from raysegment.predict import Predictor
+
+    stored = [p for p in (cluster["root"] / "artifacts").rglob("model.pt")
+              if state_digest(torch.load(p, weights_only=True)) == champion.tags["weights_sha256"]]
+    assert len(stored) == 1
+    state = torch.load(stored[0], weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 0.01
+    torch.save(state, stored[0])
+    with pytest.raises(DamagedWeights, match="do not match the digest"):
+        Predictor.load(f"models:/raysegment-densenet121/{champion.version}", tracking_uri=cluster["mlflow"])
+
+
+def _studies(root: Path, n_extra: int = 0) -> None:
+    make_nifti_patient(root, 7, ed=1, es=5, nframes=6)
+    (root / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08\x00broken gzip stream")
+    (root / "zero.nii").write_bytes(b"")
+    img, _ = synthetic_volume(3, shape=(4, 50, 60))
+    cine = np.stack([img, img * 0.9, img], axis=-1)
+    affine = np.array([[0.0, 1.4, 0.1, -20], [1.3, 0.0, 0.0, 15], [0.0, 0.2, 9.0, 3], [0, 0, 0, 1]])  # oblique
+    nib.save(nib.Nifti1Image((np.transpose(cine, (2, 1, 0, 3)) * 1500).astype(np.int16), affine), str(root / "cine_4d.nii.gz"))
+    for i in range(n_extra):
+        img, _ = synthetic_volume(20 + i, shape=(4, 48, 48))
+        nib.save(nib.Nifti1Image((np.transpose(img, (2, 1, 0)) * 800).astype(np.int16), np.diag([1.5, 1.5, 8, 1])),
+                 str(root / f"extra{i:02d}.nii.gz"))
+
+
+def test_scheduled_inference_job(cluster, registered, tmp_path):
+    import pyarrow.parquet as pq
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    _studies(inp)
+    args = ["raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion", "--input", str(inp),
+            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
+    log = submit(cluster, *args)
+    assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    failed = {Path(r["study"]).name: r["reason"] for r in rows if r["status"] == "failed"}
+    assert set(failed) == {"corrupt.nii.gz", "zero.nii"}
+    assert "0 bytes" in failed["zero.nii"] and "unreadable" in failed["corrupt.nii.gz"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert {Path(r["study"]).name for r in done} == {"patient007_frame01.nii.gz", "patient007_frame05.nii.gz",
+                                                        "patient007_4d.nii.gz", "cine_4d.nii.gz"}
+    for r in done:
+        src, seg = nib.load(r["study"]), nib.load(r["mask"])
+        assert seg.shape == src.shape and np.allclose(seg.affine, src.affine)
+        assert seg.get_data_dtype() == np.uint8
+        assert r["model_version"] == "raysegment-mobilenet_v2/1"
+    ed = next(r for r in done if r["study"].endswith("frame01.nii.gz"))
+    es = next(r for r in done if r["study"].endswith("frame05.nii.gz"))
+    assert ed["phase"] == "ED" and es["phase"] == "ES" and 0 <= ed["dice_lv"] <= 1 and ed["volume_lv_ml"] >= 0
+    if ed["volume_lv_ml"] > 0:  # ED and ES of patient007 both segmented: EF from their LV volumes
+        expected = 100 * (ed["volume_lv_ml"] - es["volume_lv_ml"]) / ed["volume_lv_ml"]
+        assert ed["ef_lv_pct"] == pytest.approx(expected) and es["ef_lv_pct"] == pytest.approx(expected)
+    assert len([r for r in done if r["study"].endswith("cine_4d.nii.gz")]) == 3  # every frame
+    assert (out / "report.md").read_text().count("![") >= 4
+
+    # The next scheduled run: what is done (or failed for good) is skipped, a new study is picked up.
+    img, _ = synthetic_volume(9, shape=(4, 40, 40))
+    nib.save(nib.Nifti1Image((np.transpose(img, (2, 1, 0)) * 100).astype(np.int16), np.diag([1.2, 1.2, 7, 1])),
+             str(inp / "new_study.nii.gz"))
+    log = submit(cluster, *args)
+    assert "7 studies, 6 already done" in log and "1 to segment" in log and "new_study.nii.gz ok" in log
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert len(ledger) == 7 and len({e["path"] for e in ledger}) == 7
+
+
+def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    inp.mkdir()
+    _studies(inp, n_extra=10)
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
+    cmd = [sys.executable, "-m", "raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion",
+           "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ledger = out / "ledger.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not ledger.exists() or len(ledger.read_text().splitlines()) < 3):
+        assert proc.poll() is None, "finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = len(ledger.read_text().splitlines())
+    assert 3 <= first < 16
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+    paths = [e["path"] for e in entries]
+    assert len(paths) == len(set(paths)) == 16  # every study once, none lost
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert len(masks) == 14 and not [m for m in masks if m.startswith(".partial")]
+    import pyarrow.parquet as pq
+
+    studies = {r["study"] for r in pq.read_table(out / "results.parquet").to_pylist()}
+    assert len(studies) == 16
+
+
+def test_ensemble_version_averages_its_members_everywhere(cluster, registered, sample_shards, tmp_path):
+    """registry ensemble of a registered MobileNetV2 and the 2.5-D DenseNet-121 file: members pinned,
+    its own val Dice, and the pyfunc, Predictor.load and infer (--model repeated, or the ensemble's
+    URI) give the members' softmax average."""
+    import mlflow
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    from raysegment import registry
+    from raysegment.metrics import dice_summary
+    from raysegment.predict import Predictor
+    from raysegment.report import evaluate
+
+    from raysegment.weights import shipped_weights
+
+    files = ["models:/raysegment-mobilenet_v2/1", str(shipped_weights("densenet121"))]  # 2-D + 2.5-D members
+    assert registry.main(["ensemble", "--member", "models:/raysegment-mobilenet_v2@champion", "--member", files[1],
+                          "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    client = MlflowClient(cluster["mlflow"])
+    v = client.get_model_version_by_alias("raysegment-ensemble", "champion")
+    assert json.loads(v.tags["members"])[0] == "raysegment-mobilenet_v2/1" and v.tags["flip_tta"] == "false"
+    expected = dice_summary(evaluate(files, sample_shards, splits=("val",), tracking_uri=cluster["mlflow"]))
+    assert float(v.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+
+    image, _ = synthetic_volume(2, shape=(3, 60, 70))
+    raw = (image * 700).astype(np.float32)
+    direct = Predictor.load(files, tracking_uri=cluster["mlflow"])
+    registered_ensemble = Predictor.load("models:/raysegment-ensemble@champion", tracking_uri=cluster["mlflow"])
+    assert len(registered_ensemble.members) == 2 and registered_ensemble.version == f"raysegment-ensemble/{v.version}"
+    np.testing.assert_array_equal(registered_ensemble.predict(raw), direct.predict(raw))
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    pyfunc = mlflow.pyfunc.load_model("models:/raysegment-ensemble@champion")
+    np.testing.assert_array_equal(pyfunc.predict(raw), direct.predict(raw))
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    make_nifti_patient(inp, 8, ed=1, es=4, nframes=4)
+    log = submit(cluster, "raysegment.infer", *[x for f in files for x in ("--model", f)], "--input", str(inp),
+                 "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1")
+    assert "3 to segment" in log
+    rows = [r for r in pq.read_table(out / "results.parquet").to_pylist() if r["study"].endswith("frame04.nii.gz")]
+    seg = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))
+    study = nib.load(rows[0]["study"])
+    frame = np.transpose(np.asarray(study.dataobj, dtype=np.float64), (2, 1, 0))
+    spacing = tuple(float(z) for z in study.header.get_zooms()[:3])[::-1]
+    np.testing.assert_array_equal(seg, direct.predict(frame, spacing=spacing))
+    assert rows[0]["model_version"] == direct.version == "raysegment-mobilenet_v2/1+" + direct.members[1].version
