@@ -1,6 +1,6 @@
 """End to end with real processes (tests/servers.py): `ray start --head` (token auth), `mlflow
-server`, a moto S3 holding the runs, `ray job submit`: a search registers a champion, a worse
-search and its final stage do not move it, the champion serves through the pyfunc.
+server`, a moto S3 holding the runs, `ray job submit`: one search with its final stage registers
+two versions under the champion rule, the champion serves through the pyfunc.
 """
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ TUNE_SMALL = ["--image-size", "96", "--crop-size", "96", "--cpus-per-worker", "1
 
 @pytest.fixture(scope="module")
 def registered(cluster, sample_shards):
-    """A first search (2 trials at once, fine-tuning the shipped weights, so its champion is clearly
-    better than anything the later, deliberately bad searches make) registers a champion."""
+    """One search job: 2 trials at once, fine-tuning the shipped weights, then the final stage
+    (the best trial's configuration trained again as one Ray Train run for 0.1 min), runs on S3."""
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--concurrency", "2", "--epochs", "1",
-                 "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", cluster["s3"],
+                 "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", cluster["s3"], "--final-minutes", "0.1",
                  "--name", "first", *TUNE_SMALL, "--cpus-per-worker", "0.5", "--image-size", "256")
     assert "registered raysegment-mobilenet_v2 v1; champion: True" in log, log[-3000:]
+    assert "[raysegment] final run: trial" in log, log[-3000:]
+    assert "registered final raysegment-mobilenet_v2 v2; champion:" in log, log[-3000:]
     return log
+
+
+def champion_version(cluster) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(cluster["mlflow"]).get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version
 
 
 def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
@@ -40,53 +48,63 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
         assert 0.0 <= float(champion.tags[key]) <= 1.0
     assert len(champion.tags["manifest_hash"]) == 64 and champion.tags["git_commit"]
     assert json.loads(champion.tags["config"])["model"]["backbone"] == "mobilenet_v2"
-    # one parent run, one child run per trial with per-epoch Dice
+    # one parent run, one child run per trial with per-epoch Dice (and the final run's)
     exp = client.get_experiment_by_name("raysegment-tune")
     runs = client.search_runs([exp.experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2 and len(runs) == 3
-    history = client.get_metric_history(children[0].info.run_id, "dice_mean")
-    assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(children[0].data.params)
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("final") != "true"]
+    assert len(trials) == 2 and len(runs) == 4
+    history = client.get_metric_history(trials[0].info.run_id, "dice_mean")
+    assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(trials[0].data.params)
     # --storage s3://…: the trials' checkpoints and the search's state are in the object store
     # (registration fetched the winner from there), nothing in a local folder named "s3:".
     import pyarrow.fs
 
     stored = [f.path for f in s3_fs(cluster["env"]).get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/runs/first", recursive=True))]
     assert any(p.endswith("/model.pt") for p in stored) and any(p.endswith("mlflow_parent_run.json") for p in stored)
+    assert any("first-final" in p for p in stored)  # the final run (a Ray Train run) wrote there too
     assert not (cluster["root"] / "s3:").exists()
 
 
-def test_worse_search_does_not_move_champion_and_its_final_stage_registers_a_final_model(cluster, registered,
-                                                                                       sample_shards):
-    """A second search (1 trial at lr 1e-9, so worse) with a final stage: ray job submit -- raysegment.tune
-    ... --final-minutes M trains the best trial's configuration from scratch and registers its last
-    epoch as a final version, with lineage; neither moves the champion."""
+def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_the_champion_rule(cluster, registered):
+    """ray job submit -- raysegment.tune ... --final-minutes M: the best trial's configuration trained
+    again and its last epoch registered as a final version with lineage; the champion is whichever
+    version has the higher val Dice (the rule is unchanged)."""
     from mlflow import MlflowClient
 
-    assert float(MlflowClient(cluster["mlflow"]).get_model_version("raysegment-mobilenet_v2", "1").tags["dice_mean"]) > 0.5
-    log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
-                 "--mlflow-uri", cluster["mlflow"], "--num-samples", "1", "--epochs", "1", "--set", "lr=1e-9",
-                 "--final-minutes", "0.1", "--storage", cluster["s3"], "--name", "worse", *TUNE_SMALL)
-    assert "registered raysegment-mobilenet_v2 v2; champion: False" in log, log[-3000:]
-    assert "[raysegment] final run: trial" in log, log[-3000:]
-    assert "registered final raysegment-mobilenet_v2 v3; champion: False" in log, log[-3000:]
     client = MlflowClient(cluster["mlflow"])
-    assert client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version == "1"
     v1, v2 = (client.get_model_version("raysegment-mobilenet_v2", v) for v in ("1", "2"))
-    assert float(v2.tags["dice_mean"]) <= float(v1.tags["dice_mean"])
-    assert "final" not in v2.tags
-    tags = client.get_model_version("raysegment-mobilenet_v2", "3").tags
-    assert tags["final"] == "true"
-    assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(tags)
-    config = json.loads(tags["config"])
-    assert config["time_budget_min"] == 0.1 and config["lr"] == 1e-9  # the best trial's configuration
+    assert "final" not in v1.tags and v2.tags["final"] == "true"
+    assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(v2.tags)
+    config = json.loads(v2.tags["config"])
+    assert config["time_budget_min"] == 0.1 and config["lr"] == 0.0003  # the best trial's configuration
+    best = max((v1, v2), key=lambda v: float(v.tags["dice_mean"]))
+    assert champion_version(cluster) == best.version
     # Lineage: the final run is a child of the search's parent run and names the trial it came from.
-    parent = client.get_run(tags["search_run"])
+    parent = client.get_run(v2.tags["search_run"])
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     final_run = [r for r in runs if r.data.tags.get("final") == "true"]
-    assert len(final_run) == 1 and final_run[0].data.tags["source_trial"] == tags["source_trial"]
+    assert len(final_run) == 1 and final_run[0].data.tags["source_trial"] == v2.tags["source_trial"]
     assert len(client.get_metric_history(final_run[0].info.run_id, "dice_mean")) >= 1
-    assert [r for r in runs if r.data.tags.get("tune_trial_id") == tags["source_trial"]]
+    assert [r for r in runs if r.data.tags.get("tune_trial_id") == v2.tags["source_trial"]]
+
+
+def test_a_version_that_does_not_beat_the_champion_leaves_the_alias(cluster, registered, tmp_path):
+    from mlflow import MlflowClient
+
+    from raysegment.registry import register_checkpoint
+    from raysegment.weights import checkpoint_from_weights, shipped_weights
+
+    client = MlflowClient(cluster["mlflow"])
+    before = client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion")
+    ckpt = checkpoint_from_weights(shipped_weights("mobilenet_v2"), tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["manifest_hash"] = before.tags["manifest_hash"]  # comparable: the same data
+    (ckpt / "config.json").write_text(json.dumps(config))
+    worse = float(before.tags["dice_mean"]) - 0.01
+    reg = register_checkpoint(ckpt, metrics={"dice_rv": worse, "dice_myo": worse, "dice_lv": worse, "dice_mean": worse},
+                              tracking_uri=cluster["mlflow"])
+    assert not reg.champion and "does not beat" in reg.reason
+    assert champion_version(cluster) == before.version
 
 
 def test_champion_loads_through_pyfunc(cluster, registered):
@@ -102,7 +120,7 @@ def test_champion_loads_through_pyfunc(cluster, registered):
     assert mask.shape == (3, 60, 70) and mask.dtype == np.uint8
     # The registered pyfunc is the batch job's Predictor: the same mask, with and without spacing.
     predictor = Predictor.load("models:/raysegment-mobilenet_v2@champion", tracking_uri=cluster["mlflow"])
-    assert predictor.version == "raysegment-mobilenet_v2/1"
+    assert predictor.version == f"raysegment-mobilenet_v2/{champion_version(cluster)}"
     np.testing.assert_array_equal(mask, predictor.predict(raw))
     spaced = model.predict(raw, params={"spacing_mm": [8.0, 0.7, 0.7]})
     np.testing.assert_array_equal(spaced, predictor.predict(raw, spacing=(8.0, 0.7, 0.7)))
@@ -114,6 +132,7 @@ def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(clus
     from raysegment.registry import register_checkpoint
     from raysegment.weights import checkpoint_from_weights, shipped_weights
 
+    before = champion_version(cluster)
     ckpt = checkpoint_from_weights(shipped_weights("mobilenet_v2"), tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     config["manifest_hash"] = "0" * 64  # another data set: its Dice says nothing about this one
@@ -122,5 +141,5 @@ def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(clus
                               tracking_uri=cluster["mlflow"])
     assert not reg.champion and "another data manifest" in reg.reason
     client = MlflowClient(cluster["mlflow"])
-    assert client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion").version == "1"
+    assert champion_version(cluster) == before
     assert client.get_model_version("raysegment-mobilenet_v2", reg.version).tags["manifest_hash"] == "0" * 64

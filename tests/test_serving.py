@@ -26,11 +26,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def registered(cluster, sample_shards):
-    """raysegment-mobilenet_v2 v1 = the shipped MobileNetV2, scored on the sample's val split: champion."""
+    """raysegment-mobilenet_v2 v1 = the shipped MobileNetV2, made champion by the operator's override
+    (its Dice is the file's claim here; scoring is the import test's subject)."""
     from raysegment import registry
     from raysegment.weights import shipped_weights
 
-    assert registry.main(["import", str(shipped_weights("mobilenet_v2")), "--data", str(sample_shards),
+    assert registry.main(["import", str(shipped_weights("mobilenet_v2")), "--force-champion",
                           "--mlflow-uri", cluster["mlflow"]]) == 0
 
 
@@ -142,7 +143,7 @@ def test_scheduled_inference_job(cluster, registered, tmp_path):
 def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
-    _studies(inp, n_extra=10)
+    _studies(inp, n_extra=6)
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
     cmd = [sys.executable, "-m", "raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion",
            "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
@@ -155,18 +156,18 @@ def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = len(ledger.read_text().splitlines())
-    assert 3 <= first < 16
+    assert 3 <= first < 12
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     entries = [json.loads(line) for line in ledger.read_text().splitlines()]
     paths = [e["path"] for e in entries]
-    assert len(paths) == len(set(paths)) == 16  # every study once, none lost
+    assert len(paths) == len(set(paths)) == 12  # every study once, none lost
     masks = sorted(p.name for p in (out / "masks").iterdir())
-    assert len(masks) == 14 and not [m for m in masks if m.startswith(".partial")]
+    assert len(masks) == 10 and not [m for m in masks if m.startswith(".partial")]
     import pyarrow.parquet as pq
 
     studies = {r["study"] for r in pq.read_table(out / "results.parquet").to_pylist()}
-    assert len(studies) == 16
+    assert len(studies) == 12
 
 
 def test_ensemble_version_averages_its_members_everywhere(cluster, registered, sample_shards, tmp_path):
