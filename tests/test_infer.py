@@ -270,3 +270,11 @@ def test_unusable_ground_truth_is_flagged(tmp_path, predictor):
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 3), np.uint8), np.eye(4)), str(gt))  # wrong shape
     (row,) = segment_study(pdir / "patient003_frame01.nii.gz", predictor, "ref", tmp_path / "out")
     assert "gt_ignored_shape_3x20x20" in row["qc_flags"].split(";") and "dice_lv" not in row
+
+
+def test_model_repeated_on_the_command_line_makes_an_ensemble():
+    from raysegment.infer import build_parser
+
+    a = build_parser().parse_args(["--model", "models:/a@champion", "--model", "b.safetensors", "--input", "i",
+                                   "--output", "o"])
+    assert a.models == ["models:/a@champion", "b.safetensors"]

@@ -77,7 +77,9 @@ def test_two_node_training_spreads_workers_and_data(two_nodes):
     assert ranks[0]["node_id"] != ranks[1]["node_id"], "both workers ran on one node"
     assert {ranks[0]["node_id"], ranks[1]["node_id"]} == alive
     seen = ranks[0]["seen"] + ranks[1]["seen"]
-    assert len(seen) == len(set(seen)) == 30
+    assert len(seen) == len(set(seen)) == 30  # 30 slices, 2 workers × batch 4: uneven shares, each slice once
+    stored = sorted(seen, key=lambda k: (k.split("/")[0], k.split("/")[1], int(k.split("/")[2])))
+    assert ranks[0]["seen"] != [k for k in stored if k in ranks[0]["seen"]]  # not patient by patient as stored
     assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
     checkpoints = sorted((storage / "twonode").glob("checkpoint_*/model.pt"))
     assert checkpoints, "no checkpoint in the shared storage path"
