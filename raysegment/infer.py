@@ -137,7 +137,7 @@ class SegmentActor:
         from raysegment.predict import Predictor
 
         disable_telemetry()
-        torch.set_num_threads(config.threads or torch_threads(None, config.actors or 1, config.cpus_per_actor))
+        torch.set_num_threads(torch_threads(config.threads, config.actors or 1, config.cpus_per_actor))
         self.config = config
         self.predictor = Predictor.load(list(config.models), config.predict, config.tracking_uri)
         self.model_uri = " + ".join(config.models)

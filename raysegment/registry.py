@@ -121,13 +121,7 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
     client.update_registered_model(name, description=description)
     for k, v in tags.items():
         client.set_model_version_tag(name, mv.version, k, v)
-    promote, reason = _should_promote(client, name, float(tags["dice_mean"]), tags["manifest_hash"])
-    if tags.get("evaluated") == "false":
-        promote, reason = False, ("its Dice is the file's own claim, not an evaluation run here "
-                                  "(pass --data to score it on your val split)")
-    elif float(tags["dice_mean"]) < MIN_CHAMPION_DICE:
-        promote, reason = False, (f"fails the sanity check: val dice_mean {float(tags['dice_mean']):.4f} < "
-                                  f"{MIN_CHAMPION_DICE} (it segments next to nothing)")
+    promote, reason = _should_promote(client, name, tags)
     if force_champion:
         promote, reason = True, "forced"
     if promote:
@@ -219,7 +213,15 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
                      tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
 
-def _should_promote(client, name: str, dice_mean: float, manifest_hash: str) -> tuple[bool, str]:
+def _should_promote(client, name: str, tags: dict[str, str]) -> tuple[bool, str]:
+    """The champion rule: Dice measured here, above the sanity floor, better than the champion's on
+    the same data manifest (or no champion yet)."""
+    dice_mean, manifest_hash = float(tags["dice_mean"]), tags["manifest_hash"]
+    if tags.get("evaluated") == "false":
+        return False, "its Dice is the file's own claim, not an evaluation run here (pass --data to score it on your val split)"
+    if dice_mean < MIN_CHAMPION_DICE:
+        return False, (f"fails the sanity check: val dice_mean {dice_mean:.4f} < {MIN_CHAMPION_DICE} "
+                       f"(it segments next to nothing)")
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:
@@ -238,25 +240,25 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
     val split of ``shards`` (whose manifest the champion rule then compares on); without ``shards``
     its own ``state.json`` fills them, tagged ``evaluated=false``, and it never becomes champion
     (a file can claim any Dice)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "checkpoint"
-        shutil.copytree(checkpoint_dir, ckpt)
-        if shards is not None:
-            from raysegment.metrics import dice_summary
-            from raysegment.prepare import load_manifest
-            from raysegment.report import evaluate
+    if shards is not None:
+        from raysegment.metrics import dice_summary
+        from raysegment.prepare import load_manifest
+        from raysegment.report import evaluate
 
+        with tempfile.TemporaryDirectory() as tmp:  # a copy: its config gets the manifest it was scored on
+            ckpt = Path(tmp) / "checkpoint"
+            shutil.copytree(checkpoint_dir, ckpt)
             metrics = dice_summary(evaluate(str(ckpt), shards, splits=("val",)))
             config = json.loads((ckpt / "config.json").read_text())
             config["manifest_hash"] = load_manifest(shards)["content_hash"]
             (ckpt / "config.json").write_text(json.dumps(config))
             return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
-        state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
-        metrics = state.get("metrics", {})
-        if any(k not in metrics for k in DICE_KEYS):
-            raise ValueError(f"{checkpoint_dir}: no val Dice recorded with it; pass --data to score it")
-        return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion,
-                                   extra_tags={"evaluated": "false"})
+    state_file = Path(checkpoint_dir) / "state.json"
+    metrics = json.loads(state_file.read_text()).get("metrics", {}) if state_file.exists() else {}
+    if any(k not in metrics for k in DICE_KEYS):
+        raise ValueError(f"{checkpoint_dir}: no val Dice recorded with it; pass --data to score it")
+    return register_checkpoint(checkpoint_dir, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion,
+                               extra_tags={"evaluated": "false"})
 
 
 def import_weights(weights_file: str | Path, tracking_uri: str, shards: str | Path | None = None,

@@ -63,7 +63,7 @@ def find_studies(root: str | Path, exclude: str | Path | None = None) -> list[Pa
             continue
         if p.is_symlink() and not p.exists():
             files.append(p)
-        elif p.is_file() and not (skip and (skip == p.resolve() or skip in p.resolve().parents)):
+        elif p.is_file() and not (skip and (skip == (real := p.resolve()) or skip in real.parents)):
             files.append(p)
     return sorted(files)
 

@@ -75,9 +75,9 @@ def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: f
     return torch_threads(config.threads_per_worker, processes_on_node, assigned_cpus)
 
 
-def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[dict]]:
-    """3-D per-volume Dice on whole val volumes → (summary, per-volume records), through the
-    same ``Predictor`` that serves the model (in the run's precision)."""
+def validate(model, volumes, config: TrainConfig, device) -> list[dict]:
+    """3-D per-volume Dice records on whole val volumes (``dice_summary`` averages them), through
+    the same ``Predictor`` that serves the model (in the run's precision)."""
     from raysegment.checkpoint import LoadedModel
 
     was_training = model.training
@@ -88,7 +88,7 @@ def validate(model, volumes, config: TrainConfig, device) -> tuple[dict, list[di
         pred = predictor.predict(v.image, spacing=v.spacing, normalized=True)
         records += score_records(pred, v.label, v.spacing, distances=False, patient=v.patient, phase=v.phase)
     model.train(was_training)
-    return (dice_summary(records) if records else {}), records
+    return records
 
 
 # --------------------------------------------------------------------------- the per-worker loop
@@ -279,7 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seen = metrics.pop("_seen")
         if config.audit_dir:
             _audit(run, config, epoch, rank, seen)
-        records = validate(run.core, volumes, config, run.device)[1]
+        records = validate(run.core, volumes, config, run.device)
         if world > 1:
             shares = [None] * world
             dist.all_gather_object(shares, records)
@@ -433,6 +433,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         if value is not None and (value < 0 or (value == 0 and not zero_ok)):
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     data = getattr(a, "data", None)
+    if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
+        p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
     if data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
         p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
     init = getattr(a, "init_weights", None)
@@ -440,9 +442,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         from raysegment.weights import saved_config
 
         try:
-            saved_config(resolve_init_weights(init, a.backbone))
-        except SystemExit:
-            raise
+            saved_config(resolve_init_weights(init, a.backbone))  # a missing file: its own SystemExit
         except Exception as exc:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
 

@@ -374,8 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, a)
     disable_telemetry()
     fixed = _parse_fixed(a.fixed)
-    if not a.data and storage.is_uri(a.storage):
-        raise SystemExit(f"error: --storage {a.storage} is remote: give --data (shards every node reads)")
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
     init = resolve_init_weights(a.init_weights, a.backbone)
     image_size = a.image_size or default_of(TrainConfig, "image_size")

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from raysegment.checkpoint import (CONFIG_FILE, STATE_FILE, LoadedModel, read_config, read_state, read_state_dict,
-                                   save_checkpoint, state_digest)
-from raysegment.checkpoint import DamagedWeights  # noqa: F401  (raised here, defined with the digest)
+from raysegment.checkpoint import (CONFIG_FILE, STATE_FILE, DamagedWeights, LoadedModel, read_config, read_state,
+                                   read_state_dict, save_checkpoint, state_digest)
 from raysegment.config import TrainConfig
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"

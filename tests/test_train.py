@@ -273,6 +273,7 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
     ("train", ["--data", "/nonexistent"], "no shards there"),
     ("tune", ["--data", "SHARDS", "--num-samples", "0"], "--num-samples must be ≥ 1"),
     ("tune", ["--data", "SHARDS", "--init-weights", "BROKEN"], "not a raysegment weights file"),
+    ("tune", ["--storage", "s3://bucket/runs"], "is remote: give --data"),
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--actors", "0"], "--actors must be ≥ 1"),
     ("infer", ["--model", "BROKEN", *INFER], "not a raysegment weights file"),
 ])
