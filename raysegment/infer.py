@@ -55,6 +55,8 @@ class InferConfig:
     limit: int | None = None  # process at most this many new studies (then stop)
     max_attempts: int = 2  # tries of a study whose worker process dies (then: failed, "worker died")
     retry_failed: bool = False  # segment again studies that failed for good in earlier runs
+    # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
+    diagnosis: str | None = "shipped"
     progress: bool = True
     crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
 
@@ -255,6 +257,14 @@ def run_batch(config: InferConfig) -> dict:
     ledger = Ledger(out / "ledger.jsonl")
     refs, version = pinned_models(config)
     config = replace(config, models=refs)
+    diagnosis = None
+    if config.diagnosis:
+        from raysegment.diagnosis import load as load_diagnosis
+
+        try:  # before any study is segmented: a wrong reference costs nothing
+            diagnosis = load_diagnosis(config.diagnosis, config.tracking_uri)
+        except Exception as exc:
+            raise ValueError(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})") from None
     studies = find_studies(config.input, exclude=out)  # an output folder inside the input is not input
     actors = []
     if studies:
@@ -292,7 +302,7 @@ def run_batch(config: InferConfig) -> dict:
                       flush=True)
     for a in actors:
         ray.kill(a)
-    table = write_results(ledger, out)
+    table = write_results(ledger, out, diagnosis)
     from raysegment.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
@@ -378,13 +388,62 @@ def results_rows(ledger: Ledger) -> list[dict]:
     return rows
 
 
-def write_results(ledger: Ledger, out: Path) -> list[dict]:
-    """Rewrite results.parquet/.csv from the ledger (atomically): one row per study frame."""
+def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
+    """Per official-layout patient with ED and ES segmented (Info.cfg): ``clinical.patient_indices``
+    from the two masks on disk (height and weight from Info.cfg give the BSA-indexed ones) and, with
+    a ``diagnosis`` model, its basal ES RV check applied first, the predicted group and ``p_<GROUP>``
+    on both rows. Info.cfg's ``Group``
+    is copied as ``group_reference``, for scoring only: it is never an input."""
+    from raysegment.clinical import basal_rv_check, patient_indices
+    from raysegment.diagnosis import features
+    from raysegment.studies import parse_info_cfg
+
+    by_dir: dict[Path, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("status") == "done" and r.get("phase") in ("ED", "ES") and r.get("frame") == 0:
+            by_dir.setdefault(Path(r["study"]).parent, {})[r["phase"]] = r
+    for folder, phases in by_dir.items():
+        if set(phases) != {"ED", "ES"}:
+            continue
+        info = parse_info_cfg(folder / "Info.cfg") if (folder / "Info.cfg").is_file() else {}
+
+        def num(key):
+            try:
+                return float(info[key])
+            except (KeyError, ValueError):
+                return None
+
+        try:
+            masks = {ph: read_study(Path(r["mask"]))[1][0].astype(np.uint8) for ph, r in phases.items()}
+            spacing = json.loads(phases["ED"]["spacing_mm"])
+            es, cleared = basal_rv_check(masks["ED"], masks["ES"], diagnosis.basal_rv if diagnosis else None)
+            ind = patient_indices(masks["ED"], es, spacing, num("Height"), num("Weight"))
+        except (StudyError, OSError, ValueError, KeyError) as exc:
+            for r in phases.values():
+                r["clinical_error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        extra = {k: round(v, 4) for k, v in ind.items()}
+        # The ES mask file stays the network's output; the indices leave out these basal RV slices.
+        extra["rv_es_basal_slices_cleared"] = ",".join(map(str, cleared))
+        if diagnosis is not None:
+            p = diagnosis.predict_proba(features(ind))[0]
+            extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
+            extra |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}
+        if info.get("Group"):
+            extra["group_reference"] = info["Group"]
+        for r in phases.values():
+            r.update(extra)
+
+
+def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:
+    """Rewrite results.parquet/.csv from the ledger (atomically): one row per study frame, with the
+    per-patient clinical indices and diagnosis (``add_patient_clinical``)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     rows = results_rows(ledger)
+    add_patient_clinical(rows, diagnosis)
     if not rows:
         return rows
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("study", "frame", "status"), k))
@@ -419,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d("threads"), help="torch threads per actor (default: its CPUs, or with --actors the node's cores shared among them)")
     p.add_argument("--report-figures", type=int, default=d("report_figures"), help="overlay PNGs in report.md")
     p.add_argument("--limit", type=int, default=d("limit"), help="segment at most N new studies this run")
+    p.add_argument("--diagnosis", default=d("diagnosis"),
+                   help="ACDC diagnosis of patients with ED and ES (Info.cfg): 'shipped', a JSON file from "
+                        "`raysegment.diagnosis fit`, models:/raysegment-diagnosis@champion, or 'none'")
     p.add_argument("--retry-failed", action="store_true",
                    help="segment again studies that failed for good before (environment errors are always retried)")
     return p
@@ -444,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
                                                batch_size=a.batch_size, precision=a.precision),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
-                         retry_failed=a.retry_failed)
+                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis)
     try:
         summary = run_batch(config)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

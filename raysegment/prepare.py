@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -77,6 +77,7 @@ class Volume:
     spacing: tuple[float, float, float] | None
     group: str
     source: str
+    info: dict | None = None  # patient metadata: height_cm, weight_kg, nb_frames, ed_frame, es_frame (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,62 @@ def _squeeze_trailing(arr: np.ndarray) -> np.ndarray:
 def _group_from_number(patient: str) -> str:
     number = int(patient[-3:])
     return _GROUP_BY_BLOCK[(number - 1) // 20] if 1 <= number <= 100 else "unknown"
+
+
+INFO_CSV = "info.csv"
+_INFO_FLOATS = ("height_cm", "weight_kg", "pixel_spacing_mm", "slice_spacing_mm")
+_INFO_INTS = ("nb_frames", "ed_frame", "es_frame", "num_slices")
+
+
+def read_info_csv(path: Path) -> dict[str, dict]:
+    """``info.csv`` beside an SSL4MIS-layout source → patient → {group, height_cm, weight_kg,
+    nb_frames, ed_frame, es_frame, num_slices, pixel_spacing_mm, slice_spacing_mm} (mm, cm, kg)."""
+    import csv
+
+    rows: dict[str, dict] = {}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"patient", *_INFO_FLOATS, *_INFO_INTS} - set(reader.fieldnames or ())
+            if missing:
+                raise PrepareError(f"{path}: missing columns {sorted(missing)}")
+            for line, r in enumerate(reader, start=2):
+                try:
+                    info = {"group": r.get("group") or "unknown"}
+                    info |= {k: float(r[k]) for k in _INFO_FLOATS}
+                    info |= {k: int(r[k]) for k in _INFO_INTS}
+                except (TypeError, ValueError) as exc:
+                    raise PrepareError(f"{path}:{line}: {exc}") from None
+                if info["pixel_spacing_mm"] <= 0 or info["slice_spacing_mm"] <= 0:
+                    raise PrepareError(f"{path}:{line}: spacing must be > 0 mm")
+                rows[r["patient"]] = info
+    except OSError as exc:
+        raise PrepareError(f"{path}: unreadable ({exc})") from None
+    return rows
+
+
+def with_info(volume: Volume, info: dict | None) -> Volume:
+    """The volume with its patient's ``info.csv`` row: true spacing (z, y, x mm), group, metadata."""
+    if info is None:
+        return volume
+    if info["num_slices"] != volume.image.shape[0]:
+        raise PrepareError(f"{volume.source}: {volume.image.shape[0]} slices, but {INFO_CSV} says "
+                           f"{info['num_slices']} for {volume.patient}")
+    spacing = (info["slice_spacing_mm"], info["pixel_spacing_mm"], info["pixel_spacing_mm"])
+    meta = {k: info[k] for k in ("height_cm", "weight_kg", "nb_frames", "ed_frame", "es_frame")}
+    return replace(volume, spacing=spacing, group=info["group"], info=meta)
+
+
+def info_from_cfg(info: dict[str, str]) -> dict:
+    """Patient metadata from an official ``Info.cfg`` (the keys ``read_info_csv`` gives; None when absent)."""
+    def num(key, cast):
+        try:
+            return cast(float(info[key]))
+        except (KeyError, ValueError):
+            return None
+
+    return {"height_cm": num("Height", float), "weight_kg": num("Weight", float), "nb_frames": num("NbFrame", int),
+            "ed_frame": num("ED", int), "es_frame": num("ES", int)}
 
 
 def find_h5_volumes(source: Path) -> list[Path]:
@@ -231,6 +288,7 @@ def read_nifti_patient(patient_dir: Path) -> list[Volume]:
                 spacing=(zooms[2], zooms[1], zooms[0]),
                 group=info.get("Group", "unknown"),
                 source=str(img_path),
+                info=info_from_cfg(info),
             )
         )
     return volumes
@@ -286,10 +344,15 @@ def _patient_refs(source: Path, fmt: str) -> list[_PatientRef]:
     return refs
 
 
-def _read_patient(ref: _PatientRef, fmt: str) -> list[Volume]:
+def _read_patient(ref: _PatientRef, fmt: str, info: dict[str, dict] | None = None) -> list[Volume]:
     if fmt == "acdc-nifti":
         return read_nifti_patient(ref.paths[0])
-    return sorted((read_h5_volume(p) for p in ref.paths), key=lambda v: PHASES.index(v.phase))
+    volumes = sorted((read_h5_volume(p) for p in ref.paths), key=lambda v: PHASES.index(v.phase))
+    if info is not None:
+        if ref.patient not in info:
+            raise PrepareError(f"{ref.paths[0]}: {ref.patient} has no row in the source's {INFO_CSV}")
+        volumes = [with_info(v, info[ref.patient]) for v in volumes]
+    return volumes
 
 
 # --------------------------------------------------------------------------- split
@@ -439,10 +502,13 @@ def prepare(config: PrepareConfig) -> dict:
 
 def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp: Path) -> dict:
     # The split needs each patient's group; NIfTI groups live in Info.cfg, read up front.
+    info = None
     if fmt == "acdc-nifti":
         groups = {r.patient: read_info_cfg(r.paths[0] / "Info.cfg").get("Group", "unknown") for r in refs}
     else:
-        groups = {r.patient: _group_from_number(r.patient) for r in refs}
+        csv_path = Path(config.source) / INFO_CSV
+        info = read_info_csv(csv_path) if csv_path.is_file() else None
+        groups = {r.patient: (info or {}).get(r.patient, {}).get("group") or _group_from_number(r.patient) for r in refs}
     splits = assign_splits(groups, config)
 
     digest = hashlib.sha256()
@@ -456,10 +522,12 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
         "patients_by_group": Counter(),
         "voxels_by_class": Counter(),
     }
-    spacing_known = True
+    spacing_known, patients = True, {}
     for ref in tqdm(refs, desc="prepare", unit="patient", disable=not config.progress, file=sys.stderr):
         split = splits[ref.patient]
-        volumes = _read_patient(ref, fmt)
+        volumes = _read_patient(ref, fmt, info)
+        patients[ref.patient] = {"group": volumes[0].group, **(volumes[0].info or {}),
+                                 "spacing_mm": {v.phase: v.spacing and [round(s, 6) for s in v.spacing] for v in volumes}}
         counts["patients"][split] += 1
         counts["patients_by_group"][volumes[0].group] += 1
         for vol in volumes:
@@ -480,6 +548,7 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
         "source": str(Path(config.source).resolve()),
         "source_format": fmt,
         "spacing_known": spacing_known,
+        "patients": patients,
         "splits": {s: sorted(p for p, sp in splits.items() if sp == s) for s in ("train", "val")},
         "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
         "files": {s: w.files for s, w in writers.items()},

@@ -271,6 +271,53 @@ def import_weights(weights_file: str | Path, tracking_uri: str, shards: str | Pa
         return register_scored(ckpt, tracking_uri, shards, force_champion)
 
 
+DIAGNOSIS_MODEL = "raysegment-diagnosis"
+
+
+def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registration:
+    """Register a ``raysegment.diagnosis fit`` JSON as the next version of ``raysegment-diagnosis``,
+    tagged with its cross-validated accuracy and the segmenter whose masks it learnt from. It becomes
+    champion when its accuracy is at least the champion's (or there is none)."""
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from raysegment.diagnosis import FEATURES, load
+
+    model = load(model_file)
+    acc = float(model.meta.get("accuracy", float("nan")))
+    mlflow.set_tracking_uri(tracking_uri)
+    example = pd.DataFrame([model.fill], columns=list(FEATURES))
+
+    def log() -> str:
+        mlflow.log_metrics({"cv_accuracy": acc, "cv_accuracy_sd": float(model.meta.get("accuracy_sd", float("nan")))})
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
+                                       artifacts={"diagnosis": str(model_file)}, input_example=example,
+                                       pip_requirements=["raysegment", "numpy", "pandas"])
+        return info.model_uri
+
+    uri = _in_run(None, "diagnosis", log)
+    client = MlflowClient(tracking_uri)
+    mv = mlflow.register_model(uri, DIAGNOSIS_MODEL)
+    client.update_registered_model(DIAGNOSIS_MODEL, description="ACDC diagnosis (NOR/MINF/DCM/HCM/RV) from "
+                                   "segmentation-derived features; JSON classifier (raysegment.diagnosis)")
+    tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),
+            "patients": str(model.meta.get("patients", "")), "manifest_hash": str(model.meta.get("manifest_hash", "")),
+            "git_commit": git_commit()}
+    for k, v in tags.items():
+        client.set_model_version_tag(DIAGNOSIS_MODEL, mv.version, k, v)
+    try:
+        current = client.get_model_version_by_alias(DIAGNOSIS_MODEL, CHAMPION)
+        cur = float(current.tags.get("cv_accuracy", "nan"))
+        promote = acc >= cur
+        reason = f"cv_accuracy {acc:.3f} {'≥' if promote else '<'} champion v{current.version} ({cur:.3f})"
+    except Exception:
+        promote, reason = True, "no champion yet"
+    if promote:
+        client.set_registered_model_alias(DIAGNOSIS_MODEL, CHAMPION, mv.version)
+    return Registration(name=DIAGNOSIS_MODEL, version=str(mv.version), champion=promote, reason=reason)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
@@ -294,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--data", default=None, help="as for import")
     reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     reg.add_argument("--force-champion", action="store_true")
+    dg = sub.add_parser("diagnosis", help="register a `raysegment.diagnosis fit` JSON as raysegment-diagnosis "
+                                          "(champion when its CV accuracy is at least the champion's)")
+    dg.add_argument("model_file", help="the JSON file, or 'shipped'")
+    dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     return p
 
 
@@ -304,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.cmd == "import":
             r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
+        elif a.cmd == "diagnosis":
+            path = Path(__file__).with_name("shipped") / "diagnosis.json" if a.model_file == "shipped" else Path(a.model_file)
+            r = register_diagnosis(path, tracking_uri=a.mlflow_uri)
         elif a.cmd == "ensemble":
             r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
                                   force_champion=a.force_champion)

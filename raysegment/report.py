@@ -202,6 +202,16 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
                      f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
         if r["frame"] == 0:
             firsts.append(r)
+    patients = {str(Path(r["study"]).parent): r for r in rows if r.get("phase") == "ED" and "lv_ef_pct" in r}
+    if patients:
+        lines += ["", "## Patients (ED + ES)", "",
+                  "| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for folder, r in sorted(patients.items()):
+            diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else ""
+            lines.append(f"| {_cell(Path(folder).name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
+                         f"| {r['rv_ef_pct']:.1f} | {r['lv_mass_g']:.1f} | {r['myo_thickness_max_mm']:.1f} | {diag} "
+                         f"| {r.get('group_reference', '')} |")
     # The actor drew overlays of the batch's first studies and of every flagged one: flagged first.
     firsts.sort(key=lambda r: not r.get("qc_flags"))
     figs = [Path(r["figure"]) for r in firsts if r.get("figure") and Path(r["figure"]).exists()][:n_figures]
@@ -210,6 +220,92 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     path = out / "report.md"
     atomic_write(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path
+
+
+# --------------------------------------------------------------------------- clinical agreement
+
+CLINICAL_INDICES = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_mass_g",
+                    "myo_thickness_max_mm")
+
+
+def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None = None) -> list[dict]:
+    """One record per patient with ED and ES: its group and, per clinical index, ``pred_…`` from
+    ``masks[(patient, phase)]`` (``basal_rv``: the ES basal RV check applied first) and ``ref_…`` from
+    the reference labels (``patients``: the manifest's metadata: height, weight)."""
+    from raysegment.clinical import basal_rv_check, patient_indices
+
+    by_patient: dict[str, dict] = {}
+    for v in volumes:
+        by_patient.setdefault(v.patient, {})[v.phase] = v
+    records = []
+    for patient, phases in sorted(by_patient.items()):
+        if set(phases) != {"ED", "ES"} or any((patient, ph) not in masks for ph in phases):
+            continue
+        ed, es = phases["ED"], phases["ES"]
+        if ed.spacing is None:
+            raise ValueError(f"{patient}: no spacing in the shards; re-run raysegment.prepare (info.csv / NIfTI headers)")
+        meta = patients.get(patient, {})
+        hw = meta.get("height_cm"), meta.get("weight_kg")
+        es_pred, cleared = basal_rv_check(masks[(patient, "ED")], masks[(patient, "ES")], basal_rv)
+        pred = patient_indices(masks[(patient, "ED")], es_pred, ed.spacing, *hw)
+        ref = patient_indices(ed.label, es.label, ed.spacing, *hw)
+        records.append({"patient": patient, "group": ed.group, "rv_es_basal_slices_cleared": " ".join(map(str, cleared)),
+                        **{f"pred_{k}": x for k, x in pred.items()},
+                        **{f"ref_{k}": x for k, x in ref.items()}})
+    return records
+
+
+def clinical_summary(records: list[dict], indices=CLINICAL_INDICES) -> dict[str, dict]:
+    from raysegment.clinical import agreement
+
+    return {k: agreement([r[f"pred_{k}"] for r in records], [r[f"ref_{k}"] for r in records]) for k in indices}
+
+
+def clinical_table(summary: dict[str, dict]) -> str:
+    """Markdown: per index, n, MAE, bias, 95 % limits of agreement and correlation (units in the name)."""
+    lines = ["| index | n | MAE | bias (ours − ref) | 95 % limits of agreement | r |", "|---|---|---|---|---|---|"]
+    for k, a in summary.items():
+        lines.append(f"| {k} | {a['n']} | {a['mae']:.2f} | {a['bias']:+.2f} | {a['loa_low']:+.1f} … {a['loa_high']:+.1f} "
+                     f"| {a['r']:.3f} |")
+    return "\n".join(lines)
+
+
+def bland_altman(records: list[dict], out: Path, indices=CLINICAL_INDICES) -> Path:
+    """One Bland-Altman panel per index (difference against mean, bias and 95 % limits), coloured by group."""
+    from raysegment.clinical import agreement
+
+    plt = _plt()
+    cols = 4
+    rows = -(-len(indices) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    groups = sorted({r["group"] for r in records})
+    colours = dict(zip(groups, plt.cm.tab10.colors))
+    for ax, k in zip(axes.flat, indices):
+        p = np.array([r[f"pred_{k}"] for r in records], float)
+        q = np.array([r[f"ref_{k}"] for r in records], float)
+        a = agreement(p, q)
+        for g in groups:
+            sel = np.array([r["group"] == g for r in records])
+            ax.scatter(((p + q) / 2)[sel], (p - q)[sel], s=12, color=colours[g], label=g)
+        for y, style in ((a["bias"], "-"), (a["loa_low"], "--"), (a["loa_high"], "--")):
+            ax.axhline(y, color="k", ls=style, lw=0.8)
+        ax.axhline(0, color="0.6", lw=0.5)
+        ax.set_title(f"{k}: bias {a['bias']:+.1f}, MAE {a['mae']:.1f}", fontsize=9)
+        ax.set_xlabel("mean of ours and reference", fontsize=8)
+        ax.set_ylabel("ours − reference", fontsize=8)
+    for ax in list(axes.flat)[len(indices):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def predicted_masks(predictor, volumes) -> dict:
+    """(patient, phase) → predicted labels of shard volumes."""
+    return {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-largest-component", action="store_true",
                     help="score the raw argmax, without keeping each structure's largest 3-D component")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
+    cl = sub.add_parser("clinical", help="clinical indices (EDV, ESV, EF, mass, wall thickness) against the "
+                                         "reference masks: MAE, bias, limits of agreement, r, Bland-Altman plots")
+    src = cl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", action="append", help="segment with this model (repeat: an ensemble)")
+    src.add_argument("--masks", type=Path, help="a `raysegment.diagnosis crossval-masks` folder instead of a model")
+    cl.add_argument("--data", required=True, help="shards with spacing (prepare reads info.csv / NIfTI headers)")
+    cl.add_argument("--basal-check", default="none",
+                    help="apply the ES basal RV check of a diagnosis model ('shipped', a JSON file) or 'none'")
+    cl.add_argument("--splits", nargs="+", default=["val"])
+    cl.add_argument("--mlflow-uri", default=None)
+    cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
     fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                     help="checkpoint folder or .safetensors file, repeatable")
@@ -233,6 +340,46 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
     fi.add_argument("--out", required=True)
     return p
+
+
+def _clinical_command(a) -> int:
+    from raysegment.dataset import load_volumes
+    from raysegment.prepare import load_manifest
+
+    manifest = load_manifest(a.data)
+    volumes = [v for split in a.splits for v in load_volumes(a.data, split)]
+    if a.masks:
+        from raysegment.diagnosis import load_crossval_masks
+
+        masks = load_crossval_masks(a.masks, volumes)
+        source = f"cross-validated masks in {a.masks}"
+    else:
+        from raysegment.predict import Predictor
+
+        masks = predicted_masks(Predictor.load(a.model, PredictConfig(), a.mlflow_uri), volumes)
+        source = " + ".join(a.model)
+    basal = None
+    if a.basal_check != "none":
+        from raysegment.diagnosis import load
+
+        basal = load(a.basal_check, a.mlflow_uri).basal_rv
+        source += f", basal ES RV check of {a.basal_check}"
+    try:
+        records = clinical_records(volumes, masks, manifest.get("patients", {}), basal)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = clinical_table(clinical_summary(records))
+    head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
+    print(head)
+    print(table)
+    a.out.mkdir(parents=True, exist_ok=True)
+    png = bland_altman(records, a.out / "bland_altman.png")
+    (a.out / "clinical.md").write_text(f"{head}\n\n{table}\n\n![Bland-Altman]({png.name})\n")
+    keys = list(records[0]) if records else []
+    (a.out / "clinical.csv").write_text("\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in records]) + "\n")
+    print(f"wrote {a.out / 'clinical.md'}, {png}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
+    if a.cmd == "clinical":
+        return _clinical_command(a)
     if a.cmd == "figures":
         models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
         for path in figures(models, a.data, Path(a.out), a.patient):

@@ -67,3 +67,75 @@ def test_qc_flags_name_missing_and_implausible_structures():
     assert qc_flags(row(ok)) == []
     assert qc_flags(row(huge_lv)) == ["implausible_volume_lv"]
     assert qc_flags(row(no_rv)) == ["missing_rv", "implausible_volume_lv"]
+
+
+def _ring_stack(n_slices=6, r_in=10, r_out=15, rv=True, shape=(60, 70)):
+    """(z, y, x): LV disc radius r_in px, myocardium ring to r_out px, an RV disc beside it."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    d = np.hypot(yy - 30, xx - 40)
+    m = np.zeros((n_slices, *shape), np.uint8)
+    for k in range(n_slices):
+        m[k][d < r_out] = 2
+        m[k][d < r_in] = 3
+        if rv:
+            m[k][(np.hypot(yy - 30, xx - 12) < 8) & (m[k] == 0)] = 1
+    return m
+
+
+def test_patient_indices_by_hand():
+    from raysegment.clinical import body_surface_area_m2, patient_indices
+
+    ed = _ring_stack(r_in=10)
+    es = _ring_stack(r_in=6)  # same epicardium, thicker wall at ES
+    spacing = (8.0, 1.5, 1.25)  # z, y, x mm
+    ind = patient_indices(ed, es, spacing, height_cm=180, weight_kg=80)
+    vox_ml = 8.0 * 1.5 * 1.25 / 1000
+    edv, esv = (ed == 3).sum() * vox_ml, (es == 3).sum() * vox_ml
+    assert ind["lv_edv_ml"] == pytest.approx(edv) and ind["lv_esv_ml"] == pytest.approx(esv)
+    assert ind["lv_sv_ml"] == pytest.approx(edv - esv)
+    assert ind["lv_ef_pct"] == pytest.approx(100 * (edv - esv) / edv)
+    assert ind["rv_ef_pct"] == pytest.approx(0.0)  # same RV at ED and ES
+    assert ind["lv_mass_g"] == pytest.approx((ed == 2).sum() * vox_ml * 1.05)
+    assert body_surface_area_m2(180, 80) == pytest.approx(2.0)  # Mosteller: √(180·80/3600)
+    assert ind["bsa_m2"] == pytest.approx(2.0)
+    assert ind["lv_edv_ml_per_m2"] == pytest.approx(edv / 2.0)
+    assert ind["lv_mass_g_per_m2"] == pytest.approx(ind["lv_mass_g"] / 2.0)
+    # A 5-px ring is 5 px thick; in mm between 5 × 1.25 and 5 × 1.5 (+ a pixel of boundary).
+    assert 5 * 1.25 <= ind["myo_thickness_mean_mm"] <= 6 * 1.5
+    assert ind["myo_es_thickness_mean_mm"] > ind["myo_thickness_mean_mm"]
+    assert ind["myo_thickening_pct"] > 0
+    unknown = patient_indices(ed, es, spacing)
+    assert math.isnan(unknown["bsa_m2"]) and math.isnan(unknown["lv_edv_ml_per_m2"])
+
+
+def test_wall_thickness_follows_the_ring_and_uses_the_mid_ventricle():
+    from raysegment.clinical import wall_thickness_mm
+
+    thin, thick = _ring_stack(r_in=10, r_out=13), _ring_stack(r_in=10, r_out=18)
+    t_thin, t_thick = wall_thickness_mm(thin, (10, 1, 1)), wall_thickness_mm(thick, (10, 1, 1))
+    assert t_thin["mean"] == pytest.approx(3, abs=1) and t_thick["mean"] == pytest.approx(8, abs=1)
+    assert t_thick["sd"] < 1.0  # a concentric ring: one thickness all round
+    # The basal and apical thirds do not count: a thick base changes nothing.
+    base = _ring_stack(r_in=10, r_out=13)
+    base[:2] = _ring_stack(n_slices=2, r_in=10, r_out=20)
+    assert wall_thickness_mm(base, (10, 1, 1))["max"] == pytest.approx(t_thin["max"])
+    assert math.isnan(wall_thickness_mm(np.zeros((3, 20, 20), np.uint8), (10, 1, 1))["mean"])
+
+
+def test_agreement_properties_and_by_hand():
+    from raysegment.clinical import agreement
+
+    ref = np.array([50.0, 60, 70, 80])
+    same = agreement(ref, ref)
+    assert (same["mae"], same["bias"], same["sd"], same["r"]) == (0.0, 0.0, 0.0, pytest.approx(1.0))
+    pred = ref + np.array([1.0, -1, 3, 1])
+    a = agreement(pred, ref)
+    d = pred - ref
+    assert a["bias"] == pytest.approx(1.0) and a["mae"] == pytest.approx(1.5)
+    assert a["loa_low"] == pytest.approx(1.0 - 1.96 * d.std(ddof=1))
+    assert a["loa_high"] == pytest.approx(1.0 + 1.96 * d.std(ddof=1))
+    flipped = agreement(ref, pred)  # swapping the roles flips the bias, keeps MAE, SD and r
+    assert flipped["bias"] == pytest.approx(-a["bias"]) and flipped["mae"] == pytest.approx(a["mae"])
+    assert flipped["r"] == pytest.approx(a["r"]) and flipped["sd"] == pytest.approx(a["sd"])
+    with_nan = agreement(np.append(pred, np.nan), np.append(ref, 1.0))
+    assert with_nan["n"] == 4 and with_nan["bias"] == pytest.approx(1.0)

@@ -278,3 +278,62 @@ def test_model_repeated_on_the_command_line_makes_an_ensemble():
     a = build_parser().parse_args(["--model", "models:/a@champion", "--model", "b.safetensors", "--input", "i",
                                    "--output", "o"])
     assert a.models == ["models:/a@champion", "b.safetensors"]
+
+
+def _patient_rows(pdir: Path) -> list[dict]:
+    """Result rows as ``segment_study`` writes them for ED and ES, the reference labels as the masks."""
+    rows = []
+    for phase, frame in (("ED", 1), ("ES", 7)):
+        study = pdir / f"{pdir.name}_frame{frame:02d}.nii.gz"
+        rows.append({"study": str(study), "frame": 0, "phase": phase, "status": "done",
+                     "mask": str(pdir / f"{pdir.name}_frame{frame:02d}_gt.nii.gz"),
+                     "spacing_mm": json.dumps([10.0, 1.5, 1.25])})
+    return rows
+
+
+def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):
+    from raysegment.clinical import basal_rv_check, patient_indices
+    from raysegment.diagnosis import GROUPS, features, load
+    from raysegment.infer import add_patient_clinical
+    from raysegment.studies import read_study
+
+    pdir = make_nifti_patient(tmp_path, 5, group="HCM")
+    model = load("shipped")
+    rows = _patient_rows(pdir)
+    add_patient_clinical(rows, model)
+    ed, es = (rows[0], rows[1])
+    masks = [read_study(Path(r["mask"]))[1][0].astype(np.uint8) for r in rows]
+    es_checked, cleared = basal_rv_check(masks[0], masks[1], model.basal_rv)
+    ind = patient_indices(masks[0], es_checked, (10.0, 1.5, 1.25), 180.0, 80.0)
+    assert ed["lv_ef_pct"] == es["lv_ef_pct"] == pytest.approx(ind["lv_ef_pct"], abs=1e-3)
+    assert ed["bsa_m2"] == pytest.approx(2.0, abs=1e-3)  # Info.cfg: 180 cm, 80 kg
+    assert ed["rv_es_basal_slices_cleared"] == ",".join(map(str, cleared))
+    probs = [ed[f"p_{g}"] for g in GROUPS]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-3)
+    assert ed["diagnosis"] == GROUPS[int(np.argmax(model.predict_proba(features(ind))[0]))]
+    assert ed["group_reference"] == "HCM"
+    # The Group line is for scoring only: another group there changes nothing else.
+    info = pdir / "Info.cfg"
+    info.write_text(info.read_text().replace("Group: HCM", "Group: NOR"))
+    again = _patient_rows(pdir)
+    add_patient_clinical(again, model)
+    assert again[0]["group_reference"] == "NOR"
+    assert {k: v for k, v in again[0].items() if k != "group_reference"} == {k: v for k, v in ed.items() if k != "group_reference"}
+    # Without a diagnosis model: indices, no diagnosis; a lone ED frame gets nothing.
+    plain = _patient_rows(pdir)
+    add_patient_clinical(plain, None)
+    assert "diagnosis" not in plain[0] and plain[0]["lv_edv_ml"] > 0 and plain[0]["rv_es_basal_slices_cleared"] == ""
+    lone = _patient_rows(pdir)[:1]
+    add_patient_clinical(lone, model)
+    assert "lv_ef_pct" not in lone[0]
+
+
+def test_a_diagnosis_reference_that_cannot_load_stops_the_batch_before_segmenting(tmp_path, tiny_checkpoint, capsys):
+    from raysegment.infer import main
+
+    make_nifti_patient(tmp_path / "in", 1)
+    code = main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--diagnosis", str(tmp_path / "missing.json")])
+    assert code == 2
+    assert "--diagnosis" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "ledger.jsonl").exists()

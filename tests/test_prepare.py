@@ -272,3 +272,51 @@ def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp
     assert main(["--source", str(src), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
+
+
+def _write_info_csv(src: Path, rows: dict[str, tuple]) -> None:
+    lines = ["patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm"]
+    lines += [f"{p}," + ",".join(map(str, r)) for p, r in rows.items()]
+    (src / "info.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_info_csv_gives_h5_volumes_their_spacing_and_patient_metadata(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
+    _write_info_csv(src, {"patient001": ("HCM", 170, 65, 30, 1, 12, 4, 1.40625, 10.0),
+                          "patient002": ("NOR", 182.5, 90, 25, 1, 9, 4, 1.5625, 5.0)})
+    out = tmp_path / "shards"
+    manifest = prepare(PrepareConfig(source=src, out=out, progress=False))
+    assert manifest["spacing_known"] is True
+    assert manifest["patients"]["patient002"] == {
+        "group": "NOR", "height_cm": 182.5, "weight_kg": 90.0, "nb_frames": 25, "ed_frame": 1, "es_frame": 9,
+        "spacing_mm": {"ED": [5.0, 1.5625, 1.5625], "ES": [5.0, 1.5625, 1.5625]}}
+    rows = read_rows(out)
+    assert {tuple(r["spacing"]) for r in rows if r["patient"] == "patient001"} == {(10.0, 1.40625, 1.40625)}
+    assert {r["group"] for r in rows if r["patient"] == "patient001"} == {"HCM"}  # the csv's group, not the number's
+    # Without info.csv the h5 layout has no spacing, as before.
+    (src / "info.csv").unlink()
+    bare = prepare(PrepareConfig(source=src, out=tmp_path / "bare", progress=False))
+    assert bare["spacing_known"] is False and bare["patients"]["patient001"]["spacing_mm"]["ED"] is None
+
+
+def test_info_csv_that_disagrees_with_the_volumes_is_refused(tmp_path):
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
+    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0),
+                          "patient002": ("DCM", 170, 65, 30, 1, 12, 9, 1.4, 10.0)})
+    with pytest.raises(PrepareError, match=r"patient002_frame01.h5: 4 slices, but info.csv says 9"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
+    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0)})
+    with pytest.raises(PrepareError, match=r"patient002 has no row in the source's info.csv"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
+    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 0, 10.0)})
+    with pytest.raises(PrepareError, match=r"info.csv:2: spacing must be > 0 mm"):
+        prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
+    assert not (tmp_path / "o").exists()
+
+
+def test_official_layout_records_info_cfg_metadata(tmp_path):
+    src = make_nifti_dataset(tmp_path / "src", n=2)
+    manifest = prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
+    meta = manifest["patients"]["patient001"]
+    assert (meta["height_cm"], meta["weight_kg"], meta["ed_frame"], meta["es_frame"], meta["nb_frames"]) == (180.0, 80.0, 1, 7, 10)
+    assert meta["spacing_mm"]["ED"] == [10.0, 1.5, 1.25]

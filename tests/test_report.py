@@ -53,3 +53,34 @@ def test_dice_table_rows_and_means():
     assert table[2].startswith("| train | all | 0.800 | 0.900 | 0.850 | 0.850 |")
     assert table[4].startswith("| train | ES | 0.800 | 0.900 | 0.700 | 0.800 |")
     assert np.isclose(float(table[5].split("|")[6]), (0.8 + 0.9 + 0.85) / 3, atol=1e-3)
+
+
+def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altman(tmp_path, tiny_model, capsys):
+    from raysegment import diagnosis
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(3, 40, 48))
+    (src / "info.csv").write_text(
+        "patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm\n"
+        + "".join(f"patient00{p},NOR,170,70,20,1,8,3,1.5,8.0\n" for p in (1, 2, 3)))
+    shards = tmp_path / "shards"
+    prepare(PrepareConfig(source=src, out=shards, progress=False))
+    # Perfect "cross-validated masks" (the reference itself): every index agrees exactly.
+    volumes = diagnosis.all_volumes(shards)
+    np.savez_compressed(tmp_path / "fold0.npz", **{f"{v.patient}/{v.phase}": v.label for v in volumes})
+    out = tmp_path / "clin"
+    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
+                        "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "3 patients (train, val)" in text and "| lv_ef_pct | 3 | 0.00 | +0.00 |" in text
+    assert (out / "bland_altman.png").read_bytes()[:4] == b"\x89PNG"
+    rows = (out / "clinical.csv").read_text().splitlines()
+    assert len(rows) == 4 and "pred_rv_ef_pct" in rows[0] and "ref_lv_mass_g" in rows[0]
+    # A model's masks: segmented here, on the val split by default.
+    ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
+    assert report.main(["clinical", "--model", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "m")]) == 0
+    assert "1 patients (val)" in capsys.readouterr().out
+    # Shards without spacing: one line, exit 2.
+    (src / "info.csv").unlink()
+    prepare(PrepareConfig(source=src, out=tmp_path / "bare", progress=False))
+    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(tmp_path / "bare"), "--out", str(out)]) == 2
+    assert "no spacing" in capsys.readouterr().err

@@ -99,14 +99,49 @@ def _studies(root: Path, n_extra: int = 0) -> None:
                  str(root / f"extra{i:02d}.nii.gz"))
 
 
-def test_scheduled_inference_job(cluster, registered, tmp_path):
+@pytest.fixture(scope="module")
+def diagnosis_registered(cluster):
+    """raysegment-diagnosis v1 = the shipped classifier (JSON), registered through the CLI."""
+    import raysegment
+    from raysegment import registry
+
+    shipped = Path(raysegment.__file__).with_name("shipped") / "diagnosis.json"
+    assert registry.main(["diagnosis", "shipped", "--mlflow-uri", cluster["mlflow"]]) == 0
+    return shipped, registry.Registration("raysegment-diagnosis", "1", True, "")
+
+
+def test_diagnosis_model_is_registered_with_its_accuracy_and_serves_the_same_probabilities(cluster, diagnosis_registered):
+    import mlflow
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from raysegment.diagnosis import FEATURES, load
+
+    shipped, _ = diagnosis_registered
+    model = load(shipped)
+    client = MlflowClient(cluster["mlflow"])
+    assert client.get_model_version_by_alias("raysegment-diagnosis", "champion").version == "1"
+    tags = client.get_model_version("raysegment-diagnosis", "1").tags
+    assert float(tags["cv_accuracy"]) == pytest.approx(model.meta["accuracy"], abs=1e-4) and tags["segmenter"]
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    served = mlflow.pyfunc.load_model("models:/raysegment-diagnosis@champion")
+    x = np.array([model.fill, np.array(model.fill) * 1.3])
+    out = served.predict(pd.DataFrame(x, columns=list(FEATURES)))
+    np.testing.assert_allclose(out[[f"p_{c}" for c in model.classes]].to_numpy(), model.predict_proba(x), atol=1e-9)
+    assert list(out["group"]) == model.predict(x)
+    from_registry = load("models:/raysegment-diagnosis@champion", cluster["mlflow"])
+    np.testing.assert_array_equal(from_registry.predict_proba(x), model.predict_proba(x))
+
+
+def test_scheduled_inference_job(cluster, registered, diagnosis_registered, tmp_path):
     import pyarrow.parquet as pq
 
     inp, out = tmp_path / "in", tmp_path / "out"
     inp.mkdir()
     _studies(inp)
     args = ["raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion", "--input", str(inp),
-            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
+            "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1",
+            "--diagnosis", "models:/raysegment-diagnosis@champion"]
     log = submit(cluster, *args)
     assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
     rows = pq.read_table(out / "results.parquet").to_pylist()
@@ -127,6 +162,8 @@ def test_scheduled_inference_job(cluster, registered, tmp_path):
     if ed["volume_lv_ml"] > 0:  # ED and ES of patient007 both segmented: EF from their LV volumes
         expected = 100 * (ed["volume_lv_ml"] - es["volume_lv_ml"]) / ed["volume_lv_ml"]
         assert ed["ef_lv_pct"] == pytest.approx(expected) and es["ef_lv_pct"] == pytest.approx(expected)
+        assert ed["diagnosis"] in ("NOR", "MINF", "DCM", "HCM", "RV") and ed["diagnosis"] == es["diagnosis"]
+        assert "## Patients (ED + ES)" in (out / "report.md").read_text()
     assert len([r for r in done if r["study"].endswith("cine_4d.nii.gz")]) == 3  # every frame
     assert (out / "report.md").read_text().count("![") >= 4
 
