@@ -190,9 +190,17 @@ def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -
     At end-systole the base moves towards the apex, so the most basal ES slice often cuts the right
     atrium or outflow tract, which ACDC's reference leaves unlabelled; a 2-D network labels it RV
     and the ES volume grows (RV EF reads low). Slices are looked at from the base; the first one
-    kept ends the walk. Returns (labels, slices cleared)."""
+    kept ends the walk. Slice 0 is taken as the base when the heart's ED cross-section is larger in
+    the first half of the stack (as in every ACDC volume); a DICOM stack sorted along its normal may
+    run from the apex, and is then walked from its last slice. Returns (labels, slices cleared)."""
     if check is None:
         return es_zyx, []
+    areas = (ed_zyx > 0).reshape(ed_zyx.shape[0], -1).sum(1)
+    half = len(areas) // 2
+    if areas[:half].sum() < areas[len(areas) - half:].sum():  # the base is at the end: walk it reversed
+        out, cleared = basal_rv_check(ed_zyx[::-1], es_zyx[::-1], check)
+        n = es_zyx.shape[0]
+        return (np.ascontiguousarray(out[::-1]) if cleared else es_zyx), sorted(n - 1 - k for k in cleared)
     out, cleared = es_zyx, []
     for k in range(min(BASAL_SLICES, es_zyx.shape[0] - 1)):
         if not (out[k] == 1).any():

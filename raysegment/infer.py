@@ -32,6 +32,7 @@ from raysegment.clinical import add_cine_ef, add_patient_ef, myocardial_mass_g, 
 from raysegment.config import PredictConfig, default_of, torch_threads
 from raysegment.studies import (StudyError, acdc_phase, atomic_write, find_studies, gt_for, normalize_intensity, read_study,
                                 save_mask, study_stem)
+from raysegment.dicom import SeriesSkipped
 from raysegment.weights import sha256
 
 
@@ -57,6 +58,7 @@ class InferConfig:
     retry_failed: bool = False  # segment again studies that failed for good in earlier runs
     # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
+    store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
     progress: bool = True
     crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
 
@@ -117,6 +119,67 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
     return rows
 
 
+def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_dir: Path, figure: bool = False) -> list[dict]:
+    """Segment one DICOM cine series (``key`` = ``dicom:STUDY_UID/SERIES_UID``) → result rows, one per
+    frame. Writes the NIfTI mask (the series' geometry as its affine) and one DICOM SEG per frame under
+    ``out_dir/dicom/<series uid>/``. ED / ES are the frames of largest / smallest LV volume.
+    Raises ``SeriesSkipped`` for a series that is not a short-axis cine MR."""
+    import nibabel as nib
+
+    from raysegment.dicom import Series, read_cine, write_segs
+
+    study_uid, series_uid = key.removeprefix("dicom:").split("/", 1)
+    cine = read_cine(Series(series_uid, study_uid, files))
+    masks = np.stack([predictor.predict(f, spacing=cine.spacing_zyx) for f in cine.frames])
+    mask_path = out_dir / "masks" / f"{series_uid}_seg.nii.gz"
+    ref = nib.Nifti1Image(np.zeros((1, 1, 1, 1), np.uint8), cine.affine)  # 4-D: one volume per cine frame
+    ref.set_qform(cine.affine, code=1)
+    ref.set_sform(cine.affine, code=1)
+    save_mask(masks, ref, mask_path)
+    segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
+    zooms = cine.spacing_zyx[::-1]
+    first = cine.sources[0][0]["ds"]
+    rows = []
+    for t, m in enumerate(masks):
+        counts = voxel_counts(m)
+        vols = volumes_ml(m, zooms, counts)
+        rows.append({"study": key, "frame": t, "phase": "", "mask": str(mask_path), "seg": str(segs[t]),
+                     "model_uri": model_uri, "model_version": predictor.version, "status": "done", "reason": "",
+                     "spacing_mm": json.dumps([round(z, 4) for z in cine.spacing_zyx]),
+                     "series_description": cine.description, **_patient_size(first),
+                     **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
+                     **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
+                     "lv_myo_mass_g": myocardial_mass_g(vols["myo"])})
+    add_cine_ef(rows)
+    if len(rows) >= 2:
+        lv = [r["volume_lv_ml"] for r in rows]
+        ed, es = int(np.argmax(lv)), int(np.argmin(lv))
+        if ed != es:
+            rows[ed]["phase"], rows[es]["phase"] = "ED", "ES"
+    for row in rows:
+        row["qc_flags"] = ";".join(qc_flags(row))
+    if figure or any(row["qc_flags"] for row in rows):
+        from raysegment.report import overlay_thumbnail
+
+        png = overlay_thumbnail(normalize_intensity(cine.frames[0]), masks[0], out_dir / "figures" / f"{series_uid}.png")
+        for row in rows:
+            row["figure"] = str(png)
+    return rows
+
+
+def _patient_size(ds) -> dict:
+    """Height (cm) and weight (kg) from the DICOM patient module, when there (for BSA)."""
+    out = {}
+    try:
+        if float(getattr(ds, "PatientSize", 0) or 0) > 0:
+            out["height_cm"] = float(ds.PatientSize) * 100.0  # PatientSize is in metres
+        if float(getattr(ds, "PatientWeight", 0) or 0) > 0:
+            out["weight_kg"] = float(ds.PatientWeight)
+    except (TypeError, ValueError):
+        pass
+    return out
+
+
 def mask_name(path: Path) -> str:
     """``<stem>_<hash of the full path>_seg.nii.gz``: unique per input file, so same-named files in
     other folders and ``scan.nii`` beside ``scan.nii.gz`` each keep their own mask."""
@@ -147,13 +210,19 @@ class SegmentActor:
     def ready(self) -> str:
         return self.predictor.version
 
-    def segment(self, path: str, digest: str, figure: bool) -> dict:
+    def segment(self, path: str, digest: str, figure: bool, files: list[str] | None = None) -> dict:
         if self.config.crash_on and self.config.crash_on in Path(path).name:
             os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
         t0, f0 = time.perf_counter(), self.predictor.forward_seconds
         try:
-            rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
+            if files is not None:  # a DICOM series
+                rows = segment_series(path, [Path(f) for f in files], self.predictor, self.model_uri,
+                                      Path(self.config.output), figure)
+            else:
+                rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
             status, reason = "done", ""
+        except SeriesSkipped as exc:  # not a short-axis cine MR: settled, with the reason
+            rows, status, reason = [], "skipped", str(exc)
         except StudyError as exc:  # bad input: failed for good (until --retry-failed)
             rows, status, reason = [], "failed", str(exc)
         except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
@@ -208,7 +277,7 @@ class Ledger:
         input, a worker it killed). Environment errors (status ``error``) are retried by the next
         run; ``retry_failed`` retries failures too."""
         e = self.entries.get((path, digest, version))
-        return e is not None and (e["status"] == "done" or (e["status"] == "failed" and not retry_failed))
+        return e is not None and (e["status"] in ("done", "skipped") or (e["status"] == "failed" and not retry_failed))
 
     def append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,7 +320,9 @@ def run_batch(config: InferConfig) -> dict:
     disable_telemetry()
     # Absolute paths, decided here: actors on other nodes or in other working directories write
     # and read exactly these (a relative --output would land in each worker's own cwd).
-    config = replace(config, input=str(Path(config.input).resolve()), output=str(Path(config.output).resolve()))
+    web = is_dicomweb(config.input)
+    config = replace(config, input=config.input if web else str(Path(config.input).resolve()),
+                     output=str(Path(config.output).resolve()))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.jsonl")
@@ -265,23 +336,34 @@ def run_batch(config: InferConfig) -> dict:
             diagnosis = load_diagnosis(config.diagnosis, config.tracking_uri)
         except Exception as exc:
             raise ValueError(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})") from None
-    studies = find_studies(config.input, exclude=out)  # an output folder inside the input is not input
+    client = None
+    if web:
+        from raysegment import dicom
+
+        client = dicom.web_client(config.input)
+        try:
+            items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"])}
+                     for s in dicom.web_series(client)]
+        except Exception as exc:
+            raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
+    else:
+        items = discover(Path(config.input), out, ledger, version)
     actors = []
-    if studies:
+    if items:
         ensure_ray()
-        config = plan_actors(config, ray.available_resources(), len(studies))
+        config = plan_actors(config, ray.available_resources(), len(items))
         remote = ray.remote(SegmentActor).options(**actor_options(config))
         actors = [remote.remote(config) for _ in range(config.actors)]
-    todo = []
-    for p in studies:
-        path, digest = _identity(p)
-        if not ledger.has(path, digest, version, retry_failed=config.retry_failed):
-            todo.append({"path": path, "sha256": digest})
+    _hash_files(items)
+    todo = [item for item in items
+            if not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)]
     if config.limit is not None:
         todo = todo[: config.limit]
-    print(f"[raysegment] {len(studies)} studies, {len(studies) - len(todo)} already done with {version}, "
+    print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
           f"{len(todo)} to segment", flush=True)
     done = failed = errors = 0
+    if todo and web:
+        todo = _retrieve(client, todo, out, ledger, version)  # WADO-RS: a series that fails to arrive is an error entry
     if todo:
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -290,15 +372,18 @@ def run_batch(config: InferConfig) -> dict:
         for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
             item["figure"] = i < config.report_figures
         for n, entry in enumerate(_segment_all(actors, todo, config.max_attempts, version), 1):
+            if web and config.store and entry["status"] == "done":
+                _store(client, entry)
             entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             ledger.append(entry)
             done += entry["status"] == "done"
-            failed += entry["status"] == "failed"
+            failed += entry["status"] in ("failed", "skipped")
             errors += entry["status"] == "error"
             if config.progress:
-                what = {"done": "ok", "failed": "FAILED", "error": "ERROR (retried next run)"}[entry["status"]]
+                what = {"done": "ok", "failed": "FAILED", "skipped": "skipped",
+                        "error": "ERROR (retried next run)"}[entry["status"]]
                 what += f": {entry['reason']}" if entry["reason"] else ""
-                print(f"[raysegment] {n}/{len(todo)} {Path(entry['path']).name} {what} ({entry['seconds']:.1f}s)",
+                print(f"[raysegment] {n}/{len(todo)} {_display(entry['path'])} {what} ({entry['seconds']:.1f}s)",
                       flush=True)
     for a in actors:
         ray.kill(a)
@@ -306,9 +391,74 @@ def run_batch(config: InferConfig) -> dict:
     from raysegment.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
-    return {"studies": len(studies), "segmented": done, "failed": failed, "errors": errors,
-            "skipped": len(studies) - len(todo),
+    return {"studies": len(items), "segmented": done, "failed": failed, "errors": errors,
+            "skipped": len(items) - len(todo),
             "version": version, "actors": len(actors)}
+
+
+def is_dicomweb(source: str) -> bool:
+    return str(source).startswith(("http://", "https://"))
+
+
+def _display(path: str) -> str:
+    return path if path.startswith("dicom:") else Path(path).name
+
+
+def discover(root: Path, out: Path, ledger: "Ledger", version: str) -> list[dict]:
+    """Work items under a folder: every NIfTI study file (``file``: hashed by ``_hash_files``) and every
+    DICOM series (files found by content). A DICOM file that cannot be read gets its failed entry
+    here, once."""
+    from raysegment.dicom import find_series
+
+    # NIfTI files are hashed later (``_hash_files``), while the actors start.
+    items = [{"file": p} for p in find_studies(root, exclude=out)]  # an output folder inside the input is not input
+    series, bad = find_series(root, exclude=out)
+    for s in series:
+        items.append({"path": f"dicom:{s.study_uid}/{s.uid}", "sha256": s.digest(), "files": [str(f) for f in s.files]})
+    for path, reason in bad:
+        key, digest = _identity(path)
+        if not ledger.has(key, digest, version):
+            ledger.append({"path": key, "sha256": digest, "model_version": version, "status": "failed", "reason": reason,
+                           "seconds": 0.0, "rows": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return items
+
+
+def _hash_files(items: list[dict]) -> None:
+    for item in items:
+        if "file" in item:
+            item["path"], item["sha256"] = _identity(item.pop("file"))
+
+
+def _retrieve(client, todo: list[dict], out: Path, ledger: "Ledger", version: str) -> list[dict]:
+    """WADO-RS each series to ``out/dicom-in/<series uid>/``; one that fails is an ``error`` entry
+    (retried by the next run), the others go on."""
+    from raysegment.dicom import web_retrieve
+
+    ready = []
+    for item in todo:
+        study, series = item["web"]
+        try:
+            item["files"] = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
+            ready.append(item)
+        except Exception as exc:
+            ledger.append({"path": item["path"], "sha256": item["sha256"], "model_version": version, "status": "error",
+                           "reason": f"WADO-RS retrieve failed ({type(exc).__name__}: {exc})", "seconds": 0.0,
+                           "rows": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return ready
+
+
+def _store(client, entry: dict) -> None:
+    """STOW-RS a finished series' SEGs; a failure turns the entry into an error (retried next run;
+    the SEG UIDs are deterministic, so nothing is ever stored twice)."""
+    from raysegment.dicom import web_store
+
+    segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
+    try:
+        web_store(client, segs)
+        for r in entry["rows"]:
+            r["stored"] = True
+    except Exception as exc:
+        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {exc})"
 
 
 def plan_actors(config: InferConfig, free: dict, n_studies: int) -> InferConfig:
@@ -355,7 +505,8 @@ def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str
         while idle and queue:
             actor = idle.pop()
             item, attempt = queue.popleft()
-            pending[actor.segment.remote(item["path"], item["sha256"], item["figure"])] = (actor, item, attempt)
+            pending[actor.segment.remote(item["path"], item["sha256"], item["figure"], item.get("files"))] = \
+                (actor, item, attempt)
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         actor, item, attempt = pending.pop(ref)
         idle.append(actor)
@@ -389,35 +540,39 @@ def results_rows(ledger: Ledger) -> list[dict]:
 
 
 def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
-    """Per official-layout patient with ED and ES segmented (Info.cfg): ``clinical.patient_indices``
-    from the two masks on disk (height and weight from Info.cfg give the BSA-indexed ones) and, with
-    a ``diagnosis`` model, its basal ES RV check applied first, the predicted group and ``p_<GROUP>``
-    on both rows. Info.cfg's ``Group``
-    is copied as ``group_reference``, for scoring only: it is never an input."""
+    """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
+    DICOM cine series (its largest / smallest LV frame): ``clinical.patient_indices`` from the masks
+    on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
+    and, with a ``diagnosis`` model, its basal ES RV check applied first, the predicted group and
+    ``p_<GROUP>`` on both rows. Info.cfg's ``Group`` is copied as ``group_reference``, for scoring
+    only: it is never an input."""
     from raysegment.clinical import basal_rv_check, patient_indices
     from raysegment.diagnosis import features
     from raysegment.studies import parse_info_cfg
 
-    by_dir: dict[Path, dict[str, dict]] = {}
+    by_patient: dict[str, dict[str, dict]] = {}
     for r in rows:
-        if r.get("status") == "done" and r.get("phase") in ("ED", "ES") and r.get("frame") == 0:
-            by_dir.setdefault(Path(r["study"]).parent, {})[r["phase"]] = r
-    for folder, phases in by_dir.items():
+        if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
+            dicom = r["study"].startswith("dicom:")  # a cine series: ED and ES are two of its frames
+            if dicom or r.get("frame") == 0:
+                by_patient.setdefault(r["study"] if dicom else str(Path(r["study"]).parent), {})[r["phase"]] = r
+    for key, phases in by_patient.items():
         if set(phases) != {"ED", "ES"}:
             continue
-        info = parse_info_cfg(folder / "Info.cfg") if (folder / "Info.cfg").is_file() else {}
+        folder = Path(key)
+        info = parse_info_cfg(folder / "Info.cfg") if not key.startswith("dicom:") and (folder / "Info.cfg").is_file() else {}
 
-        def num(key):
+        def num(cfg_key, row_field):  # Info.cfg, else the DICOM patient module's value on the row
             try:
-                return float(info[key])
-            except (KeyError, ValueError):
+                return float(info[cfg_key]) if cfg_key in info else phases["ED"].get(row_field)
+            except ValueError:
                 return None
 
         try:
-            masks = {ph: read_study(Path(r["mask"]))[1][0].astype(np.uint8) for ph, r in phases.items()}
+            masks = {ph: read_study(Path(r["mask"]))[1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
             spacing = json.loads(phases["ED"]["spacing_mm"])
             es, cleared = basal_rv_check(masks["ED"], masks["ES"], diagnosis.basal_rv if diagnosis else None)
-            ind = patient_indices(masks["ED"], es, spacing, num("Height"), num("Weight"))
+            ind = patient_indices(masks["ED"], es, spacing, num("Height", "height_cm"), num("Weight", "weight_kg"))
         except (StudyError, OSError, ValueError, KeyError) as exc:
             for r in phases.values():
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"
@@ -461,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, action="append", dest="models",
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder, .safetensors file or "
                         "shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")
-    p.add_argument("--input", required=True)
+    p.add_argument("--input", required=True,
+                   help="a folder (NIfTI studies and DICOM files, found by content) or a DICOMweb URL "
+                        "(http://HOST:PORT/dicom-web): MR series found by QIDO-RS, SEGs stored back by STOW-RS")
     p.add_argument("--output", required=True)
     p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
@@ -481,6 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnosis", default=d("diagnosis"),
                    help="ACDC diagnosis of patients with ED and ES (Info.cfg): 'shipped', a JSON file from "
                         "`raysegment.diagnosis fit`, models:/raysegment-diagnosis@champion, or 'none'")
+    p.add_argument("--no-store", action="store_true",
+                   help="DICOMweb input: keep the SEGs under OUTPUT/dicom/, do not STOW-RS them to the server")
     p.add_argument("--retry-failed", action="store_true",
                    help="segment again studies that failed for good before (environment errors are always retried)")
     return p
@@ -506,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
                                                batch_size=a.batch_size, precision=a.precision),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
-                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis)
+                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
     try:
         summary = run_batch(config)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -155,3 +155,33 @@ def running_cluster(root: Path) -> Iterator[dict]:
         mlflow_log.close()
         s3_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def orthanc_available() -> bool:
+    return shutil.which("Orthanc") is not None and Path(ORTHANC_PLUGIN).is_file()
+
+
+@contextlib.contextmanager
+def running_orthanc(root: Path) -> Iterator[str]:
+    """A real PACS: Orthanc (Debian packages ``orthanc``, ``orthanc-dicomweb``) on 127.0.0.1 with a
+    temporary config and storage, HTTP only (no DICOM port, no remote access); yields its DICOMweb URL."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = {"Name": "raysegment-test", "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
+              "IndexDirectory": str(root / "index"), "Plugins": [ORTHANC_PLUGIN],
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "w")
+    proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/system", timeout=60)
+        yield f"http://127.0.0.1:{port}/dicom-web"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()

@@ -142,3 +142,13 @@ def test_shipped_model_loads_with_its_accuracy_and_basal_check():
     assert model.basal_rv and model.basal_rv["patients"] == 70  # fitted on the train split only
     p = model.predict_proba(np.array(model.fill))
     assert p.shape == (1, 5) and p.sum() == pytest.approx(1.0)
+
+
+def test_basal_check_finds_the_base_at_either_end_of_the_stack():
+    _, ed = synthetic_volume(1, shape=(5, 40, 48))  # radii shrink with k: slice 0 is the base
+    _, es = synthetic_volume(2, shape=(5, 40, 48), lv_radius=5.0)
+    always = {"mean": [0.0] * 6, "scale": [1.0] * 6, "coef": [0.0] * 6, "intercept": 10.0, "threshold": 0.5}
+    out, cleared = basal_rv_check(ed, es, always)
+    flipped, cleared_flipped = basal_rv_check(ed[::-1], es[::-1], always)
+    assert cleared == [0, 1] and cleared_flipped == [3, 4]
+    np.testing.assert_array_equal(flipped[::-1], out)

@@ -13,7 +13,7 @@ from raysegment.infer import Ledger, mask_name, results_rows, segment_study
 from raysegment.predict import Predictor
 from raysegment.studies import _umask
 from raysegment.report import batch_report, overlay_thumbnail, pick_slices
-from synth import make_nifti_patient
+from synth import make_nifti_patient, synthetic_volume
 
 
 @pytest.fixture
@@ -171,6 +171,13 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     for name in ("a.nii.gz", "crash_me.nii.gz", "scan.nii", "scan.nii.gz"):
         nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / name))
     (inp / "loop.nii.gz").symlink_to(inp / "loop.nii.gz")
+    # DICOM beside them: a cine series (files named by hash), a secondary capture, a corrupt file.
+    from synth import write_dicom_cine
+
+    cine = np.stack([synthetic_volume(1, shape=(3, 40, 48))[0], synthetic_volume(2, shape=(3, 40, 48))[0]])
+    write_dicom_cine(inp / "dicom" / "cine", cine)
+    write_dicom_cine(inp / "dicom" / "sc", cine[:, :2], modality="OT")
+    (inp / "dicom" / "broken").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     monkeypatch.chdir(tmp_path)
     (inp / "out").mkdir()
     (inp / "out" / "masks").write_text("in the way")  # masks cannot be written: an environment fault
@@ -189,13 +196,20 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     by_name = {}
     for e in ledger:
         by_name.setdefault(Path(e["path"]).name, []).append(e["status"])
-    assert first["studies"] == 5 and first["errors"] == 3 and first["failed"] == 2  # 3 writes, crash, loop
+    # 5 NIfTI files and 2 DICOM series; 4 writes blocked (3 NIfTI, the cine), crash, loop, the capture skipped
+    assert first["studies"] == 7 and first["errors"] == 4 and first["failed"] == 3
     assert by_name["crash_me.nii.gz"] == ["failed"] and by_name["loop.nii.gz"] == ["failed"]
+    assert by_name["broken"] == ["failed"]  # the corrupt DICOM file: one row, not one per run
     assert "worker died on this study (2 attempts)" in next(e["reason"] for e in ledger if "crash_me" in e["path"])
-    assert second["segmented"] == 3 and second["skipped"] == 2  # the errors retried, the failures not
-    assert third["studies"] == 5 and third["skipped"] == 5  # its own masks under in/out are not studies
+    assert second["segmented"] == 4 and second["skipped"] == 3  # the errors retried, the failures not
+    assert third["studies"] == 7 and third["skipped"] == 7  # its own masks and SEGs under in/out are not studies
+    skipped = [e for e in ledger if e["status"] == "skipped"]
+    assert len(skipped) == 1 and "not MR (modality OT" in skipped[0]["reason"]
     masks = sorted(p.name for p in (out / "masks").iterdir())
-    assert len(masks) == 3 and len({m.split("_")[0] for m in masks}) == 2  # scan.nii and scan.nii.gz apart
+    assert len(masks) == 4 and len({m.split("_")[0] for m in masks}) == 3  # scan.nii and scan.nii.gz apart
+    series_rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["study"].startswith("dicom:")]
+    assert [r["frame"] for r in series_rows if r["status"] == "done"] == [0, 1]
+    assert all(Path(r["seg"]).is_file() for r in series_rows if r["status"] == "done")
     rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
     assert all(Path(r["mask"]).is_absolute() and Path(r["mask"]).exists() for r in rows)
     assert oct((out / "results.csv").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

@@ -239,3 +239,84 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     mlflow.set_tracking_uri(cluster["mlflow"])
     pyfunc = mlflow.pyfunc.load_model("models:/raysegment-ensemble@champion")
     np.testing.assert_array_equal(pyfunc.predict(raw), direct.predict(raw))
+
+
+def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path):
+    """DICOM cine series in a real Orthanc (sample patients, oblique geometry, plus a secondary
+    capture and a series missing a slice): the job finds them by QIDO-RS, retrieves them (WADO-RS),
+    stores one SEG per cine frame back (STOW-RS) whose masks placed by their frame positions equal
+    the NIfTI masks, with the Dice of the NIfTI path; a rerun stores nothing new; storing them again
+    (as a run killed before its ledger line does) keeps the same instances, no duplicates."""
+    import highdicom as hd
+    import pydicom
+    import pyarrow.parquet as pq
+    from servers import orthanc_available, running_orthanc
+
+    from raysegment import dicom
+    from raysegment.config import PredictConfig
+    from raysegment.metrics import dice
+    from raysegment.predict import Predictor
+    from synth import sample_cine, write_dicom_cine
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicom.web_client(url)
+        truth = {}
+        for n, patient in enumerate(("patient063", "patient078")):
+            images, labels, spacing = sample_cine(patient)
+            files = write_dicom_cine(tmp_path / "src" / patient, images, spacing_zyx=spacing, patient=patient,
+                                     origin=(-90.0 + 7 * n, -70.0, 30.0))
+            series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+            truth[series_uid] = (images, labels, spacing)
+            client.store_instances([pydicom.dcmread(f) for f in files])
+        images = next(iter(truth.values()))[0]
+        odd = write_dicom_cine(tmp_path / "src" / "sc", images[:, :3], modality="OT", patient="X1")
+        gap = write_dicom_cine(tmp_path / "src" / "gap", images, patient="X2", skip={(0, 3), (1, 3)})
+        client.store_instances([pydicom.dcmread(f) for f in odd + gap])
+
+        out = tmp_path / "out"
+        args = ["raysegment.infer", "--model", "shipped:mobilenet_v2", "--input", url, "--output", str(out),
+                "--threads", "1", "--actors", "2"]
+        log = submit(cluster, *args)
+        assert "3 studies, 0 already done" in log  # the secondary capture is no MR series: not even listed
+        rows = pq.read_table(out / "results.parquet").to_pylist()
+        skipped = [r for r in rows if r["status"] == "skipped"]
+        assert len(skipped) == 1 and "not evenly spaced" in skipped[0]["reason"]
+        done = [r for r in rows if r["status"] == "done"]
+        assert len(done) == 4 and all(r["stored"] for r in done)  # 2 series × 2 frames
+        segs = client.search_for_instances(search_filters={"Modality": "SEG"})
+        assert len(segs) == 4
+        for r in done:
+            series_uid = r["study"].split("/")[1]
+            seg = hd.seg.segread(r["seg"])
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
+            source = dicom.Series(series_uid, r["study"].split("/")[0][len("dicom:"):],
+                                  sorted((out / "dicom-in" / series_uid).iterdir()))
+            cine = dicom.read_cine(source)
+            # The copy in the PACS: retrieved, read by highdicom, placed by its frame positions.
+            stored = client.retrieve_instance(study_instance_uid=seg.StudyInstanceUID, series_instance_uid=seg.SeriesInstanceUID,
+                                              sop_instance_uid=seg.SOPInstanceUID)
+            stored.save_as(tmp_path / "stored.dcm")
+            placed = dicom.read_seg_labels(tmp_path / "stored.dcm", cine, r["frame"])
+            nifti = np.transpose(np.asarray(nib.load(r["mask"]).dataobj), (3, 2, 1, 0))[r["frame"]]
+            np.testing.assert_array_equal(placed, nifti)
+        # As good as the NIfTI path: the same model on the same patient's arrays with its spacing.
+        predictor = Predictor.load("shipped:mobilenet_v2", PredictConfig())
+        for series_uid, (images, labels, spacing) in truth.items():
+            row = next(r for r in done if r["study"].endswith("/" + series_uid))
+            mask = np.transpose(np.asarray(nib.load(row["mask"]).dataobj), (3, 2, 1, 0))
+            for t in range(2):
+                via_dicom = np.mean([dice(mask[t] == c, labels[t] == c) for c in (1, 2, 3)])
+                via_arrays = np.mean([dice(predictor.predict(images[t], spacing=spacing) == c, labels[t] == c)
+                                      for c in (1, 2, 3)])
+                assert via_dicom > 0.7 and via_dicom >= via_arrays - 0.01, (series_uid, t, via_dicom, via_arrays)
+
+        # The next scheduled run finds nothing new and stores nothing.
+        log = submit(cluster, *args)
+        assert "3 studies, 3 already done" in log and "0 to segment" in log
+        assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4
+        # A run killed after STOW-RS but before its ledger line stores the same SEGs again on resuming:
+        # the same instances (UIDs from series, frame and model), not duplicates.
+        dicom.web_store(client, [Path(r["seg"]) for r in done])
+        assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4

@@ -1,0 +1,351 @@
+"""DICOM in and out: cine MR series → (frames, z, y, x) volumes with their geometry; masks → DICOM SEG.
+
+Discovery is by content (the ``DICM`` preamble), whatever the file names. Instances are grouped
+into series; a series is segmented when it is a short-axis cine MR: MR Image Storage (one file per
+slice and frame) or Enhanced MR (one multi-frame file), one orientation, slices evenly spaced
+along the slice normal, the same frames at every slice. Anything else is skipped with its reason.
+Slices are sorted by position along the normal, frames by temporal position / trigger time.
+
+Segmentations go back as one DICOM SEG per cine frame (highdicom refuses a SEG whose source planes
+repeat a position, and every frame repeats the slice positions), each referencing that frame's
+source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"  # legacy converted: same functional groups
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+ALGORITHM = "raysegment"
+
+
+class SeriesSkipped(Exception):
+    """A series that is not a segmentable short-axis cine MR; the message says why (one line)."""
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when the file carries the DICOM preamble (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+@dataclass
+class Series:
+    """The instances of one series (headers read, pixels not), and what grouping learnt of them."""
+
+    uid: str
+    study_uid: str
+    files: list[Path] = field(default_factory=list)
+    sop_uids: list[str] = field(default_factory=list)
+
+    def digest(self) -> str:
+        return instances_digest(self.sop_uids)
+
+
+def find_series(root: Path, exclude: Path | None = None) -> tuple[list[Series], list[tuple[Path, str]]]:
+    """DICOM series under ``root`` (files found by content) and the DICOM files that could not be
+    read as (path, reason). Files under ``exclude`` (the output folder) are no input."""
+    import pydicom
+
+    root = Path(root)
+    skip = Path(exclude).resolve() if exclude else None
+    series: dict[str, Series] = {}
+    bad = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+            continue
+        if not is_dicom_file(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
+            uid, study, sop = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        except Exception as exc:  # truncated, no UIDs
+            bad.append((path, f"unreadable DICOM ({type(exc).__name__}: {exc})"))
+            continue
+        s = series.setdefault(uid, Series(uid, study))
+        s.files.append(path)
+        s.sop_uids.append(sop)
+    return list(series.values()), bad
+
+
+@dataclass
+class CineVolume:
+    """A short-axis cine series as arrays: ``frames`` (T, Z, Y, X) float; ``spacing_zyx`` mm;
+    ``affine`` voxel (x, y, z) → RAS mm for NIfTI; ``sources[t]``: the datasets of frame t in slice
+    order (pixels included; what a SEG of that frame references)."""
+
+    frames: np.ndarray
+    spacing_zyx: tuple[float, float, float]
+    affine: np.ndarray
+    sources: list[list]
+    series_uid: str
+    study_uid: str
+    description: str
+
+
+def _f(values) -> np.ndarray:
+    return np.array([float(v) for v in values])
+
+
+def read_cine(series: Series) -> CineVolume:
+    """Read a series' pixels and build its cine volume; raises ``SeriesSkipped`` with the reason."""
+    import pydicom
+
+    datasets = []
+    for f in series.files:
+        try:
+            datasets.append(pydicom.dcmread(f))
+        except Exception as exc:
+            raise SeriesSkipped(f"{f.name}: unreadable DICOM ({type(exc).__name__})") from None
+    first = datasets[0]
+    modality = str(getattr(first, "Modality", ""))
+    sop = str(getattr(first, "SOPClassUID", ""))
+    if modality != "MR":
+        raise SeriesSkipped(f"not MR (modality {modality or 'missing'}, SOP class {sop})")
+    if sop in (ENHANCED_MR, LEGACY_ENHANCED_MR):
+        if len(datasets) != 1:
+            raise SeriesSkipped(f"{len(datasets)} enhanced MR instances in one series (one expected)")
+        planes = _enhanced_planes(first)
+    elif sop == MR_IMAGE:
+        planes = [_plane(ds, ds, None) for ds in datasets]
+    else:
+        raise SeriesSkipped(f"MR but not an image storage class this reads (SOP class {sop})")
+    return _assemble(planes, series, str(getattr(first, "SeriesDescription", "")))
+
+
+def _plane(ds, geometry, frame_index: int | None) -> dict:
+    """One 2-D image: its pixels (y, x), orientation, position, pixel spacing, time."""
+    try:
+        iop = _f(geometry.ImageOrientationPatient)
+        ipp = _f(geometry.ImagePositionPatient)
+        spacing = _f(geometry.PixelSpacing)
+    except AttributeError as exc:
+        raise SeriesSkipped(f"no geometry ({exc})") from None
+    if frame_index is None:
+        pixels = ds.pixel_array
+        t = float(getattr(ds, "TemporalPositionIdentifier", 0) or 0), float(getattr(ds, "TriggerTime", 0) or 0)
+    else:
+        pixels = ds.pixel_array[frame_index] if int(getattr(ds, "NumberOfFrames", 1)) > 1 else ds.pixel_array
+        t = geometry.temporal
+    slope = float(getattr(geometry, "RescaleSlope", getattr(ds, "RescaleSlope", 1)) or 1)
+    intercept = float(getattr(geometry, "RescaleIntercept", getattr(ds, "RescaleIntercept", 0)) or 0)
+    return {"ds": ds, "frame": frame_index, "iop": iop, "ipp": ipp, "spacing": spacing, "time": t,
+            "pixels": pixels.astype(np.float64) * slope + intercept}
+
+
+class _Geometry:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _enhanced_planes(ds) -> list[dict]:
+    """The frames of an Enhanced MR instance, each with its per-frame (or shared) geometry and time."""
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
+    planes = []
+    for i, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        def pick(name):
+            for group in (fg, shared):
+                if group is not None and name in group:
+                    return group[name].value[0]
+            raise SeriesSkipped(f"frame {i + 1}: no {name}")
+
+        orient, pos, measures = pick("PlaneOrientationSequence"), pick("PlanePositionSequence"), pick("PixelMeasuresSequence")
+        content = fg.FrameContentSequence[0] if "FrameContentSequence" in fg else None
+        temporal = float(getattr(content, "TemporalPositionIndex", 0) or 0) if content is not None else 0.0
+        trigger = 0.0
+        if "CardiacSynchronizationSequence" in fg:
+            trigger = float(getattr(fg.CardiacSynchronizationSequence[0], "NominalCardiacTriggerDelayTime", 0) or 0)
+        if "UnassignedPerFrameConvertedAttributesSequence" in fg:  # legacy converted: the source's own tags
+            legacy = fg.UnassignedPerFrameConvertedAttributesSequence[0]
+            temporal = temporal or float(getattr(legacy, "TemporalPositionIdentifier", 0) or 0)
+            trigger = trigger or float(getattr(legacy, "TriggerTime", 0) or 0)
+        geom = _Geometry(ImageOrientationPatient=orient.ImageOrientationPatient, ImagePositionPatient=pos.ImagePositionPatient,
+                         PixelSpacing=measures.PixelSpacing, temporal=(temporal, trigger))
+        if "PixelValueTransformationSequence" in fg or (shared is not None and "PixelValueTransformationSequence" in shared):
+            pvt = pick("PixelValueTransformationSequence")
+            geom.RescaleSlope, geom.RescaleIntercept = pvt.RescaleSlope, pvt.RescaleIntercept
+        planes.append(_plane(ds, geom, i))
+    return planes
+
+
+def _assemble(planes: list[dict], series: Series, description: str) -> CineVolume:
+    iop = planes[0]["iop"]
+    if any(not np.allclose(p["iop"], iop, atol=1e-3) for p in planes):
+        raise SeriesSkipped("more than one orientation (not one short-axis stack)")
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    shapes = {p["pixels"].shape for p in planes}
+    if len(shapes) != 1:
+        raise SeriesSkipped(f"images of different sizes {sorted(shapes)}")
+    # Slice positions along the normal (mm), grouped within 0.01 mm.
+    dist = np.array([float(p["ipp"] @ normal) for p in planes])
+    levels = np.unique(np.round(dist, 2))
+    if len(levels) < 2:
+        raise SeriesSkipped("a single slice position (not a short-axis stack)")
+    by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: p["time"]) for lv in levels}
+    counts = {len(v) for v in by_level.values()}
+    if len(counts) != 1:
+        raise SeriesSkipped(f"slices hold different numbers of frames {sorted(counts)} (an instance is missing)")
+    gaps = np.diff(levels)
+    step = float(np.median(gaps))
+    if np.any(np.abs(gaps - step) > 0.1 * step + 0.05):
+        raise SeriesSkipped(f"slice positions not evenly spaced (gaps {sorted(set(np.round(gaps, 2).tolist()))} mm: "
+                            f"a missing slice?)")
+    n_frames = counts.pop()
+    ordered = [by_level[lv] for lv in levels]  # slice order: along the normal
+    frames = np.stack([np.stack([ordered[z][t]["pixels"] for z in range(len(levels))]) for t in range(n_frames)])
+    dy, dx = float(planes[0]["spacing"][0]), float(planes[0]["spacing"][1])
+    origin = ordered[0][0]["ipp"]
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row * dx, col * dy, normal * step, origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM LPS → NIfTI RAS
+    sources = [[ordered[z][t] for z in range(len(levels))] for t in range(n_frames)]
+    return CineVolume(frames=frames, spacing_zyx=(step, dy, dx), affine=affine, sources=sources,
+                      series_uid=series.uid, study_uid=series.study_uid, description=description)
+
+
+# --------------------------------------------------------------------------- SEG out
+
+
+def segment_descriptions(model_version: str):
+    """The three segments (RV cavity, LV myocardium, LV cavity), SNOMED CT coded, with the algorithm."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    algo = hd.AlgorithmIdentificationSequence(name=ALGORITHM, version=model_version[:64],
+                                              family=codes.cid7162.ArtificialIntelligence)
+    structures = [("RV cavity", codes.SCT.RightVentricle), ("LV myocardium", codes.SCT.LeftVentricleMyocardium),
+                  ("LV cavity", codes.SCT.LeftVentricle)]
+    return [hd.seg.SegmentDescription(segment_number=i, segment_label=label,
+                                      segmented_property_category=codes.SCT.AnatomicalStructure,
+                                      segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                      algorithm_identification=algo)
+            for i, (label, code) in enumerate(structures, start=1)]
+
+
+def seg_uid(*parts: str) -> str:
+    """A UID derived from its parts: the same series, frame and model give the same SEG UIDs, so a
+    SEG written twice (a rerun after a kill) is the same instance, not a duplicate."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[ALGORITHM, *parts])
+
+
+def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir: Path) -> list[Path]:
+    """One DICOM SEG per cine frame (``masks``: (T, Z, Y, X) labels) under ``out_dir`` → the files."""
+    import highdicom as hd
+
+    from raysegment import __version__
+    from raysegment.studies import atomic_write
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    descriptions = segment_descriptions(model_version)
+    paths = []
+    for t, planes in enumerate(cine.sources):
+        sources = [p["ds"] for p in planes]
+        frame_numbers = None
+        if planes[0]["frame"] is not None:  # enhanced MR: the planes are frames of one instance
+            sources = [planes[0]["ds"]]
+            frame_numbers = [p["frame"] + 1 for p in planes]
+        labels = masks[t]
+        pixel = np.stack([(labels == k) for k in (1, 2, 3)], axis=-1).astype(np.uint8)  # (Z, Y, X, segments)
+        kwargs = {}
+        if frame_numbers is not None:
+            # A multi-frame source: reference its frames of this temporal position, placed by their planes.
+            kwargs["plane_positions"] = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, p["ipp"].tolist())
+                                         for p in planes]
+            kwargs["plane_orientation"] = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, planes[0]["iop"].tolist())
+            kwargs["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=planes[0]["spacing"].tolist(),
+                                                                slice_thickness=cine.spacing_zyx[0],
+                                                                spacing_between_slices=cine.spacing_zyx[0])
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=seg_uid(cine.series_uid, model_version, "series"), series_number=9000 + t,
+            sop_instance_uid=seg_uid(cine.series_uid, model_version, str(t)), instance_number=t + 1,
+            manufacturer=ALGORITHM, manufacturer_model_name=model_version[:64], software_versions=__version__,
+            device_serial_number="0", series_description=f"raysegment SEG frame {t + 1}"[:64],
+            omit_empty_frames=False, **kwargs)
+        path = out_dir / f"seg_frame{t + 1:02d}.dcm"
+        atomic_write(path, lambda tmp, seg=seg: seg.save_as(tmp))
+        paths.append(path)
+    return paths
+
+
+def read_seg_labels(path: Path, cine: CineVolume, t: int) -> np.ndarray:
+    """Labels (Z, Y, X) of a SEG placed back on frame ``t``'s slices by each SEG frame's position."""
+    import highdicom as hd
+
+    seg = hd.seg.segread(path)
+    out = np.zeros(cine.frames.shape[1:], np.uint8)
+    planes = cine.sources[t]
+    normal = np.cross(planes[0]["iop"][:3], planes[0]["iop"][3:])
+    level = {round(float(p["ipp"] @ normal), 2): z for z, p in enumerate(planes)}
+    for i, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        pos = _f(fg.PlanePositionSequence[0].ImagePositionPatient)
+        number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        z = level[round(float(pos @ normal), 2)]
+        out[z][seg.pixel_array[i] > 0] = number
+    return out
+
+
+# --------------------------------------------------------------------------- DICOMweb (a PACS)
+
+
+def instances_digest(sop_uids) -> str:
+    """What the ledger keys a series' content on: SHA-256 of its sorted SOP Instance UIDs (an
+    instance added or removed is new content; the same instances read again are not)."""
+    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+
+
+def web_client(url: str):
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(url=url.rstrip("/"))
+
+
+def _tag(item: dict, tag: str) -> str:
+    return str(item.get(tag, {}).get("Value", [""])[0])
+
+
+def web_series(client) -> list[dict]:
+    """MR series on a DICOMweb server (QIDO-RS): ``{"study", "series", "sha256"}`` each, the digest
+    over the series' SOP Instance UIDs (one instance query per series)."""
+    out = []
+    for s in client.search_for_series(search_filters={"Modality": "MR"}):
+        study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
+        sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                          series_instance_uid=series)]
+        out.append({"study": study, "series": series, "sha256": instances_digest(sops)})
+    return out
+
+
+def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:
+    """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=series):
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def web_store(client, paths: list[Path]) -> None:
+    """STOW-RS the files (SEGs) to the server. Their UIDs are derived from series, frame and model
+    (``seg_uid``), so storing again after a kill replaces, never duplicates."""
+    import pydicom
+
+    client.store_instances(datasets=[pydicom.dcmread(p) for p in paths])

@@ -1,0 +1,138 @@
+"""DICOM in and out without servers: series found by content, geometry, skip reasons, SEG written per
+frame and read back onto the NIfTI mask's voxels."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from raysegment import dicom
+from synth import rotated_orientation, synthetic_volume, write_dicom_cine
+
+
+def _cine(shape=(5, 40, 48)):
+    (ed, led), (es, les) = synthetic_volume(1, shape=shape), synthetic_volume(2, shape=shape, lv_radius=5.0)
+    return np.stack([ed, es]), np.stack([led, les])
+
+
+def test_series_are_found_by_content_and_read_with_their_geometry(tmp_path):
+    frames, _ = _cine()
+    row, col = rotated_orientation()
+    write_dicom_cine(tmp_path / "in" / "x", frames, spacing_zyx=(8.0, 1.4, 1.25), origin=(-80, -60, 40))
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    series, bad = dicom.find_series(tmp_path / "in")
+    assert len(series) == 1 and bad == [] and len(series[0].files) == 10
+    assert all("." not in f.name for f in series[0].files)  # no extension: found by the preamble
+    cine = dicom.read_cine(series[0])
+    assert cine.frames.shape == (2, 5, 40, 48) and cine.spacing_zyx == pytest.approx((8.0, 1.4, 1.25))
+    # Intensities survive (int16 scaling only), slices in order along the normal, frames by time.
+    np.testing.assert_allclose(cine.frames / cine.frames.max(), frames / frames.max(), atol=1e-3)
+    # The affine maps voxel (x, y, z) to RAS: LPS origin and directions with x and y negated.
+    normal = np.cross(row, col)
+    lps = lambda v: np.diag([-1, -1, 1]) @ v  # noqa: E731
+    np.testing.assert_allclose(cine.affine[:3, 3], lps(np.array([-80.0, -60, 40])), atol=1e-3)
+    np.testing.assert_allclose(cine.affine[:3, 0], lps(row * 1.25), atol=1e-5)
+    np.testing.assert_allclose(cine.affine[:3, 1], lps(col * 1.4), atol=1e-5)
+    np.testing.assert_allclose(cine.affine[:3, 2], lps(normal * 8.0), atol=1e-4)
+    # The same series with its files shuffled into other names and folders reads the same.
+    again = dicom.read_cine(dicom.Series(series[0].uid, series[0].study_uid, list(reversed(series[0].files))))
+    np.testing.assert_array_equal(again.frames, cine.frames)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("secondary_capture", r"not MR \(modality OT"),
+    ("missing_slice", "not evenly spaced"),
+    ("missing_instance", "different numbers of frames"),
+    ("single_slice", "a single slice position"),
+])
+def test_series_that_are_not_a_short_axis_cine_are_skipped_with_the_reason(tmp_path, case, reason):
+    frames, _ = _cine()
+    kwargs = {"secondary_capture": {"modality": "OT"}, "missing_slice": {"skip": {(0, 2), (1, 2)}},
+              "missing_instance": {"skip": {(1, 3)}}, "single_slice": {}}[case]
+    if case == "single_slice":
+        frames = frames[:, :1]
+    write_dicom_cine(tmp_path / "s", frames, **kwargs)
+    (series,), _ = dicom.find_series(tmp_path / "s")
+    with pytest.raises(dicom.SeriesSkipped, match=reason):
+        dicom.read_cine(series)
+
+
+def test_a_corrupt_dicom_file_is_reported_and_the_rest_still_found(tmp_path):
+    frames, _ = _cine()
+    write_dicom_cine(tmp_path / "in", frames)
+    (tmp_path / "in" / "broken").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    series, bad = dicom.find_series(tmp_path / "in")
+    assert len(series) == 1 and len(bad) == 1
+    assert bad[0][0].name == "broken" and "unreadable DICOM" in bad[0][1]
+
+
+def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
+    frames, labels = _cine()
+    write_dicom_cine(tmp_path / "in", frames)
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    cine = dicom.read_cine(series)
+    paths = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg")
+    assert [p.name for p in paths] == ["seg_frame01.dcm", "seg_frame02.dcm"]
+    import highdicom as hd
+
+    seg = hd.seg.segread(paths[1])
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == series.study_uid
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["RV cavity", "LV myocardium", "LV cavity"]
+    assert [d.SegmentedPropertyTypeCodeSequence[0].CodeValue for d in seg.SegmentSequence] == ["53085002", "49848007", "87878005"]
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "raysegment"
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {p["ds"].SOPInstanceUID for p in cine.sources[1]}  # exactly frame 2's instances
+    for t in range(2):
+        np.testing.assert_array_equal(dicom.read_seg_labels(paths[t], cine, t), labels[t])
+    # Written again (a rerun after a kill): the same UIDs, so a PACS keeps one copy.
+    again = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg2")
+    assert hd.seg.segread(again[1]).SOPInstanceUID == seg.SOPInstanceUID
+    other = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/4", tmp_path / "seg3")
+    assert hd.seg.segread(other[1]).SOPInstanceUID != seg.SOPInstanceUID
+
+
+def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_model):
+    from raysegment.checkpoint import LoadedModel
+    from raysegment.config import PredictConfig
+    from raysegment.infer import segment_series
+    from raysegment.predict import Predictor
+
+    frames, _ = _cine()
+    write_dicom_cine(tmp_path / "in", frames, patient="P9")
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())
+    rows = segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "tiny", tmp_path / "out")
+    assert [r["frame"] for r in rows] == [0, 1] and json.loads(rows[0]["spacing_mm"]) == [8.0, 1.4, 1.4]
+    mask = nib.load(rows[0]["mask"])
+    assert mask.shape == (48, 40, 5, 2)
+    cine = dicom.read_cine(series)
+    np.testing.assert_allclose(mask.affine, cine.affine, atol=1e-4)
+    data = np.transpose(np.asarray(mask.dataobj), (3, 2, 1, 0))  # → (t, z, y, x)
+    for t, r in enumerate(rows):
+        np.testing.assert_array_equal(dicom.read_seg_labels(r["seg"], cine, t), data[t])
+
+
+def test_an_enhanced_multiframe_mr_reads_like_its_single_frame_series_and_gets_its_segs(tmp_path):
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    frames, labels = _cine(shape=(4, 40, 48))
+    files = write_dicom_cine(tmp_path / "single", frames)
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage([pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(),
+                                                        series_number=6, sop_instance_uid=generate_uid(), instance_number=1)
+    (tmp_path / "multi").mkdir()
+    enhanced.save_as(tmp_path / "multi" / "cine")
+    (multi,), _ = dicom.find_series(tmp_path / "multi")
+    (single,), _ = dicom.find_series(tmp_path / "single")
+    a, b = dicom.read_cine(multi), dicom.read_cine(single)
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+    paths = dicom.write_segs(a, labels, "v1", tmp_path / "seg")
+    seg = hd.seg.segread(paths[0])
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
+    for t in range(2):
+        np.testing.assert_array_equal(dicom.read_seg_labels(paths[t], a, t), labels[t])
