@@ -348,15 +348,19 @@ def run_batch(config: InferConfig) -> dict:
             raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
     else:
         items = discover(Path(config.input), out, ledger, version)
+    def new(item) -> bool:
+        return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
+
     actors = []
-    if items:
+    # DICOM series are known by their instances already: a scheduled poll that finds nothing new
+    # starts no Ray at all. NIfTI files are hashed while the actors start.
+    if any("file" in item or new(item) for item in items):
         ensure_ray()
         config = plan_actors(config, ray.available_resources(), len(items))
         remote = ray.remote(SegmentActor).options(**actor_options(config))
         actors = [remote.remote(config) for _ in range(config.actors)]
     _hash_files(items)
-    todo = [item for item in items
-            if not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)]
+    todo = [item for item in items if new(item)]
     if config.limit is not None:
         todo = todo[: config.limit]
     print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
