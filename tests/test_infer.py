@@ -188,6 +188,7 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
         first = run_batch(config)
         (inp / "out" / "masks").unlink()  # the operator fixes the disk
         second = run_batch(config)
+        nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / "new_study.nii.gz"))  # arrives later
         third = run_batch(config)
     finally:
         ray.shutdown()
@@ -202,11 +203,13 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     assert by_name["broken"] == ["failed"]  # the corrupt DICOM file: one row, not one per run
     assert "worker died on this study (2 attempts)" in next(e["reason"] for e in ledger if "crash_me" in e["path"])
     assert second["segmented"] == 4 and second["skipped"] == 3  # the errors retried, the failures not
-    assert third["studies"] == 7 and third["skipped"] == 7  # its own masks and SEGs under in/out are not studies
+    # The next run: its own masks and SEGs under in/out are no studies, what is settled is skipped,
+    # the study that arrived since is segmented.
+    assert third["studies"] == 8 and third["skipped"] == 7 and third["segmented"] == 1
     skipped = [e for e in ledger if e["status"] == "skipped"]
     assert len(skipped) == 1 and "not MR (modality OT" in skipped[0]["reason"]
     masks = sorted(p.name for p in (out / "masks").iterdir())
-    assert len(masks) == 4 and len({m.split("_")[0] for m in masks}) == 3  # scan.nii and scan.nii.gz apart
+    assert len(masks) == 5 and len({m.split("_")[0] for m in masks}) == 4  # scan.nii and scan.nii.gz apart
     series_rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["study"].startswith("dicom:")]
     assert [r["frame"] for r in series_rows if r["status"] == "done"] == [0, 1]
     assert all(Path(r["seg"]).is_file() for r in series_rows if r["status"] == "done")
