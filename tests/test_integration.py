@@ -26,7 +26,8 @@ def registered(cluster, sample_shards):
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--concurrency", "2", "--epochs", "1",
                  "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", cluster["s3"], "--final-minutes", "0.1",
-                 "--name", "first", *TUNE_SMALL, "--cpus-per-worker", "0.5", "--image-size", "256")
+                 "--name", "first", *TUNE_SMALL, "--cpus-per-worker", "0.5", "--image-size", "256",
+                 "--max-steps-per-epoch", "4")
     assert "registered raysegment-mobilenet_v2 v1; champion: True" in log, log[-3000:]
     assert "[raysegment] final run: trial" in log, log[-3000:]
     assert "registered final raysegment-mobilenet_v2 v2; champion:" in log, log[-3000:]
