@@ -48,17 +48,25 @@ def add_cine_ef(rows: list[dict]) -> None:
             r[f"ef_{name}_pct"] = ef
 
 
-def add_patient_ef(table: list[dict]) -> None:
-    """EF (%) for official-layout patients whose ED and ES frames (Info.cfg) were both segmented."""
-    by_dir: dict[str, dict[str, dict]] = {}
-    for r in table:
+def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """Patient → {"ED": row, "ES": row} of finished result rows: an official-layout folder (its two
+    frame files, Info.cfg names them) or a DICOM cine series (``dicom:…``; ED and ES are two of its
+    frames). Patients missing either phase are left out."""
+    by_patient: dict[str, dict[str, dict]] = {}
+    for r in rows:
         if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
-            by_dir.setdefault(str(Path(r["study"]).parent), {})[r["phase"]] = r
-    for phases in by_dir.values():
-        if set(phases) == {"ED", "ES"}:
-            for name in ("lv", "rv"):
-                ef = ejection_fraction(phases["ED"][f"volume_{name}_ml"], phases["ES"][f"volume_{name}_ml"])
-                phases["ED"][f"ef_{name}_pct"] = phases["ES"][f"ef_{name}_pct"] = ef
+            dicom = r["study"].startswith("dicom:")
+            if dicom or r.get("frame", 0) == 0:
+                by_patient.setdefault(r["study"] if dicom else str(Path(r["study"]).parent), {})[r["phase"]] = r
+    return {key: phases for key, phases in by_patient.items() if set(phases) == {"ED", "ES"}}
+
+
+def add_patient_ef(table: list[dict]) -> None:
+    """EF (%) for patients whose ED and ES were both segmented (``ed_es_pairs``)."""
+    for phases in ed_es_pairs(table).values():
+        for name in ("lv", "rv"):
+            ef = ejection_fraction(phases["ED"][f"volume_{name}_ml"], phases["ES"][f"volume_{name}_ml"])
+            phases["ED"][f"ef_{name}_pct"] = phases["ES"][f"ef_{name}_pct"] = ef
 
 
 def qc_flags(row: dict) -> list[str]:
@@ -74,11 +82,6 @@ def qc_flags(row: dict) -> list[str]:
 
 # --------------------------------------------------------------------------- per-patient indices (ED + ES)
 
-INDEX_UNITS = {
-    "lv_edv_ml": "mL", "lv_esv_ml": "mL", "lv_sv_ml": "mL", "lv_ef_pct": "%",
-    "rv_edv_ml": "mL", "rv_esv_ml": "mL", "rv_sv_ml": "mL", "rv_ef_pct": "%",
-    "lv_mass_g": "g", "myo_thickness_max_mm": "mm", "myo_thickness_mean_mm": "mm", "myo_thickness_sd_mm": "mm",
-}
 INDEXED = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "rv_edv_ml", "rv_esv_ml", "rv_sv_ml", "lv_mass_g")
 
 

@@ -28,6 +28,7 @@ FEATURES = ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml_per_m2", "lv_esv_ml_per_m2", "r
             "myo_thickness_sd_mm", "myo_es_thickness_max_mm", "myo_es_thickness_mean_mm", "myo_es_thickness_sd_mm",
             "myo_thickening_pct")
 FORMAT = "raysegment-diagnosis/1"
+SHIPPED = Path(__file__).with_name("shipped") / "diagnosis.json"
 
 
 def features(indices: dict) -> np.ndarray:
@@ -258,9 +259,10 @@ def load_crossval_masks(folder: Path, volumes: list[Volume], config=None) -> dic
     return masks
 
 
-def fit_basal_check(volumes: list[Volume], masks: dict, patients: set[str], seed: int = 0) -> dict:
+def fit_basal_check(volumes: list[Volume], masks: dict, patients: set[str], seed: int = 0) -> dict | None:
     """Fit ``clinical.basal_rv_check``'s logistic model: for every basal ES slice (``BASAL_SLICES``) of
-    ``patients`` where the predicted mask has RV, does the reference have none there?"""
+    ``patients`` where the predicted mask has RV, does the reference have none there? None when the
+    slices are all of one kind (nothing to learn)."""
     from sklearn.linear_model import LogisticRegression
 
     from raysegment.clinical import BASAL_FEATURES, BASAL_SLICES, basal_rv_features
@@ -285,26 +287,32 @@ def fit_basal_check(volumes: list[Volume], masks: dict, patients: set[str], seed
             "patients": len(patients)}
 
 
-def patient_features(volumes: list[Volume], masks: dict, patients: dict,
-                     basal_rv: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
-    """(patients, feature rows, groups) for every patient with ED and ES masks; ``patients`` is the
-    manifest's metadata (height, weight); spacing from the volumes; ``basal_rv``: the ES basal RV check."""
+def predicted_indices(volumes: list[Volume], masks: dict, patients: dict, basal_rv: dict | None = None):
+    """Per patient (in order) with ED and ES masks and known spacing: (ED volume, ES volume,
+    ``clinical.patient_indices`` of the masks, ES basal slices cleared). ``patients`` is the
+    manifest's metadata (height, weight); ``basal_rv``: the ES basal RV check, applied first."""
     from raysegment.clinical import basal_rv_check, patient_indices
 
     by_patient: dict[str, dict] = {}
     for v in volumes:
         by_patient.setdefault(v.patient, {})[v.phase] = v
-    names, rows, groups = [], [], []
     for patient, phases in sorted(by_patient.items()):
-        if not all((patient, ph) in masks for ph in ("ED", "ES")) or phases["ED"].spacing is None:
+        if not all((patient, ph) in masks and ph in phases for ph in ("ED", "ES")) or phases["ED"].spacing is None:
             continue
         meta = patients.get(patient, {})
-        es, _ = basal_rv_check(masks[(patient, "ED")], masks[(patient, "ES")], basal_rv)
-        ind = patient_indices(masks[(patient, "ED")], es, phases["ED"].spacing,
-                              meta.get("height_cm"), meta.get("weight_kg"))
-        names.append(patient)
+        es, cleared = basal_rv_check(masks[(patient, "ED")], masks[(patient, "ES")], basal_rv)
+        ind = patient_indices(masks[(patient, "ED")], es, phases["ED"].spacing, meta.get("height_cm"), meta.get("weight_kg"))
+        yield phases["ED"], phases["ES"], ind, cleared
+
+
+def patient_features(volumes: list[Volume], masks: dict, patients: dict,
+                     basal_rv: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """(patients, feature rows, groups) of ``predicted_indices``."""
+    names, rows, groups = [], [], []
+    for ed, _, ind, _ in predicted_indices(volumes, masks, patients, basal_rv):
+        names.append(ed.patient)
         rows.append(features(ind))
-        groups.append(phases["ED"].group)
+        groups.append(ed.group)
     return names, np.array(rows), groups
 
 
@@ -312,7 +320,7 @@ def load(ref: str | Path, tracking_uri: str | None = None) -> DiagnosisModel:
     """A diagnosis model from a JSON file, ``shipped`` (``raysegment/shipped/diagnosis.json``) or a
     registry URI (``models:/raysegment-diagnosis@champion``)."""
     if str(ref) == "shipped":
-        ref = Path(__file__).with_name("shipped") / "diagnosis.json"
+        ref = SHIPPED
     if str(ref).startswith("models:/"):
         import mlflow
 
@@ -358,7 +366,6 @@ def _fit_command(a) -> int:
     print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s); register it with "
           f"`python -m raysegment.registry diagnosis {a.out} --mlflow-uri URI`")
     return 0
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,9 +30,9 @@ import numpy as np
 from raysegment import CLASS_NAMES, disable_telemetry
 from raysegment.clinical import add_cine_ef, add_patient_ef, myocardial_mass_g, qc_flags, voxel_counts, volumes_ml
 from raysegment.config import PredictConfig, default_of, torch_threads
+from raysegment.dicom import SeriesSkipped
 from raysegment.studies import (StudyError, acdc_phase, atomic_write, find_studies, gt_for, normalize_intensity, read_study,
                                 save_mask, study_stem)
-from raysegment.dicom import SeriesSkipped
 from raysegment.weights import sha256
 
 
@@ -91,32 +91,47 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
                 gt_flag = f"gt_ignored_shape_{'x'.join(map(str, g.shape[1:]))}"
         except StudyError:
             gt_flag = "gt_ignored_unreadable"
+    common = {"study": str(path), "phase": acdc_phase(path) or "", "mask": str(mask_path), "model_uri": model_uri,
+              "model_version": predictor.version, "status": "done", "reason": ""}
+    rows = frame_rows(masks, spacing_zyx, common)
+    if gt_frames is not None:
+        for t, row in enumerate(rows):
+            for rec in score_records(masks[t], gt_frames[t], spacing_zyx):
+                row[f"dice_{rec['class']}"] = rec["dice"]
+                row[f"hd95_{rec['class']}_mm"] = rec["hd95"]
+    finish_rows(rows, frames[0], masks[0], figure, out_dir / "figures" / name.replace(".nii.gz", ".png"),
+                [gt_flag] if gt_flag else [])
+    return rows
+
+
+def frame_rows(masks: np.ndarray, spacing_zyx, common: dict) -> list[dict]:
+    """One result row per frame of (frames, z, y, x) labels: voxels, volumes (mL) and LV mass (g) of
+    each structure, the spacing (z, y, x mm), and the ``common`` fields."""
+    zooms = tuple(spacing_zyx)[::-1]
     rows = []
-    phase = acdc_phase(path)
     for t, m in enumerate(masks):
         counts = voxel_counts(m)
         vols = volumes_ml(m, zooms, counts)
-        row = {"study": str(path), "frame": t, "phase": phase or "", "mask": str(mask_path),
-               "model_uri": model_uri, "model_version": predictor.version, "status": "done", "reason": "",
-               "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]),
-               **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
-               **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
-               "lv_myo_mass_g": myocardial_mass_g(vols["myo"])}
-        if gt_frames is not None:
-            for rec in score_records(m, gt_frames[t], spacing_zyx):
-                row[f"dice_{rec['class']}"] = rec["dice"]
-                row[f"hd95_{rec['class']}_mm"] = rec["hd95"]
-        rows.append(row)
+        rows.append({**common, "frame": t, "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]),
+                     **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
+                     **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
+                     "lv_myo_mass_g": myocardial_mass_g(vols["myo"])})
+    return rows
+
+
+def finish_rows(rows: list[dict], image0: np.ndarray, mask0: np.ndarray, figure: bool, png: Path,
+                extra_flags: list[str] = ()) -> None:
+    """A study's rows completed: cine EF, QC flags (and ``extra_flags``) and, when asked or flagged,
+    an overlay PNG of frame 0 drawn from the arrays in memory."""
     add_cine_ef(rows)
     for row in rows:
-        row["qc_flags"] = ";".join(qc_flags(row) + ([gt_flag] if gt_flag else []))
+        row["qc_flags"] = ";".join(qc_flags(row) + list(extra_flags))
     if figure or any(row["qc_flags"] for row in rows):
         from raysegment.report import overlay_thumbnail
 
-        png = overlay_thumbnail(normalize_intensity(frames[0]), masks[0], out_dir / "figures" / name.replace(".nii.gz", ".png"))
+        png = overlay_thumbnail(normalize_intensity(image0), mask0, png)
         for row in rows:
             row["figure"] = str(png)
-    return rows
 
 
 def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_dir: Path, figure: bool = False) -> list[dict]:
@@ -137,33 +152,18 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     ref.set_sform(cine.affine, code=1)
     save_mask(masks, ref, mask_path)
     segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
-    zooms = cine.spacing_zyx[::-1]
-    first = cine.sources[0][0]["ds"]
-    rows = []
-    for t, m in enumerate(masks):
-        counts = voxel_counts(m)
-        vols = volumes_ml(m, zooms, counts)
-        rows.append({"study": key, "frame": t, "phase": "", "mask": str(mask_path), "seg": str(segs[t]),
-                     "model_uri": model_uri, "model_version": predictor.version, "status": "done", "reason": "",
-                     "spacing_mm": json.dumps([round(z, 4) for z in cine.spacing_zyx]),
-                     "series_description": cine.description, **_patient_size(first),
-                     **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
-                     **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
-                     "lv_myo_mass_g": myocardial_mass_g(vols["myo"])})
-    add_cine_ef(rows)
+    common = {"study": key, "phase": "", "mask": str(mask_path), "model_uri": model_uri,
+              "model_version": predictor.version, "status": "done", "reason": "", "series_description": cine.description,
+              **_patient_size(cine.sources[0][0]["ds"])}
+    rows = frame_rows(masks, cine.spacing_zyx, common)
+    for row, seg in zip(rows, segs):
+        row["seg"] = str(seg)
     if len(rows) >= 2:
         lv = [r["volume_lv_ml"] for r in rows]
         ed, es = int(np.argmax(lv)), int(np.argmin(lv))
         if ed != es:
             rows[ed]["phase"], rows[es]["phase"] = "ED", "ES"
-    for row in rows:
-        row["qc_flags"] = ";".join(qc_flags(row))
-    if figure or any(row["qc_flags"] for row in rows):
-        from raysegment.report import overlay_thumbnail
-
-        png = overlay_thumbnail(normalize_intensity(cine.frames[0]), masks[0], out_dir / "figures" / f"{series_uid}.png")
-        for row in rows:
-            row["figure"] = str(png)
+    finish_rows(rows, cine.frames[0], masks[0], figure, out_dir / "figures" / f"{series_uid}.png")
     return rows
 
 
@@ -348,6 +348,7 @@ def run_batch(config: InferConfig) -> dict:
             raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
     else:
         items = discover(Path(config.input), out, ledger, version)
+
     def new(item) -> bool:
         return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
 
@@ -378,7 +379,7 @@ def run_batch(config: InferConfig) -> dict:
         for n, entry in enumerate(_segment_all(actors, todo, config.max_attempts, version), 1):
             if web and config.store and entry["status"] == "done":
                 _store(client, entry)
-            entry["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            entry["finished"] = _now()
             ledger.append(entry)
             done += entry["status"] == "done"
             failed += entry["status"] in ("failed", "skipped")
@@ -422,9 +423,18 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str) -> list[dict
     for path, reason in bad:
         key, digest = _identity(path)
         if not ledger.has(key, digest, version):
-            ledger.append({"path": key, "sha256": digest, "model_version": version, "status": "failed", "reason": reason,
-                           "seconds": 0.0, "rows": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            ledger.append({**_entry(key, digest, version, "failed", reason), "finished": _now()})
     return items
+
+
+def _entry(path: str, digest: str, version: str, status: str, reason: str) -> dict:
+    """A ledger entry for a study that produced no rows (failed, error)."""
+    return {"path": path, "sha256": digest, "model_version": version, "status": status, "reason": reason,
+            "seconds": 0.0, "rows": []}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _hash_files(items: list[dict]) -> None:
@@ -445,9 +455,8 @@ def _retrieve(client, todo: list[dict], out: Path, ledger: "Ledger", version: st
             item["files"] = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
             ready.append(item)
         except Exception as exc:
-            ledger.append({"path": item["path"], "sha256": item["sha256"], "model_version": version, "status": "error",
-                           "reason": f"WADO-RS retrieve failed ({type(exc).__name__}: {exc})", "seconds": 0.0,
-                           "rows": [], "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {exc})"
+            ledger.append({**_entry(item["path"], item["sha256"], version, "error", reason), "finished": _now()})
     return ready
 
 
@@ -521,8 +530,8 @@ def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str
                 queue.appendleft((item, attempt + 1))
                 continue
             cause = " ".join(str(exc).split())[:300]
-            yield {"path": item["path"], "sha256": item["sha256"], "model_version": version, "status": "failed",
-                   "reason": f"worker died on this study ({attempt} attempts): {cause}", "seconds": 0.0, "rows": []}
+            yield _entry(item["path"], item["sha256"], version, "failed",
+                         f"worker died on this study ({attempt} attempts): {cause}")
 
 
 def results_rows(ledger: Ledger) -> list[dict]:
@@ -550,33 +559,21 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     and, with a ``diagnosis`` model, its basal ES RV check applied first, the predicted group and
     ``p_<GROUP>`` on both rows. Info.cfg's ``Group`` is copied as ``group_reference``, for scoring
     only: it is never an input."""
-    from raysegment.clinical import basal_rv_check, patient_indices
+    from raysegment.clinical import basal_rv_check, ed_es_pairs, patient_indices
     from raysegment.diagnosis import features
-    from raysegment.studies import parse_info_cfg
+    from raysegment.studies import info_from_cfg, parse_info_cfg
 
-    by_patient: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
-            dicom = r["study"].startswith("dicom:")  # a cine series: ED and ES are two of its frames
-            if dicom or r.get("frame") == 0:
-                by_patient.setdefault(r["study"] if dicom else str(Path(r["study"]).parent), {})[r["phase"]] = r
-    for key, phases in by_patient.items():
-        if set(phases) != {"ED", "ES"}:
-            continue
+    for key, phases in ed_es_pairs(rows).items():
         folder = Path(key)
         info = parse_info_cfg(folder / "Info.cfg") if not key.startswith("dicom:") and (folder / "Info.cfg").is_file() else {}
-
-        def num(cfg_key, row_field):  # Info.cfg, else the DICOM patient module's value on the row
-            try:
-                return float(info[cfg_key]) if cfg_key in info else phases["ED"].get(row_field)
-            except ValueError:
-                return None
-
+        # Info.cfg's height and weight, else the DICOM patient module's on the row
+        size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
+        height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
         try:
             masks = {ph: read_study(Path(r["mask"]))[1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
             spacing = json.loads(phases["ED"]["spacing_mm"])
             es, cleared = basal_rv_check(masks["ED"], masks["ES"], diagnosis.basal_rv if diagnosis else None)
-            ind = patient_indices(masks["ED"], es, spacing, num("Height", "height_cm"), num("Weight", "weight_kg"))
+            ind = patient_indices(masks["ED"], es, spacing, height, weight)
         except (StudyError, OSError, ValueError, KeyError) as exc:
             for r in phases.values():
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from raysegment.config import default_of
-from raysegment.studies import nifti_to_zyx, normalize_intensity, parse_info_cfg
+from raysegment.studies import info_from_cfg, nifti_to_zyx, normalize_intensity, parse_info_cfg
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
 PHASES = ("ED", "ES")
@@ -179,18 +179,6 @@ def with_info(volume: Volume, info: dict | None) -> Volume:
     spacing = (info["slice_spacing_mm"], info["pixel_spacing_mm"], info["pixel_spacing_mm"])
     meta = {k: info[k] for k in ("height_cm", "weight_kg", "nb_frames", "ed_frame", "es_frame")}
     return replace(volume, spacing=spacing, group=info["group"], info=meta)
-
-
-def info_from_cfg(info: dict[str, str]) -> dict:
-    """Patient metadata from an official ``Info.cfg`` (the keys ``read_info_csv`` gives; None when absent)."""
-    def num(key, cast):
-        try:
-            return cast(float(info[key]))
-        except (KeyError, ValueError):
-            return None
-
-    return {"height_cm": num("Height", float), "weight_kg": num("Weight", float), "nb_frames": num("NbFrame", int),
-            "ed_frame": num("ED", int), "es_frame": num("ES", int)}
 
 
 def find_h5_volumes(source: Path) -> list[Path]:

@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "import":
             r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
         elif a.cmd == "diagnosis":
-            path = Path(__file__).with_name("shipped") / "diagnosis.json" if a.model_file == "shipped" else Path(a.model_file)
-            r = register_diagnosis(path, tracking_uri=a.mlflow_uri)
+            from raysegment.diagnosis import SHIPPED
+
+            r = register_diagnosis(SHIPPED if a.model_file == "shipped" else Path(a.model_file), tracking_uri=a.mlflow_uri)
         elif a.cmd == "ensemble":
             r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
                                   force_champion=a.force_champion)

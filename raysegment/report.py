@@ -232,24 +232,17 @@ def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None
     """One record per patient with ED and ES: its group and, per clinical index, ``pred_…`` from
     ``masks[(patient, phase)]`` (``basal_rv``: the ES basal RV check applied first) and ``ref_…`` from
     the reference labels (``patients``: the manifest's metadata: height, weight)."""
-    from raysegment.clinical import basal_rv_check, patient_indices
+    from raysegment.clinical import patient_indices
+    from raysegment.diagnosis import predicted_indices
 
-    by_patient: dict[str, dict] = {}
-    for v in volumes:
-        by_patient.setdefault(v.patient, {})[v.phase] = v
+    unspaced = next((v for v in volumes if v.spacing is None), None)
+    if unspaced is not None:
+        raise ValueError(f"{unspaced.patient}: no spacing in the shards; re-run raysegment.prepare (info.csv / NIfTI headers)")
     records = []
-    for patient, phases in sorted(by_patient.items()):
-        if set(phases) != {"ED", "ES"} or any((patient, ph) not in masks for ph in phases):
-            continue
-        ed, es = phases["ED"], phases["ES"]
-        if ed.spacing is None:
-            raise ValueError(f"{patient}: no spacing in the shards; re-run raysegment.prepare (info.csv / NIfTI headers)")
-        meta = patients.get(patient, {})
-        hw = meta.get("height_cm"), meta.get("weight_kg")
-        es_pred, cleared = basal_rv_check(masks[(patient, "ED")], masks[(patient, "ES")], basal_rv)
-        pred = patient_indices(masks[(patient, "ED")], es_pred, ed.spacing, *hw)
-        ref = patient_indices(ed.label, es.label, ed.spacing, *hw)
-        records.append({"patient": patient, "group": ed.group, "rv_es_basal_slices_cleared": " ".join(map(str, cleared)),
+    for ed, es, pred, cleared in predicted_indices(volumes, masks, patients, basal_rv):
+        meta = patients.get(ed.patient, {})
+        ref = patient_indices(ed.label, es.label, ed.spacing, meta.get("height_cm"), meta.get("weight_kg"))
+        records.append({"patient": ed.patient, "group": ed.group, "rv_es_basal_slices_cleared": " ".join(map(str, cleared)),
                         **{f"pred_{k}": x for k, x in pred.items()},
                         **{f"ref_{k}": x for k, x in ref.items()}})
     return records

@@ -44,6 +44,18 @@ def parse_info_cfg(path: Path) -> dict[str, str]:
     return info
 
 
+def info_from_cfg(info: dict[str, str]) -> dict:
+    """Patient metadata from an official ``Info.cfg`` (the keys ``read_info_csv`` gives; None when absent)."""
+    def num(key, cast):
+        try:
+            return cast(float(info[key]))
+        except (KeyError, ValueError):
+            return None
+
+    return {"height_cm": num("Height", float), "weight_kg": num("Weight", float), "nb_frames": num("NbFrame", int),
+            "ed_frame": num("ED", int), "es_frame": num("ES", int)}
+
+
 def study_stem(path: Path) -> str:
     """File name without ``.nii`` / ``.nii.gz``."""
     return re.sub(r"\.nii(\.gz)?$", "", path.name)
