@@ -120,14 +120,17 @@ def wall_thickness_mm(mask_zyx: np.ndarray, spacing_zyx) -> dict[str, float]:
 
 
 def patient_indices(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_cm: float | None = None,
-                    weight_kg: float | None = None) -> dict[str, float]:
+                    weight_kg: float | None = None, es_excess_ml: dict[str, float] | None = None) -> dict[str, float]:
     """Clinical indices of one patient from its ED and ES label volumes (``spacing_zyx`` in mm):
     EDV, ESV, SV (mL), EF (%) of LV and RV; LV myocardial mass at ED (g); ED mid-ventricular wall
     thickness (mm); with height and weight, BSA (m²) and the volumes and mass indexed by it
     (``*_per_m2``: mL/m², g/m²). Also, for features: the ES myocardial volume (mL), the ES wall
-    thickness (mm) and the systolic wall thickening (%)."""
+    thickness (mm) and the systolic wall thickening (%). ``es_excess_ml`` (structure → mL, from
+    ``basal_es_excess``) is taken off the ES volumes first."""
     zooms_xyz = tuple(float(s) for s in spacing_zyx)[::-1]
     ed, es = volumes_ml(ed_zyx, zooms_xyz), volumes_ml(es_zyx, zooms_xyz)
+    for name, ml in (es_excess_ml or {}).items():
+        es[name] = max(es[name] - ml, 0.0)
     out = {}
     for name in ("lv", "rv"):
         edv, esv = ed[name], es[name]
@@ -186,6 +189,19 @@ def basal_rv_features(ed_zyx: np.ndarray, es_zyx: np.ndarray, k: int) -> np.ndar
     return np.array([math.log(r + 1e-3) for r in ratios] + [float(k)])
 
 
+def _logistic(model: dict, x: np.ndarray) -> float:
+    z = (x - np.asarray(model["mean"])) / np.asarray(model["scale"])
+    return 1.0 / (1.0 + math.exp(-(float(z @ np.asarray(model["coef"])) + model["intercept"])))
+
+
+def base_at_end(ed_zyx: np.ndarray) -> bool:
+    """Whether the stack runs from the apex: the heart's ED cross-section is larger in its second half
+    (in every ACDC volume slice 0 is the base; a DICOM stack sorted along its normal may be reversed)."""
+    areas = (ed_zyx > 0).reshape(ed_zyx.shape[0], -1).sum(1)
+    half = len(areas) // 2
+    return bool(areas[:half].sum() < areas[len(areas) - half:].sum())
+
+
 def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -> tuple[np.ndarray, list[int]]:
     """The ES labels without RV on the basal slices where ``check`` (a logistic model fitted on
     training patients: ``mean, scale, coef, intercept, threshold``) says the reference draws none.
@@ -198,9 +214,7 @@ def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -
     run from the apex, and is then walked from its last slice. Returns (labels, slices cleared)."""
     if check is None:
         return es_zyx, []
-    areas = (ed_zyx > 0).reshape(ed_zyx.shape[0], -1).sum(1)
-    half = len(areas) // 2
-    if areas[:half].sum() < areas[len(areas) - half:].sum():  # the base is at the end: walk it reversed
+    if base_at_end(ed_zyx):  # walk it reversed
         out, cleared = basal_rv_check(ed_zyx[::-1], es_zyx[::-1], check)
         n = es_zyx.shape[0]
         return (np.ascontiguousarray(out[::-1]) if cleared else es_zyx), sorted(n - 1 - k for k in cleared)
@@ -208,12 +222,122 @@ def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -
     for k in range(min(BASAL_SLICES, es_zyx.shape[0] - 1)):
         if not (out[k] == 1).any():
             continue
-        z = (basal_rv_features(ed_zyx, out, k) - np.asarray(check["mean"])) / np.asarray(check["scale"])
-        p = 1.0 / (1.0 + math.exp(-(float(z @ np.asarray(check["coef"])) + check["intercept"])))
-        if p <= check["threshold"]:
+        if _logistic(check, basal_rv_features(ed_zyx, out, k)) <= check["threshold"]:
             break
         if out is es_zyx:
             out = es_zyx.copy()
         out[k][out[k] == 1] = 0
         cleared.append(k)
     return out, cleared
+
+
+# The check of ``basal_es_excess`` (format ``basal-es/2``): up to two logistic models on
+# ``SLICE_FEATURES`` of each basal ES slice that has the structure: "rv" — the reference draws no RV
+# there; "heart" — it draws no LV cavity there (the slice lies above the ventricles at end-systole).
+BASAL_ES_FORMAT = "basal-es/2"
+BASAL_ES_SLICES = 3  # 5-mm stacks lose up to three slices of RV between ED and ES (ACDC train split)
+SLICE_FEATURES = BASAL_FEATURES + ("slice_mm", "depth_mm", "lv_over_next_slice", "myo_es_over_ed", "myo_ring_es",
+                                    "myo_ring_ed", "rv_ed_over_ed_max", "rv_over_es_max", "lv_over_es_max",
+                                    "rv_ed_over_next_slice")
+
+
+def myo_ring(labels_yx: np.ndarray) -> float:
+    """Share of the LV cavity's outer border (pixels) that is myocardium: ≈1 in a closed ring,
+    lower where the wall opens towards the outflow tract or atrium; 0 without cavity."""
+    from scipy import ndimage
+
+    lv = labels_yx == 3
+    if not lv.any():
+        return 0.0
+    border = ndimage.binary_dilation(lv) & ~lv
+    return float((labels_yx[border] == 2).mean())
+
+
+def basal_slice_features(ed_zyx: np.ndarray, es_zyx: np.ndarray, k: int, slice_mm: float) -> np.ndarray:
+    """``SLICE_FEATURES`` of ES slice ``k`` (0 = the base, ``k`` < slices − 1): ``basal_rv_features``,
+    then the slice thickness and depth (mm), log area ratios (voxels) of LV cavity and myocardium
+    against the next slice and ED, the myocardial ring's closure at ES and ED, and RV and LV areas
+    against the largest slice of their phase."""
+    def area(m, kk, lab):
+        return float((m[kk] == lab).sum())
+
+    def log(r):
+        return math.log(r + 1e-3)
+
+    def biggest(m, lab):
+        return max(1.0, float((m == lab).reshape(m.shape[0], -1).sum(1).max()))
+
+    rv, lv, rv_ed = area(es_zyx, k, 1), area(es_zyx, k, 3), area(ed_zyx, k, 1)
+    more = [float(slice_mm), float(k * slice_mm), log(lv / max(area(es_zyx, k + 1, 3), 1)),
+            log(area(es_zyx, k, 2) / max(area(ed_zyx, k, 2), 1)), myo_ring(es_zyx[k]), myo_ring(ed_zyx[k]),
+            log(rv_ed / biggest(ed_zyx, 1)), log(rv / biggest(es_zyx, 1)), log(lv / biggest(es_zyx, 3)),
+            log(rv_ed / max(area(ed_zyx, k + 1, 1), 1))]
+    return np.concatenate([basal_rv_features(ed_zyx, es_zyx, k), more])
+
+
+BASAL_MODELS = {"rv": (1,), "heart": (3, 2)}  # the check's models → the labels each one walks (the first decides)
+
+
+def basal_walk(ed_zyx: np.ndarray, es_zyx: np.ndarray, labels: tuple[int, ...], slice_mm: float):
+    """Yield (k, ``basal_slice_features``, voxels per label) for each of the top ``BASAL_ES_SLICES``
+    ES slices (slice 0 = the base) that hold ``labels[0]``; after each, the slice's ``labels`` are
+    cleared in a working copy, so the next slice is seen as it would be below a cleared one."""
+    work = es_zyx.copy()
+    for k in range(min(BASAL_ES_SLICES, es_zyx.shape[0] - 1)):
+        if not (work[k] == labels[0]).any():
+            continue  # nothing drawn here: the walk goes on below
+        yield k, basal_slice_features(ed_zyx, work, k, slice_mm), {lab: float((work[k] == lab).sum()) for lab in labels}
+        work[k][np.isin(work[k], labels)] = 0
+
+
+def basal_es_excess(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, check: dict) -> dict:
+    """The expected excess (mL) of the ES volumes on the basal slices, under ``check`` (format
+    ``basal-es/2``, fitted on training patients by ``diagnosis.fit_basal_check``).
+
+    At end-systole the base moves towards the apex, so the top ES slices often cut the atria or the
+    outflow tracts, which ACDC's reference leaves unlabelled, while a 2-D network labels them. For
+    each structure the slices are walked from the base (``basal_walk``): a slice's RV (or LV cavity
+    and myocardium) counts as excess with the probability that the reference leaves it out, times the
+    probability that every slice above it was left out too (the reference never skips a slice and
+    resumes). The expected value, not a 0/1 decision: a wrong decision costs a whole slice (15–30 mL
+    in a large RV). Returns ``rv``/``lv``/``myo`` (mL, keys as ``volumes_ml``) and, per walked slice,
+    ``p_no_rv`` / ``p_no_heart`` (slice index → probability) for the results."""
+    n = es_zyx.shape[0]
+    reverse = base_at_end(ed_zyx)
+    if reverse:
+        ed_zyx, es_zyx = ed_zyx[::-1], es_zyx[::-1]
+    voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
+    out = {"rv": 0.0, "lv": 0.0, "myo": 0.0, "p_no_rv": {}, "p_no_heart": {}}
+    for key, labels in BASAL_MODELS.items():
+        if key not in check:  # nothing was learnt for this structure
+            continue
+        reach = 1.0
+        for k, x, voxels in basal_walk(ed_zyx, es_zyx, labels, float(spacing_zyx[0])):
+            q = _logistic(check[key], x)
+            reach *= q
+            out[f"p_no_{key}"][n - 1 - k if reverse else k] = round(q, 4)
+            for lab, count in voxels.items():
+                out[CLASS_NAMES[lab]] += reach * count * voxel_ml
+    return out
+
+
+def checked_indices(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_cm: float | None = None,
+                    weight_kg: float | None = None, check: dict | None = None) -> tuple[dict[str, float], dict]:
+    """``patient_indices`` with a basal ES check applied first: a ``basal-es/2`` check takes its
+    expected excess off the ES volumes; an older check (a ``basal_rv_check`` model) clears the RV
+    of the slices it rejects. Returns (indices, what the check did: ``{structure}_es_basal_excess_ml``
+    and the per-slice probabilities, for the results)."""
+    if check is None:
+        return patient_indices(ed_zyx, es_zyx, spacing_zyx, height_cm, weight_kg), {}
+    if check.get("format") == BASAL_ES_FORMAT:
+        excess = basal_es_excess(ed_zyx, es_zyx, spacing_zyx, check)
+        ind = patient_indices(ed_zyx, es_zyx, spacing_zyx, height_cm, weight_kg,
+                              es_excess_ml={k: excess[k] for k in ("rv", "lv", "myo")})
+        info = {f"{k}_es_basal_excess_ml": round(excess[k], 3) for k in ("rv", "lv", "myo")}
+        info |= {k: ",".join(f"{z}:{q}" for z, q in sorted(excess[k].items())) for k in ("p_no_rv", "p_no_heart")}
+        return ind, info
+    es, cleared = basal_rv_check(ed_zyx, es_zyx, check)
+    voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
+    excess = float(((es_zyx == 1) & (es == 0)).sum()) * voxel_ml
+    return patient_indices(ed_zyx, es, spacing_zyx, height_cm, weight_kg), \
+        {"rv_es_basal_excess_ml": round(excess, 3), "rv_es_basal_slices_cleared": ",".join(map(str, cleared))}

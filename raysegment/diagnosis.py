@@ -53,7 +53,7 @@ class DiagnosisModel:
     intercept: tuple[float, ...]
     trees: tuple[dict, ...]  # left, right, feature, threshold, value (class shares per node)
     meta: dict = field(default_factory=dict)  # accuracy, cross-validation, segmenter, data
-    basal_rv: dict | None = None  # the ES basal-slice RV check (``clinical.basal_rv_check``) the features used
+    basal_rv: dict | None = None  # the basal ES check (``clinical.checked_indices``) the indices and features use
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) of feature rows (N, FEATURES)."""
@@ -259,39 +259,59 @@ def load_crossval_masks(folder: Path, volumes: list[Volume], config=None) -> dic
     return masks
 
 
-def fit_basal_check(volumes: list[Volume], masks: dict, patients: set[str], seed: int = 0) -> dict | None:
-    """Fit ``clinical.basal_rv_check``'s logistic model: for every basal ES slice (``BASAL_SLICES``) of
-    ``patients`` where the predicted mask has RV, does the reference have none there? None when the
-    slices are all of one kind (nothing to learn)."""
+def basal_slice_rows(volumes: list[Volume], mask_sets: list[dict], patients: set[str]) -> dict[str, tuple]:
+    """Training rows of the ``basal-es/2`` check: the slices of ``clinical.basal_walk`` in each mask
+    set's ES volumes of ``patients``, per model ("rv", "heart"): (features (N, SLICE_FEATURES), the
+    reference leaves the structure out there (N,), patients (N,))."""
+    from raysegment.clinical import BASAL_MODELS, SLICE_FEATURES, base_at_end, basal_walk
+
+    rows = {key: ([], [], []) for key in BASAL_MODELS}
+    for v in volumes:
+        if v.phase != "ES" or v.patient not in patients or v.spacing is None:
+            continue
+        for masks in mask_sets:
+            if (v.patient, "ED") not in masks or (v.patient, "ES") not in masks:
+                continue
+            ed, es, ref = masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label
+            if base_at_end(ed):
+                ed, es, ref = ed[::-1], es[::-1], ref[::-1]
+            for key, labels in BASAL_MODELS.items():
+                x, y, who = rows[key]
+                for k, features, _ in basal_walk(ed, es, labels, v.spacing[0]):
+                    x.append(features)
+                    y.append(int(not (ref[k] == labels[0]).any()))
+                    who.append(v.patient)
+    return {k: (np.array(x).reshape(-1, len(SLICE_FEATURES)), np.array(y, int), np.array(who)) for k, (x, y, who) in rows.items()}
+
+
+def fit_basal_check(volumes: list[Volume], mask_sets: dict | list[dict], patients: set[str], seed: int = 0) -> dict | None:
+    """Fit ``clinical.basal_es_excess``'s check (format ``basal-es/2``) on the basal ES slices of
+    ``patients`` in every mask set (one segmenter's masks each: pooling several makes it hold for
+    each of them): per structure a logistic regression of "the reference leaves it out here". A
+    structure whose slices are all of one kind gets no model (nothing to learn); None when neither has one."""
     from sklearn.linear_model import LogisticRegression
 
-    from raysegment.clinical import BASAL_FEATURES, BASAL_SLICES, basal_rv_features
+    from raysegment.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
 
-    x, y = [], []
-    for v in volumes:
-        if v.phase != "ES" or v.patient not in patients or (v.patient, "ED") not in masks:
+    mask_sets = [mask_sets] if isinstance(mask_sets, dict) else list(mask_sets)
+    check = {"format": BASAL_ES_FORMAT, "features": list(SLICE_FEATURES), "patients": len(patients),
+             "mask_sets": len(mask_sets)}
+    for key, (x, y, _) in basal_slice_rows(volumes, mask_sets, patients).items():
+        if len(set(y.tolist())) < 2:
             continue
-        ed, es = masks[(v.patient, "ED")], masks[(v.patient, "ES")]
-        for k in range(min(BASAL_SLICES, es.shape[0] - 1)):
-            if (es[k] == 1).any():
-                x.append(basal_rv_features(ed, es, k))
-                y.append(int(not (v.label[k] == 1).any()))
-    x, y = np.array(x), np.array(y)
-    if len(set(y.tolist())) < 2:
-        return None
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale == 0] = 1.0
-    lr = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit((x - mean) / scale, y)
-    return {"features": list(BASAL_FEATURES), "mean": mean.tolist(), "scale": scale.tolist(), "coef": lr.coef_[0].tolist(),
-            "intercept": float(lr.intercept_[0]), "threshold": 0.5, "slices": int(len(y)), "cleared_in_reference": int(y.sum()),
-            "patients": len(patients)}
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale == 0] = 1.0
+        lr = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit((x - mean) / scale, y)
+        check[key] = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": lr.coef_[0].tolist(),
+                      "intercept": float(lr.intercept_[0]), "slices": int(len(y)), "left_out_in_reference": int(y.sum())}
+    return check if "rv" in check or "heart" in check else None
 
 
 def predicted_indices(volumes: list[Volume], masks: dict, patients: dict, basal_rv: dict | None = None):
     """Per patient (in order) with ED and ES masks and known spacing: (ED volume, ES volume,
-    ``clinical.patient_indices`` of the masks, ES basal slices cleared). ``patients`` is the
-    manifest's metadata (height, weight); ``basal_rv``: the ES basal RV check, applied first."""
-    from raysegment.clinical import basal_rv_check, patient_indices
+    ``clinical.patient_indices`` of the masks, what the basal ES check did). ``patients`` is the
+    manifest's metadata (height, weight); ``basal_rv``: the basal ES check (``clinical.checked_indices``)."""
+    from raysegment.clinical import checked_indices
 
     by_patient: dict[str, dict] = {}
     for v in volumes:
@@ -300,9 +320,85 @@ def predicted_indices(volumes: list[Volume], masks: dict, patients: dict, basal_
         if not all((patient, ph) in masks and ph in phases for ph in ("ED", "ES")) or phases["ED"].spacing is None:
             continue
         meta = patients.get(patient, {})
-        es, cleared = basal_rv_check(masks[(patient, "ED")], masks[(patient, "ES")], basal_rv)
-        ind = patient_indices(masks[(patient, "ED")], es, phases["ED"].spacing, meta.get("height_cm"), meta.get("weight_kg"))
-        yield phases["ED"], phases["ES"], ind, cleared
+        ind, info = checked_indices(masks[(patient, "ED")], masks[(patient, "ES")], phases["ED"].spacing,
+                                    meta.get("height_cm"), meta.get("weight_kg"), basal_rv)
+        yield phases["ED"], phases["ES"], ind, info
+
+
+def basal_check_agreement(volumes: list[Volume], mask_sets: dict[str, dict], checks: dict[str, dict | None],
+                          train: set[str], val: set[str], folds: int = 5, seed: int = 0) -> tuple[list[dict], dict | None]:
+    """How basal ES checks do, per mask set (name → masks of one segmenter): RV and LV EF (%) and
+    ESV (mL) against the reference, with each of ``checks`` (name → check or None) and with a check
+    fitted here on all mask sets — for the train patients by patient-grouped ``folds``-fold
+    cross-validation (each patient scored by a check fitted without it), for the val patients fitted
+    on every train patient. Returns (records, the check fitted on every train patient)."""
+    from raysegment.clinical import agreement, patient_indices
+
+    ref = {ed.patient: patient_indices(ed.label, es.label, ed.spacing)
+           for ed, es, _, _ in predicted_indices(volumes, {(v.patient, v.phase): v.label for v in volumes}, {})}
+    order = np.random.default_rng(seed).permutation(sorted(train)).tolist()
+    groups = [{p for i, p in enumerate(order) if i % folds == f} for f in range(folds)]
+    full = fit_basal_check(volumes, list(mask_sets.values()), set(train), seed)
+    # (patients, check) pairs that score each split: the fitted check is cross-validated on train.
+    plans = {name: {"train": [(set(train), c)], "val": [(set(val), c)]} for name, c in checks.items()}
+    plans["fitted here"] = {"train": [(g, fit_basal_check(volumes, list(mask_sets.values()), set(train) - g, seed)) for g in groups],
+                            "val": [(set(val), full)]}
+    records = []
+    for set_name, masks in mask_sets.items():
+        # The most any basal check could give: the basal slices the reference leaves out, cleared.
+        oracle = {**plans, "oracle (the reference's basal slices)": {"train": [(set(train), None)], "val": [(set(val), None)]}}
+        for check_name, plan in oracle.items():
+            scored = reference_basal_masks(volumes, masks) if check_name.startswith("oracle") else masks
+            for split, parts in plan.items():
+                got = [(ed.patient, ind) for patients, check in parts
+                       for ed, _, ind, _ in predicted_indices([v for v in volumes if v.patient in patients], scored, {}, check)]
+                records.append({"masks": set_name, "check": check_name, "split": split, "n": len(got),
+                                **{f"{k}_{stat}": agreement([i[k] for _, i in got], [ref[p][k] for p, _ in got])[stat]
+                                   for k in ("rv_ef_pct", "lv_ef_pct", "rv_esv_ml", "lv_esv_ml") for stat in ("mae", "bias")}})
+    return records, full
+
+
+def reference_basal_masks(volumes: list[Volume], masks: dict) -> dict:
+    """``masks`` with the RV (LV cavity and myocardium) cleared on the basal ES slices
+    (``clinical.BASAL_ES_SLICES``) where the reference has none: what a perfect basal check does."""
+    from raysegment.clinical import BASAL_ES_SLICES, BASAL_MODELS, base_at_end
+
+    out = dict(masks)
+    for v in volumes:
+        key = (v.patient, "ES")
+        if v.phase != "ES" or key not in masks or (v.patient, "ED") not in masks:
+            continue
+        es, ref = masks[key].copy(), v.label
+        order = range(es.shape[0] - 1, -1, -1) if base_at_end(masks[(v.patient, "ED")]) else range(es.shape[0])
+        for k in list(order)[:BASAL_ES_SLICES]:
+            for labels in BASAL_MODELS.values():
+                if not (ref[k] == labels[0]).any():
+                    es[k][np.isin(es[k], labels)] = 0
+        out[key] = es
+    return out
+
+
+def excess_by_slice(volumes: list[Volume], masks: dict, patients: set[str], positions: int = 4) -> dict[str, list[float]]:
+    """Mean predicted − reference volume (mL) per ES slice position from the base (0 … ``positions``
+    − 1, then every slice below together) of RV, MYO and LV, over ``patients``: where the ES excess lies."""
+    from raysegment import CLASS_NAMES
+    from raysegment.clinical import base_at_end
+
+    sums = {name: np.zeros(positions + 1) for name in CLASS_NAMES.values()}
+    counts = np.zeros(positions + 1)
+    for v in volumes:
+        if v.phase != "ES" or v.patient not in patients or (v.patient, "ES") not in masks or v.spacing is None:
+            continue
+        es, ref = masks[(v.patient, "ES")], v.label
+        if base_at_end(masks[(v.patient, "ED")]):
+            es, ref = es[::-1], ref[::-1]
+        voxel_ml = float(np.prod(v.spacing)) / 1000.0
+        for k in range(es.shape[0]):
+            pos = min(k, positions)
+            counts[pos] += 1
+            for lab, name in CLASS_NAMES.items():
+                sums[name][pos] += (float((es[k] == lab).sum()) - float((ref[k] == lab).sum())) * voxel_ml
+    return {name: (total / np.maximum(counts, 1)).round(2).tolist() for name, total in sums.items()}
 
 
 def patient_features(volumes: list[Volume], masks: dict, patients: dict,
@@ -368,6 +464,65 @@ def _fit_command(a) -> int:
     return 0
 
 
+def basal_table(records: list[dict]) -> str:
+    """Markdown of ``basal_check_agreement``'s records."""
+    lines = ["| masks | check | split | n | RV EF MAE / bias (%) | LV EF MAE / bias (%) | RV ESV MAE / bias (mL) | LV ESV MAE / bias (mL) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        cells = [f"{r[k + '_mae']:.2f} / {r[k + '_bias']:+.2f}" for k in ("rv_ef_pct", "lv_ef_pct", "rv_esv_ml", "lv_esv_ml")]
+        lines.append(f"| {r['masks']} | {r['check']} | {r['split']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _basal_command(a) -> int:
+    from raysegment.config import PredictConfig
+    from raysegment.predict import Predictor, predicted_masks
+    from raysegment.prepare import load_manifest
+
+    manifest = load_manifest(a.data)
+    volumes = [v for v in all_volumes(a.data) if v.spacing is not None]
+    if not volumes:
+        print(f"error: {a.data}: no volumes with spacing (re-run raysegment.prepare beside info.csv / with NIfTI headers)",
+              file=sys.stderr)
+        return 2
+    current = load(a.diagnosis, a.mlflow_uri)
+    predictors = {ref: Predictor.load(ref, PredictConfig(), a.mlflow_uri) for ref in a.model}
+    if a.ensemble and len(a.model) > 1:
+        flips = all(m.config.augment.flip_prob > 0 for p in predictors.values() for m in p.members)
+        predictors[" + ".join(a.model) + (" (flip TTA)" if flips else "")] = Predictor.load(
+            a.model, PredictConfig(flip_tta=flips), a.mlflow_uri)
+    mask_sets = {}
+    for name, predictor in predictors.items():
+        t0 = time.perf_counter()
+        mask_sets[name] = predicted_masks(predictor, volumes)
+        print(f"{name}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
+    train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
+    where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",
+             "| masks | structure | slice 0 | 1 | 2 | 3 | below |", "|---|---|---|---|---|---|---|"]
+    for name, masks in mask_sets.items():
+        for structure, row in excess_by_slice(volumes, masks, train).items():
+            where.append(f"| {name} | {structure} | " + " | ".join(f"{x:+.2f}" for x in row) + " |")
+    print("\n".join(where), flush=True)
+    records, check = basal_check_agreement(volumes, mask_sets, {"none": None, f"{a.diagnosis}'s": current.basal_rv},
+                                           train, val, seed=a.seed)
+    if check is None:
+        print("error: the train split's basal ES slices are all of one kind: nothing to fit", file=sys.stderr)
+        return 2
+    check["segmenters"] = list(mask_sets)
+    check["manifest_hash"] = manifest.get("content_hash", "")
+    model = replace(current, basal_rv=check)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(model.to_json() + "\n")
+    table = basal_table(records)
+    head = (f"Basal ES check fitted on the masks of {', '.join(mask_sets)} on {len(train)} train patients; "
+            f"train rows: patient-grouped 5-fold CV; val rows: the check fitted on every train patient.")
+    a.out.with_suffix(".basal.md").write_text(head + "\n\n" + table + "\n\n" + "\n".join(where) + "\n")
+    print(head)
+    print(table)
+    print(f"wrote {a.out} (the classifier of {a.diagnosis} with this check) and {a.out.with_suffix('.basal.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raysegment.config import TrainConfig, default_of
 
@@ -394,6 +549,16 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--segmenter", default="", help="what made the masks, recorded with the model (e.g. a model version)")
     ft.add_argument("--repeats", type=int, default=10)
     ft.add_argument("--seed", type=int, default=0)
+    bs = sub.add_parser("basal", help="fit the basal ES check on segmenters' own masks of the train split, compare it "
+                                      "(patient-grouped CV on train, then val) and write it into a diagnosis model")
+    bs.add_argument("--data", required=True, help="shards with spacing (both splits are segmented)")
+    bs.add_argument("--model", action="append", required=True, help="a segmenter (repeat: each one's masks are pooled)")
+    bs.add_argument("--ensemble", action="store_true",
+                    help="also pool the masks of all --model together (softmax averaged, flip TTA where every member allows it)")
+    bs.add_argument("--diagnosis", default="shipped", help="the diagnosis model whose check is compared and replaced")
+    bs.add_argument("--out", required=True, type=Path, help="the diagnosis JSON to write (beside it: FILE.basal.md)")
+    bs.add_argument("--mlflow-uri", default=None)
+    bs.add_argument("--seed", type=int, default=0)
     pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
     pk.add_argument("--data", required=True)
     pk.add_argument("--out", required=True, type=Path)
@@ -410,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.command == "fit":
         return _fit_command(a)
+    if a.command == "basal":
+        return _basal_command(a)
     if a.command == "crossval-masks":
         from raysegment.config import ModelConfig, TrainConfig
 

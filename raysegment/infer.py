@@ -556,10 +556,10 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
     DICOM cine series (its largest / smallest LV frame): ``clinical.patient_indices`` from the masks
     on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
-    and, with a ``diagnosis`` model, its basal ES RV check applied first, the predicted group and
-    ``p_<GROUP>`` on both rows. Info.cfg's ``Group`` is copied as ``group_reference``, for scoring
-    only: it is never an input."""
-    from raysegment.clinical import basal_rv_check, ed_es_pairs, patient_indices
+    and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
+    ``p_<GROUP>`` on both rows; the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's
+    ``Group`` is copied as ``group_reference``, for scoring only: it is never an input."""
+    from raysegment.clinical import checked_indices, ed_es_pairs
     from raysegment.diagnosis import features
     from raysegment.studies import info_from_cfg, parse_info_cfg
 
@@ -572,15 +572,14 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
         try:
             masks = {ph: read_study(Path(r["mask"]))[1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
             spacing = json.loads(phases["ED"]["spacing_mm"])
-            es, cleared = basal_rv_check(masks["ED"], masks["ES"], diagnosis.basal_rv if diagnosis else None)
-            ind = patient_indices(masks["ED"], es, spacing, height, weight)
+            ind, basal = checked_indices(masks["ED"], masks["ES"], spacing, height, weight,
+                                         diagnosis.basal_rv if diagnosis else None)
         except (StudyError, OSError, ValueError, KeyError) as exc:
             for r in phases.values():
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"
             continue
-        extra = {k: round(v, 4) for k, v in ind.items()}
-        # The ES mask file stays the network's output; the indices leave out these basal RV slices.
-        extra["rv_es_basal_slices_cleared"] = ",".join(map(str, cleared))
+        # The ES mask file stays the network's output; the indices leave out the basal excess.
+        extra = {k: round(v, 4) for k, v in ind.items()} | basal
         if diagnosis is not None:
             p = diagnosis.predict_proba(features(ind))[0]
             extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
@@ -589,6 +588,10 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
             extra["group_reference"] = info["Group"]
         for r in phases.values():
             r.update(extra)
+        # One EF per patient: the frame-volume EF (``add_patient_ef`` / ``add_cine_ef``) of every row of
+        # this patient — for a DICOM series each of its frames — becomes the checked one.
+        for r in (x for x in rows if x.get("study") == key) if key.startswith("dicom:") else phases.values():
+            r["ef_lv_pct"], r["ef_rv_pct"] = extra["lv_ef_pct"], extra["rv_ef_pct"]
 
 
 def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -306,3 +306,14 @@ class Predictor:
         if self.config.largest_component:
             out = keep_largest_component(out, contact_pixels(self.config, spacing))
         return out
+
+
+def predict_volumes(predictor: Predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:
+    """(volume, predicted labels) for shard volumes (already normalised; spacing when they carry it)."""
+    for v in volumes:
+        yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
+
+
+def predicted_masks(predictor: Predictor, volumes) -> dict:
+    """(patient, phase) → predicted labels of shard volumes."""
+    return {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}

@@ -8,7 +8,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -108,12 +107,6 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
     return out
 
 
-def predict_volumes(predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:
-    """(volume, predicted labels) for shard volumes (already normalised; spacing when they carry it)."""
-    for v in volumes:
-        yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
-
-
 SPLITS = ("train", "val")
 
 
@@ -122,7 +115,7 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
     """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
     from raysegment.dataset import load_volumes
     from raysegment.metrics import score_records
-    from raysegment.predict import Predictor
+    from raysegment.predict import Predictor, predict_volumes
 
     predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),
                                tracking_uri)
@@ -144,7 +137,7 @@ def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str 
     """learning_curves.png over ``models`` (name → checkpoint/weights) and, per model, an overlay of
     one val patient's ED and ES volumes (prediction solid, ground truth dashed)."""
     from raysegment.dataset import load_volumes
-    from raysegment.predict import Predictor
+    from raysegment.predict import Predictor, predict_volumes
 
     written = []
     histories = {name: h for name, ref in models.items() if (h := model_history(ref))}
@@ -230,7 +223,8 @@ CLINICAL_INDICES = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_
 
 def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None = None) -> list[dict]:
     """One record per patient with ED and ES: its group and, per clinical index, ``pred_…`` from
-    ``masks[(patient, phase)]`` (``basal_rv``: the ES basal RV check applied first) and ``ref_…`` from
+    ``masks[(patient, phase)]`` (``basal_rv``: the basal ES check applied first; what it did is in the
+    record) and ``ref_…`` from
     the reference labels (``patients``: the manifest's metadata: height, weight)."""
     from raysegment.clinical import patient_indices
     from raysegment.diagnosis import predicted_indices
@@ -239,10 +233,10 @@ def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None
     if unspaced is not None:
         raise ValueError(f"{unspaced.patient}: no spacing in the shards; re-run raysegment.prepare (info.csv / NIfTI headers)")
     records = []
-    for ed, es, pred, cleared in predicted_indices(volumes, masks, patients, basal_rv):
+    for ed, es, pred, basal in predicted_indices(volumes, masks, patients, basal_rv):
         meta = patients.get(ed.patient, {})
         ref = patient_indices(ed.label, es.label, ed.spacing, meta.get("height_cm"), meta.get("weight_kg"))
-        records.append({"patient": ed.patient, "group": ed.group, "rv_es_basal_slices_cleared": " ".join(map(str, cleared)),
+        records.append({"patient": ed.patient, "group": ed.group, **basal,
                         **{f"pred_{k}": x for k, x in pred.items()},
                         **{f"ref_{k}": x for k, x in ref.items()}})
     return records
@@ -296,11 +290,6 @@ def bland_altman(records: list[dict], out: Path, indices=CLINICAL_INDICES) -> Pa
     return out
 
 
-def predicted_masks(predictor, volumes) -> dict:
-    """(patient, phase) → predicted labels of shard volumes."""
-    return {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.report")
@@ -322,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--masks", type=Path, help="a `raysegment.diagnosis crossval-masks` folder instead of a model")
     cl.add_argument("--data", required=True, help="shards with spacing (prepare reads info.csv / NIfTI headers)")
     cl.add_argument("--basal-check", default="none",
-                    help="apply the ES basal RV check of a diagnosis model ('shipped', a JSON file) or 'none'")
+                    help="apply the basal ES check of a diagnosis model ('shipped', a JSON file, models:/…) or 'none'")
+    cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
     cl.add_argument("--splits", nargs="+", default=["val"])
     cl.add_argument("--mlflow-uri", default=None)
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
@@ -347,16 +337,16 @@ def _clinical_command(a) -> int:
         masks = load_crossval_masks(a.masks, volumes)
         source = f"cross-validated masks in {a.masks}"
     else:
-        from raysegment.predict import Predictor
+        from raysegment.predict import Predictor, predicted_masks
 
-        masks = predicted_masks(Predictor.load(a.model, PredictConfig(), a.mlflow_uri), volumes)
-        source = " + ".join(a.model)
+        masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes)
+        source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
     basal = None
     if a.basal_check != "none":
         from raysegment.diagnosis import load
 
         basal = load(a.basal_check, a.mlflow_uri).basal_rv
-        source += f", basal ES RV check of {a.basal_check}"
+        source += f", basal ES check of {a.basal_check}"
     try:
         records = clinical_records(volumes, masks, manifest.get("patients", {}), basal)
     except ValueError as exc:

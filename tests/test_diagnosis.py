@@ -4,6 +4,7 @@ scikit-learn's own soft vote), the basal ES RV check, and the shipped model."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,141 @@ def test_basal_check_finds_the_base_at_either_end_of_the_stack():
     flipped, cleared_flipped = basal_rv_check(ed[::-1], es[::-1], always)
     assert cleared == [0, 1] and cleared_flipped == [3, 4]
     np.testing.assert_array_equal(flipped[::-1], out)
+
+
+# --------------------------------------------------------------------------- the basal ES check (basal-es/2)
+
+def _constant_check(intercept_rv: float, intercept_heart: float) -> dict:
+    """A basal-es/2 check whose probabilities do not depend on the slice: sigmoid(intercept)."""
+    from raysegment.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
+
+    n = len(SLICE_FEATURES)
+    model = lambda b: {"mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * n, "intercept": b}  # noqa: E731
+    return {"format": BASAL_ES_FORMAT, "rv": model(intercept_rv), "heart": model(intercept_heart)}
+
+
+def test_basal_excess_is_the_expected_volume_of_the_walk():
+    from raysegment.clinical import BASAL_ES_SLICES, basal_es_excess
+
+    _, ed = synthetic_volume(1, shape=(6, 40, 48))
+    _, es = synthetic_volume(2, shape=(6, 40, 48), lv_radius=5.0)
+    spacing = (5.0, 1.5, 1.25)
+    voxel_ml = 5.0 * 1.5 * 1.25 / 1000
+    area = lambda lab: [(es[k] == lab).sum() * voxel_ml for k in range(BASAL_ES_SLICES)]  # noqa: E731
+    # q = 1/2 on every slice: slice k counts with probability (1/2)^(k+1) (left out, and every slice above too).
+    half = basal_es_excess(ed, es, spacing, _constant_check(0.0, 0.0))
+    for name, lab in (("rv", 1), ("lv", 3), ("myo", 2)):
+        assert half[name] == pytest.approx(sum(a / 2 ** (k + 1) for k, a in enumerate(area(lab))), rel=1e-9)
+    assert half["p_no_rv"] == {0: 0.5, 1: 0.5, 2: 0.5} == half["p_no_heart"]
+    sure = basal_es_excess(ed, es, spacing, _constant_check(40.0, -40.0))  # every basal RV out, every LV kept
+    assert sure["rv"] == pytest.approx(sum(area(1))) and sure["lv"] == pytest.approx(0.0, abs=1e-12)
+    assert (es == synthetic_volume(2, shape=(6, 40, 48), lv_radius=5.0)[1]).all()  # the input is left untouched
+    # A slice 0 without RV is passed over: the walk starts at slice 1 with nothing discounted yet.
+    no_top = es.copy()
+    no_top[0][no_top[0] == 1] = 0
+    skipped = basal_es_excess(ed, no_top, spacing, _constant_check(0.0, 0.0))
+    assert sorted(skipped["p_no_rv"]) == [1, 2]
+    assert skipped["rv"] == pytest.approx(area(1)[1] / 2 + area(1)[2] / 4, rel=1e-9)
+    # A stack that runs from the apex is walked from its end: the same excess, slices named as given.
+    flipped = basal_es_excess(ed[::-1], es[::-1], spacing, _constant_check(0.0, 0.0))
+    assert flipped["rv"] == pytest.approx(half["rv"]) and sorted(flipped["p_no_rv"]) == [3, 4, 5]
+
+
+def test_checked_indices_take_the_excess_off_the_es_volumes_and_read_old_checks():
+    from raysegment.clinical import basal_rv_check, checked_indices, patient_indices
+
+    _, ed = synthetic_volume(1, shape=(5, 40, 48))
+    _, es = synthetic_volume(2, shape=(5, 40, 48), lv_radius=5.0)
+    spacing = (10.0, 1.5, 1.25)
+    plain = patient_indices(ed, es, spacing)
+    assert checked_indices(ed, es, spacing) == (plain, {})
+    ind, info = checked_indices(ed, es, spacing, check=_constant_check(0.0, 0.0))
+    assert ind["rv_esv_ml"] == pytest.approx(plain["rv_esv_ml"] - info["rv_es_basal_excess_ml"], abs=1e-3)
+    assert ind["lv_esv_ml"] == pytest.approx(plain["lv_esv_ml"] - info["lv_es_basal_excess_ml"], abs=1e-3)
+    assert info["rv_es_basal_excess_ml"] > 0 and ind["rv_ef_pct"] > plain["rv_ef_pct"]
+    assert ind["lv_edv_ml"] == plain["lv_edv_ml"] and ind["lv_mass_g"] == plain["lv_mass_g"]  # ED untouched
+    assert info["p_no_rv"] == "0:0.5,1:0.5,2:0.5"
+    # A check of the first format (a diagnosis model from before) clears the slices it rejects, as it did.
+    old = {"mean": [0.0] * 6, "scale": [1.0] * 6, "coef": [0.0] * 6, "intercept": 10.0, "threshold": 0.5}
+    ind_old, info_old = checked_indices(ed, es, spacing, check=old)
+    cleared_es, cleared = basal_rv_check(ed, es, old)
+    assert ind_old == patient_indices(ed, cleared_es, spacing)
+    assert info_old["rv_es_basal_slices_cleared"] == "0,1" and cleared == [0, 1]
+    assert info_old["rv_es_basal_excess_ml"] == pytest.approx(plain["rv_esv_ml"] - ind_old["rv_esv_ml"], abs=1e-3)
+
+
+def _basal_patients(n=16, seed=0):
+    """ED/ES volumes whose "masks" draw RV on ES slice 0; in the reference half the patients have
+    none there, and in those the masks' basal RV is small against ED (as an atrium cut would be)."""
+    rng = np.random.default_rng(seed)
+    volumes, masks = [], {}
+    for p in range(n):
+        name = f"patient{p:03d}"
+        _, ed = synthetic_volume(100 + p, shape=(5, 40, 48))
+        _, es = synthetic_volume(200 + p, shape=(5, 40, 48), lv_radius=5.0)
+        ref_es, mask_es = es.copy(), es.copy()
+        if p % 2:  # the reference stops the RV below slice 0; the mask keeps a shrunken blob there
+            ref_es[0][ref_es[0] == 1] = 0
+            blob = mask_es[0] == 1
+            mask_es[0][blob & (rng.random(blob.shape) < 0.6)] = 0
+        volumes += [Volume(name, "ED", ed.astype(np.float32), ed, (10.0, 1.5, 1.5), "NOR", source="synthetic"),
+                    Volume(name, "ES", es.astype(np.float32), ref_es, (10.0, 1.5, 1.5), "NOR", source="synthetic")]
+        masks[(name, "ED")], masks[(name, "ES")] = ed, mask_es
+    return volumes, masks
+
+
+def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out():
+    from raysegment.clinical import SLICE_FEATURES, basal_es_excess
+
+    volumes, masks = _basal_patients()
+    patients = {v.patient for v in volumes}
+    rows = diagnosis.basal_slice_rows(volumes, [masks], patients)
+    x, y, who = rows["rv"]
+    assert x.shape[1] == len(SLICE_FEATURES)
+    assert y.sum() == 8 and set(who) == patients  # slice 0 of each odd patient is left out in the reference
+    check = diagnosis.fit_basal_check(volumes, [masks], patients)
+    assert check["format"] == "basal-es/2" and check["patients"] == 16 and check["rv"]["left_out_in_reference"] == 8
+    assert "heart" not in check  # the reference always has the LV where the masks do: nothing to learn
+    assert rows["heart"][1].sum() == 0 and len(rows["heart"][1]) > 0
+    for v in volumes:
+        if v.phase == "ES":
+            q = basal_es_excess(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.spacing, check)["p_no_rv"][0]
+            assert (q > 0.5) == (not (v.label[0] == 1).any()), v.patient
+    # Scored against the reference, the fitted check (cross-validated over patients) beats no check.
+    records, full = diagnosis.basal_check_agreement(volumes, {"toy": masks}, {"none": None}, patients, set(), folds=4)
+    by = {(r["check"], r["split"]): r for r in records}
+    assert by[("fitted here", "train")]["n"] == by[("none", "train")]["n"] == 16
+    assert by[("fitted here", "train")]["rv_esv_ml_mae"] < 0.5 * by[("none", "train")]["rv_esv_ml_mae"]
+    assert full["rv"]["slices"] == len(y)
+    # The oracle row clears exactly the slices the reference leaves out: here that is all the error.
+    assert by[("oracle (the reference's basal slices)", "train")]["rv_esv_ml_mae"] == pytest.approx(0.0, abs=1e-9)
+    where = diagnosis.excess_by_slice(volumes, masks, patients)
+    assert where["rv"][0] > 0 and where["rv"][1:] == [0.0] * 4 and where["lv"] == [0.0] * 5
+
+
+def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(sample_shards, tmp_path, capsys):
+    out = tmp_path / "diagnosis.json"
+    assert diagnosis.main(["basal", "--data", str(sample_shards), "--model", "shipped:mobilenet_v2",
+                           "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    new, shipped = diagnosis.load(out), diagnosis.load("shipped")
+    assert new.basal_rv["format"] == "basal-es/2" and new.basal_rv["segmenters"] == ["shipped:mobilenet_v2"]
+    assert new.basal_rv["patients"] == 4  # the sample's train split only: its val patients stay unseen
+    assert (new.coef, new.trees, new.meta) == (shipped.coef, shipped.trees, shipped.meta)  # the classifier as it was
+    table = out.with_suffix(".basal.md").read_text()
+    for check in ("none", "shipped's", "fitted here", "oracle (the reference's basal slices)"):
+        for split, n in (("train", 4), ("val", 2)):
+            assert f"| shipped:mobilenet_v2 | {check} | {split} | {n} |" in table
+    assert table.split("\n", 2)[2].split("\n\n")[0] in printed and "| shipped:mobilenet_v2 | rv | " in table
+    # Shards without spacing (no info.csv beside the source): one error line, exit 2, nothing written.
+    import shutil
+
+    from raysegment.prepare import PrepareConfig, prepare
+
+    src = tmp_path / "nospacing"
+    shutil.copytree(Path(diagnosis.__file__).parent / "sample", src)
+    (src / "info.csv").unlink()
+    prepare(PrepareConfig(source=src, out=tmp_path / "shards", progress=False))
+    assert diagnosis.main(["basal", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+                           "--out", str(tmp_path / "never.json")]) == 2
+    assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()

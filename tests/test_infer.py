@@ -309,7 +309,7 @@ def _patient_rows(pdir: Path) -> list[dict]:
 
 
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):
-    from raysegment.clinical import basal_rv_check, patient_indices
+    from raysegment.clinical import checked_indices
     from raysegment.diagnosis import GROUPS, features, load
     from raysegment.infer import add_patient_clinical
     from raysegment.studies import read_study
@@ -320,11 +320,12 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     add_patient_clinical(rows, model)
     ed, es = (rows[0], rows[1])
     masks = [read_study(Path(r["mask"]))[1][0].astype(np.uint8) for r in rows]
-    es_checked, cleared = basal_rv_check(masks[0], masks[1], model.basal_rv)
-    ind = patient_indices(masks[0], es_checked, (10.0, 1.5, 1.25), 180.0, 80.0)
+    ind, basal = checked_indices(masks[0], masks[1], (10.0, 1.5, 1.25), 180.0, 80.0, model.basal_rv)
     assert ed["lv_ef_pct"] == es["lv_ef_pct"] == pytest.approx(ind["lv_ef_pct"], abs=1e-3)
+    assert (ed["ef_lv_pct"], ed["ef_rv_pct"]) == (es["ef_lv_pct"], es["ef_rv_pct"]) == (ed["lv_ef_pct"], ed["rv_ef_pct"])
+    assert ed["rv_esv_ml"] == pytest.approx(ind["rv_esv_ml"], abs=1e-3)
     assert ed["bsa_m2"] == pytest.approx(2.0, abs=1e-3)  # Info.cfg: 180 cm, 80 kg
-    assert ed["rv_es_basal_slices_cleared"] == ",".join(map(str, cleared))
+    assert basal and all(ed[k] == v for k, v in basal.items())  # what the basal ES check did, on the rows
     probs = [ed[f"p_{g}"] for g in GROUPS]
     assert sum(probs) == pytest.approx(1.0, abs=1e-3)
     assert ed["diagnosis"] == GROUPS[int(np.argmax(model.predict_proba(features(ind))[0]))]
@@ -339,7 +340,7 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     # Without a diagnosis model: indices, no diagnosis; a lone ED frame gets nothing.
     plain = _patient_rows(pdir)
     add_patient_clinical(plain, None)
-    assert "diagnosis" not in plain[0] and plain[0]["lv_edv_ml"] > 0 and plain[0]["rv_es_basal_slices_cleared"] == ""
+    assert "diagnosis" not in plain[0] and plain[0]["lv_edv_ml"] > 0 and "rv_es_basal_excess_ml" not in plain[0]
     lone = _patient_rows(pdir)[:1]
     add_patient_clinical(lone, model)
     assert "lv_ef_pct" not in lone[0]

@@ -248,7 +248,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     from raysegment.infer import segment_study
     from raysegment.prepare import PrepareConfig, prepare
     from raysegment.registry import _signature
-    from raysegment.report import predict_volumes
+    from raysegment.predict import predict_volumes
 
     # Pixels of 2 mm: every path passes the spacing on (RV contact 4 px; 5 px without spacing).
     make_nifti_patient(tmp_path / "src", 1, ed=1, es=5, nframes=6, spacing=(10.0, 2.0, 2.0), shape=(4, 40, 48))
