@@ -235,7 +235,7 @@ def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -
 # ``SLICE_FEATURES`` of each basal ES slice that has the structure: "rv" — the reference draws no RV
 # there; "heart" — it draws no LV cavity there (the slice lies above the ventricles at end-systole).
 BASAL_ES_FORMAT = "basal-es/2"
-BASAL_ES_SLICES = 3  # 5-mm stacks lose up to three slices of RV between ED and ES (ACDC train split)
+BASAL_ES_SLICES = 3  # 5-mm stacks lose up to three slices of RV between ED and ES (the 80 ACDC patients here)
 SLICE_FEATURES = BASAL_FEATURES + ("slice_mm", "depth_mm", "lv_over_next_slice", "myo_es_over_ed", "myo_ring_es",
                                     "myo_ring_ed", "rv_ed_over_ed_max", "rv_over_es_max", "lv_over_es_max",
                                     "rv_ed_over_next_slice")
@@ -334,7 +334,7 @@ def checked_indices(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_
         ind = patient_indices(ed_zyx, es_zyx, spacing_zyx, height_cm, weight_kg,
                               es_excess_ml={k: excess[k] for k in ("rv", "lv", "myo")})
         info = {f"{k}_es_basal_excess_ml": round(excess[k], 3) for k in ("rv", "lv", "myo")}
-        info |= {k: ",".join(f"{z}:{q}" for z, q in sorted(excess[k].items())) for k in ("p_no_rv", "p_no_heart")}
+        info |= {k: " ".join(f"{z}:{q}" for z, q in sorted(excess[k].items())) for k in ("p_no_rv", "p_no_heart")}
         return ind, info
     es, cleared = basal_rv_check(ed_zyx, es_zyx, check)
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0

@@ -5,6 +5,7 @@ are drawn without matplotlib, in the inference actor)."""
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -359,8 +360,10 @@ def _clinical_command(a) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     png = bland_altman(records, a.out / "bland_altman.png")
     (a.out / "clinical.md").write_text(f"{head}\n\n{table}\n\n![Bland-Altman]({png.name})\n")
-    keys = list(records[0]) if records else []
-    (a.out / "clinical.csv").write_text("\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in records]) + "\n")
+    with open(a.out / "clinical.csv", "w", newline="") as f:  # csv quotes what holds a comma
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+        writer.writeheader()
+        writer.writerows(records)
     print(f"wrote {a.out / 'clinical.md'}, {png}")
     return 0
 

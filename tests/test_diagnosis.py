@@ -206,7 +206,7 @@ def test_checked_indices_take_the_excess_off_the_es_volumes_and_read_old_checks(
     assert ind["lv_esv_ml"] == pytest.approx(plain["lv_esv_ml"] - info["lv_es_basal_excess_ml"], abs=1e-3)
     assert info["rv_es_basal_excess_ml"] > 0 and ind["rv_ef_pct"] > plain["rv_ef_pct"]
     assert ind["lv_edv_ml"] == plain["lv_edv_ml"] and ind["lv_mass_g"] == plain["lv_mass_g"]  # ED untouched
-    assert info["p_no_rv"] == "0:0.5,1:0.5,2:0.5"
+    assert info["p_no_rv"] == "0:0.5 1:0.5 2:0.5"
     # A check of the first format (a diagnosis model from before) clears the slices it rejects, as it did.
     old = {"mean": [0.0] * 6, "scale": [1.0] * 6, "coef": [0.0] * 6, "intercept": 10.0, "threshold": 0.5}
     ind_old, info_old = checked_indices(ed, es, spacing, check=old)

@@ -308,6 +308,25 @@ def _patient_rows(pdir: Path) -> list[dict]:
     return rows
 
 
+def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
+    from raysegment.diagnosis import load
+    from raysegment.infer import add_patient_clinical
+
+    labels = [synthetic_volume(s, shape=(5, 40, 48), lv_radius=r)[1] for s, r in ((1, 7.0), (2, 6.0), (3, 5.0))]
+    mask = tmp_path / "series_seg.nii.gz"
+    img = nib.Nifti1Image(np.stack([np.transpose(m, (2, 1, 0)) for m in labels], axis=-1).astype(np.uint8),
+                          np.diag([1.25, 1.5, 10.0, 1.0]))
+    nib.save(img, str(mask))
+    key = "dicom:1.2.3/1.2.3.4"
+    rows = [{"study": key, "frame": f, "phase": ph, "status": "done", "mask": str(mask),
+             "spacing_mm": json.dumps([10.0, 1.5, 1.25]), "ef_lv_pct": -1.0, "ef_rv_pct": -1.0}
+            for f, ph in ((0, "ED"), (1, ""), (2, "ES"))]
+    add_patient_clinical(rows, load("shipped"))
+    assert rows[0]["lv_ef_pct"] == rows[2]["lv_ef_pct"] and "lv_ef_pct" not in rows[1]
+    for r in rows:  # the frame-volume EF of every frame's row is the patient's checked EF
+        assert (r["ef_lv_pct"], r["ef_rv_pct"]) == (rows[0]["lv_ef_pct"], rows[0]["rv_ef_pct"])
+
+
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):
     from raysegment.clinical import checked_indices
     from raysegment.diagnosis import GROUPS, features, load

@@ -1,5 +1,7 @@
 """report: evaluation tables through the Predictor, figures, refusals with one error line."""
 
+import csv
+
 import numpy as np
 import pytest
 
@@ -75,6 +77,18 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     assert (out / "bland_altman.png").read_bytes()[:4] == b"\x89PNG"
     rows = (out / "clinical.csv").read_text().splitlines()
     assert len(rows) == 4 and "pred_rv_ef_pct" in rows[0] and "ref_lv_mass_g" in rows[0]
+    # With the shipped basal ES check: its expected excess comes off the ES volumes, and the CSV holds
+    # every record's values in their own columns (the per-slice probabilities are text).
+    checked = tmp_path / "checked"
+    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
+                        "--basal-check", "shipped", "--out", str(checked)]) == 0
+    capsys.readouterr()
+    with open(checked / "clinical.csv", newline="") as f:
+        recs = list(csv.DictReader(f))
+    assert len(recs) == 3 and all(None not in r and "" not in r.values() for r in recs)
+    for r in recs:
+        excess = float(r["rv_es_basal_excess_ml"])
+        assert float(r["pred_rv_esv_ml"]) == pytest.approx(float(r["ref_rv_esv_ml"]) - excess, abs=1e-3)
     # A model's masks: segmented here, on the val split by default.
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
     assert report.main(["clinical", "--model", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "m")]) == 0
