@@ -202,6 +202,12 @@ def base_at_end(ed_zyx: np.ndarray) -> bool:
     return bool(areas[:half].sum() < areas[len(areas) - half:].sum())
 
 
+def base_first(ed_zyx: np.ndarray, *others: np.ndarray) -> tuple[bool, list[np.ndarray]]:
+    """(reversed?, [ed, *others] as views with the base at slice 0): reversed when ``base_at_end``."""
+    flip = base_at_end(ed_zyx)
+    return flip, [a[::-1] if flip else a for a in (ed_zyx, *others)]
+
+
 def basal_rv_check(ed_zyx: np.ndarray, es_zyx: np.ndarray, check: dict | None) -> tuple[np.ndarray, list[int]]:
     """The ES labels without RV on the basal slices where ``check`` (a logistic model fitted on
     training patients: ``mean, scale, coef, intercept, threshold``) says the reference draws none.
@@ -303,9 +309,7 @@ def basal_es_excess(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, check: 
     in a large RV). Returns ``rv``/``lv``/``myo`` (mL, keys as ``volumes_ml``) and, per walked slice,
     ``p_no_rv`` / ``p_no_heart`` (slice index → probability) for the results."""
     n = es_zyx.shape[0]
-    reverse = base_at_end(ed_zyx)
-    if reverse:
-        ed_zyx, es_zyx = ed_zyx[::-1], es_zyx[::-1]
+    reverse, (ed_zyx, es_zyx) = base_first(ed_zyx, es_zyx)
     voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
     out = {"rv": 0.0, "lv": 0.0, "myo": 0.0, "p_no_rv": {}, "p_no_heart": {}}
     for key, labels in BASAL_MODELS.items():

@@ -263,7 +263,7 @@ def basal_slice_rows(volumes: list[Volume], mask_sets: list[dict], patients: set
     """Training rows of the ``basal-es/2`` check: the slices of ``clinical.basal_walk`` in each mask
     set's ES volumes of ``patients``, per model ("rv", "heart"): (features (N, SLICE_FEATURES), the
     reference leaves the structure out there (N,), patients (N,))."""
-    from raysegment.clinical import BASAL_MODELS, SLICE_FEATURES, base_at_end, basal_walk
+    from raysegment.clinical import BASAL_MODELS, SLICE_FEATURES, base_first, basal_walk
 
     rows = {key: ([], [], []) for key in BASAL_MODELS}
     for v in volumes:
@@ -272,9 +272,7 @@ def basal_slice_rows(volumes: list[Volume], mask_sets: list[dict], patients: set
         for masks in mask_sets:
             if (v.patient, "ED") not in masks or (v.patient, "ES") not in masks:
                 continue
-            ed, es, ref = masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label
-            if base_at_end(ed):
-                ed, es, ref = ed[::-1], es[::-1], ref[::-1]
+            _, (ed, es, ref) = base_first(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label)
             for key, labels in BASAL_MODELS.items():
                 x, y, who = rows[key]
                 for k, features, _ in basal_walk(ed, es, labels, v.spacing[0]):
@@ -325,6 +323,9 @@ def predicted_indices(volumes: list[Volume], masks: dict, patients: dict, basal_
         yield phases["ED"], phases["ES"], ind, info
 
 
+ORACLE = "oracle (the reference's basal slices)"
+
+
 def basal_check_agreement(volumes: list[Volume], mask_sets: dict[str, dict], checks: dict[str, dict | None],
                           train: set[str], val: set[str], folds: int = 5, seed: int = 0) -> tuple[list[dict], dict | None]:
     """How basal ES checks do, per mask set (name → masks of one segmenter): RV and LV EF (%) and
@@ -343,12 +344,12 @@ def basal_check_agreement(volumes: list[Volume], mask_sets: dict[str, dict], che
     plans = {name: {"train": [(set(train), c)], "val": [(set(val), c)]} for name, c in checks.items()}
     plans["fitted here"] = {"train": [(g, fit_basal_check(volumes, list(mask_sets.values()), set(train) - g, seed)) for g in groups],
                             "val": [(set(val), full)]}
+    # The most any basal check could give: the basal slices the reference leaves out, cleared.
+    plans[ORACLE] = {"train": [(set(train), None)], "val": [(set(val), None)]}
     records = []
     for set_name, masks in mask_sets.items():
-        # The most any basal check could give: the basal slices the reference leaves out, cleared.
-        oracle = {**plans, "oracle (the reference's basal slices)": {"train": [(set(train), None)], "val": [(set(val), None)]}}
-        for check_name, plan in oracle.items():
-            scored = reference_basal_masks(volumes, masks) if check_name.startswith("oracle") else masks
+        for check_name, plan in plans.items():
+            scored = reference_basal_masks(volumes, masks) if check_name == ORACLE else masks
             for split, parts in plan.items():
                 got = [(ed.patient, ind) for patients, check in parts
                        for ed, _, ind, _ in predicted_indices([v for v in volumes if v.patient in patients], scored, {}, check)]
@@ -361,20 +362,19 @@ def basal_check_agreement(volumes: list[Volume], mask_sets: dict[str, dict], che
 def reference_basal_masks(volumes: list[Volume], masks: dict) -> dict:
     """``masks`` with the RV (LV cavity and myocardium) cleared on the basal ES slices
     (``clinical.BASAL_ES_SLICES``) where the reference has none: what a perfect basal check does."""
-    from raysegment.clinical import BASAL_ES_SLICES, BASAL_MODELS, base_at_end
+    from raysegment.clinical import BASAL_ES_SLICES, BASAL_MODELS, base_first
 
     out = dict(masks)
     for v in volumes:
         key = (v.patient, "ES")
         if v.phase != "ES" or key not in masks or (v.patient, "ED") not in masks:
             continue
-        es, ref = masks[key].copy(), v.label
-        order = range(es.shape[0] - 1, -1, -1) if base_at_end(masks[(v.patient, "ED")]) else range(es.shape[0])
-        for k in list(order)[:BASAL_ES_SLICES]:
+        out[key] = masks[key].copy()
+        _, (_, es, ref) = base_first(masks[(v.patient, "ED")], out[key], v.label)  # views: es writes into out[key]
+        for k in range(min(BASAL_ES_SLICES, es.shape[0])):
             for labels in BASAL_MODELS.values():
                 if not (ref[k] == labels[0]).any():
                     es[k][np.isin(es[k], labels)] = 0
-        out[key] = es
     return out
 
 
@@ -382,16 +382,14 @@ def excess_by_slice(volumes: list[Volume], masks: dict, patients: set[str], posi
     """Mean predicted − reference volume (mL) per ES slice position from the base (0 … ``positions``
     − 1, then every slice below together) of RV, MYO and LV, over ``patients``: where the ES excess lies."""
     from raysegment import CLASS_NAMES
-    from raysegment.clinical import base_at_end
+    from raysegment.clinical import base_first
 
     sums = {name: np.zeros(positions + 1) for name in CLASS_NAMES.values()}
     counts = np.zeros(positions + 1)
     for v in volumes:
         if v.phase != "ES" or v.patient not in patients or (v.patient, "ES") not in masks or v.spacing is None:
             continue
-        es, ref = masks[(v.patient, "ES")], v.label
-        if base_at_end(masks[(v.patient, "ED")]):
-            es, ref = es[::-1], ref[::-1]
+        _, (_, es, ref) = base_first(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label)
         voxel_ml = float(np.prod(v.spacing)) / 1000.0
         for k in range(es.shape[0]):
             pos = min(k, positions)
