@@ -320,3 +320,24 @@ def test_official_layout_records_info_cfg_metadata(tmp_path):
     meta = manifest["patients"]["patient001"]
     assert (meta["height_cm"], meta["weight_kg"], meta["ed_frame"], meta["es_frame"], meta["nb_frames"]) == (180.0, 80.0, 1, 7, 10)
     assert meta["spacing_mm"]["ED"] == [10.0, 1.5, 1.25]
+
+
+def test_shards_load_back_as_the_volumes_they_were_made_from(tmp_path):
+    from raysegment.dataset import load_volumes
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(5, 40, 48))
+    _write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 5, 1.5, 10.0) for p in (1, 2, 3)})
+    out = tmp_path / "shards"
+    prepare(PrepareConfig(source=src, out=out, progress=False))
+    train = load_volumes(out, "train")
+    assert [(v.patient, v.phase) for v in train] == [(f"patient00{p}", ph) for p in (1, 2) for ph in ("ED", "ES")]
+    for v in train:
+        read = read_h5_volume(src / "volumes" / f"{v.patient}_frame0{1 if v.phase == 'ED' else 2}.h5")
+        np.testing.assert_array_equal(v.label, read.label)
+        np.testing.assert_allclose(v.image, normalize_intensity(read.image), atol=1e-6)
+        assert v.image.dtype == np.float32 and v.label.dtype == np.uint8
+        assert v.spacing == (10.0, 1.5, 1.5) and v.group == "NOR"
+    only = load_volumes(out, "train", ["patient002"])
+    assert [(v.patient, v.phase) for v in only] == [("patient002", "ED"), ("patient002", "ES")]
+    np.testing.assert_array_equal(only[1].image, train[3].image)
+    assert load_volumes(out, "train", []) == []
