@@ -49,8 +49,9 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
     n = config.batch_size * (steps + warmup)
     table = pq.read_table(os.path.join(config.data, "train"))
     table = table.take([i % table.num_rows for i in range(n)])  # as many batches as asked, on any data
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False) for c in train_columns(config.model.context_slices)}
-    data = resize_batch(cols, config.image_size, config.model.context_slices)
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in train_columns(config.model.context_slices, config.pixel_mm)}
+    data = resize_batch(cols, config.image_size, config.model.context_slices, config.pixel_mm)
     images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
     torch.manual_seed(config.seed)
     dev = torch.device(device)

@@ -86,6 +86,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     image_size: int = 256  # pixels, the square grid every slice is resampled to (256 beat 224, README)
+    # In-plane pixel size (mm) of the network grid. None: every slice is stretched to
+    # image_size² whatever its field of view (older models). Set: slices are resampled to this
+    # spacing, keeping the heart's true shape and size, then centre-padded/cropped to image_size²
+    # for training; prediction runs on the whole resampled slice.
+    pixel_mm: float | None = None
     crop_size: int = 128  # pixels, the training crop (heart-centred with foreground_prob)
     # Per-volume intensity normalisation the model was trained with: clip to these percentiles
     # and map them to 0/1 (prepare writes the shards so; the Predictor applies it to new images).

@@ -23,9 +23,10 @@ from raysegment.prepare import Volume
 TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
 
 
-def train_columns(context_slices: int) -> list[str]:
-    """The shard columns ``resize_batch`` needs (``neighbours`` only for 2.5-D input)."""
-    return TRAIN_COLUMNS + (["neighbours"] if context_slices else [])
+def train_columns(context_slices: int, pixel_mm: float | None = None) -> list[str]:
+    """The shard columns ``resize_batch`` needs (``neighbours`` only for 2.5-D input, ``spacing``
+    only for a mm grid)."""
+    return TRAIN_COLUMNS + (["neighbours"] if context_slices else []) + (["spacing"] if pixel_mm else [])
 
 
 # --------------------------------------------------------------------------- resampling
@@ -43,19 +44,62 @@ def resize_slice(image: np.ndarray, label: np.ndarray | None, size: int) -> tupl
     return img, lab
 
 
-def resize_batch(batch: dict, image_size: int, context_slices: int = 0) -> dict:
+def mm_shape(hw: tuple[int, int], spacing_yx, pixel_mm: float) -> tuple[int, int]:
+    """Pixels (y, x) of an (h, w) slice resampled to ``pixel_mm``; unknown spacing keeps the pixels."""
+    if spacing_yx is None:
+        return int(hw[0]), int(hw[1])
+    return (max(1, int(round(hw[0] * float(spacing_yx[0]) / pixel_mm))),
+            max(1, int(round(hw[1] * float(spacing_yx[1]) / pixel_mm))))
+
+
+def pad_or_crop(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Centre-pad (zeros) or centre-crop the last two axes of ``t`` to ``size``²."""
+    out = t
+    for axis in (-2, -1):
+        n = out.shape[axis]
+        if n > size:
+            out = out.narrow(axis, (n - size) // 2, size)
+        elif n < size:
+            before = (size - n) // 2
+            pad = [0, 0, 0, 0]
+            pad[0 if axis == -1 else 2], pad[1 if axis == -1 else 3] = before, size - n - before
+            out = F.pad(out, pad)
+    return out
+
+
+def grid_slice(image: np.ndarray, label: np.ndarray | None, size: int, spacing_zyx=None,
+               pixel_mm: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One slice onto the training grid: stretched to ``size``² (``pixel_mm`` None), or resampled to
+    ``pixel_mm`` mm pixels and centre-padded/cropped to ``size``²."""
+    if pixel_mm is None:
+        return resize_slice(image, label, size)
+    shape = mm_shape(image.shape[-2:], None if spacing_zyx is None else spacing_zyx[1:], pixel_mm)
+    img = torch.from_numpy(np.array(image, np.float32))
+    img = F.interpolate(img.reshape(1, -1, *img.shape[-2:]), size=shape, mode="bilinear", align_corners=False)
+    img = pad_or_crop(img, size)
+    img = img[0, 0] if image.ndim == 2 else img[0]
+    if label is None:
+        return img, None
+    lab = torch.from_numpy(np.array(label, np.uint8))[None, None].float()
+    lab = pad_or_crop(F.interpolate(lab, size=shape, mode="nearest-exact"), size)[0, 0].to(torch.uint8)
+    return img, lab
+
+
+def resize_batch(batch: dict, image_size: int, context_slices: int = 0, pixel_mm: float | None = None) -> dict:
     """Ray Data ``map_batches`` function: flattened variable-size slices → fixed grid arrays.
 
     Images come out (N, S, S), or (N, 3, S, S) = slices k-1, k, k+1 with ``context_slices=1``.
     """
     images, labels = [], []
     neighbours = batch["neighbours"] if context_slices else [None] * len(batch["image"])
-    for img, nb, lab, h, w in zip(batch["image"], neighbours, batch["label"], batch["height"], batch["width"]):
+    spacings = batch["spacing"] if pixel_mm else [None] * len(batch["image"])
+    for img, nb, lab, h, w, sp in zip(batch["image"], neighbours, batch["label"], batch["height"], batch["width"],
+                                      spacings):
         img = np.asarray(img, np.float32).reshape(h, w)
         if context_slices:
             below, above = np.asarray(nb, np.float32).reshape(2, h, w)
             img = np.stack([below, img, above])
-        i, l = resize_slice(img, np.asarray(lab, np.uint8).reshape(h, w), image_size)
+        i, l = grid_slice(img, np.asarray(lab, np.uint8).reshape(h, w), image_size, sp, pixel_mm)
         images.append(i.numpy())
         labels.append(l.numpy())
     return {
@@ -67,8 +111,8 @@ def resize_batch(batch: dict, image_size: int, context_slices: int = 0) -> dict:
     }
 
 
-def read_split(shards: str | Path, split: str, image_size: int, context_slices: int = 0):
-    """Ray Dataset of one split, resampled to ``image_size``² (pixels), with 2.5-D context if asked."""
+def read_split(shards: str | Path, split: str, image_size: int, context_slices: int = 0, pixel_mm: float | None = None):
+    """Ray Dataset of one split on the training grid (``grid_slice``), with 2.5-D context if asked."""
     import ray.data
 
     path = Path(shards) / split
@@ -79,8 +123,14 @@ def read_split(shards: str | Path, split: str, image_size: int, context_slices: 
         if first is None or "neighbours" not in pq.read_schema(first).names:
             raise ValueError(f"{path}: shards have no 'neighbours' column (written by an older raysegment.prepare); "
                              f"re-run raysegment.prepare to train with context_slices={context_slices}")
-    ds = ray.data.read_parquet(str(path)).select_columns(train_columns(context_slices))
-    ds = ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size, "context_slices": context_slices},
+    if pixel_mm:
+        first = next(iter(sorted(path.glob("*.parquet"))), None)
+        if first is None or "spacing" not in pq.read_schema(first).names:
+            raise ValueError(f"{path}: shards have no 'spacing' column (written by an older raysegment.prepare); "
+                             f"re-run raysegment.prepare to train with pixel_mm={pixel_mm}")
+    ds = ray.data.read_parquet(str(path)).select_columns(train_columns(context_slices, pixel_mm))
+    ds = ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size, "context_slices": context_slices,
+                                                 "pixel_mm": pixel_mm},
                         batch_size=8, batch_format="numpy")
     # Blocks of 8 slices (map_batches alone merges its output into a few blocks of hundreds):
     # streaming_split hands out whole blocks, so they set the balance between workers, and a

@@ -260,32 +260,52 @@ class Predictor:
             inputs.append(with_context(x, m.model.context_slices).to(self.device, non_blocking=True))
         return inputs
 
-    def _logits(self, member: LoadedModel, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-        """Logits (N, C, y, x) float32 on the image grid: network grid in, mean over TTA, resized back."""
-        size = member.config.image_size
-        xb = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    def _logits(self, member: LoadedModel, x: torch.Tensor, out_hw: tuple[int, int],
+                spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """Logits (N, C, y, x) float32 on the image grid: network grid in, mean over TTA, resized back.
+
+        The network grid is ``image_size``² for older models; for a ``pixel_mm`` model the slice
+        resampled to that pixel size (mm), zero-padded to a multiple of 32 pixels and cropped back after.
+        """
+        pixel_mm = member.config.pixel_mm
+        if pixel_mm:
+            from raysegment.dataset import mm_shape
+
+            shape = mm_shape(out_hw, None if spacing is None else spacing[1:], pixel_mm)
+            padded = [-(-n // 32) * 32 for n in shape]
+            pads = [(p - n) // 2 for p, n in zip(padded, shape)]
+            xb = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+            xb = F.pad(xb, (pads[1], padded[1] - shape[1] - pads[1], pads[0], padded[0] - shape[0] - pads[0]))
+        else:
+            size = member.config.image_size
+            xb = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         t0 = time.perf_counter()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = member.model(xb).float()
             if self.config.flip_tta:
                 logits = (logits + member.model(xb.flip(-1)).float().flip(-1)) / 2
         self.forward_seconds += time.perf_counter() - t0
+        if pixel_mm:
+            logits = logits[:, :, pads[0] : pads[0] + shape[0], pads[1] : pads[1] + shape[1]]
         return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
 
     @torch.no_grad()
-    def _batches(self, image: np.ndarray, normalized: bool):
+    def _batches(self, image: np.ndarray, normalized: bool, spacing: Sequence[float] | None = None):
         """Yield (slice range, per-member logits on the image grid) batch by batch."""
         inputs = self._inputs(image, normalized)
         z, h, w = image.shape
         bs = self.config.batch_size
         for a in range(0, z, bs):
-            yield slice(a, a + bs), [self._logits(m, x[a : a + bs], (h, w)) for m, x in zip(self.members, inputs)]
+            yield slice(a, a + bs), [self._logits(m, x[a : a + bs], (h, w), spacing)
+                                     for m, x in zip(self.members, inputs)]
 
-    def probabilities(self, image: np.ndarray, *, normalized: bool = False) -> np.ndarray:
-        """Softmax (C, z, y, x) float32, averaged over the members (and over TTA inside each)."""
+    def probabilities(self, image: np.ndarray, *, spacing: Sequence[float] | None = None,
+                      normalized: bool = False) -> np.ndarray:
+        """Softmax (C, z, y, x) float32, averaged over the members (and over TTA inside each);
+        ``spacing`` (z, y, x mm) places the slices on a ``pixel_mm`` model's grid."""
         z, h, w = image.shape
         out = np.empty((self.num_classes, z, h, w), np.float32)
-        for sl, member_logits in self._batches(image, normalized):
+        for sl, member_logits in self._batches(image, normalized, spacing):
             probs = torch.stack([lg.softmax(1) for lg in member_logits]).mean(0)
             out[:, sl] = probs.permute(1, 0, 2, 3).cpu().numpy()
         return out
@@ -293,11 +313,12 @@ class Predictor:
     def predict(self, image: np.ndarray, *, spacing: Sequence[float] | None = None, normalized: bool = False) -> np.ndarray:
         """Labels uint8 (z, y, x) of a (z, y, x) volume (any intensity scale unless ``normalized``).
 
-        ``spacing`` (z, y, x mm) sets the RV contact distance in mm; without it, in pixels.
+        ``spacing`` (z, y, x mm) sets the RV contact distance in mm (without it, in pixels) and a
+        ``pixel_mm`` model's grid (without it, the image's pixels are taken as that size).
         One model: argmax of its logits. An ensemble: argmax of the members' mean softmax.
         """
         out = np.empty(image.shape, np.uint8)
-        for sl, member_logits in self._batches(image, normalized):
+        for sl, member_logits in self._batches(image, normalized, spacing):
             if len(member_logits) == 1:
                 scores = member_logits[0]
             else:

@@ -307,14 +307,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def slice_tensors(volumes, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slice of ``volumes`` on the training grid: images (N, S, S) or (N, 3, S, S) with
     context, labels (N, S, S) uint8 — what the Ray pipeline's ``resize_batch`` makes, in memory."""
-    from raysegment.dataset import resize_slice
+    from raysegment.dataset import grid_slice
 
     images, labels = [], []
     for v in volumes:
         padded = np.pad(v.image, ((1, 1), (0, 0), (0, 0)))
         for k in range(v.image.shape[0]):
             img = padded[k : k + 3] if config.model.context_slices else v.image[k]
-            i, lab = resize_slice(img, v.label[k], config.image_size)
+            i, lab = grid_slice(img, v.label[k], config.image_size, v.spacing, config.pixel_mm)
             images.append(i)
             labels.append(lab)
     return torch.stack(images), torch.stack(labels)
@@ -457,7 +457,7 @@ def needs_equal_shards(config: TrainConfig, spec: RunSpec) -> bool:
 def _train_dataset(config: TrainConfig, spec: RunSpec):
     import ray.data
 
-    ds = read_split(config.data, "train", config.image_size, config.model.context_slices)
+    ds = read_split(config.data, "train", config.image_size, config.model.context_slices, config.pixel_mm)
     # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
     # with the training step for the same cores every epoch (measured with raysegment.bench).
     if spec.cache_data:
@@ -553,6 +553,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop-size", type=int, default=_td("crop_size"), help="training crop, pixels")
     p.add_argument("--flip-prob", type=float, default=default_of(AugmentConfig, "flip_prob"),
                    help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
+    aug = AugmentConfig()
+    p.add_argument("--rotation-deg", type=float, default=aug.rotation_deg, help="augmentation: rotations up to ± this, degrees")
+    p.add_argument("--scale", type=float, nargs=2, default=aug.scale, metavar=("LO", "HI"),
+                   help="augmentation: zoom factor range")
+    p.add_argument("--pixel-mm", type=float, default=_td("pixel_mm"),
+                   help="network grid pixel size, mm (default: every slice stretched to --image-size²)")
     p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
     p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
@@ -562,6 +568,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="shared storage for checkpoints (local dir or URI)")
     p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
+
+
+def augment_from_args(a: argparse.Namespace) -> AugmentConfig:
+    """The augmentation options of ``add_run_arguments`` as a config."""
+    return AugmentConfig(flip_prob=a.flip_prob, rotation_deg=a.rotation_deg, scale=tuple(a.scale))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,8 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
-        augment=AugmentConfig(flip_prob=a.flip_prob),
+        augment=augment_from_args(a),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
+        pixel_mm=a.pixel_mm,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads,
         audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from raysegment import disable_telemetry, storage
 from raysegment.config import (DEFAULT_TRACKING_URI, AugmentConfig, LossConfig, ModelConfig, TrainConfig, default_of)
-from raysegment.train import RunSpec, add_run_arguments, check_args, ensure_ray, make_trainer, resolve_init_weights
+from raysegment.train import RunSpec, add_run_arguments, augment_from_args, check_args, ensure_ray, make_trainer, resolve_init_weights
 
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
 
@@ -378,11 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     init = resolve_init_weights(a.init_weights, a.backbone)
     image_size = a.image_size or default_of(TrainConfig, "image_size")
     context = a.context_slices or 0
+    pixel_mm = a.pixel_mm
     if init:
         from raysegment.weights import saved_config
 
         saved = saved_config(init)
         image_size = a.image_size or saved.image_size
+        pixel_mm = a.pixel_mm if a.pixel_mm is not None else saved.pixel_mm
         context = saved.model.context_slices if a.context_slices is None else a.context_slices
         if context < saved.model.context_slices:
             raise SystemExit(f"error: --init-weights is a 2.5-D model (context_slices {saved.model.context_slices}); "
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"--set decoder_width={fixed['decoder_width']} cannot load it")
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
-        augment=AugmentConfig(flip_prob=a.flip_prob), precision=a.precision,
+        augment=augment_from_args(a), precision=a.precision, pixel_mm=pixel_mm,
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
         max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
         threads_per_worker=a.threads,

@@ -274,3 +274,43 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     assert infer_mask.any()
     np.testing.assert_array_equal(infer_mask, report_mask)
     np.testing.assert_array_equal(infer_mask, pyfunc_mask)
+
+
+def test_mm_grid_keeps_shape_and_scale():
+    """A ``pixel_mm`` grid resamples by the true spacing: a disc of 20 mm radius on a 1.0 mm grid
+    and on a 2.0 mm grid becomes the same disc on the network grid (not stretched to fill it)."""
+    from raysegment.dataset import grid_slice, mm_shape
+
+    assert mm_shape((100, 50), (1.0, 2.0), 1.5) == (67, 67)
+    assert mm_shape((100, 50), None, 1.5) == (100, 50)
+    discs = []
+    for mm, n in ((1.0, 120), (2.0, 60)):
+        yy, xx = np.mgrid[:n, :n] * mm
+        label = ((yy - n * mm / 2) ** 2 + (xx - n * mm / 2) ** 2 < 20 ** 2).astype(np.uint8)
+        _, lab = grid_slice(label.astype(np.float32), label, 96, (10.0, mm, mm), pixel_mm=1.5)
+        assert lab.shape == (96, 96)
+        discs.append(int(lab.sum()))
+    expected = np.pi * (20 / 1.5) ** 2
+    assert all(abs(d - expected) / expected < 0.05 for d in discs), discs
+    # Stretched (no pixel_mm): the 1 mm disc covers four times the share of the 2 mm one's grid.
+    _, lab = grid_slice(np.zeros((60, 60), np.float32), np.ones((60, 60), np.uint8), 96)
+    assert lab.shape == (96, 96) and int(lab.sum()) == 96 * 96
+
+
+def test_mm_grid_predictor_uses_spacing(tiny_model):
+    """A ``pixel_mm`` model sees the slice resampled by its spacing (zero-padded to a multiple of
+    32 pixels), and the labels come back on the image's own grid; models without it are unchanged."""
+    model, config = tiny_model
+    image, _ = synthetic_volume(3, shape=(2, 40, 48))
+    seen = []
+    hook = model.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    try:
+        mm = Predictor(LoadedModel(model, replace(config, pixel_mm=1.0), "t"), FP32)
+        out = mm.predict(image, spacing=(8.0, 2.0, 2.0), normalized=True)
+        assert out.shape == image.shape and seen[-1] == (96, 96)  # 80 × 96 px at 1 mm, padded to 96 × 96
+        mm.predict(image, normalized=True)  # no spacing: the image's pixels
+        assert seen[-1] == (64, 64)
+        Predictor(LoadedModel(model, config, "t"), FP32).predict(image, spacing=(8.0, 2.0, 2.0), normalized=True)
+        assert seen[-1] == (config.image_size, config.image_size)
+    finally:
+        hook.remove()
