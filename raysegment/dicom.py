@@ -8,7 +8,12 @@ Slices are sorted by position along the normal, frames by temporal position / tr
 
 Segmentations go back as one DICOM SEG per cine frame (highdicom refuses a SEG whose source planes
 repeat a position, and every frame repeats the slice positions), each referencing that frame's
-source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT).
+source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT). A SEG's
+UID follows the content it was made from (the source instances, the model, the frame); a PACS
+ends holding exactly the SEGs of a series' latest content (``web_replace_segs``).
+
+Bad input is ``StudyError`` (failed for good, with a one-line reason); input that is valid DICOM
+but no short-axis cine is ``SeriesSkipped``.
 """
 
 from __future__ import annotations
@@ -19,11 +24,18 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.studies import StudyError
+
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"  # legacy converted: same functional groups
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 ALGORITHM = "raysegment"
+# Names that say "DICOM": such a file that is not readable DICOM gets a failed row (other files
+# without a DICOM header are not input, e.g. notes beside the series).
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in seconds, not minutes
+PACS_ATTEMPTS, PACS_BACKOFF_MS = 3, 250  # tries per request, back-off base: waits 0.5 s, 1 s
 
 
 class SeriesSkipped(Exception):
@@ -31,13 +43,16 @@ class SeriesSkipped(Exception):
 
 
 def is_dicom_file(path: Path) -> bool:
-    """True when the file carries the DICOM preamble (``DICM`` at byte 128)."""
+    """True when the file carries the DICOM preamble (``DICM`` at byte 128), or starts like a DICOM
+    data set written without it (little-endian group 0002 or 0008 tag first)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    if len(head) == 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
 
 
 @dataclass
@@ -66,15 +81,20 @@ def find_series(root: Path, exclude: Path | None = None) -> tuple[list[Series], 
         if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
             continue
         if not is_dicom_file(path):
+            if path.suffix.lower() in DICOM_SUFFIXES:
+                empty = path.stat().st_size == 0
+                bad.append((path, "unreadable DICOM (an empty file)" if empty else "unreadable DICOM (no DICOM header)"))
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True,
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
                                  specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
             uid, study, sop = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
         except Exception as exc:  # truncated, no UIDs
             bad.append((path, f"unreadable DICOM ({type(exc).__name__}: {exc})"))
             continue
         s = series.setdefault(uid, Series(uid, study))
+        if sop in s.sop_uids:  # the same instance exported twice: one copy is the series
+            continue
         s.files.append(path)
         s.sop_uids.append(sop)
     return list(series.values()), bad
@@ -93,6 +113,7 @@ class CineVolume:
     series_uid: str
     study_uid: str
     description: str
+    content: str = ""  # ``instances_digest`` of the instances read: what the SEG UIDs follow
 
 
 def _f(values) -> np.ndarray:
@@ -103,12 +124,17 @@ def read_cine(series: Series) -> CineVolume:
     """Read a series' pixels and build its cine volume; raises ``SeriesSkipped`` with the reason."""
     import pydicom
 
-    datasets = []
+    datasets, sops = [], set()
     for f in series.files:
         try:
-            datasets.append(pydicom.dcmread(f))
+            ds = pydicom.dcmread(f, force=True)
         except Exception as exc:
-            raise SeriesSkipped(f"{f.name}: unreadable DICOM ({type(exc).__name__})") from None
+            raise StudyError(f"{f.name}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+        if str(getattr(ds, "SOPInstanceUID", "")) in sops:
+            continue  # the same instance twice (exported twice): read once
+        _fill_transfer_syntax(ds)
+        sops.add(str(getattr(ds, "SOPInstanceUID", "")))
+        datasets.append(ds)
     first = datasets[0]
     modality = str(getattr(first, "Modality", ""))
     sop = str(getattr(first, "SOPClassUID", ""))
@@ -122,7 +148,36 @@ def read_cine(series: Series) -> CineVolume:
         planes = [_plane(ds, ds, None) for ds in datasets]
     else:
         raise SeriesSkipped(f"MR but not an image storage class this reads (SOP class {sop})")
-    return _assemble(planes, series, str(getattr(first, "SeriesDescription", "")))
+    cine = _assemble(planes, series, str(getattr(first, "SeriesDescription", "")))
+    cine.content = instances_digest(sops)
+    return cine
+
+
+def _fill_transfer_syntax(ds) -> None:
+    """A data set saved without its file meta (no preamble) names no transfer syntax; pydicom
+    needs one to decode pixels: the encoding it was read in."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little in (True, None) else ExplicitVRBigEndian)
+
+
+def _pixels(ds, frame_index: int | None) -> np.ndarray:
+    """The pixels of one image; undecodable pixel data (truncated, wrong length) is bad input."""
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        name = Path(str(getattr(ds, "filename", "") or "")).name or str(getattr(ds, "SOPInstanceUID", "?"))
+        raise StudyError(f"{name}: pixel data unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if frame_index is not None and int(getattr(ds, "NumberOfFrames", 1)) > 1:
+        return pixels[frame_index]
+    return pixels
 
 
 def _plane(ds, geometry, frame_index: int | None) -> dict:
@@ -133,11 +188,10 @@ def _plane(ds, geometry, frame_index: int | None) -> dict:
         spacing = _f(geometry.PixelSpacing)
     except AttributeError as exc:
         raise SeriesSkipped(f"no geometry ({exc})") from None
+    pixels = _pixels(ds, frame_index)
     if frame_index is None:
-        pixels = ds.pixel_array
         t = float(getattr(ds, "TemporalPositionIdentifier", 0) or 0), float(getattr(ds, "TriggerTime", 0) or 0)
     else:
-        pixels = ds.pixel_array[frame_index] if int(getattr(ds, "NumberOfFrames", 1)) > 1 else ds.pixel_array
         t = geometry.temporal
     slope = float(getattr(geometry, "RescaleSlope", getattr(ds, "RescaleSlope", 1)) or 1)
     intercept = float(getattr(geometry, "RescaleIntercept", getattr(ds, "RescaleIntercept", 0)) or 0)
@@ -197,6 +251,10 @@ def _assemble(planes: list[dict], series: Series, description: str) -> CineVolum
     by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: p["time"]) for lv in levels}
     counts = {len(v) for v in by_level.values()}
     if len(counts) != 1:
+        repeated = [lv for lv, ps in by_level.items() if len({p["time"] for p in ps}) < len(ps)]
+        if repeated:
+            raise SeriesSkipped(f"slice at {repeated[0]:g} mm holds two images of the same time "
+                                f"(an instance repeated under another UID)")
         raise SeriesSkipped(f"slices hold different numbers of frames {sorted(counts)} (an instance is missing)")
     gaps = np.diff(levels)
     step = float(np.median(gaps))
@@ -236,11 +294,24 @@ def segment_descriptions(model_version: str):
 
 
 def seg_uid(*parts: str) -> str:
-    """A UID derived from its parts: the same series, frame and model give the same SEG UIDs, so a
-    SEG written twice (a rerun after a kill) is the same instance, not a duplicate."""
+    """A UID derived from its parts: the same source content, frame and model give the same SEG
+    UIDs, so a SEG written twice (a rerun after a kill) is the same instance, not a duplicate."""
     from pydicom.uid import generate_uid
 
     return generate_uid(entropy_srcs=[ALGORITHM, *parts])
+
+
+def seg_series_uid(source_series_uid: str, model_version: str) -> str:
+    """The SEG series of a source series and model: one per pair, whatever the content (so a PACS
+    query by it finds the SEGs of earlier content too)."""
+    return seg_uid(source_series_uid, model_version, "series")
+
+
+def _ds_values(values) -> list[float]:
+    """Floats whose text fits a DS (≤ 16 characters): raw float64 positions would not."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return [float(format_number_as_ds(float(v))) for v in values]
 
 
 def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir: Path) -> list[Path]:
@@ -264,17 +335,18 @@ def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir:
         kwargs = {}
         if frame_numbers is not None:
             # A multi-frame source: reference its frames of this temporal position, placed by their planes.
-            kwargs["plane_positions"] = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, p["ipp"].tolist())
+            kwargs["plane_positions"] = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, _ds_values(p["ipp"]))
                                          for p in planes]
-            kwargs["plane_orientation"] = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, planes[0]["iop"].tolist())
-            kwargs["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=planes[0]["spacing"].tolist(),
-                                                                slice_thickness=cine.spacing_zyx[0],
-                                                                spacing_between_slices=cine.spacing_zyx[0])
+            kwargs["plane_orientation"] = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
+                                                                      _ds_values(planes[0]["iop"]))
+            step = _ds_values([cine.spacing_zyx[0]])[0]
+            kwargs["pixel_measures"] = hd.PixelMeasuresSequence(pixel_spacing=_ds_values(planes[0]["spacing"]),
+                                                                slice_thickness=step, spacing_between_slices=step)
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=seg_uid(cine.series_uid, model_version, "series"), series_number=9000 + t,
-            sop_instance_uid=seg_uid(cine.series_uid, model_version, str(t)), instance_number=t + 1,
+            series_instance_uid=seg_series_uid(cine.series_uid, model_version), series_number=9000 + t,
+            sop_instance_uid=seg_uid(cine.series_uid, model_version, cine.content, str(t)), instance_number=t + 1,
             manufacturer=ALGORITHM, manufacturer_model_name=model_version[:64], software_versions=__version__,
             device_serial_number="0", series_description=f"raysegment SEG frame {t + 1}"[:64],
             omit_empty_frames=False, **kwargs)
@@ -307,13 +379,17 @@ def read_seg_labels(path: Path, cine: CineVolume, t: int) -> np.ndarray:
 def instances_digest(sop_uids) -> str:
     """What the ledger keys a series' content on: SHA-256 of its sorted SOP Instance UIDs (an
     instance added or removed is new content; the same instances read again are not)."""
-    return hashlib.sha256("\n".join(sorted(sop_uids)).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(set(sop_uids))).encode()).hexdigest()
 
 
 def web_client(url: str):
+    """A DICOMweb client with bounded retries: an unreachable PACS fails after ``PACS_ATTEMPTS``
+    tries (about 2 s of back-off plus connect timeouts of ``PACS_TIMEOUT_S[0]`` s), not minutes."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"), timeout=PACS_TIMEOUT_S)
+    client.set_http_retry_params(max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=PACS_BACKOFF_MS)
+    return client
 
 
 def _tag(item: dict, tag: str) -> str:
@@ -322,12 +398,24 @@ def _tag(item: dict, tag: str) -> str:
 
 def web_series(client) -> list[dict]:
     """MR series on a DICOMweb server (QIDO-RS): ``{"study", "series", "sha256"}`` each, the digest
-    over the series' SOP Instance UIDs (one instance query per series)."""
+    over the series' SOP Instance UIDs (one instance query per series). A record the server sends
+    without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason) instead of
+    stopping the others."""
     out = []
-    for s in client.search_for_series(search_filters={"Modality": "MR"}):
+    for n, s in enumerate(client.search_for_series(search_filters={"Modality": "MR"})):
         study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
-        sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
-                                                                          series_instance_uid=series)]
+        if not study or not series:
+            digest = hashlib.sha256(repr(sorted(s.items())).encode()).hexdigest()
+            out.append({"study": study or "?", "series": series or f"?{n}", "sha256": digest,
+                        "invalid": "PACS query record without Study or Series Instance UID"})
+            continue
+        try:
+            sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                              series_instance_uid=series)]
+        except Exception as exc:
+            out.append({"study": study, "series": series, "sha256": "unknown",
+                        "error": f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"})
+            continue
         out.append({"study": study, "series": series, "sha256": instances_digest(sops)})
     return out
 
@@ -344,8 +432,54 @@ def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:
 
 
 def web_store(client, paths: list[Path]) -> None:
-    """STOW-RS the files (SEGs) to the server. Their UIDs are derived from series, frame and model
+    """STOW-RS the files (SEGs) to the server. Their UIDs follow the content they were made from
     (``seg_uid``), so storing again after a kill replaces, never duplicates."""
     import pydicom
 
     client.store_instances(datasets=[pydicom.dcmread(p) for p in paths])
+
+
+def web_replace_segs(client, paths: list[Path]) -> None:
+    """STOW-RS a series' SEGs, then delete from the PACS the SEGs of that SEG series that are not
+    among them (made from earlier content of the series), and check the PACS holds exactly these.
+
+    Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
+    DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
+    """
+    import pydicom
+
+    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    web_store(client, paths)
+    for study, series in sorted({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID)) for h in heads}):
+        wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
+        held = _series_sops(client, study, series)
+        for sop in sorted(held - wanted):
+            _delete_instance(client, study, series, sop)
+        held = _series_sops(client, study, series)
+        if held != wanted:
+            raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
+                               f"of SEG series {series} after storing and deleting")
+
+
+def _series_sops(client, study: str, series: str) -> set[str]:
+    return {_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                      series_instance_uid=series)}
+
+
+def _delete_instance(client, study: str, series: str, sop: str) -> None:
+    """DICOMweb DELETE (not in the standard; dcm4chee has it), else Orthanc's REST API."""
+    import requests
+
+    try:
+        client.delete_instance(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
+        return
+    except Exception:
+        pass
+    http = getattr(client, "_session", None) or requests  # the client's session carries its authentication
+    base = client.base_url.rstrip("/")
+    root = base[: -len("/dicom-web")] if base.endswith("/dicom-web") else base.rsplit("/", 1)[0]
+    found = http.post(f"{root}/tools/lookup", data=sop, timeout=PACS_TIMEOUT_S)
+    found.raise_for_status()
+    for item in found.json():
+        if item.get("Type") == "Instance":
+            http.delete(f"{root}/instances/{item['ID']}", timeout=PACS_TIMEOUT_S).raise_for_status()

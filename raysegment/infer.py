@@ -342,7 +342,8 @@ def run_batch(config: InferConfig) -> dict:
 
         client = dicom.web_client(config.input)
         try:
-            items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"])}
+            items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
+                      **{k: s[k] for k in ("invalid", "error") if k in s}}
                      for s in dicom.web_series(client)]
         except Exception as exc:
             raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
@@ -352,23 +353,28 @@ def run_batch(config: InferConfig) -> dict:
     def new(item) -> bool:
         return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
 
+    counts = {"segmented": 0, "failed": 0, "not_cine": 0, "errors": 0}
+    progress = _Progress(counts, config.progress)
+    todo = []
+    if web:  # known by their instances already: what is new is retrieved before any Ray starts
+        todo = [item for item in items if new(item)][: config.limit]
+        progress.total = len(todo)
+        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
+              f"{len(todo)} to segment", flush=True)
+        todo = _retrieve(client, todo, out, version, lambda e: progress(ledger, e))
     actors = []
-    # DICOM series are known by their instances already: a scheduled poll that finds nothing new
-    # starts no Ray at all. NIfTI files are hashed while the actors start.
-    if any("file" in item or new(item) for item in items):
+    # A poll that finds nothing new starts no Ray at all. NIfTI files are hashed while the actors start.
+    if todo if web else any("file" in item or new(item) for item in items):
         ensure_ray()
         config = plan_actors(config, ray.available_resources(), len(items))
         remote = ray.remote(SegmentActor).options(**actor_options(config))
         actors = [remote.remote(config) for _ in range(config.actors)]
-    _hash_files(items)
-    todo = [item for item in items if new(item)]
-    if config.limit is not None:
-        todo = todo[: config.limit]
-    print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
-          f"{len(todo)} to segment", flush=True)
-    done = failed = errors = 0
-    if todo and web:
-        todo = _retrieve(client, todo, out, ledger, version)  # WADO-RS: a series that fails to arrive is an error entry
+    if not web:
+        _hash_files(items)
+        todo = [item for item in items if new(item)][: config.limit]
+        progress.total = len(todo)
+        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
+              f"{len(todo)} to segment", flush=True)
     if todo:
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -376,29 +382,40 @@ def run_batch(config: InferConfig) -> dict:
             raise RuntimeError(f"the inference actor could not load {' + '.join(refs)}: {exc}") from None
         for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
             item["figure"] = i < config.report_figures
-        for n, entry in enumerate(_segment_all(actors, todo, config.max_attempts, version), 1):
+        for entry in _segment_all(actors, todo, config.max_attempts, version):
             if web and config.store and entry["status"] == "done":
                 _store(client, entry)
-            entry["finished"] = _now()
-            ledger.append(entry)
-            done += entry["status"] == "done"
-            failed += entry["status"] in ("failed", "skipped")
-            errors += entry["status"] == "error"
-            if config.progress:
-                what = {"done": "ok", "failed": "FAILED", "skipped": "skipped",
-                        "error": "ERROR (retried next run)"}[entry["status"]]
-                what += f": {entry['reason']}" if entry["reason"] else ""
-                print(f"[raysegment] {n}/{len(todo)} {_display(entry['path'])} {what} ({entry['seconds']:.1f}s)",
-                      flush=True)
+            progress(ledger, entry)
     for a in actors:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
     from raysegment.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
-    return {"studies": len(items), "segmented": done, "failed": failed, "errors": errors,
-            "skipped": len(items) - len(todo),
+    return {"studies": len(items), **counts, "already_done": len(items) - progress.total,
             "version": version, "actors": len(actors)}
+
+
+class _Progress:
+    """Appends a finished entry to the ledger, counts it under one status each (``segmented``,
+    ``failed`` = bad input, ``not_cine`` = valid DICOM that is no short-axis cine, ``errors`` =
+    environment, retried next run) and prints its line."""
+
+    KEYS = {"done": "segmented", "failed": "failed", "skipped": "not_cine", "error": "errors"}
+    WORDS = {"done": "ok", "failed": "FAILED", "skipped": "skipped", "error": "ERROR (retried next run)"}
+
+    def __init__(self, counts: dict, verbose: bool):
+        self.counts, self.verbose, self.n, self.total = counts, verbose, 0, 0
+
+    def __call__(self, ledger: "Ledger", entry: dict) -> None:
+        entry.setdefault("finished", _now())
+        ledger.append(entry)
+        self.counts[self.KEYS[entry["status"]]] += 1
+        self.n += 1
+        if self.verbose or entry["status"] == "error":
+            what = self.WORDS[entry["status"]] + (f": {entry['reason']}" if entry["reason"] else "")
+            print(f"[raysegment] {self.n}/{max(self.total, self.n)} {_display(entry['path'])} {what} "
+                  f"({entry['seconds']:.1f}s)", flush=True)
 
 
 def is_dicomweb(source: str) -> bool:
@@ -443,35 +460,41 @@ def _hash_files(items: list[dict]) -> None:
             item["path"], item["sha256"] = _identity(item.pop("file"))
 
 
-def _retrieve(client, todo: list[dict], out: Path, ledger: "Ledger", version: str) -> list[dict]:
-    """WADO-RS each series to ``out/dicom-in/<series uid>/``; one that fails is an ``error`` entry
-    (retried by the next run), the others go on."""
+def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list[dict]:
+    """WADO-RS each series to ``out/dicom-in/<series uid>/`` → the series that arrived. A series
+    the PACS described without its UIDs is ``failed``; one whose query or retrieval failed is an
+    ``error`` (retried by the next run); each goes to ``finish`` and the others go on."""
     from raysegment.dicom import web_retrieve
 
     ready = []
     for item in todo:
         study, series = item["web"]
+        if "invalid" in item or "error" in item:
+            status = "failed" if "invalid" in item else "error"
+            finish(_entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"]))
+            continue
         try:
             item["files"] = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
             ready.append(item)
         except Exception as exc:
-            reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {exc})"
-            ledger.append({**_entry(item["path"], item["sha256"], version, "error", reason), "finished": _now()})
+            reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+            finish(_entry(item["path"], item["sha256"], version, "error", reason))
     return ready
 
 
 def _store(client, entry: dict) -> None:
-    """STOW-RS a finished series' SEGs; a failure turns the entry into an error (retried next run;
-    the SEG UIDs are deterministic, so nothing is ever stored twice)."""
-    from raysegment.dicom import web_store
+    """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
+    ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
+    (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
+    from raysegment.dicom import web_replace_segs
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
     try:
-        web_store(client, segs)
+        web_replace_segs(client, segs)
         for r in entry["rows"]:
             r["stored"] = True
     except Exception as exc:
-        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {exc})"
+        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
 
 
 def plan_actors(config: InferConfig, free: dict, n_studies: int) -> InferConfig:
@@ -676,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"[raysegment] done: {summary}")
-    return 0
+    # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
+    # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.
+    return 1 if summary["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -136,3 +136,153 @@ def test_an_enhanced_multiframe_mr_reads_like_its_single_frame_series_and_gets_i
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
     for t in range(2):
         np.testing.assert_array_equal(dicom.read_seg_labels(paths[t], a, t), labels[t])
+
+
+# --------------------------------------------------------------------------- bad and unusual input
+
+
+def test_a_series_exported_twice_is_one_series_of_its_own_frames(tmp_path, tiny_model):
+    """The same instances in two folders (a double export): one series, one row and one SEG per
+    cine frame, each SEG referencing each source instance once."""
+    import shutil
+
+    from raysegment.checkpoint import LoadedModel
+    from raysegment.config import PredictConfig
+    from raysegment.infer import segment_series
+    from raysegment.predict import Predictor
+
+    frames, _ = _cine()
+    write_dicom_cine(tmp_path / "in" / "a", frames)
+    shutil.copytree(tmp_path / "in" / "a", tmp_path / "in" / "b")
+    (series,), bad = dicom.find_series(tmp_path / "in")
+    assert bad == [] and len(series.files) == 10 and len(set(series.sop_uids)) == 10
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())
+    rows = segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "tiny", tmp_path / "out")
+    assert [r["frame"] for r in rows] == [0, 1] and len({r["seg"] for r in rows}) == 2
+    import highdicom as hd
+
+    refs = [r.ReferencedSOPInstanceUID for r in hd.seg.segread(rows[0]["seg"]).ReferencedSeriesSequence[0].ReferencedInstanceSequence]
+    assert len(refs) == len(set(refs)) == 5
+    # Reading the duplicated file list (as a PACS folder might hold it) gives the same cine.
+    again = dicom.read_cine(dicom.Series(series.uid, series.study_uid, sorted(p for p in (tmp_path / "in").rglob("*") if p.is_file())[1:]))
+    assert again.frames.shape == (2, 5, 40, 48) and again.content == series.digest()
+
+
+def test_truncated_pixel_data_is_bad_input_with_a_one_line_reason(tmp_path):
+    from raysegment.studies import StudyError
+
+    frames, _ = _cine()
+    files = write_dicom_cine(tmp_path / "in", frames)
+    files[3].write_bytes(files[3].read_bytes()[:-500])  # pixel data cut short (a broken transfer)
+    (series,), bad = dicom.find_series(tmp_path / "in")  # the header is fine: it is part of the series
+    assert bad == [] and len(series.files) == 10
+    with pytest.raises(StudyError, match="pixel data unreadable") as info:
+        dicom.read_cine(series)
+    assert "\n" not in str(info.value) and files[3].name in str(info.value)
+
+
+def test_empty_and_preambleless_files_get_a_row_or_are_read(tmp_path):
+    """A zero-byte .dcm is reported (not silently dropped); a series saved without the 128-byte
+    preamble is found and read like any other."""
+    import pydicom
+
+    frames, _ = _cine()
+    files = write_dicom_cine(tmp_path / "in" / "raw", frames)
+    for f in files:  # rewrite each file as a bare data set: no preamble, no file meta
+        ds = pydicom.dcmread(f)
+        f.unlink()
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(f.with_suffix(".dcm"), ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert f.with_suffix(".dcm").read_bytes()[128:132] != b"DICM"
+    (tmp_path / "in" / "empty.dcm").write_bytes(b"")
+    (tmp_path / "in" / "garbage.dcm").write_bytes(b"not dicom at all " * 20)
+    (tmp_path / "in" / "notes.txt").write_text("not input")
+    series, bad = dicom.find_series(tmp_path / "in")
+    assert len(series) == 1 and len(series[0].files) == 10
+    assert sorted((p.name, r) for p, r in bad) == [("empty.dcm", "unreadable DICOM (an empty file)"),
+                                                   ("garbage.dcm", "unreadable DICOM (no DICOM header)")]
+    assert dicom.read_cine(series[0]).frames.shape == (2, 5, 40, 48)
+
+
+def test_an_instance_repeated_under_another_uid_is_named_as_such(tmp_path):
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    frames, _ = _cine()
+    files = write_dicom_cine(tmp_path / "in", frames)
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(tmp_path / "in" / "copy", enforce_file_format=True)
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    with pytest.raises(dicom.SeriesSkipped, match="two images of the same time"):
+        dicom.read_cine(series)
+
+
+def _ds_texts(ds):
+    for elem in ds.iterall():
+        if elem.VR == "DS" and elem.value is not None:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            yield from (str(v) for v in values)
+
+
+def test_segs_of_an_enhanced_mr_keep_decimal_strings_within_16_characters(tmp_path):
+    import shutil
+    import subprocess
+
+    import highdicom as hd
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    frames, labels = _cine(shape=(4, 40, 48))
+    files = write_dicom_cine(tmp_path / "single", frames, origin=(-80.123456789, -60.987654321, 40.5555555))
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage([pydicom.dcmread(f) for f in files], series_instance_uid=generate_uid(),
+                                                        series_number=6, sop_instance_uid=generate_uid(), instance_number=1)
+    (tmp_path / "multi").mkdir()
+    enhanced.save_as(tmp_path / "multi" / "cine")
+    (multi,), _ = dicom.find_series(tmp_path / "multi")
+    paths = dicom.write_segs(dicom.read_cine(multi), labels, "v1", tmp_path / "seg")
+    for p in paths:
+        texts = list(_ds_texts(pydicom.dcmread(p)))
+        assert texts and max(len(t) for t in texts) <= 16, [t for t in texts if len(t) > 16]
+    if shutil.which("dciodvfy"):  # dicom3tools' validator, where installed
+        report = subprocess.run(["dciodvfy", str(paths[0])], capture_output=True, text=True)
+        errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
+        assert errors == []
+
+
+def test_seg_uids_follow_the_content_they_were_made_from(tmp_path):
+    """A series that gained instances gets new SEG instance UIDs (so a PACS cannot keep the stale
+    SEG under the old one), in the same SEG series."""
+    import highdicom as hd
+
+    frames, labels = _cine()
+    files = write_dicom_cine(tmp_path / "in", frames)
+    part = dicom.Series("s", "t", [f for f in files if "3" not in f.name])
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    full = dicom.read_cine(series)
+    a = hd.seg.segread(dicom.write_segs(full, labels, "v1", tmp_path / "a")[0])
+    full.content = dicom.instances_digest(part.sop_uids or ["other"])
+    b = hd.seg.segread(dicom.write_segs(full, labels, "v1", tmp_path / "b")[0])
+    assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+
+
+def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
+    """A QIDO-RS series record without UIDs, or a failing instance query, marks that series only."""
+
+    class Pacs:  # the records a DICOMweb server answers with (JSON as in PS3.18)
+        def search_for_series(self, search_filters):
+            return [{"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.3"]}},
+                    {"0020000D": {"Value": ["1.2"]}},
+                    {"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.4"]}}]
+
+        def search_for_instances(self, study_instance_uid, series_instance_uid):
+            if series_instance_uid == "1.2.4":
+                raise ConnectionError("reset by peer")
+            return [{"00080018": {"Value": ["1.2.3.1"]}}]
+
+    found = dicom.web_series(Pacs())
+    assert [s["series"] for s in found] == ["1.2.3", "?1", "1.2.4"]
+    assert found[0]["sha256"] == dicom.instances_digest(["1.2.3.1"]) and "invalid" not in found[0]
+    assert "without Study or Series Instance UID" in found[1]["invalid"]
+    assert "QIDO-RS instance query failed (ConnectionError" in found[2]["error"]

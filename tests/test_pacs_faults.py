@@ -1,0 +1,135 @@
+"""DICOM and PACS faults: a series that grows in a real Orthanc, a failed WADO-RS retrieval, an
+unreachable PACS, and a folder of bad DICOM that fails once and is not retried."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synth import synthetic_volume, write_dicom_cine
+
+
+def _frames(slices: int) -> np.ndarray:
+    shape = (slices, 40, 48)
+    return np.stack([synthetic_volume(1, shape=shape)[0], synthetic_volume(2, shape=shape, lv_radius=5.0)[0]])
+
+
+def _ledger(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_pacs_is_one_error_line_and_exit_2(tmp_path, capsys):
+    from raysegment import infer
+
+    url = f"http://127.0.0.1:{_closed_port()}/dicom-web"
+    code = infer.main(["--model", "shipped:mobilenet_v2", "--input", url, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "DICOMweb query failed (ConnectionError" in err[0]
+
+
+@pytest.mark.slow
+def test_bad_dicom_fails_once_and_the_next_run_adds_nothing_and_starts_no_ray(tmp_path, tiny_checkpoint):
+    """A truncated instance fails its series once, with a one-line reason; a double export is one
+    series; an empty .dcm gets its row; the unchanged folder's next run writes no ledger line and
+    does not start Ray."""
+    import shutil
+
+    import ray
+
+    from raysegment.infer import InferConfig, Ledger, results_rows, run_batch
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    bad = write_dicom_cine(inp / "truncated", _frames(3), patient="T1")
+    bad[2].write_bytes(bad[2].read_bytes()[:-300])
+    write_dicom_cine(inp / "export1", _frames(3), patient="D1")
+    shutil.copytree(inp / "export1", inp / "export2")
+    (inp / "empty.dcm").write_bytes(b"")
+    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(out), threads=1, actors=1,
+                         progress=False, diagnosis=None)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        first = run_batch(config)
+    finally:
+        ray.shutdown()
+    assert first["studies"] == 2 and first["segmented"] == 1 and first["failed"] == 1 and first["errors"] == 0
+    ledger = _ledger(out)
+    failed = [e for e in ledger if e["status"] == "failed"]
+    assert sorted(Path(e["path"]).name for e in failed if not e["path"].startswith("dicom:")) == ["empty.dcm"]
+    (series_fail,) = [e for e in failed if e["path"].startswith("dicom:")]
+    assert "pixel data unreadable" in series_fail["reason"] and "\n" not in series_fail["reason"]
+    done = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
+    assert [r["frame"] for r in done] == [0, 1] and len({r["seg"] for r in done}) == 2  # not 4 frames
+
+    second = run_batch(config)  # Ray is down: a run that needs it would start it
+    assert not ray.is_initialized()
+    assert second["already_done"] == 2 and second["segmented"] == second["failed"] == 0
+    assert len(_ledger(out)) == len(ledger)
+
+
+@pytest.mark.slow
+def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_content(tmp_path, tiny_checkpoint, capsys,
+                                                                                   monkeypatch):
+    """Slices 0–5 first, 6–8 later: the PACS ends with exactly one SEG per cine frame, each the
+    latest run's (SOP Instance UID and 9 slices × 3 segments of frames), the stale ones removed.
+    Then a WADO-RS retrieval that fails is an error line, exit code 1, and starts no Ray."""
+    import highdicom as hd
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+
+    from raysegment import dicom, infer
+    from raysegment.infer import InferConfig, Ledger, results_rows, run_batch
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    files = write_dicom_cine(tmp_path / "src", _frames(9), patient="G1")  # frame-major: t * 9 + z
+    first_part = [f for i, f in enumerate(files) if i % 9 < 6]
+    rest = [f for f in files if f not in first_part]
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicom.web_client(url)
+        client.store_instances([pydicom.dcmread(f) for f in first_part])
+        config = InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1, actors=1,
+                             progress=False, diagnosis=None)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            assert run_batch(config)["segmented"] == 1
+            client.store_instances([pydicom.dcmread(f) for f in rest])
+            assert run_batch(config)["segmented"] == 1
+        finally:
+            ray.shutdown()
+        latest = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
+        assert len(latest) == 2 and all(r["stored"] for r in latest)
+        local = {hd.seg.segread(r["seg"]).SOPInstanceUID: hd.seg.segread(r["seg"]) for r in latest}
+        held = client.search_for_instances(search_filters={"Modality": "SEG"})
+        assert len(held) == 2
+        for item in held:
+            sop = item["00080018"]["Value"][0]
+            assert sop in local
+            stored = client.retrieve_instance(study_instance_uid=local[sop].StudyInstanceUID,
+                                              series_instance_uid=local[sop].SeriesInstanceUID, sop_instance_uid=sop)
+            assert int(stored.NumberOfFrames) == int(local[sop].NumberOfFrames) == 27
+
+        # A new series whose retrieval fails: an error line, counted, exit code 1, no Ray started.
+        write_dicom_cine(tmp_path / "src2", _frames(3), patient="W1")
+        client.store_instances([pydicom.dcmread(f) for f in (tmp_path / "src2").iterdir()])
+
+        def refuse(*args, **kwargs):
+            raise ConnectionError("the PACS reset the connection")
+
+        monkeypatch.setattr(dicom, "web_retrieve", refuse)
+        code = infer.main(["--model", str(tiny_checkpoint), "--input", url, "--output", str(out), "--diagnosis", "none"])
+        text = capsys.readouterr().out
+        assert code == 1 and not ray.is_initialized()
+        assert "ERROR (retried next run): WADO-RS retrieve failed (ConnectionError" in text
+        assert "'errors': 1" in text and "'actors': 0" in text
