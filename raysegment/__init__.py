@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-__version__ = "0.1.0"
-
-CLASS_NAMES = {1: "rv", 2: "myo", 3: "lv"}
-NUM_CLASSES = 4
-
-
-def disable_telemetry() -> None:
-    """Switch off Ray usage stats and MLflow telemetry for this process and its children.
-
-    Medical users expect no phoning home; every CLI entry point calls this before it starts
-    Ray or MLflow. Values already set by the user win.
-    """
-    for key, value in {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "1",
-        "RAY_TRAIN_V2_ENABLED": "1",
-    }.items():
-        os.environ.setdefault(key, value)
+from raysegment.config import CLASS_NAMES, NUM_CLASSES, VERSION as __version__  # noqa: F401  (the public names)
+from raysegment.runtime import QUIET_ENV, disable_telemetry, quiet_environment  # noqa: F401
 
 
 def segment(image, *, model, config=None, tracking_uri: str | None = None):
@@ -42,8 +23,8 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
     import numpy as np
 
     from raysegment.config import PredictConfig
-    from raysegment.predict import Predictor
-    from raysegment.studies import mask_image, nifti_to_zyx, zyx_to_nifti
+    from raysegment.inference.predictor import Predictor
+    from raysegment.io.studies import mask_image, nifti_to_zyx, zyx_to_nifti
 
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, config or PredictConfig(), tracking_uri)
     img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image

@@ -13,7 +13,10 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Literal
 
-from raysegment import NUM_CLASSES
+
+VERSION = "0.1.0"  # raysegment's version (package metadata, SEG software versions)
+CLASS_NAMES = {1: "rv", 2: "myo", 3: "lv"}  # ACDC labels; 0 is background
+NUM_CLASSES = 4
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from raysegment import disable_telemetry  # noqa: E402
+from raysegment import disable_telemetry
 
 disable_telemetry()
 
@@ -18,7 +18,7 @@ def tiny_model():
     import torch
 
     from raysegment.config import ModelConfig, TrainConfig
-    from raysegment.models import build_model
+    from raysegment.model.unet import build_model
 
     torch.manual_seed(0)
     config = TrainConfig(data="unused", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=64)
@@ -27,7 +27,7 @@ def tiny_model():
 
 def write_checkpoint(folder: Path, model, config, state: dict | None = None) -> Path:
     """A checkpoint folder (model.pt, config.json, state.json) of ``model``."""
-    from raysegment.checkpoint import save_checkpoint
+    from raysegment.model.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(folder, model, None, config, state if state is not None else {"epoch": 0})
@@ -51,7 +51,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sample_shards(tmp_path_factory):
-    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("shards") / "sample"
     prepare(PrepareConfig(source=Path(__file__).resolve().parents[1] / "raysegment" / "sample", out=out, progress=False))

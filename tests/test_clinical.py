@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from raysegment.clinical import (add_cine_ef, add_patient_ef, ejection_fraction, myocardial_mass_g, qc_flags,
+from raysegment.analysis.clinical import (add_cine_ef, add_patient_ef, ejection_fraction, myocardial_mass_g, qc_flags,
                                  volumes_ml)
 
 
@@ -83,7 +83,7 @@ def _ring_stack(n_slices=6, r_in=10, r_out=15, rv=True, shape=(60, 70)):
 
 
 def test_patient_indices_by_hand():
-    from raysegment.clinical import body_surface_area_m2, patient_indices
+    from raysegment.analysis.clinical import body_surface_area_m2, patient_indices
 
     ed = _ring_stack(r_in=10)
     es = _ring_stack(r_in=6)  # same epicardium, thicker wall at ES
@@ -109,7 +109,7 @@ def test_patient_indices_by_hand():
 
 
 def test_wall_thickness_follows_the_ring_and_uses_the_mid_ventricle():
-    from raysegment.clinical import wall_thickness_mm
+    from raysegment.analysis.clinical import wall_thickness_mm
 
     thin, thick = _ring_stack(r_in=10, r_out=13), _ring_stack(r_in=10, r_out=18)
     t_thin, t_thick = wall_thickness_mm(thin, (10, 1, 1)), wall_thickness_mm(thick, (10, 1, 1))
@@ -123,7 +123,7 @@ def test_wall_thickness_follows_the_ring_and_uses_the_mid_ventricle():
 
 
 def test_agreement_properties_and_by_hand():
-    from raysegment.clinical import agreement
+    from raysegment.analysis.clinical import agreement
 
     ref = np.array([50.0, 60, 70, 80])
     same = agreement(ref, ref)

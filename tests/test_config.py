@@ -21,7 +21,9 @@ def test_round_trip_and_configs_saved_before_newer_fields():
 
 
 def test_cli_defaults_come_from_the_configs():
-    from raysegment import infer, train, tune
+    from raysegment.cli import infer as infer_cli
+    from raysegment.cli import train, tune
+    from raysegment.inference import batch as infer
 
     assert default_of(TrainConfig, "batch_size") == TrainConfig(data="x").batch_size
     assert default_of(TrainConfig, "model") == ModelConfig()
@@ -31,7 +33,7 @@ def test_cli_defaults_come_from_the_configs():
         TrainConfig.precision)
     assert args.flip_prob == AugmentConfig.flip_prob and tuple(args.class_weights) == LossConfig.class_weights
     assert tune.build_parser().parse_args([]).batch_size == TrainConfig.batch_size
-    a = infer.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"])
+    a = infer_cli.build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o"])
     assert (a.batch_size, a.precision, a.actors, a.report_figures) == (
         PredictConfig.batch_size, PredictConfig.precision, infer.InferConfig.actors, infer.InferConfig.report_figures)
     with pytest.raises(KeyError):

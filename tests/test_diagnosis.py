@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raysegment import diagnosis
-from raysegment.clinical import basal_rv_check
-from raysegment.prepare import Volume
+from raysegment.analysis import diagnosis
+from raysegment.cli import diagnosis as diagnosis_cli
+from raysegment.training.crossval import crossval_fold
+from raysegment.analysis.clinical import basal_rv_check
+from raysegment.data.prepare import Volume
 from synth import synthetic_volume
 
 
@@ -121,7 +123,7 @@ def test_a_crossval_fold_segments_exactly_its_held_out_patients(tmp_path):
     volumes = _tiny_volumes()
     config = TrainConfig(data="memory", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=32,
                          crop_size=32, epochs=1, batch_size=4, max_steps_per_epoch=1)
-    summary = diagnosis.crossval_fold(volumes, fold=0, folds=2, config=config, device="cpu", out=tmp_path)
+    summary = crossval_fold(volumes, fold=0, folds=2, config=config, device="cpu", out=tmp_path)
     held = summary["patients"]
     assert held and summary["train_patients"] == 4 - len(held)
     assert summary["history"][0]["epoch"] == 0 and np.isfinite(summary["history"][0]["loss"])
@@ -159,7 +161,7 @@ def test_basal_check_finds_the_base_at_either_end_of_the_stack():
 
 def _constant_check(intercept_rv: float, intercept_heart: float) -> dict:
     """A basal-es/2 check whose probabilities do not depend on the slice: sigmoid(intercept)."""
-    from raysegment.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
+    from raysegment.analysis.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
 
     n = len(SLICE_FEATURES)
     model = lambda b: {"mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * n, "intercept": b}  # noqa: E731
@@ -167,7 +169,7 @@ def _constant_check(intercept_rv: float, intercept_heart: float) -> dict:
 
 
 def test_basal_excess_is_the_expected_volume_of_the_walk():
-    from raysegment.clinical import BASAL_ES_SLICES, basal_es_excess
+    from raysegment.analysis.clinical import BASAL_ES_SLICES, basal_es_excess
 
     _, ed = synthetic_volume(1, shape=(6, 40, 48))
     _, es = synthetic_volume(2, shape=(6, 40, 48), lv_radius=5.0)
@@ -194,7 +196,7 @@ def test_basal_excess_is_the_expected_volume_of_the_walk():
 
 
 def test_checked_indices_take_the_excess_off_the_es_volumes_and_read_old_checks():
-    from raysegment.clinical import basal_rv_check, checked_indices, patient_indices
+    from raysegment.analysis.clinical import basal_rv_check, checked_indices, patient_indices
 
     _, ed = synthetic_volume(1, shape=(5, 40, 48))
     _, es = synthetic_volume(2, shape=(5, 40, 48), lv_radius=5.0)
@@ -237,7 +239,7 @@ def _basal_patients(n=16, seed=0):
 
 
 def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out():
-    from raysegment.clinical import SLICE_FEATURES, basal_es_excess
+    from raysegment.analysis.clinical import SLICE_FEATURES, basal_es_excess
 
     volumes, masks = _basal_patients()
     patients = {v.patient for v in volumes}
@@ -267,7 +269,7 @@ def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out
 
 def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(sample_shards, tmp_path, capsys):
     out = tmp_path / "diagnosis.json"
-    assert diagnosis.main(["basal", "--data", str(sample_shards), "--model", "shipped:mobilenet_v2",
+    assert diagnosis_cli.main(["basal", "--data", str(sample_shards), "--model", "shipped:mobilenet_v2",
                            "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     new, shipped = diagnosis.load(out), diagnosis.load("shipped")
@@ -282,12 +284,12 @@ def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(s
     # Shards without spacing (no info.csv beside the source): one error line, exit 2, nothing written.
     import shutil
 
-    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.data.prepare import PrepareConfig, prepare
 
     src = tmp_path / "nospacing"
-    shutil.copytree(Path(diagnosis.__file__).parent / "sample", src)
+    shutil.copytree(Path(diagnosis.__file__).parents[1] / "sample", src)
     (src / "info.csv").unlink()
     prepare(PrepareConfig(source=src, out=tmp_path / "shards", progress=False))
-    assert diagnosis.main(["basal", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+    assert diagnosis_cli.main(["basal", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
                            "--out", str(tmp_path / "never.json")]) == 2
     assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from raysegment import dicom
+from raysegment.io import dicom
 from synth import rotated_orientation, synthetic_volume, write_dicom_cine
 
 
@@ -95,10 +95,10 @@ def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
 
 
 def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_model):
-    from raysegment.checkpoint import LoadedModel
+    from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.infer import segment_series
-    from raysegment.predict import Predictor
+    from raysegment.inference.batch import segment_series
+    from raysegment.inference.predictor import Predictor
 
     frames, _ = _cine()
     write_dicom_cine(tmp_path / "in", frames, patient="P9")
@@ -146,10 +146,10 @@ def test_a_series_exported_twice_is_one_series_of_its_own_frames(tmp_path, tiny_
     cine frame, each SEG referencing each source instance once."""
     import shutil
 
-    from raysegment.checkpoint import LoadedModel
+    from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.infer import segment_series
-    from raysegment.predict import Predictor
+    from raysegment.inference.batch import segment_series
+    from raysegment.inference.predictor import Predictor
 
     frames, _ = _cine()
     write_dicom_cine(tmp_path / "in" / "a", frames)
@@ -169,7 +169,7 @@ def test_a_series_exported_twice_is_one_series_of_its_own_frames(tmp_path, tiny_
 
 
 def test_truncated_pixel_data_is_bad_input_with_a_one_line_reason(tmp_path):
-    from raysegment.studies import StudyError
+    from raysegment.io.studies import StudyError
 
     frames, _ = _cine()
     files = write_dicom_cine(tmp_path / "in", frames)

@@ -67,7 +67,7 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
 
 
 def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_the_champion_rule(cluster, registered):
-    """ray job submit -- raysegment.tune ... --final-minutes M: the best trial's configuration trained
+    """ray job submit -- raysegment.training.tune ... --final-minutes M: the best trial's configuration trained
     again and its last epoch registered as a final version with lineage; the champion is whichever
     version has the higher val Dice (the rule is unchanged)."""
     from mlflow import MlflowClient
@@ -92,8 +92,8 @@ def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_
 def test_a_version_that_does_not_beat_the_champion_leaves_the_alias(cluster, registered, tmp_path):
     from mlflow import MlflowClient
 
-    from raysegment.registry import register_checkpoint
-    from raysegment.weights import checkpoint_from_weights, shipped_weights
+    from raysegment.registry.champion import register_checkpoint
+    from raysegment.model.weights import checkpoint_from_weights, shipped_weights
 
     client = MlflowClient(cluster["mlflow"])
     before = client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion")
@@ -112,7 +112,7 @@ def test_champion_loads_through_pyfunc(cluster, registered):
     import mlflow
 
     mlflow.set_tracking_uri(cluster["mlflow"])
-    from raysegment.predict import Predictor
+    from raysegment.inference.predictor import Predictor
 
     model = mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion")
     image, _ = synthetic_volume(1, shape=(3, 60, 70))
@@ -130,8 +130,8 @@ def test_champion_loads_through_pyfunc(cluster, registered):
 def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(cluster, registered, tmp_path):
     from mlflow import MlflowClient
 
-    from raysegment.registry import register_checkpoint
-    from raysegment.weights import checkpoint_from_weights, shipped_weights
+    from raysegment.registry.champion import register_checkpoint
+    from raysegment.model.weights import checkpoint_from_weights, shipped_weights
 
     before = champion_version(cluster)
     ckpt = checkpoint_from_weights(shipped_weights("mobilenet_v2"), tmp_path / "ckpt")

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from raysegment.losses import LossConfig, segmentation_loss, soft_dice_per_class
+from raysegment.model.losses import LossConfig, segmentation_loss, soft_dice_per_class
 
 
 def _target():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from medpy.metric import binary as medpy_binary
 
-from raysegment.metrics import aggregate, dice, dice_summary, score_records, score_volume, surface_distances
+from raysegment.analysis.metrics import aggregate, dice, dice_summary, score_records, score_volume, surface_distances
 
 
 def random_mask(rng, shape=(6, 24, 20), p=0.3):

@@ -1,9 +1,8 @@
-import numpy as np
 import pytest
 import torch
 import torchvision
 
-from raysegment.models import BACKBONES, ENCODERS, ModelConfig, WeightsNotFoundError, build_model, first_conv_key, with_context
+from raysegment.model.unet import BACKBONES, ENCODERS, ModelConfig, WeightsNotFoundError, build_model, first_conv_key, with_context
 
 WEIGHT_FILES = {"densenet121": "densenet121-a639ec97.pth", "mobilenet_v2": "mobilenet_v2-7ebf99e0.pth"}
 FIRST_CONV = {"densenet121": lambda m: m.features.conv0, "mobilenet_v2": lambda m: m.features[0][0]}
@@ -87,7 +86,7 @@ def test_unknown_backbone():
 def test_the_encoder_registry_is_the_one_list_of_backbones():
     import argparse
 
-    from raysegment import bench, train, tune
+    from raysegment.cli import bench, train, tune
 
     assert BACKBONES == tuple(sorted(ENCODERS)) == ("densenet121", "mobilenet_v2")
     for parser in (train.build_parser(), tune.build_parser()):

@@ -29,7 +29,7 @@ def _closed_port() -> int:
 
 
 def test_an_unreachable_pacs_is_one_error_line_and_exit_2(tmp_path, capsys):
-    from raysegment import infer
+    from raysegment.cli import infer
 
     url = f"http://127.0.0.1:{_closed_port()}/dicom-web"
     code = infer.main(["--model", "shipped:mobilenet_v2", "--input", url, "--output", str(tmp_path / "out")])
@@ -46,7 +46,7 @@ def test_bad_dicom_fails_once_and_the_next_run_adds_nothing_and_starts_no_ray(tm
 
     import ray
 
-    from raysegment.infer import InferConfig, Ledger, results_rows, run_batch
+    from raysegment.inference.batch import InferConfig, Ledger, results_rows, run_batch
 
     inp, out = tmp_path / "in", tmp_path / "out"
     bad = write_dicom_cine(inp / "truncated", _frames(3), patient="T1")
@@ -87,8 +87,10 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
     import ray
     from servers import orthanc_available, running_orthanc
 
-    from raysegment import dicom, infer
-    from raysegment.infer import InferConfig, Ledger, results_rows, run_batch
+    from raysegment.io import dicom
+
+    from raysegment.cli import infer
+    from raysegment.inference.batch import InferConfig, Ledger, results_rows, run_batch
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")

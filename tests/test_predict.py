@@ -12,12 +12,12 @@ from scipy import ndimage
 
 import raysegment
 from conftest import write_checkpoint
-from raysegment.checkpoint import LoadedModel
+from raysegment.model.checkpoint import LoadedModel
 from raysegment.config import AugmentConfig, PredictConfig
-from raysegment.models import build_model
-from raysegment.predict import (Predictor, check_flip_tta, contact_pixels, keep_largest_component, load_model,
+from raysegment.model.unet import build_model
+from raysegment.inference.predictor import (Predictor, check_flip_tta, contact_pixels, keep_largest_component, load_model,
                                 model_version, resolve_precision)
-from raysegment.studies import normalize_intensity
+from raysegment.io.studies import normalize_intensity
 from synth import make_nifti_patient, synthetic_volume
 
 FP32 = PredictConfig(precision="fp32")
@@ -193,7 +193,7 @@ class _RampModel(torch.nn.Module):
 
 
 def test_precision_is_resolved_per_device_and_recorded(tiny_model, monkeypatch):
-    from raysegment import predict
+    from raysegment.inference import predictor as predict
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
@@ -206,7 +206,7 @@ def test_precision_is_resolved_per_device_and_recorded(tiny_model, monkeypatch):
 
 
 def test_references_load_to_one_shape(tmp_path, tiny_model, tiny_checkpoint):
-    from raysegment.weights import export_weights, sha256
+    from raysegment.model.weights import export_weights, sha256
 
     weights = export_weights(tiny_checkpoint, tmp_path / "tiny.safetensors")
     for ref in (str(tiny_checkpoint), str(weights)):
@@ -244,11 +244,11 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     and report's evaluation over prepared shards."""
     import mlflow.pyfunc
 
-    from raysegment.dataset import load_volumes
-    from raysegment.infer import segment_study
-    from raysegment.prepare import PrepareConfig, prepare
-    from raysegment.registry import _signature
-    from raysegment.predict import predict_volumes
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.batch import segment_study
+    from raysegment.data.prepare import PrepareConfig, prepare
+    from raysegment.registry.champion import _signature
+    from raysegment.inference.predictor import predict_volumes
 
     # Pixels of 2 mm: every path passes the spacing on (RV contact 4 px; 5 px without spacing).
     make_nifti_patient(tmp_path / "src", 1, ed=1, es=5, nframes=6, spacing=(10.0, 2.0, 2.0), shape=(4, 40, 48))
@@ -264,7 +264,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     (volume,) = [v for v in load_volumes(tmp_path / "shards", "train") if v.phase == "ES"]
     ((_, report_mask),) = list(predict_volumes(predictor, [volume]))
 
-    code = __import__("raysegment.pyfunc_model", fromlist=["x"]).__file__
+    code = __import__("raysegment.registry.pyfunc_model", fromlist=["x"]).__file__
     mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
                              signature=_signature())
     raw = np.transpose(np.asarray(nib.load(str(study)).dataobj), (2, 1, 0)).astype(np.float32)
@@ -279,7 +279,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
 def test_mm_grid_keeps_shape_and_scale():
     """A ``pixel_mm`` grid resamples by the true spacing: a disc of 20 mm radius on a 1.0 mm grid
     and on a 2.0 mm grid becomes the same disc on the network grid (not stretched to fill it)."""
-    from raysegment.dataset import grid_slice, mm_shape
+    from raysegment.data.dataset import grid_slice, mm_shape
 
     assert mm_shape((100, 50), (1.0, 2.0), 1.5) == (67, 67)
     assert mm_shape((100, 50), None, 1.5) == (100, 50)

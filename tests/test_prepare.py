@@ -8,8 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from raysegment.prepare import PrepareConfig, PrepareError, main, prepare, read_h5_volume, read_nifti_patient
-from raysegment.studies import normalize_intensity
+from raysegment.cli.prepare import main
+from raysegment.data.prepare import PrepareConfig, PrepareError, prepare, read_h5_volume, read_nifti_patient
+from raysegment.io.studies import normalize_intensity
 from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
 
 
@@ -54,7 +55,8 @@ def test_official_nifti_layout_every_field(tmp_path):
                 np.testing.assert_array_equal(nb[0], norm[k - 1] if k > 0 else 0)
                 np.testing.assert_array_equal(nb[1], norm[k + 1] if k < 3 else 0)
     # ED and ES frame mapping from Info.cfg: ES (frame 7) has the smaller LV.
-    lv = {ph: sum((slice_array(r, "label", np.uint8) == 3).sum() for r in rows if r["patient"] == "patient001" and r["phase"] == ph) for ph in ("ED", "ES")}
+    lv = {ph: sum((slice_array(r, "label", np.uint8) == 3).sum() for r in rows
+                  if r["patient"] == "patient001" and r["phase"] == ph) for ph in ("ED", "ES")}
     assert lv["ED"] > lv["ES"]
     # split by patient: both phases of a patient share the split
     splits = {}
@@ -218,7 +220,7 @@ def test_cli_runs_as_module(tmp_path):
 
 
 def test_val_split_is_stratified_by_group_and_seeded():
-    from raysegment.prepare import assign_splits
+    from raysegment.data.prepare import assign_splits
 
     groups = ("DCM", "HCM", "MINF", "NOR", "RV")
     patients = {f"patient{i:03d}": groups[(i - 1) // 20] for i in range(1, 101)}  # 20 per group, as ACDC
@@ -268,7 +270,7 @@ def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("raysegment.prepare._write_shards", disk_full)
+    monkeypatch.setattr("raysegment.data.prepare._write_shards", disk_full)
     assert main(["--source", str(src), "--out", str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
@@ -323,7 +325,7 @@ def test_official_layout_records_info_cfg_metadata(tmp_path):
 
 
 def test_shards_load_back_as_the_volumes_they_were_made_from(tmp_path):
-    from raysegment.dataset import load_volumes
+    from raysegment.data.dataset import load_volumes
 
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(5, 40, 48))
     _write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 5, 1.5, 10.0) for p in (1, 2, 3)})

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import write_checkpoint
-from raysegment import report
-from raysegment.prepare import PrepareConfig, prepare
+from raysegment.cli import report as report_cli
+from raysegment.inference import evaluation
+from raysegment.reporting import report
+from raysegment.data.prepare import PrepareConfig, prepare
 from synth import make_h5_dataset
 
 
@@ -22,7 +24,7 @@ def test_figures_write_learning_curves_and_overlays(tmp_path, tiny_model, shards
     history = [{"epoch": e, "loss": 1.0 / (e + 1), "dice_rv": 0.1 * e, "dice_myo": 0.1 * e, "dice_lv": 0.2 * e,
                 "dice_mean": 0.13 * e} for e in range(3)]
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model, {"epoch": 2, "history": history})
-    written = report.figures({"tiny": str(ckpt)}, shards, tmp_path / "fig")
+    written = evaluation.figures({"tiny": str(ckpt)}, shards, tmp_path / "fig")
     names = sorted(p.name for p in written)
     assert names == ["learning_curves.png", "overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
@@ -30,19 +32,19 @@ def test_figures_write_learning_curves_and_overlays(tmp_path, tiny_model, shards
 
 def test_evaluate_scores_a_model_and_an_ensemble(tmp_path, tiny_model, shards, capsys):
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    records = report.evaluate(str(ckpt), shards, splits=("val",))
+    records = evaluation.evaluate(str(ckpt), shards, splits=("val",))
     assert len(records) == 2 * 3 and {r["phase"] for r in records} == {"ED", "ES"}
     assert all(0 <= r["dice"] <= 1 and r["split"] == "val" for r in records)
-    same_twice = report.evaluate([str(ckpt), str(ckpt)], shards, splits=("val",))  # an ensemble of one model twice
+    same_twice = evaluation.evaluate([str(ckpt), str(ckpt)], shards, splits=("val",))  # an ensemble of one model twice
     assert [r["dice"] for r in same_twice] == pytest.approx([r["dice"] for r in records])
-    assert report.main(["evaluate", "--model", str(ckpt), "--data", str(shards), "--splits", "val"]) == 0
+    assert report_cli.main(["evaluate", "--model", str(ckpt), "--data", str(shards), "--splits", "val"]) == 0
     assert "| val | all |" in capsys.readouterr().out
 
 
 def test_flip_tta_is_refused_in_one_line(tmp_path, tiny_model, capsys):
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
     args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "no-shards"), "--splits", "val", "--flip-tta"]
-    assert report.main(args) == 2
+    assert report_cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: flip TTA needs a model trained with left-right flips")
 
@@ -58,7 +60,7 @@ def test_dice_table_rows_and_means():
 
 
 def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altman(tmp_path, tiny_model, capsys):
-    from raysegment import diagnosis
+    from raysegment.analysis import diagnosis
 
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(3, 40, 48))
     (src / "info.csv").write_text(
@@ -70,7 +72,7 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     volumes = diagnosis.all_volumes(shards)
     np.savez_compressed(tmp_path / "fold0.npz", **{f"{v.patient}/{v.phase}": v.label for v in volumes})
     out = tmp_path / "clin"
-    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
+    assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
                         "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "3 patients (train, val)" in text and "| lv_ef_pct | 3 | 0.00 | +0.00 |" in text
@@ -80,7 +82,7 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     # With the shipped basal ES check: its expected excess comes off the ES volumes, and the CSV holds
     # every record's values in their own columns (the per-slice probabilities are text).
     checked = tmp_path / "checked"
-    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
+    assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
                         "--basal-check", "shipped", "--out", str(checked)]) == 0
     capsys.readouterr()
     with open(checked / "clinical.csv", newline="") as f:
@@ -91,10 +93,10 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
         assert float(r["pred_rv_esv_ml"]) == pytest.approx(float(r["ref_rv_esv_ml"]) - excess, abs=1e-3)
     # A model's masks: segmented here, on the val split by default.
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    assert report.main(["clinical", "--model", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "m")]) == 0
+    assert report_cli.main(["clinical", "--model", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "m")]) == 0
     assert "1 patients (val)" in capsys.readouterr().out
     # Shards without spacing: one line, exit 2.
     (src / "info.csv").unlink()
     prepare(PrepareConfig(source=src, out=tmp_path / "bare", progress=False))
-    assert report.main(["clinical", "--masks", str(tmp_path), "--data", str(tmp_path / "bare"), "--out", str(out)]) == 2
+    assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(tmp_path / "bare"), "--out", str(out)]) == 2
     assert "no spacing" in capsys.readouterr().err

@@ -28,10 +28,10 @@ pytestmark = pytest.mark.slow
 def registered(cluster, sample_shards):
     """raysegment-mobilenet_v2 v1 = the shipped MobileNetV2, made champion by the operator's override
     (its Dice is the file's claim here; scoring is the import test's subject)."""
-    from raysegment import registry
-    from raysegment.weights import shipped_weights
+    from raysegment.cli import registry as registry_cli
+    from raysegment.model.weights import shipped_weights
 
-    assert registry.main(["import", str(shipped_weights("mobilenet_v2")), "--force-champion",
+    assert registry_cli.main(["import", str(shipped_weights("mobilenet_v2")), "--force-champion",
                           "--mlflow-uri", cluster["mlflow"]]) == 0
 
 
@@ -43,12 +43,12 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     from mlflow import MlflowClient
 
     from conftest import write_checkpoint
-    from raysegment import registry
+    from raysegment.cli import registry as registry_cli
     from raysegment.config import ModelConfig, TrainConfig
-    from raysegment.metrics import dice_summary
-    from raysegment.models import build_model
-    from raysegment.report import evaluate
-    from raysegment.weights import export_weights, shipped_weights
+    from raysegment.analysis.metrics import dice_summary
+    from raysegment.model.unet import build_model
+    from raysegment.inference.evaluation import evaluate
+    from raysegment.model.weights import export_weights, shipped_weights
 
     torch.manual_seed(3)
     config = TrainConfig(data="x", model=ModelConfig(backbone="densenet121", decoder_width=8), image_size=64)
@@ -56,14 +56,14 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     garbage = export_weights(write_checkpoint(tmp_path / "g", build_model(config.model).eval(), config, claim),
                              tmp_path / "garbage.safetensors")
     client = MlflowClient(cluster["mlflow"])
-    assert registry.main(["import", str(garbage), "--mlflow-uri", cluster["mlflow"]]) == 0
-    assert registry.main(["import", str(garbage), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry_cli.main(["import", str(garbage), "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry_cli.main(["import", str(garbage), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
     unscored, scored = (client.get_model_version("raysegment-densenet121", v) for v in ("1", "2"))
     assert unscored.tags["evaluated"] == "false" and float(scored.tags["dice_mean"]) < 0.1
     assert not client.get_registered_model("raysegment-densenet121").aliases  # neither moved the alias
 
     path = shipped_weights("densenet121")
-    assert registry.main(["import", str(path), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry_cli.main(["import", str(path), "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
     champion = client.get_model_version_by_alias("raysegment-densenet121", "champion")
     expected = dice_summary(evaluate(str(path), sample_shards, splits=("val",)))
     assert champion.version == "3" and float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
@@ -71,8 +71,8 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     assert "evaluated" not in champion.tags
     # The version's weights digest is checked on every load: replaced weights in the artifact store
     # (another valid state dict) are refused.
-    from raysegment.checkpoint import DamagedWeights, state_digest
-    from raysegment.predict import Predictor
+    from raysegment.model.checkpoint import DamagedWeights, state_digest
+    from raysegment.inference.predictor import Predictor
 
     stored = [p for p in (cluster["root"] / "artifacts").rglob("model.pt")
               if state_digest(torch.load(p, weights_only=True)) == champion.tags["weights_sha256"]]
@@ -103,10 +103,11 @@ def _studies(root: Path, n_extra: int = 0) -> None:
 def diagnosis_registered(cluster):
     """raysegment-diagnosis v1 = the shipped classifier (JSON), registered through the CLI."""
     import raysegment
-    from raysegment import registry
+    from raysegment.cli import registry as registry_cli
+    from raysegment.registry import champion as registry
 
     shipped = Path(raysegment.__file__).with_name("shipped") / "diagnosis.json"
-    assert registry.main(["diagnosis", "shipped", "--mlflow-uri", cluster["mlflow"]]) == 0
+    assert registry_cli.main(["diagnosis", "shipped", "--mlflow-uri", cluster["mlflow"]]) == 0
     return shipped, registry.Registration("raysegment-diagnosis", "1", True, "")
 
 
@@ -115,7 +116,7 @@ def test_diagnosis_model_is_registered_with_its_accuracy_and_serves_the_same_pro
     import pandas as pd
     from mlflow import MlflowClient
 
-    from raysegment.diagnosis import FEATURES, load
+    from raysegment.analysis.diagnosis import FEATURES, load
 
     shipped, _ = diagnosis_registered
     model = load(shipped)
@@ -209,15 +210,15 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     import mlflow
     from mlflow import MlflowClient
 
-    from raysegment import registry
-    from raysegment.metrics import dice_summary
-    from raysegment.predict import Predictor
-    from raysegment.report import evaluate
+    from raysegment.cli import registry as registry_cli
+    from raysegment.analysis.metrics import dice_summary
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.evaluation import evaluate
 
-    from raysegment.weights import shipped_weights
+    from raysegment.model.weights import shipped_weights
 
     files = ["models:/raysegment-mobilenet_v2/1", str(shipped_weights("densenet121"))]  # 2-D + 2.5-D members
-    assert registry.main(["ensemble", "--member", "models:/raysegment-mobilenet_v2@champion", "--member", files[1],
+    assert registry_cli.main(["ensemble", "--member", "models:/raysegment-mobilenet_v2@champion", "--member", files[1],
                           "--data", str(sample_shards), "--mlflow-uri", cluster["mlflow"]]) == 0
     client = MlflowClient(cluster["mlflow"])
     v = client.get_model_version_by_alias("raysegment-ensemble", "champion")
@@ -247,10 +248,10 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
     import pyarrow.parquet as pq
     from servers import orthanc_available, running_orthanc
 
-    from raysegment import dicom
+    from raysegment.io import dicom
     from raysegment.config import PredictConfig
-    from raysegment.metrics import dice
-    from raysegment.predict import Predictor
+    from raysegment.analysis.metrics import dice
+    from raysegment.inference.predictor import Predictor
     from synth import sample_cine, write_dicom_cine
 
     if not orthanc_available():
@@ -309,7 +310,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
 
         # The next scheduled run finds nothing new, stores nothing and starts no Ray work (so it runs
         # here in-process: with nothing to segment it never connects to a cluster).
-        from raysegment import infer
+        from raysegment.cli import infer
 
         assert infer.main(args[1:]) == 0
         text = capsys.readouterr().out

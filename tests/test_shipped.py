@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from raysegment.metrics import dice_summary, score_records
-from raysegment.predict import Predictor
-from raysegment.prepare import read_h5_volume
-from raysegment.weights import SHIPPED_DIR, verify
+from raysegment.analysis.metrics import dice_summary, score_records
+from raysegment.inference.predictor import Predictor
+from raysegment.data.prepare import read_h5_volume
+from raysegment.model.weights import SHIPPED_DIR, verify
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
 BACKBONES = ("densenet121", "mobilenet_v2")

@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from raysegment.studies import (StudyError, acdc_phase, find_studies, gt_for, nifti_to_zyx, parse_info_cfg, read_study,
+from raysegment.io.studies import (StudyError, acdc_phase, find_studies, gt_for, nifti_to_zyx, parse_info_cfg, read_study,
                                 save_mask, zyx_to_nifti)
 from synth import make_nifti_patient
 
@@ -75,7 +75,7 @@ def test_bad_studies_raise_study_error(tmp_path):
 def test_output_inside_the_input_is_no_input_and_broken_links_are_kept(tmp_path):
     import os
 
-    from raysegment.studies import StudyError, read_study
+    from raysegment.io.studies import StudyError, read_study
 
     (tmp_path / "out" / "masks").mkdir(parents=True)
     for p in (tmp_path / "a.nii.gz", tmp_path / "out" / "masks" / "a_1234_seg.nii.gz"):
@@ -94,7 +94,7 @@ def test_output_inside_the_input_is_no_input_and_broken_links_are_kept(tmp_path)
 def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     import os
 
-    from raysegment.studies import atomic_write
+    from raysegment.io.studies import atomic_write
 
     old = os.umask(0o027)
     try:
@@ -105,7 +105,7 @@ def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
 
 
 def test_mask_names_differ_for_scan_nii_and_scan_nii_gz(tmp_path):
-    from raysegment.infer import mask_name
+    from raysegment.inference.batch import mask_name
 
     a, b = mask_name(tmp_path / "scan.nii"), mask_name(tmp_path / "scan.nii.gz")
     assert a != b and a.startswith("scan_") and b.endswith("_seg.nii.gz")

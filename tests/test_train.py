@@ -1,20 +1,19 @@
 """Training: augmentation, LR plan and the training step (fast); Ray Train integration (slow):
 exactly-once sharding, DDP weight sync, fault recovery, time budget, overfitting real slices."""
 
-import json
 
 import pytest
 import torch
 
 from conftest import SHARED_ACDC
-from raysegment.dataset import AugmentConfig, apply_augment, centre_crop, load_volumes, resize_slice, sample_augment
-from raysegment.losses import LossConfig, segmentation_loss
-from raysegment.checkpoint import load_checkpoint
+from raysegment.data.dataset import AugmentConfig, apply_augment, centre_crop, load_volumes, resize_slice, sample_augment
+from raysegment.model.losses import LossConfig, segmentation_loss
+from raysegment.model.checkpoint import load_checkpoint
 from raysegment.config import PredictConfig
-from raysegment.models import ModelConfig, build_model
-from raysegment.predict import Predictor
-from raysegment.prepare import PrepareConfig, prepare
-from raysegment.train import RunSpec, TrainConfig, train, train_step
+from raysegment.model.unet import ModelConfig, build_model
+from raysegment.inference.predictor import Predictor
+from raysegment.data.prepare import PrepareConfig, prepare
+from raysegment.training.train import RunSpec, TrainConfig, train, train_step
 from synth import make_h5_dataset
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
@@ -47,7 +46,7 @@ def _stored_order(keys):
 
 @pytest.mark.slow
 def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shards):
-    from raysegment.train import _train_dataset
+    from raysegment.training.train import _train_dataset
 
     def epochs(seed, n=3):
         it = _train_dataset(TrainConfig(data=str(tiny_shards), seed=seed, **TINY), RunSpec()).iterator()
@@ -126,7 +125,7 @@ def test_augmentation_warps_every_context_channel_alike():
 def test_resize_batch_builds_context_channels(tiny_shards):
     import pyarrow.parquet as pq
 
-    from raysegment.dataset import resize_batch
+    from raysegment.data.dataset import resize_batch
 
     table = pq.read_table(tiny_shards / "train").to_pydict()
     out = resize_batch(table, 32, context_slices=1)
@@ -141,7 +140,7 @@ def test_resize_batch_builds_context_channels(tiny_shards):
 
 
 def test_time_budget_plans_the_epochs_that_fit_and_anneals_by_then():
-    from raysegment.train import _lr_at, planned_epochs
+    from raysegment.training.train import _lr_at, planned_epochs
 
     fixed = TrainConfig(data="x", epochs=20)
     assert planned_epochs(fixed, 3, 1e6) == 20
@@ -204,8 +203,8 @@ def test_overfits_a_few_real_slices(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    from raysegment.checkpoint import LoadedModel
-    from raysegment.metrics import dice
+    from raysegment.model.checkpoint import LoadedModel
+    from raysegment.analysis.metrics import dice
 
     pred = Predictor(LoadedModel(model, config, "overfit"), PredictConfig(precision="fp32")).predict(
         vol.image[keep], normalized=True)
@@ -216,9 +215,9 @@ def test_overfits_a_few_real_slices(tmp_path):
 def test_resume_loads_the_optimizer_moments_onto_the_parameters_device(tmp_path):
     """The order a GPU resume needs, shown on CPU: the model moves ("meta" stands in for CUDA)
     before the optimizer state loads, so Adam's moments follow the parameters."""
-    from raysegment.checkpoint import save_checkpoint
-    from raysegment.models import build_model
-    from raysegment.train import restore_run
+    from raysegment.model.checkpoint import save_checkpoint
+    from raysegment.model.unet import build_model
+    from raysegment.training.train import restore_run
 
     config = TrainConfig(data="unused", **TINY)
     model = build_model(config.model)
@@ -237,7 +236,7 @@ def test_resume_loads_the_optimizer_moments_onto_the_parameters_device(tmp_path)
 
 
 def test_lr_scales_with_the_workers_and_fp16_gpu_runs_get_equal_shards():
-    from raysegment.train import RunSpec, lr_scale_for, needs_equal_shards
+    from raysegment.training.train import RunSpec, lr_scale_for, needs_equal_shards
 
     config = TrainConfig(data="unused", **TINY)
     assert lr_scale_for(config, 1) == 1.0 and lr_scale_for(config, 4) == 2.0  # sqrt by default
@@ -253,7 +252,7 @@ def test_lr_scales_with_the_workers_and_fp16_gpu_runs_get_equal_shards():
 
 def test_worker_threads_follow_the_cpus_ray_assigned_on_the_workers_node():
     from raysegment.config import available_cpus
-    from raysegment.train import worker_threads
+    from raysegment.training.train import worker_threads
 
     auto = TrainConfig(data="u")
     node = available_cpus()

@@ -1,7 +1,8 @@
 import pytest
 
 from raysegment.config import TrainConfig
-from raysegment.tune import SEARCHED, _parse_fixed, apply_params, search_space
+from raysegment.cli.tune import _parse_fixed
+from raysegment.training.tune import SEARCHED, apply_params, search_space
 
 
 def test_apply_params_maps_the_search_space_onto_the_config():
@@ -34,7 +35,7 @@ class _Result:
 
 
 def test_trial_table_ranks_trials_by_their_best_epoch():
-    from raysegment.tune import trial_table
+    from raysegment.training.tune import trial_table
 
     def epoch(e, mean, path):
         return {"epoch": e, "dice_rv": mean - 0.01, "dice_myo": mean, "dice_lv": mean + 0.01, "dice_mean": mean,

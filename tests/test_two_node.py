@@ -52,7 +52,7 @@ def two_nodes(tmp_path_factory):
 
 def test_two_node_training_spreads_workers_and_data(two_nodes):
     env, root = two_nodes["env"], two_nodes["root"]
-    from raysegment.prepare import PrepareConfig, prepare
+    from raysegment.data.prepare import PrepareConfig, prepare
 
     # 5 train patients x 2 phases x 3 slices = 30 slices in 4 files, so reads can spread.
     src = make_h5_dataset(root / "src", patients=(1, 2, 3, 4, 5, 6), val=(6,), shape=(3, 40, 48))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import write_checkpoint
-from raysegment.models import build_model, with_context
-from raysegment.weights import checkpoint_from_weights, export_weights, init_state_dict, load_weights_file
+from raysegment.model.unet import build_model, with_context
+from raysegment.model.weights import checkpoint_from_weights, export_weights, init_state_dict, load_weights_file
 from synth import synthetic_volume
 
 
@@ -27,16 +27,17 @@ def test_weights_file_round_trip(tmp_path, tiny_model):
 
 
 def test_weights_cli_writes_checksums_that_catch_corruption(tmp_path, tiny_model, tiny_checkpoint):
-    from raysegment import weights
+    from raysegment.cli import weights as weights_cli
+    from raysegment.model import weights
 
     out = tmp_path / "shipped" / "mobilenet_v2.safetensors"
-    assert weights.main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert weights_cli.main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
     assert (out.parent / "SHA256SUMS").read_text().split() == [weights.sha256(out), "mobilenet_v2.safetensors"]
-    assert weights.main(["verify", "--folder", str(out.parent)]) == 0
+    assert weights_cli.main(["verify", "--folder", str(out.parent)]) == 0
     data = bytearray(out.read_bytes())
     data[-1] ^= 0xFF
     out.write_bytes(bytes(data))
-    assert weights.main(["verify", "--folder", str(out.parent)]) == 1
+    assert weights_cli.main(["verify", "--folder", str(out.parent)]) == 1
 
 
 def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint):
@@ -65,9 +66,9 @@ def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint
 def test_a_damaged_weights_file_is_refused_on_every_load(tmp_path):
     import shutil
 
-    from raysegment.checkpoint import DamagedWeights
-    from raysegment.predict import Predictor
-    from raysegment.weights import init_state_dict, load_tensors, saved_config, shipped_weights
+    from raysegment.model.checkpoint import DamagedWeights
+    from raysegment.inference.predictor import Predictor
+    from raysegment.model.weights import init_state_dict, load_tensors, saved_config, shipped_weights
 
     good = shipped_weights("mobilenet_v2")
     load_tensors(good)  # intact: its digest matches

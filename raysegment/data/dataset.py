@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from raysegment.config import AugmentConfig
-from raysegment.prepare import Volume
+from raysegment.data.prepare import Volume
 
 TRAIN_COLUMNS = ["patient", "phase", "slice", "height", "width", "image", "label"]
 
@@ -99,9 +99,9 @@ def resize_batch(batch: dict, image_size: int, context_slices: int = 0, pixel_mm
         if context_slices:
             below, above = np.asarray(nb, np.float32).reshape(2, h, w)
             img = np.stack([below, img, above])
-        i, l = grid_slice(img, np.asarray(lab, np.uint8).reshape(h, w), image_size, sp, pixel_mm)
-        images.append(i.numpy())
-        labels.append(l.numpy())
+        image, label = grid_slice(img, np.asarray(lab, np.uint8).reshape(h, w), image_size, sp, pixel_mm)
+        images.append(image.numpy())
+        labels.append(label.numpy())
     return {
         "image": np.stack(images),
         "label": np.stack(labels),
@@ -117,17 +117,17 @@ def read_split(shards: str | Path, split: str, image_size: int, context_slices: 
 
     path = Path(shards) / split
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no '{split}' shards; run raysegment.prepare first")
+        raise FileNotFoundError(f"{path}: no '{split}' shards; run raysegment.data.prepare first")
     if context_slices:
         first = next(iter(sorted(path.glob("*.parquet"))), None)
         if first is None or "neighbours" not in pq.read_schema(first).names:
-            raise ValueError(f"{path}: shards have no 'neighbours' column (written by an older raysegment.prepare); "
-                             f"re-run raysegment.prepare to train with context_slices={context_slices}")
+            raise ValueError(f"{path}: shards have no 'neighbours' column (written by an older raysegment.data.prepare); "
+                             f"re-run raysegment.data.prepare to train with context_slices={context_slices}")
     if pixel_mm:
         first = next(iter(sorted(path.glob("*.parquet"))), None)
         if first is None or "spacing" not in pq.read_schema(first).names:
-            raise ValueError(f"{path}: shards have no 'spacing' column (written by an older raysegment.prepare); "
-                             f"re-run raysegment.prepare to train with pixel_mm={pixel_mm}")
+            raise ValueError(f"{path}: shards have no 'spacing' column (written by an older raysegment.data.prepare); "
+                             f"re-run raysegment.data.prepare to train with pixel_mm={pixel_mm}")
     ds = ray.data.read_parquet(str(path)).select_columns(train_columns(context_slices, pixel_mm))
     ds = ds.map_batches(resize_batch, fn_kwargs={"image_size": image_size, "context_slices": context_slices,
                                                  "pixel_mm": pixel_mm},

@@ -4,7 +4,7 @@ MLflow loads this file, and the model rebuilds itself from the logged artifact f
 ``checkpoint/`` (``model.pt`` state dict read with ``weights_only=True``, ``config.json``).
 ``predict`` takes one image volume (z, H, W) or slice (H, W), any intensity scale, and returns
 a uint8 label mask of the same shape (0 bg, 1 RV, 2 MYO, 3 LV). It is the same ``Predictor``
-that ``raysegment.infer`` and ``report`` use (default ``PredictConfig``), so it gives the same
+that ``raysegment.inference.batch`` and ``report`` use (default ``PredictConfig``), so it gives the same
 masks; pass ``params={"spacing_mm": [z, y, x]}`` when the spacing is known (as infer knows it
 from the NIfTI header), else the RV contact distance is in pixels. An ensemble version averages
 its members' softmax.
@@ -21,8 +21,8 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
-        from raysegment.checkpoint import load_checkpoint
-        from raysegment.predict import Predictor
+        from raysegment.model.checkpoint import load_checkpoint
+        from raysegment.inference.predictor import Predictor
 
         if "members" in context.artifacts:  # a raysegment-ensemble version: members/0, members/1, ...
             folders = sorted((p for p in Path(context.artifacts["members"]).iterdir() if p.is_dir()),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.studies import StudyError
+from raysegment.io.studies import StudyError
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -209,7 +209,7 @@ def _enhanced_planes(ds) -> list[dict]:
     shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds else None
     planes = []
     for i, fg in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        def pick(name):
+        def pick(name, fg=fg, i=i):
             for group in (fg, shared):
                 if group is not None and name in group:
                     return group[name].value[0]
@@ -318,8 +318,8 @@ def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir:
     """One DICOM SEG per cine frame (``masks``: (T, Z, Y, X) labels) under ``out_dir`` → the files."""
     import highdicom as hd
 
-    from raysegment import __version__
-    from raysegment.studies import atomic_write
+    from raysegment.config import VERSION as __version__
+    from raysegment.io.studies import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     descriptions = segment_descriptions(model_version)

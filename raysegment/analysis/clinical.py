@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment import CLASS_NAMES
+from raysegment.config import CLASS_NAMES
 
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 # QC bounds (mL) for a single cavity or myocardium of an adult heart; outside is implausible.

@@ -1,6 +1,6 @@
 """MLflow pyfunc of the diagnosis classifier, defined from code (its artifact is the model's JSON).
 
-``predict`` takes feature rows (a DataFrame with the ``raysegment.diagnosis.FEATURES`` columns, or an
+``predict`` takes feature rows (a DataFrame with the ``raysegment.analysis.diagnosis.FEATURES`` columns, or an
 (N, features) array) and returns a DataFrame: ``group`` and one ``p_<GROUP>`` column per class.
 """
 
@@ -15,14 +15,14 @@ class DiagnosisPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
-        from raysegment.diagnosis import DiagnosisModel
+        from raysegment.analysis.diagnosis import DiagnosisModel
 
         self.model = DiagnosisModel.from_json(Path(context.artifacts["diagnosis"]).read_text())
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from raysegment.diagnosis import FEATURES
+        from raysegment.analysis.diagnosis import FEATURES
 
         x = model_input[list(FEATURES)].to_numpy(float) if hasattr(model_input, "columns") else np.asarray(model_input, float)
         p = self.model.predict_proba(x)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from raysegment import CLASS_NAMES
+from raysegment.config import CLASS_NAMES
 
 
 @dataclass(frozen=True)

@@ -13,26 +13,23 @@ beats the current champion's on the same manifest.
 
 ``raysegment-ensemble`` versions (``python -m raysegment.registry ensemble``) hold
 ``members/0``, ``members/1``, ... instead of ``checkpoint/``; their pyfunc, ``Predictor.load`` and
-``raysegment.infer`` average the members' softmax. Tags: ``members`` (pinned versions or file
+``raysegment.inference.batch`` average the members' softmax. Tags: ``members`` (pinned versions or file
 hashes), ``flip_tta`` (how the Dice tags were measured) and the Dice of the ensemble itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from raysegment import disable_telemetry
-from raysegment.checkpoint import save_checkpoint
-from raysegment.config import DEFAULT_TRACKING_URI
+from raysegment.runtime import disable_telemetry
+from raysegment.model.checkpoint import save_checkpoint
 
 CHAMPION = "champion"
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
@@ -166,7 +163,7 @@ def register_checkpoint(
     mlflow.set_tracking_uri(tracking_uri)
     uri = _in_run(run_id, f"register-{backbone}", lambda: log_checkpoint_model(checkpoint_dir))
     tags = {k: f"{float(metrics[k]):.6f}" for k in DICE_KEYS}
-    from raysegment.checkpoint import read_state_dict, state_digest
+    from raysegment.model.checkpoint import read_state_dict, state_digest
 
     tags.update(manifest_hash=config.get("manifest_hash", ""), git_commit=git_commit(), backbone=backbone,
                 config=json.dumps(config, sort_keys=True)[:4900],
@@ -187,10 +184,10 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
     flip TTA as asked (tag ``flip_tta``); ``members`` lists the pinned member versions."""
     import mlflow
 
-    from raysegment.metrics import dice_summary
-    from raysegment.predict import is_registry_uri, load_models, model_version
-    from raysegment.prepare import load_manifest
-    from raysegment.report import evaluate
+    from raysegment.analysis.metrics import dice_summary
+    from raysegment.inference.predictor import is_registry_uri, load_models, model_version
+    from raysegment.data.prepare import load_manifest
+    from raysegment.inference.evaluation import evaluate
 
     disable_telemetry()
     if len(members) < 2:
@@ -241,9 +238,9 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
     its own ``state.json`` fills them, tagged ``evaluated=false``, and it never becomes champion
     (a file can claim any Dice)."""
     if shards is not None:
-        from raysegment.metrics import dice_summary
-        from raysegment.prepare import load_manifest
-        from raysegment.report import evaluate
+        from raysegment.analysis.metrics import dice_summary
+        from raysegment.data.prepare import load_manifest
+        from raysegment.inference.evaluation import evaluate
 
         with tempfile.TemporaryDirectory() as tmp:  # a copy: its config gets the manifest it was scored on
             ckpt = Path(tmp) / "checkpoint"
@@ -264,7 +261,7 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
 def import_weights(weights_file: str | Path, tracking_uri: str, shards: str | Path | None = None,
                    force_champion: bool = False) -> Registration:
     """Register a ``.safetensors`` weights file (digest checked), scored as ``register_scored``."""
-    from raysegment.weights import checkpoint_from_weights
+    from raysegment.model.weights import checkpoint_from_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint_from_weights(weights_file, Path(tmp) / "checkpoint")
@@ -275,14 +272,14 @@ DIAGNOSIS_MODEL = "raysegment-diagnosis"
 
 
 def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registration:
-    """Register a ``raysegment.diagnosis fit`` JSON as the next version of ``raysegment-diagnosis``,
+    """Register a ``python -m raysegment.diagnosis fit`` JSON as the next version of ``raysegment-diagnosis``,
     tagged with its cross-validated accuracy and the segmenter whose masks it learnt from. It becomes
     champion when its accuracy is at least the champion's (or there is none)."""
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
 
-    from raysegment.diagnosis import FEATURES, load
+    from raysegment.analysis.diagnosis import FEATURES, load
 
     model = load(model_file)
     acc = float(model.meta.get("accuracy", float("nan")))
@@ -300,7 +297,7 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
     client = MlflowClient(tracking_uri)
     mv = mlflow.register_model(uri, DIAGNOSIS_MODEL)
     client.update_registered_model(DIAGNOSIS_MODEL, description="ACDC diagnosis (NOR/MINF/DCM/HCM/RV) from "
-                                   "segmentation-derived features; JSON classifier (raysegment.diagnosis)")
+                                   "segmentation-derived features; JSON classifier (raysegment.analysis.diagnosis)")
     tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),
             "patients": str(model.meta.get("patients", "")), "manifest_hash": str(model.meta.get("manifest_hash", "")),
             "git_commit": git_commit()}
@@ -316,60 +313,3 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
     if promote:
         client.set_registered_model_alias(DIAGNOSIS_MODEL, CHAMPION, mv.version)
     return Registration(name=DIAGNOSIS_MODEL, version=str(mv.version), champion=promote, reason=reason)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
-    p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="register a weights file (.safetensors), scored on the val split of --data")
-    imp.add_argument("weights")
-    imp.add_argument("--data", default=None, help="shards whose val split scores it (Dice tags, champion rule); "
-                                                  "without it the file's own Dice claim is tagged and it is never champion")
-    imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    imp.add_argument("--force-champion", action="store_true")
-    ens = sub.add_parser("ensemble", help="register an ensemble (raysegment-ensemble) of two or more models, "
-                                          "scored on the val split of --data")
-    ens.add_argument("--member", required=True, action="append", dest="members",
-                     help="models:/NAME@ALIAS or /VERSION, checkpoint folder or .safetensors file; repeat it")
-    ens.add_argument("--data", required=True, help="shards whose val split scores the ensemble (Dice tags)")
-    ens.add_argument("--flip-tta", action="store_true", help="score the ensemble with flip TTA (tag flip_tta)")
-    ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    ens.add_argument("--force-champion", action="store_true")
-    reg = sub.add_parser("register", help="register a training checkpoint folder, scored on the val split of --data")
-    reg.add_argument("checkpoint")
-    reg.add_argument("--data", default=None, help="as for import")
-    reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    reg.add_argument("--force-champion", action="store_true")
-    dg = sub.add_parser("diagnosis", help="register a `raysegment.diagnosis fit` JSON as raysegment-diagnosis "
-                                          "(champion when its CV accuracy is at least the champion's)")
-    dg.add_argument("model_file", help="the JSON file, or 'shipped'")
-    dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    disable_telemetry()
-    try:
-        if a.cmd == "import":
-            r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
-        elif a.cmd == "diagnosis":
-            from raysegment.diagnosis import SHIPPED
-
-            r = register_diagnosis(SHIPPED if a.model_file == "shipped" else Path(a.model_file), tracking_uri=a.mlflow_uri)
-        elif a.cmd == "ensemble":
-            r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
-                                  force_champion=a.force_champion)
-        else:
-            r = register_scored(a.checkpoint, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
-    except (ValueError, FileNotFoundError) as exc:  # DamagedWeights included
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"registered {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Argument checks and options shared by the commands: counts and files checked before Ray
+starts (one ``error:`` line, exit 2), the recipe options of ``train`` and ``tune``. Top layer."""
+
+from __future__ import annotations
+import argparse
+from pathlib import Path
+from raysegment.io import storage
+from raysegment.config import (AugmentConfig, ModelConfig, TrainConfig, default_of)
+from raysegment.model.unet import BACKBONES
+from raysegment.training.train import RunSpec
+
+
+COUNTS = ("workers", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
+          "threads", "actors")
+POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor")
+
+
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
+    first problem, instead of a traceback from inside Ray minutes later."""
+    for name in COUNTS:
+        value = getattr(a, name, None)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    for name in POSITIVE:
+        value = getattr(a, name, None)
+        zero_ok = name in ("final_minutes", "gpus_per_worker")  # 0: no final stage, no GPU
+        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    data = getattr(a, "data", None)
+    if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
+        p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
+    if data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
+        p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
+    init = getattr(a, "init_weights", None)
+    if init and init != "shipped":
+        from raysegment.model.weights import saved_config
+
+        try:
+            saved_config(resolve_init_weights(init, a.backbone))  # a missing file: its own SystemExit
+        except Exception as exc:
+            p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+
+
+def resolve_init_weights(value: str | None, backbone: str) -> str | None:
+    """CLI value → absolute path ('shipped' → the weights bundled with raysegment for ``backbone``)."""
+    if not value:
+        return None
+    if value == "shipped":
+        from raysegment.model.weights import shipped_weights
+
+        return str(shipped_weights(backbone))
+    path = Path(value).resolve()
+    if not path.exists():
+        raise SystemExit(f"error: --init-weights {value}: no such file or folder")
+    return str(path)
+
+
+def _td(name: str):
+    return default_of(TrainConfig, name)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Options ``train`` and ``tune`` share: the recipe and where the run goes; defaults from the configs."""
+    p.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
+    p.add_argument("--workers", type=int, default=default_of(RunSpec, "num_workers"), help="Ray Train workers (per trial)")
+    p.add_argument("--cpus-per-worker", type=float, default=default_of(RunSpec, "cpus_per_worker"))
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: this node's cores shared among the workers)")
+    p.add_argument("--batch-size", type=int, default=_td("batch_size"), help="slices per worker step")
+    p.add_argument("--crop-size", type=int, default=_td("crop_size"), help="training crop, pixels")
+    p.add_argument("--flip-prob", type=float, default=default_of(AugmentConfig, "flip_prob"),
+                   help="probability of a left-right flip in augmentation (0: keep the scanner's orientation)")
+    aug = AugmentConfig()
+    p.add_argument("--rotation-deg", type=float, default=aug.rotation_deg, help="augmentation: rotations up to ± this, degrees")
+    p.add_argument("--scale", type=float, nargs=2, default=aug.scale, metavar=("LO", "HI"),
+                   help="augmentation: zoom factor range")
+    p.add_argument("--pixel-mm", type=float, default=_td("pixel_mm"),
+                   help="network grid pixel size, mm (default: every slice stretched to --image-size²)")
+    p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
+    p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
+                   help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
+    p.add_argument("--seed", type=int, default=_td("seed"))
+    p.add_argument("--storage", default=default_of(RunSpec, "storage_path"),
+                   help="shared storage for checkpoints (local dir or URI)")
+    p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a new local Ray)")
+    p.add_argument("--verbose", action="store_true", help="Ray's own progress bars and INFO lines on the console")
+
+
+def augment_from_args(a: argparse.Namespace) -> AugmentConfig:
+    """The augmentation options of ``add_run_arguments`` as a config."""
+    return AugmentConfig(flip_prob=a.flip_prob, rotation_deg=a.rotation_deg, scale=tuple(a.scale))

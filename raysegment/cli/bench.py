@@ -1,0 +1,433 @@
+"""Benchmarks. Numbers go in the README, never into timed test assertions.
+
+    python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
+    python -m raysegment.bench infer --data /tmp/shards --model shipped:densenet121
+    python -m raysegment.bench data --data /tmp/shards --cpus 1
+
+``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
+a bare single-process loop with the same model, batch, crop, augmentation and precision, in
+one run. The first epoch of each is warm-up (Ray Data start, allocator, kernel selection).
+Both loops call the same ``train.train_step``.
+
+``gpu-smoke``: a ten-minute check of a GPU node (bench train on both backbones at two batch sizes,
+1 epoch then a resumed 2nd, GPU vs CPU inference masks), one JSON + markdown summary;
+``--dry-run`` prints its steps anywhere.
+
+``infer``: per study, the Predictor's pure forward time (inside the network) next to what
+``raysegment.inference.batch`` spends (its whole batch run on the same studies written as NIfTI, without
+ground truth, after Ray is up), in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
+from raysegment.model.unet import BACKBONES
+
+
+def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "cpu") -> dict:
+    """A plain PyTorch loop over pre-resized train slices held in memory, stepping with ``train_step``:
+    slices/s and, on a GPU, its peak memory (MiB) and the share of the steps' wall time the GPU
+    spends in kernels (profiled over up to 10 more steps)."""
+    import pyarrow.parquet as pq
+
+    from raysegment.data.dataset import resize_batch, train_columns
+    from raysegment.model.unet import build_model
+    from raysegment.training.train import autocast_dtype, train_step
+
+    torch.set_num_threads(config.threads_per_worker or torch_threads(None, 1))
+    n = config.batch_size * (steps + warmup)
+    table = pq.read_table(os.path.join(config.data, "train"))
+    table = table.take([i % table.num_rows for i in range(n)])  # as many batches as asked, on any data
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in train_columns(config.model.context_slices, config.pixel_mm)}
+    data = resize_batch(cols, config.image_size, config.model.context_slices, config.pixel_mm)
+    images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+    torch.manual_seed(config.seed)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    model = build_model(config.model).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    dtype = autocast_dtype(config.precision, dev)
+    scaler = torch.amp.GradScaler(device, enabled=cuda and dtype == torch.float16)
+    gen = torch.Generator().manual_seed(0)
+
+    def run(first: int, last: int):
+        loss_sum = torch.zeros((), device=dev)
+        for step in range(first, last):
+            sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
+            loss_sum += train_step(model, opt, scaler, images[sl], labels[sl], config, gen, dev, dtype)
+        return float(loss_sum)  # one sync at the end, as the Ray loop does per epoch
+
+    run(0, warmup)
+    t0 = time.perf_counter()
+    run(warmup, warmup + steps)
+    wall = time.perf_counter() - t0
+    out = {"slices_per_s": steps * config.batch_size / wall, "device": str(dev)}
+    if cuda:
+        out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        prof_steps = min(steps, 10)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            t1 = time.perf_counter()
+            run(warmup, warmup + prof_steps)
+            prof_wall = time.perf_counter() - t1
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+        out["gpu_busy_share"] = round(min(1.0, kernel_us / 1e6 / prof_wall), 3)
+    return out
+
+
+def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True,
+                           gpu: bool = False) -> tuple[float, list[dict]]:
+    """Ray Train with 1 worker; slices/s of the epochs after the first (warm-up) epoch."""
+    import tempfile
+
+    from raysegment.runtime import ensure_ray
+    from raysegment.training.train import RunSpec, train
+
+    ensure_ray()
+    cfg = replace(config, epochs=3, max_steps_per_epoch=steps, val_patients=config.val_patients)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(cfg, RunSpec(num_workers=1, use_gpu=gpu, cpus_per_worker=cpus_per_worker, storage_path=tmp, name="bench",
+                                             keep_checkpoints=None, cache_data=cache_data))
+        columns = ["epoch", "train_slices", "train_seconds", "data_wait_seconds"]
+        rows = result.metrics_dataframe.sort_values("epoch")[columns].to_dict("records")
+    later = rows[1:]
+    return sum(r["train_slices"] for r in later) / sum(r["train_seconds"] for r in later), rows
+
+
+def bench_train(args) -> dict:
+    from raysegment.data.dataset import load_volumes
+
+    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]
+    config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone, context_slices=args.context_slices),
+                         batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
+                         precision=args.precision, threads_per_worker=torch_threads(args.threads, 1),
+                         val_patients=val_one)
+    from raysegment.runtime import ensure_ray
+
+    # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
+    ensure_ray()
+    if args.gpu:  # the bare loop on a GPU worker too: the driver (a cluster's head) may have none
+        import ray
+
+        bare = ray.get(ray.remote(num_gpus=1, num_cpus=args.cpus_per_worker)(bare_loop).remote(
+            config, args.steps, device="cuda"))
+    else:
+        bare = bare_loop(config, args.steps, device="cpu")
+    ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu)
+    out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
+           "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
+           "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
+           "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epochs": rows,
+           **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
+    return out
+
+
+def bench_data(args) -> dict:
+    """Input-pipeline rates for capacity planning (slices/s).
+
+    * ``pipeline``: Ray Data read_parquet → resample to ``image_size`` (what ``cache_data=False``
+      does every epoch, and ``cache_data=True`` once), on ``cpus`` Ray CPUs; the second pass is
+      timed, the first starts Ray's workers.
+    * ``augment``: sample_augment + apply_augment with one torch thread (what every train worker
+      does per step; on a GPU worker apply_augment runs on the GPU).
+    """
+    import ray
+
+    from raysegment.data.dataset import apply_augment, read_split, sample_augment
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        ds = read_split(args.data, "train", args.image_size)
+        rates, batch = [], None
+        for _ in range(2):
+            t0, n = time.perf_counter(), 0
+            for b in ds.iter_batches(batch_size=args.batch_size, batch_format="numpy"):
+                n += len(b["image"])
+                batch = batch or b
+            rates.append(n / (time.perf_counter() - t0))
+    finally:
+        ray.shutdown()
+    torch.set_num_threads(1)
+    aug = TrainConfig(data=args.data).augment
+    images, labels = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+    gen = torch.Generator().manual_seed(0)
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        apply_augment(images, labels, sample_augment(labels, aug, args.crop_size, gen), args.crop_size)
+    augment = reps * len(images) / (time.perf_counter() - t0)
+    return {"cpus": args.cpus, "image_size": args.image_size, "crop_size": args.crop_size, "slices": n,
+            "pipeline_slices_per_s": round(rates[1], 1), "pipeline_slices_per_s_per_cpu": round(rates[1] / args.cpus, 1),
+            "augment_slices_per_s_one_thread": round(augment, 1)}
+
+
+def write_studies(volumes, folder: Path, spacing_zyx=(10.0, 1.5625, 1.5625)) -> list[Path]:
+    """Shard volumes as int16 NIfTI studies (as scanners export them), no ground truth beside them."""
+    import nibabel as nib
+
+    from raysegment.io.studies import zyx_to_nifti
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    affine = np.diag([spacing_zyx[2], spacing_zyx[1], spacing_zyx[0], 1.0])
+    for v in volumes:
+        img = nib.Nifti1Image(zyx_to_nifti(np.round(v.image * 1000).astype(np.int16)), affine)
+        img.header.set_zooms(tuple(spacing_zyx[::-1]))
+        path = folder / f"{v.patient}_{v.phase}.nii.gz"
+        nib.save(img, str(path))
+        paths.append(path)
+    return paths
+
+
+def bench_infer(args) -> dict:
+    """Seconds per study: the Predictor's pure forward pass vs ``raysegment.inference.batch`` end to end."""
+    import tempfile
+
+    from raysegment.config import PredictConfig
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.batch import InferConfig, run_batch
+    from raysegment.inference.predictor import Predictor
+    from raysegment.io.studies import read_study
+    from raysegment.runtime import ensure_ray
+
+    model = args.model or f"shipped:{args.backbone}"
+    predict = PredictConfig(batch_size=args.batch_size, precision=args.precision)
+    threads = torch_threads(args.threads, 1)
+    volumes = load_volumes(args.data, "val")[: args.volumes]
+    if len(volumes) < args.volumes:  # a larger batch: train volumes after the val ones
+        volumes += load_volumes(args.data, "train")[: args.volumes - len(volumes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        studies = write_studies(volumes, Path(tmp) / "in")
+        # In-process: the same studies, read and predicted as the actor does, forward time counted.
+        torch.set_num_threads(threads)
+        predictor = Predictor.load(model, predict)
+        _, frames, zooms = read_study(studies[0])
+        predictor.predict(frames[0])  # warm-up (allocator, kernel selection)
+        predictor.forward_seconds = 0.0
+        t0 = time.perf_counter()
+        for path in studies:
+            _, frames, zooms = read_study(path)
+            for f in frames:
+                predictor.predict(f, spacing=(zooms[2], zooms[1], zooms[0]))
+        predict_s = (time.perf_counter() - t0) / len(studies)
+        forward_s = predictor.forward_seconds / len(studies)
+        # The batch job: local Ray up first (not counted), then one run over the folder.
+        ensure_ray()
+        config = InferConfig(models=(model,), input=str(Path(tmp) / "in"), output=str(Path(tmp) / "out"),
+                             predict=predict, actors=args.actors, progress=False)
+        t0 = time.perf_counter()
+        summary = run_batch(config)
+        infer_total = time.perf_counter() - t0
+        infer_s = infer_total / len(studies)
+        ledger = [json.loads(line) for line in (Path(tmp) / "out" / "ledger.jsonl").read_text().splitlines()]
+    actor_s = float(np.mean([e["seconds"] for e in ledger]))
+    actor_forward_s = float(np.mean([e["forward_seconds"] for e in ledger]))
+    # Actor start, hashing, results, report: what the actors' study time (run side by side) leaves.
+    fixed_s = infer_total - sum(e["seconds"] for e in ledger) / summary["actors"]
+    return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
+            "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),
+            "precision": predictor.config.precision, "threads": threads, "actors": summary["actors"],
+            "segmented": summary["segmented"],
+            "forward_s_per_study": round(forward_s, 4), "predict_s_per_study": round(predict_s, 4),
+            "infer_actor_forward_s_per_study": round(actor_forward_s, 4), "infer_actor_s_per_study": round(actor_s, 4),
+            "infer_s_per_study": round(infer_s, 4),
+            "infer_fixed_s": round(fixed_s, 2), "infer_over_forward": round(infer_s / forward_s, 2)}
+
+
+# --------------------------------------------------------------------------- GPU smoke test
+
+SMOKE_BATCHES = (8, 64)  # the default batch and a large one
+
+
+def smoke_plan(out: Path, shards: Path, studies: Path) -> list[tuple[str, list[str]]]:
+    """(step, command) of the GPU smoke test, in order: every step is one of raysegment's CLIs."""
+    py = [sys.executable, "-m"]
+    plan = [(f"bench train {b} batch {n}", py + ["raysegment.bench", "train", "--data", str(shards), "--backbone", b,
+                                                 "--batch-size", str(n), "--steps", "30", "--gpu"])
+            for b in BACKBONES for n in SMOKE_BATCHES]
+    run = ["--data", str(shards), "--gpu", "--storage", str(out / "runs"), "--name", "smoke", "--cpus-per-worker", "1"]
+    plan += [("train 1 epoch", py + ["raysegment.train", *run, "--epochs", "1"]),
+             ("resume it for a 2nd epoch", py + ["raysegment.train", *run, "--epochs", "2"])]
+    infer = ["raysegment.infer", "--model", "shipped:mobilenet_v2", "--input", str(studies), "--report-figures", "0"]
+    plan += [("infer on the GPU", py + infer + ["--output", str(out / "infer-gpu"), "--gpu"]),
+             ("infer on the CPU", py + infer + ["--output", str(out / "infer-cpu")])]
+    return plan
+
+
+def mask_agreement(a: Path, b: Path) -> float:
+    """Share of voxels with equal labels in the same-named masks of two ``infer`` outputs."""
+    import nibabel as nib
+
+    equal = total = 0
+    for path in sorted((a / "masks").glob("*.nii.gz")):
+        x, y = np.asarray(nib.load(str(path)).dataobj), np.asarray(nib.load(str(b / "masks" / path.name)).dataobj)
+        equal += int((x == y).sum())
+        total += x.size
+    if not total:
+        raise ValueError(f"no masks in {a / 'masks'}")
+    return equal / total
+
+
+def gpu_smoke(args) -> dict:
+    """Run (or with ``--dry-run`` print) the GPU smoke test; its summary goes to OUT/gpu-smoke.json and .md."""
+    import subprocess
+
+    from raysegment.data.dataset import load_volumes
+    from raysegment.training.tune import default_sample_shards
+
+    out = Path(args.out).resolve()
+    shards, studies = out / "sample-shards", out / "studies"
+    plan = smoke_plan(out, shards, studies)
+    if args.dry_run:
+        print(f"# raysegment GPU smoke test (dry run): bundled sample → {shards}, its volumes as NIfTI → {studies}")
+        for i, (what, cmd) in enumerate(plan, 1):
+            print(f"{i}. {what}: {' '.join(cmd[1:])}")
+        return {"dry_run": True, "steps": [what for what, _ in plan]}
+    if not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device here (run with --dry-run to see the plan)")
+    out.mkdir(parents=True, exist_ok=True)
+    default_sample_shards(shards)
+    if not studies.exists():
+        write_studies(load_volumes(shards, "val") + load_volumes(shards, "train")[:4], studies)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip()
+    summary = {"device": torch.cuda.get_device_name(0), "driver": driver, "cuda": torch.version.cuda,
+               "torch": torch.__version__, "bf16": torch.cuda.is_bf16_supported(), "steps": []}
+    logs = {}
+    for what, cmd in plan:
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.step_timeout)
+        logs[what] = r.stdout + r.stderr
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / (what.replace(" ", "_") + ".log")).write_text(logs[what])
+        step = {"step": what, "ok": r.returncode == 0, "seconds": round(time.perf_counter() - t0, 1)}
+        if what.startswith("bench train") and r.returncode == 0:
+            step.update(json.loads(next(line for line in r.stdout.splitlines() if line.startswith("{"))))
+            step.pop("ray_epochs", None)
+        summary["steps"].append(step)
+        print(f"[raysegment] smoke: {what}: {'ok' if step['ok'] else 'FAILED'} ({step['seconds']} s)", flush=True)
+    summary["resumed"] = "resumed from checkpoint at epoch 0" in logs["resume it for a 2nd epoch"]
+    try:
+        summary["gpu_cpu_mask_agreement"] = mask_agreement(out / "infer-gpu", out / "infer-cpu")
+    except (OSError, ValueError) as exc:
+        summary["gpu_cpu_mask_agreement"] = None
+        summary["agreement_error"] = str(exc)
+    summary["passed"] = (all(s["ok"] for s in summary["steps"]) and summary["resumed"]
+                         and (summary["gpu_cpu_mask_agreement"] or 0) >= 0.999)
+    (out / "gpu-smoke.json").write_text(json.dumps(summary, indent=2))
+    (out / "gpu-smoke.md").write_text(smoke_markdown(summary))
+    return summary
+
+
+def smoke_markdown(summary: dict) -> str:
+    lines = [f"# GPU smoke test: {'PASSED' if summary['passed'] else 'FAILED'}", "",
+             f"{summary['device']}, driver {summary['driver']}, CUDA {summary['cuda']}, torch {summary['torch']}, "
+             f"bf16 {summary['bf16']}", "",
+             "| step | ok | s | bare slices/s | Ray Train slices/s | ratio | peak MiB | GPU busy |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary["steps"]:
+        lines.append(f"| {s['step']} | {s['ok']} | {s['seconds']} | {s.get('bare_slices_per_s', '')} | "
+                     f"{s.get('ray_slices_per_s', '')} | {s.get('ratio', '')} | {s.get('peak_mem_mib', '')} | "
+                     f"{s.get('gpu_busy_share', '')} |")
+    lines += ["", f"Resumed from the first run's checkpoint: {summary['resumed']}. GPU vs CPU masks: "
+              f"{summary['gpu_cpu_mask_agreement']} of voxels equal (needs ≥ 0.999)."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.bench`` command line (also used to dry-run job specs)."""
+    from raysegment.config import PredictConfig
+
+    td = lambda name: default_of(TrainConfig, name)  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m raysegment.bench")
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
+    t.add_argument("--data", required=True)
+    t.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=td("batch_size"))
+    t.add_argument("--crop-size", type=int, default=td("crop_size"))
+    t.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
+                   help="2.5-D input (neighbouring slices)")
+    t.add_argument("--image-size", type=int, default=td("image_size"))
+    t.add_argument("--precision", default=td("precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--cpus-per-worker", type=float, default=1.0)
+    t.add_argument("--gpu", action="store_true", help="both loops on one GPU")
+    d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
+    d.add_argument("--data", required=True)
+    d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
+    d.add_argument("--batch-size", type=int, default=td("batch_size"))
+    d.add_argument("--image-size", type=int, default=td("image_size"))
+    d.add_argument("--crop-size", type=int, default=td("crop_size"))
+    i = sub.add_parser("infer", help="seconds per study: the Predictor's forward pass vs raysegment.inference.batch end to end")
+    i.add_argument("--data", required=True, help="shards; their val (then train) volumes become the studies")
+    i.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES,
+                   help="shipped weights of this backbone, unless --model is given")
+    i.add_argument("--model", default=None, help="any reference raysegment.inference.batch takes")
+    i.add_argument("--volumes", type=int, default=20)
+    i.add_argument("--batch-size", type=int, default=default_of(PredictConfig, "batch_size"))
+    i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
+    i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
+    g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
+    g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
+    g.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
+    g.add_argument("--step-timeout", type=float, default=300, help="seconds per step")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from raysegment.runtime import disable_telemetry
+
+    disable_telemetry()
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.what == "train":
+        out = bench_train(a)
+        print(json.dumps(out))
+        print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
+              f"slices/s, ratio {out['ratio']:.2f}")
+    elif a.what == "data":
+        out = bench_data(a)
+        print(json.dumps(out))
+        print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
+              f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
+    elif a.what == "gpu-smoke":
+        out = gpu_smoke(a)
+        if not out.get("dry_run"):
+            print(json.dumps(out))
+            return 0 if out["passed"] else 1
+    else:
+        out = bench_infer(a)
+        print(json.dumps(out))
+        print(f"{out['backbone']} ({out['precision']}, {out['threads']} threads in-process, {out['actors']} actors, "
+              f"{out['studies']} studies of "
+              f"{out['mean_slices']} slices): forward {out['forward_s_per_study']:.3f} s/study | Predictor "
+              f"{out['predict_s_per_study']:.3f} | per study in one of the {out['actors']} actors "
+              f"{out['infer_actor_s_per_study']:.3f} | infer "
+              f"{out['infer_s_per_study']:.3f} s/study = {out['infer_over_forward']:.2f}× forward (of which "
+              f"{out['infer_fixed_s']:.1f} s per batch: actor start, results, report)")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.cli.bench by reference.
+    from raysegment.cli.bench import main as _main
+
+    sys.exit(_main())

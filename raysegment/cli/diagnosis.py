@@ -1,0 +1,175 @@
+"""``python -m raysegment.diagnosis``: cross-validated masks, fitting the classifier and the basal
+ES check, over ``raysegment.analysis.diagnosis``. Top layer: may import every stage."""
+
+from __future__ import annotations
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from raysegment.analysis.diagnosis import (
+    FEATURES, all_volumes, basal_check_agreement, basal_table, confusion_markdown, cross_validate,
+    excess_by_slice, fit, fit_basal_check, load, load_crossval_masks, patient_features,
+    save_bundle,
+)
+from raysegment.training.crossval import crossval_fold
+
+
+def _fit_command(a) -> int:
+    from raysegment.data.prepare import load_manifest
+
+    manifest = load_manifest(a.data)
+    volumes = all_volumes(a.data)
+    masks = load_crossval_masks(a.masks, volumes)
+    # The basal check learns from the train split only, so val keeps measuring it on unseen patients.
+    basal = fit_basal_check(volumes, masks, set(manifest["splits"]["train"]), seed=a.seed)
+    names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal)
+    if len(set(y)) < 2 or len(names) < 10:
+        print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    cv = cross_validate(x, y, repeats=a.repeats, seed=a.seed)
+    meta = {"accuracy": cv["accuracy"], "accuracy_sd": cv["accuracy_sd"], "cv": cv, "segmenter": a.segmenter,
+            "patients": len(names), "manifest_hash": manifest.get("content_hash", ""), "masks": str(a.masks)}
+    model = replace(fit(x, y, seed=a.seed, meta=meta), basal_rv=basal)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(model.to_json() + "\n")
+    table = confusion_markdown(cv)
+    summary = (f"Diagnosis from predicted masks: {cv['folds']}-fold stratified CV × {cv['repeats']} on {cv['n']} patients, "
+               f"accuracy {cv['accuracy']:.3f} ± {cv['accuracy_sd']:.3f} (SD over repeats); confusion summed over repeats:")
+    a.out.with_suffix(".md").write_text(summary + "\n\n" + table + "\n")
+    with open(a.out.with_suffix(".features.csv"), "w") as f:
+        f.write(",".join(("patient", "group") + FEATURES) + "\n")
+        for n, g, row in zip(names, y, x):
+            f.write(",".join([n, g] + [f"{v:.4g}" for v in row]) + "\n")
+    print(summary)
+    print(table)
+    print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s); register it with "
+          f"`python -m raysegment.registry diagnosis {a.out} --mlflow-uri URI`")
+    return 0
+
+
+def _basal_command(a) -> int:
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor, predicted_masks
+    from raysegment.data.prepare import load_manifest
+
+    manifest = load_manifest(a.data)
+    volumes = [v for v in all_volumes(a.data) if v.spacing is not None]
+    if not volumes:
+        print(f"error: {a.data}: no volumes with spacing (re-run raysegment.data.prepare beside info.csv / with NIfTI headers)",
+              file=sys.stderr)
+        return 2
+    current = load(a.diagnosis, a.mlflow_uri)
+    predictors = {ref: Predictor.load(ref, PredictConfig(), a.mlflow_uri) for ref in a.model}
+    if a.ensemble and len(a.model) > 1:
+        flips = all(m.config.augment.flip_prob > 0 for p in predictors.values() for m in p.members)
+        predictors[" + ".join(a.model) + (" (flip TTA)" if flips else "")] = Predictor.load(
+            a.model, PredictConfig(flip_tta=flips), a.mlflow_uri)
+    mask_sets = {}
+    for name, predictor in predictors.items():
+        t0 = time.perf_counter()
+        mask_sets[name] = predicted_masks(predictor, volumes)
+        print(f"{name}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
+    train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
+    where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",
+             "| masks | structure | slice 0 | 1 | 2 | 3 | below |", "|---|---|---|---|---|---|---|"]
+    for name, masks in mask_sets.items():
+        for structure, row in excess_by_slice(volumes, masks, train).items():
+            where.append(f"| {name} | {structure} | " + " | ".join(f"{x:+.2f}" for x in row) + " |")
+    print("\n".join(where), flush=True)
+    records, check = basal_check_agreement(volumes, mask_sets, {"none": None, f"{a.diagnosis}'s": current.basal_rv},
+                                           train, val, seed=a.seed)
+    if check is None:
+        print("error: the train split's basal ES slices are all of one kind: nothing to fit", file=sys.stderr)
+        return 2
+    check["segmenters"] = list(mask_sets)
+    check["manifest_hash"] = manifest.get("content_hash", "")
+    model = replace(current, basal_rv=check)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(model.to_json() + "\n")
+    table = basal_table(records)
+    head = (f"Basal ES check fitted on the masks of {', '.join(mask_sets)} on {len(train)} train patients; "
+            f"train rows: patient-grouped 5-fold CV; val rows: the check fitted on every train patient.")
+    a.out.with_suffix(".basal.md").write_text(head + "\n\n" + table + "\n\n" + "\n".join(where) + "\n")
+    print(head)
+    print(table)
+    print(f"wrote {a.out} (the classifier of {a.diagnosis} with this check) and {a.out.with_suffix('.basal.md')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raysegment.config import TrainConfig, default_of
+
+    p = argparse.ArgumentParser(prog="python -m raysegment.diagnosis", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    cv = sub.add_parser("crossval-masks", help="train one segmenter per fold, segment its held-out patients")
+    cv.add_argument("--data", required=True, help="shards folder (both splits are used) or a `pack` bundle .npz")
+    cv.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--fold", type=int, action="append", help="only these folds (repeat; default: all, one after another)")
+    cv.add_argument("--backbone", default="mobilenet_v2")
+    cv.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of each fold's training (min)")
+    cv.add_argument("--epochs", type=int, default=200, help="most epochs per fold")
+    cv.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
+    cv.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="1: 2.5-D input (slices k-1, k, k+1)")
+    cv.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke tests)")
+    cv.add_argument("--device", default="cpu")
+    cv.add_argument("--seed", type=int, default=0)
+    ft = sub.add_parser("fit", help="features of cross-validated masks → repeated CV accuracy, the fitted model (JSON)")
+    ft.add_argument("--data", required=True, help="the shards the masks were made from (spacing, height, weight)")
+    ft.add_argument("--masks", required=True, type=Path, help="a `crossval-masks` folder")
+    ft.add_argument("--out", required=True, type=Path, help="the model's JSON file (beside it: FILE.md, FILE.features.csv)")
+    ft.add_argument("--segmenter", default="", help="what made the masks, recorded with the model (e.g. a model version)")
+    ft.add_argument("--repeats", type=int, default=10)
+    ft.add_argument("--seed", type=int, default=0)
+    bs = sub.add_parser("basal", help="fit the basal ES check on segmenters' own masks of the train split, compare it "
+                                      "(patient-grouped CV on train, then val) and write it into a diagnosis model")
+    bs.add_argument("--data", required=True, help="shards with spacing (both splits are segmented)")
+    bs.add_argument("--model", action="append", required=True, help="a segmenter (repeat: each one's masks are pooled)")
+    bs.add_argument("--ensemble", action="store_true",
+                    help="also pool the masks of all --model together (softmax averaged, flip TTA where every member allows it)")
+    bs.add_argument("--diagnosis", default="shipped", help="the diagnosis model whose check is compared and replaced")
+    bs.add_argument("--out", required=True, type=Path, help="the diagnosis JSON to write (beside it: FILE.basal.md)")
+    bs.add_argument("--mlflow-uri", default=None)
+    bs.add_argument("--seed", type=int, default=0)
+    pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
+    pk.add_argument("--data", required=True)
+    pk.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.command == "pack":
+        volumes = all_volumes(a.data)
+        save_bundle(volumes, a.out)
+        print(f"{len(volumes)} volumes → {a.out} ({a.out.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+    if a.command == "fit":
+        return _fit_command(a)
+    if a.command == "basal":
+        return _basal_command(a)
+    if a.command == "crossval-masks":
+        from raysegment.config import ModelConfig, TrainConfig
+
+        if a.folds < 2 or any(not 0 <= f < a.folds for f in a.fold or []):
+            p.error(f"--folds must be ≥ 2 and every --fold in 0..{a.folds - 1}")
+        volumes = all_volumes(a.data)
+        config = TrainConfig(data=str(a.data), model=ModelConfig(backbone=a.backbone, context_slices=a.context_slices),
+                             epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, seed=a.seed,
+                             max_steps_per_epoch=a.max_steps)
+        for fold in a.fold or range(a.folds):
+            s = crossval_fold(volumes, fold, a.folds, config, a.device, a.out, seed=a.seed)
+            print(f"fold {fold}: {len(s['patients'])} patients segmented after {len(s['history'])} epochs "
+                  f"({s['minutes']:.1f} min)", flush=True)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    from raysegment.cli.diagnosis import main as _main  # the importable module's main (pickling, as the other CLIs)
+
+    sys.exit(_main())

@@ -1,0 +1,88 @@
+"""``python -m raysegment.infer``: the scheduled batch job's command line, a thin layer over
+``raysegment.inference.batch``. Top layer: may import every stage."""
+
+from __future__ import annotations
+import argparse
+import sys
+from raysegment.runtime import disable_telemetry
+from raysegment.config import PredictConfig, default_of
+from raysegment.inference.batch import InferConfig, run_batch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.infer`` command line (also used to dry-run job specs)."""
+    d = lambda name: default_of(InferConfig, name)  # noqa: E731
+    pd = lambda name: default_of(PredictConfig, name)  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m raysegment.infer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, action="append", dest="models",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder, .safetensors file or "
+                        "shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")
+    p.add_argument("--input", required=True,
+                   help="a folder (NIfTI studies and DICOM files, found by content) or a DICOMweb URL "
+                        "(http://HOST:PORT/dicom-web): MR series found by QIDO-RS, SEGs stored back by STOW-RS")
+    p.add_argument("--output", required=True)
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
+    p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
+    p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
+    p.add_argument("--precision", default=pd("precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--actors", type=int, default=d("actors"),
+                   help="inference actors (default: as many as the cluster's free CPUs, or GPUs with --gpu, hold)")
+    p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"))
+    p.add_argument("--gpus-per-actor", type=float, default=d("gpus_per_actor"),
+                   help="GPU share per actor (e.g. 1, or 0.5 for two actors on one GPU); > 0 predicts on CUDA")
+    p.add_argument("--gpu", action="store_const", const=1.0, dest="gpus_per_actor", help="one GPU per actor")
+    p.add_argument("--max-attempts", type=int, default=d("max_attempts"),
+                   help="tries of a study whose worker process dies, then it is recorded as failed")
+    p.add_argument("--threads", type=int, default=d("threads"),
+                   help="torch threads per actor (default: its CPUs, or with --actors the node's cores shared among them)")
+    p.add_argument("--report-figures", type=int, default=d("report_figures"), help="overlay PNGs in report.md")
+    p.add_argument("--limit", type=int, default=d("limit"), help="segment at most N new studies this run")
+    p.add_argument("--diagnosis", default=d("diagnosis"),
+                   help="ACDC diagnosis of patients with ED and ES (Info.cfg): 'shipped', a JSON file from "
+                        "`python -m raysegment.diagnosis fit`, models:/raysegment-diagnosis@champion, or 'none'")
+    p.add_argument("--no-store", action="store_true",
+                   help="DICOMweb input: keep the SEGs under OUTPUT/dicom/, do not STOW-RS them to the server")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="segment again studies that failed for good before (environment errors are always retried)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    from raysegment.cli.args import check_args
+
+    check_args(p, a)
+    for ref in a.models:  # local files are checked here, not by an actor after Ray has started
+        if not (ref.startswith("models:/") or ref.startswith("shipped:")):
+            from raysegment.model.weights import saved_config
+
+            try:
+                saved_config(ref)
+            except Exception as exc:
+                p.error(f"--model {ref}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+    disable_telemetry()
+    config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
+                         predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,
+                                               batch_size=a.batch_size, precision=a.precision),
+                         actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
+                         threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
+                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
+    try:
+        summary = run_batch(config)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"[raysegment] done: {summary}")
+    # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
+    # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.
+    return 1 if summary["errors"] else 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.inference.batch by reference.
+    from raysegment.cli.infer import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,43 @@
+"""The ``raysegment`` console script: ``raysegment COMMAND [options]`` runs ``python -m raysegment.COMMAND``.
+
+May import every stage (it is the top layer); imports a command's module only when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "prepare": ("raysegment.cli.prepare", "ACDC (NIfTI or HDF5) → Parquet shards"),
+    "train": ("raysegment.cli.train", "one Ray Train run"),
+    "tune": ("raysegment.cli.tune", "Ray Tune + Optuna search, final run, registration"),
+    "infer": ("raysegment.cli.infer", "segment new studies (folder or PACS) on a schedule"),
+    "registry": ("raysegment.cli.registry", "register, import, promote, ensemble models"),
+    "report": ("raysegment.cli.report", "evaluation, clinical agreement, figures"),
+    "diagnosis": ("raysegment.cli.diagnosis", "ACDC diagnosis: CV masks, fit, basal check"),
+    "weights": ("raysegment.cli.weights", "export, seal, verify weights files"),
+    "bench": ("raysegment.cli.bench", "speed and memory benchmarks"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: raysegment COMMAND [options]   (each command: raysegment COMMAND --help)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

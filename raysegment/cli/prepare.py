@@ -1,0 +1,58 @@
+"""``python -m raysegment.prepare``: ACDC → Parquet shards from the command line, over
+``raysegment.data.prepare``. Top layer."""
+
+from __future__ import annotations
+import argparse
+import sys
+from pathlib import Path
+from raysegment.config import default_of
+from raysegment.data.prepare import PrepareConfig, PrepareError, prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.prepare`` command line (also used to dry-run job specs)."""
+    p = argparse.ArgumentParser(prog="python -m raysegment.prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI or SSL4MIS h5)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
+    d = lambda name: default_of(PrepareConfig, name)  # noqa: E731
+    p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5"])
+    p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
+    p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    config = PrepareConfig(
+        source=a.source,
+        out=a.out,
+        source_format=a.format,
+        val_file=a.val_file,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
+    )
+    try:
+        manifest = prepare(config)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only or full disk under --out: nothing half-written is left (prepare cleans up)
+        print(f"error: cannot write {a.out}: {exc.strerror or exc}"
+              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}", file=sys.stderr)
+        return 2
+    c = manifest["counts"]
+    print(
+        f"wrote {a.out}: patients {c['patients']}, volumes {c['volumes']}, slices {c['slices']}, "
+        f"hash {manifest['content_hash'][:12]}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

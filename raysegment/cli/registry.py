@@ -1,0 +1,67 @@
+"""``python -m raysegment.registry``: register, import, promote and ensemble models from the command
+line, over ``raysegment.registry.champion``. Top layer."""
+
+from __future__ import annotations
+import argparse
+import sys
+from pathlib import Path
+from raysegment.runtime import disable_telemetry
+from raysegment.config import DEFAULT_TRACKING_URI
+from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
+    p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="register a weights file (.safetensors), scored on the val split of --data")
+    imp.add_argument("weights")
+    imp.add_argument("--data", default=None, help="shards whose val split scores it (Dice tags, champion rule); "
+                                                  "without it the file's own Dice claim is tagged and it is never champion")
+    imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    imp.add_argument("--force-champion", action="store_true")
+    ens = sub.add_parser("ensemble", help="register an ensemble (raysegment-ensemble) of two or more models, "
+                                          "scored on the val split of --data")
+    ens.add_argument("--member", required=True, action="append", dest="members",
+                     help="models:/NAME@ALIAS or /VERSION, checkpoint folder or .safetensors file; repeat it")
+    ens.add_argument("--data", required=True, help="shards whose val split scores the ensemble (Dice tags)")
+    ens.add_argument("--flip-tta", action="store_true", help="score the ensemble with flip TTA (tag flip_tta)")
+    ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    ens.add_argument("--force-champion", action="store_true")
+    reg = sub.add_parser("register", help="register a training checkpoint folder, scored on the val split of --data")
+    reg.add_argument("checkpoint")
+    reg.add_argument("--data", default=None, help="as for import")
+    reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    reg.add_argument("--force-champion", action="store_true")
+    dg = sub.add_parser("diagnosis", help="register a `python -m raysegment.diagnosis fit` JSON as raysegment-diagnosis "
+                                          "(champion when its CV accuracy is at least the champion's)")
+    dg.add_argument("model_file", help="the JSON file, or 'shipped'")
+    dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    disable_telemetry()
+    try:
+        if a.cmd == "import":
+            r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
+        elif a.cmd == "diagnosis":
+            from raysegment.analysis.diagnosis import SHIPPED
+
+            r = register_diagnosis(SHIPPED if a.model_file == "shipped" else Path(a.model_file), tracking_uri=a.mlflow_uri)
+        elif a.cmd == "ensemble":
+            r = register_ensemble(a.members, shards=a.data, tracking_uri=a.mlflow_uri, flip_tta=a.flip_tta,
+                                  force_champion=a.force_champion)
+        else:
+            r = register_scored(a.checkpoint, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
+    except (ValueError, FileNotFoundError) as exc:  # DamagedWeights included
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"registered {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""``python -m raysegment.report``: evaluation, clinical agreement and figures from the command
+line, over ``raysegment.reporting.report``. Top layer: may import every stage."""
+
+from __future__ import annotations
+import argparse
+import csv
+import sys
+from pathlib import Path
+from raysegment.config import PredictConfig
+from raysegment.reporting.report import (SPLITS, bland_altman, clinical_records, clinical_summary, clinical_table, dice_table)
+from raysegment.inference.evaluation import evaluate, figures
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
+    p = argparse.ArgumentParser(prog="python -m raysegment.report")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
+    ev.add_argument("--model", required=True, action="append",
+                    help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--splits", nargs="+", default=list(SPLITS))
+    ev.add_argument("--mlflow-uri", default=None)
+    ev.add_argument("--flip-tta", action="store_true")
+    ev.add_argument("--no-largest-component", action="store_true",
+                    help="score the raw argmax, without keeping each structure's largest 3-D component")
+    ev.add_argument("--out", default=None, help="folder for records.json and table.md")
+    cl = sub.add_parser("clinical", help="clinical indices (EDV, ESV, EF, mass, wall thickness) against the "
+                                         "reference masks: MAE, bias, limits of agreement, r, Bland-Altman plots")
+    src = cl.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", action="append", help="segment with this model (repeat: an ensemble)")
+    src.add_argument("--masks", type=Path, help="a `python -m raysegment.diagnosis crossval-masks` folder instead of a model")
+    cl.add_argument("--data", required=True, help="shards with spacing (prepare reads info.csv / NIfTI headers)")
+    cl.add_argument("--basal-check", default="none",
+                    help="apply the basal ES check of a diagnosis model ('shipped', a JSON file, models:/…) or 'none'")
+    cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
+    cl.add_argument("--splits", nargs="+", default=["val"])
+    cl.add_argument("--mlflow-uri", default=None)
+    cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
+    fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
+    fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="checkpoint folder or .safetensors file, repeatable")
+    fi.add_argument("--data", required=True)
+    fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
+    fi.add_argument("--out", required=True)
+    return p
+
+
+def _clinical_command(a) -> int:
+    from raysegment.data.dataset import load_volumes
+    from raysegment.data.prepare import load_manifest
+
+    manifest = load_manifest(a.data)
+    volumes = [v for split in a.splits for v in load_volumes(a.data, split)]
+    if a.masks:
+        from raysegment.analysis.diagnosis import load_crossval_masks
+
+        masks = load_crossval_masks(a.masks, volumes)
+        source = f"cross-validated masks in {a.masks}"
+    else:
+        from raysegment.inference.predictor import Predictor, predicted_masks
+
+        masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes)
+        source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
+    basal = None
+    if a.basal_check != "none":
+        from raysegment.analysis.diagnosis import load
+
+        basal = load(a.basal_check, a.mlflow_uri).basal_rv
+        source += f", basal ES check of {a.basal_check}"
+    try:
+        records = clinical_records(volumes, masks, manifest.get("patients", {}), basal)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = clinical_table(clinical_summary(records))
+    head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
+    print(head)
+    print(table)
+    a.out.mkdir(parents=True, exist_ok=True)
+    png = bland_altman(records, a.out / "bland_altman.png")
+    (a.out / "clinical.md").write_text(f"{head}\n\n{table}\n\n![Bland-Altman]({png.name})\n")
+    with open(a.out / "clinical.csv", "w", newline="") as f:  # csv quotes what holds a comma
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+        writer.writeheader()
+        writer.writerows(records)
+    print(f"wrote {a.out / 'clinical.md'}, {png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    from raysegment.runtime import disable_telemetry
+
+    p = build_parser()
+    a = p.parse_args(argv)
+    disable_telemetry()
+    if a.cmd == "clinical":
+        return _clinical_command(a)
+    if a.cmd == "figures":
+        models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
+        for path in figures(models, a.data, Path(a.out), a.patient):
+            print(path)
+        return 0
+    try:
+        records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
+                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component)
+    except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = dice_table(records)
+    print(table)
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "records.json").write_text(json.dumps(records, indent=1))
+        (out / "table.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

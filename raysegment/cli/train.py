@@ -1,0 +1,81 @@
+"""``python -m raysegment.train``: the command line of one Ray Train run, a thin layer over
+``raysegment.training.train``. Top layer: may import every stage."""
+
+from __future__ import annotations
+import argparse
+import sys
+import time
+from pathlib import Path
+from raysegment.config import (LossConfig, ModelConfig, TrainConfig, default_of)
+from raysegment.cli.args import _td, add_run_arguments, augment_from_args, check_args, resolve_init_weights
+from raysegment.runtime import ensure_ray
+from raysegment.training.train import RunSpec, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.train`` command line (also used to dry-run job specs)."""
+    p = argparse.ArgumentParser(prog="python -m raysegment.train", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p)
+    p.add_argument("--data", required=True, help="shards folder from raysegment.data.prepare")
+    p.add_argument("--epochs", type=int, default=_td("epochs"), help="epochs (with --minutes: the most epochs)")
+    p.add_argument("--minutes", type=float, default=_td("time_budget_min"),
+                   help="wall-time budget for training + validation; the LR schedule is fitted to the epochs that fit")
+    p.add_argument("--gpu", action="store_const", const=1.0, dest="gpus_per_worker", default=0.0, help="one GPU per worker")
+    p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker",
+                   help="GPU share per worker (0.5: two workers or trials on one GPU)")
+    p.add_argument("--lr", type=float, default=_td("lr"))
+    p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"))
+    p.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
+                   help="neighbouring slices per side as extra input channels (1 = 2.5-D: slices k-1, k, k+1)")
+    loss = LossConfig()
+    p.add_argument("--ce-weight", type=float, default=loss.ce_weight)
+    p.add_argument("--dice-weight", type=float, default=loss.dice_weight)
+    p.add_argument("--class-weights", type=float, nargs=3, default=loss.class_weights, metavar=("RV", "MYO", "LV"))
+    p.add_argument("--image-size", type=int, default=_td("image_size"), help="square network grid, pixels")
+    p.add_argument("--weights", default=_td("weights"), choices=["imagenet"], help="encoder init (default: random)")
+    p.add_argument("--max-failures", type=int, default=default_of(RunSpec, "max_failures"))
+    p.add_argument("--placement", default=default_of(RunSpec, "placement"),
+                   choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
+                   help="how workers are placed on nodes (STRICT_SPREAD: one worker per node)")
+    p.add_argument("--audit-dir", default=None,
+                   help="debug: write, per epoch and rank, the slices seen, the node and a weights checksum (JSON)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_args(p, a)
+    config = TrainConfig(
+        data=str(Path(a.data).resolve()),
+        model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
+        loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
+        augment=augment_from_args(a),
+        epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
+        pixel_mm=a.pixel_mm,
+        precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
+        threads_per_worker=a.threads,
+        audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,
+    )
+    spec = RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0, gpus_per_worker=a.gpus_per_worker or 1.0,
+                   cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
+                   name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
+                   placement=a.placement, verbose=a.verbose)
+    ensure_ray(a.address, verbose=a.verbose)
+    result = train(config, spec)
+    if result.error:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    print(f"done: {spec.name} epochs {m['epoch'] + 1} val dice rv {m['dice_rv']:.3f} myo {m['dice_myo']:.3f} "
+          f"lv {m['dice_lv']:.3f} mean {m['dice_mean']:.3f}; checkpoint {result.checkpoint.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.training.train by reference.
+    from raysegment.cli.train import main as _main
+
+    sys.exit(_main())

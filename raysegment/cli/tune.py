@@ -1,0 +1,121 @@
+"""``python -m raysegment.tune``: the search command, a thin layer over ``raysegment.training.tune``.
+Top layer: may import every stage."""
+
+from __future__ import annotations
+import argparse
+import sys
+import time
+from pathlib import Path
+from raysegment.runtime import disable_telemetry
+from raysegment.config import (LossConfig, ModelConfig, TrainConfig, default_of)
+from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights
+from raysegment.runtime import ensure_ray
+from raysegment.training.train import RunSpec
+from raysegment.training.tune import SEARCHED, TuneSpec, default_sample_shards, run_search
+
+
+def _parse_fixed(items: list[str]) -> dict:
+    fixed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in SEARCHED:
+            raise SystemExit(f"error: --set {item!r}: expected NAME=VALUE with NAME in {', '.join(SEARCHED)}")
+        fixed[key] = int(value) if key == "decoder_width" else float(value)
+    return fixed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m raysegment.tune`` command line (also used to dry-run job specs)."""
+    d = lambda name: default_of(TuneSpec, name)  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m raysegment.tune", description=__doc__.split("\n\n")[0])
+    add_run_arguments(p)
+    p.add_argument("--data", default=None, help="shards from raysegment.data.prepare (default: the bundled sample)")
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"))
+    p.add_argument("--num-samples", type=int, default=d("num_samples"))
+    p.add_argument("--epochs", type=int, default=3, help="the most epochs per trial (ASHA stops weak trials early)")
+    p.add_argument("--concurrency", type=int, default=d("concurrency"), help="trials at once")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPU share per training worker (1; 0.5 runs two small trials on one GPU)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"pixels (default: {default_of(TrainConfig, 'image_size')}, or that of --init-weights)")
+    p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
+                   help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None)
+    p.add_argument("--grace-period", type=int, default=d("grace_period"))
+    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"pin a searched parameter ({', '.join(SEARCHED)})")
+    p.add_argument("--no-register", action="store_true")
+    p.add_argument("--final-minutes", type=float, default=d("final_minutes"),
+                   help="after the search, train the best trial's configuration from scratch for this many minutes "
+                        "and register its last epoch as a final model")
+    p.add_argument("--final-epochs", type=int, default=d("final_max_epochs"), help="the most epochs of the final run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    check_args(p, a)
+    disable_telemetry()
+    fixed = _parse_fixed(a.fixed)
+    data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
+    init = resolve_init_weights(a.init_weights, a.backbone)
+    image_size = a.image_size or default_of(TrainConfig, "image_size")
+    context = a.context_slices or 0
+    pixel_mm = a.pixel_mm
+    if init:
+        from raysegment.model.weights import saved_config
+
+        saved = saved_config(init)
+        image_size = a.image_size or saved.image_size
+        pixel_mm = a.pixel_mm if a.pixel_mm is not None else saved.pixel_mm
+        context = saved.model.context_slices if a.context_slices is None else a.context_slices
+        if context < saved.model.context_slices:
+            raise SystemExit(f"error: --init-weights is a 2.5-D model (context_slices {saved.model.context_slices}); "
+                             f"--context-slices {context} cannot load it")
+        if fixed.setdefault("decoder_width", saved.model.decoder_width) != saved.model.decoder_width:
+            raise SystemExit(f"error: --init-weights has decoder_width {saved.model.decoder_width}; "
+                             f"--set decoder_width={fixed['decoder_width']} cannot load it")
+    base = TrainConfig(
+        data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
+        augment=augment_from_args(a), precision=a.precision, pixel_mm=pixel_mm,
+        batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
+        max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
+        threads_per_worker=a.threads,
+    )
+    name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    spec = TuneSpec(base=base, run=RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0,
+                                           gpus_per_worker=a.gpus_per_worker or 1.0,
+                                           cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name,
+                                           sharing=a.concurrency, verbose=a.verbose),
+                    num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
+                    tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
+                    final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
+    ensure_ray(a.address, verbose=a.verbose)
+    summary = run_search(spec)
+    print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
+    for r in summary["trials"]:
+        params = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in SEARCHED if k in r)
+        print(f"  {params} epochs={r['epochs']} -> dice rv {r['dice_rv']:.3f} myo {r['dice_myo']:.3f} "
+              f"lv {r['dice_lv']:.3f} mean {r['dice_mean']:.3f}")
+    if "registered" in summary:
+        reg = summary["registered"]
+        print(f"[raysegment] registered {reg['name']} v{reg['version']}; champion: {reg['champion']} ({reg['reason']})")
+    if "final" in summary:
+        f = summary["final"]
+        print(f"[raysegment] final model ({f['epochs']} epochs, from trial {f['trial_id']}): dice rv {f['dice_rv']:.3f} "
+              f"myo {f['dice_myo']:.3f} lv {f['dice_lv']:.3f} mean {f['dice_mean']:.3f}")
+        if "registered" in f:
+            reg = f["registered"]
+            print(f"[raysegment] registered final {reg['name']} v{reg['version']}; champion: {reg['champion']} "
+                  f"({reg['reason']})")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's main, not this __main__ copy: Ray pickles functions and classes
+    # of __main__ by value (with every global they touch, e.g. torch.backends.cudnn, which cannot
+    # be pickled), those of raysegment.training.tune by reference.
+    from raysegment.cli.tune import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,45 @@
+"""``python -m raysegment.weights``: export, seal and verify weights files, over
+``raysegment.model.weights``. Top layer."""
+
+from __future__ import annotations
+import sys
+from raysegment.model.weights import SHIPPED_DIR, export_weights, seal, sha256, verify
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m raysegment.weights", description="shipped weights files")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
+    ex.add_argument("--fp32", action="store_true")
+    se = sub.add_parser("seal", help="write the tensor digest into an older weights file (checked on every load)")
+    se.add_argument("file")
+    ve = sub.add_parser("verify", help="check the files against SHA256SUMS")
+    ve.add_argument("--folder", default=str(SHIPPED_DIR))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "export":
+        out = export_weights(a.checkpoint, a.out, half=not a.fp32)
+        sums = out.parent / "SHA256SUMS"
+        lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(" " + out.name)]
+        digest = sha256(out)
+        sums.write_text("\n".join(sorted(lines + [f"{digest}  {out.name}"])) + "\n")
+        print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest}")
+        return 0
+    if a.cmd == "seal":
+        print(f"{a.file}: tensors sha256 {seal(a.file)}")
+        return 0
+    results = verify(a.folder)
+    for name, ok in results.items():
+        print(f"{name}: {'OK' if ok else 'MISMATCH'}")
+    return 0 if results and all(results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Scoring models on shards: per-volume Dice/HD95 records of a model or an ensemble, and the
+figures of its predictions. Runs the Predictor over data; the rendering is ``raysegment.reporting``."""
+
+from __future__ import annotations
+from pathlib import Path
+from raysegment.config import PredictConfig
+from raysegment.reporting.report import SPLITS, learning_curves, model_history, overlay_slices
+
+
+def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
+             flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
+    """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.analysis.metrics import score_records
+    from raysegment.inference.predictor import Predictor, predict_volumes
+
+    predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),
+                               tracking_uri)
+    records = []
+    for split in splits:
+        for v, pred in predict_volumes(predictor, load_volumes(shards, split)):
+            records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+    return records
+
+
+def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None) -> list[Path]:
+    """learning_curves.png over ``models`` (name → checkpoint/weights) and, per model, an overlay of
+    one val patient's ED and ES volumes (prediction solid, ground truth dashed)."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.predictor import Predictor, predict_volumes
+
+    written = []
+    histories = {name: h for name, ref in models.items() if (h := model_history(ref))}
+    if histories:
+        written.append(learning_curves(histories, out / "learning_curves.png"))
+    volumes = load_volumes(shards, "val")
+    patient = patient or volumes[0].patient
+    for name, ref in models.items():
+        predictor = Predictor.load(ref)
+        for v, pred in predict_volumes(predictor, (v for v in volumes if v.patient == patient)):
+            written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
+                                          title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
+                                          gt_zyx=v.label))
+    return written

@@ -1,0 +1,295 @@
+"""The Predictor: the one way raysegment applies a model to an image.
+
+Validation during training, ``report``, ``infer``, the MLflow pyfunc, ``raysegment.segment``
+and ``bench`` all call it, so the same study gives the same mask on every path. It owns what
+used to live at each call site:
+
+* normalisation (the per-volume percentiles recorded in the model's ``TrainConfig``),
+* the network grid (``image_size``) and 2.5-D context (``context_slices``) of each model,
+* device and precision (``auto`` resolved per device and recorded in ``Predictor.config``),
+* test-time augmentation (flip TTA only for models trained with flips),
+* ensembles: members' softmax averaged on the image's own grid,
+* post-processing: each structure's largest 3-D component, the RV's within a contact
+  distance of the myocardium/LV given in mm where the spacing is known.
+
+    from raysegment.inference.predictor import Predictor
+    predictor = Predictor.load(["a.safetensors", "models:/raysegment-densenet121@champion"])
+    labels = predictor.predict(volume_zyx, spacing=(10.0, 1.4, 1.4))   # uint8 (z, y, x)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raysegment.model.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
+from raysegment.config import PredictConfig, Precision, TrainConfig
+from raysegment.model.unet import with_context
+from raysegment.io.studies import normalize_intensity
+from raysegment.analysis.postprocess import contact_pixels, keep_largest_component
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None: no autocast (fp32)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). Without it oneDNN
+    emulates bf16, and a MobileNetV2 step runs ~13× slower than in fp32 (AVX2-only EPYC, measured)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # private helpers moved: ask oneDNN instead
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """``auto`` → bf16 on GPUs that have it (sm_80+) and on CPUs with native bf16; fp16 on older
+    GPUs; fp32 on CPUs without native bf16."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def check_flip_tta(config: TrainConfig) -> None:
+    """Flip test-time augmentation averages in the mirrored image's prediction; a model trained
+    without flips has never seen a mirrored heart, so refuse it."""
+    if config.augment.flip_prob == 0:
+        raise ValueError("flip TTA needs a model trained with left-right flips; this one was trained with "
+                         "augment.flip_prob=0 (train with --flip-prob 0.5 to use --flip-tta)")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def is_registry_uri(ref: str) -> bool:
+    return str(ref).startswith("models:/")
+
+
+def model_version(ref: str, tracking_uri: str | None = None) -> str:
+    """The version string results and ledgers key on, without loading the model:
+    ``NAME/VERSION`` for a registry URI (an alias resolved now), ``file:NAME:SHA256[:12]`` for files."""
+    from raysegment.model.weights import sha256
+
+    ref = str(ref)
+    if is_registry_uri(ref):
+        from mlflow import MlflowClient
+
+        name, _, alias = ref[len("models:/"):].partition("@")
+        if alias:
+            return f"{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version}"
+        return ref[len("models:/"):]
+    path = _local_path(ref)
+    weights = path / "model.pt" if path.is_dir() else path
+    return f"file:{path.name}:{sha256(weights)[:12]}"
+
+
+def _local_path(ref: str) -> Path:
+    if ref.startswith("shipped:"):
+        from raysegment.model.weights import shipped_weights
+
+        return shipped_weights(ref[len("shipped:"):])
+    path = Path(ref)
+    if is_checkpoint(path) or (path.is_file() and path.suffix == ".safetensors"):
+        return path
+    raise FileNotFoundError(f"{ref}: not a models:/ URI, a checkpoint folder (model.pt + config.json), "
+                            f"a .safetensors weights file or shipped:BACKBONE")
+
+
+def registered_folders(model_uri: str, tracking_uri: str | None, dst: str | Path) -> list[Path]:
+    """Download a registered version's checkpoint folder(s) → ``[checkpoint]`` for a single model,
+    ``[members/0, members/1, ...]`` for an ensemble (``python -m raysegment.registry ensemble``)."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=str(dst)))
+    if (root / "members").is_dir():
+        return sorted((p for p in (root / "members").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    return [root / "checkpoint"]
+
+
+def load_models(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> list[LoadedModel]:
+    """The model(s) of one reference: a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``;
+    an ensemble version gives its members), a checkpoint folder, a ``.safetensors`` weights file or
+    ``shipped:BACKBONE``."""
+    import tempfile
+
+    ref = str(ref)
+    if is_registry_uri(ref):
+        version = model_version(ref, tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = registered_folders(f"models:/{version}", tracking_uri, tmp)
+            if len(folders) == 1:
+                _check_registered_digest(folders[0], version, tracking_uri)
+            return [load_checkpoint(f, device, version=version) for f in folders]
+    return [load_model(ref, device=device)]
+
+
+def _check_registered_digest(folder: Path, version: str, tracking_uri: str | None) -> None:
+    """Refuse a registered checkpoint whose weights differ from the digest tagged at registration."""
+    from mlflow import MlflowClient
+
+    from raysegment.model.checkpoint import DamagedWeights, read_state_dict, state_digest
+
+    name, number = version.rsplit("/", 1)
+    expected = MlflowClient(tracking_uri).get_model_version(name, number).tags.get("weights_sha256")
+    if expected and state_digest(read_state_dict(folder)) != expected:
+        raise DamagedWeights(f"models:/{version}: the stored weights do not match the digest recorded when it was "
+                             f"registered (tag weights_sha256); the artifact was damaged or replaced")
+
+
+def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu") -> LoadedModel:
+    """One model (see ``load_models``); a registered ensemble is refused here."""
+    ref = str(ref)
+    if is_registry_uri(ref):
+        members = load_models(ref, tracking_uri, device)
+        if len(members) != 1:
+            raise ValueError(f"{ref} is an ensemble of {len(members)} models; use Predictor.load")
+        return members[0]
+    path = _local_path(ref)
+    version = model_version(str(path))
+    if path.is_dir():
+        return load_checkpoint(path, device, version=version)
+    from raysegment.model.weights import load_weights_file
+
+    return replace(load_weights_file(path, device), version=version)
+
+
+# --------------------------------------------------------------------------- post-processing
+
+
+# --------------------------------------------------------------------------- the Predictor
+
+
+class Predictor:
+    """Applies one model, or an ensemble of models, to (z, y, x) volumes on their own grid."""
+
+    def __init__(self, members: LoadedModel | Sequence[LoadedModel], config: PredictConfig = PredictConfig(),
+                 version: str | None = None):
+        members = [members] if isinstance(members, LoadedModel) else list(members)
+        if not members:
+            raise ValueError("a Predictor needs at least one model")
+        classes = {m.config.model.num_classes for m in members}
+        if len(classes) > 1:
+            raise ValueError(f"ensemble members disagree on the number of classes: {sorted(classes)}")
+        if config.flip_tta:
+            for m in members:
+                check_flip_tta(m.config)
+        self.device = torch.device(config.device)
+        self.config = replace(config, precision=resolve_precision(config.precision, self.device))
+        self.dtype = AUTOCAST_DTYPES[self.config.precision]
+        self.members = [replace(m, model=m.model.to(self.device).eval()) for m in members]
+        self.num_classes = classes.pop()
+        # What results and ledgers key on: the references' versions joined by "+" (``load``), else the members'.
+        self.version = version or "+".join(m.version for m in self.members)
+        self.forward_seconds = 0.0  # time spent inside the networks (bench: "pure forward")
+
+    @classmethod
+    def load(cls, refs: str | Sequence[str], config: PredictConfig = PredictConfig(),
+             tracking_uri: str | None = None) -> "Predictor":
+        """From one reference or several (an ensemble); see ``load_model`` for what a reference is."""
+        refs = [str(r) for r in ([refs] if isinstance(refs, (str, Path)) else refs)]
+        return cls([m for r in refs for m in load_models(r, tracking_uri, config.device)], config,
+                   version="+".join(model_version(r, tracking_uri) for r in refs))
+
+    # ----------------------------------------------------------------- network passes
+
+    def _inputs(self, image: np.ndarray, normalized: bool) -> list[torch.Tensor]:
+        """Per member, its (z, C, y, x) float32 input on the device (normalised once per recipe)."""
+        if image.ndim != 3:
+            raise ValueError(f"expected a (z, y, x) volume, got shape {image.shape}")
+        normed: dict[tuple, np.ndarray] = {}
+        inputs = []
+        for m in self.members:
+            key = tuple(m.config.intensity_percentiles)
+            if key not in normed:
+                normed[key] = (np.ascontiguousarray(image, np.float32) if normalized
+                               else normalize_intensity(image, key))
+            x = torch.from_numpy(normed[key])
+            inputs.append(with_context(x, m.model.context_slices).to(self.device, non_blocking=True))
+        return inputs
+
+    def _logits(self, member: LoadedModel, x: torch.Tensor, out_hw: tuple[int, int],
+                spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """Logits (N, C, y, x) float32 on the image grid: network grid in, mean over TTA, resized back.
+
+        The network grid is ``image_size``² for older models; for a ``pixel_mm`` model the slice
+        resampled to that pixel size (mm), zero-padded to a multiple of 32 pixels and cropped back after.
+        """
+        pixel_mm = member.config.pixel_mm
+        if pixel_mm:
+            from raysegment.data.dataset import mm_shape
+
+            shape = mm_shape(out_hw, None if spacing is None else spacing[1:], pixel_mm)
+            padded = [-(-n // 32) * 32 for n in shape]
+            pads = [(p - n) // 2 for p, n in zip(padded, shape)]
+            xb = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+            xb = F.pad(xb, (pads[1], padded[1] - shape[1] - pads[1], pads[0], padded[0] - shape[0] - pads[0]))
+        else:
+            size = member.config.image_size
+            xb = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        t0 = time.perf_counter()
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = member.model(xb).float()
+            if self.config.flip_tta:
+                logits = (logits + member.model(xb.flip(-1)).float().flip(-1)) / 2
+        self.forward_seconds += time.perf_counter() - t0
+        if pixel_mm:
+            logits = logits[:, :, pads[0] : pads[0] + shape[0], pads[1] : pads[1] + shape[1]]
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def _batches(self, image: np.ndarray, normalized: bool, spacing: Sequence[float] | None = None):
+        """Yield (slice range, per-member logits on the image grid) batch by batch."""
+        inputs = self._inputs(image, normalized)
+        z, h, w = image.shape
+        bs = self.config.batch_size
+        for a in range(0, z, bs):
+            yield slice(a, a + bs), [self._logits(m, x[a : a + bs], (h, w), spacing)
+                                     for m, x in zip(self.members, inputs)]
+
+    def probabilities(self, image: np.ndarray, *, spacing: Sequence[float] | None = None,
+                      normalized: bool = False) -> np.ndarray:
+        """Softmax (C, z, y, x) float32, averaged over the members (and over TTA inside each);
+        ``spacing`` (z, y, x mm) places the slices on a ``pixel_mm`` model's grid."""
+        z, h, w = image.shape
+        out = np.empty((self.num_classes, z, h, w), np.float32)
+        for sl, member_logits in self._batches(image, normalized, spacing):
+            probs = torch.stack([lg.softmax(1) for lg in member_logits]).mean(0)
+            out[:, sl] = probs.permute(1, 0, 2, 3).cpu().numpy()
+        return out
+
+    def predict(self, image: np.ndarray, *, spacing: Sequence[float] | None = None, normalized: bool = False) -> np.ndarray:
+        """Labels uint8 (z, y, x) of a (z, y, x) volume (any intensity scale unless ``normalized``).
+
+        ``spacing`` (z, y, x mm) sets the RV contact distance in mm (without it, in pixels) and a
+        ``pixel_mm`` model's grid (without it, the image's pixels are taken as that size).
+        One model: argmax of its logits. An ensemble: argmax of the members' mean softmax.
+        """
+        out = np.empty(image.shape, np.uint8)
+        for sl, member_logits in self._batches(image, normalized, spacing):
+            if len(member_logits) == 1:
+                scores = member_logits[0]
+            else:
+                scores = torch.stack([lg.softmax(1) for lg in member_logits]).mean(0)
+            out[sl] = scores.argmax(1).to(torch.uint8).cpu().numpy()
+        if self.config.largest_component:
+            out = keep_largest_component(out, contact_pixels(self.config, spacing))
+        return out
+
+
+def predict_volumes(predictor: Predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:
+    """(volume, predicted labels) for shard volumes (already normalised; spacing when they carry it)."""
+    for v in volumes:
+        yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
+
+
+def predicted_masks(predictor: Predictor, volumes) -> dict:
+    """(patient, phase) → predicted labels of shard volumes."""
+    return {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}

@@ -1,0 +1,182 @@
+"""Shipped weights: one safetensors file per model, its TrainConfig in the file's metadata.
+
+Loading never unpickles code: safetensors holds only tensors and strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from raysegment.model.checkpoint import (CONFIG_FILE, STATE_FILE, DamagedWeights, LoadedModel, read_config, read_state,
+                                   read_state_dict, save_checkpoint, state_digest)
+from raysegment.config import TrainConfig
+
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
+
+
+def shipped_weights(backbone: str) -> Path:
+    """The weights file bundled with raysegment for ``backbone`` (``raysegment/shipped/``)."""
+    path = SHIPPED_DIR / f"{backbone}.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no shipped weights for {backbone!r} (looked for {path})")
+    return path
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def saved_config(path: str | Path) -> TrainConfig:
+    """The TrainConfig stored with a weights file or a checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():
+        return read_config(path)
+    meta = _metadata(path)
+    if "config" not in meta:
+        raise ValueError(f"{path}: no raysegment config in the file's metadata")
+    return TrainConfig.from_dict(json.loads(meta["config"]))
+
+
+DIGEST_KEY = "tensors_sha256"
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A weights file's tensors, checked against the digest in its metadata (files exported before
+    digests existed load unchecked, and say so once)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = _metadata(path)
+    state = load_file(str(path), device=device)
+    expected = meta.get(DIGEST_KEY)
+    if expected is None:
+        print(f"[raysegment] warning: {path.name} carries no tensor digest; it cannot be verified "
+              f"(python -m raysegment.weights seal {path})", file=sys.stderr)
+    elif state_digest(state) != expected:
+        raise DamagedWeights(f"{path}: weights are damaged (their digest does not match the one written "
+                             f"into the file); use an intact copy")
+    return state
+
+
+def saved_state(path: str | Path) -> dict:
+    """The training state (epoch, metrics, history) stored with a weights file or checkpoint folder; {} if none."""
+    path = Path(path)
+    if path.is_dir():
+        return read_state(path)
+    state = _metadata(path).get("state")
+    return json.loads(state) if state else {}
+
+
+def init_state_dict(path: str | Path, model_config) -> dict:
+    """State dict (fp32) of a weights file or checkpoint folder, checked against ``model_config``."""
+    path = Path(path)
+    saved = saved_config(path).model
+    if path.is_dir():
+        state = read_state_dict(path)
+    else:
+        state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(path).items()}
+    from dataclasses import replace
+
+    if replace(saved, context_slices=model_config.context_slices) != model_config:
+        raise ValueError(f"{path}: weights are for {saved}, the run wants {model_config}")
+    if saved.context_slices != model_config.context_slices:
+        state = widen_context(state, saved, model_config)
+    return state
+
+
+def widen_context(state: dict, saved, wanted) -> dict:
+    """A state dict for ``saved.context_slices`` → one for ``wanted.context_slices`` (more, not fewer).
+
+    The input conv's kernels for the added outer neighbours are zero, so the widened model
+    computes exactly what the saved one does; fine-tuning then learns to use the neighbours.
+    """
+    from raysegment.model.unet import first_conv_key
+
+    if wanted.context_slices < saved.context_slices:
+        raise ValueError(f"cannot narrow context_slices {saved.context_slices} → {wanted.context_slices}")
+    key = first_conv_key(wanted.backbone)
+    pad = wanted.context_slices - saved.context_slices
+    state = dict(state)
+    state[key] = torch.nn.functional.pad(state[key], (0, 0, 0, 0, pad, pad))
+    return state
+
+
+def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = True) -> Path:
+    """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``)."""
+    from safetensors.torch import save_file
+
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    state = read_state_dict(checkpoint_dir)
+    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1",
+            DIGEST_KEY: state_digest(tensors)}
+    if (checkpoint_dir / STATE_FILE).exists():
+        meta["state"] = (checkpoint_dir / STATE_FILE).read_text()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def load_weights_file(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """The model (eval mode) of a .safetensors file written by ``export_weights`` (digest checked)."""
+    from raysegment.model.unet import build_model
+
+    path = Path(path)
+    config = saved_config(path)
+    model = build_model(config.model)
+    state = load_tensors(path, device)
+    ref = model.state_dict()
+    model.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()})
+    return LoadedModel(model.to(device).eval(), config, f"file:{path.name}", saved_state(path))
+
+
+def checkpoint_from_weights(path: str | Path, out_dir: str | Path) -> Path:
+    """Write a checkpoint folder (model.pt + config.json) from a weights file, e.g. to register it."""
+    loaded = load_weights_file(path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out_dir, loaded.model, None, loaded.config, loaded.state)
+    return out_dir
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(path: str | Path) -> str:
+    """Write the tensor digest into a weights file exported before digests existed (tensors and the
+    rest of the metadata unchanged) → the digest."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    meta, state = _metadata(path), load_file(str(path))
+    meta[DIGEST_KEY] = state_digest(state)
+    tmp = path.with_suffix(".sealing")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return meta[DIGEST_KEY]
+
+
+def verify(folder: str | Path = SHIPPED_DIR) -> dict[str, bool]:
+    """Check every file listed in ``folder/SHA256SUMS`` → {file name: matches}."""
+    folder = Path(folder)
+    out = {}
+    for line in (folder / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        name = name.lstrip("*")
+        out[name] = (folder / name).exists() and sha256(folder / name) == digest
+    return out

@@ -1,0 +1,68 @@
+"""How a process joins Ray: a cluster given by address or RAY_ADDRESS, else a new local one;
+telemetry off and Ray's per-pass console output off unless verbose. Base layer: imports only
+nothing of raysegment (and Ray, lazily)."""
+
+from __future__ import annotations
+
+import os
+
+
+def disable_telemetry() -> None:
+    """Switch off Ray usage stats and MLflow telemetry for this process and its children.
+
+    Medical users expect no phoning home; every CLI entry point calls this before it starts
+    Ray or MLflow. Values already set by the user win.
+    """
+    for key, value in {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+        "RAY_TRAIN_V2_ENABLED": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+# Worker environment of a quiet run: no Ray Data bar per dataset pass (one epoch = one pass), no
+# INFO line per execution plan, no deprecation warnings from Ray's own actors. ``--verbose``
+# leaves them on. Values the user set win.
+QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
+             "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+def quiet_environment(verbose: bool = False) -> dict:
+    """``QUIET_ENV`` (empty when ``verbose``), also set in this process for what it starts."""
+    if verbose:
+        return {}
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in QUIET_ENV}
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS / a running cluster), else start a local Ray.
+
+    Unless ``verbose``, the job's workers run with ``QUIET_ENV`` (no Ray Data bars or plan lines)."""
+    import logging
+
+    import ray
+
+    disable_telemetry()
+    quiet = quiet_environment(verbose)
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        # A submitted job's own runtime env is merged with this one (Ray refuses a conflict: then
+        # the job's settings are kept as they are).
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if quiet else None)
+        except (ValueError, RuntimeError):
+            ray.init(address=address, log_to_driver=True)
+    else:
+        # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+    import ray.data
+
+    # Our per-epoch line is the progress report; Ray Data's per-operator bars flood job logs.
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)

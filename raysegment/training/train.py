@@ -1,0 +1,470 @@
+"""Ray Train (DDP) training of a U-Net on the Parquet shards.
+
+    python -m raysegment.train --backbone mobilenet_v2 --data /tmp/shards --workers 1 --epochs 30
+
+Each epoch streams the train split through Ray Data (every slice exactly once across the
+workers), augments in torch, and validates on the whole val volumes (3-D Dice per class).
+Every epoch reports ``dice_rv, dice_myo, dice_lv, dice_mean`` with a checkpoint holding model,
+optimizer, epoch and the full ``TrainConfig``; a crashed worker restarts from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raysegment.io import storage
+from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
+from raysegment.config import (PredictConfig, Precision, TrainConfig, torch_threads)
+from raysegment.data.dataset import apply_augment, load_volumes, read_split, sample_augment
+from raysegment.model.losses import segmentation_loss
+from raysegment.analysis.metrics import dice_summary, score_records
+from raysegment.model.unet import build_model
+from raysegment.inference.predictor import AUTOCAST_DTYPES, Predictor, resolve_precision
+
+__all__ = ["RunSpec", "TrainConfig", "make_trainer", "train", "train_step", "validate"]
+SCALER_FILE = "scaler.pt"
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step (None: fp32); ``auto`` as ``resolve_precision``."""
+    return AUTOCAST_DTYPES[resolve_precision(precision, device)]
+
+
+# --------------------------------------------------------------------------- one step, one validation
+
+
+def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+               generator: torch.Generator, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimisation step on a batch of (N, [C,] S, S) images and (N, S, S) labels: sample and
+    apply the augmentation, forward under autocast, loss, backward, step. Returns the loss (on
+    the device; reading it syncs). ``raysegment.cli.bench`` times exactly this function."""
+    params = sample_augment(labels, config.augment, config.crop_size, generator)
+    if device.type == "cuda":  # pinned pages let the copies overlap the previous step's kernels
+        images, labels = images.pin_memory(), labels.pin_memory()
+    x, y = apply_augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), params,
+                         config.crop_size)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(x)
+    loss = segmentation_loss(logits, y, config.loss)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: float | None = None) -> int:
+    """Torch threads of a training worker, decided on the worker's own node (a driver on the head
+    sees other cores): ``threads_per_worker``, else the CPUs Ray assigned it, or the node's cores
+    (``available_cpus`` there) shared among the ``processes_on_node`` workers when that is more."""
+    if assigned_cpus is None:
+        import ray
+
+        assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return torch_threads(config.threads_per_worker, processes_on_node, assigned_cpus)
+
+
+def validate(model, volumes, config: TrainConfig, device) -> list[dict]:
+    """3-D per-volume Dice records on whole val volumes (``dice_summary`` averages them), through
+    the same ``Predictor`` that serves the model (in the run's precision)."""
+    from raysegment.model.checkpoint import LoadedModel
+
+    was_training = model.training
+    predictor = Predictor(LoadedModel(model, config, "training"),
+                          PredictConfig(device=str(device), precision=config.precision))
+    records = []
+    for v in volumes:
+        pred = predictor.predict(v.image, spacing=v.spacing, normalized=True)
+        records += score_records(pred, v.label, v.spacing, distances=False, patient=v.patient, phase=v.phase)
+    model.train(was_training)
+    return records
+
+
+# --------------------------------------------------------------------------- the per-worker loop
+
+
+def _lr_at(config: TrainConfig, epoch_progress: float, total_epochs: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 1 % of ``lr`` at ``total_epochs`` (default ``epochs``);
+    ``epoch_progress`` in epochs."""
+    total = config.epochs if total_epochs is None else total_epochs
+    if epoch_progress < config.warmup_epochs:
+        return config.lr * max(epoch_progress / config.warmup_epochs, 0.01)
+    t = (epoch_progress - config.warmup_epochs) / max(total - config.warmup_epochs, 1e-9)
+    return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def lr_scale_for(config: TrainConfig, world: int) -> float:
+    """Learning-rate factor for ``world`` data-parallel workers (their batches add up): ``lr`` is
+    tuned for one worker's batch; sqrt scaling is the safe rule for Adam-type optimizers."""
+    return {"none": 1.0, "sqrt": math.sqrt(world), "linear": float(world)}[config.lr_scaling]
+
+
+def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> int:
+    """Epochs the run will do in all: ``epochs``, or with a time budget those that fit in it at
+    the mean epoch time so far (at least the ones done)."""
+    if config.time_budget_min is None or epochs_done == 0:
+        return config.epochs
+    left = config.time_budget_min * 60 - elapsed_s
+    return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
+
+
+@dataclass
+class _Run:
+    """What a worker carries from epoch to epoch."""
+
+    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    core: torch.nn.Module  # the bare U-Net
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None
+    start_epoch: int = 0
+    history: list = None
+    elapsed_before: float = 0.0  # seconds of earlier attempts (a resumed run keeps its clock)
+
+
+def _restore(config: TrainConfig, rank: int) -> _Run:
+    """``restore_run`` inside a Ray Train worker: its device, ``prepare_model`` (DDP), its checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return restore_run(config, None, ray.train.torch.prepare_model, ray.train.torch.get_device(), rank)
+    with checkpoint.as_directory() as d:
+        return restore_run(config, Path(d), ray.train.torch.prepare_model, ray.train.torch.get_device(), rank)
+
+
+def restore_run(config: TrainConfig, checkpoint_dir: Path | None, prepare, device: torch.device, rank: int = 0) -> _Run:
+    """Build model, optimizer and scaler, from ``checkpoint_dir`` when given; ``prepare`` moves the
+    model to ``device`` (and wraps it in DDP).
+
+    Weights load before ``prepare``, optimizer and scaler state after it, so Adam's moments land
+    on the parameters' device (loaded before, they would stay on the CPU and the first step after
+    any resume on a GPU would fail).
+    """
+    model = build_model(config.model, weights=config.weights)
+    if config.init_weights:
+        from raysegment.model.weights import init_state_dict
+
+        model.load_state_dict(init_state_dict(config.init_weights, config.model))
+    saved = None
+    if checkpoint_dir is not None:
+        d = checkpoint_dir
+        model.load_state_dict(torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True))
+        saved = {"optimizer": torch.load(d / OPTIM_FILE, map_location="cpu", weights_only=True),
+                 "scaler": torch.load(d / SCALER_FILE, weights_only=True) if (d / SCALER_FILE).exists() else None,
+                 "state": json.loads((d / STATE_FILE).read_text())}
+    model = prepare(model)
+    core = model.module if hasattr(model, "module") else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dtype == torch.float16)
+    run = _Run(model, core, optimizer, scaler, device, dtype, history=[])
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])  # casts the moments to each parameter's device
+        if saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        state = saved["state"]
+        run.start_epoch, run.history = state["epoch"] + 1, state.get("history", [])
+        run.elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
+        if rank == 0:
+            print(f"[raysegment] resumed from checkpoint at epoch {state['epoch']}", flush=True)
+    return run
+
+
+def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs: int, steps_est: int,
+                 rank: int, world: int = 1) -> dict:
+    """One pass over this worker's share of the train split → epoch metrics (and the slices seen)."""
+    lr_scale = lr_scale_for(config, world)
+    # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
+    epoch_seed = config.seed * 100_003 + epoch * 101 + rank
+    gen = torch.Generator().manual_seed(epoch_seed)
+    run.model.train()
+    t0, seen, loss_sum, step = time.perf_counter(), [], torch.zeros((), device=run.device), 0
+    batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
+                                 prefetch_batches=2 if run.device.type == "cuda" else 1,
+                                 local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
+                                 local_shuffle_seed=epoch_seed)
+    # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
+    join = run.model.join() if hasattr(run.model, "join") else _nullcontext()
+    data_wait, batch_iter = 0.0, iter(batches)
+    with join:
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batch_iter, None)
+            data_wait += time.perf_counter() - t_wait
+            if batch is None or (config.max_steps_per_epoch and step >= config.max_steps_per_epoch):
+                break
+            if config.audit_dir:
+                seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
+            for g in run.optimizer.param_groups:
+                g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs) * lr_scale
+            loss = train_step(run.model, run.optimizer, run.scaler, torch.from_numpy(batch["image"]),
+                              torch.from_numpy(batch["label"]), config, gen, run.device, run.dtype)
+            loss_sum += loss  # on the device: reading it every step would sync the GPU every step
+            step += 1
+    return {"epoch": epoch, "loss": float(loss_sum) / step if step else float("nan"),
+            "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
+            "train_seconds": time.perf_counter() - t0, "data_wait_seconds": data_wait, "_seen": seen}
+
+
+def _audit(run: _Run, config: TrainConfig, epoch: int, rank: int, seen: list[str]) -> None:
+    import ray
+
+    audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
+             "weights_sum": float(sum(p.double().sum() for p in run.core.parameters()))}
+    Path(config.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
+
+
+def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train keeps metrics only with a checkpoint)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            save_checkpoint(Path(tmp), run.core, run.optimizer, config,
+                            {"epoch": metrics["epoch"], "metrics": metrics, "history": run.history})
+            if run.scaler.is_enabled():
+                torch.save(run.scaler.state_dict(), Path(tmp) / SCALER_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Restore, then per epoch: train, validate (rank 0), checkpoint and report."""
+    import ray.data
+    import ray.train
+    import torch.distributed as dist
+
+    config = TrainConfig.from_dict(loop_config)
+    # A single worker runs its Ray Data iterator in-process; the epoch line is our progress report.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(config, ctx.get_local_world_size() * int(loop_config.get("_sharing", 1))))
+    torch.manual_seed(config.seed)
+    run = _restore(config, rank)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest kernels, chosen once
+    # Every rank validates its share of the val volumes; the records are gathered, so no GPU
+    # waits for rank 0 alone.
+    volumes = load_volumes(config.data, "val", list(config.val_patients) if config.val_patients else None)[rank::world]
+    shard = ray.train.get_dataset_shard("train")
+    steps_est = max(1, math.ceil(int(loop_config.get("_n_train", 1000)) / world / config.batch_size))
+    if config.max_steps_per_epoch:
+        steps_est = min(steps_est, config.max_steps_per_epoch)
+
+    t_start = time.perf_counter() - run.elapsed_before
+    total_epochs = planned_epochs(config, run.start_epoch, run.elapsed_before)
+    for epoch in range(run.start_epoch, config.epochs):
+        if epoch >= total_epochs:
+            break
+        if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
+            Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
+            raise RuntimeError(f"injected fault at epoch {epoch}")
+        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank, world)
+        seen = metrics.pop("_seen")
+        if config.audit_dir:
+            _audit(run, config, epoch, rank, seen)
+        records = validate(run.core, volumes, config, run.device)
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, records)
+            records = [r for share in shares for r in share]
+        if rank == 0:
+            metrics.update(dice_summary(records))
+            # Rank 0's clock decides, and the broadcast below gives every rank the same plan.
+            metrics["elapsed_s"] = time.perf_counter() - t_start
+            metrics["planned_epochs"] = planned_epochs(config, epoch + 1, metrics["elapsed_s"])
+        if world > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = {**box[0], "loss": metrics["loss"]}
+        run.history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")})
+        total_epochs = metrics["planned_epochs"]
+        if rank == 0:
+            budget = f", {metrics['elapsed_s'] / 60:.1f}/{config.time_budget_min:g} min" if config.time_budget_min else ""
+            print(f"[raysegment] epoch {epoch + 1}/{total_epochs} loss {metrics['loss']:.4f} "
+                  f"dice rv {metrics['dice_rv']:.3f} myo {metrics['dice_myo']:.3f} lv {metrics['dice_lv']:.3f} "
+                  f"mean {metrics['dice_mean']:.3f} ({metrics['train_seconds']:.0f}s train{budget})", flush=True)
+        _report(run, config, metrics, rank)
+
+
+def slice_tensors(volumes, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice of ``volumes`` on the training grid: images (N, S, S) or (N, 3, S, S) with
+    context, labels (N, S, S) uint8 — what the Ray pipeline's ``resize_batch`` makes, in memory."""
+    from raysegment.data.dataset import grid_slice
+
+    images, labels = [], []
+    for v in volumes:
+        padded = np.pad(v.image, ((1, 1), (0, 0), (0, 0)))
+        for k in range(v.image.shape[0]):
+            img = padded[k : k + 3] if config.model.context_slices else v.image[k]
+            i, lab = grid_slice(img, v.label[k], config.image_size, v.spacing, config.pixel_mm)
+            images.append(i)
+            labels.append(lab)
+    return torch.stack(images), torch.stack(labels)
+
+
+def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
+    """Train on in-memory volumes in this process, without Ray: the Ray loop's ``train_step``,
+    augmentation, learning-rate schedule and time-budget planning, no validation, no checkpoints.
+    For many small runs on one GPU (the cross-validation folds of ``raysegment.analysis.diagnosis``).
+    Returns the bare model (eval mode) and the per-epoch history."""
+    dev = torch.device(device)
+    torch.manual_seed(config.seed)
+    images, labels = slice_tensors(volumes, config)
+    run = restore_run(config, None, lambda m: m.to(dev), dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n, steps_est = len(images), max(1, len(images) // config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_est = min(steps_est, config.max_steps_per_epoch)
+    t_start, total = time.perf_counter(), config.epochs
+    for epoch in range(config.epochs):
+        if epoch >= total:
+            break
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101)
+        order = torch.randperm(n, generator=gen)
+        run.model.train()
+        loss_sum = torch.zeros((), device=dev)
+        for step in range(steps_est):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            for g in run.optimizer.param_groups:
+                g["lr"] = _lr_at(config, epoch + step / steps_est, total)
+            loss_sum += train_step(run.model, run.optimizer, run.scaler, images[idx], labels[idx], config, gen, dev,
+                                   run.dtype)
+        elapsed = time.perf_counter() - t_start
+        total = planned_epochs(config, epoch + 1, elapsed)
+        run.history.append({"epoch": epoch, "loss": float(loss_sum) / steps_est, "elapsed_s": round(elapsed, 1)})
+        log(f"[raysegment] epoch {epoch + 1}/{total} loss {run.history[-1]['loss']:.4f} ({elapsed / 60:.1f} min)")
+    return run.core.eval(), run.history
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Where and how a training run executes (not part of the model's config)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0  # with use_gpu; a fraction (0.5) packs small trials onto one GPU
+    cpus_per_worker: float = 1.0
+    storage_path: str = "./runs"
+    name: str | None = None
+    max_failures: int = 2
+    keep_checkpoints: int | None = 2  # best by val dice_mean; None keeps all
+    cache_data: bool = True  # resample once into the object store instead of every epoch
+    placement: str = "PACK"  # Ray placement-group strategy; STRICT_SPREAD puts each worker on its own node
+    sharing: int = 1  # runs side by side on a node (Tune trials at once): they share its cores
+    verbose: bool = False  # Ray Train's INFO lines (worker group, devices) on the console
+
+
+class ExactlyOnceDataConfig:
+    """Ray Train DataConfig whose split gives every row to exactly one worker (equal=False).
+
+    ``equal=True`` (Ray's default) may drop up to world_size−1 rows per epoch so every worker gets
+    as many: what fp16 training needs, where a worker that ran out early and ``join()``-ed would
+    skip its GradScaler updates and optimizer steps, so scales and moments drift apart
+    (pytorch#90057).
+    """
+
+    def __new__(cls, equal: bool = False):
+        from ray.train import DataConfig
+
+        class _Config(DataConfig):
+            def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+                out = [{} for _ in range(world_size)]
+                hints = worker_node_ids if self._enable_shard_locality else None
+                for name, ds in datasets.items():
+                    ds = ds.copy(ds)
+                    ds.context.execution_options = self._resolve_execution_options(name)
+                    if world_size == 1:
+                        # One worker needs no split coordinator actor: on a small node its
+                        # scheduling loop takes CPU from the training step (raysegment.cli.bench).
+                        out[0][name] = ds.iterator()
+                        continue
+                    for i, split in enumerate(ds.streaming_split(world_size, equal=equal, locality_hints=hints)):
+                        out[i][name] = split
+                return out
+
+        return _Config()
+
+
+def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_worker, run_callbacks=()):
+    """A ``TorchTrainer`` for ``config``; Ray must be initialised."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raysegment.data.prepare import load_manifest
+
+    manifest = load_manifest(config.data)
+    if not config.manifest_hash:
+        config = replace(config, manifest_hash=manifest["content_hash"])
+    loop_config = {**config.to_dict(), "_n_train": manifest["counts"]["slices"]["train"]}
+    loop_config["_sharing"] = spec.sharing
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                               resources_per_worker=resources, placement_strategy=spec.placement),
+        run_config=ray.train.RunConfig(
+            name=spec.name,
+            storage_path=storage.join(spec.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.keep_checkpoints,
+                                                         checkpoint_score_attribute="dice_mean",
+                                                         checkpoint_score_order="max"),
+            callbacks=list(run_callbacks),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if spec.verbose else "WARNING"),
+        ),
+        datasets={"train": _train_dataset(config, spec)},
+        dataset_config=ExactlyOnceDataConfig(equal=needs_equal_shards(config, spec)),
+    )
+
+
+def needs_equal_shards(config: TrainConfig, spec: RunSpec) -> bool:
+    """Several GPU workers that may train in fp16 (explicitly, or ``auto`` on a GPU without bf16,
+    which the driver cannot see) get equal shards; elsewhere every slice goes to exactly one worker."""
+    return spec.use_gpu and spec.num_workers > 1 and config.precision in ("auto", "fp16")
+
+
+def _train_dataset(config: TrainConfig, spec: RunSpec):
+    import ray.data
+
+    ds = read_split(config.data, "train", config.image_size, config.model.context_slices, config.pixel_mm)
+    # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
+    # with the training step for the same cores every epoch (measured with raysegment.cli.bench).
+    if spec.cache_data:
+        ds = ds.materialize()
+    # Shards hold volumes in patient order; a new block order every epoch (reproducible from the
+    # seed) plus the workers' shuffle buffers keep each batch from being one patient's slices.
+    return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
+
+
+def train(config: TrainConfig, spec: RunSpec):
+    """Run training to the end (resuming a run of the same name) → ``ray.train.Result``."""
+    return make_trainer(config, spec).fit()

@@ -1,0 +1,359 @@
+"""Hyper-parameter search: Ray Tune (Optuna TPE + ASHA) over the Ray Train loop, tracked in MLflow.
+
+    ray job submit -- python -m raysegment.tune --backbone densenet121 --data SHARDS \\
+        --mlflow-uri http://127.0.0.1:5000
+
+Without ``--data`` the bundled ACDC sample is prepared into ``./runs/sample-shards``; without
+``--mlflow-uri`` runs go to ``sqlite:///mlflow.db`` in the working directory. One MLflow parent
+run per invocation, one child run per trial (params, per-epoch loss and Dice, config). The best
+trial's best checkpoint is registered as ``raysegment-<backbone>``; the ``champion`` alias moves
+only if it beats the current champion on the same data manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from raysegment.runtime import disable_telemetry
+
+from raysegment.io import storage
+from raysegment.config import (DEFAULT_TRACKING_URI, TrainConfig)
+from raysegment.training.train import RunSpec, make_trainer
+
+SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
+
+
+def search_space() -> dict:
+    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate."""
+    from ray import tune
+
+    return {
+        "dice_fraction": tune.uniform(0.1, 0.9),  # dice_weight = f, ce_weight = 1 - f
+        "w_rv": tune.uniform(0.5, 2.0),
+        "w_myo": tune.uniform(0.5, 2.0),
+        "w_lv": tune.uniform(0.5, 2.0),
+        "decoder_width": tune.choice([16, 32, 48]),
+        "lr": tune.loguniform(3e-4, 6e-3),
+    }
+
+
+def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
+    """The TrainConfig of one trial: ``base`` with the searched (or fixed) parameters applied."""
+    cw = base.loss.class_weights
+    loss = replace(base.loss, class_weights=(float(params.get("w_rv", cw[0])), float(params.get("w_myo", cw[1])),
+                                             float(params.get("w_lv", cw[2]))))
+    if "dice_fraction" in params:
+        f = float(params["dice_fraction"])
+        loss = replace(loss, ce_weight=1.0 - f, dice_weight=f)
+    model = replace(base.model, decoder_width=int(params.get("decoder_width", base.model.decoder_width)))
+    return replace(base, loss=loss, model=model, lr=float(params.get("lr", base.lr)))
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """One search: what to train, how many trials, where results go."""
+
+    base: TrainConfig
+    run: RunSpec = field(default_factory=RunSpec)
+    num_samples: int = 4
+    concurrency: int = 1
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    trial_cpus: float = 0.01  # the trial driver only waits; its Train workers reserve their own resources
+    fixed: dict = field(default_factory=dict)  # searched names pinned to a value
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    experiment: str = "raysegment-tune"
+    seed: int = 0
+    register: bool = True
+    # After the trials, train the best trial's configuration again from scratch for this many wall
+    # minutes (one Ray Train run on ``run``'s resources) and register its last epoch as a final model.
+    final_minutes: float | None = None
+    final_max_epochs: int = 300  # the most epochs of the final run (the time budget usually ends it first)
+
+
+def run_trial(params: dict, base: TrainConfig, run: RunSpec) -> None:
+    """Tune function trainable: one Ray Train run whose reports flow back to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = apply_params(base, params)
+    trial = tune.get_context().get_trial_id()
+    spec = replace(run, name=f"{run.name}-trial-{trial}")
+    make_trainer(config, spec, run_callbacks=[TuneReportCallback()]).fit()
+    _wait_until_tune_has_every_report()
+
+
+def _wait_until_tune_has_every_report(timeout_s: float = 120.0) -> None:
+    """Return from a trial only after Tune has taken Train's last report.
+
+    Ray 2.60 passes Train's reports to Tune through a one-item queue actor. If the trial function
+    returns while the last report still sits there, the trial's own end-of-function result fills
+    the session's result queue first and the trial hangs for ever when Tune then moves the report
+    over (seen here: a 3-epoch trial stuck in ``Queue.put`` after its last epoch). Both queues
+    empty means Tune has every report.
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    deadline = time.time() + timeout_s
+    while queue is not None and time.time() < deadline:
+        if queue.empty() and session.result_queue.empty():
+            return
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- MLflow tracking
+
+
+def _mlflow_client(uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+class TrialLines:
+    """A Tune callback (built lazily) printing one line per trial that starts and ends: the quiet
+    console's view of the search (``--verbose`` shows Tune's own status tables instead)."""
+
+    def __new__(cls):
+        from ray import tune
+
+        class _Lines(tune.Callback):
+            def __init__(self):
+                self.started = self.ended = 0
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self.started += 1
+                params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+                print(f"[raysegment] trial {self.started} started: {params}", flush=True)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.ended += 1
+                r = trial.last_result or {}
+                dice = " ".join(f"{c} {r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv", "mean") if f"dice_{c}" in r)
+                print(f"[raysegment] trial {trial.trial_id} ended after {r.get('training_iteration', 0)} epochs: "
+                      f"{dice or 'no result'} ({self.ended} of {len(trials)} done)", flush=True)
+
+        return _Lines()
+
+
+class MlflowTrialLogger:
+    """A Tune callback (built lazily, Tune is imported late) that mirrors trials into MLflow."""
+
+    def __new__(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, base: TrainConfig):
+        from ray import tune
+
+        class _Logger(tune.Callback):
+            def __init__(self):
+                self.client = _mlflow_client(tracking_uri)
+                self.runs: dict[str, str] = {}
+
+            def _run_for(self, trial) -> str:
+                if trial.trial_id in self.runs:
+                    return self.runs[trial.trial_id]
+                # A resumed experiment finds the child run it made before.
+                found = self.client.search_runs(
+                    [experiment_id],
+                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.tune_trial_id = '{trial.trial_id}'",
+                )
+                if found:
+                    run_id = found[0].info.run_id
+                else:
+                    run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}",
+                                                 tags={"mlflow.parentRunId": parent_run_id,
+                                                       "tune_trial_id": trial.trial_id})
+                    run_id = run.info.run_id
+                    config = apply_params(base, trial.config)
+                    for k in SEARCHED:
+                        if k in trial.config:
+                            self.client.log_param(run_id, k, trial.config[k])
+                    self.client.log_param(run_id, "backbone", config.model.backbone)
+                    self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
+                self.runs[trial.trial_id] = run_id
+                return run_id
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self._run_for(trial)
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                run_id = self._run_for(trial)
+                step = int(result.get("epoch", result.get("training_iteration", 0)))
+                for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean", "train_seconds"):
+                    v = result.get(k)
+                    if isinstance(v, (int, float)) and math.isfinite(v):
+                        self.client.log_metric(run_id, k, float(v), step=step)
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.client.set_terminated(self._run_for(trial), "FINISHED")
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.client.set_terminated(self._run_for(trial), "FAILED")
+
+        return _Logger()
+
+
+def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
+    """(experiment_id, parent run id); a resumed search reuses its parent run."""
+    client = _mlflow_client(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
+    marker = storage.join(exp_dir, "mlflow_parent_run.json")
+    text = storage.read_text(marker)
+    if text:
+        saved = json.loads(text)
+        if saved.get("tracking_uri") == spec.tracking_uri:
+            return exp_id, saved["run_id"]
+    run = client.create_run(exp_id, run_name=spec.run.name,
+                            tags={"backbone": spec.base.model.backbone, "manifest_hash": spec.base.manifest_hash})
+    for k, v in {"num_samples": spec.num_samples, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
+                 "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()}}.items():
+        client.log_param(run.info.run_id, k, v)
+    client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
+    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id}))
+    return exp_id, run.info.run_id
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def trial_table(results) -> list[dict]:
+    """One row per trial: searched params → best val Dice over its epochs."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        if df is None or "dice_mean" not in df:
+            continue
+        best = df.loc[df["dice_mean"].idxmax()]
+        trial_id = (getattr(r, "metrics", None) or {}).get("trial_id") or Path(str(getattr(r, "path", ""))).name
+        rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config},
+                     "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+                     **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+                     "checkpoint_path": best.get("checkpoint_path")})
+    return sorted(rows, key=lambda r: -r["dice_mean"])
+
+
+def run_search(spec: TuneSpec) -> dict:
+    """Run (or resume) a search, track it, register the best checkpoint → summary dict."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysegment.data.prepare import load_manifest
+
+    disable_telemetry()
+    manifest = load_manifest(spec.base.data)
+    spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
+    root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
+    exp_id, parent_id = _parent_run(spec, storage.join(root, spec.run.name))
+
+    space = {k: v for k, v in search_space().items() if k not in spec.fixed}
+    space.update(spec.fixed)
+    trial_run = replace(spec.run, storage_path=storage.join(root, spec.run.name, "train"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=trial_run),
+                                    {"CPU": spec.trial_cpus})
+    searcher = ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.concurrency)
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.base.epochs,
+                              grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
+    callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
+    if not spec.run.verbose:
+        callbacks.append(TrialLines())
+    run_config = tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks, verbose=1 if spec.run.verbose else 0)
+    tune_path = storage.join(root, spec.run.name)
+    if tune.Tuner.can_restore(tune_path):
+        print(f"[raysegment] resuming search {tune_path}", flush=True)
+        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="dice_mean", mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency),
+            run_config=run_config,
+        )
+    results = tuner.fit()
+    table = trial_table(results)
+    client = _mlflow_client(spec.tracking_uri)
+    client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
+    summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}
+    if not table:
+        client.set_terminated(parent_id, "FAILED")
+        raise RuntimeError(f"no trial reported a result ({len(results.errors)} errors); see {tune_path}")
+    best = table[0]
+    for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+        client.log_metric(parent_id, f"best_{k}", best[k])
+    if spec.register and best.get("checkpoint_path"):
+        from raysegment.registry.champion import register_checkpoint
+
+        with storage.local_checkpoint(best["checkpoint_path"], root) as folder:
+            reg = register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id)
+        summary["registered"] = asdict(reg)
+    if spec.final_minutes:
+        summary["final"] = run_final(spec, best, exp_id, parent_id)
+    client.set_terminated(parent_id, "FINISHED")
+    return summary
+
+
+def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str) -> dict:
+    """Train the best trial's configuration from scratch within ``spec.final_minutes`` and register
+    its last epoch (tags ``final=true``, ``source_trial``). Tracked as a child run of the search;
+    running the same search again resumes an interrupted final run."""
+    from raysegment.model.checkpoint import read_state
+
+    params = {k: best[k] for k in SEARCHED if k in best}
+    config = replace(apply_params(spec.base, params), epochs=spec.final_max_epochs, time_budget_min=spec.final_minutes)
+    run = replace(spec.run, name=f"{spec.run.name}-final", sharing=1,
+                  storage_path=storage.join(spec.run.storage_path, spec.run.name, "train"))
+    client = _mlflow_client(spec.tracking_uri)
+    found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.final = 'true'")
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name="final", tags={
+            "mlflow.parentRunId": parent_run_id, "final": "true", "source_trial": str(best["trial_id"])}).info.run_id
+        for k, v in {**params, "minutes": spec.final_minutes, "backbone": config.model.backbone}.items():
+            client.log_param(run_id, k, v)
+        client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
+    print(f"[raysegment] final run: trial {best['trial_id']}'s configuration from scratch for "
+          f"{spec.final_minutes:g} min ({run.name})", flush=True)
+    result = make_trainer(config, run).fit()
+    if result.error or result.checkpoint is None:
+        client.set_terminated(run_id, "FAILED")
+        raise RuntimeError(f"final run failed: {result.error}")
+    with result.checkpoint.as_directory() as d:  # local or remote storage alike
+        history = read_state(d).get("history", [])
+    for h in history:
+        for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+            if isinstance(h.get(k), (int, float)) and math.isfinite(h[k]):
+                client.log_metric(run_id, k, float(h[k]), step=int(h["epoch"]))
+    metrics = result.metrics
+    out = {"trial_id": best["trial_id"], "epochs": int(metrics["epoch"]) + 1,
+           **{k: float(metrics[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+           "checkpoint_path": result.checkpoint.path}
+    if spec.register:
+        from raysegment.registry.champion import register_checkpoint
+
+        with result.checkpoint.as_directory() as folder:  # local or remote storage alike
+            reg = register_checkpoint(folder, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
+                                      extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
+                                                  "search_run": parent_run_id})
+        out["registered"] = asdict(reg)
+    client.set_terminated(run_id, "FINISHED")
+    return out
+
+
+def default_sample_shards(out: Path) -> Path:
+    """Prepare the bundled sample once (embedded default)."""
+    from raysegment.data.prepare import FORMAT_VERSION, PrepareConfig, load_manifest, prepare
+
+    exists = (out / "manifest.json").exists()
+    # Shards written by an older raysegment (another format version) are made again.
+    if not exists or load_manifest(out).get("format_version") != FORMAT_VERSION:
+        prepare(PrepareConfig(source=Path(__file__).parents[1] / "sample", out=out, progress=False, overwrite=exists))
+    return out
