@@ -160,6 +160,33 @@ class PredictConfig:
     rv_contact_px: int = 5
 
 
+@dataclass(frozen=True)
+class InferConfig:
+    """One batch run. ``models`` are references ``Predictor.load`` takes (several: an ensemble)."""
+
+    models: tuple[str, ...]  # models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folders, .safetensors files
+    input: str
+    output: str
+    tracking_uri: str | None = None
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    # Inference actors; None: as many as the cluster's free CPUs (or GPUs, with gpus_per_actor)
+    # hold, at most one per study. On 2 cores two 1-thread actors finished 20 studies in 0.70× the
+    # time one 2-thread actor took (docs/benchmarks.md).
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # > 0: each actor holds (a share of) a GPU and predicts on it
+    threads: int | None = None  # torch threads per actor; None: ``torch_threads`` policy
+    report_figures: int = 4  # overlay PNGs in report.md (flagged studies first; flagged studies always get one)
+    limit: int | None = None  # process at most this many new studies (then stop)
+    max_attempts: int = 2  # tries of a study whose worker process dies (then: failed, "worker died")
+    retry_failed: bool = False  # segment again studies that failed for good in earlier runs
+    # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
+    diagnosis: str | None = "shipped"
+    store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
+    progress: bool = True
+    crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
+
+
 def default_of(cls, name: str):
     """A dataclass field's default (also for ``default_factory``), for CLI defaults."""
     for f in fields(cls):

@@ -97,7 +97,7 @@ def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
 def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_model):
     from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.inference.batch import segment_series
+    from raysegment.inference.study import segment_series
     from raysegment.inference.predictor import Predictor
 
     frames, _ = _cine()
@@ -148,7 +148,7 @@ def test_a_series_exported_twice_is_one_series_of_its_own_frames(tmp_path, tiny_
 
     from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.inference.batch import segment_series
+    from raysegment.inference.study import segment_series
     from raysegment.inference.predictor import Predictor
 
     frames, _ = _cine()

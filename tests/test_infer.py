@@ -9,7 +9,8 @@ import pytest
 
 from conftest import write_checkpoint
 from raysegment.analysis.clinical import ejection_fraction
-from raysegment.inference.batch import Ledger, results_rows, segment_study
+from raysegment.inference.ledger import Ledger, results_rows
+from raysegment.inference.study import segment_study
 from raysegment.inference.predictor import Predictor
 from raysegment.io.studies import _umask
 from raysegment.reporting.report import batch_report, overlay_thumbnail, pick_slices
@@ -147,7 +148,8 @@ def test_an_ensemble_segments_a_study_with_the_members_mean_softmax(tmp_path, ti
 
 def test_gpu_flag_gives_each_actor_a_gpu_and_predicts_on_cuda():
     from raysegment.cli.infer import build_parser
-    from raysegment.inference.batch import InferConfig, actor_options
+    from raysegment.config import InferConfig
+    from raysegment.inference.actors import actor_options
 
     a = build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--gpu"])
     assert a.gpus_per_actor == 1.0
@@ -164,7 +166,8 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     ``scan.nii`` beside ``scan.nii.gz`` keep their own masks; a looping symlink gets a failed row."""
     import ray
 
-    from raysegment.inference.batch import InferConfig, run_batch
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -220,7 +223,8 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
 
 
 def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
-    from raysegment.inference.batch import InferConfig, plan_actors
+    from raysegment.config import InferConfig
+    from raysegment.inference.actors import plan_actors
 
     base = InferConfig(models=("m",), input="i", output="o")
     auto = plan_actors(base, {"CPU": 8.0}, n_studies=100)
@@ -240,7 +244,7 @@ def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
 def test_out_of_gpu_memory_halves_the_batch_and_tries_the_study_again(tmp_path, predictor, monkeypatch):
     import torch
 
-    from raysegment.inference.batch import segment_with_backoff
+    from raysegment.inference.study import segment_with_backoff
 
     pdir = make_nifti_patient(tmp_path / "in", 1, ed=1, es=2, nframes=2, shape=(3, 40, 48))
     tries = []
@@ -311,7 +315,7 @@ def _patient_rows(pdir: Path) -> list[dict]:
 
 def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
     from raysegment.analysis.diagnosis import load
-    from raysegment.inference.batch import add_patient_clinical
+    from raysegment.inference.ledger import add_patient_clinical
 
     labels = [synthetic_volume(s, shape=(5, 40, 48), lv_radius=r)[1] for s, r in ((1, 7.0), (2, 6.0), (3, 5.0))]
     mask = tmp_path / "series_seg.nii.gz"
@@ -331,7 +335,7 @@ def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):
     from raysegment.analysis.clinical import checked_indices
     from raysegment.analysis.diagnosis import GROUPS, features, load
-    from raysegment.inference.batch import add_patient_clinical
+    from raysegment.inference.ledger import add_patient_clinical
     from raysegment.io.studies import read_study
 
     pdir = make_nifti_patient(tmp_path, 5, group="HCM")

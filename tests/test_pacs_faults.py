@@ -46,7 +46,9 @@ def test_bad_dicom_fails_once_and_the_next_run_adds_nothing_and_starts_no_ray(tm
 
     import ray
 
-    from raysegment.inference.batch import InferConfig, Ledger, results_rows, run_batch
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger, results_rows
 
     inp, out = tmp_path / "in", tmp_path / "out"
     bad = write_dicom_cine(inp / "truncated", _frames(3), patient="T1")
@@ -90,7 +92,9 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
     from raysegment.io import dicom
 
     from raysegment.cli import infer
-    from raysegment.inference.batch import InferConfig, Ledger, results_rows, run_batch
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger, results_rows
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")

@@ -245,7 +245,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     import mlflow.pyfunc
 
     from raysegment.data.dataset import load_volumes
-    from raysegment.inference.batch import segment_study
+    from raysegment.inference.study import segment_study
     from raysegment.data.prepare import PrepareConfig, prepare
     from raysegment.registry.champion import _signature
     from raysegment.inference.predictor import predict_volumes
@@ -314,3 +314,23 @@ def test_mm_grid_predictor_uses_spacing(tiny_model):
         assert seen[-1] == (config.image_size, config.image_size)
     finally:
         hook.remove()
+
+
+def test_a_model_registered_under_the_flat_layout_still_loads(tmp_path, tiny_model):
+    """The pyfunc code a model registered before the stage packages carries (it imports
+    ``raysegment.checkpoint`` and ``raysegment.predict``) loads and predicts as today's Predictor."""
+    from pathlib import Path
+
+    import mlflow.pyfunc
+
+    from raysegment.registry.champion import _signature
+
+    model, config = tiny_model
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
+    old_code = Path(__file__).with_name("data") / "pyfunc_model_flat_layout.py"
+    assert "from raysegment.predict import Predictor" in old_code.read_text()
+    mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=str(old_code), artifacts={"checkpoint": str(ckpt)},
+                             signature=_signature())
+    image, _ = synthetic_volume(5, shape=(3, 40, 48))
+    got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(image, params={"spacing_mm": [10.0, 1.5, 1.5]})
+    np.testing.assert_array_equal(got, Predictor.load(str(ckpt)).predict(image, spacing=(10.0, 1.5, 1.5)))

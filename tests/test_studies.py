@@ -105,7 +105,7 @@ def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
 
 
 def test_mask_names_differ_for_scan_nii_and_scan_nii_gz(tmp_path):
-    from raysegment.inference.batch import mask_name
+    from raysegment.inference.study import mask_name
 
     a, b = mask_name(tmp_path / "scan.nii"), mask_name(tmp_path / "scan.nii.gz")
     assert a != b and a.startswith("scan_") and b.endswith("_seg.nii.gz")

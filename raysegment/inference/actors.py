@@ -1,0 +1,111 @@
+"""The batch job's Ray actors: one Predictor each, sized to the free CPUs/GPUs, and the loop that
+hands them studies (a study whose worker dies is retried a bounded number of times)."""
+
+from __future__ import annotations
+import os
+import time
+from collections import deque
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
+from raysegment.runtime import disable_telemetry
+from raysegment.config import torch_threads
+from raysegment.io.dicom import SeriesSkipped
+from raysegment.io.studies import (StudyError)
+from raysegment.config import InferConfig
+from raysegment.inference.ledger import _entry
+from raysegment.inference.study import segment_series, segment_with_backoff
+
+
+# --------------------------------------------------------------------------- Ray actors
+
+
+class SegmentActor:
+    """One inference worker (a Ray actor in ``run_batch``): loads the Predictor once, then
+    segments one study per call and returns its ledger entry."""
+
+    def __init__(self, config: InferConfig):
+        import torch
+
+        from raysegment.inference.predictor import Predictor
+
+        disable_telemetry()
+        torch.set_num_threads(torch_threads(config.threads, config.actors or 1, config.cpus_per_actor))
+        self.config = config
+        self.predictor = Predictor.load(list(config.models), config.predict, config.tracking_uri)
+        self.model_uri = " + ".join(config.models)
+
+    def ready(self) -> str:
+        return self.predictor.version
+
+    def segment(self, path: str, digest: str, figure: bool, files: list[str] | None = None) -> dict:
+        if self.config.crash_on and self.config.crash_on in Path(path).name:
+            os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
+        t0, f0 = time.perf_counter(), self.predictor.forward_seconds
+        try:
+            if files is not None:  # a DICOM series
+                rows = segment_series(path, [Path(f) for f in files], self.predictor, self.model_uri,
+                                      Path(self.config.output), figure)
+            else:
+                rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
+            status, reason = "done", ""
+        except SeriesSkipped as exc:  # not a short-axis cine MR: settled, with the reason
+            rows, status, reason = [], "skipped", str(exc)
+        except StudyError as exc:  # bad input: failed for good (until --retry-failed)
+            rows, status, reason = [], "failed", str(exc)
+        except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
+            rows, status, reason = [], "error", f"{type(exc).__name__}: {exc}"
+        return {"path": path, "sha256": digest, "model_version": self.predictor.version, "status": status,
+                "reason": reason, "seconds": time.perf_counter() - t0,
+                "forward_seconds": self.predictor.forward_seconds - f0, "rows": rows}
+
+
+def plan_actors(config: InferConfig, free: dict, n_studies: int) -> InferConfig:
+    """``config`` with its actor count and torch threads fixed: an explicit ``actors`` shares one
+    node's cores (``torch_threads``); ``None`` fills the cluster's ``free`` resources (Ray's
+    ``available_resources``), one actor per ``cpus_per_actor`` CPUs (or ``gpus_per_actor`` GPUs), at
+    most ``n_studies``, each with as many threads as CPUs it holds."""
+    if config.actors is not None:
+        if config.actors < 1:
+            raise ValueError(f"actors must be ≥ 1, got {config.actors}")
+        return config
+    if config.gpus_per_actor > 0:
+        fits = int(free.get("GPU", 0) // config.gpus_per_actor)
+    else:
+        fits = int(free.get("CPU", 0) // config.cpus_per_actor)
+    return replace(config, actors=max(1, min(fits, n_studies)),
+                   threads=config.threads or max(1, int(round(config.cpus_per_actor))))
+
+
+def actor_options(config: InferConfig) -> dict:
+    """Ray options of each inference actor: its CPUs and GPU share; restarted whenever its process
+    dies, while the study it held is retried by ``run_batch`` (not by Ray), so the tries are counted."""
+    return {"num_cpus": config.cpus_per_actor, "num_gpus": config.gpus_per_actor, "max_restarts": -1,
+            "max_task_retries": 0}
+
+
+def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str) -> Iterator[dict]:
+    """Ledger entries as the actors finish them, one study in flight per actor. A call whose actor
+    died is given to the (restarted) actors again, ``max_attempts`` times in all."""
+    import ray
+
+    queue = deque((item, 1) for item in todo)
+    idle, pending = list(actors), {}
+    while queue or pending:
+        while idle and queue:
+            actor = idle.pop()
+            item, attempt = queue.popleft()
+            pending[actor.segment.remote(item["path"], item["sha256"], item["figure"], item.get("files"))] = \
+                (actor, item, attempt)
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        actor, item, attempt = pending.pop(ref)
+        idle.append(actor)
+        try:
+            yield ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            if attempt < max_attempts:
+                queue.appendleft((item, attempt + 1))
+                continue
+            cause = " ".join(str(exc).split())[:300]
+            yield _entry(item["path"], item["sha256"], version, "failed",
+                         f"worker died on this study ({attempt} attempts): {cause}")

@@ -1,0 +1,137 @@
+"""The batch job's ledger (append-only JSONL, one entry per study content and model version)
+and the results table built from it (one row per study frame, per-patient clinical indices and
+diagnosis). No Ray."""
+
+from __future__ import annotations
+import json
+import os
+import time
+from pathlib import Path
+import numpy as np
+from raysegment.analysis.clinical import add_patient_ef
+from raysegment.io.studies import (StudyError, atomic_write, read_study)
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """Append-only JSONL of finished studies; the last line for a (path, hash, version) wins."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[tuple[str, str, str], dict] = {}
+        if path.exists():
+            good = []
+            for line in path.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a killed run
+                good.append(line)
+                self.entries[(e["path"], e["sha256"], e["model_version"])] = e
+            # Drop torn lines for good, so every line of the ledger stays valid JSON.
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
+
+    def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
+        """Whether this study content is settled for ``version``: done, or failed for good (bad
+        input, a worker it killed). Environment errors (status ``error``) are retried by the next
+        run; ``retry_failed`` retries failures too."""
+        e = self.entries.get((path, digest, version))
+        return e is not None and (e["status"] in ("done", "skipped") or (e["status"] == "failed" and not retry_failed))
+
+    def append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries[(entry["path"], entry["sha256"], entry["model_version"])] = entry
+
+
+def _entry(path: str, digest: str, version: str, status: str, reason: str) -> dict:
+    """A ledger entry for a study that produced no rows (failed, error)."""
+    return {"path": path, "sha256": digest, "model_version": version, "status": status, "reason": reason,
+            "seconds": 0.0, "rows": []}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def results_rows(ledger: Ledger) -> list[dict]:
+    """One row per study frame, from each study file's latest ledger entry (a file replaced in
+    place supersedes its earlier content; its mask was overwritten too)."""
+    latest = {}
+    for e in ledger.entries.values():  # in the order they were first written
+        latest.pop(e["path"], None)
+        latest[e["path"]] = e
+    rows = []
+    for e in latest.values():
+        if e["status"] == "done":
+            rows.extend(e["rows"])
+        else:
+            rows.append({"study": e["path"], "frame": -1, "status": e["status"], "reason": e["reason"],
+                         "model_version": e["model_version"]})
+    add_patient_ef(rows)
+    return rows
+
+
+def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
+    """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
+    DICOM cine series (its largest / smallest LV frame): ``clinical.patient_indices`` from the masks
+    on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
+    and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
+    ``p_<GROUP>`` on both rows; the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's
+    ``Group`` is copied as ``group_reference``, for scoring only: it is never an input."""
+    from raysegment.analysis.clinical import checked_indices, ed_es_pairs
+    from raysegment.analysis.diagnosis import features
+    from raysegment.io.studies import info_from_cfg, parse_info_cfg
+
+    for key, phases in ed_es_pairs(rows).items():
+        folder = Path(key)
+        info = parse_info_cfg(folder / "Info.cfg") if not key.startswith("dicom:") and (folder / "Info.cfg").is_file() else {}
+        # Info.cfg's height and weight, else the DICOM patient module's on the row
+        size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
+        height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
+        try:
+            masks = {ph: read_study(Path(r["mask"]))[1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
+            spacing = json.loads(phases["ED"]["spacing_mm"])
+            ind, basal = checked_indices(masks["ED"], masks["ES"], spacing, height, weight,
+                                         diagnosis.basal_rv if diagnosis else None)
+        except (StudyError, OSError, ValueError, KeyError) as exc:
+            for r in phases.values():
+                r["clinical_error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        # The ES mask file stays the network's output; the indices leave out the basal excess.
+        extra = {k: round(v, 4) for k, v in ind.items()} | basal
+        if diagnosis is not None:
+            p = diagnosis.predict_proba(features(ind))[0]
+            extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
+            extra |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}
+        if info.get("Group"):
+            extra["group_reference"] = info["Group"]
+        for r in phases.values():
+            r.update(extra)
+        # One EF per patient: the frame-volume EF (``add_patient_ef`` / ``add_cine_ef``) of every row of
+        # this patient — for a DICOM series each of its frames — becomes the checked one.
+        for r in (x for x in rows if x.get("study") == key) if key.startswith("dicom:") else phases.values():
+            r["ef_lv_pct"], r["ef_rv_pct"] = extra["lv_ef_pct"], extra["rv_ef_pct"]
+
+
+def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:
+    """Rewrite results.parquet/.csv from the ledger (atomically): one row per study frame, with the
+    per-patient clinical indices and diagnosis (``add_patient_clinical``)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    rows = results_rows(ledger)
+    add_patient_clinical(rows, diagnosis)
+    if not rows:
+        return rows
+    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("study", "frame", "status"), k))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+    atomic_write(out / "results.parquet", lambda tmp: pq.write_table(table, tmp))
+    atomic_write(out / "results.csv", lambda tmp: pacsv.write_csv(table, tmp))
+    return rows

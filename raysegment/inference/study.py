@@ -1,0 +1,158 @@
+"""One study → its masks and result rows: a NIfTI study (3-D or 4-D) or a DICOM cine series (NIfTI
+mask + one DICOM SEG per frame), volumes (mL), QC flags, overlay. Used by the batch job's actors
+and by tests; imports no Ray."""
+
+from __future__ import annotations
+import json
+from dataclasses import replace
+from pathlib import Path
+import numpy as np
+from raysegment.config import CLASS_NAMES
+from raysegment.analysis.clinical import add_cine_ef, myocardial_mass_g, qc_flags, voxel_counts, volumes_ml
+from raysegment.io.studies import (StudyError, acdc_phase, gt_for, normalize_intensity, read_study,
+                                save_mask, study_stem)
+
+
+# --------------------------------------------------------------------------- one study
+
+
+def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: bool = False) -> list[dict]:
+    """Segment one study file → result rows (one per frame). Raises StudyError on bad input.
+
+    With ``figure`` (or when a frame gets a QC flag) an overlay PNG of frame 0 is written to
+    ``out_dir/figures`` from the arrays already in memory, and its path goes in the rows."""
+    from raysegment.analysis.metrics import score_records
+
+    img, frames, zooms = read_study(path)
+    spacing_zyx = (zooms[2], zooms[1], zooms[0])
+    masks = np.stack([predictor.predict(f, spacing=spacing_zyx) for f in frames])
+    name = mask_name(path)
+    mask_path = out_dir / "masks" / name
+    save_mask(masks, img, mask_path)
+
+    gt = gt_for(path)
+    gt_frames, gt_flag = None, ""
+    if gt is not None:  # unusable ground truth is flagged, never silently ignored
+        try:
+            _, g, _ = read_study(gt)
+            if g.shape == frames.shape:
+                gt_frames = g.astype(np.uint8)
+            else:
+                gt_flag = f"gt_ignored_shape_{'x'.join(map(str, g.shape[1:]))}"
+        except StudyError:
+            gt_flag = "gt_ignored_unreadable"
+    common = {"study": str(path), "phase": acdc_phase(path) or "", "mask": str(mask_path), "model_uri": model_uri,
+              "model_version": predictor.version, "status": "done", "reason": ""}
+    rows = frame_rows(masks, spacing_zyx, common)
+    if gt_frames is not None:
+        for t, row in enumerate(rows):
+            for rec in score_records(masks[t], gt_frames[t], spacing_zyx):
+                row[f"dice_{rec['class']}"] = rec["dice"]
+                row[f"hd95_{rec['class']}_mm"] = rec["hd95"]
+    finish_rows(rows, frames[0], masks[0], figure, out_dir / "figures" / name.replace(".nii.gz", ".png"),
+                [gt_flag] if gt_flag else [])
+    return rows
+
+
+def frame_rows(masks: np.ndarray, spacing_zyx, common: dict) -> list[dict]:
+    """One result row per frame of (frames, z, y, x) labels: voxels, volumes (mL) and LV mass (g) of
+    each structure, the spacing (z, y, x mm), and the ``common`` fields."""
+    zooms = tuple(spacing_zyx)[::-1]
+    rows = []
+    for t, m in enumerate(masks):
+        counts = voxel_counts(m)
+        vols = volumes_ml(m, zooms, counts)
+        rows.append({**common, "frame": t, "spacing_mm": json.dumps([round(z, 4) for z in spacing_zyx]),
+                     **{f"voxels_{n}": int(counts[lab]) for lab, n in CLASS_NAMES.items()},
+                     **{f"volume_{n}_ml": vols[n] for n in CLASS_NAMES.values()},
+                     "lv_myo_mass_g": myocardial_mass_g(vols["myo"])})
+    return rows
+
+
+def finish_rows(rows: list[dict], image0: np.ndarray, mask0: np.ndarray, figure: bool, png: Path,
+                extra_flags: list[str] = ()) -> None:
+    """A study's rows completed: cine EF, QC flags (and ``extra_flags``) and, when asked or flagged,
+    an overlay PNG of frame 0 drawn from the arrays in memory."""
+    add_cine_ef(rows)
+    for row in rows:
+        row["qc_flags"] = ";".join(qc_flags(row) + list(extra_flags))
+    if figure or any(row["qc_flags"] for row in rows):
+        from raysegment.reporting.report import overlay_thumbnail
+
+        png = overlay_thumbnail(normalize_intensity(image0), mask0, png)
+        for row in rows:
+            row["figure"] = str(png)
+
+
+def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_dir: Path, figure: bool = False) -> list[dict]:
+    """Segment one DICOM cine series (``key`` = ``dicom:STUDY_UID/SERIES_UID``) → result rows, one per
+    frame. Writes the NIfTI mask (the series' geometry as its affine) and one DICOM SEG per frame under
+    ``out_dir/dicom/<series uid>/``. ED / ES are the frames of largest / smallest LV volume.
+    Raises ``SeriesSkipped`` for a series that is not a short-axis cine MR."""
+    import nibabel as nib
+
+    from raysegment.io.dicom import Series, read_cine, write_segs
+
+    study_uid, series_uid = key.removeprefix("dicom:").split("/", 1)
+    cine = read_cine(Series(series_uid, study_uid, files))
+    masks = np.stack([predictor.predict(f, spacing=cine.spacing_zyx) for f in cine.frames])
+    mask_path = out_dir / "masks" / f"{series_uid}_seg.nii.gz"
+    ref = nib.Nifti1Image(np.zeros((1, 1, 1, 1), np.uint8), cine.affine)  # 4-D: one volume per cine frame
+    ref.set_qform(cine.affine, code=1)
+    ref.set_sform(cine.affine, code=1)
+    save_mask(masks, ref, mask_path)
+    segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
+    common = {"study": key, "phase": "", "mask": str(mask_path), "model_uri": model_uri,
+              "model_version": predictor.version, "status": "done", "reason": "", "series_description": cine.description,
+              **_patient_size(cine.sources[0][0]["ds"])}
+    rows = frame_rows(masks, cine.spacing_zyx, common)
+    for row, seg in zip(rows, segs):
+        row["seg"] = str(seg)
+    if len(rows) >= 2:
+        lv = [r["volume_lv_ml"] for r in rows]
+        ed, es = int(np.argmax(lv)), int(np.argmin(lv))
+        if ed != es:
+            rows[ed]["phase"], rows[es]["phase"] = "ED", "ES"
+    finish_rows(rows, cine.frames[0], masks[0], figure, out_dir / "figures" / f"{series_uid}.png")
+    return rows
+
+
+def _patient_size(ds) -> dict:
+    """Height (cm) and weight (kg) from the DICOM patient module, when there (for BSA)."""
+    out = {}
+    try:
+        if float(getattr(ds, "PatientSize", 0) or 0) > 0:
+            out["height_cm"] = float(ds.PatientSize) * 100.0  # PatientSize is in metres
+        if float(getattr(ds, "PatientWeight", 0) or 0) > 0:
+            out["weight_kg"] = float(ds.PatientWeight)
+    except (TypeError, ValueError):
+        pass
+    return out
+
+
+def mask_name(path: Path) -> str:
+    """``<stem>_<hash of the full path>_seg.nii.gz``: unique per input file, so same-named files in
+    other folders and ``scan.nii`` beside ``scan.nii.gz`` each keep their own mask."""
+    import hashlib
+
+    tag = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{study_stem(path)}_{tag}_seg.nii.gz"
+
+
+def segment_with_backoff(path: Path, predictor, model_uri: str, out_dir: Path, figure: bool) -> list[dict]:
+    """``segment_study``; when the GPU runs out of memory (a large study, or another process on the
+    GPU) the predictor's batch is halved and the study tried again, down to 1 slice per pass: an
+    environment limit, not a fault of the study. The smaller batch is kept for later studies."""
+    import torch
+
+    while True:
+        try:
+            return segment_study(path, predictor, model_uri, out_dir, figure=figure)
+        except torch.cuda.OutOfMemoryError:
+            if predictor.config.batch_size <= 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            predictor.config = replace(predictor.config, batch_size=predictor.config.batch_size // 2)
+            print(f"[raysegment] out of GPU memory on {path.name}: batch {predictor.config.batch_size} slices now",
+                  flush=True)

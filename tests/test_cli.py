@@ -1,0 +1,34 @@
+"""The command names users type: every ``python -m raysegment.<command>`` of the README and the
+``raysegment`` console script reach the same command lines."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from raysegment.cli.main import COMMANDS, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_documented_command_module_has_its_command_line():
+    documented = set(re.findall(r"python -m (raysegment\.[a-z_]+)", (REPO / "README.md").read_text()))
+    for page in (REPO / "docs").glob("*.md"):
+        documented |= set(re.findall(r"python -m (raysegment\.[a-z_]+)", page.read_text()))
+    assert {f"raysegment.{name}" for name in COMMANDS} >= documented - {"raysegment.segment"}, documented
+    for name, (module, _) in COMMANDS.items():
+        if name == "registry":  # a package: `python -m raysegment.registry` runs its __main__
+            assert f"from {module} import main" in (REPO / "raysegment" / "registry" / "__main__.py").read_text()
+            continue
+        shim = importlib.import_module(f"raysegment.{name}")
+        assert shim.main is importlib.import_module(module).main
+        assert shim.build_parser().prog.split()[-1].endswith(name)
+
+
+def test_the_console_script_dispatches_and_explains(capsys):
+    assert main([]) == 0 and "commands:" in capsys.readouterr().out
+    assert main(["no-such-command"]) == 2 and "unknown command" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0 and "--backbone" in capsys.readouterr().out
