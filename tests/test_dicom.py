@@ -281,7 +281,9 @@ def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
                 raise ConnectionError("reset by peer")
             return [{"00080018": {"Value": ["1.2.3.1"]}}]
 
-    found = dicom.web_series(Pacs())
+    from raysegment.io import dicomweb
+
+    found = dicomweb.web_series(Pacs())
     assert [s["series"] for s in found] == ["1.2.3", "?1", "1.2.4"]
     assert found[0]["sha256"] == dicom.instances_digest(["1.2.3.1"]) and "invalid" not in found[0]
     assert "without Study or Series Instance UID" in found[1]["invalid"]

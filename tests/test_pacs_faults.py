@@ -89,7 +89,7 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
     import ray
     from servers import orthanc_available, running_orthanc
 
-    from raysegment.io import dicom
+    from raysegment.io import dicomweb
 
     from raysegment.cli import infer
     from raysegment.config import InferConfig
@@ -103,7 +103,7 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
     rest = [f for f in files if f not in first_part]
     out = tmp_path / "out"
     with running_orthanc(tmp_path / "orthanc") as url:
-        client = dicom.web_client(url)
+        client = dicomweb.web_client(url)
         client.store_instances([pydicom.dcmread(f) for f in first_part])
         config = InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1, actors=1,
                              progress=False, diagnosis=None)
@@ -133,7 +133,7 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
         def refuse(*args, **kwargs):
             raise ConnectionError("the PACS reset the connection")
 
-        monkeypatch.setattr(dicom, "web_retrieve", refuse)
+        monkeypatch.setattr(dicomweb, "web_retrieve", refuse)
         code = infer.main(["--model", str(tiny_checkpoint), "--input", url, "--output", str(out), "--diagnosis", "none"])
         text = capsys.readouterr().out
         assert code == 1 and not ray.is_initialized()

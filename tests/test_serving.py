@@ -248,7 +248,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
     import pyarrow.parquet as pq
     from servers import orthanc_available, running_orthanc
 
-    from raysegment.io import dicom
+    from raysegment.io import dicom, dicomweb
     from raysegment.config import PredictConfig
     from raysegment.analysis.metrics import dice
     from raysegment.inference.predictor import Predictor
@@ -257,7 +257,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
     with running_orthanc(tmp_path / "orthanc") as url:
-        client = dicom.web_client(url)
+        client = dicomweb.web_client(url)
         truth = {}
         for n, patient in enumerate(("patient063", "patient078")):
             images, labels, spacing = sample_cine(patient)
@@ -318,5 +318,5 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4
         # A run killed after STOW-RS but before its ledger line stores the same SEGs again on resuming:
         # the same instances (UIDs from series, frame and model), not duplicates.
-        dicom.web_store(client, [Path(r["seg"]) for r in done])
+        dicomweb.web_store(client, [Path(r["seg"]) for r in done])
         assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4

@@ -21,7 +21,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -30,16 +30,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raysegment.io.studies import info_from_cfg, nifti_to_zyx, normalize_intensity, parse_info_cfg
+from raysegment.io.studies import normalize_intensity
+from raysegment.data.volumes import (INFO_CSV, PHASES, PrepareError, Volume, _group_from_number, detect_format,  # noqa: F401
+                                     find_h5_volumes, find_patient_dirs, read_h5_volume, read_info_cfg, read_info_csv,
+                                     read_nifti_patient, with_info)
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
-PHASES = ("ED", "ES")
 SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]
 
-# Diagnosis group of the ACDC training release by patient number (the SSL4MIS files carry none).
-_GROUP_BY_BLOCK = ("DCM", "HCM", "MINF", "NOR", "RV")
-_H5_NAME = re.compile(r"^(patient\d{3})_frame0([12])\.h5$")
-_PATIENT_DIR = re.compile(r"^patient\d{3}$")
 
 SCHEMA = pa.schema(
     [
@@ -60,24 +58,6 @@ SCHEMA = pa.schema(
 )
 
 
-class PrepareError(Exception):
-    """Bad input: the message names the file and the problem, on one line."""
-
-
-@dataclass(frozen=True)
-class Volume:
-    """One labelled 3-D frame. ``image``/``label`` are (z, y, x); ``spacing`` is (z, y, x) mm."""
-
-    patient: str
-    phase: str
-    image: np.ndarray
-    label: np.ndarray
-    spacing: tuple[float, float, float] | None
-    group: str
-    source: str
-    info: dict | None = None  # patient metadata: height_cm, weight_kg, nb_frames, ed_frame, es_frame (None: unknown)
-
-
 @dataclass(frozen=True)
 class PrepareConfig:
     """What ``prepare`` reads and how it splits. ``val_fraction`` applies when no split file exists."""
@@ -92,202 +72,6 @@ class PrepareConfig:
     row_group_rows: int = 16
     overwrite: bool = False
     progress: bool = True
-
-
-# --------------------------------------------------------------------------- normalisation
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_volume(path: str, image: np.ndarray, label: np.ndarray, gt_path: str) -> None:
-    if image.ndim != 3:
-        raise PrepareError(f"{path}: image must be 3-D (slices, H, W), got {image.ndim}-D shape {image.shape}")
-    if label.ndim != 3:
-        raise PrepareError(f"{gt_path}: label must be 3-D, got {label.ndim}-D shape {label.shape}")
-    if image.shape != label.shape:
-        raise PrepareError(f"{gt_path}: label shape {label.shape} does not match image shape {image.shape}")
-    if min(image.shape) == 0:
-        raise PrepareError(f"{path}: empty volume, shape {image.shape} (no slices or no pixels)")
-    if not np.all(np.isfinite(image)):
-        raise PrepareError(f"{path}: image holds NaN or inf intensities")
-    if np.issubdtype(label.dtype, np.floating) and not np.all(np.isfinite(label)):
-        raise PrepareError(f"{gt_path}: label holds NaN or inf values")
-    bad = np.setdiff1d(np.unique(label), np.arange(4))
-    if bad.size:
-        raise PrepareError(f"{gt_path}: label values {bad.tolist()[:5]} outside 0..3 (0 bg, 1 RV, 2 MYO, 3 LV)")
-    if np.issubdtype(label.dtype, np.floating) and not np.all(label == np.round(label)):
-        raise PrepareError(f"{gt_path}: label holds non-integer values")
-
-
-def _squeeze_trailing(arr: np.ndarray) -> np.ndarray:
-    # Some exporters write a 3-D frame as (x, y, z, 1); that is still one frame.
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return arr
-
-
-# --------------------------------------------------------------------------- readers
-
-
-def _group_from_number(patient: str) -> str:
-    number = int(patient[-3:])
-    return _GROUP_BY_BLOCK[(number - 1) // 20] if 1 <= number <= 100 else "unknown"
-
-
-INFO_CSV = "info.csv"
-_INFO_FLOATS = ("height_cm", "weight_kg", "pixel_spacing_mm", "slice_spacing_mm")
-_INFO_INTS = ("nb_frames", "ed_frame", "es_frame", "num_slices")
-
-
-def read_info_csv(path: Path) -> dict[str, dict]:
-    """``info.csv`` beside an SSL4MIS-layout source → patient → {group, height_cm, weight_kg,
-    nb_frames, ed_frame, es_frame, num_slices, pixel_spacing_mm, slice_spacing_mm} (mm, cm, kg)."""
-    import csv
-
-    rows: dict[str, dict] = {}
-    try:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"patient", *_INFO_FLOATS, *_INFO_INTS} - set(reader.fieldnames or ())
-            if missing:
-                raise PrepareError(f"{path}: missing columns {sorted(missing)}")
-            for line, r in enumerate(reader, start=2):
-                try:
-                    info = {"group": r.get("group") or "unknown"}
-                    info |= {k: float(r[k]) for k in _INFO_FLOATS}
-                    info |= {k: int(r[k]) for k in _INFO_INTS}
-                except (TypeError, ValueError) as exc:
-                    raise PrepareError(f"{path}:{line}: {exc}") from None
-                if info["pixel_spacing_mm"] <= 0 or info["slice_spacing_mm"] <= 0:
-                    raise PrepareError(f"{path}:{line}: spacing must be > 0 mm")
-                rows[r["patient"]] = info
-    except OSError as exc:
-        raise PrepareError(f"{path}: unreadable ({exc})") from None
-    return rows
-
-
-def with_info(volume: Volume, info: dict | None) -> Volume:
-    """The volume with its patient's ``info.csv`` row: true spacing (z, y, x mm), group, metadata."""
-    if info is None:
-        return volume
-    if info["num_slices"] != volume.image.shape[0]:
-        raise PrepareError(f"{volume.source}: {volume.image.shape[0]} slices, but {INFO_CSV} says "
-                           f"{info['num_slices']} for {volume.patient}")
-    spacing = (info["slice_spacing_mm"], info["pixel_spacing_mm"], info["pixel_spacing_mm"])
-    meta = {k: info[k] for k in ("height_cm", "weight_kg", "nb_frames", "ed_frame", "es_frame")}
-    return replace(volume, spacing=spacing, group=info["group"], info=meta)
-
-
-def find_h5_volumes(source: Path) -> list[Path]:
-    return sorted(p for p in source.rglob("*.h5") if _H5_NAME.match(p.name))
-
-
-def read_h5_volume(path: Path) -> Volume:
-    """Read one SSL4MIS file ``patientNNN_frame0{1,2}.h5`` (frame01 = ED, frame02 = ES)."""
-    import h5py
-
-    match = _H5_NAME.match(path.name)
-    if not match:
-        raise PrepareError(f"{path}: name is not patientNNN_frame01.h5 or patientNNN_frame02.h5")
-    patient, frame = match.group(1), match.group(2)
-    try:
-        with h5py.File(path, "r") as f:
-            if "image" not in f or "label" not in f:
-                raise PrepareError(f"{path}: missing dataset 'image' or 'label' (missing gt)")
-            image = np.asarray(f["image"][()])
-            label = np.asarray(f["label"][()])
-    except PrepareError:
-        raise
-    except Exception as exc:  # h5py raises OSError, KeyError, ... on corrupt files
-        raise PrepareError(f"{path}: unreadable HDF5 ({type(exc).__name__}: {exc})") from None
-    _check_volume(str(path), image, label, str(path))
-    return Volume(
-        patient=patient,
-        phase="ED" if frame == "1" else "ES",
-        image=image,
-        label=label.astype(np.uint8),
-        spacing=None,
-        group=_group_from_number(patient),
-        source=str(path),
-    )
-
-
-def find_patient_dirs(source: Path) -> list[Path]:
-    """Patient folders of the official release: SOURCE/[training|testing/]patientNNN/."""
-    dirs = [p for p in source.rglob("patient*") if p.is_dir() and _PATIENT_DIR.match(p.name)]
-    if source.is_dir() and _PATIENT_DIR.match(source.name):
-        dirs.append(source)
-    return sorted(dirs)
-
-
-def read_info_cfg(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise PrepareError(f"{path}: missing Info.cfg (needed for the ED/ES frame numbers)")
-    info = parse_info_cfg(path)
-    for key in ("ED", "ES"):
-        if not info.get(key, "").isdigit():
-            raise PrepareError(f"{path}: no integer '{key}:' line")
-    return info
-
-
-def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
-    if not path.is_file():
-        raise PrepareError(f"{path}: file missing")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
-    except Exception as exc:  # corrupt gzip, truncated file, not NIfTI at all
-        raise PrepareError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
-    return data, zooms
-
-
-def read_nifti_patient(patient_dir: Path) -> list[Volume]:
-    """Read ED and ES (image + gt) of one official-layout patient folder."""
-    patient = patient_dir.name
-    info = read_info_cfg(patient_dir / "Info.cfg")
-    volumes = []
-    for phase in PHASES:
-        frame = int(info[phase])
-        img_path = patient_dir / f"{patient}_frame{frame:02d}.nii.gz"
-        gt_path = patient_dir / f"{patient}_frame{frame:02d}_gt.nii.gz"
-        if not img_path.is_file():
-            raise PrepareError(f"{img_path}: image of the {phase} frame named in Info.cfg is missing")
-        if not gt_path.is_file():
-            raise PrepareError(f"{gt_path}: missing gt for the {phase} frame")
-        image, zooms = _load_nifti(img_path)
-        label, _ = _load_nifti(gt_path)
-        image, label = _squeeze_trailing(image), _squeeze_trailing(label)
-        if image.ndim != 3 or label.ndim != 3:
-            _check_volume(str(img_path), image, label, str(gt_path))
-        image, label = nifti_to_zyx(image), nifti_to_zyx(label)
-        _check_volume(str(img_path), image, label, str(gt_path))
-        volumes.append(
-            Volume(
-                patient=patient,
-                phase=phase,
-                image=image,
-                label=label.astype(np.uint8),
-                spacing=(zooms[2], zooms[1], zooms[0]),
-                group=info.get("Group", "unknown"),
-                source=str(img_path),
-                info=info_from_cfg(info),
-            )
-        )
-    return volumes
-
-
-def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
-    if not source.is_dir():
-        raise PrepareError(f"{source}: source folder does not exist")
-    if find_patient_dirs(source):
-        return "acdc-nifti"
-    if find_h5_volumes(source):
-        return "ssl4mis-h5"
-    raise PrepareError(f"{source}: empty source: no patientNNN/ folders and no patientNNN_frame0X.h5 files")
 
 
 # --------------------------------------------------------------------------- iteration by patient

@@ -77,13 +77,13 @@ def run_batch(config: InferConfig) -> dict:
             raise ValueError(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})") from None
     client = None
     if web:
-        from raysegment.io import dicom
+        from raysegment.io import dicomweb
 
-        client = dicom.web_client(config.input)
+        client = dicomweb.web_client(config.input)
         try:
             items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
                       **{k: s[k] for k in ("invalid", "error") if k in s}}
-                     for s in dicom.web_series(client)]
+                     for s in dicomweb.web_series(client)]
         except Exception as exc:
             raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
     else:
@@ -193,7 +193,7 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
     """WADO-RS each series to ``out/dicom-in/<series uid>/`` → the series that arrived. A series
     the PACS described without its UIDs is ``failed``; one whose query or retrieval failed is an
     ``error`` (retried by the next run); each goes to ``finish`` and the others go on."""
-    from raysegment.io.dicom import web_retrieve
+    from raysegment.io.dicomweb import web_retrieve
 
     ready = []
     for item in todo:
@@ -215,7 +215,7 @@ def _store(client, entry: dict) -> None:
     """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
     ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
     (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicom import web_replace_segs
+    from raysegment.io.dicomweb import web_replace_segs
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
     try:

@@ -21,7 +21,7 @@ def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: 
     from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
-    from raysegment.training.train import fit_local
+    from raysegment.training.local import fit_local
 
     folds_of = fold_of({v.patient: v.group for v in volumes}, folds, seed)
     held = sorted({p for p, f in folds_of.items() if f == fold})

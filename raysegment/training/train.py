@@ -17,48 +17,19 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raysegment.io import storage
 from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
-from raysegment.config import (PredictConfig, Precision, TrainConfig, torch_threads)
-from raysegment.data.dataset import apply_augment, load_volumes, read_split, sample_augment
-from raysegment.model.losses import segmentation_loss
+from raysegment.config import (PredictConfig, TrainConfig, torch_threads)
+from raysegment.data.dataset import load_volumes, read_split
 from raysegment.analysis.metrics import dice_summary, score_records
 from raysegment.model.unet import build_model
-from raysegment.inference.predictor import AUTOCAST_DTYPES, Predictor, resolve_precision
+from raysegment.inference.predictor import Predictor
+from raysegment.training.core import _lr_at, autocast_dtype, lr_scale_for, planned_epochs, train_step
 
 __all__ = ["RunSpec", "TrainConfig", "make_trainer", "train", "train_step", "validate"]
 SCALER_FILE = "scaler.pt"
-
-
-def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a training step (None: fp32); ``auto`` as ``resolve_precision``."""
-    return AUTOCAST_DTYPES[resolve_precision(precision, device)]
-
-
-# --------------------------------------------------------------------------- one step, one validation
-
-
-def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
-               generator: torch.Generator, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """One optimisation step on a batch of (N, [C,] S, S) images and (N, S, S) labels: sample and
-    apply the augmentation, forward under autocast, loss, backward, step. Returns the loss (on
-    the device; reading it syncs). ``raysegment.cli.bench`` times exactly this function."""
-    params = sample_augment(labels, config.augment, config.crop_size, generator)
-    if device.type == "cuda":  # pinned pages let the copies overlap the previous step's kernels
-        images, labels = images.pin_memory(), labels.pin_memory()
-    x, y = apply_augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), params,
-                         config.crop_size)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(x)
-    loss = segmentation_loss(logits, y, config.loss)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
 
 
 def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: float | None = None) -> int:
@@ -89,31 +60,6 @@ def validate(model, volumes, config: TrainConfig, device) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- the per-worker loop
-
-
-def _lr_at(config: TrainConfig, epoch_progress: float, total_epochs: int | None = None) -> float:
-    """Linear warm-up, then cosine decay to 1 % of ``lr`` at ``total_epochs`` (default ``epochs``);
-    ``epoch_progress`` in epochs."""
-    total = config.epochs if total_epochs is None else total_epochs
-    if epoch_progress < config.warmup_epochs:
-        return config.lr * max(epoch_progress / config.warmup_epochs, 0.01)
-    t = (epoch_progress - config.warmup_epochs) / max(total - config.warmup_epochs, 1e-9)
-    return config.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def lr_scale_for(config: TrainConfig, world: int) -> float:
-    """Learning-rate factor for ``world`` data-parallel workers (their batches add up): ``lr`` is
-    tuned for one worker's batch; sqrt scaling is the safe rule for Adam-type optimizers."""
-    return {"none": 1.0, "sqrt": math.sqrt(world), "linear": float(world)}[config.lr_scaling]
-
-
-def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> int:
-    """Epochs the run will do in all: ``epochs``, or with a time budget those that fit in it at
-    the mean epoch time so far (at least the ones done)."""
-    if config.time_budget_min is None or epochs_done == 0:
-        return config.epochs
-    left = config.time_budget_min * 60 - elapsed_s
-    return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
 
 
 @dataclass
@@ -298,57 +244,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   f"dice rv {metrics['dice_rv']:.3f} myo {metrics['dice_myo']:.3f} lv {metrics['dice_lv']:.3f} "
                   f"mean {metrics['dice_mean']:.3f} ({metrics['train_seconds']:.0f}s train{budget})", flush=True)
         _report(run, config, metrics, rank)
-
-
-def slice_tensors(volumes, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every slice of ``volumes`` on the training grid: images (N, S, S) or (N, 3, S, S) with
-    context, labels (N, S, S) uint8 — what the Ray pipeline's ``resize_batch`` makes, in memory."""
-    from raysegment.data.dataset import grid_slice
-
-    images, labels = [], []
-    for v in volumes:
-        padded = np.pad(v.image, ((1, 1), (0, 0), (0, 0)))
-        for k in range(v.image.shape[0]):
-            img = padded[k : k + 3] if config.model.context_slices else v.image[k]
-            i, lab = grid_slice(img, v.label[k], config.image_size, v.spacing, config.pixel_mm)
-            images.append(i)
-            labels.append(lab)
-    return torch.stack(images), torch.stack(labels)
-
-
-def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
-    """Train on in-memory volumes in this process, without Ray: the Ray loop's ``train_step``,
-    augmentation, learning-rate schedule and time-budget planning, no validation, no checkpoints.
-    For many small runs on one GPU (the cross-validation folds of ``raysegment.analysis.diagnosis``).
-    Returns the bare model (eval mode) and the per-epoch history."""
-    dev = torch.device(device)
-    torch.manual_seed(config.seed)
-    images, labels = slice_tensors(volumes, config)
-    run = restore_run(config, None, lambda m: m.to(dev), dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    n, steps_est = len(images), max(1, len(images) // config.batch_size)
-    if config.max_steps_per_epoch:
-        steps_est = min(steps_est, config.max_steps_per_epoch)
-    t_start, total = time.perf_counter(), config.epochs
-    for epoch in range(config.epochs):
-        if epoch >= total:
-            break
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101)
-        order = torch.randperm(n, generator=gen)
-        run.model.train()
-        loss_sum = torch.zeros((), device=dev)
-        for step in range(steps_est):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            for g in run.optimizer.param_groups:
-                g["lr"] = _lr_at(config, epoch + step / steps_est, total)
-            loss_sum += train_step(run.model, run.optimizer, run.scaler, images[idx], labels[idx], config, gen, dev,
-                                   run.dtype)
-        elapsed = time.perf_counter() - t_start
-        total = planned_epochs(config, epoch + 1, elapsed)
-        run.history.append({"epoch": epoch, "loss": float(loss_sum) / steps_est, "elapsed_s": round(elapsed, 1)})
-        log(f"[raysegment] epoch {epoch + 1}/{total} loss {run.history[-1]['loss']:.4f} ({elapsed / 60:.1f} min)")
-    return run.core.eval(), run.history
 
 
 class _nullcontext:

@@ -1,0 +1,113 @@
+"""A PACS over DICOMweb: QIDO-RS (series and their instances), WADO-RS (retrieve), STOW-RS (store)
+and the replacement of stale SEGs, with bounded retries. Imports ``raysegment.io.dicom`` only."""
+
+from __future__ import annotations
+import hashlib
+from pathlib import Path
+from raysegment.io.dicom import instances_digest
+
+PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in seconds, not minutes
+PACS_ATTEMPTS, PACS_BACKOFF_MS = 3, 250  # tries per request, back-off base: waits 0.5 s, 1 s
+
+
+def web_client(url: str):
+    """A DICOMweb client with bounded retries: an unreachable PACS fails after ``PACS_ATTEMPTS``
+    tries (about 2 s of back-off plus connect timeouts of ``PACS_TIMEOUT_S[0]`` s), not minutes."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url.rstrip("/"), timeout=PACS_TIMEOUT_S)
+    client.set_http_retry_params(max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=PACS_BACKOFF_MS)
+    return client
+
+
+def _tag(item: dict, tag: str) -> str:
+    return str(item.get(tag, {}).get("Value", [""])[0])
+
+
+def web_series(client) -> list[dict]:
+    """MR series on a DICOMweb server (QIDO-RS): ``{"study", "series", "sha256"}`` each, the digest
+    over the series' SOP Instance UIDs (one instance query per series). A record the server sends
+    without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason) instead of
+    stopping the others."""
+    out = []
+    for n, s in enumerate(client.search_for_series(search_filters={"Modality": "MR"})):
+        study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
+        if not study or not series:
+            digest = hashlib.sha256(repr(sorted(s.items())).encode()).hexdigest()
+            out.append({"study": study or "?", "series": series or f"?{n}", "sha256": digest,
+                        "invalid": "PACS query record without Study or Series Instance UID"})
+            continue
+        try:
+            sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                              series_instance_uid=series)]
+        except Exception as exc:
+            out.append({"study": study, "series": series, "sha256": "unknown",
+                        "error": f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"})
+            continue
+        out.append({"study": study, "series": series, "sha256": instances_digest(sops)})
+    return out
+
+
+def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:
+    """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=series):
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def web_store(client, paths: list[Path]) -> None:
+    """STOW-RS the files (SEGs) to the server. Their UIDs follow the content they were made from
+    (``seg_uid``), so storing again after a kill replaces, never duplicates."""
+    import pydicom
+
+    client.store_instances(datasets=[pydicom.dcmread(p) for p in paths])
+
+
+def web_replace_segs(client, paths: list[Path]) -> None:
+    """STOW-RS a series' SEGs, then delete from the PACS the SEGs of that SEG series that are not
+    among them (made from earlier content of the series), and check the PACS holds exactly these.
+
+    Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
+    DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
+    """
+    import pydicom
+
+    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    web_store(client, paths)
+    for study, series in sorted({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID)) for h in heads}):
+        wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
+        held = _series_sops(client, study, series)
+        for sop in sorted(held - wanted):
+            _delete_instance(client, study, series, sop)
+        held = _series_sops(client, study, series)
+        if held != wanted:
+            raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
+                               f"of SEG series {series} after storing and deleting")
+
+
+def _series_sops(client, study: str, series: str) -> set[str]:
+    return {_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                      series_instance_uid=series)}
+
+
+def _delete_instance(client, study: str, series: str, sop: str) -> None:
+    """DICOMweb DELETE (not in the standard; dcm4chee has it), else Orthanc's REST API."""
+    import requests
+
+    try:
+        client.delete_instance(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
+        return
+    except Exception:
+        pass
+    http = getattr(client, "_session", None) or requests  # the client's session carries its authentication
+    base = client.base_url.rstrip("/")
+    root = base[: -len("/dicom-web")] if base.endswith("/dicom-web") else base.rsplit("/", 1)[0]
+    found = http.post(f"{root}/tools/lookup", data=sop, timeout=PACS_TIMEOUT_S)
+    found.raise_for_status()
+    for item in found.json():
+        if item.get("Type") == "Instance":
+            http.delete(f"{root}/instances/{item['ID']}", timeout=PACS_TIMEOUT_S).raise_for_status()

@@ -1,0 +1,61 @@
+"""The local training loop: the training core on in-memory volumes in this process, without Ray
+(the cross-validation folds of the diagnosis, many small runs on one GPU)."""
+
+from __future__ import annotations
+import time
+import numpy as np
+import torch
+from raysegment.config import (TrainConfig)
+from raysegment.training.core import _lr_at, planned_epochs, train_step
+from raysegment.training.train import restore_run
+
+
+def slice_tensors(volumes, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slice of ``volumes`` on the training grid: images (N, S, S) or (N, 3, S, S) with
+    context, labels (N, S, S) uint8 — what the Ray pipeline's ``resize_batch`` makes, in memory."""
+    from raysegment.data.dataset import grid_slice
+
+    images, labels = [], []
+    for v in volumes:
+        padded = np.pad(v.image, ((1, 1), (0, 0), (0, 0)))
+        for k in range(v.image.shape[0]):
+            img = padded[k : k + 3] if config.model.context_slices else v.image[k]
+            i, lab = grid_slice(img, v.label[k], config.image_size, v.spacing, config.pixel_mm)
+            images.append(i)
+            labels.append(lab)
+    return torch.stack(images), torch.stack(labels)
+
+
+def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
+    """Train on in-memory volumes in this process, without Ray: the Ray loop's ``train_step``,
+    augmentation, learning-rate schedule and time-budget planning, no validation, no checkpoints.
+    For many small runs on one GPU (the cross-validation folds of ``raysegment.analysis.diagnosis``).
+    Returns the bare model (eval mode) and the per-epoch history."""
+    dev = torch.device(device)
+    torch.manual_seed(config.seed)
+    images, labels = slice_tensors(volumes, config)
+    run = restore_run(config, None, lambda m: m.to(dev), dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    n, steps_est = len(images), max(1, len(images) // config.batch_size)
+    if config.max_steps_per_epoch:
+        steps_est = min(steps_est, config.max_steps_per_epoch)
+    t_start, total = time.perf_counter(), config.epochs
+    for epoch in range(config.epochs):
+        if epoch >= total:
+            break
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101)
+        order = torch.randperm(n, generator=gen)
+        run.model.train()
+        loss_sum = torch.zeros((), device=dev)
+        for step in range(steps_est):
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            for g in run.optimizer.param_groups:
+                g["lr"] = _lr_at(config, epoch + step / steps_est, total)
+            loss_sum += train_step(run.model, run.optimizer, run.scaler, images[idx], labels[idx], config, gen, dev,
+                                   run.dtype)
+        elapsed = time.perf_counter() - t_start
+        total = planned_epochs(config, epoch + 1, elapsed)
+        run.history.append({"epoch": epoch, "loss": float(loss_sum) / steps_est, "elapsed_s": round(elapsed, 1)})
+        log(f"[raysegment] epoch {epoch + 1}/{total} loss {run.history[-1]['loss']:.4f} ({elapsed / 60:.1f} min)")
+    return run.core.eval(), run.history
