@@ -111,10 +111,6 @@ class TrainConfig:
     shuffle_buffer_slices: int = 256
     val_patients: tuple[str, ...] | None = None  # None: every val patient
     manifest_hash: str = ""
-    # Test hooks: raise once at this epoch (marker file makes it once), write per-rank audits.
-    fail_at_epoch: int | None = None
-    fail_marker: str | None = None
-    audit_dir: str | None = None
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

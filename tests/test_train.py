@@ -13,7 +13,9 @@ from raysegment.config import PredictConfig
 from raysegment.model.unet import ModelConfig, build_model
 from raysegment.inference.predictor import Predictor
 from raysegment.data.prepare import PrepareConfig, prepare
-from raysegment.training.train import RunSpec, TrainConfig, train, train_step
+from raysegment.config import TrainConfig
+from raysegment.training.core import train_step
+from raysegment.training.train import RunHooks, RunSpec, train
 from synth import make_h5_dataset
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
@@ -70,9 +72,10 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     marker = tmp_path / "failed-once"
     # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
     tiny = {**TINY, "model": ModelConfig(backbone="mobilenet_v2", decoder_width=8, context_slices=1)}
-    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, fail_at_epoch=2,
-                         fail_marker=str(marker), max_steps_per_epoch=2, **tiny)
-    result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1))
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, **tiny)
+    hooks = RunHooks(fail_at_epoch=2, fail_marker=str(marker))
+    result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1,
+                                   hooks=hooks))
     assert marker.exists(), "the fault was not injected"
     assert result.error is None
     done = result.metrics["epoch"] + 1
@@ -140,7 +143,7 @@ def test_resize_batch_builds_context_channels(tiny_shards):
 
 
 def test_time_budget_plans_the_epochs_that_fit_and_anneals_by_then():
-    from raysegment.training.train import _lr_at, planned_epochs
+    from raysegment.training.core import _lr_at, planned_epochs
 
     fixed = TrainConfig(data="x", epochs=20)
     assert planned_epochs(fixed, 3, 1e6) == 20
@@ -236,7 +239,8 @@ def test_resume_loads_the_optimizer_moments_onto_the_parameters_device(tmp_path)
 
 
 def test_lr_scales_with_the_workers_and_fp16_gpu_runs_get_equal_shards():
-    from raysegment.training.train import RunSpec, lr_scale_for, needs_equal_shards
+    from raysegment.training.core import lr_scale_for
+    from raysegment.training.train import RunSpec, needs_equal_shards
 
     config = TrainConfig(data="unused", **TINY)
     assert lr_scale_for(config, 1) == 1.0 and lr_scale_for(config, 4) == 2.0  # sqrt by default
@@ -293,3 +297,38 @@ def test_bad_arguments_fail_before_ray_with_one_line(module, args, message, tmp_
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and message in err.strip().splitlines()[-1]  # argparse: usage, then one error line
+
+
+def test_the_one_training_core_steps_as_the_loop_it_replaced_bit_for_bit():
+    """``run_steps`` (the Ray workers', the local loop's and the benchmark's loop) gives the weights
+    the per-worker loop gave before it was shared: per step ``_lr_at`` × the worker-count factor,
+    then ``train_step`` — compared to that loop written out, on the same batches, bit for bit."""
+    from raysegment.config import ModelConfig
+    from raysegment.model.unet import build_model
+    from raysegment.training.core import _lr_at, epoch_seed, run_steps
+
+    config = TrainConfig(data="u", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=64,
+                         crop_size=32, batch_size=2, epochs=3, precision="fp32")
+    images = torch.rand(6, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 4, (6, 64, 64), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(config.model)
+        return model, torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay), \
+            torch.amp.GradScaler("cuda", enabled=False)
+
+    m1, o1, s1 = fresh()
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + 1 * 101 + 0)  # the formula each loop used to copy
+    for step in range(3):
+        for g in o1.param_groups:
+            g["lr"] = _lr_at(config, 1 + min(step / 3, 1.0), 3) * 1.0
+        train_step(m1, o1, s1, images[2 * step : 2 * step + 2], labels[2 * step : 2 * step + 2], config, gen, cpu, None)
+    m2, o2, s2 = fresh()
+    loss, steps = run_steps(m2, o2, s2, ((images[i : i + 2], labels[i : i + 2]) for i in (0, 2, 4)), config, epoch=1,
+                            total_epochs=3, steps_est=3, generator=torch.Generator().manual_seed(epoch_seed(config, 1)),
+                            device=cpu, dtype=None)
+    assert steps == 3 and torch.isfinite(loss)
+    for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), name

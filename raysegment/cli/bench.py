@@ -43,7 +43,7 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
 
     from raysegment.data.dataset import resize_batch, train_columns
     from raysegment.model.unet import build_model
-    from raysegment.training.train import autocast_dtype, train_step
+    from raysegment.training.core import autocast_dtype, epoch_seed, run_steps
 
     torch.set_num_threads(config.threads_per_worker or torch_threads(None, 1))
     n = config.batch_size * (steps + warmup)
@@ -63,13 +63,14 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr)
     dtype = autocast_dtype(config.precision, dev)
     scaler = torch.amp.GradScaler(device, enabled=cuda and dtype == torch.float16)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(epoch_seed(config, 0))
+    uncapped = replace(config, max_steps_per_epoch=None)  # the steps asked for here, whatever the config caps
 
     def run(first: int, last: int):
-        loss_sum = torch.zeros((), device=dev)
-        for step in range(first, last):
-            sl = slice(step * config.batch_size, (step + 1) * config.batch_size)
-            loss_sum += train_step(model, opt, scaler, images[sl], labels[sl], config, gen, dev, dtype)
+        batches = ((images[s * config.batch_size:(s + 1) * config.batch_size],
+                    labels[s * config.batch_size:(s + 1) * config.batch_size]) for s in range(first, last))
+        loss_sum, _ = run_steps(model, opt, scaler, batches, uncapped, epoch=0, total_epochs=config.epochs,
+                                steps_est=last - first, generator=gen, device=dev, dtype=dtype)
         return float(loss_sum)  # one sync at the end, as the Ray loop does per epoch
 
     run(0, warmup)

@@ -9,7 +9,7 @@ from pathlib import Path
 from raysegment.config import (LossConfig, ModelConfig, TrainConfig, default_of)
 from raysegment.cli.args import _td, add_run_arguments, augment_from_args, check_args, resolve_init_weights
 from raysegment.runtime import ensure_ray
-from raysegment.training.train import RunSpec, train
+from raysegment.training.train import RunHooks, RunSpec, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         pixel_mm=a.pixel_mm,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads,
-        audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None,
     )
+    hooks = RunHooks(audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None)
     spec = RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0, gpus_per_worker=a.gpus_per_worker or 1.0,
                    cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
                    name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
-                   placement=a.placement, verbose=a.verbose)
+                   placement=a.placement, verbose=a.verbose, hooks=hooks)
     ensure_ray(a.address, verbose=a.verbose)
     result = train(config, spec)
     if result.error:

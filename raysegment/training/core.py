@@ -3,9 +3,13 @@ and the learning-rate schedule and time-budget plan every loop uses (the Ray Tra
 local loop, the benchmark). Imports data, model, config."""
 
 from __future__ import annotations
+
 import math
+from typing import Iterable
+
 import torch
-from raysegment.config import (Precision, TrainConfig)
+
+from raysegment.config import Precision, TrainConfig
 from raysegment.data.dataset import apply_augment, sample_augment
 from raysegment.model.losses import segmentation_loss
 from raysegment.inference.predictor import AUTOCAST_DTYPES, resolve_precision
@@ -16,7 +20,7 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
     return AUTOCAST_DTYPES[resolve_precision(precision, device)]
 
 
-# --------------------------------------------------------------------------- one step, one validation
+# --------------------------------------------------------------------------- one step, one epoch
 
 
 def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
@@ -62,3 +66,27 @@ def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> i
         return config.epochs
     left = config.time_budget_min * 60 - elapsed_s
     return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
+
+
+def epoch_seed(config: TrainConfig, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch on one worker: it drives that epoch's shuffle and augmentation."""
+    return config.seed * 100_003 + epoch * 101 + rank
+
+
+def run_steps(model, optimizer, scaler, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig, *,
+              epoch: int, total_epochs: int, steps_est: int, generator: torch.Generator, device: torch.device,
+              dtype: torch.dtype | None, lr_scale: float = 1.0) -> tuple[torch.Tensor, int]:
+    """One epoch of steps over ``batches`` ((images, labels) pairs), the one loop every trainer runs
+    (the Ray Train workers, the local loop, the benchmark): per step the scheduled learning rate
+    (× ``lr_scale``), then ``train_step``; at most ``config.max_steps_per_epoch`` steps.
+
+    Returns (the summed loss, on the device: reading it every step would sync a GPU, the steps)."""
+    loss_sum, step = torch.zeros((), device=device), 0
+    for images, labels in batches:
+        if config.max_steps_per_epoch and step >= config.max_steps_per_epoch:
+            break
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs) * lr_scale
+        loss_sum += train_step(model, optimizer, scaler, images, labels, config, generator, device, dtype)
+        step += 1
+    return loss_sum, step

@@ -2,11 +2,14 @@
 (the cross-validation folds of the diagnosis, many small runs on one GPU)."""
 
 from __future__ import annotations
+
 import time
+
 import numpy as np
 import torch
-from raysegment.config import (TrainConfig)
-from raysegment.training.core import _lr_at, planned_epochs, train_step
+
+from raysegment.config import TrainConfig
+from raysegment.training.core import epoch_seed, planned_epochs, run_steps
 from raysegment.training.train import restore_run
 
 
@@ -44,16 +47,13 @@ def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
     for epoch in range(config.epochs):
         if epoch >= total:
             break
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch * 101)
+        gen = torch.Generator().manual_seed(epoch_seed(config, epoch))
         order = torch.randperm(n, generator=gen)
         run.model.train()
-        loss_sum = torch.zeros((), device=dev)
-        for step in range(steps_est):
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            for g in run.optimizer.param_groups:
-                g["lr"] = _lr_at(config, epoch + step / steps_est, total)
-            loss_sum += train_step(run.model, run.optimizer, run.scaler, images[idx], labels[idx], config, gen, dev,
-                                   run.dtype)
+        batches = ((images[idx], labels[idx]) for idx in
+                   (order[step * config.batch_size : (step + 1) * config.batch_size] for step in range(steps_est)))
+        loss_sum, _ = run_steps(run.model, run.optimizer, run.scaler, batches, config, epoch=epoch, total_epochs=total,
+                                steps_est=steps_est, generator=gen, device=dev, dtype=run.dtype)
         elapsed = time.perf_counter() - t_start
         total = planned_epochs(config, epoch + 1, elapsed)
         run.history.append({"epoch": epoch, "loss": float(loss_sum) / steps_est, "elapsed_s": round(elapsed, 1)})

@@ -14,7 +14,8 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import dataclass, replace
+import contextlib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,9 +27,9 @@ from raysegment.data.dataset import load_volumes, read_split
 from raysegment.analysis.metrics import dice_summary, score_records
 from raysegment.model.unet import build_model
 from raysegment.inference.predictor import Predictor
-from raysegment.training.core import _lr_at, autocast_dtype, lr_scale_for, planned_epochs, train_step
+from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
 
-__all__ = ["RunSpec", "TrainConfig", "make_trainer", "train", "train_step", "validate"]
+__all__ = ["RunHooks", "RunSpec", "TrainConfig", "make_trainer", "train", "validate"]
 SCALER_FILE = "scaler.pt"
 
 
@@ -128,47 +129,59 @@ def restore_run(config: TrainConfig, checkpoint_dir: Path | None, prepare, devic
 
 
 def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs: int, steps_est: int,
-                 rank: int, world: int = 1) -> dict:
+                 rank: int, world: int = 1, audit: bool = False) -> dict:
     """One pass over this worker's share of the train split → epoch metrics (and the slices seen)."""
-    lr_scale = lr_scale_for(config, world)
-    # One seed per (run seed, epoch, rank) drives both the shuffle buffer and the augmentation.
-    epoch_seed = config.seed * 100_003 + epoch * 101 + rank
-    gen = torch.Generator().manual_seed(epoch_seed)
+    seed = epoch_seed(config, epoch, rank)
+    gen = torch.Generator().manual_seed(seed)
     run.model.train()
-    t0, seen, loss_sum, step = time.perf_counter(), [], torch.zeros((), device=run.device), 0
+    t0, seen, wait = time.perf_counter(), [], [0.0]
     batches = shard.iter_batches(batch_size=config.batch_size, batch_format="numpy",
                                  prefetch_batches=2 if run.device.type == "cuda" else 1,
                                  local_shuffle_buffer_size=max(config.shuffle_buffer_slices, config.batch_size),
-                                 local_shuffle_seed=epoch_seed)
-    # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
-    join = run.model.join() if hasattr(run.model, "join") else _nullcontext()
-    data_wait, batch_iter = 0.0, iter(batches)
-    with join:
+                                 local_shuffle_seed=seed)
+
+    def pairs():
+        it = iter(batches)
         while True:
             t_wait = time.perf_counter()
-            batch = next(batch_iter, None)
-            data_wait += time.perf_counter() - t_wait
-            if batch is None or (config.max_steps_per_epoch and step >= config.max_steps_per_epoch):
-                break
-            if config.audit_dir:
-                seen += [f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"])]
-            for g in run.optimizer.param_groups:
-                g["lr"] = _lr_at(config, epoch + min(step / steps_est, 1.0), total_epochs) * lr_scale
-            loss = train_step(run.model, run.optimizer, run.scaler, torch.from_numpy(batch["image"]),
-                              torch.from_numpy(batch["label"]), config, gen, run.device, run.dtype)
-            loss_sum += loss  # on the device: reading it every step would sync the GPU every step
-            step += 1
+            batch = next(it, None)
+            wait[0] += time.perf_counter() - t_wait
+            if batch is None:
+                return
+            if audit:
+                seen.extend(f"{p}/{ph}/{int(s)}" for p, ph, s in zip(batch["patient"], batch["phase"], batch["slice"]))
+            yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+
+    # Workers may get unequal shares (every slice exactly once); join() keeps DDP from hanging.
+    with run.model.join() if hasattr(run.model, "join") else contextlib.nullcontext():
+        loss_sum, step = run_steps(run.model, run.optimizer, run.scaler, pairs(), config, epoch=epoch,
+                                   total_epochs=total_epochs, steps_est=steps_est, generator=gen, device=run.device,
+                                   dtype=run.dtype, lr_scale=lr_scale_for(config, world))
     return {"epoch": epoch, "loss": float(loss_sum) / step if step else float("nan"),
-            "train_slices": len(seen) if config.audit_dir else step * config.batch_size,
-            "train_seconds": time.perf_counter() - t0, "data_wait_seconds": data_wait, "_seen": seen}
+            "train_slices": len(seen) if audit else step * config.batch_size,
+            "train_seconds": time.perf_counter() - t0, "data_wait_seconds": wait[0], "_seen": seen}
 
 
-def _audit(run: _Run, config: TrainConfig, epoch: int, rank: int, seen: list[str]) -> None:
-    import ray
+@dataclass(frozen=True)
+class RunHooks:
+    """Debug and fault-injection hooks of one run; they travel beside the ``TrainConfig`` to the
+    workers, never inside it (so no checkpoint or registered model carries them)."""
 
-    audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
-             "weights_sum": float(sum(p.double().sum() for p in run.core.parameters()))}
-    Path(config.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
+    fail_at_epoch: int | None = None  # raise once at this epoch (the marker file makes it once)
+    fail_marker: str | None = None
+    audit_dir: str | None = None  # write per-rank audits (slices seen, node, weights checksum) here
+
+    def maybe_fail(self, epoch: int, rank: int) -> None:
+        if self.fail_at_epoch == epoch and self.fail_marker and not Path(self.fail_marker).exists():
+            Path(self.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
+            raise RuntimeError(f"injected fault at epoch {epoch}")
+
+    def audit(self, run: _Run, epoch: int, rank: int, seen: list[str]) -> None:
+        import ray
+
+        audit = {"rank": rank, "epoch": epoch, "seen": seen, "node_id": ray.get_runtime_context().get_node_id(),
+                 "weights_sum": float(sum(p.double().sum() for p in run.core.parameters()))}
+        Path(self.audit_dir, f"epoch{epoch}-rank{rank}.json").write_text(json.dumps(audit))
 
 
 def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
@@ -193,6 +206,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch.distributed as dist
 
     config = TrainConfig.from_dict(loop_config)
+    hooks = RunHooks(**loop_config.get("_hooks", {}))
     # A single worker runs its Ray Data iterator in-process; the epoch line is our progress report.
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
@@ -215,13 +229,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for epoch in range(run.start_epoch, config.epochs):
         if epoch >= total_epochs:
             break
-        if config.fail_at_epoch == epoch and config.fail_marker and not Path(config.fail_marker).exists():
-            Path(config.fail_marker).write_text(f"rank {rank} failed at epoch {epoch}\n")
-            raise RuntimeError(f"injected fault at epoch {epoch}")
-        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank, world)
+        hooks.maybe_fail(epoch, rank)
+        metrics = _train_epoch(run, shard, config, epoch, total_epochs, steps_est, rank, world, bool(hooks.audit_dir))
         seen = metrics.pop("_seen")
-        if config.audit_dir:
-            _audit(run, config, epoch, rank, seen)
+        if hooks.audit_dir:
+            hooks.audit(run, epoch, rank, seen)
         records = validate(run.core, volumes, config, run.device)
         if world > 1:
             shares = [None] * world
@@ -246,14 +258,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _report(run, config, metrics, rank)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --------------------------------------------------------------------------- driver
 
 
@@ -273,6 +277,7 @@ class RunSpec:
     placement: str = "PACK"  # Ray placement-group strategy; STRICT_SPREAD puts each worker on its own node
     sharing: int = 1  # runs side by side on a node (Tune trials at once): they share its cores
     verbose: bool = False  # Ray Train's INFO lines (worker group, devices) on the console
+    hooks: RunHooks = RunHooks()  # debug and fault injection (tests, --audit-dir)
 
 
 class ExactlyOnceDataConfig:
@@ -318,6 +323,7 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
         config = replace(config, manifest_hash=manifest["content_hash"])
     loop_config = {**config.to_dict(), "_n_train": manifest["counts"]["slices"]["train"]}
     loop_config["_sharing"] = spec.sharing
+    loop_config["_hooks"] = asdict(spec.hooks)
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
