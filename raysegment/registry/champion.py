@@ -104,10 +104,12 @@ def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
 # A version below this val mean Dice segments next to nothing: it never becomes champion, even
 # when there is none yet (the alias would point batch jobs at a model that writes empty masks).
 MIN_CHAMPION_DICE = 0.1
+# A diagnosis classifier at or below chance (5 groups) is no classifier.
+MIN_CHAMPION_ACCURACY = 0.2
 
 
 def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tracking_uri: str,
-              force_champion: bool) -> Registration:
+              force_champion: bool, metric: str = "dice_mean", floor: float = MIN_CHAMPION_DICE) -> Registration:
     """Register a logged model as the next version of ``name``, tag it, decide on ``champion``."""
     import mlflow
     from mlflow import MlflowClient
@@ -118,7 +120,7 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
     client.update_registered_model(name, description=description)
     for k, v in tags.items():
         client.set_model_version_tag(name, mv.version, k, v)
-    promote, reason = _should_promote(client, name, tags)
+    promote, reason = should_promote(client, name, tags, metric, floor)
     if force_champion:
         promote, reason = True, "forced"
     if promote:
@@ -210,25 +212,26 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
                      tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
 
-def _should_promote(client, name: str, tags: dict[str, str]) -> tuple[bool, str]:
-    """The champion rule: Dice measured here, above the sanity floor, better than the champion's on
-    the same data manifest (or no champion yet)."""
-    dice_mean, manifest_hash = float(tags["dice_mean"]), tags["manifest_hash"]
+def should_promote(client, name: str, tags: dict[str, str], metric: str = "dice_mean",
+                   floor: float = MIN_CHAMPION_DICE) -> tuple[bool, str]:
+    """The one champion rule, for every registered model (segmenters: ``dice_mean``; the diagnosis:
+    ``cv_accuracy``): measured here, at least ``floor``, and strictly better than the champion's
+    ``metric`` on the same data manifest — or no champion yet."""
+    value, manifest_hash = float(tags[metric]), tags.get("manifest_hash", "")
     if tags.get("evaluated") == "false":
-        return False, "its Dice is the file's own claim, not an evaluation run here (pass --data to score it on your val split)"
-    if dice_mean < MIN_CHAMPION_DICE:
-        return False, (f"fails the sanity check: val dice_mean {dice_mean:.4f} < {MIN_CHAMPION_DICE} "
-                       f"(it segments next to nothing)")
+        return False, "its score is the file's own claim, not an evaluation run here (pass --data to score it on your val split)"
+    if not value >= floor:  # NaN fails too
+        return False, f"fails the sanity check: {metric} {value:.4f} < {floor}"
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except Exception:
         return True, "no champion yet"
-    cur_dice = float(current.tags.get("dice_mean", "nan"))
-    if current.tags.get("manifest_hash") != manifest_hash:
+    cur = float(current.tags.get(metric, "nan"))
+    if current.tags.get("manifest_hash", "") != manifest_hash:
         return False, f"champion v{current.version} was scored on another data manifest; not comparable"
-    if dice_mean > cur_dice:
-        return True, f"dice_mean {dice_mean:.4f} beats champion v{current.version} ({cur_dice:.4f})"
-    return False, f"dice_mean {dice_mean:.4f} does not beat champion v{current.version} ({cur_dice:.4f})"
+    if value > cur:
+        return True, f"{metric} {value:.4f} beats champion v{current.version} ({cur:.4f})"
+    return False, f"{metric} {value:.4f} does not beat champion v{current.version} ({cur:.4f})"
 
 
 def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str | Path | None = None,
@@ -273,11 +276,10 @@ DIAGNOSIS_MODEL = "raysegment-diagnosis"
 
 def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registration:
     """Register a ``python -m raysegment.diagnosis fit`` JSON as the next version of ``raysegment-diagnosis``,
-    tagged with its cross-validated accuracy and the segmenter whose masks it learnt from. It becomes
-    champion when its accuracy is at least the champion's (or there is none)."""
+    tagged with its cross-validated accuracy and the segmenter whose masks it learnt from. The one
+    champion rule (``should_promote``) decides on ``champion`` by that accuracy."""
     import mlflow
     import pandas as pd
-    from mlflow import MlflowClient
 
     from raysegment.analysis.diagnosis import FEATURES, load
 
@@ -294,22 +296,9 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
         return info.model_uri
 
     uri = _in_run(None, "diagnosis", log)
-    client = MlflowClient(tracking_uri)
-    mv = mlflow.register_model(uri, DIAGNOSIS_MODEL)
-    client.update_registered_model(DIAGNOSIS_MODEL, description="ACDC diagnosis (NOR/MINF/DCM/HCM/RV) from "
-                                   "segmentation-derived features; JSON classifier (raysegment.analysis.diagnosis)")
     tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),
             "patients": str(model.meta.get("patients", "")), "manifest_hash": str(model.meta.get("manifest_hash", "")),
             "git_commit": git_commit()}
-    for k, v in tags.items():
-        client.set_model_version_tag(DIAGNOSIS_MODEL, mv.version, k, v)
-    try:
-        current = client.get_model_version_by_alias(DIAGNOSIS_MODEL, CHAMPION)
-        cur = float(current.tags.get("cv_accuracy", "nan"))
-        promote = acc >= cur
-        reason = f"cv_accuracy {acc:.3f} {'≥' if promote else '<'} champion v{current.version} ({cur:.3f})"
-    except Exception:
-        promote, reason = True, "no champion yet"
-    if promote:
-        client.set_registered_model_alias(DIAGNOSIS_MODEL, CHAMPION, mv.version)
-    return Registration(name=DIAGNOSIS_MODEL, version=str(mv.version), champion=promote, reason=reason)
+    return _register(DIAGNOSIS_MODEL, uri, description="ACDC diagnosis (NOR/MINF/DCM/HCM/RV) from segmentation-derived "
+                     "features; JSON classifier (raysegment.analysis.diagnosis)", tags=tags, tracking_uri=tracking_uri,
+                     force_champion=False, metric="cv_accuracy", floor=MIN_CHAMPION_ACCURACY)

@@ -1,0 +1,28 @@
+"""The registry's champion rule, without servers (the registry commands against a real MLflow
+server are in test_serving.py)."""
+
+
+def test_the_one_champion_rule_on_a_real_registry(tmp_path):
+    """``should_promote`` on MLflow's own registry (a local SQLite store): the score is measured
+    here, above its floor, strictly better, on the same data manifest — for segmenters and the
+    diagnosis alike."""
+    from mlflow import MlflowClient
+
+    from raysegment.registry.champion import CHAMPION, MIN_CHAMPION_ACCURACY, should_promote
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_registered_model("m")
+    v1 = client.create_model_version("m", source=str(tmp_path))
+    for k, v in {"dice_mean": "0.80", "manifest_hash": "abc"}.items():
+        client.set_model_version_tag("m", v1.version, k, v)
+    assert should_promote(client, "m", {"dice_mean": "0.05", "manifest_hash": "abc"})[0] is False  # below the floor
+    assert should_promote(client, "m", {"dice_mean": "0.80", "manifest_hash": "abc"}) == (True, "no champion yet")
+    client.set_registered_model_alias("m", CHAMPION, v1.version)
+    assert should_promote(client, "m", {"dice_mean": "0.80", "manifest_hash": "abc"})[0] is False  # a tie stays
+    assert should_promote(client, "m", {"dice_mean": "0.81", "manifest_hash": "abc"})[0] is True
+    ok, reason = should_promote(client, "m", {"dice_mean": "0.90", "manifest_hash": "other"})
+    assert not ok and "another data manifest" in reason
+    assert should_promote(client, "m", {"dice_mean": "0.95", "manifest_hash": "abc", "evaluated": "false"})[0] is False
+    # The diagnosis: the same rule on its cross-validated accuracy, chance (0.2) as the floor.
+    assert should_promote(client, "d", {"cv_accuracy": "0.15"}, "cv_accuracy", MIN_CHAMPION_ACCURACY)[0] is False
+    assert should_promote(client, "d", {"cv_accuracy": "nan"}, "cv_accuracy", MIN_CHAMPION_ACCURACY)[0] is False
