@@ -157,16 +157,10 @@ def confusion_markdown(cv: dict) -> str:
 
 
 def fold_of(groups: dict[str, str], folds: int, seed: int = 0) -> dict[str, int]:
-    """Patient → fold (0..folds-1), stratified: each group's patients dealt round-robin in a seeded order."""
-    rng = np.random.default_rng(seed)
-    out: dict[str, int] = {}
-    offset = 0
-    for group in sorted(set(groups.values())):
-        members = sorted(p for p, g in groups.items() if g == group)
-        for i, p in enumerate(rng.permutation(members).tolist()):
-            out[p] = (i + offset) % folds
-        offset += len(members)  # the next group starts where this one stopped: folds stay balanced
-    return out
+    """Patient → fold (0..folds-1), stratified by group (``raysegment.data.splits``)."""
+    from raysegment.data.splits import stratified_folds
+
+    return stratified_folds(groups, folds, seed)
 
 
 def all_volumes(data: str | Path) -> list[Volume]:

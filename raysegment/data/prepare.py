@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import sys
@@ -31,6 +30,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from raysegment.io.studies import normalize_intensity
+from raysegment.data.splits import stratified_val
 from raysegment.data.volumes import (INFO_CSV, PHASES, PrepareError, Volume, _group_from_number, detect_format,  # noqa: F401
                                      find_h5_volumes, find_patient_dirs, read_h5_volume, read_info_cfg, read_info_csv,
                                      read_nifti_patient, with_info)
@@ -157,17 +157,7 @@ def assign_splits(patients: dict[str, str], config: PrepareConfig) -> dict[str, 
         return {p: ("val" if p in val else "train") for p in patients}
     if not 0.0 <= config.val_fraction < 1.0:
         raise PrepareError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
-    rng = random.Random(config.seed)
-    by_group: dict[str, list[str]] = {}
-    for p, g in sorted(patients.items()):
-        by_group.setdefault(g, []).append(p)
-    for group in sorted(by_group):
-        rng.shuffle(by_group[group])
-    # Round-robin over groups, so the val set is stratified by diagnosis and has exactly
-    # round(N * fraction) patients even when groups are small.
-    order = [m for rank in range(max(map(len, by_group.values()))) for g in sorted(by_group)
-             for m in by_group[g][rank : rank + 1]]
-    val = set(order[: int(round(len(order) * config.val_fraction))])
+    val = stratified_val(patients, config.val_fraction, config.seed)
     return {p: ("val" if p in val else "train") for p in patients}
 
 
