@@ -72,3 +72,19 @@ def test_mask_agreement_counts_equal_voxels_of_same_named_masks(tmp_path):
     assert bench.mask_agreement(tmp_path / "a", tmp_path / "b") == pytest.approx(190 / 200)
     with pytest.raises(ValueError, match="no masks"):
         bench.mask_agreement(tmp_path / "empty", tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_bench_train_and_data_commands_print_their_figures(shards, capsys):
+    """``bench data`` and ``bench train`` (the Ray Train path beside the bare loop) run end to end on
+    tiny shards and print their JSON lines; the figures themselves go to the docs, not into asserts."""
+    import ray
+
+    try:
+        assert bench.main(["data", "--data", str(shards), "--batch-size", "2", "--image-size", "64", "--crop-size", "32"]) == 0
+        assert bench.main(["train", "--data", str(shards), "--steps", "2", "--batch-size", "2", "--image-size", "64",
+                           "--crop-size", "32", "--precision", "fp32", "--threads", "1"]) == 0
+    finally:
+        ray.shutdown()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(lines) >= 2 and all(any(isinstance(v, (int, float)) and v > 0 for v in line.values()) for line in lines)

@@ -293,3 +293,33 @@ def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(s
     assert diagnosis_cli.main(["basal", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
                            "--out", str(tmp_path / "never.json")]) == 2
     assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
+
+
+def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path, capsys):
+    """``diagnosis fit`` on cross-validated masks (here the reference masks themselves) of 15
+    patients in 3 groups: the JSON model loads, and the features CSV reads back with the csv
+    module to the same patients, groups and columns."""
+    import csv
+
+    from raysegment.data.dataset import load_volumes
+    from raysegment.data.prepare import PrepareConfig, prepare
+    from synth import make_nifti_patient
+
+    groups = ("NOR", "DCM", "HCM")
+    for i in range(15):
+        make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(4, 40, 48))
+    prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
+    volumes = load_volumes(tmp_path / "shards", "train") + load_volumes(tmp_path / "shards", "val")
+    (tmp_path / "cv").mkdir()
+    np.savez_compressed(tmp_path / "cv" / "fold0.npz", **{f"{v.patient}/{v.phase}": v.label for v in volumes})
+    out = tmp_path / "model" / "diagnosis.json"
+    assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--masks", str(tmp_path / "cv"),
+                               "--repeats", "1", "--out", str(out)]) == 0
+    model = diagnosis.load(out)
+    assert model.meta["patients"] == 15 and "accuracy" in model.meta
+    with open(out.with_suffix(".features.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["patient", "group", *diagnosis.FEATURES]
+    assert sorted(r[0] for r in rows[1:]) == sorted({v.patient for v in volumes})
+    assert {r[1] for r in rows[1:]} == set(groups) and all(len(r) == len(rows[0]) for r in rows)
+    assert all(float(v) == float(v) for r in rows[1:] for v in r[2:] if v != "nan")  # numbers, not shifted text

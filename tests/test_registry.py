@@ -26,3 +26,21 @@ def test_the_one_champion_rule_on_a_real_registry(tmp_path):
     # The diagnosis: the same rule on its cross-validated accuracy, chance (0.2) as the floor.
     assert should_promote(client, "d", {"cv_accuracy": "0.15"}, "cv_accuracy", MIN_CHAMPION_ACCURACY)[0] is False
     assert should_promote(client, "d", {"cv_accuracy": "nan"}, "cv_accuracy", MIN_CHAMPION_ACCURACY)[0] is False
+
+
+def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tiny_model, sample_shards, capsys):
+    """``registry register`` on a local MLflow store: the checkpoint is scored on the val split of
+    --data, tagged, and (a random tiny model below the Dice floor) not made champion."""
+    from mlflow import MlflowClient
+
+    from conftest import write_checkpoint
+    from raysegment.cli import registry as registry_cli
+
+    model, config = tiny_model
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert registry_cli.main(["register", str(ckpt), "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "registered raysegment-mobilenet_v2 v1; champion: False" in out and "sanity check" in out
+    tags = MlflowClient(uri).get_model_version("raysegment-mobilenet_v2", "1").tags
+    assert tags.get("evaluated") != "false" and float(tags["dice_mean"]) < 0.1 and tags["manifest_hash"]

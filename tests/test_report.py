@@ -100,3 +100,11 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     prepare(PrepareConfig(source=src, out=tmp_path / "bare", progress=False))
     assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(tmp_path / "bare"), "--out", str(out)]) == 2
     assert "no spacing" in capsys.readouterr().err
+
+
+def test_figures_command_writes_its_pngs(tmp_path, tiny_model, shards, capsys):
+    ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
+    assert report_cli.main(["figures", "--model", f"tiny={ckpt}", "--data", str(shards), "--out", str(tmp_path / "f")]) == 0
+    written = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert written == ["overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]  # no history: no curves
+    assert all(name in capsys.readouterr().out for name in written[:1])

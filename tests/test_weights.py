@@ -82,3 +82,29 @@ def test_a_damaged_weights_file_is_refused_on_every_load(tmp_path):
                  lambda: init_state_dict(bad, saved_config(good).model)):
         with pytest.raises(DamagedWeights, match="damaged"):
             load()
+
+
+def test_seal_writes_the_digest_into_an_older_file_and_loading_checks_it(tmp_path, tiny_checkpoint, capsys):
+    """``weights seal`` on a file exported before digests existed: the digest goes in, tensors and
+    the rest of the metadata stay, and a later change to a tensor is refused on load."""
+    from safetensors.torch import load_file, save_file
+
+    from raysegment.cli import weights as weights_cli
+    from raysegment.model.checkpoint import DamagedWeights
+    from raysegment.model.weights import DIGEST_KEY, _metadata, load_weights_file
+
+    out = tmp_path / "old.safetensors"
+    assert weights_cli.main(["export", str(tiny_checkpoint), "--out", str(out)]) == 0
+    meta, state = _metadata(out), load_file(str(out))
+    del meta[DIGEST_KEY]
+    save_file(state, str(out), metadata=meta)  # as an older raysegment wrote it
+    assert weights_cli.main(["seal", str(out)]) == 0
+    sealed = _metadata(out)
+    assert sealed.pop(DIGEST_KEY) in capsys.readouterr().out and sealed == meta
+    load_weights_file(out)
+    state = load_file(str(out))
+    first = next(iter(state))
+    state[first] = state[first] + 1
+    save_file(state, str(out), metadata={**meta, DIGEST_KEY: _metadata(out)[DIGEST_KEY]})
+    with pytest.raises(DamagedWeights):
+        load_weights_file(out)

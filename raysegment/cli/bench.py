@@ -374,11 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=td("batch_size"))
     d.add_argument("--image-size", type=int, default=td("image_size"))
     d.add_argument("--crop-size", type=int, default=td("crop_size"))
-    i = sub.add_parser("infer", help="seconds per study: the Predictor's forward pass vs raysegment.inference.batch end to end")
+    i = sub.add_parser("infer", help="seconds per study: the Predictor's forward pass vs the batch job (raysegment.infer) end to end")
     i.add_argument("--data", required=True, help="shards; their val (then train) volumes become the studies")
     i.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES,
                    help="shipped weights of this backbone, unless --model is given")
-    i.add_argument("--model", default=None, help="any reference raysegment.inference.batch takes")
+    i.add_argument("--model", default=None, help="any reference raysegment.infer --model takes")
     i.add_argument("--volumes", type=int, default=20)
     i.add_argument("--batch-size", type=int, default=default_of(PredictConfig, "batch_size"))
     i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])

@@ -2,6 +2,8 @@
 ES check, over ``raysegment.analysis.diagnosis``. Top layer: may import every stage."""
 
 from __future__ import annotations
+
+import csv
 import argparse
 import sys
 import time
@@ -24,7 +26,7 @@ def _fit_command(a) -> int:
     # The basal check learns from the train split only, so val keeps measuring it on unseen patients.
     basal = fit_basal_check(volumes, masks, set(manifest["splits"]["train"]), seed=a.seed)
     names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal)
-    if len(set(y)) < 2 or len(names) < 10:
+    if len(set(y)) < 3 or len(names) < 10:  # the JSON classifier is multinomial: 3 groups or more
         print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
@@ -38,10 +40,10 @@ def _fit_command(a) -> int:
     summary = (f"Diagnosis from predicted masks: {cv['folds']}-fold stratified CV × {cv['repeats']} on {cv['n']} patients, "
                f"accuracy {cv['accuracy']:.3f} ± {cv['accuracy_sd']:.3f} (SD over repeats); confusion summed over repeats:")
     a.out.with_suffix(".md").write_text(summary + "\n\n" + table + "\n")
-    with open(a.out.with_suffix(".features.csv"), "w") as f:
-        f.write(",".join(("patient", "group") + FEATURES) + "\n")
-        for n, g, row in zip(names, y, x):
-            f.write(",".join([n, g] + [f"{v:.4g}" for v in row]) + "\n")
+    with open(a.out.with_suffix(".features.csv"), "w", newline="") as f:  # the csv module quotes what needs it
+        writer = csv.writer(f)
+        writer.writerow(("patient", "group") + FEATURES)
+        writer.writerows([n, g] + [f"{v:.4g}" for v in row] for n, g, row in zip(names, y, x))
     print(summary)
     print(table)
     print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s); register it with "

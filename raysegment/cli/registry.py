@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     reg.add_argument("--force-champion", action="store_true")
     dg = sub.add_parser("diagnosis", help="register a `python -m raysegment.diagnosis fit` JSON as raysegment-diagnosis "
-                                          "(champion when its CV accuracy is at least the champion's)")
+                                          "(champion by the one champion rule on its CV accuracy)")
     dg.add_argument("model_file", help="the JSON file, or 'shipped'")
     dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
     return p
