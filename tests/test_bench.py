@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import write_checkpoint
-from raysegment.cli import bench
+from raysegment.cli import bench, gpu_smoke
 from raysegment.config import ModelConfig, TrainConfig
 from raysegment.data.prepare import PrepareConfig, prepare
 from synth import make_h5_dataset
@@ -69,9 +69,9 @@ def test_mask_agreement_counts_equal_voxels_of_same_named_masks(tmp_path):
         m = np.zeros((10, 10, 2), np.uint8)
         m.flat[:flip] = 1
         nib.save(nib.Nifti1Image(m, np.eye(4)), str(tmp_path / run / "masks" / "s_seg.nii.gz"))
-    assert bench.mask_agreement(tmp_path / "a", tmp_path / "b") == pytest.approx(190 / 200)
+    assert gpu_smoke.mask_agreement(tmp_path / "a", tmp_path / "b") == pytest.approx(190 / 200)
     with pytest.raises(ValueError, match="no masks"):
-        bench.mask_agreement(tmp_path / "empty", tmp_path / "b")
+        gpu_smoke.mask_agreement(tmp_path / "empty", tmp_path / "b")
 
 
 @pytest.mark.slow

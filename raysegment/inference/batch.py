@@ -54,8 +54,6 @@ def run_batch(config: InferConfig) -> dict:
     """
     import ray
 
-    from raysegment.runtime import ensure_ray
-
     disable_telemetry()
     # Absolute paths, decided here: actors on other nodes or in other working directories write
     # and read exactly these (a relative --output would land in each worker's own cwd).
@@ -67,53 +65,10 @@ def run_batch(config: InferConfig) -> dict:
     ledger = Ledger(out / "ledger.jsonl")
     refs, version = pinned_models(config)
     config = replace(config, models=refs)
-    diagnosis = None
-    if config.diagnosis:
-        from raysegment.analysis.diagnosis import load as load_diagnosis
-
-        try:  # before any study is segmented: a wrong reference costs nothing
-            diagnosis = load_diagnosis(config.diagnosis, config.tracking_uri)
-        except Exception as exc:
-            raise ValueError(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})") from None
-    client = None
-    if web:
-        from raysegment.io import dicomweb
-
-        client = dicomweb.web_client(config.input)
-        try:
-            items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
-                      **{k: s[k] for k in ("invalid", "error") if k in s}}
-                     for s in dicomweb.web_series(client)]
-        except Exception as exc:
-            raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
-    else:
-        items = discover(Path(config.input), out, ledger, version)
-
-    def new(item) -> bool:
-        return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
-
-    counts = {"segmented": 0, "failed": 0, "not_cine": 0, "errors": 0}
-    progress = _Progress(counts, config.progress)
-    todo = []
-    if web:  # known by their instances already: what is new is retrieved before any Ray starts
-        todo = [item for item in items if new(item)][: config.limit]
-        progress.total = len(todo)
-        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
-              f"{len(todo)} to segment", flush=True)
-        todo = _retrieve(client, todo, out, version, lambda e: progress(ledger, e))
-    actors = []
-    # A poll that finds nothing new starts no Ray at all. NIfTI files are hashed while the actors start.
-    if todo if web else any("file" in item or new(item) for item in items):
-        ensure_ray()
-        config = plan_actors(config, ray.available_resources(), len(items))
-        remote = ray.remote(SegmentActor).options(**actor_options(config))
-        actors = [remote.remote(config) for _ in range(config.actors)]
-    if not web:
-        _hash_files(items)
-        todo = [item for item in items if new(item)][: config.limit]
-        progress.total = len(todo)
-        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
-              f"{len(todo)} to segment", flush=True)
+    diagnosis = _load_diagnosis(config)
+    client, items = _find_items(config, out, ledger, version)
+    progress = _Progress({"segmented": 0, "failed": 0, "not_cine": 0, "errors": 0}, config.progress)
+    todo, actors = _plan(config, items, ledger, version, progress, client)
     if todo:
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -122,7 +77,7 @@ def run_batch(config: InferConfig) -> dict:
         for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
             item["figure"] = i < config.report_figures
         for entry in _segment_all(actors, todo, config.max_attempts, version):
-            if web and config.store and entry["status"] == "done":
+            if client is not None and config.store and entry["status"] == "done":
                 _store(client, entry)
             progress(ledger, entry)
     for a in actors:
@@ -131,8 +86,70 @@ def run_batch(config: InferConfig) -> dict:
     from raysegment.reporting.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
-    return {"studies": len(items), **counts, "already_done": len(items) - progress.total,
+    return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total,
             "version": version, "actors": len(actors)}
+
+
+def _load_diagnosis(config: InferConfig):
+    """The diagnosis model, loaded before any study is segmented: a wrong reference costs nothing."""
+    if not config.diagnosis:
+        return None
+    from raysegment.analysis.diagnosis import load as load_diagnosis
+
+    try:
+        return load_diagnosis(config.diagnosis, config.tracking_uri)
+    except Exception as exc:
+        raise ValueError(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})") from None
+
+
+def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
+    """(the DICOMweb client or None, the work items: MR series of the PACS, or NIfTI studies and
+    DICOM series under the input folder)."""
+    if not is_dicomweb(config.input):
+        return None, discover(Path(config.input), out, ledger, version)
+    from raysegment.io import dicomweb
+
+    client = dicomweb.web_client(config.input)
+    try:
+        items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
+                  **{k: s[k] for k in ("invalid", "error") if k in s}}
+                 for s in dicomweb.web_series(client)]
+    except Exception as exc:
+        raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
+    return client, items
+
+
+def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):
+    """(the items to segment, the actors started for them). A poll that finds nothing new starts
+    no Ray at all; PACS series are retrieved before any actor starts; NIfTI files are hashed while
+    the actors start."""
+    import ray
+
+    from raysegment.runtime import ensure_ray
+
+    def new(item) -> bool:
+        return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
+
+    def announce(todo: list[dict]) -> None:
+        progress.total = len(todo)
+        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
+              f"{len(todo)} to segment", flush=True)
+
+    web, todo, actors = client is not None, [], []
+    if web:
+        todo = [item for item in items if new(item)][: config.limit]
+        announce(todo)
+        todo = _retrieve(client, todo, Path(config.output), version, lambda e: progress(ledger, e))
+    if todo if web else any("file" in item or new(item) for item in items):
+        ensure_ray()
+        config = plan_actors(config, ray.available_resources(), len(items))
+        remote = ray.remote(SegmentActor).options(**actor_options(config))
+        actors = [remote.remote(config) for _ in range(config.actors)]
+    if not web:
+        _hash_files(items)
+        todo = [item for item in items if new(item)][: config.limit]
+        announce(todo)
+    return todo, actors
 
 
 class _Progress:
