@@ -26,7 +26,9 @@ def disable_telemetry() -> None:
 # INFO line per execution plan, no deprecation warnings from Ray's own actors. ``--verbose``
 # leaves them on. Values the user set win.
 QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
-             "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+             "PYTHONWARNINGS": "ignore::DeprecationWarning",
+             # Ray Train copies every print of a worker into its logger too: each line came twice.
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def quiet_environment(verbose: bool = False) -> dict:
@@ -50,16 +52,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     quiet = quiet_environment(verbose)
     if ray.is_initialized():
         return
+    # Workers' own INFO records (a line per reported epoch, per started worker group) stay in the
+    # session's log files; on the console: warnings, errors and what raysegment prints.
+    logging_config = None if verbose else ray.LoggingConfig(log_level="WARNING")
     if address or os.environ.get("RAY_ADDRESS"):
         # A submitted job's own runtime env is merged with this one (Ray refuses a conflict: then
         # the job's settings are kept as they are).
         try:
-            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if quiet else None)
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if quiet else None,
+                     logging_config=logging_config)
         except (ValueError, RuntimeError):
             ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, logging_config=logging_config)
     import ray.data
 
     # Our per-epoch line is the progress report; Ray Data's per-operator bars flood job logs.

@@ -199,6 +199,18 @@ def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _quiet_reports() -> None:
+    """Ray Train logs one INFO line per reported epoch (the whole metrics dict and checkpoint path)
+    under a logger named by its file; our epoch line says it shorter. Off unless --verbose."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # moved in another Ray release: the lines stay, nothing breaks
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Restore, then per epoch: train, validate (rank 0), checkpoint and report."""
     import ray.data
@@ -207,6 +219,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     config = TrainConfig.from_dict(loop_config)
     hooks = RunHooks(**loop_config.get("_hooks", {}))
+    if not loop_config.get("_verbose"):
+        _quiet_reports()
     # A single worker runs its Ray Data iterator in-process; the epoch line is our progress report.
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
@@ -324,6 +338,7 @@ def make_trainer(config: TrainConfig, spec: RunSpec, train_loop=train_loop_per_w
     loop_config = {**config.to_dict(), "_n_train": manifest["counts"]["slices"]["train"]}
     loop_config["_sharing"] = spec.sharing
     loop_config["_hooks"] = asdict(spec.hooks)
+    loop_config["_verbose"] = spec.verbose
     resources = {"CPU": spec.cpus_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker

@@ -121,7 +121,7 @@ class TrialLines:
     """A Tune callback (built lazily) printing one line per trial that starts and ends: the quiet
     console's view of the search (``--verbose`` shows Tune's own status tables instead)."""
 
-    def __new__(cls):
+    def __new__(cls, total: int):
         from ray import tune
 
         class _Lines(tune.Callback):
@@ -131,14 +131,14 @@ class TrialLines:
             def on_trial_start(self, iteration, trials, trial, **info):
                 self.started += 1
                 params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-                print(f"[raysegment] trial {self.started} started: {params}", flush=True)
+                print(f"[raysegment] trial {self.started}/{total} started: {params}", flush=True)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 self.ended += 1
                 r = trial.last_result or {}
                 dice = " ".join(f"{c} {r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv", "mean") if f"dice_{c}" in r)
                 print(f"[raysegment] trial {trial.trial_id} ended after {r.get('training_iteration', 0)} epochs: "
-                      f"{dice or 'no result'} ({self.ended} of {len(trials)} done)", flush=True)
+                      f"{dice or 'no result'} ({self.ended} of {total} done)", flush=True)
 
         return _Lines()
 
@@ -263,7 +263,7 @@ def run_search(spec: TuneSpec) -> dict:
                               grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
     callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
     if not spec.run.verbose:
-        callbacks.append(TrialLines())
+        callbacks.append(TrialLines(spec.num_samples))
     run_config = tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks, verbose=1 if spec.run.verbose else 0)
     tune_path = storage.join(root, spec.run.name)
     if tune.Tuner.can_restore(tune_path):
