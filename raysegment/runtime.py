@@ -64,11 +64,38 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
         except (ValueError, RuntimeError):
             ray.init(address=address, log_to_driver=True)
     else:
-        # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, logging_config=logging_config)
+        _start_local(num_cpus, logging_config)
     import ray.data
 
     # Our per-epoch line is the progress report; Ray Data's per-operator bars flood job logs.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _start_local(num_cpus: int | None, logging_config) -> None:
+    """A new local Ray whose own processes know its address. With another Ray on the machine (a
+    second job, a training run in the background), Ray Train's placement-group cleaner asks the
+    state API for "the" cluster, cannot tell which, dies, and leaks each Tune trial's placement
+    group: the next trial then waits for CPUs for ever. So the GCS gets a port chosen here, and the
+    processes Ray spawns (they inherit this environment) get RAY_ADDRESS; this process's own
+    environment is left as it was."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port)})
+    try:
+        # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
+                 logging_config=logging_config)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

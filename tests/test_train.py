@@ -332,3 +332,45 @@ def test_the_one_training_core_steps_as_the_loop_it_replaced_bit_for_bit():
     assert steps == 3 and torch.isfinite(loss)
     for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_a_local_ray_beside_another_one_is_the_cluster_its_processes_find(tmp_path):
+    """With a second Ray on the machine, the processes of the Ray that ``ensure_ray`` starts still
+    resolve "the" cluster to their own (Ray Train's placement-group cleaner does exactly this; when
+    it could not, it died and each later Tune trial waited for ever), and this process's
+    environment keeps no RAY_ADDRESS."""
+    import os
+    import subprocess
+
+    import ray
+    from servers import VENV_BIN, free_port, ray_env, stop_ray
+
+    from raysegment.runtime import ensure_ray
+
+    import shutil
+    import tempfile
+
+    env = ray_env(tmp_path)
+    other_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(free_port()), "--num-cpus", "1",
+                    "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", other_tmp,
+                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                    "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
+                   env=env, check=True, capture_output=True)
+    try:
+        ensure_ray(num_cpus=1)
+        own = ray.get_runtime_context().gcs_address
+
+        @ray.remote(num_cpus=0)
+        def found() -> str:
+            from ray._private import services
+
+            return services.canonicalize_bootstrap_address_or_die(None)
+
+        assert ray.get(found.remote()).rsplit(":", 1)[1] == own.rsplit(":", 1)[1]
+        assert "RAY_ADDRESS" not in os.environ
+    finally:
+        ray.shutdown()
+        stop_ray(env, other_tmp)
+        shutil.rmtree(other_tmp, ignore_errors=True)
