@@ -144,3 +144,31 @@ def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(clus
     client = MlflowClient(cluster["mlflow"])
     assert champion_version(cluster) == before
     assert client.get_model_version("raysegment-mobilenet_v2", reg.version).tags["manifest_hash"] == "0" * 64
+
+
+def test_a_local_ray_beside_another_one_is_the_cluster_its_processes_find(cluster):
+    """With a second Ray on the machine (this module's Ray head), the processes of the Ray that
+    ``ensure_ray`` starts still resolve "the" cluster to their own (Ray Train's placement-group
+    cleaner does exactly this; when it could not, it died and each later Tune trial waited for
+    ever), and this process's environment keeps no RAY_ADDRESS."""
+    import os
+
+    import ray
+
+    from raysegment.runtime import ensure_ray
+
+    try:
+        ensure_ray(num_cpus=1)
+        own = ray.get_runtime_context().gcs_address
+
+        @ray.remote(num_cpus=0)
+        def found() -> str:
+            from ray._private import services
+
+            return services.canonicalize_bootstrap_address_or_die(None)
+
+        assert own.rsplit(":", 1)[1] != cluster["gcs"].rsplit(":", 1)[1]
+        assert ray.get(found.remote()).rsplit(":", 1)[1] == own.rsplit(":", 1)[1]
+        assert "RAY_ADDRESS" not in os.environ
+    finally:
+        ray.shutdown()
