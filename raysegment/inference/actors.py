@@ -103,9 +103,27 @@ def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str
         try:
             yield ray.get(ref)
         except ray.exceptions.RayActorError as exc:
+            _await_restart(actor)
             if attempt < max_attempts:
                 queue.appendleft((item, attempt + 1))
                 continue
             cause = " ".join(str(exc).split())[:300]
             yield _entry(item["path"], item["sha256"], version, "failed",
                          f"worker died on this study ({attempt} attempts): {cause}")
+
+
+def _await_restart(actor, tries: int = 60) -> None:
+    """Wait until a dead actor is serving again before it gets the next study: a call sent before
+    Ray has learnt of the death goes to the dead process and fails too, and on a loaded node that
+    charged an innocent study with the death (and a bounded attempt). Gives up after ``tries``
+    half-second waits (an actor that cannot restart then fails its next calls, which are counted)."""
+    import time
+
+    import ray
+
+    for _ in range(tries):
+        try:
+            ray.get(actor.ready.remote())
+            return
+        except ray.exceptions.RayActorError:
+            time.sleep(0.5)
