@@ -1,6 +1,6 @@
 """How a process joins Ray: a cluster given by address or RAY_ADDRESS, else a new local one;
-telemetry off and Ray's per-pass console output off unless verbose. Base layer: imports only
-nothing of raysegment (and Ray, lazily)."""
+telemetry off and Ray's per-pass console output off unless verbose. Base layer: imports nothing
+of raysegment (Ray only inside functions)."""
 
 from __future__ import annotations
 

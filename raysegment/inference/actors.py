@@ -117,8 +117,6 @@ def _await_restart(actor, tries: int = 60) -> None:
     Ray has learnt of the death goes to the dead process and fails too, and on a loaded node that
     charged an innocent study with the death (and a bounded attempt). Gives up after ``tries``
     half-second waits (an actor that cannot restart then fails its next calls, which are counted)."""
-    import time
-
     import ray
 
     for _ in range(tries):

@@ -59,12 +59,14 @@ def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:
     return paths
 
 
-def web_store(client, paths: list[Path]) -> None:
-    """STOW-RS the files (SEGs) to the server. Their UIDs follow the content they were made from
-    (``seg_uid``), so storing again after a kill replaces, never duplicates."""
+def web_store(client, paths: list[Path]) -> list:
+    """STOW-RS the files (SEGs) to the server → the data sets stored. Their UIDs follow the content
+    they were made from (``seg_uid``), so storing again after a kill replaces, never duplicates."""
     import pydicom
 
-    client.store_instances(datasets=[pydicom.dcmread(p) for p in paths])
+    datasets = [pydicom.dcmread(p) for p in paths]
+    client.store_instances(datasets=datasets)
+    return datasets
 
 
 def web_replace_segs(client, paths: list[Path]) -> None:
@@ -74,10 +76,7 @@ def web_replace_segs(client, paths: list[Path]) -> None:
     Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
     DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
     """
-    import pydicom
-
-    heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
-    web_store(client, paths)
+    heads = web_store(client, paths)
     for study, series in sorted({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID)) for h in heads}):
         wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
         held = _series_sops(client, study, series)
