@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from raysegment.config import CLASS_NAMES, NUM_CLASSES, VERSION as __version__  # noqa: F401  (the public names)
+from raysegment.config import CLASS_NAMES, NUM_CLASSES  # noqa: F401  (the public names)
+from raysegment.config import VERSION as __version__  # noqa: F401  (the public version)
 from raysegment.runtime import QUIET_ENV, disable_telemetry, quiet_environment  # noqa: F401
 
 

@@ -13,7 +13,6 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Literal
 
-
 VERSION = "0.1.0"  # raysegment's version (package metadata, SEG software versions)
 CLASS_NAMES = {1: "rv", 2: "myo", 3: "lv"}  # ACDC labels; 0 is background
 NUM_CLASSES = 4

@@ -5,8 +5,8 @@ Imports only that module (and nothing when imported as a library path by old cod
 
 import sys
 
-from raysegment.cli.diagnosis import build_parser, main  # noqa: F401
 from raysegment.analysis.diagnosis import FEATURES, DiagnosisModel  # noqa: F401  (registered pyfunc code)
+from raysegment.cli.diagnosis import build_parser, main  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,7 +98,7 @@ def rotated_orientation(angles_deg=(25.0, -35.0, 10.0)) -> tuple[np.ndarray, np.
 
 
 def _dicom_base(patient: str, study_uid: str):
-    from pydicom.dataset import FileMetaDataset, Dataset
+    from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     ds = Dataset()

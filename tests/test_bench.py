@@ -3,12 +3,12 @@
 import json
 
 import pytest
-
 from conftest import write_checkpoint
+from synth import make_h5_dataset
+
 from raysegment.cli import bench, gpu_smoke
 from raysegment.config import ModelConfig, TrainConfig
 from raysegment.data.prepare import PrepareConfig, prepare
-from synth import make_h5_dataset
 
 
 @pytest.fixture(scope="module")

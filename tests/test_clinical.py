@@ -5,8 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from raysegment.analysis.clinical import (add_cine_ef, add_patient_ef, ejection_fraction, myocardial_mass_g, qc_flags,
-                                 volumes_ml)
+from raysegment.analysis.clinical import add_cine_ef, add_patient_ef, ejection_fraction, myocardial_mass_g, qc_flags, volumes_ml
 
 
 def _mask(rv: int, myo: int, lv: int, shape=(10, 100, 100)) -> np.ndarray:

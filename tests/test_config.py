@@ -2,8 +2,7 @@
 
 import pytest
 
-from raysegment.config import (AugmentConfig, LossConfig, ModelConfig, PredictConfig, TrainConfig, available_cpus,
-                               default_of, torch_threads)
+from raysegment.config import AugmentConfig, LossConfig, ModelConfig, PredictConfig, TrainConfig, available_cpus, default_of, torch_threads
 
 
 def test_round_trip_and_configs_saved_before_newer_fields():

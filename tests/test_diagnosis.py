@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import synthetic_volume
 
 from raysegment.analysis import diagnosis
-from raysegment.cli import diagnosis as diagnosis_cli
-from raysegment.training.crossval import crossval_fold
 from raysegment.analysis.clinical import basal_rv_check
+from raysegment.cli import diagnosis as diagnosis_cli
 from raysegment.data.prepare import Volume
-from synth import synthetic_volume
+from raysegment.training.crossval import crossval_fold
 
 
 def _toy_features(n_per_group=12, seed=0):
@@ -301,9 +301,10 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     module to the same patients, groups and columns."""
     import csv
 
+    from synth import make_nifti_patient
+
     from raysegment.data.dataset import load_volumes
     from raysegment.data.prepare import PrepareConfig, prepare
-    from synth import make_nifti_patient
 
     groups = ("NOR", "DCM", "HCM")
     for i in range(15):

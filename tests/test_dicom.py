@@ -8,9 +8,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from synth import rotated_orientation, synthetic_volume, write_dicom_cine
 
 from raysegment.io import dicom
-from synth import rotated_orientation, synthetic_volume, write_dicom_cine
 
 
 def _cine(shape=(5, 40, 48)):
@@ -95,10 +95,10 @@ def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
 
 
 def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_model):
-    from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.inference.study import segment_series
     from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.model.checkpoint import LoadedModel
 
     frames, _ = _cine()
     write_dicom_cine(tmp_path / "in", frames, patient="P9")
@@ -146,10 +146,10 @@ def test_a_series_exported_twice_is_one_series_of_its_own_frames(tmp_path, tiny_
     cine frame, each SEG referencing each source instance once."""
     import shutil
 
-    from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
-    from raysegment.inference.study import segment_series
     from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.model.checkpoint import LoadedModel
 
     frames, _ = _cine()
     write_dicom_cine(tmp_path / "in" / "a", frames)

@@ -6,15 +6,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import write_checkpoint
+from synth import make_nifti_patient, synthetic_volume
+
 from raysegment.analysis.clinical import ejection_fraction
 from raysegment.inference.ledger import Ledger, results_rows
-from raysegment.inference.study import segment_study
 from raysegment.inference.predictor import Predictor
+from raysegment.inference.study import segment_study
 from raysegment.io.studies import _umask
 from raysegment.reporting.report import batch_report, overlay_thumbnail, pick_slices
-from synth import make_nifti_patient, synthetic_volume
 
 
 @pytest.fixture
@@ -128,8 +128,8 @@ def test_an_ensemble_segments_a_study_with_the_members_mean_softmax(tmp_path, ti
     import torch
 
     from raysegment.config import PredictConfig
-    from raysegment.model.unet import build_model
     from raysegment.inference.predictor import keep_largest_component
+    from raysegment.model.unet import build_model
 
     model, config = tiny_model
     torch.manual_seed(7)

@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-
 from servers import BUCKET, s3_fs, submit
 from synth import synthetic_volume
 
@@ -92,8 +91,8 @@ def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_
 def test_a_version_that_does_not_beat_the_champion_leaves_the_alias(cluster, registered, tmp_path):
     from mlflow import MlflowClient
 
-    from raysegment.registry.champion import register_checkpoint
     from raysegment.model.weights import checkpoint_from_weights, shipped_weights
+    from raysegment.registry.champion import register_checkpoint
 
     client = MlflowClient(cluster["mlflow"])
     before = client.get_model_version_by_alias("raysegment-mobilenet_v2", "champion")
@@ -130,8 +129,8 @@ def test_champion_loads_through_pyfunc(cluster, registered):
 def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(cluster, registered, tmp_path):
     from mlflow import MlflowClient
 
-    from raysegment.registry.champion import register_checkpoint
     from raysegment.model.weights import checkpoint_from_weights, shipped_weights
+    from raysegment.registry.champion import register_checkpoint
 
     before = champion_version(cluster)
     ckpt = checkpoint_from_weights(shipped_weights("mobilenet_v2"), tmp_path / "ckpt")

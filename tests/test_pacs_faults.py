@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from synth import synthetic_volume, write_dicom_cine
 
 
@@ -89,12 +88,11 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
     import ray
     from servers import orthanc_available, running_orthanc
 
-    from raysegment.io import dicomweb
-
     from raysegment.cli import infer
     from raysegment.config import InferConfig
     from raysegment.inference.batch import run_batch
     from raysegment.inference.ledger import Ledger, results_rows
+    from raysegment.io import dicomweb
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")

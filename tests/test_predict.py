@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_checkpoint
 from scipy import ndimage
+from synth import make_nifti_patient, synthetic_volume
 
 import raysegment
-from conftest import write_checkpoint
-from raysegment.model.checkpoint import LoadedModel
 from raysegment.config import AugmentConfig, PredictConfig
-from raysegment.model.unet import build_model
-from raysegment.inference.predictor import (Predictor, check_flip_tta, contact_pixels, keep_largest_component, load_model,
-                                model_version, resolve_precision)
+from raysegment.inference.predictor import (
+    Predictor,
+    check_flip_tta,
+    contact_pixels,
+    keep_largest_component,
+    load_model,
+    model_version,
+    resolve_precision,
+)
 from raysegment.io.studies import normalize_intensity
-from synth import make_nifti_patient, synthetic_volume
+from raysegment.model.checkpoint import LoadedModel
+from raysegment.model.unet import build_model
 
 FP32 = PredictConfig(precision="fp32")
 
@@ -245,10 +252,10 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     import mlflow.pyfunc
 
     from raysegment.data.dataset import load_volumes
-    from raysegment.inference.study import segment_study
     from raysegment.data.prepare import PrepareConfig, prepare
-    from raysegment.registry.champion import _signature
     from raysegment.inference.predictor import predict_volumes
+    from raysegment.inference.study import segment_study
+    from raysegment.registry.champion import _signature
 
     # Pixels of 2 mm: every path passes the spacing on (RV contact 4 px; 5 px without spacing).
     make_nifti_patient(tmp_path / "src", 1, ed=1, es=5, nframes=6, spacing=(10.0, 2.0, 2.0), shape=(4, 40, 48))

@@ -7,11 +7,11 @@ import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
 
 from raysegment.cli.prepare import main
 from raysegment.data.prepare import PrepareConfig, PrepareError, prepare, read_h5_volume, read_nifti_patient
 from raysegment.io.studies import normalize_intensity
-from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
 
 
 def read_rows(out: Path) -> list[dict]:

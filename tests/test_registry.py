@@ -31,9 +31,9 @@ def test_the_one_champion_rule_on_a_real_registry(tmp_path):
 def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tiny_model, sample_shards, capsys):
     """``registry register`` on a local MLflow store: the checkpoint is scored on the val split of
     --data, tagged, and (a random tiny model below the Dice floor) not made champion."""
+    from conftest import write_checkpoint
     from mlflow import MlflowClient
 
-    from conftest import write_checkpoint
     from raysegment.cli import registry as registry_cli
 
     model, config = tiny_model

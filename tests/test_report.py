@@ -4,13 +4,13 @@ import csv
 
 import numpy as np
 import pytest
-
 from conftest import write_checkpoint
+from synth import make_h5_dataset
+
 from raysegment.cli import report as report_cli
+from raysegment.data.prepare import PrepareConfig, prepare
 from raysegment.inference import evaluation
 from raysegment.reporting import report
-from raysegment.data.prepare import PrepareConfig, prepare
-from synth import make_h5_dataset
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from servers import submit
 from synth import make_nifti_patient, synthetic_volume
 
@@ -40,14 +39,14 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     (unscored: tagged evaluated=false; scored on --data: below the sanity floor); the shipped file,
     scored on the sample's val split, becomes champion with the Dice measured here."""
     import torch
+    from conftest import write_checkpoint
     from mlflow import MlflowClient
 
-    from conftest import write_checkpoint
+    from raysegment.analysis.metrics import dice_summary
     from raysegment.cli import registry as registry_cli
     from raysegment.config import ModelConfig, TrainConfig
-    from raysegment.analysis.metrics import dice_summary
-    from raysegment.model.unet import build_model
     from raysegment.inference.evaluation import evaluate
+    from raysegment.model.unet import build_model
     from raysegment.model.weights import export_weights, shipped_weights
 
     torch.manual_seed(3)
@@ -71,8 +70,8 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     assert "evaluated" not in champion.tags
     # The version's weights digest is checked on every load: replaced weights in the artifact store
     # (another valid state dict) are refused.
-    from raysegment.model.checkpoint import DamagedWeights, state_digest
     from raysegment.inference.predictor import Predictor
+    from raysegment.model.checkpoint import DamagedWeights, state_digest
 
     stored = [p for p in (cluster["root"] / "artifacts").rglob("model.pt")
               if state_digest(torch.load(p, weights_only=True)) == champion.tags["weights_sha256"]]
@@ -210,11 +209,10 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     import mlflow
     from mlflow import MlflowClient
 
-    from raysegment.cli import registry as registry_cli
     from raysegment.analysis.metrics import dice_summary
-    from raysegment.inference.predictor import Predictor
+    from raysegment.cli import registry as registry_cli
     from raysegment.inference.evaluation import evaluate
-
+    from raysegment.inference.predictor import Predictor
     from raysegment.model.weights import shipped_weights
 
     files = ["models:/raysegment-mobilenet_v2/1", str(shipped_weights("densenet121"))]  # 2-D + 2.5-D members
@@ -244,15 +242,15 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
     the NIfTI masks, with the Dice of the NIfTI path; a rerun stores nothing new; storing them again
     (as a run killed before its ledger line does) keeps the same instances, no duplicates."""
     import highdicom as hd
-    import pydicom
     import pyarrow.parquet as pq
+    import pydicom
     from servers import orthanc_available, running_orthanc
-
-    from raysegment.io import dicom, dicomweb
-    from raysegment.config import PredictConfig
-    from raysegment.analysis.metrics import dice
-    from raysegment.inference.predictor import Predictor
     from synth import sample_cine, write_dicom_cine
+
+    from raysegment.analysis.metrics import dice
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.io import dicom, dicomweb
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")

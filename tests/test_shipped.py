@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from raysegment.analysis.metrics import dice_summary, score_records
-from raysegment.inference.predictor import Predictor
 from raysegment.data.prepare import read_h5_volume
+from raysegment.inference.predictor import Predictor
 from raysegment.model.weights import SHIPPED_DIR, verify
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"

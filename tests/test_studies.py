@@ -3,10 +3,19 @@
 import nibabel as nib
 import numpy as np
 import pytest
-
-from raysegment.io.studies import (StudyError, acdc_phase, find_studies, gt_for, nifti_to_zyx, parse_info_cfg, read_study,
-                                save_mask, zyx_to_nifti)
 from synth import make_nifti_patient
+
+from raysegment.io.studies import (
+    StudyError,
+    acdc_phase,
+    find_studies,
+    gt_for,
+    nifti_to_zyx,
+    parse_info_cfg,
+    read_study,
+    save_mask,
+    zyx_to_nifti,
+)
 
 
 def test_find_studies_skips_ground_truth(tmp_path):

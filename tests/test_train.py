@@ -4,19 +4,18 @@ exactly-once sharding, DDP weight sync, fault recovery, time budget, overfitting
 
 import pytest
 import torch
-
 from conftest import SHARED_ACDC
+from synth import make_h5_dataset
+
+from raysegment.config import PredictConfig, TrainConfig
 from raysegment.data.dataset import AugmentConfig, apply_augment, centre_crop, load_volumes, resize_slice, sample_augment
-from raysegment.model.losses import LossConfig, segmentation_loss
-from raysegment.model.checkpoint import load_checkpoint
-from raysegment.config import PredictConfig
-from raysegment.model.unet import ModelConfig, build_model
-from raysegment.inference.predictor import Predictor
 from raysegment.data.prepare import PrepareConfig, prepare
-from raysegment.config import TrainConfig
+from raysegment.inference.predictor import Predictor
+from raysegment.model.checkpoint import load_checkpoint
+from raysegment.model.losses import LossConfig, segmentation_loss
+from raysegment.model.unet import ModelConfig, build_model
 from raysegment.training.core import train_step
 from raysegment.training.train import RunHooks, RunSpec, train
-from synth import make_h5_dataset
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
             precision="fp32", threads_per_worker=1)
@@ -206,8 +205,8 @@ def test_overfits_a_few_real_slices(tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    from raysegment.model.checkpoint import LoadedModel
     from raysegment.analysis.metrics import dice
+    from raysegment.model.checkpoint import LoadedModel
 
     pred = Predictor(LoadedModel(model, config, "overfit"), PredictConfig(precision="fp32")).predict(
         vol.image[keep], normalized=True)

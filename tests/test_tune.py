@@ -1,7 +1,7 @@
 import pytest
 
-from raysegment.config import TrainConfig
 from raysegment.cli.tune import _parse_fixed
+from raysegment.config import TrainConfig
 from raysegment.training.tune import SEARCHED, apply_params, search_space
 
 

@@ -14,9 +14,8 @@ import subprocess
 import tempfile
 
 import pytest
-
-from synth import make_h5_dataset
 from servers import VENV_BIN, free_port, ray_env, stop_ray, wait_http
+from synth import make_h5_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_checkpoint
+from synth import synthetic_volume
+
 from raysegment.model.unet import build_model, with_context
 from raysegment.model.weights import checkpoint_from_weights, export_weights, init_state_dict, load_weights_file
-from synth import synthetic_volume
 
 
 def test_weights_file_round_trip(tmp_path, tiny_model):
@@ -66,8 +66,8 @@ def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint
 def test_a_damaged_weights_file_is_refused_on_every_load(tmp_path):
     import shutil
 
-    from raysegment.model.checkpoint import DamagedWeights
     from raysegment.inference.predictor import Predictor
+    from raysegment.model.checkpoint import DamagedWeights
     from raysegment.model.weights import init_state_dict, load_tensors, saved_config, shipped_weights
 
     good = shipped_weights("mobilenet_v2")

@@ -196,8 +196,8 @@ def load_crossval_masks(folder: Path, volumes: list[Volume], config=None) -> dic
     """(patient, phase) → predicted mask of ``volumes`` from a ``crossval-masks`` folder (every
     ``fold*.npz``), post-processed as the Predictor does (``config``: a ``PredictConfig``; largest
     components, the RV contact distance in mm from each volume's spacing)."""
-    from raysegment.config import PredictConfig
     from raysegment.analysis.postprocess import contact_pixels, keep_largest_component
+    from raysegment.config import PredictConfig
 
     config = config or PredictConfig()
     spacing = {(v.patient, v.phase): v.spacing for v in volumes}
@@ -221,7 +221,7 @@ def basal_slice_rows(volumes: list[Volume], mask_sets: list[dict], patients: set
     """Training rows of the ``basal-es/2`` check: the slices of ``clinical.basal_walk`` in each mask
     set's ES volumes of ``patients``, per model ("rv", "heart"): (features (N, SLICE_FEATURES), the
     reference leaves the structure out there (N,), patients (N,))."""
-    from raysegment.analysis.clinical import BASAL_MODELS, SLICE_FEATURES, base_first, basal_walk
+    from raysegment.analysis.clinical import BASAL_MODELS, SLICE_FEATURES, basal_walk, base_first
 
     rows = {key: ([], [], []) for key in BASAL_MODELS}
     for v in volumes:
@@ -339,8 +339,8 @@ def reference_basal_masks(volumes: list[Volume], masks: dict) -> dict:
 def excess_by_slice(volumes: list[Volume], masks: dict, patients: set[str], positions: int = 4) -> dict[str, list[float]]:
     """Mean predicted − reference volume (mL) per ES slice position from the base (0 … ``positions``
     − 1, then every slice below together) of RV, MYO and LV, over ``patients``: where the ES excess lies."""
-    from raysegment.config import CLASS_NAMES
     from raysegment.analysis.clinical import base_first
+    from raysegment.config import CLASS_NAMES
 
     sums = {name: np.zeros(positions + 1) for name in CLASS_NAMES.values()}
     counts = np.zeros(positions + 1)

@@ -2,8 +2,11 @@
 within a contact distance of the myocardium/LV. Pure numpy/scipy on masks; imports no stage."""
 
 from __future__ import annotations
+
 from typing import Sequence
+
 import numpy as np
+
 from raysegment.config import PredictConfig
 
 RV, MYO, LV = 1, 2, 3  # ACDC labels

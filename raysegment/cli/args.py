@@ -2,13 +2,14 @@
 starts (one ``error:`` line, exit 2), the recipe options of ``train`` and ``tune``. Top layer."""
 
 from __future__ import annotations
+
 import argparse
 from pathlib import Path
+
+from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
-from raysegment.config import (AugmentConfig, ModelConfig, TrainConfig, default_of)
 from raysegment.model.unet import BACKBONES
 from raysegment.training.train import RunSpec
-
 
 COUNTS = ("workers", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
           "threads", "actors")

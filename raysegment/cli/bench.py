@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
 from raysegment.model.unet import BACKBONES
-from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
 
 
 def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "cpu") -> dict:

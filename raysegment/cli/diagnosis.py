@@ -3,15 +3,26 @@ ES check, over ``raysegment.analysis.diagnosis``. Top layer: may import every st
 
 from __future__ import annotations
 
-import csv
 import argparse
+import csv
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
 from raysegment.analysis.diagnosis import (
-    FEATURES, all_volumes, basal_check_agreement, basal_table, confusion_markdown, cross_validate,
-    excess_by_slice, fit, fit_basal_check, load, load_crossval_masks, patient_features,
+    FEATURES,
+    all_volumes,
+    basal_check_agreement,
+    basal_table,
+    confusion_markdown,
+    cross_validate,
+    excess_by_slice,
+    fit,
+    fit_basal_check,
+    load,
+    load_crossval_masks,
+    patient_features,
     save_bundle,
 )
 from raysegment.training.crossval import crossval_fold
@@ -53,8 +64,8 @@ def _fit_command(a) -> int:
 
 def _basal_command(a) -> int:
     from raysegment.config import PredictConfig
-    from raysegment.inference.predictor import Predictor, predicted_masks
     from raysegment.data.prepare import load_manifest
+    from raysegment.inference.predictor import Predictor, predicted_masks
 
     manifest = load_manifest(a.data)
     volumes = [v for v in all_volumes(a.data) if v.spacing is not None]

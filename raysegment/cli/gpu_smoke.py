@@ -2,14 +2,16 @@
 its resume, GPU vs CPU inference) run as subprocesses with a time limit each. Top layer."""
 
 from __future__ import annotations
+
 import json
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
 import torch
-from raysegment.model.unet import BACKBONES
 
+from raysegment.model.unet import BACKBONES
 
 SMOKE_BATCHES = (8, 64)  # the default batch and a large one
 

@@ -2,11 +2,13 @@
 ``raysegment.inference.batch``. Top layer: may import every stage."""
 
 from __future__ import annotations
+
 import argparse
 import sys
-from raysegment.runtime import disable_telemetry
+
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
+from raysegment.runtime import disable_telemetry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,11 @@
 ``raysegment.data.prepare``. Top layer."""
 
 from __future__ import annotations
+
 import argparse
 import sys
 from pathlib import Path
+
 from raysegment.config import default_of
 from raysegment.data.prepare import PrepareConfig, PrepareError, prepare
 

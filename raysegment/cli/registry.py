@@ -2,12 +2,14 @@
 line, over ``raysegment.registry.champion``. Top layer."""
 
 from __future__ import annotations
+
 import argparse
 import sys
 from pathlib import Path
-from raysegment.runtime import disable_telemetry
+
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
+from raysegment.runtime import disable_telemetry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,13 +2,15 @@
 line, over ``raysegment.reporting.report``. Top layer: may import every stage."""
 
 from __future__ import annotations
+
 import argparse
 import csv
 import sys
 from pathlib import Path
+
 from raysegment.config import PredictConfig
-from raysegment.reporting.report import (SPLITS, bland_altman, clinical_records, clinical_summary, clinical_table, dice_table)
 from raysegment.inference.evaluation import evaluate, figures
+from raysegment.reporting.report import SPLITS, bland_altman, clinical_records, clinical_summary, clinical_table, dice_table
 
 
 def build_parser() -> argparse.ArgumentParser:

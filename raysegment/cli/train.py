@@ -2,12 +2,14 @@
 ``raysegment.training.train``. Top layer: may import every stage."""
 
 from __future__ import annotations
+
 import argparse
 import sys
 import time
 from pathlib import Path
-from raysegment.config import (LossConfig, ModelConfig, TrainConfig, default_of)
+
 from raysegment.cli.args import _td, add_run_arguments, augment_from_args, check_args, resolve_init_weights
+from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunHooks, RunSpec, train
 

@@ -2,14 +2,15 @@
 Top layer: may import every stage."""
 
 from __future__ import annotations
+
 import argparse
 import sys
 import time
 from pathlib import Path
-from raysegment.runtime import disable_telemetry
-from raysegment.config import (LossConfig, ModelConfig, TrainConfig, default_of)
+
 from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights
-from raysegment.runtime import ensure_ray
+from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
+from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.tune import SEARCHED, TuneSpec, default_sample_shards, run_search
 

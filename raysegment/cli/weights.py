@@ -2,7 +2,9 @@
 ``raysegment.model.weights``. Top layer."""
 
 from __future__ import annotations
+
 import sys
+
 from raysegment.model.weights import SHIPPED_DIR, export_weights, seal, sha256, verify
 
 

@@ -29,11 +29,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from raysegment.io.studies import normalize_intensity
 from raysegment.data.splits import stratified_val
-from raysegment.data.volumes import (INFO_CSV, PHASES, PrepareError, Volume, _group_from_number, detect_format,  # noqa: F401
-                                     find_h5_volumes, find_patient_dirs, read_h5_volume, read_info_cfg, read_info_csv,
-                                     read_nifti_patient, with_info)
+from raysegment.data.volumes import (  # noqa: F401
+    INFO_CSV,
+    PHASES,
+    PrepareError,
+    Volume,
+    _group_from_number,
+    detect_format,
+    find_h5_volumes,
+    find_patient_dirs,
+    read_h5_volume,
+    read_info_cfg,
+    read_info_csv,
+    read_nifti_patient,
+    with_info,
+)
+from raysegment.io.studies import normalize_intensity
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
 SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]

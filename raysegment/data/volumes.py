@@ -3,11 +3,14 @@
 Imports ``raysegment.io`` and ``config`` only."""
 
 from __future__ import annotations
+
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
+
 import numpy as np
+
 from raysegment.io.studies import info_from_cfg, nifti_to_zyx, parse_info_cfg
 
 PHASES = ("ED", "ES")

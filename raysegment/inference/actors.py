@@ -2,20 +2,20 @@
 hands them studies (a study whose worker dies is retried a bounded number of times)."""
 
 from __future__ import annotations
+
 import os
 import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
-from raysegment.runtime import disable_telemetry
-from raysegment.config import torch_threads
-from raysegment.io.dicom import SeriesSkipped
-from raysegment.io.studies import (StudyError)
-from raysegment.config import InferConfig
+
+from raysegment.config import InferConfig, torch_threads
 from raysegment.inference.ledger import _entry
 from raysegment.inference.study import segment_series, segment_with_backoff
-
+from raysegment.io.dicom import SeriesSkipped
+from raysegment.io.studies import StudyError
+from raysegment.runtime import disable_telemetry
 
 # --------------------------------------------------------------------------- Ray actors
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-
-from raysegment.runtime import disable_telemetry
-from raysegment.io.studies import (find_studies)
-from raysegment.model.weights import sha256
 from raysegment.config import InferConfig
 from raysegment.inference.actors import SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
-
+from raysegment.io.studies import find_studies
+from raysegment.model.weights import sha256
+from raysegment.runtime import disable_telemetry
 
 # --------------------------------------------------------------------------- the batch job
 

@@ -2,7 +2,9 @@
 figures of its predictions. Runs the Predictor over data; the rendering is ``raysegment.reporting``."""
 
 from __future__ import annotations
+
 from pathlib import Path
+
 from raysegment.config import PredictConfig
 from raysegment.reporting.report import SPLITS, learning_curves, model_history, overlay_slices
 
@@ -10,8 +12,8 @@ from raysegment.reporting.report import SPLITS, learning_curves, model_history, 
 def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
              flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
     """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
-    from raysegment.data.dataset import load_volumes
     from raysegment.analysis.metrics import score_records
+    from raysegment.data.dataset import load_volumes
     from raysegment.inference.predictor import Predictor, predict_volumes
 
     predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),

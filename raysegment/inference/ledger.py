@@ -3,14 +3,16 @@ and the results table built from it (one row per study frame, per-patient clinic
 diagnosis). No Ray."""
 
 from __future__ import annotations
+
 import json
 import os
 import time
 from pathlib import Path
-import numpy as np
-from raysegment.analysis.clinical import add_patient_ef
-from raysegment.io.studies import (StudyError, atomic_write, read_study)
 
+import numpy as np
+
+from raysegment.analysis.clinical import add_patient_ef
+from raysegment.io.studies import StudyError, atomic_write, read_study
 
 # --------------------------------------------------------------------------- ledger
 

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raysegment.model.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
-from raysegment.config import PredictConfig, Precision, TrainConfig
-from raysegment.model.unet import with_context
-from raysegment.io.studies import normalize_intensity
 from raysegment.analysis.postprocess import contact_pixels, keep_largest_component
+from raysegment.config import Precision, PredictConfig, TrainConfig
+from raysegment.io.studies import normalize_intensity
+from raysegment.model.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
+from raysegment.model.unet import with_context
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None: no autocast (fp32)
 

@@ -3,15 +3,16 @@ mask + one DICOM SEG per frame), volumes (mL), QC flags, overlay. Used by the ba
 and by tests; imports no Ray."""
 
 from __future__ import annotations
+
 import json
 from dataclasses import replace
 from pathlib import Path
-import numpy as np
-from raysegment.config import CLASS_NAMES
-from raysegment.analysis.clinical import add_cine_ef, myocardial_mass_g, qc_flags, voxel_counts, volumes_ml
-from raysegment.io.studies import (StudyError, acdc_phase, gt_for, normalize_intensity, read_study,
-                                save_mask, study_stem)
 
+import numpy as np
+
+from raysegment.analysis.clinical import add_cine_ef, myocardial_mass_g, qc_flags, volumes_ml, voxel_counts
+from raysegment.config import CLASS_NAMES
+from raysegment.io.studies import StudyError, acdc_phase, gt_for, normalize_intensity, read_study, save_mask, study_stem
 
 # --------------------------------------------------------------------------- one study
 

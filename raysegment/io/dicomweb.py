@@ -2,8 +2,10 @@
 and the replacement of stale SEGs, with bounded retries. Imports ``raysegment.io.dicom`` only."""
 
 from __future__ import annotations
+
 import hashlib
 from pathlib import Path
+
 from raysegment.io.dicom import instances_digest
 
 PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in seconds, not minutes

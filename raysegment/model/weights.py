@@ -11,9 +11,18 @@ from pathlib import Path
 
 import torch
 
-from raysegment.model.checkpoint import (CONFIG_FILE, STATE_FILE, DamagedWeights, LoadedModel, read_config, read_state,
-                                   read_state_dict, save_checkpoint, state_digest)
 from raysegment.config import TrainConfig
+from raysegment.model.checkpoint import (
+    CONFIG_FILE,
+    STATE_FILE,
+    DamagedWeights,
+    LoadedModel,
+    read_config,
+    read_state,
+    read_state_dict,
+    save_checkpoint,
+    state_digest,
+)
 
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "shipped"
 

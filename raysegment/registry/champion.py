@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.runtime import disable_telemetry
 from raysegment.model.checkpoint import save_checkpoint
+from raysegment.runtime import disable_telemetry
 
 CHAMPION = "champion"
 DICE_KEYS = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
@@ -187,9 +187,9 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
     import mlflow
 
     from raysegment.analysis.metrics import dice_summary
-    from raysegment.inference.predictor import is_registry_uri, load_models, model_version
     from raysegment.data.prepare import load_manifest
     from raysegment.inference.evaluation import evaluate
+    from raysegment.inference.predictor import is_registry_uri, load_models, model_version
 
     disable_telemetry()
     if len(members) < 2:

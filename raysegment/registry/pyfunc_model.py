@@ -21,8 +21,8 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
-        from raysegment.model.checkpoint import load_checkpoint
         from raysegment.inference.predictor import Predictor
+        from raysegment.model.checkpoint import load_checkpoint
 
         if "members" in context.artifacts:  # a raysegment-ensemble version: members/0, members/1, ...
             folders = sorted((p for p in Path(context.artifacts["members"]).iterdir() if p.is_dir()),

@@ -11,8 +11,8 @@ import torch
 
 from raysegment.config import Precision, TrainConfig
 from raysegment.data.dataset import apply_augment, sample_augment
-from raysegment.model.losses import segmentation_loss
 from raysegment.inference.predictor import AUTOCAST_DTYPES, resolve_precision
+from raysegment.model.losses import segmentation_loss
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:

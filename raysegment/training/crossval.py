@@ -2,13 +2,16 @@
 segment the held-out patients (``python -m raysegment.diagnosis crossval-masks``). Training layer."""
 
 from __future__ import annotations
+
 import json
 import sys
 import time
 from pathlib import Path
+
 import numpy as np
-from raysegment.data.prepare import Volume
+
 from raysegment.analysis.diagnosis import fold_of
+from raysegment.data.prepare import Volume
 
 
 def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: str, out: Path, seed: int = 0) -> dict:
@@ -18,9 +21,9 @@ def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: 
     reader, who knows the true spacing) and ``fold{K}.json`` (patients, history, config)."""
     import torch
 
-    from raysegment.model.checkpoint import LoadedModel
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
+    from raysegment.model.checkpoint import LoadedModel
     from raysegment.training.local import fit_local
 
     folds_of = fold_of({v.patient: v.group for v in volumes}, folds, seed)

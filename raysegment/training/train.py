@@ -10,23 +10,23 @@ optimizer, epoch and the full ``TrainConfig``; a crashed worker restarts from it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
 import time
-import contextlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from raysegment.analysis.metrics import dice_summary, score_records
+from raysegment.config import PredictConfig, TrainConfig, torch_threads
+from raysegment.data.dataset import load_volumes, read_split
+from raysegment.inference.predictor import Predictor
 from raysegment.io import storage
 from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
-from raysegment.config import (PredictConfig, TrainConfig, torch_threads)
-from raysegment.data.dataset import load_volumes, read_split
-from raysegment.analysis.metrics import dice_summary, score_records
 from raysegment.model.unet import build_model
-from raysegment.inference.predictor import Predictor
 from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
 
 __all__ = ["RunHooks", "RunSpec", "TrainConfig", "make_trainer", "train", "validate"]

@@ -18,10 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from raysegment.runtime import disable_telemetry
-
+from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
 from raysegment.io import storage
-from raysegment.config import (DEFAULT_TRACKING_URI, TrainConfig)
+from raysegment.runtime import disable_telemetry
 from raysegment.training.train import RunSpec, make_trainer
 
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
