@@ -21,19 +21,14 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
         mask.to_filename("patient001_frame01_seg.nii.gz")
     """
     import nibabel as nib
-    import numpy as np
 
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
-    from raysegment.io.studies import mask_image, nifti_to_zyx, zyx_to_nifti
+    from raysegment.inference.study import predict_frames
+    from raysegment.io.studies import mask_image, study_arrays, zyx_to_nifti
 
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, config or PredictConfig(), tracking_uri)
     img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image
-    data = np.asarray(img.dataobj, dtype=np.float64)
-    if data.ndim not in (3, 4):
-        raise ValueError(f"expected a 3-D or 4-D image, got shape {data.shape}")
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    frames = nifti_to_zyx(data if data.ndim == 4 else data[..., None])
-    masks = np.stack([predictor.predict(f, spacing=zooms[::-1]) for f in frames])
-    out = zyx_to_nifti(masks)
-    return mask_image(out if data.ndim == 4 else out[..., 0], img)
+    frames, zooms = study_arrays(img)  # StudyError (a ValueError) says what is wrong with the image
+    out = zyx_to_nifti(predict_frames(predictor, frames, zooms))
+    return mask_image(out if len(img.shape) == 4 else out[..., 0], img)

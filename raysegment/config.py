@@ -18,6 +18,7 @@ CLASS_NAMES = {1: "rv", 2: "myo", 3: "lv"}  # ACDC labels; 0 is background
 NUM_CLASSES = 4
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Runtime = Literal["torch", "onnx"]
 DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow store when none is given: a file in the working directory
 
@@ -153,6 +154,9 @@ class PredictConfig:
     # ACDC's typical 1.4 mm pixels).
     rv_contact_mm: float = 7.0
     rv_contact_px: int = 5
+    # torch, or onnx: each network exported in memory and run by ONNX Runtime on the CPU (fp32);
+    # normalisation, grid, TTA and post-processing stay the Predictor's.
+    runtime: Runtime = "torch"
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,29 @@ class InferConfig:
     store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
     progress: bool = True
     crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The online service (``python -m raysegment.serve``); travels to every replica."""
+
+    model: str  # models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION or a local reference
+    tracking_uri: str | None = None
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas; None: ``replicas`` fixed
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    threads: int | None = None  # torch threads per replica; None: its CPUs
+    poll_s: float = 10.0  # how often each replica asks the registry where the alias points (s)
+    token: str | None = None  # bearer token every request must carry; None: none asked
+    max_body_mb: float = 512.0  # larger request bodies get 413 (a 4-D cine NIfTI is ~10–100 MB)
+    request_timeout_s: float = 300.0  # end-to-end, at the HTTP proxy (then 408)
+    pacs: str | None = None  # DICOMweb URL the PACS push retrieves series from and stores SEGs to
+    output: str | None = None  # with ``pacs``: masks, SEGs and the ledger shared with the scheduled job
+    store: bool = True  # with ``pacs``: STOW-RS the SEGs back
 
 
 def default_of(cls, name: str):

@@ -28,7 +28,9 @@ def disable_telemetry() -> None:
 QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNING",
              "PYTHONWARNINGS": "ignore::DeprecationWarning",
              # Ray Train copies every print of a worker into its logger too: each line came twice.
-             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+             # a registry model's download drew a progress bar per load (per replica, per alias move)
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def quiet_environment(verbose: bool = False) -> dict:

@@ -165,15 +165,16 @@ def orthanc_available() -> bool:
 
 
 @contextlib.contextmanager
-def running_orthanc(root: Path) -> Iterator[str]:
+def running_orthanc(root: Path, extra: dict | None = None, port: int | None = None) -> Iterator[str]:
     """A real PACS: Orthanc (Debian packages ``orthanc``, ``orthanc-dicomweb``) on 127.0.0.1 with a
-    temporary config and storage, HTTP only (no DICOM port, no remote access); yields its DICOMweb URL."""
-    port = free_port()
+    temporary config and storage, HTTP only (no DICOM port, no remote access); yields its DICOMweb URL.
+    ``extra``: more configuration (e.g. ``LuaScripts``, ``StableAge``)."""
+    port = port or free_port()
     root.mkdir(parents=True, exist_ok=True)
     config = {"Name": "raysegment-test", "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": False, "StorageDirectory": str(root / "storage"),
               "IndexDirectory": str(root / "index"), "Plugins": [ORTHANC_PLUGIN],
-              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+              "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, **(extra or {})}
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")
     proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
@@ -185,3 +186,35 @@ def running_orthanc(root: Path) -> Iterator[str]:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+@contextlib.contextmanager
+def running_service(root: Path, *args: str, port: int | None = None, timeout: float = 240) -> Iterator[str]:
+    """``python -m raysegment.serve ARGS --port PORT`` as the operator runs it (its own local Ray),
+    stopped with SIGTERM and its Ray's leftovers after; yields its base URL once /v1/health answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    env = ray_env(root)
+    ray_tmp = tempfile.mkdtemp(prefix="rs-serve-", dir="/tmp")
+    env["RAY_TMPDIR"] = ray_tmp
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "raysegment.serve", *args, "--port", str(port)], env=env, cwd=root,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while "[raysegment] serving" not in (root / "serve.log").read_text():  # its line once Serve says ready
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the service did not start: {(root / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        wait_http(f"{url}/v1/health", timeout=30)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        stop_ray(env, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -68,7 +68,7 @@ def test_ray_cluster_launcher_validates_against_ray_schema():
 
 
 @pytest.mark.parametrize("path", K8S, ids=[p.name for p in K8S])
-def test_kubernetes_manifest_structure(path):
+def test_kubernetes_manifest_structure(path, tmp_path):
     objects = docs(path)
     for d in objects:
         assert d.get("kind") and d.get("metadata", {}).get("name"), d
@@ -115,6 +115,8 @@ def test_kubernetes_manifest_structure(path):
             assert d["spec"].get("clusterSelector") or d["spec"].get("rayClusterSpec")
             dry_run(shlex.split(d["spec"]["entrypoint"]))
             assert yaml.safe_load(d["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        if d["kind"] == "RayService":
+            _check_ray_service(d, tmp_path)
         if d["kind"] == "CronJob":
             fields = d["spec"]["schedule"].split()
             assert len(fields) == 5 and all(CRON_FIELD.match(f) for f in fields)
@@ -142,10 +144,34 @@ def test_kubernetes_manifest_structure(path):
                    for w in workloads), s["metadata"]["name"]
 
 
+def _check_ray_service(d: dict, tmp_path: Path) -> None:
+    """A RayService: token auth, ClusterIP, and a Serve config whose application builder accepts its args."""
+    from raysegment.service.run import config_from_dict
+
+    spec = d["spec"]
+    assert spec["rayClusterConfig"]["authOptions"]["mode"] == "token"
+    assert spec["rayClusterConfig"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    for app in serve_config["applications"]:
+        module, _, builder = app["import_path"].partition(":")
+        assert callable(getattr(importlib.import_module(module), builder))
+        assert app["runtime_env"]["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+        args = dict(app["args"])
+        token = tmp_path / "token"
+        token.write_text("t0ken\n")
+        mounted = {m["mountPath"] for g in [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]
+                   for c in g["template"]["spec"]["containers"] for m in c.get("volumeMounts", [])}
+        assert str(Path(args["token_file"]).parent) in mounted, "the token file is a mounted Secret"
+        config = config_from_dict({**args, "token_file": str(token)})
+        assert config.token == "t0ken" and config.model.startswith("models:/") and config.autoscale
+    with pytest.raises(ValueError, match="unknown service settings"):
+        config_from_dict({"model": "x", "replica": 2})  # a misspelt setting is refused, not ignored
+
+
 def _submit_sh_lines() -> list[list[str]]:
     """`jobs/submit.sh STAGE ARGS` invocations in the job files, with shell variables filled in."""
     out = []
-    for f in sorted((REPO / "jobs").iterdir()):
+    for f in sorted(p for p in (REPO / "jobs").rglob("*") if p.is_file()):
         for line in f.read_text().splitlines():
             m = re.search(r"submit\.sh\"?\s+(tune|train|infer|prepare)\s+(.*?)('|$|>>)", line)
             if m:

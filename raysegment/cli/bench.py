@@ -232,6 +232,25 @@ def bench_infer(args) -> dict:
             "infer_fixed_s": round(fixed_s, 2), "infer_over_forward": round(infer_s / forward_s, 2)}
 
 
+SAMPLE_VOLUME = Path(__file__).resolve().parents[1] / "sample" / "volumes" / "patient003_frame01.h5"
+
+
+def bench_serve_cli(args) -> dict:
+    """``bench serve``: the study (given, or the bundled sample's first volume as NIfTI), then
+    ``raysegment.service.load.bench_serve``."""
+    import tempfile
+
+    from raysegment.config import PredictConfig, ServeConfig
+    from raysegment.data.volumes import read_h5_volume
+    from raysegment.service.load import bench_serve
+
+    config = ServeConfig(model=args.model, predict=PredictConfig(precision=args.precision, runtime=args.runtime),
+                         port=args.port, threads=args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        study = Path(args.study) if args.study else write_studies([read_h5_volume(SAMPLE_VOLUME)], Path(tmp))[0]
+        return bench_serve(config, study, args.clients, args.requests, tuple(args.replicas), args.kill_every)
+
+
 # --------------------------------------------------------------------------- GPU smoke test
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
     i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
+    s = sub.add_parser("serve", help="the online service under load: p50/p95/p99 and studies/s at 1 and C clients, "
+                                     "1 and 2 replicas, against in-process and the batch job")
+    s.add_argument("--model", default="shipped:mobilenet_v2", help="any reference raysegment.serve --model takes")
+    s.add_argument("--study", default=None, help="a NIfTI study (default: the bundled sample's first volume, written as NIfTI)")
+    s.add_argument("--clients", type=int, default=4)
+    s.add_argument("--requests", type=int, default=24, help="requests per load test (it stops by itself)")
+    s.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
+    s.add_argument("--kill-every", type=float, default=None, metavar="SECONDS",
+                   help="also a load test during which a random replica is SIGKILLed every SECONDS")
+    s.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    s.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    s.add_argument("--threads", type=int, default=1, help="torch threads per replica, per batch actor and in-process")
+    s.add_argument("--port", type=int, default=8765)
     g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
     g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
     g.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
@@ -293,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
               f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
+    elif a.what == "serve":
+        from raysegment.service.load import markdown
+
+        out = bench_serve_cli(a)
+        print(json.dumps(out))
+        print(markdown(out))
     elif a.what == "gpu-smoke":
         out = gpu_smoke(a)
         if not out.get("dry_run"):

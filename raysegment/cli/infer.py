@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
     p.add_argument("--precision", default=pd("precision"), choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--runtime", default=pd("runtime"), choices=["torch", "onnx"],
+                   help="onnx: the networks run on ONNX Runtime (CPU, fp32), everything else unchanged")
     p.add_argument("--actors", type=int, default=d("actors"),
                    help="inference actors (default: as many as the cluster's free CPUs, or GPUs with --gpu, hold)")
     p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"))
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from raysegment.cli.args import check_args
 
     check_args(p, a)
+    if a.runtime == "onnx" and a.gpus_per_actor > 0:
+        p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     for ref in a.models:  # local files are checked here, not by an actor after Ray has started
         if not (ref.startswith("models:/") or ref.startswith("shipped:")):
             from raysegment.model.weights import saved_config
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,
-                                               batch_size=a.batch_size, precision=a.precision),
+                                               batch_size=a.batch_size, precision=a.precision,
+                                               runtime=a.runtime),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)

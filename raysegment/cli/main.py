@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("raysegment.cli.train", "one Ray Train run"),
     "tune": ("raysegment.cli.tune", "Ray Tune + Optuna search, final run, registration"),
     "infer": ("raysegment.cli.infer", "segment new studies (folder or PACS) on a schedule"),
+    "serve": ("raysegment.cli.serve", "the online segmentation service (Ray Serve, HTTP)"),
     "registry": ("raysegment.cli.registry", "register, import, promote, ensemble models"),
     "report": ("raysegment.cli.report", "evaluation, clinical agreement, figures"),
     "diagnosis": ("raysegment.cli.diagnosis", "ACDC diagnosis: CV masks, fit, basal check"),

@@ -19,6 +19,11 @@ def build_parser():
     ex.add_argument("--fp32", action="store_true")
     se = sub.add_parser("seal", help="write the tensor digest into an older weights file (checked on every load)")
     se.add_argument("file")
+    on = sub.add_parser("export-onnx", help="any model reference → an ONNX file (fp32; dynamic slices, height, width; "
+                                            "its config in the metadata) for ONNX Runtime or other runtimes")
+    on.add_argument("model", help="shipped:BACKBONE, a .safetensors file, a checkpoint folder or models:/NAME@ALIAS")
+    on.add_argument("--out", required=True)
+    on.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     ve = sub.add_parser("verify", help="check the files against SHA256SUMS")
     ve.add_argument("--folder", default=str(SHIPPED_DIR))
     return p
@@ -33,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         digest = sha256(out)
         sums.write_text("\n".join(sorted(lines + [f"{digest}  {out.name}"])) + "\n")
         print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest}")
+        return 0
+    if a.cmd == "export-onnx":
+        from raysegment.inference.predictor import load_model
+        from raysegment.model.onnx import export_onnx
+
+        loaded = load_model(a.model, a.mlflow_uri)
+        out = export_onnx(loaded, a.out)
+        print(f"{out} {out.stat().st_size / 1e6:.1f} MB from {loaded.version} (sha256 {sha256(out)})")
         return 0
     if a.cmd == "seal":
         print(f"{a.file}: tensors sha256 {seal(a.file)}")

@@ -12,9 +12,7 @@ from typing import Iterator
 
 from raysegment.config import InferConfig, torch_threads
 from raysegment.inference.ledger import _entry
-from raysegment.inference.study import segment_series, segment_with_backoff
-from raysegment.io.dicom import SeriesSkipped
-from raysegment.io.studies import StudyError
+from raysegment.inference.study import settle_study
 from raysegment.runtime import disable_telemetry
 
 # --------------------------------------------------------------------------- Ray actors
@@ -41,23 +39,7 @@ class SegmentActor:
     def segment(self, path: str, digest: str, figure: bool, files: list[str] | None = None) -> dict:
         if self.config.crash_on and self.config.crash_on in Path(path).name:
             os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
-        t0, f0 = time.perf_counter(), self.predictor.forward_seconds
-        try:
-            if files is not None:  # a DICOM series
-                rows = segment_series(path, [Path(f) for f in files], self.predictor, self.model_uri,
-                                      Path(self.config.output), figure)
-            else:
-                rows = segment_with_backoff(Path(path), self.predictor, self.model_uri, Path(self.config.output), figure)
-            status, reason = "done", ""
-        except SeriesSkipped as exc:  # not a short-axis cine MR: settled, with the reason
-            rows, status, reason = [], "skipped", str(exc)
-        except StudyError as exc:  # bad input: failed for good (until --retry-failed)
-            rows, status, reason = [], "failed", str(exc)
-        except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
-            rows, status, reason = [], "error", f"{type(exc).__name__}: {exc}"
-        return {"path": path, "sha256": digest, "model_version": self.predictor.version, "status": status,
-                "reason": reason, "seconds": time.perf_counter() - t0,
-                "forward_seconds": self.predictor.forward_seconds - f0, "rows": rows}
+        return settle_study(path, digest, self.predictor, self.model_uri, Path(self.config.output), figure, files)
 
 
 def plan_actors(config: InferConfig, free: dict, n_studies: int) -> InferConfig:

@@ -21,6 +21,7 @@ from pathlib import Path
 from raysegment.config import InferConfig
 from raysegment.inference.actors import SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
+from raysegment.inference.pacs import store_entry
 from raysegment.io.studies import find_studies
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry
@@ -76,7 +77,7 @@ def run_batch(config: InferConfig) -> dict:
             item["figure"] = i < config.report_figures
         for entry in _segment_all(actors, todo, config.max_attempts, version):
             if client is not None and config.store and entry["status"] == "done":
-                _store(client, entry)
+                store_entry(client, entry)
             progress(ledger, entry)
     for a in actors:
         ray.kill(a)
@@ -224,21 +225,6 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
             reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
             finish(_entry(item["path"], item["sha256"], version, "error", reason))
     return ready
-
-
-def _store(client, entry: dict) -> None:
-    """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
-    ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
-    (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicomweb import web_replace_segs
-
-    segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
-    try:
-        web_replace_segs(client, segs)
-        for r in entry["rows"]:
-            r["stored"] = True
-    except Exception as exc:
-        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
 
 
 def _identity(p: Path) -> tuple[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,44 @@ from raysegment.io.studies import StudyError, atomic_write, read_study
 
 
 class Ledger:
-    """Append-only JSONL of finished studies; the last line for a (path, hash, version) wins."""
+    """Append-only JSONL of finished studies; the last line for a (path, hash, version) wins.
+
+    Several writers may share one ledger (the scheduled job and the online service): every read,
+    append and repair holds an exclusive ``flock`` on ``<ledger>.lock``, so no line is lost to a
+    repair racing an append. ``refresh`` re-reads what the others appended."""
 
     def __init__(self, path: Path):
         self.path = path
         self.entries: dict[tuple[str, str, str], dict] = {}
-        if path.exists():
-            good = []
-            for line in path.read_text().splitlines():
+        self.refresh()
+
+    def refresh(self) -> None:
+        if not self.path.exists():
+            return
+        with self._locked():
+            good, torn = [], False
+            for line in self.path.read_text().splitlines():
                 try:
                     e = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a torn last line from a killed run
+                    torn = True  # a torn last line from a killed run
+                    continue
                 good.append(line)
                 self.entries[(e["path"], e["sha256"], e["model_version"])] = e
-            # Drop torn lines for good, so every line of the ledger stays valid JSON.
-            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
+            if torn:  # dropped for good, so every line of the ledger stays valid JSON
+                atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
+
+    @contextmanager
+    def _locked(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
         """Whether this study content is settled for ``version``: done, or failed for good (bad
@@ -43,8 +66,7 @@ class Ledger:
         return e is not None and (e["status"] in ("done", "skipped") or (e["status"] == "failed" and not retry_failed))
 
     def append(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
+        with self._locked(), open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

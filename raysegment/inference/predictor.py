@@ -32,6 +32,7 @@ from raysegment.analysis.postprocess import contact_pixels, keep_largest_compone
 from raysegment.config import Precision, PredictConfig, TrainConfig
 from raysegment.io.studies import normalize_intensity
 from raysegment.model.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
+from raysegment.model.onnx import OnnxNet, load_onnx, to_onnx
 from raysegment.model.unet import with_context
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # None: no autocast (fp32)
@@ -85,7 +86,7 @@ def model_version(ref: str, tracking_uri: str | None = None) -> str:
             return f"{name}/{MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version}"
         return ref[len("models:/"):]
     path = _local_path(ref)
-    weights = path / "model.pt" if path.is_dir() else path
+    weights = path / "model.pt" if path.is_dir() else path  # .safetensors or .onnx: the file itself
     return f"file:{path.name}:{sha256(weights)[:12]}"
 
 
@@ -95,10 +96,10 @@ def _local_path(ref: str) -> Path:
 
         return shipped_weights(ref[len("shipped:"):])
     path = Path(ref)
-    if is_checkpoint(path) or (path.is_file() and path.suffix == ".safetensors"):
+    if is_checkpoint(path) or (path.is_file() and path.suffix in (".safetensors", ".onnx")):
         return path
     raise FileNotFoundError(f"{ref}: not a models:/ URI, a checkpoint folder (model.pt + config.json), "
-                            f"a .safetensors weights file or shipped:BACKBONE")
+                            f"a .safetensors weights file, an exported .onnx file or shipped:BACKBONE")
 
 
 def registered_folders(model_uri: str, tracking_uri: str | None, dst: str | Path) -> list[Path]:
@@ -156,6 +157,8 @@ def load_model(ref: str, tracking_uri: str | None = None, device: str = "cpu") -
     version = model_version(str(path))
     if path.is_dir():
         return load_checkpoint(path, device, version=version)
+    if path.suffix == ".onnx":
+        return load_onnx(path)
     from raysegment.model.weights import load_weights_file
 
     return replace(load_weights_file(path, device), version=version)
@@ -182,6 +185,10 @@ class Predictor:
             for m in members:
                 check_flip_tta(m.config)
         self.device = torch.device(config.device)
+        if config.runtime == "onnx":
+            members = _onnx_members(members, self.device)
+        if any(isinstance(m.model, OnnxNet) for m in members):
+            config = replace(config, precision="fp32")  # ONNX Runtime runs the fp32 graph as exported
         self.config = replace(config, precision=resolve_precision(config.precision, self.device))
         self.dtype = AUTOCAST_DTYPES[self.config.precision]
         self.members = [replace(m, model=m.model.to(self.device).eval()) for m in members]
@@ -282,6 +289,12 @@ class Predictor:
         if self.config.largest_component:
             out = keep_largest_component(out, contact_pixels(self.config, spacing))
         return out
+
+
+def _onnx_members(members: list[LoadedModel], device: torch.device) -> list[LoadedModel]:
+    if device.type != "cpu":
+        raise ValueError(f"runtime onnx runs on the CPU (ONNX Runtime's CPU provider); got device {device}")
+    return [to_onnx(m, torch.get_num_threads()) for m in members]
 
 
 def predict_volumes(predictor: Predictor, volumes) -> Iterator[tuple[object, np.ndarray]]:

@@ -26,7 +26,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
 
     img, frames, zooms = read_study(path)
     spacing_zyx = (zooms[2], zooms[1], zooms[0])
-    masks = np.stack([predictor.predict(f, spacing=spacing_zyx) for f in frames])
+    masks = predict_frames(predictor, frames, zooms)
     name = mask_name(path)
     mask_path = out_dir / "masks" / name
     save_mask(masks, img, mask_path)
@@ -53,6 +53,11 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
     finish_rows(rows, frames[0], masks[0], figure, out_dir / "figures" / name.replace(".nii.gz", ".png"),
                 [gt_flag] if gt_flag else [])
     return rows
+
+
+def predict_frames(predictor, frames: np.ndarray, zooms) -> np.ndarray:
+    """Labels uint8 (frames, z, y, x) of (frames, z, y, x) intensities; ``zooms`` (x, y, z) mm."""
+    return np.stack([predictor.predict(f, spacing=tuple(zooms)[::-1]) for f in frames])
 
 
 def frame_rows(masks: np.ndarray, spacing_zyx, common: dict) -> list[dict]:
@@ -157,3 +162,30 @@ def segment_with_backoff(path: Path, predictor, model_uri: str, out_dir: Path, f
             predictor.config = replace(predictor.config, batch_size=predictor.config.batch_size // 2)
             print(f"[raysegment] out of GPU memory on {path.name}: batch {predictor.config.batch_size} slices now",
                   flush=True)
+
+
+def settle_study(path: str, digest: str, predictor, model_uri: str, out_dir: Path, figure: bool = False,
+                 files: list[str] | None = None) -> dict:
+    """Segment one study (``files``: a DICOM series keyed ``dicom:STUDY/SERIES``) → its ledger entry:
+    ``done`` with rows, ``skipped`` (not a short-axis cine), ``failed`` (bad input) or ``error`` (the
+    environment, retried next run). Every path that segments studies for a ledger calls this."""
+    import time
+
+    from raysegment.io.dicom import SeriesSkipped
+
+    t0, f0 = time.perf_counter(), predictor.forward_seconds
+    try:
+        if files is not None:
+            rows = segment_series(path, [Path(f) for f in files], predictor, model_uri, out_dir, figure)
+        else:
+            rows = segment_with_backoff(Path(path), predictor, model_uri, out_dir, figure)
+        status, reason = "done", ""
+    except SeriesSkipped as exc:  # not a short-axis cine MR: settled, with the reason
+        rows, status, reason = [], "skipped", str(exc)
+    except StudyError as exc:  # bad input: failed for good (until --retry-failed)
+        rows, status, reason = [], "failed", str(exc)
+    except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
+        rows, status, reason = [], "error", f"{type(exc).__name__}: {exc}"
+    return {"path": path, "sha256": digest, "model_version": predictor.version, "status": status,
+            "reason": reason, "seconds": time.perf_counter() - t0,
+            "forward_seconds": predictor.forward_seconds - f0, "rows": rows}

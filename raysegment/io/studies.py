@@ -18,7 +18,7 @@ import numpy as np
 from raysegment.config import DEFAULT_PERCENTILES
 
 
-class StudyError(Exception):
+class StudyError(ValueError):
     """Bad input in one study (the message says what); a batch records it and goes on."""
 
 
@@ -128,6 +128,16 @@ def read_study(path: Path):
         raise StudyError("empty file (0 bytes)")
     try:
         img = nib.load(str(path))
+    except Exception as exc:
+        raise StudyError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+    frames, zooms = study_arrays(img)
+    return img, frames, zooms
+
+
+def study_arrays(img):
+    """(data as (frames, z, y, x) float64, zooms (x, y, z) mm) of a loaded NIfTI image, checked:
+    3-D or 4-D, in-plane ≥ 8 pixels, finite. Raises StudyError."""
+    try:
         data = np.asarray(img.dataobj, dtype=np.float64)
     except Exception as exc:
         raise StudyError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
@@ -139,7 +149,7 @@ def read_study(path: Path):
     if not np.all(np.isfinite(frames)):
         raise StudyError("image holds NaN or inf intensities")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return img, frames, zooms
+    return frames, zooms
 
 
 def _umask() -> int:

@@ -43,10 +43,14 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 def saved_config(path: str | Path) -> TrainConfig:
-    """The TrainConfig stored with a weights file or a checkpoint folder."""
+    """The TrainConfig stored with a weights file, an exported .onnx file or a checkpoint folder."""
     path = Path(path)
     if path.is_dir():
         return read_config(path)
+    if path.suffix == ".onnx":
+        from raysegment.model.onnx import onnx_config
+
+        return onnx_config(path)
     meta = _metadata(path)
     if "config" not in meta:
         raise ValueError(f"{path}: no raysegment config in the file's metadata")

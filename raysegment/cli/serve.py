@@ -1,0 +1,105 @@
+"""``python -m raysegment.serve``: the online segmentation service on Ray Serve, in the foreground
+until Ctrl-C / SIGTERM. A thin layer over ``raysegment.service``. Top layer.
+
+    python -m raysegment.serve --model models:/raysegment-densenet121@champion --mlflow-uri http://127.0.0.1:5000
+    curl -s --data-binary @patient001_4d.nii.gz -H 'Content-Type: application/octet-stream' \\
+        http://127.0.0.1:8000/v1/segment -o patient001_4d_seg.nii.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from raysegment.config import PredictConfig, ServeConfig, default_of
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = lambda name: default_of(ServeConfig, name)  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m raysegment.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION, "
+                                                  "shipped:BACKBONE, a .safetensors/.onnx file or a checkpoint folder")
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry")
+    p.add_argument("--host", default=d("host"), help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=d("port"))
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=d("replicas"))
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="autoscaled replicas, e.g. 1:4")
+    p.add_argument("--cpus-per-replica", type=float, default=d("cpus_per_replica"))
+    p.add_argument("--gpu", action="store_true", help="one GPU per replica (predicts on CUDA)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="onnx: ONNX Runtime on the CPU (fp32)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--threads", type=int, default=d("threads"), help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--poll-s", type=float, default=d("poll_s"), help="seconds between checks of the registry alias")
+    p.add_argument("--token-file", help="file holding a bearer token every request must carry")
+    p.add_argument("--max-body-mb", type=float, default=d("max_body_mb"))
+    p.add_argument("--pacs", help="DICOMweb URL (http://HOST:PORT/dicom-web) the PACS push retrieves from and stores SEGs to")
+    p.add_argument("--output", help="with --pacs: masks, SEGs and ledger.jsonl, the scheduled job's --output")
+    p.add_argument("--no-store", action="store_true", help="with --pacs: keep the SEGs under OUTPUT, do not STOW-RS them")
+    p.add_argument("--verbose", action="store_true", help="Ray Serve's own INFO output")
+    return p
+
+
+def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of a parsed command line; ``p.error`` (exit 2) on the first bad value."""
+    autoscale = None
+    if a.autoscale:
+        try:
+            lo, hi = (int(v) for v in a.autoscale.split(":"))
+        except ValueError:
+            p.error(f"--autoscale must be MIN:MAX, e.g. 1:4, not {a.autoscale!r}")
+        if not 0 <= lo <= hi or hi < 1:
+            p.error(f"--autoscale {a.autoscale}: need 0 ≤ MIN ≤ MAX and MAX ≥ 1")
+        autoscale = (lo, hi)
+    if a.replicas < 1 or not 0 < a.port < 65536 or a.cpus_per_replica <= 0 or a.poll_s <= 0:
+        p.error("--replicas, --cpus-per-replica and --poll-s must be > 0, --port within 1–65535")
+    if bool(a.pacs) != bool(a.output):
+        p.error("--pacs and --output go together (the ledger the scheduled job shares)")
+    if a.runtime == "onnx" and a.gpu:
+        p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu")
+    token = None
+    if a.token_file:
+        try:
+            token = Path(a.token_file).read_text().strip()
+        except OSError as exc:
+            p.error(f"--token-file {a.token_file}: {exc.strerror}")
+        if not token:
+            p.error(f"--token-file {a.token_file} is empty")
+    predict = PredictConfig(device="cuda" if a.gpu else "cpu", precision=a.precision, runtime=a.runtime)
+    return ServeConfig(model=a.model, tracking_uri=a.mlflow_uri, predict=predict, host=a.host, port=a.port,
+                       replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
+                       gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
+                       max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
+                       store=not a.no_store)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    config = config_from_args(p, a)
+    from raysegment.service import run
+
+    try:
+        url = run.start(config, verbose=a.verbose)
+    except Exception as exc:
+        print(f"error: the service did not start ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
+    stopping = []  # after Ray's start, which installs handlers of its own; SIGINT too (ignored in `cmd &`)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(1))
+    print(f"[raysegment] serving {config.model} at {url}/v1/segment (health: {url}/v1/health); Ctrl-C stops",
+          flush=True)
+    while not stopping:
+        time.sleep(0.5)
+    print("[raysegment] stopping the service", flush=True)
+    run.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    from raysegment.cli.serve import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,62 @@
+"""A PACS series from its UIDs to SEGs stored back, recorded in the batch job's ledger: what the
+online service does when the PACS pushes a stable series (``serve``), with the same retrieval,
+per-study code, SEG UIDs, STOW-RS and ledger keys as ``batch`` — so a later scheduled run finds
+the series settled and stores nothing. Imports no Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raysegment.inference.ledger import Ledger, _entry, _now
+from raysegment.inference.study import settle_study
+
+
+def store_entry(client, entry: dict) -> None:
+    """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
+    ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
+    (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
+    from raysegment.io.dicomweb import web_replace_segs
+
+    segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
+    try:
+        web_replace_segs(client, segs)
+        for r in entry["rows"]:
+            r["stored"] = True
+    except Exception as exc:
+        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+
+
+def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
+                        store: bool = True) -> dict:
+    """Segment one PACS series (QIDO-RS its instances, WADO-RS them to ``out/dicom-in/SERIES``,
+    ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
+    for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
+    from raysegment.io.dicom import instances_digest
+    from raysegment.io.dicomweb import _tag, web_retrieve
+
+    key, version = f"dicom:{study}/{series}", predictor.version
+    ledger = Ledger(out / "ledger.jsonl")
+    try:
+        sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
+                                                                          series_instance_uid=series)]
+    except Exception as exc:
+        return _finish(ledger, _entry(key, "unknown", version, "error",
+                                      f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"))
+    digest = instances_digest(sops)
+    if ledger.has(key, digest, version):
+        return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
+    try:
+        files = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
+    except Exception as exc:
+        reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+        return _finish(ledger, _entry(key, digest, version, "error", reason))
+    entry = settle_study(key, digest, predictor, model_uri, out, False, files)
+    if store and entry["status"] == "done":
+        store_entry(client, entry)
+    return _finish(ledger, entry)
+
+
+def _finish(ledger: Ledger, entry: dict) -> dict:
+    entry.setdefault("finished", _now())
+    ledger.append(entry)
+    return entry

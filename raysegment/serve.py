@@ -1,0 +1,8 @@
+"""``python -m raysegment.serve``: the command's stable name; its code is ``raysegment.cli.serve``."""
+
+import sys
+
+from raysegment.cli.serve import build_parser, main  # noqa: F401
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""The HTTP API of ``python -m raysegment.serve``, one ``SegmentService`` per Ray Serve replica.
+
+    POST /v1/segment            body: a NIfTI file (.nii or .nii.gz bytes, 3-D or 4-D)
+                                → the mask (.nii.gz bytes) on the input's grid and affine
+    POST /v1/segment?format=json[&ed=F&es=F]
+                                → per-frame volumes (mL), voxels, LV mass (g), QC flags, EF (%)
+    POST /v1/pacs/series        body: {"study": UID, "series": UID} → 202; the series is pulled
+                                (WADO-RS), segmented, its SEGs stored back (STOW-RS), ledger written
+    GET  /v1/health (no token asked: for probes), GET /v1/model
+
+Bad requests get a 4xx with a one-line JSON ``{"error": reason}``; the replica goes on serving.
+Each replica follows a registry alias (``models:/NAME@ALIAS``): every ``poll_s`` it asks where the
+alias points and, when it moved, loads the new version beside the old and switches; a request holds
+the Predictor it started with, so none in flight fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from raysegment.config import ServeConfig, torch_threads
+from raysegment.inference.predictor import Predictor, is_registry_uri, model_version
+from raysegment.io.studies import StudyError
+from raysegment.runtime import disable_telemetry
+
+log = logging.getLogger("ray.serve")
+NIFTI_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
+               "application/nifti", "image/nifti", ""}
+MiB = 1024 * 1024
+
+
+class RequestError(Exception):
+    """A bad request: its HTTP status and one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class ModelHolder:
+    """The Predictor a replica serves now, and the thread that follows a registry alias."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.follows = is_registry_uri(config.model) and "@" in config.model
+        self.version = model_version(config.model, config.tracking_uri)
+        self.predictor = self._load(self.version)
+        if self.follows:
+            threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
+
+    def _load(self, version: str) -> Predictor:
+        ref = f"models:/{version}" if is_registry_uri(self.config.model) else self.config.model
+        return Predictor.load(ref, self.config.predict, self.config.tracking_uri)
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self.config.poll_s)
+            try:
+                version = model_version(self.config.model, self.config.tracking_uri)
+                if version != self.version:
+                    predictor = self._load(version)  # the old one serves meanwhile
+                    self.predictor, self.version = predictor, version
+                    log.warning("raysegment: %s now serves %s", self.config.model, version)
+            except Exception as exc:  # the registry unreachable: keep serving what is loaded
+                log.warning("raysegment: alias check of %s failed (%s: %s)", self.config.model, type(exc).__name__, exc)
+
+
+class SegmentService:
+    """One replica: a loaded model, one volume at a time (its threads are the replica's CPUs)."""
+
+    def __init__(self, config: ServeConfig):
+        import torch
+
+        disable_telemetry()
+        torch.set_num_threads(config.threads or torch_threads(None, 1, config.cpus_per_replica))
+        self.config = config
+        self.holder = ModelHolder(config)
+        self.lock = threading.Lock()
+        self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
+
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        try:
+            return await self._route(request)
+        except RequestError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=exc.status)
+        except Exception as exc:  # a fault of ours: 500 with the reason, the replica goes on
+            log.exception("raysegment: request failed")
+            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
+    async def _route(self, request):
+        from starlette.responses import JSONResponse
+
+        path, method = request.url.path.rstrip("/"), request.method
+        if path != "/v1/health":  # liveness probes carry no secrets
+            self._authorize(request)
+        routes = {"/v1/segment": "POST", "/v1/pacs/series": "POST", "/v1/health": "GET", "/v1/model": "GET"}
+        if path not in routes:
+            raise RequestError(404, f"no route {path}; routes: {', '.join(sorted(routes))}")
+        if method != routes[path]:
+            raise RequestError(405, f"{path} takes {routes[path]}, not {method}")
+        if path == "/v1/health":
+            return JSONResponse({"status": "ok", "model_version": self.holder.version})
+        if path == "/v1/model":
+            return JSONResponse(await asyncio.to_thread(self.model_info))
+        if path == "/v1/pacs/series":
+            return self._accept_series(await request.body())
+        return await self._segment_request(request)
+
+    def _authorize(self, request) -> None:
+        import hmac
+
+        if self.config.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.config.token}".encode()):
+            raise RequestError(401, "missing or wrong bearer token (header 'Authorization: Bearer TOKEN')")
+
+    # ----------------------------------------------------------------- POST /v1/segment
+
+    async def _segment_request(self, request):
+        from starlette.responses import JSONResponse, Response
+
+        params = request.query_params
+        model = params.get("model")
+        if model is not None and model not in self.model_names():
+            raise RequestError(404, f"unknown model {model!r}; this service serves {self.config.model} ({self.holder.version})")
+        fmt = params.get("format", "nifti")
+        if fmt not in ("nifti", "json"):
+            raise RequestError(400, f"format must be nifti or json, not {fmt!r}")
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in NIFTI_TYPES:
+            raise RequestError(415, f"content type {ctype!r} is not a NIfTI body; send the file's bytes as "
+                                    f"application/octet-stream")
+        body = await _read_body(request, int(self.config.max_body_mb * MiB))
+        ed, es = _frame_param(params, "ed"), _frame_param(params, "es")
+        predictor, version = self.holder.predictor, self.holder.version
+        t0 = time.perf_counter()
+        result = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es)
+        headers = {"X-Model-Version": version, "X-Seconds": f"{time.perf_counter() - t0:.3f}"}
+        if fmt == "json":
+            return JSONResponse(result, headers=headers)
+        return Response(result, media_type="application/gzip", headers=headers)
+
+    def segment_bytes(self, body: bytes, predictor: Predictor, as_json: bool, ed: int | None = None,
+                      es: int | None = None):
+        """A NIfTI file's bytes → the mask's .nii.gz bytes, or the JSON summary; raises RequestError
+        (400) for a body that is no usable NIfTI. The batch job's per-study code does the work."""
+        from raysegment.inference.study import segment_study
+
+        with tempfile.TemporaryDirectory(prefix="raysegment-serve-") as tmp:
+            path = Path(tmp) / ("upload.nii.gz" if body[:2] == b"\x1f\x8b" else "upload.nii")
+            path.write_bytes(body)
+            try:
+                with self.lock:
+                    rows = segment_study(path, predictor, self.config.model, Path(tmp) / "out")
+            except StudyError as exc:
+                raise RequestError(400, f"not a usable NIfTI image: {str(exc).replace(str(path), 'the body')}") from None
+            if as_json:
+                return summary(rows, predictor.version, ed, es)
+            return Path(rows[0]["mask"]).read_bytes()
+
+    # ----------------------------------------------------------------- POST /v1/pacs/series
+
+    def _accept_series(self, body: bytes):
+        from starlette.responses import JSONResponse
+
+        if not (self.config.pacs and self.config.output):
+            raise RequestError(409, "this service was started without --pacs and --output; it takes no PACS pushes")
+        try:
+            doc = json.loads(body)
+            study, series = str(doc["study"]), str(doc["series"])
+        except (ValueError, KeyError, TypeError):
+            raise RequestError(400, 'body must be JSON {"study": StudyInstanceUID, "series": SeriesInstanceUID}') from None
+        if not study or not series:
+            raise RequestError(400, "empty Study or Series Instance UID")
+        self.pacs_jobs.submit(self.pacs_series, study, series)
+        return JSONResponse({"accepted": f"dicom:{study}/{series}", "model_version": self.holder.version},
+                            status_code=202)
+
+    def pacs_series(self, study: str, series: str) -> dict:
+        """Pull, segment, store and record one pushed series (``inference.pacs``); logs its outcome."""
+        from raysegment.inference.pacs import segment_pacs_series
+        from raysegment.io.dicomweb import web_client
+
+        try:
+            with self.lock:
+                entry = segment_pacs_series(web_client(self.config.pacs), study, series, self.holder.predictor,
+                                            self.config.model, Path(self.config.output), store=self.config.store)
+        except Exception:  # nothing recorded: the scheduled job segments the series on its next run
+            log.exception("raysegment: PACS series %s/%s", study, series)
+            return {}
+        log.warning("raysegment: PACS series %s: %s %s", series, entry["status"], entry.get("reason", ""))
+        return entry
+
+    # ----------------------------------------------------------------- GET /v1/model
+
+    def model_names(self) -> set[str]:
+        ref = self.config.model
+        name = ref[len("models:/"):].split("@")[0].split("/")[0] if is_registry_uri(ref) else ref
+        return {ref, name, self.holder.version, f"models:/{self.holder.version}"}
+
+    def model_info(self) -> dict:
+        """Name, version, per-class val Dice and weights digest (registry tags), runtime, backbones."""
+        predictor, version = self.holder.predictor, self.holder.version
+        info = {"model": self.config.model, "version": version, "runtime": predictor.config.runtime,
+                "precision": predictor.config.precision,
+                "backbones": [m.config.model.backbone for m in predictor.members], "dice": {}, "weights_sha256": ""}
+        if is_registry_uri(self.config.model):
+            from mlflow import MlflowClient
+
+            name, number = version.rsplit("/", 1)
+            tags = MlflowClient(self.config.tracking_uri).get_model_version(name, number).tags
+            info["dice"] = {k[len("dice_"):]: float(v) for k, v in tags.items() if k.startswith("dice_")}
+            info["weights_sha256"] = tags.get("weights_sha256", "")
+        else:
+            from raysegment.inference.predictor import _local_path
+            from raysegment.model.weights import sha256
+
+            path = _local_path(self.config.model)
+            info["weights_sha256"] = sha256(path / "model.pt" if path.is_dir() else path)
+        return info
+
+
+async def _read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading, when the client says
+    its length) and with 400 when empty."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"body of {int(declared) / MiB:.1f} MiB exceeds the limit of {limit / MiB:.0f} MiB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit / MiB:.0f} MiB")
+        chunks.append(chunk)
+    if size == 0:
+        raise RequestError(400, "empty body; send a NIfTI file's bytes")
+    return b"".join(chunks)
+
+
+def _frame_param(params, name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise RequestError(400, f"{name} must be a frame index (0, 1, ...), not {value!r}")
+    return int(value)
+
+
+def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> dict:
+    """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and EF (%) of
+    the LV and RV, from the frames ``ed``/``es`` when given, else the cine's largest/smallest volume."""
+    from raysegment.analysis.clinical import ejection_fraction
+
+    keys = ("frame", "phase", "qc_flags", "lv_myo_mass_g")
+    frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
+              for r in rows]
+    out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "frames": frames}
+    if ed is not None or es is not None:
+        if ed is None or es is None or max(ed, es) >= len(rows):
+            raise RequestError(400, f"ed and es must both be frame indices below {len(rows)}")
+        out["ed"], out["es"] = ed, es
+        for name in ("lv", "rv"):
+            out[f"ef_{name}_pct"] = ejection_fraction(rows[ed][f"volume_{name}_ml"], rows[es][f"volume_{name}_ml"])
+    elif len(rows) >= 2:
+        out.update({f"ef_{n}_pct": rows[0].get(f"ef_{n}_pct") for n in ("lv", "rv")})
+    return _json_safe(out)
+
+
+def _json_safe(value):
+    """NaN and inf (an EF of an empty ventricle) → null: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,143 @@
+"""The service under load (``python -m raysegment.bench serve``): a bounded load test against
+127.0.0.1 that stops by itself — latency percentiles and throughput at 1 client and at C clients,
+for 1 and 2 replicas, optionally with a replica SIGKILLed every K seconds — next to the in-process
+time of the same volume and the batch job's studies/s on the same machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from raysegment.config import InferConfig, ServeConfig
+
+
+def load_test(url: str, body: bytes, clients: int, requests_n: int, timeout_s: float = 120.0,
+              token: str | None = None, kill_every_s: float | None = None) -> dict:
+    """``requests_n`` POSTs of ``body`` to ``url/v1/segment`` from ``clients`` threads → counts,
+    p50/p95/p99 latency (s) of the answered ones, throughput (answered/s), replicas killed."""
+    import requests
+
+    headers = {"Content-Type": "application/octet-stream", **({"Authorization": f"Bearer {token}"} if token else {})}
+    todo = iter(range(requests_n))
+    lock, results = threading.Lock(), []
+
+    def client() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    if next(todo, None) is None:
+                        return
+                t0 = time.perf_counter()
+                try:
+                    status = session.post(f"{url}/v1/segment", data=body, headers=headers, timeout=timeout_s).status_code
+                except requests.RequestException as exc:
+                    status = type(exc).__name__
+                with lock:
+                    results.append((status, time.perf_counter() - t0))
+
+    stop, kills = threading.Event(), []
+    killer = threading.Thread(target=_kill_replicas, args=(kill_every_s, stop, kills), daemon=True) if kill_every_s else None
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads + ([killer] if killer else []):
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    ok = [s for status, s in results if status == 200]
+    pct = (lambda q: round(float(np.percentile(ok, q)), 3)) if ok else (lambda q: None)
+    return {"clients": clients, "requests": requests_n, "ok": len(ok), "failed": len(results) - len(ok),
+            "slowest_s": round(max(s for _, s in results), 3), "p50_s": pct(50), "p95_s": pct(95), "p99_s": pct(99),
+            "throughput_per_s": round(len(ok) / wall, 3), "wall_s": round(wall, 1), "kills": len(kills)}
+
+
+def _kill_replicas(every_s: float, stop: threading.Event, kills: list) -> None:
+    from raysegment.service.run import replica_pids
+
+    while not stop.wait(every_s):
+        pids = replica_pids()
+        if pids:
+            os.kill(pids[np.random.default_rng(len(kills)).integers(len(pids))], signal.SIGKILL)
+            kills.append(time.time())
+
+
+def in_process_seconds(predictor, study: Path, repeats: int) -> float:
+    """Median seconds of the batch job's per-study code (read, predict, write the mask) on ``study``."""
+    from raysegment.inference.study import segment_study
+
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats + 1):  # the first is warm-up
+            t0 = time.perf_counter()
+            segment_study(study, predictor, "bench", Path(tmp))
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def batch_studies_per_s(model: str, study: Path, copies: int, actors: int, predict) -> float:
+    """Studies/s of the batch job (``actors`` one-thread actors, Ray already up) over ``copies`` of ``study``."""
+    import shutil
+
+    from raysegment.inference.batch import run_batch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(copies):
+            shutil.copy(study, folder / f"copy{i:03d}.nii.gz")
+        config = InferConfig(models=(model,), input=str(folder), output=str(Path(tmp) / "out"), predict=predict,
+                             actors=actors, threads=1, progress=False, diagnosis=None, report_figures=0)
+        t0 = time.perf_counter()
+        run_batch(config)
+        return copies / (time.perf_counter() - t0)
+
+
+def bench_serve(config: ServeConfig, study: Path, clients: int, requests_n: int, replicas: tuple[int, ...] = (1, 2),
+                kill_every_s: float | None = None) -> dict:
+    """The whole benchmark: in-process time, then per replica count the service at 1 and ``clients``
+    clients (and under replica kills), and the batch job with as many actors."""
+    import torch
+
+    from raysegment.inference.predictor import Predictor
+    from raysegment.service import run
+
+    torch.set_num_threads(config.threads or 1)
+    predictor = Predictor.load(config.model, config.predict, config.tracking_uri)
+    body = study.read_bytes()
+    out = {"model": config.model, "runtime": config.predict.runtime, "threads_per_replica": config.threads or 1,
+           "study": study.name, "in_process_s": round(in_process_seconds(predictor, study, 5), 3), "runs": []}
+    for n in replicas:
+        url = run.start(replace(config, replicas=n))
+        load_test(url, body, n, 2 * n)  # warm-up: every replica has served
+        row = {"replicas": n, "one_client": load_test(url, body, 1, max(5, requests_n // 4)),
+               "saturated": load_test(url, body, clients, requests_n)}
+        if kill_every_s:
+            row["with_kills"] = load_test(url, body, clients, requests_n, kill_every_s=kill_every_s, timeout_s=60)
+        row["batch_studies_per_s"] = round(batch_studies_per_s(config.model, study, requests_n, n, config.predict), 3)
+        out["runs"].append(row)
+    run.stop()
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The benchmark as a table (docs/benchmarks.md)."""
+    lines = [f"model {result['model']} ({result['runtime']}, {result['threads_per_replica']} thread per replica), "
+             f"in-process {result['in_process_s']:.3f} s per study", "",
+             "| replicas | clients | p50 s | p95 s | p99 s | studies/s | failed | kills | batch job studies/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in result["runs"]:
+        for key in ("one_client", "saturated", "with_kills"):
+            if key in row:
+                r = row[key]
+                lines.append(f"| {row['replicas']} | {r['clients']} | {r['p50_s']} | {r['p95_s']} | {r['p99_s']} | "
+                             f"{r['throughput_per_s']} | {r['failed']} | {r['kills']} | "
+                             f"{row['batch_studies_per_s'] if key == 'saturated' else ''} |")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""The online service as an operator runs it: ``python -m raysegment.serve`` (its own Ray, Ray Serve)
+over a champion in a real SQLite MLflow registry, with a real Orthanc that pushes stable series to
+it through the shipped Lua script (``jobs/orthanc/raysegment-push.lua``).
+
+The tests share one service and run in file order: requests, the PACS push, then the alias move
+and a replica kill (they change what is served).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from servers import free_port, orthanc_available, running_orthanc, running_service
+from synth import synthetic_volume, write_dicom_cine
+
+pytestmark = pytest.mark.slow
+TOKEN = "s3cret-test-token"
+NAME = "raysegment-mobilenet_v2"
+LUA = Path(__file__).resolve().parents[1] / "jobs" / "orthanc" / "raysegment-push.lua"
+
+
+def _register(tiny_model, root: Path, uri: str, seed: int) -> str:
+    import torch
+
+    from raysegment.model.checkpoint import save_checkpoint
+    from raysegment.model.unet import build_model
+    from raysegment.registry.champion import register_checkpoint
+
+    _, config = tiny_model
+    torch.manual_seed(seed)
+    folder = root / f"ckpt{seed}"
+    folder.mkdir(parents=True)
+    save_checkpoint(folder, build_model(config.model).eval(), None, config, {"epoch": 0})
+    metrics = {"dice_rv": 0.5, "dice_myo": 0.5, "dice_lv": 0.5, "dice_mean": 0.5}
+    return register_checkpoint(folder, metrics=metrics, tracking_uri=uri, force_champion=True).version
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model):
+    """(service URL, Orthanc DICOMweb URL, tracking URI, output folder, root) of one running stack."""
+    from mlflow import MlflowClient
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    root = tmp_path_factory.mktemp("service")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("raysegment-registry", artifact_location=str(root / "artifacts"))
+    assert _register(tiny_model, root, uri, seed=1) == "1"
+    (root / "token").write_text(TOKEN + "\n")
+    port = free_port()
+    lua = root / "push.lua"
+    lua.write_text(LUA.read_text().replace('"http://127.0.0.1:8000"', f'"http://127.0.0.1:{port}"')
+                   .replace('local TOKEN = ""', f'local TOKEN = "{TOKEN}"'))
+    with running_orthanc(root / "orthanc", {"LuaScripts": [str(lua)], "StableAge": 2}) as pacs:
+        out = root / "out"
+        with running_service(root / "svc", "--model", f"models:/{NAME}@champion", "--mlflow-uri", uri, "--poll-s", "1",
+                             "--token-file", str(root / "token"), "--pacs", pacs, "--output", str(out),
+                             "--threads", "1", "--max-body-mb", "1", port=port) as url:
+            yield url, pacs, uri, out, root
+
+
+def _post(url: str, body: bytes, params: str = "", token: str = TOKEN, ctype: str = "application/octet-stream",
+          timeout: float = 120) -> requests.Response:
+    return requests.post(f"{url}/v1/segment{params}", data=body, timeout=timeout,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": ctype})
+
+
+def _nifti(data: np.ndarray, zooms=(1.5, 1.5, 8.0)) -> bytes:
+    img = nib.Nifti1Image(data, np.diag([*zooms, 1.0]))
+    img.header.set_zooms((zooms + (1.0,) * data.ndim)[: data.ndim])
+    return gzip.compress(img.to_bytes(), mtime=0)
+
+
+def _study(seed: int = 3) -> np.ndarray:
+    """(x, y, z) float32 of a synthetic short-axis stack."""
+    image, _ = synthetic_volume(seed, shape=(6, 64, 72))
+    return np.transpose(image * 900.0, (2, 1, 0)).astype(np.float32)
+
+
+def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stack):
+    url, *_ = stack
+    good = _nifti(_study())
+    nan = _study()
+    nan[3, 3, 1] = np.nan
+    bad = {
+        "not NIfTI": (_post(url, b"this is no image at all" * 20), 400),
+        "empty body": (_post(url, b""), 400),
+        "2-D image": (_post(url, _nifti(_study()[:, :, 0])), 400),
+        "5-D image": (_post(url, _nifti(_study()[..., None, None])), 400),
+        "NaN voxels": (_post(url, _nifti(nan)), 400),
+        "truncated gzip": (_post(url, good[: len(good) // 2]), 400),
+        "over the size limit": (_post(url, b"\0" * (2 * 1024 * 1024)), 413),  # the service takes ≤ 1 MiB here
+        "wrong content type": (_post(url, good, ctype="application/json"), 415),
+        "unknown model": (_post(url, good, params="?model=raysegment-densenet121"), 404),
+        "unknown format": (_post(url, good, params="?format=png"), 400),
+        "no token": (_post(url, good, token="wrong"), 401),
+        "GET on segment": (requests.get(f"{url}/v1/segment", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30), 405),
+        "ES frame out of range": (_post(url, _nifti(np.stack([_study(), _study(4)], -1)), params="?format=json&ed=0&es=5"), 400),
+    }
+    for kind, (response, status) in bad.items():
+        assert response.status_code == status, (kind, response.status_code, response.text)
+        reason = response.json()["error"]
+        assert reason and "\n" not in reason and "/tmp/" not in reason, (kind, reason)
+    ok = _post(url, good)
+    assert ok.status_code == 200 and ok.headers["X-Model-Version"] == f"{NAME}/1"
+    assert requests.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()["status"] == "ok"
+
+
+def test_the_service_mask_is_byte_for_byte_raysegment_segment(stack, tmp_path):
+    import raysegment
+
+    url, _, uri, _, _ = stack
+    data = np.stack([_study(3), _study(5)], -1)  # 4-D: two cine frames
+    body = _nifti(data)
+    answer = _post(url, body)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/gzip"
+    (tmp_path / "in.nii.gz").write_bytes(body)
+    local = raysegment.segment(tmp_path / "in.nii.gz", model=f"models:/{NAME}/1", tracking_uri=uri)
+    nib.save(local, tmp_path / "local.nii.gz")
+    assert answer.content == (tmp_path / "local.nii.gz").read_bytes()
+    served = nib.Nifti1Image.from_bytes(gzip.decompress(answer.content))
+    assert served.shape == data.shape and np.allclose(served.affine, np.diag([1.5, 1.5, 8.0, 1.0]))
+
+    summary = _post(url, body, params="?format=json&ed=0&es=1").json()
+    assert summary["model_version"] == f"{NAME}/1" and len(summary["frames"]) == 2 and (summary["ed"], summary["es"]) == (0, 1)
+    counts = np.asarray(local.dataobj)[..., 0]
+    assert summary["frames"][0]["voxels_lv"] == int((counts == 3).sum())
+    assert {"ef_lv_pct", "ef_rv_pct", "spacing_mm"} <= set(summary)
+    info = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
+    assert info["version"] == f"{NAME}/1" and info["dice"]["mean"] == 0.5 and len(info["weights_sha256"]) == 64
+
+
+def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_stores_nothing(stack, tmp_path):
+    import pydicom
+
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.io import dicomweb
+    from raysegment.io.dicom import find_series
+
+    url, pacs, uri, out, _ = stack
+    frames = np.stack([synthetic_volume(7, shape=(6, 48, 56))[0], synthetic_volume(8, shape=(6, 48, 56), lv_radius=5.0)[0]])
+    files = write_dicom_cine(tmp_path / "src", frames, patient="PUSH1")
+    (series,), _ = find_series(tmp_path / "src")
+    predictor = Predictor.load(f"models:/{NAME}/1", tracking_uri=uri)
+    t0 = time.perf_counter()
+    segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "local", tmp_path / "local")
+    in_process = time.perf_counter() - t0
+
+    client = dicomweb.web_client(pacs)
+    client.store_instances([pydicom.dcmread(f) for f in files])
+    stored_at, stable_age = time.perf_counter(), 2.0
+    deadline = stored_at + 120
+    while time.perf_counter() < deadline and not client.search_for_instances(search_filters={"Modality": "SEG"}):
+        time.sleep(0.25)
+    segs = client.search_for_instances(search_filters={"Modality": "SEG"})
+    took = time.perf_counter() - stored_at
+    assert len(segs) == 2, (out / "ledger.jsonl").read_text() if (out / "ledger.jsonl").exists() else "no ledger"
+    # Orthanc checks stability about once a second: marked stable at most ~1 s after StableAge.
+    assert took - stable_age - 1.0 <= 1.5 * in_process + 5.0, (took, in_process)
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    assert [(e["path"], e["status"]) for e in ledger] == [(f"dicom:{series.study_uid}/{series.uid}", "done")]
+
+    summary = run_batch(InferConfig(models=(f"models:/{NAME}@champion",), input=pacs, output=str(out), tracking_uri=uri,
+                                    diagnosis=None, progress=False))
+    assert summary["already_done"] == 1 and summary["segmented"] == 0 and summary["actors"] == 0
+    assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 2
+    assert len((out / "ledger.jsonl").read_text().splitlines()) == 1
+
+
+def _hammer(url: str, body: bytes, stop: threading.Event, results: list, timeout: float = 60) -> None:
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        try:
+            r = _post(url, body, timeout=timeout)
+            results.append((r.status_code, r.headers.get("X-Model-Version"), time.perf_counter() - t0))
+        except requests.RequestException as exc:
+            results.append((type(exc).__name__, None, time.perf_counter() - t0))
+
+
+def test_the_alias_moves_under_load_without_a_failed_request(stack, tiny_model):
+    url, _, uri, _, root = stack
+    body, stop, results = _nifti(_study()), threading.Event(), []
+    clients = [threading.Thread(target=_hammer, args=(url, body, stop, results)) for _ in range(2)]
+    for c in clients:
+        c.start()
+    try:
+        time.sleep(3)
+        assert _register(tiny_model, root, uri, seed=2) == "2"
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(v == f"{NAME}/2" for _, v, _ in results[-3:]):
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=120)
+    assert results and all(status == 200 for status, _, _ in results), [r for r in results if r[0] != 200][:5]
+    versions = [v for _, v, _ in results]
+    assert versions[0] == f"{NAME}/1" and versions[-1] == f"{NAME}/2"
+
+
+def test_a_killed_replica_fails_only_its_requests_and_serving_resumes_in_seconds(stack):
+    url, *_ = stack
+    body, stop, results = _nifti(_study()), threading.Event(), []
+    client = threading.Thread(target=_hammer, args=(url, body, stop, results, 30))
+    client.start()
+    try:
+        time.sleep(2)
+        pid = int(subprocess.run(["pgrep", "-f", "ServeReplica:raysegment:segmenter"], capture_output=True,
+                                 text=True).stdout.split()[0])
+        subprocess.run(["kill", "-9", str(pid)], check=True)
+        killed_at = len(results)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(s == 200 for s, _, _ in results[killed_at + 1:]):
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        client.join(timeout=60)
+    assert all(seconds < 30 + 5 for _, _, seconds in results), "a request hung past its timeout"
+    assert any(s == 200 for s, _, _ in results[killed_at + 1:]), results[killed_at:]
+    assert sum(s != 200 for s, _, _ in results) <= 2, results
