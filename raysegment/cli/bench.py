@@ -302,6 +302,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     s.add_argument("--threads", type=int, default=1, help="torch threads per replica, per batch actor and in-process")
     s.add_argument("--port", type=int, default=8765)
+    o = sub.add_parser("onnx", help="ONNX Runtime against torch fp32: voxels equal, CPU s per volume (threads matched)")
+    o.add_argument("--data", required=True, help="shards; their --split volumes are predicted")
+    o.add_argument("--model", default="shipped:mobilenet_v2")
+    o.add_argument("--split", default="val")
+    o.add_argument("--threads", type=int, default=1)
+    k = sub.add_parser("soak", help="500 studies, one in ten bad, actors and drivers SIGKILLed: nothing lost, nothing twice")
+    k.add_argument("--source", required=True, help="ACDC data (official NIfTI layout, or SSL4MIS HDF5 with info.csv)")
+    k.add_argument("--out", required=True, help="an empty folder for the corpus, the runs and soak.json")
+    k.add_argument("--model", default="shipped:mobilenet_v2")
+    k.add_argument("--studies", type=int, default=500)
+    k.add_argument("--bad", type=float, default=0.1, help="share of bad inputs")
+    k.add_argument("--kill-every", type=int, default=25, help="settled studies between two SIGKILLs of an actor")
+    k.add_argument("--driver-kills", type=int, default=3, help="runs whose driver is SIGKILLed part-way")
+    k.add_argument("--waves", type=int, default=4, help="arrivals of new studies between runs")
+    k.add_argument("--actors", type=int, default=2)
+    k.add_argument("--serve-requests", type=int, default=60, help="then the online service under replica kills (0: skip)")
+    k.add_argument("--serve-kill-every", type=float, default=5.0, metavar="SECONDS")
     g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
     g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
     g.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
@@ -331,6 +348,24 @@ def main(argv: list[str] | None = None) -> int:
         out = bench_serve_cli(a)
         print(json.dumps(out))
         print(markdown(out))
+    elif a.what == "onnx":
+        from raysegment.inference.evaluation import compare_runtimes
+
+        out = compare_runtimes(a.model, a.data, a.split, a.threads)
+        print(json.dumps(out))
+        print(f"{out['model']}: {out['volumes']} {a.split} volumes, voxels equal {out['voxels_equal']:.4%} ({out['voxels_differ']} "
+              f"of {out['voxels']} differ; lowest volume "
+              f"{out['lowest_volume_equal']:.4%}); CPU s per volume ({a.threads} thread): torch fp32 "
+              f"{out['torch_cpu_s_per_volume']}, ONNX Runtime {out['onnx_cpu_s_per_volume']}")
+    elif a.what == "soak":
+        from raysegment.soak.run import run_soak
+        from raysegment.soak.runner import SoakConfig
+
+        out = run_soak(SoakConfig(source=a.source, out=a.out, model=a.model, studies=a.studies, bad=a.bad,
+                                  kill_every=a.kill_every, driver_kills=a.driver_kills, waves=a.waves, actors=a.actors,
+                                  serve_requests=a.serve_requests, serve_kill_every_s=a.serve_kill_every))
+        print(json.dumps(out))
+        return 0 if out["passed"] else 1
     elif a.what == "gpu-smoke":
         out = gpu_smoke(a)
         if not out.get("dry_run"):

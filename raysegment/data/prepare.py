@@ -338,3 +338,14 @@ def load_manifest(shards: Path | str) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+def source_patients(source: str | Path) -> Iterator[list[Volume]]:
+    """Each patient's labelled volumes (ED, ES) of an ACDC source in either layout, with the true
+    spacing where the source has it (``Info.cfg``/NIfTI headers, or ``info.csv``), in patient order."""
+    source = Path(source)
+    fmt = detect_format(source)
+    csv_path = source / INFO_CSV
+    info = read_info_csv(csv_path) if fmt == "ssl4mis-h5" and csv_path.is_file() else None
+    for ref in _patient_refs(source, fmt):
+        yield _read_patient(ref, fmt, info)

@@ -66,9 +66,17 @@ def actor_options(config: InferConfig) -> dict:
             "max_task_retries": 0}
 
 
-def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str) -> Iterator[dict]:
+WORKER_DIED = "worker died on this study"
+
+
+def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str,
+                 died_before: frozenset = frozenset()) -> Iterator[dict]:
     """Ledger entries as the actors finish them, one study in flight per actor. A call whose actor
-    died is given to the (restarted) actors again, ``max_attempts`` times in all."""
+    died is given to the (restarted) actors again, ``max_attempts`` times in all. Then the study is
+    an ``error`` (retried next run: its workers may have died of something else — the OOM killer
+    taking the node's largest process, an operator, a crashed node), unless it already killed its
+    workers ``max_attempts`` times in an earlier run — (path, sha256) in ``died_before`` — which
+    makes it ``failed`` for good: a study that kills every worker it meets."""
     import ray
 
     queue = deque((item, 1) for item in todo)
@@ -90,8 +98,9 @@ def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str
                 queue.appendleft((item, attempt + 1))
                 continue
             cause = " ".join(str(exc).split())[:300]
-            yield _entry(item["path"], item["sha256"], version, "failed",
-                         f"worker died on this study ({attempt} attempts): {cause}")
+            again = (item["path"], item["sha256"]) in died_before
+            yield _entry(item["path"], item["sha256"], version, "failed" if again else "error",
+                         f"{WORKER_DIED} ({attempt} attempts{', and in an earlier run' if again else ''}): {cause}")
 
 
 def _await_restart(actor, tries: int = 60) -> None:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from raysegment.config import InferConfig
-from raysegment.inference.actors import SegmentActor, _segment_all, actor_options, plan_actors
+from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
 from raysegment.inference.pacs import store_entry
 from raysegment.io.studies import find_studies
@@ -75,7 +75,9 @@ def run_batch(config: InferConfig) -> dict:
             raise RuntimeError(f"the inference actor could not load {' + '.join(refs)}: {exc}") from None
         for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
             item["figure"] = i < config.report_figures
-        for entry in _segment_all(actors, todo, config.max_attempts, version):
+        died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
+                         if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
+        for entry in _segment_all(actors, todo, config.max_attempts, version, died):
             if client is not None and config.store and entry["status"] == "done":
                 store_entry(client, entry)
             progress(ledger, entry)

@@ -44,3 +44,36 @@ def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str 
                                           title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
                                           gt_zyx=v.label))
     return written
+
+
+def compare_runtimes(model_ref: str, shards: str | Path, split: str = "val", threads: int = 1,
+                     tracking_uri: str | None = None) -> dict:
+    """Torch fp32 against ONNX Runtime on a split's volumes, both Predictors with ``threads`` threads:
+    the share of voxels whose labels agree (over all volumes and per volume, the lowest) and the
+    median CPU seconds per volume of each (``python -m raysegment.bench onnx``)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.predictor import Predictor
+
+    torch.set_num_threads(threads)
+    volumes = load_volumes(str(shards), split)
+    runtimes = {"torch": Predictor.load(model_ref, PredictConfig(precision="fp32"), tracking_uri),
+                "onnx": Predictor.load(model_ref, PredictConfig(runtime="onnx"), tracking_uri)}
+    seconds: dict[str, list[float]] = {name: [] for name in runtimes}
+    same, total, lowest = 0, 0, 1.0
+    for v in volumes:
+        masks = {}
+        for name, predictor in runtimes.items():
+            t0 = time.process_time()
+            masks[name] = predictor.predict(v.image, spacing=v.spacing, normalized=True)
+            seconds[name].append(time.process_time() - t0)
+        agree = int((masks["torch"] == masks["onnx"]).sum())
+        same, total = same + agree, total + masks["torch"].size
+        lowest = min(lowest, agree / masks["torch"].size)
+    return {"model": model_ref, "version": runtimes["torch"].version, "volumes": len(volumes), "threads": threads,
+            "voxels": total, "voxels_differ": total - same, "voxels_equal": round(same / total, 6), "lowest_volume_equal": round(lowest, 6),
+            **{f"{name}_cpu_s_per_volume": round(float(np.median(s)), 3) for name, s in seconds.items()}}

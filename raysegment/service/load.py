@@ -19,9 +19,12 @@ from raysegment.config import InferConfig, ServeConfig
 
 
 def load_test(url: str, body: bytes, clients: int, requests_n: int, timeout_s: float = 120.0,
-              token: str | None = None, kill_every_s: float | None = None) -> dict:
+              token: str | None = None, kill_every_s: float | None = None, kill=None,
+              expected: bytes | None = None) -> dict:
     """``requests_n`` POSTs of ``body`` to ``url/v1/segment`` from ``clients`` threads → counts,
-    p50/p95/p99 latency (s) of the answered ones, throughput (answered/s), replicas killed."""
+    p50/p95/p99 latency (s) of the answered ones, throughput (answered/s). With ``kill_every_s``,
+    ``kill()`` (default: SIGKILL a random replica of this Ray) runs that often during the test. With
+    ``expected``, every 200 answer is compared with it (``wrong_masks``)."""
     import requests
 
     headers = {"Content-Type": "application/octet-stream", **({"Authorization": f"Bearer {token}"} if token else {})}
@@ -36,37 +39,47 @@ def load_test(url: str, body: bytes, clients: int, requests_n: int, timeout_s: f
                         return
                 t0 = time.perf_counter()
                 try:
-                    status = session.post(f"{url}/v1/segment", data=body, headers=headers, timeout=timeout_s).status_code
+                    r = session.post(f"{url}/v1/segment", data=body, headers=headers, timeout=timeout_s)
+                    status, wrong = r.status_code, expected is not None and r.status_code == 200 and r.content != expected
                 except requests.RequestException as exc:
-                    status = type(exc).__name__
+                    status, wrong = type(exc).__name__, False
                 with lock:
-                    results.append((status, time.perf_counter() - t0))
+                    results.append((status, time.perf_counter() - t0, wrong))
 
     stop, kills = threading.Event(), []
-    killer = threading.Thread(target=_kill_replicas, args=(kill_every_s, stop, kills), daemon=True) if kill_every_s else None
+    killer = threading.Thread(target=_killer, args=(kill_every_s, kill or _kill_replica, stop, kills), daemon=True)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
-    for t in threads + ([killer] if killer else []):
+    for t in threads + ([killer] if kill_every_s else []):
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
     stop.set()
-    ok = [s for status, s in results if status == 200]
+    ok = [s for status, s, _ in results if status == 200]
     pct = (lambda q: round(float(np.percentile(ok, q)), 3)) if ok else (lambda q: None)
-    return {"clients": clients, "requests": requests_n, "ok": len(ok), "failed": len(results) - len(ok),
-            "slowest_s": round(max(s for _, s in results), 3), "p50_s": pct(50), "p95_s": pct(95), "p99_s": pct(99),
+    return {"clients": clients, "requests": requests_n, "answered": len(results), "ok": len(ok),
+            "failed": len(results) - len(ok), "timeouts": sum(s in ("ReadTimeout", "ConnectTimeout") for s, _, _ in results),
+            "wrong_masks": sum(w for _, _, w in results), "slowest_s": round(max(s for _, s, _ in results), 3),
+            "p50_s": pct(50), "p95_s": pct(95), "p99_s": pct(99),
             "throughput_per_s": round(len(ok) / wall, 3), "wall_s": round(wall, 1), "kills": len(kills)}
 
 
-def _kill_replicas(every_s: float, stop: threading.Event, kills: list) -> None:
+def _killer(every_s: float, kill, stop: threading.Event, kills: list) -> None:
+    while not stop.wait(every_s):
+        if kill():
+            kills.append(time.time())
+
+
+def _kill_replica() -> bool:
+    """SIGKILL a random live replica of the service on this Ray → whether one was killed."""
     from raysegment.service.run import replica_pids
 
-    while not stop.wait(every_s):
-        pids = replica_pids()
-        if pids:
-            os.kill(pids[np.random.default_rng(len(kills)).integers(len(pids))], signal.SIGKILL)
-            kills.append(time.time())
+    pids = replica_pids()
+    if not pids:
+        return False
+    os.kill(pids[np.random.default_rng().integers(len(pids))], signal.SIGKILL)
+    return True
 
 
 def in_process_seconds(predictor, study: Path, repeats: int) -> float:
