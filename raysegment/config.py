@@ -110,6 +110,9 @@ class TrainConfig:
     # shards are stored volume by volume, and batches from one volume train far worse.
     shuffle_buffer_slices: int = 256
     val_patients: tuple[str, ...] | None = None  # None: every val patient
+    # Validate every k-th epoch and each of the last VAL_LAST planned ones (what ships is the last
+    # epoch, always validated); an epoch between reports the Dice of the latest validation.
+    val_every: int = 1
     manifest_hash: str = ""
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ of raysegment (Ray only inside functions)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 
@@ -101,3 +102,23 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+    A worker segmenting studies of many sizes otherwise grew from 894 to 1391 MB over 240 studies
+    and kept it; trimmed after each study it stayed at 754–787 MB (the soak, 2026-12-02)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None

@@ -119,3 +119,28 @@ def test_mask_names_differ_for_scan_nii_and_scan_nii_gz(tmp_path):
     a, b = mask_name(tmp_path / "scan.nii"), mask_name(tmp_path / "scan.nii.gz")
     assert a != b and a.startswith("scan_") and b.endswith("_seg.nii.gz")
     assert mask_name(tmp_path / "x" / "scan.nii") != a
+
+
+def test_half_written_files_of_dead_writers_are_removed_and_living_ones_kept(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from raysegment.io.studies import remove_stale_partials
+
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "dicom" / "s").mkdir(parents=True)
+    files = {"dead": tmp_path / "dicom" / "s" / f".partial-{host}-{dead.pid}-ab.dcm",
+             "alive": tmp_path / f".partial-{host}-{os.getpid()}-cd.nii.gz",
+             "other host, fresh": tmp_path / ".partial-elsewhere-12-ef.nii.gz",
+             "old name, old": tmp_path / ".partial-gh.nii.gz",
+             "a mask": tmp_path / "scan_seg.nii.gz"}
+    for f in files.values():
+        f.write_bytes(b"x")
+    past = time.time() - 2 * 3600
+    os.utime(files["old name, old"], (past, past))
+    assert remove_stale_partials(tmp_path) == 2
+    assert {k for k, f in files.items() if f.exists()} == {"alive", "other host, fresh", "a mask"}

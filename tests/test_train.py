@@ -71,7 +71,7 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     marker = tmp_path / "failed-once"
     # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
     tiny = {**TINY, "model": ModelConfig(backbone="mobilenet_v2", decoder_width=8, context_slices=1)}
-    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, **tiny)
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, val_every=2, **tiny)
     hooks = RunHooks(fail_at_epoch=2, fail_marker=str(marker))
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1,
                                    hooks=hooks))
@@ -85,6 +85,10 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == done - 1
     # The history survives the restart: every epoch once, epoch 2 run after the resume.
     assert [h["epoch"] for h in state["history"]] == list(range(done))
+    # Validated every 2nd epoch and each of the last 3; the others carry the latest validation.
+    validated = [h["validated_epoch"] for h in state["history"]]
+    assert validated[-3:] == [done - 3, done - 2, done - 1] and validated[0] == 0
+    assert any(v < e for v, e in zip(validated, range(done))), validated
 
 
 def _images_labels_params(n: int, seed: int, label: int):
@@ -331,3 +335,13 @@ def test_the_one_training_core_steps_as_the_loop_it_replaced_bit_for_bit():
     assert steps == 3 and torch.isfinite(loss)
     for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_validation_every_k_epochs_and_always_the_last_ones():
+    from raysegment.training.core import VAL_LAST, validation_due
+
+    config = TrainConfig(data="x", val_every=4)
+    due = [e for e in range(20) if validation_due(config, e, total_epochs=20, validated_before=e > 0)]
+    assert due == [0, 3, 7, 11, 15] + list(range(20 - VAL_LAST, 20))
+    assert validation_due(config, 5, 20, validated_before=False)  # nothing to carry: validate
+    assert all(validation_due(TrainConfig(data="x"), e, 20, True) for e in range(20))  # the default: every epoch

@@ -11,7 +11,7 @@ from raysegment.io import storage
 from raysegment.model.unet import BACKBONES
 from raysegment.training.train import RunSpec
 
-COUNTS = ("workers", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
+COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
           "threads", "actors")
 POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor")
 
@@ -78,6 +78,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="augmentation: zoom factor range")
     p.add_argument("--pixel-mm", type=float, default=_td("pixel_mm"),
                    help="network grid pixel size, mm (default: every slice stretched to --image-size²)")
+    p.add_argument("--val-every", type=int, default=_td("val_every"), metavar="K",
+                   help="validate every K-th epoch and each of the last 3 (what ships is the last epoch)")
     p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
     p.add_argument("--init-weights", default=None, metavar="FILE|shipped",

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
 from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
 from raysegment.model.unet import BACKBONES
@@ -92,32 +93,35 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
 
 
 def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True,
-                           gpu: bool = False) -> tuple[float, list[dict]]:
-    """Ray Train with 1 worker; slices/s of the epochs after the first (warm-up) epoch."""
+                           gpu: bool = False, epochs: int = 3) -> tuple[float, float, list[dict]]:
+    """Ray Train with 1 worker; slices/s of the epochs after the first (warm-up) epoch: in the
+    training steps, and over the whole epoch (validation, checkpoint and report included)."""
     import tempfile
 
     from raysegment.runtime import ensure_ray
     from raysegment.training.train import RunSpec, train
 
     ensure_ray()
-    cfg = replace(config, epochs=3, max_steps_per_epoch=steps, val_patients=config.val_patients)
+    cfg = replace(config, epochs=epochs, max_steps_per_epoch=steps, val_patients=config.val_patients)
     with tempfile.TemporaryDirectory() as tmp:
         result = train(cfg, RunSpec(num_workers=1, use_gpu=gpu, cpus_per_worker=cpus_per_worker, storage_path=tmp, name="bench",
                                              keep_checkpoints=None, cache_data=cache_data))
-        columns = ["epoch", "train_slices", "train_seconds", "data_wait_seconds"]
+        columns = ["epoch", "train_slices", "train_seconds", "data_wait_seconds", "elapsed_s", "validated_epoch"]
         rows = result.metrics_dataframe.sort_values("epoch")[columns].to_dict("records")
     later = rows[1:]
-    return sum(r["train_slices"] for r in later) / sum(r["train_seconds"] for r in later), rows
+    # The whole epoch: training, validation (when due), checkpoint and report, from the run's own clock.
+    whole = sum(r["train_slices"] for r in later) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
+    return sum(r["train_slices"] for r in later) / sum(r["train_seconds"] for r in later), whole, rows
 
 
 def bench_train(args) -> dict:
     from raysegment.data.dataset import load_volumes
 
-    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]
+    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]  # a short bench: one patient
     config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone, context_slices=args.context_slices),
                          batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
                          precision=args.precision, threads_per_worker=torch_threads(args.threads, 1),
-                         val_patients=val_one)
+                         val_patients=val_one if args.val_patients == 1 else None, val_every=args.val_every)
     from raysegment.runtime import ensure_ray
 
     # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
@@ -129,11 +133,13 @@ def bench_train(args) -> dict:
             config, args.steps, device="cuda"))
     else:
         bare = bare_loop(config, args.steps, device="cpu")
-    ray_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu)
+    ray_rate, whole_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu,
+                                                        epochs=max(3, args.val_every + 1))
     out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
            "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
-           "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epochs": rows,
+           "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epoch_slices_per_s": round(whole_rate, 2),
+           "ratio_epoch": round(whole_rate / bare["slices_per_s"], 3), "val_every": args.val_every, "ray_epochs": rows,
            **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
     return out
 
@@ -232,25 +238,6 @@ def bench_infer(args) -> dict:
             "infer_fixed_s": round(fixed_s, 2), "infer_over_forward": round(infer_s / forward_s, 2)}
 
 
-SAMPLE_VOLUME = Path(__file__).resolve().parents[1] / "sample" / "volumes" / "patient003_frame01.h5"
-
-
-def bench_serve_cli(args) -> dict:
-    """``bench serve``: the study (given, or the bundled sample's first volume as NIfTI), then
-    ``raysegment.service.load.bench_serve``."""
-    import tempfile
-
-    from raysegment.config import PredictConfig, ServeConfig
-    from raysegment.data.volumes import read_h5_volume
-    from raysegment.service.load import bench_serve
-
-    config = ServeConfig(model=args.model, predict=PredictConfig(precision=args.precision, runtime=args.runtime),
-                         port=args.port, threads=args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        study = Path(args.study) if args.study else write_studies([read_h5_volume(SAMPLE_VOLUME)], Path(tmp))[0]
-        return bench_serve(config, study, args.clients, args.requests, tuple(args.replicas), args.kill_every)
-
-
 # --------------------------------------------------------------------------- GPU smoke test
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
     t.add_argument("--gpu", action="store_true", help="both loops on one GPU")
+    t.add_argument("--val-every", type=int, default=1, help="validate every K-th epoch (and the last 3) in the Ray run")
+    t.add_argument("--val-patients", type=int, default=1, choices=[1, 0],
+                   help="1: validate on one val patient (a quick bench); 0: every val patient, as a real run")
     d = sub.add_parser("data", help="Ray Data pipeline and augmentation slices/s (capacity planning)")
     d.add_argument("--data", required=True)
     d.add_argument("--cpus", type=int, default=1, help="Ray CPUs for the pipeline")
@@ -289,36 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
     i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
-    s = sub.add_parser("serve", help="the online service under load: p50/p95/p99 and studies/s at 1 and C clients, "
-                                     "1 and 2 replicas, against in-process and the batch job")
-    s.add_argument("--model", default="shipped:mobilenet_v2", help="any reference raysegment.serve --model takes")
-    s.add_argument("--study", default=None, help="a NIfTI study (default: the bundled sample's first volume, written as NIfTI)")
-    s.add_argument("--clients", type=int, default=4)
-    s.add_argument("--requests", type=int, default=24, help="requests per load test (it stops by itself)")
-    s.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    s.add_argument("--kill-every", type=float, default=None, metavar="SECONDS",
-                   help="also a load test during which a random replica is SIGKILLed every SECONDS")
-    s.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
-    s.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
-    s.add_argument("--threads", type=int, default=1, help="torch threads per replica, per batch actor and in-process")
-    s.add_argument("--port", type=int, default=8765)
-    o = sub.add_parser("onnx", help="ONNX Runtime against torch fp32: voxels equal, CPU s per volume (threads matched)")
-    o.add_argument("--data", required=True, help="shards; their --split volumes are predicted")
-    o.add_argument("--model", default="shipped:mobilenet_v2")
-    o.add_argument("--split", default="val")
-    o.add_argument("--threads", type=int, default=1)
-    k = sub.add_parser("soak", help="500 studies, one in ten bad, actors and drivers SIGKILLed: nothing lost, nothing twice")
-    k.add_argument("--source", required=True, help="ACDC data (official NIfTI layout, or SSL4MIS HDF5 with info.csv)")
-    k.add_argument("--out", required=True, help="an empty folder for the corpus, the runs and soak.json")
-    k.add_argument("--model", default="shipped:mobilenet_v2")
-    k.add_argument("--studies", type=int, default=500)
-    k.add_argument("--bad", type=float, default=0.1, help="share of bad inputs")
-    k.add_argument("--kill-every", type=int, default=25, help="settled studies between two SIGKILLs of an actor")
-    k.add_argument("--driver-kills", type=int, default=3, help="runs whose driver is SIGKILLed part-way")
-    k.add_argument("--waves", type=int, default=4, help="arrivals of new studies between runs")
-    k.add_argument("--actors", type=int, default=2)
-    k.add_argument("--serve-requests", type=int, default=60, help="then the online service under replica kills (0: skip)")
-    k.add_argument("--serve-kill-every", type=float, default=5.0, metavar="SECONDS")
+    add_service_benches(sub)
     g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
     g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
     g.add_argument("--dry-run", action="store_true", help="print the steps and their commands; run nothing")
@@ -336,36 +297,15 @@ def main(argv: list[str] | None = None) -> int:
         out = bench_train(a)
         print(json.dumps(out))
         print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
-              f"slices/s, ratio {out['ratio']:.2f}")
+              f"slices/s in its steps (ratio {out['ratio']:.2f}), {out['ray_epoch_slices_per_s']:.1f} over whole epochs with "
+              f"validation every {out['val_every']} (ratio {out['ratio_epoch']:.2f})")
     elif a.what == "data":
         out = bench_data(a)
         print(json.dumps(out))
         print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
               f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
-    elif a.what == "serve":
-        from raysegment.service.load import markdown
-
-        out = bench_serve_cli(a)
-        print(json.dumps(out))
-        print(markdown(out))
-    elif a.what == "onnx":
-        from raysegment.inference.evaluation import compare_runtimes
-
-        out = compare_runtimes(a.model, a.data, a.split, a.threads)
-        print(json.dumps(out))
-        print(f"{out['model']}: {out['volumes']} {a.split} volumes, voxels equal {out['voxels_equal']:.4%} ({out['voxels_differ']} "
-              f"of {out['voxels']} differ; lowest volume "
-              f"{out['lowest_volume_equal']:.4%}); CPU s per volume ({a.threads} thread): torch fp32 "
-              f"{out['torch_cpu_s_per_volume']}, ONNX Runtime {out['onnx_cpu_s_per_volume']}")
-    elif a.what == "soak":
-        from raysegment.soak.run import run_soak
-        from raysegment.soak.runner import SoakConfig
-
-        out = run_soak(SoakConfig(source=a.source, out=a.out, model=a.model, studies=a.studies, bad=a.bad,
-                                  kill_every=a.kill_every, driver_kills=a.driver_kills, waves=a.waves, actors=a.actors,
-                                  serve_requests=a.serve_requests, serve_kill_every_s=a.serve_kill_every))
-        print(json.dumps(out))
-        return 0 if out["passed"] else 1
+    elif a.what in SERVICE_BENCHES:
+        return run_service_bench(a)
     elif a.what == "gpu-smoke":
         out = gpu_smoke(a)
         if not out.get("dry_run"):

@@ -22,7 +22,7 @@ from raysegment.config import InferConfig
 from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
 from raysegment.inference.pacs import store_entry
-from raysegment.io.studies import find_studies
+from raysegment.io.studies import find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry
 
@@ -61,6 +61,7 @@ def run_batch(config: InferConfig) -> dict:
                      output=str(Path(config.output).resolve()))
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)  # what writers killed mid-write left (the soak found a SEG's)
     ledger = Ledger(out / "ledger.jsonl")
     refs, version = pinned_models(config)
     config = replace(config, models=refs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 
@@ -158,11 +159,50 @@ def _umask() -> int:
     return mask
 
 
+PARTIAL = ".partial-"
+STALE_FOREIGN_S = 3600.0  # a partial file of another host (shared storage) counts as abandoned after this
+
+
+def remove_stale_partials(root: Path) -> int:
+    """Delete the half-written files (``atomic_write``'s ``.partial-HOST-PID-*``) under ``root`` whose
+    writer is gone: a dead process of this host, or untouched for ``STALE_FOREIGN_S`` (another host,
+    or an older name without host and pid) → how many were removed."""
+    import time
+
+    removed, host = 0, socket.gethostname()
+    for p in root.rglob(f"{PARTIAL}*"):
+        m = re.match(rf"{re.escape(PARTIAL)}(.+)-(\d+)-", p.name)
+        try:
+            if m and m.group(1) == host:
+                stale = not _alive(int(m.group(2)))
+            else:
+                stale = time.time() - p.stat().st_mtime > STALE_FOREIGN_S
+            if stale and p.is_file():
+                p.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder (so os.replace is atomic), same suffix (nibabel picks the format by it).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix="".join(path.suffixes))
+    # The writer's host and pid in the name: a later run removes what a killed writer left
+    # (``remove_stale_partials``) and leaves a living writer's file alone.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{PARTIAL}{socket.gethostname()}-{os.getpid()}-",
+                               suffix="".join(path.suffixes))
     os.close(fd)
     try:
         write(tmp)

@@ -29,7 +29,7 @@ from pathlib import Path
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, model_version
 from raysegment.io.studies import StudyError
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import disable_telemetry, trim_heap
 
 log = logging.getLogger("ray.serve")
 NIFTI_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
@@ -165,6 +165,8 @@ class SegmentService:
                     rows = segment_study(path, predictor, self.config.model, Path(tmp) / "out")
             except StudyError as exc:
                 raise RequestError(400, f"not a usable NIfTI image: {str(exc).replace(str(path), 'the body')}") from None
+            finally:
+                trim_heap()  # a replica's RSS stays flat over requests of many sizes
             if as_json:
                 return summary(rows, predictor.version, ed, es)
             return Path(rows[0]["mask"]).read_bytes()

@@ -118,4 +118,15 @@ def memory(samples: list, after: int = 50) -> dict:
     return {"rss_mb_after_50": round(max(first[2].values()), 1), "rss_mb_final": round(max(last[2].values()), 1),
             "rss_mb_peak": round(max(max(s[2].values()) for s in live), 1),
             "driver_rss_mb_after_50": round(first[1], 1), "driver_rss_mb_final": round(last[1], 1),
-            "settled_at_first_sample": first[0], "settled_at_last_sample": last[0]}
+            "settled_at_first_sample": first[0], "settled_at_last_sample": last[0],
+            "rss_curve": _curve(live)}
+
+
+def _curve(live: list, step: int = 25) -> list[list[float]]:
+    """[settled studies, peak actor MB] about every ``step`` studies: the shape of the memory over the run."""
+    out, next_at = [], 0
+    for settled, _, actors in live:
+        if settled >= next_at:
+            out.append([settled, round(max(actors.values()), 1)])
+            next_at = settled + step
+    return out

@@ -68,6 +68,16 @@ def planned_epochs(config: TrainConfig, epochs_done: int, elapsed_s: float) -> i
     return max(epochs_done, min(config.epochs, epochs_done + int(left // (elapsed_s / epochs_done))))
 
 
+VAL_LAST = 3  # the last planned epochs are always validated (the schedule may end any of them)
+
+
+def validation_due(config: TrainConfig, epoch: int, total_epochs: int, validated_before: bool) -> bool:
+    """Whether ``epoch`` (0-based) is validated: every ``val_every``-th, each of the last ``VAL_LAST``
+    of ``total_epochs`` planned, and any epoch with no validation before it in the run."""
+    return (config.val_every <= 1 or not validated_before or (epoch + 1) % config.val_every == 0
+            or epoch + 1 > total_epochs - VAL_LAST)
+
+
 def epoch_seed(config: TrainConfig, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch on one worker: it drives that epoch's shuffle and augmentation."""
     return config.seed * 100_003 + epoch * 101 + rank

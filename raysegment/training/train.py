@@ -3,8 +3,9 @@
     python -m raysegment.train --backbone mobilenet_v2 --data /tmp/shards --workers 1 --epochs 30
 
 Each epoch streams the train split through Ray Data (every slice exactly once across the
-workers), augments in torch, and validates on the whole val volumes (3-D Dice per class).
-Every epoch reports ``dice_rv, dice_myo, dice_lv, dice_mean`` with a checkpoint holding model,
+workers), augments in torch, and validates on the whole val volumes (3-D Dice per class; every
+``val_every``-th epoch and each of the last few, ``training.validation``). Every epoch reports
+``dice_rv, dice_myo, dice_lv, dice_mean`` (and ``validated_epoch``) with a checkpoint holding model,
 optimizer, epoch and the full ``TrainConfig``; a crashed worker restarts from it.
 """
 
@@ -20,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-from raysegment.analysis.metrics import dice_summary, score_records
-from raysegment.config import PredictConfig, TrainConfig, torch_threads
+from raysegment.config import TrainConfig, torch_threads
 from raysegment.data.dataset import load_volumes, read_split
-from raysegment.inference.predictor import Predictor
 from raysegment.io import storage
 from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
 from raysegment.model.unet import build_model
 from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
+from raysegment.training.validation import epoch_dice, validate, validate_all
 
 __all__ = ["RunHooks", "RunSpec", "TrainConfig", "make_trainer", "train", "validate"]
 SCALER_FILE = "scaler.pt"
@@ -42,22 +42,6 @@ def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: f
 
         assigned_cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     return torch_threads(config.threads_per_worker, processes_on_node, assigned_cpus)
-
-
-def validate(model, volumes, config: TrainConfig, device) -> list[dict]:
-    """3-D per-volume Dice records on whole val volumes (``dice_summary`` averages them), through
-    the same ``Predictor`` that serves the model (in the run's precision)."""
-    from raysegment.model.checkpoint import LoadedModel
-
-    was_training = model.training
-    predictor = Predictor(LoadedModel(model, config, "training"),
-                          PredictConfig(device=str(device), precision=config.precision))
-    records = []
-    for v in volumes:
-        pred = predictor.predict(v.image, spacing=v.spacing, normalized=True)
-        records += score_records(pred, v.label, v.spacing, distances=False, patient=v.patient, phase=v.phase)
-    model.train(was_training)
-    return records
 
 
 # --------------------------------------------------------------------------- the per-worker loop
@@ -199,6 +183,10 @@ def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
 
+def _of(metrics: dict, epoch: int) -> str:
+    return "" if metrics["validated_epoch"] == epoch else f" (val of epoch {metrics['validated_epoch'] + 1})"
+
+
 def _quiet_reports() -> None:
     """Ray Train logs one INFO line per reported epoch (the whole metrics dict and checkpoint path)
     under a logger named by its file; our epoch line says it shorter. Off unless --verbose."""
@@ -248,13 +236,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         seen = metrics.pop("_seen")
         if hooks.audit_dir:
             hooks.audit(run, epoch, rank, seen)
-        records = validate(run.core, volumes, config, run.device)
-        if world > 1:
-            shares = [None] * world
-            dist.all_gather_object(shares, records)
-            records = [r for share in shares for r in share]
+        dice, validated = epoch_dice(run, volumes, config, world, epoch, total_epochs)
         if rank == 0:
-            metrics.update(dice_summary(records))
+            metrics.update(dice, validated_epoch=validated)
             # Rank 0's clock decides, and the broadcast below gives every rank the same plan.
             metrics["elapsed_s"] = time.perf_counter() - t_start
             metrics["planned_epochs"] = planned_epochs(config, epoch + 1, metrics["elapsed_s"])
@@ -262,13 +246,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             box = [metrics]
             dist.broadcast_object_list(box, src=0)
             metrics = {**box[0], "loss": metrics["loss"]}
-        run.history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")})
+        if metrics["validated_epoch"] != epoch and epoch + 1 >= metrics["planned_epochs"]:
+            # The budget ended the run sooner than planned: its last epoch (what ships) is validated too.
+            metrics.update(validate_all(run, volumes, config, world), validated_epoch=epoch)
+        run.history.append({k: metrics[k] for k in ("epoch", "loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean",
+                                                    "validated_epoch")})
         total_epochs = metrics["planned_epochs"]
         if rank == 0:
             budget = f", {metrics['elapsed_s'] / 60:.1f}/{config.time_budget_min:g} min" if config.time_budget_min else ""
             print(f"[raysegment] epoch {epoch + 1}/{total_epochs} loss {metrics['loss']:.4f} "
                   f"dice rv {metrics['dice_rv']:.3f} myo {metrics['dice_myo']:.3f} lv {metrics['dice_lv']:.3f} "
-                  f"mean {metrics['dice_mean']:.3f} ({metrics['train_seconds']:.0f}s train{budget})", flush=True)
+                  f"mean {metrics['dice_mean']:.3f}{_of(metrics, epoch)} ({metrics['train_seconds']:.0f}s train{budget})",
+                  flush=True)
         _report(run, config, metrics, rank)
 
 
