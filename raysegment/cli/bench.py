@@ -110,8 +110,24 @@ def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_dat
         rows = result.metrics_dataframe.sort_values("epoch")[columns].to_dict("records")
     later = rows[1:]
     # The whole epoch: training, validation (when due), checkpoint and report, from the run's own clock.
-    whole = sum(r["train_slices"] for r in later) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
+    for prev, r in zip(rows, later):
+        r["wall_s"] = r["elapsed_s"] - prev["elapsed_s"]
+        r["validated"] = r["validated_epoch"] == r["epoch"]
+    whole = sum(r["train_slices"] for r in later) / sum(r["wall_s"] for r in later)
     return sum(r["train_slices"] for r in later) / sum(r["train_seconds"] for r in later), whole, rows
+
+
+def long_run_epoch_rate(rows: list[dict], val_every: int) -> float | None:
+    """Slices/s of a whole epoch in a long run validating every ``val_every``-th epoch, from this
+    short run's epochs: an epoch without validation plus 1/``val_every`` of what validating adds
+    (a short run validates its last 3 epochs, more often than a long one). None without both kinds."""
+    later = rows[1:]
+    plain = [r["wall_s"] for r in later if not r["validated"]]
+    checked = [r["wall_s"] for r in later if r["validated"]]
+    if not plain or not checked:
+        return None
+    extra = float(np.mean(checked)) - float(np.mean(plain))
+    return float(np.mean([r["train_slices"] for r in later])) / (float(np.mean(plain)) + max(extra, 0.0) / val_every)
 
 
 def bench_train(args) -> dict:
@@ -134,14 +150,20 @@ def bench_train(args) -> dict:
     else:
         bare = bare_loop(config, args.steps, device="cpu")
     ray_rate, whole_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu,
-                                                        epochs=max(3, args.val_every + 1))
+                                                        epochs=args.epochs)
     out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
            "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
            "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epoch_slices_per_s": round(whole_rate, 2),
            "ratio_epoch": round(whole_rate / bare["slices_per_s"], 3), "val_every": args.val_every, "ray_epochs": rows,
+           **_long_run(rows, args.val_every, bare["slices_per_s"]),
            **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
     return out
+
+
+def _long_run(rows: list[dict], val_every: int, bare: float) -> dict:
+    rate = long_run_epoch_rate(rows, val_every)
+    return {} if rate is None else {"long_run_epoch_slices_per_s": round(rate, 2), "ratio_long_run": round(rate / bare, 3)}
 
 
 def bench_data(args) -> dict:
@@ -260,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--cpus-per-worker", type=float, default=1.0)
     t.add_argument("--gpu", action="store_true", help="both loops on one GPU")
+    t.add_argument("--epochs", type=int, default=3, help="epochs of the Ray run (the first is warm-up)")
     t.add_argument("--val-every", type=int, default=1, help="validate every K-th epoch (and the last 3) in the Ray run")
     t.add_argument("--val-patients", type=int, default=1, choices=[1, 0],
                    help="1: validate on one val patient (a quick bench); 0: every val patient, as a real run")
@@ -298,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
               f"slices/s in its steps (ratio {out['ratio']:.2f}), {out['ray_epoch_slices_per_s']:.1f} over whole epochs with "
-              f"validation every {out['val_every']} (ratio {out['ratio_epoch']:.2f})")
+              f"validation every {out['val_every']} (ratio {out['ratio_epoch']:.2f})"
+              + (f"; a long run's whole epoch {out['long_run_epoch_slices_per_s']:.1f} slices/s (ratio "
+                 f"{out['ratio_long_run']:.2f})" if "ratio_long_run" in out else ""))
     elif a.what == "data":
         out = bench_data(a)
         print(json.dumps(out))

@@ -13,7 +13,7 @@ from typing import Iterator
 from raysegment.config import InferConfig, torch_threads
 from raysegment.inference.ledger import _entry
 from raysegment.inference.study import settle_study
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import TRIM_EVERY, disable_telemetry, trim_heap
 
 # --------------------------------------------------------------------------- Ray actors
 
@@ -32,6 +32,7 @@ class SegmentActor:
         self.config = config
         self.predictor = Predictor.load(list(config.models), config.predict, config.tracking_uri)
         self.model_uri = " + ".join(config.models)
+        self.studies = 0
 
     def ready(self) -> str:
         return self.predictor.version
@@ -39,7 +40,11 @@ class SegmentActor:
     def segment(self, path: str, digest: str, figure: bool, files: list[str] | None = None) -> dict:
         if self.config.crash_on and self.config.crash_on in Path(path).name:
             os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
-        return settle_study(path, digest, self.predictor, self.model_uri, Path(self.config.output), figure, files)
+        entry = settle_study(path, digest, self.predictor, self.model_uri, Path(self.config.output), figure, files)
+        self.studies += 1
+        if self.studies % TRIM_EVERY == 0:  # RSS bounded over hundreds of studies of many sizes (the soak)
+            trim_heap()
+        return entry
 
 
 def plan_actors(config: InferConfig, free: dict, n_studies: int) -> InferConfig:

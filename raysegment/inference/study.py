@@ -172,8 +172,6 @@ def settle_study(path: str, digest: str, predictor, model_uri: str, out_dir: Pat
     import time
 
     from raysegment.io.dicom import SeriesSkipped
-    from raysegment.runtime import trim_heap
-
     t0, f0 = time.perf_counter(), predictor.forward_seconds
     try:
         if files is not None:
@@ -187,7 +185,6 @@ def settle_study(path: str, digest: str, predictor, model_uri: str, out_dir: Pat
         rows, status, reason = [], "failed", str(exc)
     except Exception as exc:  # the environment (disk full, read-only output, …): retried next run
         rows, status, reason = [], "error", f"{type(exc).__name__}: {exc}"
-    trim_heap()  # a long-lived worker's RSS stays flat over studies of many sizes
     return {"path": path, "sha256": digest, "model_version": predictor.version, "status": status,
             "reason": reason, "seconds": time.perf_counter() - t0,
             "forward_seconds": predictor.forward_seconds - f0, "rows": rows}
