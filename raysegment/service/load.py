@@ -137,11 +137,11 @@ def bench_serve(config: ServeConfig, study: Path, clients: int, requests_n: int,
         load_test(url, body, n, 2 * n)  # warm-up: every replica has served
         row = {"replicas": n, "one_client": load_test(url, body, 1, max(5, requests_n // 4)),
                "saturated": load_test(url, body, clients, requests_n)}
-        if kill_every_s:
+        if kill_every_s and n >= 2:  # one replica killed every few seconds serves nothing: not a test of anything
             row["with_kills"] = load_test(url, body, clients, requests_n, kill_every_s=kill_every_s, timeout_s=60)
+        run.stop()  # the batch job gets the CPUs the replicas held
         row["batch_studies_per_s"] = batch_studies_per_s(config.model, study, requests_n, n, config.predict)
         out["runs"].append(row)
-    run.stop()
     return out
 
 
