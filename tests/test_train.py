@@ -85,9 +85,10 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     assert saved.model == config.model and saved.model.context_slices == 1 and state["epoch"] == done - 1
     # The history survives the restart: every epoch once, epoch 2 run after the resume.
     assert [h["epoch"] for h in state["history"]] == list(range(done))
-    # Validated every 2nd epoch and each of the last 3; the others carry the latest validation.
+    # Validated every 2nd epoch and the last ones as planned then; the budget may end the run sooner
+    # than planned, and the last epoch (what ships) is validated all the same. Others carry the latest.
     validated = [h["validated_epoch"] for h in state["history"]]
-    assert validated[-3:] == [done - 3, done - 2, done - 1] and validated[0] == 0
+    assert validated[-1] == done - 1 and validated[0] == 0 and all(v <= e for v, e in zip(validated, range(done)))
     assert any(v < e for v, e in zip(validated, range(done))), validated
 
 

@@ -47,7 +47,8 @@ def load_test(url: str, body: bytes, clients: int, requests_n: int, timeout_s: f
                     results.append((status, time.perf_counter() - t0, wrong))
 
     stop, kills = threading.Event(), []
-    killer = threading.Thread(target=_killer, args=(kill_every_s, kill or _kill_replica, stop, kills), daemon=True)
+    started = lambda: len(results) >= max(1, requests_n // 4)  # noqa: E731  (first kill once the load is on)
+    killer = threading.Thread(target=_killer, args=(kill_every_s, kill or _kill_replica, stop, kills, started), daemon=True)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
     for t in threads + ([killer] if kill_every_s else []):
@@ -65,10 +66,17 @@ def load_test(url: str, body: bytes, clients: int, requests_n: int, timeout_s: f
             "throughput_per_s": round(len(ok) / wall, 3), "wall_s": round(wall, 1), "kills": len(kills)}
 
 
-def _killer(every_s: float, kill, stop: threading.Event, kills: list) -> None:
-    while not stop.wait(every_s):
+def _killer(every_s: float, kill, stop: threading.Event, kills: list, started) -> None:
+    """The first kill as soon as ``started()`` (a quarter of the requests answered: on a fast machine a
+    short test may end before ``every_s``), then one every ``every_s``."""
+    while not started():
+        if stop.wait(0.05):
+            return
+    while True:
         if kill():
             kills.append(time.time())
+        if stop.wait(every_s):
+            return
 
 
 def _kill_replica() -> bool:
