@@ -76,6 +76,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _start_local(num_cpus: int | None, logging_config) -> None:
     """A new local Ray whose own processes know its address. With another Ray on the machine (a
     second job, a training run in the background), Ray Train's placement-group cleaner asks the
@@ -83,13 +92,9 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
     group: the next trial then waits for CPUs for ever. So the GCS gets a port chosen here, and the
     processes Ray spawns (they inherit this environment) get RAY_ADDRESS; this process's own
     environment is left as it was."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port)})
     try:
@@ -105,6 +110,19 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
 
 
 TRIM_EVERY = 16  # studies between two heap trims of a long-lived worker
+
+
+class HeapTrimmer:
+    """Counts a long-lived worker's studies and trims its heap every ``TRIM_EVERY`` of them, so its
+    RSS stays bounded over hundreds of studies of many sizes (the soak)."""
+
+    def __init__(self, every: int = TRIM_EVERY):
+        self.every, self.studies = every, 0
+
+    def study_done(self) -> None:
+        self.studies += 1
+        if self.studies % self.every == 0:
+            trim_heap()
 
 
 def trim_heap() -> None:

@@ -13,7 +13,7 @@ from typing import Iterator
 from raysegment.config import InferConfig, torch_threads
 from raysegment.inference.ledger import _entry
 from raysegment.inference.study import settle_study
-from raysegment.runtime import TRIM_EVERY, disable_telemetry, trim_heap
+from raysegment.runtime import HeapTrimmer, disable_telemetry
 
 # --------------------------------------------------------------------------- Ray actors
 
@@ -32,7 +32,7 @@ class SegmentActor:
         self.config = config
         self.predictor = Predictor.load(list(config.models), config.predict, config.tracking_uri)
         self.model_uri = " + ".join(config.models)
-        self.studies = 0
+        self.heap = HeapTrimmer()
 
     def ready(self) -> str:
         return self.predictor.version
@@ -41,9 +41,7 @@ class SegmentActor:
         if self.config.crash_on and self.config.crash_on in Path(path).name:
             os._exit(1)  # test hook: the worker process dies as on a segfault or the OOM killer
         entry = settle_study(path, digest, self.predictor, self.model_uri, Path(self.config.output), figure, files)
-        self.studies += 1
-        if self.studies % TRIM_EVERY == 0:  # RSS bounded over hundreds of studies of many sizes (the soak)
-            trim_heap()
+        self.heap.study_done()
         return entry
 
 

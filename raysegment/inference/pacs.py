@@ -31,18 +31,15 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to ``out/dicom-in/SERIES``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
-    from raysegment.io.dicom import instances_digest
-    from raysegment.io.dicomweb import _tag, web_retrieve
+    from raysegment.io.dicomweb import series_digest, web_retrieve
 
     key, version = f"dicom:{study}/{series}", predictor.version
     ledger = Ledger(out / "ledger.jsonl")
     try:
-        sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
-                                                                          series_instance_uid=series)]
+        digest = series_digest(client, study, series)
     except Exception as exc:
         return _finish(ledger, _entry(key, "unknown", version, "error",
                                       f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"))
-    digest = instances_digest(sops)
     if ledger.has(key, digest, version):
         return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
     try:

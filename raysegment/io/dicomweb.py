@@ -40,14 +40,18 @@ def web_series(client) -> list[dict]:
                         "invalid": "PACS query record without Study or Series Instance UID"})
             continue
         try:
-            sops = [_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
-                                                                              series_instance_uid=series)]
+            digest = series_digest(client, study, series)
         except Exception as exc:
             out.append({"study": study, "series": series, "sha256": "unknown",
                         "error": f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"})
             continue
-        out.append({"study": study, "series": series, "sha256": instances_digest(sops)})
+        out.append({"study": study, "series": series, "sha256": digest})
     return out
+
+
+def series_digest(client, study: str, series: str) -> str:
+    """The content digest the ledger keys a PACS series on: over its SOP Instance UIDs (QIDO-RS)."""
+    return instances_digest(_series_sops(client, study, series))
 
 
 def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, model_version
 from raysegment.io.studies import StudyError
-from raysegment.runtime import TRIM_EVERY, disable_telemetry, trim_heap
+from raysegment.runtime import HeapTrimmer, disable_telemetry
 
 log = logging.getLogger("ray.serve")
 NIFTI_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
@@ -85,7 +85,7 @@ class SegmentService:
         self.holder = ModelHolder(config)
         self.lock = threading.Lock()
         self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
-        self.studies = 0
+        self.heap = HeapTrimmer()
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse
@@ -167,17 +167,12 @@ class SegmentService:
             except StudyError as exc:
                 raise RequestError(400, f"not a usable NIfTI image: {str(exc).replace(str(path), 'the body')}") from None
             finally:
-                self._count_study()
+                self.heap.study_done()
             if as_json:
                 return summary(rows, predictor.version, ed, es)
             return Path(rows[0]["mask"]).read_bytes()
 
     # ----------------------------------------------------------------- POST /v1/pacs/series
-
-    def _count_study(self) -> None:
-        self.studies += 1
-        if self.studies % TRIM_EVERY == 0:  # RSS bounded over requests of many sizes
-            trim_heap()
 
     def _accept_series(self, body: bytes):
         from starlette.responses import JSONResponse
@@ -204,7 +199,7 @@ class SegmentService:
             with self.lock:
                 entry = segment_pacs_series(web_client(self.config.pacs), study, series, self.holder.predictor,
                                             self.config.model, Path(self.config.output), store=self.config.store)
-                self._count_study()
+                self.heap.study_done()
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run
             log.exception("raysegment: PACS series %s/%s", study, series)
             return {}

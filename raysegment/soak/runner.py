@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.runtime import free_port
+
 
 @dataclass(frozen=True)
 class SoakConfig:
@@ -59,14 +61,11 @@ def ray_head(root: Path, cpus: int):
     """``ray start --head`` with a token of its own and telemetry off → the environment runs use
     (``RAY_ADDRESS`` set); stopped after, and only this head (other Rays on the machine live on)."""
     import secrets
-    import socket
 
     root.mkdir(parents=True, exist_ok=True)
     token = root / "ray_token"
     token.write_text(secrets.token_hex(32))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="rs-soak-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
@@ -177,13 +176,9 @@ def serve_under_kills(config: SoakConfig, env: dict, study: Path, expected: byte
     """``python -m raysegment.serve`` (2 replicas) on the soak's head, a bounded load test of
     ``serve_requests`` POSTs of ``study`` while a replica is SIGKILLed every ``serve_kill_every_s``:
     answered, failed, timed out (hung), wrong masks (against ``expected``)."""
-    import socket
-
     from raysegment.service.load import load_test
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "raysegment.serve", "--model", config.model, "--port", str(port),
