@@ -324,3 +324,29 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     assert sorted(r[0] for r in rows[1:]) == sorted({v.patient for v in volumes})
     assert {r[1] for r in rows[1:]} == set(groups) and all(len(r) == len(rows[0]) for r in rows)
     assert all(float(v) == float(v) for r in rows[1:] for v in r[2:] if v != "nan")  # numbers, not shifted text
+
+
+def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(tmp_path, capsys):
+    """``diagnosis fit --model``: the segmenter's own masks (no cross-validated folds); the model
+    records where its masks came from, and a classifier fitted on the train split alone is scored
+    on the val split's patients, the one figure neither the segmenter nor it has seen."""
+    from synth import make_nifti_patient
+
+    from raysegment.data.prepare import PrepareConfig, load_manifest, prepare
+
+    groups = ("NOR", "DCM", "HCM")
+    for i in range(15):
+        make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(4, 40, 48))
+    prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
+    out = tmp_path / "diagnosis.json"
+    assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+                               "--repeats", "1", "--out", str(out)]) == 0
+    model = diagnosis.load(out)
+    assert model.meta["masks"].startswith("own masks of shipped:mobilenet_v2") and model.meta["segmenter"] == "shipped:mobilenet_v2"
+    check, val = model.meta["val_check"], load_manifest(tmp_path / "shards")["splits"]["val"]
+    assert (check["fitted_on"], check["n"]) == (15 - len(val), len(val))
+    assert check["correct"] + len(check["wrong"]) == len(val) and all(w.split()[0] in val for w in check["wrong"])
+    assert f"{check['correct']}/{len(val)} right" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # masks from one place only
+        diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+                            "--masks", str(tmp_path), "--out", str(out)])

@@ -101,7 +101,7 @@ def test_normalisation_is_scale_free(tmp_path):
 def test_rerun_is_identical_and_split_files_are_used(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3, 4, 21), val=(2, 21))
     m1 = prepare(PrepareConfig(source=src, out=tmp_path / "o1", progress=False))
-    m2 = prepare(PrepareConfig(source=src, out=tmp_path / "o2", progress=False))
+    m2 = prepare(PrepareConfig(source=str(src), out=str(tmp_path / "o2"), progress=False))  # str paths as from Python
     assert m1["content_hash"] == m2["content_hash"]
     for f in sorted((tmp_path / "o1").rglob("*.parquet")):
         assert f.read_bytes() == (tmp_path / "o2" / f.relative_to(tmp_path / "o1")).read_bytes()

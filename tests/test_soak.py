@@ -1,5 +1,5 @@
 """The soak: its corpus and checks (fast: each check catches what it names), and a short soak —
-40 studies, ten bad kinds, actors and a driver SIGKILLed — that must lose nothing and do nothing
+30 studies, ten bad kinds, actors and a driver SIGKILLed — that must lose nothing and do nothing
 twice (slow)."""
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def test_a_short_soak_loses_nothing_and_does_nothing_twice(tmp_path, tiny_checkp
     from raysegment.soak.run import run_soak
     from raysegment.soak.runner import SoakConfig
 
-    result = run_soak(SoakConfig(source=str(SAMPLE), out=str(tmp_path / "soak"), model=str(tiny_checkpoint), studies=40,
-                                 bad=0.25, kill_every=5, driver_kills=1, waves=2, serve_requests=0))
+    result = run_soak(SoakConfig(source=str(SAMPLE), out=str(tmp_path / "soak"), model=str(tiny_checkpoint), studies=30,
+                                 bad=1 / 3, kill_every=5, driver_kills=1, waves=2, serve_requests=0))
     # (the service under replica kills: tests/test_service.py; in the full soak, bench soak)
     assert result["passed"], result
     assert result["kills"] >= 3 and result["driver_kills"] == 1 and len(result["bad_kinds"]) == len(BAD_KINDS)

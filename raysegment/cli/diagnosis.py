@@ -33,17 +33,23 @@ def _fit_command(a) -> int:
 
     manifest = load_manifest(a.data)
     volumes = all_volumes(a.data)
-    masks = load_crossval_masks(a.masks, volumes)
+    masks, source = _fit_masks(a, volumes)
+    train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     # The basal check learns from the train split only, so val keeps measuring it on unseen patients.
-    basal = fit_basal_check(volumes, masks, set(manifest["splits"]["train"]), seed=a.seed)
+    basal = fit_basal_check(volumes, masks, train, seed=a.seed)
     names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal)
     if len(set(y)) < 3 or len(names) < 10:  # the JSON classifier is multinomial: 3 groups or more
         print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     cv = cross_validate(x, y, repeats=a.repeats, seed=a.seed)
-    meta = {"accuracy": cv["accuracy"], "accuracy_sd": cv["accuracy_sd"], "cv": cv, "segmenter": a.segmenter,
-            "patients": len(names), "manifest_hash": manifest.get("content_hash", ""), "masks": str(a.masks)}
+    meta = {"accuracy": cv["accuracy"], "accuracy_sd": cv["accuracy_sd"], "cv": cv, "segmenter": a.segmenter or " + ".join(a.model or []),
+            "patients": len(names), "manifest_hash": manifest.get("content_hash", ""), "masks": source}
+    held = _val_check(names, x, y, train, val, a.seed)
+    if held:
+        meta["val_check"] = held
+        print(f"fitted on the train split's {held['fitted_on']} patients, the val split's {held['n']}: "
+              f"{held['correct']}/{held['n']} right ({', '.join(held['wrong']) or 'none wrong'})")
     model = replace(fit(x, y, seed=a.seed, meta=meta), basal_rv=basal)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(model.to_json() + "\n")
@@ -60,6 +66,34 @@ def _fit_command(a) -> int:
     print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s); register it with "
           f"`python -m raysegment.registry diagnosis {a.out} --mlflow-uri URI`")
     return 0
+
+
+def _fit_masks(a, volumes) -> tuple[dict, str]:
+    """The masks ``fit`` learns from: a ``crossval-masks`` folder, or the ``--model`` segmenters'
+    own (their ensemble when several), and a line saying which."""
+    if a.masks is not None:
+        return load_crossval_masks(a.masks, volumes), str(a.masks)
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor, predicted_masks
+
+    t0 = time.perf_counter()
+    predictor = Predictor.load(a.model if len(a.model) > 1 else a.model[0], PredictConfig(), a.mlflow_uri)
+    masks = predicted_masks(predictor, volumes)
+    print(f"{' + '.join(a.model)}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
+    # Patients a segmenter trained on get cleaner masks than unseen ones: said with the model.
+    return masks, f"own masks of {' + '.join(a.model)} (its train patients seen in training)"
+
+
+def _val_check(names: list[str], x, y: list[str], train: set, val: set, seed: int) -> dict | None:
+    """The classifier fitted on the train split's patients, scored on the val split's (unseen by it
+    and, with ``--model``, by the segmenters): counts and the patients it got wrong."""
+    tr = [i for i, n in enumerate(names) if n in train]
+    te = [i for i, n in enumerate(names) if n in val]
+    if not te or len({y[i] for i in tr}) < 3:
+        return None
+    pred = fit(x[tr], [y[i] for i in tr], seed=seed).predict(x[te])
+    wrong = [f"{names[i]} {y[i]}→{p}" for i, p in zip(te, pred) if p != y[i]]
+    return {"fitted_on": len(tr), "n": len(te), "correct": len(te) - len(wrong), "wrong": wrong}
 
 
 def _basal_command(a) -> int:
@@ -130,9 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke tests)")
     cv.add_argument("--device", default="cpu")
     cv.add_argument("--seed", type=int, default=0)
-    ft = sub.add_parser("fit", help="features of cross-validated masks → repeated CV accuracy, the fitted model (JSON)")
+    ft = sub.add_parser("fit", help="features of predicted masks (cross-validated folds, or --model's own) → "
+                                      "repeated CV accuracy, a val-split check, the fitted model (JSON)")
     ft.add_argument("--data", required=True, help="the shards the masks were made from (spacing, height, weight)")
-    ft.add_argument("--masks", required=True, type=Path, help="a `crossval-masks` folder")
+    src = ft.add_mutually_exclusive_group(required=True)
+    src.add_argument("--masks", type=Path, help="a `crossval-masks` folder")
+    src.add_argument("--model", action="append", help="segment with this model instead (repeat: their ensemble); "
+                                                      "its train patients' masks are cleaner than unseen ones'")
+    ft.add_argument("--mlflow-uri", default=None, help="tracking server, for models:/ references")
     ft.add_argument("--out", required=True, type=Path, help="the model's JSON file (beside it: FILE.md, FILE.features.csv)")
     ft.add_argument("--segmenter", default="", help="what made the masks, recorded with the model (e.g. a model version)")
     ft.add_argument("--repeats", type=int, default=10)

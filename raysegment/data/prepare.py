@@ -85,6 +85,12 @@ class PrepareConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:  # str paths from Python callers work as from the CLI
+        for name in ("source", "out", "val_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+
 
 # --------------------------------------------------------------------------- iteration by patient
 
