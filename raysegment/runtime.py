@@ -85,6 +85,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def find_processes(match) -> list[int]:
+    """Pids of the machine's other processes whose (command line, environment) bytes ``match``
+    (a predicate); ones that end or cannot be read meanwhile are skipped."""
+    from pathlib import Path
+
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if match((d / "cmdline").read_bytes(), (d / "environ").read_bytes()):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def stop_processes(match, grace_s: float = 4.0) -> None:
+    """SIGTERM the processes ``find_processes(match)`` finds, SIGKILL those left after ``grace_s``
+    (one Ray's processes, found by its token or temp dir: ``ray stop`` would stop every Ray here)."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in find_processes(match):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while find_processes(match) and time.time() < deadline:
+            time.sleep(0.2)
+
+
 def _start_local(num_cpus: int | None, logging_config) -> None:
     """A new local Ray whose own processes know its address. With another Ray on the machine (a
     second job, a training run in the background), Ray Train's placement-group cleaner asks the

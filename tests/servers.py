@@ -10,7 +10,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,11 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from raysegment.runtime import free_port, stop_processes  # noqa: F401  (free_port: the tests' import too)
+
 VENV_BIN = str(Path(sys.executable).parent)
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "raysegment-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float = 120) -> None:
@@ -56,29 +51,8 @@ def stop_ray(env: dict, ray_tmp: str, grace: float = 4.0) -> None:
     """Stop the Ray cluster a test started, and only that one (``ray stop --force`` would also kill
     any other Ray on the machine, a developer's training run included): its processes carry the
     test's token path in their environment or its temp dir on their command line."""
-    token = env["RAY_AUTH_TOKEN_PATH"].encode()
-
-    def ours() -> list[int]:
-        pids = []
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit() or int(d.name) == os.getpid():
-                continue
-            try:
-                if ray_tmp.encode() in (d / "cmdline").read_bytes() or token in (d / "environ").read_bytes():
-                    pids.append(int(d.name))
-            except OSError:
-                continue
-        return pids
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while ours() and time.time() < deadline:
-            time.sleep(0.2)
+    token, tmp = env["RAY_AUTH_TOKEN_PATH"].encode(), ray_tmp.encode()
+    stop_processes(lambda cmdline, environ: tmp in cmdline or token in environ, grace)
 
 
 def s3_fs(env: dict):

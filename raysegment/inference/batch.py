@@ -34,13 +34,9 @@ def pinned_models(config: InferConfig) -> tuple[tuple[str, ...], str]:
 
     Pinning makes every actor load the version the ledger records, even if an alias moves mid-batch.
     """
-    from raysegment.inference.predictor import is_registry_uri, model_version
+    from raysegment.inference.predictor import pinned
 
-    refs, versions = [], []
-    for ref in config.models:
-        version = model_version(ref, config.tracking_uri)
-        refs.append(f"models:/{version}" if is_registry_uri(ref) else ref)
-        versions.append(version)
+    refs, versions = zip(*(pinned(ref, config.tracking_uri) for ref in config.models))
     return tuple(refs), "+".join(versions)
 
 
@@ -212,7 +208,7 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
     """WADO-RS each series to ``out/dicom-in/<series uid>/`` → the series that arrived. A series
     the PACS described without its UIDs is ``failed``; one whose query or retrieval failed is an
     ``error`` (retried by the next run); each goes to ``finish`` and the others go on."""
-    from raysegment.io.dicomweb import web_retrieve
+    from raysegment.io.dicomweb import failure, web_retrieve
 
     ready = []
     for item in todo:
@@ -225,8 +221,7 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
             item["files"] = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
             ready.append(item)
         except Exception as exc:
-            reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
-            finish(_entry(item["path"], item["sha256"], version, "error", reason))
+            finish(_entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc)))
     return ready
 
 

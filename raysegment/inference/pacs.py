@@ -15,7 +15,7 @@ def store_entry(client, entry: dict) -> None:
     """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
     ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
     (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicomweb import web_replace_segs
+    from raysegment.io.dicomweb import failure, web_replace_segs
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
     try:
@@ -23,7 +23,7 @@ def store_entry(client, entry: dict) -> None:
         for r in entry["rows"]:
             r["stored"] = True
     except Exception as exc:
-        entry["status"], entry["reason"] = "error", f"STOW-RS failed ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+        entry["status"], entry["reason"] = "error", failure("STOW-RS", exc, 300)
 
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
@@ -31,22 +31,20 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to ``out/dicom-in/SERIES``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
-    from raysegment.io.dicomweb import series_digest, web_retrieve
+    from raysegment.io.dicomweb import failure, series_digest, web_retrieve
 
     key, version = f"dicom:{study}/{series}", predictor.version
     ledger = Ledger(out / "ledger.jsonl")
     try:
         digest = series_digest(client, study, series)
     except Exception as exc:
-        return _finish(ledger, _entry(key, "unknown", version, "error",
-                                      f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"))
+        return _finish(ledger, _entry(key, "unknown", version, "error", failure("QIDO-RS instance query", exc)))
     if ledger.has(key, digest, version):
         return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
     try:
         files = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
     except Exception as exc:
-        reason = f"WADO-RS retrieve failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
-        return _finish(ledger, _entry(key, digest, version, "error", reason))
+        return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
     entry = settle_study(key, digest, predictor, model_uri, out, False, files)
     if store and entry["status"] == "done":
         store_entry(client, entry)

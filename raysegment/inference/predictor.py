@@ -90,6 +90,13 @@ def model_version(ref: str, tracking_uri: str | None = None) -> str:
     return f"file:{path.name}:{sha256(weights)[:12]}"
 
 
+def pinned(ref: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """(``ref`` with a registry alias pinned to the version it points at now, that version string):
+    loading the pinned reference gives the model the version names, even if the alias moves."""
+    version = model_version(ref, tracking_uri)
+    return (f"models:/{version}" if is_registry_uri(ref) else str(ref)), version
+
+
 def _local_path(ref: str) -> Path:
     if ref.startswith("shipped:"):
         from raysegment.model.weights import shipped_weights

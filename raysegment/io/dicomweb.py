@@ -22,6 +22,12 @@ def web_client(url: str):
     return client
 
 
+def failure(what: str, exc: BaseException, limit: int = 200) -> str:
+    """The one-line reason a ledger row gives for a failed DICOMweb request ("WADO-RS retrieve
+    failed (HTTPError: …)"): whitespace folded, at most ``limit`` characters of the error."""
+    return f"{what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:limit]})"
+
+
 def _tag(item: dict, tag: str) -> str:
     return str(item.get(tag, {}).get("Value", [""])[0])
 
@@ -43,7 +49,7 @@ def web_series(client) -> list[dict]:
             digest = series_digest(client, study, series)
         except Exception as exc:
             out.append({"study": study, "series": series, "sha256": "unknown",
-                        "error": f"QIDO-RS instance query failed ({type(exc).__name__}: {exc})"})
+                        "error": failure("QIDO-RS instance query", exc)})
             continue
         out.append({"study": study, "series": series, "sha256": digest})
     return out

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from raysegment.config import ServeConfig, torch_threads
-from raysegment.inference.predictor import Predictor, is_registry_uri, model_version
+from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
 from raysegment.io.studies import StudyError
 from raysegment.runtime import HeapTrimmer, disable_telemetry
 
@@ -51,22 +51,21 @@ class ModelHolder:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.follows = is_registry_uri(config.model) and "@" in config.model
-        self.version = model_version(config.model, config.tracking_uri)
-        self.predictor = self._load(self.version)
+        ref, self.version = pinned(config.model, config.tracking_uri)
+        self.predictor = self._load(ref)
         if self.follows:
             threading.Thread(target=self._poll, name="alias-poll", daemon=True).start()
 
-    def _load(self, version: str) -> Predictor:
-        ref = f"models:/{version}" if is_registry_uri(self.config.model) else self.config.model
+    def _load(self, ref: str) -> Predictor:
         return Predictor.load(ref, self.config.predict, self.config.tracking_uri)
 
     def _poll(self) -> None:
         while True:
             time.sleep(self.config.poll_s)
             try:
-                version = model_version(self.config.model, self.config.tracking_uri)
+                ref, version = pinned(self.config.model, self.config.tracking_uri)
                 if version != self.version:
-                    predictor = self._load(version)  # the old one serves meanwhile
+                    predictor = self._load(ref)  # the old one serves meanwhile
                     self.predictor, self.version = predictor, version
                     log.warning("raysegment: %s now serves %s", self.config.model, version)
             except Exception as exc:  # the registry unreachable: keep serving what is loaded

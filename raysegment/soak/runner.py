@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.runtime import free_port
+from raysegment.runtime import find_processes, free_port
 
 
 @dataclass(frozen=True)
@@ -87,16 +87,8 @@ def ray_head(root: Path, cpus: int):
 def _our_pids(marker: str, name: str = "") -> list[int]:
     """Processes whose environment carries ``marker`` (our head's token path), and ``name`` in their
     command line (Ray workers show their actor class there)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes() and name.encode() in (d / "cmdline").read_bytes():
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
+    marker_b, name_b = marker.encode(), name.encode()
+    return find_processes(lambda cmdline, environ: marker_b in environ and name_b in cmdline)
 
 
 def _kill(pid: int, sig=signal.SIGKILL) -> bool:
