@@ -8,7 +8,7 @@ from conftest import write_checkpoint
 from synth import make_h5_dataset
 
 from raysegment.cli import report as report_cli
-from raysegment.data.prepare import PrepareConfig, prepare
+from raysegment.data.prepare import PrepareConfig, load_manifest, prepare
 from raysegment.inference import evaluation
 from raysegment.reporting import report
 
@@ -83,8 +83,15 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     # every record's values in their own columns (the per-slice probabilities are text).
     checked = tmp_path / "checked"
     assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",
-                        "--basal-check", "shipped", "--out", str(checked)]) == 0
-    capsys.readouterr()
+                        "--basal-check", "shipped", "--diagnosis", "shipped", "--out", str(checked)]) == 0
+    # --diagnosis: the shipped classifier's calls on these masks (its own basal check) against the groups.
+    shipped = diagnosis.load("shipped")
+    names, x, _ = diagnosis.patient_features(volumes, diagnosis.load_crossval_masks(tmp_path, volumes),
+                                             load_manifest(shards)["patients"], shipped.basal_rv)
+    calls = dict(zip(names, shipped.predict(x)))
+    right = sum(g == "NOR" for g in calls.values())
+    line = f"Diagnosis (shipped): {right}/3 right"
+    assert line in capsys.readouterr().out and line in (checked / "clinical.md").read_text()
     with open(checked / "clinical.csv", newline="") as f:
         recs = list(csv.DictReader(f))
     assert len(recs) == 3 and all(None not in r and "" not in r.values() for r in recs)

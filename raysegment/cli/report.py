@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--data", required=True, help="shards with spacing (prepare reads info.csv / NIfTI headers)")
     cl.add_argument("--basal-check", default="none",
                     help="apply the basal ES check of a diagnosis model ('shipped', a JSON file, models:/…) or 'none'")
+    cl.add_argument("--diagnosis", default=None,
+                    help="also score this diagnosis model ('shipped', a JSON file, models:/…) on the masks' features "
+                         "against the patients' groups (its own basal ES check applied)")
     cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
     cl.add_argument("--splits", nargs="+", default=["val"])
     cl.add_argument("--mlflow-uri", default=None)
@@ -77,6 +80,8 @@ def _clinical_command(a) -> int:
         return 2
     table = clinical_table(clinical_summary(records))
     head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
+    if a.diagnosis:
+        table += "\n\n" + _diagnosis_line(a.diagnosis, a.mlflow_uri, volumes, masks, manifest.get("patients", {}))
     print(head)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -88,6 +93,17 @@ def _clinical_command(a) -> int:
         writer.writerows(records)
     print(f"wrote {a.out / 'clinical.md'}, {png}")
     return 0
+
+
+def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> str:
+    """"Diagnosis (REF): k/n right (…wrong ones…)": the model on these masks' features vs the groups."""
+    from raysegment.analysis.diagnosis import load, patient_features
+
+    model = load(ref, tracking_uri)
+    names, x, groups = patient_features(volumes, masks, patients, model.basal_rv)
+    wrong = [f"{n} {g}→{p}" for n, g, p in zip(names, groups, model.predict(x) if names else []) if p != g]
+    return (f"Diagnosis ({ref}): {len(names) - len(wrong)}/{len(names)} right"
+            + (f" (wrong: {', '.join(wrong)})" if wrong else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
