@@ -108,3 +108,21 @@ def test_seal_writes_the_digest_into_an_older_file_and_loading_checks_it(tmp_pat
     save_file(state, str(out), metadata={**meta, DIGEST_KEY: _metadata(out)[DIGEST_KEY]})
     with pytest.raises(DamagedWeights):
         load_weights_file(out)
+
+
+def test_export_of_a_run_folder_takes_its_latest_epoch_and_a_wrong_path_is_one_line(tmp_path, tiny_model, capsys):
+    """A run folder holds rotating ``checkpoint_<time>`` folders: the shipped file is the latest
+    epoch's, whatever the names' order; a path that is neither kind: one error line, exit 2."""
+    from raysegment.cli import weights as weights_cli
+    from raysegment.model.weights import load_weights_file
+
+    model, config = tiny_model
+    run = tmp_path / "run"
+    for name, epoch in (("checkpoint_2026-12-02_10-00-00.0", 7), ("checkpoint_2026-12-02_11-00-00.0", 5)):
+        write_checkpoint(run / name, model, config, {"epoch": epoch})
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    out = tmp_path / "w" / "m.safetensors"
+    assert weights_cli.main(["export", str(run), "--out", str(out)]) == 0
+    assert load_weights_file(out).state == {"epoch": 7} and "epoch 8)" in capsys.readouterr().out
+    assert weights_cli.main(["export", str(run / "checkpoint_manager_snapshot.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "neither a checkpoint folder" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from raysegment.model.checkpoint import last_checkpoint, read_state
 from raysegment.model.weights import SHIPPED_DIR, export_weights, seal, sha256, verify
 
 
@@ -14,7 +15,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m raysegment.weights", description="shipped weights files")
     sub = p.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
-    ex.add_argument("checkpoint")
+    ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (--storage/--name): its latest epoch's")
     ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
     ex.add_argument("--fp32", action="store_true")
     se = sub.add_parser("seal", help="write the tensor digest into an older weights file (checked on every load)")
@@ -32,12 +33,19 @@ def build_parser():
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.cmd == "export":
-        out = export_weights(a.checkpoint, a.out, half=not a.fp32)
+        try:
+            checkpoint = last_checkpoint(a.checkpoint)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        out = export_weights(checkpoint, a.out, half=not a.fp32)
         sums = out.parent / "SHA256SUMS"
         lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(" " + out.name)]
         digest = sha256(out)
         sums.write_text("\n".join(sorted(lines + [f"{digest}  {out.name}"])) + "\n")
-        print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest}")
+        epoch = read_state(checkpoint).get("epoch")
+        print(f"{out} {out.stat().st_size / 1e6:.1f} MB sha256 {digest} (from {checkpoint}"
+              + (f", epoch {epoch + 1})" if epoch is not None else ")"))
         return 0
     if a.cmd == "export-onnx":
         from raysegment.inference.predictor import load_model

@@ -35,6 +35,19 @@ def is_checkpoint(folder: str | Path) -> bool:
     return folder.is_dir() and (folder / MODEL_FILE).is_file() and (folder / CONFIG_FILE).is_file()
 
 
+def last_checkpoint(folder: str | Path) -> Path:
+    """``folder`` itself when it is a checkpoint; for a run folder (``--storage``/``--name``), its
+    checkpoint of the latest epoch — what a run ships. FileNotFoundError, saying which, otherwise."""
+    folder = Path(folder)
+    if is_checkpoint(folder):
+        return folder
+    found = [c for c in folder.glob("checkpoint_*") if is_checkpoint(c)] if folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{folder}: neither a checkpoint folder ({MODEL_FILE}, {CONFIG_FILE}) "
+                                f"nor a run folder holding checkpoint_* folders")
+    return max(found, key=lambda c: (read_state(c).get("epoch", -1), c.name))
+
+
 def read_config(folder: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))
 
