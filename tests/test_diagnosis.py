@@ -136,6 +136,20 @@ def test_a_crossval_fold_segments_exactly_its_held_out_patients(tmp_path):
     back = diagnosis.load_bundle(tmp_path / "b.npz")
     assert [(v.patient, v.phase, v.spacing, v.group) for v in back] == [(v.patient, v.phase, v.spacing, v.group) for v in volumes]
     assert max(float(np.abs(a.image - b.image).max()) for a, b in zip(back, volumes)) <= 0.5 / 255 + 1e-6
+    # The command on that bundle: the other fold, on one torch thread (beside a training run), said in its record.
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        assert diagnosis_cli.main(["crossval-masks", "--data", str(tmp_path / "b.npz"), "--out", str(tmp_path / "cli"),
+                                   "--folds", "2", "--fold", "1", "--epochs", "1", "--max-steps", "1", "--batch-size", "2",
+                                   "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "cli" / "fold1.json").read_text())
+    assert record["config"]["threads_per_worker"] == 1 and sorted(record["patients"]) == sorted(
+        {v.patient for v in volumes} - set(held))
 
 
 def test_shipped_model_loads_with_its_accuracy_and_basal_check():

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
     cv.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="1: 2.5-D input (slices k-1, k, k+1)")
     cv.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke tests)")
+    cv.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: every core; 1 beside a training run in the background)")
     cv.add_argument("--device", default="cpu")
     cv.add_argument("--seed", type=int, default=0)
     ft = sub.add_parser("fit", help="features of predicted masks (cross-validated folds, or --model's own) → "
@@ -205,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "basal":
         return _basal_command(a)
     if a.command == "crossval-masks":
-        from raysegment.config import ModelConfig, TrainConfig
+        import torch
+
+        from raysegment.config import ModelConfig, TrainConfig, torch_threads
 
         if a.folds < 2 or any(not 0 <= f < a.folds for f in a.fold or []):
             p.error(f"--folds must be ≥ 2 and every --fold in 0..{a.folds - 1}")
+        torch.set_num_threads(torch_threads(a.threads, 1))
         volumes = all_volumes(a.data)
         config = TrainConfig(data=str(a.data), model=ModelConfig(backbone=a.backbone, context_slices=a.context_slices),
                              epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, seed=a.seed,
-                             max_steps_per_epoch=a.max_steps)
+                             max_steps_per_epoch=a.max_steps, threads_per_worker=a.threads)
         for fold in a.fold or range(a.folds):
             s = crossval_fold(volumes, fold, a.folds, config, a.device, a.out, seed=a.seed)
             print(f"fold {fold}: {len(s['patients'])} patients segmented after {len(s['history'])} epochs "
