@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import os
 
+START_ATTEMPTS = 2  # local Ray starts tried when Ray's own start timeout passes
+
 
 def disable_telemetry() -> None:
     """Switch off Ray usage stats and MLflow telemetry for this process and its children.
@@ -126,15 +128,27 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
     group: the next trial then waits for CPUs for ever. So the GCS gets a port chosen here, and the
     processes Ray spawns (they inherit this environment) get RAY_ADDRESS; this process's own
     environment is left as it was."""
+    import sys
+
     import ray
 
-    port = free_port()
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
-    os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port)})
     try:
-        # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
-        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
-                 logging_config=logging_config)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            port = free_port()
+            os.environ.update({"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port)})
+            try:
+                # The dashboard (bound to 127.0.0.1) also serves the state API that Ray Train polls.
+                ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", log_to_driver=True,
+                         logging_config=logging_config)
+                return
+            except Exception as exc:
+                # Ray waits a fixed 30 s for its raylet; on a machine busy with training that can pass.
+                if attempt == START_ATTEMPTS or "timed out during startup" not in str(exc):
+                    raise
+                print(f"[raysegment] the local Ray did not start within Ray's 30 s (a busy machine?); "
+                      f"starting it again ({attempt + 1} of {START_ATTEMPTS})", file=sys.stderr, flush=True)
+                ray.shutdown()
     finally:
         for key, value in saved.items():
             if value is None:

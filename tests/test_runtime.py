@@ -34,3 +34,44 @@ def test_stop_processes_stops_the_marked_ones_only_and_kills_those_that_ignore_s
         for p in (ours, stubborn, other):
             p.kill()
             p.wait()
+
+
+def test_a_local_ray_that_times_out_at_start_is_started_once_more_on_a_new_port(monkeypatch, capsys):
+    """Ray waits a fixed 30 s for its raylet (a machine busy with training can take longer): the
+    local start is tried again, on a fresh GCS port, after shutting the half-started one down;
+    any other failure, or a second timeout, is raised as it is."""
+    import pytest
+    import ray
+
+    from raysegment import runtime
+
+    calls, shutdowns = [], []
+
+    def fake_init(**kwargs):
+        calls.append(os.environ["RAY_GCS_SERVER_PORT"])
+        if len(calls) == 1:
+            raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(len(calls)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    runtime._start_local(None, None)
+    assert len(calls) == 2 and calls[0] != calls[1] and shutdowns == [1]
+    assert "starting it again (2 of 2)" in capsys.readouterr().err
+    assert "RAY_ADDRESS" not in os.environ  # the caller's environment as it was
+
+    def always_times_out(**kwargs):
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", always_times_out)
+    with pytest.raises(Exception, match="timed out during startup"):
+        runtime._start_local(None, None)
+
+    def other_failure(**kwargs):
+        raise ValueError("bad num_cpus")
+
+    monkeypatch.setattr(ray, "init", other_failure)
+    shutdowns.clear()
+    with pytest.raises(ValueError, match="bad num_cpus"):
+        runtime._start_local(None, None)
+    assert shutdowns == []
