@@ -124,5 +124,10 @@ def test_export_of_a_run_folder_takes_its_latest_epoch_and_a_wrong_path_is_one_l
     out = tmp_path / "w" / "m.safetensors"
     assert weights_cli.main(["export", str(run), "--out", str(out)]) == 0
     assert load_weights_file(out).state == {"epoch": 7} and "epoch 8)" in capsys.readouterr().out
+    # Everywhere a model is named, a run folder means its latest epoch (a run in progress can be looked at).
+    from raysegment.inference.predictor import load_model
+    from raysegment.model.weights import saved_state
+
+    assert load_model(str(run)).state == {"epoch": 7} and saved_state(run) == {"epoch": 7}
     assert weights_cli.main(["export", str(run / "checkpoint_manager_snapshot.json"), "--out", str(tmp_path / "x")]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err and not (tmp_path / "x").exists()

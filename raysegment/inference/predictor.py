@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from raysegment.analysis.postprocess import contact_pixels, keep_largest_component
 from raysegment.config import Precision, PredictConfig, TrainConfig
 from raysegment.io.studies import normalize_intensity
-from raysegment.model.checkpoint import LoadedModel, is_checkpoint, load_checkpoint
+from raysegment.model.checkpoint import LoadedModel, is_checkpoint, last_checkpoint, load_checkpoint
 from raysegment.model.onnx import OnnxNet, load_onnx, to_onnx
 from raysegment.model.unet import with_context
 
@@ -105,8 +105,10 @@ def _local_path(ref: str) -> Path:
     path = Path(ref)
     if is_checkpoint(path) or (path.is_file() and path.suffix in (".safetensors", ".onnx")):
         return path
-    raise FileNotFoundError(f"{ref}: not a models:/ URI, a checkpoint folder (model.pt + config.json), "
-                            f"a .safetensors weights file, an exported .onnx file or shipped:BACKBONE")
+    if path.is_dir() and any(is_checkpoint(c) for c in path.glob("checkpoint_*")):
+        return last_checkpoint(path)  # a training run's folder: its latest epoch (the run may go on)
+    raise FileNotFoundError(f"{ref}: not a models:/ URI, a checkpoint folder (model.pt + config.json), a run "
+                            f"folder holding them, a .safetensors weights file, an exported .onnx file or shipped:BACKBONE")
 
 
 def registered_folders(model_uri: str, tracking_uri: str | None, dst: str | Path) -> list[Path]:

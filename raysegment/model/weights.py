@@ -17,6 +17,7 @@ from raysegment.model.checkpoint import (
     STATE_FILE,
     DamagedWeights,
     LoadedModel,
+    last_checkpoint,
     read_config,
     read_state,
     read_state_dict,
@@ -82,7 +83,7 @@ def saved_state(path: str | Path) -> dict:
     """The training state (epoch, metrics, history) stored with a weights file or checkpoint folder; {} if none."""
     path = Path(path)
     if path.is_dir():
-        return read_state(path)
+        return read_state(last_checkpoint(path))  # a checkpoint, or a run folder's latest
     state = _metadata(path).get("state")
     return json.loads(state) if state else {}
 

@@ -4,6 +4,7 @@ are drawn without matplotlib, in the inference actor)."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -91,7 +92,10 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
         for key, colour in (("dice_rv", COLOURS[1]), ("dice_myo", COLOURS[2]), ("dice_lv", COLOURS[3]), ("dice_mean", "k")):
             axes[0][col].plot(ep, [h[key] for h in hist], color=colour, label=key)
         axes[0][col].set_title(name)
-        axes[0][col].set_ylim(0, 1)
+        # The range the run spends most epochs in: from the lowest class Dice after its first quarter.
+        late = [h[k] for h in hist[len(hist) // 4:] for k in ("dice_rv", "dice_myo", "dice_lv")]
+        axes[0][col].set_ylim(max(0.0, math.floor((min(late) - 0.05) * 20) / 20) if late else 0.0, 1)
+        axes[0][col].grid(alpha=0.3)
         axes[0][col].set_ylabel("val Dice (3-D)")
         axes[0][col].legend(fontsize=8)
         axes[1][col].plot(ep, [h["loss"] for h in hist], color="k")
