@@ -341,3 +341,25 @@ def test_a_model_registered_under_the_flat_layout_still_loads(tmp_path, tiny_mod
     image, _ = synthetic_volume(5, shape=(3, 40, 48))
     got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(image, params={"spacing_mm": [10.0, 1.5, 1.5]})
     np.testing.assert_array_equal(got, Predictor.load(str(ckpt)).predict(image, spacing=(10.0, 1.5, 1.5)))
+
+
+def test_predicted_masks_cache_reads_back_the_same_segmenter_and_settings_only(tmp_path, tiny_model, sample_shards):
+    """``predicted_masks(..., cache)``: the first call segments and saves; the same model version,
+    settings and volumes read the file back (here edited, to see it is read); other settings are
+    another entry."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.predictor import Predictor, predicted_masks
+
+    model, config = tiny_model
+    volumes = load_volumes(sample_shards, "val")
+    predictor = Predictor(LoadedModel(model, config, "tiny"), PredictConfig(precision="fp32"))
+    first = predicted_masks(predictor, volumes, tmp_path / "cache")
+    (saved,) = (tmp_path / "cache").glob("masks-*.npz")
+    assert set(first) == {(v.patient, v.phase) for v in volumes}
+    assert all(np.array_equal(first[k], np.load(saved)[f"{k[0]}/{k[1]}"]) for k in first)
+    np.savez_compressed(saved, **{f"{p}/{ph}": np.full_like(m, 2) for (p, ph), m in first.items()})  # no model says that
+    assert all((m == 2).all() for m in predicted_masks(predictor, volumes, tmp_path / "cache").values())
+    other = Predictor(LoadedModel(model, config, "tiny"), PredictConfig(precision="fp32", largest_component=False))
+    again = predicted_masks(other, volumes, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("masks-*.npz"))) == 2
+    assert all(np.array_equal(again[k], predicted_masks(other, volumes)[k]) for k in again)

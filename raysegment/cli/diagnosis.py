@@ -27,6 +27,9 @@ from raysegment.analysis.diagnosis import (
 )
 from raysegment.training.crossval import crossval_fold
 
+MASK_CACHE_HELP = ("a folder keeping each segmenter's masks of these volumes (keyed by model version, settings and "
+                   "volumes): a later fit, basal or report clinical reads them instead of segmenting again")
+
 
 def _fit_command(a) -> int:
     from raysegment.data.prepare import load_manifest
@@ -78,7 +81,7 @@ def _fit_masks(a, volumes) -> tuple[dict, str]:
 
     t0 = time.perf_counter()
     predictor = Predictor.load(a.model if len(a.model) > 1 else a.model[0], PredictConfig(), a.mlflow_uri)
-    masks = predicted_masks(predictor, volumes)
+    masks = predicted_masks(predictor, volumes, a.mask_cache)
     print(f"{' + '.join(a.model)}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
     # Patients a segmenter trained on get cleaner masks than unseen ones: said with the model.
     return masks, f"own masks of {' + '.join(a.model)} (its train patients seen in training)"
@@ -116,7 +119,7 @@ def _basal_command(a) -> int:
     mask_sets = {}
     for name, predictor in predictors.items():
         t0 = time.perf_counter()
-        mask_sets[name] = predicted_masks(predictor, volumes)
+        mask_sets[name] = predicted_masks(predictor, volumes, a.mask_cache)
         print(f"{name}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
     train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",
@@ -174,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", action="append", help="segment with this model instead (repeat: their ensemble); "
                                                       "its train patients' masks are cleaner than unseen ones'")
     ft.add_argument("--mlflow-uri", default=None, help="tracking server, for models:/ references")
+    ft.add_argument("--mask-cache", type=Path, default=None, help=MASK_CACHE_HELP)
     ft.add_argument("--out", required=True, type=Path, help="the model's JSON file (beside it: FILE.md, FILE.features.csv)")
     ft.add_argument("--segmenter", default="", help="what made the masks, recorded with the model (e.g. a model version)")
     ft.add_argument("--repeats", type=int, default=10)
@@ -187,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--diagnosis", default="shipped", help="the diagnosis model whose check is compared and replaced")
     bs.add_argument("--out", required=True, type=Path, help="the diagnosis JSON to write (beside it: FILE.basal.md)")
     bs.add_argument("--mlflow-uri", default=None)
+    bs.add_argument("--mask-cache", type=Path, default=None, help=MASK_CACHE_HELP)
     bs.add_argument("--seed", type=int, default=0)
     pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
     pk.add_argument("--data", required=True)

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--splits", nargs="+", default=["val"])
     cl.add_argument("--mlflow-uri", default=None)
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
+    cl.add_argument("--mask-cache", type=Path, default=None,
+                    help="with --model: a folder keeping the masks (as `diagnosis fit/basal --mask-cache`)")
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
     fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                     help="checkpoint folder or .safetensors file, repeatable")
@@ -65,7 +67,8 @@ def _clinical_command(a) -> int:
     else:
         from raysegment.inference.predictor import Predictor, predicted_masks
 
-        masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes)
+        masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes,
+                                a.mask_cache)
         source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
     basal = None
     if a.basal_check != "none":

@@ -19,6 +19,7 @@ used to live at each call site:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -312,6 +313,27 @@ def predict_volumes(predictor: Predictor, volumes) -> Iterator[tuple[object, np.
         yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
 
 
-def predicted_masks(predictor: Predictor, volumes) -> dict:
-    """(patient, phase) → predicted labels of shard volumes."""
-    return {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}
+def predicted_masks(predictor: Predictor, volumes, cache: str | Path | None = None) -> dict:
+    """(patient, phase) → predicted labels of shard volumes. With ``cache`` (a folder), the masks of
+    the same model version, prediction settings and volumes are read back from there, or saved there."""
+    volumes = list(volumes)
+    path = None
+    if cache is not None:
+        import hashlib
+        from dataclasses import asdict
+
+        key = hashlib.sha256(json.dumps([predictor.version, asdict(predictor.config)], sort_keys=True, default=str).encode())
+        for v in volumes:
+            key.update(f"{v.patient}/{v.phase}/{v.image.shape}".encode())
+            key.update(np.ascontiguousarray(v.image).tobytes())
+        path = Path(cache) / f"masks-{key.hexdigest()[:20]}.npz"
+        if path.is_file():
+            with np.load(path) as z:
+                return {tuple(k.split("/")): z[k] for k in z.files}
+    masks = {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial.npz")
+        np.savez_compressed(tmp, **{f"{p}/{ph}": m for (p, ph), m in masks.items()})
+        tmp.replace(path)
+    return masks
