@@ -361,6 +361,7 @@ def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(
     assert (check["fitted_on"], check["n"]) == (15 - len(val), len(val))
     assert check["correct"] + len(check["wrong"]) == len(val) and all(w.split()[0] in val for w in check["wrong"])
     assert f"{check['correct']}/{len(val)} right" in capsys.readouterr().out
+    assert f"{check['correct']}/{len(val)} right" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):  # masks from one place only
         diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
                             "--masks", str(tmp_path), "--out", str(out)])

@@ -49,17 +49,20 @@ def _fit_command(a) -> int:
     meta = {"accuracy": cv["accuracy"], "accuracy_sd": cv["accuracy_sd"], "cv": cv, "segmenter": a.segmenter or " + ".join(a.model or []),
             "patients": len(names), "manifest_hash": manifest.get("content_hash", ""), "masks": source}
     held = _val_check(names, x, y, train, val, a.seed)
+    check = ""
     if held:
         meta["val_check"] = held
-        print(f"fitted on the train split's {held['fitted_on']} patients, the val split's {held['n']}: "
-              f"{held['correct']}/{held['n']} right ({', '.join(held['wrong']) or 'none wrong'})")
+        check = (f"Val check (fitted on the train split's {held['fitted_on']} patients, scored on the val split's "
+                 f"{held['n']}): {held['correct']}/{held['n']} right ({', '.join(held['wrong']) or 'none wrong'}).")
+        print(check)
     model = replace(fit(x, y, seed=a.seed, meta=meta), basal_rv=basal)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(model.to_json() + "\n")
     table = confusion_markdown(cv)
-    summary = (f"Diagnosis from predicted masks: {cv['folds']}-fold stratified CV × {cv['repeats']} on {cv['n']} patients, "
-               f"accuracy {cv['accuracy']:.3f} ± {cv['accuracy_sd']:.3f} (SD over repeats); confusion summed over repeats:")
-    a.out.with_suffix(".md").write_text(summary + "\n\n" + table + "\n")
+    summary = (f"Diagnosis from predicted masks ({source}): {cv['folds']}-fold stratified CV × {cv['repeats']} on "
+               f"{cv['n']} patients, accuracy {cv['accuracy']:.3f} ± {cv['accuracy_sd']:.3f} (SD over repeats); "
+               f"confusion summed over repeats:")
+    a.out.with_suffix(".md").write_text(summary + "\n\n" + table + "\n" + (f"\n{check}\n" if check else ""))
     with open(a.out.with_suffix(".features.csv"), "w", newline="") as f:  # the csv module quotes what needs it
         writer = csv.writer(f)
         writer.writerow(("patient", "group") + FEATURES)
