@@ -32,3 +32,17 @@ def test_the_console_script_dispatches_and_explains(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0 and "--backbone" in capsys.readouterr().out
+
+
+def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys):
+    from raysegment.cli.args import progress_line
+
+    quiet = progress_line("m", every_s=3600)
+    for k in range(1, 6):
+        quiet(k, 5)
+    assert capsys.readouterr().err.splitlines() == ["m: 5/5 volumes (0 s)"]
+    chatty = progress_line("m", every_s=0)
+    for k in range(1, 4):
+        chatty(k, 3)
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == ["m: 1/3 volumes", "m: 2/3 volumes",
+                                                                                     "m: 3/3 volumes"]

@@ -353,12 +353,15 @@ def test_predicted_masks_cache_reads_back_the_same_segmenter_and_settings_only(t
     model, config = tiny_model
     volumes = load_volumes(sample_shards, "val")
     predictor = Predictor(LoadedModel(model, config, "tiny"), PredictConfig(precision="fp32"))
-    first = predicted_masks(predictor, volumes, tmp_path / "cache")
+    calls = []
+    first = predicted_masks(predictor, volumes, tmp_path / "cache", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(k, len(volumes)) for k in range(1, len(volumes) + 1)]
     (saved,) = (tmp_path / "cache").glob("masks-*.npz")
     assert set(first) == {(v.patient, v.phase) for v in volumes}
     assert all(np.array_equal(first[k], np.load(saved)[f"{k[0]}/{k[1]}"]) for k in first)
     np.savez_compressed(saved, **{f"{p}/{ph}": np.full_like(m, 2) for (p, ph), m in first.items()})  # no model says that
-    assert all((m == 2).all() for m in predicted_masks(predictor, volumes, tmp_path / "cache").values())
+    cached = predicted_masks(predictor, volumes, tmp_path / "cache", progress=lambda done, total: calls.append(done))
+    assert all((m == 2).all() for m in cached.values()) and len(calls) == len(volumes)  # nothing segmented
     other = Predictor(LoadedModel(model, config, "tiny"), PredictConfig(precision="fp32", largest_component=False))
     again = predicted_masks(other, volumes, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("masks-*.npz"))) == 2

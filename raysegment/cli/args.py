@@ -4,6 +4,8 @@ starts (one ``error:`` line, exit 2), the recipe options of ``train`` and ``tune
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 
 from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_of
@@ -41,6 +43,21 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             saved_config(resolve_init_weights(init, a.backbone))  # a missing file: its own SystemExit
         except Exception as exc:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+
+
+def progress_line(label: str, every_s: float = 30.0):
+    """A ``progress(done, total)`` callback: one stderr line at most every ``every_s`` seconds and
+    one at the end, so a segmentation of minutes says how far it is."""
+    t0 = last = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done == total or now - last >= every_s:
+            last = now
+            print(f"{label}: {done}/{total} volumes ({now - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    return report
 
 
 def resolve_init_weights(value: str | None, backbone: str) -> str | None:

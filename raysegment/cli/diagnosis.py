@@ -25,6 +25,7 @@ from raysegment.analysis.diagnosis import (
     patient_features,
     save_bundle,
 )
+from raysegment.cli.args import progress_line
 from raysegment.training.crossval import crossval_fold
 
 MASK_CACHE_HELP = ("a folder keeping each segmenter's masks of these volumes (keyed by model version, settings and "
@@ -84,7 +85,7 @@ def _fit_masks(a, volumes) -> tuple[dict, str]:
 
     t0 = time.perf_counter()
     predictor = Predictor.load(a.model if len(a.model) > 1 else a.model[0], PredictConfig(), a.mlflow_uri)
-    masks = predicted_masks(predictor, volumes, a.mask_cache)
+    masks = predicted_masks(predictor, volumes, a.mask_cache, progress_line(" + ".join(a.model)))
     print(f"{' + '.join(a.model)}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
     # Patients a segmenter trained on get cleaner masks than unseen ones: said with the model.
     return masks, f"own masks of {' + '.join(a.model)} (its train patients seen in training)"
@@ -122,7 +123,7 @@ def _basal_command(a) -> int:
     mask_sets = {}
     for name, predictor in predictors.items():
         t0 = time.perf_counter()
-        mask_sets[name] = predicted_masks(predictor, volumes, a.mask_cache)
+        mask_sets[name] = predicted_masks(predictor, volumes, a.mask_cache, progress_line(name))
         print(f"{name}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
     train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",

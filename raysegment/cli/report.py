@@ -65,10 +65,11 @@ def _clinical_command(a) -> int:
         masks = load_crossval_masks(a.masks, volumes)
         source = f"cross-validated masks in {a.masks}"
     else:
+        from raysegment.cli.args import progress_line
         from raysegment.inference.predictor import Predictor, predicted_masks
 
         masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes,
-                                a.mask_cache)
+                                a.mask_cache, progress_line(" + ".join(a.model)))
         source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
     basal = None
     if a.basal_check != "none":

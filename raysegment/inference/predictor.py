@@ -313,9 +313,10 @@ def predict_volumes(predictor: Predictor, volumes) -> Iterator[tuple[object, np.
         yield v, predictor.predict(v.image, spacing=v.spacing, normalized=True)
 
 
-def predicted_masks(predictor: Predictor, volumes, cache: str | Path | None = None) -> dict:
+def predicted_masks(predictor: Predictor, volumes, cache: str | Path | None = None, progress=None) -> dict:
     """(patient, phase) → predicted labels of shard volumes. With ``cache`` (a folder), the masks of
-    the same model version, prediction settings and volumes are read back from there, or saved there."""
+    the same model version, prediction settings and volumes are read back from there, or saved there.
+    ``progress(done, total)`` is called after each volume segmented."""
     volumes = list(volumes)
     path = None
     if cache is not None:
@@ -330,7 +331,11 @@ def predicted_masks(predictor: Predictor, volumes, cache: str | Path | None = No
         if path.is_file():
             with np.load(path) as z:
                 return {tuple(k.split("/")): z[k] for k in z.files}
-    masks = {(v.patient, v.phase): pred for v, pred in predict_volumes(predictor, volumes)}
+    masks = {}
+    for v, pred in predict_volumes(predictor, volumes):
+        masks[(v.patient, v.phase)] = pred
+        if progress:
+            progress(len(masks), len(volumes))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".partial.npz")
