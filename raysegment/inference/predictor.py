@@ -106,8 +106,10 @@ def _local_path(ref: str) -> Path:
     path = Path(ref)
     if is_checkpoint(path) or (path.is_file() and path.suffix in (".safetensors", ".onnx")):
         return path
-    if path.is_dir() and any(is_checkpoint(c) for c in path.glob("checkpoint_*")):
+    try:
         return last_checkpoint(path)  # a training run's folder: its latest epoch (the run may go on)
+    except FileNotFoundError:
+        pass
     raise FileNotFoundError(f"{ref}: not a models:/ URI, a checkpoint folder (model.pt + config.json), a run "
                             f"folder holding them, a .safetensors weights file, an exported .onnx file or shipped:BACKBONE")
 
