@@ -365,3 +365,10 @@ def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(
     with pytest.raises(SystemExit):  # masks from one place only
         diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
                             "--masks", str(tmp_path), "--out", str(out)])
+
+
+def test_misdiagnosed_names_each_wrong_patient_with_truth_and_prediction():
+    from raysegment.analysis.diagnosis import misdiagnosed
+
+    assert misdiagnosed(["p1", "p2", "p3"], ["NOR", "DCM", "HCM"], ["NOR", "MINF", "RV"]) == ["p2 DCM→MINF", "p3 HCM→RV"]
+    assert misdiagnosed([], [], []) == []

@@ -368,6 +368,11 @@ def patient_features(volumes: list[Volume], masks: dict, patients: dict,
     return names, np.array(rows), groups
 
 
+def misdiagnosed(names: list[str], truth: list[str], pred) -> list[str]:
+    """"patient TRUE→PREDICTED" for each patient whose predicted group is wrong."""
+    return [f"{n} {g}→{p}" for n, g, p in zip(names, truth, pred) if p != g]
+
+
 def load(ref: str | Path, tracking_uri: str | None = None) -> DiagnosisModel:
     """A diagnosis model from a JSON file, ``shipped`` (``raysegment/shipped/diagnosis.json``) or a
     registry URI (``models:/raysegment-diagnosis@champion``)."""

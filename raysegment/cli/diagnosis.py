@@ -22,6 +22,7 @@ from raysegment.analysis.diagnosis import (
     fit_basal_check,
     load,
     load_crossval_masks,
+    misdiagnosed,
     patient_features,
     save_bundle,
 )
@@ -83,10 +84,8 @@ def _fit_masks(a, volumes) -> tuple[dict, str]:
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor, predicted_masks
 
-    t0 = time.perf_counter()
     predictor = Predictor.load(a.model if len(a.model) > 1 else a.model[0], PredictConfig(), a.mlflow_uri)
     masks = predicted_masks(predictor, volumes, a.mask_cache, progress_line(" + ".join(a.model)))
-    print(f"{' + '.join(a.model)}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
     # Patients a segmenter trained on get cleaner masks than unseen ones: said with the model.
     return masks, f"own masks of {' + '.join(a.model)} (its train patients seen in training)"
 
@@ -99,7 +98,7 @@ def _val_check(names: list[str], x, y: list[str], train: set, val: set, seed: in
     if not te or len({y[i] for i in tr}) < 3:
         return None
     pred = fit(x[tr], [y[i] for i in tr], seed=seed).predict(x[te])
-    wrong = [f"{names[i]} {y[i]}→{p}" for i, p in zip(te, pred) if p != y[i]]
+    wrong = misdiagnosed([names[i] for i in te], [y[i] for i in te], pred)
     return {"fitted_on": len(tr), "n": len(te), "correct": len(te) - len(wrong), "wrong": wrong}
 
 
@@ -120,11 +119,8 @@ def _basal_command(a) -> int:
         flips = all(m.config.augment.flip_prob > 0 for p in predictors.values() for m in p.members)
         predictors[" + ".join(a.model) + (" (flip TTA)" if flips else "")] = Predictor.load(
             a.model, PredictConfig(flip_tta=flips), a.mlflow_uri)
-    mask_sets = {}
-    for name, predictor in predictors.items():
-        t0 = time.perf_counter()
-        mask_sets[name] = predicted_masks(predictor, volumes, a.mask_cache, progress_line(name))
-        print(f"{name}: {len(volumes)} volumes segmented in {time.perf_counter() - t0:.0f} s", flush=True)
+    mask_sets = {name: predicted_masks(predictor, volumes, a.mask_cache, progress_line(name))
+                 for name, predictor in predictors.items()}
     train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",
              "| masks | structure | slice 0 | 1 | 2 | 3 | below |", "|---|---|---|---|---|---|---|"]

@@ -101,11 +101,11 @@ def _clinical_command(a) -> int:
 
 def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> str:
     """"Diagnosis (REF): k/n right (…wrong ones…)": the model on these masks' features vs the groups."""
-    from raysegment.analysis.diagnosis import load, patient_features
+    from raysegment.analysis.diagnosis import load, misdiagnosed, patient_features
 
     model = load(ref, tracking_uri)
     names, x, groups = patient_features(volumes, masks, patients, model.basal_rv)
-    wrong = [f"{n} {g}→{p}" for n, g, p in zip(names, groups, model.predict(x) if names else []) if p != g]
+    wrong = misdiagnosed(names, groups, model.predict(x) if names else [])
     return (f"Diagnosis ({ref}): {len(names) - len(wrong)}/{len(names)} right"
             + (f" (wrong: {', '.join(wrong)})" if wrong else ""))
 
