@@ -1,6 +1,7 @@
 """Weights files (fp16 safetensors + config), checksums, fine-tuning init and 2-D → 2.5-D widening."""
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +17,12 @@ from raysegment.model.weights import checkpoint_from_weights, export_weights, in
 def test_weights_file_round_trip(tmp_path, tiny_model):
     model, config = tiny_model
     ckpt = write_checkpoint(tmp_path / "ckpt", model, config, {"epoch": 3})
-    out = export_weights(ckpt, tmp_path / "mobilenet_v2.safetensors")
+    umask = os.umask(0o022)
+    try:
+        out = export_weights(ckpt, tmp_path / "mobilenet_v2.safetensors")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir() if p.is_file()] == [out.name]
     loaded = load_weights_file(out)
     assert loaded.config == config and loaded.state == {"epoch": 3} and not loaded.model.training
     x = torch.rand(1, 1, 64, 64)

@@ -124,8 +124,6 @@ def widen_context(state: dict, saved, wanted) -> dict:
 
 def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = True) -> Path:
     """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``)."""
-    from safetensors.torch import save_file
-
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     state = read_state_dict(checkpoint_dir)
     tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
@@ -134,8 +132,18 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
     if (checkpoint_dir / STATE_FILE).exists():
         meta["state"] = (checkpoint_dir / STATE_FILE).read_text()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    _write(out, tensors, meta)
     return out
+
+
+def _write(path: Path, tensors: dict, meta: dict) -> None:
+    """A .safetensors file written whole or not at all, with the umask's permissions (safetensors'
+    own ``save_file`` leaves 0600: a weights file then unreadable to the rest of a team)."""
+    from safetensors.torch import save
+
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(save(tensors, metadata=meta))
+    tmp.replace(path)
 
 
 def load_weights_file(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -174,14 +182,12 @@ def sha256(path: str | Path) -> str:
 def seal(path: str | Path) -> str:
     """Write the tensor digest into a weights file exported before digests existed (tensors and the
     rest of the metadata unchanged) → the digest."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = Path(path)
     meta, state = _metadata(path), load_file(str(path))
     meta[DIGEST_KEY] = state_digest(state)
-    tmp = path.with_suffix(".sealing")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(path)
+    _write(path, state, meta)
     return meta[DIGEST_KEY]
 
 
