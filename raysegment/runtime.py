@@ -87,9 +87,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def find_processes(match) -> list[int]:
+def find_processes(match, holding: str | None = None) -> list[int]:
     """Pids of the machine's other processes whose (command line, environment) bytes ``match``
-    (a predicate); ones that end or cannot be read meanwhile are skipped."""
+    (a predicate), or that hold a file open under the folder ``holding`` (Ray's agents rename
+    themselves and drop its environment, but keep their logs in its temp dir open); ones that end
+    or cannot be read meanwhile are skipped."""
     from pathlib import Path
 
     pids = []
@@ -97,27 +99,29 @@ def find_processes(match) -> list[int]:
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            if match((d / "cmdline").read_bytes(), (d / "environ").read_bytes()):
+            if match((d / "cmdline").read_bytes(), (d / "environ").read_bytes()) or (
+                    holding and any(os.readlink(fd).startswith(holding.rstrip("/") + "/") for fd in (d / "fd").iterdir())):
                 pids.append(int(d.name))
         except OSError:
             continue
     return pids
 
 
-def stop_processes(match, grace_s: float = 4.0) -> None:
-    """SIGTERM the processes ``find_processes(match)`` finds, SIGKILL those left after ``grace_s``
-    (one Ray's processes, found by its token or temp dir: ``ray stop`` would stop every Ray here)."""
+def stop_processes(match, grace_s: float = 4.0, holding: str | None = None) -> None:
+    """SIGTERM the processes ``find_processes(match, holding)`` finds, SIGKILL those left after
+    ``grace_s`` (one Ray's processes, found by its token or temp dir: ``ray stop`` would stop every
+    Ray here)."""
     import signal
     import time
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in find_processes(match):
+        for pid in find_processes(match, holding):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + grace_s
-        while find_processes(match) and time.time() < deadline:
+        while find_processes(match, holding) and time.time() < deadline:
             time.sleep(0.2)
 
 

@@ -50,9 +50,10 @@ def ray_env(root: Path) -> dict:
 def stop_ray(env: dict, ray_tmp: str, grace: float = 4.0) -> None:
     """Stop the Ray cluster a test started, and only that one (``ray stop --force`` would also kill
     any other Ray on the machine, a developer's training run included): its processes carry the
-    test's token path in their environment or its temp dir on their command line."""
+    test's token path in their environment or its temp dir on their command line, or (its agents,
+    which rename themselves and drop that environment) hold their logs in that temp dir open."""
     token, tmp = env["RAY_AUTH_TOKEN_PATH"].encode(), ray_tmp.encode()
-    stop_processes(lambda cmdline, environ: tmp in cmdline or token in environ, grace)
+    stop_processes(lambda cmdline, environ: tmp in cmdline or token in environ, grace, holding=ray_tmp)
 
 
 def s3_fs(env: dict):

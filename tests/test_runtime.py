@@ -36,6 +36,27 @@ def test_stop_processes_stops_the_marked_ones_only_and_kills_those_that_ignore_s
             p.wait()
 
 
+def test_a_process_holding_a_file_open_in_the_folder_is_found_and_stopped(tmp_path):
+    """Ray's agents rename themselves and drop the environment that marks them, but keep their logs
+    in the cluster's temp dir open: that finds them (a process with a file in a sibling folder is not)."""
+    ours, other = tmp_path / "rs-ours", tmp_path / "rs-ours-not"
+    procs = []
+    for folder in (ours, other):
+        folder.mkdir()
+        code = f"f = open({str(folder / 'agent.log')!r}, 'w')\nprint('up', flush=True)\nimport time; time.sleep(60)"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
+        assert procs[-1].stdout.readline().strip() == "up"
+    try:
+        nothing = lambda cmdline, environ: False  # noqa: E731
+        assert find_processes(nothing, holding=str(ours)) == [procs[0].pid]
+        stop_processes(nothing, grace_s=1.0, holding=str(ours) + "/")
+        assert procs[0].wait(5) == -signal.SIGTERM and procs[1].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def test_a_local_ray_that_times_out_at_start_is_started_once_more_on_a_new_port(monkeypatch, capsys):
     """Ray waits a fixed 30 s for its raylet (a machine busy with training can take longer): the
     local start is tried again, on a fresh GCS port, after shutting the half-started one down;

@@ -35,13 +35,18 @@ def two_nodes(tmp_path_factory):
     gcs, dash = free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="rs2-", dir="/tmp")
     common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", ray_tmp]
+
+    def own_ports() -> list[str]:
+        # Each raylet's agents need ports of their own: the second raylet on this host, and the head
+        # beside another Ray on the machine (a developer's run) holding the defaults — an agent
+        # that cannot bind leaves "No available agent to submit job".
+        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+
     try:
         ray_cli(env, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1",
-                "--include-dashboard", "true", "--resources", '{"node_head": 1}', *common)
-        # A second raylet on the same host needs its own agent ports.
-        ray_cli(env, "start", "--address", f"127.0.0.1:{gcs}", "--resources", '{"node_worker": 1}',
-                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()), *common)
+                "--include-dashboard", "true", "--resources", '{"node_head": 1}', *own_ports(), *common)
+        ray_cli(env, "start", "--address", f"127.0.0.1:{gcs}", "--resources", '{"node_worker": 1}', *own_ports(), *common)
         wait_http(f"http://127.0.0.1:{dash}")
         yield {"env": env, "root": root, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
