@@ -309,6 +309,27 @@ def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(s
     assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
 
 
+def test_basal_command_fits_on_crossval_fold_masks_as_on_the_same_masks_from_a_model(sample_shards, tmp_path, capsys):
+    """``basal --masks FOLDER``: fold masks (here the shipped model's own, written as a fold file) give
+    the check ``--model`` gives from the same masks; neither option: one error line, exit 2."""
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor, predicted_masks
+
+    volumes = diagnosis.all_volumes(sample_shards)
+    masks = predicted_masks(Predictor.load("shipped:mobilenet_v2", PredictConfig()), volumes)
+    (tmp_path / "cv").mkdir()
+    np.savez_compressed(tmp_path / "cv" / "fold0.npz", **{f"{p}/{ph}": m for (p, ph), m in masks.items()})
+    for name, source in (("model", ["--model", "shipped:mobilenet_v2"]), ("folds", ["--masks", str(tmp_path / "cv")])):
+        assert diagnosis_cli.main(["basal", "--data", str(sample_shards), *source, "--out", str(tmp_path / f"{name}.json")]) == 0
+    by_model, by_folds = diagnosis.load(tmp_path / "model.json"), diagnosis.load(tmp_path / "folds.json")
+    assert by_folds.basal_rv["segmenters"] == [f"{tmp_path / 'cv'} (fold masks)"]
+    assert {k: v for k, v in by_folds.basal_rv.items() if k != "segmenters"} == \
+        {k: v for k, v in by_model.basal_rv.items() if k != "segmenters"}
+    capsys.readouterr()
+    assert diagnosis_cli.main(["basal", "--data", str(sample_shards), "--out", str(tmp_path / "never.json")]) == 2
+    assert "needs --model or --masks" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
+
+
 def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path, capsys):
     """``diagnosis fit`` on cross-validated masks (here the reference masks themselves) of 15
     patients in 3 groups: the JSON model loads, and the features CSV reads back with the csv

@@ -113,6 +113,9 @@ def _basal_command(a) -> int:
         print(f"error: {a.data}: no volumes with spacing (re-run raysegment.data.prepare beside info.csv / with NIfTI headers)",
               file=sys.stderr)
         return 2
+    if not a.model and not a.masks:
+        print("error: basal needs --model or --masks (the masks to fit the check on)", file=sys.stderr)
+        return 2
     current = load(a.diagnosis, a.mlflow_uri)
     predictors = {ref: Predictor.load(ref, PredictConfig(), a.mlflow_uri) for ref in a.model}
     if a.ensemble and len(a.model) > 1:
@@ -121,6 +124,7 @@ def _basal_command(a) -> int:
             a.model, PredictConfig(flip_tta=flips), a.mlflow_uri)
     mask_sets = {name: predicted_masks(predictor, volumes, a.mask_cache, progress_line(name))
                  for name, predictor in predictors.items()}
+    mask_sets.update({f"{folder} (fold masks)": load_crossval_masks(folder, volumes) for folder in a.masks})
     train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     where = ["Mean predicted − reference ES volume (mL) per slice from the base (train split):",
              "| masks | structure | slice 0 | 1 | 2 | 3 | below |", "|---|---|---|---|---|---|---|"]
@@ -185,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs = sub.add_parser("basal", help="fit the basal ES check on segmenters' own masks of the train split, compare it "
                                       "(patient-grouped CV on train, then val) and write it into a diagnosis model")
     bs.add_argument("--data", required=True, help="shards with spacing (both splits are segmented)")
-    bs.add_argument("--model", action="append", required=True, help="a segmenter (repeat: each one's masks are pooled)")
+    bs.add_argument("--model", action="append", default=[], help="a segmenter (repeat: each one's masks are pooled)")
+    bs.add_argument("--masks", action="append", type=Path, default=[],
+                    help="a crossval-masks folder: masks of patients their segmenter never saw (pooled likewise; "
+                         "the check then learns the errors of unseen patients)")
     bs.add_argument("--ensemble", action="store_true",
                     help="also pool the masks of all --model together (softmax averaged, flip TTA where every member allows it)")
     bs.add_argument("--diagnosis", default="shipped", help="the diagnosis model whose check is compared and replaced")
