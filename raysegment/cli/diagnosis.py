@@ -107,14 +107,14 @@ def _basal_command(a) -> int:
     from raysegment.data.prepare import load_manifest
     from raysegment.inference.predictor import Predictor, predicted_masks
 
+    if not a.model and not a.masks:
+        print("error: basal needs --model or --masks (the masks to fit the check on)", file=sys.stderr)
+        return 2
     manifest = load_manifest(a.data)
     volumes = [v for v in all_volumes(a.data) if v.spacing is not None]
     if not volumes:
         print(f"error: {a.data}: no volumes with spacing (re-run raysegment.data.prepare beside info.csv / with NIfTI headers)",
               file=sys.stderr)
-        return 2
-    if not a.model and not a.masks:
-        print("error: basal needs --model or --masks (the masks to fit the check on)", file=sys.stderr)
         return 2
     current = load(a.diagnosis, a.mlflow_uri)
     predictors = {ref: Predictor.load(ref, PredictConfig(), a.mlflow_uri) for ref in a.model}
