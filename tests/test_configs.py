@@ -89,6 +89,8 @@ def test_kubernetes_manifest_structure(path, tmp_path):
                     assert env.get("RAY_USAGE_STATS_ENABLED") == "0", f"{c['name']}: Ray telemetry not off"
                 if "mlflow" in runs:
                     assert env.get("MLFLOW_DISABLE_TELEMETRY") == "true", f"{c['name']}: MLflow telemetry not off"
+                if "mlflow server" in runs:
+                    assert env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION") == "false", f"{c['name']}: job runner on"
         if d["kind"] == "RayCluster":
             spec = d["spec"]
             assert spec["authOptions"]["mode"] == "token"
