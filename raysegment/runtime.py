@@ -76,6 +76,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we did that
 
 
 def free_port() -> int:

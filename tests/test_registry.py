@@ -31,6 +31,8 @@ def test_the_one_champion_rule_on_a_real_registry(tmp_path):
 def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tiny_model, sample_shards, capsys):
     """``registry register`` on a local MLflow store: the checkpoint is scored on the val split of
     --data, tagged, and (a random tiny model below the Dice floor) not made champion."""
+    import warnings
+
     from conftest import write_checkpoint
     from mlflow import MlflowClient
 
@@ -39,8 +41,11 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
     model, config = tiny_model
     ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert registry_cli.main(["register", str(ckpt), "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert registry_cli.main(["register", str(ckpt), "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "registered raysegment-mobilenet_v2 v1; champion: False" in out and "sanity check" in out
+    assert not [w for w in caught if "input example was not provided" in str(w.message)], "MLflow's reminder in the log"
     tags = MlflowClient(uri).get_model_version("raysegment-mobilenet_v2", "1").tags
     assert tags.get("evaluated") != "false" and float(tags["dice_mean"]) < 0.1 and tags["manifest_hash"]

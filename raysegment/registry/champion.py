@@ -80,18 +80,25 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _log_pyfunc(artifacts: dict[str, str]) -> str:
-    """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
+def _log_model(**kwargs) -> str:
+    """``mlflow.pyfunc.log_model(**kwargs)`` without MLflow's input-example reminder → model URI.
+
+    Our models carry an explicit signature (a whole volume makes a poor example). MLflow's other
+    reminder, on type hints, is raised under its own ``catch_warnings`` and cannot be filtered here."""
+    import warnings
+
     import mlflow
 
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts=artifacts,
-        signature=_signature(),
-        pip_requirements=["raysegment", "torch", "torchvision", "numpy"],
-    )
-    return info.model_uri
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(**kwargs).model_uri
+
+
+def _log_pyfunc(artifacts: dict[str, str]) -> str:
+    """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
+    return _log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                      artifacts=artifacts, signature=_signature(),
+                      pip_requirements=["raysegment", "torch", "torchvision", "numpy"])
 
 
 def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
@@ -290,10 +297,9 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
 
     def log() -> str:
         mlflow.log_metrics({"cv_accuracy": acc, "cv_accuracy_sd": float(model.meta.get("accuracy_sd", float("nan")))})
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
-                                       artifacts={"diagnosis": str(model_file)}, input_example=example,
-                                       pip_requirements=["raysegment", "numpy", "pandas"])
-        return info.model_uri
+        return _log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
+                          artifacts={"diagnosis": str(model_file)}, input_example=example,
+                          pip_requirements=["raysegment", "numpy", "pandas"])
 
     uri = _in_run(None, "diagnosis", log)
     tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),

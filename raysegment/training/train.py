@@ -192,6 +192,8 @@ def _quiet_reports() -> None:
     under a logger named by its file; our epoch line says it shorter. Off unless --verbose."""
     import logging
 
+    # We switch Ray Data's bars off ourselves; its note on how to switch them on came once per worker.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # moved in another Ray release: the lines stay, nothing breaks

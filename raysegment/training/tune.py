@@ -247,6 +247,10 @@ def run_search(spec: TuneSpec) -> dict:
     from raysegment.data.prepare import load_manifest
 
     disable_telemetry()
+    if not spec.run.verbose:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # its INFO line per created study
     manifest = load_manifest(spec.base.data)
     spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
     root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
@@ -273,7 +277,7 @@ def run_search(spec: TuneSpec) -> dict:
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(metric="dice_mean", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=spec.num_samples, max_concurrent_trials=spec.concurrency),
+                                        num_samples=spec.num_samples),  # the ConcurrencyLimiter bounds it
             run_config=run_config,
         )
     results = tuner.fit()
