@@ -137,3 +137,38 @@ def test_export_of_a_run_folder_takes_its_latest_epoch_and_a_wrong_path_is_one_l
     assert load_model(str(run)).state == {"epoch": 7} and saved_state(run) == {"epoch": 7}
     assert weights_cli.main(["export", str(run / "checkpoint_manager_snapshot.json"), "--out", str(tmp_path / "x")]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_tensors_beyond_fp16_range_stay_fp32_and_a_nan_checkpoint_is_refused(tmp_path, tiny_model, capsys):
+    """DenseNet-121 trained from scratch grew BatchNorm running variances above 65504: in fp16 they
+    became inf and the exported model predicted nothing. Such tensors are kept fp32; NaN is refused."""
+    from raysegment.cli import weights as weights_cli
+
+    model, config = tiny_model
+    name, norm = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        norm.running_var.mul_(1e6)
+        norm.running_mean.add_(300.0)
+    ckpt = write_checkpoint(tmp_path / "ckpt", model, config, {"epoch": 0})
+    out = export_weights(ckpt, tmp_path / "big.safetensors")
+    loaded = load_weights_file(out)
+    assert torch.isfinite(loaded.model.state_dict()[f"{name}.running_var"]).all()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), model(x), atol=2e-2, rtol=0)
+    with torch.no_grad():
+        norm.running_var[0] = float("nan")
+    bad = write_checkpoint(tmp_path / "bad", model, config, {"epoch": 0})
+    assert weights_cli.main(["export", str(bad), "--out", str(tmp_path / "nan.safetensors")]) == 2
+    assert "NaN or inf" in capsys.readouterr().err and not (tmp_path / "nan.safetensors").exists()
+    # A file exported before this fix (inf in fp16) is refused on load instead of predicting nothing.
+    from safetensors.torch import load_file, save_file
+
+    from raysegment.model.checkpoint import DamagedWeights, state_digest
+    from raysegment.model.weights import _metadata
+
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(out)).items()}
+    meta = {**_metadata(out), "tensors_sha256": state_digest(tensors)}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    with pytest.raises(DamagedWeights, match="NaN or inf"):
+        load_weights_file(tmp_path / "old.safetensors")

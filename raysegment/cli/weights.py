@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "export":
         try:
             checkpoint = last_checkpoint(a.checkpoint)
-        except FileNotFoundError as exc:
+            out = export_weights(checkpoint, a.out, half=not a.fp32)
+        except (FileNotFoundError, ValueError) as exc:  # DamagedWeights: NaN or inf in the checkpoint
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        out = export_weights(checkpoint, a.out, half=not a.fp32)
         sums = out.parent / "SHA256SUMS"
         lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(" " + out.name)]
         digest = sha256(out)

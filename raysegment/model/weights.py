@@ -1,5 +1,7 @@
 """Shipped weights: one safetensors file per model, its TrainConfig in the file's metadata.
 
+Tensors are stored fp16, except those beyond fp16's range (kept fp32).
+
 Loading never unpickles code: safetensors holds only tensors and strings.
 """
 
@@ -76,6 +78,10 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     elif state_digest(state) != expected:
         raise DamagedWeights(f"{path}: weights are damaged (their digest does not match the one written "
                              f"into the file); use an intact copy")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # e.g. exported before tensors beyond fp16's range were kept fp32
+        raise DamagedWeights(f"{path}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}); "
+                             f"export it again from its checkpoint")
     return state
 
 
@@ -122,11 +128,27 @@ def widen_context(state: dict, saved, wanted) -> dict:
     return state
 
 
+FP16_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+def _storage(v: torch.Tensor, half: bool) -> torch.Tensor:
+    """fp16 for a float tensor that fits its range; fp32 for one that does not (a BatchNorm
+    running variance above 65504 would become inf and the model would predict nothing)."""
+    if not (half and v.is_floating_point()) or v.numel() == 0:
+        return v.contiguous()
+    return (v.half() if v.abs().max().item() <= FP16_MAX else v.float()).contiguous()
+
+
 def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = True) -> Path:
-    """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``)."""
+    """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``, and fp32 for the
+    tensors beyond fp16's range). A checkpoint holding NaN or inf is refused."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     state = read_state_dict(checkpoint_dir)
-    tensors = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise DamagedWeights(f"{checkpoint_dir}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}); "
+                             f"nothing exported")
+    tensors = {k: _storage(v, half) for k, v in state.items()}
     meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1",
             DIGEST_KEY: state_digest(tensors)}
     if (checkpoint_dir / STATE_FILE).exists():
