@@ -169,7 +169,12 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     assert len(segs) == 2, (out / "ledger.jsonl").read_text() if (out / "ledger.jsonl").exists() else "no ledger"
     # Orthanc checks stability about once a second: marked stable at most ~1 s after StableAge.
     assert took - stable_age - 1.0 <= 1.5 * in_process + 5.0, (took, in_process)
-    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    # The service stores the SEGs first and writes its ledger row after (a crash in between only
+    # re-stores the same UIDs next time), so the SEGs can be visible a moment before the row.
+    ledger_file = out / "ledger.jsonl"
+    while time.perf_counter() < deadline and not (ledger_file.exists() and ledger_file.read_text().strip()):
+        time.sleep(0.1)
+    ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()]
     assert [(e["path"], e["status"]) for e in ledger] == [(f"dicom:{series.study_uid}/{series.uid}", "done")]
 
     summary = run_batch(InferConfig(models=(f"models:/{NAME}@champion",), input=pacs, output=str(out), tracking_uri=uri,
