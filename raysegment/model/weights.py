@@ -78,11 +78,16 @@ def load_tensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tenso
     elif state_digest(state) != expected:
         raise DamagedWeights(f"{path}: weights are damaged (their digest does not match the one written "
                              f"into the file); use an intact copy")
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:  # e.g. exported before tensors beyond fp16's range were kept fp32
-        raise DamagedWeights(f"{path}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}); "
-                             f"export it again from its checkpoint")
+    # e.g. a file exported before tensors beyond fp16's range were kept fp32
+    refuse_nonfinite(state, path, "export it again from its checkpoint")
     return state
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], source: str | Path, advice: str) -> None:
+    """Raise DamagedWeights when a float tensor of ``state`` holds NaN or inf."""
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise DamagedWeights(f"{source}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}); {advice}")
 
 
 def saved_state(path: str | Path) -> dict:
@@ -144,10 +149,7 @@ def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = Tru
     tensors beyond fp16's range). A checkpoint holding NaN or inf is refused."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     state = read_state_dict(checkpoint_dir)
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if broken:
-        raise DamagedWeights(f"{checkpoint_dir}: {len(broken)} tensors hold NaN or inf (first: {broken[0]}); "
-                             f"nothing exported")
+    refuse_nonfinite(state, checkpoint_dir, "nothing exported")
     tensors = {k: _storage(v, half) for k, v in state.items()}
     meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1",
             DIGEST_KEY: state_digest(tensors)}
