@@ -144,7 +144,9 @@ def test_tensors_beyond_fp16_range_stay_fp32_and_a_nan_checkpoint_is_refused(tmp
     became inf and the exported model predicted nothing. Such tensors are kept fp32; NaN is refused."""
     from raysegment.cli import weights as weights_cli
 
-    model, config = tiny_model
+    import copy
+
+    model, config = copy.deepcopy(tiny_model[0]), tiny_model[1]  # the session's model stays as it was
     name, norm = next((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     with torch.no_grad():
         norm.running_var.mul_(1e6)
