@@ -162,7 +162,8 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     client.store_instances([pydicom.dcmread(f) for f in files])
     stored_at, stable_age = time.perf_counter(), 2.0
     deadline = stored_at + 120
-    while time.perf_counter() < deadline and not client.search_for_instances(search_filters={"Modality": "SEG"}):
+    # Two SEGs (one per frame) are stored one after the other: wait for both, not the first.
+    while time.perf_counter() < deadline and len(client.search_for_instances(search_filters={"Modality": "SEG"})) < 2:
         time.sleep(0.25)
     segs = client.search_for_instances(search_filters={"Modality": "SEG"})
     took = time.perf_counter() - stored_at
