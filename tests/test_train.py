@@ -71,7 +71,7 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     marker = tmp_path / "failed-once"
     # A 2.5-D model, so the neighbours column also goes through Ray Data, training and validation.
     tiny = {**TINY, "model": ModelConfig(backbone="mobilenet_v2", decoder_width=8, context_slices=1)}
-    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.15, max_steps_per_epoch=2, val_every=2, **tiny)
+    config = TrainConfig(data=str(tiny_shards), epochs=200, time_budget_min=0.3, max_steps_per_epoch=2, val_every=2, **tiny)
     hooks = RunHooks(fail_at_epoch=2, fail_marker=str(marker))
     result = train(config, RunSpec(num_workers=1, storage_path=str(tmp_path / "runs"), name="fault", max_failures=1,
                                    hooks=hooks))
@@ -87,6 +87,8 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     assert [h["epoch"] for h in state["history"]] == list(range(done))
     # Validated every 2nd epoch and the last ones as planned then; the budget may end the run sooner
     # than planned, and the last epoch (what ships) is validated all the same. Others carry the latest.
+    # (0.3 min, not less: on a loaded machine fewer epochs fit, and a run planned at 6 or fewer
+    # validates every one, being all "last ones".)
     validated = [h["validated_epoch"] for h in state["history"]]
     assert validated[-1] == done - 1 and validated[0] == 0 and all(v <= e for v, e in zip(validated, range(done)))
     assert any(v < e for v, e in zip(validated, range(done))), validated
