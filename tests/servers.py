@@ -119,7 +119,7 @@ def running_cluster(root: Path) -> Iterator[dict]:
                    env=env, check=True, capture_output=True, cwd=root)
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:
-        wait_http(f"{uri}/health")
+        wait_http(f"{uri}/health", timeout=300)  # MLflow imports for a minute or more on a loaded machine
         wait_http(f"http://127.0.0.1:{dash}")
         wait_http(env["AWS_ENDPOINT_URL"])
         s3_fs(env).create_dir(BUCKET)
