@@ -13,8 +13,8 @@ SHARED_ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "acdc"
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
-    """(model in eval mode, TrainConfig): a small random MobileNetV2 U-Net on a 64² grid."""
+def tiny_model_session():
+    """The process's one tiny model (see ``tiny_model``), for module fixtures, which must not change it."""
     import torch
 
     from raysegment.config import ModelConfig, TrainConfig
@@ -23,6 +23,16 @@ def tiny_model():
     torch.manual_seed(0)
     config = TrainConfig(data="unused", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=64)
     return build_model(config.model).eval(), config
+
+
+@pytest.fixture
+def tiny_model(tiny_model_session):
+    """(model in eval mode, TrainConfig): a small random MobileNetV2 U-Net on a 64² grid, built once
+    per process; each test gets its own copy, so one that changes weights leaves the others alone."""
+    import copy
+
+    model, config = tiny_model_session
+    return copy.deepcopy(model), config
 
 
 def write_checkpoint(folder: Path, model, config, state: dict | None = None) -> Path:

@@ -45,7 +45,7 @@ def _register(tiny_model, root: Path, uri: str, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model):
+def stack(tmp_path_factory, tiny_model_session):
     """(service URL, Orthanc DICOMweb URL, tracking URI, output folder, root) of one running stack."""
     from mlflow import MlflowClient
 
@@ -54,7 +54,7 @@ def stack(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("service")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     MlflowClient(uri).create_experiment("raysegment-registry", artifact_location=str(root / "artifacts"))
-    assert _register(tiny_model, root, uri, seed=1) == "1"
+    assert _register(tiny_model_session, root, uri, seed=1) == "1"
     (root / "token").write_text(TOKEN + "\n")
     port = free_port()
     lua = root / "push.lua"
@@ -163,9 +163,10 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     stored_at, stable_age = time.perf_counter(), 2.0
     deadline = stored_at + 120
     # Two SEGs (one per frame) are stored one after the other: wait for both, not the first.
-    while time.perf_counter() < deadline and len(client.search_for_instances(search_filters={"Modality": "SEG"})) < 2:
-        time.sleep(0.25)
     segs = client.search_for_instances(search_filters={"Modality": "SEG"})
+    while time.perf_counter() < deadline and len(segs) < 2:
+        time.sleep(0.25)
+        segs = client.search_for_instances(search_filters={"Modality": "SEG"})
     took = time.perf_counter() - stored_at
     assert len(segs) == 2, (out / "ledger.jsonl").read_text() if (out / "ledger.jsonl").exists() else "no ledger"
     # Orthanc checks stability about once a second: marked stable at most ~1 s after StableAge.
