@@ -46,3 +46,19 @@ def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys)
         chatty(k, 3)
     assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == ["m: 1/3 volumes", "m: 2/3 volumes",
                                                                                      "m: 3/3 volumes"]
+
+
+def test_an_interrupted_command_says_how_to_resume_and_exits_130(capsys):
+    """Ray Train ends the driver's wait with ``SystemExit(1)`` after Ctrl-C, Tune raises a
+    ``KeyboardInterrupt``: both become one line and 130; a ``SystemExit`` with a message is ours."""
+    from raysegment.cli.args import INTERRUPTED, run_until_interrupted
+
+    def raise_(exc):
+        raise exc
+
+    for exc in (SystemExit(1), KeyboardInterrupt()):
+        assert run_until_interrupted("run r", "/runs/r", raise_, exc) == INTERRUPTED == 130
+        assert capsys.readouterr().err == "interrupted: run r stopped; its checkpoints stay in /runs/r and the same command resumes it\n"
+    with pytest.raises(SystemExit, match="error: no such file"):
+        run_until_interrupted("run r", "/runs/r", raise_, SystemExit("error: no such file"))
+    assert run_until_interrupted("run r", "/runs/r", lambda x: x + 1, 1) == 2

@@ -94,6 +94,47 @@ def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(r
     assert any(v < e for v, e in zip(validated, range(done))), validated
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(tiny_shards, tmp_path):
+    """``python -m raysegment.train`` stopped by SIGINT once its first checkpoint is registered: exit
+    130 and one line (no traceback); the same command then goes on from there, not from epoch 1."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "raysegment.train", "--backbone", "mobilenet_v2", "--data", str(tiny_shards),
+           "--workers", "1", "--threads", "1", "--epochs", "6", "--batch-size", "4", "--image-size", "64",
+           "--crop-size", "64", "--decoder-width", "8", "--precision", "fp32", "--storage", str(tmp_path / "runs"),
+           "--name", "ctrlc"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    # Ray Train resumes from the checkpoints its controller registered (this file); one a worker
+    # wrote seconds before the interrupt may not be there yet, and the run then redoes that epoch.
+    snapshot, log = tmp_path / "runs" / "ctrlc" / "checkpoint_manager_snapshot.json", tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 300
+        while not snapshot.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    first = log.read_text()
+    assert "Traceback" not in first and "interrupted: run ctrlc stopped" in first, first[-3000:]
+    assert "the same command resumes it" in first.strip().splitlines()[-1]
+    done = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] + 1
+    assert done < 6
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0 and "done: ctrlc epochs 6" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    epochs = [line.split()[2] for line in again.stdout.splitlines() if line.startswith("[raysegment] epoch")]
+    assert epochs[0] == f"{done + 1}/6" and epochs[-1] == "6/6", (done, epochs)  # resumed, not started again
+    state = load_checkpoint(again.stdout.split("checkpoint ")[-1].strip()).state
+    assert [h["epoch"] for h in state["history"]] == list(range(6))  # each epoch once across the two commands
+
+
 def _images_labels_params(n: int, seed: int, label: int):
     """n random 64² images, a labelled box in each, and augmentation parameters for 48² crops."""
     gen = torch.Generator().manual_seed(seed)

@@ -49,3 +49,25 @@ def test_trial_table_ranks_trials_by_their_best_epoch():
         (3e-3, 0, 1, "b0"), (1e-3, 1, 3, "a1")]
     assert table[1]["dice_mean"] == 0.7 and table[1]["dice_rv"] == pytest.approx(0.69)
     assert table[0]["decoder_width"] == 32
+
+
+def test_a_resumed_search_registers_nothing_twice(tmp_path):
+    """Running an interrupted search again goes through registration again: the MLflow run records
+    what it registered (tag ``registered``), so the registry gets no second version."""
+    from mlflow import MlflowClient
+
+    from raysegment.registry.champion import Registration
+    from raysegment.training.tune import _register_once
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    calls = []
+
+    def register():
+        calls.append(1)
+        return Registration(name="m", version=str(len(calls)), champion=True, reason="no champion yet")
+
+    first = _register_once(client, run_id, register)
+    assert _register_once(client, run_id, register) == first == {"name": "m", "version": "1", "champion": True,
+                                                                   "reason": "no champion yet"}
+    assert len(calls) == 1

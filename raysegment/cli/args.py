@@ -45,6 +45,26 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
 
 
+INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def run_until_interrupted(what: str, where: str, fn, *args):
+    """``fn(*args)``; a Ctrl-C (or ``ray job stop``) ends it with one line saying the same command
+    resumes ``what`` from ``where``, and the result ``INTERRUPTED`` instead of a traceback.
+
+    Ray Train aborts its run on SIGINT and then ends the driver's wait with ``SystemExit(1)``; Tune
+    checkpoints its search and raises ``KeyboardInterrupt`` (raysegment.training.tune). A
+    ``SystemExit`` with a message is one of ours (``error: …``) and passes."""
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and not isinstance(exc.code, int):
+            raise
+        print(f"interrupted: {what} stopped; its checkpoints stay in {where} and the same command resumes it",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
+
+
 def progress_line(label: str, every_s: float = 30.0):
     """A ``progress(done, total)`` callback: one stderr line at most every ``every_s`` seconds and
     one at the end, so a segmentation of minutes says how far it is."""

@@ -8,8 +8,16 @@ import sys
 import time
 from pathlib import Path
 
-from raysegment.cli.args import _td, add_run_arguments, augment_from_args, check_args, resolve_init_weights
+from raysegment.cli.args import (
+    _td,
+    add_run_arguments,
+    augment_from_args,
+    check_args,
+    resolve_init_weights,
+    run_until_interrupted,
+)
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
+from raysegment.io import storage
 from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunHooks, RunSpec, train
 
@@ -63,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                    cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
                    name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
                    placement=a.placement, verbose=a.verbose, hooks=hooks)
-    ensure_ray(a.address, verbose=a.verbose)
-    result = train(config, spec)
+    result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name), _start_and_train,
+                                   a, config, spec)
+    if isinstance(result, int):
+        return result
     if result.error:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
@@ -72,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {spec.name} epochs {m['epoch'] + 1} val dice rv {m['dice_rv']:.3f} myo {m['dice_myo']:.3f} "
           f"lv {m['dice_lv']:.3f} mean {m['dice_mean']:.3f}; checkpoint {result.checkpoint.path}")
     return 0
+
+
+def _start_and_train(a: argparse.Namespace, config: TrainConfig, spec: RunSpec):
+    ensure_ray(a.address, verbose=a.verbose)
+    return train(config, spec)
 
 
 if __name__ == "__main__":

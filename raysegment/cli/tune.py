@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights
+from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights, run_until_interrupted
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
+from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.tune import SEARCHED, TuneSpec, default_sample_shards, run_search
@@ -92,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                     num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
-    ensure_ray(a.address, verbose=a.verbose)
-    summary = run_search(spec)
+    summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
+                                    a.address, spec)
+    if isinstance(summary, int):
+        return summary
     print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
     for r in summary["trials"]:
         params = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in SEARCHED if k in r)
@@ -111,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[raysegment] registered final {reg['name']} v{reg['version']}; champion: {reg['champion']} "
                   f"({reg['reason']})")
     return 0
+
+
+def _start_and_search(address: str | None, spec: TuneSpec) -> dict:
+    ensure_ray(address, verbose=spec.run.verbose)
+    return run_search(spec)
 
 
 if __name__ == "__main__":

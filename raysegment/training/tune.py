@@ -237,13 +237,15 @@ def trial_table(results) -> list[dict]:
     return sorted(rows, key=lambda r: -r["dice_mean"])
 
 
-def run_search(spec: TuneSpec) -> dict:
-    """Run (or resume) a search, track it, register the best checkpoint → summary dict."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+class SearchInterrupted(KeyboardInterrupt):
+    """Tune stopped the search on Ctrl-C (its state saved); re-running it resumes."""
 
+
+def run_search(spec: TuneSpec) -> dict:
+    """Run (or resume) a search, track it, register the best checkpoint → summary dict.
+
+    Raises ``SearchInterrupted`` when Ctrl-C stopped it (the MLflow parent run is then KILLED);
+    running it again resumes, and registers nothing twice."""
     from raysegment.data.prepare import load_manifest
 
     disable_telemetry()
@@ -255,51 +257,87 @@ def run_search(spec: TuneSpec) -> dict:
     spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
     root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
     exp_id, parent_id = _parent_run(spec, storage.join(root, spec.run.name))
+    tuner = _tuner(spec, exp_id, parent_id, root)
+    client = _mlflow_client(spec.tracking_uri)
+    client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
+    try:
+        results = tuner.fit()
+        if len(results) < spec.num_samples or results.num_terminated + results.num_errors < len(results):
+            # Tune stops on Ctrl-C, saves the search and returns what it has: no registration, no final run.
+            raise SearchInterrupted(f"search {spec.run.name} interrupted; the same command resumes it")
+        summary = _after_search(spec, results, exp_id, parent_id, root)
+    except (KeyboardInterrupt, SystemExit):
+        client.set_terminated(parent_id, "KILLED")
+        raise
+    client.set_terminated(parent_id, "FINISHED")
+    return summary
+
+
+def _tuner(spec: TuneSpec, exp_id: str, parent_id: str, root: str):
+    """A new ``Tuner`` for the search, or the saved one when ``root/name`` holds it (resume)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
 
     space = {k: v for k, v in search_space().items() if k not in spec.fixed}
     space.update(spec.fixed)
     trial_run = replace(spec.run, storage_path=storage.join(root, spec.run.name, "train"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=trial_run),
                                     {"CPU": spec.trial_cpus})
+    tune_path = storage.join(root, spec.run.name)
+    if tune.Tuner.can_restore(tune_path):
+        print(f"[raysegment] resuming search {tune_path}", flush=True)
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
     searcher = ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.concurrency)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.base.epochs,
                               grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
     callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
     if not spec.run.verbose:
         callbacks.append(TrialLines(spec.num_samples))
-    run_config = tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks, verbose=1 if spec.run.verbose else 0)
-    tune_path = storage.join(root, spec.run.name)
-    if tune.Tuner.can_restore(tune_path):
-        print(f"[raysegment] resuming search {tune_path}", flush=True)
-        tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=tune.TuneConfig(metric="dice_mean", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=spec.num_samples),  # the ConcurrencyLimiter bounds it
-            run_config=run_config,
-        )
-    results = tuner.fit()
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="dice_mean", mode="max", search_alg=searcher, scheduler=scheduler,
+                                    num_samples=spec.num_samples),  # the ConcurrencyLimiter bounds it
+        run_config=tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks,
+                                  verbose=1 if spec.run.verbose else 0),
+    )
+
+
+def _register_once(client, run_id: str, register) -> dict:
+    """``register()`` (→ a ``Registration``) unless run ``run_id`` records that it did so already
+    (a resumed search or final run) → the registration as a dict, recorded in tag ``registered``."""
+    done = client.get_run(run_id).data.tags.get("registered")
+    if done:
+        return json.loads(done)
+    reg = asdict(register())
+    client.set_tag(run_id, "registered", json.dumps(reg))
+    return reg
+
+
+def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: str) -> dict:
+    """The finished search's table logged, the best trial registered, the final stage run → summary."""
     table = trial_table(results)
     client = _mlflow_client(spec.tracking_uri)
     client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
     summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}
     if not table:
         client.set_terminated(parent_id, "FAILED")
-        raise RuntimeError(f"no trial reported a result ({len(results.errors)} errors); see {tune_path}")
+        raise RuntimeError(f"no trial reported a result ({len(results.errors)} errors); see {storage.join(root, spec.run.name)}")
     best = table[0]
     for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean"):
         client.log_metric(parent_id, f"best_{k}", best[k])
     if spec.register and best.get("checkpoint_path"):
         from raysegment.registry.champion import register_checkpoint
 
-        with storage.local_checkpoint(best["checkpoint_path"], root) as folder:
-            reg = register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id)
-        summary["registered"] = asdict(reg)
+        def register():
+            with storage.local_checkpoint(best["checkpoint_path"], root) as folder:
+                return register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id)
+
+        summary["registered"] = _register_once(client, parent_id, register)
     if spec.final_minutes:
         summary["final"] = run_final(spec, best, exp_id, parent_id)
-    client.set_terminated(parent_id, "FINISHED")
     return summary
 
 
@@ -317,6 +355,7 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.final = 'true'")
     if found:
         run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")  # KILLED if it was interrupted
     else:
         run_id = client.create_run(experiment_id, run_name="final", tags={
             "mlflow.parentRunId": parent_run_id, "final": "true", "source_trial": str(best["trial_id"])}).info.run_id
@@ -325,7 +364,11 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
         client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
     print(f"[raysegment] final run: trial {best['trial_id']}'s configuration from scratch for "
           f"{spec.final_minutes:g} min ({run.name})", flush=True)
-    result = make_trainer(config, run).fit()
+    try:
+        result = make_trainer(config, run).fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborted the run, its checkpoints kept
+        client.set_terminated(run_id, "KILLED")
+        raise
     if result.error or result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
         raise RuntimeError(f"final run failed: {result.error}")
@@ -342,11 +385,13 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     if spec.register:
         from raysegment.registry.champion import register_checkpoint
 
-        with result.checkpoint.as_directory() as folder:  # local or remote storage alike
-            reg = register_checkpoint(folder, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
-                                      extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
-                                                  "search_run": parent_run_id})
-        out["registered"] = asdict(reg)
+        def register():
+            with result.checkpoint.as_directory() as folder:  # local or remote storage alike
+                return register_checkpoint(folder, metrics=metrics, tracking_uri=spec.tracking_uri, run_id=run_id,
+                                           extra_tags={"final": "true", "source_trial": str(best["trial_id"]),
+                                                       "search_run": parent_run_id})
+
+        out["registered"] = _register_once(client, run_id, register)
     client.set_terminated(run_id, "FINISHED")
     return out
 
