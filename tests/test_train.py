@@ -134,6 +134,24 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(tiny_s
     state = load_checkpoint(again.stdout.split("checkpoint ")[-1].strip()).state
     assert [h["epoch"] for h in state["history"]] == list(range(6))  # each epoch once across the two commands
 
+    # A resumed Tune trial's log starts afresh: the search table reads such a trial from its Train run.
+    import pandas as pd
+
+    from raysegment.training.tune import trial_table
+
+    class Resumed:
+        config, metrics, path = {"lr": 1e-3}, {"trial_id": "t"}, "x"
+        metrics_dataframe = pd.DataFrame([{"epoch": 5, "dice_mean": 0.0, "dice_rv": 0.0, "dice_myo": 0.0, "dice_lv": 0.0}])
+
+    os.rename(tmp_path / "runs" / "ctrlc", tmp_path / "runs" / "search-trial-t")
+    (row,) = trial_table([Resumed()], str(tmp_path / "runs" / "search"))
+    validated = [h for h in state["history"] if h["validated_epoch"] == h["epoch"]]
+    best = max(h["dice_mean"] for h in validated)
+    assert (row["epochs"], row["lr"], row["dice_mean"]) == (6, 1e-3, pytest.approx(best)), row
+    assert row["best_epoch"] in {h["epoch"] for h in validated if h["dice_mean"] == best}
+    assert os.path.basename(row["checkpoint_path"]).startswith("checkpoint_")
+    assert trial_table([Resumed()], str(tmp_path / "runs" / "elsewhere")) == []  # no run there: no row
+
 
 def _images_labels_params(n: int, seed: int, label: int):
     """n random 64² images, a labelled box in each, and augmentation parameters for 48² crops."""

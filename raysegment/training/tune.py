@@ -13,6 +13,7 @@ only if it beats the current champion on the same data manifest.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,34 +23,7 @@ from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry
 from raysegment.training.train import RunSpec, make_trainer
-
-SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
-
-
-def search_space() -> dict:
-    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate."""
-    from ray import tune
-
-    return {
-        "dice_fraction": tune.uniform(0.1, 0.9),  # dice_weight = f, ce_weight = 1 - f
-        "w_rv": tune.uniform(0.5, 2.0),
-        "w_myo": tune.uniform(0.5, 2.0),
-        "w_lv": tune.uniform(0.5, 2.0),
-        "decoder_width": tune.choice([16, 32, 48]),
-        "lr": tune.loguniform(3e-4, 6e-3),
-    }
-
-
-def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
-    """The TrainConfig of one trial: ``base`` with the searched (or fixed) parameters applied."""
-    cw = base.loss.class_weights
-    loss = replace(base.loss, class_weights=(float(params.get("w_rv", cw[0])), float(params.get("w_myo", cw[1])),
-                                             float(params.get("w_lv", cw[2]))))
-    if "dice_fraction" in params:
-        f = float(params["dice_fraction"])
-        loss = replace(loss, ce_weight=1.0 - f, dice_weight=f)
-    model = replace(base.model, decoder_width=int(params.get("decoder_width", base.model.decoder_width)))
-    return replace(base, loss=loss, model=model, lr=float(params.get("lr", base.lr)))
+from raysegment.training.trials import SEARCHED, apply_params, search_space, trial_table  # noqa: F401 (the search's API)
 
 
 @dataclass(frozen=True)
@@ -178,7 +152,7 @@ class MlflowTrialLogger:
                 return run_id
 
             def on_trial_start(self, iteration, trials, trial, **info):
-                self._run_for(trial)
+                self.client.update_run(self._run_for(trial), status="RUNNING")  # a resumed trial was KILLED
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 run_id = self._run_for(trial)
@@ -193,6 +167,11 @@ class MlflowTrialLogger:
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 self.client.set_terminated(self._run_for(trial), "FAILED")
+
+            def on_experiment_end(self, trials, **info):
+                for trial in trials:  # a search stopped by Ctrl-C leaves trials paused or pending
+                    if trial.trial_id in self.runs and trial.status not in ("TERMINATED", "ERROR"):
+                        self.client.set_terminated(self.runs[trial.trial_id], "KILLED")
 
         return _Logger()
 
@@ -221,22 +200,6 @@ def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the search
 
 
-def trial_table(results) -> list[dict]:
-    """One row per trial: searched params → best val Dice over its epochs."""
-    rows = []
-    for r in results:
-        df = r.metrics_dataframe
-        if df is None or "dice_mean" not in df:
-            continue
-        best = df.loc[df["dice_mean"].idxmax()]
-        trial_id = (getattr(r, "metrics", None) or {}).get("trial_id") or Path(str(getattr(r, "path", ""))).name
-        rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config},
-                     "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
-                     **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
-                     "checkpoint_path": best.get("checkpoint_path")})
-    return sorted(rows, key=lambda r: -r["dice_mean"])
-
-
 class SearchInterrupted(KeyboardInterrupt):
     """Tune stopped the search on Ctrl-C (its state saved); re-running it resumes."""
 
@@ -260,6 +223,8 @@ def run_search(spec: TuneSpec) -> dict:
     tuner = _tuner(spec, exp_id, parent_id, root)
     client = _mlflow_client(spec.tracking_uri)
     client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
+    if not spec.run.verbose:  # Tune's own resume hint names its Python API; ours names the command
+        logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore(" not in record.getMessage())
     try:
         results = tuner.fit()
         if len(results) < spec.num_samples or results.num_terminated + results.num_errors < len(results):
@@ -318,7 +283,7 @@ def _register_once(client, run_id: str, register) -> dict:
 
 def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: str) -> dict:
     """The finished search's table logged, the best trial registered, the final stage run → summary."""
-    table = trial_table(results)
+    table = trial_table(results, storage.join(root, spec.run.name, "train", spec.run.name))
     client = _mlflow_client(spec.tracking_uri)
     client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
     summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}

@@ -1,0 +1,88 @@
+"""What a search varies and what it found: the searched parameters (``SEARCHED``, their space,
+their mapping onto a ``TrainConfig``) and the table of trials ranked by val Dice. Imports the
+shared base only (Ray inside functions); ``raysegment.training.tune`` builds on it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from raysegment.config import TrainConfig
+
+SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
+
+
+def search_space() -> dict:
+    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate."""
+    from ray import tune
+
+    return {
+        "dice_fraction": tune.uniform(0.1, 0.9),  # dice_weight = f, ce_weight = 1 - f
+        "w_rv": tune.uniform(0.5, 2.0),
+        "w_myo": tune.uniform(0.5, 2.0),
+        "w_lv": tune.uniform(0.5, 2.0),
+        "decoder_width": tune.choice([16, 32, 48]),
+        "lr": tune.loguniform(3e-4, 6e-3),
+    }
+
+
+def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
+    """The TrainConfig of one trial: ``base`` with the searched (or fixed) parameters applied."""
+    cw = base.loss.class_weights
+    loss = replace(base.loss, class_weights=(float(params.get("w_rv", cw[0])), float(params.get("w_myo", cw[1])),
+                                             float(params.get("w_lv", cw[2]))))
+    if "dice_fraction" in params:
+        f = float(params["dice_fraction"])
+        loss = replace(loss, ce_weight=1.0 - f, dice_weight=f)
+    model = replace(base.model, decoder_width=int(params.get("decoder_width", base.model.decoder_width)))
+    return replace(base, loss=loss, model=model, lr=float(params.get("lr", base.lr)))
+
+
+def trial_table(results, trial_runs: str | None = None) -> list[dict]:
+    """One row per trial: searched params → best val Dice over its epochs.
+
+    A trial whose Tune log lacks its first epochs — Tune starts the log of a resumed trial afresh,
+    as our trials keep their checkpoints in their own Ray Train run — is read from that run under
+    ``trial_runs`` (``run_trial``'s storage path and name) instead."""
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        trial_id = (getattr(r, "metrics", None) or {}).get("trial_id") or Path(str(getattr(r, "path", ""))).name
+        if df is None or "dice_mean" not in df or df["epoch"].min() > 0:
+            row = _row_from_trial_run(f"{trial_runs}-trial-{trial_id}") if trial_runs else None
+            if row:
+                rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config}, **row})
+            continue
+        best = df.loc[df["dice_mean"].idxmax()]
+        rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config},
+                     "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+                     **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+                     "checkpoint_path": best.get("checkpoint_path")})
+    return sorted(rows, key=lambda r: -r["dice_mean"])
+
+
+def _row_from_trial_run(path: str) -> dict | None:
+    """Epochs and best validated epoch of the Ray Train run at ``path`` (its kept checkpoints
+    include the best by dice_mean), or None where it left no checkpoint."""
+    import ray.train
+
+    # Ray warns, on reading a run's checkpoint record, that a new run of that name would resume it.
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        result = ray.train.Result.from_path(path)
+    except (RuntimeError, FileNotFoundError):
+        return None
+    finally:
+        quiet.setLevel(level)
+    kept = [(c, m) for c, m in result.best_checkpoints or [] if "dice_mean" in m]
+    # An epoch that skipped validation carries older Dice: only validated epochs are scored.
+    scored = [(c, m) for c, m in kept if m.get("validated_epoch", m["epoch"]) == m["epoch"]] or kept
+    if not scored:
+        return None
+    checkpoint, best = max(scored, key=lambda cm: cm[1]["dice_mean"])
+    return {"epochs": int(result.metrics["epoch"]) + 1, "best_epoch": int(best["epoch"]),
+            **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
+            "checkpoint_path": checkpoint.path}
