@@ -227,8 +227,9 @@ def run_search(spec: TuneSpec) -> dict:
         logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore(" not in record.getMessage())
     try:
         results = tuner.fit()
-        if len(results) < spec.num_samples or results.num_terminated + results.num_errors < len(results):
+        if results.num_terminated + results.num_errors < len(results):
             # Tune stops on Ctrl-C, saves the search and returns what it has: no registration, no final run.
+            # (Not the trial count against --num-samples: a resumed search keeps the count it began with.)
             raise SearchInterrupted(f"search {spec.run.name} interrupted; the same command resumes it")
         summary = _after_search(spec, results, exp_id, parent_id, root)
     except (KeyboardInterrupt, SystemExit):
