@@ -142,20 +142,20 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     # A resumed Tune trial's log starts afresh: the search table reads such a trial from its Train run.
     import pandas as pd
 
-    from raysegment.training.tune import trial_table
+    from raysegment.training.tune import trial_run_name, trial_table
 
     class Resumed:
         config, metrics, path = {"lr": 1e-3}, {"trial_id": "t"}, "x"
         metrics_dataframe = pd.DataFrame([{"epoch": 5, "dice_mean": 0.0, "dice_rv": 0.0, "dice_myo": 0.0, "dice_lv": 0.0}])
 
-    os.rename(tmp_path / "runs" / "ctrlc", tmp_path / "runs" / "search-trial-t")
-    (row,) = trial_table([Resumed()], str(tmp_path / "runs" / "search"))
+    os.rename(tmp_path / "runs" / "ctrlc", tmp_path / "runs" / trial_run_name("search", "t"))
+    (row,) = trial_table([Resumed()], lambda trial_id: str(tmp_path / "runs" / trial_run_name("search", trial_id)))
     validated = [h for h in state["history"] if h["validated_epoch"] == h["epoch"]]
     best = max(h["dice_mean"] for h in validated)
     assert (row["epochs"], row["lr"], row["dice_mean"]) == (6, 1e-3, pytest.approx(best)), row
     assert row["best_epoch"] in {h["epoch"] for h in validated if h["dice_mean"] == best}
     assert os.path.basename(row["checkpoint_path"]).startswith("checkpoint_")
-    assert trial_table([Resumed()], str(tmp_path / "runs" / "elsewhere")) == []  # no run there: no row
+    assert trial_table([Resumed()], lambda trial_id: str(tmp_path / "elsewhere" / trial_id)) == []  # no run there: no row
 
 
 def _images_labels_params(n: int, seed: int, label: int):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from raysegment.config import TrainConfig
 
@@ -39,27 +40,38 @@ def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
     return replace(base, loss=loss, model=model, lr=float(params.get("lr", base.lr)))
 
 
-def trial_table(results, trial_runs: str | None = None) -> list[dict]:
+DICE = ("dice_rv", "dice_myo", "dice_lv", "dice_mean")
+
+
+def trial_run_name(search: str, trial_id: str) -> str:
+    """The name of one trial's Ray Train run (its checkpoints; under the search's ``train`` folder)."""
+    return f"{search}-trial-{trial_id}"
+
+
+def trial_table(results, trial_run_path: Callable[[str], str] | None = None) -> list[dict]:
     """One row per trial: searched params → best val Dice over its epochs.
 
     A trial whose Tune log lacks its first epochs — Tune starts the log of a resumed trial afresh,
-    as our trials keep their checkpoints in their own Ray Train run — is read from that run under
-    ``trial_runs`` (``run_trial``'s storage path and name) instead."""
+    as our trials keep their checkpoints in their own Ray Train run — is read from that run
+    (``trial_run_path(trial_id)``) instead."""
     rows = []
     for r in results:
         df = r.metrics_dataframe
         trial_id = (getattr(r, "metrics", None) or {}).get("trial_id") or Path(str(getattr(r, "path", ""))).name
         if df is None or "dice_mean" not in df or df["epoch"].min() > 0:
-            row = _row_from_trial_run(f"{trial_runs}-trial-{trial_id}") if trial_runs else None
-            if row:
-                rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config}, **row})
-            continue
-        best = df.loc[df["dice_mean"].idxmax()]
-        rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config},
-                     "epochs": int(df["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
-                     **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
-                     "checkpoint_path": best.get("checkpoint_path")})
+            found = _row_from_trial_run(trial_run_path(trial_id)) if trial_run_path else None
+        else:
+            best = df.loc[df["dice_mean"].idxmax()]
+            found = _row(int(df["epoch"].max()) + 1, best, best.get("checkpoint_path"))
+        if found:
+            rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config}, **found})
     return sorted(rows, key=lambda r: -r["dice_mean"])
+
+
+def _row(epochs: int, best, checkpoint_path) -> dict:
+    """A trial's epochs and its best epoch's Dice (``best``: that epoch's metrics) and checkpoint."""
+    return {"epochs": epochs, "best_epoch": int(best["epoch"]), **{k: float(best[k]) for k in DICE},
+            "checkpoint_path": checkpoint_path}
 
 
 def _row_from_trial_run(path: str) -> dict | None:
@@ -83,6 +95,4 @@ def _row_from_trial_run(path: str) -> dict | None:
     if not scored:
         return None
     checkpoint, best = max(scored, key=lambda cm: cm[1]["dice_mean"])
-    return {"epochs": int(result.metrics["epoch"]) + 1, "best_epoch": int(best["epoch"]),
-            **{k: float(best[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
-            "checkpoint_path": checkpoint.path}
+    return _row(int(result.metrics["epoch"]) + 1, best, checkpoint.path)

@@ -23,7 +23,14 @@ from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry
 from raysegment.training.train import RunSpec, make_trainer
-from raysegment.training.trials import SEARCHED, apply_params, search_space, trial_table  # noqa: F401 (the search's API)
+from raysegment.training.trials import (  # noqa: F401 (the search's API)
+    DICE,
+    SEARCHED,
+    apply_params,
+    search_space,
+    trial_run_name,
+    trial_table,
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ def run_trial(params: dict, base: TrainConfig, run: RunSpec) -> None:
 
     config = apply_params(base, params)
     trial = tune.get_context().get_trial_id()
-    spec = replace(run, name=f"{run.name}-trial-{trial}")
+    spec = replace(run, name=trial_run_name(run.name, trial))
     make_trainer(config, spec, run_callbacks=[TuneReportCallback()]).fit()
     _wait_until_tune_has_every_report()
 
@@ -200,6 +207,10 @@ def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------- the search
 
 
+def _no_restore_hint(record: logging.LogRecord) -> bool:
+    return "Tuner.restore(" not in record.getMessage()
+
+
 class SearchInterrupted(KeyboardInterrupt):
     """Tune stopped the search on Ctrl-C (its state saved); re-running it resumes."""
 
@@ -224,7 +235,7 @@ def run_search(spec: TuneSpec) -> dict:
     client = _mlflow_client(spec.tracking_uri)
     client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
     if not spec.run.verbose:  # Tune's own resume hint names its Python API; ours names the command
-        logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore(" not in record.getMessage())
+        logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)  # once: the same filter is not added twice
     try:
         results = tuner.fit()
         if results.num_terminated + results.num_errors < len(results):
@@ -284,7 +295,8 @@ def _register_once(client, run_id: str, register) -> dict:
 
 def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: str) -> dict:
     """The finished search's table logged, the best trial registered, the final stage run → summary."""
-    table = trial_table(results, storage.join(root, spec.run.name, "train", spec.run.name))
+    trials = storage.join(root, spec.run.name, "train")  # run_trial's storage path
+    table = trial_table(results, lambda trial_id: storage.join(trials, trial_run_name(spec.run.name, trial_id)))
     client = _mlflow_client(spec.tracking_uri)
     client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
     summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}
@@ -292,7 +304,7 @@ def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: st
         client.set_terminated(parent_id, "FAILED")
         raise RuntimeError(f"no trial reported a result ({len(results.errors)} errors); see {storage.join(root, spec.run.name)}")
     best = table[0]
-    for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean"):
+    for k in DICE:
         client.log_metric(parent_id, f"best_{k}", best[k])
     if spec.register and best.get("checkpoint_path"):
         from raysegment.registry.champion import register_checkpoint
