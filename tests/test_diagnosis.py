@@ -281,10 +281,17 @@ def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out
     assert where["rv"][0] > 0 and where["rv"][1:] == [0.0] * 4 and where["lv"] == [0.0] * 5
 
 
-def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(sample_shards, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def sample_mask_cache(tmp_path_factory):
+    """One folder of the shipped MobileNetV2's masks of the sample, so this module segments it once
+    (the cache itself: tests/test_predict.py)."""
+    return tmp_path_factory.mktemp("mask-cache")
+
+
+def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(sample_shards, sample_mask_cache, tmp_path, capsys):
     out = tmp_path / "diagnosis.json"
     assert diagnosis_cli.main(["basal", "--data", str(sample_shards), "--model", "shipped:mobilenet_v2",
-                           "--out", str(out)]) == 0
+                               "--mask-cache", str(sample_mask_cache), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     new, shipped = diagnosis.load(out), diagnosis.load("shipped")
     assert new.basal_rv["format"] == "basal-es/2" and new.basal_rv["segmenters"] == ["shipped:mobilenet_v2"]
@@ -309,17 +316,19 @@ def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(s
     assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
 
 
-def test_basal_command_fits_on_crossval_fold_masks_as_on_the_same_masks_from_a_model(sample_shards, tmp_path, capsys):
+def test_basal_command_fits_on_crossval_fold_masks_as_on_the_same_masks_from_a_model(sample_shards, sample_mask_cache,
+                                                                                   tmp_path, capsys):
     """``basal --masks FOLDER``: fold masks (here the shipped model's own, written as a fold file) give
     the check ``--model`` gives from the same masks; neither option: one error line, exit 2."""
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor, predicted_masks
 
     volumes = diagnosis.all_volumes(sample_shards)
-    masks = predicted_masks(Predictor.load("shipped:mobilenet_v2", PredictConfig()), volumes)
+    masks = predicted_masks(Predictor.load("shipped:mobilenet_v2", PredictConfig()), volumes, sample_mask_cache)
     (tmp_path / "cv").mkdir()
     np.savez_compressed(tmp_path / "cv" / "fold0.npz", **{f"{p}/{ph}": m for (p, ph), m in masks.items()})
-    for name, source in (("model", ["--model", "shipped:mobilenet_v2"]), ("folds", ["--masks", str(tmp_path / "cv")])):
+    for name, source in (("model", ["--model", "shipped:mobilenet_v2", "--mask-cache", str(sample_mask_cache)]),
+                         ("folds", ["--masks", str(tmp_path / "cv")])):
         assert diagnosis_cli.main(["basal", "--data", str(sample_shards), *source, "--out", str(tmp_path / f"{name}.json")]) == 0
     by_model, by_folds = diagnosis.load(tmp_path / "model.json"), diagnosis.load(tmp_path / "folds.json")
     assert by_folds.basal_rv["segmenters"] == [f"{tmp_path / 'cv'} (fold masks)"]
