@@ -8,6 +8,7 @@ import functools
 import os
 
 START_ATTEMPTS = 2  # local Ray starts tried when Ray's own start timeout passes
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch (ray.train.v2 constants)
 
 
 def disable_telemetry() -> None:
@@ -132,12 +133,15 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
     state API for "the" cluster, cannot tell which, dies, and leaks each Tune trial's placement
     group: the next trial then waits for CPUs for ever. So the GCS gets a port chosen here, and the
     processes Ray spawns (they inherit this environment) get RAY_ADDRESS; this process's own
-    environment is left as it was."""
+    environment is left as it was. Those processes also run Ray Train without its preemption
+    watcher: one machine has no spot nodes to drain, and each run's watcher printed an ERROR line
+    about its own restart policy (ray-project/ray#53727) and polled the GCS every 5 s."""
     import sys
 
     import ray
 
-    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT", PREEMPTION_WATCHER)}
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
             port = free_port()

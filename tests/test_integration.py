@@ -161,13 +161,15 @@ def test_a_local_ray_beside_another_one_is_the_cluster_its_processes_find(cluste
         own = ray.get_runtime_context().gcs_address
 
         @ray.remote(num_cpus=0)
-        def found() -> str:
+        def found() -> tuple[str, str | None]:
             from ray._private import services
 
-            return services.canonicalize_bootstrap_address_or_die(None)
+            return services.canonicalize_bootstrap_address_or_die(None), os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
+        address, watcher = ray.get(found.remote())
         assert own.rsplit(":", 1)[1] != cluster["gcs"].rsplit(":", 1)[1]
-        assert ray.get(found.remote()).rsplit(":", 1)[1] == own.rsplit(":", 1)[1]
-        assert "RAY_ADDRESS" not in os.environ
+        assert address.rsplit(":", 1)[1] == own.rsplit(":", 1)[1]
+        assert watcher == "0"  # a local Ray's Train runs without the preemption watcher (no spot nodes here)
+        assert "RAY_ADDRESS" not in os.environ and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     finally:
         ray.shutdown()

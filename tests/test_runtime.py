@@ -70,16 +70,18 @@ def test_a_local_ray_that_times_out_at_start_is_started_once_more_on_a_new_port(
 
     def fake_init(**kwargs):
         calls.append(os.environ["RAY_GCS_SERVER_PORT"])
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"  # what Ray's processes inherit
         if len(calls) == 1:
             raise Exception("The current node timed out during startup. This could happen because ...")
 
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(len(calls)))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
     runtime._start_local(None, None)
     assert len(calls) == 2 and calls[0] != calls[1] and shutdowns == [1]
     assert "starting it again (2 of 2)" in capsys.readouterr().err
-    assert "RAY_ADDRESS" not in os.environ  # the caller's environment as it was
+    assert "RAY_ADDRESS" not in os.environ and "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # as it was
 
     def always_times_out(**kwargs):
         raise Exception("The current node timed out during startup.")
