@@ -4,6 +4,8 @@
 #   jobs/long-runs.sh resume                    resume every run started here that has not ended
 #   jobs/long-runs.sh pause NAME                Ctrl-C its driver: the run's clock stops, checkpoints stay
 #   jobs/long-runs.sh status                    each run's last epoch line
+#   jobs/long-runs.sh finish NAME               an ended run's last epoch: NAME.safetensors, its Dice
+#                                               table and clinical report in NAME-report/
 # Everything lives in ~/raysegment-runs: shards (prepared from ../shared/acdc on first use), one frozen
 # code snapshot per run (later edits to the checkout never change what a run computes), NAME.log,
 # NAME.args. Runs use one worker with one torch thread, so two run side by side on 2 cores.
@@ -50,5 +52,14 @@ case "${1:-}" in
             [ -e "$f" ] || continue
             echo "$(basename "$f" .log): $(grep -E '^\[raysegment\] epoch|^== ' "$f" | tail -n 1)"
         done ;;
-    *) sed -n 2,9p "$0"; exit 2 ;;
+    finish)
+        name="${2:?NAME}"; out="$root/$name-report"
+        grep -q "^== exit 0" "$root/$name.log" || { echo "run $name has not ended" >&2; exit 2; }
+        code="$root/code-$(cat "$root/$name.commit")"
+        export PYTHONPATH="$code"
+        python -m raysegment.weights export "$root/$name" --out "$root/$name.safetensors"
+        python -m raysegment.report evaluate --model "$root/$name.safetensors" --data "$root/shards" --out "$out"
+        python -m raysegment.report clinical --model "$root/$name.safetensors" --data "$root/shards" \
+            --basal-check shipped --diagnosis shipped --out "$out/clinical" ;;
+    *) sed -n 2,11p "$0"; exit 2 ;;
 esac
