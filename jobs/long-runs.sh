@@ -14,6 +14,9 @@ root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$root"
 
+driver_pid() { pgrep -f "raysegment.train .*--name $1( |$)" | head -1 || true; }  # a run's python process
+ended() { grep -q "^== exit 0" "$root/$1.log" 2>/dev/null; }  # its budget ran out (Ctrl-C exits 130)
+
 start() {
     local name="$1"; shift
     if [ -f "$root/$name.args" ]; then
@@ -28,9 +31,9 @@ start() {
     if [ ! -d "$root/shards" ]; then
         PYTHONPATH="$code" python -m raysegment.prepare --source "$repo/../shared/acdc" --out "$root/shards"
     fi
-    if pgrep -f "raysegment.train .*--name $name( |$)" >/dev/null; then echo "run $name is already running"; return; fi
+    if [ -n "$(driver_pid "$name")" ]; then echo "run $name is already running"; return; fi
     # shellcheck disable=SC2086
-    (cd "$code" && PYTHONPATH="$code" RAY_USAGE_STATS_ENABLED=0 nohup bash -c "echo \"== start \$(date -u +%FT%TZ) code $commit\"; \
+    (cd "$code" && PYTHONPATH="$code" nohup bash -c "echo \"== start \$(date -u +%FT%TZ) code $commit\"; \
         python -m raysegment.train --data $root/shards --workers 1 --threads 1 --epochs 1000 --storage $root --name $name $*; \
         echo \"== exit \$? \$(date -u +%FT%TZ)\"" >> "$root/$name.log" 2>&1 &)
     echo "run $name: started (code $commit); log $root/$name.log"
@@ -42,10 +45,10 @@ case "${1:-}" in
         for f in "$root"/*.args; do
             [ -e "$f" ] || continue
             name="$(basename "$f" .args)"
-            if grep -q "^== exit 0" "$root/$name.log" 2>/dev/null; then echo "run $name: ended"; else start "$name"; sleep 20; fi
+            if ended "$name"; then echo "run $name: ended"; else start "$name"; sleep 20; fi
         done ;;
     pause)
-        pid="$(pgrep -f "raysegment.train .*--name ${2:?NAME}( |$)" | head -1 || true)"
+        pid="$(driver_pid "${2:?NAME}")"
         if [ -n "$pid" ]; then kill -INT "$pid"; echo "run $2: Ctrl-C sent"; else echo "run $2 is not running"; fi ;;
     status)
         for f in "$root"/*.log; do
@@ -54,7 +57,7 @@ case "${1:-}" in
         done ;;
     finish)
         name="${2:?NAME}"; out="$root/$name-report"
-        grep -q "^== exit 0" "$root/$name.log" || { echo "run $name has not ended" >&2; exit 2; }
+        ended "$name" || { echo "run $name has not ended" >&2; exit 2; }
         code="$root/code-$(cat "$root/$name.commit")"
         export PYTHONPATH="$code"
         python -m raysegment.weights export "$root/$name" --out "$root/$name.safetensors"
