@@ -14,7 +14,8 @@ root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$root"
 
-driver_pid() { pgrep -f "raysegment.train .*--name $1( |$)" | head -1 || true; }  # a run's python process
+# a run's python process (anchored: the bash -c wrapper that logs its start and exit matches too)
+driver_pid() { pgrep -f "^python -m raysegment.train .*--name $1( |$)" | head -1 || true; }
 ended() { grep -q "^== exit 0" "$root/$1.log" 2>/dev/null; }  # its budget ran out (Ctrl-C exits 130)
 
 start() {

@@ -200,3 +200,41 @@ def test_runtime_env_turns_telemetry_off():
 @pytest.mark.parametrize("path", SCRIPTS, ids=[p.name for p in SCRIPTS])
 def test_scripts_parse(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_long_runs_pause_reaches_the_training_driver_not_its_logging_wrapper(tmp_path):
+    """``jobs/long-runs.sh pause NAME`` Ctrl-Cs the run's python process. The script starts each run
+    as ``bash -c "echo start; python -m raysegment.train … --name NAME; echo exit"``; a SIGINT sent to
+    that wrapper never reaches python (a non-interactive bash waits its child out), so the run went on."""
+    import os
+    import sys
+    import time
+
+    fake = tmp_path / "code" / "raysegment"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    stopped = tmp_path / "stopped"
+    (fake / "train.py").write_text(
+        # its own SIGINT handler, as Ray installs in the real driver (a `cmd &` starts with SIGINT ignored)
+        "import pathlib, signal, sys, time\n"
+        f"signal.signal(signal.SIGINT, lambda *_: (pathlib.Path({str(stopped)!r}).write_text('ctrl-c'), sys.exit(0)))\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "time.sleep(60)\n")
+    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path / "code"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    wrapper = subprocess.Popen(["bash", "-c", "echo start; python -m raysegment.train --name fake-run --minutes 5; echo exit $?"],
+                               env=env, cwd=tmp_path / "code", stdout=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for _ in range(300):  # until python has its handler and waits (slow on a loaded machine)
+            if (tmp_path / "ready").exists():
+                break
+            time.sleep(0.1)
+        out = subprocess.run(["bash", str(REPO / "jobs" / "long-runs.sh"), "pause", "fake-run"], env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert "Ctrl-C sent" in out.stdout, out
+        log, _ = wrapper.communicate(timeout=30)
+    finally:
+        if wrapper.poll() is None:
+            os.killpg(wrapper.pid, 9)
+    assert stopped.read_text() == "ctrl-c" and "exit 0" in log
