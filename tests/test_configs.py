@@ -203,38 +203,41 @@ def test_scripts_parse(path):
 
 
 def test_long_runs_pause_reaches_the_training_driver_not_its_logging_wrapper(tmp_path):
-    """``jobs/long-runs.sh pause NAME`` Ctrl-Cs the run's python process. The script starts each run
-    as ``bash -c "echo start; python -m raysegment.train … --name NAME; echo exit"``; a SIGINT sent to
-    that wrapper never reaches python (a non-interactive bash waits its child out), so the run went on."""
+    """``jobs/long-runs.sh pause NAME`` Ctrl-Cs the run's python process. ``start`` runs each run as
+    ``bash -c "echo start; python -m raysegment.train … --name NAME …; echo exit"``; a SIGINT sent to
+    that wrapper never reaches python (a non-interactive bash waits its child out), so the run went on.
+    The script's own ``start`` launches the run, on a stand-in snapshot of the code at HEAD."""
     import os
     import sys
     import time
 
-    fake = tmp_path / "code" / "raysegment"
+    root = tmp_path / "raysegment-runs"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    fake = root / f"code-{commit}" / "raysegment"  # start uses a snapshot that exists as it is
     fake.mkdir(parents=True)
+    (root / "shards").mkdir()
     (fake / "__init__.py").write_text("")
-    stopped = tmp_path / "stopped"
     (fake / "train.py").write_text(
         # its own SIGINT handler, as Ray installs in the real driver (a `cmd &` starts with SIGINT ignored)
         "import pathlib, signal, sys, time\n"
-        f"signal.signal(signal.SIGINT, lambda *_: (pathlib.Path({str(stopped)!r}).write_text('ctrl-c'), sys.exit(0)))\n"
+        f"signal.signal(signal.SIGINT, lambda *_: (pathlib.Path({str(tmp_path / 'stopped')!r}).touch(), sys.exit(130)))\n"
         f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
         "time.sleep(60)\n")
-    env = {**os.environ, "HOME": str(tmp_path), "PYTHONPATH": str(tmp_path / "code"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    wrapper = subprocess.Popen(["bash", "-c", "echo start; python -m raysegment.train --name fake-run --minutes 5; echo exit $?"],
-                               env=env, cwd=tmp_path / "code", stdout=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = ["bash", str(REPO / "jobs" / "long-runs.sh")]
     try:
+        subprocess.run([*script, "start", "fake-run", "--minutes", "5"], env=env, check=True, timeout=30)
         for _ in range(300):  # until python has its handler and waits (slow on a loaded machine)
             if (tmp_path / "ready").exists():
                 break
             time.sleep(0.1)
-        out = subprocess.run(["bash", str(REPO / "jobs" / "long-runs.sh"), "pause", "fake-run"], env=env,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run([*script, "pause", "fake-run"], env=env, capture_output=True, text=True, timeout=30)
         assert "Ctrl-C sent" in out.stdout, out
-        log, _ = wrapper.communicate(timeout=30)
+        for _ in range(300):
+            if "== exit" in (root / "fake-run.log").read_text():
+                break
+            time.sleep(0.1)
     finally:
-        if wrapper.poll() is None:
-            os.killpg(wrapper.pid, 9)
-    assert stopped.read_text() == "ctrl-c" and "exit 0" in log
+        subprocess.run(["pkill", "-9", "-f", f"raysegment.train .*--storage {root} --name fake-run"])
+    assert (tmp_path / "stopped").exists() and "== exit 130" in (root / "fake-run.log").read_text()
