@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from raysegment.runtime import free_port, stop_processes  # noqa: F401  (free_port: the tests' import too)
+from raysegment.runtime import OWN_PROCESS_GROUP, free_port, stop_processes  # noqa: F401  (free_port: the tests' import too)
 
 VENV_BIN = str(Path(sys.executable).parent)
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def running_cluster(root: Path) -> Iterator[dict]:
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
     s3_log = open(root / "s3.log", "w")
     s3_proc = subprocess.Popen([f"{VENV_BIN}/moto_server", "-H", "127.0.0.1", "-p", str(s3_port)], env=env,
-                               stdout=s3_log, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=s3_log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
     ray_tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     mlflow_log = open(root / "mlflow.log", "w")
     mlflow_proc = subprocess.Popen(
@@ -108,7 +108,7 @@ def running_cluster(root: Path) -> Iterator[dict]:
         # Without MLflow 3's job runner (a supervisor and 7 huey consumers, for GenAI jobs raysegment
         # never submits): 8 fewer processes to start and stop, about half the server's memory.
         env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=mlflow_log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        **OWN_PROCESS_GROUP)
     subprocess.run([f"{VENV_BIN}/ray", "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
                     "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "true",
                     "--disable-usage-stats", "--temp-dir", ray_tmp,
@@ -156,7 +156,7 @@ def running_orthanc(root: Path, extra: dict | None = None, port: int | None = No
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "w")
     proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            **OWN_PROCESS_GROUP)
     try:
         wait_http(f"http://127.0.0.1:{port}/system", timeout=60)
         yield f"http://127.0.0.1:{port}/dicom-web"
@@ -177,7 +177,7 @@ def running_service(root: Path, *args: str, port: int | None = None, timeout: fl
     env["RAY_TMPDIR"] = ray_tmp
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "raysegment.serve", *args, "--port", str(port)], env=env, cwd=root,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

@@ -1,5 +1,6 @@
 """``raysegment.runtime``'s process helpers: finding one Ray's processes by a marker in their
-environment or command line, and stopping those only (others on the machine live on)."""
+environment or command line, and stopping those only (others on the machine live on); the
+process group that the servers and drivers we start get."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 
-from raysegment.runtime import find_processes, stop_processes
+from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, stop_processes
 
 
 def _sleeper(env_marker: str = "", ignore_term: bool = False) -> subprocess.Popen:
@@ -98,3 +100,35 @@ def test_a_local_ray_that_times_out_at_start_is_started_once_more_on_a_new_port(
     with pytest.raises(ValueError, match="bad num_cpus"):
         runtime._start_local(None, None)
     assert shutdowns == []
+
+
+def test_own_process_group_stays_in_this_session_and_killpg_stops_the_child_with_its_own():
+    """A server or driver started with ``OWN_PROCESS_GROUP``: its own process group (os.killpg stops
+    it and what it started; a terminal's Ctrl-C does not reach it) in this session, not a new one,
+    which on Linux is a scheduler autogroup of its own that starves beside a training run."""
+    code = "import subprocess, sys, time\n" \
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n" \
+        "print(c.pid, flush=True)\ntime.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, **OWN_PROCESS_GROUP)
+    try:
+        grandchild = int(proc.stdout.readline())
+        assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
+        assert os.getsid(proc.pid) == os.getsid(0)
+        assert os.getpgid(grandchild) == proc.pid
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+        deadline = time.time() + 10
+        while _alive(grandchild) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(grandchild)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

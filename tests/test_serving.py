@@ -20,6 +20,8 @@ import pytest
 from servers import submit
 from synth import make_nifti_patient, synthetic_volume
 
+from raysegment.runtime import OWN_PROCESS_GROUP
+
 pytestmark = pytest.mark.slow
 
 
@@ -179,7 +181,7 @@ def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
     env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"]}
     cmd = [sys.executable, "-m", "raysegment.infer", "--model", "models:/raysegment-mobilenet_v2@champion",
            "--input", str(inp), "--output", str(out), "--mlflow-uri", cluster["mlflow"], "--threads", "1", "--actors", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **OWN_PROCESS_GROUP)
     ledger = out / "ledger.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and (not ledger.exists() or len(ledger.read_text().splitlines()) < 3):

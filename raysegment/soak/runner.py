@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.runtime import find_processes, free_port
+from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, free_port
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def run_batch_job(config: SoakConfig, input_dir: Path, output: Path, env: dict, 
     record, marker = RunRecord(), env["RAY_AUTH_TOKEN_PATH"]
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
         last_kill, last_sample = 0, 0.0
         while proc.poll() is None:
             time.sleep(0.2)
@@ -175,7 +175,7 @@ def serve_under_kills(config: SoakConfig, env: dict, study: Path, expected: byte
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "raysegment.serve", "--model", config.model, "--port", str(port),
                              "--replicas", "2", "--threads", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            **OWN_PROCESS_GROUP)
     marker = env["RAY_AUTH_TOKEN_PATH"]
     try:
         deadline = time.time() + 300
