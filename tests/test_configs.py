@@ -241,3 +241,28 @@ def test_long_runs_pause_reaches_the_training_driver_not_its_logging_wrapper(tmp
     finally:
         subprocess.run(["pkill", "-9", "-f", f"raysegment.train .*--storage {root} --name fake-run"])
     assert (tmp_path / "stopped").exists() and "== exit 130" in (root / "fake-run.log").read_text()
+
+
+def test_ship_refuses_a_run_that_has_not_ended_and_leaves_the_shipped_files_alone(tmp_path):
+    """``jobs/ship.sh NAME`` ships only a run whose budget ended it (``== exit 0`` in its log): a run
+    stopped by Ctrl-C (exit 130) is mid-schedule, and its latest epoch is not what the command makes."""
+    import hashlib
+    import os
+    import sys
+
+    root = tmp_path / "raysegment-runs"
+    (root / "shards").mkdir(parents=True)
+    (root / "half-run.log").write_text("== start 2026-12-04T07:00:00Z code abc\n== exit 130 2026-12-04T08:00:00Z\n")
+    shipped = REPO / "raysegment" / "shipped"
+
+    def digests():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shipped.iterdir()) if p.is_file()}
+
+    before = digests()
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", str(REPO / "jobs" / "ship.sh"), "half-run"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "run half-run has not ended" in out.stderr, out
+    assert digests() == before and not list(root.glob("ship-*"))
+    usage = subprocess.run(["bash", str(REPO / "jobs" / "ship.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "jobs/ship.sh NAME" in usage.stdout

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Ship an ended long run and refit what depends on the shipped segmenters, in one go.
+#   jobs/ship.sh NAME      run NAME's last epoch (jobs/long-runs.sh; it must have ended) becomes
+#                          raysegment/shipped/<its backbone>.safetensors (SHA256SUMS updated); the
+#                          basal ES check in diagnosis.json is refitted on the shipped pair's own masks
+#                          of the train patients (the classifier kept); then the tables below
+#   jobs/ship.sh --tables  only the tables: val Dice (report evaluate) and val clinical indices with no
+#                          basal check and with the shipped one (report clinical) of each shipped model
+#                          and of their ensemble; nothing in raysegment/shipped changes
+# Runs the checkout's code (what users get), not a run's snapshot; the shards are ~/raysegment-runs/shards.
+# Output: ~/raysegment-runs/ship-<UTC time>/ (the diagnosis file before, the masks cache, one folder per
+# model). Commit raysegment/shipped/ afterwards; docs/results.md and shipped/README.md take the tables.
+set -euo pipefail
+root="$HOME/raysegment-runs"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+shipped="$repo/raysegment/shipped"
+shards="$root/shards"
+[ $# -eq 1 ] || { sed -n 2,11p "$0"; exit 2; }
+[ -d "$shards" ] || { echo "no shards in $shards (jobs/long-runs.sh start prepares them)" >&2; exit 2; }
+out="$root/ship-$(date -u +%Y%m%dT%H%M%SZ)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
+if [ "$1" != "--tables" ]; then
+    name="$1"
+    grep -q "^== exit 0" "$root/$name.log" 2>/dev/null || { echo "run $name has not ended (see $root/$name.log)" >&2; exit 2; }
+    backbone="$(python -c 'import sys
+from raysegment.model.checkpoint import last_checkpoint, read_config
+print(read_config(last_checkpoint(sys.argv[1])).model.backbone)' "$root/$name")"
+    mkdir -p "$out"
+    cp "$shipped/diagnosis.json" "$out/diagnosis-before.json"
+    python -m raysegment.weights export "$root/$name" --out "$shipped/$backbone.safetensors"
+    python -m raysegment.diagnosis basal --data "$shards" --model shipped:mobilenet_v2 --model shipped:densenet121 \
+        --ensemble --diagnosis "$out/diagnosis-before.json" --mask-cache "$out/masks" --out "$shipped/diagnosis.json"
+fi
+
+mkdir -p "$out"
+for models in "shipped:mobilenet_v2" "shipped:densenet121" "shipped:mobilenet_v2 shipped:densenet121"; do
+    tag="$(echo "$models" | sed 's/shipped://g; s/ /+/g')"
+    args=(); for m in $models; do args+=(--model "$m"); done
+    python -m raysegment.report evaluate "${args[@]}" --data "$shards" --splits val --out "$out/$tag"
+    for check in none shipped; do
+        python -m raysegment.report clinical "${args[@]}" --data "$shards" --basal-check "$check" \
+            --diagnosis shipped --mask-cache "$out/masks" --out "$out/$tag/clinical-$check"
+    done
+done
+echo "tables in $out"
