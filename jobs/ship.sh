@@ -3,7 +3,8 @@
 #   jobs/ship.sh NAME      run NAME's last epoch (jobs/long-runs.sh; it must have ended) becomes
 #                          raysegment/shipped/<its backbone>.safetensors (SHA256SUMS updated); the
 #                          basal ES check in diagnosis.json is refitted on the shipped pair's own masks
-#                          of the train patients (the classifier kept); then the tables below
+#                          of the train patients (the classifier kept); the learning curves and overlays in
+#                          shipped/figures (docs/figures) redrawn; then the tables below
 #   jobs/ship.sh --tables  only the tables: val Dice (report evaluate) and val clinical indices with no
 #                          basal check and with the shipped one (report clinical) of each shipped model
 #                          and of their ensemble; nothing in raysegment/shipped changes
@@ -15,7 +16,7 @@ root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 shipped="$repo/raysegment/shipped"
 shards="$root/shards"
-[ $# -eq 1 ] || { sed -n 2,11p "$0"; exit 2; }
+[ $# -eq 1 ] || { sed -n 2,13p "$0"; exit 2; }
 [ -d "$shards" ] || { echo "no shards in $shards (jobs/long-runs.sh start prepares them)" >&2; exit 2; }
 out="$root/ship-$(date -u +%Y%m%dT%H%M%SZ)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -31,6 +32,8 @@ print(read_config(last_checkpoint(sys.argv[1])).model.backbone)' "$root/$name")"
     python -m raysegment.weights export "$root/$name" --out "$shipped/$backbone.safetensors"
     python -m raysegment.diagnosis basal --data "$shards" --model shipped:mobilenet_v2 --model shipped:densenet121 \
         --ensemble --diagnosis "$out/diagnosis-before.json" --mask-cache "$out/masks" --out "$shipped/diagnosis.json"
+    python -m raysegment.report figures --model mobilenet_v2="$shipped/mobilenet_v2.safetensors" \
+        --model densenet121="$shipped/densenet121.safetensors" --data "$shards" --out "$shipped/figures"
 fi
 
 mkdir -p "$out"
