@@ -15,7 +15,7 @@ from raysegment.model.checkpoint import load_checkpoint
 from raysegment.model.losses import LossConfig, segmentation_loss
 from raysegment.model.unet import ModelConfig, build_model
 from raysegment.training.core import train_step
-from raysegment.training.train import RunHooks, RunSpec, train
+from raysegment.training.train import RunHooks, RunSpec, resumed_line, train
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
             precision="fp32", threads_per_worker=1)
@@ -136,6 +136,7 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     assert again.returncode == 0 and "done: ctrlc epochs 6" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     epochs = [line.split()[2] for line in again.stdout.splitlines() if line.startswith("[raysegment] epoch")]
     assert epochs[0] == f"{done + 1}/6" and epochs[-1] == "6/6", (done, epochs)  # resumed, not started again
+    assert resumed_line(done) in again.stdout  # counted as the epoch lines count, from 1
     state = load_checkpoint(again.stdout.split("checkpoint ")[-1].strip()).state
     assert [h["epoch"] for h in state["history"]] == list(range(6))  # each epoch once across the two commands
 

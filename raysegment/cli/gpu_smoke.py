@@ -50,6 +50,7 @@ def gpu_smoke(args) -> dict:
     import subprocess
 
     from raysegment.data.dataset import load_volumes
+    from raysegment.training.train import resumed_line
     from raysegment.training.tune import default_sample_shards
 
     out = Path(args.out).resolve()
@@ -83,7 +84,7 @@ def gpu_smoke(args) -> dict:
             step.pop("ray_epochs", None)
         summary["steps"].append(step)
         print(f"[raysegment] smoke: {what}: {'ok' if step['ok'] else 'FAILED'} ({step['seconds']} s)", flush=True)
-    summary["resumed"] = "resumed from checkpoint at epoch 0" in logs["resume it for a 2nd epoch"]
+    summary["resumed"] = resumed_line(1) in logs["resume it for a 2nd epoch"]
     try:
         summary["gpu_cpu_mask_agreement"] = mask_agreement(out / "infer-gpu", out / "infer-cpu")
     except (OSError, ValueError) as exc:

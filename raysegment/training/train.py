@@ -108,8 +108,14 @@ def restore_run(config: TrainConfig, checkpoint_dir: Path | None, prepare, devic
         run.start_epoch, run.history = state["epoch"] + 1, state.get("history", [])
         run.elapsed_before = state.get("metrics", {}).get("elapsed_s", 0.0)
         if rank == 0:
-            print(f"[raysegment] resumed from checkpoint at epoch {state['epoch']}", flush=True)
+            print(resumed_line(state["epoch"] + 1), flush=True)
     return run
+
+
+def resumed_line(epochs_done: int) -> str:
+    """The line a resumed run prints (``bench gpu-smoke`` looks for it); epochs counted from 1, as
+    the epoch lines count them."""
+    return f"[raysegment] resumed after epoch {epochs_done} (its checkpoint)"
 
 
 def _train_epoch(run: _Run, shard, config: TrainConfig, epoch: int, total_epochs: int, steps_est: int,
