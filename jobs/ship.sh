@@ -11,13 +11,14 @@
 # Runs the checkout's code (what users get), not a run's snapshot; the shards are ~/raysegment-runs/shards.
 # Output: ~/raysegment-runs/ship-<UTC time>/ (the diagnosis file before and after with the basal check's
 # comparison table, the masks cache, one folder per model; 29 min on one AVX2 core, 2026-12-04).
-# Commit raysegment/shipped/ afterwards; docs/results.md and shipped/README.md take the tables.
+# Commit raysegment/shipped/ afterwards (if a step fails: `git checkout raysegment/shipped` puts it back);
+# docs/results.md and shipped/README.md take the tables.
 set -euo pipefail
 root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 shipped="$repo/raysegment/shipped"
 shards="$root/shards"
-[ $# -eq 1 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -eq 1 ] || { sed -n 2,15p "$0"; exit 2; }
 [ -d "$shards" ] || { echo "no shards in $shards (jobs/long-runs.sh start prepares them)" >&2; exit 2; }
 out="$root/ship-$(date -u +%Y%m%dT%H%M%SZ)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
