@@ -10,13 +10,13 @@
 # code snapshot per run (later edits to the checkout never change what a run computes), NAME.log,
 # NAME.args. Runs use one worker with one torch thread, so two run side by side on 2 cores.
 set -euo pipefail
-root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=jobs/runs-common.sh
+. "$repo/jobs/runs-common.sh"  # root, ended
 mkdir -p "$root"
 
 # a run's python process (anchored: the bash -c wrapper that logs its start and exit matches too)
 driver_pid() { pgrep -f "^python -m raysegment.train .*--name $1( |$)" | head -1 || true; }
-ended() { grep -q "^== exit 0" "$root/$1.log" 2>/dev/null; }  # its budget ran out (Ctrl-C exits 130)
 
 start() {
     local name="$1"; shift

@@ -14,8 +14,9 @@
 # Commit raysegment/shipped/ afterwards (if a step fails: `git checkout raysegment/shipped` puts it back);
 # docs/results.md and shipped/README.md take the tables.
 set -euo pipefail
-root="$HOME/raysegment-runs"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=jobs/runs-common.sh
+. "$repo/jobs/runs-common.sh"  # root, ended
 shipped="$repo/raysegment/shipped"
 shards="$root/shards"
 [ $# -eq 1 ] || { sed -n 2,15p "$0"; exit 2; }
@@ -25,7 +26,7 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_
 
 if [ "$1" != "--tables" ]; then
     name="$1"
-    grep -q "^== exit 0" "$root/$name.log" 2>/dev/null || { echo "run $name has not ended (see $root/$name.log)" >&2; exit 2; }
+    ended "$name" || { echo "run $name has not ended (see $root/$name.log)" >&2; exit 2; }
     backbone="$(python -c 'import sys
 from raysegment.model.checkpoint import last_checkpoint, read_config
 print(read_config(last_checkpoint(sys.argv[1])).model.backbone)' "$root/$name")"
