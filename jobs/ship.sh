@@ -44,7 +44,8 @@ mkdir -p "$out"
 for models in "shipped:mobilenet_v2" "shipped:densenet121" "shipped:mobilenet_v2 shipped:densenet121"; do
     tag="$(echo "$models" | sed 's/shipped://g; s/ /+/g')"
     args=(); for m in $models; do args+=(--model "$m"); done
-    python -m raysegment.report evaluate "${args[@]}" --data "$shards" --splits val --out "$out/$tag"
+    python -m raysegment.report evaluate "${args[@]}" --data "$shards" --splits val --mask-cache "$out/masks" \
+        --out "$out/$tag"  # the val masks the clinical tables below read back
     for check in none shipped; do
         python -m raysegment.report clinical "${args[@]}" --data "$shards" --basal-check "$check" \
             --diagnosis shipped --mask-cache "$out/masks" --out "$out/$tag/clinical-$check"

@@ -41,6 +41,27 @@ def test_evaluate_scores_a_model_and_an_ensemble(tmp_path, tiny_model, shards, c
     assert "| val | all |" in capsys.readouterr().out
 
 
+def test_evaluate_with_a_mask_cache_scores_the_same_and_shares_the_masks_with_clinical(tmp_path, tiny_model, shards):
+    from raysegment.config import PredictConfig
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.predictor import Predictor, predicted_masks
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
+    cache = tmp_path / "masks"
+    streamed = evaluation.evaluate(str(ckpt), shards, splits=("val",))
+    cached = evaluation.evaluate(str(ckpt), shards, splits=("val",), mask_cache=cache)
+    assert cached == streamed
+    (saved,) = cache.glob("masks-*.npz")  # the key `report clinical --splits val` computes for the same model
+    masks = predicted_masks(Predictor.load(str(ckpt), PredictConfig()), load_volumes(shards, "val"), cache)
+    assert list(cache.glob("masks-*.npz")) == [saved]
+    assert len(masks) == 2
+    with np.load(saved) as z:  # emptied masks on disk: a second evaluate must score what it reads back
+        empty = {k: np.zeros_like(z[k]) for k in z.files}
+    np.savez(saved, **empty)
+    reread = evaluation.evaluate(str(ckpt), shards, splits=("val",), mask_cache=cache)
+    assert [r["dice"] for r in reread] == [0.0] * len(streamed) != [r["dice"] for r in streamed]
+
+
 def test_flip_tta_is_refused_in_one_line(tmp_path, tiny_model, capsys):
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
     args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "no-shards"), "--splits", "val", "--flip-tta"]

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-largest-component", action="store_true",
                     help="score the raw argmax, without keeping each structure's largest 3-D component")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
+    ev.add_argument("--mask-cache", type=Path, default=None,
+                    help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
     cl = sub.add_parser("clinical", help="clinical indices (EDV, ESV, EF, mass, wall thickness) against the "
                                          "reference masks: MAE, bias, limits of agreement, r, Bland-Altman plots")
     src = cl.add_mutually_exclusive_group(required=True)
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
-                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component)
+                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache)
     except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2

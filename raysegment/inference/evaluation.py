@@ -10,17 +10,25 @@ from raysegment.reporting.report import SPLITS, learning_curves, model_history, 
 
 
 def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
-             flip_tta: bool = False, largest_component: bool = True) -> list[dict]:
-    """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits."""
+             flip_tta: bool = False, largest_component: bool = True, mask_cache: str | Path | None = None) -> list[dict]:
+    """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits.
+    With ``mask_cache`` (a folder) each split's masks are kept there and read back, shared with
+    ``report clinical`` and ``diagnosis`` given the same folder, model, settings and volumes."""
     from raysegment.analysis.metrics import score_records
     from raysegment.data.dataset import load_volumes
-    from raysegment.inference.predictor import Predictor, predict_volumes
+    from raysegment.inference.predictor import Predictor, predict_volumes, predicted_masks
 
     predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),
                                tracking_uri)
     records = []
     for split in splits:
-        for v, pred in predict_volumes(predictor, load_volumes(shards, split)):
+        volumes = load_volumes(shards, split)
+        if mask_cache is None:  # streamed: no split's masks held at once
+            pairs = predict_volumes(predictor, volumes)
+        else:
+            masks = predicted_masks(predictor, volumes, mask_cache)
+            pairs = ((v, masks[(v.patient, v.phase)]) for v in volumes)
+        for v, pred in pairs:
             records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
     return records
 
