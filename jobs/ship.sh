@@ -10,7 +10,8 @@
 #                          and of their ensemble; nothing in raysegment/shipped changes
 # Runs the checkout's code (what users get), not a run's snapshot; the shards are ~/raysegment-runs/shards.
 # Output: ~/raysegment-runs/ship-<UTC time>/ (the diagnosis file before and after with the basal check's
-# comparison table, the masks cache, one folder per model; 29 min on one AVX2 core, 2026-12-04).
+# comparison table, the masks cache, one folder per model; 29 min on one AVX2 core, 2026-12-04,
+# before `report evaluate` shared its val masks with `report clinical`).
 # Commit raysegment/shipped/ afterwards (if a step fails: `git checkout raysegment/shipped` puts it back);
 # docs/results.md and shipped/README.md take the tables.
 set -euo pipefail
@@ -19,7 +20,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/jobs/runs-common.sh"  # root, ended
 shipped="$repo/raysegment/shipped"
 shards="$root/shards"
-[ $# -eq 1 ] || { sed -n 2,15p "$0"; exit 2; }
+[ $# -eq 1 ] || { sed -n 2,16p "$0"; exit 2; }
 [ -d "$shards" ] || { echo "no shards in $shards (jobs/long-runs.sh start prepares them)" >&2; exit 2; }
 out="$root/ship-$(date -u +%Y%m%dT%H%M%SZ)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
