@@ -65,5 +65,5 @@ case "${1:-}" in
         python -m raysegment.report evaluate --model "$root/$name.safetensors" --data "$root/shards" --out "$out"
         python -m raysegment.report clinical --model "$root/$name.safetensors" --data "$root/shards" \
             --basal-check shipped --diagnosis shipped --out "$out/clinical" ;;
-    *) sed -n 2,11p "$0"; exit 2 ;;
+    *) usage; exit 2 ;;
 esac

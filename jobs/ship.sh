@@ -20,7 +20,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 . "$repo/jobs/runs-common.sh"  # root, ended
 shipped="$repo/raysegment/shipped"
 shards="$root/shards"
-[ $# -eq 1 ] || { sed -n 2,16p "$0"; exit 2; }
+[ $# -eq 1 ] || { usage; exit 2; }
 [ -d "$shards" ] || { echo "no shards in $shards (jobs/long-runs.sh start prepares them)" >&2; exit 2; }
 out="$root/ship-$(date -u +%Y%m%dT%H%M%SZ)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
