@@ -380,7 +380,7 @@ def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(
 
     groups = ("NOR", "DCM", "HCM")
     for i in range(15):
-        make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(4, 40, 48))
+        make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(2, 40, 48))
     prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
     out = tmp_path / "diagnosis.json"
     assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",

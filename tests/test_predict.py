@@ -1,6 +1,7 @@
 """The Predictor: one model or an ensemble, its precision, TTA, post-processing, references,
 and the same mask on every path (pyfunc, infer, report, raysegment.segment)."""
 
+import warnings
 from dataclasses import replace
 
 import nibabel as nib
@@ -272,15 +273,41 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     ((_, report_mask),) = list(predict_volumes(predictor, [volume]))
 
     code = __import__("raysegment.registry.pyfunc_model", fromlist=["x"]).__file__
-    mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
-                             signature=_signature())
     raw = np.transpose(np.asarray(nib.load(str(study)).dataobj), (2, 1, 0)).astype(np.float32)
-    pyfunc_mask = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(raw, params={"spacing_mm": [10.0, 2.0, 2.0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
+                                 signature=_signature(), pip_requirements=["raysegment"])  # as registration: no inference
+        pyfunc_mask = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(raw, params={"spacing_mm": [10.0, 2.0, 2.0]})
+    assert not [w for w in caught if "type hint" in str(w.message)]  # the reminder users saw on every registration
 
     assert infer_mask.dtype == report_mask.dtype == pyfunc_mask.dtype == np.uint8
     assert infer_mask.any()
     np.testing.assert_array_equal(infer_mask, report_mask)
     np.testing.assert_array_equal(infer_mask, pyfunc_mask)
+
+
+def test_diagnosis_pyfunc_gives_the_classifiers_probabilities_without_a_type_hint_reminder(tmp_path):
+    """The diagnosis pyfunc, saved as registration logs it (an input example, no signature): a
+    DataFrame of feature rows in, the JSON classifier's group and probabilities out."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from raysegment.analysis.diagnosis import FEATURES, load
+
+    model = load("shipped")
+    rows = pd.DataFrame([model.fill, np.asarray(model.fill) * 1.3], columns=list(FEATURES))
+    code = __import__("raysegment.registry.pyfunc_diagnosis", fromlist=["x"]).__file__
+    shipped = raysegment.__file__.replace("__init__.py", "shipped/diagnosis.json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"diagnosis": shipped},
+                                 input_example=rows.iloc[:1], pip_requirements=["raysegment"])
+        out = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(rows)
+    assert not [w for w in caught if "type hint" in str(w.message)]
+    p = model.predict_proba(rows.to_numpy(float))
+    np.testing.assert_allclose(out[[f"p_{c}" for c in model.classes]].to_numpy(), p)
+    assert list(out["group"]) == [model.classes[i] for i in p.argmax(1)]
 
 
 def test_mm_grid_keeps_shape_and_scale():
@@ -337,7 +364,7 @@ def test_a_model_registered_under_the_flat_layout_still_loads(tmp_path, tiny_mod
     old_code = Path(__file__).with_name("data") / "pyfunc_model_flat_layout.py"
     assert "from raysegment.predict import Predictor" in old_code.read_text()
     mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=str(old_code), artifacts={"checkpoint": str(ckpt)},
-                             signature=_signature())
+                             signature=_signature(), pip_requirements=["raysegment"])
     image, _ = synthetic_volume(5, shape=(3, 40, 48))
     got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(image, params={"spacing_mm": [10.0, 1.5, 1.5]})
     np.testing.assert_array_equal(got, Predictor.load(str(ckpt)).predict(image, spacing=(10.0, 1.5, 1.5)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 from mlflow.models import set_model
 
 
@@ -19,9 +20,8 @@ class DiagnosisPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = DiagnosisModel.from_json(Path(context.artifacts["diagnosis"]).read_text())
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-
+    # A hint MLflow infers no schema from (see pyfunc_model.py): no type-hint reminder on log or load.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         from raysegment.analysis.diagnosis import FEATURES
 
         x = model_input[list(FEATURES)].to_numpy(float) if hasattr(model_input, "columns") else np.asarray(model_input, float)

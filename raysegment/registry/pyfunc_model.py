@@ -31,7 +31,9 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
             folders = [Path(context.artifacts["checkpoint"])]
         self.predictor = Predictor([load_checkpoint(f) for f in folders])
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray is a hint MLflow infers no schema from: the explicit signature stays the contract,
+    # and MLflow no longer asks for type hints each time the model is logged or loaded.
+    def predict(self, context, model_input: np.ndarray, params=None):
         if isinstance(model_input, dict):  # a named-tensor signature hands over {name: array}
             (model_input,) = model_input.values()
         image = np.asarray(model_input, dtype=np.float32)
