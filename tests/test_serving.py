@@ -68,7 +68,11 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     champion = client.get_model_version_by_alias("raysegment-densenet121", "champion")
     expected = dice_summary(evaluate(str(path), sample_shards, splits=("val",)))
     assert champion.version == "3" and float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
-    assert json.loads(champion.tags["config"])["model"]["context_slices"] == 1
+    from dataclasses import asdict
+
+    from raysegment.inference.predictor import load_model
+
+    assert json.loads(champion.tags["config"])["model"] == asdict(load_model(str(path)).config.model)  # the file's own
     assert "evaluated" not in champion.tags
     # The version's weights digest is checked on every load: replaced weights in the artifact store
     # (another valid state dict) are refused.
