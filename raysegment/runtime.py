@@ -89,11 +89,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 now. All are held open until each is known, so none
+    comes back twice (separate ``free_port()`` calls can: the OS may reuse a port just closed)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def find_processes(match, holding: str | None = None) -> list[int]:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from raysegment.runtime import OWN_PROCESS_GROUP, free_port, stop_processes  # noqa: F401  (free_port: the tests' import too)
+from raysegment.runtime import OWN_PROCESS_GROUP, free_port, free_ports, stop_processes  # noqa: F401  (the tests' imports too)
 
 VENV_BIN = str(Path(sys.executable).parent)
 REPO = Path(__file__).resolve().parents[1]
@@ -87,12 +87,19 @@ def submit(cluster, *args: str, timeout: float = 900) -> str:
 
 
 
+def agent_port_args(ports: list[int]) -> list[str]:
+    """``ray start`` options giving a raylet's four agents these four ports."""
+    names = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port")
+    return [arg for name, port in zip(names, ports, strict=True) for arg in (name, str(port))]
+
+
 @contextlib.contextmanager
 def running_cluster(root: Path) -> Iterator[dict]:
     """A token-auth Ray head, an MLflow server (sqlite + local artifacts) and an S3-compatible
     object store (moto) holding the runs, all on 127.0.0.1."""
     env = ray_env(root)
-    gcs, dash, mlflow_port, s3_port = free_port(), free_port(), free_port(), free_port()
+    gcs, dash, mlflow_port, s3_port, *agents = free_ports(8)  # distinct: two equal ports fail `ray start`
     # Credentials and endpoint reach every Ray process (and pyarrow's S3 client) as on a cluster.
     env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "testing",
                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
@@ -114,8 +121,7 @@ def running_cluster(root: Path) -> Iterator[dict]:
                     "--disable-usage-stats", "--temp-dir", ray_tmp,
                     # Ports of its own: another Ray on the machine (a developer's run) holds the defaults,
                     # and a job agent that cannot bind leaves "No available agent to submit job".
-                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                    "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())],
+                    *agent_port_args(agents)],
                    env=env, check=True, capture_output=True, cwd=root)
     uri = f"http://127.0.0.1:{mlflow_port}"
     try:

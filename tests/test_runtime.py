@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, stop_processes
+from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, free_ports, stop_processes
 
 
 def _sleeper(env_marker: str = "", ignore_term: bool = False) -> subprocess.Popen:
@@ -132,3 +132,16 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_free_ports_are_distinct_and_bindable():
+    """``free_ports(n)``: n different ports, each free to bind afterwards (the test servers give
+    `ray start` several at once; two equal ones failed a CI run: "metrics_export is trying to use a
+    port number ... used by other components")."""
+    import socket
+
+    ports = free_ports(64)
+    assert len(set(ports)) == 64
+    for port in ports[:8]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))

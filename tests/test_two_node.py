@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 
 import pytest
-from servers import VENV_BIN, free_port, ray_env, stop_ray, wait_http
+from servers import VENV_BIN, agent_port_args, free_ports, ray_env, stop_ray, wait_http
 from synth import make_h5_dataset
 
 pytestmark = pytest.mark.slow
@@ -32,21 +32,19 @@ def two_nodes(tmp_path_factory):
     """Head (1 CPU, resource node_head) + worker node (1 CPU, resource node_worker), token auth."""
     root = tmp_path_factory.mktemp("twonode")
     env = ray_env(root)
-    gcs, dash = free_port(), free_port()
+    # Every port distinct (two equal ones fail `ray start`): the head's two, then 4 agents per raylet.
+    gcs, dash, *agents = free_ports(10)
     ray_tmp = tempfile.mkdtemp(prefix="rs2-", dir="/tmp")
     common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", ray_tmp]
 
-    def own_ports() -> list[str]:
-        # Each raylet's agents need ports of their own: the second raylet on this host, and the head
-        # beside another Ray on the machine (a developer's run) holding the defaults — an agent
-        # that cannot bind leaves "No available agent to submit job".
-        return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+    # Each raylet's agents need ports of their own: the second raylet on this host, and the head beside
+    # another Ray on the machine (a developer's run) holding the defaults — an agent that cannot bind
+    # leaves "No available agent to submit job".
 
     try:
         ray_cli(env, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1",
-                "--include-dashboard", "true", "--resources", '{"node_head": 1}', *own_ports(), *common)
-        ray_cli(env, "start", "--address", f"127.0.0.1:{gcs}", "--resources", '{"node_worker": 1}', *own_ports(), *common)
+                "--include-dashboard", "true", "--resources", '{"node_head": 1}', *agent_port_args(agents[:4]), *common)
+        ray_cli(env, "start", "--address", f"127.0.0.1:{gcs}", "--resources", '{"node_worker": 1}', *agent_port_args(agents[4:]), *common)
         wait_http(f"http://127.0.0.1:{dash}")
         yield {"env": env, "root": root, "address": f"http://127.0.0.1:{dash}", "gcs": f"127.0.0.1:{gcs}"}
     finally:
