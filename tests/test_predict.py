@@ -294,14 +294,15 @@ def test_diagnosis_pyfunc_gives_the_classifiers_probabilities_without_a_type_hin
     import pandas as pd
 
     from raysegment.analysis.diagnosis import FEATURES, load
+    from raysegment.model.weights import SHIPPED_DIR
 
     model = load("shipped")
     rows = pd.DataFrame([model.fill, np.asarray(model.fill) * 1.3], columns=list(FEATURES))
     code = __import__("raysegment.registry.pyfunc_diagnosis", fromlist=["x"]).__file__
-    shipped = raysegment.__file__.replace("__init__.py", "shipped/diagnosis.json")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"diagnosis": shipped},
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code,
+                                 artifacts={"diagnosis": str(SHIPPED_DIR / "diagnosis.json")},
                                  input_example=rows.iloc[:1], pip_requirements=["raysegment"])
         out = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(rows)
     assert not [w for w in caught if "type hint" in str(w.message)]

@@ -49,7 +49,7 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     from raysegment.config import ModelConfig, TrainConfig
     from raysegment.inference.evaluation import evaluate
     from raysegment.model.unet import build_model
-    from raysegment.model.weights import export_weights, shipped_weights
+    from raysegment.model.weights import export_weights, saved_config, shipped_weights
 
     torch.manual_seed(3)
     config = TrainConfig(data="x", model=ModelConfig(backbone="densenet121", decoder_width=8), image_size=64)
@@ -70,9 +70,7 @@ def test_registry_import_scores_the_file_here_and_never_promotes_a_claim(cluster
     assert champion.version == "3" and float(champion.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
     from dataclasses import asdict
 
-    from raysegment.inference.predictor import load_model
-
-    assert json.loads(champion.tags["config"])["model"] == asdict(load_model(str(path)).config.model)  # the file's own
+    assert json.loads(champion.tags["config"])["model"] == asdict(saved_config(path).model)  # the file's own
     assert "evaluated" not in champion.tags
     # The version's weights digest is checked on every load: replaced weights in the artifact store
     # (another valid state dict) are refused.

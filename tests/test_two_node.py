@@ -37,11 +37,10 @@ def two_nodes(tmp_path_factory):
     ray_tmp = tempfile.mkdtemp(prefix="rs2-", dir="/tmp")
     common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", ray_tmp]
 
-    # Each raylet's agents need ports of their own: the second raylet on this host, and the head beside
-    # another Ray on the machine (a developer's run) holding the defaults — an agent that cannot bind
-    # leaves "No available agent to submit job".
-
     try:
+        # Each raylet's agents need ports of their own: the second raylet on this host, and the head beside
+        # another Ray on the machine (a developer's run) holding the defaults — an agent that cannot bind
+        # leaves "No available agent to submit job".
         ray_cli(env, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1",
                 "--include-dashboard", "true", "--resources", '{"node_head": 1}', *agent_port_args(agents[:4]), *common)
         ray_cli(env, "start", "--address", f"127.0.0.1:{gcs}", "--resources", '{"node_worker": 1}', *agent_port_args(agents[4:]), *common)

@@ -84,7 +84,8 @@ def _log_model(**kwargs) -> str:
     """``mlflow.pyfunc.log_model(**kwargs)`` without MLflow's input-example reminder → model URI.
 
     Our models carry an explicit signature (a whole volume makes a poor example). MLflow's other
-    reminder, on type hints, is raised under its own ``catch_warnings`` and cannot be filtered here."""
+    reminder, on type hints, cannot be filtered here (it is raised under its own ``catch_warnings``);
+    the pyfunc files avoid it with input hints MLflow infers no schema from."""
     import warnings
 
     import mlflow
