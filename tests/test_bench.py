@@ -26,6 +26,29 @@ def test_bare_training_loop_runs_the_train_step(shards):
     assert out["slices_per_s"] > 0 and out["device"] == "cpu" and "peak_mem_mib" not in out
 
 
+def test_bare_only_bench_reads_a_bundle_without_ray(shards, tmp_path):
+    """`bench train --bare-only` on a `diagnosis pack` bundle: a GPU machine with torch and no Ray."""
+    import subprocess
+    import sys
+
+    from raysegment.data.dataset import all_volumes, save_bundle
+
+    save_bundle(all_volumes(shards), tmp_path / "b.npz")
+    config = TrainConfig(data=str(tmp_path / "b.npz"), image_size=64)
+    images, labels = bench.bench_slices(config, 50)  # more than the 18 slices there: repeated
+    assert images.shape == (50, 64, 64) and labels.shape == (50, 64, 64) and labels.max() > 0
+    args = ["train", "--data", str(tmp_path / "b.npz"), "--bare-only", "--steps", "1", "--batch-size", "2",
+            "--image-size", "64", "--crop-size", "64", "--threads", "1"]
+    no_ray = ("import sys; sys.modules.update(ray=None, mlflow=None, optuna=None); "  # an import of them fails
+              "from raysegment.cli import bench; sys.exit(bench.main(sys.argv[1:]))")
+    run = subprocess.run([sys.executable, "-c", no_ray, *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(next(line for line in run.stdout.splitlines() if line.startswith("{")))
+    assert result["bare_slices_per_s"] > 0 and "ray_slices_per_s" not in result
+    with pytest.raises(SystemExit, match="--bare-only"):
+        bench.main(["train", "--data", str(tmp_path / "b.npz"), "--steps", "1"])
+
+
 @pytest.mark.slow
 def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, tiny_model, capsys):
     import ray

@@ -13,6 +13,7 @@ from synth import synthetic_volume
 from raysegment.analysis import diagnosis
 from raysegment.analysis.clinical import basal_rv_check
 from raysegment.cli import diagnosis as diagnosis_cli
+from raysegment.data.dataset import all_volumes, load_bundle, save_bundle
 from raysegment.data.prepare import Volume
 from raysegment.training.crossval import crossval_fold
 
@@ -132,8 +133,8 @@ def test_a_crossval_fold_segments_exactly_its_held_out_patients(tmp_path):
     assert all(m.shape == (3, 32, 32) and m.dtype == np.uint8 for m in masks.values())
     assert json.loads((tmp_path / "fold0.json").read_text())["config"]["epochs"] == 1
     # The volumes pack into one 8-bit bundle that loads back within quantisation error.
-    diagnosis.save_bundle(volumes, tmp_path / "b.npz")
-    back = diagnosis.load_bundle(tmp_path / "b.npz")
+    save_bundle(volumes, tmp_path / "b.npz")
+    back = load_bundle(tmp_path / "b.npz")
     assert [(v.patient, v.phase, v.spacing, v.group) for v in back] == [(v.patient, v.phase, v.spacing, v.group) for v in volumes]
     assert max(float(np.abs(a.image - b.image).max()) for a, b in zip(back, volumes)) <= 0.5 / 255 + 1e-6
     # The command on that bundle: the other fold, on one torch thread (beside a training run), said in its record.
@@ -150,6 +151,36 @@ def test_a_crossval_fold_segments_exactly_its_held_out_patients(tmp_path):
     record = json.loads((tmp_path / "cli" / "fold1.json").read_text())
     assert record["config"]["threads_per_worker"] == 1 and sorted(record["patients"]) == sorted(
         {v.patient for v in volumes} - set(held))
+
+
+def test_crossval_ensemble_segments_each_fold_with_the_members_fold_models(tmp_path):
+    from dataclasses import replace
+
+    from raysegment.config import ModelConfig, PredictConfig, TrainConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.model.weights import load_weights_file
+    from raysegment.training.crossval import crossval_ensemble
+
+    volumes = _tiny_volumes()
+    config = TrainConfig(data="memory", model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), image_size=32,
+                         crop_size=32, epochs=1, batch_size=4, max_steps_per_epoch=1)
+    held = crossval_fold(volumes, 0, 2, config, "cpu", tmp_path / "a", keep_model=True)["patients"]
+    crossval_fold(volumes, 0, 2, replace(config, seed=1), "cpu", tmp_path / "b", keep_model=True)
+    assert load_weights_file(tmp_path / "a" / "fold0.safetensors").config == config  # the fold model and its recipe
+    [summary] = crossval_ensemble(volumes, [tmp_path / "a", tmp_path / "b"], tmp_path / "ens")
+    assert summary["patients"] == held and summary["epochs"] == [1, 1]
+    members = [load_weights_file(tmp_path / m / "fold0.safetensors") for m in ("a", "b")]
+    predictor = Predictor(members, PredictConfig(precision="fp32", largest_component=False))
+    masks = diagnosis.load_crossval_masks(tmp_path / "ens", volumes, PredictConfig(largest_component=False))
+    assert sorted({p for p, _ in masks}) == held
+    for v in volumes:
+        if v.patient in held:
+            assert np.array_equal(masks[(v.patient, v.phase)], predictor.predict(v.image, spacing=v.spacing, normalized=True))
+    # Members whose folds hold other patients (another --folds or --seed) are refused, not mixed.
+    record = json.loads((tmp_path / "b" / "fold0.json").read_text())
+    (tmp_path / "b" / "fold0.json").write_text(json.dumps({**record, "patients": record["patients"][:-1]}))
+    with pytest.raises(ValueError, match="different patients"):
+        crossval_ensemble(volumes, [tmp_path / "a", tmp_path / "b"], tmp_path / "ens2")
 
 
 def test_shipped_model_loads_with_its_accuracy_and_basal_check():
@@ -323,7 +354,7 @@ def test_basal_command_fits_on_crossval_fold_masks_as_on_the_same_masks_from_a_m
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor, predicted_masks
 
-    volumes = diagnosis.all_volumes(sample_shards)
+    volumes = all_volumes(sample_shards)
     masks = predicted_masks(Predictor.load("shipped:mobilenet_v2", PredictConfig()), volumes, sample_mask_cache)
     (tmp_path / "cv").mkdir()
     np.savez_compressed(tmp_path / "cv" / "fold0.npz", **{f"{p}/{ph}": m for (p, ph), m in masks.items()})

@@ -8,6 +8,7 @@ from conftest import write_checkpoint
 from synth import make_h5_dataset
 
 from raysegment.cli import report as report_cli
+from raysegment.data.dataset import all_volumes
 from raysegment.data.prepare import PrepareConfig, load_manifest, prepare
 from raysegment.inference import evaluation
 from raysegment.reporting import report
@@ -90,7 +91,7 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     shards = tmp_path / "shards"
     prepare(PrepareConfig(source=src, out=shards, progress=False))
     # Perfect "cross-validated masks" (the reference itself): every index agrees exactly.
-    volumes = diagnosis.all_volumes(shards)
+    volumes = all_volumes(shards)
     np.savez_compressed(tmp_path / "fold0.npz", **{f"{v.patient}/{v.phase}": v.label for v in volumes})
     out = tmp_path / "clin"
     assert report_cli.main(["clinical", "--masks", str(tmp_path), "--data", str(shards), "--splits", "train", "val",

@@ -163,35 +163,6 @@ def fold_of(groups: dict[str, str], folds: int, seed: int = 0) -> dict[str, int]
     return stratified_folds(groups, folds, seed)
 
 
-def all_volumes(data: str | Path) -> list[Volume]:
-    """Every labelled volume of a shards folder (both splits) or of a ``pack`` bundle (.npz)."""
-    data = Path(data)
-    if data.suffix == ".npz":
-        return load_bundle(data)
-    from raysegment.data.dataset import load_volumes
-
-    return load_volumes(data, "train") + load_volumes(data, "val")
-
-
-def save_bundle(volumes: list[Volume], path: Path) -> None:
-    """Volumes in one compressed .npz, images quantised to 8 bits of their normalised [0, 1] range
-    (an error ≤ 0.002, a tenth of the training noise): to carry the data to a GPU machine."""
-    arrays, meta = {}, []
-    for i, v in enumerate(volumes):
-        arrays[f"image{i}"] = np.round(np.clip(v.image, 0, 1) * 255).astype(np.uint8)
-        arrays[f"label{i}"] = v.label
-        meta.append({"patient": v.patient, "phase": v.phase, "spacing": v.spacing, "group": v.group})
-    np.savez_compressed(path, meta=np.array(json.dumps(meta)), **arrays)
-
-
-def load_bundle(path: Path) -> list[Volume]:
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        return [Volume(m["patient"], m["phase"], z[f"image{i}"].astype(np.float32) / 255, z[f"label{i}"],
-                       tuple(m["spacing"]) if m["spacing"] else None, m["group"], source=str(path))
-                for i, m in enumerate(meta)]
-
-
 def load_crossval_masks(folder: Path, volumes: list[Volume], config=None) -> dict[tuple[str, str], np.ndarray]:
     """(patient, phase) → predicted mask of ``volumes`` from a ``crossval-masks`` folder (every
     ``fold*.npz``), post-processed as the Predictor does (``config``: a ``PredictConfig``; largest

@@ -41,20 +41,11 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
     """A plain PyTorch loop over pre-resized train slices held in memory, stepping with ``train_step``:
     slices/s and, on a GPU, its peak memory (MiB) and the share of the steps' wall time the GPU
     spends in kernels (profiled over up to 10 more steps)."""
-    import pyarrow.parquet as pq
-
-    from raysegment.data.dataset import resize_batch, train_columns
     from raysegment.model.unet import build_model
     from raysegment.training.core import autocast_dtype, epoch_seed, run_steps
 
     torch.set_num_threads(config.threads_per_worker or torch_threads(None, 1))
-    n = config.batch_size * (steps + warmup)
-    table = pq.read_table(os.path.join(config.data, "train"))
-    table = table.take([i % table.num_rows for i in range(n)])  # as many batches as asked, on any data
-    cols = {c: table.column(c).to_numpy(zero_copy_only=False)
-            for c in train_columns(config.model.context_slices, config.pixel_mm)}
-    data = resize_batch(cols, config.image_size, config.model.context_slices, config.pixel_mm)
-    images, labels = torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
+    images, labels = bench_slices(config, config.batch_size * (steps + warmup))
     torch.manual_seed(config.seed)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
@@ -90,6 +81,34 @@ def bare_loop(config: TrainConfig, steps: int, warmup: int = 3, device: str = "c
         kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
         out["gpu_busy_share"] = round(min(1.0, kernel_us / 1e6 / prof_wall), 3)
     return out
+
+
+def bench_slices(config: TrainConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` train slices on the training grid (repeated when the data holds fewer), from a shards
+    folder as the Ray pipeline resizes them, or from a ``diagnosis pack`` bundle (.npz: a machine
+    without Ray) as the local loop does."""
+    if str(config.data).endswith(".npz"):
+        from raysegment.data.dataset import load_bundle
+        from raysegment.training.local import slice_tensors
+
+        images, labels, volumes = [], [], iter(load_bundle(config.data))
+        while sum(len(i) for i in images) < n and (v := next(volumes, None)) is not None:
+            i, lab = slice_tensors([v], config)
+            images.append(i)
+            labels.append(lab)
+        images, labels = torch.cat(images), torch.cat(labels)
+        take = torch.arange(n) % len(images)
+        return images[take], labels[take]
+    import pyarrow.parquet as pq
+
+    from raysegment.data.dataset import resize_batch, train_columns
+
+    table = pq.read_table(os.path.join(config.data, "train"))
+    table = table.take([i % table.num_rows for i in range(n)])  # as many batches as asked, on any data
+    cols = {c: table.column(c).to_numpy(zero_copy_only=False)
+            for c in train_columns(config.model.context_slices, config.pixel_mm)}
+    data = resize_batch(cols, config.image_size, config.model.context_slices, config.pixel_mm)
+    return torch.from_numpy(data["image"]), torch.from_numpy(data["label"])
 
 
 def ray_train_slices_per_s(config, steps: int, cpus_per_worker: float, cache_data: bool = True,
@@ -135,14 +154,22 @@ def long_run_epoch_rate(rows: list[dict], val_every: int) -> float | None:
 
 
 def bench_train(args) -> dict:
-    from raysegment.data.dataset import load_volumes
-
-    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]  # a short bench: one patient
     config = TrainConfig(data=os.path.abspath(args.data), model=ModelConfig(backbone=args.backbone, context_slices=args.context_slices),
                          batch_size=args.batch_size, crop_size=args.crop_size, image_size=args.image_size,
-                         precision=args.precision, threads_per_worker=torch_threads(args.threads, 1),
-                         val_patients=val_one if args.val_patients == 1 else None, val_every=args.val_every)
+                         precision=args.precision, threads_per_worker=torch_threads(args.threads, 1), val_every=args.val_every)
+    head = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
+            "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps}
+    if args.bare_only:  # no Ray needed: e.g. a GPU machine with a bundle and torch alone
+        bare = bare_loop(config, args.steps, device="cuda" if args.gpu else "cpu")
+        return {**head, "bare_slices_per_s": round(bare["slices_per_s"], 2),
+                **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
+    if str(args.data).endswith(".npz"):
+        raise SystemExit("error: the Ray Train arm reads shards; with a .npz bundle use --bare-only")
+    from raysegment.data.dataset import load_volumes
     from raysegment.runtime import ensure_ray
+
+    val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]  # a short bench: one patient
+    config = replace(config, val_patients=val_one if args.val_patients == 1 else None)
 
     # Ray's daemons (raylet, GCS, dashboard) run during both measurements, as on a real node.
     ensure_ray()
@@ -155,9 +182,7 @@ def bench_train(args) -> dict:
         bare = bare_loop(config, args.steps, device="cpu")
     ray_rate, whole_rate, rows = ray_train_slices_per_s(config, args.steps, args.cpus_per_worker, gpu=args.gpu,
                                                         epochs=args.epochs)
-    out = {"backbone": args.backbone, "context_slices": args.context_slices, "batch_size": args.batch_size, "crop_size": args.crop_size,
-           "precision": args.precision, "threads": config.threads_per_worker, "steps": args.steps,
-           "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
+    out = {**head, "bare_slices_per_s": round(bare["slices_per_s"], 2), "ray_slices_per_s": round(ray_rate, 2),
            "ratio": round(ray_rate / bare["slices_per_s"], 3), "ray_epoch_slices_per_s": round(whole_rate, 2),
            "ratio_epoch": round(whole_rate / bare["slices_per_s"], 3), "val_every": args.val_every, "ray_epochs": rows,
            **_long_run(rows, args.val_every, bare["slices_per_s"]),
@@ -274,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raysegment.bench")
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
-    t.add_argument("--data", required=True)
+    t.add_argument("--data", required=True, help="shards folder, or a `diagnosis pack` bundle (.npz) with --bare-only")
+    t.add_argument("--bare-only", action="store_true", help="the bare loop alone, no Ray (a machine with torch only)")
     t.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
     t.add_argument("--steps", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=td("batch_size"))
@@ -323,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.what == "train":
         out = bench_train(a)
         print(json.dumps(out))
+        if a.bare_only:
+            print(f"{out['backbone']} batch {out['batch_size']}: bare loop {out['bare_slices_per_s']:.1f} slices/s"
+                  + (f", peak {out['peak_mem_mib']} MiB, GPU busy {out['gpu_busy_share']:.0%}" if "peak_mem_mib" in out else ""))
+            return 0
         print(f"{out['backbone']}: bare {out['bare_slices_per_s']:.1f} slices/s, Ray Train {out['ray_slices_per_s']:.1f} "
               f"slices/s in its steps (ratio {out['ratio']:.2f}), {out['ray_epoch_slices_per_s']:.1f} over whole epochs with "
               f"validation every {out['val_every']} (ratio {out['ratio_epoch']:.2f})"

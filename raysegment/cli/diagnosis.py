@@ -12,7 +12,6 @@ from pathlib import Path
 
 from raysegment.analysis.diagnosis import (
     FEATURES,
-    all_volumes,
     basal_check_agreement,
     basal_table,
     confusion_markdown,
@@ -24,10 +23,10 @@ from raysegment.analysis.diagnosis import (
     load_crossval_masks,
     misdiagnosed,
     patient_features,
-    save_bundle,
 )
 from raysegment.cli.args import progress_line
-from raysegment.training.crossval import crossval_fold
+from raysegment.data.dataset import all_volumes, save_bundle
+from raysegment.training.crossval import crossval_ensemble, crossval_fold
 
 MASK_CACHE_HELP = ("a folder keeping each segmenter's masks of these volumes (keyed by model version, settings and "
                    "volumes): a later fit, basal or report clinical reads them instead of segmenting again")
@@ -173,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch threads (default: every core; 1 beside a training run in the background)")
     cv.add_argument("--device", default="cpu")
     cv.add_argument("--seed", type=int, default=0)
+    cv.add_argument("--keep-models", action="store_true",
+                    help="also write each fold's model (fold{K}.safetensors) for crossval-ensemble")
+    ce = sub.add_parser("crossval-ensemble", help="fold masks of an ensemble: each fold's patients segmented by the "
+                                                  "softmax-averaged fold models of several crossval-masks --keep-models runs")
+    ce.add_argument("--data", required=True, help="the shards folder or `pack` bundle the folds were trained on")
+    ce.add_argument("--member", action="append", required=True, type=Path,
+                    help="a crossval-masks --keep-models folder (repeat, one per backbone; same --folds and --seed)")
+    ce.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
+    ce.add_argument("--device", default="cpu")
     ft = sub.add_parser("fit", help="features of predicted masks (cross-validated folds, or --model's own) → "
                                       "repeated CV accuracy, a val-split check, the fitted model (JSON)")
     ft.add_argument("--data", required=True, help="the shards the masks were made from (spacing, height, weight)")
@@ -218,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         return _fit_command(a)
     if a.command == "basal":
         return _basal_command(a)
+    if a.command == "crossval-ensemble":
+        for s in crossval_ensemble(all_volumes(a.data), a.member, a.out, a.device):
+            print(f"fold {s['fold']}: {len(s['patients'])} patients segmented by the ensemble of "
+                  f"{len(s['members'])} fold models (epochs {s['epochs']})", flush=True)
+        return 0
     if a.command == "crossval-masks":
         import torch
 
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                              epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, seed=a.seed,
                              max_steps_per_epoch=a.max_steps, threads_per_worker=a.threads)
         for fold in a.fold or range(a.folds):
-            s = crossval_fold(volumes, fold, a.folds, config, a.device, a.out, seed=a.seed)
+            s = crossval_fold(volumes, fold, a.folds, config, a.device, a.out, seed=a.seed, keep_model=a.keep_models)
             print(f"fold {fold}: {len(s['patients'])} patients segmented after {len(s['history'])} epochs "
                   f"({s['minutes']:.1f} min)", flush=True)
         return 0

@@ -1,4 +1,5 @@
-"""Ray Data over the Parquet shards, batched torch augmentation, and whole-volume loading.
+"""Ray Data over the Parquet shards, batched torch augmentation, whole-volume loading, and the
+8-bit bundles (``diagnosis pack``) that carry every volume to a machine without the shards.
 
 Slices are resampled to a square ``image_size`` grid (pixels) on the way in: the SSL4MIS files
 carry no spacing, so a fixed grid is the one thing both layouts share. Augmentation samples
@@ -8,7 +9,9 @@ parameters first (``sample_augment``), then applies them with one deterministic,
 
 from __future__ import annotations
 
+import json
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +238,40 @@ def centre_crop(images: torch.Tensor, labels: torch.Tensor, crop_size: int) -> t
     if images.ndim == 3:
         images = images[:, None]
     return images[:, :, a : a + crop_size, a : a + crop_size].float(), labels[:, a : a + crop_size, a : a + crop_size].long()
+
+
+# --------------------------------------------------------------------------- bundles
+
+
+def all_volumes(data: str | Path) -> list[Volume]:
+    """Every labelled volume of a shards folder (both splits) or of a ``pack`` bundle (.npz)."""
+    data = Path(data)
+    if data.suffix == ".npz":
+        return load_bundle(data)
+    return load_volumes(data, "train") + load_volumes(data, "val")
+
+
+def save_bundle(volumes: list[Volume], path: Path) -> None:
+    """Volumes in one compressed .npz, images quantised to 8 bits of their normalised [0, 1] range
+    (an error ≤ 0.002, a tenth of the training noise): to carry the data to a GPU machine."""
+    arrays, meta = {}, []
+    for i, v in enumerate(volumes):
+        arrays[f"image{i}"] = np.round(np.clip(v.image, 0, 1) * 255).astype(np.uint8)
+        arrays[f"label{i}"] = v.label
+        meta.append({"patient": v.patient, "phase": v.phase, "spacing": v.spacing, "group": v.group})
+    arrays["meta"] = np.array(json.dumps(meta))
+    # LZMA, not savez_compressed's deflate: 48 MB instead of 57 for the 80 ACDC patients, which is what
+    # lets them travel to a GPU machine beside the code; np.load reads either
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as z:
+        for name, array in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, array, allow_pickle=False)
+
+
+def load_bundle(path: Path) -> list[Volume]:
+    """The volumes of a ``save_bundle`` file (images back in [0, 1], float32)."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        return [Volume(m["patient"], m["phase"], z[f"image{i}"].astype(np.float32) / 255, z[f"label{i}"],
+                       tuple(m["spacing"]) if m["spacing"] else None, m["group"], source=str(path))
+                for i, m in enumerate(meta)]

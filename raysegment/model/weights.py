@@ -147,14 +147,22 @@ def _storage(v: torch.Tensor, half: bool) -> torch.Tensor:
 def export_weights(checkpoint_dir: str | Path, out: str | Path, half: bool = True) -> Path:
     """Checkpoint folder → ``out`` (.safetensors; fp16 unless ``half=False``, and fp32 for the
     tensors beyond fp16's range). A checkpoint holding NaN or inf is refused."""
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
-    state = read_state_dict(checkpoint_dir)
-    refuse_nonfinite(state, checkpoint_dir, "nothing exported")
-    tensors = {k: _storage(v, half) for k, v in state.items()}
-    meta = {"config": (checkpoint_dir / CONFIG_FILE).read_text(), "format": "raysegment-weights-1",
-            DIGEST_KEY: state_digest(tensors)}
-    if (checkpoint_dir / STATE_FILE).exists():
-        meta["state"] = (checkpoint_dir / STATE_FILE).read_text()
+    checkpoint_dir = Path(checkpoint_dir)
+    state_file = checkpoint_dir / STATE_FILE
+    return save_weights(read_state_dict(checkpoint_dir), (checkpoint_dir / CONFIG_FILE).read_text(), out, half=half,
+                        run_state=state_file.read_text() if state_file.exists() else None, source=checkpoint_dir)
+
+
+def save_weights(state: dict, config_json: str, out: str | Path, *, half: bool = True, run_state: str | None = None,
+                 source: str | Path = "the model") -> Path:
+    """A state dict and its TrainConfig (JSON) → ``out`` (.safetensors), as ``export_weights`` writes
+    it; ``run_state``: the run's state.json text (epoch, history). NaN or inf is refused."""
+    out = Path(out)
+    refuse_nonfinite(state, source, "nothing exported")
+    tensors = {k: _storage(v.detach().cpu(), half) for k, v in state.items()}
+    meta = {"config": config_json, "format": "raysegment-weights-1", DIGEST_KEY: state_digest(tensors)}
+    if run_state is not None:
+        meta["state"] = run_state
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(out, tensors, meta)
     return out

@@ -14,12 +14,13 @@ from raysegment.analysis.diagnosis import fold_of
 from raysegment.data.prepare import Volume
 
 
-def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: str, out: Path, seed: int = 0) -> dict:
+def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: str, out: Path, seed: int = 0,
+                  keep_model: bool = False) -> dict:
     """Train a segmenter on every patient outside ``fold`` and segment the patients inside it.
 
     Writes ``fold{K}.npz`` (raw argmax masks, key ``patient/phase``: post-processing is left to the
-    reader, who knows the true spacing) and ``fold{K}.json`` (patients, history, config)."""
-    import torch
+    reader, who knows the true spacing) and ``fold{K}.json`` (patients, history, config); with
+    ``keep_model`` also the fold's model, ``fold{K}.safetensors`` (for ``crossval_ensemble``)."""
 
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
@@ -34,14 +35,55 @@ def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: 
                                log=lambda line: print(f"fold {fold}: {line}", file=sys.stderr, flush=True))
     predictor = Predictor(LoadedModel(model, config, f"crossval-fold{fold}"),
                           PredictConfig(device=device, precision=config.precision, largest_component=False))
-    masks = {}
-    with torch.no_grad():
-        for v in volumes:
-            if v.patient in held:
-                masks[f"{v.patient}/{v.phase}"] = predictor.predict(v.image, spacing=v.spacing, normalized=True)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / f"fold{fold}.npz", **masks)
+    if keep_model:
+        from raysegment.model.weights import save_weights
+
+        save_weights(model.state_dict(), json.dumps(config.to_dict()), out / f"fold{fold}.safetensors",
+                     run_state=json.dumps({"epoch": len(history) - 1, "history": history}))
+    _segment_held(predictor, volumes, held, out / f"fold{fold}.npz")
     summary = {"fold": fold, "folds": folds, "seed": seed, "patients": held, "train_patients": len({v.patient for v in train}),
                "minutes": round((time.perf_counter() - t0) / 60, 2), "history": history, "config": config.to_dict()}
     (out / f"fold{fold}.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def _segment_held(predictor, volumes: list[Volume], held: list[str], path: Path) -> None:
+    """Raw masks of the ``held`` patients' volumes → ``path`` (.npz, key ``patient/phase``)."""
+    import torch
+
+    with torch.no_grad():
+        masks = {f"{v.patient}/{v.phase}": predictor.predict(v.image, spacing=v.spacing, normalized=True)
+                 for v in volumes if v.patient in held}
+    np.savez_compressed(path, **masks)
+
+
+def crossval_ensemble(volumes: list[Volume], members: list[Path], out: Path, device: str = "cpu") -> list[dict]:
+    """Fold masks of an ensemble: for every fold K that each ``members`` folder (a ``crossval-masks
+    --keep-models`` run, one per backbone, same folds and seed) holds, segment fold K's patients
+    with the softmax-averaged fold-K models, as the ensemble Predictor does. Writes ``fold{K}.npz``
+    and ``fold{K}.json`` in ``out``, as ``crossval_fold`` does; returns the folds' summaries."""
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.model.weights import load_weights_file
+
+    folds = sorted(p.stem for p in members[0].glob("fold*.safetensors"))
+    if not folds:
+        raise FileNotFoundError(f"{members[0]}: no fold*.safetensors (run crossval-masks with --keep-models)")
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for name in folds:
+        infos = [json.loads((m / f"{name}.json").read_text()) for m in members]
+        if any((i["patients"], i["folds"], i["seed"]) != (infos[0]["patients"], infos[0]["folds"], infos[0]["seed"])
+               for i in infos):
+            raise ValueError(f"{name}: the members' folds hold different patients (other --folds or --seed)")
+        loaded = [load_weights_file(m / f"{name}.safetensors", device) for m in members]
+        predictor = Predictor(loaded, PredictConfig(device=device, precision=loaded[0].config.precision,
+                                                    largest_component=False))
+        _segment_held(predictor, volumes, infos[0]["patients"], out / f"{name}.npz")
+        summary = {**{k: infos[0][k] for k in ("fold", "folds", "seed", "patients", "train_patients")},
+                   "members": [str(m) for m in members], "epochs": [len(i["history"]) for i in infos],
+                   "config": [i["config"] for i in infos]}
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summaries.append(summary)
+    return summaries
