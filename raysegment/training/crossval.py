@@ -1,5 +1,6 @@
 """Cross-validated masks for the diagnosis: train a segmenter per fold with the local loop and
-segment the held-out patients (``python -m raysegment.diagnosis crossval-masks``). Training layer."""
+segment the held-out patients (``python -m raysegment.diagnosis crossval-masks``), or segment them
+with the ensemble of several such runs' fold models (``crossval-ensemble``). Training layer."""
 
 from __future__ import annotations
 
