@@ -64,10 +64,9 @@ say "GPU vs CPU masks (MobileNetV2 fold 0, its held-out volumes)"
 timeout 60 "$py" - "$bundle" "$work/mobilenet_v2" "$out/agreement.json" "$dev" <<'EOF'
 import json, sys
 from pathlib import Path
-import numpy as np, torch
 from raysegment.data.dataset import load_bundle
 from raysegment.config import PredictConfig
-from raysegment.inference.predictor import Predictor
+from raysegment.inference.predictor import Predictor, predict_volumes
 from raysegment.model.weights import load_weights_file
 bundle, folder, dst, gpu = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 held = set(json.loads((folder / "fold0.json").read_text())["patients"])
@@ -76,8 +75,7 @@ masks, precision = {}, {}
 for device in (gpu, "cpu"):
     loaded = load_weights_file(folder / "fold0.safetensors", device)
     predictor = Predictor(loaded, PredictConfig(device=device, largest_component=False))
-    with torch.no_grad():
-        masks[device] = [predictor.predict(v.image, spacing=v.spacing, normalized=True) for v in volumes]
+    masks[device] = [m for _, m in predict_volumes(predictor, volumes)]
     precision[device] = predictor.config.precision
 equal = sum(int((a == b).sum()) for a, b in zip(masks[gpu], masks["cpu"]))
 total = sum(a.size for a in masks["cpu"])

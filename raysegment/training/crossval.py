@@ -51,12 +51,10 @@ def crossval_fold(volumes: list[Volume], fold: int, folds: int, config, device: 
 
 def _segment_held(predictor, volumes: list[Volume], held: list[str], path: Path) -> None:
     """Raw masks of the ``held`` patients' volumes → ``path`` (.npz, key ``patient/phase``)."""
-    import torch
+    from raysegment.inference.predictor import predict_volumes
 
-    with torch.no_grad():
-        masks = {f"{v.patient}/{v.phase}": predictor.predict(v.image, spacing=v.spacing, normalized=True)
-                 for v in volumes if v.patient in held}
-    np.savez_compressed(path, **masks)
+    held_volumes = [v for v in volumes if v.patient in held]
+    np.savez_compressed(path, **{f"{v.patient}/{v.phase}": m for v, m in predict_volumes(predictor, held_volumes)})
 
 
 def crossval_ensemble(volumes: list[Volume], members: list[Path], out: Path, device: str = "cpu") -> list[dict]:
