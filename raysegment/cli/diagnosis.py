@@ -157,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m raysegment.diagnosis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_crossval_parsers(sub, default_of(TrainConfig, "batch_size"))
+    _add_fit_parsers(sub)
+    pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
+    pk.add_argument("--data", required=True)
+    pk.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def _add_crossval_parsers(sub, batch_size: int) -> None:
+    """``crossval-masks`` and ``crossval-ensemble``: fold models and their held-out masks."""
     cv = sub.add_parser("crossval-masks", help="train one segmenter per fold, segment its held-out patients")
     cv.add_argument("--data", required=True, help="shards folder (both splits are used) or a `pack` bundle .npz")
     cv.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
@@ -165,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--backbone", default="mobilenet_v2")
     cv.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of each fold's training (min)")
     cv.add_argument("--epochs", type=int, default=200, help="most epochs per fold")
-    cv.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
+    cv.add_argument("--batch-size", type=int, default=batch_size)
     cv.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="1: 2.5-D input (slices k-1, k, k+1)")
     cv.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke tests)")
     cv.add_argument("--threads", type=int, default=None,
@@ -181,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a crossval-masks --keep-models folder (repeat, one per backbone; same --folds and --seed)")
     ce.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
     ce.add_argument("--device", default="cpu")
+
+
+def _add_fit_parsers(sub) -> None:
+    """``fit`` (the classifier) and ``basal`` (the basal ES check), from masks or segmenters."""
     ft = sub.add_parser("fit", help="features of predicted masks (cross-validated folds, or --model's own) → "
                                       "repeated CV accuracy, a val-split check, the fitted model (JSON)")
     ft.add_argument("--data", required=True, help="the shards the masks were made from (spacing, height, weight)")
@@ -208,10 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--mlflow-uri", default=None)
     bs.add_argument("--mask-cache", type=Path, default=None, help=MASK_CACHE_HELP)
     bs.add_argument("--seed", type=int, default=0)
-    pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
-    pk.add_argument("--data", required=True)
-    pk.add_argument("--out", required=True, type=Path)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
