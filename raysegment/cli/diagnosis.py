@@ -152,12 +152,10 @@ def _basal_command(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raysegment.config import TrainConfig, default_of
-
     p = argparse.ArgumentParser(prog="python -m raysegment.diagnosis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    _add_crossval_parsers(sub, default_of(TrainConfig, "batch_size"))
+    _add_crossval_parsers(sub)
     _add_fit_parsers(sub)
     pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
     pk.add_argument("--data", required=True)
@@ -165,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_crossval_parsers(sub, batch_size: int) -> None:
+def _add_crossval_parsers(sub) -> None:
     """``crossval-masks`` and ``crossval-ensemble``: fold models and their held-out masks."""
+    from raysegment.config import TrainConfig, default_of
+
     cv = sub.add_parser("crossval-masks", help="train one segmenter per fold, segment its held-out patients")
     cv.add_argument("--data", required=True, help="shards folder (both splits are used) or a `pack` bundle .npz")
     cv.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
@@ -175,7 +175,7 @@ def _add_crossval_parsers(sub, batch_size: int) -> None:
     cv.add_argument("--backbone", default="mobilenet_v2")
     cv.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of each fold's training (min)")
     cv.add_argument("--epochs", type=int, default=200, help="most epochs per fold")
-    cv.add_argument("--batch-size", type=int, default=batch_size)
+    cv.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
     cv.add_argument("--context-slices", type=int, default=0, choices=[0, 1], help="1: 2.5-D input (slices k-1, k, k+1)")
     cv.add_argument("--max-steps", type=int, default=None, help="steps per epoch at most (smoke tests)")
     cv.add_argument("--threads", type=int, default=None,
