@@ -1,12 +1,17 @@
-"""How a process joins Ray: a cluster given by address or RAY_ADDRESS, else a new local one;
-telemetry off and Ray's per-pass console output off unless verbose. Base layer: imports nothing
-of raysegment (Ray only inside functions)."""
+"""Process plumbing: how a process joins Ray (a cluster given by address or RAY_ADDRESS, else a new
+local one; telemetry off and Ray's per-pass console output off unless verbose), scratch folders that
+a killed process cannot leak for good, heap trimming for long-lived workers. Base layer: imports
+nothing of raysegment (Ray only inside functions)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 START_ATTEMPTS = 2  # local Ray starts tried when Ray's own start timeout passes
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch (ray.train.v2 constants)
@@ -180,6 +185,45 @@ def _start_local(num_cpus: int | None, logging_config) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, root: str | Path | None = None):
+    """A temporary folder ``ROOT/PREFIX<pid>-…`` (ROOT: the system's temp folder), removed when the
+    ``with`` ends. One that a killed process left (a checkpoint a training worker was staging, the
+    upload of a replica killed mid-request) is removed by ``clear_stale_scratch`` in a later process."""
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-", dir=root) as tmp:
+        yield Path(tmp)
+
+
+def stale_scratch(prefix: str, root: str | Path | None = None) -> list[Path]:
+    """The ``scratch_dir(prefix)`` folders whose process no longer exists. A folder of a live process
+    (of any user) is not stale. Assumes one PID namespace per temp folder, as a Ray node has (its own
+    session files in /tmp/ray rely on the same)."""
+    stale = []
+    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.append(path)
+    return stale
+
+
+def clear_stale_scratch(prefix: str, root: str | Path | None = None) -> int:
+    """Remove ``stale_scratch(prefix, root)`` → how many."""
+    stale = stale_scratch(prefix, root)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 TRIM_EVERY = 16  # studies between two heap trims of a long-lived worker

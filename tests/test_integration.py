@@ -107,13 +107,13 @@ def test_a_version_that_does_not_beat_the_champion_leaves_the_alias(cluster, reg
     assert champion_version(cluster) == before.version
 
 
-def test_champion_loads_through_pyfunc(cluster, registered):
+def test_champion_loads_through_pyfunc(cluster, registered, tmp_path):
     import mlflow
 
     mlflow.set_tracking_uri(cluster["mlflow"])
     from raysegment.inference.predictor import Predictor
 
-    model = mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion")
+    model = mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion", dst_path=str(tmp_path))
     image, _ = synthetic_volume(1, shape=(3, 60, 70))
     raw = (image * 900).astype(np.float32)
     mask = model.predict(raw)

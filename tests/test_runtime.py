@@ -11,7 +11,15 @@ import subprocess
 import sys
 import time
 
-from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, free_ports, stop_processes
+from raysegment.runtime import (
+    OWN_PROCESS_GROUP,
+    clear_stale_scratch,
+    find_processes,
+    free_ports,
+    scratch_dir,
+    stale_scratch,
+    stop_processes,
+)
 
 
 def _sleeper(env_marker: str = "", ignore_term: bool = False) -> subprocess.Popen:
@@ -145,3 +153,21 @@ def test_free_ports_are_distinct_and_bindable():
     for port in ports[:8]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_scratch_of_a_dead_process_is_cleared_and_a_live_ones_stays(tmp_path):
+    """What a killed process left in ``scratch_dir`` goes at the next ``clear_stale_scratch``; the
+    folders of live processes (this one's, open now) and other names stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"rs-test-{dead.pid}-abc").mkdir()
+    (tmp_path / f"rs-test-{dead.pid}-abc" / "upload.nii.gz").write_bytes(b"x")
+    (tmp_path / "rs-test-notapid-x").mkdir()
+    (tmp_path / f"other-{dead.pid}-x").mkdir()
+    with scratch_dir("rs-test-", tmp_path) as live:
+        assert live.name.startswith(f"rs-test-{os.getpid()}-")
+        assert stale_scratch("rs-test-", tmp_path) == [tmp_path / f"rs-test-{dead.pid}-abc"]
+        assert clear_stale_scratch("rs-test-", tmp_path) == 1
+        assert live.is_dir()
+    assert not live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"other-{dead.pid}-x", "rs-test-notapid-x"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -238,3 +239,5 @@ def test_a_killed_replica_fails_only_its_requests_and_serving_resumes_in_seconds
     assert all(seconds < 30 + 5 for _, _, seconds in results), "a request hung past its timeout"
     assert any(s == 200 for s, _, _ in results[killed_at + 1:]), results[killed_at:]
     assert sum(s != 200 for s, _, _ in results) <= 2, results
+    # the replica that replaced it removed the upload folder the killed one held mid-request
+    assert not list(Path(tempfile.gettempdir()).glob(f"raysegment-serve-{pid}-*"))

@@ -114,7 +114,8 @@ def diagnosis_registered(cluster):
     return shipped, registry.Registration("raysegment-diagnosis", "1", True, "")
 
 
-def test_diagnosis_model_is_registered_with_its_accuracy_and_serves_the_same_probabilities(cluster, diagnosis_registered):
+def test_diagnosis_model_is_registered_with_its_accuracy_and_serves_the_same_probabilities(cluster, diagnosis_registered,
+                                                                                              tmp_path):
     import mlflow
     import pandas as pd
     from mlflow import MlflowClient
@@ -128,7 +129,7 @@ def test_diagnosis_model_is_registered_with_its_accuracy_and_serves_the_same_pro
     tags = client.get_model_version("raysegment-diagnosis", "1").tags
     assert float(tags["cv_accuracy"]) == pytest.approx(model.meta["accuracy"], abs=1e-4) and tags["segmenter"]
     mlflow.set_tracking_uri(cluster["mlflow"])
-    served = mlflow.pyfunc.load_model("models:/raysegment-diagnosis@champion")
+    served = mlflow.pyfunc.load_model("models:/raysegment-diagnosis@champion", dst_path=str(tmp_path))
     x = np.array([model.fill, np.array(model.fill) * 1.3])
     out = served.predict(pd.DataFrame(x, columns=list(FEATURES)))
     np.testing.assert_allclose(out[[f"p_{c}" for c in model.classes]].to_numpy(), model.predict_proba(x), atol=1e-9)
@@ -235,7 +236,7 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     assert len(registered_ensemble.members) == 2 and registered_ensemble.version == f"raysegment-ensemble/{v.version}"
     np.testing.assert_array_equal(registered_ensemble.predict(raw), direct.predict(raw))
     mlflow.set_tracking_uri(cluster["mlflow"])
-    pyfunc = mlflow.pyfunc.load_model("models:/raysegment-ensemble@champion")
+    pyfunc = mlflow.pyfunc.load_model("models:/raysegment-ensemble@champion", dst_path=str(tmp_path))
     np.testing.assert_array_equal(pyfunc.predict(raw), direct.predict(raw))
 
 

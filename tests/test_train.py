@@ -14,8 +14,9 @@ from raysegment.inference.predictor import Predictor
 from raysegment.model.checkpoint import load_checkpoint
 from raysegment.model.losses import LossConfig, segmentation_loss
 from raysegment.model.unet import ModelConfig, build_model
+from raysegment.runtime import stale_scratch
 from raysegment.training.core import train_step
-from raysegment.training.train import RunHooks, RunSpec, resumed_line, train
+from raysegment.training.train import CKPT_SCRATCH, RunHooks, RunSpec, resumed_line, train
 
 TINY = dict(model=ModelConfig(backbone="mobilenet_v2", decoder_width=8), batch_size=4, image_size=64, crop_size=64,
             precision="fp32", threads_per_worker=1)
@@ -132,7 +133,10 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     assert "the same command resumes it" in first.strip().splitlines()[-1]
     done = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] + 1
     assert done < 6
+    # A worker killed while staging a checkpoint leaves its folder; the next worker removes it.
+    stale = stale_scratch(CKPT_SCRATCH)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert not [p for p in stale if p.exists()], stale
     assert again.returncode == 0 and "done: ctrlc epochs 6" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
     epochs = [line.split()[2] for line in again.stdout.splitlines() if line.startswith("[raysegment] epoch")]
     assert epochs[0] == f"{done + 1}/6" and epochs[-1] == "6/6", (done, epochs)  # resumed, not started again

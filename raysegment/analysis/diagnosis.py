@@ -11,6 +11,7 @@ group), so the classifier sees the segmenter's errors as they will be on new pat
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -354,8 +355,9 @@ def load(ref: str | Path, tracking_uri: str | None = None) -> DiagnosisModel:
 
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=f"{ref}/artifacts/diagnosis.json")
-        ref = folder
+        with tempfile.TemporaryDirectory() as tmp:  # MLflow's own temp folder would stay behind
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{ref}/artifacts/diagnosis.json", dst_path=tmp)
+            return DiagnosisModel.from_json(Path(path).read_text())
     return DiagnosisModel.from_json(Path(ref).read_text())
 
 

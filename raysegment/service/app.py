@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +28,13 @@ from pathlib import Path
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
 from raysegment.io.studies import StudyError
-from raysegment.runtime import HeapTrimmer, disable_telemetry
+from raysegment.runtime import HeapTrimmer, clear_stale_scratch, disable_telemetry, scratch_dir
 
 log = logging.getLogger("ray.serve")
 NIFTI_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
                "application/nifti", "image/nifti", ""}
 MiB = 1024 * 1024
+SCRATCH = "raysegment-serve-"  # a request's upload and mask: the temp folder's raysegment-serve-<pid>-…
 
 
 class RequestError(Exception):
@@ -79,6 +79,7 @@ class SegmentService:
         import torch
 
         disable_telemetry()
+        clear_stale_scratch(SCRATCH)  # uploads of a replica killed mid-request
         torch.set_num_threads(config.threads or torch_threads(None, 1, config.cpus_per_replica))
         self.config = config
         self.holder = ModelHolder(config)
@@ -157,12 +158,12 @@ class SegmentService:
         (400) for a body that is no usable NIfTI. The batch job's per-study code does the work."""
         from raysegment.inference.study import segment_study
 
-        with tempfile.TemporaryDirectory(prefix="raysegment-serve-") as tmp:
-            path = Path(tmp) / ("upload.nii.gz" if body[:2] == b"\x1f\x8b" else "upload.nii")
+        with scratch_dir(SCRATCH) as tmp:
+            path = tmp / ("upload.nii.gz" if body[:2] == b"\x1f\x8b" else "upload.nii")
             path.write_bytes(body)
             try:
                 with self.lock:
-                    rows = segment_study(path, predictor, self.config.model, Path(tmp) / "out")
+                    rows = segment_study(path, predictor, self.config.model, tmp / "out")
             except StudyError as exc:
                 raise RequestError(400, f"not a usable NIfTI image: {str(exc).replace(str(path), 'the body')}") from None
             finally:

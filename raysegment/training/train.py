@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,11 +25,13 @@ from raysegment.data.dataset import load_volumes, read_split
 from raysegment.io import storage
 from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
 from raysegment.model.unet import build_model
+from raysegment.runtime import clear_stale_scratch, scratch_dir
 from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
 from raysegment.training.validation import epoch_dice, validate, validate_all
 
 __all__ = ["RunHooks", "RunSpec", "TrainConfig", "make_trainer", "train", "validate"]
 SCALER_FILE = "scaler.pt"
+CKPT_SCRATCH = "raysegment-ckpt-"  # an epoch's checkpoint before Ray Train copies it to storage
 
 
 def worker_threads(config: TrainConfig, processes_on_node: int, assigned_cpus: float | None = None) -> int:
@@ -178,13 +179,13 @@ def _report(run: _Run, config: TrainConfig, metrics: dict, rank: int) -> None:
     """Rank 0 writes the checkpoint; every rank reports (Ray Train keeps metrics only with a checkpoint)."""
     import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir(CKPT_SCRATCH) as tmp:
         ckpt = None
         if rank == 0:
-            save_checkpoint(Path(tmp), run.core, run.optimizer, config,
+            save_checkpoint(tmp, run.core, run.optimizer, config,
                             {"epoch": metrics["epoch"], "metrics": metrics, "history": run.history})
             if run.scaler.is_enabled():
-                torch.save(run.scaler.state_dict(), Path(tmp) / SCALER_FILE)
+                torch.save(run.scaler.state_dict(), tmp / SCALER_FILE)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -207,25 +208,33 @@ def _quiet_reports() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Restore, then per epoch: train, validate (rank 0), checkpoint and report."""
+def _setup_worker(config: TrainConfig, loop_config: dict) -> tuple[int, int]:
+    """This worker's logging, threads and seed; stale checkpoint staging removed → (rank, world size)."""
     import ray.data
     import ray.train
-    import torch.distributed as dist
 
-    config = TrainConfig.from_dict(loop_config)
-    hooks = RunHooks(**loop_config.get("_hooks", {}))
     if not loop_config.get("_verbose"):
         _quiet_reports()
     # A single worker runs its Ray Data iterator in-process; the epoch line is our progress report.
     ray.data.DataContext.get_current().enable_progress_bars = False
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(worker_threads(config, ctx.get_local_world_size() * int(loop_config.get("_sharing", 1))))
     torch.manual_seed(config.seed)
-    run = _restore(config, rank)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True  # fixed crop size: the fastest kernels, chosen once
+    clear_stale_scratch(CKPT_SCRATCH)  # staging of a worker killed mid-write (Ctrl-C, a stopped trial)
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Restore, then per epoch: train, validate (rank 0), checkpoint and report."""
+    import ray.train
+    import torch.distributed as dist
+
+    config = TrainConfig.from_dict(loop_config)
+    hooks = RunHooks(**loop_config.get("_hooks", {}))
+    rank, world = _setup_worker(config, loop_config)
+    run = _restore(config, rank)
     # Every rank validates its share of the val volumes; the records are gathered, so no GPU
     # waits for rank 0 alone.
     volumes = load_volumes(config.data, "val", list(config.val_patients) if config.val_patients else None)[rank::world]
