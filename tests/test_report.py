@@ -116,7 +116,10 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     assert line in capsys.readouterr().out and line in (checked / "clinical.md").read_text()
     with open(checked / "clinical.csv", newline="") as f:
         recs = list(csv.DictReader(f))
-    assert len(recs) == 3 and all(None not in r and "" not in r.values() for r in recs)
+    # Every column filled, but the per-slice probabilities of a structure the shipped check learnt no
+    # model for (its 2026-12-05 refit kept only the whole-heart one): those are empty by design.
+    unlearnt = {f"p_no_{k}" for k in ("rv", "heart") if k not in shipped.basal_rv}
+    assert len(recs) == 3 and all(None not in r and all(v != "" or k in unlearnt for k, v in r.items()) for r in recs)
     for r in recs:
         excess = float(r["rv_es_basal_excess_ml"])
         assert float(r["pred_rv_esv_ml"]) == pytest.approx(float(r["ref_rv_esv_ml"]) - excess, abs=1e-3)
