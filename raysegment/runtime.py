@@ -203,7 +203,7 @@ def stale_scratch(prefix: str, root: str | Path | None = None) -> list[Path]:
     stale = []
     for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*-*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             stale.append(path)
     return stale
 
@@ -216,7 +216,8 @@ def clear_stale_scratch(prefix: str, root: str | Path | None = None) -> int:
     return len(stale)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """A process with this id exists on this host (of any user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

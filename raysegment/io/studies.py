@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from raysegment.config import DEFAULT_PERCENTILES
+from raysegment.runtime import pid_alive
 
 
 class StudyError(ValueError):
@@ -174,7 +175,7 @@ def remove_stale_partials(root: Path) -> int:
         m = re.match(rf"{re.escape(PARTIAL)}(.+)-(\d+)-", p.name)
         try:
             if m and m.group(1) == host:
-                stale = not _alive(int(m.group(2)))
+                stale = not pid_alive(int(m.group(2)))
             else:
                 stale = time.time() - p.stat().st_mtime > STALE_FOREIGN_S
             if stale and p.is_file():
@@ -183,16 +184,6 @@ def remove_stale_partials(root: Path) -> int:
         except OSError:  # gone meanwhile, or not ours to remove
             continue
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
 
 
 def atomic_write(path: Path, write) -> None:
