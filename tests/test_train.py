@@ -14,7 +14,6 @@ from raysegment.inference.predictor import Predictor
 from raysegment.model.checkpoint import load_checkpoint
 from raysegment.model.losses import LossConfig, segmentation_loss
 from raysegment.model.unet import ModelConfig, build_model
-from raysegment.runtime import stale_scratch
 from raysegment.training.core import train_step
 from raysegment.training.train import CKPT_SCRATCH, RunHooks, RunSpec, resumed_line, train
 
@@ -105,7 +104,9 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
+    from pathlib import Path
 
     cmd = [sys.executable, "-m", "raysegment.train", "--backbone", "mobilenet_v2", "--data", str(tiny_shards),
            "--workers", "1", "--threads", "1", "--epochs", "6", "--batch-size", "4", "--image-size", "64",
@@ -133,11 +134,15 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     assert "the same command resumes it" in first.strip().splitlines()[-1]
     done = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"] + 1
     assert done < 6
-    # A worker killed while staging a checkpoint leaves its folder; the next worker removes it.
-    stale = stale_scratch(CKPT_SCRATCH)
+    # A worker killed while staging a checkpoint leaves its folder; the next worker removes it. The
+    # planted one names a PID above the kernel's pid_max: no process can have it, now or later (a
+    # real dead worker's PID may be reused by a new process meanwhile, and its folder then waits).
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 2**22
+    planted = Path(tempfile.gettempdir()) / f"{CKPT_SCRATCH}{pid_max + 1}-ctrlc"
+    (planted / "model").mkdir(parents=True, exist_ok=True)
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert not [p for p in stale if p.exists()], stale
     assert again.returncode == 0 and "done: ctrlc epochs 6" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not planted.exists()
     epochs = [line.split()[2] for line in again.stdout.splitlines() if line.startswith("[raysegment] epoch")]
     assert epochs[0] == f"{done + 1}/6" and epochs[-1] == "6/6", (done, epochs)  # resumed, not started again
     assert resumed_line(done) in again.stdout  # counted as the epoch lines count, from 1
