@@ -33,6 +33,10 @@ class ModelConfig:
     # Neighbouring slices per side fed as extra channels (0 = plain 2-D). With 1 the network
     # sees slices k-1, k, k+1 and can tell the basal slice, where ES labels often stop the RV.
     context_slices: int = 0
+    # Decoder levels below full resolution (strides 2, 4, 8) that get their own 1×1 head and a
+    # loss term in training, weights halving per level (nnU-Net's deep supervision). Prediction
+    # uses the full-resolution head only; 0 = off (every model saved before it existed).
+    deep_supervision: int = 0
 
     @property
     def in_channels(self) -> int:
@@ -123,6 +127,8 @@ class TrainConfig:
         d = dict(d)
         if isinstance(d.get("model"), dict) and "context_slices" not in d["model"]:
             d["model"] = {**d["model"], "context_slices": 0}  # saved before 2.5-D input existed: 2-D
+        if isinstance(d.get("model"), dict) and "deep_supervision" not in d["model"]:
+            d["model"] = {**d["model"], "deep_supervision": 0}  # saved before it existed: no coarse heads
         nested = {"model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig}
         for key, typ in nested.items():
             if key in d and isinstance(d[key], dict):

@@ -40,3 +40,17 @@ def test_gradients_push_towards_the_target():
     segmentation_loss(logits, y, LossConfig()).backward()
     g = logits.grad
     assert bool((g.gather(1, y[:, None]) < 0).all())  # raising the true class's logit lowers the loss
+
+
+def test_deep_supervision_weighs_coarser_levels_half_each():
+    from raysegment.model.losses import deep_supervision_loss
+
+    y = _target()
+    config = LossConfig()
+    perfect = [F.one_hot(y[:, ::s, ::s], 4).permute(0, 3, 1, 2).float() * 20 for s in (1, 2, 4)]
+    wrong = F.one_hot((y[:, ::2, ::2] + 1) % 4, 4).permute(0, 3, 1, 2).float() * 20
+    assert float(deep_supervision_loss(perfect, y, config)) < 1e-3  # each level against y every s-th pixel
+    torch.testing.assert_close(deep_supervision_loss(perfect[:1], y, config), segmentation_loss(perfect[0], y, config))
+    mixed = deep_supervision_loss([perfect[0], wrong], y, config)
+    torch.testing.assert_close(mixed, (segmentation_loss(perfect[0], y, config)
+                                       + 0.5 * segmentation_loss(wrong, y[:, ::2, ::2], config)) / 1.5)

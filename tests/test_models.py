@@ -98,3 +98,22 @@ def test_the_encoder_registry_is_the_one_list_of_backbones():
     for backbone in BACKBONES:  # the 2.5-D widening path names a real parameter of each U-Net
         model = build_model(ModelConfig(backbone=backbone, decoder_width=8, context_slices=1))
         assert model.state_dict()[first_conv_key(backbone)].shape[1] == 3
+
+
+def test_deep_supervision_adds_coarse_heads_that_prediction_ignores():
+    """Heads at strides 2 and 4 in training (⌈H/s⌉×⌈W/s⌉ logits, trained by the backward pass);
+    without ``aux`` the model is, weight for weight, the one without them."""
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(decoder_width=8)).eval()
+    torch.manual_seed(0)
+    deep = build_model(ModelConfig(decoder_width=8, deep_supervision=2)).eval()
+    x = torch.randn(2, 1, 70, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x), plain(x), atol=0, rtol=0)
+    levels = deep.train()(x, aux=True)
+    assert [tuple(z.shape) for z in levels] == [(2, 4, 70, 90), (2, 4, 35, 45), (2, 4, 18, 23)]
+    sum(z.square().mean() for z in levels[1:]).backward()
+    assert all(float(h.weight.grad.abs().sum()) > 0 for h in deep.aux_heads)
+    assert deep.head.weight.grad is None  # the coarse heads alone do not reach the full-resolution one
+    with pytest.raises(ValueError, match="deep_supervision must be 0 to 3"):
+        build_model(ModelConfig(decoder_width=8, deep_supervision=4))

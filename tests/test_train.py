@@ -295,6 +295,23 @@ def test_overfits_a_few_real_slices(tmp_path):
     assert min(scores) > 0.9, scores
 
 
+def test_a_train_step_with_deep_supervision_trains_the_coarse_heads():
+    from dataclasses import replace
+
+    from raysegment.model.unet import build_model
+
+    config = TrainConfig(data="unused", **TINY)
+    config = replace(config, model=replace(config.model, deep_supervision=2))
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    before = [h.weight.detach().clone() for h in model.aux_heads]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels, _ = _images_labels_params(4, seed=0, label=3)
+    loss = train_step(model, opt, torch.amp.GradScaler("cpu", enabled=False), images, labels, config, torch.Generator(),
+                      torch.device("cpu"), None)
+    assert torch.isfinite(loss) and all(not torch.equal(b, h.weight) for b, h in zip(before, model.aux_heads))
+
+
 def test_resume_loads_the_optimizer_moments_onto_the_parameters_device(tmp_path):
     """The order a GPU resume needs, shown on CPU: the model moves ("meta" stands in for CUDA)
     before the optimizer state loads, so Adam's moments follow the parameters."""

@@ -69,6 +69,27 @@ def test_init_weights_must_match_the_model(tmp_path, tiny_model, tiny_checkpoint
         init_state_dict(wide_file, config.model)
 
 
+def test_init_weights_add_or_drop_the_deep_supervision_heads(tmp_path, tiny_model, tiny_checkpoint):
+    """Fine-tuning a model without deep supervision with it: the saved weights plus the new
+    model's fresh coarse heads; and back: those heads dropped. Nothing else may differ."""
+    model, config = tiny_model
+    out = export_weights(tiny_checkpoint, tmp_path / "w.safetensors")
+    deep_config = replace(config.model, deep_supervision=2)
+    deep = build_model(deep_config)
+    state = init_state_dict(out, deep_config, aux_init=deep.state_dict())
+    deep.load_state_dict(state)  # strict: every key there, none extra
+    assert {k for k in state if k.startswith("aux_heads.")} == {f"aux_heads.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep.eval()(x), model(x), atol=2e-2, rtol=0)  # fp16 storage
+    deep_file = export_weights(write_checkpoint(tmp_path / "deep", deep, replace(config, model=deep_config)),
+                               tmp_path / "deep.safetensors")
+    plain = build_model(config.model)
+    plain.load_state_dict(init_state_dict(deep_file, config.model))
+    with pytest.raises(ValueError, match="decoder_width=16"):
+        init_state_dict(deep_file, replace(deep_config, decoder_width=16))
+
+
 def test_a_damaged_weights_file_is_refused_on_every_load(tmp_path):
     import shutil
 

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"))
     p.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
                    help="neighbouring slices per side as extra input channels (1 = 2.5-D: slices k-1, k, k+1)")
+    p.add_argument("--deep-supervision", type=int, default=default_of(ModelConfig, "deep_supervision"), choices=[0, 1, 2, 3],
+                   help="decoder levels at strides 2, 4, 8 that also get a head and a loss term in training (0: off)")
     loss = LossConfig()
     p.add_argument("--ce-weight", type=float, default=loss.ce_weight)
     p.add_argument("--dice-weight", type=float, default=loss.dice_weight)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, a)
     config = TrainConfig(
         data=str(Path(a.data).resolve()),
-        model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices),
+        model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices,
+                          deep_supervision=a.deep_supervision),
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
         augment=augment_from_args(a),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,

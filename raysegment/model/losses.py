@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from raysegment.config import LossConfig
 
-__all__ = ["LossConfig", "segmentation_loss", "soft_dice_per_class"]
+__all__ = ["LossConfig", "deep_supervision_loss", "segmentation_loss", "soft_dice_per_class"]
 
 
 def soft_dice_per_class(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
@@ -30,3 +30,13 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, config: LossCo
         dice = soft_dice_per_class(logits, target, config.smooth)
         loss = loss + config.dice_weight * ((1 - dice) * w[1:]).sum() / w[1:].sum()
     return loss
+
+
+def deep_supervision_loss(levels: list[torch.Tensor], target: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """``segmentation_loss`` of the full-resolution logits and of each coarser head's (strides 2,
+    4, …, as ``UNet.forward(x, aux=True)`` returns them) against the target taken every s-th pixel,
+    weighted 1, 1/2, 1/4, … and normalised to sum 1 (nnU-Net's weights, less its zero last level)."""
+    weights = [0.5 ** k for k in range(len(levels))]
+    loss = sum(wt * segmentation_loss(z, target[:, :: 2 ** k, :: 2 ** k], config)
+               for k, (wt, z) in enumerate(zip(weights, levels)))
+    return loss / sum(weights)

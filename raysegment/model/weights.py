@@ -99,8 +99,10 @@ def saved_state(path: str | Path) -> dict:
     return json.loads(state) if state else {}
 
 
-def init_state_dict(path: str | Path, model_config) -> dict:
-    """State dict (fp32) of a weights file or checkpoint folder, checked against ``model_config``."""
+def init_state_dict(path: str | Path, model_config, aux_init: dict | None = None) -> dict:
+    """State dict (fp32) of a weights file or checkpoint folder, checked against ``model_config``.
+    Deep-supervision heads (training only) may differ: those the saved model lacks come from
+    ``aux_init`` (the new model's own fresh ones), those the run does not want are dropped."""
     path = Path(path)
     saved = saved_config(path).model
     if path.is_dir():
@@ -109,10 +111,15 @@ def init_state_dict(path: str | Path, model_config) -> dict:
         state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(path).items()}
     from dataclasses import replace
 
-    if replace(saved, context_slices=model_config.context_slices) != model_config:
+    if replace(saved, context_slices=model_config.context_slices, deep_supervision=model_config.deep_supervision) != model_config:
         raise ValueError(f"{path}: weights are for {saved}, the run wants {model_config}")
     if saved.context_slices != model_config.context_slices:
         state = widen_context(state, saved, model_config)
+    if saved.deep_supervision != model_config.deep_supervision:
+        from raysegment.model.unet import AUX_PREFIX
+
+        kept = {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
+        state = {**kept, **{k: v for k, v in (aux_init or {}).items() if k.startswith(AUX_PREFIX)}}
     return state
 
 

@@ -87,7 +87,7 @@ def restore_run(config: TrainConfig, checkpoint_dir: Path | None, prepare, devic
     if config.init_weights:
         from raysegment.model.weights import init_state_dict
 
-        model.load_state_dict(init_state_dict(config.init_weights, config.model))
+        model.load_state_dict(init_state_dict(config.init_weights, config.model, aux_init=model.state_dict()))
     saved = None
     if checkpoint_dir is not None:
         d = checkpoint_dir
