@@ -267,8 +267,12 @@ def _tuner(spec: TuneSpec, exp_id: str, parent_id: str, root: str):
         print(f"[raysegment] resuming search {tune_path}", flush=True)
         return tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True, param_space=space)
     searcher = ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.concurrency)
+    # A trial at its last epoch ends by returning: stopped by Tune instead, its Train controller was
+    # killed before its own shutdown, and Ray Train's placement-group cleaner logged a WARNING that
+    # the controller was dead, once per trial. Stopping a weak trial at a rung is unchanged.
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=spec.base.epochs,
-                              grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2)
+                              grace_period=min(spec.grace_period, spec.base.epochs), reduction_factor=2,
+                              stop_last_trials=False)
     callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
     if not spec.run.verbose:
         callbacks.append(TrialLines(spec.num_samples))
