@@ -125,10 +125,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         d = dict(d)
-        if isinstance(d.get("model"), dict) and "context_slices" not in d["model"]:
-            d["model"] = {**d["model"], "context_slices": 0}  # saved before 2.5-D input existed: 2-D
-        if isinstance(d.get("model"), dict) and "deep_supervision" not in d["model"]:
-            d["model"] = {**d["model"], "deep_supervision": 0}  # saved before it existed: no coarse heads
+        if isinstance(d.get("model"), dict):
+            # Model fields added later, at the value that rebuilds a model saved before them
+            # (whatever today's default): 2-D input, no deep-supervision heads.
+            d["model"] = {"context_slices": 0, "deep_supervision": 0, **d["model"]}
         nested = {"model": ModelConfig, "loss": LossConfig, "augment": AugmentConfig}
         for key, typ in nested.items():
             if key in d and isinstance(d[key], dict):

@@ -35,7 +35,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, config: LossCo
 def deep_supervision_loss(levels: list[torch.Tensor], target: torch.Tensor, config: LossConfig) -> torch.Tensor:
     """``segmentation_loss`` of the full-resolution logits and of each coarser head's (strides 2,
     4, …, as ``UNet.forward(x, aux=True)`` returns them) against the target taken every s-th pixel,
-    weighted 1, 1/2, 1/4, … and normalised to sum 1 (nnU-Net's weights, less its zero last level)."""
+    weighted 1, 1/2, 1/4, … and normalised to sum 1 (nnU-Net's weights, less its zero last level).
+    With the full-resolution logits alone it is ``segmentation_loss`` of them, bit for bit."""
     weights = [0.5 ** k for k in range(len(levels))]
     loss = sum(wt * segmentation_loss(z, target[:, :: 2 ** k, :: 2 ** k], config)
                for k, (wt, z) in enumerate(zip(weights, levels)))

@@ -167,7 +167,8 @@ class UNet(nn.Module):
             if skip is not None:
                 y = torch.cat([y, skip], dim=1)
             y = block(y)
-            levels.append(y)
+            if aux:  # kept only when asked: in prediction each level is freed once the next is made
+                levels.append(y)
         out = self.head(y)[..., :h, :w]
         if not aux:
             return out

@@ -12,7 +12,7 @@ import torch
 from raysegment.config import Precision, TrainConfig
 from raysegment.data.dataset import apply_augment, sample_augment
 from raysegment.inference.predictor import AUTOCAST_DTYPES, resolve_precision
-from raysegment.model.losses import deep_supervision_loss, segmentation_loss
+from raysegment.model.losses import deep_supervision_loss
 
 
 def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
@@ -34,11 +34,8 @@ def train_step(model, optimizer, scaler, images: torch.Tensor, labels: torch.Ten
     x, y = apply_augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True), params,
                          config.crop_size)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(x, aux=True) if config.model.deep_supervision else model(x)
-    if config.model.deep_supervision:
-        loss = deep_supervision_loss(logits, y, config.loss)
-    else:
-        loss = segmentation_loss(logits, y, config.loss)
+        levels = model(x, aux=True)  # the full-resolution logits, then any deep-supervision heads'
+    loss = deep_supervision_loss(levels, y, config.loss)  # with one level: segmentation_loss, exactly
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
