@@ -24,16 +24,12 @@ gpu=(); [ "$dev" = cuda ] && gpu=(--gpu)
 mkdir -p "$work" "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py="${PYTHON:-python3}"
+# shellcheck source=jobs/lease-common.sh
+. "$(dirname "$0")/lease-common.sh"
 say() { echo "[lease $(date -u +%T)] $*"; }
 
 say "environment"
-{ nvidia-smi; "$py" -c 'import sys, torch, numpy
-print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "numpy", numpy.__version__)
-print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
-import importlib.util as u
-print("missing:", [m for m in ("ray", "mlflow", "optuna", "nibabel", "highdicom", "safetensors", "h5py", "pyarrow", "scipy")
-                   if u.find_spec(m) is None])'; nproc; } > "$out/env.txt" 2>&1
-tail -3 "$out/env.txt"
+lease_environment "$out/env.txt"
 
 say "bare loop, both backbones, batch 8 and 64"
 # 40 s each cut off both MobileNetV2 lines on 2026-12-04 (a fresh machine's first imports and cuDNN's

@@ -33,7 +33,12 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
-    if data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
+    if data and str(data).endswith(".npz"):  # a `diagnosis pack` bundle: read in-process, never by Ray Data
+        if not getattr(a, "local", None):
+            p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
+        if not Path(data).is_file():
+            p.error(f"--data {data}: no such bundle")
+    elif data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
         p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
     init = getattr(a, "init_weights", None)
     if init and init != "shipped":

@@ -25,7 +25,7 @@ from raysegment.analysis.diagnosis import (
     patient_features,
 )
 from raysegment.cli.args import progress_line
-from raysegment.data.dataset import all_volumes, save_bundle
+from raysegment.data.dataset import all_volumes, pack_bundle
 from raysegment.training.crossval import crossval_ensemble, crossval_fold
 
 MASK_CACHE_HELP = ("a folder keeping each segmenter's masks of these volumes (keyed by model version, settings and "
@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_crossval_parsers(sub)
     _add_fit_parsers(sub)
-    pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes (to carry to a GPU machine)")
+    pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes and their train/val split "
+                                     "(to carry to a GPU machine)")
     pk.add_argument("--data", required=True)
     pk.add_argument("--out", required=True, type=Path)
     return p
@@ -228,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     if a.command == "pack":
-        volumes = all_volumes(a.data)
-        save_bundle(volumes, a.out)
+        volumes = pack_bundle(a.data, a.out)
         print(f"{len(volumes)} volumes → {a.out} ({a.out.stat().st_size / 2**20:.1f} MiB)")
         return 0
     if a.command == "fit":

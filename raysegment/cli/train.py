@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from raysegment.cli.args import (
+    INTERRUPTED,
     _td,
     add_run_arguments,
     augment_from_args,
@@ -18,6 +19,7 @@ from raysegment.cli.args import (
 )
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
+from raysegment.model.weights import saved_state
 from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunHooks, RunSpec, train
 
@@ -26,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.train`` command line (also used to dry-run job specs)."""
     p = argparse.ArgumentParser(prog="python -m raysegment.train", description=__doc__.split("\n\n")[0])
     add_run_arguments(p)
-    p.add_argument("--data", required=True, help="shards folder from raysegment.data.prepare")
+    p.add_argument("--data", required=True, help="shards folder from raysegment.data.prepare (with --local also "
+                                                 "a `diagnosis pack` bundle, .npz)")
+    p.add_argument("--local", metavar="DEVICE", default=None,
+                   help="train in this process without Ray on DEVICE (cpu, cuda), for a machine with torch but no "
+                        "Ray: no validation or checkpoints during the run; the last epoch is scored on val and written "
+                        "to STORAGE/NAME.safetensors")
     p.add_argument("--epochs", type=int, default=_td("epochs"), help="epochs (with --minutes: the most epochs)")
     p.add_argument("--minutes", type=float, default=_td("time_budget_min"),
                    help="wall-time budget for training + validation; the LR schedule is fitted to the epochs that fit")
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads,
     )
+    if a.local:
+        return _train_local(p, a, config)
     hooks = RunHooks(audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None)
     spec = RunSpec(num_workers=a.workers, use_gpu=a.gpus_per_worker > 0, gpus_per_worker=a.gpus_per_worker or 1.0,
                    cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
@@ -84,6 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print(f"done: {spec.name} epochs {m['epoch'] + 1} val dice rv {m['dice_rv']:.3f} myo {m['dice_myo']:.3f} "
           f"lv {m['dice_lv']:.3f} mean {m['dice_mean']:.3f}; checkpoint {result.checkpoint.path}")
+    return 0
+
+
+def _train_local(p: argparse.ArgumentParser, a: argparse.Namespace, config: TrainConfig) -> int:
+    """``--local``: the run in this process, without Ray (``training.local.train_local``)."""
+    from raysegment.training.local import train_local
+
+    if a.workers != 1 or a.address or a.audit_dir or a.gpus_per_worker:
+        p.error("--local trains in this process on the device it names: no --workers above 1, --address, --gpu or --audit-dir")
+    if storage.is_uri(a.storage):
+        p.error(f"--storage {a.storage}: --local writes a local file; give a folder")
+    name = a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(a.storage).expanduser() / f"{name}.safetensors"
+    if out.exists():
+        p.error(f"{out} exists: a --local run does not resume; give another --name")
+    last = [0.0]
+
+    def log(line: str) -> None:  # one epoch line per 30 s: a GPU does hundreds of epochs in minutes
+        if time.monotonic() - last[0] >= 30:
+            print(line, flush=True)
+            last[0] = time.monotonic()
+
+    try:
+        dice = train_local(config, a.local, out, log=log)
+    except KeyboardInterrupt:
+        print(f"interrupted: {name} not written (a --local run does not resume)", file=sys.stderr)
+        return INTERRUPTED
+    history = saved_state(out)["history"]
+    print(f"done: {name} epochs {len(history)} val dice rv {dice['dice_rv']:.3f} myo {dice['dice_myo']:.3f} "
+          f"lv {dice['dice_lv']:.3f} mean {dice['dice_mean']:.3f}; weights {out}")
     return 0
 
 

@@ -145,9 +145,12 @@ def read_split(shards: str | Path, split: str, image_size: int, context_slices: 
 
 
 def load_volumes(shards: str | Path, split: str, patients: list[str] | None = None) -> list[Volume]:
-    """Reassemble the 3-D volumes of one split (sorted by patient, phase) as normalised ``Volume``s."""
+    """Reassemble the 3-D volumes of one split (sorted by patient, phase) as normalised ``Volume``s,
+    from a shards folder or a ``pack`` bundle (.npz) that records its splits."""
     import pyarrow.compute as pc
 
+    if Path(shards).suffix == ".npz":
+        return [v for v in load_bundle(Path(shards), split) if patients is None or v.patient in patients]
     folder = Path(shards) / split
     # Pixels go to numpy straight from Arrow: as Python lists (``to_pylist``) the 160 ACDC volumes
     # took 11 GB and 32 s; the 2.5-D neighbours are not part of a volume and are not read.
@@ -251,27 +254,43 @@ def all_volumes(data: str | Path) -> list[Volume]:
     return load_volumes(data, "train") + load_volumes(data, "val")
 
 
-def save_bundle(volumes: list[Volume], path: Path) -> None:
+def pack_bundle(data: str | Path, path: Path) -> list[Volume]:
+    """A shards folder's volumes, both splits, → one bundle that records each volume's split
+    (``diagnosis pack``); returns the volumes."""
+    splits = {s: load_volumes(data, s) for s in ("train", "val")}
+    volumes = splits["train"] + splits["val"]
+    save_bundle(volumes, path, {v.patient: s for s, vs in splits.items() for v in vs})
+    return volumes
+
+
+def save_bundle(volumes: list[Volume], path: Path, splits: dict[str, str] | None = None) -> None:
     """Volumes in one compressed .npz, images quantised to 8 bits of their normalised [0, 1] range
-    (an error ≤ 0.002, a tenth of the training noise): to carry the data to a GPU machine."""
+    (an error ≤ 0.002, a tenth of the training noise): to carry the data to a GPU machine.
+    ``splits``: patient → "train"/"val", recorded so that ``load_volumes`` can read one split."""
     arrays, meta = {}, []
     for i, v in enumerate(volumes):
         arrays[f"image{i}"] = np.round(np.clip(v.image, 0, 1) * 255).astype(np.uint8)
         arrays[f"label{i}"] = v.label
-        meta.append({"patient": v.patient, "phase": v.phase, "spacing": v.spacing, "group": v.group})
+        meta.append({"patient": v.patient, "phase": v.phase, "spacing": v.spacing, "group": v.group,
+                     "split": (splits or {}).get(v.patient)})
     arrays["meta"] = np.array(json.dumps(meta))
     # LZMA, not savez_compressed's deflate: 48 MB instead of 57 for the 80 ACDC patients, which is what
     # lets them travel to a GPU machine beside the code; np.load reads either
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_LZMA) as z:
         for name, array in arrays.items():
             with z.open(f"{name}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, array, allow_pickle=False)
 
 
-def load_bundle(path: Path) -> list[Volume]:
-    """The volumes of a ``save_bundle`` file (images back in [0, 1], float32)."""
+def load_bundle(path: Path, split: str | None = None) -> list[Volume]:
+    """The volumes of a ``save_bundle`` file (images back in [0, 1], float32); with ``split``, only
+    that split's (the bundle must record splits: ``diagnosis pack`` writes them)."""
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
+        if split is not None and any(m.get("split") is None for m in meta):
+            raise ValueError(f"{path}: this bundle does not record train/val splits (packed before they were); "
+                             f"pack it again: python -m raysegment.diagnosis pack --data SHARDS --out {path}")
         return [Volume(m["patient"], m["phase"], z[f"image{i}"].astype(np.float32) / 255, z[f"label{i}"],
                        tuple(m["spacing"]) if m["spacing"] else None, m["group"], source=str(path))
-                for i, m in enumerate(meta)]
+                for i, m in enumerate(meta) if split is None or m["split"] == split]

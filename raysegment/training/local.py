@@ -1,9 +1,12 @@
 """The local training loop: the training core on in-memory volumes in this process, without Ray
-(the cross-validation folds of the diagnosis, many small runs on one GPU)."""
+(the cross-validation folds of the diagnosis, many small runs on one GPU, ``train --local`` on a
+machine with torch but no Ray). Training layer: imports data, model, inference, analysis."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,3 +62,23 @@ def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
         run.history.append({"epoch": epoch, "loss": float(loss_sum) / steps_est, "elapsed_s": round(elapsed, 1)})
         log(f"[raysegment] epoch {epoch + 1}/{total} loss {run.history[-1]['loss']:.4f} ({elapsed / 60:.1f} min)")
     return run.core.eval(), run.history
+
+
+def train_local(config: TrainConfig, device: str, out: Path, log=print) -> dict:
+    """One run in this process without Ray (``python -m raysegment.train --local DEVICE``): ``fit_local``
+    on the train split of ``config.data`` (shards or a ``pack`` bundle), then its last epoch scored on
+    the val split by the Ray loop's own validation and written to ``out`` (.safetensors: fp16, the
+    config, the history with that val Dice on its last entry). Returns the val Dice."""
+    from raysegment.analysis.metrics import dice_summary
+    from raysegment.data.dataset import load_volumes
+    from raysegment.model.weights import save_weights
+    from raysegment.training.validation import validate
+
+    if config.threads_per_worker:
+        torch.set_num_threads(config.threads_per_worker)
+    model, history = fit_local(config, load_volumes(config.data, "train"), device, log)
+    dice = dice_summary(validate(model, load_volumes(config.data, "val"), config, torch.device(device)))
+    history[-1].update(dice, validated_epoch=history[-1]["epoch"])
+    save_weights(model.state_dict(), json.dumps(config.to_dict()), out,
+                 run_state=json.dumps({"epoch": len(history) - 1, "history": history}))
+    return dice
