@@ -38,21 +38,22 @@ run() {  # NAME MINUTES [train options...]: one local run; its log in $work, its
         > "$work/$name.log" 2>&1
     grep '^done:' "$work/$name.log" || { echo "$name failed:"; tail -5 "$work/$name.log"; }
 }
+b_recipe=(--batch-size 64 --lr 5.66e-3)  # arm B's, and the final run's if B is adopted
 mean_of() { sed -n 's/.* mean \([0-9.]*\);.*/\1/p' "$work/$1.log"; }
 
 say "environment"
 lease_environment "$out/env.txt"
 
-say "arms A (defaults) and B (batch 64, lr 5.66e-3), side by side, $arm_min min each"
+say "arms A (defaults) and B (${b_recipe[*]}), side by side, $arm_min min each"
 run arm-a "$arm_min" > "$work/arm-a.done" &
-run arm-b "$arm_min" --batch-size 64 --lr 5.66e-3 > "$work/arm-b.done" &
+run arm-b "$arm_min" "${b_recipe[@]}" > "$work/arm-b.done" &
 wait
 cat "$work/arm-a.done" "$work/arm-b.done" | tee -a "$out/lease.txt"
 a=$(mean_of arm-a); b=$(mean_of arm-b)
 
 if [ -n "$a" ] && [ -n "$b" ] && awk -v a="$a" -v b="$b" 'BEGIN { exit !(b >= a) }'; then
     say "B adopted (val mean $b against A's $a): final run, $final_min min alone"
-    run mnv2-gpu "$final_min" --batch-size 64 --lr 5.66e-3 | tee -a "$out/lease.txt"
+    run mnv2-gpu "$final_min" "${b_recipe[@]}" | tee -a "$out/lease.txt"
 else
     say "B not adopted (val mean ${b:-none} against A's ${a:-none}): no final run, the shipped file stays"
 fi

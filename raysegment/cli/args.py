@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_of
+from raysegment.data.dataset import is_bundle
 from raysegment.io import storage
 from raysegment.model.unet import BACKBONES
 from raysegment.training.train import RunSpec
@@ -33,7 +34,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
-    if data and str(data).endswith(".npz"):  # a `diagnosis pack` bundle: read in-process, never by Ray Data
+    if data and is_bundle(data):  # a `diagnosis pack` bundle: read in-process, never by Ray Data
         if not getattr(a, "local", None):
             p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
         if not Path(data).is_file():

@@ -87,7 +87,9 @@ def bench_slices(config: TrainConfig, n: int) -> tuple[torch.Tensor, torch.Tenso
     """``n`` train slices on the training grid (repeated when the data holds fewer), from a shards
     folder as the Ray pipeline resizes them, or from a ``diagnosis pack`` bundle (.npz: a machine
     without Ray) as the local loop does."""
-    if str(config.data).endswith(".npz"):
+    from raysegment.data.dataset import is_bundle
+
+    if is_bundle(config.data):
         from raysegment.data.dataset import load_bundle
         from raysegment.training.local import slice_tensors
 
@@ -163,9 +165,10 @@ def bench_train(args) -> dict:
         bare = bare_loop(config, args.steps, device="cuda" if args.gpu else "cpu")
         return {**head, "bare_slices_per_s": round(bare["slices_per_s"], 2),
                 **{k: bare[k] for k in ("peak_mem_mib", "gpu_busy_share") if k in bare}}
-    if str(args.data).endswith(".npz"):
+    from raysegment.data.dataset import is_bundle, load_volumes
+
+    if is_bundle(args.data):
         raise SystemExit("error: the Ray Train arm reads shards; with a .npz bundle use --bare-only")
-    from raysegment.data.dataset import load_volumes
     from raysegment.runtime import ensure_ray
 
     val_one = tuple(sorted({v.patient for v in load_volumes(args.data, "val")}))[:1]  # a short bench: one patient

@@ -19,7 +19,6 @@ from raysegment.cli.args import (
 )
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
-from raysegment.model.weights import saved_state
 from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunHooks, RunSpec, train
 
@@ -91,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {result.error}", file=sys.stderr)
         return 1
     m = result.metrics
-    print(f"done: {spec.name} epochs {m['epoch'] + 1} val dice rv {m['dice_rv']:.3f} myo {m['dice_myo']:.3f} "
-          f"lv {m['dice_lv']:.3f} mean {m['dice_mean']:.3f}; checkpoint {result.checkpoint.path}")
+    print(done_line(spec.name, m["epoch"] + 1, m, f"checkpoint {result.checkpoint.path}"))
     return 0
+
+
+def done_line(name: str, epochs: int, dice: dict, where: str) -> str:
+    """The line a finished run ends with, Ray or ``--local`` (scripts read its ``mean X;``);
+    ``where``: what it left, e.g. ``checkpoint PATH``."""
+    return (f"done: {name} epochs {epochs} val dice rv {dice['dice_rv']:.3f} myo {dice['dice_myo']:.3f} "
+            f"lv {dice['dice_lv']:.3f} mean {dice['dice_mean']:.3f}; {where}")
 
 
 def _train_local(p: argparse.ArgumentParser, a: argparse.Namespace, config: TrainConfig) -> int:
@@ -116,13 +121,11 @@ def _train_local(p: argparse.ArgumentParser, a: argparse.Namespace, config: Trai
             last[0] = time.monotonic()
 
     try:
-        dice = train_local(config, a.local, out, log=log)
+        history = train_local(config, a.local, out, log=log)
     except KeyboardInterrupt:
         print(f"interrupted: {name} not written (a --local run does not resume)", file=sys.stderr)
         return INTERRUPTED
-    history = saved_state(out)["history"]
-    print(f"done: {name} epochs {len(history)} val dice rv {dice['dice_rv']:.3f} myo {dice['dice_myo']:.3f} "
-          f"lv {dice['dice_lv']:.3f} mean {dice['dice_mean']:.3f}; weights {out}")
+    print(done_line(name, len(history), history[-1], f"weights {out}"))
     return 0
 
 

@@ -149,7 +149,7 @@ def load_volumes(shards: str | Path, split: str, patients: list[str] | None = No
     from a shards folder or a ``pack`` bundle (.npz) that records its splits."""
     import pyarrow.compute as pc
 
-    if Path(shards).suffix == ".npz":
+    if is_bundle(shards):
         return [v for v in load_bundle(Path(shards), split) if patients is None or v.patient in patients]
     folder = Path(shards) / split
     # Pixels go to numpy straight from Arrow: as Python lists (``to_pylist``) the 160 ACDC volumes
@@ -246,11 +246,15 @@ def centre_crop(images: torch.Tensor, labels: torch.Tensor, crop_size: int) -> t
 # --------------------------------------------------------------------------- bundles
 
 
+def is_bundle(data: str | Path) -> bool:
+    """Whether ``data`` names a ``pack`` bundle (.npz) rather than a shards folder."""
+    return Path(data).suffix == ".npz"
+
+
 def all_volumes(data: str | Path) -> list[Volume]:
     """Every labelled volume of a shards folder (both splits) or of a ``pack`` bundle (.npz)."""
-    data = Path(data)
-    if data.suffix == ".npz":
-        return load_bundle(data)
+    if is_bundle(data):
+        return load_bundle(Path(data))
     return load_volumes(data, "train") + load_volumes(data, "val")
 
 

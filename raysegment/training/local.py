@@ -64,11 +64,11 @@ def fit_local(config: TrainConfig, volumes, device: str = "cpu", log=print):
     return run.core.eval(), run.history
 
 
-def train_local(config: TrainConfig, device: str, out: Path, log=print) -> dict:
+def train_local(config: TrainConfig, device: str, out: Path, log=print) -> list[dict]:
     """One run in this process without Ray (``python -m raysegment.train --local DEVICE``): ``fit_local``
     on the train split of ``config.data`` (shards or a ``pack`` bundle), then its last epoch scored on
     the val split by the Ray loop's own validation and written to ``out`` (.safetensors: fp16, the
-    config, the history with that val Dice on its last entry). Returns the val Dice."""
+    config, the history with that val Dice on its last entry). Returns that history."""
     from raysegment.analysis.metrics import dice_summary
     from raysegment.data.dataset import load_volumes
     from raysegment.model.weights import save_weights
@@ -81,4 +81,4 @@ def train_local(config: TrainConfig, device: str, out: Path, log=print) -> dict:
     history[-1].update(dice, validated_epoch=history[-1]["epoch"])
     save_weights(model.state_dict(), json.dumps(config.to_dict()), out,
                  run_state=json.dumps({"epoch": len(history) - 1, "history": history}))
-    return dice
+    return history
