@@ -1,4 +1,4 @@
-"""``python -m raysegment.report``: evaluation, clinical agreement and figures from the command
+"""``python -m raysegment.report``: evaluation, paired comparison, clinical agreement and figures from the command
 line, over ``raysegment.reporting.report``. Top layer: may import every stage."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import csv
 import sys
 from pathlib import Path
 
+from raysegment.analysis.paired import RESAMPLES
 from raysegment.config import PredictConfig
 from raysegment.inference.evaluation import evaluate, figures
 from raysegment.reporting.report import SPLITS, bland_altman, clinical_records, clinical_summary, clinical_table, dice_table
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--flip-tta", action="store_true")
     ev.add_argument("--no-largest-component", action="store_true",
                     help="score the raw argmax, without keeping each structure's largest 3-D component")
+    ev.add_argument("--ci", action="store_true",
+                    help="add each split's mean Dice with a 95 %% bootstrap CI over patients (seed 0)")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
     ev.add_argument("--mask-cache", type=Path, default=None,
                     help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
@@ -46,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
     cl.add_argument("--mask-cache", type=Path, default=None,
                     help="with --model: a folder keeping the masks (as `diagnosis fit/basal --mask-cache`)")
+    cp = sub.add_parser("compare", help="paired Dice of two models on the same volumes: B − A per class with a "
+                                         "bootstrap CI over patients, volumes won, a scatter plot")
+    for side in ("a", "b"):
+        cp.add_argument(f"--{side}", required=True, action="append", metavar="MODEL",
+                        help="checkpoint folder, .safetensors file or models:/ URI (repeat: an ensemble), or the "
+                             "records.json of `report evaluate --out`")
+        cp.add_argument(f"--label-{side}", default=None, help=f"name of side {side.upper()} in the table and plot")
+    cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json files)")
+    cp.add_argument("--splits", nargs="+", default=["val"])
+    cp.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap draws of the patients (at least 100)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--mlflow-uri", default=None)
+    cp.add_argument("--mask-cache", type=Path, default=None, help="as for `report evaluate`")
+    cp.add_argument("--out", type=Path, default=None, help="folder for compare.md, compare.json and paired.png")
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
     fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
                     help="checkpoint folder or .safetensors file, repeatable")
@@ -101,6 +118,46 @@ def _clinical_command(a) -> int:
     return 0
 
 
+def _side_records(refs: list[str], a) -> list[dict]:
+    """One side of ``report compare``: a records.json as written, or the model scored now."""
+    import json
+
+    if len(refs) == 1 and refs[0].endswith(".json"):
+        records = json.loads(Path(refs[0]).read_text())
+        keys = {"split", "patient", "phase", "class", "dice"}
+        if not isinstance(records, list) or not all(isinstance(r, dict) and keys <= r.keys() for r in records):
+            raise ValueError(f"{refs[0]} is not the records.json of `report evaluate --out`")
+        return [r for r in records if r["split"] in a.splits]
+    if a.data is None:
+        raise ValueError(f"--data is needed to score {' + '.join(refs)}")
+    return evaluate(model_ref=refs, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri, mask_cache=a.mask_cache)
+
+
+def _compare_command(a) -> int:
+    import json
+
+    from raysegment.analysis.paired import check_resamples, paired_dice
+    from raysegment.reporting.report import paired_plot, paired_table
+
+    labels = [a.label_a or " + ".join(a.a), a.label_b or " + ".join(a.b)]
+    try:
+        check_resamples(a.resamples)  # before any model runs
+        records = [_side_records(a.a, a), _side_records(a.b, a)]
+        result = paired_dice(*records, resamples=a.resamples, seed=a.seed)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = paired_table(result, *labels)
+    print(table)
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        png = paired_plot(result, *records, a.out / "paired.png", *labels)
+        (a.out / "compare.md").write_text(f"{table}\n\n![paired Dice]({png.name})\n")
+        (a.out / "compare.json").write_text(json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1))
+        print(f"wrote {a.out / 'compare.md'}, {png}")
+    return 0
+
+
 def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> str:
     """"Diagnosis (REF): k/n right (…wrong ones…)": the model on these masks' features vs the groups."""
     from raysegment.analysis.diagnosis import load, misdiagnosed, patient_features
@@ -122,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     if a.cmd == "clinical":
         return _clinical_command(a)
+    if a.cmd == "compare":
+        return _compare_command(a)
     if a.cmd == "figures":
         models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
         for path in figures(models, a.data, Path(a.out), a.patient):
@@ -134,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = dice_table(records)
+    if a.ci:
+        from raysegment.analysis.paired import dice_ci
+        from raysegment.reporting.report import ci_line
+
+        splits = [s for s in a.splits if any(r["split"] == s for r in records)]
+        table += "\n\n" + "\n".join(ci_line(s, dice_ci([r for r in records if r["split"] == s]), RESAMPLES)
+                                      for s in splits)
     print(table)
     if a.out:
         out = Path(a.out)

@@ -136,6 +136,60 @@ def dice_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _signed(x: float) -> str:
+    """``+.003``-style, with no ``-0.000``: a difference that rounds to 0 is written ``+0.000``."""
+    return f"{round(x, 3) + 0.0:+.3f}"
+
+
+def ci_line(split: str, ci: dict[str, tuple[float, float, float]], resamples: int) -> str:
+    """One line: a split's mean Dice per class with its 95 % CI (``analysis.paired.dice_ci``)."""
+    cells = ", ".join(f"{c if c == 'mean' else c.upper()} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in ci.items())
+    return f"{split}: Dice with 95 % CI, patients resampled ({resamples} draws): {cells}"
+
+
+def paired_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
+    """Markdown of ``analysis.paired.paired_dice``: per class A, B, B − A with its 95 % CI, volumes won."""
+    lines = ["| class | A | B | B − A | 95 % CI of B − A | volumes B / A better |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        name = "mean" if r["class"] == "mean" else r["class"].upper()
+        lines.append(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {_signed(r['diff'])} "
+                     f"| {_signed(r['ci_low'])} … {_signed(r['ci_high'])} | {r['b_better']} / {r['a_better']} |")
+    lines.append(f"\nA: {label_a}. B: {label_b}. 3-D Dice per volume, {result['volumes']} volumes of "
+                 f"{result['patients']} patients; the CI resamples patients ({result['resamples']} draws, "
+                 f"seed {result['seed']}): one that holds 0 means these patients do not tell A and B apart.")
+    return "\n".join(lines)
+
+
+def paired_plot(result: dict, records_a: list[dict], records_b: list[dict], out: Path, label_a: str = "A",
+                label_b: str = "B") -> Path:
+    """One panel per class: each volume's Dice under A (x) against B (y); above the diagonal B wins."""
+    from raysegment.analysis.paired import per_volume_dice
+
+    plt = _plt()
+    a, b = per_volume_dice(records_a), per_volume_dice(records_b)
+    keys = sorted(a)
+    fig, axes = plt.subplots(1, len(result["rows"]), figsize=(3.2 * len(result["rows"]), 3.4), squeeze=False)
+    for ax, row in zip(axes[0], result["rows"]):
+        x, y = np.array([a[k][row["class"]] for k in keys]), np.array([b[k][row["class"]] for k in keys])
+        es = np.array([k[2] == "ES" for k in keys])
+        ax.scatter(x[~es], y[~es], s=14, color="#4363d8", label="ED")
+        ax.scatter(x[es], y[es], s=14, color="#e6194b", label="ES")
+        low = min(x.min(), y.min()) - 0.01
+        ax.plot([low, 1], [low, 1], color="0.5", lw=0.8)
+        ax.set_xlim(low, 1.0)
+        ax.set_ylim(low, 1.0)
+        ax.set_title(f"{row['class']}: B − A {_signed(row['diff'])} [{_signed(row['ci_low'])}, {_signed(row['ci_high'])}]",
+                     fontsize=8)
+        ax.set_xlabel(f"Dice, A ({label_a})"[:48], fontsize=8)
+        ax.set_ylabel(f"Dice, B ({label_b})"[:48], fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def _cell(text) -> str:
     """A markdown table cell: one line, no column breaks."""
     return " ".join(str(text).split()).replace("|", "\\|")

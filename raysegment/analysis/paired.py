@@ -1,0 +1,107 @@
+"""Paired comparison of two models' Dice on the same volumes: per class, the mean difference
+B − A with a bootstrap confidence interval over patients, and how many volumes each side wins;
+and one model's mean Dice with the same kind of interval.
+
+Patients, not volumes, are the unit that is resampled: a patient's ED and ES volumes share one
+heart and one scanner, so they rise and fall together. A CI that holds 0 says these patients do
+not resolve the difference (10 val patients resolve about ±.005–.01 of mean Dice here).
+
+Pure numpy on ``analysis.metrics.score_records`` rows; imports no other stage.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from raysegment.config import CLASS_NAMES
+
+CLASSES = tuple(CLASS_NAMES.values()) + ("mean",)
+RESAMPLES = 10000  # bootstrap draws: on 10 val patients the CI ends moved by up to .0012 over 8 seeds
+
+
+def per_volume_dice(records: Sequence[dict]) -> dict[tuple, dict[str, float]]:
+    """(split, patient, phase) → {'rv', 'myo', 'lv', 'mean'} Dice of each scored volume."""
+    volumes: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        volumes.setdefault((r["split"], r["patient"], r["phase"]), {})[r["class"]] = float(r["dice"])
+    for key, dice in volumes.items():
+        missing = [c for c in CLASS_NAMES.values() if c not in dice]
+        if missing:
+            raise ValueError(f"volume {'/'.join(key)} has no Dice for {', '.join(missing)}")
+        dice["mean"] = float(np.mean([dice[c] for c in CLASS_NAMES.values()]))
+    return volumes
+
+
+def _matched(a: dict, b: dict) -> list[tuple]:
+    """The volume keys both sides scored; a volume on one side only is an error (not a silent drop)."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        def names(keys):
+            return ", ".join("/".join(k[1:]) for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+        raise ValueError("the two sides scored different volumes"
+                         + (f"; only A: {names(only_a)}" if only_a else "") + (f"; only B: {names(only_b)}" if only_b else ""))
+    if not a:
+        raise ValueError("no volumes to compare")
+    return sorted(a)
+
+
+def bootstrap_ci(diffs: np.ndarray, groups: np.ndarray, resamples: int, rng: np.random.Generator,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the mean of ``diffs`` (one per volume) when whole ``groups`` (patients) are
+    drawn with replacement, as many as there are."""
+    ids, index = np.unique(groups, return_inverse=True)
+    sums = np.bincount(index, weights=diffs, minlength=len(ids))
+    counts = np.bincount(index, minlength=len(ids)).astype(float)
+    draws = rng.multinomial(len(ids), np.full(len(ids), 1.0 / len(ids)), size=resamples).astype(float)
+    stats = (draws @ sums) / (draws @ counts)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(stats, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def dice_ci(records: Sequence[dict], resamples: int = RESAMPLES, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Class (and 'mean') → (mean Dice over volumes, 95 % CI low, high), patients resampled whole."""
+    check_resamples(resamples)
+    volumes = per_volume_dice(records)
+    if not volumes:
+        raise ValueError("no volumes to score")
+    keys = sorted(volumes)
+    patients = np.array([k[1] for k in keys])
+    out = {}
+    for c in CLASSES:
+        dice = np.array([volumes[k][c] for k in keys])
+        out[c] = (float(dice.mean()), *bootstrap_ci(dice, patients, resamples, np.random.default_rng(seed)))
+    return out
+
+
+def check_resamples(resamples: int) -> int:
+    """``resamples`` if it is enough draws for a 95 % percentile CI (at least 100), else ValueError."""
+    if resamples < 100:
+        raise ValueError(f"resamples must be at least 100, got {resamples}")
+    return resamples
+
+
+def paired_dice(records_a: Sequence[dict], records_b: Sequence[dict], resamples: int = RESAMPLES,
+                seed: int = 0) -> dict:
+    """B − A per class (and the mean of the three) over the volumes both sides scored.
+
+    Returns ``{'patients', 'volumes', 'resamples', 'seed', 'rows': [{'class', 'a', 'b', 'diff',
+    'ci_low', 'ci_high', 'b_better', 'a_better', 'equal'}]}``; Dice as fractions, the CI at 95 %.
+    """
+    check_resamples(resamples)
+    a, b = per_volume_dice(records_a), per_volume_dice(records_b)
+    keys = _matched(a, b)
+    patients = np.array([k[1] for k in keys])
+    rows = []
+    for c in CLASSES:
+        da, db = np.array([a[k][c] for k in keys]), np.array([b[k][c] for k in keys])
+        diffs = db - da
+        # One generator per class, seeded alike: every class draws the same patients, so rows agree.
+        low, high = bootstrap_ci(diffs, patients, resamples, np.random.default_rng(seed))
+        rows.append({"class": c, "a": float(da.mean()), "b": float(db.mean()), "diff": float(diffs.mean()),
+                     "ci_low": low, "ci_high": high, "b_better": int((diffs > 1e-9).sum()),
+                     "a_better": int((diffs < -1e-9).sum()), "equal": int((np.abs(diffs) <= 1e-9).sum())})
+    return {"patients": int(len(set(patients))), "volumes": len(keys), "resamples": resamples, "seed": seed,
+            "rows": rows}
