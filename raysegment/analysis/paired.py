@@ -88,7 +88,8 @@ def paired_dice(records_a: Sequence[dict], records_b: Sequence[dict], resamples:
     """B − A per class (and the mean of the three) over the volumes both sides scored.
 
     Returns ``{'patients', 'volumes', 'resamples', 'seed', 'rows': [{'class', 'a', 'b', 'diff',
-    'ci_low', 'ci_high', 'b_better', 'a_better', 'equal'}]}``; Dice as fractions, the CI at 95 %.
+    'ci_low', 'ci_high', 'b_better', 'a_better', 'equal'}], 'per_volume': [{'split', 'patient',
+    'phase', 'a': {class: Dice}, 'b': {class: Dice}}]}``; Dice as fractions, the CI at 95 %.
     """
     check_resamples(resamples)
     a, b = per_volume_dice(records_a), per_volume_dice(records_b)
@@ -103,5 +104,6 @@ def paired_dice(records_a: Sequence[dict], records_b: Sequence[dict], resamples:
         rows.append({"class": c, "a": float(da.mean()), "b": float(db.mean()), "diff": float(diffs.mean()),
                      "ci_low": low, "ci_high": high, "b_better": int((diffs > 1e-9).sum()),
                      "a_better": int((diffs < -1e-9).sum()), "equal": int((np.abs(diffs) <= 1e-9).sum())})
+    per_volume = [{"split": k[0], "patient": k[1], "phase": k[2], "a": a[k], "b": b[k]} for k in keys]
     return {"patients": int(len(set(patients))), "volumes": len(keys), "resamples": resamples, "seed": seed,
-            "rows": rows}
+            "rows": rows, "per_volume": per_volume}

@@ -142,8 +142,8 @@ def _compare_command(a) -> int:
     labels = [a.label_a or " + ".join(a.a), a.label_b or " + ".join(a.b)]
     try:
         check_resamples(a.resamples)  # before any model runs
-        records = [_side_records(a.a, a), _side_records(a.b, a)]
-        result = paired_dice(*records, resamples=a.resamples, seed=a.seed)
+        records_a, records_b = _side_records(a.a, a), _side_records(a.b, a)
+        result = paired_dice(records_a, records_b, resamples=a.resamples, seed=a.seed)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -151,7 +151,7 @@ def _compare_command(a) -> int:
     print(table)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        png = paired_plot(result, *records, a.out / "paired.png", *labels)
+        png = paired_plot(result, a.out / "paired.png", *labels)
         (a.out / "compare.md").write_text(f"{table}\n\n![paired Dice]({png.name})\n")
         (a.out / "compare.json").write_text(json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1))
         print(f"wrote {a.out / 'compare.md'}, {png}")

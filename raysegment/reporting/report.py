@@ -141,9 +141,14 @@ def _signed(x: float) -> str:
     return f"{round(x, 3) + 0.0:+.3f}"
 
 
+def _class_name(c: str) -> str:
+    """'RV', 'MYO', 'LV' for the classes, 'mean' for their mean."""
+    return c if c == "mean" else c.upper()
+
+
 def ci_line(split: str, ci: dict[str, tuple[float, float, float]], resamples: int) -> str:
     """One line: a split's mean Dice per class with its 95 % CI (``analysis.paired.dice_ci``)."""
-    cells = ", ".join(f"{c if c == 'mean' else c.upper()} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in ci.items())
+    cells = ", ".join(f"{_class_name(c)} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in ci.items())
     return f"{split}: Dice with 95 % CI, patients resampled ({resamples} draws): {cells}"
 
 
@@ -151,8 +156,7 @@ def paired_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
     """Markdown of ``analysis.paired.paired_dice``: per class A, B, B − A with its 95 % CI, volumes won."""
     lines = ["| class | A | B | B − A | 95 % CI of B − A | volumes B / A better |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        name = "mean" if r["class"] == "mean" else r["class"].upper()
-        lines.append(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {_signed(r['diff'])} "
+        lines.append(f"| {_class_name(r['class'])} | {r['a']:.3f} | {r['b']:.3f} | {_signed(r['diff'])} "
                      f"| {_signed(r['ci_low'])} … {_signed(r['ci_high'])} | {r['b_better']} / {r['a_better']} |")
     lines.append(f"\nA: {label_a}. B: {label_b}. 3-D Dice per volume, {result['volumes']} volumes of "
                  f"{result['patients']} patients; the CI resamples patients ({result['resamples']} draws, "
@@ -160,18 +164,15 @@ def paired_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
     return "\n".join(lines)
 
 
-def paired_plot(result: dict, records_a: list[dict], records_b: list[dict], out: Path, label_a: str = "A",
-                label_b: str = "B") -> Path:
-    """One panel per class: each volume's Dice under A (x) against B (y); above the diagonal B wins."""
-    from raysegment.analysis.paired import per_volume_dice
-
+def paired_plot(result: dict, out: Path, label_a: str = "A", label_b: str = "B") -> Path:
+    """One panel per class of ``analysis.paired.paired_dice``'s volumes: each one's Dice under A (x)
+    against B (y); above the diagonal B wins."""
     plt = _plt()
-    a, b = per_volume_dice(records_a), per_volume_dice(records_b)
-    keys = sorted(a)
+    volumes = result["per_volume"]
+    es = np.array([v["phase"] == "ES" for v in volumes])
     fig, axes = plt.subplots(1, len(result["rows"]), figsize=(3.2 * len(result["rows"]), 3.4), squeeze=False)
     for ax, row in zip(axes[0], result["rows"]):
-        x, y = np.array([a[k][row["class"]] for k in keys]), np.array([b[k][row["class"]] for k in keys])
-        es = np.array([k[2] == "ES" for k in keys])
+        x, y = (np.array([v[side][row["class"]] for v in volumes]) for side in ("a", "b"))
         ax.scatter(x[~es], y[~es], s=14, color="#4363d8", label="ED")
         ax.scatter(x[es], y[es], s=14, color="#e6194b", label="ES")
         low = min(x.min(), y.min()) - 0.01
