@@ -8,7 +8,7 @@ import pytest
 from conftest import write_checkpoint
 from synth import make_h5_dataset
 
-from raysegment.analysis.paired import bootstrap_ci, dice_ci, paired_dice
+from raysegment.analysis.paired import bootstrap_ci, dice_ci, paired_dice, paired_errors
 from raysegment.cli import report as report_cli
 from raysegment.data.prepare import PrepareConfig, prepare
 
@@ -131,3 +131,99 @@ def test_compare_refuses_bad_input_in_one_line(tmp_path, tiny_model, capsys):
     assert err == [f"error: {tmp_path / 'other.json'} is not the records.json of `report evaluate --out`",
                    f"error: --data is needed to score {a}",
                    "error: resamples must be at least 100, got 5"]
+
+
+# --------------------------------------------------------------------------- clinical indices
+
+
+def _clinical(errors: dict[str, float], ref: float = 60.0, index: str = "lv_ef_pct") -> list[dict]:
+    """clinical_records-shaped rows: patient → signed error of ``index`` against ``ref``."""
+    return [{"patient": p, "group": "NOR", f"pred_{index}": ref + e, f"ref_{index}": ref} for p, e in errors.items()]
+
+
+def test_paired_errors_compare_absolute_errors_patient_by_patient():
+    errors_a = {"p1": 2.0, "p2": -3.0, "p3": 1.0, "p4": 4.0}
+    errors_b = {"p1": 1.0, "p2": -1.5, "p3": -0.5, "p4": 2.0}  # every |error| halved, one sign flipped
+    result = paired_errors(_clinical(errors_a), _clinical(errors_b), ["lv_ef_pct"], resamples=2000)
+    (row,) = result["rows"]
+    assert (row["n"], row["mae_a"], row["mae_b"], row["diff"]) == (4, 2.5, 1.25, -1.25)
+    assert (row["bias_a"], row["bias_b"]) == (1.0, 0.25)
+    assert (row["b_closer"], row["a_closer"]) == (4, 0)
+    # The CI of the mean of the halved errors (−1, −1.5, −0.5, −2) lies within their range, below 0.
+    assert -2.0 <= row["ci_low"] < row["diff"] < row["ci_high"] <= -0.5
+    assert result["per_patient"][1] == {"patient": "p2", "group": "NOR", "ref": {"lv_ef_pct": 60.0},
+                                        "a": {"lv_ef_pct": 57.0}, "b": {"lv_ef_pct": 58.5}}
+    # A patient with no value on one side (NaN: e.g. an empty ED mask) is left out of that index only.
+    nan_b = _clinical(errors_b)
+    nan_b[0]["pred_lv_ef_pct"] = float("nan")
+    row = paired_errors(_clinical(errors_a), nan_b, ["lv_ef_pct"], resamples=500)["rows"][0]
+    assert (row["n"], row["mae_a"], row["diff"]) == (3, pytest.approx(8 / 3), pytest.approx(4 / 3 - 8 / 3))
+
+
+def test_paired_errors_refuse_sides_that_are_not_of_the_same_patients_or_reference():
+    a = _clinical({"p1": 1.0, "p2": 2.0})
+    with pytest.raises(ValueError, match="only B: p3"):
+        paired_errors(a, _clinical({"p1": 1.0, "p2": 2.0, "p3": 0.0}), ["lv_ef_pct"])
+    with pytest.raises(ValueError, match="reference lv_ef_pct differ for p1: not the same data"):
+        paired_errors(a, _clinical({"p1": 1.0, "p2": 2.0}, ref=55.0), ["lv_ef_pct"])
+    with pytest.raises(ValueError, match="patient p1 has no pred_rv_ef_pct, ref_rv_ef_pct"):
+        paired_errors(a, a, ["rv_ef_pct"])
+    with pytest.raises(ValueError, match="patient p1 appears twice on one side"):
+        paired_errors(a + a[:1], a, ["lv_ef_pct"])
+
+
+@pytest.fixture
+def clinical_shards(tmp_path):
+    """Tiny shards with spacing and metadata (info.csv), as `report clinical` needs."""
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(2, 3), shape=(3, 40, 48))
+    (src / "info.csv").write_text(
+        "patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm\n"
+        + "".join(f"patient00{p},NOR,170,70,20,1,8,3,1.5,8.0\n" for p in (1, 2, 3)))
+    prepare(PrepareConfig(source=src, out=tmp_path / "shards", progress=False))
+    return tmp_path / "shards"
+
+
+def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, clinical_shards, capsys):
+    import torch
+
+    from raysegment.reporting.report import CLINICAL_INDICES
+
+    model, config = tiny_model
+    a = write_checkpoint(tmp_path / "a", model, config)
+    with torch.no_grad():
+        model.head.bias.add_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
+    b = write_checkpoint(tmp_path / "b", model, config)
+    data = ["--data", str(clinical_shards), "--resamples", "200", "--mask-cache", str(tmp_path / "cache")]
+    out = tmp_path / "cmp"
+    assert report_cli.main(["compare", "--metric", "clinical", "--a", str(a), "--b", str(b), *data,
+                            "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "compare.json").read_text())
+    assert (saved["metric"], saved["patients"], [r["index"] for r in saved["rows"]]) == ("clinical", 2, list(CLINICAL_INDICES))
+    assert any(abs(r["diff"]) > 0.01 for r in saved["rows"] if r["n"])  # the moved bias changed the masks
+    rv = saved["rows"][3]  # this random tiny net: A finds no RV, B finds too much
+    assert (rv["n"], rv["a_closer"]) == (2, 2) and rv["mae_b"] > rv["mae_a"] > 0
+    assert f"| rv_edv_ml | 2 | {rv['mae_a']:.2f} | {rv['mae_b']:.2f} | +{rv['diff']:.2f} |" in printed
+    ef = saved["rows"][2]  # an EF of an empty ED mask is NaN: that index has no patient, said so
+    assert ef["n"] == 0 and "| lv_ef_pct | 0 | — | — |" in printed
+    assert (out / "paired.png").read_bytes()[:4] == b"\x89PNG" and "paired.png" in (out / "compare.md").read_text()
+    # A as the clinical.csv `report clinical --out` wrote: the same values, so the same B − A.
+    assert report_cli.main(["clinical", "--model", str(a), "--data", str(clinical_shards), "--splits", "val",
+                            "--out", str(tmp_path / "clin-a")]) == 0
+    assert report_cli.main(["compare", "--metric", "clinical", "--a", str(tmp_path / "clin-a" / "clinical.csv"),
+                            "--b", str(b), *data, "--out", str(tmp_path / "cmp2")]) == 0
+    again = json.loads((tmp_path / "cmp2" / "compare.json").read_text())
+    assert json.dumps([r["diff"] for r in again["rows"]]) == json.dumps([r["diff"] for r in saved["rows"]])
+    # A model against itself: no patient measured closer by either.
+    assert report_cli.main(["compare", "--metric", "clinical", "--a", str(a), "--b", str(a), *data,
+                            "--out", str(tmp_path / "cmp3")]) == 0
+    same = json.loads((tmp_path / "cmp3" / "compare.json").read_text())
+    assert all((r["b_closer"], r["a_closer"]) == (0, 0) for r in same["rows"])
+    # Each metric refuses the other's file, in one line.
+    capsys.readouterr()
+    assert report_cli.main(["compare", "--metric", "clinical", "--a", str(tmp_path / "x.json"), "--b", str(a)]) == 2
+    assert report_cli.main(["compare", "--a", str(tmp_path / "clin-a" / "clinical.csv"), "--b", str(a)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'x.json'} holds Dice, not clinical indices: give the model, or the clinical.csv of "
+        "`report clinical --out`",
+        f"error: {tmp_path / 'clin-a' / 'clinical.csv'} holds clinical indices, not Dice: add --metric clinical"]

@@ -4,14 +4,23 @@ line, over ``raysegment.reporting.report``. Top layer: may import every stage.""
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 from raysegment.analysis.paired import RESAMPLES
 from raysegment.config import PredictConfig
 from raysegment.inference.evaluation import evaluate, figures
-from raysegment.reporting.report import SPLITS, bland_altman, clinical_records, clinical_summary, clinical_table, dice_table
+from raysegment.reporting.report import (
+    CLINICAL_INDICES,
+    SPLITS,
+    bland_altman,
+    clinical_records,
+    clinical_summary,
+    clinical_table,
+    dice_table,
+    read_clinical_csv,
+    write_clinical_csv,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint folder, .safetensors file or models:/ URI (repeat: an ensemble), or the "
                              "records.json of `report evaluate --out`")
         cp.add_argument(f"--label-{side}", default=None, help=f"name of side {side.upper()} in the table and plot")
-    cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json files)")
+    cp.add_argument("--metric", choices=("dice", "clinical"), default="dice",
+                    help="dice: 3-D Dice per volume (a side may be a records.json of `report evaluate --out`); "
+                         "clinical: each clinical index's absolute error per patient (a side may be a clinical.csv "
+                         "of `report clinical --out`)")
+    cp.add_argument("--basal-check", default="none",
+                    help="with --metric clinical: the basal ES check applied to each model's masks, as in `report clinical`")
+    cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json / clinical.csv files)")
     cp.add_argument("--splits", nargs="+", default=["val"])
     cp.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap draws of the patients (at least 100)")
     cp.add_argument("--seed", type=int, default=0)
@@ -73,49 +88,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _clinical_command(a) -> int:
-    from raysegment.data.dataset import load_volumes
-    from raysegment.data.prepare import load_manifest
-
-    manifest = load_manifest(a.data)
-    volumes = [v for split in a.splits for v in load_volumes(a.data, split)]
+    volumes, patients, basal = _clinical_context(a)
     if a.masks:
         from raysegment.analysis.diagnosis import load_crossval_masks
 
         masks = load_crossval_masks(a.masks, volumes)
         source = f"cross-validated masks in {a.masks}"
     else:
-        from raysegment.cli.args import progress_line
-        from raysegment.inference.predictor import Predictor, predicted_masks
-
-        masks = predicted_masks(Predictor.load(a.model, PredictConfig(flip_tta=a.flip_tta), a.mlflow_uri), volumes,
-                                a.mask_cache, progress_line(" + ".join(a.model)))
+        masks = _model_masks(a.model, volumes, a, flip_tta=a.flip_tta)
         source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
-    basal = None
-    if a.basal_check != "none":
-        from raysegment.analysis.diagnosis import load
-
-        basal = load(a.basal_check, a.mlflow_uri).basal_rv
+    if basal is not None:
         source += f", basal ES check of {a.basal_check}"
     try:
-        records = clinical_records(volumes, masks, manifest.get("patients", {}), basal)
+        records = clinical_records(volumes, masks, patients, basal)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = clinical_table(clinical_summary(records))
     head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
     if a.diagnosis:
-        table += "\n\n" + _diagnosis_line(a.diagnosis, a.mlflow_uri, volumes, masks, manifest.get("patients", {}))
+        table += "\n\n" + _diagnosis_line(a.diagnosis, a.mlflow_uri, volumes, masks, patients)
     print(head)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
     png = bland_altman(records, a.out / "bland_altman.png")
     (a.out / "clinical.md").write_text(f"{head}\n\n{table}\n\n![Bland-Altman]({png.name})\n")
-    with open(a.out / "clinical.csv", "w", newline="") as f:  # csv quotes what holds a comma
-        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
-        writer.writeheader()
-        writer.writerows(records)
+    write_clinical_csv(records, a.out / "clinical.csv")
     print(f"wrote {a.out / 'clinical.md'}, {png}")
     return 0
+
+
+def _clinical_context(a) -> tuple[list, dict, dict | None]:
+    """The volumes of ``a.splits``, the manifest's patient metadata and the basal ES check (or None)."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.data.prepare import load_manifest
+
+    patients = load_manifest(a.data).get("patients", {})
+    volumes = [v for split in a.splits for v in load_volumes(a.data, split)]
+    if a.basal_check == "none":
+        return volumes, patients, None
+    from raysegment.analysis.diagnosis import load
+
+    return volumes, patients, load(a.basal_check, a.mlflow_uri).basal_rv
+
+
+def _model_masks(refs: list[str], volumes: list, a, flip_tta: bool = False) -> dict:
+    """(patient, phase) → the masks of model ``refs`` (repeat: an ensemble), through ``a.mask_cache``."""
+    from raysegment.cli.args import progress_line
+    from raysegment.inference.predictor import Predictor, predicted_masks
+
+    return predicted_masks(Predictor.load(refs, PredictConfig(flip_tta=flip_tta), a.mlflow_uri), volumes,
+                           a.mask_cache, progress_line(" + ".join(refs)))
+
+
+def _clinical_sides(a) -> tuple[list[dict], list[dict]]:
+    """Both sides of ``report compare --metric clinical``: a clinical.csv as written, or the model's
+    masks measured now (volumes, metadata and basal check loaded once for both)."""
+    sides, context = [], None
+    for refs in (a.a, a.b):
+        if len(refs) == 1 and refs[0].endswith(".csv"):
+            sides.append(read_clinical_csv(Path(refs[0])))
+            continue
+        if len(refs) == 1 and refs[0].endswith(".json"):
+            raise ValueError(f"{refs[0]} holds Dice, not clinical indices: give the model, or the clinical.csv "
+                             "of `report clinical --out`")
+        if a.data is None:
+            raise ValueError(f"--data is needed to measure {' + '.join(refs)}")
+        context = context or _clinical_context(a)
+        volumes, patients, basal = context
+        sides.append(clinical_records(volumes, _model_masks(refs, volumes, a), patients, basal))
+    return sides[0], sides[1]
 
 
 def _side_records(refs: list[str], a) -> list[dict]:
@@ -128,6 +170,8 @@ def _side_records(refs: list[str], a) -> list[dict]:
         if not isinstance(records, list) or not all(isinstance(r, dict) and keys <= r.keys() for r in records):
             raise ValueError(f"{refs[0]} is not the records.json of `report evaluate --out`")
         return [r for r in records if r["split"] in a.splits]
+    if len(refs) == 1 and refs[0].endswith(".csv"):
+        raise ValueError(f"{refs[0]} holds clinical indices, not Dice: add --metric clinical")
     if a.data is None:
         raise ValueError(f"--data is needed to score {' + '.join(refs)}")
     return evaluate(model_ref=refs, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri, mask_cache=a.mask_cache)
@@ -136,24 +180,29 @@ def _side_records(refs: list[str], a) -> list[dict]:
 def _compare_command(a) -> int:
     import json
 
-    from raysegment.analysis.paired import check_resamples, paired_dice
-    from raysegment.reporting.report import paired_plot, paired_table
+    from raysegment.analysis import paired
+    from raysegment.reporting import paired as tables
 
     labels = [a.label_a or " + ".join(a.a), a.label_b or " + ".join(a.b)]
+    clinical = a.metric == "clinical"
     try:
-        check_resamples(a.resamples)  # before any model runs
-        records_a, records_b = _side_records(a.a, a), _side_records(a.b, a)
-        result = paired_dice(records_a, records_b, resamples=a.resamples, seed=a.seed)
+        paired.check_resamples(a.resamples)  # before any model runs
+        if clinical:
+            result = paired.paired_errors(*_clinical_sides(a), CLINICAL_INDICES, resamples=a.resamples, seed=a.seed)
+        else:
+            records_a, records_b = _side_records(a.a, a), _side_records(a.b, a)
+            result = paired.paired_dice(records_a, records_b, resamples=a.resamples, seed=a.seed)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = paired_table(result, *labels)
+    table = (tables.paired_errors_table if clinical else tables.paired_table)(result, *labels)
     print(table)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
-        png = paired_plot(result, a.out / "paired.png", *labels)
-        (a.out / "compare.md").write_text(f"{table}\n\n![paired Dice]({png.name})\n")
-        (a.out / "compare.json").write_text(json.dumps({"a": labels[0], "b": labels[1], **result}, indent=1))
+        png = (tables.paired_errors_plot if clinical else tables.paired_plot)(result, a.out / "paired.png", *labels)
+        (a.out / "compare.md").write_text(f"{table}\n\n![paired {a.metric}]({png.name})\n")
+        (a.out / "compare.json").write_text(json.dumps({"a": labels[0], "b": labels[1], "metric": a.metric, **result},
+                                                       indent=1))
         print(f"wrote {a.out / 'compare.md'}, {png}")
     return 0
 
@@ -195,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     table = dice_table(records)
     if a.ci:
         from raysegment.analysis.paired import dice_ci
-        from raysegment.reporting.report import ci_line
+        from raysegment.reporting.paired import ci_line
 
         splits = [s for s in a.splits if any(r["split"] == s for r in records)]
         table += "\n\n" + "\n".join(ci_line(s, dice_ci([r for r in records if r["split"] == s]), RESAMPLES)

@@ -15,7 +15,8 @@ from raysegment.io.studies import atomic_write
 COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8"}  # RV red, MYO green, LV blue
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,7 +34,7 @@ def pick_slices(mask_zyx: np.ndarray, n_slices: int) -> list[int]:
 def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_slices: int = 3, title: str = "",
                    gt_zyx: np.ndarray | None = None) -> Path:
     """Save ``n_slices`` basal-to-apical slices with RV/MYO/LV contours (dashed: ground truth)."""
-    plt = _plt()
+    plt = pyplot()
     picks = pick_slices(mask_zyx, n_slices)
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), squeeze=False)
     for ax, k in zip(axes[0], picks):
@@ -85,7 +86,7 @@ def overlay_thumbnail(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_
 
 def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
     """Val Dice per class and train loss against epoch, one column per run."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(histories), figsize=(5 * len(histories), 6), squeeze=False)
     for col, (name, hist) in enumerate(histories.items()):
         ep = [h["epoch"] + 1 for h in hist]
@@ -134,61 +135,6 @@ def dice_table(records: list[dict]) -> str:
                          + f" | {mean:.3f} | " + " | ".join(f"{agg[c]['hd95']:.1f}" for c in ("rv", "myo", "lv")) + " |")
     lines.append(f"\nDice and HD95 per 3-D volume, averaged over volumes; HD95 in {unit}.")
     return "\n".join(lines)
-
-
-def _signed(x: float) -> str:
-    """``+.003``-style, with no ``-0.000``: a difference that rounds to 0 is written ``+0.000``."""
-    return f"{round(x, 3) + 0.0:+.3f}"
-
-
-def _class_name(c: str) -> str:
-    """'RV', 'MYO', 'LV' for the classes, 'mean' for their mean."""
-    return c if c == "mean" else c.upper()
-
-
-def ci_line(split: str, ci: dict[str, tuple[float, float, float]], resamples: int) -> str:
-    """One line: a split's mean Dice per class with its 95 % CI (``analysis.paired.dice_ci``)."""
-    cells = ", ".join(f"{_class_name(c)} {m:.3f} [{lo:.3f}, {hi:.3f}]" for c, (m, lo, hi) in ci.items())
-    return f"{split}: Dice with 95 % CI, patients resampled ({resamples} draws): {cells}"
-
-
-def paired_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
-    """Markdown of ``analysis.paired.paired_dice``: per class A, B, B − A with its 95 % CI, volumes won."""
-    lines = ["| class | A | B | B − A | 95 % CI of B − A | volumes B / A better |", "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {_class_name(r['class'])} | {r['a']:.3f} | {r['b']:.3f} | {_signed(r['diff'])} "
-                     f"| {_signed(r['ci_low'])} … {_signed(r['ci_high'])} | {r['b_better']} / {r['a_better']} |")
-    lines.append(f"\nA: {label_a}. B: {label_b}. 3-D Dice per volume, {result['volumes']} volumes of "
-                 f"{result['patients']} patients; the CI resamples patients ({result['resamples']} draws, "
-                 f"seed {result['seed']}): one that holds 0 means these patients do not tell A and B apart.")
-    return "\n".join(lines)
-
-
-def paired_plot(result: dict, out: Path, label_a: str = "A", label_b: str = "B") -> Path:
-    """One panel per class of ``analysis.paired.paired_dice``'s volumes: each one's Dice under A (x)
-    against B (y); above the diagonal B wins."""
-    plt = _plt()
-    volumes = result["per_volume"]
-    es = np.array([v["phase"] == "ES" for v in volumes])
-    fig, axes = plt.subplots(1, len(result["rows"]), figsize=(3.2 * len(result["rows"]), 3.4), squeeze=False)
-    for ax, row in zip(axes[0], result["rows"]):
-        x, y = (np.array([v[side][row["class"]] for v in volumes]) for side in ("a", "b"))
-        ax.scatter(x[~es], y[~es], s=14, color="#4363d8", label="ED")
-        ax.scatter(x[es], y[es], s=14, color="#e6194b", label="ES")
-        low = min(x.min(), y.min()) - 0.01
-        ax.plot([low, 1], [low, 1], color="0.5", lw=0.8)
-        ax.set_xlim(low, 1.0)
-        ax.set_ylim(low, 1.0)
-        ax.set_title(f"{row['class']}: B − A {_signed(row['diff'])} [{_signed(row['ci_low'])}, {_signed(row['ci_high'])}]",
-                     fontsize=8)
-        ax.set_xlabel(f"Dice, A ({label_a})"[:48], fontsize=8)
-        ax.set_ylabel(f"Dice, B ({label_b})"[:48], fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 def _cell(text) -> str:
@@ -261,6 +207,32 @@ def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None
     return records
 
 
+def write_clinical_csv(records: list[dict], path: Path) -> Path:
+    """``clinical.csv``: one row per ``clinical_records`` record (csv quotes what holds a comma)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+        writer.writeheader()
+        writer.writerows(records)
+    return path
+
+
+def read_clinical_csv(path: Path) -> list[dict]:
+    """The records of a ``clinical.csv`` (``write_clinical_csv``), ``pred_``/``ref_`` values as floats
+    (empty: NaN); ValueError for a file that is not one."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "patient" not in rows[0] or not any(k.startswith("pred_") for k in rows[0]):
+        raise ValueError(f"{path} is not the clinical.csv of `report clinical --out`")
+    try:
+        return [{k: (float(v or "nan") if k.startswith(("pred_", "ref_")) else v) for k, v in r.items()} for r in rows]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def clinical_summary(records: list[dict], indices=CLINICAL_INDICES) -> dict[str, dict]:
     from raysegment.analysis.clinical import agreement
 
@@ -280,7 +252,7 @@ def bland_altman(records: list[dict], out: Path, indices=CLINICAL_INDICES) -> Pa
     """One Bland-Altman panel per index (difference against mean, bias and 95 % limits), coloured by group."""
     from raysegment.analysis.clinical import agreement
 
-    plt = _plt()
+    plt = pyplot()
     cols = 4
     rows = -(-len(indices) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
