@@ -58,12 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
     cl.add_argument("--mask-cache", type=Path, default=None,
                     help="with --model: a folder keeping the masks (as `diagnosis fit/basal --mask-cache`)")
-    cp = sub.add_parser("compare", help="paired Dice of two models on the same volumes: B − A per class with a "
-                                         "bootstrap CI over patients, volumes won, a scatter plot")
+    _add_compare(sub)
+    fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
+    fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                    help="checkpoint folder or .safetensors file, repeatable")
+    fi.add_argument("--data", required=True)
+    fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
+    fi.add_argument("--out", required=True)
+    return p
+
+
+def _add_compare(sub) -> None:
+    """``report compare``'s arguments."""
+    cp = sub.add_parser("compare", help="paired Dice (or clinical errors) of two models on the same volumes: B − A "
+                                         "per class (index) with a bootstrap CI over patients, a scatter plot")
     for side in ("a", "b"):
         cp.add_argument(f"--{side}", required=True, action="append", metavar="MODEL",
                         help="checkpoint folder, .safetensors file or models:/ URI (repeat: an ensemble), or the "
-                             "records.json of `report evaluate --out`")
+                             "records.json of `report evaluate --out` (with --metric clinical: the clinical.csv of "
+                             "`report clinical --out`)")
         cp.add_argument(f"--label-{side}", default=None, help=f"name of side {side.upper()} in the table and plot")
     cp.add_argument("--metric", choices=("dice", "clinical"), default="dice",
                     help="dice: 3-D Dice per volume (a side may be a records.json of `report evaluate --out`); "
@@ -78,13 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--mlflow-uri", default=None)
     cp.add_argument("--mask-cache", type=Path, default=None, help="as for `report evaluate`")
     cp.add_argument("--out", type=Path, default=None, help="folder for compare.md, compare.json and paired.png")
-    fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
-    fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                    help="checkpoint folder or .safetensors file, repeatable")
-    fi.add_argument("--data", required=True)
-    fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
-    fi.add_argument("--out", required=True)
-    return p
 
 
 def _clinical_command(a) -> int:
