@@ -8,7 +8,7 @@ import pytest
 from conftest import write_checkpoint
 from synth import make_h5_dataset
 
-from raysegment.analysis.paired import bootstrap_ci, dice_ci, paired_dice, paired_errors
+from raysegment.analysis.paired import bootstrap_ci, dice_ci, error_ci, paired_dice, paired_errors
 from raysegment.cli import report as report_cli
 from raysegment.data.prepare import PrepareConfig, prepare
 
@@ -172,6 +172,16 @@ def test_paired_errors_refuse_sides_that_are_not_of_the_same_patients_or_referen
         paired_errors(a + a[:1], a, ["lv_ef_pct"])
 
 
+def test_one_models_mae_ci_brackets_its_mae_and_leaves_out_nan_patients():
+    records = _clinical({"p1": 2.0, "p2": -3.0, "p3": 1.0, "p4": 4.0})
+    mae, low, high = error_ci(records, ["lv_ef_pct"], resamples=2000)["lv_ef_pct"]
+    assert mae == 2.5 and 1.0 <= low < mae < high <= 4.0
+    records[3]["pred_lv_ef_pct"] = float("nan")
+    assert error_ci(records, ["lv_ef_pct"], resamples=500)["lv_ef_pct"][0] == 2.0
+    alike = _clinical({"p1": 1.5, "p2": -1.5, "p3": 1.5})
+    assert error_ci(alike, ["lv_ef_pct"], resamples=500)["lv_ef_pct"] == (1.5, 1.5, 1.5)
+
+
 @pytest.fixture
 def clinical_shards(tmp_path):
     """Tiny shards with spacing and metadata (info.csv), as `report clinical` needs."""
@@ -208,8 +218,11 @@ def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, 
     assert ef["n"] == 0 and "| lv_ef_pct | 0 | — | — |" in printed
     assert (out / "paired.png").read_bytes()[:4] == b"\x89PNG" and "paired.png" in (out / "compare.md").read_text()
     # A as the clinical.csv `report clinical --out` wrote: the same values, so the same B − A.
-    assert report_cli.main(["clinical", "--model", str(a), "--data", str(clinical_shards), "--splits", "val",
+    assert report_cli.main(["clinical", "--model", str(a), "--data", str(clinical_shards), "--splits", "val", "--ci",
                             "--out", str(tmp_path / "clin-a")]) == 0
+    # --ci: A's MAE as compare measured it, with its interval (2 patients whose RV errors differ).
+    md = (tmp_path / "clin-a" / "clinical.md").read_text()
+    assert "| index | n | MAE [95 % CI] |" in md and f"| rv_edv_ml | 2 | {rv['mae_a']:.2f} [" in md
     assert report_cli.main(["compare", "--metric", "clinical", "--a", str(tmp_path / "clin-a" / "clinical.csv"),
                             "--b", str(b), *data, "--out", str(tmp_path / "cmp2")]) == 0
     again = json.loads((tmp_path / "cmp2" / "compare.json").read_text())

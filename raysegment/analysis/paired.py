@@ -166,3 +166,19 @@ def paired_errors(records_a: Sequence[dict], records_b: Sequence[dict], indices:
                     "a": {k: float(a[p][f"pred_{k}"]) for k in indices},
                     "b": {k: float(b[p][f"pred_{k}"]) for k in indices}} for p in keys]
     return {"patients": len(keys), "resamples": resamples, "seed": seed, "rows": rows, "per_patient": per_patient}
+
+
+def error_ci(records: Sequence[dict], indices: Sequence[str], resamples: int = RESAMPLES,
+             seed: int = 0) -> dict[str, tuple[float, float, float]]:
+    """Clinical index → (MAE against the reference, 95 % CI low, high) of one model's
+    ``clinical_records``, patients resampled; NaN where no patient has both values."""
+    check_resamples(resamples)
+    by = _by_patient(records, indices)
+    patients = np.array(sorted(by))
+    out = {}
+    for k in indices:
+        err = np.array([abs(float(by[p][f"pred_{k}"]) - float(by[p][f"ref_{k}"])) for p in patients])
+        ok = np.isfinite(err)
+        out[k] = ((float(err[ok].mean()), *bootstrap_ci(err[ok], patients[ok], resamples, np.random.default_rng(seed)))
+                  if ok.any() else (float("nan"),) * 3)
+    return out
