@@ -216,6 +216,8 @@ def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, 
     assert f"| rv_edv_ml | 2 | {rv['mae_a']:.2f} | {rv['mae_b']:.2f} | +{rv['diff']:.2f} |" in printed
     ef = saved["rows"][2]  # an EF of an empty ED mask is NaN: that index has no patient, said so
     assert ef["n"] == 0 and "| lv_ef_pct | 0 | — | — |" in printed
+    assert (ef["diff"], saved["per_patient"][0]["a"]["lv_ef_pct"]) == (None, None)  # strict JSON: null, not NaN
+    json.loads((out / "compare.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in compare.json"))
     assert (out / "paired.png").read_bytes()[:4] == b"\x89PNG" and "paired.png" in (out / "compare.md").read_text()
     # A as the clinical.csv `report clinical --out` wrote: the same values, so the same B − A.
     assert report_cli.main(["clinical", "--model", str(a), "--data", str(clinical_shards), "--splits", "val", "--ci",
@@ -236,7 +238,9 @@ def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, 
     capsys.readouterr()
     assert report_cli.main(["compare", "--metric", "clinical", "--a", str(tmp_path / "x.json"), "--b", str(a)]) == 2
     assert report_cli.main(["compare", "--a", str(tmp_path / "clin-a" / "clinical.csv"), "--b", str(a)]) == 2
+    assert report_cli.main(["compare", "--a", str(a), "--b", str(b), "--basal-check", "shipped", *data]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'x.json'} holds Dice, not clinical indices: give the model, or the clinical.csv of "
         "`report clinical --out`",
-        f"error: {tmp_path / 'clin-a' / 'clinical.csv'} holds clinical indices, not Dice: add --metric clinical"]
+        f"error: {tmp_path / 'clin-a' / 'clinical.csv'} holds clinical indices, not Dice: add --metric clinical",
+        "error: --basal-check applies to --metric clinical only"]

@@ -194,12 +194,15 @@ def _compare_command(a) -> int:
     import json
 
     from raysegment.analysis import paired
+    from raysegment.io.studies import json_safe
     from raysegment.reporting import paired as tables
 
     labels = [a.label_a or " + ".join(a.a), a.label_b or " + ".join(a.b)]
     clinical = a.metric == "clinical"
     try:
         paired.check_resamples(a.resamples)  # before any model runs
+        if a.basal_check != "none" and not clinical:
+            raise ValueError("--basal-check applies to --metric clinical only")
         if clinical:
             result = paired.paired_errors(*_clinical_sides(a), CLINICAL_INDICES, resamples=a.resamples, seed=a.seed)
         else:
@@ -214,8 +217,8 @@ def _compare_command(a) -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         png = (tables.paired_errors_plot if clinical else tables.paired_plot)(result, a.out / "paired.png", *labels)
         (a.out / "compare.md").write_text(f"{table}\n\n![paired {a.metric}]({png.name})\n")
-        (a.out / "compare.json").write_text(json.dumps({"a": labels[0], "b": labels[1], "metric": a.metric, **result},
-                                                       indent=1))
+        saved = json_safe({"a": labels[0], "b": labels[1], "metric": a.metric, **result})  # an empty EF is null
+        (a.out / "compare.json").write_text(json.dumps(saved, indent=1, allow_nan=False))
         print(f"wrote {a.out / 'compare.md'}, {png}")
     return 0
 

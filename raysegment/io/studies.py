@@ -8,6 +8,7 @@ SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -184,6 +185,17 @@ def remove_stale_partials(root: Path) -> int:
         except OSError:  # gone meanwhile, or not ours to remove
             continue
     return removed
+
+
+def json_safe(value):
+    """NaN and inf (an EF of an empty ventricle) → None, in nested dicts and lists: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write(path: Path, write) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
-from raysegment.io.studies import StudyError
+from raysegment.io.studies import StudyError, json_safe
 from raysegment.runtime import HeapTrimmer, clear_stale_scratch, disable_telemetry, scratch_dir
 
 log = logging.getLogger("ray.serve")
@@ -278,15 +277,4 @@ def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> d
             out[f"ef_{name}_pct"] = ejection_fraction(rows[ed][f"volume_{name}_ml"], rows[es][f"volume_{name}_ml"])
     elif len(rows) >= 2:
         out.update({f"ef_{n}_pct": rows[0].get(f"ef_{n}_pct") for n in ("lv", "rv")})
-    return _json_safe(out)
-
-
-def _json_safe(value):
-    """NaN and inf (an EF of an empty ventricle) → null: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
+    return json_safe(out)
