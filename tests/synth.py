@@ -75,6 +75,14 @@ def write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> None:
         f.create_dataset("label", data=label)
 
 
+def write_info_csv(src: Path, rows: dict[str, tuple]) -> None:
+    """``src/info.csv`` as ``../shared/acdc`` has it: patient → (group, height_cm, weight_kg, nb_frames,
+    ed_frame, es_frame, num_slices, pixel_spacing_mm, slice_spacing_mm)."""
+    lines = ["patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm"]
+    lines += [f"{p}," + ",".join(map(str, r)) for p, r in rows.items()]
+    (src / "info.csv").write_text("\n".join(lines) + "\n")
+
+
 def make_h5_dataset(root: Path, patients=(1, 2, 3, 4), val=(4,), shape=(4, 40, 48)) -> Path:
     vol = root / "volumes"
     vol.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from conftest import write_checkpoint
-from synth import make_h5_dataset
+from synth import make_h5_dataset, write_info_csv
 
 from raysegment.analysis.paired import bootstrap_ci, dice_ci, error_ci, paired_dice, paired_errors
 from raysegment.cli import report as report_cli
@@ -186,9 +186,7 @@ def test_one_models_mae_ci_brackets_its_mae_and_leaves_out_nan_patients():
 def clinical_shards(tmp_path):
     """Tiny shards with spacing and metadata (info.csv), as `report clinical` needs."""
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(2, 3), shape=(3, 40, 48))
-    (src / "info.csv").write_text(
-        "patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm\n"
-        + "".join(f"patient00{p},NOR,170,70,20,1,8,3,1.5,8.0\n" for p in (1, 2, 3)))
+    write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 3, 1.5, 8.0) for p in (1, 2, 3)})
     prepare(PrepareConfig(source=src, out=tmp_path / "shards", progress=False))
     return tmp_path / "shards"
 

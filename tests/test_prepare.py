@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_nifti
+from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_info_csv, write_nifti
 
 from raysegment.cli.prepare import main
 from raysegment.data.prepare import PrepareConfig, PrepareError, prepare, read_h5_volume, read_nifti_patient
@@ -276,15 +276,9 @@ def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp
     assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
 
 
-def _write_info_csv(src: Path, rows: dict[str, tuple]) -> None:
-    lines = ["patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm"]
-    lines += [f"{p}," + ",".join(map(str, r)) for p, r in rows.items()]
-    (src / "info.csv").write_text("\n".join(lines) + "\n")
-
-
 def test_info_csv_gives_h5_volumes_their_spacing_and_patient_metadata(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
-    _write_info_csv(src, {"patient001": ("HCM", 170, 65, 30, 1, 12, 4, 1.40625, 10.0),
+    write_info_csv(src, {"patient001": ("HCM", 170, 65, 30, 1, 12, 4, 1.40625, 10.0),
                           "patient002": ("NOR", 182.5, 90, 25, 1, 9, 4, 1.5625, 5.0)})
     out = tmp_path / "shards"
     manifest = prepare(PrepareConfig(source=src, out=out, progress=False))
@@ -303,14 +297,14 @@ def test_info_csv_gives_h5_volumes_their_spacing_and_patient_metadata(tmp_path):
 
 def test_info_csv_that_disagrees_with_the_volumes_is_refused(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
-    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0),
+    write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0),
                           "patient002": ("DCM", 170, 65, 30, 1, 12, 9, 1.4, 10.0)})
     with pytest.raises(PrepareError, match=r"patient002_frame01.h5: 4 slices, but info.csv says 9"):
         prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
-    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0)})
+    write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 1.4, 10.0)})
     with pytest.raises(PrepareError, match=r"patient002 has no row in the source's info.csv"):
         prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
-    _write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 0, 10.0)})
+    write_info_csv(src, {"patient001": ("DCM", 170, 65, 30, 1, 12, 4, 0, 10.0)})
     with pytest.raises(PrepareError, match=r"info.csv:2: spacing must be > 0 mm"):
         prepare(PrepareConfig(source=src, out=tmp_path / "o", progress=False))
     assert not (tmp_path / "o").exists()
@@ -328,7 +322,7 @@ def test_shards_load_back_as_the_volumes_they_were_made_from(tmp_path):
     from raysegment.data.dataset import load_volumes
 
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(5, 40, 48))
-    _write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 5, 1.5, 10.0) for p in (1, 2, 3)})
+    write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 5, 1.5, 10.0) for p in (1, 2, 3)})
     out = tmp_path / "shards"
     prepare(PrepareConfig(source=src, out=out, progress=False))
     train = load_volumes(out, "train")

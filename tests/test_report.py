@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 from conftest import write_checkpoint
-from synth import make_h5_dataset
+from synth import make_h5_dataset, write_info_csv
 
 from raysegment.cli import report as report_cli
 from raysegment.data.dataset import all_volumes
@@ -85,9 +85,7 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
     from raysegment.analysis import diagnosis
 
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(3,), shape=(3, 40, 48))
-    (src / "info.csv").write_text(
-        "patient,group,height_cm,weight_kg,nb_frames,ed_frame,es_frame,num_slices,pixel_spacing_mm,slice_spacing_mm\n"
-        + "".join(f"patient00{p},NOR,170,70,20,1,8,3,1.5,8.0\n" for p in (1, 2, 3)))
+    write_info_csv(src, {f"patient00{p}": ("NOR", 170, 70, 20, 1, 8, 3, 1.5, 8.0) for p in (1, 2, 3)})
     shards = tmp_path / "shards"
     prepare(PrepareConfig(source=src, out=shards, progress=False))
     # Perfect "cross-validated masks" (the reference itself): every index agrees exactly.

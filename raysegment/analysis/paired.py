@@ -37,12 +37,18 @@ def per_volume_dice(records: Sequence[dict]) -> dict[tuple, dict[str, float]]:
     return volumes
 
 
-def _matched(a: dict, b: dict) -> list[tuple]:
-    """The volume keys both sides scored; a volume on one side only is an error (not a silent drop)."""
+def _volume_name(key: tuple) -> str:
+    """'patient001/ES' of a (split, patient, phase) key."""
+    return "/".join(key[1:])
+
+
+def _matched(a: dict, b: dict, name=_volume_name) -> list:
+    """The keys (volumes, or patients) both sides scored, sorted; a key on one side only is an error
+    (not a silent drop), named by ``name(key)``."""
     only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     if only_a or only_b:
         def names(keys):
-            return ", ".join("/".join(k[1:] or k) for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+            return ", ".join(name(k) for k in keys[:3]) + (" …" if len(keys) > 3 else "")
         raise ValueError("the two sides scored different volumes"
                          + (f"; only A: {names(only_a)}" if only_a else "") + (f"; only B: {names(only_b)}" if only_b else ""))
     if not a:
@@ -149,7 +155,7 @@ def paired_errors(records_a: Sequence[dict], records_b: Sequence[dict], indices:
     """
     check_resamples(resamples)
     a, b = _by_patient(records_a, indices), _by_patient(records_b, indices)
-    keys = [k[0] for k in _matched({(p,): r for p, r in a.items()}, {(p,): r for p, r in b.items()})]
+    keys = _matched(a, b, name=str)
     for p in keys:
         differ = [k for k in indices if not np.isclose(float(a[p][f"ref_{k}"]), float(b[p][f"ref_{k}"]), equal_nan=True)]
         if differ:

@@ -1,6 +1,7 @@
 """Study I/O: finding NIfTI studies, reading them as (frames, z, y, x), the one intensity
 normalisation (prepare and the Predictor), writing masks on the
-input's exact grid, the ACDC ``Info.cfg`` parser, and the one (x, y, z) ↔ (z, y, x) transpose.
+input's exact grid, the ACDC ``Info.cfg`` parser, the one (x, y, z) ↔ (z, y, x) transpose, and the
+output helpers every writer shares (``atomic_write``, ``json_safe``).
 
 nibabel gives voxels in (x, y, z[, t]) order; everything inside raysegment works in
 SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
