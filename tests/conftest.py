@@ -12,6 +12,26 @@ disable_telemetry()
 SHARED_ACDC = Path(__file__).resolve().parents[1].parent / "shared" / "acdc"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_session_folders():
+    """The Ray instances tests start in their own process (``ray.init``, ``runtime.ensure_ray``) keep
+    their session folders (logs, sockets; 8 per suite run) under a folder of this test process that
+    goes at the end, instead of piling up in /tmp/ray run after run."""
+    import os
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="rs-t-", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = path
+    yield path
+    if before is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = before
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_session():
     """The process's one tiny model (see ``tiny_model``), for module fixtures, which must not change it."""
