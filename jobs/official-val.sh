@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Score models the way the held-out patients are scored: the val patients of an SSL4MIS source
+# written in the official ACDC layout (int16 NIfTI, spacing in the header, Info.cfg without its
+# Group line), segmented by `python -m raysegment.infer`, its results.csv scored against the _gt
+# files: mean Dice per class, LV/RV EF MAE and bias (%), diagnosis right.
+#   jobs/official-val.sh SOURCE OUT MODEL [MODEL ...]   e.g.
+#   jobs/official-val.sh ../shared/acdc /tmp/official shipped:densenet121
+# SOURCE: train.txt/val.txt, volumes/*.h5 and info.csv as ../shared/acdc has them. A second MODEL
+# makes an ensemble. The figures should equal `jobs/ship.sh --tables`' val rows (report evaluate,
+# report clinical --basal-check shipped --diagnosis shipped) up to int16 rounding.
+set -euo pipefail
+[ $# -ge 3 ] || { sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 2; }
+src="$1" out="$2"; shift 2
+models=(); for m in "$@"; do models+=(--model "$m"); done
+export RAY_USAGE_STATS_ENABLED=0
+python - "$src" "$out/acdc" <<'EOF'
+import csv, sys
+from pathlib import Path
+import h5py, nibabel as nib, numpy as np
+src, out = Path(sys.argv[1]), Path(sys.argv[2]) / "training"
+info = {r["patient"]: r for r in csv.DictReader(open(src / "info.csv"))}
+for p in (src / "val.txt").read_text().split():
+    r, d = info[p], out / p
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "Info.cfg").write_text(f"ED: {r['ed_frame']}\nES: {r['es_frame']}\nHeight: {r['height_cm']}\n"
+                                f"NbFrame: {r['nb_frames']}\nWeight: {r['weight_kg']}\n")
+    xyz = (float(r["pixel_spacing_mm"]),) * 2 + (float(r["slice_spacing_mm"]),)
+    for h5, frame in (("frame01", r["ed_frame"]), ("frame02", r["es_frame"])):
+        with h5py.File(src / "volumes" / f"{p}_{h5}.h5") as f:
+            image, label = f["image"][:], f["label"][:]
+        for arr, tail in ((np.round(image * 1800 - 20).astype(np.int16), ""), (label.astype(np.uint8), "_gt")):
+            img = nib.Nifti1Image(np.transpose(arr, (2, 1, 0)), np.diag(xyz + (1.0,)))
+            img.header.set_zooms(xyz)
+            nib.save(img, str(d / f"{p}_frame{int(frame):02d}{tail}.nii.gz"))
+print(f"wrote {len(list(out.iterdir()))} patients under {out}")
+EOF
+python -m raysegment.infer "${models[@]}" --input "$out/acdc" --output "$out/results"
+python - "$src" "$out" <<'EOF'
+import csv, sys
+from pathlib import Path
+import nibabel as nib, numpy as np, pandas as pd
+from raysegment.analysis.clinical import patient_indices
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+groups = {r["patient"]: r["group"] for r in csv.DictReader(open(src / "info.csv"))}
+rows = pd.read_csv(out / "results" / "results.csv")
+rows["patient"] = rows["study"].str.extract(r"(patient\d{3})")[0]
+print("Dice RV / MYO / LV, mean:", " / ".join(f"{rows[f'dice_{c}'].mean():.3f}" for c in ("rv", "myo", "lv")),
+      f"{rows[['dice_rv', 'dice_myo', 'dice_lv']].to_numpy().mean():.3f}")
+err, right = {"lv": [], "rv": []}, 0
+for p, g in rows.groupby("patient"):
+    gt = {r.phase: nib.load(str(Path(r.study).with_name(Path(r.study).name.replace(".nii.gz", "_gt.nii.gz"))))
+          for r in g.itertuples()}
+    zyx = lambda im: np.transpose(np.asarray(im.dataobj), (2, 1, 0))
+    ref = patient_indices(zyx(gt["ED"]), zyx(gt["ES"]), gt["ED"].header.get_zooms()[::-1])
+    for s in err:
+        err[s].append(g[f"{s}_ef_pct"].iloc[0] - ref[f"{s}_ef_pct"])
+    right += g["diagnosis"].iloc[0] == groups[p]
+for s, e in err.items():
+    print(f"{s.upper()} EF MAE / bias (%): {np.mean(np.abs(e)):.2f} / {np.mean(e):+.2f}")
+print(f"diagnosis: {right}/{rows['patient'].nunique()} right")
+EOF

@@ -1,0 +1,79 @@
+"""The path held-out patients are scored on — the official ACDC layout (int16 NIfTI, spacing in the
+header, ``Info.cfg`` without its ``Group:`` line) through the batch job's study code — measures what
+``report evaluate`` and ``report clinical`` measure on the shards: same masks, Dice, EFs, diagnosis.
+
+Real data: the bundled sample's two val patients (028 HCM, 078 NOR) and the shipped MobileNetV2.
+"""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from synth import write_nifti
+
+from raysegment.analysis.diagnosis import GROUPS, load, patient_features
+from raysegment.analysis.metrics import score_records
+from raysegment.data.dataset import load_volumes
+from raysegment.data.prepare import load_manifest
+from raysegment.inference.ledger import add_patient_clinical
+from raysegment.inference.predictor import Predictor, predicted_masks
+from raysegment.inference.study import segment_study
+from raysegment.io.studies import read_study
+from raysegment.reporting.report import clinical_records
+
+SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
+
+
+def _write_official(volumes, root: Path) -> list[Path]:
+    """The volumes as the official release lays them out: raw-like int16 images, uint8 ``_gt``,
+    ``Info.cfg`` with ED/ES frame numbers, height, weight and no group. Returns the image files."""
+    info = {r["patient"]: r for r in csv.DictReader(open(SAMPLE / "info.csv"))}
+    studies = []
+    for v in volumes:
+        r, pdir = info[v.patient], root / "training" / v.patient
+        pdir.mkdir(parents=True, exist_ok=True)
+        (pdir / "Info.cfg").write_text(f"ED: {r['ed_frame']}\nES: {r['es_frame']}\nHeight: {r['height_cm']}\n"
+                                       f"NbFrame: {r['nb_frames']}\nWeight: {r['weight_kg']}\n")
+        stem = pdir / f"{v.patient}_frame{int(r['ed_frame' if v.phase == 'ED' else 'es_frame']):02d}"
+        # An affine map of the shard's intensities: the normalisation must undo it.
+        write_nifti(Path(f"{stem}.nii.gz"), np.round(v.image * 3000 - 40).astype(np.int16), v.spacing)
+        write_nifti(Path(f"{stem}_gt.nii.gz"), v.label, v.spacing, np.uint8)
+        studies.append(Path(f"{stem}.nii.gz"))
+    return studies
+
+
+def test_official_layout_through_the_batch_job_scores_as_the_shards(tmp_path, sample_shards):
+    torch.set_num_threads(2)
+    volumes = load_volumes(sample_shards, "val")
+    patients = load_manifest(sample_shards)["patients"]
+    assert sorted({v.patient for v in volumes}) == ["patient028", "patient078"] and len(volumes) == 4
+    predictor, diagnosis = Predictor.load("shipped:mobilenet_v2"), load("shipped")
+    masks = predicted_masks(predictor, volumes)
+    records = {r["patient"]: r for r in clinical_records(volumes, masks, patients, diagnosis.basal_rv)}
+    names, x, _ = patient_features(volumes, masks, patients, diagnosis.basal_rv)
+    calls = dict(zip(names, diagnosis.predict(x)))
+
+    rows = []
+    for study in _write_official(volumes, tmp_path / "acdc"):
+        rows += segment_study(study, predictor, "shipped:mobilenet_v2", tmp_path / "out")
+    add_patient_clinical(rows, diagnosis)
+    assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
+    for row in rows:
+        patient = Path(row["study"]).parent.name
+        v = next(v for v in volumes if (v.patient, v.phase) == (patient, row["phase"]))
+        mask = read_study(Path(row["mask"]))[1][0]
+        assert mask.shape == v.label.shape
+        # int16 rounding may move a voxel or two, no more.
+        assert (mask == masks[(patient, v.phase)]).mean() > 0.9995
+        shards_dice = {r["class"]: r["dice"] for r in score_records(masks[(patient, v.phase)], v.label, distances=False)}
+        for name in ("rv", "myo", "lv"):
+            assert row[f"dice_{name}"] == pytest.approx(shards_dice[name], abs=2e-3), (patient, v.phase, name)
+        rec = records[patient]
+        for index in ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml", "rv_esv_ml", "lv_mass_g"):
+            assert row[index] == pytest.approx(rec[f"pred_{index}"], rel=5e-3, abs=0.1), (patient, index)
+        assert row["diagnosis"] == calls[patient] and row["diagnosis"] in GROUPS
+        assert "group_reference" not in row  # the Info.cfg had no Group line
+    # The sample's val patients are segmented well enough that the diagnosis is not a coin toss.
+    assert {p: calls[p] for p in calls} == {"patient028": "HCM", "patient078": "NOR"}
