@@ -180,6 +180,10 @@ def test_one_models_mae_ci_brackets_its_mae_and_leaves_out_nan_patients():
     assert error_ci(records, ["lv_ef_pct"], resamples=500)["lv_ef_pct"][0] == 2.0
     alike = _clinical({"p1": 1.5, "p2": -1.5, "p3": 1.5})
     assert error_ci(alike, ["lv_ef_pct"], resamples=500)["lv_ef_pct"] == (1.5, 1.5, 1.5)
+    # signed: the bias (mean of ours − reference) and its interval, which may hold 0.
+    bias, low, high = error_ci(alike, ["lv_ef_pct"], resamples=2000, signed=True)["lv_ef_pct"]
+    assert bias == pytest.approx(0.5) and -1.5 <= low < 0 < bias < high <= 1.5
+    assert error_ci(alike[:1], ["lv_ef_pct"], resamples=500, signed=True)["lv_ef_pct"] == (1.5, 1.5, 1.5)
 
 
 @pytest.fixture
@@ -222,7 +226,8 @@ def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, 
                             "--out", str(tmp_path / "clin-a")]) == 0
     # --ci: A's MAE as compare measured it, with its interval (2 patients whose RV errors differ).
     md = (tmp_path / "clin-a" / "clinical.md").read_text()
-    assert "| index | n | MAE [95 % CI] |" in md and f"| rv_edv_ml | 2 | {rv['mae_a']:.2f} [" in md
+    assert "| index | n | MAE [95 % CI] | bias (ours − ref) [95 % CI] |" in md
+    assert f"| rv_edv_ml | 2 | {rv['mae_a']:.2f} [" in md and f"] | {rv['bias_a']:+.2f} [" in md
     assert report_cli.main(["compare", "--metric", "clinical", "--a", str(tmp_path / "clin-a" / "clinical.csv"),
                             "--b", str(b), *data, "--out", str(tmp_path / "cmp2")]) == 0
     again = json.loads((tmp_path / "cmp2" / "compare.json").read_text())

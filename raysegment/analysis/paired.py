@@ -175,15 +175,17 @@ def paired_errors(records_a: Sequence[dict], records_b: Sequence[dict], indices:
 
 
 def error_ci(records: Sequence[dict], indices: Sequence[str], resamples: int = RESAMPLES,
-             seed: int = 0) -> dict[str, tuple[float, float, float]]:
+             seed: int = 0, signed: bool = False) -> dict[str, tuple[float, float, float]]:
     """Clinical index → (MAE against the reference, 95 % CI low, high) of one model's
-    ``clinical_records``, patients resampled; NaN where no patient has both values."""
+    ``clinical_records``, patients resampled; NaN where no patient has both values. ``signed``:
+    the bias (mean of ours − reference) instead of the MAE."""
     check_resamples(resamples)
     by = _by_patient(records, indices)
     patients = np.array(sorted(by))
     out = {}
     for k in indices:
-        err = np.array([abs(float(by[p][f"pred_{k}"]) - float(by[p][f"ref_{k}"])) for p in patients])
+        err = np.array([float(by[p][f"pred_{k}"]) - float(by[p][f"ref_{k}"]) for p in patients])
+        err = err if signed else np.abs(err)
         ok = np.isfinite(err)
         out[k] = ((float(err[ok].mean()), *bootstrap_ci(err[ok], patients[ok], resamples, np.random.default_rng(seed)))
                   if ok.any() else (float("nan"),) * 3)

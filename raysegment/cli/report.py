@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "against the patients' groups (its own basal ES check applied)")
     cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
     cl.add_argument("--ci", action="store_true",
-                    help="add each index's MAE with a 95 %% bootstrap CI over patients (seed 0)")
+                    help="add each index's MAE and bias with 95 %% bootstrap CIs over patients (seed 0)")
     cl.add_argument("--splits", nargs="+", default=["val"])
     cl.add_argument("--mlflow-uri", default=None)
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
@@ -112,12 +112,12 @@ def _clinical_command(a) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    mae_ci = None
+    cis = {}
     if a.ci:
         from raysegment.analysis.paired import error_ci
 
-        mae_ci = error_ci(records, CLINICAL_INDICES)
-    table = clinical_table(clinical_summary(records), mae_ci)
+        cis = {f"{m}_ci": error_ci(records, CLINICAL_INDICES, signed=m == "bias") for m in ("mae", "bias")}
+    table = clinical_table(clinical_summary(records), **cis)
     head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
     if a.diagnosis:
         table += "\n\n" + _diagnosis_line(a.diagnosis, a.mlflow_uri, volumes, masks, patients)

@@ -239,14 +239,17 @@ def clinical_summary(records: list[dict], indices=CLINICAL_INDICES) -> dict[str,
     return {k: agreement([r[f"pred_{k}"] for r in records], [r[f"ref_{k}"] for r in records]) for k in indices}
 
 
-def clinical_table(summary: dict[str, dict], mae_ci: dict[str, tuple] | None = None) -> str:
+def clinical_table(summary: dict[str, dict], mae_ci: dict[str, tuple] | None = None,
+                   bias_ci: dict[str, tuple] | None = None) -> str:
     """Markdown: per index, n, MAE, bias, 95 % limits of agreement and correlation (units in the name);
-    with ``mae_ci`` (``analysis.paired.error_ci``) the MAE's 95 % CI, patients resampled."""
-    head = "MAE [95 % CI]" if mae_ci else "MAE"
-    lines = [f"| index | n | {head} | bias (ours − ref) | 95 % limits of agreement | r |", "|---|---|---|---|---|---|"]
+    with ``mae_ci`` / ``bias_ci`` (``analysis.paired.error_ci``) their 95 % CIs, patients resampled."""
+    ci = " [95 % CI]"
+    lines = [f"| index | n | MAE{ci if mae_ci else ''} | bias (ours − ref){ci if bias_ci else ''} | "
+             "95 % limits of agreement | r |", "|---|---|---|---|---|---|"]
     for k, a in summary.items():
         mae = f"{a['mae']:.2f}" + (f" [{mae_ci[k][1]:.2f}, {mae_ci[k][2]:.2f}]" if mae_ci else "")
-        lines.append(f"| {k} | {a['n']} | {mae} | {a['bias']:+.2f} | {a['loa_low']:+.1f} … {a['loa_high']:+.1f} "
+        bias = f"{a['bias']:+.2f}" + (f" [{bias_ci[k][1]:+.2f}, {bias_ci[k][2]:+.2f}]" if bias_ci else "")
+        lines.append(f"| {k} | {a['n']} | {mae} | {bias} | {a['loa_low']:+.1f} … {a['loa_high']:+.1f} "
                      f"| {a['r']:.3f} |")
     return "\n".join(lines)
 
