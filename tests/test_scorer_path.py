@@ -2,7 +2,8 @@
 header, ``Info.cfg`` without its ``Group:`` line) through the batch job's study code — measures what
 ``report evaluate`` and ``report clinical`` measure on the shards: same masks, Dice, EFs, diagnosis.
 
-Real data: the bundled sample's two val patients (028 HCM, 078 NOR) and the shipped MobileNetV2.
+Real data: the bundled sample's two val patients (028 HCM, 078 NOR) and the shipped MobileNetV2. Also
+here: a 4-D NIfTI cine of one of them gets the same indices from its own ED and ES frames.
 """
 
 import csv
@@ -21,7 +22,7 @@ from raysegment.inference.ledger import add_patient_clinical
 from raysegment.inference.predictor import Predictor, predicted_masks
 from raysegment.inference.study import segment_study
 from raysegment.io.studies import read_study
-from raysegment.reporting.report import clinical_records
+from raysegment.reporting.report import batch_report, clinical_records
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
 
@@ -77,3 +78,39 @@ def test_official_layout_through_the_batch_job_scores_as_the_shards(tmp_path, sa
         assert "group_reference" not in row  # the Info.cfg had no Group line
     # The sample's val patients are segmented well enough that the diagnosis is not a coin toss.
     assert {p: calls[p] for p in calls} == {"patient028": "HCM", "patient078": "NOR"}
+
+
+def test_a_4d_nifti_cine_gets_its_patients_indices_and_diagnosis_unless_in_an_official_folder(tmp_path, sample_shards):
+    import nibabel as nib
+
+    torch.set_num_threads(2)
+    volumes = [v for v in load_volumes(sample_shards, "val") if v.patient == "patient078"]
+    ed, es = sorted(volumes, key=lambda v: v.phase)  # ED, ES
+    predictor, diagnosis = Predictor.load("shipped:mobilenet_v2"), load("shipped")
+    masks = predicted_masks(predictor, volumes)
+    (record,) = clinical_records(volumes, masks, {}, diagnosis.basal_rv)
+    # A cine as scanners export it: ES between two end-diastolic frames, int16, (x, y, z, t).
+    cine = np.stack([np.round(v.image * 3000).astype(np.int16) for v in (ed, es, ed)])
+    xyz = tuple(ed.spacing[::-1])
+    img = nib.Nifti1Image(np.transpose(cine, (3, 2, 1, 0)), np.diag(xyz + (1.0,)))
+    img.header.set_zooms(xyz + (1.0,))
+    for folder, official in ((tmp_path / "export", False), (tmp_path / "training" / "patient078", True)):
+        folder.mkdir(parents=True)
+        if official:
+            (folder / "Info.cfg").write_text("ED: 1\nES: 9\nHeight: 185\nNbFrame: 30\nWeight: 84\n")
+        nib.save(img, str(folder / "patient078_4d.nii.gz"))
+        rows = segment_study(folder / "patient078_4d.nii.gz", predictor, "shipped", tmp_path / "out")
+        add_patient_clinical(rows, diagnosis)
+        if official:  # ED and ES are the frame files Info.cfg names; the 4-D file gets no second set
+            assert [r["phase"] for r in rows] == ["", "", ""] and all("diagnosis" not in r for r in rows)
+            continue
+        assert [r["phase"] for r in rows[:2]] == ["ED", "ES"]  # largest / smallest LV (frames 0 and 2 tie: the first)
+        for index in ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml", "lv_mass_g"):
+            assert rows[0][index] == pytest.approx(record[f"pred_{index}"], rel=5e-3, abs=0.1), index
+        assert "lv_edv_ml_per_m2" not in rows[0] or np.isnan(rows[0]["lv_edv_ml_per_m2"])  # no height or weight here
+        # The patient's diagnosis on its ED and ES rows (as for a DICOM cine), its EF on every frame's row.
+        assert rows[0]["diagnosis"] == rows[1]["diagnosis"] in GROUPS and "diagnosis" not in rows[2]
+        assert all((r["ef_lv_pct"], r["ef_rv_pct"]) == (rows[0]["lv_ef_pct"], rows[0]["rv_ef_pct"]) for r in rows)
+        # report.md's Patients table names the cine by its file, not by the folder it lies in.
+        md = batch_report(rows, tmp_path / "report", 0).read_text()
+        assert f"| patient078_4d.nii.gz | {rows[0]['lv_edv_ml']:.1f} | {rows[0]['lv_ef_pct']:.1f} |" in md

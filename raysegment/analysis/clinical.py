@@ -48,16 +48,27 @@ def add_cine_ef(rows: list[dict]) -> None:
             r[f"ef_{name}_pct"] = ef
 
 
+def mark_cine_phases(rows: list[dict]) -> None:
+    """ED / ES as the ``phase`` of one cine study's frame rows: its largest / smallest LV volume
+    (none when the LV does not change)."""
+    if len(rows) >= 2:
+        lv = [r["volume_lv_ml"] for r in rows]
+        ed, es = int(np.argmax(lv)), int(np.argmin(lv))
+        if ed != es:
+            rows[ed]["phase"], rows[es]["phase"] = "ED", "ES"
+
+
 def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """Patient → {"ED": row, "ES": row} of finished result rows: an official-layout folder (its two
-    frame files, Info.cfg names them) or a DICOM cine series (``dicom:…``; ED and ES are two of its
-    frames). Patients missing either phase are left out."""
+    frame files, Info.cfg names them; keyed by the folder) or a cine study — a DICOM series
+    (``dicom:…``) or a 4-D NIfTI file — whose ED and ES are two of its frames (keyed by the study).
+    Patients missing either phase are left out."""
+    cine = {r["study"] for r in rows if r.get("frame", 0) > 0}
     by_patient: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
-            dicom = r["study"].startswith("dicom:")
-            if dicom or r.get("frame", 0) == 0:
-                by_patient.setdefault(r["study"] if dicom else str(Path(r["study"]).parent), {})[r["phase"]] = r
+            key = r["study"] if r["study"] in cine else str(Path(r["study"]).parent)
+            by_patient.setdefault(key, {})[r["phase"]] = r
     return {key: phases for key, phases in by_patient.items() if set(phases) == {"ED", "ES"}}
 
 

@@ -103,8 +103,8 @@ def results_rows(ledger: Ledger) -> list[dict]:
 
 def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
-    DICOM cine series (its largest / smallest LV frame): ``clinical.patient_indices`` from the masks
-    on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
+    cine study, DICOM series or 4-D NIfTI (its largest / smallest LV frame): ``clinical.patient_indices``
+    from the masks on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
     and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
     ``p_<GROUP>`` on both rows; the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's
     ``Group`` is copied as ``group_reference``, for scoring only: it is never an input."""
@@ -114,7 +114,7 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
 
     for key, phases in ed_es_pairs(rows).items():
         folder = Path(key)
-        info = parse_info_cfg(folder / "Info.cfg") if not key.startswith("dicom:") and (folder / "Info.cfg").is_file() else {}
+        info = parse_info_cfg(folder / "Info.cfg") if (folder / "Info.cfg").is_file() else {}  # a folder's, not a cine's
         # Info.cfg's height and weight, else the DICOM patient module's on the row
         size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
         height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
@@ -138,8 +138,8 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
         for r in phases.values():
             r.update(extra)
         # One EF per patient: the frame-volume EF (``add_patient_ef`` / ``add_cine_ef``) of every row of
-        # this patient — for a DICOM series each of its frames — becomes the checked one.
-        for r in (x for x in rows if x.get("study") == key) if key.startswith("dicom:") else phases.values():
+        # this patient — for a cine study each of its frames — becomes the checked one.
+        for r in [x for x in rows if x.get("study") == key] or phases.values():
             r["ef_lv_pct"], r["ef_rv_pct"] = extra["lv_ef_pct"], extra["rv_ef_pct"]
 
 

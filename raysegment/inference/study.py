@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.analysis.clinical import add_cine_ef, myocardial_mass_g, qc_flags, volumes_ml, voxel_counts
+from raysegment.analysis.clinical import add_cine_ef, mark_cine_phases, myocardial_mass_g, qc_flags, volumes_ml, voxel_counts
 from raysegment.config import CLASS_NAMES
 from raysegment.io.studies import StudyError, acdc_phase, gt_for, normalize_intensity, read_study, save_mask, study_stem
 
@@ -45,6 +45,10 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
     common = {"study": str(path), "phase": acdc_phase(path) or "", "mask": str(mask_path), "model_uri": model_uri,
               "model_version": predictor.version, "status": "done", "reason": ""}
     rows = frame_rows(masks, spacing_zyx, common)
+    # In an official-layout folder ED and ES are the frame files Info.cfg names: its 4-D file keeps
+    # only its frame-volume EF, so that the patient has one set of indices and one diagnosis.
+    if not (path.parent / "Info.cfg").is_file():
+        mark_cine_phases(rows)
     if gt_frames is not None:
         for t, row in enumerate(rows):
             for rec in score_records(masks[t], gt_frames[t], spacing_zyx):
@@ -114,11 +118,7 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     rows = frame_rows(masks, cine.spacing_zyx, common)
     for row, seg in zip(rows, segs):
         row["seg"] = str(seg)
-    if len(rows) >= 2:
-        lv = [r["volume_lv_ml"] for r in rows]
-        ed, es = int(np.argmax(lv)), int(np.argmin(lv))
-        if ed != es:
-            rows[ed]["phase"], rows[es]["phase"] = "ED", "ES"
+    mark_cine_phases(rows)
     finish_rows(rows, cine.frames[0], masks[0], figure, out_dir / "figures" / f"{series_uid}.png")
     return rows
 

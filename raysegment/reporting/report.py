@@ -160,7 +160,10 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
                      f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
         if r["frame"] == 0:
             firsts.append(r)
-    patients = {str(Path(r["study"]).parent): r for r in rows if r.get("phase") == "ED" and "lv_ef_pct" in r}
+    from raysegment.analysis.clinical import ed_es_pairs
+
+    # A patient folder by its name, a cine study (DICOM series, 4-D NIfTI) by its own.
+    patients = {key: p["ED"] for key, p in ed_es_pairs(rows).items() if "lv_ef_pct" in p["ED"]}
     if patients:
         lines += ["", "## Patients (ED + ES)", "",
                   "| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference |",
