@@ -11,6 +11,10 @@
 set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 2; }
 src="$1" out="$2"; shift 2
+for f in info.csv val.txt volumes; do
+    [ -e "$src/$f" ] || { echo "$src/$f missing: SOURCE must be an SSL4MIS folder like ../shared/acdc" >&2; exit 2; }
+done
+[ ! -e "$out" ] || { echo "$out exists: give a new OUT folder" >&2; exit 2; }
 models=(); for m in "$@"; do models+=(--model "$m"); done
 export RAY_USAGE_STATS_ENABLED=0
 python - "$src" "$out/acdc" <<'EOF'
