@@ -226,7 +226,8 @@ def bench_data(args) -> dict:
         ray.shutdown()
     torch.set_num_threads(1)
     aug = TrainConfig(data=args.data).augment
-    images, labels = torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
+    # Ray Data's numpy batches are read-only, and torch warns on tensors that share their memory.
+    images, labels = (torch.from_numpy(np.array(batch[k])) for k in ("image", "label"))
     gen = torch.Generator().manual_seed(0)
     t0, reps = time.perf_counter(), 20
     for _ in range(reps):
