@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Score models the way the held-out patients are scored: the val patients of an SSL4MIS source
 # written in the official ACDC layout (int16 NIfTI, spacing in the header, Info.cfg without its
-# Group line), segmented by `python -m raysegment.infer`, its results.csv scored against the _gt
-# files: mean Dice per class, LV/RV EF MAE and bias (%), diagnosis right.
+# Group line), segmented by `python -m raysegment.infer` (its done line and report.md give the mean
+# Dice against the _gt files), then its results.csv scored: LV/RV EF MAE and bias (%) against the
+# _gt masks' EFs, diagnosis right.
 #   jobs/official-val.sh SOURCE OUT MODEL [MODEL ...]   e.g.
 #   jobs/official-val.sh ../shared/acdc /tmp/official shipped:densenet121
 # SOURCE: train.txt/val.txt, volumes/*.h5 and info.csv as ../shared/acdc has them. A second MODEL
@@ -48,8 +49,6 @@ src, out = Path(sys.argv[1]), Path(sys.argv[2])
 groups = {r["patient"]: r["group"] for r in csv.DictReader(open(src / "info.csv"))}
 rows = pd.read_csv(out / "results" / "results.csv")
 rows["patient"] = rows["study"].str.extract(r"(patient\d{3})")[0]
-print("Dice RV / MYO / LV, mean:", " / ".join(f"{rows[f'dice_{c}'].mean():.3f}" for c in ("rv", "myo", "lv")),
-      f"{rows[['dice_rv', 'dice_myo', 'dice_lv']].to_numpy().mean():.3f}")
 err, right = {"lv": [], "rv": []}, 0
 for p, g in rows.groupby("patient"):
     gt = {r.phase: nib.load(str(Path(r.study).with_name(Path(r.study).name.replace(".nii.gz", "_gt.nii.gz"))))

@@ -134,3 +134,14 @@ def dice_summary(records: Sequence[dict]) -> dict[str, float]:
     out = {f"dice_{row['class']}": row["dice"] for row in aggregate(records, by=("class",))}
     out["dice_mean"] = float(np.mean([out[f"dice_{n}"] for n in CLASS_NAMES.values()]))
     return out
+
+
+def rows_dice_summary(rows: Sequence[dict]) -> dict[str, float] | None:
+    """``dice_summary`` of a batch job's result rows: the done study frames scored against a ``_gt``
+    file (``dice_rv``, … on the row), plus ``volumes`` (how many); None when none was."""
+    scored = [r for r in rows if r.get("status") == "done"
+              and all(r.get(f"dice_{n}") is not None for n in CLASS_NAMES.values())]
+    if not scored:
+        return None
+    out = {f"dice_{n}": float(np.mean([r[f"dice_{n}"] for r in scored])) for n in CLASS_NAMES.values()}
+    return {"volumes": len(scored), **out, "dice_mean": float(np.mean(list(out.values())))}

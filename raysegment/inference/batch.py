@@ -81,11 +81,14 @@ def run_batch(config: InferConfig) -> dict:
     for a in actors:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
+    from raysegment.analysis.metrics import rows_dice_summary
     from raysegment.reporting.report import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
+    scored = rows_dice_summary(table)
     return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total,
-            "version": version, "actors": len(actors)}
+            "version": version, "actors": len(actors),
+            **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
 
 
 def _load_diagnosis(config: InferConfig):

@@ -146,9 +146,15 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     """``out/report.md`` for a batch: a table of every study frame and the overlay PNGs the actors
     drew (``overlay_thumbnail``; RV red, MYO green, LV blue), at most ``n_figures``, flagged studies
     first. Draws nothing itself."""
-    lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
-             "| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    from raysegment.analysis.metrics import rows_dice_summary
+
+    lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+    scored = rows_dice_summary(rows)
+    if scored:
+        lines += [f"Against the `_gt` files of {scored['volumes']} study frames, mean 3-D Dice: RV {scored['dice_rv']:.3f}, "
+                  f"MYO {scored['dice_myo']:.3f}, LV {scored['dice_lv']:.3f} (mean {scored['dice_mean']:.3f}).", ""]
+    lines += ["| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
+              "|---|---|---|---|---|---|---|---|---|"]
     firsts = []
     for r in rows:
         if r.get("status") != "done":
