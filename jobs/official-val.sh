@@ -21,7 +21,9 @@ export RAY_USAGE_STATS_ENABLED=0
 python - "$src" "$out/acdc" <<'EOF'
 import csv, sys
 from pathlib import Path
-import h5py, nibabel as nib, numpy as np
+import nibabel as nib, numpy as np
+from raysegment.data.volumes import read_h5_volume
+from raysegment.io.studies import zyx_to_nifti
 src, out = Path(sys.argv[1]), Path(sys.argv[2]) / "training"
 info = {r["patient"]: r for r in csv.DictReader(open(src / "info.csv"))}
 for p in (src / "val.txt").read_text().split():
@@ -31,10 +33,9 @@ for p in (src / "val.txt").read_text().split():
                                 f"NbFrame: {r['nb_frames']}\nWeight: {r['weight_kg']}\n")
     xyz = (float(r["pixel_spacing_mm"]),) * 2 + (float(r["slice_spacing_mm"]),)
     for h5, frame in (("frame01", r["ed_frame"]), ("frame02", r["es_frame"])):
-        with h5py.File(src / "volumes" / f"{p}_{h5}.h5") as f:
-            image, label = f["image"][:], f["label"][:]
-        for arr, tail in ((np.round(image * 1800 - 20).astype(np.int16), ""), (label.astype(np.uint8), "_gt")):
-            img = nib.Nifti1Image(np.transpose(arr, (2, 1, 0)), np.diag(xyz + (1.0,)))
+        v = read_h5_volume(src / "volumes" / f"{p}_{h5}.h5")
+        for arr, tail in ((np.round(v.image * 1800 - 20).astype(np.int16), ""), (v.label, "_gt")):
+            img = nib.Nifti1Image(zyx_to_nifti(arr), np.diag(xyz + (1.0,)))
             img.header.set_zooms(xyz)
             nib.save(img, str(d / f"{p}_frame{int(frame):02d}{tail}.nii.gz"))
 print(f"wrote {len(list(out.iterdir()))} patients under {out}")
@@ -43,18 +44,17 @@ python -m raysegment.infer "${models[@]}" --input "$out/acdc" --output "$out/res
 python - "$src" "$out" <<'EOF'
 import csv, sys
 from pathlib import Path
-import nibabel as nib, numpy as np, pandas as pd
+import numpy as np, pandas as pd
 from raysegment.analysis.clinical import patient_indices
+from raysegment.io.studies import gt_for, read_study
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 groups = {r["patient"]: r["group"] for r in csv.DictReader(open(src / "info.csv"))}
 rows = pd.read_csv(out / "results" / "results.csv")
 rows["patient"] = rows["study"].str.extract(r"(patient\d{3})")[0]
 err, right = {"lv": [], "rv": []}, 0
 for p, g in rows.groupby("patient"):
-    gt = {r.phase: nib.load(str(Path(r.study).with_name(Path(r.study).name.replace(".nii.gz", "_gt.nii.gz"))))
-          for r in g.itertuples()}
-    zyx = lambda im: np.transpose(np.asarray(im.dataobj), (2, 1, 0))
-    ref = patient_indices(zyx(gt["ED"]), zyx(gt["ES"]), gt["ED"].header.get_zooms()[::-1])
+    gt = {r.phase: read_study(gt_for(Path(r.study))) for r in g.itertuples()}  # (image, frames, zooms x, y, z)
+    ref = patient_indices(*(gt[ph][1][0].astype(np.uint8) for ph in ("ED", "ES")), gt["ED"][2][::-1])
     for s in err:
         err[s].append(g[f"{s}_ef_pct"].iloc[0] - ref[f"{s}_ef_pct"])
     right += g["diagnosis"].iloc[0] == groups[p]

@@ -21,7 +21,7 @@ from raysegment.data.prepare import load_manifest
 from raysegment.inference.ledger import add_patient_clinical
 from raysegment.inference.predictor import Predictor, predicted_masks
 from raysegment.inference.study import segment_study
-from raysegment.io.studies import read_study
+from raysegment.io.studies import read_study, zyx_to_nifti
 from raysegment.reporting.report import batch_report, clinical_records
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
@@ -92,7 +92,7 @@ def test_a_4d_nifti_cine_gets_its_patients_indices_and_diagnosis_unless_in_an_of
     # A cine as scanners export it: ES between two end-diastolic frames, int16, (x, y, z, t).
     cine = np.stack([np.round(v.image * 3000).astype(np.int16) for v in (ed, es, ed)])
     xyz = tuple(ed.spacing[::-1])
-    img = nib.Nifti1Image(np.transpose(cine, (3, 2, 1, 0)), np.diag(xyz + (1.0,)))
+    img = nib.Nifti1Image(zyx_to_nifti(cine), np.diag(xyz + (1.0,)))
     img.header.set_zooms(xyz + (1.0,))
     for folder, official in ((tmp_path / "export", False), (tmp_path / "training" / "patient078", True)):
         folder.mkdir(parents=True)
