@@ -4,7 +4,8 @@
 #                          raysegment/shipped/<its backbone>.safetensors (SHA256SUMS updated); the
 #                          basal ES check in diagnosis.json is refitted on the shipped pair's own masks
 #                          of the train patients (the classifier kept); the learning curves and overlays in
-#                          shipped/figures (docs/figures) redrawn; then the tables below
+#                          shipped/figures (docs/figures) redrawn, with each model's Dice by level of the
+#                          heart on train and val (levels_<backbone>.png); then the tables below
 #   jobs/ship.sh --tables  only the tables: val Dice (report evaluate) and val clinical indices with no
 #                          basal check and with the shipped one (report clinical) of each shipped model
 #                          and of their ensemble; nothing in raysegment/shipped changes
@@ -39,14 +40,19 @@ print(read_config(last_checkpoint(sys.argv[1])).model.backbone)' "$root/$name")"
     cp "$out/diagnosis.json" "$shipped/diagnosis.json"  # its comparison table stays in $out (diagnosis.basal.md)
     python -m raysegment.report figures --model mobilenet_v2="$shipped/mobilenet_v2.safetensors" \
         --model densenet121="$shipped/densenet121.safetensors" --data "$shards" --out "$shipped/figures"
+    for bb in mobilenet_v2 densenet121; do
+        python -m raysegment.report evaluate --model "shipped:$bb" --data "$shards" --splits train val \
+            --by-level --mask-cache "$out/masks" --out "$out/levels-$bb" > /dev/null
+        cp "$out/levels-$bb/levels.png" "$shipped/figures/levels_$bb.png"
+    done
 fi
 
 mkdir -p "$out"
 for models in "shipped:mobilenet_v2" "shipped:densenet121" "shipped:mobilenet_v2 shipped:densenet121"; do
     tag="$(echo "$models" | sed 's/shipped://g; s/ /+/g')"
     args=(); for m in $models; do args+=(--model "$m"); done
-    python -m raysegment.report evaluate "${args[@]}" --data "$shards" --splits val --mask-cache "$out/masks" \
-        --out "$out/$tag"  # the val masks the clinical tables below read back
+    python -m raysegment.report evaluate "${args[@]}" --data "$shards" --splits val --by-level \
+        --mask-cache "$out/masks" --out "$out/$tag"  # the val masks the clinical tables below read back
     for check in none shipped; do
         python -m raysegment.report clinical "${args[@]}" --data "$shards" --basal-check "$check" \
             --diagnosis shipped --mask-cache "$out/masks" --out "$out/$tag/clinical-$check"

@@ -18,6 +18,8 @@ from raysegment.reporting.report import (
     clinical_summary,
     clinical_table,
     dice_table,
+    level_plot,
+    level_table,
     read_clinical_csv,
     write_clinical_csv,
 )
@@ -38,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score the raw argmax, without keeping each structure's largest 3-D component")
     ev.add_argument("--ci", action="store_true",
                     help="add each split's mean Dice with a 95 %% bootstrap CI over patients (seed 0)")
+    ev.add_argument("--by-level", action="store_true",
+                    help="also Dice and volume error (mL) at the base, mid-ventricle and apex (thirds of the "
+                         "reference's slices); with --out: levels.md, levels.json, levels.png")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
     ev.add_argument("--mask-cache", type=Path, default=None,
                     help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
@@ -251,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in figures(models, a.data, Path(a.out), a.patient):
             print(path)
         return 0
+    levels = [] if a.by_level else None
     try:
         records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
-                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache)
+                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache,
+                           levels=levels)
     except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -266,11 +273,17 @@ def main(argv: list[str] | None = None) -> int:
         table += "\n\n" + "\n".join(ci_line(s, dice_ci([r for r in records if r["split"] == s]), RESAMPLES)
                                       for s in splits)
     print(table)
+    if levels is not None:
+        print("\n" + level_table(levels))
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "records.json").write_text(json.dumps(records, indent=1))
         (out / "table.md").write_text(table + "\n")
+        if levels is not None:
+            (out / "levels.json").write_text(json.dumps(levels, indent=1))
+            (out / "levels.md").write_text(level_table(levels) + "\n")
+            print(level_plot(levels, out / "levels.png"))
     return 0
 
 

@@ -10,10 +10,14 @@ from raysegment.reporting.report import SPLITS, learning_curves, model_history, 
 
 
 def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
-             flip_tta: bool = False, largest_component: bool = True, mask_cache: str | Path | None = None) -> list[dict]:
+             flip_tta: bool = False, largest_component: bool = True, mask_cache: str | Path | None = None,
+             levels: list[dict] | None = None) -> list[dict]:
     """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits.
     With ``mask_cache`` (a folder) each split's masks are kept there and read back, shared with
-    ``report clinical`` and ``diagnosis`` given the same folder, model, settings and volumes."""
+    ``report clinical`` and ``diagnosis`` given the same folder, model, settings and volumes.
+    ``levels`` (a list) is extended with each volume's ``analysis.levels.level_records`` from the same
+    predictions."""
+    from raysegment.analysis.levels import level_records
     from raysegment.analysis.metrics import score_records
     from raysegment.data.dataset import load_volumes
     from raysegment.inference.predictor import Predictor, predict_volumes, predicted_masks
@@ -30,6 +34,8 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
             pairs = ((v, masks[(v.patient, v.phase)]) for v in volumes)
         for v, pred in pairs:
             records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+            if levels is not None:
+                levels += level_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
     return records
 
 

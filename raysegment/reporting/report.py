@@ -119,13 +119,18 @@ def model_history(model_ref: str) -> list[dict]:
     return saved_state(model_ref).get("history", [])
 
 
+def _splits_of(records: list[dict]) -> list[str]:
+    """The splits in ``records``, train first."""
+    return sorted({r["split"] for r in records}, key=lambda s: s != "train")
+
+
 def dice_table(records: list[dict]) -> str:
     """Markdown: rows split × phase (all, ED, ES); columns Dice RV/MYO/LV/mean and HD95 RV/MYO/LV."""
     from raysegment.analysis.metrics import aggregate
 
     lines = ["| split | phase | Dice RV | Dice MYO | Dice LV | Dice mean | HD95 RV | HD95 MYO | HD95 LV |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for split in sorted({r["split"] for r in records}, key=lambda s: s != "train"):
+    for split in _splits_of(records):
         for phase in ("all", "ED", "ES"):
             rs = [r for r in records if r["split"] == split and (phase == "all" or r["phase"] == phase)]
             agg = {row["class"]: row for row in aggregate(rs, by=("class",))}
@@ -135,6 +140,62 @@ def dice_table(records: list[dict]) -> str:
                          + f" | {mean:.3f} | " + " | ".join(f"{agg[c]['hd95']:.1f}" for c in ("rv", "myo", "lv")) + " |")
     lines.append(f"\nDice and HD95 per 3-D volume, averaged over volumes; HD95 in {unit}.")
     return "\n".join(lines)
+
+
+def level_table(records: list[dict]) -> str:
+    """Markdown from ``analysis.levels.level_records`` rows: per split, phase and level (base, mid,
+    apex), Dice RV/MYO/LV, the volume error pred − ref, mean (mean absolute), mL, and the slices
+    missed / drawn extra."""
+    from raysegment.analysis.levels import level_summary
+
+    lines = ["| split | phase | level | Dice RV | Dice MYO | Dice LV | error RV (mL) | error MYO (mL) | error LV (mL) "
+             "| slices missed / extra: RV, MYO, LV |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for split in _splits_of(records):
+        for phase in ("all", "ED", "ES"):
+            rs = [r for r in records if r["split"] == split and (phase == "all" or r["phase"] == phase)]
+            rows = {(r["level"], r["class"]): r for r in level_summary(rs)}
+            for level in dict.fromkeys(lev for lev, _ in rows):
+                cls = [rows[(level, c)] for c in ("rv", "myo", "lv")]
+                lines.append(f"| {split} | {phase} | {level} | " + " | ".join(f"{r['dice']:.3f}" for r in cls) + " | "
+                             + " | ".join(f"{r['error_ml']:+.1f} ({r['abs_error_ml']:.1f})" for r in cls) + " | "
+                             + ", ".join(f"{r['missed']} / {r['extra']}" for r in cls) + " |")
+    lines.append("\nLevels: the reference's slices from base to apex in three equal runs (slices beyond it go to "
+                 "the nearer end). Dice pooled over a level's slices per volume, averaged over the volumes where "
+                 "either mask has the structure there; error: predicted − reference volume on those slices; a slice is "
+                 "missed (extra) where the reference (prediction) draws a structure and the other under a tenth of "
+                 "its area.")
+    return "\n".join(lines)
+
+
+def level_plot(records: list[dict], out: Path) -> Path:
+    """Bars of Dice per level (base, mid, apex) and class; one panel per split and phase (ED, ES)."""
+    from raysegment.analysis.levels import LEVELS, level_summary
+
+    plt = pyplot()
+    splits = _splits_of(records)
+    fig, axes = plt.subplots(2, len(splits), figsize=(4.5 * len(splits), 6), squeeze=False, sharey=True)
+    x = np.arange(len(LEVELS))
+    for col, split in enumerate(splits):
+        for row, phase in enumerate(("ED", "ES")):
+            rows = {(r["level"], r["class"]): r["dice"]
+                    for r in level_summary([r for r in records if r["split"] == split and r["phase"] == phase])}
+            ax = axes[row][col]
+            for i, (lab, name) in enumerate(((1, "rv"), (2, "myo"), (3, "lv"))):
+                ax.bar(x + (i - 1) * 0.27, [rows.get((lev, name), np.nan) for lev in LEVELS], 0.27,
+                       color=COLOURS[lab], label=name.upper())
+            ax.set_xticks(x, LEVELS)
+            ax.set_title(f"{split}, {phase}")
+            ax.set_ylim(min([0.5] + [math.floor(d * 10) / 10 for d in rows.values() if d == d]), 1.0)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("Dice")
+    axes[1][0].set_ylabel("Dice")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
 
 
 def _cell(text) -> str:
