@@ -31,6 +31,10 @@ def test_levels_cut_the_reference_in_thirds_from_the_base_and_take_the_slices_be
     flipped = level_slices(_heart()[::-1])  # a stack that runs from the apex: the base is found at its end
     assert {k: v.tolist() for k, v in flipped.items()} == {"base": [6, 7, 8, 9], "mid": [4, 5], "apex": [0, 1, 2, 3]}
     assert all(v.size == 0 for v in level_slices(np.zeros((4, 5, 5), np.uint8)).values())
+    short = level_records(np.ones((2, 4, 4), np.uint8), np.pad(np.ones((2, 2, 2), np.uint8), ((0, 0), (1, 1), (1, 1))),
+                          (1.0, 1.0, 1.0))  # two slices: no apex third, and nothing to score there
+    assert [r["slices"] for r in short if r["class"] == "rv"] == [1, 1, 0]
+    assert np.isnan(short[-1]["dice"]) and short[0]["extra"] == 0 and short[0]["dice"] == pytest.approx(8 / 20)
 
 
 def test_level_records_charge_each_error_to_its_level():

@@ -24,7 +24,7 @@ MISS_SHARE = 0.1  # a slice drawing less than this share of the other mask's are
 
 def level_slices(gt_zyx: np.ndarray) -> dict[str, np.ndarray]:
     """Slice indices (into ``gt_zyx``) of each level; every slice is in exactly one. Empty arrays for
-    every level when the reference draws nothing."""
+    every level when the reference draws nothing (its volume then has no level rows to score)."""
     z = gt_zyx.shape[0]
     order = np.arange(z)[::-1] if base_at_end(gt_zyx) else np.arange(z)  # base first
     drawn = np.flatnonzero((gt_zyx[order] > 0).reshape(z, -1).any(1))
@@ -53,7 +53,7 @@ def level_records(pred_zyx: np.ndarray, gt_zyx: np.ndarray, spacing_zyx: Sequenc
             p, g = p_all == lab, g_all == lab
             n_p, n_g = int(p.sum()), int(g.sum())
             d = 2.0 * int((p & g).sum()) / (n_p + n_g) if n_p + n_g else float("nan")
-            a_p, a_g = p.reshape(idx.size, -1).sum(1), g.reshape(idx.size, -1).sum(1)
+            a_p, a_g = p.sum(axis=(1, 2)), g.sum(axis=(1, 2))  # per slice, voxels
             rows.append({**keys, "level": level, "class": name, "slices": int(idx.size), "dice": d,
                          "gt_ml": n_g * voxel_ml, "pred_ml": n_p * voxel_ml,
                          "missed": int(((a_g > 0) & (a_p < MISS_SHARE * a_g)).sum()),
