@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / "records.json").write_text(json.dumps(records, indent=1))
         (out / "table.md").write_text(table + "\n")
         if levels is not None:
-            (out / "levels.json").write_text(json.dumps(levels, indent=1))
+            from raysegment.io.studies import json_safe
+
+            (out / "levels.json").write_text(json.dumps(json_safe(levels), indent=1))  # a level without RV: null
             (out / "levels.md").write_text(level_table(levels) + "\n")
             print(level_plot(levels, out / "levels.png"))
     return 0

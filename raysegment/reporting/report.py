@@ -175,19 +175,20 @@ def level_plot(records: list[dict], out: Path) -> Path:
     plt = pyplot()
     splits = _splits_of(records)
     fig, axes = plt.subplots(2, len(splits), figsize=(4.5 * len(splits), 6), squeeze=False, sharey=True)
-    x = np.arange(len(LEVELS))
+    x, lowest = np.arange(len(LEVELS)), 0.5
     for col, split in enumerate(splits):
         for row, phase in enumerate(("ED", "ES")):
             rows = {(r["level"], r["class"]): r["dice"]
                     for r in level_summary([r for r in records if r["split"] == split and r["phase"] == phase])}
+            lowest = min([lowest] + [math.floor(d * 10) / 10 for d in rows.values() if d == d])
             ax = axes[row][col]
             for i, (lab, name) in enumerate(((1, "rv"), (2, "myo"), (3, "lv"))):
                 ax.bar(x + (i - 1) * 0.27, [rows.get((lev, name), np.nan) for lev in LEVELS], 0.27,
                        color=COLOURS[lab], label=name.upper())
             ax.set_xticks(x, LEVELS)
             ax.set_title(f"{split}, {phase}")
-            ax.set_ylim(min([0.5] + [math.floor(d * 10) / 10 for d in rows.values() if d == d]), 1.0)
             ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylim(lowest, 1.0)  # the panels share it
     axes[0][0].set_ylabel("Dice")
     axes[1][0].set_ylabel("Dice")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=8)
