@@ -51,9 +51,9 @@ def level_records(pred_zyx: np.ndarray, gt_zyx: np.ndarray, spacing_zyx: Sequenc
         p_all, g_all = pred_zyx[idx], gt_zyx[idx]
         for lab, name in CLASS_NAMES.items():
             p, g = p_all == lab, g_all == lab
-            n_p, n_g = int(p.sum()), int(g.sum())
-            d = 2.0 * int((p & g).sum()) / (n_p + n_g) if n_p + n_g else float("nan")
             a_p, a_g = p.sum(axis=(1, 2)), g.sum(axis=(1, 2))  # per slice, voxels
+            n_p, n_g = int(a_p.sum()), int(a_g.sum())
+            d = 2.0 * int((p & g).sum()) / (n_p + n_g) if n_p + n_g else float("nan")
             rows.append({**keys, "level": level, "class": name, "slices": int(idx.size), "dice": d,
                          "gt_ml": n_g * voxel_ml, "pred_ml": n_p * voxel_ml,
                          "missed": int(((a_g > 0) & (a_p < MISS_SHARE * a_g)).sum()),
@@ -76,6 +76,5 @@ def level_summary(records: Sequence[dict]) -> list[dict]:
             out.append({"level": level, "class": name, "n": len(dice),
                         "dice": float(np.mean(dice)) if dice else float("nan"),
                         "error_ml": float(err.mean()), "abs_error_ml": float(np.abs(err).mean()),
-                        "gt_ml": float(np.mean([r["gt_ml"] for r in rs])),
                         "missed": sum(r["missed"] for r in rs), "extra": sum(r["extra"] for r in rs)})
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.reporting.report import pyplot
+from raysegment.reporting.report import pyplot, save_figure
 
 
 def _signed(x: float, digits: int = 3) -> str:
@@ -32,14 +32,6 @@ def _diagonal_panel(ax, low: float, high: float, title: str, xlabel: str, ylabel
     ax.set_title(title, fontsize=8)
     ax.set_xlabel(xlabel[:48], fontsize=8)
     ax.set_ylabel(ylabel[:48], fontsize=8)
-
-
-def _save(plt, fig, out: Path) -> Path:
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
 
 
 def _class_name(c: str) -> str:
@@ -79,7 +71,7 @@ def paired_plot(result: dict, out: Path, label_a: str = "A", label_b: str = "B")
         _diagonal_panel(ax, min(x.min(), y.min()) - 0.01, 1.0, _ci_title(row["class"], row, 3),
                         f"Dice, A ({label_a})", f"Dice, B ({label_b})")
     axes[0][0].legend(fontsize=7)
-    return _save(plt, fig, out)
+    return save_figure(fig, out)
 
 
 def paired_errors_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
@@ -121,4 +113,4 @@ def paired_errors_plot(result: dict, out: Path, label_a: str = "A", label_b: str
     for ax in list(axes.flat)[len(result["rows"]):]:
         ax.axis("off")
     axes[0][0].legend(fontsize=7)
-    return _save(plt, fig, out)
+    return save_figure(fig, out)

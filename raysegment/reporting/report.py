@@ -25,6 +25,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, out: Path, rect: tuple | None = None) -> Path:
+    """Lay ``fig`` out (within ``rect``, figure fractions), write it to ``out`` (PNG, 90 dpi) and close it."""
+    fig.tight_layout(**({"rect": rect} if rect else {}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    pyplot().close(fig)
+    return out
+
+
 def pick_slices(mask_zyx: np.ndarray, n_slices: int) -> list[int]:
     """``n_slices`` slice indices spread basal to apical over the slices the mask touches."""
     has = [k for k in range(mask_zyx.shape[0]) if mask_zyx[k].any()] or list(range(mask_zyx.shape[0]))
@@ -47,11 +56,7 @@ def overlay_slices(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_sli
         ax.set_title(f"slice {k}", fontsize=9)
         ax.axis("off")
     fig.suptitle(title or "RV red, MYO green, LV blue", fontsize=9)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def overlay_thumbnail(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_slices: int = 3) -> Path:
@@ -102,11 +107,7 @@ def learning_curves(histories: dict[str, list[dict]], out: Path) -> Path:
         axes[1][col].plot(ep, [h["loss"] for h in hist], color="k")
         axes[1][col].set_ylabel("train loss")
         axes[1][col].set_xlabel("epoch")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 SPLITS = ("train", "val")
@@ -124,20 +125,25 @@ def _splits_of(records: list[dict]) -> list[str]:
     return sorted({r["split"] for r in records}, key=lambda s: s != "train")
 
 
+def _split_phase_groups(records: list[dict], phases=("all", "ED", "ES")):
+    """(split, phase, its records) for each split (train first) and phase ("all": both)."""
+    for split in _splits_of(records):
+        for phase in phases:
+            yield split, phase, [r for r in records if r["split"] == split and phase in ("all", r["phase"])]
+
+
 def dice_table(records: list[dict]) -> str:
     """Markdown: rows split × phase (all, ED, ES); columns Dice RV/MYO/LV/mean and HD95 RV/MYO/LV."""
     from raysegment.analysis.metrics import aggregate
 
     lines = ["| split | phase | Dice RV | Dice MYO | Dice LV | Dice mean | HD95 RV | HD95 MYO | HD95 LV |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for split in _splits_of(records):
-        for phase in ("all", "ED", "ES"):
-            rs = [r for r in records if r["split"] == split and (phase == "all" or r["phase"] == phase)]
-            agg = {row["class"]: row for row in aggregate(rs, by=("class",))}
-            unit = agg["lv"]["unit"]
-            mean = np.mean([agg[c]["dice"] for c in ("rv", "myo", "lv")])
-            lines.append(f"| {split} | {phase} | " + " | ".join(f"{agg[c]['dice']:.3f}" for c in ("rv", "myo", "lv"))
-                         + f" | {mean:.3f} | " + " | ".join(f"{agg[c]['hd95']:.1f}" for c in ("rv", "myo", "lv")) + " |")
+    for split, phase, rs in _split_phase_groups(records):
+        agg = {row["class"]: row for row in aggregate(rs, by=("class",))}
+        unit = agg["lv"]["unit"]
+        mean = np.mean([agg[c]["dice"] for c in ("rv", "myo", "lv")])
+        lines.append(f"| {split} | {phase} | " + " | ".join(f"{agg[c]['dice']:.3f}" for c in ("rv", "myo", "lv"))
+                     + f" | {mean:.3f} | " + " | ".join(f"{agg[c]['hd95']:.1f}" for c in ("rv", "myo", "lv")) + " |")
     lines.append(f"\nDice and HD95 per 3-D volume, averaged over volumes; HD95 in {unit}.")
     return "\n".join(lines)
 
@@ -151,15 +157,13 @@ def level_table(records: list[dict]) -> str:
     lines = ["| split | phase | level | Dice RV | Dice MYO | Dice LV | error RV (mL) | error MYO (mL) | error LV (mL) "
              "| slices missed / extra: RV, MYO, LV |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for split in _splits_of(records):
-        for phase in ("all", "ED", "ES"):
-            rs = [r for r in records if r["split"] == split and (phase == "all" or r["phase"] == phase)]
-            rows = {(r["level"], r["class"]): r for r in level_summary(rs)}
-            for level in dict.fromkeys(lev for lev, _ in rows):
-                cls = [rows[(level, c)] for c in ("rv", "myo", "lv")]
-                lines.append(f"| {split} | {phase} | {level} | " + " | ".join(f"{r['dice']:.3f}" for r in cls) + " | "
-                             + " | ".join(f"{r['error_ml']:+.1f} ({r['abs_error_ml']:.1f})" for r in cls) + " | "
-                             + ", ".join(f"{r['missed']} / {r['extra']}" for r in cls) + " |")
+    for split, phase, rs in _split_phase_groups(records):
+        rows = {(r["level"], r["class"]): r for r in level_summary(rs)}
+        for level in dict.fromkeys(lev for lev, _ in rows):
+            cls = [rows[(level, c)] for c in ("rv", "myo", "lv")]
+            lines.append(f"| {split} | {phase} | {level} | " + " | ".join(f"{r['dice']:.3f}" for r in cls) + " | "
+                         + " | ".join(f"{r['error_ml']:+.1f} ({r['abs_error_ml']:.1f})" for r in cls) + " | "
+                         + ", ".join(f"{r['missed']} / {r['extra']}" for r in cls) + " |")
     lines.append("\nLevels: the reference's slices from base to apex in three equal runs (slices beyond it go to "
                  "the nearer end). Dice pooled over a level's slices per volume, averaged over the volumes where "
                  "either mask has the structure there; error: predicted − reference volume on those slices; a slice is "
@@ -176,27 +180,21 @@ def level_plot(records: list[dict], out: Path) -> Path:
     splits = _splits_of(records)
     fig, axes = plt.subplots(2, len(splits), figsize=(4.5 * len(splits), 6), squeeze=False, sharey=True)
     x, lowest = np.arange(len(LEVELS)), 0.5
-    for col, split in enumerate(splits):
-        for row, phase in enumerate(("ED", "ES")):
-            rows = {(r["level"], r["class"]): r["dice"]
-                    for r in level_summary([r for r in records if r["split"] == split and r["phase"] == phase])}
-            lowest = min([lowest] + [math.floor(d * 10) / 10 for d in rows.values() if d == d])
-            ax = axes[row][col]
-            for i, (lab, name) in enumerate(((1, "rv"), (2, "myo"), (3, "lv"))):
-                ax.bar(x + (i - 1) * 0.27, [rows.get((lev, name), np.nan) for lev in LEVELS], 0.27,
-                       color=COLOURS[lab], label=name.upper())
-            ax.set_xticks(x, LEVELS)
-            ax.set_title(f"{split}, {phase}")
-            ax.grid(axis="y", alpha=0.3)
+    for split, phase, rs in _split_phase_groups(records, ("ED", "ES")):
+        rows = {(r["level"], r["class"]): r["dice"] for r in level_summary(rs)}
+        lowest = min([lowest] + [math.floor(d * 10) / 10 for d in rows.values() if d == d])
+        ax = axes[("ED", "ES").index(phase)][splits.index(split)]
+        for i, (lab, name) in enumerate(((1, "rv"), (2, "myo"), (3, "lv"))):
+            ax.bar(x + (i - 1) * 0.27, [rows.get((lev, name), np.nan) for lev in LEVELS], 0.27,
+                   color=COLOURS[lab], label=name.upper())
+        ax.set_xticks(x, LEVELS)
+        ax.set_title(f"{split}, {phase}")
+        ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylim(lowest, 1.0)  # the panels share it
     axes[0][0].set_ylabel("Dice")
     axes[1][0].set_ylabel("Dice")
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, rect=(0, 0, 1, 0.95))  # room for the legend above the panels
 
 
 def _cell(text) -> str:
@@ -351,8 +349,4 @@ def bland_altman(records: list[dict], out: Path, indices=CLINICAL_INDICES) -> Pa
     for ax in list(axes.flat)[len(indices):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
