@@ -19,26 +19,16 @@ done
 models=(); for m in "$@"; do models+=(--model "$m"); done
 export RAY_USAGE_STATS_ENABLED=0
 python - "$src" "$out/acdc" <<'EOF'
-import csv, sys
+import sys
 from pathlib import Path
-import nibabel as nib, numpy as np
-from raysegment.data.volumes import read_h5_volume
-from raysegment.io.studies import zyx_to_nifti
-src, out = Path(sys.argv[1]), Path(sys.argv[2]) / "training"
-info = {r["patient"]: r for r in csv.DictReader(open(src / "info.csv"))}
-for p in (src / "val.txt").read_text().split():
-    r, d = info[p], out / p
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "Info.cfg").write_text(f"ED: {r['ed_frame']}\nES: {r['es_frame']}\nHeight: {r['height_cm']}\n"
-                                f"NbFrame: {r['nb_frames']}\nWeight: {r['weight_kg']}\n")
-    xyz = (float(r["pixel_spacing_mm"]),) * 2 + (float(r["slice_spacing_mm"]),)
-    for h5, frame in (("frame01", r["ed_frame"]), ("frame02", r["es_frame"])):
-        v = read_h5_volume(src / "volumes" / f"{p}_{h5}.h5")
-        for arr, tail in ((np.round(v.image * 1800 - 20).astype(np.int16), ""), (v.label, "_gt")):
-            img = nib.Nifti1Image(zyx_to_nifti(arr), np.diag(xyz + (1.0,)))
-            img.header.set_zooms(xyz)
-            nib.save(img, str(d / f"{p}_frame{int(frame):02d}{tail}.nii.gz"))
-print(f"wrote {len(list(out.iterdir()))} patients under {out}")
+from raysegment.data.volumes import read_h5_volume, read_info_csv, with_info, write_official_patient
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+info = read_info_csv(src / "info.csv")
+patients = (src / "val.txt").read_text().split()
+for p in patients:
+    volumes = [with_info(read_h5_volume(src / "volumes" / f"{p}_{h5}.h5"), info[p]) for h5 in ("frame01", "frame02")]
+    write_official_patient(out, volumes, info[p])
+print(f"wrote {len(patients)} patients under {out / 'training'}")
 EOF
 python -m raysegment.infer "${models[@]}" --input "$out/acdc" --output "$out/results"
 python - "$src" "$out" <<'EOF'

@@ -337,3 +337,25 @@ def test_shards_load_back_as_the_volumes_they_were_made_from(tmp_path):
     assert [(v.patient, v.phase) for v in only] == [("patient002", "ED"), ("patient002", "ES")]
     np.testing.assert_array_equal(only[1].image, train[3].image)
     assert load_volumes(out, "train", []) == []
+
+
+def test_an_ssl4mis_patient_written_in_the_official_layout_reads_back_as_itself(tmp_path):
+    from raysegment.data.volumes import read_info_csv, with_info, write_official_patient
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1,), val=(), shape=(5, 40, 48))
+    write_info_csv(src, {"patient001": ("HCM", 171, 66, 25, 1, 11, 5, 1.4, 8.0)})
+    info = read_info_csv(src / "info.csv")["patient001"]
+    h5 = [with_info(read_h5_volume(src / "volumes" / f"patient001_frame0{i}.h5"), info) for i in (1, 2)]
+    files = write_official_patient(tmp_path / "acdc", h5[::-1], info)  # ED is written first whatever the order
+    assert [f.name for f in files] == ["patient001_frame01.nii.gz", "patient001_frame11.nii.gz"]
+    # The held-out patients' Info.cfg has no Group line, so neither has this one unless asked.
+    assert "Group" not in (files[0].parent / "Info.cfg").read_text()
+    back = read_nifti_patient(files[0].parent)
+    assert [v.phase for v in back] == ["ED", "ES"] and back[0].group == "unknown"
+    for v, orig in zip(back, h5):
+        assert v.image.dtype == np.int16 and v.spacing == pytest.approx((8.0, 1.4, 1.4))
+        np.testing.assert_array_equal(v.label, orig.label)
+        np.testing.assert_array_equal(v.image, np.round(orig.image * 1800.0 - 20.0).astype(np.int16))
+        assert v.info == {"height_cm": 171.0, "weight_kg": 66.0, "nb_frames": 25, "ed_frame": 1, "es_frame": 11}
+    write_official_patient(tmp_path / "g", h5, info, group=True)
+    assert read_nifti_patient(tmp_path / "g" / "training" / "patient001")[0].group == "HCM"

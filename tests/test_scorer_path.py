@@ -6,18 +6,17 @@ Real data: the bundled sample's two val patients (028 HCM, 078 NOR) and the ship
 here: a 4-D NIfTI cine of one of them gets the same indices from its own ED and ES frames.
 """
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from synth import write_nifti
 
 from raysegment.analysis.diagnosis import GROUPS, load, patient_features
 from raysegment.analysis.metrics import score_records
 from raysegment.data.dataset import load_volumes
 from raysegment.data.prepare import load_manifest
+from raysegment.data.volumes import read_info_csv, write_official_patient
 from raysegment.inference.ledger import add_patient_clinical
 from raysegment.inference.predictor import Predictor, predicted_masks
 from raysegment.inference.study import segment_study
@@ -30,18 +29,12 @@ SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
 def _write_official(volumes, root: Path) -> list[Path]:
     """The volumes as the official release lays them out: raw-like int16 images, uint8 ``_gt``,
     ``Info.cfg`` with ED/ES frame numbers, height, weight and no group. Returns the image files."""
-    info = {r["patient"]: r for r in csv.DictReader(open(SAMPLE / "info.csv"))}
+    info = read_info_csv(SAMPLE / "info.csv")
     studies = []
-    for v in volumes:
-        r, pdir = info[v.patient], root / "training" / v.patient
-        pdir.mkdir(parents=True, exist_ok=True)
-        (pdir / "Info.cfg").write_text(f"ED: {r['ed_frame']}\nES: {r['es_frame']}\nHeight: {r['height_cm']}\n"
-                                       f"NbFrame: {r['nb_frames']}\nWeight: {r['weight_kg']}\n")
-        stem = pdir / f"{v.patient}_frame{int(r['ed_frame' if v.phase == 'ED' else 'es_frame']):02d}"
+    for patient in sorted({v.patient for v in volumes}):
         # An affine map of the shard's intensities: the normalisation must undo it.
-        write_nifti(Path(f"{stem}.nii.gz"), np.round(v.image * 3000 - 40).astype(np.int16), v.spacing)
-        write_nifti(Path(f"{stem}_gt.nii.gz"), v.label, v.spacing, np.uint8)
-        studies.append(Path(f"{stem}.nii.gz"))
+        studies += write_official_patient(root, [v for v in volumes if v.patient == patient], info[patient],
+                                          scale=3000.0, offset=-40.0)
     return studies
 
 

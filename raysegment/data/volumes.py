@@ -1,5 +1,6 @@
 """ACDC volumes as read from either layout: the ``Volume`` type, the official NIfTI release
-(``Info.cfg``), the SSL4MIS HDF5 files with ``info.csv``, and the checks a volume must pass.
+(``Info.cfg``; also written, for scoring the way held-out patients are scored), the SSL4MIS HDF5
+files with ``info.csv``, and the checks a volume must pass.
 Imports ``raysegment.io`` and ``config`` only."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from raysegment.io.studies import info_from_cfg, nifti_to_zyx, parse_info_cfg
+from raysegment.io.studies import info_from_cfg, nifti_to_zyx, parse_info_cfg, zyx_to_nifti
 
 PHASES = ("ED", "ES")
 # Diagnosis group of the ACDC training release by patient number (the SSL4MIS files carry none).
@@ -219,6 +220,35 @@ def read_nifti_patient(patient_dir: Path) -> list[Volume]:
             )
         )
     return volumes
+
+
+def write_official_patient(root: Path, volumes: list[Volume], info: dict, scale: float = 1800.0,
+                           offset: float = -20.0, group: bool = False) -> list[Path]:
+    """One patient's ED and ES ``volumes`` (spacing known) in the official ACDC layout under
+    ``root/training/<patient>/``: ``Info.cfg`` (ED, ES, Height, NbFrame, Weight from ``info``, an
+    ``info.csv`` row; its Group line only with ``group``, as the held-out patients come without it),
+    int16 images ``round(image × scale + offset)`` and uint8 ``_gt`` masks, spacing (mm) in the header.
+    Returns the image files, ED first."""
+    import nibabel as nib
+
+    patient = volumes[0].patient
+    folder = root / "training" / patient
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"ED": info["ed_frame"], "ES": info["es_frame"], **({"Group": info["group"]} if group else {}),
+           "Height": info["height_cm"], "NbFrame": info["nb_frames"], "Weight": info["weight_kg"]}
+    (folder / "Info.cfg").write_text("".join(f"{k}: {v}\n" for k, v in cfg.items()))
+    images = []
+    for v in sorted(volumes, key=lambda v: PHASES.index(v.phase)):
+        if v.spacing is None:
+            raise PrepareError(f"{v.source}: {v.patient} {v.phase} has no spacing to write")
+        xyz = tuple(float(z) for z in v.spacing[::-1])
+        stem = folder / f"{patient}_frame{int(cfg[v.phase]):02d}"
+        for arr, tail in ((np.round(v.image * scale + offset).astype(np.int16), ""), (v.label.astype(np.uint8), "_gt")):
+            img = nib.Nifti1Image(zyx_to_nifti(arr), np.diag(xyz + (1.0,)))
+            img.header.set_zooms(xyz)
+            nib.save(img, f"{stem}{tail}.nii.gz")
+        images.append(Path(f"{stem}.nii.gz"))
+    return images
 
 
 def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
