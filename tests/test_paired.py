@@ -8,7 +8,8 @@ import pytest
 from conftest import write_checkpoint
 from synth import make_h5_dataset, write_info_csv
 
-from raysegment.analysis.paired import bootstrap_ci, dice_ci, error_ci, paired_dice, paired_errors
+from raysegment.analysis.levels import level_records, level_slices
+from raysegment.analysis.paired import bootstrap_ci, dice_ci, error_ci, paired_dice, paired_errors, paired_levels
 from raysegment.cli import report as report_cli
 from raysegment.data.prepare import PrepareConfig, prepare
 
@@ -80,6 +81,56 @@ def test_sides_that_scored_different_volumes_or_classes_are_refused():
         paired_dice(no_lv, _records(a))
 
 
+def _heart(rv_slices) -> np.ndarray:
+    """(6, 20, 20) labels: LV cavity and myocardium on every slice, RV on ``rv_slices``."""
+    lab = np.zeros((6, 20, 20), np.uint8)
+    lab[:, 4:14, 10:18] = 2
+    lab[:, 6:12, 12:16] = 3
+    lab[list(rv_slices), 5:13, 2:8] = 1
+    return lab
+
+
+def test_paired_levels_charge_a_missed_apical_slice_and_a_stray_blob_to_the_apex():
+    ref = _heart(range(6))
+    apex = level_slices(ref)["apex"]
+    missed = ref.copy()
+    missed[apex[0]][missed[apex[0]] == 1] = 0  # A misses one apical RV slice whole; B draws every one
+    no_apical_rv = _heart([k for k in range(6) if k not in apex])
+    stray = no_apical_rv.copy()
+    stray[apex[0], 15:19, 2:6] = 1  # A draws RV where the reference has none at the apex; B draws none
+    sp = (10.0, 1.5, 1.5)
+    levels_a, levels_b = [], []
+    for patient, (r, pa, pb) in {"p1": (ref, missed, ref), "p2": (ref, missed, ref),
+                                 "p3": (no_apical_rv, stray, no_apical_rv)}.items():
+        levels_a += level_records(pa, r, sp, split="val", patient=patient, phase="ED")
+        levels_b += level_records(pb, r, sp, split="val", patient=patient, phase="ED")
+    rows = {(r["level"], r["class"]): r for r in paired_levels(levels_a, levels_b, resamples=200)}
+    dice_a = [r["dice"] for r in levels_a if (r["level"], r["class"]) == ("apex", "rv")]
+    row = rows[("apex", "rv")]
+    # p3's apex scores 0 for A's blob and 1 for B, who, like the reference, draws no RV there.
+    assert row["volumes"] == 3 and dice_a[2] == 0.0 and row["b"] == 1.0
+    assert row["a"] == pytest.approx((dice_a[0] + dice_a[1]) / 3) and dice_a[0] < 1.0
+    assert (row["missed_a"], row["missed_b"], row["extra_a"], row["extra_b"]) == (2, 0, 1, 0)
+    assert row["ci_low"] > 0 and row["diff"] == pytest.approx(row["b"] - row["a"])
+    for key in (("base", "rv"), ("mid", "rv"), ("apex", "lv"), ("mid", "myo")):
+        assert (rows[key]["diff"], rows[key]["ci_low"], rows[key]["ci_high"]) == (0.0, 0.0, 0.0), key
+    other = level_records(ref, _heart(range(5)), sp, split="val", patient="p1", phase="ED")
+    with pytest.raises(ValueError, match="reference differs at p1/ED/"):
+        paired_levels(levels_a[:9], other)
+
+
+@pytest.fixture
+def two_models(tmp_path, tiny_model):
+    """Two tiny checkpoints: A, and B the same network with its head's bias moved, so its masks differ."""
+    import torch
+
+    model, config = tiny_model
+    a = write_checkpoint(tmp_path / "a", model, config)
+    with torch.no_grad():
+        model.head.bias.add_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
+    return a, write_checkpoint(tmp_path / "b", model, config)
+
+
 @pytest.fixture
 def shards(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(2, 3), shape=(3, 40, 48))
@@ -87,14 +138,8 @@ def shards(tmp_path):
     return tmp_path / "shards"
 
 
-def test_compare_command_on_models_and_on_records(tmp_path, tiny_model, shards, capsys):
-    import torch
-
-    model, config = tiny_model
-    a = write_checkpoint(tmp_path / "a", model, config)
-    with torch.no_grad():  # B: the same network with its head's bias moved, so its masks differ
-        model.head.bias.add_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
-    b = write_checkpoint(tmp_path / "b", model, config)
+def test_compare_command_on_models_and_on_records(tmp_path, two_models, shards, capsys):
+    a, b = two_models
     assert report_cli.main(["evaluate", "--model", str(a), "--data", str(shards), "--splits", "val", "--ci",
                             "--out", str(tmp_path / "eval-a")]) == 0
     mean_all = capsys.readouterr().out.split("| val | all | ")[1].split(" | ")[3]  # the table's Dice mean
@@ -119,6 +164,35 @@ def test_compare_command_on_models_and_on_records(tmp_path, tiny_model, shards, 
                             "--out", str(tmp_path / "cmp3")]) == 0
     same = json.loads((tmp_path / "cmp3" / "compare.json").read_text())
     assert all((r["diff"], r["ci_low"], r["ci_high"], r["equal"]) == (0.0, 0.0, 0.0, 4) for r in same["rows"])
+
+
+def test_compare_by_level_on_models_and_on_evaluate_output(tmp_path, two_models, shards, capsys):
+    a, b = two_models
+    common = ["--b", str(b), "--data", str(shards), "--resamples", "200", "--by-level"]
+    assert report_cli.main(["compare", "--a", str(a), *common, "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    levels = saved["levels"]
+    assert {r["level"] for r in levels} <= {"base", "mid", "apex"} and any(abs(r["diff"]) > 0.01 for r in levels)
+    first = levels[0]
+    assert (f"| {first['level']} | {first['class'].upper()} | {first['volumes']} | {first['a']:.3f} | {first['b']:.3f} |"
+            in printed and "slices missed A / B" in (tmp_path / "cmp" / "compare.md").read_text())
+    # A as `report evaluate --by-level --out` wrote it: the same level rows.
+    assert report_cli.main(["evaluate", "--model", str(a), "--data", str(shards), "--splits", "val", "--by-level",
+                            "--out", str(tmp_path / "eval-a")]) == 0
+    assert report_cli.main(["compare", "--a", str(tmp_path / "eval-a" / "records.json"), *common,
+                            "--out", str(tmp_path / "cmp2")]) == 0
+    again = json.loads((tmp_path / "cmp2" / "compare.json").read_text())["levels"]
+    assert [(r["level"], r["class"], r["volumes"], r["missed_a"]) for r in again] == \
+        [(r["level"], r["class"], r["volumes"], r["missed_a"]) for r in levels]
+    assert [r["diff"] for r in again] == pytest.approx([r["diff"] for r in levels])
+    capsys.readouterr()
+    (tmp_path / "eval-a" / "levels.json").unlink()
+    assert report_cli.main(["compare", "--a", str(tmp_path / "eval-a" / "records.json"), *common]) == 2
+    assert report_cli.main(["compare", "--a", str(a), "--b", str(b), "--metric", "clinical", "--by-level"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: no levels.json beside {tmp_path / 'eval-a' / 'records.json'}: write it with "
+        "`report evaluate --by-level --out`", "error: --by-level applies to --metric dice only"]
 
 
 def test_compare_refuses_bad_input_in_one_line(tmp_path, tiny_model, capsys):
@@ -195,16 +269,10 @@ def clinical_shards(tmp_path):
     return tmp_path / "shards"
 
 
-def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, tiny_model, clinical_shards, capsys):
-    import torch
-
+def test_compare_clinical_on_models_and_on_a_clinical_csv(tmp_path, two_models, clinical_shards, capsys):
     from raysegment.reporting.report import CLINICAL_INDICES
 
-    model, config = tiny_model
-    a = write_checkpoint(tmp_path / "a", model, config)
-    with torch.no_grad():
-        model.head.bias.add_(torch.tensor([0.0, 0.3, -0.2, 0.1]))
-    b = write_checkpoint(tmp_path / "b", model, config)
+    a, b = two_models
     data = ["--data", str(clinical_shards), "--resamples", "200", "--mask-cache", str(tmp_path / "cache")]
     out = tmp_path / "cmp"
     assert report_cli.main(["compare", "--metric", "clinical", "--a", str(a), "--b", str(b), *data,

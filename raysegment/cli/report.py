@@ -89,6 +89,10 @@ def _add_compare(sub) -> None:
                     help="dice: 3-D Dice per volume (a side may be a records.json of `report evaluate --out`); "
                          "clinical: each clinical index's absolute error per patient (a side may be a clinical.csv "
                          "of `report clinical --out`)")
+    cp.add_argument("--by-level", action="store_true",
+                    help="with --metric dice: also B − A per level of the heart (base, mid, apex) and each side's "
+                         "slices missed / extra (a records.json side needs the levels.json of "
+                         "`report evaluate --by-level --out` beside it)")
     cp.add_argument("--basal-check", default="none",
                     help="with --metric clinical: the basal ES check applied to each model's masks, as in `report clinical`")
     cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json / clinical.csv files)")
@@ -178,8 +182,9 @@ def _clinical_sides(a) -> tuple[list[dict], list[dict]]:
     return sides[0], sides[1]
 
 
-def _side_records(refs: list[str], a) -> list[dict]:
-    """One side of ``report compare``: a records.json as written, or the model scored now."""
+def _side_records(refs: list[str], a) -> tuple[list[dict], list[dict] | None]:
+    """One side of ``report compare``: (Dice records, level records with ``--by-level`` else None) of a
+    records.json as written (its levels.json beside it), or of the model scored now."""
     import json
 
     if len(refs) == 1 and refs[0].endswith(".json"):
@@ -187,12 +192,22 @@ def _side_records(refs: list[str], a) -> list[dict]:
         keys = {"split", "patient", "phase", "class", "dice"}
         if not isinstance(records, list) or not all(isinstance(r, dict) and keys <= r.keys() for r in records):
             raise ValueError(f"{refs[0]} is not the records.json of `report evaluate --out`")
-        return [r for r in records if r["split"] in a.splits]
+        levels = None
+        if a.by_level:
+            beside = Path(refs[0]).with_name("levels.json")
+            if not beside.is_file():
+                raise ValueError(f"no levels.json beside {refs[0]}: write it with `report evaluate --by-level --out`")
+            levels = [{k: float("nan") if v is None else v for k, v in r.items()}  # strict JSON wrote NaN as null
+                      for r in json.loads(beside.read_text()) if r["split"] in a.splits]
+        return [r for r in records if r["split"] in a.splits], levels
     if len(refs) == 1 and refs[0].endswith(".csv"):
         raise ValueError(f"{refs[0]} holds clinical indices, not Dice: add --metric clinical")
     if a.data is None:
         raise ValueError(f"--data is needed to score {' + '.join(refs)}")
-    return evaluate(model_ref=refs, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri, mask_cache=a.mask_cache)
+    levels = [] if a.by_level else None
+    records = evaluate(model_ref=refs, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
+                       mask_cache=a.mask_cache, levels=levels)
+    return records, levels
 
 
 def _compare_command(a) -> int:
@@ -208,15 +223,23 @@ def _compare_command(a) -> int:
         paired.check_resamples(a.resamples)  # before any model runs
         if a.basal_check != "none" and not clinical:
             raise ValueError("--basal-check applies to --metric clinical only")
+        if a.by_level and clinical:
+            raise ValueError("--by-level applies to --metric dice only")
+        levels = None
         if clinical:
             result = paired.paired_errors(*_clinical_sides(a), CLINICAL_INDICES, resamples=a.resamples, seed=a.seed)
         else:
-            records_a, records_b = _side_records(a.a, a), _side_records(a.b, a)
+            (records_a, levels_a), (records_b, levels_b) = _side_records(a.a, a), _side_records(a.b, a)
             result = paired.paired_dice(records_a, records_b, resamples=a.resamples, seed=a.seed)
+            if a.by_level:
+                levels = paired.paired_levels(levels_a, levels_b, resamples=a.resamples, seed=a.seed)
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = (tables.paired_errors_table if clinical else tables.paired_table)(result, *labels)
+    if levels is not None:
+        table += "\n\n" + tables.paired_level_table(levels, *labels)
+        result = {**result, "levels": levels}
     print(table)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,21 @@ def paired_table(result: dict, label_a: str = "A", label_b: str = "B") -> str:
     return "\n".join(lines)
 
 
+def paired_level_table(rows: list[dict], label_a: str = "A", label_b: str = "B") -> str:
+    """Markdown of ``analysis.paired.paired_levels``: per level and class A, B, B − A with its 95 % CI,
+    and each side's slices missed / drawn extra."""
+    lines = ["| level | class | volumes | A | B | B − A | 95 % CI of B − A | slices missed A / B | extra A / B |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['level']} | {_class_name(r['class'])} | {r['volumes']} | {r['a']:.3f} | {r['b']:.3f} "
+                     f"| {_signed(r['diff'])} | {_signed(r['ci_low'])} … {_signed(r['ci_high'])} "
+                     f"| {r['missed_a']} / {r['missed_b']} | {r['extra_a']} / {r['extra_b']} |")
+    lines.append(f"\nA: {label_a}. B: {label_b}. Dice on each level's slices (the reference's slices from base to apex "
+                 "in three equal runs) per volume where the reference or either side draws the structure there (a side "
+                 "drawing none there, as the reference, scores 1); the CI resamples patients.")
+    return "\n".join(lines)
+
+
 def paired_plot(result: dict, out: Path, label_a: str = "A", label_b: str = "B") -> Path:
     """One panel per class of ``analysis.paired.paired_dice``'s volumes: each one's Dice under A (x)
     against B (y); above the diagonal B wins."""
