@@ -139,6 +139,26 @@ def test_report_and_summary_give_the_mean_dice_of_the_frames_scored_against_gt(t
     assert rows_dice_summary(rows[2:]) is None and "Against the" not in batch_report(rows[2:], tmp_path / "o2", 0).read_text()
 
 
+def test_report_gives_the_mean_dice_per_level_over_the_frames_that_draw_the_structure_there(tmp_path):
+    from raysegment.analysis.levels import rows_level_dice
+
+    def levels(rv_apex):
+        return {f"dice_{c}_{lev}": 0.9 for c in ("rv", "myo", "lv") for lev in ("base", "mid", "apex")} | {"dice_rv_apex": rv_apex}
+
+    base = {"frame": 0, "status": "done", "volume_rv_ml": 1.0, "volume_myo_ml": 2.0, "volume_lv_ml": 3.0, "qc_flags": "",
+            "dice_rv": 0.9, "dice_myo": 0.9, "dice_lv": 0.9}
+    rows = [{**base, "study": "/in/a_frame01.nii.gz", **levels(0.5)},
+            {**base, "study": "/in/a_frame07.nii.gz", **levels(float("nan"))},  # no RV at its apex in either mask
+            {**base, "study": "/in/b_frame01.nii.gz", **levels(0.7)},
+            {**base, "study": "/in/no_gt.nii.gz"}]
+    by_level = rows_level_dice(rows)
+    assert by_level["apex"]["rv"] == pytest.approx(0.6) and by_level["base"] == pytest.approx({"rv": .9, "myo": .9, "lv": .9})
+    text = batch_report(rows, tmp_path / "out", n_figures=0).read_text()
+    assert ("mean Dice RV / MYO / LV: base 0.900 / 0.900 / 0.900; mid 0.900 / 0.900 / 0.900; "
+            "apex 0.600 / 0.900 / 0.900.") in text
+    assert rows_level_dice(rows[3:]) is None and "By level" not in batch_report(rows[3:], tmp_path / "o2", 0).read_text()
+
+
 def test_an_ensemble_segments_a_study_with_the_members_mean_softmax(tmp_path, tiny_model):
     import torch
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from raysegment.analysis.diagnosis import GROUPS, load, patient_features
+from raysegment.analysis.levels import level_records
 from raysegment.analysis.metrics import score_records
 from raysegment.data.dataset import load_volumes
 from raysegment.data.prepare import load_manifest
@@ -64,6 +65,8 @@ def test_official_layout_through_the_batch_job_scores_as_the_shards(tmp_path, sa
         shards_dice = {r["class"]: r["dice"] for r in score_records(masks[(patient, v.phase)], v.label, distances=False)}
         for name in ("rv", "myo", "lv"):
             assert row[f"dice_{name}"] == pytest.approx(shards_dice[name], abs=2e-3), (patient, v.phase, name)
+        for r in level_records(masks[(patient, v.phase)], v.label, v.spacing):  # as `report evaluate --by-level`
+            assert row[f"dice_{r['class']}_{r['level']}"] == pytest.approx(r["dice"], abs=5e-3, nan_ok=True), r
         rec = records[patient]
         for index in ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml", "rv_esv_ml", "lv_mass_g"):
             assert row[index] == pytest.approx(rec[f"pred_{index}"], rel=5e-3, abs=0.1), (patient, index)

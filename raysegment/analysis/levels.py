@@ -78,3 +78,20 @@ def level_summary(records: Sequence[dict]) -> list[dict]:
                         "error_ml": float(err.mean()), "abs_error_ml": float(np.abs(err).mean()),
                         "missed": sum(r["missed"] for r in rs), "extra": sum(r["extra"] for r in rs)})
     return out
+
+
+def rows_level_dice(rows: Sequence[dict]) -> dict[str, dict[str, float]] | None:
+    """Level → class → mean Dice over a batch job's done result rows that carry ``dice_<class>_<level>``
+    (frames scored against a ``_gt`` file), averaged over the frames where either mask has the
+    structure at that level (NaN where none has); None when no row was scored."""
+    scored = [r for r in rows if r.get("status") == "done" and r.get(f"dice_lv_{LEVELS[0]}") is not None]
+    if not scored:
+        return None
+    out = {}
+    for level in LEVELS:
+        out[level] = {}
+        for name in CLASS_NAMES.values():
+            d = [float(r[f"dice_{name}_{level}"]) for r in scored]
+            d = [x for x in d if not np.isnan(x)]
+            out[level][name] = float(np.mean(d)) if d else float("nan")
+    return out

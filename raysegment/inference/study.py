@@ -22,6 +22,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
 
     With ``figure`` (or when a frame gets a QC flag) an overlay PNG of frame 0 is written to
     ``out_dir/figures`` from the arrays already in memory, and its path goes in the rows."""
+    from raysegment.analysis.levels import level_records
     from raysegment.analysis.metrics import score_records
 
     img, frames, zooms = read_study(path)
@@ -54,6 +55,8 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
             for rec in score_records(masks[t], gt_frames[t], spacing_zyx):
                 row[f"dice_{rec['class']}"] = rec["dice"]
                 row[f"hd95_{rec['class']}_mm"] = rec["hd95"]
+            for rec in level_records(masks[t], gt_frames[t], spacing_zyx):  # NaN: neither draws it there
+                row[f"dice_{rec['class']}_{rec['level']}"] = rec["dice"]
     finish_rows(rows, frames[0], masks[0], figure, out_dir / "figures" / name.replace(".nii.gz", ".png"),
                 [gt_flag] if gt_flag else [])
     return rows

@@ -206,6 +206,7 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     """``out/report.md`` for a batch: a table of every study frame and the overlay PNGs the actors
     drew (``overlay_thumbnail``; RV red, MYO green, LV blue), at most ``n_figures``, flagged studies
     first. Draws nothing itself."""
+    from raysegment.analysis.levels import rows_level_dice
     from raysegment.analysis.metrics import rows_dice_summary
 
     lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
@@ -213,6 +214,11 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     if scored:
         lines += [f"Against the `_gt` files of {scored['volumes']} study frames, mean 3-D Dice: RV {scored['dice_rv']:.3f}, "
                   f"MYO {scored['dice_myo']:.3f}, LV {scored['dice_lv']:.3f} (mean {scored['dice_mean']:.3f}).", ""]
+    by_level = rows_level_dice(rows)
+    if by_level:
+        lines += ["By level of the heart (the reference's slices from base to apex in three equal runs), mean Dice "
+                  "RV / MYO / LV: " + "; ".join(f"{level} " + " / ".join(f"{d:.3f}" for d in dice.values())
+                                                 for level, dice in by_level.items()) + ".", ""]
     lines += ["| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
               "|---|---|---|---|---|---|---|---|---|"]
     firsts = []
