@@ -57,8 +57,16 @@ def test_level_records_charge_each_error_to_its_level():
     assert summary[("apex", "rv")]["n"] == 1 and summary[("apex", "rv")]["dice"] == 0.0
     assert summary[("apex", "lv")]["error_ml"] == pytest.approx(0.05)  # +0.1 mL in one volume of two
     assert summary[("apex", "rv")]["missed"] == 2
-    table = level_table([{**r, "split": "val", "phase": "ED"} for r in level_records(pred, gt, (10.0, 1.0, 1.0))])
+    # Which slices: the two apical RV slices (2r × 6 voxels, r = 9 − k) and the LV blob's.
+    assert rows[("apex", "rv")]["missed_slices"] == [[6, 36], [7, 24]] and rows[("apex", "lv")]["extra_slices"] == [[9, 10]]
+    assert all(r["missed_slices"] == [] for key, r in rows.items() if key != ("apex", "rv"))
+    records = [{**r, "split": "val", "phase": "ED"} for r in level_records(pred, gt, (10.0, 1.0, 1.0), patient="p")]
+    table = level_table(records)
     assert "| val | ED | apex | 0.000 | 1.000 | " in table and "| 2 / 0, 0 / 0, 0 / 1 |" in table
+    assert table.endswith("Slices missed whole, largest first: val p ED RV slice 6 (apex, 36 px); "
+                          "val p ED RV slice 7 (apex, 24 px).")
+    assert level_table(records, top=1).endswith("RV slice 6 (apex, 36 px); and 1 more.")
+    assert "missed whole" not in level_table([{**r, "split": "val", "phase": "ED"} for r in no_rv])
 
 
 def test_evaluate_by_level_writes_levels_whose_volumes_add_up(tmp_path, tiny_model, capsys):

@@ -41,8 +41,9 @@ def level_records(pred_zyx: np.ndarray, gt_zyx: np.ndarray, spacing_zyx: Sequenc
                   **keys) -> list[dict]:
     """One row per level and class: ``dice`` on that level's slices (NaN where neither mask has the
     structure there), ``gt_ml`` and ``pred_ml`` (mL; NaN without ``spacing_zyx``, mm), ``slices``,
-    ``missed`` and ``extra`` (slices where one mask draws the structure and the other under
-    ``MISS_SHARE`` of its area); rows carry ``keys`` (patient=, …)."""
+    ``missed`` and ``extra`` (how many slices one mask draws the structure on and the other under
+    ``MISS_SHARE`` of its area) and ``missed_slices`` / ``extra_slices`` ([slice index, voxels the
+    reference / prediction draws there]); rows carry ``keys`` (patient=, …)."""
     if pred_zyx.shape != gt_zyx.shape:
         raise ValueError(f"prediction shape {pred_zyx.shape} != ground truth shape {gt_zyx.shape}")
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0 if spacing_zyx is not None else float("nan")
@@ -54,10 +55,11 @@ def level_records(pred_zyx: np.ndarray, gt_zyx: np.ndarray, spacing_zyx: Sequenc
             a_p, a_g = p.sum(axis=(1, 2)), g.sum(axis=(1, 2))  # per slice, voxels
             n_p, n_g = int(a_p.sum()), int(a_g.sum())
             d = 2.0 * int((p & g).sum()) / (n_p + n_g) if n_p + n_g else float("nan")
+            missed = [[int(k), int(a)] for k, a, m in zip(idx, a_g, (a_g > 0) & (a_p < MISS_SHARE * a_g)) if m]
+            extra = [[int(k), int(a)] for k, a, m in zip(idx, a_p, (a_p > 0) & (a_g < MISS_SHARE * a_p)) if m]
             rows.append({**keys, "level": level, "class": name, "slices": int(idx.size), "dice": d,
-                         "gt_ml": n_g * voxel_ml, "pred_ml": n_p * voxel_ml,
-                         "missed": int(((a_g > 0) & (a_p < MISS_SHARE * a_g)).sum()),
-                         "extra": int(((a_p > 0) & (a_g < MISS_SHARE * a_p)).sum())})
+                         "gt_ml": n_g * voxel_ml, "pred_ml": n_p * voxel_ml, "missed": len(missed), "extra": len(extra),
+                         "missed_slices": missed, "extra_slices": extra})
     return rows
 
 

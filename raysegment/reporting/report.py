@@ -148,10 +148,10 @@ def dice_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def level_table(records: list[dict]) -> str:
+def level_table(records: list[dict], top: int = 10) -> str:
     """Markdown from ``analysis.levels.level_records`` rows: per split, phase and level (base, mid,
     apex), Dice RV/MYO/LV, the volume error pred − ref, mean (mean absolute), mL, and the slices
-    missed / drawn extra."""
+    missed / drawn extra; then the ``top`` largest slices missed whole, by patient, phase and class."""
     from raysegment.analysis.levels import level_summary
 
     lines = ["| split | phase | level | Dice RV | Dice MYO | Dice LV | error RV (mL) | error MYO (mL) | error LV (mL) "
@@ -169,7 +169,19 @@ def level_table(records: list[dict]) -> str:
                  "either mask has the structure there; error: predicted − reference volume on those slices; a slice is "
                  "missed (extra) where the reference (prediction) draws a structure and the other under a tenth of "
                  "its area.")
-    return "\n".join(lines)
+    return "\n".join(lines + _missed_slices(records, top))
+
+
+def _missed_slices(records: list[dict], top: int) -> list[str]:
+    """Lines naming the ``top`` largest slices missed whole (the reference's voxels there), if any."""
+    missed = sorted(((px, r.get("split", ""), r.get("patient", ""), r.get("phase", ""), r["class"], r["level"], k)
+                     for r in records for k, px in r.get("missed_slices", ())), reverse=True)
+    if not missed:
+        return []
+    cells = [f"{split} {patient} {phase} {name.upper()} slice {k} ({level}, {px} px)"
+             for px, split, patient, phase, name, level, k in missed[:top]]
+    more = f"; and {len(missed) - top} more" if len(missed) > top else ""
+    return ["", f"Slices missed whole, largest first: {'; '.join(cells)}{more}."]
 
 
 def level_plot(records: list[dict], out: Path) -> Path:
