@@ -32,13 +32,14 @@ print(f"wrote {len(patients)} patients under {out / 'training'}")
 EOF
 python -m raysegment.infer "${models[@]}" --input "$out/acdc" --output "$out/results"
 python - "$src" "$out" <<'EOF'
-import csv, sys
+import sys
 from pathlib import Path
 import numpy as np, pandas as pd
 from raysegment.analysis.clinical import patient_indices
+from raysegment.data.volumes import read_info_csv
 from raysegment.io.studies import gt_for, read_study
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
-groups = {r["patient"]: r["group"] for r in csv.DictReader(open(src / "info.csv"))}
+groups = {p: r["group"] for p, r in read_info_csv(src / "info.csv").items()}
 rows = pd.read_csv(out / "results" / "results.csv")
 rows["patient"] = rows["study"].str.extract(r"(patient\d{3})")[0]
 err, right = {"lv": [], "rv": []}, 0

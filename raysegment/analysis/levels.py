@@ -2,7 +2,7 @@
 them down (most errors sit at the base and the apex).
 
 A volume's levels: the slices on which its reference draws any structure, cut into three equal runs
-from base to apex (the base found as ``clinical.base_first`` finds it); slices beyond the reference
+from base to apex (the base found by ``clinical.base_at_end``, as the basal ES check finds it); slices beyond the reference
 on the base side count as base, beyond it on the apex side as apex, so a structure predicted where
 the reference has none is charged to the level it spills from.
 

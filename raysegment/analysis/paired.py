@@ -38,7 +38,7 @@ def per_volume_dice(records: Sequence[dict]) -> dict[tuple, dict[str, float]]:
 
 
 def _volume_name(key: tuple) -> str:
-    """'patient001/ES' of a (split, patient, phase) key."""
+    """'patient001/ES' of a (split, patient, phase) key (a level row's key: 'patient001/ES/apex/rv')."""
     return "/".join(key[1:])
 
 
@@ -210,15 +210,15 @@ def paired_levels(levels_a: Sequence[dict], levels_b: Sequence[dict], resamples:
         for r in rows:
             key = (r["split"], r["patient"], r["phase"], r["level"], r["class"])
             if key in out:
-                raise ValueError(f"level {'/'.join(key[1:])} appears twice on one side")
+                raise ValueError(f"level {_volume_name(key)} appears twice on one side")
             out[key] = r
         return out
 
     a, b = index(levels_a), index(levels_b)
-    keys = _matched(a, b, name=lambda k: "/".join(k[1:]))
+    keys = _matched(a, b)
     differ = [k for k in keys if a[k]["slices"] != b[k]["slices"] or not np.isclose(a[k]["gt_ml"], b[k]["gt_ml"], equal_nan=True)]
     if differ:
-        raise ValueError(f"the two sides' reference differs at {'/'.join(differ[0][1:])}: not the same data")
+        raise ValueError(f"the two sides' reference differs at {_volume_name(differ[0])}: not the same data")
     rows = []
     for level in LEVELS:
         for c in CLASS_NAMES.values():
