@@ -73,10 +73,9 @@ def level_summary(records: Sequence[dict]) -> list[dict]:
             rs = [r for r in records if r["level"] == level and r["class"] == name]
             if not rs:
                 continue
-            dice = [r["dice"] for r in rs if not np.isnan(r["dice"])]
+            n, dice = _mean_present([r["dice"] for r in rs])
             err = np.array([r["pred_ml"] - r["gt_ml"] for r in rs])
-            out.append({"level": level, "class": name, "n": len(dice),
-                        "dice": float(np.mean(dice)) if dice else float("nan"),
+            out.append({"level": level, "class": name, "n": n, "dice": dice,
                         "error_ml": float(err.mean()), "abs_error_ml": float(np.abs(err).mean()),
                         "missed": sum(r["missed"] for r in rs), "extra": sum(r["extra"] for r in rs)})
     return out
@@ -93,7 +92,12 @@ def rows_level_dice(rows: Sequence[dict]) -> dict[str, dict[str, float]] | None:
     for level in LEVELS:
         out[level] = {}
         for name in CLASS_NAMES.values():
-            d = [float(r[f"dice_{name}_{level}"]) for r in scored]
-            d = [x for x in d if not np.isnan(x)]
-            out[level][name] = float(np.mean(d)) if d else float("nan")
+            out[level][name] = _mean_present([float(r[f"dice_{name}_{level}"]) for r in scored])[1]
     return out
+
+
+def _mean_present(dice: Sequence[float]) -> tuple[int, float]:
+    """(how many are not NaN, their mean; NaN when none is): a level's Dice is NaN in a volume where
+    neither mask has the structure there, which says nothing about the model."""
+    present = [d for d in dice if not np.isnan(d)]
+    return len(present), float(np.mean(present)) if present else float("nan")

@@ -301,7 +301,10 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
         "voxels_by_class": Counter(),
     }
     spacing_known, patients = True, {}
-    for ref in tqdm(refs, desc="prepare", unit="patient", disable=not config.progress, file=sys.stderr):
+    # Into a log file (nohup, `ray job logs`) a bar redrawn ten times a second is one endless line.
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    for ref in tqdm(refs, desc="prepare", unit="patient", disable=not config.progress, file=sys.stderr,
+                    mininterval=interval):
         split = splits[ref.patient]
         volumes = _read_patient(ref, fmt, info)
         patients[ref.patient] = {"group": volumes[0].group, **(volumes[0].info or {}),
