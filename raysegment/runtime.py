@@ -89,7 +89,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": we did that
+        quiet_progress_note()
+
+
+def quiet_progress_note() -> None:
+    """Ray Data's note that its progress bars are off (we switch them off), logged once by each
+    process that runs a dataset: a driver, a Tune trial's actor, a training worker."""
+    import logging
+
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def free_port() -> int:

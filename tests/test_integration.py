@@ -34,6 +34,9 @@ def registered(cluster, sample_shards):
     # placement-group cleaner warn of a dead controller): only a trial ASHA stops (here at most
     # the one that reports second, if worse) may leave that line.
     assert log.count("Ray Train controller actor") <= 1, log[-3000:]
+    # Each trial's actor runs its dataset's first pass; Ray Data's note that the bars are off (we
+    # switched them off) came once per trial.
+    assert "Progress bars disabled" not in log, log[-3000:]
     return log
 
 

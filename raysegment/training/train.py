@@ -25,7 +25,7 @@ from raysegment.data.dataset import load_volumes, read_split
 from raysegment.io import storage
 from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
 from raysegment.model.unet import build_model
-from raysegment.runtime import clear_stale_scratch, scratch_dir
+from raysegment.runtime import clear_stale_scratch, quiet_progress_note, scratch_dir
 from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
 from raysegment.training.validation import epoch_dice, validate, validate_all
 
@@ -199,8 +199,7 @@ def _quiet_reports() -> None:
     under a logger named by its file; our epoch line says it shorter. Off unless --verbose."""
     import logging
 
-    # We switch Ray Data's bars off ourselves; its note on how to switch them on came once per worker.
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    quiet_progress_note()
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # moved in another Ray release: the lines stay, nothing breaks
@@ -377,6 +376,8 @@ def needs_equal_shards(config: TrainConfig, spec: RunSpec) -> bool:
 def _train_dataset(config: TrainConfig, spec: RunSpec):
     import ray.data
 
+    if not spec.verbose:  # this process runs the first pass: in a search, each trial's actor
+        quiet_progress_note()
     ds = read_split(config.data, "train", config.image_size, config.model.context_slices, config.pixel_mm)
     # Cached, the per-epoch pipeline is a block fetch; uncached, reading and resampling compete
     # with the training step for the same cores every epoch (measured with raysegment.cli.bench).
