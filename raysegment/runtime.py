@@ -62,8 +62,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     """Connect to ``address`` (or RAY_ADDRESS / a running cluster), else start a local Ray.
 
     Unless ``verbose``, the job's workers run with ``QUIET_ENV`` (no Ray Data bars or plan lines)."""
-    import logging
-
     import ray
 
     disable_telemetry()
@@ -83,9 +81,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
             ray.init(address=address, log_to_driver=True)
     else:
         _start_local(num_cpus, logging_config)
+    quiet_ray_data(verbose)
+
+
+def quiet_ray_data(verbose: bool = False) -> None:
+    """This process's Ray Data: no per-operator bars, no INFO line per execution plan (unless
+    ``verbose``); our own lines are the progress report."""
+    import logging
+
     import ray.data
 
-    # Our per-epoch line is the progress report; Ray Data's per-operator bars flood job logs.
     ray.data.DataContext.get_current().enable_progress_bars = verbose
     if not verbose:
         logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -210,9 +210,12 @@ def bench_data(args) -> dict:
     import ray
 
     from raysegment.data.dataset import apply_augment, read_split, sample_augment
+    from raysegment.runtime import quiet_ray_data
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # A Ray of its own with exactly --cpus CPUs (not a cluster named by RAY_ADDRESS): a rate per CPU.
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    quiet_ray_data()
     try:
         ds = read_split(args.data, "train", args.image_size)
         rates, batch = [], None
