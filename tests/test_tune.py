@@ -49,6 +49,11 @@ def test_trial_table_ranks_trials_by_their_best_epoch():
         (3e-3, 0, 1, "b0"), (1e-3, 1, 3, "a1")]
     assert table[1]["dice_mean"] == 0.7 and table[1]["dice_rv"] == pytest.approx(0.69)
     assert table[0]["decoder_width"] == 32
+    # The search's closing table names the epoch whose Dice (and checkpoint) it shows, as the epoch lines count.
+    from raysegment.cli.tune import trial_lines
+
+    assert trial_lines(table)[1] == ("  decoder_width=16 lr=0.001 epochs=3 best epoch 2 -> dice rv 0.690 myo 0.700 "
+                                     "lv 0.710 mean 0.700")
 
 
 def test_a_resumed_search_registers_nothing_twice(tmp_path):

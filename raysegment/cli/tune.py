@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def trial_lines(trials: list[dict]) -> list[str]:
+    """One line per trial of ``training.trials.trial_table``: its parameters, its epochs and the best
+    validated one (counted from 1, as the epoch lines are), whose val Dice and checkpoint count."""
+    lines = []
+    for r in trials:
+        params = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in SEARCHED if k in r)
+        lines.append(f"  {params} epochs={r['epochs']} best epoch {r['best_epoch'] + 1} -> dice rv {r['dice_rv']:.3f} "
+                     f"myo {r['dice_myo']:.3f} lv {r['dice_lv']:.3f} mean {r['dice_mean']:.3f}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -98,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(summary, int):
         return summary
     print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
-    for r in summary["trials"]:
-        params = " ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in SEARCHED if k in r)
-        print(f"  {params} epochs={r['epochs']} -> dice rv {r['dice_rv']:.3f} myo {r['dice_myo']:.3f} "
-              f"lv {r['dice_lv']:.3f} mean {r['dice_mean']:.3f}")
+    for line in trial_lines(summary["trials"]):
+        print(line)
     if "registered" in summary:
         reg = summary["registered"]
         print(f"[raysegment] registered {reg['name']} v{reg['version']}; champion: {reg['champion']} ({reg['reason']})")
