@@ -24,7 +24,8 @@ def registered(cluster, sample_shards):
     (the best trial's configuration trained again as one Ray Train run for 0.1 min), runs on S3."""
     log = submit(cluster, "raysegment.tune", "--backbone", "mobilenet_v2", "--data", str(sample_shards),
                  "--mlflow-uri", cluster["mlflow"], "--num-samples", "2", "--concurrency", "2", "--epochs", "1",
-                 "--init-weights", "shipped", "--set", "lr=0.0003", "--storage", cluster["s3"], "--final-minutes", "0.1",
+                 "--init-weights", "shipped", "--set", "lr=0.0003", "--range", "w_rv=1:1.5", "--storage", cluster["s3"],
+                 "--final-minutes", "0.1",
                  "--name", "first", *TUNE_SMALL, "--cpus-per-worker", "0.5", "--image-size", "256",
                  "--max-steps-per-epoch", "4")
     assert "registered raysegment-mobilenet_v2 v1; champion: True" in log, log[-3000:]
@@ -62,6 +63,10 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
     assert len(trials) == 2 and len(runs) == 4
     history = client.get_metric_history(trials[0].info.run_id, "dice_mean")
     assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(trials[0].data.params)
+    # --range w_rv=1:1.5 (the default is 0.5:2), recorded on the parent run; --set pins lr
+    assert all(1.0 <= float(t.data.params["w_rv"]) <= 1.5 and float(t.data.params["lr"]) == 3e-4 for t in trials)
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.params["range_w_rv"] == "1:1.5" and float(parent.data.params["fixed_lr"]) == 3e-4
     # --storage s3://…: the trials' checkpoints and the search's state are in the object store
     # (registration fetched the winner from there), nothing in a local folder named "s3:".
     import pyarrow.fs

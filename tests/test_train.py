@@ -377,6 +377,12 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
     ("tune", ["--data", "SHARDS", "--num-samples", "0"], "--num-samples must be ≥ 1"),
     ("tune", ["--data", "SHARDS", "--init-weights", "BROKEN"], "not a raysegment weights file"),
     ("tune", ["--storage", "s3://bucket/runs"], "is remote: give --data"),
+    ("tune", ["--data", "SHARDS", "--set", "batch=3"], "expected NAME=VALUE"),
+    ("tune", ["--data", "SHARDS", "--range", "lr=0:1e-2"], "lr takes LOW:HIGH with 0 < LOW < HIGH ≤ 1"),
+    ("tune", ["--data", "SHARDS", "--set", "lr=1e-3", "--range", "lr=1e-4:1e-2"], "--set pins lr"),
+    ("tune", ["--data", "SHARDS", "--init-weights", "shipped", "--range", "decoder_width=16,32"],
+     "--init-weights has decoder_width 32; --set/--range decoder_width cannot load it"),
+    ("tune", ["--data", "SHARDS", "--init-weights", "shipped", "--set", "decoder_width=16"], "cannot load it"),
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--actors", "0"], "--actors must be ≥ 1"),
     ("infer", ["--model", "BROKEN", *INFER], "not a raysegment weights file"),
 ])

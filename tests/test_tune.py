@@ -1,7 +1,10 @@
+from dataclasses import replace
+
 import pytest
 
 from raysegment.cli.tune import _parse_fixed
 from raysegment.config import TrainConfig
+from raysegment.training.train import RunSpec
 from raysegment.training.tune import SEARCHED, apply_params, search_space
 
 
@@ -19,9 +22,56 @@ def test_apply_params_maps_the_search_space_onto_the_config():
 def test_search_space_and_pins():
     assert set(search_space()) == set(SEARCHED)
     assert _parse_fixed(["lr=0.01", "decoder_width=16"]) == {"lr": 0.01, "decoder_width": 16}
-    import pytest
-    with pytest.raises(SystemExit, match="NAME=VALUE"):
+    with pytest.raises(ValueError, match="NAME=VALUE"):
         _parse_fixed(["batch=3"])
+
+
+def _bounds(domain):
+    return tuple(domain.categories) if hasattr(domain, "categories") else (domain.lower, domain.upper)
+
+
+def test_range_narrows_a_searched_parameter_and_bad_ones_are_one_line():
+    from raysegment.cli.tune import _parse_ranges
+
+    default = {k: _bounds(v) for k, v in search_space().items()}
+    assert list(default) == list(SEARCHED) and default == {  # the defaults, as searched before --range existed
+        "dice_fraction": (0.1, 0.9), "w_rv": (0.5, 2.0), "w_myo": (0.5, 2.0), "w_lv": (0.5, 2.0),
+        "decoder_width": (16, 32, 48), "lr": (3e-4, 6e-3)}
+    ranges = _parse_ranges(["lr=1e-4:1e-2", "decoder_width=16,24", "dice_fraction=0:0.5"], {"w_rv": 1.0})
+    assert ranges == {"lr": (1e-4, 1e-2), "decoder_width": (16, 24), "dice_fraction": (0.0, 0.5)}
+    space = search_space(ranges)
+    assert list(space) == list(SEARCHED) and "LogUniform" in type(space["lr"].sampler).__name__
+    assert {k: _bounds(v) for k, v in space.items()} == {**default, **ranges}
+    for item, says in (("lr=0:1e-2", "0 < LOW < HIGH ≤ 1"), ("dice_fraction=0.5:1.2", "0 ≤ LOW < HIGH ≤ 1"),
+                       ("w_rv=2:1", "0 < LOW < HIGH"), ("decoder_width=16.5", "widths ≥ 1"), ("batch=1:2", "not searched"),
+                       ("lr=abc", "expected NAME=LOW:HIGH"), ("lr", "expected NAME=LOW:HIGH")):
+        with pytest.raises(ValueError, match=f"--range '{item}': .*{says}"):
+            _parse_ranges([item], {})
+    with pytest.raises(ValueError, match="--set pins w_rv"):
+        _parse_ranges(["w_rv=1:2"], {"w_rv": 1.0})
+
+
+def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
+    """Tune resumes a saved search with its own space: a resume asking for another is refused in one
+    line, before any trial; the same command, or a search saved before ranges were recorded, resumes."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from raysegment.training.tune import TuneSpec, _parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s"), tracking_uri=uri, fixed={"w_rv": 1.0},
+                    ranges={"lr": (1e-4, 1e-2)})
+    exp_id, run_id = _parent_run(spec, str(tmp_path / "s"))
+    assert MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
+    assert _parent_run(spec, str(tmp_path / "s")) == (exp_id, run_id)
+    for other in ({"ranges": {"lr": (1e-4, 1e-3)}}, {"ranges": {}}, {"fixed": {}}):
+        with pytest.raises(SystemExit, match="search s began with --set/--range .*give a new --name"):
+            _parent_run(replace(spec, **other), str(tmp_path / "s"))
+    marker = tmp_path / "s" / "mlflow_parent_run.json"
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "space"}))
+    assert _parent_run(replace(spec, ranges={}), str(tmp_path / "s")) == (exp_id, run_id)
 
 
 class _Result:

@@ -13,6 +13,7 @@ from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
+from raysegment.training.trials import RANGES, check_range, range_text
 from raysegment.training.tune import SEARCHED, TuneSpec, default_sample_shards, run_search
 
 
@@ -21,9 +22,29 @@ def _parse_fixed(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in SEARCHED:
-            raise SystemExit(f"error: --set {item!r}: expected NAME=VALUE with NAME in {', '.join(SEARCHED)}")
+            raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME in {', '.join(SEARCHED)}")
         fixed[key] = int(value) if key == "decoder_width" else float(value)
     return fixed
+
+
+def _parse_ranges(items: list[str], fixed: dict) -> dict:
+    """``--range NAME=LOW:HIGH`` / ``decoder_width=W,W,…`` → {name: bounds}; ValueError on a bad one."""
+    ranges = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            bounds = tuple(float(x) for x in value.split("," if key == "decoder_width" else ":")) if sep else ()
+        except ValueError:
+            bounds = ()
+        if not bounds:
+            raise ValueError(f"--range {item!r}: expected NAME=LOW:HIGH, or decoder_width=W,W,…")
+        try:
+            ranges[key] = check_range(key, bounds)
+        except ValueError as exc:
+            raise ValueError(f"--range {item!r}: {exc}") from None
+        if key in fixed:
+            raise ValueError(f"--range {item!r}: --set pins {key}")
+    return ranges
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=d("grace_period"))
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
+    p.add_argument("--range", dest="ranges", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="search a parameter over this range instead of its default "
+                        f"({', '.join(f'{k} {range_text(v)}' for k, v in RANGES.items())}); decoder_width=W,W,… lists widths")
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--final-minutes", type=float, default=d("final_minutes"),
                    help="after the search, train the best trial's configuration from scratch for this many minutes "
@@ -65,30 +89,38 @@ def trial_lines(trials: list[dict]) -> list[str]:
     return lines
 
 
+def _init_settings(p: argparse.ArgumentParser, a, fixed: dict, ranges: dict) -> tuple:
+    """(init weights path or None, image size, pixel mm, context slices): the command line's, else
+    those the ``--init-weights`` model was trained with, whose decoder width ``fixed`` then pins;
+    a setting that model cannot load is an argument error."""
+    init = resolve_init_weights(a.init_weights, a.backbone)
+    if not init:
+        return None, a.image_size or default_of(TrainConfig, "image_size"), a.pixel_mm, a.context_slices or 0
+    from raysegment.model.weights import saved_config
+
+    saved = saved_config(init)
+    context = saved.model.context_slices if a.context_slices is None else a.context_slices
+    if context < saved.model.context_slices:
+        p.error(f"--init-weights is a 2.5-D model (context_slices {saved.model.context_slices}); "
+                f"--context-slices {context} cannot load it")
+    if fixed.setdefault("decoder_width", saved.model.decoder_width) != saved.model.decoder_width or "decoder_width" in ranges:
+        p.error(f"--init-weights has decoder_width {saved.model.decoder_width}; --set/--range decoder_width "
+                "cannot load it")
+    return init, a.image_size or saved.image_size, a.pixel_mm if a.pixel_mm is not None else saved.pixel_mm, context
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_args(p, a)
     disable_telemetry()
-    fixed = _parse_fixed(a.fixed)
+    try:
+        fixed = _parse_fixed(a.fixed)
+        ranges = _parse_ranges(a.ranges, fixed)
+    except ValueError as exc:
+        p.error(str(exc))
     data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
-    init = resolve_init_weights(a.init_weights, a.backbone)
-    image_size = a.image_size or default_of(TrainConfig, "image_size")
-    context = a.context_slices or 0
-    pixel_mm = a.pixel_mm
-    if init:
-        from raysegment.model.weights import saved_config
-
-        saved = saved_config(init)
-        image_size = a.image_size or saved.image_size
-        pixel_mm = a.pixel_mm if a.pixel_mm is not None else saved.pixel_mm
-        context = saved.model.context_slices if a.context_slices is None else a.context_slices
-        if context < saved.model.context_slices:
-            raise SystemExit(f"error: --init-weights is a 2.5-D model (context_slices {saved.model.context_slices}); "
-                             f"--context-slices {context} cannot load it")
-        if fixed.setdefault("decoder_width", saved.model.decoder_width) != saved.model.decoder_width:
-            raise SystemExit(f"error: --init-weights has decoder_width {saved.model.decoder_width}; "
-                             f"--set decoder_width={fixed['decoder_width']} cannot load it")
+    init, image_size, pixel_mm, context = _init_settings(p, a, fixed, ranges)
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
         augment=augment_from_args(a), precision=a.precision, pixel_mm=pixel_mm, val_every=a.val_every,
@@ -101,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                            gpus_per_worker=a.gpus_per_worker or 1.0,
                                            cpus_per_worker=a.cpus_per_worker, storage_path=a.storage, name=name,
                                            sharing=a.concurrency, verbose=a.verbose),
-                    num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed,
+                    num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed, ranges=ranges,
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
     summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,

@@ -12,20 +12,55 @@ from typing import Callable
 from raysegment.config import TrainConfig
 
 SEARCHED = ("dice_fraction", "w_rv", "w_myo", "w_lv", "decoder_width", "lr")
+# Default ranges: (low, high) of a float drawn uniformly (lr: log-uniformly), or the decoder widths.
+# dice_fraction f: dice_weight = f, ce_weight = 1 - f.
+RANGES: dict[str, tuple] = {"dice_fraction": (0.1, 0.9), "w_rv": (0.5, 2.0), "w_myo": (0.5, 2.0), "w_lv": (0.5, 2.0),
+                            "decoder_width": (16, 32, 48), "lr": (3e-4, 6e-3)}
+_LIMITS = {"dice_fraction": (0.0, 1.0), "lr": (0.0, 1.0)}  # where a range must lie (weights: above 0, no top)
 
 
-def search_space() -> dict:
-    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate."""
+def search_space(ranges: dict[str, tuple] | None = None) -> dict:
+    """What Optuna searches: CE-vs-Dice balance, per-class weights, decoder width, learning rate;
+    ``ranges`` (as ``RANGES``, checked by ``check_range``) replaces some of the default ranges."""
     from ray import tune
 
-    return {
-        "dice_fraction": tune.uniform(0.1, 0.9),  # dice_weight = f, ce_weight = 1 - f
-        "w_rv": tune.uniform(0.5, 2.0),
-        "w_myo": tune.uniform(0.5, 2.0),
-        "w_lv": tune.uniform(0.5, 2.0),
-        "decoder_width": tune.choice([16, 32, 48]),
-        "lr": tune.loguniform(3e-4, 6e-3),
-    }
+    bounds = {**RANGES, **(ranges or {})}
+    space = {}
+    for name in SEARCHED:  # this order: Optuna's seeded draws depend on it
+        if name == "decoder_width":
+            space[name] = tune.choice(list(bounds[name]))
+        else:
+            space[name] = (tune.loguniform if name == "lr" else tune.uniform)(*bounds[name])
+    return space
+
+
+def check_range(name: str, bounds: tuple) -> tuple:
+    """``bounds`` for searched parameter ``name``, or ValueError saying why not: (low, high) with
+    low < high inside the parameter's limits, or for decoder_width one or more widths ≥ 1."""
+    if name not in SEARCHED:
+        raise ValueError(f"{name!r} is not searched (searched: {', '.join(SEARCHED)})")
+    if name == "decoder_width":
+        if not bounds or any(int(w) != w or w < 1 for w in bounds):
+            raise ValueError("decoder_width takes widths ≥ 1, e.g. decoder_width=16,32")
+        return tuple(int(w) for w in bounds)
+    lo, hi = _LIMITS.get(name, (0.0, float("inf")))
+    closed = name == "dice_fraction"  # f = 0 (cross-entropy alone) is a loss; a weight or lr of 0 is not
+    if len(bounds) != 2 or not (bounds[0] >= lo if closed else bounds[0] > lo) or not bounds[0] < bounds[1] <= hi:
+        raise ValueError(f"{name} takes LOW:HIGH with {lo:g} {'≤' if closed else '<'} LOW < HIGH"
+                         + (f" ≤ {hi:g}" if hi < float("inf") else ""))
+    return (float(bounds[0]), float(bounds[1]))
+
+
+def range_text(bounds: tuple) -> str:
+    """A range as ``--range`` takes it: "LOW:HIGH", or the widths "W,W,…" (ints)."""
+    if isinstance(bounds[0], int):
+        return ",".join(str(b) for b in bounds)
+    return f"{bounds[0]:g}:{bounds[1]:g}"
+
+
+def space_record(fixed: dict, ranges: dict) -> dict:
+    """What a search was started with (its pins and ranges), as saved beside it and compared on resume."""
+    return {"fixed": {k: fixed[k] for k in sorted(fixed)}, "ranges": {k: list(ranges[k]) for k in sorted(ranges)}}
 
 
 def apply_params(base: TrainConfig, params: dict) -> TrainConfig:

@@ -27,7 +27,9 @@ from raysegment.training.trials import (  # noqa: F401 (the search's API)
     DICE,
     SEARCHED,
     apply_params,
+    range_text,
     search_space,
+    space_record,
     trial_run_name,
     trial_table,
 )
@@ -44,6 +46,7 @@ class TuneSpec:
     grace_period: int = 1  # epochs before ASHA may stop a trial
     trial_cpus: float = 0.01  # the trial driver only waits; its Train workers reserve their own resources
     fixed: dict = field(default_factory=dict)  # searched names pinned to a value
+    ranges: dict = field(default_factory=dict)  # searched names → their range (trials.check_range), else RANGES
     tracking_uri: str = DEFAULT_TRACKING_URI
     experiment: str = "raysegment-tune"
     seed: int = 0
@@ -190,17 +193,22 @@ def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
     marker = storage.join(exp_dir, "mlflow_parent_run.json")
     text = storage.read_text(marker)
+    space = space_record(spec.fixed, spec.ranges)
     if text:
         saved = json.loads(text)
+        if saved.get("space", space) != space:  # Tune resumes the saved search as it was begun
+            raise SystemExit(f"error: search {spec.run.name} began with --set/--range {saved['space']}, not {space}: "
+                             "run it with those, or give a new --name")
         if saved.get("tracking_uri") == spec.tracking_uri:
             return exp_id, saved["run_id"]
     run = client.create_run(exp_id, run_name=spec.run.name,
                             tags={"backbone": spec.base.model.backbone, "manifest_hash": spec.base.manifest_hash})
     for k, v in {"num_samples": spec.num_samples, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
-                 "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()}}.items():
+                 "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()},
+                 **{f"range_{k}": range_text(v) for k, v in spec.ranges.items()}}.items():
         client.log_param(run.info.run_id, k, v)
     client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
-    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id}))
+    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id, "space": space}))
     return exp_id, run.info.run_id
 
 
@@ -257,7 +265,7 @@ def _tuner(spec: TuneSpec, exp_id: str, parent_id: str, root: str):
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    space = {k: v for k, v in search_space().items() if k not in spec.fixed}
+    space = {k: v for k, v in search_space(spec.ranges).items() if k not in spec.fixed}
     space.update(spec.fixed)
     trial_run = replace(spec.run, storage_path=storage.join(root, spec.run.name, "train"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=spec.base, run=trial_run),
