@@ -58,7 +58,7 @@ def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
 
     from mlflow import MlflowClient
 
-    from raysegment.training.tune import TuneSpec, _parent_run
+    from raysegment.training.tune import SearchSpaceChanged, TuneSpec, _parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s"), tracking_uri=uri, fixed={"w_rv": 1.0},
@@ -66,8 +66,10 @@ def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
     exp_id, run_id = _parent_run(spec, str(tmp_path / "s"))
     assert MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
     assert _parent_run(spec, str(tmp_path / "s")) == (exp_id, run_id)
-    for other in ({"ranges": {"lr": (1e-4, 1e-3)}}, {"ranges": {}}, {"fixed": {}}):
-        with pytest.raises(SystemExit, match="search s began with --set/--range .*give a new --name"):
+    began = "search s began with --set w_rv=1 --range lr=0.0001:0.01, not "
+    for other, now in (({"ranges": {"lr": (1e-4, 1e-3)}}, "--set w_rv=1 --range lr=0.0001:0.001"),
+                       ({"ranges": {}}, "--set w_rv=1"), ({"fixed": {}, "ranges": {}}, "no --set or --range")):
+        with pytest.raises(SearchSpaceChanged, match=f"^{began}{now}: resume it with those, or give a new --name$"):
             _parent_run(replace(spec, **other), str(tmp_path / "s"))
     marker = tmp_path / "s" / "mlflow_parent_run.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "space"}))

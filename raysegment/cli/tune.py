@@ -14,7 +14,7 @@ from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.trials import RANGES, check_range, range_text
-from raysegment.training.tune import SEARCHED, TuneSpec, default_sample_shards, run_search
+from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, default_sample_shards, run_search
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -136,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                     num_samples=a.num_samples, concurrency=a.concurrency, grace_period=a.grace_period, fixed=fixed, ranges=ranges,
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
-    summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
-                                    a.address, spec)
+    try:
+        summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
+                                        a.address, spec)
+    except SearchSpaceChanged as exc:
+        p.error(str(exc))
     if isinstance(summary, int):
         return summary
     print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")

@@ -63,6 +63,13 @@ def space_record(fixed: dict, ranges: dict) -> dict:
     return {"fixed": {k: fixed[k] for k in sorted(fixed)}, "ranges": {k: list(ranges[k]) for k in sorted(ranges)}}
 
 
+def space_text(record: dict) -> str:
+    """A ``space_record`` as the options that give it (a pin may come from ``--init-weights``)."""
+    words = [f"--set {k}={v:g}" for k, v in record["fixed"].items()]
+    words += [f"--range {k}={range_text(tuple(v))}" for k, v in record["ranges"].items()]
+    return " ".join(words) or "no --set or --range"
+
+
 def apply_params(base: TrainConfig, params: dict) -> TrainConfig:
     """The TrainConfig of one trial: ``base`` with the searched (or fixed) parameters applied."""
     cw = base.loss.class_weights

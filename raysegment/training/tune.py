@@ -30,6 +30,7 @@ from raysegment.training.trials import (  # noqa: F401 (the search's API)
     range_text,
     search_space,
     space_record,
+    space_text,
     trial_run_name,
     trial_table,
 )
@@ -197,8 +198,8 @@ def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
     if text:
         saved = json.loads(text)
         if saved.get("space", space) != space:  # Tune resumes the saved search as it was begun
-            raise SystemExit(f"error: search {spec.run.name} began with --set/--range {saved['space']}, not {space}: "
-                             "run it with those, or give a new --name")
+            raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
+                                     f"{space_text(space)}: resume it with those, or give a new --name")
         if saved.get("tracking_uri") == spec.tracking_uri:
             return exp_id, saved["run_id"]
     run = client.create_run(exp_id, run_name=spec.run.name,
@@ -217,6 +218,10 @@ def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
 
 def _no_restore_hint(record: logging.LogRecord) -> bool:
     return "Tuner.restore(" not in record.getMessage()
+
+
+class SearchSpaceChanged(ValueError):
+    """A resume asked for other pins or ranges than the saved search began with (Tune would keep those)."""
 
 
 class SearchInterrupted(KeyboardInterrupt):
