@@ -46,7 +46,12 @@ QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNI
              # Ray Train copies every print of a worker into its logger too: each line came twice.
              "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
              # a registry model's download drew a progress bar per load (per replica, per alias move)
-             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             # MLflow's INFO lines (creating a store's tables, waiting for each registered version)
+             "MLFLOW_LOGGING_LEVEL": "WARNING",
+             # Tune's newer console engine prints its configuration box, results folder and a
+             # TensorBoard hint even when silent; the older one prints nothing at verbose=0
+             "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 def quiet_environment(verbose: bool = False) -> dict:

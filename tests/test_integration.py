@@ -38,6 +38,10 @@ def registered(cluster, sample_shards):
     # Each trial's actor runs its dataset's first pass; Ray Data's note that the bars are off (we
     # switched them off) came once per trial.
     assert "Progress bars disabled" not in log, log[-3000:]
+    # Neither Tune's configuration box (with its results folder and TensorBoard hint) nor MLflow's
+    # INFO lines (e.g. its wait for each registered version): the quiet console is ours.
+    for line in ("Configuration for experiment", "View detailed results", "tensorboard --logdir", "Waiting up to"):
+        assert line not in log, log[-3000:]
     return log
 
 

@@ -69,6 +69,44 @@ def test_train_blocks_come_in_a_new_seeded_order_each_epoch(ray_local, tiny_shar
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_a_search_before_it_registers_anything(ray_local, tiny_shards, tmp_path):
+    """``python -m raysegment.tune`` stopped by SIGINT in its only trial. Tune hands that trial back
+    TERMINATED, as if it had ended; the search still counts as interrupted: exit 130, one line,
+    its MLflow parent run KILLED, nothing registered."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "raysegment.tune", "--data", str(tiny_shards), "--num-samples", "1", "--epochs", "50",
+           "--set", "decoder_width=8", "--batch-size", "4", "--image-size", "64", "--crop-size", "64", "--threads", "1",
+           "--cpus-per-worker", "1", "--precision", "fp32", "--mlflow-uri", uri, "--storage", str(tmp_path / "runs"),
+           "--name", "s"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = tmp_path / "tune.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 300
+        while "[raysegment] epoch 1/50" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.strip().splitlines()[-1].startswith("interrupted: search s stopped"), text[-3000:]
+    assert "registered" not in text and "Traceback" not in text, text[-3000:]
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("raysegment-tune").experiment_id],
+                                   "tags.mlflow.runName = 's'")
+    assert parent.info.status == "KILLED" and client.search_registered_models() == []
+
+
+@pytest.mark.slow
 def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(ray_local, tiny_shards, tmp_path):
     """One run shows both: a worker fault mid-run resumes from the last checkpoint (history kept,
     the failed epoch run again) and the time budget, not the epoch cap, ends the run on the epoch

@@ -63,17 +63,36 @@ def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s"), tracking_uri=uri, fixed={"w_rv": 1.0},
                     ranges={"lr": (1e-4, 1e-2)})
-    exp_id, run_id = _parent_run(spec, str(tmp_path / "s"))
-    assert MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
-    assert _parent_run(spec, str(tmp_path / "s")) == (exp_id, run_id)
+    exp_id, run_id, planned = _parent_run(spec, str(tmp_path / "s"))
+    assert planned == spec.num_samples and MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
+    # Tune resumes a search with the trial count it began with: so does the check for its end
+    assert _parent_run(replace(spec, num_samples=planned + 4), str(tmp_path / "s")) == (exp_id, run_id, planned)
     began = "search s began with --set w_rv=1 --range lr=0.0001:0.01, not "
     for other, now in (({"ranges": {"lr": (1e-4, 1e-3)}}, "--set w_rv=1 --range lr=0.0001:0.001"),
                        ({"ranges": {}}, "--set w_rv=1"), ({"fixed": {}, "ranges": {}}, "no --set or --range")):
         with pytest.raises(SearchSpaceChanged, match=f"^{began}{now}: resume it with those, or give a new --name$"):
             _parent_run(replace(spec, **other), str(tmp_path / "s"))
+    # a marker saved before the space and the count were: accepted, the count from the parent run
     marker = tmp_path / "s" / "mlflow_parent_run.json"
-    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "space"}))
-    assert _parent_run(replace(spec, ranges={}), str(tmp_path / "s")) == (exp_id, run_id)
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k in ("tracking_uri", "run_id")}))
+    assert _parent_run(replace(spec, ranges={}, num_samples=1), str(tmp_path / "s")) == (exp_id, run_id, planned)
+
+
+def test_a_search_that_tune_stopped_on_ctrl_c_is_unfinished():
+    """Tune returns from a search it stopped with the trials it had, marked TERMINATED: the search is
+    finished only when it has every planned trial and each ended (``done``) or failed."""
+    from types import SimpleNamespace
+
+    from raysegment.training.trials import unfinished
+
+    def trial(done=None, error=None):
+        return SimpleNamespace(metrics={"epoch": 0, **({"done": done} if done is not None else {})}, error=error)
+
+    ended, stopped_by_asha, failed = trial(done=True), trial(done=True), trial(error=RuntimeError("oom"))
+    assert not unfinished([ended, stopped_by_asha, failed], planned=3)
+    assert unfinished([ended, stopped_by_asha], planned=3)  # the third never started
+    assert unfinished([ended, trial(done=False), failed], planned=3)  # one stopped mid-run
+    assert unfinished([ended, trial(), failed], planned=3)  # nor had it reported
 
 
 class _Result:

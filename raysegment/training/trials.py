@@ -1,6 +1,7 @@
 """What a search varies and what it found: the searched parameters (``SEARCHED``, their space,
-their mapping onto a ``TrainConfig``) and the table of trials ranked by val Dice. Imports the
-shared base only (Ray inside functions); ``raysegment.training.tune`` builds on it."""
+their mapping onto a ``TrainConfig``), the table of trials ranked by val Dice and whether Tune's
+results make a finished search. Imports the shared base only (Ray inside functions);
+``raysegment.training.tune`` builds on it."""
 
 from __future__ import annotations
 
@@ -138,3 +139,10 @@ def _row_from_trial_run(path: str) -> dict | None:
         return None
     checkpoint, best = max(scored, key=lambda cm: cm[1]["dice_mean"])
     return _row(int(result.metrics["epoch"]) + 1, best, checkpoint.path)
+
+
+def unfinished(results, planned: int) -> bool:
+    """Whether Tune returned from a search it stopped on Ctrl-C: fewer trials than ``planned``, or a
+    trial that neither ended (Tune marks a last result ``done`` when a trial returns or its scheduler
+    stops it) nor failed. The status does not tell: Tune marks the trials it stops TERMINATED."""
+    return len(results) < planned or any(r.error is None and not r.metrics.get("done") for r in results)

@@ -33,6 +33,7 @@ from raysegment.training.trials import (  # noqa: F401 (the search's API)
     space_text,
     trial_run_name,
     trial_table,
+    unfinished,
 )
 
 
@@ -121,7 +122,9 @@ class TrialLines:
                 self.ended += 1
                 r = trial.last_result or {}
                 dice = " ".join(f"{c} {r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv", "mean") if f"dice_{c}" in r)
-                print(f"[raysegment] trial {trial.trial_id} ended after {r.get('training_iteration', 0)} epochs: "
+                # 'epoch' (from 0) counts the epochs of a resumed trial's earlier sittings too
+                epochs = r["epoch"] + 1 if "epoch" in r else r.get("training_iteration", 0)
+                print(f"[raysegment] trial {trial.trial_id} ended after {epochs} epochs: "
                       f"{dice or 'no result'} ({self.ended} of {total} done)", flush=True)
 
         return _Lines()
@@ -187,30 +190,34 @@ class MlflowTrialLogger:
         return _Logger()
 
 
-def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str]:
-    """(experiment_id, parent run id); a resumed search reuses its parent run."""
+def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str, int]:
+    """(experiment_id, parent run id, the trial count the search began with); a resumed search
+    reuses its parent run, and Tune resumes it with its first count whatever ``--num-samples`` says."""
     client = _mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
     marker = storage.join(exp_dir, "mlflow_parent_run.json")
     text = storage.read_text(marker)
     space = space_record(spec.fixed, spec.ranges)
-    if text:
-        saved = json.loads(text)
-        if saved.get("space", space) != space:  # Tune resumes the saved search as it was begun
-            raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
-                                     f"{space_text(space)}: resume it with those, or give a new --name")
-        if saved.get("tracking_uri") == spec.tracking_uri:
-            return exp_id, saved["run_id"]
+    saved = json.loads(text) if text else {}
+    if saved.get("space", space) != space:  # Tune resumes the saved search as it was begun
+        raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
+                                 f"{space_text(space)}: resume it with those, or give a new --name")
+    if text and saved.get("tracking_uri") == spec.tracking_uri:
+        # a marker written before the count was kept: the parent run's parameter has it
+        began = saved.get("num_samples") or client.get_run(saved["run_id"]).data.params.get("num_samples")
+        return exp_id, saved["run_id"], int(began or spec.num_samples)
+    planned = int(saved.get("num_samples", spec.num_samples))
     run = client.create_run(exp_id, run_name=spec.run.name,
                             tags={"backbone": spec.base.model.backbone, "manifest_hash": spec.base.manifest_hash})
-    for k, v in {"num_samples": spec.num_samples, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
+    for k, v in {"num_samples": planned, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
                  "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()},
                  **{f"range_{k}": range_text(v) for k, v in spec.ranges.items()}}.items():
         client.log_param(run.info.run_id, k, v)
     client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
-    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id, "space": space}))
-    return exp_id, run.info.run_id
+    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id, "space": space,
+                                           "num_samples": planned}))
+    return exp_id, run.info.run_id, planned
 
 
 # --------------------------------------------------------------------------- the search
@@ -243,7 +250,7 @@ def run_search(spec: TuneSpec) -> dict:
     manifest = load_manifest(spec.base.data)
     spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
     root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
-    exp_id, parent_id = _parent_run(spec, storage.join(root, spec.run.name))
+    exp_id, parent_id, planned = _parent_run(spec, storage.join(root, spec.run.name))
     tuner = _tuner(spec, exp_id, parent_id, root)
     client = _mlflow_client(spec.tracking_uri)
     client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
@@ -251,9 +258,8 @@ def run_search(spec: TuneSpec) -> dict:
         logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)  # once: the same filter is not added twice
     try:
         results = tuner.fit()
-        if results.num_terminated + results.num_errors < len(results):
+        if unfinished(results, planned):
             # Tune stops on Ctrl-C, saves the search and returns what it has: no registration, no final run.
-            # (Not the trial count against --num-samples: a resumed search keeps the count it began with.)
             raise SearchInterrupted(f"search {spec.run.name} interrupted; the same command resumes it")
         summary = _after_search(spec, results, exp_id, parent_id, root)
     except (KeyboardInterrupt, SystemExit):
