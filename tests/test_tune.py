@@ -51,9 +51,10 @@ def test_range_narrows_a_searched_parameter_and_bad_ones_are_one_line():
         _parse_ranges(["w_rv=1:2"], {"w_rv": 1.0})
 
 
-def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
-    """Tune resumes a saved search with its own space: a resume asking for another is refused in one
-    line, before any trial; the same command, or a search saved before ranges were recorded, resumes."""
+def test_a_search_resumes_only_with_the_pins_ranges_and_count_it_began_with(tmp_path):
+    """Tune resumes a saved search with its own space and trial count: a resume asking for others is
+    refused in one line, before any trial; the same command, or a search saved before ranges and
+    count were recorded, resumes."""
     import json
 
     from mlflow import MlflowClient
@@ -61,21 +62,23 @@ def test_a_search_resumes_only_with_the_pins_and_ranges_it_began_with(tmp_path):
     from raysegment.training.tune import SearchSpaceChanged, TuneSpec, _parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s"), tracking_uri=uri, fixed={"w_rv": 1.0},
-                    ranges={"lr": (1e-4, 1e-2)})
-    exp_id, run_id, planned = _parent_run(spec, str(tmp_path / "s"))
+    spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s", storage_path=str(tmp_path)), tracking_uri=uri,
+                    fixed={"w_rv": 1.0}, ranges={"lr": (1e-4, 1e-2)})
+    exp_id, run_id, planned = _parent_run(spec)
     assert planned == spec.num_samples and MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
-    # Tune resumes a search with the trial count it began with: so does the check for its end
-    assert _parent_run(replace(spec, num_samples=planned + 4), str(tmp_path / "s")) == (exp_id, run_id, planned)
+    # Tune resumes a search with the trial count it began with (and would ignore another)
+    with pytest.raises(SearchSpaceChanged, match=f"^search s began with --num-samples {planned}, not {planned + 4}: "
+                                                 "resume it with that, or give a new --name$"):
+        _parent_run(replace(spec, num_samples=planned + 4))
     began = "search s began with --set w_rv=1 --range lr=0.0001:0.01, not "
     for other, now in (({"ranges": {"lr": (1e-4, 1e-3)}}, "--set w_rv=1 --range lr=0.0001:0.001"),
                        ({"ranges": {}}, "--set w_rv=1"), ({"fixed": {}, "ranges": {}}, "no --set or --range")):
         with pytest.raises(SearchSpaceChanged, match=f"^{began}{now}: resume it with those, or give a new --name$"):
-            _parent_run(replace(spec, **other), str(tmp_path / "s"))
+            _parent_run(replace(spec, **other))
     # a marker saved before the space and the count were: accepted, the count from the parent run
     marker = tmp_path / "s" / "mlflow_parent_run.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k in ("tracking_uri", "run_id")}))
-    assert _parent_run(replace(spec, ranges={}, num_samples=1), str(tmp_path / "s")) == (exp_id, run_id, planned)
+    assert _parent_run(replace(spec, ranges={}, num_samples=1)) == (exp_id, run_id, planned)
 
 
 def test_a_search_that_tune_stopped_on_ctrl_c_is_unfinished():

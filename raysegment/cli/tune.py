@@ -14,7 +14,7 @@ from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.trials import RANGES, check_range, range_text
-from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, default_sample_shards, run_search
+from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, default_sample_shards, run_search, saved_search
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
     try:
+        saved_search(spec)  # a resume asking for another space or count: refused before Ray starts
         summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
                                         a.address, spec)
     except SearchSpaceChanged as exc:

@@ -36,6 +36,9 @@ from raysegment.training.trials import (  # noqa: F401 (the search's API)
     unfinished,
 )
 
+# Beside each search (in its storage folder): its MLflow parent run, pins, ranges and trial count.
+MARKER = "mlflow_parent_run.json"
+
 
 @dataclass(frozen=True)
 class TuneSpec:
@@ -190,34 +193,44 @@ class MlflowTrialLogger:
         return _Logger()
 
 
-def _parent_run(spec: TuneSpec, exp_dir: str) -> tuple[str, str, int]:
+def saved_search(spec: TuneSpec) -> dict:
+    """What is saved beside the search ``spec`` names: its MLflow parent run, pins, ranges and trial
+    count ({} for a new search). Tune resumes a search with the space and count it began with, so a
+    resume asking for others raises ``SearchSpaceChanged`` (the CLI asks before Ray starts)."""
+    text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, MARKER))
+    saved = json.loads(text) if text else {}
+    space = space_record(spec.fixed, spec.ranges)
+    if saved.get("space", space) != space:
+        raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
+                                 f"{space_text(space)}: resume it with those, or give a new --name")
+    if saved.get("num_samples", spec.num_samples) != spec.num_samples:
+        raise SearchSpaceChanged(f"search {spec.run.name} began with --num-samples {saved['num_samples']}, not "
+                                 f"{spec.num_samples}: resume it with that, or give a new --name")
+    return saved
+
+
+def _parent_run(spec: TuneSpec) -> tuple[str, str, int]:
     """(experiment_id, parent run id, the trial count the search began with); a resumed search
-    reuses its parent run, and Tune resumes it with its first count whatever ``--num-samples`` says."""
+    reuses its parent run."""
+    saved = saved_search(spec)
     client = _mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
-    marker = storage.join(exp_dir, "mlflow_parent_run.json")
-    text = storage.read_text(marker)
-    space = space_record(spec.fixed, spec.ranges)
-    saved = json.loads(text) if text else {}
-    if saved.get("space", space) != space:  # Tune resumes the saved search as it was begun
-        raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
-                                 f"{space_text(space)}: resume it with those, or give a new --name")
-    if text and saved.get("tracking_uri") == spec.tracking_uri:
+    if saved and saved.get("tracking_uri") == spec.tracking_uri:
         # a marker written before the count was kept: the parent run's parameter has it
         began = saved.get("num_samples") or client.get_run(saved["run_id"]).data.params.get("num_samples")
         return exp_id, saved["run_id"], int(began or spec.num_samples)
-    planned = int(saved.get("num_samples", spec.num_samples))
     run = client.create_run(exp_id, run_name=spec.run.name,
                             tags={"backbone": spec.base.model.backbone, "manifest_hash": spec.base.manifest_hash})
-    for k, v in {"num_samples": planned, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
+    for k, v in {"num_samples": spec.num_samples, "max_epochs": spec.base.epochs, "backbone": spec.base.model.backbone,
                  "data": spec.base.data, **{f"fixed_{k}": v for k, v in spec.fixed.items()},
                  **{f"range_{k}": range_text(v) for k, v in spec.ranges.items()}}.items():
         client.log_param(run.info.run_id, k, v)
     client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
-    storage.write_text(marker, json.dumps({"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id, "space": space,
-                                           "num_samples": planned}))
-    return exp_id, run.info.run_id, planned
+    record = {"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id,
+              "space": space_record(spec.fixed, spec.ranges), "num_samples": spec.num_samples}
+    storage.write_text(storage.join(spec.run.storage_path, spec.run.name, MARKER), json.dumps(record))
+    return exp_id, run.info.run_id, spec.num_samples
 
 
 # --------------------------------------------------------------------------- the search
@@ -228,7 +241,7 @@ def _no_restore_hint(record: logging.LogRecord) -> bool:
 
 
 class SearchSpaceChanged(ValueError):
-    """A resume asked for other pins or ranges than the saved search began with (Tune would keep those)."""
+    """A resume asked for other pins, ranges or trial count than the saved search began with (Tune would keep those)."""
 
 
 class SearchInterrupted(KeyboardInterrupt):
@@ -250,7 +263,7 @@ def run_search(spec: TuneSpec) -> dict:
     manifest = load_manifest(spec.base.data)
     spec = replace(spec, base=replace(spec.base, manifest_hash=manifest["content_hash"]))
     root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
-    exp_id, parent_id, planned = _parent_run(spec, storage.join(root, spec.run.name))
+    exp_id, parent_id, planned = _parent_run(spec)
     tuner = _tuner(spec, exp_id, parent_id, root)
     client = _mlflow_client(spec.tracking_uri)
     client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
