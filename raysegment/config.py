@@ -140,6 +140,20 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# What a resumed run may take from its new command: where the shards lie and the threads (the
+# machine may change between sittings), and how long it goes on (re-planning its schedule).
+RESUMABLE = ("data", "threads_per_worker", "epochs", "time_budget_min", "max_steps_per_epoch", "val_every")
+
+
+def changed_settings(began: TrainConfig, now: TrainConfig) -> list[str]:
+    """``"NAME OLD, now NEW"`` for each setting outside ``RESUMABLE`` (a nested one by its own name)
+    in which ``now`` differs from the run that ``began``: a resume would crash or mix the two."""
+    old, new = began.to_dict(), now.to_dict()
+    pairs = [(k, old[k], new[k]) for k in old if k not in RESUMABLE and not isinstance(old[k], dict)]
+    pairs += [(k, v, new[group].get(k)) for group in ("model", "loss", "augment") for k, v in old[group].items()]
+    return [f"{k} {a}, now {b}" for k, a, b in pairs if a != b]
+
+
 def _from_plain(typ, d: dict):
     # JSON turns tuples into lists; frozen configs want tuples back. Unknown keys (from a newer
     # raysegment) are dropped rather than refused.

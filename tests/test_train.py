@@ -450,6 +450,43 @@ def test_bad_arguments_fail_before_ray_with_one_line(module, args, message, tmp_
     assert "Traceback" not in err and message in err.strip().splitlines()[-1]  # argparse: usage, then one error line
 
 
+def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path, capsys, monkeypatch):
+    """A re-run under a run's name takes the settings saved with its latest registered checkpoint:
+    another model (the resume crashed on loading its weights) or lr (the run silently mixed two) is
+    refused in one line before Ray starts; other threads, shards' folder or length are a resume."""
+    import json
+    from dataclasses import replace
+
+    import ray
+
+    from raysegment.cli import train as train_cli
+    from raysegment.config import changed_settings
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"content_hash": "abc"}))
+    began = TrainConfig(data=str(shards), manifest_hash="abc")  # the CLI's defaults
+    ckpt = tmp_path / "runs" / "r" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text(json.dumps(began.to_dict()))
+    (ckpt.parent / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 0}}}))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+    args = ["--data", str(shards), "--storage", str(tmp_path / "runs"), "--name", "r"]
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main([*args, "--lr", "1e-3", "--decoder-width", "16"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m raysegment.train: error: run r began with other settings (lr 0.002, now 0.001; decoder_width 32, "
+        "now 16): re-run it as it began, or give a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it "
+        "starts from those weights)")
+    moved = replace(began, data="/elsewhere", threads_per_worker=2, epochs=50, time_budget_min=60.0, val_every=5)
+    assert changed_settings(began, moved) == []
+    turned = replace(began, manifest_hash="def", augment=replace(began.augment, rotation_deg=99.0))
+    assert changed_settings(began, turned) == ["manifest_hash abc, now def",
+                                                f"rotation_deg {began.augment.rotation_deg}, now 99.0"]
+
+
 def test_the_one_training_core_steps_as_the_loop_it_replaced_bit_for_bit():
     """``run_steps`` (the Ray workers', the local loop's and the benchmark's loop) gives the weights
     the per-worker loop gave before it was shared: per step ``_lr_at`` × the worker-count factor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from raysegment.cli.args import (
@@ -17,10 +18,11 @@ from raysegment.cli.args import (
     resolve_init_weights,
     run_until_interrupted,
 )
-from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
+from raysegment.config import LossConfig, ModelConfig, TrainConfig, changed_settings, default_of
+from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
-from raysegment.training.train import RunHooks, RunSpec, train
+from raysegment.training.train import RunHooks, RunSpec, begun_config, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                    cpus_per_worker=a.cpus_per_worker, storage_path=a.storage,
                    name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
                    placement=a.placement, verbose=a.verbose, hooks=hooks)
+    _check_resume(p, config, spec)
     result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name), _start_and_train,
                                    a, config, spec)
     if isinstance(result, int):
@@ -92,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     m = result.metrics
     print(done_line(spec.name, m["epoch"] + 1, m, f"checkpoint {result.checkpoint.path}"))
     return 0
+
+
+def _check_resume(p: argparse.ArgumentParser, config: TrainConfig, spec: RunSpec) -> None:
+    """A run re-run under its name resumes with the settings it began with: other ones (but where
+    the shards lie, the threads and how long it goes on) are refused before Ray starts."""
+    began = begun_config(spec)
+    now = replace(config, manifest_hash=load_manifest(config.data)["content_hash"])
+    if began is not None and (changed := changed_settings(began, now)):
+        p.error(f"run {spec.name} began with other settings ({'; '.join(changed)}): re-run it as it began, or give "
+                f"a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it starts from those weights)")
 
 
 def done_line(name: str, epochs: int, dice: dict, where: str) -> str:
