@@ -101,8 +101,9 @@ def _check_resume(p: argparse.ArgumentParser, config: TrainConfig, spec: RunSpec
     """A run re-run under its name resumes with the settings it began with: other ones (but where
     the shards lie, the threads and how long it goes on) are refused before Ray starts."""
     began = begun_config(spec)
-    now = replace(config, manifest_hash=load_manifest(config.data)["content_hash"])
-    if began is not None and (changed := changed_settings(began, now)):
+    if began is None:
+        return
+    if changed := changed_settings(began, replace(config, manifest_hash=load_manifest(config.data)["content_hash"])):
         p.error(f"run {spec.name} began with other settings ({'; '.join(changed)}): re-run it as it began, or give "
                 f"a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it starts from those weights)")
 
