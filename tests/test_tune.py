@@ -62,7 +62,7 @@ def test_a_search_resumes_only_with_the_pins_ranges_and_count_it_began_with(tmp_
     from raysegment.training.tune import SearchSpaceChanged, TuneSpec, _parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(name="s", storage_path=str(tmp_path)), tracking_uri=uri,
+    spec = TuneSpec(base=TrainConfig(data="x", manifest_hash="h"), run=RunSpec(name="s", storage_path=str(tmp_path)), tracking_uri=uri,
                     fixed={"w_rv": 1.0}, ranges={"lr": (1e-4, 1e-2)})
     exp_id, run_id, planned = _parent_run(spec)
     assert planned == spec.num_samples and MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
@@ -75,7 +75,12 @@ def test_a_search_resumes_only_with_the_pins_ranges_and_count_it_began_with(tmp_
                        ({"ranges": {}}, "--set w_rv=1"), ({"fixed": {}, "ranges": {}}, "no --set or --range")):
         with pytest.raises(SearchSpaceChanged, match=f"^{began}{now}: resume it with those, or give a new --name$"):
             _parent_run(replace(spec, **other))
-    # a marker saved before the space and the count were: accepted, the count from the parent run
+    # the trials' other settings: resumed and new trials would take new ones, so they are refused too
+    with pytest.raises(SearchSpaceChanged, match=r"^search s began with other settings \(batch_size 8, now 16\): "
+                                                 "resume it with those, or give a new --name$"):
+        _parent_run(replace(spec, base=replace(spec.base, batch_size=16)))
+    assert _parent_run(replace(spec, base=replace(spec.base, epochs=3, threads_per_worker=1)))[1] == run_id
+    # a marker saved before the space, count and settings were: accepted, the count from the parent run
     marker = tmp_path / "s" / "mlflow_parent_run.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k in ("tracking_uri", "run_id")}))
     assert _parent_run(replace(spec, ranges={}, num_samples=1)) == (exp_id, run_id, planned)

@@ -50,8 +50,8 @@ def gpu_smoke(args) -> dict:
     import subprocess
 
     from raysegment.data.dataset import load_volumes
+    from raysegment.data.prepare import sample_shards
     from raysegment.training.train import resumed_line
-    from raysegment.training.tune import default_sample_shards
 
     out = Path(args.out).resolve()
     shards, studies = out / "sample-shards", out / "studies"
@@ -64,7 +64,7 @@ def gpu_smoke(args) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here (run with --dry-run to see the plan)")
     out.mkdir(parents=True, exist_ok=True)
-    default_sample_shards(shards)
+    sample_shards(shards)
     if not studies.exists():
         write_studies(load_volumes(shards, "val") + load_volumes(shards, "train")[:4], studies)
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],

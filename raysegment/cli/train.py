@@ -22,7 +22,8 @@ from raysegment.config import LossConfig, ModelConfig, TrainConfig, changed_sett
 from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
-from raysegment.training.train import RunHooks, RunSpec, begun_config, train
+from raysegment.training.resume import begun_config
+from raysegment.training.train import RunHooks, RunSpec, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_resume(p: argparse.ArgumentParser, config: TrainConfig, spec: RunSpec) -> None:
     """A run re-run under its name resumes with the settings it began with: other ones (but where
     the shards lie, the threads and how long it goes on) are refused before Ray starts."""
-    began = begun_config(spec)
+    began = begun_config(spec.storage_path, spec.name)
     if began is None:
         return
     if changed := changed_settings(began, replace(config, manifest_hash=load_manifest(config.data)["content_hash"])):

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights, run_until_interrupted
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
+from raysegment.data.prepare import sample_shards
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.trials import RANGES, check_range, range_text
-from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, default_sample_shards, run_search, saved_search
+from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, run_search, saved_search
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         ranges = _parse_ranges(a.ranges, fixed)
     except ValueError as exc:
         p.error(str(exc))
-    data = Path(a.data) if a.data else default_sample_shards(Path(a.storage) / "sample-shards")
+    data = Path(a.data) if a.data else sample_shards(Path(a.storage) / "sample-shards")
     init, image_size, pixel_mm, context = _init_settings(p, a, fixed, ranges)
     base = TrainConfig(
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,

@@ -358,3 +358,12 @@ def source_patients(source: str | Path) -> Iterator[list[Volume]]:
     info = read_info_csv(csv_path) if fmt == "ssl4mis-h5" and csv_path.is_file() else None
     for ref in _patient_refs(source, fmt):
         yield _read_patient(ref, fmt, info)
+
+
+def sample_shards(out: Path) -> Path:
+    """The bundled sample (6 patients) prepared into ``out`` once: the embedded default's data."""
+    exists = (out / "manifest.json").exists()
+    # Shards written by an older raysegment (another format version) are made again.
+    if not exists or load_manifest(out).get("format_version") != FORMAT_VERSION:
+        prepare(PrepareConfig(source=Path(__file__).parents[1] / "sample", out=out, progress=False, overwrite=exists))
+    return out

@@ -23,7 +23,7 @@ import torch
 from raysegment.config import TrainConfig, torch_threads
 from raysegment.data.dataset import load_volumes, read_split
 from raysegment.io import storage
-from raysegment.model.checkpoint import CONFIG_FILE, MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
+from raysegment.model.checkpoint import MODEL_FILE, OPTIM_FILE, STATE_FILE, save_checkpoint
 from raysegment.model.unet import build_model
 from raysegment.runtime import clear_stale_scratch, quiet_progress_note, scratch_dir
 from raysegment.training.core import autocast_dtype, epoch_seed, lr_scale_for, planned_epochs, run_steps
@@ -386,16 +386,6 @@ def _train_dataset(config: TrainConfig, spec: RunSpec):
     # Shards hold volumes in patient order; a new block order every epoch (reproducible from the
     # seed) plus the workers' shuffle buffers keep each batch from being one patient's slices.
     return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=config.seed, reseed_after_execution=True))
-
-
-def begun_config(spec: RunSpec) -> TrainConfig | None:
-    """The config of the run ``spec`` names, from the latest checkpoint Ray Train registered for it
-    (what a resume starts from); None for a run not begun."""
-    folder = storage.join(spec.storage_path, spec.name)
-    snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
-    latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
-    saved = storage.read_text(storage.join(folder, latest["checkpoint_dir_name"], CONFIG_FILE)) if latest else None
-    return TrainConfig.from_dict(json.loads(saved)) if saved else None
 
 
 def train(config: TrainConfig, spec: RunSpec):

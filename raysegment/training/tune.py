@@ -17,11 +17,12 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
+from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry
+from raysegment.training.resume import MARKER, SearchSpaceChanged, saved_search  # noqa: F401 (the search's API)
 from raysegment.training.train import RunSpec, make_trainer
 from raysegment.training.trials import (  # noqa: F401 (the search's API)
     DICE,
@@ -35,9 +36,6 @@ from raysegment.training.trials import (  # noqa: F401 (the search's API)
     trial_table,
     unfinished,
 )
-
-# Beside each search (in its storage folder): its MLflow parent run, pins, ranges and trial count.
-MARKER = "mlflow_parent_run.json"
 
 
 @dataclass(frozen=True)
@@ -193,22 +191,6 @@ class MlflowTrialLogger:
         return _Logger()
 
 
-def saved_search(spec: TuneSpec) -> dict:
-    """What is saved beside the search ``spec`` names: its MLflow parent run, pins, ranges and trial
-    count ({} for a new search). Tune resumes a search with the space and count it began with, so a
-    resume asking for others raises ``SearchSpaceChanged`` (the CLI asks before Ray starts)."""
-    text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, MARKER))
-    saved = json.loads(text) if text else {}
-    space = space_record(spec.fixed, spec.ranges)
-    if saved.get("space", space) != space:
-        raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
-                                 f"{space_text(space)}: resume it with those, or give a new --name")
-    if saved.get("num_samples", spec.num_samples) != spec.num_samples:
-        raise SearchSpaceChanged(f"search {spec.run.name} began with --num-samples {saved['num_samples']}, not "
-                                 f"{spec.num_samples}: resume it with that, or give a new --name")
-    return saved
-
-
 def _parent_run(spec: TuneSpec) -> tuple[str, str, int]:
     """(experiment_id, parent run id, the trial count the search began with); a resumed search
     reuses its parent run."""
@@ -228,7 +210,7 @@ def _parent_run(spec: TuneSpec) -> tuple[str, str, int]:
         client.log_param(run.info.run_id, k, v)
     client.log_text(run.info.run_id, json.dumps(spec.base.to_dict(), indent=2), "base_config.json")
     record = {"tracking_uri": spec.tracking_uri, "run_id": run.info.run_id,
-              "space": space_record(spec.fixed, spec.ranges), "num_samples": spec.num_samples}
+              "space": space_record(spec.fixed, spec.ranges), "num_samples": spec.num_samples, "base": spec.base.to_dict()}
     storage.write_text(storage.join(spec.run.storage_path, spec.run.name, MARKER), json.dumps(record))
     return exp_id, run.info.run_id, spec.num_samples
 
@@ -240,10 +222,6 @@ def _no_restore_hint(record: logging.LogRecord) -> bool:
     return "Tuner.restore(" not in record.getMessage()
 
 
-class SearchSpaceChanged(ValueError):
-    """A resume asked for other pins, ranges or trial count than the saved search began with (Tune would keep those)."""
-
-
 class SearchInterrupted(KeyboardInterrupt):
     """Tune stopped the search on Ctrl-C (its state saved); re-running it resumes."""
 
@@ -253,8 +231,6 @@ def run_search(spec: TuneSpec) -> dict:
 
     Raises ``SearchInterrupted`` when Ctrl-C stopped it (the MLflow parent run is then KILLED);
     running it again resumes, and registers nothing twice."""
-    from raysegment.data.prepare import load_manifest
-
     disable_telemetry()
     if not spec.run.verbose:
         import optuna
@@ -407,15 +383,4 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
 
         out["registered"] = _register_once(client, run_id, register)
     client.set_terminated(run_id, "FINISHED")
-    return out
-
-
-def default_sample_shards(out: Path) -> Path:
-    """Prepare the bundled sample once (embedded default)."""
-    from raysegment.data.prepare import FORMAT_VERSION, PrepareConfig, load_manifest, prepare
-
-    exists = (out / "manifest.json").exists()
-    # Shards written by an older raysegment (another format version) are made again.
-    if not exists or load_manifest(out).get("format_version") != FORMAT_VERSION:
-        prepare(PrepareConfig(source=Path(__file__).parents[1] / "sample", out=out, progress=False, overwrite=exists))
     return out

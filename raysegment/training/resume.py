@@ -1,0 +1,55 @@
+"""What a run or a search began with, read back from its storage folder, and the check a re-run
+under its name must pass. Ray Train and Tune resume with what they saved, so a re-run asking for
+other settings would crash or silently mix two (``config.RESUMABLE`` says what may change); the
+CLIs refuse it before Ray starts. Imports the shared base, io, data and model layout only (no Ray,
+no torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+from raysegment.config import TrainConfig, changed_settings
+from raysegment.data.prepare import load_manifest
+from raysegment.io import storage
+from raysegment.model.checkpoint import CONFIG_FILE
+from raysegment.training.trials import space_record, space_text
+
+# Beside each search (in its storage folder): its MLflow parent run, pins, ranges, trial count and base config.
+MARKER = "mlflow_parent_run.json"
+
+
+class SearchSpaceChanged(ValueError):
+    """A resume asked for other pins, ranges, trial count or trial settings than the saved search began with."""
+
+
+def begun_config(storage_path: str, name: str) -> TrainConfig | None:
+    """The config of run ``name`` under ``storage_path``, from the latest checkpoint Ray Train
+    registered for it (what a resume starts from); None for a run not begun."""
+    folder = storage.join(storage_path, name)
+    snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
+    latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
+    saved = storage.read_text(storage.join(folder, latest["checkpoint_dir_name"], CONFIG_FILE)) if latest else None
+    return TrainConfig.from_dict(json.loads(saved)) if saved else None
+
+
+def saved_search(spec) -> dict:
+    """What is saved beside the search ``spec`` (a ``training.tune.TuneSpec``) names: its MLflow
+    parent run, pins, ranges, trial count and base config ({} for a new search). Tune resumes a
+    search with the space and count it began with, so a resume asking for others, or for other
+    trial settings than ``config.RESUMABLE`` allows, raises ``SearchSpaceChanged``."""
+    text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, MARKER))
+    saved = json.loads(text) if text else {}
+    space = space_record(spec.fixed, spec.ranges)
+    if saved.get("space", space) != space:
+        raise SearchSpaceChanged(f"search {spec.run.name} began with {space_text(saved['space'])}, not "
+                                 f"{space_text(space)}: resume it with those, or give a new --name")
+    if saved.get("num_samples", spec.num_samples) != spec.num_samples:
+        raise SearchSpaceChanged(f"search {spec.run.name} began with --num-samples {saved['num_samples']}, not "
+                                 f"{spec.num_samples}: resume it with that, or give a new --name")
+    if "base" in saved:  # its trials' other settings (resumed and new trials would take the new ones)
+        now = replace(spec.base, manifest_hash=spec.base.manifest_hash or load_manifest(spec.base.data)["content_hash"])
+        if changed := changed_settings(TrainConfig.from_dict(saved["base"]), now):
+            raise SearchSpaceChanged(f"search {spec.run.name} began with other settings ({'; '.join(changed)}): "
+                                     "resume it with those, or give a new --name")
+    return saved
