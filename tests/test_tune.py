@@ -51,10 +51,10 @@ def test_range_narrows_a_searched_parameter_and_bad_ones_are_one_line():
         _parse_ranges(["w_rv=1:2"], {"w_rv": 1.0})
 
 
-def test_a_search_resumes_only_with_the_pins_ranges_and_count_it_began_with(tmp_path):
-    """Tune resumes a saved search with its own space and trial count: a resume asking for others is
-    refused in one line, before any trial; the same command, or a search saved before ranges and
-    count were recorded, resumes."""
+def test_a_search_resumes_only_with_what_it_began_with(tmp_path):
+    """Tune resumes a saved search with its own space and trial count: a resume asking for others, or
+    for other trial settings, is refused in one line, before any trial; the same command, or a search
+    saved before these were recorded, resumes."""
     import json
 
     from mlflow import MlflowClient
@@ -62,8 +62,8 @@ def test_a_search_resumes_only_with_the_pins_ranges_and_count_it_began_with(tmp_
     from raysegment.training.tune import SearchSpaceChanged, TuneSpec, _parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = TuneSpec(base=TrainConfig(data="x", manifest_hash="h"), run=RunSpec(name="s", storage_path=str(tmp_path)), tracking_uri=uri,
-                    fixed={"w_rv": 1.0}, ranges={"lr": (1e-4, 1e-2)})
+    spec = TuneSpec(base=TrainConfig(data="x", manifest_hash="h"), run=RunSpec(name="s", storage_path=str(tmp_path)),
+                    tracking_uri=uri, fixed={"w_rv": 1.0}, ranges={"lr": (1e-4, 1e-2)})
     exp_id, run_id, planned = _parent_run(spec)
     assert planned == spec.num_samples and MlflowClient(uri).get_run(run_id).data.params["range_lr"] == "0.0001:0.01"
     # Tune resumes a search with the trial count it began with (and would ignore another)

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
     try:
-        saved_search(spec)  # a resume asking for another space or count: refused before Ray starts
+        saved_search(spec)  # a resume asking for other settings than it began with: refused before Ray starts
         summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
                                         a.address, spec)
     except SearchSpaceChanged as exc:
