@@ -79,7 +79,9 @@ def test_a_search_resumes_only_with_what_it_began_with(tmp_path):
     with pytest.raises(SearchSpaceChanged, match=r"^search s began with other settings \(batch_size 8, now 16\): "
                                                  "resume it with those, or give a new --name$"):
         _parent_run(replace(spec, base=replace(spec.base, batch_size=16)))
-    assert _parent_run(replace(spec, base=replace(spec.base, epochs=3, threads_per_worker=1)))[1] == run_id
+    with pytest.raises(SearchSpaceChanged, match=r"\(epochs 20, now 3\)"):  # ASHA's last rung is the first --epochs
+        _parent_run(replace(spec, base=replace(spec.base, epochs=3)))
+    assert _parent_run(replace(spec, base=replace(spec.base, threads_per_worker=1, data="y")))[1] == run_id
     # a marker saved before the space, count and settings were: accepted, the count from the parent run
     marker = tmp_path / "s" / "mlflow_parent_run.json"
     marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k in ("tracking_uri", "run_id")}))

@@ -37,7 +37,7 @@ def saved_search(spec) -> dict:
     """What is saved beside the search ``spec`` (a ``training.tune.TuneSpec``) names: its MLflow
     parent run, pins, ranges, trial count and base config ({} for a new search). Tune resumes a
     search with the space and count it began with, so a resume asking for others, or for other
-    trial settings than ``config.RESUMABLE`` allows, raises ``SearchSpaceChanged``."""
+    trial settings than ``config.RESUMABLE`` allows (less ``epochs``), raises ``SearchSpaceChanged``."""
     text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, MARKER))
     saved = json.loads(text) if text else {}
     space = space_record(spec.fixed, spec.ranges)
@@ -48,8 +48,12 @@ def saved_search(spec) -> dict:
         raise SearchSpaceChanged(f"search {spec.run.name} began with --num-samples {saved['num_samples']}, not "
                                  f"{spec.num_samples}: resume it with that, or give a new --name")
     if "base" in saved:  # its trials' other settings (resumed and new trials would take the new ones)
+        began = TrainConfig.from_dict(saved["base"])
         now = replace(spec.base, manifest_hash=spec.base.manifest_hash or load_manifest(spec.base.data)["content_hash"])
-        if changed := changed_settings(TrainConfig.from_dict(saved["base"]), now):
+        changed = changed_settings(began, now)
+        if began.epochs != now.epochs:  # a run may go on longer; Tune's restored ASHA keeps its old last rung
+            changed.append(f"epochs {began.epochs}, now {now.epochs}")
+        if changed:
             raise SearchSpaceChanged(f"search {spec.run.name} began with other settings ({'; '.join(changed)}): "
                                      "resume it with those, or give a new --name")
     return saved
