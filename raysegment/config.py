@@ -145,11 +145,11 @@ class TrainConfig:
 RESUMABLE = ("data", "threads_per_worker", "epochs", "time_budget_min", "max_steps_per_epoch", "val_every")
 
 
-def changed_settings(began: TrainConfig, now: TrainConfig) -> list[str]:
-    """``"NAME OLD, now NEW"`` for each setting outside ``RESUMABLE`` (a nested one by its own name)
+def changed_settings(began: TrainConfig, now: TrainConfig, may_change: tuple = RESUMABLE) -> list[str]:
+    """``"NAME OLD, now NEW"`` for each setting outside ``may_change`` (a nested one by its own name)
     in which ``now`` differs from the run that ``began``: a resume would crash or mix the two."""
     old, new = began.to_dict(), now.to_dict()
-    pairs = [(k, old[k], new[k]) for k in old if k not in RESUMABLE and not isinstance(old[k], dict)]
+    pairs = [(k, old[k], new[k]) for k in old if k not in may_change and not isinstance(old[k], dict)]
     pairs += [(k, v, new[group].get(k)) for group in ("model", "loss", "augment") for k, v in old[group].items()]
     return [f"{k} {a}, now {b}" for k, a, b in pairs if a != b]
 

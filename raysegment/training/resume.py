@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-from raysegment.config import TrainConfig, changed_settings
+from raysegment.config import RESUMABLE, TrainConfig, changed_settings
 from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.model.checkpoint import CONFIG_FILE
@@ -17,6 +17,9 @@ from raysegment.training.trials import space_record, space_text
 
 # Beside each search (in its storage folder): its MLflow parent run, pins, ranges, trial count and base config.
 MARKER = "mlflow_parent_run.json"
+# What a resumed search's trials may take from its new command: a run's length may change, but
+# not a search's epochs (Tune's restored ASHA keeps the first count as its last rung).
+SEARCH_RESUMABLE = tuple(k for k in RESUMABLE if k != "epochs")
 
 
 class SearchSpaceChanged(ValueError):
@@ -37,7 +40,7 @@ def saved_search(spec) -> dict:
     """What is saved beside the search ``spec`` (a ``training.tune.TuneSpec``) names: its MLflow
     parent run, pins, ranges, trial count and base config ({} for a new search). Tune resumes a
     search with the space and count it began with, so a resume asking for others, or for other
-    trial settings than ``config.RESUMABLE`` allows (less ``epochs``), raises ``SearchSpaceChanged``."""
+    trial settings than ``SEARCH_RESUMABLE`` allows, raises ``SearchSpaceChanged``."""
     text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, MARKER))
     saved = json.loads(text) if text else {}
     space = space_record(spec.fixed, spec.ranges)
@@ -50,10 +53,7 @@ def saved_search(spec) -> dict:
     if "base" in saved:  # its trials' other settings (resumed and new trials would take the new ones)
         began = TrainConfig.from_dict(saved["base"])
         now = replace(spec.base, manifest_hash=spec.base.manifest_hash or load_manifest(spec.base.data)["content_hash"])
-        changed = changed_settings(began, now)
-        if began.epochs != now.epochs:  # a run may go on longer; Tune's restored ASHA keeps its old last rung
-            changed.append(f"epochs {began.epochs}, now {now.epochs}")
-        if changed:
+        if changed := changed_settings(began, now, SEARCH_RESUMABLE):
             raise SearchSpaceChanged(f"search {spec.run.name} began with other settings ({'; '.join(changed)}): "
                                      "resume it with those, or give a new --name")
     return saved
