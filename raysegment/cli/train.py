@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from raysegment.cli.args import (
@@ -18,11 +17,10 @@ from raysegment.cli.args import (
     resolve_init_weights,
     run_until_interrupted,
 )
-from raysegment.config import LossConfig, ModelConfig, TrainConfig, changed_settings, default_of
-from raysegment.data.prepare import load_manifest
+from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
-from raysegment.training.resume import begun_config
+from raysegment.training.resume import run_changes
 from raysegment.training.train import RunHooks, RunSpec, train
 
 
@@ -101,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_resume(p: argparse.ArgumentParser, config: TrainConfig, spec: RunSpec) -> None:
     """A run re-run under its name resumes with the settings it began with: other ones (but where
     the shards lie, the threads and how long it goes on) are refused before Ray starts."""
-    began = begun_config(spec.storage_path, spec.name)
-    if began is None:
-        return
-    if changed := changed_settings(began, replace(config, manifest_hash=load_manifest(config.data)["content_hash"])):
+    if changed := run_changes(config, spec.storage_path, spec.name):
         p.error(f"run {spec.name} began with other settings ({'; '.join(changed)}): re-run it as it began, or give "
                 f"a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it starts from those weights)")
 

@@ -36,6 +36,19 @@ def begun_config(storage_path: str, name: str) -> TrainConfig | None:
     return TrainConfig.from_dict(json.loads(saved)) if saved else None
 
 
+def changes(began: TrainConfig, now: TrainConfig, may_change: tuple = RESUMABLE) -> list[str]:
+    """``changed_settings`` of ``now`` against the run that ``began``, ``now`` taken with its shards'
+    content hash (a command's config has none yet: the shards may move, their content may not)."""
+    now = replace(now, manifest_hash=now.manifest_hash or load_manifest(now.data)["content_hash"])
+    return changed_settings(began, now, may_change)
+
+
+def run_changes(config: TrainConfig, storage_path: str, name: str) -> list[str]:
+    """What ``config`` changes of run ``name`` under ``storage_path`` ([] for a run not begun)."""
+    began = begun_config(storage_path, name)
+    return changes(began, config) if began is not None else []
+
+
 def saved_search(spec) -> dict:
     """What is saved beside the search ``spec`` (a ``training.tune.TuneSpec``) names: its MLflow
     parent run, pins, ranges, trial count and base config ({} for a new search). Tune resumes a
@@ -51,9 +64,7 @@ def saved_search(spec) -> dict:
         raise SearchSpaceChanged(f"search {spec.run.name} began with --num-samples {saved['num_samples']}, not "
                                  f"{spec.num_samples}: resume it with that, or give a new --name")
     if "base" in saved:  # its trials' other settings (resumed and new trials would take the new ones)
-        began = TrainConfig.from_dict(saved["base"])
-        now = replace(spec.base, manifest_hash=spec.base.manifest_hash or load_manifest(spec.base.data)["content_hash"])
-        if changed := changed_settings(began, now, SEARCH_RESUMABLE):
+        if changed := changes(TrainConfig.from_dict(saved["base"]), spec.base, SEARCH_RESUMABLE):
             raise SearchSpaceChanged(f"search {spec.run.name} began with other settings ({'; '.join(changed)}): "
                                      "resume it with those, or give a new --name")
     return saved
