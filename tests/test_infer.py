@@ -1,6 +1,7 @@
 """The batch job's pieces without Ray: one study's rows, the ledger, results and the report."""
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -260,6 +261,45 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     assert oct((out / "results.csv").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
+@pytest.mark.slow
+def test_ctrl_c_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the command's process group, its local Ray's processes too):
+    exit 130, one ``interrupted:`` line and no traceback; what finished is in the ledger and in
+    report.md and results.csv, and the line counts what the next run has left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for i in range(24):
+        nib.save(nib.Nifti1Image(synthetic_volume(i, shape=(3, 40, 48))[0].transpose(2, 1, 0), np.diag([1.5, 1.5, 8, 1])),
+                 str(inp / f"s{i:02d}.nii.gz"))
+    cmd = [sys.executable, "-m", "raysegment.infer", "--model", "shipped:mobilenet_v2", "--input", str(inp),
+           "--output", str(tmp_path / "out"), "--actors", "1", "--threads", "1", "--diagnosis", "none"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 240
+        while " ok (" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and "done:" not in text, text[-3000:]
+    line = next(x for x in text.splitlines() if x.startswith("interrupted: "))
+    finished, left = (int(w) for w in (line.split()[1], line.split()[-1]))
+    ledger = [json.loads(x) for x in (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()]
+    assert 1 <= finished == len(ledger) and finished + left == 24, line
+    assert all(e["status"] == "done" for e in ledger)  # the study it was on is new to the next run, not an error
+    assert (tmp_path / "out" / "report.md").read_text().count("| done |") == finished
+    assert (tmp_path / "out" / "results.csv").read_text().count('"done"') == finished
+
+
 def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():
     from raysegment.config import InferConfig
     from raysegment.inference.actors import plan_actors
@@ -406,6 +446,44 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     lone = _patient_rows(pdir)[:1]
     add_patient_clinical(lone, model)
     assert "lv_ef_pct" not in lone[0]
+
+
+def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(tmp_path, predictor):
+    """Official-layout folders that get no indices are listed in report.md with the reason (an
+    Info.cfg without integer ED / ES, which also flags its frames; a frame that failed; a missing
+    frame file); a patient whose ES volume exceeds its ED volume (Info.cfg's ED and ES swapped) has
+    a patient QC flag; a sound patient none."""
+    from raysegment.analysis.clinical import unpaired_patients
+    from raysegment.inference.ledger import add_patient_clinical
+    from raysegment.io.studies import acdc_phase, info_cfg_flag
+
+    sound, swapped, broken, lone, failed = (make_nifti_patient(tmp_path, n) for n in range(1, 6))
+    (swapped / "Info.cfg").write_text((swapped / "Info.cfg").read_text().replace("ED: 1\nES: 7", "ED: 7\nES: 1"))
+    (broken / "Info.cfg").write_text((broken / "Info.cfg").read_text().replace("ED: 1", "ED: one"))
+    (lone / "patient004_frame07.nii.gz").unlink()
+    rows = []
+    for study in sorted(tmp_path.glob("training/*/*_frame??.nii.gz")):
+        gt = study.with_name(study.name.replace(".nii.gz", "_gt.nii.gz"))
+        rows.append({"study": str(study), "frame": 0, "phase": acdc_phase(study) or "", "status": "done",
+                     "mask": str(gt), "spacing_mm": json.dumps([10.0, 1.5, 1.25]), "qc_flags": info_cfg_flag(study),
+                     "volume_rv_ml": 1.0, "volume_myo_ml": 1.0, "volume_lv_ml": 1.0})
+    rows[-1] = {"study": rows[-1]["study"], "frame": -1, "status": "failed", "reason": "unreadable NIfTI"}
+    add_patient_clinical(rows, None)
+    flags = {Path(r["study"]).parent.name: r.get("patient_qc_flags") for r in rows}
+    assert flags["patient001"] == "" and "es_above_ed_lv" in flags["patient002"].split(";")
+    assert {Path(f).name: why for f, why in unpaired_patients(rows).items()} == {
+        "patient003": "Info.cfg has no integer ED or ES line",
+        "patient004": "its ED or ES frame file is not among the studies",
+        "patient005": "patient005_frame07.nii.gz was not segmented (failed)"}
+    text = batch_report(rows, tmp_path, 0).read_text()
+    assert "No patient indices for: patient003 (Info.cfg has no integer ED or ES line); patient004 (" in text
+    table = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
+             if re.match(r"\| patient\d{3} \|", line)}  # the patients table: its QC column
+    assert table == {"patient001": "", "patient002": flags["patient002"]}
+    # The batch's own rows: a frame of the folder with the broken Info.cfg carries the flag.
+    seg = segment_study(broken / "patient003_frame01.nii.gz", predictor, "m", tmp_path / "out")
+    assert "info_cfg_without_ed_es" in seg[0]["qc_flags"].split(";")
+    assert info_cfg_flag(sound / "patient001_frame01.nii.gz") == "" and info_cfg_flag(sound / "patient001_4d.nii.gz") == ""
 
 
 def test_a_diagnosis_reference_that_cannot_load_stops_the_batch_before_segmenting(tmp_path, tiny_checkpoint, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,36 @@ def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
             key = r["study"] if r["study"] in cine else str(Path(r["study"]).parent)
             by_patient.setdefault(key, {})[r["phase"]] = r
     return {key: phases for key, phases in by_patient.items() if set(phases) == {"ED", "ES"}}
+
+
+OFFICIAL_FRAME = re.compile(r"patient\d{3}_frame\d+\.nii(\.gz)?$")
+
+
+def unpaired_patients(rows: list[dict]) -> dict[str, str]:
+    """Official-layout folders with a frame file segmented but no patient indices → why: Info.cfg
+    without integer ED / ES, a frame not segmented, the indices' own error, or no ED or ES frame."""
+    pairs = ed_es_pairs(rows)
+    why: dict[str, str] = {}
+    for r in rows:
+        folder = str(Path(r["study"]).parent)
+        if not OFFICIAL_FRAME.search(r["study"]) or (folder in pairs and "clinical_error" not in pairs[folder]["ED"]):
+            continue
+        if "info_cfg_without_ed_es" in (r.get("qc_flags") or ""):
+            why[folder] = "Info.cfg has no integer ED or ES line"
+        elif r.get("status") != "done":
+            why.setdefault(folder, f"{Path(r['study']).name} was not segmented ({r.get('status')})")
+        elif r.get("clinical_error"):
+            why.setdefault(folder, f"indices failed ({r['clinical_error']})")
+    done = {str(Path(r["study"]).parent) for r in rows if r.get("status") == "done" and OFFICIAL_FRAME.search(r["study"])}
+    for folder in done - set(pairs) - set(why):
+        why[folder] = "its ED or ES frame file is not among the studies"
+    return {f: w for f, w in why.items() if f in done}
+
+
+def patient_flags(ind: dict) -> list[str]:
+    """``es_above_ed_<lv|rv>``: an ES volume above the ED volume (EF < 0; mL) — ED and ES swapped in
+    Info.cfg, or a mask gone wrong."""
+    return [f"es_above_ed_{n}" for n in ("lv", "rv") if ind[f"{n}_esv_ml"] > ind[f"{n}_edv_ml"]]
 
 
 def add_patient_ef(table: list[dict]) -> None:

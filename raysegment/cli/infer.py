@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
@@ -54,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import check_args
+    from raysegment.cli.args import INTERRUPTED, check_args
 
     check_args(p, a)
+    if Path(a.output).exists() and not Path(a.output).is_dir():
+        p.error(f"--output {a.output}: a file, not a folder")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     for ref in a.models:  # local files are checked here, not by an actor after Ray has started
@@ -80,6 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any study was segmented (finding, hashing, actors starting)
+        print("interrupted: nothing segmented; the same command starts again", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    if summary.get("interrupted"):
+        finished = sum(summary[k] for k in ("segmented", "failed", "not_cine", "errors"))
+        left = summary["studies"] - summary["already_done"] - finished
+        print(f"interrupted: {finished} studies finished this run (in {a.output}: ledger.jsonl, results, report.md); "
+              f"the same command segments the other {left}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     print(f"[raysegment] done: {summary}")
     # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
     # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.

@@ -41,7 +41,8 @@ def pinned_models(config: InferConfig) -> tuple[tuple[str, ...], str]:
 
 
 def run_batch(config: InferConfig) -> dict:
-    """Segment every new study under ``config.input``; returns counts.
+    """Segment every new study under ``config.input``; returns counts (with ``interrupted``: True
+    when a Ctrl-C stopped the segmentation; the results and report still cover what was done).
 
     The actors start first (torch import, model load), while the driver hashes the studies and
     reads the ledger. Each finished study is appended to the ledger at once. A study whose worker
@@ -65,6 +66,7 @@ def run_batch(config: InferConfig) -> dict:
     client, items = _find_items(config, out, ledger, version)
     progress = _Progress({"segmented": 0, "failed": 0, "not_cine": 0, "errors": 0}, config.progress)
     todo, actors = _plan(config, items, ledger, version, progress, client)
+    interrupted = False
     if todo:
         try:
             ray.get([a.ready.remote() for a in actors])
@@ -74,10 +76,15 @@ def run_batch(config: InferConfig) -> dict:
             item["figure"] = i < config.report_figures
         died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
                          if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
-        for entry in _segment_all(actors, todo, config.max_attempts, version, died):
-            if client is not None and config.store and entry["status"] == "done":
-                store_entry(client, entry)
-            progress(ledger, entry)
+        try:
+            for entry in _segment_all(actors, todo, config.max_attempts, version, died):
+                if client is not None and config.store and entry["status"] == "done":
+                    store_entry(client, entry)
+                progress(ledger, entry)
+        except KeyboardInterrupt:
+            # Ctrl-C: what is in the ledger goes into the results and the report before the
+            # command ends; the studies left are new to the next run.
+            interrupted = True
     for a in actors:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
@@ -87,7 +94,7 @@ def run_batch(config: InferConfig) -> dict:
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)
     return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total,
-            "version": version, "actors": len(actors),
+            "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
             **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
 
 

@@ -108,7 +108,7 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
     ``p_<GROUP>`` on both rows; the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's
     ``Group`` is copied as ``group_reference``, for scoring only: it is never an input."""
-    from raysegment.analysis.clinical import checked_indices, ed_es_pairs
+    from raysegment.analysis.clinical import checked_indices, ed_es_pairs, patient_flags
     from raysegment.analysis.diagnosis import features
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
 
@@ -128,7 +128,7 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"
             continue
         # The ES mask file stays the network's output; the indices leave out the basal excess.
-        extra = {k: round(v, 4) for k, v in ind.items()} | basal
+        extra = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(patient_flags(ind))}
         if diagnosis is not None:
             p = diagnosis.predict_proba(features(ind))[0]
             extra["diagnosis"] = diagnosis.classes[int(p.argmax())]

@@ -107,6 +107,16 @@ def acdc_phase(path: Path) -> str | None:
     return None
 
 
+def info_cfg_flag(path: Path) -> str:
+    """``info_cfg_without_ed_es`` for an official-layout frame file whose folder's Info.cfg has no
+    integer ED or ES line (its patient then gets no indices), else ''."""
+    info = path.parent / "Info.cfg"
+    if not re.match(r"^patient\d{3}_frame\d+$", study_stem(path)) or not info.is_file():
+        return ""
+    values = parse_info_cfg(info)
+    return "" if all(values.get(k, "").isdigit() for k in ("ED", "ES")) else "info_cfg_without_ed_es"
+
+
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
     """Scale-free intensity normalisation of one volume to roughly [0, 1].
 

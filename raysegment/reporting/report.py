@@ -214,6 +214,30 @@ def _cell(text) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _patients_section(rows: list[dict]) -> list[str]:
+    """The report's per-patient table (ED + ES indices, diagnosis, patient QC flags) and the
+    official-layout folders that got no indices, with why."""
+    from raysegment.analysis.clinical import ed_es_pairs, unpaired_patients
+
+    # A patient folder by its name, a cine study (DICOM series, 4-D NIfTI) by its own.
+    patients = {key: p["ED"] for key, p in ed_es_pairs(rows).items() if "lv_ef_pct" in p["ED"]}
+    missing = unpaired_patients(rows)
+    if not patients and not missing:
+        return []
+    lines = ["", "## Patients (ED + ES)", ""]
+    if patients:
+        lines += ["| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference | QC |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    for folder, r in sorted(patients.items()):
+        diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else ""
+        lines.append(f"| {_cell(Path(folder).name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
+                     f"| {r['rv_ef_pct']:.1f} | {r['lv_mass_g']:.1f} | {r['myo_thickness_max_mm']:.1f} | {diag} "
+                     f"| {r.get('group_reference', '')} | {r.get('patient_qc_flags', '')} |")
+    if missing:
+        lines += ["", "No patient indices for: " + "; ".join(f"{Path(f).name} ({why})" for f, why in sorted(missing.items())) + "."]
+    return lines
+
+
 def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     """``out/report.md`` for a batch: a table of every study frame and the overlay PNGs the actors
     drew (``overlay_thumbnail``; RV red, MYO green, LV blue), at most ``n_figures``, flagged studies
@@ -244,19 +268,7 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
                      f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
         if r["frame"] == 0:
             firsts.append(r)
-    from raysegment.analysis.clinical import ed_es_pairs
-
-    # A patient folder by its name, a cine study (DICOM series, 4-D NIfTI) by its own.
-    patients = {key: p["ED"] for key, p in ed_es_pairs(rows).items() if "lv_ef_pct" in p["ED"]}
-    if patients:
-        lines += ["", "## Patients (ED + ES)", "",
-                  "| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for folder, r in sorted(patients.items()):
-            diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else ""
-            lines.append(f"| {_cell(Path(folder).name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
-                         f"| {r['rv_ef_pct']:.1f} | {r['lv_mass_g']:.1f} | {r['myo_thickness_max_mm']:.1f} | {diag} "
-                         f"| {r.get('group_reference', '')} |")
+    lines += _patients_section(rows)
     # The actor drew overlays of the batch's first studies and of every flagged one: flagged first.
     firsts.sort(key=lambda r: not r.get("qc_flags"))
     figs = [Path(r["figure"]) for r in firsts if r.get("figure") and Path(r["figure"]).exists()][:n_figures]
