@@ -8,4 +8,6 @@ import sys
 from raysegment.cli.bench import build_parser, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raysegment.cli import run
+
+    sys.exit(run(main))

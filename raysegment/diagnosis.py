@@ -9,4 +9,6 @@ from raysegment.analysis.diagnosis import FEATURES, DiagnosisModel  # noqa: F401
 from raysegment.cli.diagnosis import build_parser, main  # noqa: F401
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from raysegment.cli import run
+
+    sys.exit(run(main))

@@ -51,7 +51,8 @@ def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys)
 def test_an_interrupted_command_says_how_to_resume_and_exits_130(capsys):
     """Ray Train ends the driver's wait with ``SystemExit(1)`` after Ctrl-C, Tune raises a
     ``KeyboardInterrupt``: both become one line and 130; a ``SystemExit`` with a message is ours."""
-    from raysegment.cli.args import INTERRUPTED, run_until_interrupted
+    from raysegment.cli import INTERRUPTED
+    from raysegment.cli.args import run_until_interrupted
 
     def raise_(exc):
         raise exc
@@ -62,3 +63,20 @@ def test_an_interrupted_command_says_how_to_resume_and_exits_130(capsys):
     with pytest.raises(SystemExit, match="error: no such file"):
         run_until_interrupted("run r", "/runs/r", raise_, SystemExit("error: no such file"))
     assert run_until_interrupted("run r", "/runs/r", lambda x: x + 1, 1) == 2
+
+
+def test_any_command_stopped_by_ctrl_c_ends_with_one_line_and_130(capsys, monkeypatch):
+    """``cli.run``, which every ``python -m raysegment.X`` and the console script go through."""
+    from raysegment.cli import run
+    from raysegment.cli.main import main as console
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run(interrupted, ["x"]) == 130
+    assert capsys.readouterr().err == "interrupted: stopped before it finished\n"
+    assert run(lambda argv: len(argv), ["a", "b"]) == 2
+    with pytest.raises(ValueError):  # other errors are not swallowed
+        run(lambda argv: int("x"))
+    monkeypatch.setattr("raysegment.cli.weights.main", interrupted)
+    assert console(["weights", "verify"]) == 130

@@ -276,6 +276,26 @@ def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp
     assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
 
 
+def test_ctrl_c_during_prepare_leaves_out_as_it_was_and_no_temporary_folder(tmp_path, capsys, monkeypatch):
+    import raysegment.data.prepare as prep
+
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    assert main(["--source", str(src), "--out", str(tmp_path / "o")]) == 0
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "o").rglob("*"))
+    write = prep._write_shards
+
+    def ctrl_c_after_writing(*a, **k):  # the temporary folder holds shards when the interrupt comes
+        write(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_write_shards", ctrl_c_after_writing)
+    assert main(["--source", str(src), "--out", str(tmp_path / "o"), "--overwrite"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        f"interrupted: nothing written, {tmp_path / 'o'} is as it was; the same command starts again"
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "o").rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "src"]  # no .o.tmp-PID left
+
+
 def test_info_csv_gives_h5_volumes_their_spacing_and_patient_metadata(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
     write_info_csv(src, {"patient001": ("HCM", 170, 65, 30, 1, 12, 4, 1.40625, 10.0),

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from raysegment.cli import INTERRUPTED
 from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.dataset import is_bundle
 from raysegment.io import storage
@@ -51,7 +52,6 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
 
 
-INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 def run_until_interrupted(what: str, where: str, fn, *args):

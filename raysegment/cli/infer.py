@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysegment.cli import INTERRUPTED
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
 from raysegment.runtime import disable_telemetry
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import INTERRUPTED, check_args
+    from raysegment.cli.args import check_args
 
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysegment.cli import INTERRUPTED
 from raysegment.config import default_of
 from raysegment.data.prepare import PrepareConfig, PrepareError, prepare
 
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # prepare removes its temporary folder; --out is replaced only when complete
+        print(f"interrupted: nothing written, {a.out} is as it was; the same command starts again", file=sys.stderr)
+        return INTERRUPTED
     except OSError as exc:  # read-only or full disk under --out: nothing half-written is left (prepare cleans up)
         print(f"error: cannot write {a.out}: {exc.strerror or exc}"
               f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}", file=sys.stderr)

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from raysegment.cli import INTERRUPTED
 from raysegment.cli.args import (
-    INTERRUPTED,
     _td,
     add_run_arguments,
     augment_from_args,

@@ -2,6 +2,7 @@
 
 import sys
 
+from raysegment.cli import run
 from raysegment.cli.registry import main
 
-sys.exit(main())
+sys.exit(run(main))
