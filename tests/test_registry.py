@@ -1,6 +1,8 @@
 """The registry's champion rule, without servers (the registry commands against a real MLflow
 server are in test_serving.py)."""
 
+import pytest
+
 
 def test_the_one_champion_rule_on_a_real_registry(tmp_path):
     """``should_promote`` on MLflow's own registry (a local SQLite store): the score is measured
@@ -49,3 +51,33 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
     assert not [w for w in caught if "input example was not provided" in str(w.message)], "MLflow's reminder in the log"
     tags = MlflowClient(uri).get_model_version("raysegment-mobilenet_v2", "1").tags
     assert tags.get("evaluated") != "false" and float(tags["dice_mean"]) < 0.1 and tags["manifest_hash"]
+    # The same checkpoint scored on the same shards again: nothing registered twice.
+    assert registry_cli.main(["register", str(ckpt), "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
+    assert capsys.readouterr().out.strip() == ("already registered: raysegment-mobilenet_v2 v1; champion: False "
+                                               "(these weights, scored the same way, are this version)")
+    assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name='raysegment-mobilenet_v2'")] == ["1"]
+
+
+@pytest.mark.slow  # a command's own process: 10 s, no servers
+def test_the_registry_command_prints_no_mlflow_info_lines_or_download_bars(tmp_path, tiny_model):
+    """As a user runs it (MLflow loads in the command's own process): our line, and of MLflow's
+    only its two registration lines (printed, not logged)."""
+    import subprocess
+    import sys
+
+    import torch
+    from conftest import write_checkpoint
+
+    from raysegment.model.unet import build_model
+
+    _, config = tiny_model
+    torch.manual_seed(1)
+    claim = {"epoch": 1, "metrics": {"dice_rv": 0.5, "dice_myo": 0.5, "dice_lv": 0.5, "dice_mean": 0.5}}  # unscored: quicker
+    ckpt = write_checkpoint(tmp_path / "ckpt", build_model(config.model).eval(), config, claim)
+    run = subprocess.run([sys.executable, "-m", "raysegment.registry", "register", str(ckpt),
+                          "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1].startswith("registered raysegment-mobilenet_v2 v1; champion: False")
+    noise = [line for line in (run.stdout + run.stderr).splitlines()
+             if " INFO " in line or "Downloading artifacts" in line or "Warning" in line]
+    assert not noise, noise

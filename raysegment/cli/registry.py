@@ -7,9 +7,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysegment.cli.args import check_args
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import disable_telemetry, quiet_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    check_args(p, a)  # --data: shards there
     disable_telemetry()
+    quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     try:
         if a.cmd == "import":
             r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # DamagedWeights included
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"registered {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
+    print(f"{'registered' if r.new else 'already registered:'} {r.name} v{r.version}; champion: {r.champion} ({r.reason})")
     return 0
 
 

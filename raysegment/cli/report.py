@@ -265,11 +265,12 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from raysegment.runtime import disable_telemetry
+    from raysegment.runtime import disable_telemetry, quiet_environment
 
     p = build_parser()
     a = p.parse_args(argv)
     disable_telemetry()
+    quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     if a.cmd == "clinical":
         return _clinical_command(a)
     if a.cmd == "compare":

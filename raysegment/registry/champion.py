@@ -55,6 +55,7 @@ class Registration:
     version: str
     champion: bool  # whether the alias now points at this version
     reason: str
+    new: bool = True  # False: these weights, scored the same way, were this version already
 
 
 def _signature():
@@ -253,6 +254,9 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
         from raysegment.data.prepare import load_manifest
         from raysegment.inference.evaluation import evaluate
 
+        same = _registered_already(checkpoint_dir, tracking_uri, load_manifest(shards)["content_hash"], True, force_champion)
+        if same:
+            return same
         with tempfile.TemporaryDirectory() as tmp:  # a copy: its config gets the manifest it was scored on
             ckpt = Path(tmp) / "checkpoint"
             shutil.copytree(checkpoint_dir, ckpt)
@@ -265,8 +269,37 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
     metrics = json.loads(state_file.read_text()).get("metrics", {}) if state_file.exists() else {}
     if any(k not in metrics for k in DICE_KEYS):
         raise ValueError(f"{checkpoint_dir}: no val Dice recorded with it; pass --data to score it")
+    manifest = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("manifest_hash", "")
+    same = _registered_already(checkpoint_dir, tracking_uri, manifest, False, force_champion)
+    if same:
+        return same
     return register_checkpoint(checkpoint_dir, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion,
                                extra_tags={"evaluated": "false"})
+
+
+def _registered_already(checkpoint_dir: str | Path, tracking_uri: str, manifest_hash: str, evaluated: bool,
+                        force_champion: bool) -> Registration | None:
+    """The version that holds these weights (``weights_sha256``) scored the same way — on the same
+    data manifest, or unscored — so that importing a file again registers nothing twice;
+    ``force_champion`` moves the alias to that version."""
+    from mlflow import MlflowClient
+
+    from raysegment.model.checkpoint import read_state_dict, state_digest
+
+    name = model_name(json.loads((Path(checkpoint_dir) / "config.json").read_text())["model"]["backbone"])
+    digest = state_digest(read_state_dict(checkpoint_dir))
+    client = MlflowClient(tracking_uri)
+    for v in client.search_model_versions(f"name='{name}'"):
+        t = v.tags
+        if (t.get("weights_sha256"), t.get("manifest_hash", ""), t.get("evaluated") != "false") == (digest, manifest_hash,
+                                                                                                    evaluated):
+            if force_champion:
+                client.set_registered_model_alias(name, CHAMPION, v.version)
+            aliases = client.get_registered_model(name).aliases
+            return Registration(name=name, version=str(v.version), champion=str(aliases.get(CHAMPION)) == str(v.version),
+                                reason="forced" if force_champion else "these weights, scored the same way, are this version",
+                                new=False)
+    return None
 
 
 def import_weights(weights_file: str | Path, tracking_uri: str, shards: str | Path | None = None,
