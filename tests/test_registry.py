@@ -81,3 +81,13 @@ def test_the_registry_command_prints_no_mlflow_info_lines_or_download_bars(tmp_p
     noise = [line for line in (run.stdout + run.stderr).splitlines()
              if " INFO " in line or "Downloading artifacts" in line or "Warning" in line]
     assert not noise, noise
+
+
+def test_registry_refuses_missing_shards_before_anything(tmp_path, capsys):
+    from raysegment.cli import registry as registry_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        registry_cli.main(["import", "raysegment/shipped/mobilenet_v2.safetensors", "--data", str(tmp_path / "none"),
+                           "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert exit_.value.code == 2 and "no shards there" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()

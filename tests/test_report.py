@@ -8,7 +8,7 @@ from conftest import write_checkpoint
 from synth import make_h5_dataset, write_info_csv
 
 from raysegment.cli import report as report_cli
-from raysegment.data.dataset import all_volumes
+from raysegment.data.dataset import all_volumes, load_volumes
 from raysegment.data.prepare import PrepareConfig, load_manifest, prepare
 from raysegment.inference import evaluation
 from raysegment.reporting import report
@@ -65,10 +65,25 @@ def test_evaluate_with_a_mask_cache_scores_the_same_and_shares_the_masks_with_cl
 
 def test_flip_tta_is_refused_in_one_line(tmp_path, tiny_model, capsys):
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "no-shards"), "--splits", "val", "--flip-tta"]
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")  # refused before any shard is read
+    args = ["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "shards"), "--splits", "val", "--flip-tta"]
     assert report_cli.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: flip TTA needs a model trained with left-right flips")
+
+
+def test_report_refuses_missing_shards_and_unknown_splits_in_one_line(tmp_path, capsys):
+    for args, message in ((["--data", str(tmp_path / "nothing")], "no shards there"),
+                          (["--data", str(tmp_path), "--splits", "test"], "invalid choice: 'test'")):
+        with pytest.raises(SystemExit) as exit_:
+            report_cli.main(["evaluate", "--model", "shipped:mobilenet_v2", *args])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="no val shards there"):  # every reader of whole volumes
+        load_volumes(tmp_path / "s", "val")
 
 
 def test_dice_table_rows_and_means():

@@ -20,6 +20,18 @@ COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_si
 POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor")
 
 
+def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
+    """``--data``, when given: a `diagnosis pack` bundle (.npz) that exists, or a local folder of
+    shards (its manifest.json); a remote URI is left to the reader. ``p.error`` otherwise."""
+    if not data or storage.is_uri(data):
+        return
+    if is_bundle(data):
+        if not Path(data).is_file():
+            p.error(f"--data {data}: no such bundle")
+    elif not (Path(data) / "manifest.json").is_file():
+        p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
     first problem, instead of a traceback from inside Ray minutes later."""
@@ -35,13 +47,9 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
-    if data and is_bundle(data):  # a `diagnosis pack` bundle: read in-process, never by Ray Data
-        if not getattr(a, "local", None):
-            p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
-        if not Path(data).is_file():
-            p.error(f"--data {data}: no such bundle")
-    elif data and not storage.is_uri(data) and not (Path(data) / "manifest.json").is_file():
-        p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
+    if data and is_bundle(data) and not getattr(a, "local", None):  # read in-process, never by Ray Data
+        p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
+    check_data(p, data)
     init = getattr(a, "init_weights", None)
     if init and init != "shipped":
         from raysegment.model.weights import saved_config

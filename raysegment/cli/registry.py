@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysegment.cli.args import check_args
+from raysegment.cli.args import check_data
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
 from raysegment.runtime import disable_telemetry, quiet_environment
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    check_args(p, a)  # --data: shards there
+    check_data(p, getattr(a, "data", None))
     disable_telemetry()
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     try:

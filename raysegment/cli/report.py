@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, action="append",
                     help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
     ev.add_argument("--data", required=True)
-    ev.add_argument("--splits", nargs="+", default=list(SPLITS))
+    ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
     ev.add_argument("--mlflow-uri", default=None)
     ev.add_argument("--flip-tta", action="store_true")
     ev.add_argument("--no-largest-component", action="store_true",
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
     cl.add_argument("--ci", action="store_true",
                     help="add each index's MAE and bias with 95 %% bootstrap CIs over patients (seed 0)")
-    cl.add_argument("--splits", nargs="+", default=["val"])
+    cl.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS)
     cl.add_argument("--mlflow-uri", default=None)
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
     cl.add_argument("--mask-cache", type=Path, default=None,
@@ -96,7 +96,7 @@ def _add_compare(sub) -> None:
     cp.add_argument("--basal-check", default="none",
                     help="with --metric clinical: the basal ES check applied to each model's masks, as in `report clinical`")
     cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json / clinical.csv files)")
-    cp.add_argument("--splits", nargs="+", default=["val"])
+    cp.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS)
     cp.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap draws of the patients (at least 100)")
     cp.add_argument("--seed", type=int, default=0)
     cp.add_argument("--mlflow-uri", default=None)
@@ -265,10 +265,12 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 def main(argv: list[str] | None = None) -> int:
     import json
 
+    from raysegment.cli.args import check_data
     from raysegment.runtime import disable_telemetry, quiet_environment
 
     p = build_parser()
     a = p.parse_args(argv)
+    check_data(p, a.data)
     disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     if a.cmd == "clinical":

@@ -154,8 +154,10 @@ def load_volumes(shards: str | Path, split: str, patients: list[str] | None = No
     folder = Path(shards) / split
     # Pixels go to numpy straight from Arrow: as Python lists (``to_pylist``) the 160 ACDC volumes
     # took 11 GB and 32 s; the 2.5-D neighbours are not part of a volume and are not read.
-    table = pq.read_table(folder, columns=[c for c in pq.read_schema(next(folder.glob("*.parquet"))).names
-                                           if c != "neighbours"])
+    parts = sorted(folder.glob("*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"{shards}: no {split} shards there (make them with python -m raysegment.prepare)")
+    table = pq.read_table(folder, columns=[c for c in pq.read_schema(parts[0]).names if c != "neighbours"])
     if patients is not None:
         table = table.filter(pc.is_in(table["patient"], value_set=pa.array(list(patients), pa.string())))
     meta = table.select([c for c in ("patient", "phase", "slice", "height", "width", "spacing", "group")
