@@ -433,3 +433,13 @@ def test_misdiagnosed_names_each_wrong_patient_with_truth_and_prediction():
 
     assert misdiagnosed(["p1", "p2", "p3"], ["NOR", "DCM", "HCM"], ["NOR", "MINF", "RV"]) == ["p2 DCM→MINF", "p3 HCM→RV"]
     assert misdiagnosed([], [], []) == []
+
+
+def test_every_diagnosis_command_refuses_missing_shards_in_one_line(tmp_path, capsys):
+    from raysegment.cli import diagnosis as diagnosis_cli
+
+    for args in (["pack", "--out", str(tmp_path / "x.npz")], ["fit", "--model", "shipped:mobilenet_v2", "--out", "d.json"],
+                 ["basal", "--model", "shipped:mobilenet_v2", "--out", "b.json"]):
+        with pytest.raises(SystemExit) as exit_:
+            diagnosis_cli.main([args[0], "--data", str(tmp_path / "none"), *args[1:]])
+        assert exit_.value.code == 2 and "no shards there" in capsys.readouterr().err.strip().splitlines()[-1]

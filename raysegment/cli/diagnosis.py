@@ -226,8 +226,11 @@ def _add_fit_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysegment.cli.args import check_data
+
     p = build_parser()
     a = p.parse_args(argv)
+    check_data(p, str(a.data))
     if a.command == "pack":
         volumes = pack_bundle(a.data, a.out)
         print(f"{len(volumes)} volumes → {a.out} ({a.out.stat().st_size / 2**20:.1f} MiB)")
