@@ -200,7 +200,9 @@ def test_compare_refuses_bad_input_in_one_line(tmp_path, tiny_model, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"not": "records"}))
     assert report_cli.main(["compare", "--a", str(tmp_path / "other.json"), "--b", str(a)]) == 2
     assert report_cli.main(["compare", "--a", str(a), "--b", str(a)]) == 2
-    assert report_cli.main(["compare", "--a", str(a), "--b", str(a), "--data", "x", "--resamples", "5"]) == 2
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "manifest.json").write_text("{}")  # --data itself is checked first (cli.args.check_data)
+    assert report_cli.main(["compare", "--a", str(a), "--b", str(a), "--data", str(tmp_path / "s"), "--resamples", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'other.json'} is not the records.json of `report evaluate --out`",
                    f"error: --data is needed to score {a}",

@@ -155,5 +155,5 @@ def test_a_resumed_search_registers_nothing_twice(tmp_path):
 
     first = _register_once(client, run_id, register)
     assert _register_once(client, run_id, register) == first == {"name": "m", "version": "1", "champion": True,
-                                                                   "reason": "no champion yet"}
+                                                                   "reason": "no champion yet", "new": True}
     assert len(calls) == 1
