@@ -40,6 +40,7 @@ def test_the_json_summary_has_ef_from_given_frames_and_no_nan():
              "volume_lv_ml": lv, "volume_rv_ml": rv, "voxels_lv": 1} for t, (lv, rv) in enumerate([(150, 0.0), (60, 0.0)])]
     out = summary(rows, "m/1", ed=0, es=1)
     assert out["ef_lv_pct"] == pytest.approx(60.0) and out["ef_rv_pct"] is None  # an empty RV: no EF, not NaN
+    assert out["patient_qc_flags"] == [] and summary(rows, "m/1", ed=1, es=0)["patient_qc_flags"] == ["es_above_ed_lv"]
     json.dumps(out, allow_nan=False)
     with pytest.raises(RequestError) as exc:
         summary(rows, "m/1", ed=0, es=2)

@@ -262,8 +262,9 @@ def _frame_param(params, name: str) -> int | None:
 
 def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> dict:
     """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and EF (%) of
-    the LV and RV, from the frames ``ed``/``es`` when given, else the cine's largest/smallest volume."""
-    from raysegment.analysis.clinical import ejection_fraction
+    the LV and RV, from the frames ``ed``/``es`` when given (with ``patient_qc_flags``), else the
+    cine's largest/smallest volume."""
+    from raysegment.analysis.clinical import ejection_fraction, patient_flags
 
     keys = ("frame", "phase", "qc_flags", "lv_myo_mass_g")
     frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
@@ -273,8 +274,10 @@ def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> d
         if ed is None or es is None or max(ed, es) >= len(rows):
             raise RequestError(400, f"ed and es must both be frame indices below {len(rows)}")
         out["ed"], out["es"] = ed, es
+        volumes = {f"{n}_{p}v_ml": rows[f][f"volume_{n}_ml"] for n in ("lv", "rv") for p, f in (("ed", ed), ("es", es))}
         for name in ("lv", "rv"):
-            out[f"ef_{name}_pct"] = ejection_fraction(rows[ed][f"volume_{name}_ml"], rows[es][f"volume_{name}_ml"])
+            out[f"ef_{name}_pct"] = ejection_fraction(volumes[f"{name}_edv_ml"], volumes[f"{name}_esv_ml"])
+        out["patient_qc_flags"] = patient_flags(volumes)  # es_above_ed_*: ed and es swapped?
     elif len(rows) >= 2:
         out.update({f"ef_{n}_pct": rows[0].get(f"ef_{n}_pct") for n in ("lv", "rv")})
     return json_safe(out)
