@@ -96,3 +96,23 @@ def sample_shards(tmp_path_factory):
     return out
 
 
+
+
+def interrupt_when(cmd: list[str], env: dict, log: Path, ready, *, cwd=None, group: bool = False,
+                   timeout_s: float = 300) -> str:
+    """Run ``cmd`` with its output in ``log``; once ``ready(text so far)`` holds, send it SIGINT (with
+    ``group``, to its whole process group, as a terminal's Ctrl-C does) → its output. Asserts it was
+    still running then and ended with status 130."""
+    import signal
+    import subprocess
+    import time
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=group)
+        deadline = time.time() + timeout_s
+        while not ready(log.read_text()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    return log.read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_checkpoint
+from conftest import interrupt_when, write_checkpoint
 from synth import make_nifti_patient, synthetic_volume
 
 from raysegment.analysis.clinical import ejection_fraction
@@ -267,10 +267,7 @@ def test_ctrl_c_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
     exit 130, one ``interrupted:`` line and no traceback; what finished is in the ledger and in
     report.md and results.csv, and the line counts what the next run has left."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     inp = tmp_path / "in"
     inp.mkdir()
@@ -280,16 +277,7 @@ def test_ctrl_c_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
     cmd = [sys.executable, "-m", "raysegment.infer", "--model", "shipped:mobilenet_v2", "--input", str(inp),
            "--output", str(tmp_path / "out"), "--actors", "1", "--threads", "1", "--diagnosis", "none"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0"}
-    log = tmp_path / "log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 240
-        while " ok (" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    text = log.read_text()
+    text = interrupt_when(cmd, env, tmp_path / "log", lambda out: " ok (" in out, group=True)
     assert "Traceback" not in text and "done:" not in text, text[-3000:]
     line = next(x for x in text.splitlines() if x.startswith("interrupted: "))
     finished, left = (int(w) for w in (line.split()[1], line.split()[-1]))

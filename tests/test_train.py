@@ -4,7 +4,7 @@ exactly-once sharding, DDP weight sync, fault recovery, time budget, overfitting
 
 import pytest
 import torch
-from conftest import SHARED_ACDC
+from conftest import SHARED_ACDC, interrupt_when
 from synth import make_h5_dataset
 
 from raysegment.config import PredictConfig, TrainConfig
@@ -74,10 +74,7 @@ def test_ctrl_c_stops_a_search_before_it_registers_anything(ray_local, tiny_shar
     TERMINATED, as if it had ended; the search still counts as interrupted: exit 130, one line,
     its MLflow parent run KILLED, nothing registered."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from mlflow import MlflowClient
 
@@ -88,16 +85,7 @@ def test_ctrl_c_stops_a_search_before_it_registers_anything(ray_local, tiny_shar
            "--name", "s"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    log = tmp_path / "tune.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.time() + 300
-        while "[raysegment] epoch 1/50" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    text = log.read_text()
+    text = interrupt_when(cmd, env, tmp_path / "tune.log", lambda out: "[raysegment] epoch 1/50" in out, cwd=tmp_path)
     # (Not necessarily the last line: the stopped trial's next epoch line, forwarded late by Ray, or
     # a Ray actor's own crash report as the search's actors are killed, may follow it.)
     assert "\ninterrupted: search s stopped; its checkpoints stay in" in text, text[-3000:]
@@ -146,11 +134,9 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     Both commands join this module's Ray (``RAY_ADDRESS``), as on a cluster, instead of starting one."""
     import json
     import os
-    import signal
     import subprocess
     import sys
     import tempfile
-    import time
     from pathlib import Path
 
     cmd = [sys.executable, "-m", "raysegment.train", "--backbone", "mobilenet_v2", "--data", str(tiny_shards),
@@ -162,16 +148,8 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
            "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     # Ray Train resumes from the checkpoints its controller registered (this file); one a worker
     # wrote seconds before the interrupt may not be there yet, and the run then redoes that epoch.
-    snapshot, log = tmp_path / "runs" / "ctrlc" / "checkpoint_manager_snapshot.json", tmp_path / "first.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-        deadline = time.time() + 300
-        while not snapshot.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    first = log.read_text()
+    snapshot = tmp_path / "runs" / "ctrlc" / "checkpoint_manager_snapshot.json"
+    first = interrupt_when(cmd, env, tmp_path / "first.log", lambda _: snapshot.exists(), cwd=tmp_path)
     assert "Traceback" not in first, first[-3000:]  # neither the command's nor one of Ray's own threads'
     assert "interrupted: run ctrlc stopped" in first, first[-3000:]
     assert "the same command resumes it" in first.strip().splitlines()[-1]
