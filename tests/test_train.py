@@ -406,6 +406,7 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--actors", "0"], "--actors must be ≥ 1"),
     ("infer", ["--model", "BROKEN", *INFER], "not a raysegment weights file"),
     ("infer", ["--model", "shipped:mobilenet_v2", "--input", "TMP", "--output", "BROKEN"], "a file, not a folder"),
+    ("infer", ["--model", "shipped:mobilenet_v2", "--input", "BROKEN", "--output", "TMP/o"], "a file; give the folder"),
 ])
 def test_bad_arguments_fail_before_ray_with_one_line(module, args, message, tmp_path, capsys, monkeypatch):
     import importlib

@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():
         p.error(f"--output {a.output}: a file, not a folder")
+    if Path(a.input).is_file():
+        p.error(f"--input {a.input}: a file; give the folder that holds it (every study in it is segmented once), "
+                f"or raysegment.segment(FILE) in Python for one study")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     for ref in a.models:  # local files are checked here, not by an actor after Ray has started
