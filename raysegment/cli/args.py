@@ -60,8 +60,6 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
 
 
-
-
 def run_until_interrupted(what: str, where: str, fn, *args):
     """``fn(*args)``; a Ctrl-C (or ``ray job stop``) ends it with one line saying the same command
     resumes ``what`` from ``where``, and the result ``INTERRUPTED`` instead of a traceback.
