@@ -200,6 +200,8 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     bounded attempts; an environment fault (the masks folder blocked) is an ``error`` that the next
     run retries; the output folder inside the input and a relative --output are no input;
     ``scan.nii`` beside ``scan.nii.gz`` keep their own masks; a looping symlink gets a failed row."""
+    from dataclasses import replace
+
     import ray
 
     from raysegment.config import InferConfig
@@ -228,8 +230,9 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
         first = run_batch(config)
         (inp / "out" / "masks").unlink()  # the operator fixes the disk
         second = run_batch(config)
-        nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / "new_study.nii.gz"))  # arrives later
-        third = run_batch(config)
+        for name in ("new_study.nii.gz", "new_study2.nii.gz"):  # arrive later; --limit 1 takes one of them
+            nib.save(nib.Nifti1Image(img, np.diag([1.5, 1.5, 8, 1])), str(inp / name))
+        third = run_batch(replace(config, limit=1))
     finally:
         ray.shutdown()
     out = inp / "out"
@@ -248,7 +251,7 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     assert second["segmented"] == 4 and second["failed"] == 1 and second["already_done"] == 2  # errors retried
     # The next run: its own masks and SEGs under in/out are no studies, what is settled is skipped,
     # the study that arrived since is segmented.
-    assert third["studies"] == 8 and third["already_done"] == 7 and third["segmented"] == 1
+    assert third["studies"] == 9 and third["already_done"] == 7 and third["segmented"] == 1 and third["later"] == 1
     skipped = [e for e in ledger if e["status"] == "skipped"]
     assert len(skipped) == 1 and "not MR (modality OT" in skipped[0]["reason"]
     masks = sorted(p.name for p in (out / "masks").iterdir())

@@ -93,7 +93,8 @@ def run_batch(config: InferConfig) -> dict:
 
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)
-    return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total,
+    return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total - progress.later,
+            **({"later": progress.later} if progress.later else {}),
             "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
             **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
 
@@ -138,15 +139,18 @@ def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, 
     def new(item) -> bool:
         return not ledger.has(item["path"], item["sha256"], version, retry_failed=config.retry_failed)
 
-    def announce(todo: list[dict]) -> None:
-        progress.total = len(todo)
-        print(f"[raysegment] {len(items)} studies, {len(items) - len(todo)} already done with {version}, "
-              f"{len(todo)} to segment", flush=True)
+    def select() -> list[dict]:
+        fresh = [item for item in items if new(item)]
+        todo = fresh[: config.limit]
+        progress.total, progress.later = len(todo), len(fresh) - len(todo)
+        later = f" ({progress.later} more left to later runs by --limit {config.limit})" if progress.later else ""
+        print(f"[raysegment] {len(items)} studies, {len(items) - len(fresh)} already done with {version}, "
+              f"{len(todo)} to segment{later}", flush=True)
+        return todo
 
     web, todo, actors = client is not None, [], []
     if web:
-        todo = [item for item in items if new(item)][: config.limit]
-        announce(todo)
+        todo = select()
         todo = _retrieve(client, todo, Path(config.output), version, lambda e: progress(ledger, e))
     if todo if web else any("file" in item or new(item) for item in items):
         ensure_ray()
@@ -155,8 +159,7 @@ def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, 
         actors = [remote.remote(config) for _ in range(config.actors)]
     if not web:
         _hash_files(items)
-        todo = [item for item in items if new(item)][: config.limit]
-        announce(todo)
+        todo = select()
     return todo, actors
 
 
@@ -169,7 +172,8 @@ class _Progress:
     WORDS = {"done": "ok", "failed": "FAILED", "skipped": "skipped", "error": "ERROR (retried next run)"}
 
     def __init__(self, counts: dict, verbose: bool):
-        self.counts, self.verbose, self.n, self.total = counts, verbose, 0, 0
+        # total: studies to segment this run; later: new ones that --limit leaves to later runs
+        self.counts, self.verbose, self.n, self.total, self.later = counts, verbose, 0, 0, 0
 
     def __call__(self, ledger: "Ledger", entry: dict) -> None:
         entry.setdefault("finished", _now())
