@@ -20,6 +20,8 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
         mask = raysegment.segment("patient001_frame01.nii.gz", model="shipped:densenet121")
         mask.to_filename("patient001_frame01_seg.nii.gz")
     """
+    import os
+
     import nibabel as nib
 
     from raysegment.config import PredictConfig
@@ -27,6 +29,9 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
     from raysegment.inference.study import predict_frames
     from raysegment.io.studies import mask_image, study_arrays, zyx_to_nifti
 
+    if not isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
+        raise TypeError(f"segment() takes a NIfTI path or a nibabel image, not {type(image).__name__} (for an array in "
+                        f"(z, y, x) order: Predictor.load(model).predict(array, spacing=(z, y, x mm)))")
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, config or PredictConfig(), tracking_uri)
     img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image
     frames, zooms = study_arrays(img)  # StudyError (a ValueError) says what is wrong with the image

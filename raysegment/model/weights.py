@@ -34,7 +34,8 @@ def shipped_weights(backbone: str) -> Path:
     """The weights file bundled with raysegment for ``backbone`` (``raysegment/shipped/``)."""
     path = SHIPPED_DIR / f"{backbone}.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"no shipped weights for {backbone!r} (looked for {path})")
+        there = ", ".join(f"shipped:{f.stem}" for f in sorted(SHIPPED_DIR.glob("*.safetensors")))
+        raise FileNotFoundError(f"no shipped weights for {backbone!r} (there are {there or 'none'})")
     return path
 
 
