@@ -107,8 +107,15 @@ def interrupt_when(cmd: list[str], env: dict, log: Path, ready, *, cwd=None, gro
     import subprocess
     import time
 
+    def default_sigint():
+        # A test run started in the background by a shell without job control (`cmd &` in a script,
+        # as a CI runner may) has SIGINT ignored, and an ignored signal stays ignored across exec:
+        # the command would never see the Ctrl-C, unless Ray installs a handler of its own.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=group)
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=group,
+                                preexec_fn=default_sigint)
         deadline = time.time() + timeout_s
         while not ready(log.read_text()) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
