@@ -106,6 +106,7 @@ def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_mo
     predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())
     rows = segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "tiny", tmp_path / "out")
     assert [r["frame"] for r in rows] == [0, 1] and json.loads(rows[0]["spacing_mm"]) == [8.0, 1.4, 1.4]
+    assert {r["patient_id"] for r in rows} == {"P9"}  # names the patient in report.md's Patients table
     mask = nib.load(rows[0]["mask"])
     assert mask.shape == (48, 40, 5, 2)
     cine = dicom.read_cine(series)

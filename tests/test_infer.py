@@ -399,6 +399,11 @@ def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
     assert rows[0]["lv_ef_pct"] == rows[2]["lv_ef_pct"] and "lv_ef_pct" not in rows[1]
     for r in rows:  # the frame-volume EF of every frame's row is the patient's checked EF
         assert (r["ef_lv_pct"], r["ef_rv_pct"]) == (rows[0]["lv_ef_pct"], rows[0]["rv_ef_pct"])
+    # In report.md the series is named by its patient ID and description, not by its UID alone.
+    for r in rows:
+        r.update(patient_id="P7", series_description="SA cine", volume_rv_ml=1.0, volume_myo_ml=1.0, volume_lv_ml=1.0)
+    text = batch_report(rows, tmp_path, 0).read_text()
+    assert f"| P7 SA cine (series …{'1.2.3.4'[-8:]}) | {rows[0]['lv_edv_ml']:.1f} |" in text
 
 
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):

@@ -117,7 +117,7 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
     common = {"study": key, "phase": "", "mask": str(mask_path), "model_uri": model_uri,
               "model_version": predictor.version, "status": "done", "reason": "", "series_description": cine.description,
-              **_patient_size(cine.sources[0][0]["ds"])}
+              **_patient_module(cine.sources[0][0]["ds"])}
     rows = frame_rows(masks, cine.spacing_zyx, common)
     for row, seg in zip(rows, segs):
         row["seg"] = str(seg)
@@ -126,9 +126,10 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     return rows
 
 
-def _patient_size(ds) -> dict:
-    """Height (cm) and weight (kg) from the DICOM patient module, when there (for BSA)."""
-    out = {}
+def _patient_module(ds) -> dict:
+    """Patient ID (names the patient in the report), height (cm) and weight (kg, for BSA) from the
+    DICOM patient module, when there."""
+    out = {"patient_id": str(ds.PatientID)} if str(getattr(ds, "PatientID", "") or "").strip() else {}
     try:
         if float(getattr(ds, "PatientSize", 0) or 0) > 0:
             out["height_cm"] = float(ds.PatientSize) * 100.0  # PatientSize is in metres

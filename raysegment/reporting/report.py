@@ -230,7 +230,10 @@ def _patients_section(rows: list[dict]) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|---|"]
     for folder, r in sorted(patients.items()):
         diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else ""
-        lines.append(f"| {_cell(Path(folder).name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
+        name = Path(folder).name  # a DICOM series: its patient ID and description, then the series UID's end
+        if r.get("patient_id"):
+            name = f"{r['patient_id']} {r.get('series_description', '')} (series …{name[-8:]})"
+        lines.append(f"| {_cell(name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
                      f"| {r['rv_ef_pct']:.1f} | {r['lv_mass_g']:.1f} | {r['myo_thickness_max_mm']:.1f} | {diag} "
                      f"| {r.get('group_reference', '')} | {r.get('patient_qc_flags', '')} |")
     if missing:
