@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -73,17 +72,17 @@ def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
     return {key: phases for key, phases in by_patient.items() if set(phases) == {"ED", "ES"}}
 
 
-OFFICIAL_FRAME = re.compile(r"patient\d{3}_frame\d+\.nii(\.gz)?$")
-
-
 def unpaired_patients(rows: list[dict]) -> dict[str, str]:
     """Official-layout folders with a frame file segmented but no patient indices → why: Info.cfg
     without integer ED / ES, a frame not segmented, the indices' own error, or no ED or ES frame."""
+    from raysegment.io.studies import OFFICIAL_FRAME, study_stem
+
     pairs = ed_es_pairs(rows)
+    official = [(str(Path(r["study"]).parent), r) for r in rows if OFFICIAL_FRAME.match(study_stem(Path(r["study"])))]
+    done = {folder for folder, r in official if r.get("status") == "done"}
     why: dict[str, str] = {}
-    for r in rows:
-        folder = str(Path(r["study"]).parent)
-        if not OFFICIAL_FRAME.search(r["study"]) or (folder in pairs and "clinical_error" not in pairs[folder]["ED"]):
+    for folder, r in official:
+        if folder not in done or (folder in pairs and "clinical_error" not in pairs[folder]["ED"]):
             continue
         if "info_cfg_without_ed_es" in (r.get("qc_flags") or ""):
             why[folder] = "Info.cfg has no integer ED or ES line"
@@ -91,10 +90,9 @@ def unpaired_patients(rows: list[dict]) -> dict[str, str]:
             why.setdefault(folder, f"{Path(r['study']).name} was not segmented ({r.get('status')})")
         elif r.get("clinical_error"):
             why.setdefault(folder, f"indices failed ({r['clinical_error']})")
-    done = {str(Path(r["study"]).parent) for r in rows if r.get("status") == "done" and OFFICIAL_FRAME.search(r["study"])}
     for folder in done - set(pairs) - set(why):
         why[folder] = "its ED or ES frame file is not among the studies"
-    return {f: w for f, w in why.items() if f in done}
+    return why
 
 
 def patient_flags(ind: dict) -> list[str]:

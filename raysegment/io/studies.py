@@ -93,14 +93,20 @@ def gt_for(path: Path) -> Path | None:
     return None
 
 
+# An official ACDC frame file's stem, e.g. ``patient001_frame01`` (group 1: the frame number).
+OFFICIAL_FRAME = re.compile(r"^patient\d{3}_frame(\d+)$")
+
+
+def _official_frame(path: Path) -> tuple[int, dict[str, str]] | None:
+    """(frame number, its folder's Info.cfg values) of an official-layout frame file, else None."""
+    m = OFFICIAL_FRAME.match(study_stem(path))
+    info = path.parent / "Info.cfg"
+    return (int(m.group(1)), parse_info_cfg(info)) if m and info.is_file() else None
+
+
 def acdc_phase(path: Path) -> str | None:
     """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, else None."""
-    m = re.match(r"^(patient\d{3})_frame(\d+)$", study_stem(path))
-    info = path.parent / "Info.cfg"
-    if not m or not info.is_file():
-        return None
-    values = parse_info_cfg(info)
-    frame = int(m.group(2))
+    frame, values = _official_frame(path) or (None, {})
     for phase in ("ED", "ES"):
         if values.get(phase, "").isdigit() and int(values[phase]) == frame:
             return phase
@@ -110,11 +116,8 @@ def acdc_phase(path: Path) -> str | None:
 def info_cfg_flag(path: Path) -> str:
     """``info_cfg_without_ed_es`` for an official-layout frame file whose folder's Info.cfg has no
     integer ED or ES line (its patient then gets no indices), else ''."""
-    info = path.parent / "Info.cfg"
-    if not re.match(r"^patient\d{3}_frame\d+$", study_stem(path)) or not info.is_file():
-        return ""
-    values = parse_info_cfg(info)
-    return "" if all(values.get(k, "").isdigit() for k in ("ED", "ES")) else "info_cfg_without_ed_es"
+    found = _official_frame(path)
+    return "info_cfg_without_ed_es" if found and not all(found[1].get(k, "").isdigit() for k in ("ED", "ES")) else ""
 
 
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:

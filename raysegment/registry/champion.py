@@ -254,7 +254,8 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
         from raysegment.data.prepare import load_manifest
         from raysegment.inference.evaluation import evaluate
 
-        same = _registered_already(checkpoint_dir, tracking_uri, load_manifest(shards)["content_hash"], True, force_champion)
+        manifest_hash = load_manifest(shards)["content_hash"]
+        same = _registered_already(checkpoint_dir, tracking_uri, manifest_hash, True, force_champion)
         if same:
             return same
         with tempfile.TemporaryDirectory() as tmp:  # a copy: its config gets the manifest it was scored on
@@ -262,7 +263,7 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
             shutil.copytree(checkpoint_dir, ckpt)
             metrics = dice_summary(evaluate(str(ckpt), shards, splits=("val",)))
             config = json.loads((ckpt / "config.json").read_text())
-            config["manifest_hash"] = load_manifest(shards)["content_hash"]
+            config["manifest_hash"] = manifest_hash
             (ckpt / "config.json").write_text(json.dumps(config))
             return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
     state_file = Path(checkpoint_dir) / "state.json"
