@@ -80,3 +80,20 @@ def test_any_command_stopped_by_ctrl_c_ends_with_one_line_and_130(capsys, monkey
         run(lambda argv: int("x"))
     monkeypatch.setattr("raysegment.cli.weights.main", interrupted)
     assert console(["weights", "verify"]) == 130
+
+
+def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
+    """``--help`` is for users: a description without the module docstring's notes for developers,
+    and examples that are valid command lines of that command."""
+    import shlex
+
+    for name, (module, _) in COMMANDS.items():
+        parser = importlib.import_module(module).build_parser()
+        text = parser.format_help()
+        assert "Top layer" not in text and "``" not in text and "examples:" in text, name
+        examples = [line.strip() for line in parser.epilog.splitlines()[1:]]
+        ours = [shlex.split(e.split(" -- ", 1)[-1]) for e in examples if f"python -m raysegment.{name} " in e]
+        assert ours, name
+        for argv in ours:
+            assert argv[:3] == ["python", "-m", f"raysegment.{name}"]
+            parser.parse_args(argv[3:])  # an invalid example exits 2 here

@@ -5,7 +5,9 @@ The top layer: may import every stage; nothing imports it. This file itself impo
 standard library (every command's shim imports it).
 """
 
+import argparse
 import sys
+import textwrap
 
 INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
 
@@ -19,3 +21,12 @@ def run(main, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: stopped before it finished", file=sys.stderr, flush=True)
         return INTERRUPTED
+
+
+def command_parser(name: str, description: str, *examples: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m raysegment.NAME``: ``--help`` shows what the command does and
+    ``examples`` (a module's docstring is for developers and is not shown)."""
+    text = "\n\n".join(textwrap.fill(" ".join(part.split()), 88, break_on_hyphens=False) for part in description.split("\n\n"))
+    epilog = ("examples:\n" + "\n".join(f"  {line}" for line in examples)) if examples else None
+    return argparse.ArgumentParser(prog=f"python -m raysegment.{name}", description=text, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)

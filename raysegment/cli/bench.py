@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysegment.cli import command_parser
 from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
 from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
@@ -303,7 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     from raysegment.config import PredictConfig
 
     td = lambda name: default_of(TrainConfig, name)  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m raysegment.bench")
+    p = command_parser(
+        "bench",
+        "Speed and memory benchmarks; each prints JSON lines (the figures in docs/benchmarks.md come from these).",
+        "python -m raysegment.bench train --data /data/shards --steps 30",
+        "python -m raysegment.bench infer --data /data/shards --model shipped:densenet121")
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
     t.add_argument("--data", required=True, help="shards folder, or a `diagnosis pack` bundle (.npz) with --bare-only")

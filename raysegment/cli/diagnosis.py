@@ -24,6 +24,7 @@ from raysegment.analysis.diagnosis import (
     misdiagnosed,
     patient_features,
 )
+from raysegment.cli import command_parser
 from raysegment.cli.args import progress_line
 from raysegment.data.dataset import all_volumes, pack_bundle
 from raysegment.training.crossval import crossval_ensemble, crossval_fold
@@ -152,8 +153,12 @@ def _basal_command(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m raysegment.diagnosis", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(
+        "diagnosis",
+        "The ACDC diagnosis (NOR, MINF, DCM, HCM, RV) from segmentation-derived features: cross-validated "
+        "masks, fitting the classifier and the basal ES check, packing shards into one bundle.",
+        "python -m raysegment.diagnosis fit --data /data/shards --model shipped:densenet121 --out diagnosis.json",
+        "python -m raysegment.diagnosis pack --data /data/shards --out acdc.npz")
     sub = p.add_subparsers(dest="command", required=True)
     _add_crossval_parsers(sub)
     _add_fit_parsers(sub)

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysegment.cli import INTERRUPTED
+from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
 from raysegment.runtime import disable_telemetry
@@ -17,7 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.infer`` command line (also used to dry-run job specs)."""
     d = lambda name: default_of(InferConfig, name)  # noqa: E731
     pd = lambda name: default_of(PredictConfig, name)  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m raysegment.infer", description=__doc__.split("\n\n")[0])
+    p = command_parser(
+        "infer",
+        "Segment the studies in --input — NIfTI or DICOM files in a folder, or a PACS over DICOMweb — into "
+        "--output: masks, DICOM SEGs, clinical indices, results.csv and report.md. Each study is segmented "
+        "once per model version (ledger.jsonl): a re-run, or one after Ctrl-C, does only what is left.",
+        "python -m raysegment.infer --model shipped:densenet121 --diagnosis shipped --input /data/ACDC/testing "
+        "--output /data/seg",
+        "python -m raysegment.infer --model models:/raysegment-mobilenet_v2@champion --mlflow-uri http://mlflow:5000 "
+        "--input http://pacs:8042/dicom-web --output /data/seg")
     p.add_argument("--model", required=True, action="append", dest="models",
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder, .safetensors file or "
                         "shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")

@@ -7,14 +7,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysegment.cli import INTERRUPTED
+from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import default_of
 from raysegment.data.prepare import PrepareConfig, PrepareError, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.prepare`` command line (also used to dry-run job specs)."""
-    p = argparse.ArgumentParser(prog="python -m raysegment.prepare", description=__doc__.split("\n\n")[0])
+    p = command_parser(
+        "prepare",
+        "Prepare ACDC into Parquet shards for training and evaluation: one row per slice with its true spacing "
+        "and patient metadata, split by patient. Reads the official NIfTI release (patientNNN folders with "
+        "Info.cfg) or the SSL4MIS HDF5 layout; --out is written whole or not at all.",
+        "python -m raysegment.prepare --source /data/ACDC/training --out /data/shards")
     p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI or SSL4MIS h5)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
     d = lambda name: default_of(PrepareConfig, name)  # noqa: E731

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raysegment.cli import command_parser
 from raysegment.cli.args import check_data
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
@@ -15,7 +16,13 @@ from raysegment.runtime import disable_telemetry, quiet_environment
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.registry`` command line (also used to dry-run job specs)."""
-    p = argparse.ArgumentParser(prog="python -m raysegment.registry", description="raysegment model registry tools")
+    p = command_parser(
+        "registry",
+        "The MLflow model registry: register a checkpoint or import a weights file, each scored on the val "
+        "split of --data and made @champion only when it beats the current one; register an ensemble or the "
+        "diagnosis classifier.",
+        "python -m raysegment.registry import raysegment/shipped/densenet121.safetensors --data /data/shards "
+        "--mlflow-uri http://mlflow:5000")
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="register a weights file (.safetensors), scored on the val split of --data")
     imp.add_argument("weights")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from raysegment.analysis.paired import RESAMPLES
+from raysegment.cli import command_parser
 from raysegment.config import PredictConfig
 from raysegment.inference.evaluation import evaluate, figures
 from raysegment.reporting.report import (
@@ -27,7 +28,12 @@ from raysegment.reporting.report import (
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
-    p = argparse.ArgumentParser(prog="python -m raysegment.report")
+    p = command_parser(
+        "report",
+        "Score models against the reference masks of prepared shards: Dice and HD95 per class and phase, "
+        "clinical indices (volumes, EF, mass) with agreement plots, paired comparisons of two models, figures.",
+        "python -m raysegment.report evaluate --model shipped:densenet121 --data /data/shards",
+        "python -m raysegment.report compare --a ~/runs/mnv2 --b ~/runs/mnv2-ds --data /data/shards --out /tmp/compare")
     sub = p.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
     ev.add_argument("--model", required=True, action="append",

@@ -14,12 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+from raysegment.cli import command_parser
 from raysegment.config import PredictConfig, ServeConfig, default_of
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = lambda name: default_of(ServeConfig, name)  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m raysegment.serve", description=__doc__.split("\n\n")[0])
+    p = command_parser(
+        "serve",
+        "The online segmentation service on Ray Serve, in the foreground until Ctrl-C: POST a NIfTI file to "
+        "/v1/segment and get its mask (or ?format=json for volumes and EF); a registry alias is followed as it "
+        "moves. With --pacs and --output, series pushed by the PACS get their DICOM SEGs stored back.",
+        "python -m raysegment.serve --model models:/raysegment-densenet121@champion --mlflow-uri http://mlflow:5000",
+        "curl --data-binary @study.nii.gz -H 'Content-Type: application/octet-stream' "
+        "http://127.0.0.1:8000/v1/segment -o seg.nii.gz")
     p.add_argument("--model", required=True, help="models:/NAME@ALIAS (followed when the alias moves), models:/NAME/VERSION, "
                                                   "shipped:BACKBONE, a .safetensors/.onnx file or a checkpoint folder")
     p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from raysegment.cli import INTERRUPTED
+from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.cli.args import (
     _td,
     add_run_arguments,
@@ -26,7 +26,14 @@ from raysegment.training.train import RunHooks, RunSpec, train
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.train`` command line (also used to dry-run job specs)."""
-    p = argparse.ArgumentParser(prog="python -m raysegment.train", description=__doc__.split("\n\n")[0])
+    p = command_parser(
+        "train",
+        "Train one U-Net (DenseNet-121 or MobileNetV2 encoder) on prepared shards with Ray Train, DDP over "
+        "--workers. --minutes fits the cosine schedule to a wall-time budget; the same --storage/--name "
+        "resumes a stopped run with its clock. The run's last epoch is what it leaves "
+        "(python -m raysegment.weights export turns it into a weights file).",
+        "python -m raysegment.train --backbone mobilenet_v2 --data /data/shards --minutes 60 --storage ~/runs --name mnv2",
+        "python -m raysegment.train --local cuda --data BUNDLE.npz --epochs 100 --storage ~/runs --name mnv2-gpu")
     add_run_arguments(p)
     p.add_argument("--data", required=True, help="shards folder from raysegment.data.prepare (with --local also "
                                                  "a `diagnosis pack` bundle, .npz)")

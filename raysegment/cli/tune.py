@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from raysegment.cli import command_parser
 from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights, run_until_interrupted
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.prepare import sample_shards
@@ -51,7 +52,15 @@ def _parse_ranges(items: list[str], fixed: dict) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.tune`` command line (also used to dry-run job specs)."""
     d = lambda name: default_of(TuneSpec, name)  # noqa: E731
-    p = argparse.ArgumentParser(prog="python -m raysegment.tune", description=__doc__.split("\n\n")[0])
+    p = command_parser(
+        "tune",
+        "Search loss weights, learning rate and decoder width with Ray Tune + Optuna + ASHA, track every trial "
+        "in MLflow, train the best configuration again (--final-minutes) and register the result as "
+        "raysegment-BACKBONE; it becomes @champion only when it beats the current one on the same data. "
+        "Without --data: the bundled 6-patient sample and a local MLflow store ./mlflow.db.",
+        "python -m raysegment.tune --init-weights shipped",
+        "ray job submit -- python -m raysegment.tune --backbone densenet121 --data /data/shards "
+        "--mlflow-uri http://mlflow:5000")
     add_run_arguments(p)
     p.add_argument("--data", default=None, help="shards from raysegment.data.prepare (default: the bundled sample)")
     p.add_argument("--mlflow-uri", default=d("tracking_uri"))

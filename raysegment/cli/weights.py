@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import sys
 
+from raysegment.cli import command_parser
 from raysegment.model.checkpoint import last_checkpoint, read_state
 from raysegment.model.weights import SHIPPED_DIR, export_weights, seal, sha256, verify
 
 
 def build_parser():
-    import argparse
 
-    p = argparse.ArgumentParser(prog="python -m raysegment.weights", description="shipped weights files")
+    p = command_parser(
+        "weights",
+        "Weights files: export a run's last epoch (or a checkpoint) as .safetensors with its config inside, "
+        "write a model as ONNX, seal a file's digest, verify the shipped files against SHA256SUMS.",
+        "python -m raysegment.weights export ~/runs/mnv2 --out mnv2.safetensors",
+        "python -m raysegment.weights export-onnx shipped:densenet121 --out densenet121.onnx")
     sub = p.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (--storage/--name): its latest epoch's")
