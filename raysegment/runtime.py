@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -54,6 +55,17 @@ QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_DATA_LOG_LEVEL": "WARNI
              "RAY_AIR_NEW_OUTPUT": "0"}
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's notice that a new local Ray has token authentication on, which tells how to switch it
+    off; that it is off (``RAY_AUTH_MODE=disabled``) is still warned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+TOKEN_AUTH_NOTICE = _TokenAuthNotice()
+
+
 def quiet_environment(verbose: bool = False) -> dict:
     """``QUIET_ENV`` (empty when ``verbose``), also set in this process for what it starts."""
     if verbose:
@@ -85,6 +97,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
         except (ValueError, RuntimeError):
             ray.init(address=address, log_to_driver=True)
     else:
+        if not verbose:
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(TOKEN_AUTH_NOTICE)
         _start_local(num_cpus, logging_config)
     quiet_ray_data(verbose)
 
@@ -92,8 +106,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
 def quiet_ray_data(verbose: bool = False) -> None:
     """This process's Ray Data: no per-operator bars, no INFO line per execution plan (unless
     ``verbose``); our own lines are the progress report."""
-    import logging
-
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = verbose
@@ -105,8 +117,6 @@ def quiet_ray_data(verbose: bool = False) -> None:
 def quiet_progress_note() -> None:
     """Ray Data's note that its progress bars are off (we switch them off), logged once by each
     process that runs a dataset: a driver, a Tune trial's actor, a training worker."""
-    import logging
-
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 

@@ -106,11 +106,13 @@ def test_bench_train_and_data_commands_print_their_figures(shards, capsys):
 
     import ray
 
-    # As a user runs it: one JSON line and one sentence, none of Ray Data's per-plan INFO lines or notes.
+    # As a user runs it: one JSON line and one sentence, none of Ray Data's per-plan INFO lines or notes,
+    # nor Ray's notice of how to switch off the token authentication of the local Ray it starts.
     data = subprocess.run([sys.executable, "-m", "raysegment.bench", "data", "--data", str(shards), "--batch-size", "2",
                            "--image-size", "64", "--crop-size", "32"], capture_output=True, text=True, timeout=300)
     assert data.returncode == 0, data.stderr[-3000:]
-    assert not any(s in data.stdout + data.stderr for s in ("streaming_executor", "Progress bars disabled")), data.stderr
+    assert not any(s in data.stdout + data.stderr for s in ("streaming_executor", "Progress bars disabled",
+                                                                   "Token authentication is enabled")), data.stderr
     assert json.loads(data.stdout.splitlines()[0])["pipeline_slices_per_s"] > 0
     try:
         assert bench.main(["train", "--data", str(shards), "--steps", "2", "--batch-size", "2", "--image-size", "64",
