@@ -14,6 +14,7 @@ from raysegment.io.studies import (
     parse_info_cfg,
     read_study,
     save_mask,
+    spacing_flag,
     zyx_to_nifti,
 )
 
@@ -79,6 +80,22 @@ def test_bad_studies_raise_study_error(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((4, 20, 3), np.int16), np.eye(4)), str(tmp_path / "thin.nii.gz"))
     with pytest.raises(StudyError, match="too small"):
         read_study(tmp_path / "thin.nii.gz")
+
+
+def test_a_non_finite_spacing_is_bad_input_and_a_zero_one_is_flagged(tmp_path):
+    """A NaN pixdim made the batch job's actor raise a ValueError, an environment error retried on
+    every run; nibabel reads a pixdim of 0 as 1 mm, so such a study's mL and grams are flagged."""
+    image = np.ones((20, 20, 3), np.int16)
+    for name, pixdim in {"nan": [np.nan, 1.5, 8.0], "zero": [0.0, 0.0, 8.0], "fine": [1.5, 1.5, 8.0]}.items():
+        img = nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0]))
+        img.header["pixdim"][1:4] = pixdim
+        nib.save(img, str(tmp_path / f"{name}.nii.gz"))
+    with pytest.raises(StudyError, match="pixel spacing"):
+        read_study(tmp_path / "nan.nii.gz")
+    zero, _, zooms = read_study(tmp_path / "zero.nii.gz")
+    assert zooms == (1.0, 1.0, 8.0) and spacing_flag(zero) == "spacing_zero_1mm_assumed"
+    assert spacing_flag(read_study(tmp_path / "fine.nii.gz")[0]) == ""
+    assert spacing_flag(nib.Nifti1Image(image, np.eye(4))) == ""  # in memory: no file to read a header from
 
 
 def test_output_inside_the_input_is_no_input_and_broken_links_are_kept(tmp_path):

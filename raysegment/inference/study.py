@@ -12,7 +12,17 @@ import numpy as np
 
 from raysegment.analysis.clinical import add_cine_ef, mark_cine_phases, myocardial_mass_g, qc_flags, volumes_ml, voxel_counts
 from raysegment.config import CLASS_NAMES
-from raysegment.io.studies import StudyError, acdc_phase, gt_for, info_cfg_flag, normalize_intensity, read_study, save_mask, study_stem
+from raysegment.io.studies import (
+    StudyError,
+    acdc_phase,
+    gt_for,
+    info_cfg_flag,
+    normalize_intensity,
+    read_study,
+    save_mask,
+    spacing_flag,
+    study_stem,
+)
 
 # --------------------------------------------------------------------------- one study
 
@@ -58,7 +68,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
             for rec in level_records(masks[t], gt_frames[t], spacing_zyx):  # NaN: neither draws it there
                 row[f"dice_{rec['class']}_{rec['level']}"] = rec["dice"]
     finish_rows(rows, frames[0], masks[0], figure, out_dir / "figures" / name.replace(".nii.gz", ".png"),
-                [f for f in (gt_flag, info_cfg_flag(path)) if f])
+                [f for f in (gt_flag, info_cfg_flag(path), spacing_flag(img)) if f])
     return rows
 
 

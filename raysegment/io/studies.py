@@ -166,7 +166,23 @@ def study_arrays(img):
     if not np.all(np.isfinite(frames)):
         raise StudyError("image holds NaN or inf intensities")
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise StudyError(f"pixel spacing (pixdim) {zooms} mm is not positive and finite")
     return frames, zooms
+
+
+def spacing_flag(img) -> str:
+    """``spacing_zero_1mm_assumed`` for an image loaded from a NIfTI file whose header gives a pixel
+    spacing of 0 (nibabel reads it as 1 mm: the mask is right, its volumes in mL and mass in g are
+    not), else ''."""
+    import nibabel as nib
+
+    source = img.file_map.get("header") or img.file_map.get("image")
+    if source is None or source.filename is None:
+        return ""
+    with nib.openers.ImageOpener(source.filename) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    return "spacing_zero_1mm_assumed" if any(float(z) == 0 for z in raw["pixdim"][1:4]) else ""
 
 
 def _umask() -> int:
