@@ -97,3 +97,8 @@ def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
         for argv in ours:
             assert argv[:3] == ["python", "-m", f"raysegment.{name}"]
             parser.parse_args(argv[3:])  # an invalid example exits 2 here
+        # A bad command line: the short usage and the error, not argparse's whole usage (~30 lines for train).
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["--no-such-option"])
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ") and "error: " in err[1], (name, err)

@@ -23,10 +23,20 @@ def run(main, argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are two lines, the error last: argparse's own usage of
+    ``train`` or ``tune`` is some 30 lines above the one that says what is wrong."""
+
+    def error(self, message: str):
+        commands = [",".join(a.choices) for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        usage = " ".join([self.prog, *(f"{{{c}}}" for c in commands), "[options]"])
+        self.exit(2, f"usage: {usage}   (--help lists them)\n{self.prog}: error: {message}\n")
+
+
 def command_parser(name: str, description: str, *examples: str) -> argparse.ArgumentParser:
     """The parser of ``python -m raysegment.NAME``: ``--help`` shows what the command does and
     ``examples`` (a module's docstring is for developers and is not shown)."""
     text = "\n\n".join(textwrap.fill(" ".join(part.split()), 88, break_on_hyphens=False) for part in description.split("\n\n"))
     epilog = ("examples:\n" + "\n".join(f"  {line}" for line in examples)) if examples else None
-    return argparse.ArgumentParser(prog=f"python -m raysegment.{name}", description=text, epilog=epilog,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return CommandParser(prog=f"python -m raysegment.{name}", description=text, epilog=epilog,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Speed and memory benchmarks; each prints JSON lines (the figures in docs/benchmarks.md come from these).",
         "python -m raysegment.bench train --data /data/shards --steps 30",
         "python -m raysegment.bench infer --data /data/shards --model shipped:densenet121")
-    sub = p.add_subparsers(dest="what", required=True)
+    sub = p.add_subparsers(dest="what", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="Ray Train path vs bare PyTorch loop, slices/s")
     t.add_argument("--data", required=True, help="shards folder, or a `diagnosis pack` bundle (.npz) with --bare-only")
     t.add_argument("--bare-only", action="store_true", help="the bare loop alone, no Ray (a machine with torch only)")

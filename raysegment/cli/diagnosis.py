@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "masks, fitting the classifier and the basal ES check, packing shards into one bundle.",
         "python -m raysegment.diagnosis fit --data /data/shards --model shipped:densenet121 --out diagnosis.json",
         "python -m raysegment.diagnosis pack --data /data/shards --out acdc.npz")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_crossval_parsers(sub)
     _add_fit_parsers(sub)
     pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes and their train/val split "

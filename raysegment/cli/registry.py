@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnosis classifier.",
         "python -m raysegment.registry import raysegment/shipped/densenet121.safetensors --data /data/shards "
         "--mlflow-uri http://mlflow:5000")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     imp = sub.add_parser("import", help="register a weights file (.safetensors), scored on the val split of --data")
     imp.add_argument("weights")
     imp.add_argument("--data", default=None, help="shards whose val split scores it (Dice tags, champion rule); "

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "clinical indices (volumes, EF, mass) with agreement plots, paired comparisons of two models, figures.",
         "python -m raysegment.report evaluate --model shipped:densenet121 --data /data/shards",
         "python -m raysegment.report compare --a ~/runs/mnv2 --b ~/runs/mnv2-ds --data /data/shards --out /tmp/compare")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
     ev.add_argument("--model", required=True, action="append",
                     help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")

@@ -18,7 +18,7 @@ def build_parser():
         "write a model as ONNX, seal a file's digest, verify the shipped files against SHA256SUMS.",
         "python -m raysegment.weights export ~/runs/mnv2 --out mnv2.safetensors",
         "python -m raysegment.weights export-onnx shipped:densenet121 --out densenet121.onnx")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (--storage/--name): its latest epoch's")
     ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
