@@ -106,6 +106,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stac
         "no token": (_post(url, good, token="wrong"), 401),
         "GET on segment": (requests.get(f"{url}/v1/segment", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30), 405),
         "ES frame out of range": (_post(url, _nifti(np.stack([_study(), _study(4)], -1)), params="?format=json&ed=0&es=5"), 400),
+        "ED and ES the same frame": (_post(url, good, params="?format=json&ed=1&es=1"), 400),
     }
     for kind, (response, status) in bad.items():
         assert response.status_code == status, (kind, response.status_code, response.text)

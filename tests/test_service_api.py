@@ -42,9 +42,10 @@ def test_the_json_summary_has_ef_from_given_frames_and_no_nan():
     assert out["ef_lv_pct"] == pytest.approx(60.0) and out["ef_rv_pct"] is None  # an empty RV: no EF, not NaN
     assert out["patient_qc_flags"] == [] and summary(rows, "m/1", ed=1, es=0)["patient_qc_flags"] == ["es_above_ed_lv"]
     json.dumps(out, allow_nan=False)
-    with pytest.raises(RequestError) as exc:
-        summary(rows, "m/1", ed=0, es=2)
-    assert exc.value.status == 400
+    for ed, es in ((0, 2), (1, 1), (0, None), (None, 1)):  # out of range, the same frame twice, one alone
+        with pytest.raises(RequestError) as exc:
+            summary(rows, "m/1", ed=ed, es=es)
+        assert exc.value.status == 400 and "two different frame indices" in str(exc.value), (ed, es)
     assert not any(isinstance(v, float) and math.isnan(v) for v in out.values())
 
 

@@ -143,6 +143,7 @@ class SegmentService:
                                     f"application/octet-stream")
         body = await _read_body(request, int(self.config.max_body_mb * MiB))
         ed, es = _frame_param(params, "ed"), _frame_param(params, "es")
+        check_frames(ed, es)  # before the body is segmented
         predictor, version = self.holder.predictor, self.holder.version
         t0 = time.perf_counter()
         result = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es)
@@ -260,6 +261,17 @@ def _frame_param(params, name: str) -> int | None:
     return int(value)
 
 
+def check_frames(ed: int | None, es: int | None, n_frames: int | None = None) -> None:
+    """Raises RequestError (400) unless ``ed`` and ``es`` are both absent, or two different frame
+    indices (below ``n_frames`` when known): one without the other, or the same frame twice, gave
+    no EF or an EF of 0 %."""
+    if ed is None and es is None:
+        return
+    if ed is None or es is None or ed == es or (n_frames is not None and max(ed, es) >= n_frames):
+        below = f" below {n_frames}" if n_frames is not None else ""
+        raise RequestError(400, f"ed and es must both be given, as two different frame indices{below}")
+
+
 def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> dict:
     """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and EF (%) of
     the LV and RV, from the frames ``ed``/``es`` when given (with ``patient_qc_flags``), else the
@@ -270,9 +282,8 @@ def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> d
     frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
               for r in rows]
     out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "frames": frames}
-    if ed is not None or es is not None:
-        if ed is None or es is None or max(ed, es) >= len(rows):
-            raise RequestError(400, f"ed and es must both be frame indices below {len(rows)}")
+    check_frames(ed, es, len(rows))
+    if ed is not None and es is not None:
         out["ed"], out["es"] = ed, es
         volumes = {f"{n}_{p}v_ml": rows[f][f"volume_{n}_ml"] for n in ("lv", "rv") for p, f in (("ed", ed), ("es", es))}
         for name in ("lv", "rv"):
