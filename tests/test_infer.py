@@ -446,14 +446,15 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
 
 def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(tmp_path, predictor):
     """Official-layout folders that get no indices are listed in report.md with the reason (an
-    Info.cfg without integer ED / ES, which also flags its frames; a frame that failed; a missing
-    frame file); a patient whose ES volume exceeds its ED volume (Info.cfg's ED and ES swapped) has
+    Info.cfg without integer ED / ES, which also flags its frames, or with ED = ES; a frame that failed;
+    a missing frame file); a patient whose ES volume exceeds its ED volume (Info.cfg's ED and ES swapped) has
     a patient QC flag; a sound patient none."""
     from raysegment.analysis.clinical import unpaired_patients
     from raysegment.inference.ledger import add_patient_clinical
     from raysegment.io.studies import acdc_phase, info_cfg_flag
 
-    sound, swapped, broken, lone, failed = (make_nifti_patient(tmp_path, n) for n in range(1, 6))
+    sound, swapped, broken, lone, failed, same = (make_nifti_patient(tmp_path, n) for n in range(1, 7))
+    (same / "Info.cfg").write_text((same / "Info.cfg").read_text().replace("ES: 7", "ES: 1"))
     (swapped / "Info.cfg").write_text((swapped / "Info.cfg").read_text().replace("ED: 1\nES: 7", "ED: 7\nES: 1"))
     (broken / "Info.cfg").write_text((broken / "Info.cfg").read_text().replace("ED: 1", "ED: one"))
     (lone / "patient004_frame07.nii.gz").unlink()
@@ -463,14 +464,15 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
         rows.append({"study": str(study), "frame": 0, "phase": acdc_phase(study) or "", "status": "done",
                      "mask": str(gt), "spacing_mm": json.dumps([10.0, 1.5, 1.25]), "qc_flags": info_cfg_flag(study),
                      "volume_rv_ml": 1.0, "volume_myo_ml": 1.0, "volume_lv_ml": 1.0})
-    rows[-1] = {"study": rows[-1]["study"], "frame": -1, "status": "failed", "reason": "unreadable NIfTI"}
+    rows[-3] = {"study": rows[-3]["study"], "frame": -1, "status": "failed", "reason": "unreadable NIfTI"}
     add_patient_clinical(rows, None)
     flags = {Path(r["study"]).parent.name: r.get("patient_qc_flags") for r in rows}
     assert flags["patient001"] == "" and "es_above_ed_lv" in flags["patient002"].split(";")
     assert {Path(f).name: why for f, why in unpaired_patients(rows).items()} == {
         "patient003": "Info.cfg has no integer ED or ES line",
         "patient004": "its ED or ES frame file is not among the studies",
-        "patient005": "patient005_frame07.nii.gz was not segmented (failed)"}
+        "patient005": "patient005_frame07.nii.gz was not segmented (failed)",
+        "patient006": "Info.cfg gives ED and ES the same frame"}
     text = batch_report(rows, tmp_path, 0).read_text()
     assert "No patient indices for: patient003 (Info.cfg has no integer ED or ES line); patient004 (" in text
     table = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()

@@ -74,7 +74,7 @@ def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
 
 def unpaired_patients(rows: list[dict]) -> dict[str, str]:
     """Official-layout folders with a frame file segmented but no patient indices → why: Info.cfg
-    without integer ED / ES, a frame not segmented, the indices' own error, or no ED or ES frame."""
+    without integer ED / ES or with ED = ES, a frame not segmented, the indices' own error, or no ED or ES frame."""
     from raysegment.io.studies import OFFICIAL_FRAME, study_stem
 
     pairs = ed_es_pairs(rows)
@@ -86,6 +86,8 @@ def unpaired_patients(rows: list[dict]) -> dict[str, str]:
             continue
         if "info_cfg_without_ed_es" in (r.get("qc_flags") or ""):
             why[folder] = "Info.cfg has no integer ED or ES line"
+        elif "info_cfg_ed_equals_es" in (r.get("qc_flags") or ""):
+            why[folder] = "Info.cfg gives ED and ES the same frame"
         elif r.get("status") != "done":
             why.setdefault(folder, f"{Path(r['study']).name} was not segmented ({r.get('status')})")
         elif r.get("clinical_error"):

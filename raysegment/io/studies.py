@@ -114,10 +114,16 @@ def acdc_phase(path: Path) -> str | None:
 
 
 def info_cfg_flag(path: Path) -> str:
-    """``info_cfg_without_ed_es`` for an official-layout frame file whose folder's Info.cfg has no
-    integer ED or ES line (its patient then gets no indices), else ''."""
+    """For an official-layout frame file whose folder's Info.cfg has no integer ED or ES line
+    (``info_cfg_without_ed_es``) or gives both the same frame (``info_cfg_ed_equals_es``): its
+    patient then gets no indices. Else ''."""
     found = _official_frame(path)
-    return "info_cfg_without_ed_es" if found and not all(found[1].get(k, "").isdigit() for k in ("ED", "ES")) else ""
+    if not found:
+        return ""
+    ed, es = (found[1].get(k, "") for k in ("ED", "ES"))
+    if not (ed.isdigit() and es.isdigit()):
+        return "info_cfg_without_ed_es"
+    return "info_cfg_ed_equals_es" if int(ed) == int(es) else ""
 
 
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
