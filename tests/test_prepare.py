@@ -181,8 +181,14 @@ def _break_duplicate(src):
     return "patient001", "duplicate patient id"
 
 
+def _break_ed_equals_es(src):  # both phases would be the same volume, an EF of 0 %
+    cfg = src / "training/patient002/Info.cfg"
+    cfg.write_text(cfg.read_text().replace("ES: 7", "ES: 1"))
+    return "patient002/Info.cfg", "ED and ES are the same frame (1)"
+
+
 BAD = [_break_missing_gt, _break_shape, _break_labels, _break_nan, _break_2d, _break_5d,
-       _break_gzip, _break_not_gzip, _break_empty, _break_duplicate]
+       _break_gzip, _break_not_gzip, _break_empty, _break_duplicate, _break_ed_equals_es]
 
 
 @pytest.mark.parametrize("breaker", BAD, ids=[b.__name__[7:] for b in BAD])

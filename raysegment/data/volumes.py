@@ -170,6 +170,8 @@ def read_info_cfg(path: Path) -> dict[str, str]:
     for key in ("ED", "ES"):
         if not info.get(key, "").isdigit():
             raise PrepareError(f"{path}: no integer '{key}:' line")
+    if int(info["ED"]) == int(info["ES"]):
+        raise PrepareError(f"{path}: ED and ES are the same frame ({info['ED']})")
     return info
 
 
