@@ -58,6 +58,37 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
     assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name='raysegment-mobilenet_v2'")] == ["1"]
 
 
+def test_an_ensemble_registered_again_with_the_same_members_makes_no_new_version(tmp_path, tiny_model, sample_shards,
+                                                                                  capsys):
+    """``registry ensemble`` re-run (a cron job, a user who is not sure it ran) with the same member
+    versions on the same data: the version it made, not a copy; other members make a new one."""
+    import copy
+
+    import torch
+    from conftest import write_checkpoint
+    from mlflow import MlflowClient
+
+    from raysegment.cli import registry as registry_cli
+
+    model, config = tiny_model
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.01)
+    a, b = write_checkpoint(tmp_path / "a", model, config), write_checkpoint(tmp_path / "b", other, config)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def register(*members) -> str:
+        argv = ["ensemble", *[x for m in members for x in ("--member", str(m))], "--data", str(sample_shards), "--mlflow-uri", uri]
+        assert registry_cli.main(argv) == 0
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    assert register(a, b).startswith("registered raysegment-ensemble v1; ")
+    assert register(a, b).startswith("already registered: raysegment-ensemble v1; ")
+    assert register(a, a).startswith("registered raysegment-ensemble v2; ")
+    assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name='raysegment-ensemble'")] == ["2", "1"]
+
+
 @pytest.mark.slow  # a command's own process: 10 s, no servers
 def test_the_registry_command_prints_no_mlflow_info_lines_or_download_bars(tmp_path, tiny_model):
     """As a user runs it (MLflow loads in the command's own process): our line, and of MLflow's

@@ -206,6 +206,12 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
     mlflow.set_tracking_uri(tracking_uri)
     versions = [model_version(m, tracking_uri) for m in members]
     pinned = [f"models:/{v}" if is_registry_uri(m) else m for m, v in zip(members, versions)]
+    manifest_hash = load_manifest(shards)["content_hash"]
+    wanted = {"members": json.dumps(versions), "manifest_hash": manifest_hash, "flip_tta": str(flip_tta).lower()}
+    same = _existing_version(ENSEMBLE_NAME, lambda t: all(t.get(k) == v for k, v in wanted.items()),
+                             "these members, scored the same way, are this version", tracking_uri, force_champion)
+    if same:
+        return same
     summary = dice_summary(evaluate(pinned, shards, splits=("val",), tracking_uri=tracking_uri, flip_tta=flip_tta))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "members"
@@ -215,8 +221,7 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
             save_checkpoint(folder / str(i), loaded.model, None, loaded.config, loaded.state)
         uri = _in_run(None, "register-ensemble", lambda: _log_pyfunc({"members": str(folder)}))
     tags = {k: f"{float(summary[k]):.6f}" for k in DICE_KEYS}
-    tags.update(manifest_hash=load_manifest(shards)["content_hash"], git_commit=git_commit(),
-                members=json.dumps(versions), flip_tta=str(flip_tta).lower())
+    tags.update(wanted, git_commit=git_commit())
     return _register(ENSEMBLE_NAME, uri, description="raysegment ensemble: the members' softmax averaged",
                      tags=tags, tracking_uri=tracking_uri, force_champion=force_champion)
 
@@ -283,23 +288,29 @@ def _registered_already(checkpoint_dir: str | Path, tracking_uri: str, manifest_
     """The version that holds these weights (``weights_sha256``) scored the same way — on the same
     data manifest, or unscored — so that importing a file again registers nothing twice;
     ``force_champion`` moves the alias to that version."""
-    from mlflow import MlflowClient
-
     from raysegment.model.checkpoint import read_state_dict, state_digest
 
     name = model_name(json.loads((Path(checkpoint_dir) / "config.json").read_text())["model"]["backbone"])
     digest = state_digest(read_state_dict(checkpoint_dir))
+    return _existing_version(
+        name, lambda t: (t.get("weights_sha256"), t.get("manifest_hash", ""), t.get("evaluated") != "false")
+        == (digest, manifest_hash, evaluated), "these weights, scored the same way, are this version",
+        tracking_uri, force_champion)
+
+
+def _existing_version(name: str, same, why: str, tracking_uri: str, force_champion: bool) -> Registration | None:
+    """The first version of ``name`` whose tags ``same(tags)`` accepts, as a Registration that made
+    nothing new (``force_champion`` moves the alias to it); None when there is none."""
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri)
     for v in client.search_model_versions(f"name='{name}'"):
-        t = v.tags
-        if (t.get("weights_sha256"), t.get("manifest_hash", ""), t.get("evaluated") != "false") == (digest, manifest_hash,
-                                                                                                    evaluated):
+        if same(v.tags):
             if force_champion:
                 client.set_registered_model_alias(name, CHAMPION, v.version)
             aliases = client.get_registered_model(name).aliases
             return Registration(name=name, version=str(v.version), champion=str(aliases.get(CHAMPION)) == str(v.version),
-                                reason="forced" if force_champion else "these weights, scored the same way, are this version",
-                                new=False)
+                                reason="forced" if force_champion else why, new=False)
     return None
 
 
