@@ -401,10 +401,11 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     assert all(float(v) == float(v) for r in rows[1:] for v in r[2:] if v != "nan")  # numbers, not shifted text
 
 
-def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(tmp_path, capsys):
+def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(tmp_path, tiny_checkpoint, capsys):
     """``diagnosis fit --model``: the segmenter's own masks (no cross-validated folds); the model
     records where its masks came from, and a classifier fitted on the train split alone is scored
-    on the val split's patients, the one figure neither the segmenter nor it has seen."""
+    on the val split's patients, the one figure neither the segmenter nor it has seen. (A tiny random
+    segmenter: what is tested is where the masks come from and how it is scored, not its accuracy.)"""
     from synth import make_nifti_patient
 
     from raysegment.data.prepare import PrepareConfig, load_manifest, prepare
@@ -414,17 +415,20 @@ def test_fit_from_a_segmenters_own_masks_says_so_and_scores_the_val_split_apart(
         make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(2, 40, 48))
     prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
     out = tmp_path / "diagnosis.json"
-    assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+    assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", str(tiny_checkpoint),
                                "--repeats", "1", "--out", str(out)]) == 0
     model = diagnosis.load(out)
-    assert model.meta["masks"].startswith("own masks of shipped:mobilenet_v2") and model.meta["segmenter"] == "shipped:mobilenet_v2"
+    assert model.meta["masks"].startswith(f"own masks of {tiny_checkpoint}") and model.meta["segmenter"] == str(tiny_checkpoint)
     check, val = model.meta["val_check"], load_manifest(tmp_path / "shards")["splits"]["val"]
     assert (check["fitted_on"], check["n"]) == (15 - len(val), len(val))
     assert check["correct"] + len(check["wrong"]) == len(val) and all(w.split()[0] in val for w in check["wrong"])
-    assert f"{check['correct']}/{len(val)} right" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"{check['correct']}/{len(val)} right" in printed.out
+    # Its masks draw no LV: such features are filled with 0, said in one line (sklearn raised on NaN).
+    assert "warning: no patient has a value for lv_ef_pct" in printed.err
     assert f"{check['correct']}/{len(val)} right" in out.with_suffix(".md").read_text()
     with pytest.raises(SystemExit):  # masks from one place only
-        diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", "shipped:mobilenet_v2",
+        diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--model", str(tiny_checkpoint),
                             "--masks", str(tmp_path), "--out", str(out)])
 
 

@@ -44,7 +44,7 @@ class DiagnosisModel:
     weight) take the training median."""
 
     classes: tuple[str, ...]
-    fill: tuple[float, ...]  # training medians
+    fill: tuple[float, ...]  # training medians (0 for a feature no training patient had)
     mean: tuple[float, ...]
     scale: tuple[float, ...]
     coef: tuple[tuple[float, ...], ...]  # (classes, features)
@@ -105,7 +105,9 @@ def fit(x: np.ndarray, y: list[str], seed: int = 0, meta: dict | None = None) ->
     """Fit the classifier on feature rows ``x`` (N, FEATURES) and groups ``y``."""
     x, y = np.asarray(x, float), np.asarray(y)
     classes = tuple(g for g in GROUPS if g in set(y)) + tuple(sorted(set(y) - set(GROUPS)))
-    fill = np.nanmedian(x, axis=0)
+    fill = np.zeros(x.shape[1])  # a feature no patient has (a structure never drawn): 0, no information
+    known = np.isfinite(x).any(0)
+    fill[known] = np.nanmedian(np.where(np.isfinite(x[:, known]), x[:, known], np.nan), axis=0)
     x = np.where(np.isfinite(x), x, fill)
     mean, scale = x.mean(0), x.std(0)
     scale[scale == 0] = 1.0

@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from raysegment.analysis.diagnosis import (
     FEATURES,
     basal_check_agreement,
@@ -46,6 +48,9 @@ def _fit_command(a) -> int:
     if len(set(y)) < 3 or len(names) < 10:  # the JSON classifier is multinomial: 3 groups or more
         print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
         return 2
+    if missing := [f for f, known in zip(FEATURES, np.isfinite(x).any(0)) if not known]:
+        print(f"warning: no patient has a value for {', '.join(missing)} (the masks lack a structure?); "
+              f"the classifier fills them with 0", file=sys.stderr)
     t0 = time.perf_counter()
     cv = cross_validate(x, y, repeats=a.repeats, seed=a.seed)
     meta = {"accuracy": cv["accuracy"], "accuracy_sd": cv["accuracy_sd"], "cv": cv, "segmenter": a.segmenter or " + ".join(a.model or []),
