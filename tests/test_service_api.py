@@ -10,15 +10,21 @@ import threading
 import pytest
 
 
-def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys):
+def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys, monkeypatch):
     from raysegment.cli import serve
+    from raysegment.service import run as serve_run
 
     bad = {("--pacs", "http://pacs/dicom-web"): "--pacs and --output go together",
            ("--autoscale", "3:1"): "need 0 ≤ MIN ≤ MAX",
            ("--autoscale", "many"): "must be MIN:MAX",
            ("--runtime", "onnx", "--gpu"): "runs on the CPU",
            ("--token-file", str(tmp_path / "none")): "--token-file",
-           ("--replicas", "0"): "must be > 0"}
+           ("--replicas", "0"): "must be > 0",
+           # a model that is not there: refused before Ray starts, not by a replica's traceback
+           ("--model", "shipped:resnet"): "no such shipped model",
+           ("--model", str(tmp_path / "none.safetensors")): "not a raysegment weights file",
+           ("--model", "models:/nope@champion", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"): "no such model in the registry"}
+    monkeypatch.setattr(serve_run, "start", lambda *a, **k: pytest.fail("the service was started"))
     for args, message in bad.items():
         with pytest.raises(SystemExit) as exc:
             serve.main(["--model", "shipped:mobilenet_v2", *args])

@@ -405,6 +405,7 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
      "search saved began with --num-samples 2, not 3: resume it with that, or give a new --name"),
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--actors", "0"], "--actors must be ≥ 1"),
     ("infer", ["--model", "BROKEN", *INFER], "not a raysegment weights file"),
+    ("infer", ["--model", "shipped:resnet", *INFER], "no such shipped model"),
     ("infer", ["--model", "shipped:mobilenet_v2", "--input", "TMP", "--output", "BROKEN"], "a file, not a folder"),
     ("infer", ["--model", "shipped:mobilenet_v2", "--input", "BROKEN", "--output", "TMP/o"], "a file; give the folder"),
 ])

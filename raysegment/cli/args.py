@@ -32,6 +32,33 @@ def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
         p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
 
 
+def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> None:
+    """Each ``--model`` reference names a model that is there — a shipped backbone, a registry
+    version or alias, a weights file or checkpoint whose config reads — checked before Ray starts;
+    ``p.error`` otherwise (a replica or actor failing to load it printed a traceback and stopped)."""
+    from raysegment.model.weights import saved_config, shipped_weights
+
+    for ref in refs:
+        try:
+            if ref.startswith("shipped:"):
+                shipped_weights(ref[len("shipped:"):])
+            elif ref.startswith("models:/"):
+                from mlflow import MlflowClient
+
+                name, _, alias = ref[len("models:/"):].partition("@")
+                client = MlflowClient(tracking_uri)
+                if alias:
+                    client.get_model_version_by_alias(name, alias)
+                else:
+                    client.get_model_version(*name.rsplit("/", 1))
+            else:
+                saved_config(ref)
+        except Exception as exc:
+            what = {"models:/": f"no such model in the registry {tracking_uri or '(MLflow default)'}",
+                    "shipped:": "no such shipped model"}.get(ref[:8], "not a raysegment weights file or checkpoint")
+            p.error(f"--model {ref}: {what} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
     first problem, instead of a traceback from inside Ray minutes later."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import disable_telemetry, quiet_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import check_args
+    from raysegment.cli.args import check_args, check_models
 
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():
@@ -74,14 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"or raysegment.segment(FILE) in Python for one study")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
-    for ref in a.models:  # local files are checked here, not by an actor after Ray has started
-        if not (ref.startswith("models:/") or ref.startswith("shipped:")):
-            from raysegment.model.weights import saved_config
-
-            try:
-                saved_config(ref)
-            except Exception as exc:
-                p.error(f"--model {ref}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+    quiet_environment()  # before MLflow loads: no INFO lines of a registry lookup
+    check_models(p, a.models, a.mlflow_uri)
     disable_telemetry()
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,

@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     config = config_from_args(p, a)
+    from raysegment.cli.args import check_models
+    from raysegment.runtime import quiet_environment
     from raysegment.service import run
+
+    quiet_environment(a.verbose)  # before MLflow loads: no INFO lines of a registry lookup
+    check_models(p, [a.model], a.mlflow_uri)
 
     try:
         url = run.start(config, verbose=a.verbose)
