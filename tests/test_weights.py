@@ -193,3 +193,22 @@ def test_tensors_beyond_fp16_range_stay_fp32_and_a_nan_checkpoint_is_refused(tmp
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
     with pytest.raises(DamagedWeights, match="NaN or inf"):
         load_weights_file(tmp_path / "old.safetensors")
+
+
+def test_every_weights_command_says_what_is_wrong_with_its_input_in_one_line(tmp_path, capsys):
+    """``seal``, ``export-onnx`` and ``verify`` on a file that is not there, not a weights file, or a
+    folder without SHA256SUMS: one error line and exit 2 (they printed tracebacks)."""
+    from raysegment.cli import weights as weights_cli
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("not a weights file")
+    cases = {("seal", str(tmp_path / "none.safetensors")): "No such file",
+             ("seal", str(junk)): "not a .safetensors file",
+             ("export-onnx", str(junk), "--out", str(tmp_path / "x.onnx")): "not a .safetensors file",
+             ("export-onnx", "shipped:resnet", "--out", str(tmp_path / "x.onnx")): "no shipped weights for 'resnet'",
+             ("verify", "--folder", str(tmp_path)): "no SHA256SUMS there"}
+    for argv, message in cases.items():
+        assert weights_cli.main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "x.onnx").exists()

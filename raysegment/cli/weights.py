@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from raysegment.cli import command_parser
 from raysegment.model.checkpoint import last_checkpoint, read_state
@@ -37,13 +38,17 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    try:
+        return _run(a)
+    except (OSError, ValueError) as exc:  # a file that is not there or not ours; DamagedWeights: NaN or inf
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(a) -> int:
     if a.cmd == "export":
-        try:
-            checkpoint = last_checkpoint(a.checkpoint)
-            out = export_weights(checkpoint, a.out, half=not a.fp32)
-        except (FileNotFoundError, ValueError) as exc:  # DamagedWeights: NaN or inf in the checkpoint
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        checkpoint = last_checkpoint(a.checkpoint)
+        out = export_weights(checkpoint, a.out, half=not a.fp32)
         sums = out.parent / "SHA256SUMS"
         lines = [ln for ln in (sums.read_text().splitlines() if sums.exists() else []) if not ln.endswith(" " + out.name)]
         digest = sha256(out)
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "seal":
         print(f"{a.file}: tensors sha256 {seal(a.file)}")
         return 0
+    if not (Path(a.folder) / "SHA256SUMS").is_file():
+        raise FileNotFoundError(f"{a.folder}: no SHA256SUMS there (python -m raysegment.weights export writes it)")
     results = verify(a.folder)
     for name, ok in results.items():
         print(f"{name}: {'OK' if ok else 'MISMATCH'}")

@@ -40,10 +40,15 @@ def shipped_weights(backbone: str) -> Path:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+    """A .safetensors file's metadata; ValueError for a file that is not one (safetensors raises
+    its own error type, which callers' ``except ValueError`` missed)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a .safetensors file ({exc})") from None
 
 
 def saved_config(path: str | Path) -> TrainConfig:
