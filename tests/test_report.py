@@ -148,8 +148,20 @@ def test_clinical_report_scores_masks_against_the_reference_and_draws_bland_altm
 
 
 def test_figures_command_writes_its_pngs(tmp_path, tiny_model, shards, capsys):
+    """Any model reference, as everywhere (``shipped:`` was read as a file name); one that is not
+    there: one error line before anything is drawn."""
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    assert report_cli.main(["figures", "--model", f"tiny={ckpt}", "--data", str(shards), "--out", str(tmp_path / "f")]) == 0
+    assert report_cli.main(["figures", "--model", f"tiny={ckpt}", "--model", "mnv2=shipped:mobilenet_v2", "--data", str(shards),
+                            "--out", str(tmp_path / "f")]) == 0
     written = sorted(p.name for p in (tmp_path / "f").iterdir())
-    assert written == ["overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]  # no history: no curves
-    assert all(name in capsys.readouterr().out for name in written[:1])
+    assert written == ["learning_curves.png",  # the shipped file's history; the tiny checkpoint has none
+                       "overlay_mnv2_patient002_ED.png", "overlay_mnv2_patient002_ES.png",
+                       "overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in written), printed
+    for args in (["figures", "--model", "a=shipped:resnet", "--out", str(tmp_path / "g")],
+                 ["clinical", "--model", "shipped:resnet", "--out", str(tmp_path / "g")]):
+        with pytest.raises(SystemExit) as exit_:
+            report_cli.main([*args, "--data", str(shards)])
+        assert exit_.value.code == 2 and "no such shipped model" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "g").exists()

@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --model: a folder keeping the masks (as `diagnosis fit/basal --mask-cache`)")
     _add_compare(sub)
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
-    fi.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
-                    help="checkpoint folder or .safetensors file, repeatable")
+    fi.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
+                    help="a checkpoint or run folder, .safetensors file, shipped:BACKBONE or models:/ URI, repeatable "
+                         "(learning curves: those that carry their history, not models:/)")
     fi.add_argument("--data", required=True)
+    fi.add_argument("--mlflow-uri", default=None)
     fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
     fi.add_argument("--out", required=True)
     return p
@@ -271,7 +273,7 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from raysegment.cli.args import check_data
+    from raysegment.cli.args import check_data, check_models
     from raysegment.runtime import disable_telemetry, quiet_environment
 
     p = build_parser()
@@ -279,13 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     check_data(p, a.data)
     disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
+    if a.cmd == "figures":
+        models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
+    check_models(p, models.values() if a.cmd == "figures" else getattr(a, "model", None) or [], a.mlflow_uri)
     if a.cmd == "clinical":
         return _clinical_command(a)
     if a.cmd == "compare":
         return _compare_command(a)
     if a.cmd == "figures":
-        models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
-        for path in figures(models, a.data, Path(a.out), a.patient):
+        for path in figures(models, a.data, Path(a.out), a.patient, a.mlflow_uri):
             print(path)
         return 0
     levels = [] if a.by_level else None

@@ -39,20 +39,23 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
     return records
 
 
-def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None) -> list[Path]:
-    """learning_curves.png over ``models`` (name → checkpoint/weights) and, per model, an overlay of
-    one val patient's ED and ES volumes (prediction solid, ground truth dashed)."""
+def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str | None = None,
+            tracking_uri: str | None = None) -> list[Path]:
+    """learning_curves.png over ``models`` (name → model reference; the curves of those that carry
+    their history: files and folders) and, per model, an overlay of one val patient's ED and ES
+    volumes (prediction solid, ground truth dashed)."""
     from raysegment.data.dataset import load_volumes
-    from raysegment.inference.predictor import Predictor, predict_volumes
+    from raysegment.inference.predictor import Predictor, _local_path, is_registry_uri, predict_volumes
 
     written = []
-    histories = {name: h for name, ref in models.items() if (h := model_history(ref))}
+    histories = {name: h for name, ref in models.items()
+                 if not is_registry_uri(ref) and (h := model_history(str(_local_path(ref))))}
     if histories:
         written.append(learning_curves(histories, out / "learning_curves.png"))
     volumes = load_volumes(shards, "val")
     patient = patient or volumes[0].patient
     for name, ref in models.items():
-        predictor = Predictor.load(ref)
+        predictor = Predictor.load(ref, tracking_uri=tracking_uri)
         for v, pred in predict_volumes(predictor, (v for v in volumes if v.patient == patient)):
             written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
                                           title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
