@@ -54,8 +54,9 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
             else:
                 saved_config(ref)
         except Exception as exc:
-            what = {"models:/": f"no such model in the registry {tracking_uri or '(MLflow default)'}",
-                    "shipped:": "no such shipped model"}.get(ref[:8], "not a raysegment weights file or checkpoint")
+            what = (f"no such model in the registry {tracking_uri or '(MLflow default)'}" if ref.startswith("models:/")
+                    else "no such shipped model" if ref.startswith("shipped:")
+                    else "not a raysegment weights file or checkpoint")
             p.error(f"--model {ref}: {what} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
 
 

@@ -281,9 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     check_data(p, a.data)
     disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
-    if a.cmd == "figures":
-        models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model)
-    check_models(p, models.values() if a.cmd == "figures" else getattr(a, "model", None) or [], a.mlflow_uri)
+    models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model) if a.cmd == "figures" else {}
+    check_models(p, list(models.values()) or getattr(a, "model", None) or [], a.mlflow_uri)
     if a.cmd == "clinical":
         return _clinical_command(a)
     if a.cmd == "compare":

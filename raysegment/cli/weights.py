@@ -12,7 +12,7 @@ from raysegment.model.weights import SHIPPED_DIR, export_weights, seal, sha256, 
 
 
 def build_parser():
-
+    """The ``python -m raysegment.weights`` command line."""
     p = command_parser(
         "weights",
         "Weights files: export a run's last epoch (or a checkpoint) as .safetensors with its config inside, "
