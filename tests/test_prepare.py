@@ -205,6 +205,16 @@ def test_bad_input_one_line_error_nothing_written(tmp_path, breaker, capsys):
     assert list((tmp_path / "out").iterdir()) == [] if (tmp_path / "out").exists() else True
 
 
+def test_a_source_that_is_a_file_or_not_there_is_named_as_such(tmp_path):
+    (tmp_path / "patient001_frame01.nii.gz").write_bytes(b"")
+    for source, message in ((tmp_path / "patient001_frame01.nii.gz", "a file; give the ACDC folder"),
+                            (tmp_path / "none", "source folder does not exist")):
+        for fmt in ("auto", "acdc-nifti"):
+            with pytest.raises(PrepareError, match=message):
+                prepare(PrepareConfig(source=source, out=tmp_path / "out", source_format=fmt, progress=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_h5_inputs(tmp_path):
     src = make_h5_dataset(tmp_path / "src", patients=(1, 2), val=(2,))
     (src / "volumes" / "patient002_frame02.h5").write_bytes(b"")

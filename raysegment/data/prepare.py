@@ -36,6 +36,7 @@ from raysegment.data.volumes import (  # noqa: F401
     PrepareError,
     Volume,
     _group_from_number,
+    check_source,
     detect_format,
     find_h5_volumes,
     find_patient_dirs,
@@ -246,8 +247,7 @@ def prepare(config: PrepareConfig) -> dict:
     fmt = detect_format(source) if config.source_format == "auto" else config.source_format
     if fmt not in ("acdc-nifti", "ssl4mis-h5"):
         raise PrepareError(f"--format {fmt}: must be auto, acdc-nifti or ssl4mis-h5")
-    if not source.is_dir():
-        raise PrepareError(f"{source}: source folder does not exist")
+    check_source(source)
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
         raise PrepareError(f"--out {out} is, contains or lies inside --source {source}: choose a folder apart from it")

@@ -253,9 +253,15 @@ def write_official_patient(root: Path, volumes: list[Volume], info: dict, scale:
     return images
 
 
-def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
+def check_source(source: Path) -> None:
+    """PrepareError unless ``source`` is a folder (a file given for it is named as one)."""
     if not source.is_dir():
-        raise PrepareError(f"{source}: source folder does not exist")
+        raise PrepareError(f"{source}: " + ("a file; give the ACDC folder that holds the patients" if source.is_file()
+                                            else "source folder does not exist"))
+
+
+def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
+    check_source(source)
     if find_patient_dirs(source):
         return "acdc-nifti"
     if find_h5_volumes(source):
