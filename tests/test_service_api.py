@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import threading
 
 import pytest
@@ -25,11 +26,17 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys, mon
            ("--model", str(tmp_path / "none.safetensors")): "not a raysegment weights file",
            ("--model", "models:/nope@champion", "--mlflow-uri", f"sqlite:///{tmp_path / 'm.db'}"): "no such model in the registry"}
     monkeypatch.setattr(serve_run, "start", lambda *a, **k: pytest.fail("the service was started"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    bad[("--port", str(taken.getsockname()[1]))] = "is in use"  # Ray's proxy failed in ~70 lines of tracebacks
     for args, message in bad.items():
         with pytest.raises(SystemExit) as exc:
             serve.main(["--model", "shipped:mobilenet_v2", *args])
         assert exc.value.code == 2
         assert message in capsys.readouterr().err, args
+    taken.close()
     (tmp_path / "token").write_text(" abc \n")
     p = serve.build_parser()
     a = p.parse_args(["--model", "shipped:mobilenet_v2", "--token-file", str(tmp_path / "token"), "--autoscale", "1:3",

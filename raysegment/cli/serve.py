@@ -9,6 +9,7 @@ until Ctrl-C / SIGTERM. A thin layer over ``raysegment.service``. Top layer.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -84,6 +85,20 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
                        store=not a.no_store)
 
 
+def _port_free(host: str, port: int) -> bool:
+    """Whether this machine can bind ``host:port`` now (a local Ray's proxy binds it here; taken, it
+    failed with some 70 lines of Ray's tracebacks)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -94,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_environment(a.verbose)  # before MLflow loads: no INFO lines of a registry lookup
     check_models(p, [a.model], a.mlflow_uri)
+    if not os.environ.get("RAY_ADDRESS") and not _port_free(config.host, config.port):
+        p.error(f"--port {config.port}: {config.host}:{config.port} is in use (another service?); give another --port")
 
     try:
         url = run.start(config, verbose=a.verbose)
