@@ -156,6 +156,11 @@ def test_export_of_a_run_folder_takes_its_latest_epoch_and_a_wrong_path_is_one_l
     from raysegment.model.weights import saved_state
 
     assert load_model(str(run)).state == {"epoch": 7} and saved_state(run) == {"epoch": 7}
+    import argparse
+
+    from raysegment.cli.args import check_models
+
+    check_models(argparse.ArgumentParser(), [str(run)], None)  # infer, serve, report take it (they refused it)
     assert weights_cli.main(["export", str(run / "checkpoint_manager_snapshot.json"), "--out", str(tmp_path / "x")]) == 2
     assert "neither a checkpoint folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
 

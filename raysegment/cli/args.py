@@ -33,16 +33,16 @@ def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
 
 
 def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> None:
-    """Each ``--model`` reference names a model that is there — a shipped backbone, a registry
-    version or alias, a weights file or checkpoint whose config reads — checked before Ray starts;
-    ``p.error`` otherwise (a replica or actor failing to load it printed a traceback and stopped)."""
-    from raysegment.model.weights import saved_config, shipped_weights
+    """Each ``--model`` reference names a model that is there — a registry version or alias, or what
+    the Predictor resolves locally (``shipped:BACKBONE``, a weights file, a checkpoint or a run
+    folder's latest) with a config that reads — checked before Ray starts; ``p.error`` otherwise (a
+    replica or actor failing to load it printed a traceback and stopped)."""
+    from raysegment.inference.predictor import _local_path
+    from raysegment.model.weights import saved_config
 
     for ref in refs:
         try:
-            if ref.startswith("shipped:"):
-                shipped_weights(ref[len("shipped:"):])
-            elif ref.startswith("models:/"):
+            if ref.startswith("models:/"):
                 from mlflow import MlflowClient
 
                 name, _, alias = ref[len("models:/"):].partition("@")
@@ -52,7 +52,7 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
                 else:
                     client.get_model_version(*name.rsplit("/", 1))
             else:
-                saved_config(ref)
+                saved_config(_local_path(ref))
         except Exception as exc:
             what = (f"no such model in the registry {tracking_uri or '(MLflow default)'}" if ref.startswith("models:/")
                     else "no such shipped model" if ref.startswith("shipped:")
