@@ -194,6 +194,55 @@ def test_gpu_flag_gives_each_actor_a_gpu_and_predicts_on_cuda():
     assert actor_options(InferConfig(models=("m",), input="i", output="o"))["num_gpus"] == 0
 
 
+def test_a_rerun_with_nothing_new_in_a_folder_starts_no_ray_and_changed_content_is_segmented(tmp_path, tiny_checkpoint,
+                                                                                                monkeypatch):
+    """A cron poll of a settled folder: its files are hashed first, nothing starts (no actors to
+    kill half-created, whose Ray errors the console showed). A file whose content changed under the
+    same path still starts the actors, once hashing has found it."""
+    import ray
+
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import pinned_models, run_batch
+    from raysegment.inference.ledger import _entry
+    from raysegment.model.weights import sha256
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    study = inp / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.float32), np.eye(4)), str(study))
+    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(tmp_path / "out"), progress=False)
+    version = pinned_models(config)[1]
+    Ledger(tmp_path / "out" / "ledger.jsonl").append(
+        {**_entry(str(study.resolve()), sha256(study), version, "failed", "too small"), "finished": "2026-12-06T10:00:00"})
+    summary = run_batch(config)
+    assert (summary["already_done"], summary["actors"]) == (1, 0) and not ray.is_initialized()
+
+    class Started(Exception):
+        pass
+
+    def start(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr("raysegment.runtime.ensure_ray", start)
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 2), np.float32), np.eye(4)), str(study))
+    with pytest.raises(Started):
+        run_batch(config)
+
+
+def test_the_done_line_says_what_happened_in_words():
+    from raysegment.cli.infer import done_line
+
+    summary = {"studies": 9, "segmented": 1, "failed": 2, "not_cine": 0, "errors": 3, "already_done": 2, "later": 1,
+               "version": "raysegment-mobilenet_v2/4", "actors": 2,
+               "dice_vs_gt": {"volumes": 2, "dice_rv": 0.8, "dice_myo": 0.85, "dice_lv": 0.9, "dice_mean": 0.85}}
+    assert done_line(summary, "/data/seg") == (
+        "done: 1 segmented, 2 failed, 0 not cine, 3 errors to retry; 2 already done by raysegment-mobilenet_v2/4; "
+        "1 left to later runs (--limit). Dice against the _gt files (2 frames): RV 0.800, MYO 0.850, LV 0.900, "
+        "mean 0.850. Results: /data/seg/report.md")
+    del summary["later"], summary["dice_vs_gt"]
+    assert done_line(summary, "out").endswith("already done by raysegment-mobilenet_v2/4. Results: out/report.md")
+
+
 @pytest.mark.slow
 def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, monkeypatch):
     """One folder with every awkward case, three runs: a study that kills its worker fails after
@@ -252,6 +301,8 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
     # The next run: its own masks and SEGs under in/out are no studies, what is settled is skipped,
     # the study that arrived since is segmented.
     assert third["studies"] == 9 and third["already_done"] == 7 and third["segmented"] == 1 and third["later"] == 1
+    last = json.loads((inp / "out" / "last_run.json").read_text())  # the latest run's, for a scheduler's checks
+    assert last.pop("finished")[:4].isdigit() and last == third
     skipped = [e for e in ledger if e["status"] == "skipped"]
     assert len(skipped) == 1 and "not MR (modality OT" in skipped[0]["reason"]
     masks = sorted(p.name for p in (out / "masks").iterdir())
@@ -448,8 +499,9 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
     """Official-layout folders that get no indices are listed in report.md with the reason (an
     Info.cfg without integer ED / ES, which also flags its frames, or with ED = ES; a frame that failed;
     a missing frame file); a patient whose ES volume exceeds its ED volume (Info.cfg's ED and ES swapped) has
-    a patient QC flag; a sound patient none."""
+    a patient QC flag and no diagnosis (its group would be made up); a sound patient neither."""
     from raysegment.analysis.clinical import unpaired_patients
+    from raysegment.analysis.diagnosis import load as load_diagnosis
     from raysegment.inference.ledger import add_patient_clinical
     from raysegment.io.studies import acdc_phase, info_cfg_flag
 
@@ -465,9 +517,14 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
                      "mask": str(gt), "spacing_mm": json.dumps([10.0, 1.5, 1.25]), "qc_flags": info_cfg_flag(study),
                      "volume_rv_ml": 1.0, "volume_myo_ml": 1.0, "volume_lv_ml": 1.0})
     rows[-3] = {"study": rows[-3]["study"], "frame": -1, "status": "failed", "reason": "unreadable NIfTI"}
-    add_patient_clinical(rows, None)
+    add_patient_clinical(rows, load_diagnosis("shipped"))
     flags = {Path(r["study"]).parent.name: r.get("patient_qc_flags") for r in rows}
     assert flags["patient001"] == "" and "es_above_ed_lv" in flags["patient002"].split(";")
+    # No group from a negative LV EF: it would be made up.
+    diagnosed = {Path(r["study"]).parent.name: (r.get("diagnosis"), r.get("diagnosis_withheld")) for r in rows
+                 if "lv_ef_pct" in r}
+    assert diagnosed["patient001"][0] in ("NOR", "MINF", "DCM", "HCM", "RV") and diagnosed["patient001"][1] is None
+    assert diagnosed["patient002"] == (None, "es_above_ed_lv")
     assert {Path(f).name: why for f, why in unpaired_patients(rows).items()} == {
         "patient003": "Info.cfg has no integer ED or ES line",
         "patient004": "its ED or ES frame file is not among the studies",
@@ -478,6 +535,7 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
     table = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
              if re.match(r"\| patient\d{3} \|", line)}  # the patients table: its QC column
     assert table == {"patient001": "", "patient002": flags["patient002"]}
+    assert "| withheld (es_above_ed_lv) |" in text and f"| {diagnosed['patient001'][0]} (0." in text
     # The batch's own rows: a frame of the folder with the broken Info.cfg carries the flag.
     seg = segment_study(broken / "patient003_frame01.nii.gz", predictor, "m", tmp_path / "out")
     assert "info_cfg_without_ed_es" in seg[0]["qc_flags"].split(";")

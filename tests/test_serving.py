@@ -318,7 +318,8 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
 
         assert infer.main(args[1:]) == 0
         text = capsys.readouterr().out
-        assert "3 studies, 3 already done" in text and "0 to segment" in text and "'actors': 0" in text
+        assert "3 studies, 3 already done" in text and "0 to segment" in text
+        assert json.loads((out / "last_run.json").read_text())["actors"] == 0
         assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4
         # A run killed after STOW-RS but before its ledger line stores the same SEGs again on resuming:
         # the same instances (UIDs from series, frame and model), not duplicates.

@@ -61,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def done_line(summary: dict, output: str) -> str:
+    """The run's last console line, from ``run_batch``'s counts (``OUTPUT/last_run.json`` has them all)."""
+    s = summary
+    text = (f"done: {s['segmented']} segmented, {s['failed']} failed, {s['not_cine']} not cine, {s['errors']} "
+            f"error{'' if s['errors'] == 1 else 's'} to retry; {s['already_done']} already done by {s['version']}")
+    if s.get("later"):
+        text += f"; {s['later']} left to later runs (--limit)"
+    if "dice_vs_gt" in s:
+        d = s["dice_vs_gt"]
+        text += (f". Dice against the _gt files ({d['volumes']} frames): RV {d['dice_rv']:.3f}, MYO {d['dice_myo']:.3f}, "
+                 f"LV {d['dice_lv']:.3f}, mean {d['dice_mean']:.3f}")
+    return text + f". Results: {Path(output) / 'report.md'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
@@ -98,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {finished} studies finished this run (in {a.output}: ledger.jsonl, results, report.md); "
               f"the same command segments the other {left}", file=sys.stderr, flush=True)
         return INTERRUPTED
-    print(f"[raysegment] done: {summary}")
+    print(f"[raysegment] {done_line(summary, a.output)}")
     # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
     # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.
     return 1 if summary["errors"] else 0

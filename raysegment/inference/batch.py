@@ -7,7 +7,8 @@ A study is one NIfTI file (3-D, or 4-D with every frame segmented); files ending
 ground truth, used for Dice/HD95 when present. Outputs per study: a uint8 mask NIfTI with the
 input's affine and grid (``OUTPUT/masks/<name>_seg.nii.gz``). Per batch: ``results.parquet``
 and ``results.csv`` (one row per study frame), ``ledger.jsonl`` (one line per study: path,
-content hash, model version, status) and ``report.md`` with overlay PNGs.
+content hash, model version, status), ``report.md`` with overlay PNGs, and ``last_run.json``
+(the latest run's counts, as ``run_batch`` returns them).
 
 A study whose (content hash, model version) is in the ledger is skipped; a killed run resumes
 where it stopped. A bad study is recorded as failed with its reason and does not stop the rest.
@@ -15,6 +16,7 @@ where it stopped. A bad study is recorded as failed with its reason and does not
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,9 +24,11 @@ from raysegment.config import InferConfig
 from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
 from raysegment.inference.pacs import store_entry
-from raysegment.io.studies import find_studies, remove_stale_partials
+from raysegment.io.studies import atomic_write, find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry
+
+LAST_RUN = "last_run.json"
 
 # --------------------------------------------------------------------------- the batch job
 
@@ -93,10 +97,15 @@ def run_batch(config: InferConfig) -> dict:
 
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)
-    return {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total - progress.later,
-            **({"later": progress.later} if progress.later else {}),
-            "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
-            **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
+    summary = {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total - progress.later,
+               **({"later": progress.later} if progress.later else {}),
+               "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
+               **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
+    # For a scheduler's checks (and the soak): the console line is for people. A run killed before
+    # this point leaves the previous run's file, which its "finished" time tells apart.
+    record = {"finished": _now(), **summary}  # local time, as the ledger's
+    atomic_write(out / LAST_RUN, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    return summary
 
 
 def _load_diagnosis(config: InferConfig):
@@ -130,8 +139,8 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
 
 def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):
     """(the items to segment, the actors started for them). A poll that finds nothing new starts
-    no Ray at all; PACS series are retrieved before any actor starts; NIfTI files are hashed while
-    the actors start."""
+    no Ray at all; PACS series are retrieved before any actor starts; new NIfTI files are hashed
+    while the actors start."""
     import ray
 
     from raysegment.runtime import ensure_ray
@@ -148,19 +157,26 @@ def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, 
               f"{len(todo)} to segment{later}", flush=True)
         return todo
 
+    def start() -> list:
+        nonlocal config
+        ensure_ray()
+        config = plan_actors(config, ray.available_resources(), len(items))
+        remote = ray.remote(SegmentActor).options(**actor_options(config))
+        return [remote.remote(config) for _ in range(config.actors)]
+
     web, todo, actors = client is not None, [], []
     if web:
         todo = select()
         todo = _retrieve(client, todo, Path(config.output), version, lambda e: progress(ledger, e))
-    if todo if web else any("file" in item or new(item) for item in items):
-        ensure_ray()
-        config = plan_actors(config, ray.available_resources(), len(items))
-        remote = ray.remote(SegmentActor).options(**actor_options(config))
-        actors = [remote.remote(config) for _ in range(config.actors)]
-    if not web:
-        _hash_files(items)
-        todo = select()
-    return todo, actors
+        return todo, start() if todo else []
+    # A file whose path the ledger has settled for this version is likely unchanged: it is hashed
+    # before anything starts, so a re-run with nothing new starts no Ray (cron polls so).
+    settled = {p for p, d, v in ledger.entries if v == version and ledger.has(p, d, v, config.retry_failed)}
+    if any(_path_key(item["file"]) not in settled if "file" in item else new(item) for item in items):
+        actors = start()
+    _hash_files(items)
+    todo = select()
+    return todo, actors or (start() if todo else [])
 
 
 class _Progress:
@@ -237,6 +253,14 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
         except Exception as exc:
             finish(_entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc)))
     return ready
+
+
+def _path_key(p: Path) -> str:
+    """The path part of ``_identity`` without reading the file (a looping symlink: as given)."""
+    try:
+        return str(p.resolve())
+    except (OSError, RuntimeError):
+        return str(p.absolute())
 
 
 def _identity(p: Path) -> tuple[str, str]:

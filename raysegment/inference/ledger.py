@@ -106,8 +106,9 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     cine study, DICOM series or 4-D NIfTI (its largest / smallest LV frame): ``clinical.patient_indices``
     from the masks on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
     and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
-    ``p_<GROUP>`` on both rows; the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's
-    ``Group`` is copied as ``group_reference``, for scoring only: it is never an input."""
+    ``p_<GROUP>`` on both rows (``diagnosis_withheld`` instead where the LV's ES volume exceeds its
+    ED's); the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's ``Group`` is copied
+    as ``group_reference``, for scoring only: it is never an input."""
     from raysegment.analysis.clinical import checked_indices, ed_es_pairs, patient_flags
     from raysegment.analysis.diagnosis import features
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
@@ -128,8 +129,13 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"
             continue
         # The ES mask file stays the network's output; the indices leave out the basal excess.
-        extra = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(patient_flags(ind))}
-        if diagnosis is not None:
+        flags = patient_flags(ind)
+        extra = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(flags)}
+        if diagnosis is not None and "es_above_ed_lv" in flags:
+            # A negative LV EF: ED and ES swapped, or a mask gone wrong; a group from it would be made
+            # up. (ACDC picks ED and ES by the LV; a slightly negative RV EF is a real, akinetic RV's.)
+            extra["diagnosis_withheld"] = "es_above_ed_lv"
+        elif diagnosis is not None:
             p = diagnosis.predict_proba(features(ind))[0]
             extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
             extra |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}

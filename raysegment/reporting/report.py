@@ -229,7 +229,8 @@ def _patients_section(rows: list[dict]) -> list[str]:
         lines += ["| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference | QC |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
     for folder, r in sorted(patients.items()):
-        diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else ""
+        diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else \
+            f"withheld ({r['diagnosis_withheld']})" if r.get("diagnosis_withheld") else ""
         name = Path(folder).name  # a DICOM series: its patient ID and description, then the series UID's end
         if r.get("patient_id"):
             name = f"{r['patient_id']} {r.get('series_description', '')} (series …{name[-8:]})"

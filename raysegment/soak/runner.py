@@ -6,7 +6,7 @@ memory. Process RSS is sampled from ``/proc`` (Linux)."""
 
 from __future__ import annotations
 
-import ast
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.inference.batch import LAST_RUN
 from raysegment.runtime import OWN_PROCESS_GROUP, find_processes, free_port
 
 
@@ -119,7 +120,8 @@ def run_batch_job(config: SoakConfig, input_dir: Path, output: Path, env: dict, 
     cmd = [sys.executable, "-m", "raysegment.infer", "--model", config.model, "--input", str(input_dir),
            "--output", str(output), "--diagnosis", "none", "--actors", str(config.actors), "--threads", "1",
            "--report-figures", "0", *config.extra_args]
-    ledger = output / "ledger.jsonl"
+    ledger, last_run = output / "ledger.jsonl", output / LAST_RUN
+    last_run.unlink(missing_ok=True)  # the previous run's: this run writes its own only if it gets to its end
     before = _lines(ledger)
     record, marker = RunRecord(), env["RAY_AUTH_TOKEN_PATH"]
     t0 = time.perf_counter()
@@ -140,8 +142,7 @@ def run_batch_job(config: SoakConfig, input_dir: Path, output: Path, env: dict, 
                 _kill(proc.pid)
                 record.driver_killed = True
         record.returncode, record.wall_s = proc.returncode, time.perf_counter() - t0
-        log.seek(0)
-        record.summary = _summary(log.read())
+    record.summary = json.loads(last_run.read_text()) if last_run.exists() else None
     return record
 
 
@@ -151,14 +152,6 @@ def _lines(path: Path) -> int:
             return sum(1 for _ in f)
     except OSError:
         return 0
-
-
-def _summary(text: str) -> dict | None:
-    """The run's ``[raysegment] done: {...}`` line as a dict (None when the run did not get there)."""
-    for line in reversed(text.splitlines()):
-        if line.startswith("[raysegment] done: "):
-            return ast.literal_eval(line[len("[raysegment] done: "):])
-    return None
 
 
 # --------------------------------------------------------------------------- the service under kills
