@@ -169,6 +169,10 @@ def test_ctrl_c_stops_a_run_with_one_line_and_the_same_command_resumes_it(ray_lo
     assert resumed_line(done) in again.stdout  # counted as the epoch lines count, from 1
     state = load_checkpoint(again.stdout.split("checkpoint ")[-1].strip()).state
     assert [h["epoch"] for h in state["history"]] == list(range(6))  # each epoch once across the two commands
+    # Once more: it has done its 6 epochs; the same line, from its checkpoint, without training.
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert third.returncode == 0 and "has done its 6 planned epochs: nothing to train" in third.stdout, third.stdout
+    assert third.stdout.strip().splitlines()[-1] == again.stdout.strip().splitlines()[-1]
 
     # A resumed Tune trial's log starts afresh: the search table reads such a trial from its Train run.
     import pandas as pd
@@ -434,7 +438,8 @@ def test_bad_arguments_fail_before_ray_with_one_line(module, args, message, tmp_
 def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path, capsys, monkeypatch):
     """A re-run under a run's name takes the settings saved with its latest registered checkpoint:
     another model (the resume crashed on loading its weights) or lr (the run silently mixed two) is
-    refused in one line before Ray starts; other threads, shards' folder or length are a resume."""
+    refused in one line before Ray starts; other threads, shards' folder or length are a resume. A run
+    that has done what it planned is not started again."""
     import json
     from dataclasses import replace
 
@@ -461,6 +466,19 @@ def test_a_run_resumes_only_with_the_settings_it_began_with(tmp_path, capsys, mo
         "python -m raysegment.train: error: run r began with other settings (lr 0.002, now 0.001; decoder_width 32, "
         "now 16): re-run it as it began, or give a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it "
         "starts from those weights)")
+    # A run that has done what it planned: the same command again says so, without Ray; more epochs or
+    # minutes than it has done go on with it (decided as the resumed run decides: planned_epochs).
+    dice = {"dice_rv": 0.8, "dice_myo": 0.7, "dice_lv": 0.9, "dice_mean": 0.8}
+    (ckpt.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps({"latest_checkpoint_result": {
+        "checkpoint_dir_name": "checkpoint_1", "metrics": {"epoch": 1, "elapsed_s": 10.0, **dice}}}))
+    assert train_cli.main([*args, "--epochs", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[raysegment] run r has done its 2 planned epochs: nothing to train (a larger --epochs or --minutes "
+                   "goes on with it)", f"done: r epochs 2 val dice rv 0.800 myo 0.700 lv 0.900 mean 0.800; checkpoint {ckpt}"]
+    assert train_cli.main([*args, "--epochs", "100", "--minutes", "0.2"]) == 0  # 5 s an epoch, 2 s left
+    spec = RunSpec(storage_path=str(tmp_path / "runs"), name="r")
+    assert train_cli._finished(replace(began, epochs=3), spec) is None
+    assert train_cli._finished(replace(began, epochs=100, time_budget_min=1.0), spec) is None
     moved = replace(began, data="/elsewhere", threads_per_worker=2, epochs=50, time_budget_min=60.0, val_every=5)
     assert changed_settings(began, moved) == []
     turned = replace(began, manifest_hash="def", augment=replace(began.augment, rotation_deg=99.0))

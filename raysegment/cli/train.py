@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                    name=a.name or f"train-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}", max_failures=a.max_failures,
                    placement=a.placement, verbose=a.verbose, hooks=hooks)
     _check_resume(p, config, spec)
+    if finished := _finished(config, spec):
+        metrics, checkpoint = finished
+        print(f"[raysegment] run {spec.name} has done its {metrics['epoch'] + 1} planned epochs: nothing to train "
+              f"(a larger --epochs or --minutes goes on with it)")
+        print(done_line(spec.name, metrics["epoch"] + 1, metrics, f"checkpoint {checkpoint}"))
+        return 0
     result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name), _start_and_train,
                                    a, config, spec)
     if isinstance(result, int):
@@ -109,6 +115,21 @@ def _check_resume(p: argparse.ArgumentParser, config: TrainConfig, spec: RunSpec
     if changed := run_changes(config, spec.storage_path, spec.name):
         p.error(f"run {spec.name} began with other settings ({'; '.join(changed)}): re-run it as it began, or give "
                 f"a new --name (with --init-weights CHECKPOINT_FOLDER of this run, it starts from those weights)")
+
+
+def _finished(config: TrainConfig, spec: RunSpec) -> tuple[dict, str] | None:
+    """(the metrics, the checkpoint) of run ``spec.name`` when ``config`` plans no epoch beyond those it
+    has done, decided as the resumed run would decide it: a re-run then needs no Ray (it took ~35 s
+    to start one and find that out)."""
+    from raysegment.training.core import planned_epochs
+    from raysegment.training.resume import latest_checkpoint
+
+    latest = latest_checkpoint(spec.storage_path, spec.name)
+    if latest is None or not all(k in latest[1] for k in ("epoch", "elapsed_s", "dice_mean")):
+        return None
+    folder, metrics = latest
+    done = metrics["epoch"] + 1
+    return (metrics, folder) if planned_epochs(config, done, metrics["elapsed_s"]) <= done else None
 
 
 def done_line(name: str, epochs: int, dice: dict, where: str) -> str:

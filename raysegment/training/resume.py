@@ -26,13 +26,19 @@ class SearchSpaceChanged(ValueError):
     """A resume asked for other pins, ranges, trial count or trial settings than the saved search began with."""
 
 
-def begun_config(storage_path: str, name: str) -> TrainConfig | None:
-    """The config of run ``name`` under ``storage_path``, from the latest checkpoint Ray Train
-    registered for it (what a resume starts from); None for a run not begun."""
+def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
+    """(the folder, the metrics) of the latest checkpoint Ray Train registered for run ``name``
+    under ``storage_path`` (what a resume starts from); None for a run not begun."""
     folder = storage.join(storage_path, name)
     snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
     latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
-    saved = storage.read_text(storage.join(folder, latest["checkpoint_dir_name"], CONFIG_FILE)) if latest else None
+    return (storage.join(folder, latest["checkpoint_dir_name"]), latest.get("metrics", {})) if latest else None
+
+
+def begun_config(storage_path: str, name: str) -> TrainConfig | None:
+    """The config of run ``name`` under ``storage_path``, from its latest checkpoint; None for a run not begun."""
+    latest = latest_checkpoint(storage_path, name)
+    saved = storage.read_text(storage.join(latest[0], CONFIG_FILE)) if latest else None
     return TrainConfig.from_dict(json.loads(saved)) if saved else None
 
 
