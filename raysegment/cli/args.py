@@ -1,5 +1,5 @@
 """Argument checks and options shared by the commands: counts and files checked before Ray
-starts (one ``error:`` line, exit 2), the recipe options of ``train`` and ``tune``. Top layer."""
+starts (one ``error:`` line, exit 2; a registry that does not answer, exit 1), the recipe options of ``train`` and ``tune``. Top layer."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
     from raysegment.inference.predictor import _local_path
     from raysegment.model.weights import saved_config
 
+    if any(ref.startswith("models:/") for ref in refs):
+        check_registry_answers(tracking_uri)
     for ref in refs:
         try:
             if ref.startswith("models:/"):
@@ -58,6 +60,28 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
                     else "no such shipped model" if ref.startswith("shipped:")
                     else "not a raysegment weights file or checkpoint")
             p.error(f"--model {ref}: {what} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
+
+
+def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) -> None:
+    """An HTTP tracking server that does not answer within ``timeout_s`` is an environment fault:
+    one ``error:`` line and exit 1 (a scheduler retries; exit 2 is bad input). MLflow's own client
+    retried for about 4 minutes and then said the model was not in the registry."""
+    import urllib.error
+    import urllib.request
+
+    import mlflow
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return  # a local store, or Databricks: MLflow's client reads it
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy may refuse /health): the lookup says the rest
+    except (OSError, ValueError) as exc:  # refused, no route, timed out, no such host, a malformed URL
+        print(f"error: the MLflow registry at {uri} does not answer ({getattr(exc, 'reason', exc)}); nothing was "
+              f"done, the same command tries again", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from raysegment.cli import command_parser
-from raysegment.cli.args import check_data
+from raysegment.cli.args import check_data, check_registry_answers
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
 from raysegment.runtime import disable_telemetry, quiet_environment
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     check_data(p, getattr(a, "data", None))
     disable_telemetry()
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
+    check_registry_answers(a.mlflow_uri)
     try:
         if a.cmd == "import":
             r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)

@@ -9,7 +9,14 @@ import time
 from pathlib import Path
 
 from raysegment.cli import command_parser
-from raysegment.cli.args import add_run_arguments, augment_from_args, check_args, resolve_init_weights, run_until_interrupted
+from raysegment.cli.args import (
+    add_run_arguments,
+    augment_from_args,
+    check_args,
+    check_registry_answers,
+    resolve_init_weights,
+    run_until_interrupted,
+)
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.prepare import sample_shards
 from raysegment.io import storage
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_args(p, a)
+    check_registry_answers(a.mlflow_uri)  # before hours of trials that log to it
     disable_telemetry()
     try:
         fixed = _parse_fixed(a.fixed)
