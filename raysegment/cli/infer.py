@@ -9,7 +9,7 @@ from pathlib import Path
 
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
-from raysegment.inference.batch import InferConfig, run_batch
+from raysegment.inference.batch import InferConfig, PacsUnreachable, run_batch
 from raysegment.runtime import disable_telemetry, quiet_environment
 
 
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
     try:
         summary = run_batch(config)
+    except PacsUnreachable as exc:  # as a study's error row: the next run tries again
+        print(f"error: {exc}; nothing was segmented, the next run tries again", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

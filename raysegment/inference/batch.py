@@ -126,6 +126,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     if not is_dicomweb(config.input):
         return None, discover(Path(config.input), out, ledger, version)
     from raysegment.io import dicomweb
+    from raysegment.io.dicomweb import failure
 
     client = dicomweb.web_client(config.input)
     try:
@@ -133,8 +134,33 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client)]
     except Exception as exc:
-        raise RuntimeError(f"--input {config.input}: DICOMweb query failed ({type(exc).__name__}: {exc})") from None
+        if why := _unreachable(exc):
+            raise PacsUnreachable(f"--input {config.input}: the PACS does not answer ({why})") from None
+        raise RuntimeError(f"--input {config.input}: {failure('DICOMweb query', exc)}") from None
     return client, items
+
+
+class PacsUnreachable(RuntimeError):
+    """The input PACS did not answer (refused, timed out, a 5xx): an environment fault the next run retries."""
+
+
+def _unreachable(exc: Exception) -> str | None:
+    """Why the PACS counts as not answering — refused, no such host, timed out (the root of urllib3's
+    nesting, e.g. ``[Errno 111] Connection refused``), a 5xx after the client's retries — or None."""
+    import re
+
+    import requests
+
+    response = getattr(exc, "response", None)
+    if (attempt := getattr(exc, "last_attempt", None)) is not None:  # the client's retries (``retrying``) gave up
+        exc, response = (attempt.value[1], None) if attempt.has_exception else (None, attempt.value)
+    status = getattr(response, "status_code", None)
+    if status is not None and status >= 500:
+        return f"HTTP {status}"
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+        return found.group(0).strip() if found else type(exc).__name__
+    return None
 
 
 def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):
