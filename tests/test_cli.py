@@ -133,3 +133,19 @@ def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command,
     assert err == [f"error: the MLflow registry at http://127.0.0.1:{port} does not answer ([Errno 111] Connection "
                    "refused); nothing was done, the same command tries again"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_storage_uri_that_cannot_be_read_is_one_line_before_ray(tmp_path, capsys):
+    """A ``--storage`` URI pyarrow cannot open: one ``error:`` line with its reason, exit 2, before Ray
+    and before ``--data`` is looked at (it was a pyarrow traceback from the resume check). With an
+    object store that is down the same line took 6–10 s, pyarrow's retries; too slow for this tier:
+    ``train --storage s3://nosuchbucket-rs/runs`` without network said ``cannot be read (When resolving
+    region for bucket 'nosuchbucket-rs': AWS Error NETWORK_CONNECTION …)``."""
+    from raysegment.cli import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data", str(tmp_path / "none"), "--storage", "foo://bucket/runs", "--name", "r"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "python -m raysegment.train: error: --storage foo://bucket/runs: cannot be read (Unrecognized filesystem type "
+        "in URI: foo://bucket/runs)")

@@ -99,6 +99,8 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
+    if getattr(a, "storage", None) and (why := storage.unreachable(a.storage)):  # (it was a pyarrow traceback)
+        p.error(f"--storage {a.storage}: cannot be read ({why})")
     if data and is_bundle(data) and not getattr(a, "local", None):  # read in-process, never by Ray Data
         p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
     check_data(p, data)

@@ -28,6 +28,19 @@ def _fs(uri: str):
     return pyarrow.fs.FileSystem.from_uri(uri)  # (filesystem, path inside it)
 
 
+def unreachable(uri: str) -> str | None:
+    """Why storage ``uri`` cannot be read (no network, no such bucket, no credentials: the first line
+    of pyarrow's error), or None; a local path is never unreachable (it is made when written)."""
+    if not is_uri(uri):
+        return None
+    try:
+        fs, inner = _fs(uri)
+        fs.get_file_info(inner)
+    except (OSError, ValueError) as exc:  # pyarrow: OSError (network, access), ValueError/ArrowInvalid (the URI)
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return None
+
+
 def read_text(path: str) -> str | None:
     """The file's text, or None when it does not exist."""
     if not is_uri(path):
