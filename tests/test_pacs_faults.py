@@ -27,13 +27,37 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_pacs_is_one_error_line_and_exit_2(tmp_path, capsys):
+def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, tiny_checkpoint, capsys):
+    """The input PACS down (refused) or failing (503) is an environment fault the next run retries,
+    exit 1 as a study's error row; a URL it answers 404 to is a wrong argument, exit 2. Both before
+    Ray starts. (A PACS down was exit 2 with urllib3's whole nested message.)"""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
     from raysegment.cli import infer
 
-    url = f"http://127.0.0.1:{_closed_port()}/dicom-web"
-    code = infer.main(["--model", "shipped:mobilenet_v2", "--input", url, "--output", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "DICOMweb query failed (ConnectionError" in err[0]
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503 if self.path.startswith("/busy/") else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    closed = _closed_port()
+    try:
+        for url, code, says in ((f"http://127.0.0.1:{closed}/dicom-web", 1, "the PACS does not answer ([Errno 111] "
+                                 "Connection refused); nothing was segmented, the next run tries again"),
+                                (f"http://127.0.0.1:{server.server_port}/busy/dicom-web", 1, "the PACS does not answer "
+                                 "(HTTP 503)"),
+                                (f"http://127.0.0.1:{server.server_port}/wrong/dicom-web", 2, "DICOMweb query failed")):
+            argv = ["--model", str(tiny_checkpoint), "--input", url, "--output", str(tmp_path / "out")]
+            assert infer.main(argv) == code, url
+            assert f"error: --input {url}: {says}" in capsys.readouterr().err
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.slow
