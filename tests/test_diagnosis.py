@@ -181,6 +181,15 @@ def test_crossval_ensemble_segments_each_fold_with_the_members_fold_models(tmp_p
     (tmp_path / "b" / "fold0.json").write_text(json.dumps({**record, "patients": record["patients"][:-1]}))
     with pytest.raises(ValueError, match="different patients"):
         crossval_ensemble(volumes, [tmp_path / "a", tmp_path / "b"], tmp_path / "ens2")
+    # A member without fold models, or with other folds: refused before any fold is segmented, one line.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "d").mkdir()
+    for f in ("fold0.json", "fold0.safetensors"):
+        (tmp_path / "d" / f.replace("0", "1")).write_bytes((tmp_path / "a" / f).read_bytes())
+    for member, says in (("c", "--member .*/c: no fold\\*.safetensors"), ("d", "other folds .*/a: fold0; .*/d: fold1")):
+        with pytest.raises(ValueError, match=says):
+            crossval_ensemble(volumes, [tmp_path / "a", tmp_path / member], tmp_path / "ens3")
+        assert not (tmp_path / "ens3").exists()
 
 
 def test_shipped_model_loads_with_its_accuracy_and_basal_check():

@@ -251,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "basal":
         return _basal_command(a)
     if a.command == "crossval-ensemble":
-        for s in crossval_ensemble(all_volumes(a.data), a.member, a.out, a.device):
-            print(f"fold {s['fold']}: {len(s['patients'])} patients segmented by the ensemble of "
-                  f"{len(s['members'])} fold models (epochs {s['epochs']})", flush=True)
+        try:
+            for s in crossval_ensemble(all_volumes(a.data), a.member, a.out, a.device):
+                print(f"fold {s['fold']}: {len(s['patients'])} patients segmented by the ensemble of "
+                      f"{len(s['members'])} fold models (epochs {s['epochs']})", flush=True)
+        except ValueError as exc:  # members without fold models, or with other folds or patients
+            p.error(str(exc))
         return 0
     if a.command == "crossval-masks":
         import torch

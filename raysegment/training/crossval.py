@@ -57,6 +57,23 @@ def _segment_held(predictor, volumes: list[Volume], held: list[str], path: Path)
     np.savez_compressed(path, **{f"{v.patient}/{v.phase}": m for v, m in predict_volumes(predictor, held_volumes)})
 
 
+def _member_folds(members: list[Path]) -> list[str]:
+    """The fold names (``fold0`` …) every member folder holds both files of, checked before any work:
+    a member without them, or with other folds, raises ``ValueError`` (it failed after the first
+    fold's segmentation, with a traceback)."""
+    held = []
+    for m in members:
+        folds = {p.stem for p in m.glob("fold*.safetensors") if p.with_suffix(".json").is_file()}
+        if not folds:
+            raise ValueError(f"--member {m}: no fold*.safetensors with its fold*.json "
+                             f"(make it with crossval-masks --keep-models)")
+        held.append(folds)
+    if any(f != held[0] for f in held):
+        raise ValueError("the --member folders hold other folds (" +
+                         "; ".join(f"{m}: {', '.join(sorted(f))}" for m, f in zip(members, held)) + ")")
+    return sorted(held[0])
+
+
 def crossval_ensemble(volumes: list[Volume], members: list[Path], out: Path, device: str = "cpu") -> list[dict]:
     """Fold masks of an ensemble: for every fold K that each ``members`` folder (a ``crossval-masks
     --keep-models`` run, one per backbone, same folds and seed) holds, segment fold K's patients
@@ -66,9 +83,7 @@ def crossval_ensemble(volumes: list[Volume], members: list[Path], out: Path, dev
     from raysegment.inference.predictor import Predictor
     from raysegment.model.weights import load_weights_file
 
-    folds = sorted(p.stem for p in members[0].glob("fold*.safetensors"))
-    if not folds:
-        raise FileNotFoundError(f"{members[0]}: no fold*.safetensors (run crossval-masks with --keep-models)")
+    folds = _member_folds(members)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for name in folds:
