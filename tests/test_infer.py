@@ -509,6 +509,7 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
     (same / "Info.cfg").write_text((same / "Info.cfg").read_text().replace("ES: 7", "ES: 1"))
     (swapped / "Info.cfg").write_text((swapped / "Info.cfg").read_text().replace("ED: 1\nES: 7", "ED: 7\nES: 1"))
     (broken / "Info.cfg").write_text((broken / "Info.cfg").read_text().replace("ED: 1", "ED: one"))
+    (swapped / "Info.cfg").write_text((swapped / "Info.cfg").read_text().replace("Height: 180.0\n", ""))
     (lone / "patient004_frame07.nii.gz").unlink()
     rows = []
     for study in sorted(tmp_path.glob("training/*/*_frame??.nii.gz")):
@@ -519,7 +520,7 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
     rows[-3] = {"study": rows[-3]["study"], "frame": -1, "status": "failed", "reason": "unreadable NIfTI"}
     add_patient_clinical(rows, load_diagnosis("shipped"))
     flags = {Path(r["study"]).parent.name: r.get("patient_qc_flags") for r in rows}
-    assert flags["patient001"] == "" and "es_above_ed_lv" in flags["patient002"].split(";")
+    assert flags["patient001"] == "" and flags["patient002"] == "es_above_ed_lv;es_above_ed_rv;no_height_weight"
     # No group from a negative LV EF: it would be made up.
     diagnosed = {Path(r["study"]).parent.name: (r.get("diagnosis"), r.get("diagnosis_withheld")) for r in rows
                  if "lv_ef_pct" in r}

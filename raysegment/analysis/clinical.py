@@ -99,8 +99,10 @@ def unpaired_patients(rows: list[dict]) -> dict[str, str]:
 
 def patient_flags(ind: dict) -> list[str]:
     """``es_above_ed_<lv|rv>``: an ES volume above the ED volume (EF < 0; mL) — ED and ES swapped in
-    Info.cfg, or a mask gone wrong."""
-    return [f"es_above_ed_{n}" for n in ("lv", "rv") if ind[f"{n}_esv_ml"] > ind[f"{n}_edv_ml"]]
+    Info.cfg, or a mask gone wrong. ``no_height_weight``: indices with a ``bsa_m2`` that is NaN — the
+    ``*_per_m2`` ones are empty and a diagnosis takes the training median for them."""
+    flags = [f"es_above_ed_{n}" for n in ("lv", "rv") if ind[f"{n}_esv_ml"] > ind[f"{n}_edv_ml"]]
+    return flags + (["no_height_weight"] if "bsa_m2" in ind and not math.isfinite(ind["bsa_m2"]) else [])
 
 
 def add_patient_ef(table: list[dict]) -> None:
