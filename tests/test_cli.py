@@ -149,3 +149,28 @@ def test_a_storage_uri_that_cannot_be_read_is_one_line_before_ray(tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "python -m raysegment.train: error: --storage foo://bucket/runs: cannot be read (Unrecognized filesystem type "
         "in URI: foo://bucket/runs)")
+
+
+def test_a_ray_cluster_that_does_not_answer_is_one_line_and_exit_1(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """``train --address HOST:PORT`` (or RAY_ADDRESS, as ``infer`` under a scheduler has it) naming a
+    cluster that is down: one line, exit 1, in seconds. ``ray.init`` retried for minutes with a
+    warning every 30 s, and the command ended in ``interrupted: run … stopped`` when killed."""
+    import socket
+
+    from synth import make_nifti_patient
+
+    from raysegment.cli import infer, train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    says = f"error: the Ray cluster at 127.0.0.1:{port} does not answer ([Errno 111] Connection refused); "
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data", str(tmp_path / "shards"), "--address", f"127.0.0.1:{port}", "--storage", str(tmp_path)])
+    # (before --data is looked at: these shards are not there)
+    assert exc.value.code == 1 and capsys.readouterr().err.strip() == says + "nothing was started"
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    make_nifti_patient(tmp_path / "in", 1)
+    assert infer.main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "in"), "--output",
+                       str(tmp_path / "out"), "--diagnosis", "none"]) == 1
+    assert capsys.readouterr().err.strip() == says + "nothing was segmented, the next run tries again"

@@ -10,7 +10,7 @@ from pathlib import Path
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, PacsUnreachable, run_batch
-from raysegment.runtime import disable_telemetry, quiet_environment
+from raysegment.runtime import ClusterUnreachable, disable_telemetry, quiet_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
     try:
         summary = run_batch(config)
-    except PacsUnreachable as exc:  # as a study's error row: the next run tries again
+    except (PacsUnreachable, ClusterUnreachable) as exc:  # as a study's error row: the next run tries again
         print(f"error: {exc}; nothing was segmented, the next run tries again", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
