@@ -91,7 +91,7 @@ def unreachable_cluster(address: str | None) -> str | None:
     if not host or not port.isdigit():
         return None
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]:6379 too
     except OSError as exc:
         return str(exc) or type(exc).__name__
     return None

@@ -1,5 +1,6 @@
 """Argument checks and options shared by the commands: counts and files checked before Ray
-starts (one ``error:`` line, exit 2; a registry that does not answer, exit 1), the recipe options of ``train`` and ``tune``. Top layer."""
+starts (one ``error:`` line, exit 2; an MLflow registry or Ray cluster that does not answer, exit
+1), the recipe options of ``train`` and ``tune``. Top layer."""
 
 from __future__ import annotations
 
