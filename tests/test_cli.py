@@ -104,7 +104,7 @@ def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
         assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ") and "error: " in err[1], (name, err)
 
 
-@pytest.mark.parametrize("command", ["infer", "serve", "report", "tune", "registry"])
+@pytest.mark.parametrize("command", ["infer", "serve", "report", "report-diagnosis", "tune", "registry"])
 def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command, tmp_path, capsys, monkeypatch):
     """A ``models:/`` model, or a search or registration, on a tracking server that is down: an
     environment fault a scheduler retries (exit 1), said as such, before any work. MLflow's client
@@ -119,15 +119,19 @@ def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command,
     model = ["--model", "models:/raysegment-mobilenet_v2@champion", "--mlflow-uri", f"http://127.0.0.1:{port}"]
     argv = {"infer": [*model, "--input", str(tmp_path), "--output", str(tmp_path / "out")], "serve": model,
             "report": ["evaluate", *model, "--data", str(REPO / "raysegment" / "sample")],
+            # a registry reference that is not --model: the diagnosis model scored on shipped masks
+            "report-diagnosis": ["clinical", "--model", "shipped:mobilenet_v2", "--diagnosis",
+                                 "models:/raysegment-diagnosis@champion", *model[2:], "--out", str(tmp_path / "out"),
+                                 "--data", str(REPO / "raysegment" / "sample")],
             "tune": model[2:] + ["--storage", str(tmp_path / "out")],
             "registry": ["import", str(REPO / "raysegment" / "shipped" / "mobilenet_v2.safetensors"), *model[2:]]}[command]
-    if command == "report":  # it checks --data first: shards
+    if command.startswith("report"):  # it checks --data first: shards
         from raysegment.data.prepare import PrepareConfig, prepare
 
         prepare(PrepareConfig(source=REPO / "raysegment" / "sample", out=tmp_path / "shards", progress=False))
         argv[-1] = str(tmp_path / "shards")
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module(COMMANDS[command][0]).main(argv)
+        importlib.import_module(COMMANDS[command.split("-")[0]][0]).main(argv)
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: the MLflow registry at http://127.0.0.1:{port} does not answer ([Errno 111] Connection "

@@ -43,8 +43,6 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
     from raysegment.inference.predictor import _local_path
     from raysegment.model.weights import saved_config
 
-    if any(ref.startswith("models:/") for ref in refs):
-        check_registry_answers(tracking_uri)
     for ref in refs:
         try:
             if ref.startswith("models:/"):
@@ -63,6 +61,14 @@ def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> 
                     else "no such shipped model" if ref.startswith("shipped:")
                     else "not a raysegment weights file or checkpoint")
             p.error(f"--model {ref}: {what} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
+
+
+def check_registry(a: argparse.Namespace) -> None:
+    """``check_registry_answers`` of ``--mlflow-uri`` when any argument names a ``models:/`` reference
+    (``--model``, ``--diagnosis``, ``--basal-check``, ``--a``/``--b``, ``NAME=models:/…``)."""
+    values = [v for value in vars(a).values() for v in (value if isinstance(value, list) else [value])]
+    if any(isinstance(v, str) and v.split("=", 1)[-1].startswith("models:/") for v in values):
+        check_registry_answers(getattr(a, "mlflow_uri", None))
 
 
 def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) -> None:

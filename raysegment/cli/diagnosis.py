@@ -236,11 +236,12 @@ def _add_fit_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysegment.cli.args import check_data, check_models
+    from raysegment.cli.args import check_data, check_models, check_registry
 
     p = build_parser()
     a = p.parse_args(argv)
     check_data(p, str(a.data))
+    check_registry(a)
     check_models(p, getattr(a, "model", None) or [], getattr(a, "mlflow_uri", None))
     if a.command == "pack":
         volumes = pack_bundle(a.data, a.out)

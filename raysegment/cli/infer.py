@@ -78,7 +78,7 @@ def done_line(summary: dict, output: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import check_args, check_models, check_registry_answers
+    from raysegment.cli.args import check_args, check_models, check_registry
 
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():
@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     quiet_environment()  # before MLflow loads: no INFO lines of a registry lookup
+    check_registry(a)
     check_models(p, a.models, a.mlflow_uri)
-    if a.diagnosis.startswith("models:/"):
-        check_registry_answers(a.mlflow_uri)
     disable_telemetry()
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,

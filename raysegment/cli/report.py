@@ -273,7 +273,7 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from raysegment.cli.args import check_data, check_models
+    from raysegment.cli.args import check_data, check_models, check_registry
     from raysegment.runtime import disable_telemetry, quiet_environment
 
     p = build_parser()
@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model) if a.cmd == "figures" else {}
+    check_registry(a)
     check_models(p, list(models.values()) or getattr(a, "model", None) or [], a.mlflow_uri)
     if a.cmd == "clinical":
         return _clinical_command(a)

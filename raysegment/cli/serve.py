@@ -103,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     config = config_from_args(p, a)
-    from raysegment.cli.args import check_models
+    from raysegment.cli.args import check_models, check_registry
     from raysegment.runtime import quiet_environment
     from raysegment.service import run
 
     quiet_environment(a.verbose)  # before MLflow loads: no INFO lines of a registry lookup
+    check_registry(a)
     check_models(p, [a.model], a.mlflow_uri)
     if not os.environ.get("RAY_ADDRESS") and not _port_free(config.host, config.port):
         p.error(f"--port {config.port}: {config.host}:{config.port} is in use (another service?); give another --port")
