@@ -149,7 +149,8 @@ def test_scheduled_inference_job(cluster, registered, diagnosis_registered, tmp_
             "--diagnosis", "models:/raysegment-diagnosis@champion"]
     log = submit(cluster, *args)
     assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
-    assert "'dice_vs_gt': {'volumes': 2, " in log  # patient007's two frame files have a _gt beside them
+    assert "Dice against the _gt files (2 frames): RV " in log  # patient007's two frame files have a _gt beside them
+    assert json.loads((out / "last_run.json").read_text())["dice_vs_gt"]["volumes"] == 2
     rows = pq.read_table(out / "results.parquet").to_pylist()
     failed = {Path(r["study"]).name: r["reason"] for r in rows if r["status"] == "failed"}
     assert set(failed) == {"corrupt.nii.gz", "zero.nii"}
