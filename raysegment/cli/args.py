@@ -18,9 +18,14 @@ from raysegment.model.unet import BACKBONES
 from raysegment.runtime import unreachable_cluster
 from raysegment.training.train import RunSpec
 
+# Numeric options by what they may be, across every command (the dest names mean the same everywhere).
 COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
-          "threads", "actors")
-POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor")
+          "threads", "actors", "limit", "max_attempts", "grace_period", "final_epochs", "repeats", "resamples", "steps",
+          "volumes", "clients", "requests", "studies", "waves")
+POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor", "lr", "poll_s", "max_body_mb",
+            "pixel_mm", "step_timeout")
+NON_NEGATIVE = ("report_figures", "context_slices", "deep_supervision", "ce_weight", "dice_weight", "driver_kills")
+ZERO_OK = ("final_minutes", "gpus_per_worker")  # 0: no final stage, no GPU
 
 
 def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
@@ -93,18 +98,22 @@ def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) ->
         raise SystemExit(1) from None
 
 
+def check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Numeric options out of range (``COUNTS`` ≥ 1, ``POSITIVE`` > 0, ``NON_NEGATIVE`` ≥ 0): ``p.error``.
+    Unchecked, ``infer --limit 0`` segmented nothing, ``serve --poll-s 0`` asked the registry in a
+    busy loop, ``train --lr -1`` trained uphill."""
+    for names, low, ok in ((COUNTS, "≥ 1", lambda v, n: v >= 1), (NON_NEGATIVE, "≥ 0", lambda v, n: v >= 0),
+                           (POSITIVE, "> 0", lambda v, n: v > 0 or (v == 0 and n in ZERO_OK))):
+        for name in names:
+            value = getattr(a, name, None)
+            if isinstance(value, (int, float)) and not ok(value, name):
+                p.error(f"--{name.replace('_', '-')} must be {low}, got {value}")
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
     first problem, instead of a traceback from inside Ray minutes later."""
-    for name in COUNTS:
-        value = getattr(a, name, None)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
-    for name in POSITIVE:
-        value = getattr(a, name, None)
-        zero_ok = name in ("final_minutes", "gpus_per_worker")  # 0: no final stage, no GPU
-        if value is not None and (value < 0 or (value == 0 and not zero_ok)):
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    check_numbers(p, a)
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")

@@ -236,10 +236,11 @@ def _add_fit_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysegment.cli.args import check_data, check_models, check_registry
+    from raysegment.cli.args import check_data, check_models, check_numbers, check_registry
 
     p = build_parser()
     a = p.parse_args(argv)
+    check_numbers(p, a)
     check_data(p, str(a.data))
     check_registry(a)
     check_models(p, getattr(a, "model", None) or [], getattr(a, "mlflow_uri", None))

@@ -273,11 +273,12 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 def main(argv: list[str] | None = None) -> int:
     import json
 
-    from raysegment.cli.args import check_data, check_models, check_registry
+    from raysegment.cli.args import check_data, check_models, check_numbers, check_registry
     from raysegment.runtime import disable_telemetry, quiet_environment
 
     p = build_parser()
     a = p.parse_args(argv)
+    check_numbers(p, a)
     check_data(p, a.data)
     disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars

@@ -100,10 +100,12 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysegment.cli.args import check_models, check_numbers, check_registry
+
     p = build_parser()
     a = p.parse_args(argv)
+    check_numbers(p, a)
     config = config_from_args(p, a)
-    from raysegment.cli.args import check_models, check_registry
     from raysegment.runtime import quiet_environment
     from raysegment.service import run
 
