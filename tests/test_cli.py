@@ -104,7 +104,7 @@ def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
         assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ") and "error: " in err[1], (name, err)
 
 
-@pytest.mark.parametrize("command", ["infer", "serve", "report", "report-diagnosis", "tune", "registry"])
+@pytest.mark.parametrize("command", ["infer", "serve", "report-diagnosis", "tune", "registry"])
 def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command, tmp_path, capsys, monkeypatch):
     """A ``models:/`` model, or a search or registration, on a tracking server that is down: an
     environment fault a scheduler retries (exit 1), said as such, before any work. MLflow's client
@@ -118,7 +118,6 @@ def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command,
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     model = ["--model", "models:/raysegment-mobilenet_v2@champion", "--mlflow-uri", f"http://127.0.0.1:{port}"]
     argv = {"infer": [*model, "--input", str(tmp_path), "--output", str(tmp_path / "out")], "serve": model,
-            "report": ["evaluate", *model, "--data", str(REPO / "raysegment" / "sample")],
             # a registry reference that is not --model: the diagnosis model scored on shipped masks
             "report-diagnosis": ["clinical", "--model", "shipped:mobilenet_v2", "--diagnosis",
                                  "models:/raysegment-diagnosis@champion", *model[2:], "--out", str(tmp_path / "out"),

@@ -328,6 +328,7 @@ def sample_mask_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("mask-cache")
 
 
+@pytest.mark.slow  # the shipped MobileNetV2 segments the sample's 12 volumes: ~20 s in fp32
 def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(sample_shards, sample_mask_cache, tmp_path, capsys):
     out = tmp_path / "diagnosis.json"
     assert diagnosis_cli.main(["basal", "--data", str(sample_shards), "--model", "shipped:mobilenet_v2",
@@ -356,6 +357,7 @@ def test_basal_command_fits_on_a_segmenters_own_masks_and_keeps_the_classifier(s
     assert "no volumes with spacing" in capsys.readouterr().err and not (tmp_path / "never.json").exists()
 
 
+@pytest.mark.slow  # the shipped MobileNetV2 segments the sample's 12 volumes: ~20 s in fp32
 def test_basal_command_fits_on_crossval_fold_masks_as_on_the_same_masks_from_a_model(sample_shards, sample_mask_cache,
                                                                                    tmp_path, capsys):
     """``basal --masks FOLDER``: fold masks (here the shipped model's own, written as a fold file) give
