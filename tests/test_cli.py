@@ -177,3 +177,17 @@ def test_a_ray_cluster_that_does_not_answer_is_one_line_and_exit_1(tmp_path, tin
     assert infer.main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "in"), "--output",
                        str(tmp_path / "out"), "--diagnosis", "none"]) == 1
     assert capsys.readouterr().err.strip() == says + "nothing was segmented, the next run tries again"
+
+
+def test_the_registry_check_of_a_local_store_does_not_load_mlflow():
+    """``tune`` checks its registry before ``quiet_environment`` sets MLflow's log level: importing
+    MLflow there brought back its INFO lines (``Creating initial MLflow database tables…``) as the
+    first lines of the README's main job."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from raysegment.cli.args import check_registry_answers; "
+            "check_registry_answers('sqlite:///x.db'); check_registry_answers(None); print('mlflow' in sys.modules)")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -83,9 +83,9 @@ def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) ->
     import urllib.error
     import urllib.request
 
-    import mlflow
-
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    # MLflow's own default, without importing it here (an import before ``quiet_environment`` set
+    # its log level printed its INFO lines of creating a store's tables): the variable, else a file store.
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         return  # a local store, or Databricks: MLflow's client reads it
     try:
