@@ -79,22 +79,21 @@ class ClusterUnreachable(RuntimeError):
     """The Ray cluster an address names does not answer: an environment fault (a later run may find it up)."""
 
 
-def unreachable_cluster(address: str | None) -> str | None:
-    """Why the Ray cluster at ``address`` (else RAY_ADDRESS) cannot be reached — ``[Errno 111]
-    Connection refused``, a timeout, no such host — or None (reachable, or an address Ray resolves
-    itself: ``auto``, ``local``, none). ``ray.init`` retried such an address for minutes, printing
-    a warning every 30 s."""
+def check_cluster(address: str | None) -> None:
+    """``ClusterUnreachable`` when the Ray cluster at ``address`` (else RAY_ADDRESS) cannot be
+    reached — ``[Errno 111] Connection refused``, a timeout, no such host; nothing for an address Ray
+    resolves itself (``auto``, ``local``, none). ``ray.init`` retried such an address for minutes,
+    printing a warning every 30 s."""
     import socket
 
     address = address or os.environ.get("RAY_ADDRESS")
     host, _, port = (address or "").split("://")[-1].rpartition(":")
     if not host or not port.isdigit():
-        return None
+        return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]:6379 too
     except OSError as exc:
-        return str(exc) or type(exc).__name__
-    return None
+        raise ClusterUnreachable(f"the Ray cluster at {address} does not answer ({str(exc) or type(exc).__name__})") from None
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose: bool = False) -> None:
@@ -111,8 +110,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     # session's log files; on the console: warnings, errors and what raysegment prints.
     logging_config = None if verbose else ray.LoggingConfig(log_level="WARNING")
     if address or os.environ.get("RAY_ADDRESS"):
-        if why := unreachable_cluster(address):
-            raise ClusterUnreachable(f"the Ray cluster at {address or os.environ['RAY_ADDRESS']} does not answer ({why})")
+        check_cluster(address)
         # A submitted job's own runtime env is merged with this one (Ray refuses a conflict: then
         # the job's settings are kept as they are).
         try:

@@ -110,11 +110,9 @@ def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command,
     environment fault a scheduler retries (exit 1), said as such, before any work. MLflow's client
     retried for about 4 minutes, then said the model was not in the registry (exit 2, bad input) or
     printed a traceback."""
-    import socket
+    from raysegment.runtime import free_port
 
-    with socket.socket() as s:  # a port nothing listens on: refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it: refused
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     model = ["--model", "models:/raysegment-mobilenet_v2@champion", "--mlflow-uri", f"http://127.0.0.1:{port}"]
     argv = {"infer": [*model, "--input", str(tmp_path), "--output", str(tmp_path / "out")], "serve": model,
@@ -158,15 +156,12 @@ def test_a_ray_cluster_that_does_not_answer_is_one_line_and_exit_1(tmp_path, tin
     """``train --address HOST:PORT`` (or RAY_ADDRESS, as ``infer`` under a scheduler has it) naming a
     cluster that is down: one line, exit 1, in seconds. ``ray.init`` retried for minutes with a
     warning every 30 s, and the command ended in ``interrupted: run … stopped`` when killed."""
-    import socket
-
     from synth import make_nifti_patient
 
     from raysegment.cli import infer, train
+    from raysegment.runtime import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it: refused
     says = f"error: the Ray cluster at 127.0.0.1:{port} does not answer ([Errno 111] Connection refused); "
     with pytest.raises(SystemExit) as exc:
         train.main(["--data", str(tmp_path / "shards"), "--address", f"127.0.0.1:{port}", "--storage", str(tmp_path)])

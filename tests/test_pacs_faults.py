@@ -4,12 +4,13 @@ unreachable PACS, and a folder of bad DICOM that fails once and is not retried."
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 from synth import synthetic_volume, write_dicom_cine
+
+from raysegment.runtime import free_port
 
 
 def _frames(slices: int) -> np.ndarray:
@@ -19,12 +20,6 @@ def _frames(slices: int) -> np.ndarray:
 
 def _ledger(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, tiny_checkpoint, capsys):
@@ -46,7 +41,7 @@ def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, 
 
     server = HTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    closed = _closed_port()
+    closed = free_port()  # nothing listens on it: refused
     try:
         for url, code, says in ((f"http://127.0.0.1:{closed}/dicom-web", 1, "the PACS does not answer ([Errno 111] "
                                  "Connection refused); nothing was segmented, the next run tries again"),

@@ -15,7 +15,7 @@ from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_o
 from raysegment.data.dataset import is_bundle
 from raysegment.io import storage
 from raysegment.model.unet import BACKBONES
-from raysegment.runtime import unreachable_cluster
+from raysegment.runtime import ClusterUnreachable, check_cluster
 from raysegment.training.train import RunSpec
 
 # Numeric options by what they may be, across every command (the dest names mean the same everywhere).
@@ -119,10 +119,12 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
     if getattr(a, "storage", None) and (why := storage.unreachable(a.storage)):  # (it was a pyarrow traceback)
         p.error(f"--storage {a.storage}: cannot be read ({why})")
-    if hasattr(a, "address") and not getattr(a, "local", False) and (why := unreachable_cluster(a.address)):
-        print(f"error: the Ray cluster at {a.address or os.environ.get('RAY_ADDRESS')} does not answer ({why}); "
-              f"nothing was started", file=sys.stderr)
-        raise SystemExit(1)  # an environment fault, as with the registry (exit 2: a wrong argument)
+    if hasattr(a, "address") and not getattr(a, "local", False):
+        try:
+            check_cluster(a.address)
+        except ClusterUnreachable as exc:  # an environment fault, as with the registry (exit 2: a wrong argument)
+            print(f"error: {exc}; nothing was started", file=sys.stderr)
+            raise SystemExit(1) from None
     if data and is_bundle(data) and not getattr(a, "local", None):  # read in-process, never by Ray Data
         p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
     check_data(p, data)

@@ -125,23 +125,23 @@ def run_batch_job(config: SoakConfig, input_dir: Path, output: Path, env: dict, 
     before = _lines(ledger)
     record, marker = RunRecord(), env["RAY_AUTH_TOKEN_PATH"]
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
-        last_kill, last_sample = 0, 0.0
-        while proc.poll() is None:
-            time.sleep(0.2)
-            settled = _lines(ledger) - before
-            actors = _our_pids(marker, "SegmentActor")
-            if time.perf_counter() - last_sample >= 1.0:
-                record.samples.append((settled, rss_mb(proc.pid), {p: rss_mb(p) for p in actors}))
-                last_sample = time.perf_counter()
-            if kill_every and actors and settled - last_kill >= kill_every:
-                record.actor_kills += _kill(actors[int(rng.integers(len(actors)))])
-                last_kill = settled
-            if kill_driver_after is not None and settled >= kill_driver_after:
-                _kill(proc.pid)
-                record.driver_killed = True
-        record.returncode, record.wall_s = proc.returncode, time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # counts: last_run.json
+                            **OWN_PROCESS_GROUP)
+    last_kill, last_sample = 0, 0.0
+    while proc.poll() is None:
+        time.sleep(0.2)
+        settled = _lines(ledger) - before
+        actors = _our_pids(marker, "SegmentActor")
+        if time.perf_counter() - last_sample >= 1.0:
+            record.samples.append((settled, rss_mb(proc.pid), {p: rss_mb(p) for p in actors}))
+            last_sample = time.perf_counter()
+        if kill_every and actors and settled - last_kill >= kill_every:
+            record.actor_kills += _kill(actors[int(rng.integers(len(actors)))])
+            last_kill = settled
+        if kill_driver_after is not None and settled >= kill_driver_after:
+            _kill(proc.pid)
+            record.driver_killed = True
+    record.returncode, record.wall_s = proc.returncode, time.perf_counter() - t0
     record.summary = json.loads(last_run.read_text()) if last_run.exists() else None
     return record
 
