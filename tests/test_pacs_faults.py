@@ -22,14 +22,12 @@ def _ledger(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
 
 
-def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, tiny_checkpoint, capsys):
-    """The input PACS down (refused) or failing (503) is an environment fault the next run retries,
-    exit 1 as a study's error row; a URL it answers 404 to is a wrong argument, exit 2. Both before
-    Ray starts. (A PACS down was exit 2 with urllib3's whole nested message.)"""
+@pytest.fixture
+def pacs_urls():
+    """DICOMweb roots that fail three ways: refused (nothing listens), 503 (a PACS failing) and 404
+    (a wrong path), the last two from a local HTTP server."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from raysegment.cli import infer
 
     class Answer(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -41,18 +39,44 @@ def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, 
 
     server = HTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    closed = free_port()  # nothing listens on it: refused
-    try:
-        for url, code, says in ((f"http://127.0.0.1:{closed}/dicom-web", 1, "the PACS does not answer ([Errno 111] "
-                                 "Connection refused); nothing was segmented, the next run tries again"),
-                                (f"http://127.0.0.1:{server.server_port}/busy/dicom-web", 1, "the PACS does not answer "
-                                 "(HTTP 503)"),
-                                (f"http://127.0.0.1:{server.server_port}/wrong/dicom-web", 2, "DICOMweb query failed")):
-            argv = ["--model", str(tiny_checkpoint), "--input", url, "--output", str(tmp_path / "out")]
-            assert infer.main(argv) == code, url
-            assert f"error: --input {url}: {says}" in capsys.readouterr().err
-    finally:
-        server.shutdown()
+    port = server.server_port
+    yield {"refused": f"http://127.0.0.1:{free_port()}/dicom-web", "busy": f"http://127.0.0.1:{port}/busy/dicom-web",
+           "wrong": f"http://127.0.0.1:{port}/wrong/dicom-web"}
+    server.shutdown()
+
+
+def test_a_pacs_that_does_not_answer_is_exit_1_and_a_wrong_url_exit_2(tmp_path, tiny_checkpoint, capsys, pacs_urls):
+    """The input PACS down (refused) or failing (503) is an environment fault the next run retries,
+    exit 1 as a study's error row; a URL it answers 404 to is a wrong argument, exit 2. Both before
+    Ray starts. (A PACS down was exit 2 with urllib3's whole nested message.)"""
+    from raysegment.cli import infer
+
+    for url, code, says in ((pacs_urls["refused"], 1, "the PACS does not answer ([Errno 111] Connection refused); "
+                             "nothing was segmented, the next run tries again"),
+                            (pacs_urls["busy"], 1, "the PACS does not answer (HTTP 503)"),
+                            (pacs_urls["wrong"], 2, "DICOMweb query failed")):
+        argv = ["--model", str(tiny_checkpoint), "--input", url, "--output", str(tmp_path / "out")]
+        assert infer.main(argv) == code, url
+        assert f"error: --input {url}: {says}" in capsys.readouterr().err
+
+
+def test_a_service_with_a_pacs_that_does_not_answer_starts_nothing(tmp_path, tiny_checkpoint, capsys, pacs_urls):
+    """``serve --pacs``: a PACS down or failing is exit 1 before Ray starts, a wrong path exit 2.
+    (The service started, and each pushed series only logged its failure.)"""
+    import ray
+
+    from raysegment.cli import serve
+
+    base = ["--model", str(tiny_checkpoint), "--port", str(free_port()), "--output", str(tmp_path / "out")]
+    for key, says in (("refused", "[Errno 111] Connection refused"), ("busy", "HTTP 503")):
+        assert serve.main([*base, "--pacs", pacs_urls[key]]) == 1
+        assert (f"error: --pacs: the PACS at {pacs_urls[key]} does not answer ({says}); nothing was started, the "
+                f"same command tries again") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        serve.main([*base, "--pacs", pacs_urls["wrong"]])
+    assert stop.value.code == 2
+    assert f"--pacs {pacs_urls['wrong']}: not a DICOMweb root (QIDO-RS query failed" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
-from raysegment.inference.batch import InferConfig, PacsUnreachable, run_batch
+from raysegment.inference.batch import InferConfig, run_batch
+from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.runtime import ClusterUnreachable, disable_telemetry, quiet_environment
 
 

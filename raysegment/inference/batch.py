@@ -24,6 +24,7 @@ from raysegment.config import InferConfig
 from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
 from raysegment.inference.pacs import store_entry
+from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.io.studies import atomic_write, find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry
@@ -126,7 +127,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     if not is_dicomweb(config.input):
         return None, discover(Path(config.input), out, ledger, version)
     from raysegment.io import dicomweb
-    from raysegment.io.dicomweb import failure
+    from raysegment.io.dicomweb import failure, unreachable
 
     client = dicomweb.web_client(config.input)
     try:
@@ -134,33 +135,10 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client)]
     except Exception as exc:
-        if why := _unreachable(exc):
+        if why := unreachable(exc):
             raise PacsUnreachable(f"--input {config.input}: the PACS does not answer ({why})") from None
         raise RuntimeError(f"--input {config.input}: {failure('DICOMweb query', exc)}") from None
     return client, items
-
-
-class PacsUnreachable(RuntimeError):
-    """The input PACS did not answer (refused, timed out, a 5xx): an environment fault the next run retries."""
-
-
-def _unreachable(exc: Exception) -> str | None:
-    """Why the PACS counts as not answering — refused, no such host, timed out (the root of urllib3's
-    nesting, e.g. ``[Errno 111] Connection refused``), a 5xx after the client's retries — or None."""
-    import re
-
-    import requests
-
-    response = getattr(exc, "response", None)
-    if (attempt := getattr(exc, "last_attempt", None)) is not None:  # the client's retries (``retrying``) gave up
-        exc, response = (attempt.value[1], None) if attempt.has_exception else (None, attempt.value)
-    status = getattr(response, "status_code", None)
-    if status is not None and status >= 500:
-        return f"HTTP {status}"
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
-        found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
-        return found.group(0).strip() if found else type(exc).__name__
-    return None
 
 
 def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):

@@ -22,6 +22,42 @@ def web_client(url: str):
     return client
 
 
+class PacsUnreachable(RuntimeError):
+    """The PACS did not answer (refused, timed out, a 5xx): an environment fault the next run retries."""
+
+
+def unreachable(exc: Exception) -> str | None:
+    """Why the PACS counts as not answering — refused, no such host, timed out (the root of urllib3's
+    nesting, e.g. ``[Errno 111] Connection refused``), a 5xx after the client's retries — or None."""
+    import re
+
+    import requests
+
+    response = getattr(exc, "response", None)
+    if (attempt := getattr(exc, "last_attempt", None)) is not None:  # the client's retries (``retrying``) gave up
+        exc, response = (attempt.value[1], None) if attempt.has_exception else (None, attempt.value)
+    status = getattr(response, "status_code", None)
+    if status is not None and status >= 500:
+        return f"HTTP {status}"
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+        found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+        return found.group(0).strip() if found else type(exc).__name__
+    return None
+
+
+def check_pacs(url: str) -> None:
+    """One QIDO-RS query (a study at most) to the DICOMweb root ``url``, before any work: raises
+    ``PacsUnreachable`` when the PACS does not answer, ``ValueError`` when it answers but not as a
+    DICOMweb root (a 404 of a wrong path)."""
+    client = web_client(url)
+    try:
+        client.search_for_studies(limit=1)
+    except Exception as exc:
+        if why := unreachable(exc):
+            raise PacsUnreachable(f"the PACS at {url} does not answer ({why})") from None
+        raise ValueError(f"{url}: not a DICOMweb root ({failure('QIDO-RS query', exc)})") from None
+
+
 def failure(what: str, exc: BaseException, limit: int = 200) -> str:
     """The one-line reason a ledger row gives for a failed DICOMweb request ("WADO-RS retrieve
     failed (HTTPError: …)"): whitespace folded, at most ``limit`` characters of the error."""
