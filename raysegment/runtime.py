@@ -123,6 +123,44 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(TOKEN_AUTH_NOTICE)
         _start_local(num_cpus, logging_config)
     quiet_ray_data(verbose)
+    if not verbose:
+        quiet_driver_logs()
+
+
+# Lines Ray's own processes send to the driver's console that tell a user of a job nothing:
+# the GCS's ERROR that killing an actor whose process had already exited "failed" (for Ray's
+# KillActor the RPC failing is the success path: ray-project/ray PRs 53412 and 58544, the latter
+# dropping the same log line elsewhere), and Ray Train's placement-group cleaner reporting the
+# controller of a trial that Tune (ASHA, or the search's end) stopped. Both stay in the session's
+# log files, and ``--verbose`` prints them.
+HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor")
+_FILTERED = "_raysegment_filtered"
+
+
+def quiet_driver_logs(harmless: tuple[str, ...] = HARMLESS_RAY_LINES) -> bool:
+    """Wrap the handler that prints Ray's streamed process output on this driver so that lines
+    holding one of ``harmless`` are dropped; every other line prints as before. → whether the
+    handler was found (a Ray without it keeps printing everything)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    with dispatcher._lock:
+        for i, (name, handler) in enumerate(dispatcher.handlers):
+            if name != "ray_print_logs":
+                continue
+            if getattr(handler, _FILTERED, False):
+                return True
+
+            def filtered(data: dict, _print=handler) -> None:
+                lines = [line for line in data.get("lines", ()) if not any(h in line for h in harmless)]
+                if lines or not data.get("lines"):
+                    _print({**data, "lines": lines})
+
+            setattr(filtered, _FILTERED, True)
+            dispatcher.handlers[i] = (name, filtered)
+            return True
+    return False
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

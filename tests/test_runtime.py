@@ -171,3 +171,28 @@ def test_scratch_of_a_dead_process_is_cleared_and_a_live_ones_stays(tmp_path):
         assert live.is_dir()
     assert not live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"other-{dead.pid}-x", "rs-test-notapid-x"]
+
+
+def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
+    """``quiet_driver_logs`` wraps the handler Ray's driver prints streamed process output with (in
+    Ray's own dispatcher, as ``ray.init`` installs it): the GCS's "Failed to kill actor … Socket
+    closed" and the placement-group cleaner's dead-controller warning go, other lines of the same
+    batch stay, a batch left empty prints nothing, and wrapping twice filters once."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raysegment.runtime import quiet_driver_logs
+
+    printed, saved = [], dispatcher.handlers  # a Ray an earlier test left running keeps its own
+    dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data["lines"]))]
+    try:
+        assert quiet_driver_logs() and quiet_driver_logs()
+        gcs = ("[2026-12-06 13:45:02,621 E 19021 19021] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
+               "62a7, return status: Invalid: KillActor RPC failed for actor 62a7: RpcError: RPC error: Socket closed")
+        cleaner = ("WARNING placement_group_cleaner.py:120 -- Detected that the Ray Train controller actor (9912) is "
+                   "dead. Cleaning up placement group")
+        dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [gcs]})
+        dispatcher.emit({"pid": 7, "is_err": True, "lines": [cleaner, "[raysegment] epoch 1/3 loss 0.06", gcs]})
+        dispatcher.emit({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]})
+    finally:
+        dispatcher.handlers = saved
+    assert printed == [["[raysegment] epoch 1/3 loss 0.06"], ["Traceback (most recent call last):"]]

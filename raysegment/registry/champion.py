@@ -125,7 +125,7 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
 
     client = MlflowClient(tracking_uri)
     # register_model resolves a logged model's source (the REST store wants its model id).
-    mv = mlflow.register_model(uri, name)
+    mv = _quietly(mlflow.register_model, uri, name)
     client.update_registered_model(name, description=description)
     for k, v in tags.items():
         client.set_model_version_tag(name, mv.version, k, v)
@@ -135,6 +135,20 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
     return Registration(name=name, version=str(mv.version), champion=promote, reason=reason)
+
+
+def _quietly(fn, *args):
+    """``fn(*args)`` with MLflow's event stream off: ``register_model`` prints "Successfully
+    registered model …" and "Created version …" to it, and every caller says what it registered."""
+    from mlflow.utils import logging_utils
+
+    stream = logging_utils.MLFLOW_LOGGING_STREAM
+    was = stream.enabled
+    stream.enabled = False
+    try:
+        return fn(*args)
+    finally:
+        stream.enabled = was
 
 
 def _in_run(run_id: str | None, run_name: str, log) -> str:
