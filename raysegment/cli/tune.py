@@ -23,7 +23,7 @@ from raysegment.io import storage
 from raysegment.runtime import disable_telemetry, ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.trials import RANGES, check_range, range_text
-from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, run_search, saved_search
+from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, finished_search, run_search
 
 
 def _parse_fixed(items: list[str]) -> dict:
@@ -155,9 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                     tracking_uri=a.mlflow_uri, seed=a.seed, register=not a.no_register,
                     final_minutes=a.final_minutes, final_max_epochs=a.final_epochs)
     try:
-        saved_search(spec)  # a resume asking for other settings than it began with: refused before Ray starts
-        summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name), _start_and_search,
-                                        a.address, spec)
+        # before Ray starts: a resume asking for other settings than it began with is refused, a
+        # finished search only prints what it found
+        summary = finished_search(spec)
+        if summary is not None:
+            print(f"[raysegment] search {name} has finished: nothing to search (another --name starts a new one)")
+        else:
+            summary = run_until_interrupted(f"search {name}", storage.join(spec.run.storage_path, name),
+                                            _start_and_search, a.address, spec)
     except SearchSpaceChanged as exc:
         p.error(str(exc))
     if isinstance(summary, int):

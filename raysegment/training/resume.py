@@ -7,7 +7,9 @@ no torch)."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 from raysegment.config import RESUMABLE, TrainConfig, changed_settings
 from raysegment.data.prepare import load_manifest
@@ -17,6 +19,8 @@ from raysegment.training.trials import space_record, space_text
 
 # Beside each search (in its storage folder): its MLflow parent run, pins, ranges, trial count and base config.
 MARKER = "mlflow_parent_run.json"
+# Beside a search that has ended (its registration and final stage included): what ``run_search`` returned.
+SUMMARY = "search_summary.json"
 # What a resumed search's trials may take from its new command: a run's length may change, but
 # not a search's epochs (Tune's restored ASHA keeps the first count as its last rung).
 SEARCH_RESUMABLE = tuple(k for k in RESUMABLE if k != "epochs")
@@ -33,6 +37,25 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
     snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
     latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
     return (storage.join(folder, latest["checkpoint_dir_name"]), latest.get("metrics", {})) if latest else None
+
+
+def remove_unsaved_checkpoints(storage_path: str, name: str) -> int:
+    """Delete the checkpoint folders of run ``name`` (local storage) that Ray Train never
+    registered — uploads that failed part-way, e.g. on a full disk: they hold space and no resume
+    reads them → how many. Nothing is deleted when the snapshot is not in the form this expects."""
+    if storage.is_uri(storage_path):
+        return 0
+    folder = Path(storage.join(storage_path, name))
+    text = storage.read_text(str(folder / "checkpoint_manager_snapshot.json"))
+    snapshot = json.loads(text) if text else {"checkpoint_results": []}
+    if not isinstance(snapshot.get("checkpoint_results"), list):
+        return 0
+    kept = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]}
+    kept.add((snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
+    unsaved = [d for d in folder.glob("checkpoint_*") if d.is_dir() and d.name not in kept]
+    for d in unsaved:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(unsaved)
 
 
 def begun_config(storage_path: str, name: str) -> TrainConfig | None:
@@ -74,3 +97,17 @@ def saved_search(spec) -> dict:
             raise SearchSpaceChanged(f"search {spec.run.name} began with other settings ({'; '.join(changed)}): "
                                      "resume it with those, or give a new --name")
     return saved
+
+
+def finished_search(spec) -> dict | None:
+    """The summary a finished search ``spec`` names left, or None while it has work left: not
+    begun, not ended, or now asked for a stage it did not run (a registration, a final run) or to
+    log to another registry. A re-run of a finished search then needs no Ray."""
+    saved = saved_search(spec)
+    text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, SUMMARY)) if saved else None
+    if not text or saved.get("tracking_uri") != spec.tracking_uri:
+        return None
+    summary = json.loads(text)
+    if (spec.register and "registered" not in summary) or (spec.final_minutes and "final" not in summary):
+        return None
+    return summary

@@ -22,7 +22,13 @@ from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
 from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry
-from raysegment.training.resume import MARKER, SearchSpaceChanged, saved_search  # noqa: F401 (the search's API)
+from raysegment.training.resume import (  # noqa: F401 (the search's API)
+    MARKER,
+    SUMMARY,
+    SearchSpaceChanged,
+    finished_search,
+    saved_search,
+)
 from raysegment.training.train import RunSpec, make_trainer
 from raysegment.training.trials import (  # noqa: F401 (the search's API)
     DICE,
@@ -255,6 +261,7 @@ def run_search(spec: TuneSpec) -> dict:
         client.set_terminated(parent_id, "KILLED")
         raise
     client.set_terminated(parent_id, "FINISHED")
+    storage.write_text(storage.join(root, spec.run.name, SUMMARY), json.dumps(summary, indent=1, default=str))
     return summary
 
 
