@@ -217,11 +217,34 @@ def test_a_run_that_fills_its_disk_ends_in_one_line_and_leaves_only_saved_checkp
     spec = RunSpec(storage_path=str(tmp_path / "runs"), name="r")
     full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
     assert failed_line(spec, WorkerGroupError("…", {0: full})) == (
-        f"error: run r stopped: no space left on its storage {run} while saving a checkpoint (epoch 5 is its last "
-        "saved one; 2 unfinished checkpoint folders removed); free space there and the same command resumes it")
+        f"error: run r stopped: its storage {run} is full (No space left on device; epoch 5 is its last saved one; "
+        "2 unfinished checkpoint folders removed); free space there and the same command resumes it")
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_a", "checkpoint_manager_snapshot.json"]
     bug = WorkerGroupError("…", {1: ValueError("Traceback …\nValueError: bad shape"), 0: KeyError("x")})
     assert failed_line(spec, bug) == ("error: run r failed in its workers after 2 restarts ('x'; their tracebacks are "
                                       "above); epoch 5 is its last saved one")
     assert failed_line(spec, RuntimeError("the driver's own")) is None
     assert (run / "checkpoint_a" / "model.pt").exists()
+    # A search: Tune's last error may be a later one (a state file it wrote truncated), raised
+    # during the full disk's; each trial's run loses its unfinished folders.
+    from raysegment.cli.args import disk_full
+    from raysegment.cli.tune import _full_disk_line
+    from raysegment.config import TrainConfig
+    from raysegment.training.tune import TuneSpec
+
+    trial = tmp_path / "runs" / "s" / "train" / "s-trial-1"
+    (trial / "checkpoint_x").mkdir(parents=True)
+    (trial / "checkpoint_manager_snapshot.json").write_text('{"checkpoint_res')  # cut short: Ray cannot resume it
+    try:
+        try:
+            raise full
+        except OSError:
+            raise EOFError("Ran out of input")  # noqa: B904 (as Tune raises it)
+    except EOFError as exc:
+        why = disk_full(exc, str(tmp_path / "runs" / "s"))
+    search = TuneSpec(base=TrainConfig(data="x"), run=RunSpec(storage_path=str(tmp_path / "runs"), name="s"))
+    assert _full_disk_line(search, why) == (
+        f"error: search s stopped: its storage {tmp_path / 'runs' / 's'} is full (No space left on device; 1 "
+        "unfinished checkpoint folder removed); free space there and run the same command again")
+    assert not (trial / "checkpoint_x").exists() and not (trial / "checkpoint_manager_snapshot.json").exists()
+    assert disk_full(EOFError("Ran out of input"), str(tmp_path)) is None  # a disk with room: not its fault

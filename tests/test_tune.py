@@ -124,10 +124,13 @@ def test_trial_table_ranks_trials_by_their_best_epoch():
 
     results = [_Result({"lr": 1e-3, "decoder_width": 16}, [epoch(0, 0.5, "a0"), epoch(1, 0.7, "a1"), epoch(2, 0.6, "a2")]),
                _Result({"lr": 3e-3, "decoder_width": 32}, [epoch(0, 0.8, "b0")]),
-               _Result({"lr": 1e-2}, None)]  # a trial that never reported
+               _Result({"lr": 1e-2}, None),  # a trial that never reported
+               # equal scores: the latest, the checkpoint Ray Train keeps of them (the first was taken,
+               # whose folder Ray had deleted: the registration's FileNotFoundError after the search)
+               _Result({"lr": 5e-2}, [epoch(0, 0.2, "c0"), epoch(1, 0.3, "c1"), epoch(2, 0.3, "c2"), epoch(3, 0.3, "c3")])]
     table = trial_table(results)
     assert [(r["lr"], r["best_epoch"], r["epochs"], r["checkpoint_path"]) for r in table] == [
-        (3e-3, 0, 1, "b0"), (1e-3, 1, 3, "a1")]
+        (3e-3, 0, 1, "b0"), (1e-3, 1, 3, "a1"), (5e-2, 3, 4, "c3")]
     assert table[1]["dice_mean"] == 0.7 and table[1]["dice_rv"] == pytest.approx(0.69)
     assert table[0]["decoder_width"] == 32
     # The search's closing table names the epoch whose Dice (and checkpoint) it shows, as the epoch lines count.

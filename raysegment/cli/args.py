@@ -155,6 +155,43 @@ def run_until_interrupted(what: str, where: str, fn, *args):
         return INTERRUPTED
 
 
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` comes of a full disk (``ENOSPC``): itself, what it was raised from or during
+    (Tune's own error while saving a search's state), or a Ray Train worker's failure."""
+    import errno
+
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__, *(getattr(e, "worker_failures", None) or {}).values()]
+    return False
+
+
+def disk_full(exc: BaseException, path: str) -> str | None:
+    """Why a failed run or search counts as stopped by a full disk — ``ENOSPC`` in the error
+    (``no_space``), or, as Tune's error may be a later one (a state file it wrote truncated), its
+    local ``path``'s filesystem left with under 100 MiB or 1 % free — else None."""
+    import shutil
+
+    if no_space(exc):
+        return "No space left on device"
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if storage.is_uri(path) or not probe.exists():
+        return None
+    usage = shutil.disk_usage(probe)
+    if usage.free < max(100 * 2**20, usage.total // 100):
+        return f"{usage.free // 2**20} MiB free; {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
+    return None
+
+
 def progress_line(label: str, every_s: float = 30.0):
     """A ``progress(done, total)`` callback: one stderr line at most every ``every_s`` seconds and
     one at the end, so a segmentation of minutes says how far it is."""

@@ -14,6 +14,7 @@ from raysegment.cli.args import (
     add_run_arguments,
     augment_from_args,
     check_args,
+    disk_full,
     resolve_init_weights,
     run_until_interrupted,
 )
@@ -174,8 +175,6 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
     """The one line a Ray Train run that failed for good in its workers ends with, after their
     tracebacks (Ray streams them above it); None for another error (its traceback). On a full disk
     the checkpoint folders whose upload failed part-way are removed first: they hold space."""
-    import errno
-
     from raysegment.training.resume import latest_checkpoint, remove_unsaved_checkpoints
 
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
@@ -184,11 +183,11 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
     first = failures[min(failures)]
     latest = latest_checkpoint(spec.storage_path, spec.name)
     kept = f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
-    if getattr(first, "errno", None) == errno.ENOSPC or "No space left on device" in str(first):
+    if why := disk_full(exc, storage.join(spec.storage_path, spec.name)):
         removed = remove_unsaved_checkpoints(spec.storage_path, spec.name)
-        return (f"error: run {spec.name} stopped: no space left on its storage {storage.join(spec.storage_path, spec.name)}"
-                f" while saving a checkpoint ({kept}; {removed} unfinished checkpoint folder{'s' * (removed != 1)} "
-                f"removed); free space there and the same command {'resumes' if latest else 'starts'} it")
+        return (f"error: run {spec.name} stopped: its storage {storage.join(spec.storage_path, spec.name)} is full "
+                f"({why}; {kept}; {removed} unfinished checkpoint folder{'s' * (removed != 1)} removed); free space "
+                f"there and the same command {'resumes' if latest else 'starts'} it")
     why = (str(first).strip().splitlines() or [type(first).__name__])[-1][:300]
     return (f"error: run {spec.name} failed in its workers after {spec.max_failures} restarts ({why}; their tracebacks "
             f"are above); {kept}")

@@ -14,6 +14,7 @@ from raysegment.cli.args import (
     augment_from_args,
     check_args,
     check_registry_answers,
+    disk_full,
     resolve_init_weights,
     run_until_interrupted,
 )
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
                                             _start_and_search, a.address, spec)
     except SearchSpaceChanged as exc:
         p.error(str(exc))
+    except Exception as exc:
+        if not (why := disk_full(exc, storage.join(spec.run.storage_path, name))):
+            raise
+        print(_full_disk_line(spec, why), file=sys.stderr)
+        return 1
     if isinstance(summary, int):
         return summary
     print(f"[raysegment] {len(summary['trials'])} trials (parent MLflow run {summary['parent_run_id']}):")
@@ -182,6 +188,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[raysegment] registered final {reg['name']} v{reg['version']}; champion: {reg['champion']} "
                   f"({reg['reason']})")
     return 0
+
+
+def _full_disk_line(spec: TuneSpec, why: str) -> str:
+    """The line a search that met a full disk ends with, once the checkpoint folders its trials'
+    runs could not finish are removed (they hold space; no resume reads them)."""
+    from raysegment.training.resume import remove_unsaved_checkpoints
+
+    where = storage.join(spec.run.storage_path, spec.run.name)
+    runs = storage.join(where, "train")  # one Ray Train run per trial, and the final stage's
+    removed = 0 if storage.is_uri(runs) else sum(remove_unsaved_checkpoints(runs, d.name)
+                                                 for d in Path(runs).glob("*") if d.is_dir())
+    return (f"error: search {spec.run.name} stopped: its storage {where} is full ({why}; {removed} unfinished "
+            f"checkpoint folder{'s' * (removed != 1)} removed); free space there and run the same command again")
 
 
 def _start_and_search(address: str | None, spec: TuneSpec) -> dict:

@@ -35,19 +35,28 @@ def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
     under ``storage_path`` (what a resume starts from); None for a run not begun."""
     folder = storage.join(storage_path, name)
     snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
-    latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
+    try:
+        latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
+    except json.JSONDecodeError:  # cut short by a full disk: nothing to resume from
+        latest = None
     return (storage.join(folder, latest["checkpoint_dir_name"]), latest.get("metrics", {})) if latest else None
 
 
 def remove_unsaved_checkpoints(storage_path: str, name: str) -> int:
     """Delete the checkpoint folders of run ``name`` (local storage) that Ray Train never
     registered — uploads that failed part-way, e.g. on a full disk: they hold space and no resume
-    reads them → how many. Nothing is deleted when the snapshot is not in the form this expects."""
+    reads them → how many. A record of them that the full disk cut short (Ray Train cannot start
+    the run again from it) goes too, and the run starts afresh. Nothing is deleted when the
+    record is whole but not in the form this expects."""
     if storage.is_uri(storage_path):
         return 0
     folder = Path(storage.join(storage_path, name))
-    text = storage.read_text(str(folder / "checkpoint_manager_snapshot.json"))
-    snapshot = json.loads(text) if text else {"checkpoint_results": []}
+    record = folder / "checkpoint_manager_snapshot.json"
+    try:
+        snapshot = json.loads(storage.read_text(str(record)) or '{"checkpoint_results": []}')
+    except json.JSONDecodeError:
+        record.unlink()
+        snapshot = {"checkpoint_results": []}
     if not isinstance(snapshot.get("checkpoint_results"), list):
         return 0
     kept = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]}

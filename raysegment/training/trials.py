@@ -104,7 +104,10 @@ def trial_table(results, trial_run_path: Callable[[str], str] | None = None) -> 
         if df is None or "dice_mean" not in df or df["epoch"].min() > 0:
             found = _row_from_trial_run(trial_run_path(trial_id)) if trial_run_path else None
         else:
-            best = df.loc[df["dice_mean"].idxmax()]
+            # Of equal scores the latest epoch, as Ray Train ranks them when it keeps its best
+            # checkpoints: an earlier one's folder may be gone (a collapsed trial's Dice of 0 at
+            # every epoch, or epochs without validation that carry the last Dice).
+            best = df.loc[df["dice_mean"][::-1].idxmax()]
             found = _row(int(df["epoch"].max()) + 1, best, best.get("checkpoint_path"))
         if found:
             rows.append({"trial_id": trial_id, **{k: r.config.get(k) for k in SEARCHED if k in r.config}, **found})
