@@ -184,3 +184,30 @@ def test_a_finished_search_is_told_apart_from_one_with_work_left(tmp_path):
     assert finished_search(replace(spec, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")) is None
     (tmp_path / "s" / SUMMARY).write_text(json.dumps({**summary, "registered": {"version": "1"}, "final": {"epochs": 3}}))
     assert finished_search(replace(spec, register=True, final_minutes=5.0))["final"] == {"epochs": 3}
+
+
+def test_a_search_that_fails_is_failed_in_mlflow(tmp_path, monkeypatch):
+    """A search whose Tune run raises (a full disk, a bug) ends its MLflow parent run FAILED, not
+    RUNNING for ever in the UI; the error itself propagates."""
+    import errno
+
+    from mlflow import MlflowClient
+
+    from raysegment.training import tune as tune_mod
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text('{"content_hash": "h"}')
+
+    class Broken:
+        def fit(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tune_mod, "_tuner", lambda *args: Broken())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = tune_mod.TuneSpec(base=TrainConfig(data=str(tmp_path / "shards")),
+                             run=RunSpec(name="s", storage_path=str(tmp_path / "runs")), tracking_uri=uri)
+    with pytest.raises(OSError, match="No space left"):
+        tune_mod.run_search(spec)
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])
+    assert parent.info.status == "FAILED"

@@ -260,6 +260,9 @@ def run_search(spec: TuneSpec) -> dict:
     except (KeyboardInterrupt, SystemExit):
         client.set_terminated(parent_id, "KILLED")
         raise
+    except Exception:  # e.g. a full disk: the MLflow UI showed the search RUNNING for ever
+        _mark(client, parent_id, "FAILED")
+        raise
     client.set_terminated(parent_id, "FINISHED")
     storage.write_text(storage.join(root, spec.run.name, SUMMARY), json.dumps(summary, indent=1, default=str))
     return summary
@@ -299,6 +302,15 @@ def _tuner(spec: TuneSpec, exp_id: str, parent_id: str, root: str):
         run_config=tune.RunConfig(name=spec.run.name, storage_path=root, callbacks=callbacks,
                                   verbose=1 if spec.run.verbose else 0),
     )
+
+
+def _mark(client, run_id: str, status: str) -> None:
+    """End MLflow run ``run_id`` with ``status`` while an error propagates; a registry that fails
+    too must not hide that error."""
+    try:
+        client.set_terminated(run_id, status)
+    except Exception:
+        logging.getLogger(__name__).warning("could not mark MLflow run %s %s", run_id, status)
 
 
 def _register_once(client, run_id: str, register) -> dict:
@@ -366,9 +378,12 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborted the run, its checkpoints kept
         client.set_terminated(run_id, "KILLED")
         raise
-    if result.error or result.checkpoint is None:
+    except Exception:  # Ray Train's fit raises a run's error
+        _mark(client, run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
         client.set_terminated(run_id, "FAILED")
-        raise RuntimeError(f"final run failed: {result.error}")
+        raise RuntimeError("final run failed: it left no checkpoint")
     with result.checkpoint.as_directory() as d:  # local or remote storage alike
         history = read_state(d).get("history", [])
     for h in history:
