@@ -184,6 +184,8 @@ def test_a_finished_search_is_told_apart_from_one_with_work_left(tmp_path):
     assert finished_search(replace(spec, tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")) is None
     (tmp_path / "s" / SUMMARY).write_text(json.dumps({**summary, "registered": {"version": "1"}, "final": {"epochs": 3}}))
     assert finished_search(replace(spec, register=True, final_minutes=5.0))["final"] == {"epochs": 3}
+    (tmp_path / "s" / SUMMARY).write_text('{"parent_run_id": "ab')  # cut short by a full disk
+    assert finished_search(spec) is None
 
 
 def test_a_search_that_fails_is_failed_in_mlflow(tmp_path, monkeypatch):

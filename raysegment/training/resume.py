@@ -116,7 +116,10 @@ def finished_search(spec) -> dict | None:
     text = storage.read_text(storage.join(spec.run.storage_path, spec.run.name, SUMMARY)) if saved else None
     if not text or saved.get("tracking_uri") != spec.tracking_uri:
         return None
-    summary = json.loads(text)
+    try:
+        summary = json.loads(text)
+    except json.JSONDecodeError:  # cut short (a full disk): the search through Ray writes it again
+        return None
     if (spec.register and "registered" not in summary) or (spec.final_minutes and "final" not in summary):
         return None
     return summary
