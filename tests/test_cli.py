@@ -247,4 +247,9 @@ def test_a_run_that_fills_its_disk_ends_in_one_line_and_leaves_only_saved_checkp
         f"error: search s stopped: its storage {tmp_path / 'runs' / 's'} is full (No space left on device; 1 "
         "unfinished checkpoint folder removed); free space there and run the same command again")
     assert not (trial / "checkpoint_x").exists() and not (trial / "checkpoint_manager_snapshot.json").exists()
+    # the record as the full disk first left it, in the tune run of this session: 0 bytes
+    (trial / "checkpoint_y").mkdir()
+    (trial / "checkpoint_manager_snapshot.json").write_text("")
+    assert "1 unfinished checkpoint folder removed" in _full_disk_line(search, why)
+    assert not (trial / "checkpoint_y").exists() and not (trial / "checkpoint_manager_snapshot.json").exists()
     assert disk_full(EOFError("Ran out of input"), str(tmp_path)) is None  # a disk with room: not its fault

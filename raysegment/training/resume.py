@@ -17,6 +17,8 @@ from raysegment.io import storage
 from raysegment.model.checkpoint import CONFIG_FILE
 from raysegment.training.trials import space_record, space_text
 
+# Ray Train's record, in a run's folder, of the checkpoints it registered (what a resume reads).
+SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Beside each search (in its storage folder): its MLflow parent run, pins, ranges, trial count and base config.
 MARKER = "mlflow_parent_run.json"
 # Beside a search that has ended (its registration and final stage included): what ``run_search`` returned.
@@ -30,15 +32,24 @@ class SearchSpaceChanged(ValueError):
     """A resume asked for other pins, ranges, trial count or trial settings than the saved search began with."""
 
 
+def _snapshot(folder: str) -> tuple[dict | None, bool]:
+    """(Ray Train's record of the checkpoints it registered in run folder ``folder``, None where there
+    is none; whether a full disk cut it short — empty or not JSON: Ray Train cannot resume from it)."""
+    text = storage.read_text(storage.join(folder, SNAPSHOT))
+    if text is None:
+        return None, False
+    try:
+        return json.loads(text), False
+    except json.JSONDecodeError:
+        return None, True
+
+
 def latest_checkpoint(storage_path: str, name: str) -> tuple[str, dict] | None:
     """(the folder, the metrics) of the latest checkpoint Ray Train registered for run ``name``
-    under ``storage_path`` (what a resume starts from); None for a run not begun."""
+    under ``storage_path`` (what a resume starts from); None for a run not begun, or whose record a
+    full disk cut short."""
     folder = storage.join(storage_path, name)
-    snapshot = storage.read_text(storage.join(folder, "checkpoint_manager_snapshot.json"))
-    try:
-        latest = json.loads(snapshot).get("latest_checkpoint_result") if snapshot else None
-    except json.JSONDecodeError:  # cut short by a full disk: nothing to resume from
-        latest = None
+    latest = (_snapshot(folder)[0] or {}).get("latest_checkpoint_result")
     return (storage.join(folder, latest["checkpoint_dir_name"]), latest.get("metrics", {})) if latest else None
 
 
@@ -51,12 +62,10 @@ def remove_unsaved_checkpoints(storage_path: str, name: str) -> int:
     if storage.is_uri(storage_path):
         return 0
     folder = Path(storage.join(storage_path, name))
-    record = folder / "checkpoint_manager_snapshot.json"
-    try:
-        snapshot = json.loads(storage.read_text(str(record)) or '{"checkpoint_results": []}')
-    except json.JSONDecodeError:
-        record.unlink()
-        snapshot = {"checkpoint_results": []}
+    snapshot, cut_short = _snapshot(str(folder))
+    if cut_short:
+        (folder / SNAPSHOT).unlink()
+    snapshot = snapshot or {"checkpoint_results": []}
     if not isinstance(snapshot.get("checkpoint_results"), list):
         return 0
     kept = {r.get("checkpoint_dir_name") for r in snapshot["checkpoint_results"]}
