@@ -181,11 +181,11 @@ def disk_full(exc: BaseException, path: str) -> str | None:
 
     if no_space(exc):
         return "No space left on device"
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if storage.is_uri(path) or not probe.exists():
+    if storage.is_uri(path):
         return None
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:  # the nearest folder that is there
+        probe = probe.parent
     usage = shutil.disk_usage(probe)
     if usage.free < max(100 * 2**20, usage.total // 100):
         return f"{usage.free // 2**20} MiB free; {type(exc).__name__}: {' '.join(str(exc).split())[:120]}"

@@ -180,14 +180,15 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
     failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError
     if not failures:
         return None
-    first = failures[min(failures)]
+    where = storage.join(spec.storage_path, spec.name)
     latest = latest_checkpoint(spec.storage_path, spec.name)
     kept = f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
-    if why := disk_full(exc, storage.join(spec.storage_path, spec.name)):
+    if why := disk_full(exc, where):
         removed = remove_unsaved_checkpoints(spec.storage_path, spec.name)
-        return (f"error: run {spec.name} stopped: its storage {storage.join(spec.storage_path, spec.name)} is full "
-                f"({why}; {kept}; {removed} unfinished checkpoint folder{'s' * (removed != 1)} removed); free space "
-                f"there and the same command {'resumes' if latest else 'starts'} it")
+        return (f"error: run {spec.name} stopped: its storage {where} is full ({why}; {kept}; {removed} unfinished "
+                f"checkpoint folder{'s' * (removed != 1)} removed); free space there and the same command "
+                f"{'resumes' if latest else 'starts'} it")
+    first = failures[min(failures)]
     why = (str(first).strip().splitlines() or [type(first).__name__])[-1][:300]
     return (f"error: run {spec.name} failed in its workers after {spec.max_failures} restarts ({why}; their tracebacks "
             f"are above); {kept}")
