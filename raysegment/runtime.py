@@ -25,7 +25,8 @@ OWN_PROCESS_GROUP: dict = {"process_group": 0} if sys.version_info >= (3, 11) el
 
 
 def disable_telemetry() -> None:
-    """Switch off Ray usage stats and MLflow telemetry for this process and its children.
+    """Switch off Ray usage stats and MLflow telemetry for this process and its children, and Ray's
+    abort on SIGTERM (below).
 
     Medical users expect no phoning home; every CLI entry point calls this before it starts
     Ray or MLflow. Values already set by the user win.
@@ -35,8 +36,21 @@ def disable_telemetry() -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
         "RAY_TRAIN_V2_ENABLED": "1",
+        # Ray's processes install abseil's failure-signal handler, which on SIGTERM (what Slurm,
+        # Kubernetes, systemd, `timeout` send) printed six "*** SIGTERM received … PC: @ …" lines and
+        # armed a 3-s alarm that aborted a driver still stopping its search: exit 134 (SIGABRT)
+        # instead of 130 (ray-project/ray PR 64830). Python's handler stays: one line, exit 130.
+        "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
     }.items():
         os.environ.setdefault(key, value)
+
+
+def stop_signal(exc: BaseException) -> bool:
+    """Whether ``exc`` is how a stop reaches a Ray driver: Ctrl-C (``KeyboardInterrupt``), or SIGTERM
+    (a scheduler's stop, ``ray job stop``), which the handler ``ray.init`` installs raises as
+    ``SystemExit(15)``, and a wait inside Ray as ``SystemExit(1)`` (as Ray Train's on Ctrl-C). A
+    ``SystemExit`` with a message is a command's own ``error:`` and is not one."""
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and isinstance(exc.code, int))
 
 
 # Worker environment of a quiet run: no Ray Data bar per dataset pass (one epoch = one pass), no

@@ -99,10 +99,11 @@ def sample_shards(tmp_path_factory):
 
 
 def interrupt_when(cmd: list[str], env: dict, log: Path, ready, *, cwd=None, group: bool = False,
-                   timeout_s: float = 300) -> str:
-    """Run ``cmd`` with its output in ``log``; once ``ready(text so far)`` holds, send it SIGINT (with
-    ``group``, to its whole process group, as a terminal's Ctrl-C does) → its output. Asserts it was
-    still running then and ended with status 130."""
+                   timeout_s: float = 300, sig=None) -> str:
+    """Run ``cmd`` with its output in ``log``; once ``ready(text so far)`` holds, send it ``sig``
+    (SIGINT unless given; with ``group``, to its whole process group, as a terminal's Ctrl-C does)
+    → its output. Asserts it was still running then and ended with status 130, without Ray's
+    report of the signal (its abort handler's "*** SIGTERM received … PC: @ …" lines)."""
     import signal
     import subprocess
     import time
@@ -120,6 +121,9 @@ def interrupt_when(cmd: list[str], env: dict, log: Path, ready, *, cwd=None, gro
         while not ready(log.read_text()) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert proc.poll() is None, log.read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGINT) if group else proc.send_signal(signal.SIGINT)
+        sig = sig or signal.SIGINT
+        os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
-    return log.read_text()
+    text = log.read_text()
+    assert " received at time=" not in text and "PC: @" not in text, text[-3000:]
+    return text

@@ -136,6 +136,28 @@ def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("uri", ["./mlruns", "file:///srv/old/mlruns"])
+def test_a_file_store_is_one_line_and_exit_2_before_ray(uri, tmp_path, capsys, monkeypatch):
+    """An MLflow 2 user's ``./mlruns``: MLflow 3 refuses a file store, and ``tune`` met that after Ray
+    had started, with a 40-line traceback. Now one line naming a database to use; MLflow's own
+    opt-out (``MLFLOW_ALLOW_FILE_STORE``) still lets one through."""
+    from raysegment.cli.args import check_not_file_store
+    from raysegment.cli.tune import main as tune_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        tune_main(["--mlflow-uri", uri, "--storage", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: --mlflow-uri {uri} is a file store") and "sqlite:///" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+    for fine in ("sqlite:///x.db", "http://mlflow:5000", "databricks", "postgresql://h/db", "databricks-uc", ""):
+        check_not_file_store(fine)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_not_file_store(uri)
+
+
 def test_a_storage_uri_that_cannot_be_read_is_one_line_before_ray(tmp_path, capsys):
     """A ``--storage`` URI pyarrow cannot open: one ``error:`` line with its reason, exit 2, before Ray
     and before ``--data`` is looked at (it was a pyarrow traceback from the resume check). With an
@@ -191,6 +213,31 @@ def test_the_registry_check_of_a_local_store_does_not_load_mlflow():
     env = {k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_every_command_switches_off_rays_abort_on_sigterm_before_it_imports_ray():
+    """Ray reads ``RAY_DISABLE_FAILURE_SIGNAL_HANDLER`` when it is imported; set later (``train``
+    imports Ray with its own module), its handler still printed six lines on SIGTERM and aborted the
+    driver 3 s in (exit 134). The slow train and batch tests send the signal itself."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, os, sys
+seen = []
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ray":
+            seen.append(os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER"))
+sys.meta_path.insert(0, Spy())
+import raysegment.train, raysegment.tune, raysegment.infer, raysegment.serve, raysegment.bench
+print(set(seen) <= {"1"}, os.environ.get("RAY_DISABLE_FAILURE_SIGNAL_HANDLER"))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    # set by the time a command's module is loaded (Ray, if imported then, saw it), so before its main runs
+    assert out.stdout.strip() == "True 1", out.stdout + out.stderr[-2000:]
 
 
 def test_a_run_that_fills_its_disk_ends_in_one_line_and_leaves_only_saved_checkpoints(tmp_path):

@@ -316,10 +316,11 @@ def test_batch_job_faults_bad_neighbours_and_reruns(tmp_path, tiny_checkpoint, m
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
-    """Ctrl-C in the terminal (SIGINT to the command's process group, its local Ray's processes too):
-    exit 130, one ``interrupted:`` line and no traceback; what finished is in the ledger and in
-    report.md and results.csv, and the line counts what the next run has left."""
+def test_ctrl_c_or_sigterm_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the command's process group, its local Ray's processes too),
+    then SIGTERM to the next run's driver: each exit 130, one ``interrupted:`` line and no traceback;
+    what finished is in the ledger and in report.md and results.csv, and the line counts what the
+    next run has left."""
     import os
     import sys
 
@@ -340,6 +341,15 @@ def test_ctrl_c_ends_a_batch_with_one_line_and_keeps_what_it_finished(tmp_path):
     assert all(e["status"] == "done" for e in ledger)  # the study it was on is new to the next run, not an error
     assert (tmp_path / "out" / "report.md").read_text().count("| done |") == finished
     assert (tmp_path / "out" / "results.csv").read_text().count('"done"') == finished
+    # A scheduler's stop (SIGTERM to the driver alone) the same way: Ray's handler ended the loop
+    # with SystemExit and the command with exit 1 and no line, results and report unwritten.
+    import signal
+
+    again = interrupt_when(cmd, env, tmp_path / "log2", lambda out: " ok (" in out, sig=signal.SIGTERM)
+    line = next(x for x in again.splitlines() if x.startswith("interrupted: "))
+    now = int(line.split()[1])
+    assert 1 <= now and finished + now == len((tmp_path / "out" / "ledger.jsonl").read_text().splitlines()), line
+    assert (tmp_path / "out" / "report.md").read_text().count("| done |") == finished + now
 
 
 def test_actor_plan_fills_the_free_cpus_or_gpus_at_most_one_per_study():

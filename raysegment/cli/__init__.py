@@ -2,12 +2,18 @@
 (``args``), benchmarks (``bench``, ``gpu_smoke``) and the ``raysegment`` console script (``main``).
 
 The top layer: may import every stage; nothing imports it. This file itself imports only the
-standard library (every command's shim imports it).
+standard library and ``raysegment.runtime`` (every command's shim imports it, before Ray).
 """
 
 import argparse
 import sys
 import textwrap
+
+from raysegment.runtime import disable_telemetry
+
+# Before any command module imports Ray: Ray reads RAY_DISABLE_FAILURE_SIGNAL_HANDLER when it is
+# imported, and ``train`` imports it with its own module (its SIGTERM then still aborted the driver).
+disable_telemetry()
 
 INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + SIGINT)
 

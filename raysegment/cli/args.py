@@ -15,7 +15,7 @@ from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_o
 from raysegment.data.dataset import is_bundle
 from raysegment.io import storage
 from raysegment.model.unet import BACKBONES
-from raysegment.runtime import ClusterUnreachable, check_cluster
+from raysegment.runtime import ClusterUnreachable, check_cluster, stop_signal
 from raysegment.training.train import RunSpec
 
 # Numeric options by what they may be, across every command (the dest names mean the same everywhere).
@@ -86,6 +86,7 @@ def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) ->
     # MLflow's own default, without importing it here (an import before ``quiet_environment`` set
     # its log level printed its INFO lines of creating a store's tables): the variable, else a file store.
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    check_not_file_store(uri)
     if not uri.startswith(("http://", "https://")):
         return  # a local store, or Databricks: MLflow's client reads it
     try:
@@ -96,6 +97,24 @@ def check_registry_answers(tracking_uri: str | None, timeout_s: float = 10.0) ->
         print(f"error: the MLflow registry at {uri} does not answer ({getattr(exc, 'reason', exc)}); nothing was "
               f"done, the same command tries again", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def check_not_file_store(uri: str) -> None:
+    """A file store (``./mlruns``, ``file:///…``) is bad input: MLflow 3 refuses to open one (unless
+    ``MLFLOW_ALLOW_FILE_STORE`` says so), and ``tune`` met that only after Ray had started, with a
+    traceback. One ``error:`` line, exit 2."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(uri).scheme
+    if not uri or uri in ("databricks", "databricks-uc") or (scheme not in ("", "file") and len(scheme) > 1):
+        return  # (a one-letter scheme is a Windows drive)
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return
+    folder = Path(urlparse(uri).path if scheme == "file" else uri)
+    print(f"error: --mlflow-uri {uri} is a file store, which MLflow 3 no longer opens; give a database such as "
+          f"sqlite:///{(folder.parent / 'mlflow.db').resolve()} (`mlflow migrate-filestore` moves an old store's runs "
+          f"into one) or an http:// server; nothing was done", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -148,7 +167,7 @@ def run_until_interrupted(what: str, where: str, fn, *args):
     try:
         return fn(*args)
     except (KeyboardInterrupt, SystemExit) as exc:
-        if isinstance(exc, SystemExit) and not isinstance(exc.code, int):
+        if not stop_signal(exc):
             raise
         print(f"interrupted: {what} stopped; its checkpoints stay in {where} and the same command resumes it",
               file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
 from raysegment.io.dicomweb import PacsUnreachable
-from raysegment.runtime import ClusterUnreachable, disable_telemetry, quiet_environment
+from raysegment.runtime import ClusterUnreachable, disable_telemetry, quiet_environment, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # before any study was segmented (finding, hashing, actors starting)
+    except (KeyboardInterrupt, SystemExit) as exc:  # before any study was segmented (finding, hashing, actors starting)
+        if not stop_signal(exc):
+            raise
         print("interrupted: nothing segmented; the same command starts again", file=sys.stderr, flush=True)
         return INTERRUPTED
     if summary.get("interrupted"):

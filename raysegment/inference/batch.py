@@ -27,7 +27,7 @@ from raysegment.inference.pacs import store_entry
 from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.io.studies import atomic_write, find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import disable_telemetry, stop_signal
 
 LAST_RUN = "last_run.json"
 
@@ -86,9 +86,11 @@ def run_batch(config: InferConfig) -> dict:
                 if client is not None and config.store and entry["status"] == "done":
                     store_entry(client, entry)
                 progress(ledger, entry)
-        except KeyboardInterrupt:
-            # Ctrl-C: what is in the ledger goes into the results and the report before the
-            # command ends; the studies left are new to the next run.
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report
+            # before the command ends; the studies left are new to the next run.
+            if not stop_signal(exc):
+                raise
             interrupted = True
     for a in actors:
         ray.kill(a)
