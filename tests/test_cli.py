@@ -82,6 +82,29 @@ def test_any_command_stopped_by_ctrl_c_ends_with_one_line_and_130(capsys, monkey
     assert console(["weights", "verify"]) == 130
 
 
+def test_sigterm_ends_a_command_as_ctrl_c_does_and_the_caller_keeps_its_handler():
+    """A scheduler's stop (SIGTERM) killed a command outright: ``prepare`` left its temporary folder
+    of shards beside ``--out``. Through ``cli.run`` it is Ctrl-C: the command's own clean-up, one
+    line, exit 130 (commands that start Ray get Ray's handler, tested with them)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import time; from raysegment.cli import run\n"
+            "def main(argv):\n    print('up', flush=True); time.sleep(60)\n"
+            "raise SystemExit(run(main))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    assert proc.stderr.read() == "interrupted: stopped before it finished\n"
+    before = signal.getsignal(signal.SIGTERM)
+    from raysegment.cli import run
+
+    run(lambda argv: 0)
+    assert signal.getsignal(signal.SIGTERM) is before  # restored: a caller's (pytest's) own is kept
+
+
 def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
     """``--help`` is for users: a description without the module docstring's notes for developers,
     and examples that are valid command lines of that command."""

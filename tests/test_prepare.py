@@ -310,6 +310,16 @@ def test_ctrl_c_during_prepare_leaves_out_as_it_was_and_no_temporary_folder(tmp_
         f"interrupted: nothing written, {tmp_path / 'o'} is as it was; the same command starts again"
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "o").rglob("*")) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "src"]  # no .o.tmp-PID left
+    # What a prepare killed outright (SIGKILL) left goes at the next one; a live process's stays.
+    # The dead one names a PID above the kernel's pid_max: no process can have it.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text()) if Path("/proc/sys/kernel/pid_max").exists() else 2**22
+    import os
+
+    for pid in (pid_max + 1, os.getppid()):
+        (tmp_path / f".o.tmp-{pid}" / "train").mkdir(parents=True)
+    monkeypatch.setattr(prep, "_write_shards", write)
+    assert main(["--source", str(src), "--out", str(tmp_path / "o"), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".o.tmp-{os.getppid()}", "o", "src"]
 
 
 def test_info_csv_gives_h5_volumes_their_spacing_and_patient_metadata(tmp_path):

@@ -19,14 +19,26 @@ INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + 
 
 
 def run(main, argv: list[str] | None = None) -> int:
-    """A command's ``main(argv)``; a Ctrl-C that the command does not handle itself (train, tune,
-    infer and prepare say what they keep) ends it with one ``interrupted:`` line and exit status
-    130 instead of a traceback."""
+    """A command's ``main(argv)``; a Ctrl-C or SIGTERM that the command does not handle itself (train,
+    tune, infer and prepare say what they keep) ends it with one ``interrupted:`` line and exit
+    status 130 instead of a traceback."""
+    import signal
+
+    # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C, so what a command cleans up on Ctrl-C is
+    # cleaned up then too (prepare's temporary folder was left); a command that starts Ray gets
+    # Ray's handler instead, which raises SystemExit (``runtime.stop_signal``).
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # where Python allows handlers
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         return main(argv)
     except KeyboardInterrupt:
         print("interrupted: stopped before it finished", file=sys.stderr, flush=True)
         return INTERRUPTED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
 
 
 class CommandParser(argparse.ArgumentParser):
