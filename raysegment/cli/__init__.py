@@ -23,13 +23,13 @@ def run(main, argv: list[str] | None = None) -> int:
     tune, infer and prepare say what they keep) ends it with one ``interrupted:`` line and exit
     status 130 instead of a traceback."""
     import signal
+    import threading
 
     # SIGTERM (a scheduler's stop, `kill`) as Ctrl-C, so what a command cleans up on Ctrl-C is
     # cleaned up then too (prepare's temporary folder was left); a command that starts Ray gets
-    # Ray's handler instead, which raises SystemExit (``runtime.stop_signal``).
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()  # where Python allows handlers
+    # Ray's handler instead, which raises SystemExit (``runtime.stop_signal``). Python allows
+    # handlers in the main thread only.
+    main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, signal.default_int_handler) if main_thread else None
     try:
         return main(argv)
