@@ -144,35 +144,47 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
 # Lines Ray's own processes send to the driver's console that tell a user of a job nothing:
 # the GCS's ERROR that killing an actor whose process had already exited "failed" (for Ray's
 # KillActor the RPC failing is the success path: ray-project/ray PRs 53412 and 58544, the latter
-# dropping the same log line elsewhere), and Ray Train's placement-group cleaner reporting the
-# controller of a trial that Tune (ASHA, or the search's end) stopped. Both stay in the session's
+# dropping the same log line elsewhere), Ray Train's placement-group cleaner reporting the
+# controller of a trial that Tune (ASHA, or the search's end) stopped, and the raylet's warning that
+# it started more worker processes than the node has CPUs (every search of two trials at once on a
+# 2-core machine: a Ray Train run is some five actors, each a process). All stay in the session's
 # log files, and ``--verbose`` prints them.
-HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor")
+HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor",
+                      "PYTHON worker processes have been started on node")
 _FILTERED = "_raysegment_filtered"
 
 
+def _dropping(printer, harmless: tuple[str, ...]):
+    """``printer(data, …)`` with the lines of ``data`` that hold one of ``harmless`` dropped (nothing
+    printed for a batch left empty)."""
+    def filtered(data: dict, *args, **kwargs) -> None:
+        lines = [line for line in data.get("lines", ()) if not any(h in line for h in harmless)]
+        if lines or not data.get("lines"):
+            printer({**data, "lines": lines}, *args, **kwargs)
+
+    setattr(filtered, _FILTERED, True)
+    return filtered
+
+
 def quiet_driver_logs(harmless: tuple[str, ...] = HARMLESS_RAY_LINES) -> bool:
-    """Wrap the handler that prints Ray's streamed process output on this driver so that lines
-    holding one of ``harmless`` are dropped; every other line prints as before. → whether the
-    handler was found (a Ray without it keeps printing everything)."""
+    """Drop the lines holding one of ``harmless`` from what this driver prints of Ray's processes:
+    their streamed output (the handler ``ray.init`` gives Ray's dispatcher) and the errors the GCS
+    pushes to the driver (the raylet's, printed by ``ray._private.worker.print_to_stdstream``).
+    Every other line prints as before. → whether the handler was found (a Ray without it keeps
+    printing everything)."""
     try:
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
+    if not getattr(ray_worker.print_to_stdstream, _FILTERED, False):
+        ray_worker.print_to_stdstream = _dropping(ray_worker.print_to_stdstream, harmless)
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
             if name != "ray_print_logs":
                 continue
-            if getattr(handler, _FILTERED, False):
-                return True
-
-            def filtered(data: dict, _print=handler) -> None:
-                lines = [line for line in data.get("lines", ()) if not any(h in line for h in harmless)]
-                if lines or not data.get("lines"):
-                    _print({**data, "lines": lines})
-
-            setattr(filtered, _FILTERED, True)
-            dispatcher.handlers[i] = (name, filtered)
+            if not getattr(handler, _FILTERED, False):
+                dispatcher.handlers[i] = (name, _dropping(handler, harmless))
             return True
     return False
 

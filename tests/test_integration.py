@@ -37,6 +37,7 @@ def registered(cluster, sample_shards):
     # GCS may log a "failed" kill of an actor already gone: the driver prints neither
     # (``runtime.quiet_driver_logs``).
     assert "Ray Train controller actor" not in log and "Failed to kill actor" not in log, log[-3000:]
+    assert "worker processes have been started" not in log, log[-3000:]  # the raylet's, in such a search here
     # Each trial's actor runs its dataset's first pass; Ray Data's note that the bars are off (we
     # switched them off) came once per trial.
     assert "Progress bars disabled" not in log, log[-3000:]

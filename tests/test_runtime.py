@@ -175,24 +175,34 @@ def test_scratch_of_a_dead_process_is_cleared_and_a_live_ones_stays(tmp_path):
 
 def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
     """``quiet_driver_logs`` wraps the handler Ray's driver prints streamed process output with (in
-    Ray's own dispatcher, as ``ray.init`` installs it): the GCS's "Failed to kill actor … Socket
-    closed" and the placement-group cleaner's dead-controller warning go, other lines of the same
+    Ray's own dispatcher, as ``ray.init`` installs it) and the printer of the errors the GCS pushes
+    to the driver: the GCS's "Failed to kill actor … Socket closed", the placement-group cleaner's
+    dead-controller warning and the raylet's count of started workers go, other lines of the same
     batch stay, a batch left empty prints nothing, and wrapping twice filters once."""
+    import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     from raysegment.runtime import quiet_driver_logs
 
     printed, saved = [], dispatcher.handlers  # a Ray an earlier test left running keeps its own
+    saved_print = ray_worker.print_to_stdstream
     dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data["lines"]))]
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: printed.append(data["lines"])
     try:
         assert quiet_driver_logs() and quiet_driver_logs()
         gcs = ("[2026-12-06 13:45:02,621 E 19021 19021] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill actor "
                "62a7, return status: Invalid: KillActor RPC failed for actor 62a7: RpcError: RPC error: Socket closed")
         cleaner = ("WARNING placement_group_cleaner.py:120 -- Detected that the Ray Train controller actor (9912) is "
                    "dead. Cleaning up placement group")
+        raylet = ("WARNING: 8 PYTHON worker processes have been started on node: 1e75 with address: 192.0.2.2, which "
+                  "is 4x the maximum expected startup concurrency (2). This could be a result of using a large number")
         dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [gcs]})
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [cleaner, "[raysegment] epoch 1/3 loss 0.06", gcs]})
         dispatcher.emit({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]})
+        # as Ray's thread that listens for the GCS's errors prints them (listen_error_messages)
+        ray_worker.print_to_stdstream({"lines": [raylet], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": ["another error"], "pid": "raylet", "is_err": False}, ignore_prefix=False)
     finally:
         dispatcher.handlers = saved
-    assert printed == [["[raysegment] epoch 1/3 loss 0.06"], ["Traceback (most recent call last):"]]
+        ray_worker.print_to_stdstream = saved_print
+    assert printed == [["[raysegment] epoch 1/3 loss 0.06"], ["Traceback (most recent call last):"], ["another error"]]
