@@ -287,9 +287,17 @@ def test_an_empty_volume_and_an_unwritable_out_give_one_line_not_a_traceback(tmp
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("raysegment.data.prepare._write_shards", disk_full)
-    assert main(["--source", str(src), "--out", str(tmp_path / "o2")]) == 2
+    assert main(["--source", str(src), "--out", str(tmp_path / "o2")]) == 1  # an environment fault, as train's
     err = capsys.readouterr().err
     assert "No space left on device" in err and "Traceback" not in err and not (tmp_path / "o2").exists()
+    assert err.strip().endswith("free space there and run the same command again"), err
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("raysegment.data.prepare._write_shards", read_only)
+    assert main(["--source", str(src), "--out", str(tmp_path / "o3")]) == 2  # a place one cannot write: bad input
+    assert "Read-only file system" in capsys.readouterr().err
 
 
 def test_ctrl_c_during_prepare_leaves_out_as_it_was_and_no_temporary_folder(tmp_path, capsys, monkeypatch):

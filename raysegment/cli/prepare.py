@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: nothing written, {a.out} is as it was; the same command starts again", file=sys.stderr)
         return INTERRUPTED
     except OSError as exc:  # read-only or full disk under --out: nothing half-written is left (prepare cleans up)
+        full = exc.errno == errno.ENOSPC  # an environment fault a scheduler retries (exit 1), as train's
         print(f"error: cannot write {a.out}: {exc.strerror or exc}"
-              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}", file=sys.stderr)
-        return 2
+              f"{' (' + exc.filename + ')' if getattr(exc, 'filename', None) else ''}"
+              f"{'; nothing was written, free space there and run the same command again' if full else ''}",
+              file=sys.stderr)
+        return 1 if full else 2
     c = manifest["counts"]
     print(
         f"wrote {a.out}: patients {c['patients']}, volumes {c['volumes']}, slices {c['slices']}, "
