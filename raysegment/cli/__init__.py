@@ -11,8 +11,9 @@ import textwrap
 
 from raysegment.runtime import disable_telemetry
 
-# Before any command module imports Ray: Ray reads RAY_DISABLE_FAILURE_SIGNAL_HANDLER when it is
-# imported, and ``train`` imports it with its own module (its SIGTERM then still aborted the driver).
+# Every command's telemetry switch (they do not call it again), here so that it comes before any
+# command module imports Ray: Ray reads RAY_DISABLE_FAILURE_SIGNAL_HANDLER when it is imported, and
+# ``train`` imports it with its own module (its SIGTERM then still aborted the driver).
 disable_telemetry()
 
 INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + SIGINT)

@@ -354,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from raysegment.cli.args import check_numbers
-    from raysegment.runtime import disable_telemetry
 
-    disable_telemetry()
     p = build_parser()
     a = p.parse_args(argv)
     check_numbers(p, a)

@@ -11,7 +11,7 @@ from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
 from raysegment.io.dicomweb import PacsUnreachable
-from raysegment.runtime import ClusterUnreachable, disable_telemetry, quiet_environment, stop_signal
+from raysegment.runtime import ClusterUnreachable, quiet_environment, stop_signal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment()  # before MLflow loads: no INFO lines of a registry lookup
     check_registry(a)
     check_models(p, a.models, a.mlflow_uri)
-    disable_telemetry()
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,
                                                batch_size=a.batch_size, precision=a.precision,

@@ -11,7 +11,7 @@ from raysegment.cli import command_parser
 from raysegment.cli.args import check_data, check_registry_answers
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
-from raysegment.runtime import disable_telemetry, quiet_environment
+from raysegment.runtime import quiet_environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_data(p, getattr(a, "data", None))
-    disable_telemetry()
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     check_registry_answers(a.mlflow_uri)
     try:

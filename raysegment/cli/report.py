@@ -274,13 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     import json
 
     from raysegment.cli.args import check_data, check_models, check_numbers, check_registry
-    from raysegment.runtime import disable_telemetry, quiet_environment
+    from raysegment.runtime import quiet_environment
 
     p = build_parser()
     a = p.parse_args(argv)
     check_numbers(p, a)
     check_data(p, a.data)
-    disable_telemetry()
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model) if a.cmd == "figures" else {}
     check_registry(a)

@@ -21,7 +21,7 @@ from raysegment.cli.args import (
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.prepare import sample_shards
 from raysegment.io import storage
-from raysegment.runtime import disable_telemetry, ensure_ray
+from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunSpec
 from raysegment.training.trials import RANGES, check_range, range_text
 from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, finished_search, run_search
@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     check_args(p, a)
     check_registry_answers(a.mlflow_uri)  # before hours of trials that log to it
-    disable_telemetry()
     try:
         fixed = _parse_fixed(a.fixed)
         ranges = _parse_ranges(a.ranges, fixed)
