@@ -53,6 +53,15 @@ def stop_signal(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and isinstance(exc.code, int))
 
 
+
+def leave_ray() -> None:
+    """Disconnect this driver from Ray (a Ray it started stops), as at its exit, so that no line a
+    worker still streams prints after the command's last one: stopped by SIGTERM, the driver alone
+    gets the signal and a training worker goes on until Ray ends it. Not importing Ray for it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
 # Worker environment of a quiet run: no Ray Data bar per dataset pass (one epoch = one pass), no
 # INFO line per execution plan, no deprecation warnings from Ray's own actors. ``--verbose``
 # leaves them on. Values the user set win.
@@ -128,10 +137,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
         # A submitted job's own runtime env is merged with this one (Ray refuses a conflict: then
         # the job's settings are kept as they are).
         try:
-            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if quiet else None,
-                     logging_config=logging_config)
-        except (ValueError, RuntimeError):
-            ray.init(address=address, log_to_driver=True)
+            try:
+                ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": quiet} if quiet else None,
+                         logging_config=logging_config)
+            except (ValueError, RuntimeError):
+                ray.init(address=address, log_to_driver=True)
+        except ConnectionError as exc:
+            raise ClusterUnreachable(_refused(address or os.environ["RAY_ADDRESS"], exc)) from None
     else:
         if not verbose:
             logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(TOKEN_AUTH_NOTICE)
@@ -141,16 +153,31 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
         quiet_driver_logs()
 
 
+def _refused(address: str, exc: BaseException) -> str:
+    """Why the Ray cluster at ``address``, which answers, refused this driver (``ray.init``'s
+    ``ConnectionError``, after some 20 s of retries): most often a token it wants. Ray sends this
+    machine's token (~/.ray/auth_token) to an address found by itself, never to one given, so
+    ``ray start`` (token auth on once a token exists) then ``RAY_ADDRESS=… python -m …`` failed."""
+    why = f"{exc} {exc.__cause__}"
+    if "InvalidAuthToken" in why or "AuthenticationError" in why:
+        return (f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
+                f"(the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
+    return f"the Ray cluster at {address} refused this driver ({str(exc.__cause__ or exc).splitlines()[0]})"
+
+
 # Lines Ray's own processes send to the driver's console that tell a user of a job nothing:
 # the GCS's ERROR that killing an actor whose process had already exited "failed" (for Ray's
 # KillActor the RPC failing is the success path: ray-project/ray PRs 53412 and 58544, the latter
 # dropping the same log line elsewhere), Ray Train's placement-group cleaner reporting the
 # controller of a trial that Tune (ASHA, or the search's end) stopped, and the raylet's warning that
 # it started more worker processes than the node has CPUs (every search of two trials at once on a
-# 2-core machine: a Ray Train run is some five actors, each a process). All stay in the session's
-# log files, and ``--verbose`` prints them.
+# 2-core machine: a Ray Train run is some five actors, each a process), and the ERROR a run's
+# preemption watcher gets from the core worker about its own restart policy (ray-project/ray#53727;
+# a Ray this process starts runs without the watcher, ``_start_local``, but a cluster's keeps it).
+# All stay in the session's log files, and ``--verbose`` prints them.
 HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor",
-                      "PYTHON worker processes have been started on node")
+                      "PYTHON worker processes have been started on node",
+                      "has constructor arguments in the object store and max_restarts > 0")
 _FILTERED = "_raysegment_filtered"
 
 

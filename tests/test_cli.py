@@ -48,21 +48,34 @@ def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys)
                                                                                      "m: 3/3 volumes"]
 
 
-def test_an_interrupted_command_says_how_to_resume_and_exits_130(capsys):
-    """Ray Train ends the driver's wait with ``SystemExit(1)`` after Ctrl-C, Tune raises a
-    ``KeyboardInterrupt``: both become one line and 130; a ``SystemExit`` with a message is ours."""
+def test_an_interrupted_command_says_how_to_resume_and_exits_130(capsys, monkeypatch):
+    """Ray Train ends the driver's wait with ``SystemExit(1)`` after Ctrl-C, Ray's SIGTERM handler
+    raises ``SystemExit(15)``, Tune a ``KeyboardInterrupt``: each becomes one line and 130, printed
+    after the driver has left Ray (so no worker's line follows it); a ``SystemExit`` with a message
+    is ours, and Ray stays."""
+    import sys
+    import types
+
     from raysegment.cli import INTERRUPTED
     from raysegment.cli.args import run_until_interrupted
+
+    said = []  # what happened, in order: Ray left, lines printed
+    ray = types.SimpleNamespace(is_initialized=lambda: "left" not in said, shutdown=lambda: said.append("left"))
+    monkeypatch.setitem(sys.modules, "ray", ray)  # this process's own Ray, if a test started one, stays up
 
     def raise_(exc):
         raise exc
 
-    for exc in (SystemExit(1), KeyboardInterrupt()):
+    for exc in (SystemExit(1), SystemExit(15), KeyboardInterrupt()):
+        said.clear()
         assert run_until_interrupted("run r", "/runs/r", raise_, exc) == INTERRUPTED == 130
-        assert capsys.readouterr().err == "interrupted: run r stopped; its checkpoints stay in /runs/r and the same command resumes it\n"
+        said.append(capsys.readouterr().err)
+        assert said == ["left", "interrupted: run r stopped; its checkpoints stay in /runs/r and the same command resumes it\n"]
+    said.clear()
     with pytest.raises(SystemExit, match="error: no such file"):
         run_until_interrupted("run r", "/runs/r", raise_, SystemExit("error: no such file"))
     assert run_until_interrupted("run r", "/runs/r", lambda x: x + 1, 1) == 2
+    assert said == []
 
 
 def test_any_command_stopped_by_ctrl_c_ends_with_one_line_and_130(capsys, monkeypatch):

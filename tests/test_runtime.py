@@ -177,7 +177,8 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
     """``quiet_driver_logs`` wraps the handler Ray's driver prints streamed process output with (in
     Ray's own dispatcher, as ``ray.init`` installs it) and the printer of the errors the GCS pushes
     to the driver: the GCS's "Failed to kill actor … Socket closed", the placement-group cleaner's
-    dead-controller warning and the raylet's count of started workers go, other lines of the same
+    dead-controller warning, the preemption watcher's restart-policy ERROR and the raylet's count of
+    started workers go, other lines of the same
     batch stay, a batch left empty prints nothing, and wrapping twice filters once."""
     import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -196,7 +197,13 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
                    "dead. Cleaning up placement group")
         raylet = ("WARNING: 8 PYTHON worker processes have been started on node: 1e75 with address: 192.0.2.2, which "
                   "is 4x the maximum expected startup concurrency (2). This could be a result of using a large number")
+        # a run's controller on a cluster that Ray Train's preemption watcher runs on (2026-12-06)
+        watcher = ("[2026-12-06 19:56:04,413 E 23584 23613] core_worker.cc:2465: Actor with class name: "
+                   "'PreemptionWatcher' and ID: '35076ec352fcafa5da3a1cbf01000000' has constructor arguments in the "
+                   "object store and max_restarts > 0. If the arguments in the object store go out of scope or are "
+                   "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
         dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [gcs]})
+        dispatcher.emit({"pid": 23584, "is_err": True, "lines": [watcher]})
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [cleaner, "[raysegment] epoch 1/3 loss 0.06", gcs]})
         dispatcher.emit({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]})
         # as Ray's thread that listens for the GCS's errors prints them (listen_error_messages)
@@ -206,3 +213,38 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
         dispatcher.handlers = saved
         ray_worker.print_to_stdstream = saved_print
     assert printed == [["[raysegment] epoch 1/3 loss 0.06"], ["Traceback (most recent call last):"], ["another error"]]
+
+
+def test_a_cluster_that_wants_a_token_is_one_error_line_and_exit_1(capsys, monkeypatch):
+    """``ray start`` turns token auth on once this machine has a token, and Ray sends it to no address
+    it was given: ``RAY_ADDRESS=… python -m raysegment.train`` without RAY_AUTH_MODE=token ended in a
+    traceback after 20 s of Ray's retries (2026-12-06). Now: one line saying what to set, exit 1.
+    ``ray.init`` here fails as Ray's does then (its message, its cause); the address answers."""
+    import socket
+
+    import ray
+
+    from raysegment.cli import run
+    from raysegment.runtime import QUIET_ENV, ensure_ray
+
+    for key in QUIET_ENV:  # ensure_ray sets them in this process; monkeypatch puts them back as they were
+        monkeypatch.delenv(key, raising=False)
+
+    def refuse(**kwargs):
+        try:
+            raise RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                               "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: Authentication token "
+                               "is missing or incorrect. Note: RAY_AUTH_MODE is currently 'disabled' (not 'token').")
+        except RuntimeError as cause:
+            raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}") from cause
+
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        monkeypatch.setattr(ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(ray, "init", refuse)
+        assert run(lambda argv: ensure_ray(address), []) == 1
+    assert capsys.readouterr().err == (f"error: the Ray cluster at {address} wants its authentication token: set "
+                                       "RAY_AUTH_MODE=token (the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / "
+                                       "RAY_AUTH_TOKEN_PATH)\n")

@@ -9,7 +9,7 @@ import argparse
 import sys
 import textwrap
 
-from raysegment.runtime import disable_telemetry
+from raysegment.runtime import ClusterUnreachable, disable_telemetry
 
 # Every command's telemetry switch (they do not call it again), here so that it comes before any
 # command module imports Ray: Ray reads RAY_DISABLE_FAILURE_SIGNAL_HANDLER when it is imported, and
@@ -22,7 +22,7 @@ INTERRUPTED = 130  # a shell's exit status for a process ended by Ctrl-C (128 + 
 def run(main, argv: list[str] | None = None) -> int:
     """A command's ``main(argv)``; a Ctrl-C or SIGTERM that the command does not handle itself (train,
     tune, infer and prepare say what they keep) ends it with one ``interrupted:`` line and exit
-    status 130 instead of a traceback."""
+    status 130 instead of a traceback, a Ray cluster that refuses it with one ``error:`` line and 1."""
     import signal
     import threading
 
@@ -37,6 +37,9 @@ def run(main, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: stopped before it finished", file=sys.stderr, flush=True)
         return INTERRUPTED
+    except ClusterUnreachable as exc:  # the Ray cluster a command joins (an environment fault)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, before)

@@ -15,7 +15,7 @@ from raysegment.config import AugmentConfig, ModelConfig, TrainConfig, default_o
 from raysegment.data.dataset import is_bundle
 from raysegment.io import storage
 from raysegment.model.unet import BACKBONES
-from raysegment.runtime import ClusterUnreachable, check_cluster, stop_signal
+from raysegment.runtime import ClusterUnreachable, check_cluster, leave_ray, stop_signal
 from raysegment.training.train import RunSpec
 
 # Numeric options by what they may be, across every command (the dest names mean the same everywhere).
@@ -169,6 +169,10 @@ def run_until_interrupted(what: str, where: str, fn, *args):
     except (KeyboardInterrupt, SystemExit) as exc:
         if not stop_signal(exc):
             raise
+        try:
+            leave_ray()  # before the line, which is then the last one
+        except (KeyboardInterrupt, SystemExit):  # a second Ctrl-C: the line all the same
+            pass
         print(f"interrupted: {what} stopped; its checkpoints stay in {where} and the same command resumes it",
               file=sys.stderr, flush=True)
         return INTERRUPTED
