@@ -338,12 +338,12 @@ def scratch_dir(prefix: str, root: str | Path | None = None):
 
 
 def stale_scratch(prefix: str, root: str | Path | None = None) -> list[Path]:
-    """The ``scratch_dir(prefix)`` folders whose process no longer exists. A folder of a live process
-    (of any user) is not stale, nor one whose PID a new process has taken meanwhile (it goes at a
-    later clear). Assumes one PID namespace per temp folder, as a Ray node has (its own session
-    files in /tmp/ray rely on the same)."""
+    """The ``scratch_dir(prefix)`` folders (and others named ``PREFIX<pid>``, as ``prepare``'s) whose
+    process no longer exists. A folder of a live process (of any user) is not stale, nor one whose
+    PID a new process has taken meanwhile (it goes at a later clear). Assumes one PID namespace per
+    temp folder, as a Ray node has (its own session files in /tmp/ray rely on the same)."""
     stale = []
-    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*-*"):
+    for path in Path(root or tempfile.gettempdir()).glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             stale.append(path)

@@ -47,6 +47,7 @@ from raysegment.data.volumes import (  # noqa: F401
     with_info,
 )
 from raysegment.io.studies import normalize_intensity
+from raysegment.runtime import clear_stale_scratch
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
 SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]
@@ -262,7 +263,9 @@ def prepare(config: PrepareConfig) -> dict:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    _remove_stale_tmp(out)
+    # what a prepare killed mid-write left (SIGKILL, a machine that went away): a whole dataset's
+    # shards, hundreds of MB, hidden by the dot
+    clear_stale_scratch(f".{out.name}.tmp-", out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         manifest = _write_shards(config, refs, fmt, tmp)
@@ -277,17 +280,6 @@ def prepare(config: PrepareConfig) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def _remove_stale_tmp(out: Path) -> None:
-    """The temporary folders beside ``out`` that a prepare killed mid-write left (SIGKILL, a machine
-    that went away: shards of a whole dataset, hundreds of MB, hidden by their dot)."""
-    from raysegment.runtime import pid_alive
-
-    for old in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp: Path) -> dict:
