@@ -244,7 +244,13 @@ def test_a_cluster_that_wants_a_token_is_one_error_line_and_exit_1(capsys, monke
         address = f"127.0.0.1:{head.getsockname()[1]}"
         monkeypatch.setattr(ray, "is_initialized", lambda: False)
         monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
         assert run(lambda argv: ensure_ray(address), []) == 1
-    assert capsys.readouterr().err == (f"error: the Ray cluster at {address} wants its authentication token: set "
-                                       "RAY_AUTH_MODE=token (the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / "
-                                       "RAY_AUTH_TOKEN_PATH)\n")
+        assert capsys.readouterr().err == (f"error: the Ray cluster at {address} wants its authentication token: set "
+                                           "RAY_AUTH_MODE=token (the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / "
+                                           "RAY_AUTH_TOKEN_PATH)\n")
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")  # then the token given is not the cluster's
+        assert run(lambda argv: ensure_ray(address), []) == 1
+        assert capsys.readouterr().err == (f"error: the Ray cluster at {address} refused this driver's authentication "
+                                           "token: give it the cluster's (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                                           "~/.ray/auth_token, in that order)\n")
