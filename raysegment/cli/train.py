@@ -17,6 +17,7 @@ from raysegment.cli.args import (
     disk_full,
     resolve_init_weights,
     run_until_interrupted,
+    unfinished_removed,
 )
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
@@ -185,9 +186,8 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
     kept = f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
     if why := disk_full(exc, where):
         removed = remove_unsaved_checkpoints(spec.storage_path, spec.name)
-        return (f"error: run {spec.name} stopped: its storage {where} is full ({why}; {kept}; {removed} unfinished "
-                f"checkpoint folder{'s' * (removed != 1)} removed); free space there and the same command "
-                f"{'resumes' if latest else 'starts'} it")
+        return (f"error: run {spec.name} stopped: its storage {where} is full ({why}; {kept}; {unfinished_removed(removed)}); "
+                f"free space there and the same command {'resumes' if latest else 'starts'} it")
     first = failures[min(failures)]
     why = (str(first).strip().splitlines() or [type(first).__name__])[-1][:300]
     return (f"error: run {spec.name} failed in its workers after {spec.max_failures} restarts ({why}; their tracebacks "

@@ -17,6 +17,7 @@ from raysegment.cli.args import (
     disk_full,
     resolve_init_weights,
     run_until_interrupted,
+    unfinished_removed,
 )
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.prepare import sample_shards
@@ -198,8 +199,8 @@ def _full_disk_line(spec: TuneSpec, why: str) -> str:
     runs = storage.join(where, "train")  # one Ray Train run per trial, and the final stage's
     removed = 0 if storage.is_uri(runs) else sum(remove_unsaved_checkpoints(runs, d.name)
                                                  for d in Path(runs).glob("*") if d.is_dir())
-    return (f"error: search {spec.run.name} stopped: its storage {where} is full ({why}; {removed} unfinished "
-            f"checkpoint folder{'s' * (removed != 1)} removed); free space there and run the same command again")
+    return (f"error: search {spec.run.name} stopped: its storage {where} is full ({why}; {unfinished_removed(removed)}); "
+            f"free space there and run the same command again")
 
 
 def _start_and_search(address: str | None, spec: TuneSpec) -> dict:
