@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from raysegment.io.studies import info_from_cfg, nifti_to_zyx, parse_info_cfg, zyx_to_nifti
+from raysegment.io.studies import ed_es_fault, info_from_cfg, nifti_to_zyx, parse_info_cfg, zyx_to_nifti
 
 PHASES = ("ED", "ES")
 # Diagnosis group of the ACDC training release by patient number (the SSL4MIS files carry none).
@@ -167,11 +167,8 @@ def read_info_cfg(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise PrepareError(f"{path}: missing Info.cfg (needed for the ED/ES frame numbers)")
     info = parse_info_cfg(path)
-    for key in ("ED", "ES"):
-        if not info.get(key, "").isdigit():
-            raise PrepareError(f"{path}: no integer '{key}:' line")
-    if int(info["ED"]) == int(info["ES"]):
-        raise PrepareError(f"{path}: ED and ES are the same frame ({info['ED']})")
+    if fault := ed_es_fault(info):
+        raise PrepareError(f"{path}: {fault[1]}")
     return info
 
 

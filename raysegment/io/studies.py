@@ -113,17 +113,24 @@ def acdc_phase(path: Path) -> str | None:
     return None
 
 
+def ed_es_fault(info: dict[str, str]) -> tuple[str, str] | None:
+    """(QC flag, reason) when an Info.cfg's ED / ES lines name no usable pair of frames: one is not
+    an integer, or both give the same frame; None when they do. ``prepare`` refuses such a patient,
+    ``infer`` segments its frames and flags them (no indices)."""
+    for key in ("ED", "ES"):
+        if not info.get(key, "").isdigit():
+            return "info_cfg_without_ed_es", f"no integer '{key}:' line"
+    if int(info["ED"]) == int(info["ES"]):
+        return "info_cfg_ed_equals_es", f"ED and ES are the same frame ({info['ED']})"
+    return None
+
+
 def info_cfg_flag(path: Path) -> str:
-    """For an official-layout frame file whose folder's Info.cfg has no integer ED or ES line
-    (``info_cfg_without_ed_es``) or gives both the same frame (``info_cfg_ed_equals_es``): its
-    patient then gets no indices. Else ''."""
+    """For an official-layout frame file whose folder's Info.cfg names no usable ED / ES pair
+    (``ed_es_fault``): its QC flag (the patient then gets no indices). Else ''."""
     found = _official_frame(path)
-    if not found:
-        return ""
-    ed, es = (found[1].get(k, "") for k in ("ED", "ES"))
-    if not (ed.isdigit() and es.isdigit()):
-        return "info_cfg_without_ed_es"
-    return "info_cfg_ed_equals_es" if int(ed) == int(es) else ""
+    fault = ed_es_fault(found[1]) if found else None
+    return fault[0] if fault else ""
 
 
 def normalize_intensity(image: np.ndarray, percentiles: tuple[float, float] = DEFAULT_PERCENTILES) -> np.ndarray:
