@@ -34,6 +34,17 @@ def test_the_console_script_dispatches_and_explains(capsys):
     assert exit_.value.code == 0 and "--backbone" in capsys.readouterr().out
 
 
+def test_python_dash_m_raysegment_is_the_console_script():
+    """``python -m raysegment`` said "No module named raysegment.__main__"."""
+    import subprocess
+    import sys
+
+    listed = subprocess.run([sys.executable, "-m", "raysegment"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and all(f"  {name} " in listed.stdout for name in COMMANDS), listed
+    wrong = subprocess.run([sys.executable, "-m", "raysegment", "trian"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr, wrong
+
+
 def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys):
     from raysegment.cli.args import progress_line
 
