@@ -347,3 +347,25 @@ def test_a_run_that_fills_its_disk_ends_in_one_line_and_leaves_only_saved_checkp
     assert "1 unfinished checkpoint folder removed" in _full_disk_line(search, why)
     assert not (trial / "checkpoint_y").exists() and not (trial / "checkpoint_manager_snapshot.json").exists()
     assert disk_full(EOFError("Ran out of input"), str(tmp_path)) is None  # a disk with room: not its fault
+
+
+def test_data_that_is_an_acdc_dataset_gets_the_prepare_command_that_makes_its_shards(tmp_path, capsys):
+    """``train --data ../shared/acdc`` (the dataset, not its shards) said only "make them with python
+    -m raysegment.prepare"; now the command, with the layout it found."""
+    from synth import make_h5_dataset, make_nifti_dataset
+
+    from raysegment.cli.train import main as train
+
+    nifti = make_nifti_dataset(tmp_path / "nifti", n=1)
+    h5 = make_h5_dataset(tmp_path / "h5", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    for data, layout in ((nifti, "acdc-nifti"), (h5, "ssl4mis-h5"), (tmp_path / "empty", None)):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as exit_:
+            train(["--data", str(data)])
+        said = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_.value.code == 2 and said.startswith(f"python -m raysegment.train: error: --data {data}: no shards there")
+        if layout:
+            assert f"ACDC dataset, {layout} layout: make shards of it with python -m raysegment.prepare --source {data} " \
+                   "--out SHARDS, then give --data SHARDS)" in said, said
+        else:
+            assert said.endswith("(no manifest.json; make them with python -m raysegment.prepare)"), said

@@ -37,7 +37,19 @@ def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
         if not Path(data).is_file():
             p.error(f"--data {data}: no such bundle")
     elif not (Path(data) / "manifest.json").is_file():
-        p.error(f"--data {data}: no shards there (no manifest.json; make them with python -m raysegment.prepare)")
+        p.error(f"--data {data}: no shards there (no manifest.json; {_make_shards(data)})")
+
+
+def _make_shards(data: str) -> str:
+    """How to make shards, in words; the exact command where ``data`` is an ACDC dataset itself."""
+    from raysegment.data.volumes import PrepareError, detect_format
+
+    try:
+        layout = detect_format(Path(data))
+    except (PrepareError, OSError):
+        return "make them with python -m raysegment.prepare"
+    return (f"it holds an ACDC dataset, {layout} layout: make shards of it with python -m raysegment.prepare "
+            f"--source {data} --out SHARDS, then give --data SHARDS")
 
 
 def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> None:
