@@ -175,6 +175,13 @@ def _break_empty(src):
     return "src", "empty source"
 
 
+def _break_shards(src):  # shards given back as a source: what to do with them instead
+    import shutil
+    shutil.rmtree(src / "training")
+    (src / "manifest.json").write_text("{}")
+    return "src", "holds shards already (its manifest.json), not an ACDC dataset: give it as --data to train"
+
+
 def _break_duplicate(src):
     import shutil
     shutil.copytree(src / "training/patient001", src / "testing/patient001")
@@ -188,7 +195,7 @@ def _break_ed_equals_es(src):  # both phases would be the same volume, an EF of 
 
 
 BAD = [_break_missing_gt, _break_shape, _break_labels, _break_nan, _break_2d, _break_5d,
-       _break_gzip, _break_not_gzip, _break_empty, _break_duplicate, _break_ed_equals_es]
+       _break_gzip, _break_not_gzip, _break_empty, _break_shards, _break_duplicate, _break_ed_equals_es]
 
 
 @pytest.mark.parametrize("breaker", BAD, ids=[b.__name__[7:] for b in BAD])

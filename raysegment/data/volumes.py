@@ -263,4 +263,7 @@ def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
         return "acdc-nifti"
     if find_h5_volumes(source):
         return "ssl4mis-h5"
+    if (source / "manifest.json").is_file():
+        raise PrepareError(f"{source}: holds shards already (its manifest.json), not an ACDC dataset: give it as "
+                           f"--data to train, tune, report or diagnosis")
     raise PrepareError(f"{source}: empty source: no patientNNN/ folders and no patientNNN_frame0X.h5 files")
