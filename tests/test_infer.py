@@ -229,6 +229,28 @@ def test_a_rerun_with_nothing_new_in_a_folder_starts_no_ray_and_changed_content_
         run_batch(config)
 
 
+def test_a_folder_of_files_none_a_study_says_what_they_are_and_an_empty_one_says_nothing(tmp_path, tiny_checkpoint,
+                                                                                         capsys):
+    """``infer --input`` a folder of SSL4MIS ``.h5`` volumes said only "0 studies"; now a note names
+    what is there and, for ``.h5``, the commands that segment and score them. An empty folder (a
+    poll with nothing new) and the job's own output inside its input give no note."""
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+
+    inp = tmp_path / "in"
+    (inp / "out").mkdir(parents=True)
+    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(inp / "out"), progress=False)
+    (inp / "out" / "results.csv").write_text("")  # the job's own, not its input
+    assert run_batch(config)["actors"] == 0
+    assert "holds" not in capsys.readouterr().out
+    for name in ("patient002_frame01.h5", "patient002_frame02.h5", "notes.txt"):
+        (inp / name).write_bytes(b"x")
+    run_batch(config)
+    assert f"[raysegment] {inp} holds 3 files (2 .h5, 1 .txt) but no NIfTI study or DICOM series; .h5 volumes (the " \
+           f"SSL4MIS layout) are a source of shards: python -m raysegment.prepare --source {inp} --out SHARDS" \
+           in capsys.readouterr().out
+
+
 def test_the_done_line_says_what_happened_in_words():
     from raysegment.cli.infer import done_line
 

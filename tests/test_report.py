@@ -84,6 +84,18 @@ def test_report_refuses_missing_shards_and_unknown_splits_in_one_line(tmp_path, 
     (tmp_path / "s" / "manifest.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="no val shards there"):  # every reader of whole volumes
         load_volumes(tmp_path / "s", "val")
+    # Shards of a source without train.txt / val.txt are all train: evaluate's default (train and
+    # val) and clinical's (val) said "no val shards there (make them with … prepare)" after loading.
+    (tmp_path / "s" / "train").mkdir()
+    (tmp_path / "s" / "train" / "part-0.parquet").write_bytes(b"")
+    for cmd in (["evaluate"], ["clinical", "--out", str(tmp_path / "c")]):
+        with pytest.raises(SystemExit) as exit_:
+            report_cli.main([*cmd, "--model", "shipped:mobilenet_v2", "--data", str(tmp_path / "s")])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            "holds no val split; give --splits train"), cmd
+    with pytest.raises(FileNotFoundError, match=r"no val shards there \(it holds the train split only\)"):
+        load_volumes(tmp_path / "s", "val")
 
 
 def test_dice_table_rows_and_means():

@@ -270,6 +270,19 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
             + (f" (wrong: {', '.join(wrong)})" if wrong else ""))
 
 
+def _check_splits(p, a) -> None:
+    """Each of ``--splits`` is in the local shards (shards of a source without val.txt are all train)."""
+    from raysegment.data.dataset import is_bundle, shard_splits
+    from raysegment.io import storage
+
+    if not getattr(a, "splits", None) or not a.data or is_bundle(a.data) or storage.is_uri(a.data):
+        return
+    held = shard_splits(a.data)  # none: a manifest without shards, which the reader names
+    if held and (missing := [s for s in a.splits if s not in held]):
+        p.error(f"--splits {' '.join(a.splits)}: {a.data} holds no {' or '.join(missing)} split; give --splits "
+                f"{' '.join(held)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
 
@@ -280,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     check_numbers(p, a)
     check_data(p, a.data)
+    _check_splits(p, a)
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model) if a.cmd == "figures" else {}
     check_registry(a)

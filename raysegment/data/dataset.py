@@ -144,6 +144,11 @@ def read_split(shards: str | Path, split: str, image_size: int, context_slices: 
 # --------------------------------------------------------------------------- whole volumes
 
 
+def shard_splits(shards: str | Path) -> list[str]:
+    """The splits a local shards folder holds Parquet files of (``train``, ``val``)."""
+    return sorted(d.name for d in Path(shards).glob("*") if d.is_dir() and any(d.glob("*.parquet")))
+
+
 def load_volumes(shards: str | Path, split: str, patients: list[str] | None = None) -> list[Volume]:
     """Reassemble the 3-D volumes of one split (sorted by patient, phase) as normalised ``Volume``s,
     from a shards folder or a ``pack`` bundle (.npz) that records its splits."""
@@ -156,7 +161,10 @@ def load_volumes(shards: str | Path, split: str, patients: list[str] | None = No
     # took 11 GB and 32 s; the 2.5-D neighbours are not part of a volume and are not read.
     parts = sorted(folder.glob("*.parquet"))
     if not parts:
-        raise FileNotFoundError(f"{shards}: no {split} shards there (make them with python -m raysegment.prepare)")
+        held = shard_splits(shards)
+        # a source without train.txt / val.txt gives every patient to one split
+        hint = f"it holds the {' and '.join(held)} split only" if held else "make them with python -m raysegment.prepare"
+        raise FileNotFoundError(f"{shards}: no {split} shards there ({hint})")
     table = pq.read_table(folder, columns=[c for c in pq.read_schema(parts[0]).names if c != "neighbours"])
     if patients is not None:
         table = table.filter(pc.is_in(table["patient"], value_set=pa.array(list(patients), pa.string())))

@@ -231,7 +231,29 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str) -> list[dict
         key, digest = _identity(path)
         if not ledger.has(key, digest, version):
             ledger.append({**_entry(key, digest, version, "failed", reason), "finished": _now()})
+    if not items and not bad and (note := _none_readable(root, out)):
+        print(note, flush=True)
     return items
+
+
+def _none_readable(root: Path, out: Path) -> str | None:
+    """A note for a folder of files none of which is a study (NIfTI, DICOM): what they are, and for
+    SSL4MIS ``.h5`` volumes where they go instead. None for an empty folder (a poll with nothing new)."""
+    from collections import Counter
+
+    out = out.resolve()
+    kinds = Counter("".join(p.suffixes[-2:]) or p.name for p in root.rglob("*")
+                    if p.is_file() and out not in p.resolve().parents)
+    if not kinds:
+        return None
+    found = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3)) + (", …" if len(kinds) > 3 else "")
+    n = sum(kinds.values())
+    note = f"[raysegment] {root} holds {n} file{'s' * (n != 1)} ({found}) but no NIfTI study or DICOM series"
+    if kinds.get(".h5"):
+        note += (f"; .h5 volumes (the SSL4MIS layout) are a source of shards: python -m raysegment.prepare --source "
+                 f"{root} --out SHARDS, then python -m raysegment.report evaluate --model M --data SHARDS segments "
+                 f"and scores them")
+    return note
 
 
 def _hash_files(items: list[dict]) -> None:
