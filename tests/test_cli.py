@@ -42,7 +42,7 @@ def test_python_dash_m_raysegment_is_the_console_script():
     listed = subprocess.run([sys.executable, "-m", "raysegment"], capture_output=True, text=True, timeout=60)
     assert listed.returncode == 0 and all(f"  {name} " in listed.stdout for name in COMMANDS), listed
     wrong = subprocess.run([sys.executable, "-m", "raysegment", "trian"], capture_output=True, text=True, timeout=60)
-    assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr, wrong
+    assert wrong.returncode == 2 and "unknown command 'trian' (did you mean train?)" in wrong.stderr, wrong
 
 
 def test_progress_line_reports_at_most_every_interval_and_always_the_end(capsys):
