@@ -53,7 +53,6 @@ def stop_signal(exc: BaseException) -> bool:
     return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and isinstance(exc.code, int))
 
 
-
 def leave_ray() -> None:
     """Disconnect this driver from Ray (a Ray it started stops), as at its exit, so that no line a
     worker still streams prints after the command's last one: stopped by SIGTERM, the driver alone
@@ -61,6 +60,7 @@ def leave_ray() -> None:
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
 
 # Worker environment of a quiet run: no Ray Data bar per dataset pass (one epoch = one pass), no
 # INFO line per execution plan, no deprecation warnings from Ray's own actors. ``--verbose``

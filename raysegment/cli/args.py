@@ -194,6 +194,7 @@ def unfinished_removed(n: int) -> str:
     """What a run or search stopped by a full disk says of the checkpoint folders it removed."""
     return f"{n} unfinished checkpoint folder{'s' * (n != 1)} removed"
 
+
 def no_space(exc: BaseException) -> bool:
     """Whether ``exc`` comes of a full disk (``ENOSPC``): itself, what it was raised from or during
     (Tune's own error while saving a search's state), or a Ray Train worker's failure."""
