@@ -1,7 +1,8 @@
 """Process plumbing: how a process joins Ray (a cluster given by address or RAY_ADDRESS, else a new
-local one; telemetry off and Ray's per-pass console output off unless verbose), scratch folders that
-a killed process cannot leak for good, heap trimming for long-lived workers. Base layer: imports
-nothing of raysegment (Ray only inside functions)."""
+local one; telemetry off and Ray's per-pass console output off unless verbose, Ray's harmless lines
+dropped by ``console``), scratch folders that a killed process cannot leak for good, heap trimming
+for long-lived workers. Base layer: imports nothing of raysegment but ``console`` (Ray only inside
+functions)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from raysegment.console import quiet_driver_logs
 
 START_ATTEMPTS = 2  # local Ray starts tried when Ray's own start timeout passes
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # Ray Train's switch (ray.train.v2 constants)
@@ -166,57 +169,6 @@ def _refused(address: str, exc: BaseException) -> str:
         return (f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
                 f"(the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
     return f"the Ray cluster at {address} refused this driver ({str(exc.__cause__ or exc).splitlines()[0]})"
-
-
-# Lines Ray's own processes send to the driver's console that tell a user of a job nothing:
-# the GCS's ERROR that killing an actor whose process had already exited "failed" (for Ray's
-# KillActor the RPC failing is the success path: ray-project/ray PRs 53412 and 58544, the latter
-# dropping the same log line elsewhere), Ray Train's placement-group cleaner reporting the
-# controller of a trial that Tune (ASHA, or the search's end) stopped, and the raylet's warning that
-# it started more worker processes than the node has CPUs (every search of two trials at once on a
-# 2-core machine: a Ray Train run is some five actors, each a process), and the ERROR a run's
-# preemption watcher gets from the core worker about its own restart policy (ray-project/ray#53727;
-# a Ray this process starts runs without the watcher, ``_start_local``, but a cluster's keeps it).
-# All stay in the session's log files, and ``--verbose`` prints them.
-HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor",
-                      "PYTHON worker processes have been started on node",
-                      "has constructor arguments in the object store and max_restarts > 0")
-_FILTERED = "_raysegment_filtered"
-
-
-def _dropping(printer, harmless: tuple[str, ...]):
-    """``printer(data, …)`` with the lines of ``data`` that hold one of ``harmless`` dropped (nothing
-    printed for a batch left empty)."""
-    def filtered(data: dict, *args, **kwargs) -> None:
-        lines = [line for line in data.get("lines", ()) if not any(h in line for h in harmless)]
-        if lines or not data.get("lines"):
-            printer({**data, "lines": lines}, *args, **kwargs)
-
-    setattr(filtered, _FILTERED, True)
-    return filtered
-
-
-def quiet_driver_logs(harmless: tuple[str, ...] = HARMLESS_RAY_LINES) -> bool:
-    """Drop the lines holding one of ``harmless`` from what this driver prints of Ray's processes:
-    their streamed output (the handler ``ray.init`` gives Ray's dispatcher) and the errors the GCS
-    pushes to the driver (the raylet's, printed by ``ray._private.worker.print_to_stdstream``).
-    Every other line prints as before. → whether the handler was found (a Ray without it keeps
-    printing everything)."""
-    try:
-        import ray._private.worker as ray_worker
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
-        return False
-    if not getattr(ray_worker.print_to_stdstream, _FILTERED, False):
-        ray_worker.print_to_stdstream = _dropping(ray_worker.print_to_stdstream, harmless)
-    with dispatcher._lock:
-        for i, (name, handler) in enumerate(dispatcher.handlers):
-            if name != "ray_print_logs":
-                continue
-            if not getattr(handler, _FILTERED, False):
-                dispatcher.handlers[i] = (name, _dropping(handler, harmless))
-            return True
-    return False
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

@@ -35,7 +35,7 @@ def registered(cluster, sample_shards):
     assert "registered final raysegment-mobilenet_v2 v2; champion:" in log, log[-3000:]
     # Ray Train's placement-group cleaner warns of a dead controller for a trial Tune stops, and the
     # GCS may log a "failed" kill of an actor already gone: the driver prints neither
-    # (``runtime.quiet_driver_logs``).
+    # (``console.quiet_driver_logs``).
     assert "Ray Train controller actor" not in log and "Failed to kill actor" not in log, log[-3000:]
     assert "worker processes have been started" not in log, log[-3000:]  # the raylet's, in such a search here
     # the core worker's ERROR about Ray Train's preemption watcher, which runs on a cluster (ray#53727)

@@ -177,13 +177,13 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
     """``quiet_driver_logs`` wraps the handler Ray's driver prints streamed process output with (in
     Ray's own dispatcher, as ``ray.init`` installs it) and the printer of the errors the GCS pushes
     to the driver: the GCS's "Failed to kill actor … Socket closed", the placement-group cleaner's
-    dead-controller warning, the preemption watcher's restart-policy ERROR and the raylet's count of
-    started workers go, other lines of the same
+    dead-controller warning, the preemption watcher's restart-policy ERROR, the raylet's count of
+    started workers and the abort report of a worker killed mid-step go, other lines of the same
     batch stay, a batch left empty prints nothing, and wrapping twice filters once."""
     import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
-    from raysegment.runtime import quiet_driver_logs
+    from raysegment.console import quiet_driver_logs
 
     printed, saved = [], dispatcher.handlers  # a Ray an earlier test left running keeps its own
     saved_print = ray_worker.print_to_stdstream
@@ -204,6 +204,16 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
                    "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
         dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [gcs]})
         dispatcher.emit({"pid": 23584, "is_err": True, "lines": [watcher]})
+        # a training worker that Tune's stop killed mid-step: its abort report, over two batches,
+        # goes; a crash of another kind (pid 12) and what the killed one's neighbour prints stay
+        dispatcher.emit({"pid": 11, "is_err": True, "lines": [
+            "terminate called without an active exception", "Fatal Python error: Aborted", "",
+            "Stack (most recent call first):"]})
+        dispatcher.emit({"pid": 12, "is_err": True, "lines": ["Fatal Python error: Segmentation fault"]})
+        dispatcher.emit({"pid": 11, "is_err": True, "lines": [
+            '  File "/x/raysegment/training/core.py", line 40 in train_step', "",
+            "Extension modules: msgpack._cmsgpack, torch._C (total: 2)"]})
+        dispatcher.emit({"pid": 11, "is_err": False, "lines": ["after the report"]})  # the drop ends with it
         dispatcher.emit({"pid": 7, "is_err": True, "lines": [cleaner, "[raysegment] epoch 1/3 loss 0.06", gcs]})
         dispatcher.emit({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]})
         # as Ray's thread that listens for the GCS's errors prints them (listen_error_messages)
@@ -212,7 +222,8 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
     finally:
         dispatcher.handlers = saved
         ray_worker.print_to_stdstream = saved_print
-    assert printed == [["[raysegment] epoch 1/3 loss 0.06"], ["Traceback (most recent call last):"], ["another error"]]
+    assert printed == [["Fatal Python error: Segmentation fault"], ["after the report"], ["[raysegment] epoch 1/3 loss 0.06"],
+                       ["Traceback (most recent call last):"], ["another error"]]
 
 
 def test_a_cluster_that_wants_a_token_is_one_error_line_and_exit_1(capsys, monkeypatch):
