@@ -84,7 +84,8 @@ def test_bad_studies_raise_study_error(tmp_path):
 
 def test_a_non_finite_spacing_is_bad_input_and_a_zero_one_is_flagged(tmp_path):
     """A NaN pixdim made the batch job's actor raise a ValueError, an environment error retried on
-    every run; nibabel reads a pixdim of 0 as 1 mm, so such a study's mL and grams are flagged."""
+    every run; nibabel reads a pixdim of 0 as 1 mm, so such a study's mL and grams are flagged (and
+    nibabel's warning of it, which the flag says, is not printed)."""
     image = np.ones((20, 20, 3), np.int16)
     for name, pixdim in {"nan": [np.nan, 1.5, 8.0], "zero": [0.0, 0.0, 8.0], "fine": [1.5, 1.5, 8.0]}.items():
         img = nib.Nifti1Image(image, np.diag([1.5, 1.5, 8.0, 1.0]))
@@ -92,7 +93,18 @@ def test_a_non_finite_spacing_is_bad_input_and_a_zero_one_is_flagged(tmp_path):
         nib.save(img, str(tmp_path / f"{name}.nii.gz"))
     with pytest.raises(StudyError, match="pixel spacing"):
         read_study(tmp_path / "nan.nii.gz")
-    zero, _, zooms = read_study(tmp_path / "zero.nii.gz")
+    import logging
+
+    said = []  # nibabel's own warning of the 0 (in each process that read the study, twice a study)
+    heard = logging.Handler()
+    heard.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("nibabel.global").addHandler(heard)
+    try:
+        zero, _, zooms = read_study(tmp_path / "zero.nii.gz")
+        nib.load(str(tmp_path / "zero.nii.gz"))  # read otherwise, it still warns
+    finally:
+        logging.getLogger("nibabel.global").removeHandler(heard)
+    assert said == ["pixdim[1,2,3] should be non-zero; setting 0 dims to 1"]  # once: nib.load's
     assert zooms == (1.0, 1.0, 8.0) and spacing_flag(zero) == "spacing_zero_1mm_assumed"
     assert spacing_flag(read_study(tmp_path / "fine.nii.gz")[0]) == ""
     assert spacing_flag(nib.Nifti1Image(image, np.eye(4))) == ""  # in memory: no file to read a header from

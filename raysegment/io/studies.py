@@ -9,6 +9,7 @@ SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -156,12 +157,28 @@ def read_study(path: Path):
         raise StudyError(f"cannot open ({exc.strerror or exc})") from None
     if size == 0:
         raise StudyError("empty file (0 bytes)")
+    nib_log = logging.getLogger("nibabel.global")
+    nib_log.addFilter(_SPACING_FLAGGED)
     try:
         img = nib.load(str(path))
     except Exception as exc:
         raise StudyError(f"unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+    finally:
+        nib_log.removeFilter(_SPACING_FLAGGED)
     frames, zooms = study_arrays(img)
     return img, frames, zooms
+
+
+class _SpacingFlagged(logging.Filter):
+    """Drops nibabel's "pixdim[1,2,3] should be non-zero; setting 0 dims to 1", which the study's QC
+    flag ``spacing_zero_1mm_assumed`` says (``spacing_flag``): it printed twice per such study, from
+    the actor and from the driver reading its mask, the actor's with 300 characters of Ray's ids."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pixdim[1,2,3] should be non-zero" not in record.getMessage()
+
+
+_SPACING_FLAGGED = _SpacingFlagged()
 
 
 def study_arrays(img):
