@@ -162,13 +162,13 @@ def _refused(address: str, exc: BaseException) -> str:
     machine's token (~/.ray/auth_token) to an address found by itself, never to one given, so
     ``ray start`` (token auth on once a token exists) then ``RAY_ADDRESS=… python -m …`` failed."""
     why = f"{exc} {exc.__cause__}"
-    if ("InvalidAuthToken" in why or "AuthenticationError" in why) and os.environ.get("RAY_AUTH_MODE") == "token":
+    if "InvalidAuthToken" not in why and "AuthenticationError" not in why:
+        return f"the Ray cluster at {address} refused this driver ({str(exc.__cause__ or exc).splitlines()[0]})"
+    if os.environ.get("RAY_AUTH_MODE") == "token":  # a token was sent: not the cluster's
         return (f"the Ray cluster at {address} refused this driver's authentication token: give it the cluster's "
                 f"(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, in that order)")
-    if "InvalidAuthToken" in why or "AuthenticationError" in why:
-        return (f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
-                f"(the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
-    return f"the Ray cluster at {address} refused this driver ({str(exc.__cause__ or exc).splitlines()[0]})"
+    return (f"the Ray cluster at {address} wants its authentication token: set RAY_AUTH_MODE=token "
+            f"(the token from ~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
 
 
 def quiet_ray_data(verbose: bool = False) -> None:

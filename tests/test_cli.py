@@ -358,8 +358,8 @@ def test_data_that_is_an_acdc_dataset_gets_the_prepare_command_that_makes_its_sh
 
     nifti = make_nifti_dataset(tmp_path / "nifti", n=1)
     h5 = make_h5_dataset(tmp_path / "h5", patients=(1, 2), val=(2,), shape=(3, 40, 48))
+    (tmp_path / "empty").mkdir()
     for data, layout in ((nifti, "acdc-nifti"), (h5, "ssl4mis-h5"), (tmp_path / "empty", None)):
-        (tmp_path / "empty").mkdir(exist_ok=True)
         with pytest.raises(SystemExit) as exit_:
             train(["--data", str(data)])
         said = capsys.readouterr().err.strip().splitlines()[-1]
