@@ -213,3 +213,23 @@ def test_a_search_that_fails_is_failed_in_mlflow(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     (parent,) = client.search_runs([client.get_experiment_by_name(spec.experiment).experiment_id])
     assert parent.info.status == "FAILED"
+
+
+def test_trial_lines_tell_an_asha_stop_from_a_trial_that_ran_its_epochs(capsys):
+    from types import SimpleNamespace
+
+    from raysegment.training.tune import TrialLines
+
+    lines = TrialLines(total=3, max_epochs=3)
+    dice = {"dice_rv": 0.9, "dice_myo": 0.8, "dice_lv": 0.95, "dice_mean": 0.883}
+    for trial_id, epoch in (("a", 0), ("b", 2)):  # 'epoch' counts from 0
+        lines.on_trial_complete(0, [], SimpleNamespace(trial_id=trial_id, last_result={**dice, "epoch": epoch}))
+    lines.on_trial_complete(0, [], SimpleNamespace(trial_id="c", last_result={}))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["[raysegment] trial a stopped by ASHA after 1 of 3 epochs: rv 0.900 myo 0.800 lv 0.950 mean 0.883 "
+                   "(1 of 3 done)",
+                   "[raysegment] trial b ended after 3 epochs: rv 0.900 myo 0.800 lv 0.950 mean 0.883 (2 of 3 done)",
+                   "[raysegment] trial c ended after 0 epochs: no result (3 of 3 done)"]
+    single = TrialLines(total=1, max_epochs=1)
+    single.on_trial_complete(0, [], SimpleNamespace(trial_id="d", last_result={"epoch": 0}))
+    assert "trial d ended after 1 epoch: no result" in capsys.readouterr().out

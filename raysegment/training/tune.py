@@ -113,7 +113,7 @@ class TrialLines:
     """A Tune callback (built lazily) printing one line per trial that starts and ends: the quiet
     console's view of the search (``--verbose`` shows Tune's own status tables instead)."""
 
-    def __new__(cls, total: int):
+    def __new__(cls, total: int, max_epochs: int):
         from ray import tune
 
         class _Lines(tune.Callback):
@@ -131,7 +131,9 @@ class TrialLines:
                 dice = " ".join(f"{c} {r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv", "mean") if f"dice_{c}" in r)
                 # 'epoch' (from 0) counts the epochs of a resumed trial's earlier sittings too
                 epochs = r["epoch"] + 1 if "epoch" in r else r.get("training_iteration", 0)
-                print(f"[raysegment] trial {trial.trial_id} ended after {epochs} epochs: "
+                how = (f"stopped by ASHA after {epochs} of {max_epochs} epochs" if 0 < epochs < max_epochs
+                       else f"ended after {epochs} epoch{'' if epochs == 1 else 's'}")
+                print(f"[raysegment] trial {trial.trial_id} {how}: "
                       f"{dice or 'no result'} ({self.ended} of {total} done)", flush=True)
 
         return _Lines()
@@ -293,7 +295,7 @@ def _tuner(spec: TuneSpec, exp_id: str, parent_id: str, root: str):
                               stop_last_trials=False)
     callbacks = [MlflowTrialLogger(spec.tracking_uri, exp_id, parent_id, spec.base)]
     if not spec.run.verbose:
-        callbacks.append(TrialLines(spec.num_samples))
+        callbacks.append(TrialLines(spec.num_samples, spec.base.epochs))
     return tune.Tuner(
         trainable,
         param_space=space,
