@@ -4,6 +4,8 @@ beside ``runtime``: imports nothing of raysegment (Ray only inside functions).""
 
 from __future__ import annotations
 
+import re
+
 # Lines Ray's own processes send to the driver's console that tell a user of a job nothing:
 # the GCS's ERROR that killing an actor whose process had already exited "failed" (for Ray's
 # KillActor the RPC failing is the success path: ray-project/ray PRs 53412 and 58544, the latter
@@ -21,24 +23,47 @@ HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train contr
 # the worker's stack and its 117 extension modules, some 20 lines (ray-project/ray#4013). Seen once
 # in the README's search, 2026-12-06. That report, from the first line to the modules' list, goes.
 KILLED_MID_STEP = "terminate called without an active exception"
-_REPORT_END = "Extension modules:"
+# Ray Train's controller, stopping a run whose workers are gone (a raylet killed: `ray stop`, the
+# OOM killer), warns "Graceful shutdown of backend failed. This is expected if one of the workers
+# has crashed." with a 15-line traceback; the command's own line says what happened.
+BACKEND_SHUTDOWN = "Graceful shutdown of backend failed"
+# (first line, last line's start) of the multi-line reports that go whole
+_BLOCKS = ((KILLED_MID_STEP, "Extension modules:"), (BACKEND_SHUTDOWN, "ray.exceptions."))
+# The dashboard agent's report of a raylet killed outright (``ray stop --force``, the OOM killer)
+# carries the raylet log's last 20 lines, indented, in the one message, and reaches the driver
+# twice (the GCS's error and the streamed log): its first sentence stays, once; the log lines (in
+# the session's raylet.out) go.
+RAYLET_DIED = "Raylet is terminated"
+_RAYLET_LOG_TAIL = re.compile(r" ?Last \d+ lines of the Raylet logs:.*", re.DOTALL)
+# The autoscaler's monitor that `ray stop` ended (SIGTERM) reports its own stack as a failure, one
+# 9-line message from the GCS; the command's own line says the Ray went away.
+AUTOSCALER_STOPPED = ("The autoscaler failed with the following error:", "Terminated with signal 15")
 _FILTERED = "_raysegment_filtered"
 
 
-def _dropping(printer, harmless: tuple[str, ...]):
-    """``printer(data, …)`` with the lines of ``data`` that hold one of ``harmless`` dropped, and a
-    process's abort report after ``KILLED_MID_STEP`` (nothing printed for a batch left empty)."""
-    aborting: set = set()  # the processes whose report is being dropped (it may span batches)
+def _dropping(printer, harmless: tuple[str, ...], seen: set | None = None):
+    """``printer(data, …)`` with the lines of ``data`` that hold one of ``harmless`` dropped, a
+    process's report that begins as one of ``_BLOCKS`` (to its last line, across batches), and a
+    raylet's death told again (``seen``: shared by the printers that may tell it); nothing is printed
+    for a batch left empty."""
+    dropping: dict = {}  # process → the start of its report's last line
+    seen = set() if seen is None else seen
 
     def filtered(data: dict, *args, **kwargs) -> None:
         lines, pid = [], data.get("pid")
         for line in data.get("lines", ()):
-            if line.startswith(KILLED_MID_STEP):
-                aborting.add(pid)
-            if pid in aborting:
-                if line.startswith(_REPORT_END):
-                    aborting.discard(pid)
-            elif not any(h in line for h in harmless):
+            for first, last in _BLOCKS:
+                if line.startswith(first) and f"\n{last}" not in line:  # a report in one string goes whole below
+                    dropping[pid] = last
+            if pid in dropping:
+                if line.startswith(dropping[pid]):
+                    del dropping[pid]
+            elif RAYLET_DIED in line:
+                if RAYLET_DIED not in seen:
+                    seen.add(RAYLET_DIED)
+                    lines.append(_RAYLET_LOG_TAIL.sub("", line))
+            elif not any(h in line for h in (*harmless, BACKEND_SHUTDOWN)) and not all(
+                    a in line for a in AUTOSCALER_STOPPED):
                 lines.append(line)
         if lines or not data.get("lines"):
             printer({**data, "lines": lines}, *args, **kwargs)
@@ -58,13 +83,14 @@ def quiet_driver_logs(harmless: tuple[str, ...] = HARMLESS_RAY_LINES) -> bool:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
+    seen: set = set()  # a raylet's death reaches the driver on both paths
     if not getattr(ray_worker.print_to_stdstream, _FILTERED, False):
-        ray_worker.print_to_stdstream = _dropping(ray_worker.print_to_stdstream, harmless)
+        ray_worker.print_to_stdstream = _dropping(ray_worker.print_to_stdstream, harmless, seen)
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
             if name != "ray_print_logs":
                 continue
             if not getattr(handler, _FILTERED, False):
-                dispatcher.handlers[i] = (name, _dropping(handler, harmless))
+                dispatcher.handlers[i] = (name, _dropping(handler, harmless, seen))
             return True
     return False

@@ -226,6 +226,48 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
                        ["Traceback (most recent call last):"], ["another error"]]
 
 
+def test_a_killed_raylet_is_told_once_in_one_sentence_and_the_controllers_shutdown_report_goes():
+    """A raylet killed outright (``ray stop --force``, the OOM killer; seen 2026-12-06): the dashboard
+    agent's report reached the driver twice, on both paths, each with the raylet log's last 20 lines
+    (44 lines); Ray Train's controller then warned "Graceful shutdown of backend failed" with a
+    15-line traceback; `ray stop` ended the autoscaler's monitor, which reported its stack as a
+    failure. Now the report's first sentence prints once and the other two go whole."""
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from raysegment.console import quiet_driver_logs
+
+    printed, saved = [], dispatcher.handlers
+    saved_print = ray_worker.print_to_stdstream
+    dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data["lines"]))]
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: printed.append(data["lines"])
+    died = ("Raylet is terminated. Termination is unexpected. Possible reasons include: (1) SIGKILL by the user or "
+            "system OOM killer, (2) Invalid memory access from Raylet causing SIGSEGV or SIGBUS, (3) Other termination "
+            "signals. Last 20 lines of the Raylet logs:\n    [2026-12-06 22:53:50,020 I 2366 2366] (raylet) "
+            "node_manager.cc:3647: Received KillLocalActor RPC\n    [2026-12-06 22:53:50,063 I 2366 2366] (raylet) x\n")
+    try:
+        assert quiet_driver_logs()
+        ray_worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        dispatcher.emit({"pid": 5, "is_err": True, "lines": [
+            "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+            "Traceback (most recent call last):", '  File "/x/ray/train/torch/config.py", line 333, in on_shutdown']})
+        dispatcher.emit({"pid": 5, "is_err": True, "lines": [
+            "    ray.get(futures, timeout=timeout_s)",
+            "ray.exceptions.ActorUnavailableError: The actor 867a is unavailable: Connection refused", "next"]})
+        dispatcher.emit({"pid": "dashboard_agent", "is_err": True, "lines": [died]})  # the second copy
+        # `ray stop` (SIGTERM) ends the autoscaler's monitor, which reports its stack as a failure
+        stopped = ("The autoscaler failed with the following error:\nTerminated with signal 15\n  File \"/x/ray/"
+                   "autoscaler/_private/monitor.py\", line 751, in <module>\n    monitor.run()\n")
+        ray_worker.print_to_stdstream({"lines": [stopped], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        ray_worker.print_to_stdstream({"lines": ["The autoscaler failed with the following error:\nValueError: x"],
+                                       "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    finally:
+        dispatcher.handlers = saved
+        ray_worker.print_to_stdstream = saved_print
+    assert printed == [[died.split(" Last 20 lines")[0]], ["next"],
+                       ["The autoscaler failed with the following error:\nValueError: x"]]  # a real failure stays
+
+
 def test_a_cluster_that_wants_a_token_is_one_error_line_and_exit_1(capsys, monkeypatch):
     """``ray start`` turns token auth on once this machine has a token, and Ray sends it to no address
     it was given: ``RAY_ADDRESS=… python -m raysegment.train`` without RAY_AUTH_MODE=token ended in a

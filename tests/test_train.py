@@ -97,6 +97,52 @@ def test_ctrl_c_stops_a_search_before_it_registers_anything(ray_local, tiny_shar
 
 
 @pytest.mark.slow
+def test_a_run_whose_raylet_is_killed_ends_in_one_line_saying_what_is_kept(tiny_shards, tmp_path):
+    """The OOM killer (or `kill -9`) takes the raylet of the local Ray that ``python -m
+    raysegment.train`` started: Ray printed the agent's 44-line report, the controller's tracebacks
+    and ended the process some 15 s later (exit 1, no word of the run). Now: one ``error:`` line,
+    last, saying which epoch is saved and that the same command resumes it; exit 1."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    cmd = [sys.executable, "-m", "raysegment.train", "--backbone", "mobilenet_v2", "--data", str(tiny_shards),
+           "--workers", "1", "--threads", "1", "--epochs", "40", "--batch-size", "4", "--image-size", "64",
+           "--crop-size", "64", "--decoder-width", "8", "--precision", "fp32", "--storage", str(tmp_path / "runs"),
+           "--name", "oom"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    log = tmp_path / "oom.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+        deadline = time.time() + 300
+        while "[raysegment] epoch 2/40" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        raylets = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _parent_and_name(d) == (proc.pid, "raylet")]
+        assert proc.poll() is None and len(raylets) == 1, log.read_text()[-3000:]
+        os.kill(raylets[0], signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "Traceback" not in text and "Last 20 lines of the Raylet logs" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: run oom stopped: the local Ray this command started went away \(.+: `ray stop`, a crash "
+                        r"or the OOM killer\); epoch \d+ is its last saved one; the same command resumes it", last), text[-3000:]
+
+
+def _parent_and_name(proc) -> tuple[int, str] | None:
+    """(parent pid, name) of the process of /proc folder ``proc``; None for one that ended meanwhile."""
+    try:
+        name, rest = (proc / "stat").read_text().rsplit(")", 1)
+        return int(rest.split()[1]), name.split("(", 1)[1]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@pytest.mark.slow
 def test_a_budgeted_run_that_faults_resumes_with_its_history_and_stops_on_plan(ray_local, tiny_shards, tmp_path):
     """One run shows both: a worker fault mid-run resumes from the last checkpoint (history kept,
     the failed epoch run again) and the time budget, not the epoch cap, ends the run on the epoch

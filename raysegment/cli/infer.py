@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from raysegment.cli import INTERRUPTED, command_parser
+from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
 from raysegment.io.dicomweb import PacsUnreachable
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
     try:
-        summary = run_batch(config)
+        with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):
+            summary = run_batch(config)
     except (PacsUnreachable, ClusterUnreachable) as exc:  # as a study's error row: the next run tries again
         print(f"error: {exc}; nothing was segmented, the next run tries again", file=sys.stderr)
         return 1
@@ -122,6 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
     # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.
     return 1 if summary["errors"] else 0
+
+
+def _lost_line(output: str, lost, why: str) -> str:
+    """The line of a batch whose Ray went away (``cli.lost``): what finished is in the ledger; the
+    results and report are written by the next run, which segments the rest."""
+    what, when = cluster_gone(lost, why)
+    return (f"error: {what}; the studies this run finished are in {output}/ledger.jsonl; {when}the same command "
+            f"segments the rest and writes the results and report")
 
 
 if __name__ == "__main__":

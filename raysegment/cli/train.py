@@ -19,6 +19,7 @@ from raysegment.cli.args import (
     run_until_interrupted,
     unfinished_removed,
 )
+from raysegment.cli.lost import cluster_gone, exit_now, lost_cluster, watch_cluster
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
@@ -103,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_until_interrupted(f"run {spec.name}", storage.join(spec.storage_path, spec.name),
                                        _start_and_train, a, config, spec)
     except Exception as exc:
+        if gone := lost_cluster(exc):
+            exit_now(_lost_line(spec, *gone))
         if (line := failed_line(spec, exc)) is None:
             raise
-        print(line, file=sys.stderr)
+        print(line, file=sys.stderr, flush=True)
         return 1
     if isinstance(result, int):
         return result
@@ -183,7 +186,7 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
         return None
     where = storage.join(spec.storage_path, spec.name)
     latest = latest_checkpoint(spec.storage_path, spec.name)
-    kept = f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
+    kept = _kept(latest)
     if why := disk_full(exc, where):
         removed = remove_unsaved_checkpoints(spec.storage_path, spec.name)
         return (f"error: run {spec.name} stopped: its storage {where} is full ({why}; {kept}; {unfinished_removed(removed)}); "
@@ -194,9 +197,24 @@ def failed_line(spec: RunSpec, exc: BaseException) -> str | None:
             f"are above); {kept}")
 
 
+def _kept(latest) -> str:
+    return f"epoch {latest[1]['epoch'] + 1} is its last saved one" if latest else "it has no saved epoch"
+
+
+def _lost_line(spec: RunSpec, lost, why: str) -> str:
+    """The line of a run whose Ray went away (``cli.lost``)."""
+    from raysegment.training.resume import latest_checkpoint
+
+    latest = latest_checkpoint(spec.storage_path, spec.name)
+    what, when = cluster_gone(lost, why)
+    return (f"error: run {spec.name} stopped: {what}; {_kept(latest)}; {when}the same command "
+            f"{'resumes' if latest else 'starts'} it")
+
+
 def _start_and_train(a: argparse.Namespace, config: TrainConfig, spec: RunSpec):
     ensure_ray(a.address, verbose=a.verbose)
-    return train(config, spec)
+    with watch_cluster(lambda lost, why: _lost_line(spec, lost, why)):
+        return train(config, spec)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from raysegment.cli.args import (
     run_until_interrupted,
     unfinished_removed,
 )
+from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.data.prepare import sample_shards
 from raysegment.io import storage
@@ -203,9 +204,26 @@ def _full_disk_line(spec: TuneSpec, why: str) -> str:
             f"free space there and run the same command again")
 
 
+TUNE_CONTROLLER = "ray.tune.execution.tune_controller"  # logs a trial's failure, with its exception
+
+
 def _start_and_search(address: str | None, spec: TuneSpec) -> dict:
+    import warnings
+
+    # A resumed search's trial reports again the epoch it resumed after; Optuna keeps the first
+    # report and said so on the console ("The reported value is ignored because this `step=1` is
+    # already reported."), a line the user can do nothing about.
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step", category=UserWarning)
     ensure_ray(address, verbose=spec.run.verbose)
-    return run_search(spec)
+    with watch_cluster(lambda lost, why: _lost_line(spec, lost, why), loggers=(TUNE_CONTROLLER,)):
+        return run_search(spec)
+
+
+def _lost_line(spec: TuneSpec, lost, why: str) -> str:
+    """The line of a search whose Ray went away (``cli.lost``): Tune waits for resources that do
+    not come back, and Ray ended it a minute later with a C++ log line."""
+    what, when = cluster_gone(lost, why)
+    return f"error: search {spec.run.name} stopped: {what}; {when}the same command resumes it"
 
 
 if __name__ == "__main__":
