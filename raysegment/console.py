@@ -39,6 +39,7 @@ _RAYLET_LOG_TAIL = re.compile(r" ?Last \d+ lines of the Raylet logs:.*", re.DOTA
 # 9-line message from the GCS; the command's own line says the Ray went away.
 AUTOSCALER_STOPPED = ("The autoscaler failed with the following error:", "Terminated with signal 15")
 _FILTERED = "_raysegment_filtered"
+_SEEN = "_raysegment_seen"
 
 
 def _dropping(printer, harmless: tuple[str, ...], seen: set | None = None):
@@ -83,9 +84,11 @@ def quiet_driver_logs(harmless: tuple[str, ...] = HARMLESS_RAY_LINES) -> bool:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
-    seen: set = set()  # a raylet's death reaches the driver on both paths
+    # a raylet's death reaches the driver on both paths: one record of it for both
+    seen: set = getattr(ray_worker.print_to_stdstream, _SEEN, set())
     if not getattr(ray_worker.print_to_stdstream, _FILTERED, False):
         ray_worker.print_to_stdstream = _dropping(ray_worker.print_to_stdstream, harmless, seen)
+        setattr(ray_worker.print_to_stdstream, _SEEN, seen)
     with dispatcher._lock:
         for i, (name, handler) in enumerate(dispatcher.handlers):
             if name != "ray_print_logs":

@@ -135,6 +135,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, verbose:
     # Workers' own INFO records (a line per reported epoch, per started worker group) stay in the
     # session's log files; on the console: warnings, errors and what raysegment prints.
     logging_config = None if verbose else ray.LoggingConfig(log_level="WARNING")
+    if not verbose:  # the GCS's errors first: the raylet's may come as ray.init returns (it wraps the rest)
+        quiet_driver_logs()
     if address or os.environ.get("RAY_ADDRESS"):
         check_cluster(address)
         # A submitted job's own runtime env is merged with this one (Ray refuses a conflict: then

@@ -246,7 +246,10 @@ def test_a_killed_raylet_is_told_once_in_one_sentence_and_the_controllers_shutdo
             "signals. Last 20 lines of the Raylet logs:\n    [2026-12-06 22:53:50,020 I 2366 2366] (raylet) "
             "node_manager.cc:3647: Received KillLocalActor RPC\n    [2026-12-06 22:53:50,063 I 2366 2366] (raylet) x\n")
     try:
-        assert quiet_driver_logs()
+        dispatcher.handlers = []  # before ray.init: only the GCS's errors' printer is there to wrap
+        assert not quiet_driver_logs()
+        dispatcher.handlers = [("ray_print_logs", lambda data: printed.append(data["lines"]))]
+        assert quiet_driver_logs()  # after it: the streamed output's handler too, sharing what was seen
         ray_worker.print_to_stdstream({"lines": [died], "pid": "raylet", "is_err": False}, ignore_prefix=False)
         dispatcher.emit({"pid": 5, "is_err": True, "lines": [
             "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",

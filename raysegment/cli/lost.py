@@ -88,13 +88,13 @@ class _LostInRecord(logging.Filter):
     traceback; after `ray stop` the core worker ends the process some 50 ms later): ``end`` instead
     of the record. A trial's own error costs the record up to 0.5 s of asking."""
 
-    def __init__(self, end: Callable[[str], None]):
+    def __init__(self, end: Callable[[Lost, str], None]):
         super().__init__()
         self.end = end
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and (gone := lost_cluster(record.exc_info[1], wait_s=0.5)):
-            self.end(gone[1])
+            self.end(*gone)
         return True
 
 
@@ -109,9 +109,9 @@ def watch_cluster(say: Callable[[Lost, str], str], loggers: tuple[str, ...] = ()
     whose raylet was stopped ends in Tune's trial traceback."""
     stop, said, node = threading.Event(), threading.Lock(), _node()
 
-    def end(why: str) -> None:
+    def end(lost: Lost, why: str) -> None:
         if said.acquire(blocking=False):
-            exit_now(say(node[0], why))
+            exit_now(say(lost, why))
 
     def watch() -> None:
         nonlocal node
@@ -130,7 +130,7 @@ def watch_cluster(say: Callable[[Lost, str], str], loggers: tuple[str, ...] = ()
                       f"for it", file=sys.stderr, flush=True)
             since = since or time.monotonic()
             if time.monotonic() - since >= grace and not stop.is_set():
-                end(f"its GCS has not answered for {grace:.0f} s")
+                end(lost, f"its GCS has not answered for {grace:.0f} s")
 
     guard = _LostInRecord(end)
     for name in loggers:
