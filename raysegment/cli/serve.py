@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from raysegment.cli import command_parser
+from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import PredictConfig, ServeConfig, default_of
 
 
@@ -135,11 +136,19 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stopping.append(1))
     print(f"[raysegment] serving {config.model} at {url}/v1/segment (health: {url}/v1/health); Ctrl-C stops",
           flush=True)
-    while not stopping:
-        time.sleep(0.5)
+    with watch_cluster(lambda lost, why: _lost_line(url, lost, why)):
+        while not stopping:
+            time.sleep(0.5)
     print("[raysegment] stopping the service", flush=True)
     run.stop()
     return 0
+
+
+def _lost_line(url: str, lost, why: str) -> str:
+    """The line of a service whose Ray went away (``cli.lost``): it answered nothing from then on,
+    and Ray ended it a minute later with a C++ log line."""
+    what, when = cluster_gone(lost, why)
+    return f"error: {what}; the service at {url} is down: {when}the same command serves again"
 
 
 if __name__ == "__main__":
