@@ -49,12 +49,14 @@ def _dropping(printer, harmless: tuple[str, ...], seen: set | None = None):
     for a batch left empty."""
     dropping: dict = {}  # process → the start of its report's last line
     seen = set() if seen is None else seen
+    drop = (*harmless, BACKEND_SHUTDOWN)  # once, not per streamed line
+    ends = tuple((first, last, f"\n{last}") for first, last in _BLOCKS)
 
     def filtered(data: dict, *args, **kwargs) -> None:
         lines, pid = [], data.get("pid")
         for line in data.get("lines", ()):
-            for first, last in _BLOCKS:
-                if line.startswith(first) and f"\n{last}" not in line:  # a report in one string goes whole below
+            for first, last, inside in ends:
+                if line.startswith(first) and inside not in line:  # a report in one string goes whole below
                     dropping[pid] = last
             if pid in dropping:
                 if line.startswith(dropping[pid]):
@@ -63,7 +65,7 @@ def _dropping(printer, harmless: tuple[str, ...], seen: set | None = None):
                 if RAYLET_DIED not in seen:
                     seen.add(RAYLET_DIED)
                     lines.append(_RAYLET_LOG_TAIL.sub("", line))
-            elif not any(h in line for h in (*harmless, BACKEND_SHUTDOWN)) and not all(
+            elif not any(h in line for h in drop) and not all(
                     a in line for a in AUTOSCALER_STOPPED):
                 lines.append(line)
         if lines or not data.get("lines"):

@@ -122,7 +122,7 @@ def watch_cluster(say: Callable[[Lost, str], str], loggers: tuple[str, ...] = ()
                 continue
             lost = node[0]
             grace = LOCAL_GRACE_S if lost[1] else JOINED_GRACE_S
-            if _answers(lost[:1]):
+            if _answers((lost[0],)):  # the GCS
                 since = None
                 continue
             if since is None and not lost[1]:
