@@ -38,23 +38,45 @@ _RAYLET_LOG_TAIL = re.compile(r" ?Last \d+ lines of the Raylet logs:.*", re.DOTA
 # The autoscaler's monitor that `ray stop` ended (SIGTERM) reports its own stack as a failure, one
 # 9-line message from the GCS; the command's own line says the Ray went away.
 AUTOSCALER_STOPPED = ("The autoscaler failed with the following error:", "Terminated with signal 15")
+# A training worker's data prefetcher whose Ray connection broke as its run was stopped (Ctrl-C:
+# the driver leaves Ray; a killed raylet) logs "Error in prefetcher thread." and a traceback ending
+# in "OSError: Broken pipe" (in CI, 2026-12-07, before the Ctrl-C test's interrupted line). Such a
+# report is held to its exception line and goes if that is the broken pipe; any other prints whole.
+PREFETCH_FAILED, BROKEN_PIPE = "Error in prefetcher thread.", "OSError: Broken pipe"
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+_HELD_MAX = 60  # lines: a report longer than a traceback is not one; it prints
 _FILTERED = "_raysegment_filtered"
 _SEEN = "_raysegment_seen"
 
 
 def _dropping(printer, harmless: tuple[str, ...], seen: set | None = None):
     """``printer(data, …)`` with the lines of ``data`` that hold one of ``harmless`` dropped, a
-    process's report that begins as one of ``_BLOCKS`` (to its last line, across batches), and a
-    raylet's death told again (``seen``: shared by the printers that may tell it); nothing is printed
-    for a batch left empty."""
+    process's report that begins as one of ``_BLOCKS`` (to its last line, across batches), a
+    prefetcher's broken pipe (held to its exception line, across batches), and a raylet's death
+    told again (``seen``: shared by the printers that may tell it); nothing is printed for a batch
+    left empty."""
     dropping: dict = {}  # process → the start of its report's last line
+    held: dict = {}  # process → the lines of its prefetcher's report so far
     seen = set() if seen is None else seen
     drop = (*harmless, BACKEND_SHUTDOWN)  # once, not per streamed line
     ends = tuple((first, last, f"\n{last}") for first, last in _BLOCKS)
 
+    def hold(pid, line: str) -> list[str] | None:
+        """The lines to print now of a held prefetcher report (None: ``line`` is not part of one)."""
+        if pid not in held and not line.startswith(PREFETCH_FAILED):
+            return None
+        held.setdefault(pid, []).append(line)
+        if _EXCEPTION_LINE.match(line):
+            report = held.pop(pid)
+            return [] if line.startswith(BROKEN_PIPE) else report
+        return held.pop(pid) if len(held[pid]) > _HELD_MAX else []
+
     def filtered(data: dict, *args, **kwargs) -> None:
         lines, pid = [], data.get("pid")
         for line in data.get("lines", ()):
+            if (now := hold(pid, line)) is not None:
+                lines.extend(now)
+                continue
             for first, last, inside in ends:
                 if line.startswith(first) and inside not in line:  # a report in one string goes whole below
                     dropping[pid] = last

@@ -271,6 +271,25 @@ def test_a_killed_raylet_is_told_once_in_one_sentence_and_the_controllers_shutdo
                        ["The autoscaler failed with the following error:\nValueError: x"]]  # a real failure stays
 
 
+def test_a_prefetchers_broken_pipe_goes_and_its_other_errors_print_whole():
+    """A training worker's data prefetcher whose Ray connection broke as its run was stopped logs
+    "Error in prefetcher thread." with a traceback ending in ``OSError: Broken pipe``: it printed
+    before the Ctrl-C test's interrupted line in CI (2026-12-07). That report goes, across batches;
+    a prefetcher's other error prints whole, and the lines around both stay."""
+    from raysegment.console import _dropping
+
+    printed = []
+    filtered = _dropping(lambda data: printed.append(data["lines"]), ())
+    trace = ["Traceback (most recent call last):", '  File "/x/ray/data/_internal/block_batching/util.py", line 513',
+             "    ray.wait("]
+    filtered({"pid": 3, "lines": ["[raysegment] epoch 2/6", "Error in prefetcher thread.", *trace[:2]]})
+    filtered({"pid": 4, "lines": ["another worker's line"]})
+    filtered({"pid": 3, "lines": [trace[2], "OSError: Broken pipe", "after it"]})
+    filtered({"pid": 3, "lines": ["Error in prefetcher thread.", *trace, "ValueError: a bad slice"]})
+    assert printed == [["[raysegment] epoch 2/6"], ["another worker's line"], ["after it"],
+                       ["Error in prefetcher thread.", *trace, "ValueError: a bad slice"]]
+
+
 def test_a_cluster_that_wants_a_token_is_one_error_line_and_exit_1(capsys, monkeypatch):
     """``ray start`` turns token auth on once this machine has a token, and Ray sends it to no address
     it was given: ``RAY_ADDRESS=… python -m raysegment.train`` without RAY_AUTH_MODE=token ended in a
