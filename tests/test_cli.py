@@ -151,6 +151,31 @@ def test_every_commands_help_says_what_it_does_and_its_examples_parse(capsys):
         assert exit_.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ") and "error: " in err[1], (name, err)
 
 
+
+def test_help_gives_every_options_default_and_what_each_main_option_does():
+    """A user reads the learning rate, batch size and epochs a run will take from ``--help``, as the
+    configs give them, and every option of the five main commands says what it is."""
+    from raysegment.cli import train, tune
+    from raysegment.config import TrainConfig
+
+    parser = train.build_parser()
+    text = " ".join(parser.format_help().split())
+    cfg = TrainConfig(data="shards")
+    helps = {a.dest: a.help for a in parser._actions}
+    for dest in ("lr", "batch_size", "epochs"):
+        assert helps[dest].endswith(f"(default: {getattr(cfg, dest)})") and helps[dest] in text, dest
+    assert "--gpu one GPU per worker --gpus" in text  # a switch: no default shown
+    assert "--scale LO HI augmentation: zoom factor range (default: 0.85 1.2)" in text
+    parser = tune.build_parser()
+    assert parser.format_help() == parser.format_help()  # shown once, however often it is formatted
+    assert "(default: )" not in parser.format_help()  # --set's empty list
+    for name in ("prepare", "train", "tune", "infer", "serve"):
+        module = importlib.import_module(COMMANDS[name][0])
+        bare = [a.option_strings[0] for a in module.build_parser()._actions
+                if a.option_strings and not a.help and a.dest != "help" and not a.choices]
+        assert not bare, (name, bare)
+
+
 @pytest.mark.parametrize("command", ["infer", "serve", "report-diagnosis", "tune", "registry"])
 def test_a_registry_that_does_not_answer_is_one_line_and_exit_1_at_once(command, tmp_path, capsys, monkeypatch):
     """A ``models:/`` model, or a search or registration, on a tracking server that is down: an

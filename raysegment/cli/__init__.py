@@ -54,6 +54,25 @@ class CommandParser(argparse.ArgumentParser):
         usage = " ".join([self.prog, *(f"{{{c}}}" for c in commands), "[options]"])
         self.exit(2, f"usage: {usage}   (--help lists them)\n{self.prog}: error: {message}\n")
 
+    def format_help(self) -> str:
+        """``--help`` with each option's default (what the configs give) where it has one."""
+        for action in self._actions:
+            _show_default(action)
+        return super().format_help()
+
+
+def _show_default(action: argparse.Action) -> None:
+    """Append ``(default: X)`` to an option's help, unless it has none, is a switch (``--gpu``), or its
+    help already says what the default is."""
+    value = action.default
+    if not action.option_strings or action.nargs == 0 or action.help is argparse.SUPPRESS:
+        return
+    if value is None or value is False or value in ("", [], ()) or value is argparse.SUPPRESS or "default" in (action.help or ""):
+        return
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    shown = shown.replace("%", "%%")  # argparse %-formats help strings
+    action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
+
 
 def command_parser(name: str, description: str, *examples: str) -> argparse.ArgumentParser:
     """The parser of ``python -m raysegment.NAME``: ``--help`` shows what the command does and

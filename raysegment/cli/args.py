@@ -269,7 +269,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Options ``train`` and ``tune`` share: the recipe and where the run goes; defaults from the configs."""
     p.add_argument("--backbone", default=default_of(ModelConfig, "backbone"), choices=BACKBONES)
     p.add_argument("--workers", type=int, default=default_of(RunSpec, "num_workers"), help="Ray Train workers (per trial)")
-    p.add_argument("--cpus-per-worker", type=float, default=default_of(RunSpec, "cpus_per_worker"))
+    p.add_argument("--cpus-per-worker", type=float, default=default_of(RunSpec, "cpus_per_worker"),
+                   help="CPUs Ray reserves per training worker (leave some unreserved: Ray Data reads on them)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: this node's cores shared among the workers)")
     p.add_argument("--batch-size", type=int, default=_td("batch_size"), help="slices per worker step")
@@ -288,7 +289,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
     p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
                    help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
-    p.add_argument("--seed", type=int, default=_td("seed"))
+    p.add_argument("--seed", type=int, default=_td("seed"), help="seed of the initial weights, shuffling and augmentation")
     p.add_argument("--storage", default=default_of(RunSpec, "storage_path"),
                    help="shared storage for checkpoints (local dir or URI)")
     p.add_argument("--name", default=None, help="run name; re-running the same name resumes it")

@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_parsers(sub)
     pk = sub.add_parser("pack", help="shards → one compressed .npz of 8-bit volumes and their train/val split "
                                      "(to carry to a GPU machine)")
-    pk.add_argument("--data", required=True)
-    pk.add_argument("--out", required=True, type=Path)
+    pk.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
+    pk.add_argument("--out", required=True, type=Path, help="the .npz bundle to write")
     return p
 
 
@@ -181,7 +181,7 @@ def _add_crossval_parsers(sub) -> None:
     cv = sub.add_parser("crossval-masks", help="train one segmenter per fold, segment its held-out patients")
     cv.add_argument("--data", required=True, help="shards folder (both splits are used) or a `pack` bundle .npz")
     cv.add_argument("--out", required=True, type=Path, help="folder for fold{K}.npz / fold{K}.json")
-    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--folds", type=int, default=5, help="folds over the patients of both splits")
     cv.add_argument("--fold", type=int, action="append", help="only these folds (repeat; default: all, one after another)")
     cv.add_argument("--backbone", default="mobilenet_v2")
     cv.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of each fold's training (min)")
@@ -217,7 +217,7 @@ def _add_fit_parsers(sub) -> None:
     ft.add_argument("--mask-cache", type=Path, default=None, help=MASK_CACHE_HELP)
     ft.add_argument("--out", required=True, type=Path, help="the model's JSON file (beside it: FILE.md, FILE.features.csv)")
     ft.add_argument("--segmenter", default="", help="what made the masks, recorded with the model (e.g. a model version)")
-    ft.add_argument("--repeats", type=int, default=10)
+    ft.add_argument("--repeats", type=int, default=10, help="repeats of the stratified k-fold accuracy estimate")
     ft.add_argument("--seed", type=int, default=0)
     bs = sub.add_parser("basal", help="fit the basal ES check on segmenters' own masks of the train split, compare it "
                                       "(patient-grouped CV on train, then val) and write it into a diagnosis model")
@@ -230,7 +230,7 @@ def _add_fit_parsers(sub) -> None:
                     help="also pool the masks of all --model together (softmax averaged, flip TTA where every member allows it)")
     bs.add_argument("--diagnosis", default="shipped", help="the diagnosis model whose check is compared and replaced")
     bs.add_argument("--out", required=True, type=Path, help="the diagnosis JSON to write (beside it: FILE.basal.md)")
-    bs.add_argument("--mlflow-uri", default=None)
+    bs.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     bs.add_argument("--mask-cache", type=Path, default=None, help=MASK_CACHE_HELP)
     bs.add_argument("--seed", type=int, default=0)
 

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="a folder (NIfTI studies and DICOM files, found by content) or a DICOMweb URL "
                         "(http://HOST:PORT/dicom-web): MR series found by QIDO-RS, SEGs stored back by STOW-RS")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder for masks, DICOM SEGs, results.csv, report.md and ledger.jsonl")
     p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: the networks run on ONNX Runtime (CPU, fp32), everything else unchanged")
     p.add_argument("--actors", type=int, default=d("actors"),
                    help="inference actors (default: as many as the cluster's free CPUs, or GPUs with --gpu, hold)")
-    p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"))
+    p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"), help="CPUs Ray reserves per actor")
     p.add_argument("--gpus-per-actor", type=float, default=d("gpus_per_actor"),
                    help="GPU share per actor (e.g. 1, or 0.5 for two actors on one GPU); > 0 predicts on CUDA")
     p.add_argument("--gpu", action="store_const", const=1.0, dest="gpus_per_actor", help="one GPU per actor")

@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5"])
     p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
     p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
-    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--seed", type=int, default=d("seed"), help="seed of the --val-fraction split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -28,25 +28,28 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("weights")
     imp.add_argument("--data", default=None, help="shards whose val split scores it (Dice tags, champion rule); "
                                                   "without it the file's own Dice claim is tagged and it is never champion")
-    imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    imp.add_argument("--force-champion", action="store_true")
+    imp.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
+    imp.add_argument("--force-champion", action="store_true",
+                     help="make it the champion even if it does not beat the current one")
     ens = sub.add_parser("ensemble", help="register an ensemble (raysegment-ensemble) of two or more models, "
                                           "scored on the val split of --data")
     ens.add_argument("--member", required=True, action="append", dest="members",
                      help="models:/NAME@ALIAS or /VERSION, checkpoint folder or .safetensors file; repeat it")
     ens.add_argument("--data", required=True, help="shards whose val split scores the ensemble (Dice tags)")
     ens.add_argument("--flip-tta", action="store_true", help="score the ensemble with flip TTA (tag flip_tta)")
-    ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    ens.add_argument("--force-champion", action="store_true")
+    ens.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
+    ens.add_argument("--force-champion", action="store_true",
+                     help="make it the champion even if it does not beat the current one")
     reg = sub.add_parser("register", help="register a training checkpoint folder, scored on the val split of --data")
     reg.add_argument("checkpoint")
     reg.add_argument("--data", default=None, help="as for import")
-    reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
-    reg.add_argument("--force-champion", action="store_true")
+    reg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
+    reg.add_argument("--force-champion", action="store_true",
+                     help="make it the champion even if it does not beat the current one")
     dg = sub.add_parser("diagnosis", help="register a `python -m raysegment.diagnosis fit` JSON as raysegment-diagnosis "
                                           "(champion by the one champion rule on its CV accuracy)")
     dg.add_argument("model_file", help="the JSON file, or 'shipped'")
-    dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI)
+    dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     return p
 
 

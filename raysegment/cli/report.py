@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
     ev.add_argument("--model", required=True, action="append",
                     help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
-    ev.add_argument("--data", required=True)
-    ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    ev.add_argument("--mlflow-uri", default=None)
-    ev.add_argument("--flip-tta", action="store_true")
+    ev.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
+    ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits of --data to score")
+    ev.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
+    ev.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's prediction")
     ev.add_argument("--no-largest-component", action="store_true",
                     help="score the raw argmax, without keeping each structure's largest 3-D component")
     ev.add_argument("--ci", action="store_true",
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--flip-tta", action="store_true", help="with --model: average with the mirrored image's prediction")
     cl.add_argument("--ci", action="store_true",
                     help="add each index's MAE and bias with 95 %% bootstrap CIs over patients (seed 0)")
-    cl.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS)
-    cl.add_argument("--mlflow-uri", default=None)
+    cl.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS, help="splits of --data to score")
+    cl.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     cl.add_argument("--out", required=True, type=Path, help="folder for clinical.md, clinical.csv, bland_altman.png")
     cl.add_argument("--mask-cache", type=Path, default=None,
                     help="with --model: a folder keeping the masks (as `diagnosis fit/basal --mask-cache`)")
@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
                     help="a checkpoint or run folder, .safetensors file, shipped:BACKBONE or models:/ URI, repeatable "
                          "(learning curves: those that carry their history, not models:/)")
-    fi.add_argument("--data", required=True)
-    fi.add_argument("--mlflow-uri", default=None)
+    fi.add_argument("--data", required=True, help="shards folder whose val split the overlays show")
+    fi.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
-    fi.add_argument("--out", required=True)
+    fi.add_argument("--out", required=True, help="folder for the PNGs")
     return p
 
 
@@ -104,10 +104,10 @@ def _add_compare(sub) -> None:
     cp.add_argument("--basal-check", default="none",
                     help="with --metric clinical: the basal ES check applied to each model's masks, as in `report clinical`")
     cp.add_argument("--data", default=None, help="shards (needed unless both sides are records.json / clinical.csv files)")
-    cp.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS)
+    cp.add_argument("--splits", nargs="+", default=["val"], choices=SPLITS, help="splits of --data to score")
     cp.add_argument("--resamples", type=int, default=RESAMPLES, help="bootstrap draws of the patients (at least 100)")
-    cp.add_argument("--seed", type=int, default=0)
-    cp.add_argument("--mlflow-uri", default=None)
+    cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    cp.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     cp.add_argument("--mask-cache", type=Path, default=None, help="as for `report evaluate`")
     cp.add_argument("--out", type=Path, default=None, help="folder for compare.md, compare.json and paired.png")
 

@@ -50,19 +50,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_const", const=1.0, dest="gpus_per_worker", default=0.0, help="one GPU per worker")
     p.add_argument("--gpus-per-worker", type=float, dest="gpus_per_worker",
                    help="GPU share per worker (0.5: two workers or trials on one GPU)")
-    p.add_argument("--lr", type=float, default=_td("lr"))
-    p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"))
+    p.add_argument("--lr", type=float, default=_td("lr"), help="peak learning rate (AdamW, cosine schedule)")
+    p.add_argument("--decoder-width", type=int, default=default_of(ModelConfig, "decoder_width"),
+                   help="channels of the decoder at stride 2 (×2 per level down)")
     p.add_argument("--context-slices", type=int, default=default_of(ModelConfig, "context_slices"), choices=[0, 1],
                    help="neighbouring slices per side as extra input channels (1 = 2.5-D: slices k-1, k, k+1)")
     p.add_argument("--deep-supervision", type=int, default=default_of(ModelConfig, "deep_supervision"), choices=[0, 1, 2, 3],
                    help="decoder levels at strides 2, 4, 8 that also get a head and a loss term in training (0: off)")
     loss = LossConfig()
-    p.add_argument("--ce-weight", type=float, default=loss.ce_weight)
-    p.add_argument("--dice-weight", type=float, default=loss.dice_weight)
-    p.add_argument("--class-weights", type=float, nargs=3, default=loss.class_weights, metavar=("RV", "MYO", "LV"))
+    p.add_argument("--ce-weight", type=float, default=loss.ce_weight, help="weight of the cross-entropy term of the loss")
+    p.add_argument("--dice-weight", type=float, default=loss.dice_weight, help="weight of the soft-Dice term of the loss")
+    p.add_argument("--class-weights", type=float, nargs=3, default=loss.class_weights, metavar=("RV", "MYO", "LV"),
+                   help="per-class weights in both loss terms")
     p.add_argument("--image-size", type=int, default=_td("image_size"), help="square network grid, pixels")
     p.add_argument("--weights", default=_td("weights"), choices=["imagenet"], help="encoder init (default: random)")
-    p.add_argument("--max-failures", type=int, default=default_of(RunSpec, "max_failures"))
+    p.add_argument("--max-failures", type=int, default=default_of(RunSpec, "max_failures"),
+                   help="restarts from the last checkpoint after a worker or its node dies")
     p.add_argument("--placement", default=default_of(RunSpec, "placement"),
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one worker per node)")

@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mlflow-uri http://mlflow:5000")
     add_run_arguments(p)
     p.add_argument("--data", default=None, help="shards from raysegment.data.prepare (default: the bundled sample)")
-    p.add_argument("--mlflow-uri", default=d("tracking_uri"))
-    p.add_argument("--num-samples", type=int, default=d("num_samples"))
+    p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="MLflow tracking server or database")
+    p.add_argument("--num-samples", type=int, default=d("num_samples"), help="trials")
     p.add_argument("--epochs", type=int, default=3, help="the most epochs per trial (ASHA stops weak trials early)")
     p.add_argument("--concurrency", type=int, default=d("concurrency"), help="trials at once")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -83,14 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixels (default: {default_of(TrainConfig, 'image_size')}, or that of --init-weights)")
     p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
                    help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None)
-    p.add_argument("--grace-period", type=int, default=d("grace_period"))
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick checks)")
+    p.add_argument("--grace-period", type=int, default=d("grace_period"), help="epochs before ASHA may stop a trial")
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
     p.add_argument("--range", dest="ranges", action="append", default=[], metavar="NAME=LOW:HIGH",
                    help="search a parameter over this range instead of its default "
                         f"({', '.join(f'{k} {range_text(v)}' for k, v in RANGES.items())}); decoder_width=W,W,… lists widths")
-    p.add_argument("--no-register", action="store_true")
+    p.add_argument("--no-register", action="store_true", help="register nothing: the trial table and MLflow runs only")
     p.add_argument("--final-minutes", type=float, default=d("final_minutes"),
                    help="after the search, train the best trial's configuration from scratch for this many minutes "
                         "and register its last epoch as a final model")

@@ -23,16 +23,16 @@ def build_parser():
     ex = sub.add_parser("export", help="checkpoint folder → fp16 .safetensors, its SHA-256 added to SHA256SUMS")
     ex.add_argument("checkpoint", help="a checkpoint folder, or a run folder (--storage/--name): its latest epoch's")
     ex.add_argument("--out", required=True, help="e.g. raysegment/shipped/mobilenet_v2.safetensors")
-    ex.add_argument("--fp32", action="store_true")
+    ex.add_argument("--fp32", action="store_true", help="keep fp32 tensors (default: fp16, half the size)")
     se = sub.add_parser("seal", help="write the tensor digest into an older weights file (checked on every load)")
     se.add_argument("file")
     on = sub.add_parser("export-onnx", help="any model reference → an ONNX file (fp32; dynamic slices, height, width; "
                                             "its config in the metadata) for ONNX Runtime or other runtimes")
     on.add_argument("model", help="shipped:BACKBONE, a .safetensors file, a checkpoint folder or models:/NAME@ALIAS")
-    on.add_argument("--out", required=True)
+    on.add_argument("--out", required=True, help="the .onnx file to write")
     on.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     ve = sub.add_parser("verify", help="check the files against SHA256SUMS")
-    ve.add_argument("--folder", default=str(SHIPPED_DIR))
+    ve.add_argument("--folder", default=str(SHIPPED_DIR), help="folder holding SHA256SUMS and the files")
     return p
 
 
