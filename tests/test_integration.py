@@ -71,6 +71,7 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
     trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.data.tags.get("final") != "true"]
     assert len(trials) == 2 and len(runs) == 4
     history = client.get_metric_history(trials[0].info.run_id, "dice_mean")
+    assert sorted(m.step for m in history)[0] == 1  # epochs counted from 1, as the console counts them
     assert len(history) >= 1 and {"lr", "decoder_width", "w_rv", "dice_fraction"} <= set(trials[0].data.params)
     # --range w_rv=1:1.5 (the default is 0.5:2), recorded on the parent run; --set pins lr
     assert all(1.0 <= float(t.data.params["w_rv"]) <= 1.5 and float(t.data.params["lr"]) == 3e-4 for t in trials)
@@ -114,6 +115,10 @@ def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_
     client = MlflowClient(cluster["mlflow"])
     v1, v2 = (client.get_model_version("raysegment-mobilenet_v2", v) for v in ("1", "2"))
     assert "final" not in v1.tags and v2.tags["final"] == "true"
+    # Both name the search and trial they came from (v1: the best trial's best epoch), in tags and in words.
+    assert v1.tags["search_run"] == v2.tags["search_run"] and v1.tags["source_trial"] and int(v1.tags["epoch"]) >= 1
+    assert f"trial {v1.tags['source_trial']}, epoch {v1.tags['epoch']}" in v1.description, v1.description
+    assert f"final run of search run {v2.tags['search_run']}" in v2.description and "champion" in v2.description
     assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(v2.tags)
     config = json.loads(v2.tags["config"])
     assert config["time_budget_min"] == 0.1 and config["lr"] == 0.0003  # the best trial's configuration

@@ -7,8 +7,9 @@ pyfunc model defined from code (``raysegment/pyfunc_model.py``), so nothing is u
     mlflow.pyfunc.load_model("models:/raysegment-mobilenet_v2@champion").predict(volume)
 
 Version tags: ``dice_rv, dice_myo, dice_lv, dice_mean`` (val, 3-D per volume),
-``manifest_hash``, ``git_commit``, ``backbone`` (``final`` and ``source_trial`` for the final
-model of a search). The alias ``champion`` moves to a new version only when its ``dice_mean``
+``manifest_hash``, ``git_commit``, ``backbone``; ``source_trial`` and ``search_run`` for a search's
+models (``epoch`` for its best trial's, ``final`` for its final run's). Each version's description says
+the same in words, with why it is or is not champion. The alias ``champion`` moves to a new version only when its ``dice_mean``
 beats the current champion's on the same manifest.
 
 ``raysegment-ensemble`` versions (``python -m raysegment.registry ensemble``) hold
@@ -134,7 +135,30 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
         promote, reason = True, "forced"
     if promote:
         client.set_registered_model_alias(name, CHAMPION, mv.version)
+    client.update_model_version(name, mv.version, description=version_text(tags, promote, reason))
     return Registration(name=name, version=str(mv.version), champion=promote, reason=reason)
+
+
+def version_text(tags: dict[str, str], champion: bool, reason: str) -> str:
+    """A version's description in the registry (the MLflow UI shows it on the version's page): what
+    it scores, where it came from, and why it is or is not champion."""
+    if "dice_mean" in tags:
+        dice = " / ".join(f"{c.upper()} {float(tags['dice_' + c]):.3f}" for c in ("rv", "myo", "lv"))
+        parts = [f"val Dice {dice}, mean {float(tags['dice_mean']):.3f}"
+                 + (" (the file's own claim, not scored here)" if tags.get("evaluated") == "false" else "")]
+    else:
+        parts = [f"cross-validated accuracy {float(tags['cv_accuracy']):.3f} on {tags.get('patients') or '?'} patients"]
+    if tags.get("final") == "true":
+        parts.append(f"final run of search run {tags['search_run']}: trial {tags['source_trial']}'s configuration "
+                     "from scratch, its last epoch")
+    elif "source_trial" in tags:
+        parts.append(f"search run {tags.get('search_run', '?')}, trial {tags['source_trial']}, epoch {tags.get('epoch', '?')}")
+    if "members" in tags:
+        parts.append("members " + ", ".join(json.loads(tags["members"])))
+    if tags.get("manifest_hash"):
+        parts.append(f"data manifest {tags['manifest_hash'][:12]}")
+    parts.append(f"{'champion' if champion else 'not champion'}: {reason}")
+    return "; ".join(parts) + "."
 
 
 def _quietly(fn, *args):

@@ -179,7 +179,8 @@ class MlflowTrialLogger:
 
             def on_trial_result(self, iteration, trials, trial, result, **info):
                 run_id = self._run_for(trial)
-                step = int(result.get("epoch", result.get("training_iteration", 0)))
+                # Steps count epochs from 1, as the console's epoch lines and trial table do.
+                step = int(result["epoch"]) + 1 if "epoch" in result else int(result.get("training_iteration", 0))
                 for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean", "train_seconds"):
                     v = result.get(k)
                     if isinstance(v, (int, float)) and math.isfinite(v):
@@ -344,7 +345,9 @@ def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: st
 
         def register():
             with storage.local_checkpoint(best["checkpoint_path"], root) as folder:
-                return register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id)
+                return register_checkpoint(folder, metrics=best, tracking_uri=spec.tracking_uri, run_id=parent_id,
+                                           extra_tags={"source_trial": str(best["trial_id"]), "search_run": parent_id,
+                                                       "epoch": str(best["best_epoch"] + 1)})
 
         summary["registered"] = _register_once(client, parent_id, register)
     if spec.final_minutes:
@@ -391,7 +394,7 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     for h in history:
         for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean"):
             if isinstance(h.get(k), (int, float)) and math.isfinite(h[k]):
-                client.log_metric(run_id, k, float(h[k]), step=int(h["epoch"]))
+                client.log_metric(run_id, k, float(h[k]), step=int(h["epoch"]) + 1)
     metrics = result.metrics
     out = {"trial_id": best["trial_id"], "epochs": int(metrics["epoch"]) + 1,
            **{k: float(metrics[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
