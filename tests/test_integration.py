@@ -118,7 +118,7 @@ def test_final_stage_registers_the_best_trials_configuration_with_lineage_under_
     # Both name the search and trial they came from (v1: the best trial's best epoch), in tags and in words.
     assert v1.tags["search_run"] == v2.tags["search_run"] and v1.tags["source_trial"] and int(v1.tags["epoch"]) >= 1
     assert f"trial {v1.tags['source_trial']}, epoch {v1.tags['epoch']}" in v1.description, v1.description
-    assert f"final run of search run {v2.tags['search_run']}" in v2.description and "champion" in v2.description
+    assert f"final run of search run {v2.tags['search_run']}" in v2.description and "champion when registered" in v2.description
     assert {"dice_rv", "dice_myo", "dice_lv", "dice_mean", "source_trial", "search_run", "manifest_hash"} <= set(v2.tags)
     config = json.loads(v2.tags["config"])
     assert config["time_budget_min"] == 0.1 and config["lr"] == 0.0003  # the best trial's configuration

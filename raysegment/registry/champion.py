@@ -9,7 +9,7 @@ pyfunc model defined from code (``raysegment/pyfunc_model.py``), so nothing is u
 Version tags: ``dice_rv, dice_myo, dice_lv, dice_mean`` (val, 3-D per volume),
 ``manifest_hash``, ``git_commit``, ``backbone``; ``source_trial`` and ``search_run`` for a search's
 models (``epoch`` for its best trial's, ``final`` for its final run's). Each version's description says
-the same in words, with why it is or is not champion. The alias ``champion`` moves to a new version only when its ``dice_mean``
+the same in words, with why it was or was not made champion. The alias ``champion`` moves to a new version only when its ``dice_mean``
 beats the current champion's on the same manifest.
 
 ``raysegment-ensemble`` versions (``python -m raysegment.registry ensemble``) hold
@@ -141,7 +141,7 @@ def _register(name: str, uri: str, *, description: str, tags: dict[str, str], tr
 
 def version_text(tags: dict[str, str], champion: bool, reason: str) -> str:
     """A version's description in the registry (the MLflow UI shows it on the version's page): what
-    it scores, where it came from, and why it is or is not champion."""
+    it scores, where it came from, and why it was or was not made champion when registered."""
     if "dice_mean" in tags:
         dice = " / ".join(f"{c.upper()} {float(tags['dice_' + c]):.3f}" for c in ("rv", "myo", "lv"))
         parts = [f"val Dice {dice}, mean {float(tags['dice_mean']):.3f}"
@@ -157,7 +157,8 @@ def version_text(tags: dict[str, str], champion: bool, reason: str) -> str:
         parts.append("members " + ", ".join(json.loads(tags["members"])))
     if tags.get("manifest_hash"):
         parts.append(f"data manifest {tags['manifest_hash'][:12]}")
-    parts.append(f"{'champion' if champion else 'not champion'}: {reason}")
+    # When registered: the alias moves on later, and the version page should not say otherwise.
+    parts.append(f"{'made champion' if champion else 'not made champion'} when registered: {reason}")
     return "; ".join(parts) + "."
 
 
