@@ -54,7 +54,8 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
     # What someone browsing the registry reads on the version's page: its scores and why it is not champion.
     text = MlflowClient(uri).get_model_version("raysegment-mobilenet_v2", "1").description
     assert text.startswith(f"val Dice RV {float(tags['dice_rv']):.3f} / MYO ") and tags["manifest_hash"][:12] in text, text
-    assert text.endswith("; not made champion when registered: fails the sanity check: dice_mean " f"{float(tags['dice_mean']):.4f} < 0.1."), text
+    why = f"fails the sanity check: dice_mean {float(tags['dice_mean']):.4f} < 0.1"
+    assert text.endswith(f"; not made champion when registered: {why}."), text
     # The same checkpoint scored on the same shards again: nothing registered twice.
     assert registry_cli.main(["register", str(ckpt), "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
     assert capsys.readouterr().out.strip() == ("already registered: raysegment-mobilenet_v2 v1; champion: False "
