@@ -9,8 +9,8 @@ pyfunc model defined from code (``raysegment/pyfunc_model.py``), so nothing is u
 Version tags: ``dice_rv, dice_myo, dice_lv, dice_mean`` (val, 3-D per volume),
 ``manifest_hash``, ``git_commit``, ``backbone``; ``source_trial`` and ``search_run`` for a search's
 models (``epoch`` for its best trial's, ``final`` for its final run's). Each version's description says
-the same in words, with why it was or was not made champion. The alias ``champion`` moves to a new version only when its ``dice_mean``
-beats the current champion's on the same manifest.
+the same in words, with why it was or was not made champion. The alias ``champion`` moves to a new
+version only when its ``dice_mean`` beats the current champion's on the same manifest.
 
 ``raysegment-ensemble`` versions (``python -m raysegment.registry ensemble``) hold
 ``members/0``, ``members/1``, ... instead of ``checkpoint/``; their pyfunc, ``Predictor.load`` and
