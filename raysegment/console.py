@@ -14,10 +14,13 @@ import re
 # it started more worker processes than the node has CPUs (every search of two trials at once on a
 # 2-core machine: a Ray Train run is some five actors, each a process), and the ERROR a run's
 # preemption watcher gets from the core worker about its own restart policy (ray-project/ray#53727;
-# a Ray this process starts runs without the watcher, ``runtime._start_local``, but a cluster's keeps it).
+# a Ray this process starts runs without the watcher, ``runtime._start_local``, but a cluster's keeps it),
+# and the raylet's note, as ``serve`` stops its service (``serve.shutdown()`` kills the controller
+# whose graceful_shutdown it called), that the call "failed" and will be retried: every stop printed it.
 HARMLESS_RAY_LINES = ("Failed to kill actor", "Detected that the Ray Train controller actor",
                       "PYTHON worker processes have been started on node",
-                      "has constructor arguments in the object store and max_restarts > 0")
+                      "has constructor arguments in the object store and max_restarts > 0",
+                      "Task ServeController.graceful_shutdown failed")
 # A training worker that Ray kills mid-step (Tune stopping a trial: ASHA, the search's end) can exit
 # while torch's threads run: libstdc++ aborts it, and Python's fault handler reports the abort with
 # the worker's stack and its 117 extension modules, some 20 lines (ray-project/ray#4013). Seen once

@@ -178,8 +178,9 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
     Ray's own dispatcher, as ``ray.init`` installs it) and the printer of the errors the GCS pushes
     to the driver: the GCS's "Failed to kill actor … Socket closed", the placement-group cleaner's
     dead-controller warning, the preemption watcher's restart-policy ERROR, the raylet's count of
-    started workers and the abort report of a worker killed mid-step go, other lines of the same
-    batch stay, a batch left empty prints nothing, and wrapping twice filters once."""
+    started workers, its note on the Serve controller's shutdown call and the abort report of a
+    worker killed mid-step go, other lines of the same batch stay, a batch left empty prints
+    nothing, and wrapping twice filters once."""
     import ray._private.worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -204,6 +205,10 @@ def test_the_driver_drops_rays_harmless_lines_and_prints_the_rest():
                    "lost, the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
         dispatcher.emit({"pid": "gcs_server", "is_err": True, "lines": [gcs]})
         dispatcher.emit({"pid": 23584, "is_err": True, "lines": [watcher]})
+        # every stop of `serve` (2026-12-07): serve.shutdown() kills the controller it asked to shut down
+        dispatcher.emit({"pid": "raylet", "is_err": True, "lines": [
+            "Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will be "
+            "retried. Error: The actor is dead because it was killed by `ray.kill`."]})
         # a training worker that Tune's stop killed mid-step: its abort report, over two batches,
         # goes; a crash of another kind (pid 12) and what the killed one's neighbour prints stay
         dispatcher.emit({"pid": 11, "is_err": True, "lines": [

@@ -67,6 +67,10 @@ def stack(tmp_path_factory, tiny_model_session):
                              "--token-file", str(root / "token"), "--pacs", pacs, "--output", str(out),
                              "--threads", "1", "--max-body-mb", "1", port=port) as url:
             yield url, pacs, uri, out, root
+    # Stopped (SIGTERM, as Ctrl-C): our line last; the raylet's note that the Serve controller's
+    # graceful_shutdown "failed" followed it on every stop until 2026-12-07.
+    lines = (root / "svc" / "serve.log").read_text().splitlines()
+    assert lines[-1] == "[raysegment] stopping the service", lines[-5:]
 
 
 def _post(url: str, body: bytes, params: str = "", token: str = TOKEN, ctype: str = "application/octet-stream",
