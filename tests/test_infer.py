@@ -11,7 +11,7 @@ from conftest import interrupt_when, write_checkpoint
 from synth import make_nifti_patient, synthetic_volume
 
 from raysegment.analysis.clinical import ejection_fraction
-from raysegment.inference.ledger import Ledger, results_rows
+from raysegment.inference.ledger import Ledger, results_rows, write_results
 from raysegment.inference.predictor import Predictor
 from raysegment.inference.study import segment_study
 from raysegment.io.studies import _umask
@@ -63,6 +63,10 @@ def test_patient_ef_and_failed_rows_come_from_the_ledger(tmp_path):
     assert [r["ef_rv_pct"] for r in rows[:2]] == [pytest.approx(50.0)] * 2
     assert rows[2] == {"study": "/p/bad.nii", "frame": -1, "status": "failed", "reason": "empty file",
                        "model_version": "m/1"}
+    # results.csv and report.md list them by study and frame, not in the order they finished
+    written = write_results(Ledger(tmp_path / "ledger.jsonl"), tmp_path)
+    assert [Path(r["study"]).name for r in written] == ["bad.nii", "patient001_frame01.nii.gz", "patient001_frame09.nii.gz"]
+    assert '"/p/bad.nii"' in (tmp_path / "results.csv").read_text().splitlines()[1]
 
 
 def test_ledger_survives_a_torn_line(tmp_path):
@@ -121,7 +125,7 @@ def test_report_shows_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp
     assert "Overlays (2 of 4 studies)" in text
     assert [line for line in text.splitlines() if line.startswith("![")] == ["![s3](figures/s3.png)", "![s1](figures/s1.png)"]
     table = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + 5 and all(line.count(" | ") == 8 for line in table[1:] if "broken" not in line)
+    assert len(table) == 1 + 5 and all(line.count(" | ") == 9 for line in table[1:] if "broken" not in line)
     assert "failed: line one line \\| two" in text  # one table row, the pipe escaped
 
 

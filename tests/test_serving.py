@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,10 @@ def test_scheduled_inference_job(cluster, registered, diagnosis_registered, tmp_
     assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
     assert "Dice against the _gt files (2 frames): RV " in log  # patient007's two frame files have a _gt beside them
     assert json.loads((out / "last_run.json").read_text())["dice_vs_gt"]["volumes"] == 2
+    # The same means in the console and in report.md (the console's were rounded twice: RV 0.909 against 0.910)
+    said = re.search(r"\(2 frames\): RV ([\d.]+), MYO ([\d.]+), LV ([\d.]+), mean (\d\.\d+)", log).groups()
+    written = re.search(r"RV ([\d.]+), MYO ([\d.]+), LV ([\d.]+) \(mean ([\d.]+)\)", (out / "report.md").read_text())
+    assert said == written.groups(), (said, written)
     rows = pq.read_table(out / "results.parquet").to_pylist()
     failed = {Path(r["study"]).name: r["reason"] for r in rows if r["status"] == "failed"}
     assert set(failed) == {"corrupt.nii.gz", "zero.nii"}

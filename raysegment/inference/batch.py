@@ -103,10 +103,12 @@ def run_batch(config: InferConfig) -> dict:
     summary = {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total - progress.later,
                **({"later": progress.later} if progress.later else {}),
                "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
-               **({"dice_vs_gt": {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}} if scored else {})}
+               **({"dice_vs_gt": scored} if scored else {})}
     # For a scheduler's checks (and the soak): the console line is for people. A run killed before
     # this point leaves the previous run's file, which its "finished" time tells apart.
     record = {"finished": _now(), **summary}  # local time, as the ledger's
+    if scored:  # rounded for people reading the file; the console line rounds the unrounded means, as report.md
+        record["dice_vs_gt"] = {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}
     atomic_write(out / LAST_RUN, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     return summary
 

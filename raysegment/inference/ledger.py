@@ -156,7 +156,8 @@ def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    rows = results_rows(ledger)
+    # By study and frame (the ledger's order is the order studies finished in, which differs per run).
+    rows = sorted(results_rows(ledger), key=lambda r: (str(r.get("study", "")), r.get("frame") or 0))
     add_patient_clinical(rows, diagnosis)
     if not rows:
         return rows

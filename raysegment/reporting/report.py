@@ -259,16 +259,18 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
         lines += ["By level of the heart (the reference's slices from base to apex in three equal runs), mean Dice "
                   "RV / MYO / LV: " + "; ".join(f"{level} " + " / ".join(f"{d:.3f}" for d in dice.values())
                                                  for level, dice in by_level.items()) + ".", ""]
-    lines += ["| study | frame | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| study | frame | phase | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     firsts = []
     for r in rows:
         if r.get("status") != "done":
-            lines.append(f"| {_cell(Path(r['study']).name)} | - | {r.get('status', 'failed')}: {_cell(r.get('reason', ''))} | | | | | | |")
+            why = f"{r.get('status', 'failed')}: {_cell(r.get('reason', ''))}"
+            lines.append(f"| {_cell(Path(r['study']).name)} | - | | {why} | | | | | | |")
             continue
         dice = "/".join(f"{r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv")) if r.get("dice_lv") is not None else ""
         ef = r.get("ef_lv_pct")
-        lines.append(f"| {_cell(Path(r['study']).name)} | {r['frame']} | done | {r['volume_rv_ml']:.1f} | {r['volume_myo_ml']:.1f} "
+        lines.append(f"| {_cell(Path(r['study']).name)} | {r['frame']} | {r.get('phase') or ''} | done | {r['volume_rv_ml']:.1f} "
+                     f"| {r['volume_myo_ml']:.1f} "
                      f"| {r['volume_lv_ml']:.1f} | {'' if ef is None else f'{ef:.1f}'} | {dice} | {r.get('qc_flags', '')} |")
         if r["frame"] == 0:
             firsts.append(r)
