@@ -14,7 +14,8 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
     segmented). The mask comes back on exactly the input's grid, affine and header.
     ``model``: a ``Predictor``, or what ``raysegment.infer --model`` takes (``shipped:mobilenet_v2``,
     a ``.safetensors`` file, a checkpoint folder, ``models:/NAME@ALIAS``), or a list of those (an
-    ensemble). ``config``: a ``raysegment.config.PredictConfig`` (device, precision, TTA, ...).
+    ensemble). ``config``: a ``raysegment.config.PredictConfig`` (device, precision, TTA, ...; default:
+    ``in_plane="auto"``, as ``raysegment.infer``).
 
         import raysegment
         mask = raysegment.segment("patient001_frame01.nii.gz", model="shipped:densenet121")
@@ -32,8 +33,9 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
     if not isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
         raise TypeError(f"segment() takes a NIfTI path or a nibabel image, not {type(image).__name__} (for an array in "
                         f"(z, y, x) order: Predictor.load(model).predict(array, spacing=(z, y, x mm)))")
-    predictor = model if isinstance(model, Predictor) else Predictor.load(model, config or PredictConfig(), tracking_uri)
+    config = config or PredictConfig(in_plane="auto")  # a user's study: rows may run either way (as ``infer``)
+    predictor = model if isinstance(model, Predictor) else Predictor.load(model, config, tracking_uri)
     img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image
     frames, zooms = study_arrays(img)  # StudyError (a ValueError) says what is wrong with the image
-    out = zyx_to_nifti(predict_frames(predictor, frames, zooms))
+    out = zyx_to_nifti(predict_frames(predictor, frames, zooms)[0])
     return mask_image(out if len(img.shape) == 4 else out[..., 0], img)

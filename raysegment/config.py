@@ -19,6 +19,11 @@ NUM_CLASSES = 4
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Runtime = Literal["torch", "onnx"]
+# A study's in-plane orientation against the training data's (rows or columns reversed, or swapped):
+# the shipped models learnt ACDC's alone. "auto" picks as-stored or rows-reversed per study
+# (``Predictor.in_plane_for``): converters differ in whether NIfTI rows run down, as DICOM's, or up.
+IN_PLANE = ("as-stored", "rows-reversed", "cols-reversed", "transposed")
+InPlane = Literal["as-stored", "rows-reversed", "cols-reversed", "transposed", "auto"]
 DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow store when none is given: a file in the working directory
 
@@ -180,6 +185,9 @@ class PredictConfig:
     # torch, or onnx: each network exported in memory and run by ONNX Runtime on the CPU (fp32);
     # normalisation, grid, TTA and post-processing stay the Predictor's.
     runtime: Runtime = "torch"
+    # How the image is turned before the networks (and the labels back after): shards and training
+    # data are as-stored; ``infer``, ``serve`` and ``segment()`` default to "auto" for users' studies.
+    in_plane: InPlane = "as-stored"
 
 
 @dataclass(frozen=True)

@@ -133,14 +133,17 @@ def test_report_and_summary_give_the_mean_dice_of_the_frames_scored_against_gt(t
     from raysegment.analysis.metrics import rows_dice_summary
 
     base = {"frame": 0, "status": "done", "volume_rv_ml": 1.0, "volume_myo_ml": 2.0, "volume_lv_ml": 3.0, "qc_flags": ""}
-    rows = [{**base, "study": "/in/a_frame01.nii.gz", "dice_rv": 0.9, "dice_myo": 0.8, "dice_lv": 0.95},
-            {**base, "study": "/in/a_frame07.nii.gz", "dice_rv": 0.7, "dice_myo": 0.9, "dice_lv": 0.85},
+    rows = [{**base, "study": "/in/a_frame01.nii.gz", "dice_rv": 0.9, "dice_myo": 0.8, "dice_lv": 0.95, "in_plane": "as-stored"},
+            {**base, "study": "/in/a_frame07.nii.gz", "dice_rv": 0.7, "dice_myo": 0.9, "dice_lv": 0.85,
+             "in_plane": "rows-reversed"},
             {**base, "study": "/in/no_gt.nii.gz"},  # no _gt beside it: not in the means
             {"study": "/in/bad.nii", "frame": -1, "status": "failed", "reason": "empty file"}]
     summary = rows_dice_summary(rows)
     assert summary == pytest.approx({"volumes": 2, "dice_rv": 0.8, "dice_myo": 0.85, "dice_lv": 0.9, "dice_mean": 0.85})
     text = batch_report(rows, tmp_path / "out", n_figures=0).read_text()
     assert "Against the `_gt` files of 2 study frames, mean 3-D Dice: RV 0.800, MYO 0.850, LV 0.900 (mean 0.850)." in text
+    # --in-plane auto turned one of them: named, so that a folder converted another way is seen
+    assert "in-plane orientation than stored (1 study; results' `in_plane` column): a_frame07.nii.gz." in text
     assert rows_dice_summary(rows[2:]) is None and "Against the" not in batch_report(rows[2:], tmp_path / "o2", 0).read_text()
 
 

@@ -74,6 +74,16 @@ def _show_default(action: argparse.Action) -> None:
     action.help = f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
 
 
+def add_in_plane_argument(p: argparse.ArgumentParser) -> None:
+    """``--in-plane`` of the commands that segment users' studies (``infer``, ``serve``)."""
+    from raysegment.config import IN_PLANE
+
+    p.add_argument("--in-plane", default="auto", choices=[*IN_PLANE, "auto"],
+                   help="turn each study before the networks and its masks back: 'auto' takes, per study, as stored "
+                        "or rows reversed, whichever the models segment with more confidence (NIfTI converters "
+                        "differ in the way rows run; the models learnt ACDC's orientation alone)")
+
+
 def command_parser(name: str, description: str, *examples: str) -> argparse.ArgumentParser:
     """The parser of ``python -m raysegment.NAME``: ``--help`` shows what the command does and
     ``examples`` (a module's docstring is for developers and is not shown)."""

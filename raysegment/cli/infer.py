@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raysegment.cli import INTERRUPTED, command_parser
+from raysegment.cli import INTERRUPTED, add_in_plane_argument, command_parser
 from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import PredictConfig, default_of
 from raysegment.inference.batch import InferConfig, run_batch
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=pd("precision"), choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--runtime", default=pd("runtime"), choices=["torch", "onnx"],
                    help="onnx: the networks run on ONNX Runtime (CPU, fp32), everything else unchanged")
+    add_in_plane_argument(p)
     p.add_argument("--actors", type=int, default=d("actors"),
                    help="inference actors (default: as many as the cluster's free CPUs, or GPUs with --gpu, hold)")
     p.add_argument("--cpus-per-actor", type=float, default=d("cpus_per_actor"), help="CPUs Ray reserves per actor")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     config = InferConfig(models=tuple(a.models), input=a.input, output=a.output, tracking_uri=a.mlflow_uri,
                          predict=PredictConfig(device="cuda" if a.gpus_per_actor > 0 else "cpu", flip_tta=a.flip_tta,
                                                batch_size=a.batch_size, precision=a.precision,
-                                               runtime=a.runtime),
+                                               runtime=a.runtime, in_plane=a.in_plane),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)

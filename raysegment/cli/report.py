@@ -9,7 +9,7 @@ from pathlib import Path
 
 from raysegment.analysis.paired import RESAMPLES
 from raysegment.cli import command_parser
-from raysegment.config import PredictConfig
+from raysegment.config import IN_PLANE, PredictConfig
 from raysegment.inference.evaluation import evaluate, figures
 from raysegment.reporting.report import (
     CLINICAL_INDICES,
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--by-level", action="store_true",
                     help="also Dice and volume error (mL) at the base, mid-ventricle and apex (thirds of the "
                          "reference's slices); with --out: levels.md, levels.json, levels.png")
+    ev.add_argument("--in-plane", default="as-stored", choices=IN_PLANE,
+                    help="score the volumes with their rows or columns reversed, or transposed: what a study "
+                         "in another in-plane orientation than the training data's costs")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
     ev.add_argument("--mask-cache", type=Path, default=None,
                     help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
                            flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache,
-                           levels=levels)
+                           levels=levels, in_plane=a.in_plane)
     except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from raysegment.cli import command_parser
+from raysegment.cli import add_in_plane_argument, command_parser
 from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import PredictConfig, ServeConfig, default_of
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-replica", type=float, default=d("cpus_per_replica"), help="CPUs Ray reserves per replica")
     p.add_argument("--gpu", action="store_true", help="one GPU per replica (predicts on CUDA)")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx"], help="onnx: ONNX Runtime on the CPU (fp32)")
+    add_in_plane_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--threads", type=int, default=d("threads"), help="torch threads per replica (default: its CPUs)")
     p.add_argument("--poll-s", type=float, default=d("poll_s"), help="seconds between checks of the registry alias")
@@ -78,7 +79,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
             p.error(f"--token-file {a.token_file}: {exc.strerror}")
         if not token:
             p.error(f"--token-file {a.token_file} is empty")
-    predict = PredictConfig(device="cuda" if a.gpu else "cpu", precision=a.precision, runtime=a.runtime)
+    predict = PredictConfig(device="cuda" if a.gpu else "cpu", precision=a.precision, runtime=a.runtime, in_plane=a.in_plane)
     return ServeConfig(model=a.model, tracking_uri=a.mlflow_uri, predict=predict, host=a.host, port=a.port,
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,

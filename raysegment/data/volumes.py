@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from raysegment.io.studies import ed_es_fault, info_from_cfg, nifti_to_zyx, parse_info_cfg, zyx_to_nifti
+from raysegment.io.studies import ed_es_fault, info_from_cfg, nifti_to_zyx, parse_info_cfg, turn_in_plane, zyx_to_nifti
 
 PHASES = ("ED", "ES")
 # Diagnosis group of the ACDC training release by patient number (the SSL4MIS files carry none).
@@ -37,6 +37,16 @@ class Volume:
     group: str
     source: str
     info: dict | None = None  # patient metadata: height_cm, weight_kg, nb_frames, ed_frame, es_frame (None: unknown)
+
+
+def in_plane(volume: Volume, how: str) -> Volume:
+    """The volume (image, labels and spacing alike) turned in-plane (``io.studies.turn_in_plane``)."""
+    if how == "as-stored":
+        return volume
+    spacing = volume.spacing
+    if how == "transposed" and spacing is not None:
+        spacing = (spacing[0], spacing[2], spacing[1])
+    return replace(volume, image=turn_in_plane(volume.image, how), label=turn_in_plane(volume.label, how), spacing=spacing)
 
 
 # --------------------------------------------------------------------------- validation

@@ -37,7 +37,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
 
     img, frames, zooms = read_study(path)
     spacing_zyx = (zooms[2], zooms[1], zooms[0])
-    masks = predict_frames(predictor, frames, zooms)
+    masks, turn = predict_frames(predictor, frames, zooms)
     name = mask_name(path)
     mask_path = out_dir / "masks" / name
     save_mask(masks, img, mask_path)
@@ -54,7 +54,7 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
         except StudyError:
             gt_flag = "gt_ignored_unreadable"
     common = {"study": str(path), "phase": acdc_phase(path) or "", "mask": str(mask_path), "model_uri": model_uri,
-              "model_version": predictor.version, "status": "done", "reason": ""}
+              "model_version": predictor.version, "status": "done", "reason": "", "in_plane": turn}
     rows = frame_rows(masks, spacing_zyx, common)
     # In an official-layout folder ED and ES are the frame files Info.cfg names: its 4-D file keeps
     # only its frame-volume EF, so that the patient has one set of indices and one diagnosis.
@@ -72,9 +72,12 @@ def segment_study(path: Path, predictor, model_uri: str, out_dir: Path, figure: 
     return rows
 
 
-def predict_frames(predictor, frames: np.ndarray, zooms) -> np.ndarray:
-    """Labels uint8 (frames, z, y, x) of (frames, z, y, x) intensities; ``zooms`` (x, y, z) mm."""
-    return np.stack([predictor.predict(f, spacing=tuple(zooms)[::-1]) for f in frames])
+def predict_frames(predictor, frames: np.ndarray, zooms) -> tuple[np.ndarray, str]:
+    """(labels uint8 (frames, z, y, x), the in-plane turn used) of (frames, z, y, x) intensities;
+    ``zooms`` (x, y, z) mm. One turn for the whole study, chosen on its first frame."""
+    spacing = tuple(zooms)[::-1]
+    how = predictor.in_plane_for(frames[0], spacing=spacing)
+    return np.stack([predictor.predict(f, spacing=spacing, in_plane=how) for f in frames]), how
 
 
 def frame_rows(masks: np.ndarray, spacing_zyx, common: dict) -> list[dict]:
@@ -118,7 +121,7 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
 
     study_uid, series_uid = key.removeprefix("dicom:").split("/", 1)
     cine = read_cine(Series(series_uid, study_uid, files))
-    masks = np.stack([predictor.predict(f, spacing=cine.spacing_zyx) for f in cine.frames])
+    masks, turn = predict_frames(predictor, cine.frames, tuple(cine.spacing_zyx)[::-1])
     mask_path = out_dir / "masks" / f"{series_uid}_seg.nii.gz"
     ref = nib.Nifti1Image(np.zeros((1, 1, 1, 1), np.uint8), cine.affine)  # 4-D: one volume per cine frame
     ref.set_qform(cine.affine, code=1)
@@ -126,7 +129,8 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     save_mask(masks, ref, mask_path)
     segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
     common = {"study": key, "phase": "", "mask": str(mask_path), "model_uri": model_uri,
-              "model_version": predictor.version, "status": "done", "reason": "", "series_description": cine.description,
+              "model_version": predictor.version, "status": "done", "reason": "", "in_plane": turn,
+              "series_description": cine.description,
               **_patient_module(cine.sources[0][0]["ds"])}
     rows = frame_rows(masks, cine.spacing_zyx, common)
     for row, seg in zip(rows, segs):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.config import DEFAULT_PERCENTILES
+from raysegment.config import DEFAULT_PERCENTILES, IN_PLANE
 from raysegment.runtime import pid_alive
 
 
@@ -37,6 +37,18 @@ def nifti_to_zyx(data: np.ndarray) -> np.ndarray:
 def zyx_to_nifti(data: np.ndarray) -> np.ndarray:
     """The inverse of ``nifti_to_zyx``: (z, y, x) → (x, y, z), (t, z, y, x) → (x, y, z, t)."""
     return np.transpose(data, (3, 2, 1, 0) if data.ndim == 4 else (2, 1, 0))
+
+
+def turn_in_plane(data: np.ndarray, how: str) -> np.ndarray:
+    """``data`` (…, y, x) with its rows or columns reversed, or rows and columns swapped
+    (``config.IN_PLANE``); each turn is its own inverse."""
+    if how not in IN_PLANE:
+        raise ValueError(f"in-plane orientation {how!r}: one of {', '.join(IN_PLANE)}")
+    if how == "as-stored":
+        return data
+    turned = {"rows-reversed": data[..., ::-1, :], "cols-reversed": data[..., ::-1],
+              "transposed": np.swapaxes(data, -1, -2)}[how]
+    return np.ascontiguousarray(turned)
 
 
 def parse_info_cfg(path: Path) -> dict[str, str]:

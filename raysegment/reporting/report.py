@@ -254,6 +254,11 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     if scored:
         lines += [f"Against the `_gt` files of {scored['volumes']} study frames, mean 3-D Dice: RV {scored['dice_rv']:.3f}, "
                   f"MYO {scored['dice_myo']:.3f}, LV {scored['dice_lv']:.3f} (mean {scored['dice_mean']:.3f}).", ""]
+    turned = sorted({Path(r["study"]).name for r in rows if r.get("in_plane") not in (None, "", "as-stored")})
+    if turned:  # --in-plane auto chose another orientation than the stored one for these
+        count = f"{len(turned)} stud{'y' if len(turned) == 1 else 'ies'}"
+        names = ", ".join(_cell(t) for t in turned[:10]) + (", …" if len(turned) > 10 else "")
+        lines += [f"Segmented in another in-plane orientation than stored ({count}; results' `in_plane` column): {names}.", ""]
     by_level = rows_level_dice(rows)
     if by_level:
         lines += ["By level of the heart (the reference's slices from base to apex in three equal runs), mean Dice "

@@ -281,7 +281,8 @@ def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> d
     keys = ("frame", "phase", "qc_flags", "lv_myo_mass_g")
     frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
               for r in rows]
-    out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "frames": frames}
+    out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "in_plane": rows[0].get("in_plane"),
+           "frames": frames}
     check_frames(ed, es, len(rows))
     if ed is not None and es is not None:
         out["ed"], out["es"] = ed, es
