@@ -198,7 +198,7 @@ class InferConfig:
     input: str
     output: str
     tracking_uri: str | None = None
-    predict: PredictConfig = field(default_factory=PredictConfig)
+    predict: PredictConfig = field(default_factory=lambda: PredictConfig(in_plane="auto"))  # users' studies
     # Inference actors; None: as many as the cluster's free CPUs (or GPUs, with gpus_per_actor)
     # hold, at most one per study. On 2 cores two 1-thread actors finished 20 studies in 0.70× the
     # time one 2-thread actor took (docs/benchmarks.md).
@@ -223,7 +223,7 @@ class ServeConfig:
 
     model: str  # models:/NAME@ALIAS (followed as it moves), models:/NAME/VERSION or a local reference
     tracking_uri: str | None = None
-    predict: PredictConfig = field(default_factory=PredictConfig)
+    predict: PredictConfig = field(default_factory=lambda: PredictConfig(in_plane="auto"))  # users' studies
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     replicas: int = 1

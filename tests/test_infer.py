@@ -591,3 +591,17 @@ def test_a_diagnosis_reference_that_cannot_load_stops_the_batch_before_segmentin
     assert code == 2
     assert "--diagnosis" in capsys.readouterr().err
     assert not (tmp_path / "out" / "ledger.jsonl").exists()
+
+
+def test_a_turn_asked_for_is_part_of_the_version_the_ledger_keys_on():
+    """``--in-plane rows-reversed`` on a folder segmented before (with ``auto``) gives other masks:
+    the ledger must not call them already done."""
+    from raysegment.config import InferConfig, PredictConfig
+    from raysegment.inference.batch import pinned_models
+
+    default = InferConfig(models=("shipped:mobilenet_v2",), input="in", output="out")
+    assert default.predict.in_plane == "auto"
+    _, version = pinned_models(default)
+    _, turned = pinned_models(InferConfig(models=default.models, input="in", output="out",
+                                          predict=PredictConfig(in_plane="rows-reversed")))
+    assert turned == f"{version} in-plane rows-reversed" and "in-plane" not in version

@@ -38,11 +38,14 @@ def pinned_models(config: InferConfig) -> tuple[tuple[str, ...], str]:
     """(references with registry aliases pinned to today's version, the version string results key on).
 
     Pinning makes every actor load the version the ledger records, even if an alias moves mid-batch.
+    A turn other than the default ``auto`` (``--in-plane``) is part of that string: its masks are other
+    results, so a folder segmented before is segmented again with it.
     """
     from raysegment.inference.predictor import pinned
 
     refs, versions = zip(*(pinned(ref, config.tracking_uri) for ref in config.models))
-    return tuple(refs), "+".join(versions)
+    turn = config.predict.in_plane
+    return tuple(refs), "+".join(versions) + ("" if turn == "auto" else f" in-plane {turn}")
 
 
 def run_batch(config: InferConfig) -> dict:

@@ -83,7 +83,7 @@ def config_from_dict(args: dict) -> ServeConfig:
         lo, hi = args["autoscale"].split(":")
         args["autoscale"] = (int(lo), int(hi))
     if isinstance(args.get("predict"), dict):
-        args["predict"] = PredictConfig(**args["predict"])
+        args["predict"] = PredictConfig(**{"in_plane": "auto", **args["predict"]})  # as the ServeConfig default
     return ServeConfig(**args)
 
 
