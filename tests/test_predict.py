@@ -422,6 +422,7 @@ def test_auto_in_plane_segments_a_study_whose_rows_run_the_other_way_as_it_does_
     probs = auto.probabilities(reversed_rows)  # turned back too
     assert np.array_equal(probs.argmax(0)[:, ::-1] == 3, auto.probabilities(vol.image).argmax(0) == 3)
     as_is = Predictor(auto.members, replace(FP32, in_plane="as-stored")).predict(reversed_rows)[:, ::-1]
+    assert auto.auto_turns == {"as-stored": 3, "rows-reversed": 3}  # what `report evaluate --auto-in-plane` prints
     label = vol.label
     assert dice(stored == 1, label == 1) > 0.8 and dice(as_is == 1, label == 1) < dice(stored == 1, label == 1) - 0.02
 

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--in-plane", default="as-stored", choices=IN_PLANE,
                     help="score the volumes with their rows or columns reversed, or transposed: what a study "
                          "in another in-plane orientation than the training data's costs")
+    ev.add_argument("--auto-in-plane", action="store_true",
+                    help="predict as infer does by default (--in-plane auto: as stored or rows reversed, per volume) "
+                         "and say what it chose")
     ev.add_argument("--out", default=None, help="folder for records.json and table.md")
     ev.add_argument("--mask-cache", type=Path, default=None,
                     help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
@@ -309,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in figures(models, a.data, Path(a.out), a.patient, a.mlflow_uri):
             print(path)
         return 0
-    levels = [] if a.by_level else None
+    levels, turns = ([] if a.by_level else None), {}
     try:
         records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
                            flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache,
-                           levels=levels, in_plane=a.in_plane)
+                           levels=levels, in_plane=a.in_plane, auto_in_plane=a.auto_in_plane, turns=turns)
     except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -325,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         splits = [s for s in a.splits if any(r["split"] == s for r in records)]
         table += "\n\n" + "\n".join(ci_line(s, dice_ci([r for r in records if r["split"] == s]), RESAMPLES)
                                       for s in splits)
+    if a.auto_in_plane:
+        table += "\n\n--auto-in-plane chose: " + ", ".join(f"{how} {n}" for how, n in sorted(turns.items())) + " (volumes)"
     print(table)
     if levels is not None:
         print("\n" + level_table(levels))

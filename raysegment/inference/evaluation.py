@@ -11,21 +11,23 @@ from raysegment.reporting.report import SPLITS, learning_curves, model_history, 
 
 def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, tracking_uri: str | None = None,
              flip_tta: bool = False, largest_component: bool = True, mask_cache: str | Path | None = None,
-             levels: list[dict] | None = None, in_plane: str = "as-stored") -> list[dict]:
+             levels: list[dict] | None = None, in_plane: str = "as-stored", auto_in_plane: bool = False,
+             turns: dict | None = None) -> list[dict]:
     """Per-volume records (Dice, HD95, ASSD per class) of a model (or an ensemble) on the shards' splits.
     With ``mask_cache`` (a folder) each split's masks are kept there and read back, shared with
     ``report clinical`` and ``diagnosis`` given the same folder, model, settings and volumes.
     ``levels`` (a list) is extended with each volume's ``analysis.levels.level_records`` from the same
     predictions. ``in_plane`` (``data.volumes.IN_PLANE``) scores the volumes mirrored or transposed in-plane:
-    what a study in another orientation than the training data's costs."""
+    what a study in another orientation than the training data's costs. ``auto_in_plane`` predicts as
+    ``infer`` does (``PredictConfig.in_plane="auto"``), and ``turns`` (a dict) gets what it chose, per turn."""
     from raysegment.analysis.levels import level_records
     from raysegment.analysis.metrics import score_records
     from raysegment.data.dataset import load_volumes
     from raysegment.data.volumes import in_plane as turned
     from raysegment.inference.predictor import Predictor, predict_volumes, predicted_masks
 
-    predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component),
-                               tracking_uri)
+    predictor = Predictor.load(model_ref, PredictConfig(flip_tta=flip_tta, largest_component=largest_component,
+                                                        in_plane="auto" if auto_in_plane else "as-stored"), tracking_uri)
     records = []
     for split in splits:
         volumes = [turned(v, in_plane) for v in load_volumes(shards, split)]
@@ -38,6 +40,8 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
             records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
             if levels is not None:
                 levels += level_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+    if turns is not None:
+        turns.update(predictor.auto_turns)
     return records
 
 

@@ -208,6 +208,7 @@ class Predictor:
         # What results and ledgers key on: the references' versions joined by "+" (``load``), else the members'.
         self.version = version or "+".join(m.version for m in self.members)
         self.forward_seconds = 0.0  # time spent inside the networks (bench: "pure forward")
+        self.auto_turns: dict[str, int] = {}  # what "auto" chose, per turn ("report evaluate --auto-in-plane")
 
     @classmethod
     def load(cls, refs: str | Sequence[str], config: PredictConfig = PredictConfig(),
@@ -292,7 +293,9 @@ class Predictor:
             probs = self._probabilities(turn_in_plane(part, how), spacing, normalized)
             heart = probs[1:].sum(0) > 0.5
             scores.append(float(probs.max(0)[heart].mean()) if heart.any() else 0.0)
-        return self.AUTO_IN_PLANE[int(np.argmax(scores))]
+        chosen = self.AUTO_IN_PLANE[int(np.argmax(scores))]
+        self.auto_turns[chosen] = self.auto_turns.get(chosen, 0) + 1
+        return chosen
 
     def _turned(self, image: np.ndarray, spacing, normalized: bool, in_plane: str | None):
         """(turn, turned image, its spacing) for ``predict`` and ``probabilities``."""
