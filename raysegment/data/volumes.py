@@ -12,7 +12,15 @@ from typing import Literal
 
 import numpy as np
 
-from raysegment.io.studies import ed_es_fault, info_from_cfg, nifti_to_zyx, parse_info_cfg, turn_in_plane, zyx_to_nifti
+from raysegment.io.studies import (
+    ed_es_fault,
+    info_from_cfg,
+    nifti_to_zyx,
+    parse_info_cfg,
+    turn_in_plane,
+    turn_spacing,
+    zyx_to_nifti,
+)
 
 PHASES = ("ED", "ES")
 # Diagnosis group of the ACDC training release by patient number (the SSL4MIS files carry none).
@@ -43,10 +51,8 @@ def in_plane(volume: Volume, how: str) -> Volume:
     """The volume (image, labels and spacing alike) turned in-plane (``io.studies.turn_in_plane``)."""
     if how == "as-stored":
         return volume
-    spacing = volume.spacing
-    if how == "transposed" and spacing is not None:
-        spacing = (spacing[0], spacing[2], spacing[1])
-    return replace(volume, image=turn_in_plane(volume.image, how), label=turn_in_plane(volume.label, how), spacing=spacing)
+    return replace(volume, image=turn_in_plane(volume.image, how), label=turn_in_plane(volume.label, how),
+                   spacing=turn_spacing(volume.spacing, how))
 
 
 # --------------------------------------------------------------------------- validation

@@ -17,7 +17,7 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
     With ``mask_cache`` (a folder) each split's masks are kept there and read back, shared with
     ``report clinical`` and ``diagnosis`` given the same folder, model, settings and volumes.
     ``levels`` (a list) is extended with each volume's ``analysis.levels.level_records`` from the same
-    predictions. ``in_plane`` (``data.volumes.IN_PLANE``) scores the volumes mirrored or transposed in-plane:
+    predictions. ``in_plane`` (``config.IN_PLANE``) scores the volumes mirrored or transposed in-plane:
     what a study in another orientation than the training data's costs. ``auto_in_plane`` predicts as
     ``infer`` does (``PredictConfig.in_plane="auto"``), and ``turns`` (a dict) gets what it chose, per turn."""
     from raysegment.analysis.levels import level_records

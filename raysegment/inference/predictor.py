@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from raysegment.analysis.postprocess import contact_pixels, keep_largest_component
 from raysegment.config import Precision, PredictConfig, TrainConfig
-from raysegment.io.studies import normalize_intensity, turn_in_plane
+from raysegment.io.studies import normalize_intensity, turn_in_plane, turn_spacing
 from raysegment.model.checkpoint import LoadedModel, is_checkpoint, last_checkpoint, load_checkpoint
 from raysegment.model.onnx import OnnxNet, load_onnx, to_onnx
 from raysegment.model.unet import with_context
@@ -302,9 +302,7 @@ class Predictor:
         how = in_plane or self.config.in_plane
         if how == "auto":
             how = self.in_plane_for(image, spacing=spacing, normalized=normalized)
-        if how == "transposed" and spacing is not None:
-            spacing = (spacing[0], spacing[2], spacing[1])
-        return how, turn_in_plane(image, how), spacing
+        return how, turn_in_plane(image, how), turn_spacing(spacing, how)
 
     def probabilities(self, image: np.ndarray, *, spacing: Sequence[float] | None = None,
                       normalized: bool = False, in_plane: str | None = None) -> np.ndarray:

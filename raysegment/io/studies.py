@@ -51,6 +51,12 @@ def turn_in_plane(data: np.ndarray, how: str) -> np.ndarray:
     return np.ascontiguousarray(turned)
 
 
+def turn_spacing(spacing, how: str):
+    """A (z, y, x) spacing (mm) as ``turn_in_plane(…, how)`` leaves it: y and x swapped when
+    transposed; None stays None."""
+    return (spacing[0], spacing[2], spacing[1]) if how == "transposed" and spacing is not None else spacing
+
+
 def parse_info_cfg(path: Path) -> dict[str, str]:
     """``Key: value`` lines of an ACDC ``Info.cfg`` (ED, ES, Group, Height, NbFrame, Weight)."""
     info: dict[str, str] = {}
