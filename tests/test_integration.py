@@ -163,12 +163,15 @@ def test_champion_loads_through_pyfunc(cluster, registered, tmp_path):
     raw = (image * 900).astype(np.float32)
     mask = model.predict(raw)
     assert mask.shape == (3, 60, 70) and mask.dtype == np.uint8
-    # The registered pyfunc is the batch job's Predictor: the same mask, with and without spacing.
+    # The registered pyfunc is the batch job's Predictor (in-plane "auto", as infer): the same mask,
+    # with and without spacing, and as stored when told so.
     predictor = Predictor.load("models:/raysegment-mobilenet_v2@champion", tracking_uri=cluster["mlflow"])
     assert predictor.version == f"raysegment-mobilenet_v2/{champion_version(cluster)}"
-    np.testing.assert_array_equal(mask, predictor.predict(raw))
+    np.testing.assert_array_equal(mask, predictor.predict(raw, in_plane="auto"))
     spaced = model.predict(raw, params={"spacing_mm": [8.0, 0.7, 0.7]})
-    np.testing.assert_array_equal(spaced, predictor.predict(raw, spacing=(8.0, 0.7, 0.7)))
+    np.testing.assert_array_equal(spaced, predictor.predict(raw, spacing=(8.0, 0.7, 0.7), in_plane="auto"))
+    as_stored = model.predict(raw, params={"in_plane": "as-stored"})
+    np.testing.assert_array_equal(as_stored, predictor.predict(raw))
 
 
 def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(cluster, registered, tmp_path):

@@ -269,7 +269,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     model, config = tiny_model
     ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
 
-    predictor = Predictor.load(str(ckpt))
+    predictor = Predictor.load(str(ckpt), PredictConfig(in_plane="auto"))  # the pyfunc's default, as infer's
     rows = segment_study(study, predictor, str(ckpt), tmp_path / "out")
     infer_mask = np.transpose(np.asarray(nib.load(rows[0]["mask"]).dataobj), (2, 1, 0))
 
@@ -419,12 +419,44 @@ def test_auto_in_plane_segments_a_study_whose_rows_run_the_other_way_as_it_does_
     reversed_rows = np.ascontiguousarray(vol.image[:, ::-1])
     assert auto.in_plane_for(vol.image) == "as-stored" and auto.in_plane_for(reversed_rows) == "rows-reversed"
     assert np.array_equal(auto.predict(reversed_rows), stored[:, ::-1])
+    fixed = Predictor(auto.members, FP32)  # as-stored unless a call says "auto" (the pyfunc's params do)
+    assert np.array_equal(fixed.predict(reversed_rows, in_plane="auto"), stored[:, ::-1])
     probs = auto.probabilities(reversed_rows)  # turned back too
     assert np.array_equal(probs.argmax(0)[:, ::-1] == 3, auto.probabilities(vol.image).argmax(0) == 3)
     as_is = Predictor(auto.members, replace(FP32, in_plane="as-stored")).predict(reversed_rows)[:, ::-1]
     assert auto.auto_turns == {"as-stored": 3, "rows-reversed": 3}  # what `report evaluate --auto-in-plane` prints
     label = vol.label
     assert dice(stored == 1, label == 1) > 0.8 and dice(as_is == 1, label == 1) < dice(stored == 1, label == 1) - 0.02
+
+
+def test_the_registered_pyfunc_turns_a_study_whose_rows_run_the_other_way_unless_told_not_to(tmp_path):
+    """A registered version's pyfunc takes ``params={"in_plane": …}`` (default "auto", as infer): a
+    sample volume with its rows reversed gets the stored volume's mask turned back; "as-stored"
+    segments it as it lies; a word that is no turn is refused by name."""
+    from pathlib import Path
+
+    import mlflow.pyfunc
+
+    from raysegment.data.volumes import read_h5_volume
+    from raysegment.registry.champion import _signature
+
+    (shipped,) = Predictor.load("shipped:mobilenet_v2").members
+    ckpt = write_checkpoint(tmp_path / "ckpt", shipped.model, shipped.config)
+    code = __import__("raysegment.registry.pyfunc_model", fromlist=["x"]).__file__
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided")  # as registration
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
+                                 signature=_signature(), pip_requirements=["raysegment"])
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    image = read_h5_volume(Path(raysegment.__file__).parent / "sample" / "volumes" / "patient003_frame01.h5").image
+    reversed_rows = np.ascontiguousarray(image[:, ::-1])
+    stored = Predictor(shipped).predict(image)
+    np.testing.assert_array_equal(pyfunc.predict(reversed_rows), stored[:, ::-1])
+    np.testing.assert_array_equal(pyfunc.predict(reversed_rows, params={"in_plane": "as-stored"}),
+                                  Predictor(shipped).predict(reversed_rows))
+    assert not np.array_equal(Predictor(shipped).predict(reversed_rows), stored[:, ::-1])
+    with pytest.raises(ValueError, match=r"in_plane must be one of .*'rows-reversed'.*got 'upside-down'"):
+        pyfunc.predict(image, params={"in_plane": "upside-down"})
 
 
 def test_each_in_plane_turn_is_its_own_inverse_and_transposing_swaps_the_spacing():

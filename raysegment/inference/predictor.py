@@ -279,13 +279,15 @@ class Predictor:
     # "auto" chooses between these: NIfTI converters differ in whether rows run down (as DICOM's) or up.
     AUTO_IN_PLANE = ("as-stored", "rows-reversed")
 
-    def in_plane_for(self, image: np.ndarray, *, spacing: Sequence[float] | None = None, normalized: bool = False) -> str:
-        """The in-plane turn ``predict`` applies to ``image``: ``config.in_plane``, or for "auto" whichever
-        of ``AUTO_IN_PLANE`` the models segment the middle 3 slices in with more confidence (mean top
-        softmax over the pixels they call heart; a tie keeps as-stored). On the 80 ACDC patients'
-        160 volumes, stored and with rows reversed, both shipped models chose right every time."""
-        if self.config.in_plane != "auto":
-            return self.config.in_plane
+    def in_plane_for(self, image: np.ndarray, *, spacing: Sequence[float] | None = None, normalized: bool = False,
+                     in_plane: str | None = None) -> str:
+        """The in-plane turn ``predict`` applies to ``image``: ``in_plane`` (default ``config.in_plane``),
+        or for "auto" whichever of ``AUTO_IN_PLANE`` the models segment the middle 3 slices in with more
+        confidence (mean top softmax over the pixels they call heart; a tie keeps as-stored). On the 80
+        ACDC patients' 160 volumes, stored and with rows reversed, both shipped models chose right every time."""
+        how = in_plane or self.config.in_plane
+        if how != "auto":
+            return how
         mid = image.shape[0] // 2
         part = image[max(mid - 1, 0): mid + 2]
         scores = []
@@ -299,9 +301,7 @@ class Predictor:
 
     def _turned(self, image: np.ndarray, spacing, normalized: bool, in_plane: str | None):
         """(turn, turned image, its spacing) for ``predict`` and ``probabilities``."""
-        how = in_plane or self.config.in_plane
-        if how == "auto":
-            how = self.in_plane_for(image, spacing=spacing, normalized=normalized)
+        how = self.in_plane_for(image, spacing=spacing, normalized=normalized, in_plane=in_plane)
         return how, turn_in_plane(image, how), turn_spacing(spacing, how)
 
     def probabilities(self, image: np.ndarray, *, spacing: Sequence[float] | None = None,

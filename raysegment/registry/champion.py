@@ -67,7 +67,8 @@ def _signature():
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         # (z, y, x) mm of the volume, when known: the RV contact distance is then in mm, as in infer.
-        params=ParamSchema([ParamSpec("spacing_mm", "double", [], (-1,))]),
+        # How the rows and columns lie (config.IN_PLANE or "auto"), as infer's --in-plane.
+        params=ParamSchema([ParamSpec("spacing_mm", "double", [], (-1,)), ParamSpec("in_plane", "string", "auto")]),
     )
 
 

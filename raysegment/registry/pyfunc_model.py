@@ -6,7 +6,10 @@ MLflow loads this file, and the model rebuilds itself from the logged artifact f
 a uint8 label mask of the same shape (0 bg, 1 RV, 2 MYO, 3 LV). It is the same ``Predictor``
 that ``raysegment.inference.batch`` and ``report`` use (default ``PredictConfig``), so it gives the same
 masks; pass ``params={"spacing_mm": [z, y, x]}`` when the spacing is known (as infer knows it
-from the NIfTI header), else the RV contact distance is in pixels. An ensemble version averages
+from the NIfTI header), else the RV contact distance is in pixels. ``params={"in_plane": HOW}``
+(default "auto", as ``infer``): how the volume's rows and columns lie against the training data's
+(``raysegment.config.IN_PLANE``, or "auto" to choose as-stored or rows-reversed from the models'
+confidence); the mask comes back on the input's grid either way. An ensemble version averages
 its members' softmax.
 """
 
@@ -15,6 +18,8 @@ from __future__ import annotations
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
+
+from raysegment.config import IN_PLANE
 
 
 class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
@@ -45,7 +50,10 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
         spacing = (params or {}).get("spacing_mm") or None
         if spacing is not None and len(spacing) != 3:
             raise ValueError(f"spacing_mm must be (z, y, x) in mm, got {spacing}")
-        mask = self.predictor.predict(image, spacing=spacing)
+        in_plane = (params or {}).get("in_plane") or "auto"
+        if in_plane not in (*IN_PLANE, "auto"):
+            raise ValueError(f"in_plane must be one of {(*IN_PLANE, 'auto')}, got {in_plane!r}")
+        mask = self.predictor.predict(image, spacing=spacing, in_plane=in_plane)
         return mask[0] if squeeze else mask
 
 
