@@ -74,27 +74,7 @@ def run_batch(config: InferConfig) -> dict:
     client, items = _find_items(config, out, ledger, version)
     progress = _Progress({"segmented": 0, "failed": 0, "not_cine": 0, "errors": 0}, config.progress)
     todo, actors = _plan(config, items, ledger, version, progress, client)
-    interrupted = False
-    if todo:
-        try:
-            ray.get([a.ready.remote() for a in actors])
-        except ray.exceptions.RayActorError as exc:
-            raise RuntimeError(f"the inference actor could not load {' + '.join(refs)}: {exc}") from None
-        for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
-            item["figure"] = i < config.report_figures
-        died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
-                         if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
-        try:
-            for entry in _segment_all(actors, todo, config.max_attempts, version, died):
-                if client is not None and config.store and entry["status"] == "done":
-                    store_entry(client, entry)
-                progress(ledger, entry)
-        except (KeyboardInterrupt, SystemExit) as exc:
-            # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report
-            # before the command ends; the studies left are new to the next run.
-            if not stop_signal(exc):
-                raise
-            interrupted = True
+    interrupted = bool(todo) and _run_actors(config, actors, todo, ledger, version, progress, client)
     for a in actors:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
@@ -114,6 +94,33 @@ def run_batch(config: InferConfig) -> dict:
         record["dice_vs_gt"] = {k: v if k == "volumes" else round(v, 4) for k, v in scored.items()}
     atomic_write(out / LAST_RUN, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
     return summary
+
+
+def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, version: str, progress, client) -> bool:
+    """Segment ``todo`` on the started ``actors``, each finished entry into the ledger (and the PACS)
+    at once → True when Ctrl-C or SIGTERM stopped it."""
+    import ray
+
+    try:
+        ray.get([a.ready.remote() for a in actors])
+    except ray.exceptions.RayActorError as exc:
+        raise RuntimeError(f"the inference actor could not load {' + '.join(config.models)}: {exc}") from None
+    for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
+        item["figure"] = i < config.report_figures
+    died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
+                     if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
+    try:
+        for entry in _segment_all(actors, todo, config.max_attempts, version, died):
+            if client is not None and config.store and entry["status"] == "done":
+                store_entry(client, entry)
+            progress(ledger, entry)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report
+        # before the command ends; the studies left are new to the next run.
+        if not stop_signal(exc):
+            raise
+        return True
+    return False
 
 
 def _load_diagnosis(config: InferConfig):
