@@ -62,6 +62,7 @@ def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, ti
     result = json.loads(next(line for line in out if line.startswith("{")))
     assert result["studies"] == 3 and result["segmented"] == 3  # 2 val volumes, then 1 train volume
     assert result["precision"] in ("fp32", "bf16")
+    assert result["in_plane"] == "auto" and sum(result["auto_turns"].values()) == 3  # infer's default: once a study
     assert 0 < result["forward_s_per_study"] <= result["predict_s_per_study"]
     fwd = result["forward_s_per_study"]  # rounded to 0.1 ms: the ratio from the rounded figures is close
     assert result["infer_over_forward"] == pytest.approx(result["infer_s_per_study"] / fwd, rel=0.01 + 1e-4 / fwd)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysegment.cli import command_parser
+from raysegment.cli import add_in_plane_argument, command_parser
 from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
 from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
@@ -250,11 +250,12 @@ def bench_infer(args) -> dict:
     from raysegment.data.dataset import load_volumes
     from raysegment.inference.batch import InferConfig, run_batch
     from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import predict_frames
     from raysegment.io.studies import read_study
     from raysegment.runtime import ensure_ray
 
     model = args.model or f"shipped:{args.backbone}"
-    predict = PredictConfig(batch_size=args.batch_size, precision=args.precision)
+    predict = PredictConfig(batch_size=args.batch_size, precision=args.precision, in_plane=args.in_plane)
     threads = torch_threads(args.threads, 1)
     volumes = load_volumes(args.data, "val")[: args.volumes]
     if len(volumes) < args.volumes:  # a larger batch: train volumes after the val ones
@@ -265,13 +266,12 @@ def bench_infer(args) -> dict:
         torch.set_num_threads(threads)
         predictor = Predictor.load(model, predict)
         _, frames, zooms = read_study(studies[0])
-        predictor.predict(frames[0])  # warm-up (allocator, kernel selection)
+        predictor.predict(frames[0], in_plane="as-stored")  # warm-up (allocator, kernel selection)
         predictor.forward_seconds = 0.0
         t0 = time.perf_counter()
         for path in studies:
             _, frames, zooms = read_study(path)
-            for f in frames:
-                predictor.predict(f, spacing=(zooms[2], zooms[1], zooms[0]))
+            predict_frames(predictor, frames, zooms)  # as the actor: "auto" decides once per study
         predict_s = (time.perf_counter() - t0) / len(studies)
         forward_s = predictor.forward_seconds / len(studies)
         # The batch job: local Ray up first (not counted), then one run over the folder.
@@ -289,7 +289,9 @@ def bench_infer(args) -> dict:
     fixed_s = infer_total - sum(e["seconds"] for e in ledger) / summary["actors"]
     return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
             "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),
-            "precision": predictor.config.precision, "threads": threads, "actors": summary["actors"],
+            "precision": predictor.config.precision, "in_plane": args.in_plane,
+            **({"auto_turns": predictor.auto_turns} if args.in_plane == "auto" else {}),
+            "threads": threads, "actors": summary["actors"],
             "segmented": summary["segmented"],
             "forward_s_per_study": round(forward_s, 4), "predict_s_per_study": round(predict_s, 4),
             "infer_actor_forward_s_per_study": round(actor_forward_s, 4), "infer_actor_s_per_study": round(actor_s, 4),
@@ -344,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
     i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
+    add_in_plane_argument(i)
     add_service_benches(sub)
     g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
     g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
@@ -393,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = bench_infer(a)
         print(json.dumps(out))
-        print(f"{out['backbone']} ({out['precision']}, {out['threads']} threads in-process, {out['actors']} actors, "
+        print(f"{out['backbone']} ({out['precision']}, in-plane {out['in_plane']}, {out['threads']} threads in-process, "
+              f"{out['actors']} actors, "
               f"{out['studies']} studies of "
               f"{out['mean_slices']} slices): forward {out['forward_s_per_study']:.3f} s/study | Predictor "
               f"{out['predict_s_per_study']:.3f} | per study in one of the {out['actors']} actors "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from raysegment.cli import add_in_plane_argument
 from raysegment.config import PredictConfig, default_of
 
 SERVICE_BENCHES = ("serve", "onnx", "soak")
@@ -26,6 +27,7 @@ def add_service_benches(sub) -> None:
     s.add_argument("--precision", default=default_of(PredictConfig, "precision"), choices=["auto", "bf16", "fp16", "fp32"])
     s.add_argument("--threads", type=int, default=1, help="torch threads per replica, per batch actor and in-process")
     s.add_argument("--port", type=int, default=8765)
+    add_in_plane_argument(s)
     o = sub.add_parser("onnx", help="ONNX Runtime against torch fp32: voxels equal, CPU s per volume (threads matched)")
     o.add_argument("--data", required=True, help="shards; their --split volumes are predicted")
     o.add_argument("--model", default="shipped:mobilenet_v2")
@@ -87,7 +89,8 @@ def bench_serve_cli(args) -> dict:
     from raysegment.data.volumes import read_h5_volume
     from raysegment.service.load import bench_serve
 
-    config = ServeConfig(model=args.model, predict=PredictConfig(precision=args.precision, runtime=args.runtime),
+    config = ServeConfig(model=args.model, predict=PredictConfig(precision=args.precision, runtime=args.runtime,
+                                                                 in_plane=args.in_plane),
                          port=args.port, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         study = Path(args.study) if args.study else write_studies([read_h5_volume(SAMPLE_VOLUME)], Path(tmp))[0]
