@@ -116,6 +116,31 @@ def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_mo
         np.testing.assert_array_equal(dicom.read_seg_labels(r["seg"], cine, t), data[t])
 
 
+def test_a_series_whose_rows_run_the_other_way_gets_segs_of_the_stored_ones_masks_turned_back(tmp_path):
+    """A PACS series of a bundled sample patient, as stored and with its rows reversed: ``auto``
+    segments the second turned (a result row says so) and its SEGs, read back onto the series'
+    voxels, are the first one's masks with their rows reversed."""
+    from synth import sample_cine
+
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+
+    frames, labels, spacing = sample_cine("patient003")
+    predictor = Predictor.load("shipped:mobilenet_v2", PredictConfig(in_plane="auto"))
+    segs = {}
+    for name, images in (("stored", frames), ("reversed", np.ascontiguousarray(frames[:, :, ::-1]))):
+        write_dicom_cine(tmp_path / name, images, spacing_zyx=spacing, patient=name)
+        (series,), _ = dicom.find_series(tmp_path / name)
+        rows = segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "shipped",
+                              tmp_path / f"out-{name}")
+        assert {r["in_plane"] for r in rows} == {"as-stored" if name == "stored" else "rows-reversed"}
+        cine = dicom.read_cine(series)
+        segs[name] = np.stack([dicom.read_seg_labels(r["seg"], cine, t) for t, r in enumerate(rows)])
+    assert (segs["stored"] == 3).sum() > 1000  # the LV is there
+    np.testing.assert_array_equal(segs["reversed"], segs["stored"][:, :, ::-1])
+
+
 def test_an_enhanced_multiframe_mr_reads_like_its_single_frame_series_and_gets_its_segs(tmp_path):
     import highdicom as hd
     import pydicom
