@@ -394,3 +394,43 @@ def test_data_that_is_an_acdc_dataset_gets_the_prepare_command_that_makes_its_sh
                    "--out SHARDS, then give --data SHARDS)" in said, said
         else:
             assert said.endswith("(no manifest.json; make them with python -m raysegment.prepare)"), said
+
+
+def test_imagenet_weights_are_checked_before_ray_and_a_search_trains_from_them(tmp_path, capsys, monkeypatch,
+                                                                               sample_shards):
+    """``--weights imagenet`` (``train`` and, new, ``tune``): a hub cache without the file is one line
+    naming it and its URL, exit 2, before Ray (each worker failed and restarted first, 63 lines of
+    tracebacks in 35 s); beside ``--init-weights`` it is refused. With the file there, the search's
+    configuration carries it, and the run it starts builds its encoder from that file."""
+    import torch
+    import torchvision
+
+    from raysegment.cli import train, tune
+    from raysegment.model.unet import imagenet_file
+    from raysegment.training.train import restore_run
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path, url = imagenet_file("mobilenet_v2")
+    for command, args in ((train, ["--data", str(sample_shards)]), (tune, [])):
+        with pytest.raises(SystemExit) as exc:
+            command.main([*args, "--backbone", "mobilenet_v2", "--weights", "imagenet", "--storage", str(tmp_path / "r")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"error: --weights imagenet: {path} is missing on this machine; download {url} there" in err
+    with pytest.raises(SystemExit):
+        tune.main(["--weights", "imagenet", "--init-weights", "shipped", "--storage", str(tmp_path / "r")])
+    assert "both set the initial weights: give one" in capsys.readouterr().err
+
+    torch.manual_seed(1)
+    imagenet = torchvision.models.mobilenet_v2(weights=None).state_dict()  # stands in for the download
+    path.parent.mkdir(parents=True)
+    torch.save(imagenet, path)
+    started = {}
+    monkeypatch.setattr(tune, "check_registry_answers", lambda uri: None)
+    monkeypatch.setattr(tune, "run_until_interrupted", lambda what, where, fn, address, spec: started.setdefault("spec", spec) and 0)
+    assert tune.main(["--weights", "imagenet", "--data", str(sample_shards), "--storage", str(tmp_path / "r")]) == 0
+    config = started["spec"].base
+    assert config.weights == "imagenet"
+    run = restore_run(config, None, prepare=lambda m: m, device=torch.device("cpu"))
+    first = dict(run.model.named_parameters())["encoder.stages.0.0.0.weight"]
+    torch.testing.assert_close(first, imagenet["features.0.0.weight"].sum(1, keepdim=True))

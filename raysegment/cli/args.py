@@ -159,6 +159,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if data and is_bundle(data) and not getattr(a, "local", None):  # read in-process, never by Ray Data
         p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
     check_data(p, data)
+    check_imagenet(p, a)
     init = getattr(a, "init_weights", None)
     if init and init != "shipped":
         from raysegment.model.weights import saved_config
@@ -167,6 +168,21 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             saved_config(resolve_init_weights(init, a.backbone))  # a missing file: its own SystemExit
         except Exception as exc:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+
+
+def check_imagenet(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``--weights imagenet``: not beside ``--init-weights`` (which replaces every weight), and the
+    cached file present here; without it each worker failed and restarted before the run gave up."""
+    if getattr(a, "weights", None) != "imagenet":
+        return
+    if getattr(a, "init_weights", None):
+        p.error(f"--weights imagenet and --init-weights {a.init_weights} both set the initial weights: give one")
+    from raysegment.model.unet import imagenet_file
+
+    path, url = imagenet_file(a.backbone)
+    if not path.is_file():
+        p.error(f"--weights imagenet: {path} is missing on this machine; download {url} there (every node that "
+                f"trains needs it in its torch hub cache, $TORCH_HOME/hub/checkpoints), or leave --weights out")
 
 
 def run_until_interrupted(what: str, where: str, fn, *args):
@@ -287,6 +303,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="validate every K-th epoch and each of the last 3 (what ships is the last epoch)")
     p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 where the hardware has it, fp16 AMP on older GPUs, fp32 on other CPUs")
+    p.add_argument("--weights", default=_td("weights"), choices=["imagenet"],
+                   help="encoder init: torchvision's ImageNet weights, read from the torch hub cache of every node "
+                        "that trains, this one included (default: random)")
     p.add_argument("--init-weights", default=None, metavar="FILE|shipped",
                    help="start from a .safetensors file or checkpoint folder ('shipped': the bundled weights)")
     p.add_argument("--seed", type=int, default=_td("seed"), help="seed of the initial weights, shuffling and augmentation")

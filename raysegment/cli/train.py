@@ -63,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-weights", type=float, nargs=3, default=loss.class_weights, metavar=("RV", "MYO", "LV"),
                    help="per-class weights in both loss terms")
     p.add_argument("--image-size", type=int, default=_td("image_size"), help="square network grid, pixels")
-    p.add_argument("--weights", default=_td("weights"), choices=["imagenet"], help="encoder init (default: random)")
     p.add_argument("--max-failures", type=int, default=default_of(RunSpec, "max_failures"),
                    help="restarts from the last checkpoint after a worker or its node dies")
     p.add_argument("--placement", default=default_of(RunSpec, "placement"),

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         data=str(data.resolve()), model=ModelConfig(backbone=a.backbone, context_slices=context), loss=LossConfig(), epochs=a.epochs,
         augment=augment_from_args(a), precision=a.precision, pixel_mm=pixel_mm, val_every=a.val_every,
         batch_size=a.batch_size, image_size=image_size, crop_size=a.crop_size, seed=a.seed,
-        max_steps_per_epoch=a.max_steps_per_epoch, init_weights=init,
+        max_steps_per_epoch=a.max_steps_per_epoch, weights=a.weights, init_weights=init,
         threads_per_worker=a.threads,
     )
     name = a.name or f"tune-{a.backbone}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -19,7 +19,8 @@ from torch import nn
 
 from raysegment.config import ModelConfig
 
-__all__ = ["AUX_PREFIX", "BACKBONES", "ENCODERS", "ModelConfig", "UNet", "build_model", "first_conv_key", "with_context"]
+__all__ = ["AUX_PREFIX", "BACKBONES", "ENCODERS", "ModelConfig", "UNet", "build_model", "first_conv_key",
+           "imagenet_file", "with_context"]
 
 Weights = Literal["imagenet"] | None
 AUX_PREFIX = "aux_heads."  # state-dict keys of the deep-supervision heads (training only)
@@ -29,13 +30,22 @@ class WeightsNotFoundError(FileNotFoundError):
     pass
 
 
+def _hub_file(weights_enum) -> tuple[Path, str]:
+    url = weights_enum.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1], url
+
+
+def imagenet_file(backbone: str) -> tuple[Path, str]:
+    """(where torchvision's hub cache keeps ``backbone``'s ImageNet weights on this machine, their URL)."""
+    return _hub_file(ENCODERS[backbone].imagenet_weights())
+
+
 def _imagenet_state_dict(weights_enum) -> dict:
     """Load ImageNet weights from the torch hub cache through torchvision's weights API.
 
     Offline machines cannot download, so a missing file is a clear error naming the path.
     """
-    url = weights_enum.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    path, url = _hub_file(weights_enum)
     if not path.is_file():
         raise WeightsNotFoundError(
             f"ImageNet weights not found at {path}. Download {url} on a machine with internet access "
@@ -64,17 +74,23 @@ class DenseNet121Encoder(nn.Module):
     channels = (64, 256, 512, 1024, 1024)
     first_conv = "stem.0"  # parameter path of the input conv
 
+    @staticmethod
+    def imagenet_weights():
+        from torchvision.models import DenseNet121_Weights
+
+        return DenseNet121_Weights.IMAGENET1K_V1
+
     def __init__(self, weights: Weights, in_channels: int = 1):
         super().__init__()
-        from torchvision.models import DenseNet121_Weights, densenet121
+        from torchvision.models import densenet121
 
         net = densenet121(weights=None)
         if weights == "imagenet":
             # DenseNet's checkpoint has legacy key names; torchvision's own loader renames them.
             from torchvision.models.densenet import _load_state_dict
 
-            _imagenet_state_dict(DenseNet121_Weights.IMAGENET1K_V1)  # clear error when missing
-            _load_state_dict(net, DenseNet121_Weights.IMAGENET1K_V1, progress=False)
+            _imagenet_state_dict(self.imagenet_weights())  # clear error when missing
+            _load_state_dict(net, self.imagenet_weights(), progress=False)
         f = net.features
         f.conv0 = _grey_input(f.conv0, in_channels)
         self.in_channels = in_channels
@@ -97,13 +113,19 @@ class MobileNetV2Encoder(nn.Module):
     _cuts = (2, 4, 7, 14, 19)  # features[:2] → /2, [2:4] → /4, ... [14:19] → /32
     first_conv = "stages.0.0.0"
 
+    @staticmethod
+    def imagenet_weights():
+        from torchvision.models import MobileNet_V2_Weights
+
+        return MobileNet_V2_Weights.IMAGENET1K_V2
+
     def __init__(self, weights: Weights, in_channels: int = 1):
         super().__init__()
-        from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+        from torchvision.models import mobilenet_v2
 
         net = mobilenet_v2(weights=None)
         if weights == "imagenet":
-            net.load_state_dict(_imagenet_state_dict(MobileNet_V2_Weights.IMAGENET1K_V2))
+            net.load_state_dict(_imagenet_state_dict(self.imagenet_weights()))
         f = net.features
         f[0][0] = _grey_input(f[0][0], in_channels)
         self.in_channels = in_channels
@@ -178,7 +200,8 @@ class UNet(nn.Module):
 
 # The encoder registry: every --backbone choice list, the 2.5-D widening path and the tests
 # derive from it. A new backbone is one encoder class (``channels``, ``first_conv``,
-# ``__init__(weights, in_channels)``, ``forward`` → five feature maps) and one entry here.
+# ``imagenet_weights()`` → torchvision's weights enum, ``__init__(weights, in_channels)``, ``forward``
+# → five feature maps) and one entry here.
 ENCODERS: dict[str, type[nn.Module]] = {
     "densenet121": DenseNet121Encoder,
     "mobilenet_v2": MobileNetV2Encoder,
