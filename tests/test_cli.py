@@ -434,3 +434,20 @@ def test_imagenet_weights_are_checked_before_ray_and_a_search_trains_from_them(t
     run = restore_run(config, None, prepare=lambda m: m, device=torch.device("cpu"))
     first = dict(run.model.named_parameters())["encoder.stages.0.0.0.weight"]
     torch.testing.assert_close(first, imagenet["features.0.0.weight"].sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--ce-weight", "0", "--dice-weight", "0"], "--ce-weight and --dice-weight are both 0"),
+    (["--class-weights", "0", "0", "0"], "--class-weights RV MYO LV must be ≥ 0 with a positive sum, got 0.0 0.0 0.0"),
+    (["--class-weights", "-1", "1", "1"], "with a positive sum, got -1.0 1.0 1.0"),
+    (["--scale", "0", "1.2"], "--scale LO HI needs 0 < LO ≤ HI (zoom factors), got 0.0 1.2"),
+    (["--flip-prob", "2"], "--flip-prob is a probability, 0 to 1, got 2.0"),
+    (["--rotation-deg", "400"], "--rotation-deg is the largest angle either way, 0 to 180 degrees, got 400.0"),
+])
+def test_a_recipe_no_run_can_use_is_one_line_before_ray(args, says, tmp_path, capsys):
+    """A zero loss crashed every worker after Ray started; all-zero class weights trained on NaN."""
+    from raysegment.cli import train
+
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data", str(tmp_path / "none"), "--storage", str(tmp_path / "r"), *args])
+    assert exc.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]

@@ -141,10 +141,30 @@ def check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
                 p.error(f"--{name.replace('_', '-')} must be {low}, got {value}")
 
 
+def check_recipe(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Augmentation and loss options outside their meaning: ``p.error``. Unchecked,
+    ``--ce-weight 0 --dice-weight 0`` failed in every worker after Ray started (a loss without a
+    gradient), ``--class-weights 0 0 0`` trained on a NaN loss (its Dice term is normalised by their
+    sum), ``--scale 0 1`` shrank hearts to specks and ``--flip-prob 2`` flipped every crop."""
+    flip, rotation, scale = (getattr(a, n, None) for n in ("flip_prob", "rotation_deg", "scale"))
+    if flip is not None and not 0 <= flip <= 1:
+        p.error(f"--flip-prob is a probability, 0 to 1, got {flip}")
+    if rotation is not None and not 0 <= rotation <= 180:
+        p.error(f"--rotation-deg is the largest angle either way, 0 to 180 degrees, got {rotation}")
+    if scale is not None and not 0 < scale[0] <= scale[1]:
+        p.error(f"--scale LO HI needs 0 < LO ≤ HI (zoom factors), got {scale[0]} {scale[1]}")
+    if getattr(a, "ce_weight", None) == 0 and getattr(a, "dice_weight", None) == 0:
+        p.error("--ce-weight and --dice-weight are both 0: the loss would be 0 everywhere")
+    weights = getattr(a, "class_weights", None)
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        p.error(f"--class-weights RV MYO LV must be ≥ 0 with a positive sum, got {' '.join(map(str, weights))}")
+
+
 def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Counts and input files checked before Ray starts: ``p.error`` (one line, exit 2) names the
     first problem, instead of a traceback from inside Ray minutes later."""
     check_numbers(p, a)
+    check_recipe(p, a)
     data = getattr(a, "data", None)
     if not data and storage.is_uri(getattr(a, "storage", "") or ""):  # tune's bundled sample is local
         p.error(f"--storage {a.storage} is remote: give --data (shards every node reads)")
