@@ -51,6 +51,21 @@ def test_range_narrows_a_searched_parameter_and_bad_ones_are_one_line():
         _parse_ranges(["w_rv=1:2"], {"w_rv": 1.0})
 
 
+def test_a_pinned_value_outside_its_limits_is_one_line():
+    """``--set`` took any number: ``lr=-1`` failed in every trial's workers (AdamW refuses it), the
+    three class weights at 0 gave a NaN loss, ``decoder_width=12.5`` ended in int()'s own words. Now
+    the limits a range must lie in."""
+    from raysegment.cli.tune import _parse_fixed
+
+    assert _parse_fixed(["lr=1e-3", "decoder_width=16", "dice_fraction=0", "w_lv=2.5"]) == {
+        "lr": 1e-3, "decoder_width": 16, "dice_fraction": 0.0, "w_lv": 2.5}
+    for item, says in (("lr=-1", "lr takes 0 < VALUE ≤ 1, got -1"), ("w_rv=0", "w_rv takes 0 < VALUE, got 0"),
+                       ("dice_fraction=1.5", "0 ≤ VALUE ≤ 1"), ("decoder_width=12.5", "whole width ≥ 1, got 12.5"),
+                       ("w_myo=abc", "takes a number, got 'abc'"), ("batch=2", "expected NAME=VALUE")):
+        with pytest.raises(ValueError, match=f"--set '{item}': .*{says}"):
+            _parse_fixed([item])
+
+
 def test_a_search_resumes_only_with_what_it_began_with(tmp_path):
     """Tune resumes a saved search with its own space and trial count: a resume asking for others, or
     for other trial settings, is refused in one line, before any trial; the same command, or a search

@@ -25,7 +25,7 @@ from raysegment.data.prepare import sample_shards
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
 from raysegment.training.train import RunSpec
-from raysegment.training.trials import RANGES, check_range, range_text
+from raysegment.training.trials import RANGES, check_range, check_value, range_text
 from raysegment.training.tune import SEARCHED, SearchSpaceChanged, TuneSpec, finished_search, run_search
 
 
@@ -35,7 +35,10 @@ def _parse_fixed(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or key not in SEARCHED:
             raise ValueError(f"--set {item!r}: expected NAME=VALUE with NAME in {', '.join(SEARCHED)}")
-        fixed[key] = int(value) if key == "decoder_width" else float(value)
+        try:
+            fixed[key] = check_value(key, value)
+        except ValueError as exc:
+            raise ValueError(f"--set {item!r}: {exc}") from None
     return fixed
 
 

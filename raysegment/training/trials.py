@@ -52,6 +52,27 @@ def check_range(name: str, bounds: tuple) -> tuple:
     return (float(bounds[0]), float(bounds[1]))
 
 
+def check_value(name: str, text: str) -> float | int:
+    """``--set NAME=VALUE``'s value for searched parameter ``name``, or ValueError saying why not:
+    inside the limits a range must lie in (a weight or lr above 0; dice_fraction 0 to 1)."""
+    if name not in SEARCHED:
+        raise ValueError(f"{name!r} is not searched (searched: {', '.join(SEARCHED)})")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} takes a number, got {text!r}") from None
+    if name == "decoder_width":
+        if int(value) != value or value < 1:
+            raise ValueError(f"decoder_width takes a whole width ≥ 1, got {text}")
+        return int(value)
+    lo, hi = _LIMITS.get(name, (0.0, float("inf")))
+    closed = name == "dice_fraction"
+    if not (value >= lo if closed else value > lo) or value > hi:
+        raise ValueError(f"{name} takes {lo:g} {'≤' if closed else '<'} VALUE" + (f" ≤ {hi:g}" if hi < float("inf") else "")
+                         + f", got {text}")
+    return value
+
+
 def range_text(bounds: tuple) -> str:
     """A range as ``--range`` takes it: "LOW:HIGH", or the widths "W,W,…" (ints)."""
     if isinstance(bounds[0], int):
