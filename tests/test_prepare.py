@@ -212,6 +212,24 @@ def test_bad_input_one_line_error_nothing_written(tmp_path, breaker, capsys):
     assert list((tmp_path / "out").iterdir()) == [] if (tmp_path / "out").exists() else True
 
 
+def test_every_bad_patient_is_named_in_one_run(tmp_path, capsys):
+    """A source with several bad patients: one run names each (it stopped at the first, so a user
+    fixing a 100-patient release learnt them one run at a time); nothing is written."""
+    src = make_nifti_dataset(tmp_path / "src", n=4)
+    (src / "training/patient001/Info.cfg").unlink()
+    (src / "training/patient002/patient002_frame07_gt.nii.gz").unlink()
+    (src / "training/patient004/patient004_frame07.nii.gz").write_bytes(b"this is not a gzip file at all")
+    out = tmp_path / "out"
+    assert main(["--source", str(src), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == ("error: 3 of 4 patients cannot be prepared (nothing was written; fix them or move them out "
+                      "of the source):")
+    assert len(err) == 4 and "patient001/Info.cfg: missing Info.cfg" in err[1]
+    assert "patient002/patient002_frame07_gt.nii.gz: missing gt for the ES frame" in err[2]
+    assert "patient004/patient004_frame07.nii.gz: unreadable NIfTI" in err[3]
+    assert not out.exists()
+
+
 def test_a_source_that_is_a_file_or_not_there_is_named_as_such(tmp_path):
     (tmp_path / "patient001_frame01.nii.gz").write_bytes(b"")
     for source, message in ((tmp_path / "patient001_frame01.nii.gz", "a file; give the ACDC folder"),

@@ -282,15 +282,25 @@ def prepare(config: PrepareConfig) -> dict:
     return manifest
 
 
-def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp: Path) -> dict:
-    # The split needs each patient's group; NIfTI groups live in Info.cfg, read up front.
-    info = None
+def _groups(config: PrepareConfig, refs: list[_PatientRef], fmt: str, problems: dict) -> tuple[dict, dict | None]:
+    """(patient → ACDC group, the SSL4MIS info.csv rows or None): the split needs each patient's group,
+    and NIfTI groups live in Info.cfg, read up front (one that cannot be read goes into ``problems``)."""
     if fmt == "acdc-nifti":
-        groups = {r.patient: read_info_cfg(r.paths[0] / "Info.cfg").get("Group", "unknown") for r in refs}
-    else:
-        csv_path = Path(config.source) / INFO_CSV
-        info = read_info_csv(csv_path) if csv_path.is_file() else None
-        groups = {r.patient: (info or {}).get(r.patient, {}).get("group") or _group_from_number(r.patient) for r in refs}
+        groups = {}
+        for r in refs:
+            try:
+                groups[r.patient] = read_info_cfg(r.paths[0] / "Info.cfg").get("Group", "unknown")
+            except PrepareError as exc:
+                groups[r.patient], problems[r.patient] = "unknown", str(exc)
+        return groups, None
+    csv_path = Path(config.source) / INFO_CSV
+    info = read_info_csv(csv_path) if csv_path.is_file() else None
+    return {r.patient: (info or {}).get(r.patient, {}).get("group") or _group_from_number(r.patient) for r in refs}, info
+
+
+def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp: Path) -> dict:
+    problems: dict[str, str] = {}  # patient → what is wrong with it: all of them are told at the end
+    groups, info = _groups(config, refs, fmt, problems)
     splits = assign_splits(groups, config)
 
     digest = hashlib.sha256()
@@ -310,22 +320,22 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
     for ref in tqdm(refs, desc="prepare", unit="patient", disable=not config.progress, file=sys.stderr,
                     mininterval=interval):
         split = splits[ref.patient]
-        volumes = _read_patient(ref, fmt, info)
+        if ref.patient in problems:
+            continue
+        try:
+            volumes = _read_patient(ref, fmt, info)
+        except PrepareError as exc:
+            problems[ref.patient] = str(exc)
+            continue
         patients[ref.patient] = {"group": volumes[0].group, **(volumes[0].info or {}),
                                  "spacing_mm": {v.phase: v.spacing and [round(s, 6) for s in v.spacing] for v in volumes}}
         counts["patients"][split] += 1
         counts["patients_by_group"][volumes[0].group] += 1
         for vol in volumes:
             spacing_known &= vol.spacing is not None
-            counts["volumes"][split] += 1
-            values, n = np.unique(vol.label, return_counts=True)
-            for v, c in zip(values.tolist(), n.tolist()):
-                counts["voxels_by_class"][str(v)] += c
-            for row in _rows(vol, split):
-                counts["slices"][split] += 1
-                counts["slices_by_phase"][f"{split}/{vol.phase}"] += 1
-                _hash_row(digest, row)
-                writers[split].add(row)
+            _add_volume(vol, split, writers[split], digest, counts)
+    if problems:
+        raise _all_problems(list(problems.values()), len(refs))
     for w in writers.values():
         w.flush()
     manifest = {
@@ -341,6 +351,27 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _add_volume(vol: Volume, split: str, writer: _ShardWriter, digest, counts: dict) -> None:
+    """``vol``'s slices into ``writer`` and the content hash, its voxels and slices into ``counts``."""
+    counts["volumes"][split] += 1
+    values, n = np.unique(vol.label, return_counts=True)
+    for v, c in zip(values.tolist(), n.tolist()):
+        counts["voxels_by_class"][str(v)] += c
+    for row in _rows(vol, split):
+        counts["slices"][split] += 1
+        counts["slices_by_phase"][f"{split}/{vol.phase}"] += 1
+        _hash_row(digest, row)
+        writer.add(row)
+
+
+def _all_problems(problems: list[str], n_patients: int) -> PrepareError:
+    """One error for every bad patient of a source (a user fixing 100 patients learns them in one run)."""
+    if len(problems) == 1:
+        return PrepareError(problems[0])
+    return PrepareError(f"{len(problems)} of {n_patients} patients cannot be prepared (nothing was written; fix them "
+                        f"or move them out of the source):\n  " + "\n  ".join(problems))
 
 
 def load_manifest(shards: Path | str) -> dict:

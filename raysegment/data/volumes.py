@@ -30,7 +30,7 @@ _PATIENT_DIR = re.compile(r"^patient\d{3}$")
 
 
 class PrepareError(Exception):
-    """Bad input: the message names the file and the problem, on one line."""
+    """Bad input: the message names the file and the problem, on one line (one per bad patient)."""
 
 
 @dataclass(frozen=True)
