@@ -366,12 +366,17 @@ def _add_volume(vol: Volume, split: str, writer: _ShardWriter, digest, counts: d
         writer.add(row)
 
 
+MAX_PROBLEMS_SHOWN = 20  # a source of the wrong kind altogether would fill the screen
+
+
 def _all_problems(problems: list[str], n_patients: int) -> PrepareError:
     """One error for every bad patient of a source (a user fixing 100 patients learns them in one run)."""
     if len(problems) == 1:
         return PrepareError(problems[0])
+    shown = problems[:MAX_PROBLEMS_SHOWN] + ([f"… and {len(problems) - MAX_PROBLEMS_SHOWN} more"]
+                                             if len(problems) > MAX_PROBLEMS_SHOWN else [])
     return PrepareError(f"{len(problems)} of {n_patients} patients cannot be prepared (nothing was written; fix them "
-                        f"or move them out of the source):\n  " + "\n  ".join(problems))
+                        f"or move them out of the source):\n  " + "\n  ".join(shown))
 
 
 def load_manifest(shards: Path | str) -> dict:
