@@ -261,7 +261,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     from raysegment.data.prepare import PrepareConfig, prepare
     from raysegment.inference.predictor import predict_volumes
     from raysegment.inference.study import segment_study
-    from raysegment.registry.champion import _signature
+    from raysegment.registry.logged_models import pyfunc_signature
 
     # Pixels of 2 mm: every path passes the spacing on (RV contact 4 px; 5 px without spacing).
     make_nifti_patient(tmp_path / "src", 1, ed=1, es=5, nframes=6, spacing=(10.0, 2.0, 2.0), shape=(4, 40, 48))
@@ -282,7 +282,7 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
-                                 signature=_signature(), pip_requirements=["raysegment"])  # as registration: no inference
+                                 signature=pyfunc_signature(), pip_requirements=["raysegment"])  # as registration: no inference
         pyfunc_mask = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(raw, params={"spacing_mm": [10.0, 2.0, 2.0]})
     assert not [w for w in caught if "type hint" in str(w.message)]  # the reminder users saw on every registration
 
@@ -363,14 +363,14 @@ def test_a_model_registered_under_the_flat_layout_still_loads(tmp_path, tiny_mod
 
     import mlflow.pyfunc
 
-    from raysegment.registry.champion import _signature
+    from raysegment.registry.logged_models import pyfunc_signature
 
     model, config = tiny_model
     ckpt = write_checkpoint(tmp_path / "ckpt", model, config)
     old_code = Path(__file__).with_name("data") / "pyfunc_model_flat_layout.py"
     assert "from raysegment.predict import Predictor" in old_code.read_text()
     mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=str(old_code), artifacts={"checkpoint": str(ckpt)},
-                             signature=_signature(), pip_requirements=["raysegment"])
+                             signature=pyfunc_signature(), pip_requirements=["raysegment"])
     image, _ = synthetic_volume(5, shape=(3, 40, 48))
     got = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(image, params={"spacing_mm": [10.0, 1.5, 1.5]})
     np.testing.assert_array_equal(got, Predictor.load(str(ckpt)).predict(image, spacing=(10.0, 1.5, 1.5)))
@@ -438,7 +438,7 @@ def test_the_registered_pyfunc_turns_a_study_whose_rows_run_the_other_way_unless
     import mlflow.pyfunc
 
     from raysegment.data.volumes import read_h5_volume
-    from raysegment.registry.champion import _signature
+    from raysegment.registry.logged_models import pyfunc_signature
 
     (shipped,) = Predictor.load("shipped:mobilenet_v2").members
     ckpt = write_checkpoint(tmp_path / "ckpt", shipped.model, shipped.config)
@@ -446,7 +446,7 @@ def test_the_registered_pyfunc_turns_a_study_whose_rows_run_the_other_way_unless
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*An input example was not provided")  # as registration
         mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code, artifacts={"checkpoint": str(ckpt)},
-                                 signature=_signature(), pip_requirements=["raysegment"])
+                                 signature=pyfunc_signature(), pip_requirements=["raysegment"])
     pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
     image = read_h5_volume(Path(raysegment.__file__).parent / "sample" / "volumes" / "patient003_frame01.h5").image
     reversed_rows = np.ascontiguousarray(image[:, ::-1])

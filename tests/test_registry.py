@@ -1,6 +1,8 @@
 """The registry's champion rule, without servers (the registry commands against a real MLflow
 server are in test_serving.py)."""
 
+from pathlib import Path
+
 import pytest
 
 
@@ -63,6 +65,34 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
     assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name='raysegment-mobilenet_v2'")] == ["1"]
 
 
+def test_a_registered_version_shows_its_masks_on_a_val_patient_in_its_run(tmp_path, sample_shards, capsys):
+    """Someone browsing the registry sees what a version segments, not only its Dice: the version's
+    run has ``figures/`` with the model's outlines (RV red, MYO green, LV blue) on the first val
+    patient of the data it was scored on, ED and ES."""
+    import mlflow
+    from matplotlib.image import imread
+    from mlflow import MlflowClient
+
+    from raysegment.cli import registry as registry_cli
+    from raysegment.data.prepare import load_manifest
+    from raysegment.model.weights import shipped_weights
+    from raysegment.reporting.report import COLOURS
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    weights = str(shipped_weights("mobilenet_v2"))
+    assert registry_cli.main(["import", weights, "--data", str(sample_shards), "--mlflow-uri", uri]) == 0
+    run_id = MlflowClient(uri).get_model_version("raysegment-mobilenet_v2", "1").run_id
+    first = load_manifest(sample_shards)["splits"]["val"][0]
+    assert sorted(a.path for a in MlflowClient(uri).list_artifacts(run_id, "figures")) == [
+        f"figures/val_{first}_ED.png", f"figures/val_{first}_ES.png"]
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="figures", dst_path=str(tmp_path / "dl"),
+                                                      tracking_uri=uri))
+    pixels = (imread(folder / f"val_{first}_ES.png")[..., :3] * 255).round().astype(int)
+    for colour in COLOURS.values():  # each structure outlined
+        rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        assert (pixels == rgb).all(-1).sum() > 20, colour
+
+
 def test_an_ensemble_registered_again_with_the_same_members_makes_no_new_version(tmp_path, tiny_model, sample_shards,
                                                                                   capsys):
     """``registry ensemble`` re-run (a cron job, a user who is not sure it ran) with the same member
@@ -92,6 +122,8 @@ def test_an_ensemble_registered_again_with_the_same_members_makes_no_new_version
     assert register(a, b).startswith("already registered: raysegment-ensemble v1; ")
     assert register(a, a).startswith("registered raysegment-ensemble v2; ")
     assert [str(v.version) for v in MlflowClient(uri).search_model_versions("name='raysegment-ensemble'")] == ["2", "1"]
+    run_id = MlflowClient(uri).get_model_version("raysegment-ensemble", "1").run_id  # the ensemble's own masks, drawn
+    assert len(MlflowClient(uri).list_artifacts(run_id, "figures")) == 2
 
 
 @pytest.mark.slow  # a command's own process: 10 s, no servers

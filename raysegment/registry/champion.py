@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from raysegment.model.checkpoint import save_checkpoint
+from raysegment.registry.figures import figures_shards, log_version_figures
+from raysegment.registry.logged_models import log_checkpoint_model, log_model_quietly, log_pyfunc
 from raysegment.runtime import disable_telemetry
 
 CHAMPION = "champion"
@@ -57,59 +57,6 @@ class Registration:
     champion: bool  # whether the alias now points at this version
     reason: str
     new: bool = True  # False: these weights, scored the same way, were this version already
-
-
-def _signature():
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
-        # (z, y, x) mm of the volume, when known: the RV contact distance is then in mm, as in infer.
-        # How the rows and columns lie (config.IN_PLANE or "auto"), as infer's --in-plane.
-        params=ParamSchema([ParamSpec("spacing_mm", "double", [], (-1,)), ParamSpec("in_plane", "string", "auto")]),
-    )
-
-
-CHECKPOINT_FILES = ("model.pt", "config.json", "state.json")  # the optimizer state is training-only
-
-
-def _copy_checkpoint(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for f in CHECKPOINT_FILES:
-        if (src / f).exists():
-            shutil.copy(src / f, dst / f)
-    return dst
-
-
-def _log_model(**kwargs) -> str:
-    """``mlflow.pyfunc.log_model(**kwargs)`` without MLflow's input-example reminder → model URI.
-
-    Our models carry an explicit signature (a whole volume makes a poor example). MLflow's other
-    reminder, on type hints, cannot be filtered here (it is raised under its own ``catch_warnings``);
-    the pyfunc files avoid it with input hints MLflow infers no schema from."""
-    import warnings
-
-    import mlflow
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
-        return mlflow.pyfunc.log_model(**kwargs).model_uri
-
-
-def _log_pyfunc(artifacts: dict[str, str]) -> str:
-    """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
-    return _log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                      artifacts=artifacts, signature=_signature(),
-                      pip_requirements=["raysegment", "torch", "torchvision", "numpy"])
-
-
-def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
-    """Log the checkpoint (state dict + config) as a pyfunc model in the active/new run → model URI."""
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = _copy_checkpoint(Path(checkpoint_dir), Path(tmp) / "checkpoint")
-        return _log_pyfunc({"checkpoint": str(ckpt)})
 
 
 # A version below this val mean Dice segments next to nothing: it never becomes champion, even
@@ -197,11 +144,14 @@ def register_checkpoint(
     run_id: str | None = None,
     force_champion: bool = False,
     extra_tags: dict[str, str] | None = None,
+    shards: str | Path | None = None,
 ) -> Registration:
     """Register a checkpoint folder as a new version and decide on the ``champion`` alias.
 
     ``metrics`` must hold the four val Dice values. The model is logged into ``run_id``
-    (e.g. the tune parent run) or a new run of experiment ``raysegment-registry``.
+    (e.g. the tune parent run) or a new run of experiment ``raysegment-registry``, with
+    ``figures/`` of its masks on the first val patient of ``shards`` (default: the shards it was
+    trained on, where this machine has them).
     """
     import mlflow
 
@@ -212,7 +162,14 @@ def register_checkpoint(
     config = json.loads((Path(checkpoint_dir) / "config.json").read_text())
     backbone = config["model"]["backbone"]
     mlflow.set_tracking_uri(tracking_uri)
-    uri = _in_run(run_id, f"register-{backbone}", lambda: log_checkpoint_model(checkpoint_dir))
+    data = figures_shards(checkpoint_dir, shards)
+
+    def log() -> str:
+        uri = log_checkpoint_model(checkpoint_dir)
+        log_version_figures(str(checkpoint_dir), data)
+        return uri
+
+    uri = _in_run(run_id, f"register-{backbone}", log)
     tags = {k: f"{float(metrics[k]):.6f}" for k in DICE_KEYS}
     from raysegment.model.checkpoint import read_state_dict, state_digest
 
@@ -259,7 +216,12 @@ def register_ensemble(members: list[str], *, shards: str | Path, tracking_uri: s
             (loaded,) = load_models(ref, tracking_uri)  # a member that is itself an ensemble is refused here
             (folder / str(i)).mkdir(parents=True)
             save_checkpoint(folder / str(i), loaded.model, None, loaded.config, loaded.state)
-        uri = _in_run(None, "register-ensemble", lambda: _log_pyfunc({"members": str(folder)}))
+        def log() -> str:
+            uri = log_pyfunc({"members": str(folder)})
+            log_version_figures(pinned, shards, tracking_uri)
+            return uri
+
+        uri = _in_run(None, "register-ensemble", log)
     tags = {k: f"{float(summary[k]):.6f}" for k in DICE_KEYS}
     tags.update(wanted, git_commit=git_commit())
     return _register(ENSEMBLE_NAME, uri, description="raysegment ensemble: the members' softmax averaged",
@@ -310,7 +272,8 @@ def register_scored(checkpoint_dir: str | Path, tracking_uri: str, shards: str |
             config = json.loads((ckpt / "config.json").read_text())
             config["manifest_hash"] = manifest_hash
             (ckpt / "config.json").write_text(json.dumps(config))
-            return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion)
+            return register_checkpoint(ckpt, metrics=metrics, tracking_uri=tracking_uri, force_champion=force_champion,
+                                       shards=shards)
     state_file = Path(checkpoint_dir) / "state.json"
     metrics = json.loads(state_file.read_text()).get("metrics", {}) if state_file.exists() else {}
     if any(k not in metrics for k in DICE_KEYS):
@@ -383,7 +346,7 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
 
     def log() -> str:
         mlflow.log_metrics({"cv_accuracy": acc, "cv_accuracy_sd": float(model.meta.get("accuracy_sd", float("nan")))})
-        return _log_model(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
+        return log_model_quietly(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
                           artifacts={"diagnosis": str(model_file)}, input_example=example,
                           pip_requirements=["raysegment", "numpy", "pandas"])
 

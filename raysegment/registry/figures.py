@@ -1,0 +1,66 @@
+"""What a registered version's masks look like: outline thumbnails (RV red, MYO green, LV blue) of
+the model's segmentation of the first val patient of its data, ED and ES, logged under ``figures/``
+of the version's MLflow run, where the run's page shows them beside the version's model.
+
+May import ``inference``, ``reporting`` and ``data``; not ``training`` or ``cli``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+FIGURES = "figures"  # the artifact folder of the version's run
+
+
+def version_figures(models: str | list[str], shards: str | Path, out: Path, tracking_uri: str | None = None) -> list[Path]:
+    """PNG thumbnails (3 slices basal to apical) of the masks ``models`` (what ``Predictor.load``
+    takes: a checkpoint folder, or an ensemble's members) give the first val patient of ``shards``
+    (a shards folder or a bundle), one per phase → the files written."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.inference.predictor import Predictor
+    from raysegment.reporting.report import overlay_thumbnail
+
+    if Path(shards, "manifest.json").is_file():  # a shards folder: read the one patient alone
+        from raysegment.data.prepare import load_manifest
+
+        volumes = load_volumes(shards, "val", patients=load_manifest(shards)["splits"]["val"][:1])
+    else:
+        volumes = load_volumes(shards, "val")
+        volumes = [v for v in volumes if v.patient == volumes[0].patient]
+    predictor = Predictor.load(models, tracking_uri=tracking_uri)
+    written = []
+    for v in volumes:
+        mask = predictor.predict(v.image, spacing=v.spacing, normalized=True)
+        written.append(overlay_thumbnail(v.image, mask, out / f"val_{v.patient}_{v.phase}.png"))
+    return written
+
+
+def figures_shards(checkpoint_dir: str | Path, shards: str | Path | None) -> Path | None:
+    """The data to draw a version's figures on: ``shards``, else the shards the checkpoint was
+    trained on (its config's ``data``) where this machine has them, else None."""
+    import json
+
+    if shards is None:
+        shards = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("data")
+    if not shards:
+        return None
+    shards = Path(shards)
+    return shards if (shards / "manifest.json").is_file() or (shards.is_file() and shards.suffix == ".npz") else None
+
+
+def log_version_figures(models: str | list[str], shards: str | Path | None, tracking_uri: str | None = None) -> None:
+    """Log ``version_figures`` into the active MLflow run (nothing without ``shards``); a version
+    registers without them when they cannot be drawn (no val split there, say), with one line saying why."""
+    import tempfile
+
+    import mlflow
+
+    if shards is None:
+        return
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            version_figures(models, shards, Path(tmp), tracking_uri)
+            mlflow.log_artifacts(tmp, FIGURES)
+    except Exception as exc:  # the version is what matters; its pictures are a convenience
+        print(f"[raysegment] registered without figures ({type(exc).__name__}: {exc})", file=sys.stderr)
