@@ -138,7 +138,8 @@ def bench_serve(config: ServeConfig, study: Path, clients: int, requests_n: int,
     torch.set_num_threads(config.threads or 1)
     predictor = Predictor.load(config.model, config.predict, config.tracking_uri)
     body = study.read_bytes()
-    out = {"model": config.model, "runtime": config.predict.runtime, "threads_per_replica": config.threads or 1,
+    out = {"model": config.model, "runtime": config.predict.runtime, "in_plane": config.predict.in_plane,
+           "threads_per_replica": config.threads or 1,
            "study": study.name, "in_process_s": round(in_process_seconds(predictor, study, 5), 3), "runs": []}
     for n in replicas:
         url = run.start(replace(config, replicas=n))
@@ -160,7 +161,8 @@ def _batch(row: dict) -> str:
 
 def markdown(result: dict) -> str:
     """The benchmark as a table (docs/benchmarks.md)."""
-    lines = [f"model {result['model']} ({result['runtime']}, {result['threads_per_replica']} thread per replica), "
+    lines = [f"model {result['model']} ({result['runtime']}, in-plane {result.get('in_plane', 'as-stored')}, "
+             f"{result['threads_per_replica']} thread per replica), "
              f"in-process {result['in_process_s']:.3f} s per study", "",
              "| replicas | clients | p50 s | p95 s | p99 s | studies/s | failed | kills | batch job studies/s (end to end / steady) |",
              "|---|---|---|---|---|---|---|---|---|"]
