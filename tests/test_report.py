@@ -163,11 +163,11 @@ def test_figures_command_writes_its_pngs(tmp_path, tiny_model, shards, capsys):
     """Any model reference, as everywhere (``shipped:`` was read as a file name); one that is not
     there: one error line before anything is drawn."""
     ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
-    assert report_cli.main(["figures", "--model", f"tiny={ckpt}", "--model", "mnv2=shipped:mobilenet_v2", "--data", str(shards),
+    assert report_cli.main(["figures", "--model", f"tiny={ckpt}", "--model", "shipped:mobilenet_v2", "--data", str(shards),
                             "--out", str(tmp_path / "f")]) == 0
     written = sorted(p.name for p in (tmp_path / "f").iterdir())
     assert written == ["learning_curves.png",  # the shipped file's history; the tiny checkpoint has none
-                       "overlay_mnv2_patient002_ED.png", "overlay_mnv2_patient002_ES.png",
+                       "overlay_mobilenet_v2_patient002_ED.png", "overlay_mobilenet_v2_patient002_ES.png",  # no colon
                        "overlay_tiny_patient002_ED.png", "overlay_tiny_patient002_ES.png"]
     printed = capsys.readouterr().out
     assert all(name in printed for name in written), printed

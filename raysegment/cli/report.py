@@ -26,6 +26,12 @@ from raysegment.reporting.report import (
 )
 
 
+def _figure_label(ref: str) -> str:
+    """A model's name in figure titles and file names when ``--model`` gives none: ``shipped:B`` → B
+    (the file name had a colon), a file or folder → its stem, ``models:/N@A`` → N@A."""
+    return ref.split(":", 1)[1] if ref.startswith("shipped:") else Path(ref).stem
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.report`` command line (also used to dry-run job specs)."""
     p = command_parser(
@@ -301,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     check_data(p, a.data)
     _check_splits(p, a)
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
-    models = dict(m.split("=", 1) if "=" in m else (Path(m).stem, m) for m in a.model) if a.cmd == "figures" else {}
+    models = dict(m.split("=", 1) if "=" in m else (_figure_label(m), m) for m in a.model) if a.cmd == "figures" else {}
     check_registry(a)
     check_models(p, list(models.values()) or getattr(a, "model", None) or [], a.mlflow_uri)
     if a.cmd == "clinical":
