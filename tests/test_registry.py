@@ -68,7 +68,7 @@ def test_register_command_scores_a_checkpoint_and_applies_the_rule(tmp_path, tin
 def test_a_registered_version_shows_its_masks_on_a_val_patient_in_its_run(tmp_path, sample_shards, capsys):
     """Someone browsing the registry sees what a version segments, not only its Dice: the version's
     run has ``figures/`` with the model's outlines (RV red, MYO green, LV blue) on the first val
-    patient of the data it was scored on, ED and ES."""
+    patient of the data it was scored on, ED and ES, and the learning curves of the run that made it."""
     import mlflow
     from matplotlib.image import imread
     from mlflow import MlflowClient
@@ -76,7 +76,7 @@ def test_a_registered_version_shows_its_masks_on_a_val_patient_in_its_run(tmp_pa
     from raysegment.cli import registry as registry_cli
     from raysegment.data.prepare import load_manifest
     from raysegment.model.weights import shipped_weights
-    from raysegment.reporting.report import COLOURS
+    from raysegment.reporting.report import COLOURS, model_history
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     weights = str(shipped_weights("mobilenet_v2"))
@@ -91,6 +91,11 @@ def test_a_registered_version_shows_its_masks_on_a_val_patient_in_its_run(tmp_pa
     for colour in COLOURS.values():  # each structure outlined
         rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
         assert (pixels == rgb).all(-1).sum() > 20, colour
+    # The file's training history as the run's metrics: MLflow draws its learning curves.
+    history = model_history(weights)
+    curve = sorted(MlflowClient(uri).get_metric_history(run_id, "dice_mean"), key=lambda m: m.step)
+    assert [m.step for m in curve] == [h["epoch"] + 1 for h in history] and len(curve) == 290
+    assert curve[-1].value == pytest.approx(history[-1]["dice_mean"])
 
 
 def test_an_ensemble_registered_again_with_the_same_members_makes_no_new_version(tmp_path, tiny_model, sample_shards,

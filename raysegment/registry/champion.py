@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raysegment.model.checkpoint import save_checkpoint
-from raysegment.registry.figures import figures_shards, log_version_figures
+from raysegment.registry.figures import figures_shards, log_version_figures, log_version_history
 from raysegment.registry.logged_models import log_checkpoint_model, log_model_quietly, log_pyfunc
 from raysegment.runtime import disable_telemetry
 
@@ -167,6 +167,8 @@ def register_checkpoint(
     def log() -> str:
         uri = log_checkpoint_model(checkpoint_dir)
         log_version_figures(str(checkpoint_dir), data)
+        if run_id is None:  # a search's trial and final runs have logged their epochs already
+            log_version_history(checkpoint_dir)
         return uri
 
     uri = _in_run(run_id, f"register-{backbone}", log)

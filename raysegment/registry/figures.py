@@ -1,6 +1,7 @@
-"""What a registered version's masks look like: outline thumbnails (RV red, MYO green, LV blue) of
-the model's segmentation of the first val patient of its data, ED and ES, logged under ``figures/``
-of the version's MLflow run, where the run's page shows them beside the version's model.
+"""What a registered version looks like in its MLflow run: outline thumbnails (RV red, MYO green, LV
+blue) of the model's segmentation of the first val patient of its data, ED and ES, under
+``figures/``; and, for a version registered in a run of its own (``registry import`` / ``register``),
+the training history it carries as the run's metrics, which MLflow draws as learning curves.
 
 May import ``inference``, ``reporting`` and ``data``; not ``training`` or ``cli``.
 """
@@ -64,3 +65,27 @@ def log_version_figures(models: str | list[str], shards: str | Path | None, trac
             mlflow.log_artifacts(tmp, FIGURES)
     except Exception as exc:  # the version is what matters; its pictures are a convenience
         print(f"[raysegment] registered without figures ({type(exc).__name__}: {exc})", file=sys.stderr)
+
+
+HISTORY_METRICS = ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")
+
+
+def log_version_history(checkpoint_dir: str | Path) -> int:
+    """The checkpoint's per-epoch history (``state.json``) as metrics of the active MLflow run, step =
+    epoch from 1 as the console counts → how many values were logged."""
+    import json
+    import math
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    state_file = Path(checkpoint_dir) / "state.json"
+    history = json.loads(state_file.read_text()).get("history", []) if state_file.is_file() else []
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(h[k]), now, int(h["epoch"]) + 1) for h in history for k in HISTORY_METRICS
+               if isinstance(h.get(k), (int, float)) and math.isfinite(h[k])]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    return len(metrics)
