@@ -60,10 +60,10 @@ WATCHED = textwrap.dedent("""
     from raysegment.cli import lost
     import ray.exceptions
 
-    gcs = socket.create_server(("127.0.0.1", 0))
+    gcs, raylet = socket.create_server(("127.0.0.1", 0)), socket.create_server(("127.0.0.1", 0))
     address = f"127.0.0.1:{gcs.getsockname()[1]}"
     node = SimpleNamespace(gcs_address=address, head=sys.argv[1] == "local", node_ip_address="127.0.0.1",
-                           node_manager_port=gcs.getsockname()[1])
+                           node_manager_port=raylet.getsockname()[1])
     sys.modules["ray._private.worker"] = SimpleNamespace(global_worker=SimpleNamespace(node=node, connected=True))
     lost.LOCAL_GRACE_S, lost.JOINED_GRACE_S = 0.5, 1.0
     say = lambda lost_, why: f"error: run r stopped: {lost_[0] == address} {lost_[1]} {why}"
@@ -76,7 +76,7 @@ WATCHED = textwrap.dedent("""
             except ray.exceptions.RaySystemError:
                 logging.getLogger("tune").error("Trial task failed", exc_info=True)
         else:
-            gcs.close()
+            (gcs if sys.argv[2] == "gcs" else raylet).close()
         time.sleep(10)
     print("not reached", flush=True)
 """)
@@ -86,6 +86,9 @@ WATCHED = textwrap.dedent("""
     ("local", "gcs", "error: run r stopped: True True its GCS has not answered for 0 s"),
     ("joined", "gcs", "error: run r stopped: True False its GCS has not answered for 1 s"),
     ("joined", "log", "error: run r stopped: True False this node's raylet ended"),
+    # the core worker ends the process about a second after its raylet's death: asked 4 times a second
+    ("local", "raylet", "error: run r stopped: True True this node's raylet ended"),
+    ("joined", "raylet", "error: run r stopped: True False this node's raylet ended"),
 ])
 def test_the_watch_ends_the_process_with_the_commands_line_last(ray_kind, how, last):
     run = subprocess.run([sys.executable, "-c", WATCHED, ray_kind, how], capture_output=True, text=True, timeout=60)

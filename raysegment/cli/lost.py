@@ -22,6 +22,10 @@ OWN_NODE_CRASHED = "Owner's node has crashed"
 # the process with a C++ log line. A Ray this process started cannot come back.
 JOINED_GRACE_S = 50.0
 LOCAL_GRACE_S = 3.0
+# This node's raylet is asked this often (s), and two misses end the command: Ray's core worker ends
+# the process about a second after its raylet's death, so a slower watch lost that race at times
+# (the killed-raylet test, once, at ec3041e: Ray's lines last, not ours).
+RAYLET_EVERY_S = 0.25
 
 Lost = tuple[str, bool]  # (the GCS address, whether this process started that Ray)
 
@@ -102,7 +106,8 @@ class _LostInRecord(logging.Filter):
 def watch_cluster(say: Callable[[Lost, str], str], loggers: tuple[str, ...] = (), every_s: float = 1.0):
     """While the body runs, ask this driver's GCS every ``every_s`` (s) whether it answers (from
     when the body has joined Ray); when it has not for ``LOCAL_GRACE_S`` (a Ray this process
-    started) or ``JOINED_GRACE_S`` (a cluster's), or a record of one of ``loggers`` says the Ray is
+    started) or ``JOINED_GRACE_S`` (a cluster's), when this node's raylet has not answered twice in a
+    row (asked every ``RAYLET_EVERY_S``), or when a record of one of ``loggers`` says the Ray is
     gone, print ``say(lost, why)`` once, last, and end the process, exit 1. Ray's own way is slower
     and says less: a search (Tune waits for resources), a batch, or a run whose raylet was killed
     waits 60 s and ends in ``rpc_client.h: Failed to connect to GCS within 60 seconds``; a search
@@ -115,12 +120,18 @@ def watch_cluster(say: Callable[[Lost, str], str], loggers: tuple[str, ...] = ()
 
     def watch() -> None:
         nonlocal node
-        since = None
-        while not stop.wait(every_s):
+        since, misses, asked_gcs = None, 0, 0.0
+        while not stop.wait(min(every_s, RAYLET_EVERY_S)):
             node = node or _node()
             if node is None:  # not joined yet
                 continue
-            lost = node[0]
+            lost, addresses = node
+            misses = 0 if _answers(addresses[1:]) else misses + 1  # this node's raylet
+            if misses >= 2 and not stop.is_set():
+                end(lost, "this node's raylet ended")
+            if misses or time.monotonic() - asked_gcs < every_s:
+                continue
+            asked_gcs = time.monotonic()
             grace = LOCAL_GRACE_S if lost[1] else JOINED_GRACE_S
             if _answers((lost[0],)):  # the GCS
                 since = None
