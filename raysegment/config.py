@@ -24,6 +24,7 @@ Runtime = Literal["torch", "onnx"]
 # (``Predictor.in_plane_for``): converters differ in whether NIfTI rows run down, as DICOM's, or up.
 IN_PLANE = ("as-stored", "rows-reversed", "cols-reversed", "transposed")
 InPlane = Literal["as-stored", "rows-reversed", "cols-reversed", "transposed", "auto"]
+IN_PLANE_CHOICES = (*IN_PLANE, "auto")  # what users may give: a turn, or "auto" (as-stored or rows-reversed, chosen)
 DEFAULT_PERCENTILES = (0.5, 99.5)  # per-volume intensity clip points, percent (prepare and Predictor)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow store when none is given: a file in the working directory
 

@@ -76,9 +76,9 @@ def _show_default(action: argparse.Action) -> None:
 
 def add_in_plane_argument(p: argparse.ArgumentParser) -> None:
     """``--in-plane`` of the commands that segment users' studies (``infer``, ``serve``)."""
-    from raysegment.config import IN_PLANE
+    from raysegment.config import IN_PLANE_CHOICES
 
-    p.add_argument("--in-plane", default="auto", choices=[*IN_PLANE, "auto"],
+    p.add_argument("--in-plane", default="auto", choices=IN_PLANE_CHOICES,
                    help="turn each study before the networks and its masks back: 'auto' takes, per study, as stored "
                         "or rows reversed, whichever the models segment with more confidence (NIfTI converters "
                         "differ in the way rows run; the models learnt ACDC's orientation alone)")

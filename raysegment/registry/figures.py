@@ -70,22 +70,28 @@ def log_version_figures(models: str | list[str], shards: str | Path | None, trac
 HISTORY_METRICS = ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean")
 
 
-def log_version_history(checkpoint_dir: str | Path) -> int:
-    """The checkpoint's per-epoch history (``state.json``) as metrics of the active MLflow run, step =
-    epoch from 1 as the console counts → how many values were logged."""
-    import json
+def log_history(client, run_id: str, history: list[dict]) -> int:
+    """A training history (per-epoch ``HISTORY_METRICS``) as metrics of MLflow run ``run_id``, step =
+    epoch from 1 as the console counts (non-finite values left out) → how many values were logged."""
     import math
     import time
 
-    import mlflow
     from mlflow.entities import Metric
 
-    state_file = Path(checkpoint_dir) / "state.json"
-    history = json.loads(state_file.read_text()).get("history", []) if state_file.is_file() else []
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(h[k]), now, int(h["epoch"]) + 1) for h in history for k in HISTORY_METRICS
                if isinstance(h.get(k), (int, float)) and math.isfinite(h[k])]
-    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
     for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
     return len(metrics)
+
+
+def log_version_history(checkpoint_dir: str | Path) -> int:
+    """The checkpoint's per-epoch history (``state.json``) as metrics of the active MLflow run."""
+    import json
+
+    import mlflow
+
+    state_file = Path(checkpoint_dir) / "state.json"
+    history = json.loads(state_file.read_text()).get("history", []) if state_file.is_file() else []
+    return log_history(mlflow.MlflowClient(), mlflow.active_run().info.run_id, history)

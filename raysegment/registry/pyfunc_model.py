@@ -19,7 +19,7 @@ import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
 
-from raysegment.config import IN_PLANE
+from raysegment.config import IN_PLANE_CHOICES
 
 
 class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
@@ -51,8 +51,8 @@ class RaysegmentPyfunc(mlflow.pyfunc.PythonModel):
         if spacing is not None and len(spacing) != 3:
             raise ValueError(f"spacing_mm must be (z, y, x) in mm, got {spacing}")
         in_plane = (params or {}).get("in_plane") or "auto"
-        if in_plane not in (*IN_PLANE, "auto"):
-            raise ValueError(f"in_plane must be one of {(*IN_PLANE, 'auto')}, got {in_plane!r}")
+        if in_plane not in IN_PLANE_CHOICES:
+            raise ValueError(f"in_plane must be one of {IN_PLANE_CHOICES}, got {in_plane!r}")
         mask = self.predictor.predict(image, spacing=spacing, in_plane=in_plane)
         return mask[0] if squeeze else mask
 

@@ -35,6 +35,12 @@ def search_space(ranges: dict[str, tuple] | None = None) -> dict:
     return space
 
 
+def _limits(name: str) -> tuple[float, float, bool]:
+    """(low, high, whether low itself is allowed) of searched parameter ``name``'s values."""
+    lo, hi = _LIMITS.get(name, (0.0, float("inf")))
+    return lo, hi, name == "dice_fraction"  # f = 0 (cross-entropy alone) is a loss; a weight or lr of 0 is not
+
+
 def check_range(name: str, bounds: tuple) -> tuple:
     """``bounds`` for searched parameter ``name``, or ValueError saying why not: (low, high) with
     low < high inside the parameter's limits, or for decoder_width one or more widths ≥ 1."""
@@ -44,8 +50,7 @@ def check_range(name: str, bounds: tuple) -> tuple:
         if not bounds or any(int(w) != w or w < 1 for w in bounds):
             raise ValueError("decoder_width takes widths ≥ 1, e.g. decoder_width=16,32")
         return tuple(int(w) for w in bounds)
-    lo, hi = _LIMITS.get(name, (0.0, float("inf")))
-    closed = name == "dice_fraction"  # f = 0 (cross-entropy alone) is a loss; a weight or lr of 0 is not
+    lo, hi, closed = _limits(name)
     if len(bounds) != 2 or not (bounds[0] >= lo if closed else bounds[0] > lo) or not bounds[0] < bounds[1] <= hi:
         raise ValueError(f"{name} takes LOW:HIGH with {lo:g} {'≤' if closed else '<'} LOW < HIGH"
                          + (f" ≤ {hi:g}" if hi < float("inf") else ""))
@@ -65,8 +70,7 @@ def check_value(name: str, text: str) -> float | int:
         if int(value) != value or value < 1:
             raise ValueError(f"decoder_width takes a whole width ≥ 1, got {text}")
         return int(value)
-    lo, hi = _LIMITS.get(name, (0.0, float("inf")))
-    closed = name == "dice_fraction"
+    lo, hi, closed = _limits(name)
     if not (value >= lo if closed else value > lo) or value > hi:
         raise ValueError(f"{name} takes {lo:g} {'≤' if closed else '<'} VALUE" + (f" ≤ {hi:g}" if hi < float("inf") else "")
                          + f", got {text}")

@@ -391,10 +391,9 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
         raise RuntimeError("final run failed: it left no checkpoint")
     with result.checkpoint.as_directory() as d:  # local or remote storage alike
         history = read_state(d).get("history", [])
-    for h in history:
-        for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean"):
-            if isinstance(h.get(k), (int, float)) and math.isfinite(h[k]):
-                client.log_metric(run_id, k, float(h[k]), step=int(h["epoch"]) + 1)
+    from raysegment.registry.figures import log_history
+
+    log_history(client, run_id, history)
     metrics = result.metrics
     out = {"trial_id": best["trial_id"], "epochs": int(metrics["epoch"]) + 1,
            **{k: float(metrics[k]) for k in ("dice_rv", "dice_myo", "dice_lv", "dice_mean")},
