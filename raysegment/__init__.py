@@ -7,11 +7,13 @@ from raysegment.config import VERSION as __version__  # noqa: F401  (the public 
 from raysegment.runtime import QUIET_ENV, disable_telemetry, quiet_environment  # noqa: F401
 
 
-def segment(image, *, model, config=None, tracking_uri: str | None = None):
+def segment(image, *, model, config=None, tracking_uri: str | None = None, series: str | None = None):
     """Segment a short-axis cine MRI in-process → a uint8 nibabel image (0 bg, 1 RV, 2 MYO, 3 LV).
 
     ``image``: a NIfTI path or a nibabel image, 3-D (x, y, z) or 4-D (x, y, z, t; every frame is
-    segmented). The mask comes back on exactly the input's grid, affine and header.
+    segmented): the mask comes back on exactly the input's grid, affine and header. Or a folder of
+    DICOM files holding one short-axis cine MR series (else name it: ``series=SeriesInstanceUID``):
+    the mask is 4-D (x, y, z, frames) with the series' geometry as its affine, as ``infer`` writes it.
     ``model``: a ``Predictor``, or what ``raysegment.infer --model`` takes (``shipped:mobilenet_v2``,
     a ``.safetensors`` file, a checkpoint folder, ``models:/NAME@ALIAS``), or a list of those (an
     ensemble). ``config``: a ``raysegment.config.PredictConfig`` (device, precision, TTA, ...; default:
@@ -22,20 +24,28 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None):
         mask.to_filename("patient001_frame01_seg.nii.gz")
     """
     import os
+    from pathlib import Path
 
     import nibabel as nib
 
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
-    from raysegment.inference.study import predict_frames
+    from raysegment.inference.study import cine_reference, folder_cine, predict_frames
     from raysegment.io.studies import mask_image, study_arrays, zyx_to_nifti
 
     if not isinstance(image, (str, os.PathLike, nib.spatialimages.SpatialImage)):
-        raise TypeError(f"segment() takes a NIfTI path or a nibabel image, not {type(image).__name__} (for an array in "
-                        f"(z, y, x) order: Predictor.load(model).predict(array, spacing=(z, y, x mm)))")
+        raise TypeError(f"segment() takes a NIfTI path, a nibabel image or a DICOM folder, not {type(image).__name__} "
+                        f"(for an array in (z, y, x) order: Predictor.load(model).predict(array, spacing=(z, y, x mm)))")
+    folder = not isinstance(image, nib.spatialimages.SpatialImage) and Path(image).is_dir()
+    if series is not None and not folder:
+        raise ValueError("series= names a series in a DICOM folder; image is not a folder")
+    if folder:  # StudyError (a ValueError) says what the folder holds when it is not one cine series
+        cine = folder_cine(Path(image), series)
+        img, frames, zooms = cine_reference(cine), cine.frames, tuple(cine.spacing_zyx)[::-1]
+    else:
+        img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image
+        frames, zooms = study_arrays(img)  # StudyError (a ValueError) says what is wrong with the image
     config = config or PredictConfig(in_plane="auto")  # a user's study: rows may run either way (as ``infer``)
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, config, tracking_uri)
-    img = nib.load(str(image)) if not isinstance(image, nib.spatialimages.SpatialImage) else image
-    frames, zooms = study_arrays(img)  # StudyError (a ValueError) says what is wrong with the image
     out = zyx_to_nifti(predict_frames(predictor, frames, zooms)[0])
     return mask_image(out if len(img.shape) == 4 else out[..., 0], img)

@@ -116,6 +116,46 @@ def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_mo
         np.testing.assert_array_equal(dicom.read_seg_labels(r["seg"], cine, t), data[t])
 
 
+def test_segment_api_reads_a_dicom_folder_to_the_mask_infer_writes_and_says_which_series_to_name(tmp_path, tiny_model):
+    """``raysegment.segment(folder)``: the folder's one cine series → the same 4-D mask (data, affine)
+    the batch job writes for it; with a second cine series beside it, an error listing both UIDs
+    until ``series=`` names one; a folder without DICOM says so."""
+    import raysegment
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.io.studies import StudyError
+    from raysegment.model.checkpoint import LoadedModel
+
+    frames, _ = _cine()
+    write_dicom_cine(tmp_path / "in" / "a", frames, patient="P1")
+    (tmp_path / "in" / "a" / "notes.txt").write_text("not DICOM")
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig(in_plane="auto"))
+    mask = raysegment.segment(tmp_path / "in", model=predictor)
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    rows = segment_series(f"dicom:{series.study_uid}/{series.uid}", series.files, predictor, "tiny", tmp_path / "out")
+    written = nib.load(rows[0]["mask"])
+    assert mask.shape == written.shape == (48, 40, 5, 2) and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(written.dataobj))
+    np.testing.assert_allclose(mask.affine, written.affine, atol=1e-6)
+    assert (np.asarray(mask.dataobj) > 0).any()
+
+    write_dicom_cine(tmp_path / "in" / "b", frames[:, ::-1].copy(), patient="P1", study_uid=series.study_uid)
+    with pytest.raises(StudyError, match=r"2 short-axis cine series; name one \(series=UID\)") as err:
+        raysegment.segment(tmp_path / "in", model=predictor)
+    (other,) = [s for s in dicom.find_series(tmp_path / "in")[0] if s.uid != series.uid]
+    assert series.uid in str(err.value) and other.uid in str(err.value)
+    again = raysegment.segment(tmp_path / "in", model=predictor, series=series.uid)
+    np.testing.assert_array_equal(np.asarray(again.dataobj), np.asarray(mask.dataobj))
+    with pytest.raises(StudyError, match=rf"no series 1\.2\.3; it holds .*{series.uid}"):
+        raysegment.segment(tmp_path / "in", model=predictor, series="1.2.3")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StudyError, match=r"no DICOM series under it \(a NIfTI study is given as its file\)"):
+        raysegment.segment(tmp_path / "empty", model=predictor)
+    with pytest.raises(ValueError, match="image is not a folder"):
+        raysegment.segment(rows[0]["mask"], model=predictor, series=series.uid)
+
+
 def test_a_series_whose_rows_run_the_other_way_gets_segs_of_the_stored_ones_masks_turned_back(tmp_path):
     """A PACS series of a bundled sample patient, as stored and with its rows reversed: ``auto``
     segments the second turned (a result row says so) and its SEGs, read back onto the series'

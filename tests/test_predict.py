@@ -245,7 +245,7 @@ def test_segment_api_returns_a_mask_on_the_input_grid(tmp_path, tiny_model):
         np.testing.assert_array_equal(np.asarray(mask.dataobj)[..., t], expected)
     one = raysegment.segment(pdir / "patient004_frame01.nii.gz", model=predictor)
     assert one.shape == (48, 40, 3)
-    with pytest.raises(TypeError, match=r"takes a NIfTI path or a nibabel image, not ndarray .*Predictor.load"):
+    with pytest.raises(TypeError, match=r"takes a NIfTI path, a nibabel image or a DICOM folder, not ndarray .*Predictor.load"):
         raysegment.segment(data[..., 0], model=predictor)  # an array: what it is not, and what to call instead
     with pytest.raises(FileNotFoundError, match=r"no shipped weights for 'resnet' \(there are shipped:densenet121, "
                                                 r"shipped:mobilenet_v2\)"):

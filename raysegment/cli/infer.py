@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m raysegment.infer --model models:/raysegment-mobilenet_v2@champion --mlflow-uri http://mlflow:5000 "
         "--input http://pacs:8042/dicom-web --output /data/seg")
     p.add_argument("--model", required=True, action="append", dest="models",
-                   help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint folder, .safetensors file or "
-                        "shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, checkpoint or run folder, .safetensors or "
+                        "exported .onnx file, or shipped:BACKBONE; repeat it for an ensemble (members' softmax averaged)")
     p.add_argument("--input", required=True,
                    help="a folder (NIfTI studies and DICOM files, found by content) or a DICOMweb URL "
                         "(http://HOST:PORT/dicom-web): MR series found by QIDO-RS, SEGs stored back by STOW-RS")

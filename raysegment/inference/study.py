@@ -115,18 +115,13 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     frame. Writes the NIfTI mask (the series' geometry as its affine) and one DICOM SEG per frame under
     ``out_dir/dicom/<series uid>/``. ED / ES are the frames of largest / smallest LV volume.
     Raises ``SeriesSkipped`` for a series that is not a short-axis cine MR."""
-    import nibabel as nib
-
     from raysegment.io.dicom import Series, read_cine, write_segs
 
     study_uid, series_uid = key.removeprefix("dicom:").split("/", 1)
     cine = read_cine(Series(series_uid, study_uid, files))
     masks, turn = predict_frames(predictor, cine.frames, tuple(cine.spacing_zyx)[::-1])
     mask_path = out_dir / "masks" / f"{series_uid}_seg.nii.gz"
-    ref = nib.Nifti1Image(np.zeros((1, 1, 1, 1), np.uint8), cine.affine)  # 4-D: one volume per cine frame
-    ref.set_qform(cine.affine, code=1)
-    ref.set_sform(cine.affine, code=1)
-    save_mask(masks, ref, mask_path)
+    save_mask(masks, cine_reference(cine), mask_path)
     segs = write_segs(cine, masks, predictor.version, out_dir / "dicom" / series_uid)
     common = {"study": key, "phase": "", "mask": str(mask_path), "model_uri": model_uri,
               "model_version": predictor.version, "status": "done", "reason": "", "in_plane": turn,
@@ -138,6 +133,47 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     mark_cine_phases(rows)
     finish_rows(rows, cine.frames[0], masks[0], figure, out_dir / "figures" / f"{series_uid}.png")
     return rows
+
+
+def cine_reference(cine):
+    """A 4-D nibabel image (one volume per cine frame) whose affine, qform and sform are the DICOM
+    series' geometry (RAS mm): what a series' NIfTI mask is written on."""
+    import nibabel as nib
+
+    ref = nib.Nifti1Image(np.zeros((1, 1, 1, 1), np.uint8), cine.affine)
+    ref.set_qform(cine.affine, code=1)
+    ref.set_sform(cine.affine, code=1)
+    return ref
+
+
+def folder_cine(folder: Path, series_uid: str | None = None):
+    """The short-axis cine series of a DICOM folder, read (``io.dicom.CineVolume``): the one whose
+    ``SeriesInstanceUID`` is ``series_uid``, else the folder's only cine series. Raises StudyError
+    saying what the folder holds (no DICOM, no cine series and why, several cine series and their UIDs)."""
+    from raysegment.io.dicom import SeriesSkipped, find_series, read_cine
+
+    found, bad = find_series(folder)
+    if not found:
+        why = f"{len(bad)} unreadable, e.g. {bad[0][0].name}: {bad[0][1]}" if bad else "a NIfTI study is given as its file"
+        raise StudyError(f"{folder}: no DICOM series under it ({why})")
+    if series_uid is not None:
+        chosen = [s for s in found if s.uid == series_uid]
+        if not chosen:
+            raise StudyError(f"{folder}: no series {series_uid}; it holds {', '.join(s.uid for s in found[:10])}")
+        found = chosen
+    cines, skipped = [], []
+    for s in found:
+        try:
+            cines.append(read_cine(s))
+        except SeriesSkipped as exc:
+            skipped.append(f"{s.uid}: {exc}")
+    if not cines:
+        raise StudyError(f"{folder}: no short-axis cine MR series; " + "; ".join(skipped[:5]))
+    if len(cines) > 1:
+        listed = "; ".join(f"{c.series_uid} ({c.description or 'no description'}, {c.frames.shape[0]} frames × "
+                           f"{c.frames.shape[1]} slices)" for c in cines)
+        raise StudyError(f"{folder}: {len(cines)} short-axis cine series; name one (series=UID): {listed}")
+    return cines[0]
 
 
 def _patient_module(ds) -> dict:
