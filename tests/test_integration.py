@@ -77,6 +77,8 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
     assert all(1.0 <= float(t.data.params["w_rv"]) <= 1.5 and float(t.data.params["lr"]) == 3e-4 for t in trials)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.params["range_w_rv"] == "1:1.5" and float(parent.data.params["fixed_lr"]) == 3e-4
+    # the search at a glance: its picture in the parent run (beside the registered best trial's masks)
+    assert "figures/search.png" in [a.path for a in client.list_artifacts(parent.info.run_id, "figures")]
     # --storage s3://…: the trials' checkpoints and the search's state are in the object store
     # (registration fetched the winner from there), nothing in a local folder named "s3:".
     import pyarrow.fs

@@ -98,6 +98,57 @@ def test_a_registered_version_shows_its_masks_on_a_val_patient_in_its_run(tmp_pa
     assert curve[-1].value == pytest.approx(history[-1]["dice_mean"])
 
 
+def test_a_search_shows_its_trials_curves_and_parameters_in_its_parent_run(tmp_path, monkeypatch, capsys):
+    """``figures/search.png`` of a search's parent run: each trial's val Dice per epoch, read from its
+    child run (a resumed trial's epoch logged twice counts once; the final run is no trial), and one
+    panel per searched parameter that varied (here lr and w_rv, not decoder_width)."""
+    import mlflow
+    from matplotlib.image import imread
+    from mlflow import MlflowClient
+
+    import raysegment.reporting.search as search
+    from raysegment.registry.figures import log_search_figure
+    from raysegment.training.trials import SEARCHED
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("raysegment-tune")
+    parent = client.create_run(exp).info.run_id
+    logged = {"a": [(1, 0.5), (2, 0.7), (3, 0.8), (4, 0.82)], "b": [(1, 0.3)], "c": [(1, 0.4), (2, 0.5), (2, 0.6)]}
+    for trial, points in logged.items():
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "tune_trial_id": trial}).info.run_id
+        for step, value in points:
+            client.log_metric(run, "dice_mean", value, step=step)
+    final = client.create_run(exp, tags={"mlflow.parentRunId": parent, "final": "true"}).info.run_id
+    client.log_metric(final, "dice_mean", 0.9, step=1)
+    table = [{"trial_id": "a", "lr": 1e-3, "w_rv": 1.2, "decoder_width": 16, "dice_mean": 0.82},
+             {"trial_id": "c", "lr": 3e-3, "w_rv": 0.8, "decoder_width": 16, "dice_mean": 0.6},
+             {"trial_id": "b", "lr": 5e-4, "w_rv": 1.9, "decoder_width": 16, "dice_mean": 0.3}]
+    drawn = {}
+
+    def recording(trials, curves, params, out):
+        drawn.update(curves=curves, panels=search.varied(trials, params))
+        return real(trials, curves, params, out)
+
+    real = search.search_figure
+    monkeypatch.setattr(search, "search_figure", recording)
+    log_search_figure(client, exp, parent, table, SEARCHED)
+    assert drawn["curves"] == {"a": logged["a"], "b": logged["b"], "c": [(1, 0.4), (2, 0.6)]}
+    assert drawn["panels"] == ["w_rv", "lr"]
+    png = Path(mlflow.artifacts.download_artifacts(run_id=parent, artifact_path="figures/search.png",
+                                                   dst_path=str(tmp_path / "dl"), tracking_uri=client.tracking_uri))
+    pixels = (imread(png)[..., :3] * 255).round().astype(int)
+    assert pixels.shape[1] == round((4.6 + 2 * 2.6) * 90)  # the curves and two parameter panels
+    assert (pixels == [0x43, 0x63, 0xD8]).all(-1).sum() > 20  # the other trials' curves and points
+    assert "search figure" not in capsys.readouterr().err
+
+    class Down:  # a tracking server gone: the search keeps its result, one line says the picture is missing
+        def search_runs(self, *a, **k):
+            raise ConnectionError("no answer")
+
+    log_search_figure(Down(), exp, parent, table, SEARCHED)
+    assert capsys.readouterr().err == "[raysegment] search figure not drawn (ConnectionError: no answer)\n"
+
+
 def test_an_ensemble_registered_again_with_the_same_members_makes_no_new_version(tmp_path, tiny_model, sample_shards,
                                                                                   capsys):
     """``registry ensemble`` re-run (a cron job, a user who is not sure it ran) with the same member

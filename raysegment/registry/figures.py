@@ -1,7 +1,8 @@
 """What a registered version looks like in its MLflow run: outline thumbnails (RV red, MYO green, LV
 blue) of the model's segmentation of the first val patient of its data, ED and ES, under
 ``figures/``; and, for a version registered in a run of its own (``registry import`` / ``register``),
-the training history it carries as the run's metrics, which MLflow draws as learning curves.
+the training history it carries as the run's metrics, which MLflow draws as learning curves. A
+search's parent run gets ``figures/search.png`` (``reporting.search``), drawn from its trials' runs.
 
 May import ``inference``, ``reporting`` and ``data``; not ``training`` or ``cli``.
 """
@@ -95,3 +96,26 @@ def log_version_history(checkpoint_dir: str | Path) -> int:
     state_file = Path(checkpoint_dir) / "state.json"
     history = json.loads(state_file.read_text()).get("history", []) if state_file.is_file() else []
     return log_history(mlflow.MlflowClient(), mlflow.active_run().info.run_id, history)
+
+
+def log_search_figure(client, experiment_id: str, parent_run_id: str, trials: list[dict], params) -> None:
+    """``figures/search.png`` of a search's MLflow parent run: its trials' per-epoch val Dice (read
+    from their child runs, so a resumed trial's earlier sittings count) and ``trials`` (the trial
+    table, best first) against the searched ``params``. One line instead where it cannot be drawn."""
+    import tempfile
+
+    from raysegment.reporting.search import search_figure
+
+    try:
+        runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000)
+        curves = {}
+        for run in runs:
+            trial = run.data.tags.get("tune_trial_id")
+            if trial:  # not the final run
+                by_step = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "dice_mean")}
+                curves[trial] = sorted(by_step.items())
+        with tempfile.TemporaryDirectory() as tmp:
+            png = search_figure(trials, curves, params, Path(tmp) / "search.png")
+            client.log_artifact(parent_run_id, str(png), FIGURES)
+    except Exception as exc:  # the search's result is what matters; its picture is a convenience
+        print(f"[raysegment] search figure not drawn ({type(exc).__name__}: {exc})", file=sys.stderr)

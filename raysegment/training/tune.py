@@ -340,6 +340,9 @@ def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: st
     best = table[0]
     for k in DICE:
         client.log_metric(parent_id, f"best_{k}", best[k])
+    from raysegment.registry.figures import log_search_figure
+
+    log_search_figure(client, exp_id, parent_id, table, SEARCHED)
     if spec.register and best.get("checkpoint_path"):
         from raysegment.registry.champion import register_checkpoint
 
