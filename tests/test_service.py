@@ -109,6 +109,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stac
         "unknown format": (_post(url, good, params="?format=png"), 400),
         "no token": (_post(url, good, token="wrong"), 401),
         "GET on segment": (requests.get(f"{url}/v1/segment", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30), 405),
+        "no such route": (requests.get(f"{url}/", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30), 404),
         "ES frame out of range": (_post(url, _nifti(np.stack([_study(), _study(4)], -1)), params="?format=json&ed=0&es=5"), 400),
         "ED and ES the same frame": (_post(url, good, params="?format=json&ed=1&es=1"), 400),
     }
@@ -116,6 +117,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stac
         assert response.status_code == status, (kind, response.status_code, response.text)
         reason = response.json()["error"]
         assert reason and "\n" not in reason and "/tmp/" not in reason, (kind, reason)
+    assert bad["no such route"][0].json()["error"].startswith("no route /; routes: /v1/health, ")
     ok = _post(url, good)
     assert ok.status_code == 200 and ok.headers["X-Model-Version"] == f"{NAME}/1"
     assert requests.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()["status"] == "ok"
@@ -137,6 +139,7 @@ def test_the_service_mask_is_byte_for_byte_raysegment_segment(stack, tmp_path):
     assert served.shape == data.shape and np.allclose(served.affine, np.diag([1.5, 1.5, 8.0, 1.0]))
 
     summary = _post(url, body, params="?format=json&ed=0&es=1").json()
+    assert answer.headers["X-In-Plane"] == summary["in_plane"] in ("as-stored", "rows-reversed")  # auto's choice
     assert summary["model_version"] == f"{NAME}/1" and len(summary["frames"]) == 2 and (summary["ed"], summary["es"]) == (0, 1)
     counts = np.asarray(local.dataobj)[..., 0]
     assert summary["frames"][0]["voxels_lv"] == int((counts == 3).sum())

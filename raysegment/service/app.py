@@ -100,7 +100,7 @@ class SegmentService:
     async def _route(self, request):
         from starlette.responses import JSONResponse
 
-        path, method = request.url.path.rstrip("/"), request.method
+        path, method = request.url.path.rstrip("/") or "/", request.method
         if path != "/v1/health":  # liveness probes carry no secrets
             self._authorize(request)
         routes = {"/v1/segment": "POST", "/v1/pacs/series": "POST", "/v1/health": "GET", "/v1/model": "GET"}
@@ -146,16 +146,17 @@ class SegmentService:
         check_frames(ed, es)  # before the body is segmented
         predictor, version = self.holder.predictor, self.holder.version
         t0 = time.perf_counter()
-        result = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es)
-        headers = {"X-Model-Version": version, "X-Seconds": f"{time.perf_counter() - t0:.3f}"}
+        result, turn = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es)
+        headers = {"X-Model-Version": version, "X-In-Plane": turn, "X-Seconds": f"{time.perf_counter() - t0:.3f}"}
         if fmt == "json":
             return JSONResponse(result, headers=headers)
         return Response(result, media_type="application/gzip", headers=headers)
 
     def segment_bytes(self, body: bytes, predictor: Predictor, as_json: bool, ed: int | None = None,
                       es: int | None = None):
-        """A NIfTI file's bytes → the mask's .nii.gz bytes, or the JSON summary; raises RequestError
-        (400) for a body that is no usable NIfTI. The batch job's per-study code does the work."""
+        """A NIfTI file's bytes → (the mask's .nii.gz bytes, or the JSON summary; the in-plane turn it
+        was segmented in); raises RequestError (400) for a body that is no usable NIfTI. The batch
+        job's per-study code does the work."""
         from raysegment.inference.study import segment_study
 
         with scratch_dir(SCRATCH) as tmp:
@@ -168,9 +169,10 @@ class SegmentService:
                 raise RequestError(400, f"not a usable NIfTI image: {str(exc).replace(str(path), 'the body')}") from None
             finally:
                 self.heap.study_done()
+            turn = rows[0].get("in_plane", "")
             if as_json:
-                return summary(rows, predictor.version, ed, es)
-            return Path(rows[0]["mask"]).read_bytes()
+                return summary(rows, predictor.version, ed, es), turn
+            return Path(rows[0]["mask"]).read_bytes(), turn
 
     # ----------------------------------------------------------------- POST /v1/pacs/series
 
