@@ -29,6 +29,13 @@ def test_every_documented_command_module_has_its_command_line():
 def test_the_console_script_dispatches_and_explains(capsys):
     assert main([]) == 0 and "commands:" in capsys.readouterr().out
     assert main(["no-such-command"]) == 2 and "unknown command" in capsys.readouterr().err
+    from importlib import metadata
+
+    from raysegment.config import VERSION
+
+    assert main(["--version"]) == 0  # what a bug report quotes: ours and the stack's versions
+    assert capsys.readouterr().out.startswith(f"raysegment {VERSION} (python ") and VERSION == metadata.version("raysegment")
+    assert main(["-V"]) == 0 and f"torch {metadata.version('torch')}, " in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0 and "--backbone" in capsys.readouterr().out

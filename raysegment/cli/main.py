@@ -23,15 +23,40 @@ COMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: raysegment COMMAND [options]   (each command: raysegment COMMAND --help)", "", "commands:"]
+    lines = ["usage: raysegment COMMAND [options]   (each command: raysegment COMMAND --help; "
+             "raysegment --version)", "", "commands:"]
     lines += [f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+# What a bug report needs besides raysegment's own version: the stack it runs on.
+STACK = ("torch", "torchvision", "ray", "mlflow", "optuna", "nibabel", "highdicom")
+
+
+def version_line() -> str:
+    """``raysegment X.Y.Z (python …, torch …, …)``, from the installed packages' metadata (nothing imported)."""
+    import platform
+    from importlib import metadata
+
+    from raysegment.config import VERSION
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"raysegment {VERSION} (python {platform.python_version()}, " + ", ".join(
+        f"{name} {installed(name)}" for name in STACK) + ")"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(version_line())
         return 0
     if argv[0] not in COMMANDS:
         import difflib
