@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -22,6 +21,7 @@ from raysegment.config import DEFAULT_TRACKING_URI, TrainConfig
 from raysegment.data.prepare import load_manifest
 from raysegment.io import storage
 from raysegment.runtime import disable_telemetry
+from raysegment.training.callbacks import MlflowTrialLogger, TrialLines, mlflow_client
 from raysegment.training.resume import (  # noqa: F401 (the search's API)
     MARKER,
     SUMMARY,
@@ -101,110 +101,11 @@ def _wait_until_tune_has_every_report(timeout_s: float = 120.0) -> None:
 # --------------------------------------------------------------------------- MLflow tracking
 
 
-def _mlflow_client(uri: str):
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
-
-
-class TrialLines:
-    """A Tune callback (built lazily) printing one line per trial that starts and ends: the quiet
-    console's view of the search (``--verbose`` shows Tune's own status tables instead)."""
-
-    def __new__(cls, total: int, max_epochs: int):
-        from ray import tune
-
-        class _Lines(tune.Callback):
-            def __init__(self):
-                self.started = self.ended = 0
-
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self.started += 1
-                params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
-                print(f"[raysegment] trial {self.started}/{total} started: {params}", flush=True)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.ended += 1
-                r = trial.last_result or {}
-                dice = " ".join(f"{c} {r[f'dice_{c}']:.3f}" for c in ("rv", "myo", "lv", "mean") if f"dice_{c}" in r)
-                # 'epoch' (from 0) counts the epochs of a resumed trial's earlier sittings too
-                epochs = r["epoch"] + 1 if "epoch" in r else r.get("training_iteration", 0)
-                how = (f"stopped by ASHA after {epochs} of {max_epochs} epochs" if 0 < epochs < max_epochs
-                       else f"ended after {epochs} epoch{'' if epochs == 1 else 's'}")
-                print(f"[raysegment] trial {trial.trial_id} {how}: "
-                      f"{dice or 'no result'} ({self.ended} of {total} done)", flush=True)
-
-        return _Lines()
-
-
-class MlflowTrialLogger:
-    """A Tune callback (built lazily, Tune is imported late) that mirrors trials into MLflow."""
-
-    def __new__(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, base: TrainConfig):
-        from ray import tune
-
-        class _Logger(tune.Callback):
-            def __init__(self):
-                self.client = _mlflow_client(tracking_uri)
-                self.runs: dict[str, str] = {}
-
-            def _run_for(self, trial) -> str:
-                if trial.trial_id in self.runs:
-                    return self.runs[trial.trial_id]
-                # A resumed experiment finds the child run it made before.
-                found = self.client.search_runs(
-                    [experiment_id],
-                    f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.tune_trial_id = '{trial.trial_id}'",
-                )
-                if found:
-                    run_id = found[0].info.run_id
-                else:
-                    run = self.client.create_run(experiment_id, run_name=f"trial-{trial.trial_id}",
-                                                 tags={"mlflow.parentRunId": parent_run_id,
-                                                       "tune_trial_id": trial.trial_id})
-                    run_id = run.info.run_id
-                    config = apply_params(base, trial.config)
-                    for k in SEARCHED:
-                        if k in trial.config:
-                            self.client.log_param(run_id, k, trial.config[k])
-                    self.client.log_param(run_id, "backbone", config.model.backbone)
-                    self.client.log_text(run_id, json.dumps(config.to_dict(), indent=2), "config.json")
-                self.runs[trial.trial_id] = run_id
-                return run_id
-
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self.client.update_run(self._run_for(trial), status="RUNNING")  # a resumed trial was KILLED
-
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                run_id = self._run_for(trial)
-                # Steps count epochs from 1, as the console's epoch lines and trial table do.
-                step = int(result["epoch"]) + 1 if "epoch" in result else int(result.get("training_iteration", 0))
-                for k in ("loss", "dice_rv", "dice_myo", "dice_lv", "dice_mean", "train_seconds"):
-                    v = result.get(k)
-                    if isinstance(v, (int, float)) and math.isfinite(v):
-                        self.client.log_metric(run_id, k, float(v), step=step)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.client.set_terminated(self._run_for(trial), "FINISHED")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self.client.set_terminated(self._run_for(trial), "FAILED")
-
-            def on_experiment_end(self, trials, **info):
-                for trial in trials:  # a search stopped by Ctrl-C leaves trials paused or pending
-                    if trial.trial_id in self.runs and trial.status not in ("TERMINATED", "ERROR"):
-                        self.client.set_terminated(self.runs[trial.trial_id], "KILLED")
-
-        return _Logger()
-
-
 def _parent_run(spec: TuneSpec) -> tuple[str, str, int]:
     """(experiment_id, parent run id, the trial count the search began with); a resumed search
     reuses its parent run."""
     saved = saved_search(spec)
-    client = _mlflow_client(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     exp = client.get_experiment_by_name(spec.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(spec.experiment)
     if saved and saved.get("tracking_uri") == spec.tracking_uri:
@@ -250,7 +151,7 @@ def run_search(spec: TuneSpec) -> dict:
     root = storage.join(spec.run.storage_path)  # a local folder or a URI (s3://…) every node reaches
     exp_id, parent_id, planned = _parent_run(spec)
     tuner = _tuner(spec, exp_id, parent_id, root)
-    client = _mlflow_client(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     client.update_run(parent_id, status="RUNNING")  # a resumed search was KILLED when interrupted
     if not spec.run.verbose:  # Tune's own resume hint names its Python API; ours names the command
         logging.getLogger("ray.tune.tune").addFilter(_no_restore_hint)  # once: the same filter is not added twice
@@ -331,7 +232,7 @@ def _after_search(spec: TuneSpec, results, exp_id: str, parent_id: str, root: st
     """The finished search's table logged, the best trial registered, the final stage run → summary."""
     trials = storage.join(root, spec.run.name, "train")  # run_trial's storage path
     table = trial_table(results, lambda trial_id: storage.join(trials, trial_run_name(spec.run.name, trial_id)))
-    client = _mlflow_client(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     client.log_text(parent_id, json.dumps(table, indent=2, default=str), "trials.json")
     summary: dict = {"parent_run_id": parent_id, "trials": table, "errors": len(results.errors)}
     if not table:
@@ -368,7 +269,7 @@ def run_final(spec: TuneSpec, best: dict, experiment_id: str, parent_run_id: str
     config = replace(apply_params(spec.base, params), epochs=spec.final_max_epochs, time_budget_min=spec.final_minutes)
     run = replace(spec.run, name=f"{spec.run.name}-final", sharing=1,
                   storage_path=storage.join(spec.run.storage_path, spec.run.name, "train"))
-    client = _mlflow_client(spec.tracking_uri)
+    client = mlflow_client(spec.tracking_uri)
     found = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.final = 'true'")
     if found:
         run_id = found[0].info.run_id
