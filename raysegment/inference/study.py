@@ -161,19 +161,21 @@ def folder_cine(folder: Path, series_uid: str | None = None):
         if not chosen:
             raise StudyError(f"{folder}: no series {series_uid}; it holds {', '.join(s.uid for s in found[:10])}")
         found = chosen
-    cines, skipped = [], []
+    first, listed, skipped = None, [], []
     for s in found:
         try:
-            cines.append(read_cine(s))
+            cine = read_cine(s)
         except SeriesSkipped as exc:
             skipped.append(f"{s.uid}: {exc}")
-    if not cines:
+            continue
+        first = first or cine  # the others' pixels are let go: a cine series may hold 100s of MB
+        listed.append(f"{cine.series_uid} ({cine.description or 'no description'}, {cine.frames.shape[0]} frames × "
+                      f"{cine.frames.shape[1]} slices)")
+    if first is None:
         raise StudyError(f"{folder}: no short-axis cine MR series; " + "; ".join(skipped[:5]))
-    if len(cines) > 1:
-        listed = "; ".join(f"{c.series_uid} ({c.description or 'no description'}, {c.frames.shape[0]} frames × "
-                           f"{c.frames.shape[1]} slices)" for c in cines)
-        raise StudyError(f"{folder}: {len(cines)} short-axis cine series; name one (series=UID): {listed}")
-    return cines[0]
+    if len(listed) > 1:
+        raise StudyError(f"{folder}: {len(listed)} short-axis cine series; name one (series=UID): {'; '.join(listed)}")
+    return first
 
 
 def _patient_module(ds) -> dict:
