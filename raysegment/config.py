@@ -214,6 +214,9 @@ class InferConfig:
     # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
     store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
+    # Folder input: files whose path under it (or name) matches one of these globs are no input
+    # (e.g. ``*_4d.nii.gz``: the official layout's cine files beside the ED and ES frame files).
+    exclude: tuple[str, ...] = ()
     progress: bool = True
     crash_on: str | None = None  # test hook: the worker process exits on a study whose name contains this
 

@@ -69,6 +69,37 @@ def test_patient_ef_and_failed_rows_come_from_the_ledger(tmp_path):
     assert '"/p/bad.nii"' in (tmp_path / "results.csv").read_text().splitlines()[1]
 
 
+def test_exclude_leaves_out_the_files_its_globs_match_and_names_a_glob_that_matches_none(tmp_path, capsys):
+    """``infer --exclude GLOB``: the official layout's ``_4d`` cine files (by name, or by their path
+    under the input) and a folder of DICOM files are no input; a line counts what each glob left out."""
+    from synth import write_dicom_cine
+
+    from raysegment.cli.infer import main
+    from raysegment.inference.batch import discover
+
+    for n in (1, 2):
+        make_nifti_patient(tmp_path / "in", n, nframes=4, shape=(3, 40, 48))
+    write_dicom_cine(tmp_path / "in" / "localizers", np.stack([synthetic_volume(1, shape=(3, 40, 48))[0]] * 2))
+    ledger = Ledger(tmp_path / "out" / "ledger.jsonl")
+
+    def found(*globs):
+        return sorted(Path(i.get("file", i.get("path"))).name for i in discover(tmp_path / "in", tmp_path / "out",
+                                                                                ledger, "v", globs))
+
+    everything = found()
+    assert len(everything) == 7 and "patient001_4d.nii.gz" in everything  # 2 × (4-D + ED + ES), the series
+    assert capsys.readouterr().out == ""
+    assert found("*_4d.nii.gz", "localizers/*", "*_4D.nii.gz") == [
+        "patient001_frame01.nii.gz", "patient001_frame07.nii.gz", "patient002_frame01.nii.gz", "patient002_frame07.nii.gz"]
+    assert capsys.readouterr().out == ("[raysegment] --exclude left out 2 files (*_4d.nii.gz), 6 files (localizers/*), "
+                                       "nothing (*_4D.nii.gz matches no file)\n")
+    assert found("training/patient002/*_4d.nii.gz") == [n for n in everything if n != "patient002_4d.nii.gz"]
+    with pytest.raises(SystemExit):
+        main(["--model", "shipped:mobilenet_v2", "--input", "http://pacs:8042/dicom-web", "--output", str(tmp_path / "o"),
+              "--exclude", "*_4d.nii.gz"])
+    assert "--exclude leaves out files of a folder input" in capsys.readouterr().err
+
+
 def test_ledger_survives_a_torn_line(tmp_path):
     path = tmp_path / "ledger.jsonl"
     led = Ledger(path)

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a folder (NIfTI studies and DICOM files, found by content) or a DICOMweb URL "
                         "(http://HOST:PORT/dicom-web): MR series found by QIDO-RS, SEGs stored back by STOW-RS")
     p.add_argument("--output", required=True, help="folder for masks, DICOM SEGs, results.csv, report.md and ledger.jsonl")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="folder input: leave out files whose path under --input, or name, matches GLOB; repeatable. "
+                        "'*_4d.nii.gz' leaves out the official layout's cine files (ACDC's 4-D file holds 12–35 "
+                        "frames; its ED and ES frame files, what ACDC scores, stay)")
     p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if Path(a.input).is_file():
         p.error(f"--input {a.input}: a file; give the folder that holds it (every study in it is segmented once), "
                 f"or raysegment.segment(FILE) in Python for one study")
+    if a.exclude and a.input.startswith(("http://", "https://")):
+        p.error("--exclude leaves out files of a folder input; a PACS's series are not files")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     quiet_environment()  # before MLflow loads: no INFO lines of a registry lookup
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                                                runtime=a.runtime, in_plane=a.in_plane),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
-                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store)
+                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store,
+                         exclude=tuple(a.exclude))
     try:
         with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):
             summary = run_batch(config)

@@ -139,7 +139,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     """(the DICOMweb client or None, the work items: MR series of the PACS, or NIfTI studies and
     DICOM series under the input folder)."""
     if not is_dicomweb(config.input):
-        return None, discover(Path(config.input), out, ledger, version)
+        return None, discover(Path(config.input), out, ledger, version, config.exclude)
     from raysegment.io import dicomweb
     from raysegment.io.dicomweb import failure, unreachable
 
@@ -228,15 +228,17 @@ def _display(path: str) -> str:
     return path if path.startswith("dicom:") else Path(path).name
 
 
-def discover(root: Path, out: Path, ledger: "Ledger", version: str) -> list[dict]:
+def discover(root: Path, out: Path, ledger: "Ledger", version: str, skip_globs=()) -> list[dict]:
     """Work items under a folder: every NIfTI study file (``file``: hashed by ``_hash_files``) and every
-    DICOM series (files found by content). A DICOM file that cannot be read gets its failed entry
-    here, once."""
+    DICOM series (files found by content), but for files ``skip_globs`` match (``--exclude``; a line
+    says how many). A DICOM file that cannot be read gets its failed entry here, once."""
     from raysegment.io.dicom import find_series
 
     # NIfTI files are hashed later (``_hash_files``), while the actors start.
-    items = [{"file": p} for p in find_studies(root, exclude=out)]  # an output folder inside the input is not input
-    series, bad = find_series(root, exclude=out)
+    items = [{"file": p} for p in find_studies(root, exclude=out, skip_globs=skip_globs)]  # nor is an output inside it
+    series, bad = find_series(root, exclude=out, skip_globs=skip_globs)
+    if skip_globs:
+        print(_excluded_line(root, out, skip_globs), flush=True)
     for s in series:
         items.append({"path": f"dicom:{s.study_uid}/{s.uid}", "sha256": s.digest(), "files": [str(f) for f in s.files]})
     for path, reason in bad:
@@ -246,6 +248,18 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str) -> list[dict
     if not items and not bad and (note := _none_readable(root, out)):
         print(note, flush=True)
     return items
+
+
+def _excluded_line(root: Path, out: Path, skip_globs) -> str:
+    """How many files under ``root`` (not the output) each ``--exclude`` glob left out: a glob that
+    matches nothing is named (a typo would otherwise segment what it meant to leave out)."""
+    from raysegment.io.studies import left_out
+
+    out = out.resolve()
+    files = [p for p in root.rglob("*") if p.is_file() and out not in p.resolve().parents]
+    counts = {g: sum(left_out(p, root, [g]) for p in files) for g in skip_globs}
+    return "[raysegment] --exclude left out " + ", ".join(
+        f"{n} file{'s' * (n != 1)} ({g})" if n else f"nothing ({g} matches no file)" for g, n in counts.items())
 
 
 def _none_readable(root: Path, out: Path) -> str | None:

@@ -84,10 +84,20 @@ def study_stem(path: Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", path.name)
 
 
-def find_studies(root: str | Path, exclude: str | Path | None = None) -> list[Path]:
-    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``) nor under
-    ``exclude`` (the job's own output folder, when it lies inside the input). Broken or looping
-    symlinks are kept, so they get a failed row rather than vanish."""
+def left_out(path: Path, root: Path, patterns) -> bool:
+    """Whether ``path`` (under ``root``) matches one of the glob ``patterns``, by its path relative
+    to ``root`` (``*`` crosses folders: ``*_4d.nii.gz``, ``localizers/*``) or by its name."""
+    from fnmatch import fnmatchcase
+
+    rel = path.relative_to(root).as_posix()
+    return any(fnmatchcase(rel, pat) or fnmatchcase(path.name, pat) for pat in patterns)
+
+
+def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs=()) -> list[Path]:
+    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``), under
+    ``exclude`` (the job's own output folder, when it lies inside the input) nor matched by
+    ``skip_globs`` (``left_out``). Broken or looping symlinks are kept, so they get a failed row
+    rather than vanish."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
@@ -95,6 +105,8 @@ def find_studies(root: str | Path, exclude: str | Path | None = None) -> list[Pa
     files = []
     for p in root.rglob("*"):
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")) or study_stem(p).endswith("_gt"):
+            continue
+        if skip_globs and left_out(p, root, skip_globs):
             continue
         if p.is_symlink() and not p.exists():
             files.append(p)
