@@ -438,3 +438,55 @@ def test_an_ssl4mis_patient_written_in_the_official_layout_reads_back_as_itself(
         assert v.info == {"height_cm": 171.0, "weight_kg": 66.0, "nb_frames": 25, "ed_frame": 1, "es_frame": 11}
     write_official_patient(tmp_path / "g", h5, info, group=True)
     assert read_nifti_patient(tmp_path / "g" / "training" / "patient001")[0].group == "HCM"
+
+
+def _as_nnunet(official: Path, dst: Path, labels=None) -> Path:
+    """An official-layout source laid out as nnU-Net v2's Dataset027_ACDC conversion does."""
+    import shutil
+
+    (dst / "imagesTr").mkdir(parents=True)
+    (dst / "labelsTr").mkdir()
+    for f in sorted(official.glob("training/patient*/*_frame??.nii.gz")):
+        shutil.copy(f, dst / "imagesTr" / f.name.replace(".nii.gz", "_0000.nii.gz"))
+    for f in sorted(official.glob("training/patient*/*_gt.nii.gz")):
+        shutil.copy(f, dst / "labelsTr" / f.name.replace("_gt", ""))
+    (dst / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "cineMRI"}, "file_ending": ".nii.gz",
+        "labels": labels or {"background": 0, "RV": 1, "MLV": 2, "LVC": 3}}))
+    return dst
+
+
+def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, capsys):
+    """An nnU-Net user's ``Dataset027_ACDC`` (imagesTr/labelsTr/dataset.json, no Info.cfg) gives the
+    shards of the official release it came from: the same slices, labels, spacing, phases and split;
+    ED is the lower frame number. The group follows the patient number (the conversion drops Info.cfg)."""
+    official = make_nifti_dataset(tmp_path / "acdc", n=4)
+    nn = _as_nnunet(official, tmp_path / "Dataset027_ACDC")
+    (tmp_path / "val.txt").write_text("patient002\n")
+    common = dict(val_file=tmp_path / "val.txt", progress=False)
+    a = prepare(PrepareConfig(source=official, out=tmp_path / "a", **common))
+    b = prepare(PrepareConfig(source=nn, out=tmp_path / "b", **common))
+    assert (a["source_format"], b["source_format"]) == ("acdc-nifti", "nnunet")
+    rows_a, rows_b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
+    assert len(rows_a) == len(rows_b) == 32
+    for ra, rb in zip(rows_a, rows_b):
+        assert {k: v for k, v in ra.items() if k != "group"} == {k: v for k, v in rb.items() if k != "group"}
+    assert {r["group"] for r in rows_b} == {"DCM"}  # ACDC's patients 1-20 (Info.cfg here says otherwise)
+    assert b["patients"]["patient001"]["ed_frame"] == 1 and b["patients"]["patient001"]["es_frame"] == 7
+    assert main(["--source", str(nn), "--out", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("breaker, says", [
+    (lambda nn: (nn / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "LV": 1, "RV": 2, "MYO": 3}})),
+     "are not ACDC's (1 RV, 2 MLV/MYO, 3 LVC/LV"),
+    (lambda nn: (nn / "dataset.json").unlink(), "dataset.json: unreadable nnU-Net dataset.json (FileNotFoundError"),
+    (lambda nn: (nn / "imagesTr" / "case_0001.nii.gz").write_bytes(b""), "case_0001.nii.gz: not an ACDC case"),
+    (lambda nn: (nn / "labelsTr" / "patient002_frame07.nii.gz").unlink(), "patient002_frame07.nii.gz: missing labels of"),
+    (lambda nn: (nn / "imagesTr" / "patient003_frame07_0000.nii.gz").unlink(), "patient003 has 1 frames"),
+])
+def test_a_bad_nnunet_source_is_one_line_and_nothing_is_written(tmp_path, capsys, breaker, says):
+    nn = _as_nnunet(make_nifti_dataset(tmp_path / "acdc", n=3), tmp_path / "Dataset027_ACDC")
+    breaker(nn)
+    assert main(["--source", str(nn), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ def test_the_plan_holds_every_bad_kind_and_spreads_the_waves():
 
 
 def test_every_kind_is_written_and_read_as_intended(tmp_path):
-    from raysegment.data.prepare import source_patients
+    from raysegment.data.sources import source_patients
     from raysegment.inference.batch import discover
     from raysegment.inference.ledger import Ledger
     from raysegment.io.studies import StudyError, read_study

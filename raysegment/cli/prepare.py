@@ -19,12 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         "Prepare ACDC into Parquet shards for training and evaluation: one row per slice with its true spacing "
         "and patient metadata, split by patient. Reads the official NIfTI release (patientNNN folders with "
-        "Info.cfg) or the SSL4MIS HDF5 layout; --out is written whole or not at all.",
+        "Info.cfg), the SSL4MIS HDF5 layout or nnU-Net's raw layout (Dataset027_ACDC: imagesTr, labelsTr, "
+        "dataset.json); --out is written whole or not at all.",
         "python -m raysegment.prepare --source /data/ACDC/training --out /data/shards")
-    p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI or SSL4MIS h5)")
+    p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI, SSL4MIS h5 or nnU-Net raw)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
     d = lambda name: default_of(PrepareConfig, name)  # noqa: E731
-    p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5"])
+    p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5", "nnunet"])
     p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
     p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
     p.add_argument("--seed", type=int, default=d("seed"), help="seed of the --val-fraction split")

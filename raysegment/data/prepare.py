@@ -1,12 +1,12 @@
-"""Ingest ACDC (official NIfTI release or SSL4MIS HDF5) into Parquet shards of 2-D slices.
+"""Ingest ACDC (official NIfTI release, SSL4MIS HDF5 or nnU-Net's raw layout) into Parquet shards of 2-D slices.
 
 One row per short-axis slice: ``patient, phase, slice, height, width, image (float32),
 neighbours (slices k-1, k+1; float32), label (uint8), spacing (z, y, x mm or null), group,
 split``. Shards land in
 ``OUT/train/*.parquet`` and ``OUT/val/*.parquet`` with ``OUT/manifest.json``.
 
-Both readers yield volumes as (z, y, x) arrays, the order SimpleITK gives and the SSL4MIS
-files store; slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
+The layouts' readers (``data.sources``) yield volumes as (z, y, x) arrays, the order SimpleITK
+gives and the SSL4MIS files store; slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
 
     python -m raysegment.prepare --source ../shared/acdc --out /tmp/shards
 """
@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raysegment.data.sources import PatientRef, patient_refs, read_patient
 from raysegment.data.splits import stratified_val
 from raysegment.data.volumes import (  # noqa: F401
     INFO_CSV,
@@ -50,7 +51,8 @@ from raysegment.io.studies import normalize_intensity
 from raysegment.runtime import clear_stale_scratch
 
 FORMAT_VERSION = 2  # 2: adds the neighbours column
-SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5"]
+SourceFormat = Literal["auto", "acdc-nifti", "ssl4mis-h5", "nnunet"]
+FORMATS = ("acdc-nifti", "ssl4mis-h5", "nnunet")
 
 
 SCHEMA = pa.schema(
@@ -95,54 +97,6 @@ class PrepareConfig:
 
 
 # --------------------------------------------------------------------------- iteration by patient
-
-
-@dataclass(frozen=True)
-class _PatientRef:
-    patient: str
-    paths: tuple[Path, ...]
-
-
-def _patient_refs(source: Path, fmt: str) -> list[_PatientRef]:
-    if fmt == "acdc-nifti":
-        dirs = find_patient_dirs(source)
-        if not dirs:
-            raise PrepareError(f"{source}: empty source: no patientNNN/ folders")
-        seen: dict[str, Path] = {}
-        for d in dirs:
-            if d.name in seen:
-                raise PrepareError(f"{d}: duplicate patient id {d.name} (also {seen[d.name]})")
-            seen[d.name] = d
-        return [_PatientRef(d.name, (d,)) for d in dirs]
-    files = find_h5_volumes(source)
-    if not files:
-        raise PrepareError(f"{source}: empty source: no patientNNN_frame0X.h5 files")
-    by_patient: dict[str, list[Path]] = {}
-    for f in files:
-        by_patient.setdefault(f.name[:10], []).append(f)
-    refs = []
-    for patient, paths in sorted(by_patient.items()):
-        names = [p.name for p in paths]
-        dup = [n for n, c in Counter(names).items() if c > 1]
-        if dup:
-            others = [str(p) for p in paths if p.name == dup[0]]
-            raise PrepareError(f"{others[1]}: duplicate patient id {patient} (also {others[0]})")
-        for frame in ("frame01", "frame02"):
-            if f"{patient}_{frame}.h5" not in names:
-                raise PrepareError(f"{paths[0].parent / f'{patient}_{frame}.h5'}: missing {frame} of {patient}")
-        refs.append(_PatientRef(patient, tuple(sorted(paths))))
-    return refs
-
-
-def _read_patient(ref: _PatientRef, fmt: str, info: dict[str, dict] | None = None) -> list[Volume]:
-    if fmt == "acdc-nifti":
-        return read_nifti_patient(ref.paths[0])
-    volumes = sorted((read_h5_volume(p) for p in ref.paths), key=lambda v: PHASES.index(v.phase))
-    if info is not None:
-        if ref.patient not in info:
-            raise PrepareError(f"{ref.paths[0]}: {ref.patient} has no row in the source's {INFO_CSV}")
-        volumes = [with_info(v, info[ref.patient]) for v in volumes]
-    return volumes
 
 
 # --------------------------------------------------------------------------- split
@@ -246,8 +200,8 @@ def prepare(config: PrepareConfig) -> dict:
     """Read the source, validate everything, write shards atomically; returns the manifest."""
     source, out = Path(config.source), Path(config.out)
     fmt = detect_format(source) if config.source_format == "auto" else config.source_format
-    if fmt not in ("acdc-nifti", "ssl4mis-h5"):
-        raise PrepareError(f"--format {fmt}: must be auto, acdc-nifti or ssl4mis-h5")
+    if fmt not in FORMATS:
+        raise PrepareError(f"--format {fmt}: must be auto, {', '.join(FORMATS)}")
     check_source(source)
     src, dst = source.resolve(), out.resolve()
     if dst == src or src in dst.parents or dst in src.parents:
@@ -258,7 +212,7 @@ def prepare(config: PrepareConfig) -> dict:
         # --overwrite replaces only what prepare wrote: never a user's folder of other files
         raise PrepareError(f"{out}: exists and holds no raysegment manifest.json; --overwrite replaces only "
                            f"shards raysegment wrote, so remove or rename it yourself")
-    refs = _patient_refs(source, fmt)
+    refs = patient_refs(source, fmt)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -282,7 +236,7 @@ def prepare(config: PrepareConfig) -> dict:
     return manifest
 
 
-def _groups(config: PrepareConfig, refs: list[_PatientRef], fmt: str, problems: dict) -> tuple[dict, dict | None]:
+def _groups(config: PrepareConfig, refs: list[PatientRef], fmt: str, problems: dict) -> tuple[dict, dict | None]:
     """(patient → ACDC group, the SSL4MIS info.csv rows or None): the split needs each patient's group,
     and NIfTI groups live in Info.cfg, read up front (one that cannot be read goes into ``problems``)."""
     if fmt == "acdc-nifti":
@@ -293,12 +247,14 @@ def _groups(config: PrepareConfig, refs: list[_PatientRef], fmt: str, problems: 
             except PrepareError as exc:
                 groups[r.patient], problems[r.patient] = "unknown", str(exc)
         return groups, None
+    if fmt == "nnunet":  # the conversion kept no Info.cfg: the group follows the patient number
+        return {r.patient: _group_from_number(r.patient) for r in refs}, None
     csv_path = Path(config.source) / INFO_CSV
     info = read_info_csv(csv_path) if csv_path.is_file() else None
     return {r.patient: (info or {}).get(r.patient, {}).get("group") or _group_from_number(r.patient) for r in refs}, info
 
 
-def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp: Path) -> dict:
+def _write_shards(config: PrepareConfig, refs: list[PatientRef], fmt: str, tmp: Path) -> dict:
     problems: dict[str, str] = {}  # patient → what is wrong with it: all of them are told at the end
     groups, info = _groups(config, refs, fmt, problems)
     splits = assign_splits(groups, config)
@@ -323,7 +279,7 @@ def _write_shards(config: PrepareConfig, refs: list[_PatientRef], fmt: str, tmp:
         if ref.patient in problems:
             continue
         try:
-            volumes = _read_patient(ref, fmt, info)
+            volumes = read_patient(ref, fmt, info)
         except PrepareError as exc:
             problems[ref.patient] = str(exc)
             continue
@@ -387,17 +343,6 @@ def load_manifest(shards: Path | str) -> dict:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def source_patients(source: str | Path) -> Iterator[list[Volume]]:
-    """Each patient's labelled volumes (ED, ES) of an ACDC source in either layout, with the true
-    spacing where the source has it (``Info.cfg``/NIfTI headers, or ``info.csv``), in patient order."""
-    source = Path(source)
-    fmt = detect_format(source)
-    csv_path = source / INFO_CSV
-    info = read_info_csv(csv_path) if fmt == "ssl4mis-h5" and csv_path.is_file() else None
-    for ref in _patient_refs(source, fmt):
-        yield _read_patient(ref, fmt, info)
 
 
 def sample_shards(out: Path) -> Path:

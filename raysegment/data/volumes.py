@@ -215,26 +215,22 @@ def read_nifti_patient(patient_dir: Path) -> list[Volume]:
             raise PrepareError(f"{img_path}: image of the {phase} frame named in Info.cfg is missing")
         if not gt_path.is_file():
             raise PrepareError(f"{gt_path}: missing gt for the {phase} frame")
-        image, zooms = _load_nifti(img_path)
-        label, _ = _load_nifti(gt_path)
-        image, label = _squeeze_trailing(image), _squeeze_trailing(label)
-        if image.ndim != 3 or label.ndim != 3:
-            _check_volume(str(img_path), image, label, str(gt_path))
-        image, label = nifti_to_zyx(image), nifti_to_zyx(label)
-        _check_volume(str(img_path), image, label, str(gt_path))
-        volumes.append(
-            Volume(
-                patient=patient,
-                phase=phase,
-                image=image,
-                label=label.astype(np.uint8),
-                spacing=(zooms[2], zooms[1], zooms[0]),
-                group=info.get("Group", "unknown"),
-                source=str(img_path),
-                info=info_from_cfg(info),
-            )
-        )
+        volumes.append(read_labelled_nifti(img_path, gt_path, patient, phase, info.get("Group", "unknown"),
+                                           info_from_cfg(info)))
     return volumes
+
+
+def read_labelled_nifti(img_path: Path, gt_path: Path, patient: str, phase: str, group: str, info: dict | None) -> Volume:
+    """One frame and its labels from two NIfTI files (spacing from the image's header), checked."""
+    image, zooms = _load_nifti(img_path)
+    label, _ = _load_nifti(gt_path)
+    image, label = _squeeze_trailing(image), _squeeze_trailing(label)
+    if image.ndim != 3 or label.ndim != 3:
+        _check_volume(str(img_path), image, label, str(gt_path))
+    image, label = nifti_to_zyx(image), nifti_to_zyx(label)
+    _check_volume(str(img_path), image, label, str(gt_path))
+    return Volume(patient=patient, phase=phase, image=image, label=label.astype(np.uint8),
+                  spacing=(zooms[2], zooms[1], zooms[0]), group=group, source=str(img_path), info=info)
 
 
 def write_official_patient(root: Path, volumes: list[Volume], info: dict, scale: float = 1800.0,
@@ -273,8 +269,10 @@ def check_source(source: Path) -> None:
                                             else "source folder does not exist"))
 
 
-def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
+def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]:
     check_source(source)
+    if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # ``data.nnunet``
+        return "nnunet"
     if find_patient_dirs(source):
         return "acdc-nifti"
     if find_h5_volumes(source):
@@ -282,4 +280,5 @@ def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5"]:
     if (source / "manifest.json").is_file():
         raise PrepareError(f"{source}: holds shards already (its manifest.json), not an ACDC dataset: give it as "
                            f"--data to train, tune, report or diagnosis")
-    raise PrepareError(f"{source}: empty source: no patientNNN/ folders and no patientNNN_frame0X.h5 files")
+    raise PrepareError(f"{source}: empty source: no patientNNN/ folders, no patientNNN_frame0X.h5 files and no "
+                       f"nnU-Net imagesTr/ + labelsTr/")

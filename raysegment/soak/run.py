@@ -21,7 +21,7 @@ def say(text: str) -> None:
 
 def build_corpus(config: SoakConfig, stage: Path) -> tuple[list, dict[int, list[str]]]:
     """Every study written to ``stage`` (one folder each) → (studies, DICOM series UIDs by study)."""
-    from raysegment.data.prepare import source_patients
+    from raysegment.data.sources import source_patients
 
     patients = list(source_patients(config.source))
     studies = plan(config.studies, config.bad, len(patients), config.waves, config.seed)
