@@ -34,6 +34,21 @@ def test_find_studies_skips_ground_truth(tmp_path):
         find_studies(tmp_path / "missing")
 
 
+def test_an_nnunet_folders_labels_are_its_cases_ground_truth_not_studies(tmp_path):
+    """nnU-Net's raw layout: ``imagesTs/NAME_0000.nii.gz`` is a study whose ground truth is
+    ``labelsTs/NAME.nii.gz`` (Dice in ``infer``'s report); the labels are no studies. A folder named
+    ``labels`` without its ``images`` twin is ordinary input."""
+    for folder in ("imagesTs", "labelsTs", "labels"):
+        (tmp_path / folder).mkdir()
+    image = tmp_path / "imagesTs" / "patient101_frame01_0000.nii.gz"
+    for path in (image, tmp_path / "labelsTs" / "patient101_frame01.nii.gz", tmp_path / "labels" / "other.nii.gz"):
+        path.write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_studies(tmp_path)] == [
+        "imagesTs/patient101_frame01_0000.nii.gz", "labels/other.nii.gz"]
+    assert gt_for(image) == tmp_path / "labelsTs" / "patient101_frame01.nii.gz"
+    assert gt_for(tmp_path / "labels" / "other.nii.gz") is None
+
+
 def test_transposes_round_trip_and_4d_frames_come_first(tmp_path):
     xyz = np.arange(2 * 3 * 4).reshape(2, 3, 4)
     zyx = nifti_to_zyx(xyz)

@@ -94,10 +94,10 @@ def left_out(path: Path, root: Path, patterns) -> bool:
 
 
 def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs=()) -> list[Path]:
-    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``), under
-    ``exclude`` (the job's own output folder, when it lies inside the input) nor matched by
-    ``skip_globs`` (``left_out``). Broken or looping symlinks are kept, so they get a failed row
-    rather than vanish."""
+    """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``, or in an nnU-Net
+    ``labelsXx`` folder), under ``exclude`` (the job's own output folder, when it lies inside the
+    input) nor matched by ``skip_globs`` (``left_out``). Broken or looping symlinks are kept, so
+    they get a failed row rather than vanish."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
@@ -106,7 +106,7 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
     for p in root.rglob("*"):
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")) or study_stem(p).endswith("_gt"):
             continue
-        if skip_globs and left_out(p, root, skip_globs):
+        if is_nnunet_label(p) or (skip_globs and left_out(p, root, skip_globs)):
             continue
         if p.is_symlink() and not p.exists():
             files.append(p)
@@ -115,12 +115,31 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
     return sorted(files)
 
 
+def _nnunet_labels_dir(folder: Path) -> Path | None:
+    """``labelsXx`` beside an nnU-Net ``imagesXx`` folder (imagesTr → labelsTr, imagesTs → labelsTs)."""
+    if folder.name.startswith("images") and (labels := folder.with_name("labels" + folder.name[6:])).is_dir():
+        return labels
+    return None
+
+
+def is_nnunet_label(path: Path) -> bool:
+    """A file in an nnU-Net ``labelsXx`` folder that has its ``imagesXx`` beside it: ground truth."""
+    folder = path.parent
+    return folder.name.startswith("labels") and folder.with_name("images" + folder.name[6:]).is_dir()
+
+
 def gt_for(path: Path) -> Path | None:
-    """The ``<stem>_gt.nii[.gz]`` ground truth beside a study, if any."""
+    """The ground truth of a study, if any: ``<stem>_gt.nii[.gz]`` beside it, or for an nnU-Net case
+    ``imagesXx/NAME_0000.nii.gz`` its ``labelsXx/NAME.nii.gz``."""
     for ext in (".nii.gz", ".nii"):
         cand = path.with_name(study_stem(path) + "_gt" + ext)
         if cand.is_file():
             return cand
+    labels = _nnunet_labels_dir(path.parent)
+    if labels is not None and study_stem(path).endswith("_0000"):
+        for ext in (".nii.gz", ".nii"):
+            if (cand := labels / (study_stem(path)[:-5] + ext)).is_file():
+                return cand
     return None
 
 
