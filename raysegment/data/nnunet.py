@@ -22,10 +22,6 @@ _CASE = re.compile(r"^(patient\d{3})_frame(\d{2})_0000\.nii\.gz$")
 _NAMES = {1: {"rv"}, 2: {"mlv", "myo", "myocardium", "lv_myo"}, 3: {"lvc", "lv", "lv_cavity"}}
 
 
-def is_nnunet_raw(source: Path) -> bool:
-    return (source / IMAGES).is_dir() and (source / LABELS).is_dir()
-
-
 def check_dataset_json(source: Path) -> None:
     """PrepareError unless ``source/dataset.json`` describes one channel and labels 1 RV, 2 MYO, 3 LV
     (nnU-Net v2's ``{name: value}`` or v1's ``{"value": name}``), the classes raysegment segments."""

@@ -271,7 +271,7 @@ def check_source(source: Path) -> None:
 
 def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]:
     check_source(source)
-    if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # ``data.nnunet``
+    if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # read by ``data.nnunet``
         return "nnunet"
     if find_patient_dirs(source):
         return "acdc-nifti"
