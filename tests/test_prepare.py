@@ -475,6 +475,10 @@ def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, cap
     assert b["patients"]["patient001"]["ed_frame"] == 1 and b["patients"]["patient001"]["es_frame"] == 7
     assert main(["--source", str(nn), "--out", str(tmp_path / "c"), "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out
+    # nnU-Net v1's dataset.json ({"value": name}, "modality") describes the same dataset
+    (nn / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"},
+                                                 "labels": {"0": "background", "1": "RV", "2": "MLV", "3": "LVC"}}))
+    assert prepare(PrepareConfig(source=nn, out=tmp_path / "d", **common))["content_hash"] == b["content_hash"]
 
 
 @pytest.mark.parametrize("breaker, says", [
