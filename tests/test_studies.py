@@ -47,6 +47,16 @@ def test_an_nnunet_folders_labels_are_its_cases_ground_truth_not_studies(tmp_pat
         "imagesTs/patient101_frame01_0000.nii.gz", "labels/other.nii.gz"]
     assert gt_for(image) == tmp_path / "labelsTs" / "patient101_frame01.nii.gz"
     assert gt_for(tmp_path / "labels" / "other.nii.gz") is None
+    # No Info.cfg: a patient's two frames there are its ED (the lower number) and ES, paired by patient
+    from raysegment.analysis.clinical import ed_es_pairs
+
+    es, lone = (tmp_path / "imagesTs" / f"{n}_0000.nii.gz" for n in ("patient101_frame14", "patient102_frame01"))
+    es.write_bytes(b"")
+    lone.write_bytes(b"")
+    assert [acdc_phase(p) for p in (image, es, lone)] == ["ED", "ES", None]
+    assert acdc_phase(tmp_path / "labels" / "patient101_frame01_0000.nii.gz") is None  # not an images folder
+    rows = [{"study": str(p), "frame": 0, "status": "done", "phase": acdc_phase(p) or ""} for p in (image, es, lone)]
+    assert {k: sorted(v) for k, v in ed_es_pairs(rows).items()} == {str(tmp_path / "imagesTs" / "patient101"): ["ED", "ES"]}
 
 
 def test_transposes_round_trip_and_4d_frames_come_first(tmp_path):

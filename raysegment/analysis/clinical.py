@@ -60,14 +60,18 @@ def mark_cine_phases(rows: list[dict]) -> None:
 
 def ed_es_pairs(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """Patient → {"ED": row, "ES": row} of finished result rows: an official-layout folder (its two
-    frame files, Info.cfg names them; keyed by the folder) or a cine study — a DICOM series
-    (``dicom:…``) or a 4-D NIfTI file — whose ED and ES are two of its frames (keyed by the study).
-    Patients missing either phase are left out."""
+    frame files, Info.cfg names them; keyed by the folder), a patient's two frames in an nnU-Net
+    images folder (keyed ``…/imagesXx/patientNNN``) or a cine study — a DICOM series (``dicom:…``)
+    or a 4-D NIfTI file — whose ED and ES are two of its frames (keyed by the study). Patients
+    missing either phase are left out."""
+    from raysegment.io.studies import nnunet_patient
+
     cine = {r["study"] for r in rows if r.get("frame", 0) > 0}
     by_patient: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r.get("status") == "done" and r.get("phase") in ("ED", "ES"):
-            key = r["study"] if r["study"] in cine else str(Path(r["study"]).parent)
+            key = (r["study"] if r["study"] in cine
+                   else nnunet_patient(Path(r["study"])) or str(Path(r["study"]).parent))
             by_patient.setdefault(key, {})[r["phase"]] = r
     return {key: phases for key, phases in by_patient.items() if set(phases) == {"ED", "ES"}}
 

@@ -154,12 +154,31 @@ def _official_frame(path: Path) -> tuple[int, dict[str, str]] | None:
     return (int(m.group(1)), parse_info_cfg(info)) if m and info.is_file() else None
 
 
+# nnU-Net's name of an ACDC frame in an ``imagesXx`` folder, e.g. ``patient101_frame01_0000`` (channel 0).
+NNUNET_FRAME = re.compile(r"^(patient\d{3})_frame(\d+)_0000$")
+
+
+def nnunet_patient(path: Path) -> str | None:
+    """``…/imagesXx/patientNNN`` for an ACDC frame in an nnU-Net images folder (the key its ED and ES
+    pair under: the folder holds every patient), else None."""
+    m = NNUNET_FRAME.match(study_stem(path))
+    return str(path.parent / m.group(1)) if m and path.parent.name.startswith("images") else None
+
+
 def acdc_phase(path: Path) -> str | None:
-    """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, else None."""
+    """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, or for one of the two
+    frames of a patient in an nnU-Net images folder (no Info.cfg there: ED is the lower frame number,
+    as in every ACDC patient); else None."""
     frame, values = _official_frame(path) or (None, {})
     for phase in ("ED", "ES"):
         if values.get(phase, "").isdigit() and int(values[phase]) == frame:
             return phase
+    if nnunet_patient(path) is not None:
+        m = NNUNET_FRAME.match(study_stem(path))
+        frames = sorted(int(n.group(2)) for f in path.parent.glob(f"{m.group(1)}_frame*_0000.nii*")
+                        if (n := NNUNET_FRAME.match(study_stem(f))))
+        if len(frames) == 2:
+            return "ED" if int(m.group(2)) == frames[0] else "ES"
     return None
 
 
