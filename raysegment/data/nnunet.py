@@ -11,13 +11,12 @@ Imports ``data.volumes`` and ``io``; nothing above ``data``.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from raysegment.data.volumes import PHASES, PrepareError, Volume, _group_from_number, read_labelled_nifti
+from raysegment.io.studies import NNUNET_FRAME, study_stem
 
 IMAGES, LABELS = "imagesTr", "labelsTr"
-_CASE = re.compile(r"^(patient\d{3})_frame(\d{2})_0000\.nii\.gz$")
 # What each class is called in a dataset.json (nnU-Net's ACDC conversion: RV, MLV, LVC).
 _NAMES = {1: {"rv"}, 2: {"mlv", "myo", "myocardium", "lv_myo"}, 3: {"lvc", "lv", "lv_cavity"}}
 
@@ -51,7 +50,7 @@ def nnunet_cases(source: Path) -> dict[str, list[tuple[int, Path]]]:
     check_dataset_json(source)
     cases: dict[str, list[tuple[int, Path]]] = {}
     for path in sorted(p for p in (source / IMAGES).iterdir() if p.is_file() and not p.name.startswith(".")):
-        m = _CASE.match(path.name)
+        m = NNUNET_FRAME.match(study_stem(path)) if path.name.endswith(".nii.gz") else None
         if not m:
             raise PrepareError(f"{path}: not an ACDC case of nnU-Net's layout (patientNNN_frameFF_0000.nii.gz; "
                                f"one channel)")
@@ -68,7 +67,7 @@ def read_nnunet_patient(patient: str, images: tuple[Path, ...]) -> list[Volume]:
     if len(images) != 2:
         raise PrepareError(f"{source / IMAGES}: {patient} has {len(images)} frames "
                            f"({', '.join(p.name for p in images)}); ACDC labels two, ED and ES")
-    ordered = sorted((int(_CASE.match(p.name).group(2)), p) for p in images)
+    ordered = sorted((int(NNUNET_FRAME.match(study_stem(p)).group(2)), p) for p in images)
     info = {"height_cm": None, "weight_kg": None, "nb_frames": None, "ed_frame": ordered[0][0], "es_frame": ordered[1][0]}
     volumes = []
     for phase, (frame, image) in zip(PHASES, ordered):
