@@ -479,6 +479,10 @@ def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, cap
     (nn / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"},
                                                  "labels": {"0": "background", "1": "RV", "2": "MLV", "3": "LVC"}}))
     assert prepare(PrepareConfig(source=nn, out=tmp_path / "d", **common))["content_hash"] == b["content_hash"]
+    # nnU-Net's splits_final.json as --val-file: refused, saying how to make the text file it takes
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["patient001_frame01"], "val": ["patient002_frame01"]}]))
+    assert main(["--source", str(nn), "--out", str(tmp_path / "e"), "--val-file", str(tmp_path / "splits_final.json")]) == 2
+    assert "JSON (nnU-Net's splits_final.json?); give a text file of val patients" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("breaker, says", [

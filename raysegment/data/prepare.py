@@ -105,8 +105,13 @@ class PrepareConfig:
 def _read_id_list(path: Path) -> list[str]:
     if not path.is_file():
         raise PrepareError(f"{path}: split file missing")
+    text = path.read_text()
+    if text.lstrip().startswith(("[", "{")):  # nnU-Net's splits_final.json: five folds, train and val each
+        raise PrepareError(f"{path}: JSON (nnU-Net's splits_final.json?); give a text file of val patients, one per "
+                           f"line, e.g. fold 0's: python -c \"import json; print(*sorted({{c[:10] for c in "
+                           f"json.load(open('{path}'))[0]['val']}}), sep='\\n')\" > val.txt")
     ids = []
-    for line in path.read_text().split():
+    for line in text.split():
         m = re.search(r"patient\d{3}", line)
         if not m:
             raise PrepareError(f"{path}: line {line!r} names no patientNNN")
