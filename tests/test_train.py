@@ -450,6 +450,7 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
     ("train", ["--data", "SHARDS", "--workers", "0"], "--workers must be ≥ 1"),
     ("train", ["--data", "SHARDS", "--epochs", "-1"], "--epochs must be ≥ 1"),
     ("train", ["--data", "SHARDS", "--minutes", "0"], "--minutes must be > 0"),
+    ("train", ["--data", "SHARDS", "--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be ≥ 1"),
     ("train", ["--data", "SHARDS", "--cpus-per-worker", "0"], "--cpus-per-worker must be > 0"),
     ("train", ["--data", "/nonexistent"], "no shards there"),
     ("tune", ["--data", "SHARDS", "--num-samples", "0"], "--num-samples must be ≥ 1"),

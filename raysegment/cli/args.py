@@ -20,8 +20,8 @@ from raysegment.training.train import RunSpec
 
 # Numeric options by what they may be, across every command (the dest names mean the same everywhere).
 COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
-          "threads", "actors", "limit", "max_attempts", "grace_period", "final_epochs", "repeats", "resamples", "steps",
-          "volumes", "clients", "requests", "studies", "waves")
+          "threads", "actors", "limit", "max_steps_per_epoch", "max_attempts", "grace_period", "final_epochs", "repeats",
+          "resamples", "steps", "volumes", "clients", "requests", "studies", "waves")
 POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor", "lr", "poll_s", "max_body_mb",
             "pixel_mm", "step_timeout")
 NON_NEGATIVE = ("report_figures", "context_slices", "deep_supervision", "ce_weight", "dice_weight", "driver_kills")
@@ -319,6 +319,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="augmentation: zoom factor range")
     p.add_argument("--pixel-mm", type=float, default=_td("pixel_mm"),
                    help="network grid pixel size, mm (default: every slice stretched to --image-size²)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=_td("max_steps_per_epoch"), metavar="N",
+                   help="cap on training steps per epoch (quick checks; default: the whole train split)")
     p.add_argument("--val-every", type=int, default=_td("val_every"), metavar="K",
                    help="validate every K-th epoch and each of the last 3 (what ships is the last epoch)")
     p.add_argument("--precision", default=_td("precision"), choices=["auto", "bf16", "fp16", "fp32"],

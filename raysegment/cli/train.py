@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         loss=LossConfig(ce_weight=a.ce_weight, dice_weight=a.dice_weight, class_weights=tuple(a.class_weights)),
         augment=augment_from_args(a),
         epochs=a.epochs, time_budget_min=a.minutes, batch_size=a.batch_size, lr=a.lr, image_size=a.image_size, crop_size=a.crop_size,
-        pixel_mm=a.pixel_mm, val_every=a.val_every,
+        pixel_mm=a.pixel_mm, val_every=a.val_every, max_steps_per_epoch=a.max_steps_per_epoch,
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads,
     )

@@ -86,7 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"pixels (default: {default_of(TrainConfig, 'image_size')}, or that of --init-weights)")
     p.add_argument("--context-slices", type=int, default=None, choices=[0, 1],
                    help="neighbouring slices per side as input channels (default: 0, or that of --init-weights)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, help="cap on steps per epoch (quick checks)")
     p.add_argument("--grace-period", type=int, default=d("grace_period"), help="epochs before ASHA may stop a trial")
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="NAME=VALUE",
                    help=f"pin a searched parameter ({', '.join(SEARCHED)})")
