@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from raysegment.reporting.report import pyplot, save_figure
 
 LOG_SCALE = ("lr",)  # parameters searched log-uniformly: drawn on a log axis
@@ -54,6 +56,9 @@ def search_figure(trials: list[dict], curves: dict[str, list[tuple[int, float]]]
         if name in LOG_SCALE:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # the minor labels of a short decade overlap
+            values = [x for x, _, _ in xs]
+            ticks = np.geomspace(min(values), max(values), 3) if min(values) < max(values) else values[:1]
+            ax.set_xticks(ticks, [f"{t:.1e}" for t in ticks], fontsize=8)  # its range, not whole decades alone
         elif all(isinstance(x, int) for x, _, _ in xs):  # a choice (decoder_width): its values as ticks
             ax.set_xticks(sorted({x for x, _, _ in xs}))
         ax.set_xlabel(name)
