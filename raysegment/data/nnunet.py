@@ -2,7 +2,7 @@
 conversion of the official release): ``imagesTr/patientNNN_frameFF_0000.nii.gz``,
 ``labelsTr/patientNNN_frameFF.nii.gz`` and ``dataset.json`` (labels RV 1, MLV 2, LVC 3). The
 conversion drops ``Info.cfg``: ED is a patient's lower frame number, ES the higher (ACDC's ED comes
-before its ES in every patient: ED frames 1–4, ES 6–16 for the 80 patients here), the group follows
+before its ES in all 80 patients here: ED frames 1–4, ES 6–16, ``info.csv``), the group follows
 the patient number as for SSL4MIS files, height and weight are unknown.
 
 Imports ``data.volumes`` and ``io``; nothing above ``data``.

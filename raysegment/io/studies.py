@@ -168,7 +168,7 @@ def nnunet_patient(path: Path) -> str | None:
 def acdc_phase(path: Path) -> str | None:
     """'ED'/'ES' for an official-layout frame named in its folder's Info.cfg, or for one of the two
     frames of a patient in an nnU-Net images folder (no Info.cfg there: ED is the lower frame number,
-    as in every ACDC patient); else None."""
+    as in all 80 ACDC patients here); else None."""
     frame, values = _official_frame(path) or (None, {})
     for phase in ("ED", "ES"):
         if values.get(phase, "").isdigit() and int(values[phase]) == frame:
