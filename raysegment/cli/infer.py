@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for masks, DICOM SEGs, results.csv, report.md and ledger.jsonl")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="folder input: leave out files whose path under --input, or name, matches GLOB; repeatable. "
-                        "'*_4d.nii.gz' leaves out the official layout's cine files (ACDC's 4-D file holds 12–35 "
-                        "frames; its ED and ES frame files, what ACDC scores, stay)")
+                        "'*_4d.nii.gz' leaves out the official layout's 4-D cine files (every frame of the cine: 12–35 "
+                        "in the 80 ACDC patients measured; the ED and ES frame files, what ACDC scores, stay)")
     p.add_argument("--mlflow-uri", default=d("tracking_uri"), help="tracking server of the registry (default: MLflow's own default)")
     p.add_argument("--flip-tta", action="store_true", help="average with the horizontally flipped prediction")
     p.add_argument("--batch-size", type=int, default=pd("batch_size"), help="slices per forward pass")
