@@ -31,21 +31,17 @@ from tqdm import tqdm
 
 from raysegment.data.sources import PatientRef, patient_refs, read_patient
 from raysegment.data.splits import stratified_val
-from raysegment.data.volumes import (  # noqa: F401
+from raysegment.data.volumes import (  # noqa: F401  (Volume, read_h5_volume, read_nifti_patient: imported from here)
     INFO_CSV,
-    PHASES,
     PrepareError,
     Volume,
     _group_from_number,
     check_source,
     detect_format,
-    find_h5_volumes,
-    find_patient_dirs,
     read_h5_volume,
     read_info_cfg,
     read_info_csv,
     read_nifti_patient,
-    with_info,
 )
 from raysegment.io.studies import normalize_intensity
 from raysegment.runtime import clear_stale_scratch
@@ -94,9 +90,6 @@ class PrepareConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
-
-
-# --------------------------------------------------------------------------- iteration by patient
 
 
 # --------------------------------------------------------------------------- split
