@@ -10,7 +10,7 @@ from pathlib import Path
 from raysegment.cli import INTERRUPTED, add_in_plane_argument, command_parser
 from raysegment.cli.lost import cluster_gone, watch_cluster
 from raysegment.config import PredictConfig, default_of
-from raysegment.inference.batch import InferConfig, run_batch
+from raysegment.inference.batch import InferConfig, is_dicomweb, run_batch
 from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.runtime import ClusterUnreachable, quiet_environment, stop_signal
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if Path(a.input).is_file():
         p.error(f"--input {a.input}: a file; give the folder that holds it (every study in it is segmented once), "
                 f"or raysegment.segment(FILE) in Python for one study")
-    if a.exclude and a.input.startswith(("http://", "https://")):
+    if a.exclude and is_dicomweb(a.input):
         p.error("--exclude leaves out files of a folder input; a PACS's series are not files")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")

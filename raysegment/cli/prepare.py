@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import default_of
-from raysegment.data.prepare import PrepareConfig, PrepareError, prepare
+from raysegment.data.prepare import FORMATS, PrepareConfig, PrepareError, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, type=Path, help="ACDC folder (official NIfTI, SSL4MIS h5 or nnU-Net raw)")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
     d = lambda name: default_of(PrepareConfig, name)  # noqa: E731
-    p.add_argument("--format", default=d("source_format"), choices=["auto", "acdc-nifti", "ssl4mis-h5", "nnunet"])
+    p.add_argument("--format", default=d("source_format"), choices=["auto", *FORMATS])
     p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
     p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
     p.add_argument("--seed", type=int, default=d("seed"), help="seed of the --val-fraction split")

@@ -349,8 +349,8 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
     def log() -> str:
         mlflow.log_metrics({"cv_accuracy": acc, "cv_accuracy_sd": float(model.meta.get("accuracy_sd", float("nan")))})
         return log_model_quietly(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
-                          artifacts={"diagnosis": str(model_file)}, input_example=example,
-                          pip_requirements=["raysegment", "numpy", "pandas"])
+                                 artifacts={"diagnosis": str(model_file)}, input_example=example,
+                                 pip_requirements=["raysegment", "numpy", "pandas"])
 
     uri = _in_run(None, "diagnosis", log)
     tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),

@@ -43,12 +43,14 @@ def figures_shards(checkpoint_dir: str | Path, shards: str | Path | None) -> Pat
     trained on (its config's ``data``) where this machine has them, else None."""
     import json
 
+    from raysegment.data.dataset import is_bundle
+
     if shards is None:
         shards = json.loads((Path(checkpoint_dir) / "config.json").read_text()).get("data")
     if not shards:
         return None
     shards = Path(shards)
-    return shards if (shards / "manifest.json").is_file() or (shards.is_file() and shards.suffix == ".npz") else None
+    return shards if (shards / "manifest.json").is_file() or (shards.is_file() and is_bundle(shards)) else None
 
 
 def log_version_figures(models: str | list[str], shards: str | Path | None, tracking_uri: str | None = None) -> None:

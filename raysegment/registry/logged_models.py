@@ -56,8 +56,8 @@ def log_model_quietly(**kwargs) -> str:
 def log_pyfunc(artifacts: dict[str, str]) -> str:
     """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
     return log_model_quietly(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                      artifacts=artifacts, signature=pyfunc_signature(),
-                      pip_requirements=["raysegment", "torch", "torchvision", "numpy"])
+                             artifacts=artifacts, signature=pyfunc_signature(),
+                             pip_requirements=["raysegment", "torch", "torchvision", "numpy"])
 
 
 def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
