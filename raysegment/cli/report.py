@@ -9,8 +9,10 @@ from pathlib import Path
 
 from raysegment.analysis.paired import RESAMPLES
 from raysegment.cli import command_parser
-from raysegment.config import IN_PLANE, PredictConfig
-from raysegment.inference.evaluation import evaluate, figures
+from raysegment.cli.report_masks import MASKS_HELP, axes_note, clinical_context, given_masks, model_masks
+from raysegment.config import IN_PLANE
+from raysegment.data.masks import is_mask_folder
+from raysegment.inference.evaluation import evaluate, evaluate_masks, figures
 from raysegment.reporting.report import (
     CLINICAL_INDICES,
     SPLITS,
@@ -24,6 +26,9 @@ from raysegment.reporting.report import (
     read_clinical_csv,
     write_clinical_csv,
 )
+
+# Options that change how a model predicts: nothing to change in masks already written.
+_MODEL_ONLY = ("flip_tta", "no_largest_component", "auto_in_plane", "mask_cache")
 
 
 def _figure_label(ref: str) -> str:
@@ -42,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m raysegment.report compare --a ~/runs/mnv2 --b ~/runs/mnv2-ds --data /data/shards --out /tmp/compare")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
-    ev.add_argument("--model", required=True, action="append",
-                    help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", action="append",
+                      help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
+    what.add_argument("--masks", type=Path, help=MASKS_HELP + ", scored as they are")
     ev.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
     ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits of --data to score")
     ev.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
@@ -68,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "reference masks: MAE, bias, limits of agreement, r, Bland-Altman plots")
     src = cl.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", action="append", help="segment with this model (repeat: an ensemble)")
-    src.add_argument("--masks", type=Path, help="a `python -m raysegment.diagnosis crossval-masks` folder instead of a model")
+    src.add_argument("--masks", type=Path, help=f"{MASKS_HELP}, or a `python -m raysegment.diagnosis crossval-masks` "
+                                                  "folder, instead of a model")
     cl.add_argument("--data", required=True, help="shards with spacing (prepare reads info.csv / NIfTI headers)")
     cl.add_argument("--basal-check", default="none",
                     help="apply the basal ES check of a diagnosis model ('shipped', a JSON file, models:/…) or 'none'")
@@ -101,9 +109,10 @@ def _add_compare(sub) -> None:
                                          "per class (index) with a bootstrap CI over patients, a scatter plot")
     for side in ("a", "b"):
         cp.add_argument(f"--{side}", required=True, action="append", metavar="MODEL",
-                        help="checkpoint folder, .safetensors file or models:/ URI (repeat: an ensemble), or the "
+                        help="checkpoint folder, .safetensors file or models:/ URI (repeat: an ensemble), the "
                              "records.json of `report evaluate --out` (with --metric clinical: the clinical.csv of "
-                             "`report clinical --out`)")
+                             "`report clinical --out`), or a folder of another tool's masks (as `report evaluate "
+                             "--masks`)")
         cp.add_argument(f"--label-{side}", default=None, help=f"name of side {side.upper()} in the table and plot")
     cp.add_argument("--metric", choices=("dice", "clinical"), default="dice",
                     help="dice: 3-D Dice per volume (a side may be a records.json of `report evaluate --out`); "
@@ -125,18 +134,15 @@ def _add_compare(sub) -> None:
 
 
 def _clinical_command(a) -> int:
-    volumes, patients, basal = _clinical_context(a)
-    if a.masks:
-        from raysegment.analysis.diagnosis import load_crossval_masks
-
-        masks = load_crossval_masks(a.masks, volumes)
-        source = f"cross-validated masks in {a.masks}"
-    else:
-        masks = _model_masks(a.model, volumes, a, flip_tta=a.flip_tta)
-        source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
-    if basal is not None:
-        source += f", basal ES check of {a.basal_check}"
+    volumes, patients, basal = clinical_context(a)
     try:
+        if a.masks:
+            masks, source = given_masks(a.masks, volumes, a.data)
+        else:
+            masks = model_masks(a.model, volumes, a, flip_tta=a.flip_tta)
+            source = " + ".join(a.model) + (" (flip TTA)" if a.flip_tta else "")
+        if basal is not None:
+            source += f", basal ES check of {a.basal_check}"
         records = clinical_records(volumes, masks, patients, basal)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -160,29 +166,6 @@ def _clinical_command(a) -> int:
     return 0
 
 
-def _clinical_context(a) -> tuple[list, dict, dict | None]:
-    """The volumes of ``a.splits``, the manifest's patient metadata and the basal ES check (or None)."""
-    from raysegment.data.dataset import load_volumes
-    from raysegment.data.prepare import load_manifest
-
-    patients = load_manifest(a.data).get("patients", {})
-    volumes = [v for split in a.splits for v in load_volumes(a.data, split)]
-    if a.basal_check == "none":
-        return volumes, patients, None
-    from raysegment.analysis.diagnosis import load
-
-    return volumes, patients, load(a.basal_check, a.mlflow_uri).basal_rv
-
-
-def _model_masks(refs: list[str], volumes: list, a, flip_tta: bool = False) -> dict:
-    """(patient, phase) → the masks of model ``refs`` (repeat: an ensemble), through ``a.mask_cache``."""
-    from raysegment.cli.args import progress_line
-    from raysegment.inference.predictor import Predictor, predicted_masks
-
-    return predicted_masks(Predictor.load(refs, PredictConfig(flip_tta=flip_tta), a.mlflow_uri), volumes,
-                           a.mask_cache, progress_line(" + ".join(refs)))
-
-
 def _clinical_sides(a) -> tuple[list[dict], list[dict]]:
     """Both sides of ``report compare --metric clinical``: a clinical.csv as written, or the model's
     masks measured now (volumes, metadata and basal check loaded once for both)."""
@@ -196,9 +179,11 @@ def _clinical_sides(a) -> tuple[list[dict], list[dict]]:
                              "of `report clinical --out`")
         if a.data is None:
             raise ValueError(f"--data is needed to measure {' + '.join(refs)}")
-        context = context or _clinical_context(a)
+        context = context or clinical_context(a)
         volumes, patients, basal = context
-        sides.append(clinical_records(volumes, _model_masks(refs, volumes, a), patients, basal))
+        masks = (given_masks(Path(refs[0]), volumes, a.data)[0] if len(refs) == 1 and is_mask_folder(refs[0])
+                 else model_masks(refs, volumes, a))
+        sides.append(clinical_records(volumes, masks, patients, basal))
     return sides[0], sides[1]
 
 
@@ -225,6 +210,8 @@ def _side_records(refs: list[str], a) -> tuple[list[dict], list[dict] | None]:
     if a.data is None:
         raise ValueError(f"--data is needed to score {' + '.join(refs)}")
     levels = [] if a.by_level else None
+    if len(refs) == 1 and is_mask_folder(refs[0]):
+        return evaluate_masks(refs[0], a.data, a.splits, levels), levels
     records = evaluate(model_ref=refs, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
                        mask_cache=a.mask_cache, levels=levels)
     return records, levels
@@ -310,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     models = dict(m.split("=", 1) if "=" in m else (_figure_label(m), m) for m in a.model) if a.cmd == "figures" else {}
     check_registry(a)
     check_models(p, list(models.values()) or getattr(a, "model", None) or [], a.mlflow_uri)
+    if a.cmd != "figures":
+        axes_note(a)
     if a.cmd == "clinical":
         return _clinical_command(a)
     if a.cmd == "compare":
@@ -319,10 +308,17 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         return 0
     levels, turns = ([] if a.by_level else None), {}
+    if a.masks and (given := [f"--{o.replace('_', '-')}" for o in _MODEL_ONLY if getattr(a, o)]
+                    + (["--in-plane"] if a.in_plane != "as-stored" else [])):
+        p.error(f"{' '.join(given)}: how a model predicts; --masks are scored as they are")
     try:
-        records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
-                           flip_tta=a.flip_tta, largest_component=not a.no_largest_component, mask_cache=a.mask_cache,
-                           levels=levels, in_plane=a.in_plane, auto_in_plane=a.auto_in_plane, turns=turns)
+        if a.masks:
+            records = evaluate_masks(a.masks, a.data, a.splits, levels)
+        else:
+            records = evaluate(model_ref=a.model, shards=a.data, splits=a.splits, tracking_uri=a.mlflow_uri,
+                               flip_tta=a.flip_tta, largest_component=not a.no_largest_component,
+                               mask_cache=a.mask_cache, levels=levels, in_plane=a.in_plane,
+                               auto_in_plane=a.auto_in_plane, turns=turns)
     except (ValueError, FileNotFoundError) as exc:  # e.g. --flip-tta on a model trained without flips
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,8 +20,6 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
     predictions. ``in_plane`` (``config.IN_PLANE``) scores the volumes mirrored or transposed in-plane:
     what a study in another orientation than the training data's costs. ``auto_in_plane`` predicts as
     ``infer`` does (``PredictConfig.in_plane="auto"``), and ``turns`` (a dict) gets what it chose, per turn."""
-    from raysegment.analysis.levels import level_records
-    from raysegment.analysis.metrics import score_records
     from raysegment.data.dataset import load_volumes
     from raysegment.data.volumes import in_plane as turned
     from raysegment.inference.predictor import Predictor, predict_volumes, predicted_masks
@@ -36,12 +34,41 @@ def evaluate(model_ref: str | list[str], shards: str | Path, splits=SPLITS, trac
         else:
             masks = predicted_masks(predictor, volumes, mask_cache)
             pairs = ((v, masks[(v.patient, v.phase)]) for v in volumes)
-        for v, pred in pairs:
-            records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
-            if levels is not None:
-                levels += level_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+        records += _scored(pairs, split, levels)
     if turns is not None:
         turns.update(predictor.auto_turns)
+    return records
+
+
+def evaluate_masks(folder: str | Path, shards: str | Path, splits=SPLITS, levels: list[dict] | None = None) -> list[dict]:
+    """``evaluate``'s records for masks another tool wrote (``data.masks``: NIfTI label maps named as
+    ACDC frames, e.g. nnU-Net's predictions) instead of a model's: scored as they are, no post-processing."""
+    from raysegment.data.dataset import load_volumes
+    from raysegment.data.masks import read_masks
+    from raysegment.data.prepare import load_manifest
+
+    try:
+        manifest = load_manifest(shards)  # the frame numbers masks are named by, the source's axes
+    except FileNotFoundError:  # a bundle or remote shards: masks are matched by the volumes' own info
+        manifest = {}
+    records = []
+    for split in splits:
+        volumes = load_volumes(shards, split)
+        masks = read_masks(Path(folder), volumes, manifest)
+        records += _scored(((v, masks[(v.patient, v.phase)]) for v in volumes), split, levels)
+    return records
+
+
+def _scored(pairs, split: str, levels: list[dict] | None) -> list[dict]:
+    """Dice/HD95/ASSD records of (volume, predicted mask) pairs; ``levels`` extended with their level records."""
+    from raysegment.analysis.levels import level_records
+    from raysegment.analysis.metrics import score_records
+
+    records = []
+    for v, pred in pairs:
+        records += score_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
+        if levels is not None:
+            levels += level_records(pred, v.label, v.spacing, patient=v.patient, phase=v.phase, split=split)
     return records
 
 

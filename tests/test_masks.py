@@ -1,0 +1,112 @@
+"""Masks another tool wrote (nnU-Net, MONAI, infer) scored on shards as a model's are: `report evaluate
+--masks`, `report compare` with a folder side, `report clinical --masks`; names, axes, refusals."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from synth import make_nifti_dataset
+
+from raysegment.cli import report as report_cli
+from raysegment.data.dataset import shard_splits
+from raysegment.data.masks import _key, is_mask_folder
+from raysegment.data.prepare import PrepareConfig, prepare
+from raysegment.inference.evaluation import evaluate_masks
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """(official-layout source, its shards, the splits they hold) of 3 synthetic patients."""
+    root = tmp_path_factory.mktemp("masks")
+    src = make_nifti_dataset(root / "acdc", n=3)
+    prepare(PrepareConfig(source=src, out=root / "shards", progress=False))
+    return src, root / "shards", shard_splits(root / "shards")
+
+
+def _write_masks(src: Path, out: Path, name, change=None) -> Path:
+    """Each frame's _gt as another tool's prediction: file name ``name(case)``, ``change(img)`` applied."""
+    out.mkdir(parents=True, exist_ok=True)
+    for gt in sorted(src.rglob("*_gt.nii.gz")):
+        img = nib.load(gt)
+        img = change(img) if change else img
+        path = out / name(gt.name[: -len("_gt.nii.gz")])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, path)
+    return out
+
+
+def _without_rv(img):
+    data = np.asarray(img.dataobj).copy()
+    data[data == 1] = 0
+    return nib.Nifti1Image(data, img.affine)
+
+
+def test_names_of_masks_other_tools_write():
+    assert _key("patient101_frame01") == ("patient101", "frame01")  # nnU-Net's prediction
+    assert _key("patient001_frame12_1a2b3c4d_seg") == ("patient001", "frame12")  # infer's
+    assert _key("patient001_ED_pred") == ("patient001", "ED")
+    assert _key("patient001_frame01_gt") is None  # the reference
+    assert _key("patient001_frame01_0000") is None  # an nnU-Net image
+    assert _key("patient001_4d") is None and _key("notes") is None
+
+
+def test_masks_score_as_written_and_a_missing_structure_costs_its_dice(official, tmp_path):
+    src, shards, splits = official
+    exact = _write_masks(src, tmp_path / "nnunet", lambda case: f"{case}.nii.gz")
+    records = evaluate_masks(exact, shards, splits)
+    assert len({(r["patient"], r["phase"]) for r in records}) == 6
+    assert all(r["dice"] == pytest.approx(1.0) for r in records)
+    # MONAI-like: in subfolders, a suffix, RV dropped
+    no_rv = _write_masks(src, tmp_path / "monai", lambda case: f"{case}/{case}_seg.nii.gz", _without_rv)
+    assert is_mask_folder(no_rv) and not is_mask_folder(src / "training" / "patient001" / "nothing")
+    dice = {r["class"]: r["dice"] for r in evaluate_masks(no_rv, shards, splits)}
+    assert dice["rv"] == 0.0 and dice["myo"] == pytest.approx(1.0) and dice["lv"] == pytest.approx(1.0)
+
+
+def test_masks_saved_in_other_axes_are_turned_to_the_source_frames(official, tmp_path):
+    src, shards, splits = official
+
+    def lps(img):
+        return img.as_reoriented(ornt_transform(io_orientation(img.affine), axcodes2ornt(("L", "P", "S"))))
+
+    turned = _write_masks(src, tmp_path / "lps", lambda case: f"{case}_pred.nii.gz", lps)
+    assert not np.array_equal(np.asarray(nib.load(next(turned.iterdir())).dataobj),
+                              np.asarray(nib.load(next(src.rglob("patient001_frame01_gt.nii.gz"))).dataobj))
+    assert all(r["dice"] == pytest.approx(1.0) for r in evaluate_masks(turned, shards, splits))
+
+
+def test_report_commands_take_a_masks_folder(official, tmp_path, capsys):
+    src, shards, splits = official
+    exact = _write_masks(src, tmp_path / "a", lambda case: f"{case}.nii.gz")
+    no_rv = _write_masks(src, tmp_path / "b", lambda case: f"{case}_seg.nii.gz", _without_rv)
+    base = ["--data", str(shards), "--splits", *splits]
+    assert report_cli.main(["evaluate", "--masks", str(exact), *base, "--out", str(tmp_path / "ev")]) == 0
+    assert "| all | 1.000 | 1.000 | 1.000 | 1.000 |" in capsys.readouterr().out
+    assert report_cli.main(["compare", "--a", str(exact), "--b", str(no_rv), *base, "--out", str(tmp_path / "cp")]) == 0
+    out = capsys.readouterr().out
+    assert "| RV | 1.000 | 0.000 | -1.000 |" in out and "| LV | 1.000 | 1.000 | +0.000 |" in out, out
+    assert json.loads((tmp_path / "cp" / "compare.json").read_text())["b"] == str(no_rv)
+    assert report_cli.main(["clinical", "--masks", str(exact), *base, "--out", str(tmp_path / "cl")]) == 0
+    assert "Clinical indices of the masks in" in capsys.readouterr().out
+    assert "| lv_ef_pct | 3 | 0.00 |" in (tmp_path / "cl" / "clinical.md").read_text()
+
+
+def test_wrong_masks_are_one_error_line(official, tmp_path, capsys):
+    src, shards, splits = official
+    base = ["--data", str(shards), "--splits", *splits]
+    assert report_cli.main(["evaluate", "--masks", str(src), *base]) == 2  # the images, not masks
+    assert "not a label map" in capsys.readouterr().err
+    some = _write_masks(src, tmp_path / "some", lambda case: f"{case}.nii.gz")
+    next(some.glob("patient002_*")).unlink()
+    assert report_cli.main(["evaluate", "--masks", str(some), *base]) == 2
+    assert "no mask for 1 of " in capsys.readouterr().err
+    small = _write_masks(src, tmp_path / "small", lambda case: f"{case}.nii.gz",
+                         lambda img: nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine))
+    assert report_cli.main(["evaluate", "--masks", str(small), *base]) == 2
+    assert "masks must be on the original frame's grid" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        report_cli.main(["evaluate", "--masks", str(some), "--flip-tta", *base])
+    assert stop.value.code == 2 and "--flip-tta: how a model predicts" in capsys.readouterr().err
