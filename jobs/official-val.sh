@@ -2,7 +2,7 @@
 # Score models the way the held-out patients are scored: the val patients of an SSL4MIS source
 # written in the official ACDC layout (int16 NIfTI, spacing in the header, Info.cfg without its
 # Group line), segmented by `python -m raysegment.infer` (its done line and report.md give the mean
-# Dice against the _gt files), then its results.csv scored: LV/RV EF MAE and bias (%) against the
+# Dice against the reference masks), then its results.csv scored: LV/RV EF MAE and bias (%) against the
 # _gt masks' EFs, diagnosis right.
 #   jobs/official-val.sh SOURCE OUT MODEL [MODEL ...]   e.g.
 #   jobs/official-val.sh ../shared/acdc /tmp/official shipped:densenet121

@@ -150,7 +150,7 @@ def test_scheduled_inference_job(cluster, registered, diagnosis_registered, tmp_
             "--diagnosis", "models:/raysegment-diagnosis@champion"]
     log = submit(cluster, *args)
     assert "6 to segment" in log  # frame01, frame05, _4d of patient007, corrupt, zero, cine_4d
-    assert "Dice against the _gt files (2 frames): RV " in log  # patient007's two frame files have a _gt beside them
+    assert "Dice against the reference masks (2 frames): RV " in log  # patient007's two frame files have a _gt beside them
     assert json.loads((out / "last_run.json").read_text())["dice_vs_gt"]["volumes"] == 2
     # The same means in the console and in report.md (the console's were rounded twice: RV 0.909 against 0.910)
     said = re.search(r"\(2 frames\): RV ([\d.]+), MYO ([\d.]+), LV ([\d.]+), mean (\d\.\d+)", log).groups()

@@ -77,7 +77,7 @@ def done_line(summary: dict, output: str) -> str:
         text += f"; {s['later']} left to later runs (--limit)"
     if "dice_vs_gt" in s:
         d = s["dice_vs_gt"]
-        text += (f". Dice against the _gt files ({d['volumes']} frames): RV {d['dice_rv']:.3f}, MYO {d['dice_myo']:.3f}, "
+        text += (f". Dice against the reference masks ({d['volumes']} frames): RV {d['dice_rv']:.3f}, MYO {d['dice_myo']:.3f}, "
                  f"LV {d['dice_lv']:.3f}, mean {d['dice_mean']:.3f}")
     return text + f". Results: {Path(output) / 'report.md'}"
 
