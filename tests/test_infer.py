@@ -172,7 +172,8 @@ def test_report_and_summary_give_the_mean_dice_of_the_frames_scored_against_gt(t
     summary = rows_dice_summary(rows)
     assert summary == pytest.approx({"volumes": 2, "dice_rv": 0.8, "dice_myo": 0.85, "dice_lv": 0.9, "dice_mean": 0.85})
     text = batch_report(rows, tmp_path / "out", n_figures=0).read_text()
-    assert "Against the reference masks (`_gt` files, nnU-Net's `labelsXx`) of 2 study frames, mean 3-D Dice: RV 0.800, MYO 0.850, LV 0.900 (mean 0.850)." in text
+    assert ("Against the reference masks (`_gt` files, nnU-Net's `labelsXx`) of 2 study frames, mean 3-D Dice: "
+            "RV 0.800, MYO 0.850, LV 0.900 (mean 0.850).") in text
     # --in-plane auto turned one of them: named, so that a folder converted another way is seen
     assert "in-plane orientation than stored (1 study; results' `in_plane` column): a_frame07.nii.gz." in text
     assert rows_dice_summary(rows[2:]) is None and "Against the" not in batch_report(rows[2:], tmp_path / "o2", 0).read_text()

@@ -22,7 +22,8 @@ def official(tmp_path_factory):
     """(official-layout source, its shards, the splits they hold) of 3 synthetic patients."""
     root = tmp_path_factory.mktemp("masks")
     src = make_nifti_dataset(root / "acdc", n=3)
-    prepare(PrepareConfig(source=src, out=root / "shards", progress=False))
+    (root / "val.txt").write_text("patient003\n")
+    prepare(PrepareConfig(source=src, out=root / "shards", val_file=root / "val.txt", progress=False))
     return src, root / "shards", shard_splits(root / "shards")
 
 
@@ -92,6 +93,9 @@ def test_report_commands_take_a_masks_folder(official, tmp_path, capsys):
     assert report_cli.main(["clinical", "--masks", str(exact), *base, "--out", str(tmp_path / "cl")]) == 0
     assert "Clinical indices of the masks in" in capsys.readouterr().out
     assert "| lv_ef_pct | 3 | 0.00 |" in (tmp_path / "cl" / "clinical.md").read_text()
+    assert report_cli.main(["figures", "--model", f"nnunet={no_rv}", "--data", str(shards), "--out", str(tmp_path / "fi")]) == 0
+    assert sorted(p.name for p in (tmp_path / "fi").iterdir()) == ["overlay_nnunet_patient003_ED.png",
+                                                                   "overlay_nnunet_patient003_ES.png"]
 
 
 def test_wrong_masks_are_one_error_line(official, tmp_path, capsys):

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     fi = sub.add_parser("figures", help="learning curves and val overlays of one or more models")
     fi.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
                     help="a checkpoint or run folder, .safetensors file, shipped:BACKBONE or models:/ URI, repeatable "
-                         "(learning curves: those that carry their history, not models:/)")
+                         "(learning curves: those that carry their history, not models:/), or a folder of another "
+                         "tool's masks (as `report evaluate --masks`: overlays only)")
     fi.add_argument("--data", required=True, help="shards folder whose val split the overlays show")
     fi.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment()  # before MLflow loads (models:/ references): no INFO lines, no download bars
     models = dict(m.split("=", 1) if "=" in m else (_figure_label(m), m) for m in a.model) if a.cmd == "figures" else {}
     check_registry(a)
-    check_models(p, list(models.values()) or getattr(a, "model", None) or [], a.mlflow_uri)
+    refs = list(models.values()) if a.cmd == "figures" else getattr(a, "model", None) or []
+    check_models(p, [r for r in refs if not is_mask_folder(r)], a.mlflow_uri)
     if a.cmd != "figures":
         axes_note(a)
     if a.cmd == "clinical":

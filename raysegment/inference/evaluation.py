@@ -44,6 +44,16 @@ def evaluate_masks(folder: str | Path, shards: str | Path, splits=SPLITS, levels
     """``evaluate``'s records for masks another tool wrote (``data.masks``: NIfTI label maps named as
     ACDC frames, e.g. nnU-Net's predictions) instead of a model's: scored as they are, no post-processing."""
     from raysegment.data.dataset import load_volumes
+
+    records = []
+    for split in splits:
+        volumes = load_volumes(shards, split)
+        records += _scored(_folder_pairs(folder, volumes, shards), split, levels)
+    return records
+
+
+def _folder_pairs(folder: str | Path, volumes: list, shards: str | Path) -> list[tuple]:
+    """(volume, its mask in ``folder``) for each of ``volumes`` (``data.masks.read_masks``)."""
     from raysegment.data.masks import read_masks
     from raysegment.data.prepare import load_manifest
 
@@ -51,12 +61,8 @@ def evaluate_masks(folder: str | Path, shards: str | Path, splits=SPLITS, levels
         manifest = load_manifest(shards)  # the frame numbers masks are named by, the source's axes
     except FileNotFoundError:  # a bundle or remote shards: masks are matched by the volumes' own info
         manifest = {}
-    records = []
-    for split in splits:
-        volumes = load_volumes(shards, split)
-        masks = read_masks(Path(folder), volumes, manifest)
-        records += _scored(((v, masks[(v.patient, v.phase)]) for v in volumes), split, levels)
-    return records
+    masks = read_masks(Path(folder), volumes, manifest)
+    return [(v, masks[(v.patient, v.phase)]) for v in volumes]
 
 
 def _scored(pairs, split: str, levels: list[dict] | None) -> list[dict]:
@@ -76,20 +82,24 @@ def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str 
             tracking_uri: str | None = None) -> list[Path]:
     """learning_curves.png over ``models`` (name → model reference; the curves of those that carry
     their history: files and folders) and, per model, an overlay of one val patient's ED and ES
-    volumes (prediction solid, ground truth dashed)."""
+    volumes (prediction solid, ground truth dashed). A reference may be a folder of another tool's
+    masks (``data.masks``): its overlays, no curves."""
     from raysegment.data.dataset import load_volumes
+    from raysegment.data.masks import is_mask_folder
     from raysegment.inference.predictor import Predictor, _local_path, is_registry_uri, predict_volumes
 
     written = []
-    histories = {name: h for name, ref in models.items()
-                 if not is_registry_uri(ref) and (h := model_history(str(_local_path(ref))))}
+    histories = {name: h for name, ref in models.items() if not is_registry_uri(ref) and not is_mask_folder(ref)
+                 and (h := model_history(str(_local_path(ref))))}
     if histories:
         written.append(learning_curves(histories, out / "learning_curves.png"))
     volumes = load_volumes(shards, "val")
     patient = patient or volumes[0].patient
+    chosen = [v for v in volumes if v.patient == patient]
     for name, ref in models.items():
-        predictor = Predictor.load(ref, tracking_uri=tracking_uri)
-        for v, pred in predict_volumes(predictor, (v for v in volumes if v.patient == patient)):
+        pairs = (_folder_pairs(ref, chosen, shards) if is_mask_folder(ref)
+                 else predict_volumes(Predictor.load(ref, tracking_uri=tracking_uri), chosen))
+        for v, pred in pairs:
             written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
                                           title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
                                           gt_zyx=v.label))

@@ -252,7 +252,8 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
     lines = ["# raysegment batch report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
     scored = rows_dice_summary(rows)
     if scored:
-        lines += [f"Against the reference masks (`_gt` files, nnU-Net's `labelsXx`) of {scored['volumes']} study frames, mean 3-D Dice: RV {scored['dice_rv']:.3f}, "
+        lines += [f"Against the reference masks (`_gt` files, nnU-Net's `labelsXx`) of {scored['volumes']} study frames, "
+                  f"mean 3-D Dice: RV {scored['dice_rv']:.3f}, "
                   f"MYO {scored['dice_myo']:.3f}, LV {scored['dice_lv']:.3f} (mean {scored['dice_mean']:.3f}).", ""]
     turned = sorted({Path(r["study"]).name for r in rows if r.get("in_plane") not in (None, "", "as-stored")})
     if turned:  # --in-plane auto chose another orientation than the stored one for these
