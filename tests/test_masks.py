@@ -11,8 +11,8 @@ from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 from synth import make_nifti_dataset
 
 from raysegment.cli import report as report_cli
-from raysegment.data.dataset import shard_splits
-from raysegment.data.masks import _key, is_mask_folder
+from raysegment.data.dataset import load_volumes, shard_splits
+from raysegment.data.masks import _key, is_mask_folder, read_masks
 from raysegment.data.prepare import PrepareConfig, prepare
 from raysegment.inference.evaluation import evaluate_masks
 
@@ -65,6 +65,17 @@ def test_masks_score_as_written_and_a_missing_structure_costs_its_dice(official,
     assert is_mask_folder(no_rv) and not is_mask_folder(src / "training" / "patient001" / "nothing")
     dice = {r["class"]: r["dice"] for r in evaluate_masks(no_rv, shards, splits)}
     assert dice["rv"] == 0.0 and dice["myo"] == pytest.approx(1.0) and dice["lv"] == pytest.approx(1.0)
+
+
+def test_without_frame_numbers_masks_named_by_phase_are_matched(official, tmp_path):
+    """Shards whose volumes and manifest give no frame numbers (a bundle, remote shards): ``patientNNN_ED``."""
+    src, shards, _ = official
+    volumes = load_volumes(shards, "val")
+    folder = _write_masks(src / "training" / "patient003", tmp_path / "by-phase",
+                          lambda case: f"{case.split('_')[0]}_{'ED' if case.endswith('01') else 'ES'}_seg.nii.gz")
+    masks = read_masks(folder, volumes)
+    assert sorted(masks) == [("patient003", "ED"), ("patient003", "ES")]
+    assert all(np.array_equal(masks[(v.patient, v.phase)], v.label) for v in volumes)
 
 
 def test_masks_saved_in_other_axes_are_turned_to_the_source_frames(official, tmp_path):

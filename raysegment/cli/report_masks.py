@@ -37,13 +37,11 @@ def given_masks(folder: Path, volumes: list, data: str) -> tuple[dict, str]:
 
         return load_crossval_masks(folder, volumes), f"cross-validated masks in {folder}"
     from raysegment.data.masks import read_masks
+    from raysegment.data.prepare import load_manifest
 
     if not is_mask_folder(folder):
         raise ValueError(f"{folder}: neither NIfTI masks named as ACDC frames (patient001_frame01[_suffix].nii.gz) "
                          "nor the fold*.npz of `python -m raysegment.diagnosis crossval-masks`")
-
-    from raysegment.data.prepare import load_manifest
-
     return read_masks(Path(folder), volumes, load_manifest(data)), f"the masks in {folder}"
 
 

@@ -134,7 +134,8 @@ def read_masks(folder: Path, volumes: list[Volume], manifest: dict | None = None
         if path is None:
             missing.append(f"{v.patient}_frame{frame:02d}" if frame is not None else f"{v.patient} {v.phase}")
             continue
-        masks[(v.patient, v.phase)] = read_mask(path, v, images.get(f"{v.patient}_frame{frame:02d}"))
+        image = images.get(f"{v.patient}_frame{frame:02d}") if frame is not None else None
+        masks[(v.patient, v.phase)] = read_mask(path, v, image)
     if missing:
         raise ValueError(f"{folder}: no mask for {len(missing)} of {len(volumes)} volumes ({', '.join(missing[:3])}"
                          f"{', …' if len(missing) > 3 else ''}); score only the splits it covers (--splits)")
