@@ -10,7 +10,7 @@ import pytest
 from synth import make_h5_dataset, make_nifti_dataset, make_nifti_patient, synthetic_volume, write_h5, write_info_csv, write_nifti
 
 from raysegment.cli.prepare import main
-from raysegment.data.prepare import PrepareConfig, PrepareError, prepare, read_h5_volume, read_nifti_patient
+from raysegment.data.prepare import PrepareConfig, PrepareError, load_manifest, prepare, read_h5_volume, read_nifti_patient
 from raysegment.io.studies import normalize_intensity
 
 
@@ -483,6 +483,29 @@ def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, cap
     (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["patient001_frame01"], "val": ["patient002_frame01"]}]))
     assert main(["--source", str(nn), "--out", str(tmp_path / "e"), "--val-file", str(tmp_path / "splits_final.json")]) == 2
     assert "JSON (nnU-Net's splits_final.json?); give a text file of val patients" in capsys.readouterr().err
+
+
+def test_an_nnunet_images_folder_prepares_its_own_patients(tmp_path, capsys):
+    """``--source Dataset027_ACDC/imagesTs``: the test patients the conversion put in imagesTs/labelsTs
+    (what an nnU-Net user's test predictions are of), all in one split with ``--val-fraction 0``; the
+    dataset itself still means imagesTr."""
+    official = make_nifti_dataset(tmp_path / "acdc", n=4)
+    nn = _as_nnunet(official, tmp_path / "Dataset027_ACDC")
+    for kind in ("images", "labels"):
+        (nn / f"{kind}Ts").mkdir()
+        for f in (nn / f"{kind}Tr").glob("patient00[34]_*"):
+            f.rename(nn / f"{kind}Ts" / f.name)
+    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "ts"), "--val-fraction", "0",
+                 "--no-progress"]) == 0
+    assert "patients {'train': 2}" in capsys.readouterr().out
+    ts = load_manifest(tmp_path / "ts")
+    assert ts["source_format"] == "nnunet" and sorted(ts["patients"]) == ["patient003", "patient004"]
+    prepare(PrepareConfig(source=official, out=tmp_path / "all", val_fraction=0.0, progress=False))
+    ours = [{k: v for k, v in r.items() if k != "group"} for r in read_rows(tmp_path / "all")
+            if r["patient"] in ("patient003", "patient004")]
+    assert [{k: v for k, v in r.items() if k != "group"} for r in read_rows(tmp_path / "ts")] == ours
+    tr = prepare(PrepareConfig(source=nn, out=tmp_path / "tr", val_fraction=0.0, progress=False))
+    assert sorted(tr["patients"]) == ["patient001", "patient002"]
 
 
 @pytest.mark.parametrize("breaker, says", [

@@ -16,7 +16,7 @@ from pathlib import Path
 from raysegment.data.volumes import PHASES, PrepareError, Volume, _group_from_number, read_labelled_nifti
 from raysegment.io.studies import NNUNET_FRAME, study_stem
 
-IMAGES, LABELS = "imagesTr", "labelsTr"
+IMAGES = "imagesTr"
 # What each class is called in a dataset.json (nnU-Net's ACDC conversion: RV, MLV, LVC).
 _NAMES = {1: {"rv"}, 2: {"mlv", "myo", "myocardium", "lv_myo"}, 3: {"lvc", "lv", "lv_cavity"}}
 
@@ -44,34 +44,47 @@ def check_dataset_json(source: Path) -> None:
         raise PrepareError(f"{path}: {len(channels)} input channels {channels}; raysegment segments one (cine MRI)")
 
 
+def images_folder(source: Path) -> tuple[Path, Path]:
+    """(dataset folder, images folder) of a source: the dataset (its ``imagesTr``), or one of its
+    ``imagesXx`` folders itself (``imagesTs``: the ACDC test patients the conversion put there)."""
+    return (source.parent, source) if source.name.startswith("images") else (source, source / IMAGES)
+
+
+def labels_folder(images: Path) -> Path:
+    """``labelsXx`` beside ``imagesXx``."""
+    return images.with_name("labels" + images.name[len("images"):])
+
+
 def nnunet_cases(source: Path) -> dict[str, list[tuple[int, Path]]]:
-    """Patient → its (frame number, image file) pairs in ``imagesTr``; PrepareError for a file there
-    whose name is no ACDC case (``patientNNN_frameFF_0000.nii.gz``)."""
-    check_dataset_json(source)
+    """Patient → its (frame number, image file) pairs in ``imagesTr`` (or in ``source`` itself where it
+    is an ``imagesXx`` folder); PrepareError for a file there whose name is no ACDC case
+    (``patientNNN_frameFF_0000.nii.gz``)."""
+    root, images = images_folder(source)
+    check_dataset_json(root)
     cases: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(p for p in (source / IMAGES).iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in images.iterdir() if p.is_file() and not p.name.startswith(".")):
         m = NNUNET_FRAME.match(study_stem(path)) if path.name.endswith(".nii.gz") else None
         if not m:
             raise PrepareError(f"{path}: not an ACDC case of nnU-Net's layout (patientNNN_frameFF_0000.nii.gz; "
                                f"one channel)")
         cases.setdefault(m.group(1), []).append((int(m.group(2)), path))
     if not cases:
-        raise PrepareError(f"{source / IMAGES}: empty: no patientNNN_frameFF_0000.nii.gz files")
+        raise PrepareError(f"{images}: empty: no patientNNN_frameFF_0000.nii.gz files")
     return cases
 
 
 def read_nnunet_patient(patient: str, images: tuple[Path, ...]) -> list[Volume]:
-    """ED (the lower frame number) and ES of one patient (its ``imagesTr`` files), each with its
-    ``labelsTr`` labels."""
-    source = images[0].parent.parent
+    """ED (the lower frame number) and ES of one patient (its ``imagesXx`` files), each with its
+    ``labelsXx`` labels."""
+    folder = images[0].parent
     if len(images) != 2:
-        raise PrepareError(f"{source / IMAGES}: {patient} has {len(images)} frames "
+        raise PrepareError(f"{folder}: {patient} has {len(images)} frames "
                            f"({', '.join(p.name for p in images)}); ACDC labels two, ED and ES")
     ordered = sorted((int(NNUNET_FRAME.match(study_stem(p)).group(2)), p) for p in images)
     info = {"height_cm": None, "weight_kg": None, "nb_frames": None, "ed_frame": ordered[0][0], "es_frame": ordered[1][0]}
     volumes = []
     for phase, (frame, image) in zip(PHASES, ordered):
-        label = source / LABELS / f"{patient}_frame{frame:02d}.nii.gz"
+        label = labels_folder(folder) / f"{patient}_frame{frame:02d}.nii.gz"
         if not label.is_file():
             raise PrepareError(f"{label}: missing labels of {image.name}")
         volumes.append(read_labelled_nifti(image, label, patient, phase, _group_from_number(patient), info))

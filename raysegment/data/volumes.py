@@ -273,6 +273,9 @@ def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]
     check_source(source)
     if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # read by ``data.nnunet``
         return "nnunet"
+    labels = source.with_name("labels" + source.name[len("images"):])
+    if source.name.startswith("images") and labels.is_dir() and (source.parent / "dataset.json").is_file():
+        return "nnunet"  # one of a dataset's imagesXx folders: imagesTs, the ACDC test patients
     if find_patient_dirs(source):
         return "acdc-nifti"
     if find_h5_volumes(source):
