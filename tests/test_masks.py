@@ -122,6 +122,10 @@ def test_wrong_masks_are_one_error_line(official, tmp_path, capsys):
                          lambda img: nib.Nifti1Image(np.asarray(img.dataobj)[:-2], img.affine))
     assert report_cli.main(["evaluate", "--masks", str(small), *base]) == 2
     assert "masks must be on the original frame's grid" in capsys.readouterr().err
+    onehot = _write_masks(src, tmp_path / "onehot", lambda case: f"{case}.nii.gz",
+                          lambda img: nib.Nifti1Image(np.eye(4, dtype=np.float32)[np.asarray(img.dataobj)], img.affine))
+    assert report_cli.main(["evaluate", "--masks", str(onehot), *base]) == 2
+    assert "is 4-D (48, 40, 4, 4) (one channel per class? save the argmax)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         report_cli.main(["evaluate", "--masks", str(some), "--flip-tta", *base])
     assert stop.value.code == 2 and "--flip-tta: how a model predicts" in capsys.readouterr().err

@@ -102,7 +102,8 @@ def read_mask(path: Path, volume: Volume, image: Path | None = None) -> np.ndarr
     except Exception as exc:  # truncated gzip, not NIfTI
         raise ValueError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
     if data.ndim != 3:
-        raise ValueError(f"{path}: a mask is 3-D, this is {data.ndim}-D {data.shape}")
+        raise ValueError(f"{path}: a mask is 3-D, this is {data.ndim}-D {data.shape}"
+                         + (" (one channel per class? save the argmax)" if data.ndim == 4 and LABELS in data.shape else ""))
     values = np.unique(data)
     if not np.all((values >= 0) & (values < LABELS) & (values == np.round(values))):
         bad = values[(values < 0) | (values >= LABELS) | (values != np.round(values))]
