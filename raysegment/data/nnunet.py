@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from raysegment.data.volumes import PHASES, PrepareError, Volume, _group_from_number, read_labelled_nifti
-from raysegment.io.studies import NNUNET_FRAME, study_stem
+from raysegment.io.studies import NNUNET_FRAME, nnunet_labels_path, study_stem
 
 IMAGES = "imagesTr"
 # What each class is called in a dataset.json (nnU-Net's ACDC conversion: RV, MLV, LVC).
@@ -50,11 +50,6 @@ def images_folder(source: Path) -> tuple[Path, Path]:
     return (source.parent, source) if source.name.startswith("images") else (source, source / IMAGES)
 
 
-def labels_folder(images: Path) -> Path:
-    """``labelsXx`` beside ``imagesXx``."""
-    return images.with_name("labels" + images.name[len("images"):])
-
-
 def nnunet_cases(source: Path) -> dict[str, list[tuple[int, Path]]]:
     """Patient → its (frame number, image file) pairs in ``imagesTr`` (or in ``source`` itself where it
     is an ``imagesXx`` folder); PrepareError for a file there whose name is no ACDC case
@@ -84,7 +79,7 @@ def read_nnunet_patient(patient: str, images: tuple[Path, ...]) -> list[Volume]:
     info = {"height_cm": None, "weight_kg": None, "nb_frames": None, "ed_frame": ordered[0][0], "es_frame": ordered[1][0]}
     volumes = []
     for phase, (frame, image) in zip(PHASES, ordered):
-        label = labels_folder(folder) / f"{patient}_frame{frame:02d}.nii.gz"
+        label = nnunet_labels_path(folder) / f"{patient}_frame{frame:02d}.nii.gz"
         if not label.is_file():
             raise PrepareError(f"{label}: missing labels of {image.name}")
         volumes.append(read_labelled_nifti(image, label, patient, phase, _group_from_number(patient), info))

@@ -16,6 +16,7 @@ from raysegment.io.studies import (
     ed_es_fault,
     info_from_cfg,
     nifti_to_zyx,
+    nnunet_labels_dir,
     parse_info_cfg,
     turn_in_plane,
     turn_spacing,
@@ -273,8 +274,7 @@ def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]
     check_source(source)
     if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # read by ``data.nnunet``
         return "nnunet"
-    labels = source.with_name("labels" + source.name[len("images"):])
-    if source.name.startswith("images") and labels.is_dir() and (source.parent / "dataset.json").is_file():
+    if nnunet_labels_dir(source) is not None and (source.parent / "dataset.json").is_file():
         return "nnunet"  # one of a dataset's imagesXx folders: imagesTs, the ACDC test patients
     if find_patient_dirs(source):
         return "acdc-nifti"

@@ -115,9 +115,15 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
     return sorted(files)
 
 
-def _nnunet_labels_dir(folder: Path) -> Path | None:
-    """``labelsXx`` beside an nnU-Net ``imagesXx`` folder (imagesTr → labelsTr, imagesTs → labelsTs)."""
-    if folder.name.startswith("images") and (labels := folder.with_name("labels" + folder.name[6:])).is_dir():
+def nnunet_labels_path(images: Path) -> Path:
+    """Where nnU-Net keeps the labels of an ``imagesXx`` folder: ``labelsXx`` beside it (imagesTr →
+    labelsTr, imagesTs → labelsTs), whether or not it is there."""
+    return images.with_name("labels" + images.name[len("images"):])
+
+
+def nnunet_labels_dir(folder: Path) -> Path | None:
+    """``labelsXx`` beside an nnU-Net ``imagesXx`` folder where it is there, else None."""
+    if folder.name.startswith("images") and (labels := nnunet_labels_path(folder)).is_dir():
         return labels
     return None
 
@@ -135,7 +141,7 @@ def gt_for(path: Path) -> Path | None:
         cand = path.with_name(study_stem(path) + "_gt" + ext)
         if cand.is_file():
             return cand
-    labels = _nnunet_labels_dir(path.parent)
+    labels = nnunet_labels_dir(path.parent)
     if labels is not None and study_stem(path).endswith("_0000"):
         for ext in (".nii.gz", ".nii"):
             if (cand := labels / (study_stem(path)[:-5] + ext)).is_file():
