@@ -36,13 +36,12 @@ def given_masks(folder: Path, volumes: list, data: str) -> tuple[dict, str]:
         from raysegment.analysis.diagnosis import load_crossval_masks
 
         return load_crossval_masks(folder, volumes), f"cross-validated masks in {folder}"
-    from raysegment.data.masks import read_masks
-    from raysegment.data.prepare import load_manifest
+    from raysegment.inference.evaluation import folder_masks
 
     if not is_mask_folder(folder):
         raise ValueError(f"{folder}: neither NIfTI masks named as ACDC frames (patient001_frame01[_suffix].nii.gz) "
                          "nor the fold*.npz of `python -m raysegment.diagnosis crossval-masks`")
-    return read_masks(Path(folder), volumes, load_manifest(data)), f"the masks in {folder}"
+    return folder_masks(folder, volumes, data), f"the masks in {folder}"
 
 
 def axes_note(a) -> None:

@@ -45,15 +45,17 @@ def evaluate_masks(folder: str | Path, shards: str | Path, splits=SPLITS, levels
     ACDC frames, e.g. nnU-Net's predictions) instead of a model's: scored as they are, no post-processing."""
     from raysegment.data.dataset import load_volumes
 
+    volumes = {split: load_volumes(shards, split) for split in splits}
+    masks = folder_masks(folder, [v for vs in volumes.values() for v in vs], shards)  # one walk of the folder
     records = []
-    for split in splits:
-        volumes = load_volumes(shards, split)
-        records += _scored(_folder_pairs(folder, volumes, shards), split, levels)
+    for split, vs in volumes.items():
+        records += _scored(((v, masks[(v.patient, v.phase)]) for v in vs), split, levels)
     return records
 
 
-def _folder_pairs(folder: str | Path, volumes: list, shards: str | Path) -> list[tuple]:
-    """(volume, its mask in ``folder``) for each of ``volumes`` (``data.masks.read_masks``)."""
+def folder_masks(folder: str | Path, volumes: list, shards: str | Path) -> dict:
+    """(patient, phase) → the mask in ``folder`` of each of ``volumes`` (``data.masks.read_masks``, with
+    the frame numbers and source of the ``shards``' manifest)."""
     from raysegment.data.masks import read_masks
     from raysegment.data.prepare import load_manifest
 
@@ -61,8 +63,7 @@ def _folder_pairs(folder: str | Path, volumes: list, shards: str | Path) -> list
         manifest = load_manifest(shards)  # the frame numbers masks are named by, the source's axes
     except FileNotFoundError:  # a bundle or remote shards: masks are matched by the volumes' own info
         manifest = {}
-    masks = read_masks(Path(folder), volumes, manifest)
-    return [(v, masks[(v.patient, v.phase)]) for v in volumes]
+    return read_masks(Path(folder), volumes, manifest)
 
 
 def _scored(pairs, split: str, levels: list[dict] | None) -> list[dict]:
@@ -97,8 +98,11 @@ def figures(models: dict[str, str], shards: str | Path, out: Path, patient: str 
     patient = patient or volumes[0].patient
     chosen = [v for v in volumes if v.patient == patient]
     for name, ref in models.items():
-        pairs = (_folder_pairs(ref, chosen, shards) if is_mask_folder(ref)
-                 else predict_volumes(Predictor.load(ref, tracking_uri=tracking_uri), chosen))
+        if is_mask_folder(ref):
+            masks = folder_masks(ref, chosen, shards)
+            pairs = [(v, masks[(v.patient, v.phase)]) for v in chosen]
+        else:
+            pairs = predict_volumes(Predictor.load(ref, tracking_uri=tracking_uri), chosen)
         for v, pred in pairs:
             written.append(overlay_slices(v.image, pred, out / f"overlay_{name}_{v.patient}_{v.phase}.png", n_slices=4,
                                           title=f"{name}: {v.patient} {v.phase} (solid: prediction, dashed: reference)",
