@@ -70,11 +70,37 @@ def test_json_classifier_equals_sklearn_soft_vote_and_survives_a_round_trip():
 
 def test_a_file_of_another_format_or_feature_list_is_refused():
     x, y = _toy_features(4)
-    d = json.loads(diagnosis.fit(x, y).to_json())
+    d = json.loads(diagnosis.fit(x, y, bsa_m2=1.9).to_json())
     with pytest.raises(ValueError, match="not a raysegment-diagnosis"):
         diagnosis.DiagnosisModel.from_json(json.dumps({**d, "format": "other"}))
+    # A /1 file (before the training median BSA) still reads, without a BSA to index by.
+    old = {k: v for k, v in d.items() if k != "bsa_m2"} | {"format": "raysegment-diagnosis/1"}
+    assert diagnosis.DiagnosisModel.from_json(json.dumps(old)).bsa_m2 is None
+    assert diagnosis.DiagnosisModel.from_json(json.dumps(d)).bsa_m2 == 1.9
     with pytest.raises(ValueError, match="other features"):
         diagnosis.DiagnosisModel.from_json(json.dumps({**d, "features": ["lv_ef_pct"]}))
+
+
+def test_a_patient_without_height_or_weight_is_indexed_by_the_models_median_bsa():
+    """No BSA: the volumes (mL) and mass (g) are divided by the model's training median BSA, so a
+    patient whose BSA is that median gets the features it would have with height and weight; a model
+    without one (a /1 file) leaves them NaN, to be filled feature by feature."""
+    from raysegment.analysis.clinical import patient_indices
+
+    _, label = synthetic_volume(1, shape=(5, 40, 48))
+    _, es = synthetic_volume(2, shape=(5, 40, 48), lv_radius=5.0)
+    known = patient_indices(label, es, (10.0, 1.5, 1.5), 180.0, 80.0)  # BSA 2.0 m²
+    unknown = patient_indices(label, es, (10.0, 1.5, 1.5), None, None)
+    indexed = [i for i, f in enumerate(diagnosis.FEATURES) if f.endswith("_per_m2")]
+    assert np.isnan(diagnosis.features(unknown)[indexed]).all()
+    np.testing.assert_allclose(diagnosis.features(unknown, 2.0), diagnosis.features(known))
+    np.testing.assert_allclose(diagnosis.features(known, 1.5), diagnosis.features(known))  # a known BSA wins
+    model = diagnosis.fit(*_toy_features(4), bsa_m2=2.0)
+    np.testing.assert_allclose(model.features(unknown), diagnosis.features(known))
+    patients = {"a": {"height_cm": 180.0, "weight_kg": 80.0}, "b": {"height_cm": 160.0, "weight_kg": 64.0},
+                "c": {"height_cm": 190.0, "weight_kg": 90.0}, "d": {}}
+    assert diagnosis.median_bsa_m2(["a", "b", "c", "d"], patients) == pytest.approx(2.0)
+    assert diagnosis.median_bsa_m2(["d"], patients) is None
 
 
 def test_cross_validation_reports_accuracy_and_a_confusion_matrix_of_every_prediction():
@@ -404,6 +430,7 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
                                "--repeats", "1", "--out", str(out)]) == 0
     model = diagnosis.load(out)
     assert model.meta["patients"] == 15 and "accuracy" in model.meta
+    assert model.bsa_m2 == pytest.approx(2.0, abs=1e-4)  # every Info.cfg: 180 cm, 80 kg
     with open(out.with_suffix(".features.csv"), newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["patient", "group", *diagnosis.FEATURES]

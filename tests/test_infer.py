@@ -550,6 +550,20 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     assert sum(probs) == pytest.approx(1.0, abs=1e-3)
     assert ed["diagnosis"] == GROUPS[int(np.argmax(model.predict_proba(features(ind))[0]))]
     assert ed["group_reference"] == "HCM"
+    # Without height and weight the diagnosis indexes the volumes by the model's training median BSA
+    # (its features are those of a patient of that BSA), not by each indexed volume's median.
+    info = pdir / "Info.cfg"
+    plain_info = info.read_text()
+    info.write_text("".join(line for line in plain_info.splitlines(True) if not line.startswith(("Height", "Weight"))))
+    unsized = _patient_rows(pdir)
+    add_patient_clinical(unsized, model)
+    no_bsa, _ = checked_indices(masks[0], masks[1], (10.0, 1.5, 1.25), None, None, model.basal_rv)
+    assert "no_height_weight" in unsized[0]["patient_qc_flags"] and np.isnan(unsized[0]["bsa_m2"])
+    sized = no_bsa | {k: v * 2.0 / model.bsa_m2 for k, v in ind.items() if k.endswith("_per_m2")}
+    p = model.predict_proba(features(sized))[0]
+    assert [unsized[0][f"p_{g}"] for g in GROUPS] == pytest.approx(p.round(4).tolist(), abs=1e-4)
+    assert not np.allclose(p, model.predict_proba(features(no_bsa))[0], atol=1e-3)  # what each median gave
+    info.write_text(plain_info)
     # The Group line is for scoring only: another group there changes nothing else.
     info = pdir / "Info.cfg"
     info.write_text(info.read_text().replace("Group: HCM", "Group: NOR"))

@@ -25,13 +25,17 @@ FEATURES = ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml_per_m2", "lv_esv_ml_per_m2", "r
             "lv_mass_g_per_m2", "mass_to_lv_edv", "rv_to_lv_edv", "myo_thickness_max_mm", "myo_thickness_mean_mm",
             "myo_thickness_sd_mm", "myo_es_thickness_max_mm", "myo_es_thickness_mean_mm", "myo_es_thickness_sd_mm",
             "myo_thickening_pct")
-FORMAT = "raysegment-diagnosis/1"
+FORMAT = "raysegment-diagnosis/2"  # /2 adds ``bsa_m2``; a /1 file reads as before (no BSA fill)
+READS = (FORMAT, "raysegment-diagnosis/1")
 SHIPPED = Path(__file__).parents[1] / "shipped" / "diagnosis.json"
 
 
-def features(indices: dict) -> np.ndarray:
-    """The ``FEATURES`` vector of one patient from its ``clinical.patient_indices`` (NaN where unknown,
-    e.g. the indexed volumes without height and weight)."""
+def features(indices: dict, bsa_m2: float | None = None) -> np.ndarray:
+    """The ``FEATURES`` vector of one patient from its ``clinical.patient_indices`` (NaN where unknown).
+    A patient without height or weight (``bsa_m2`` NaN) has its volumes (mL) and mass (g) indexed by
+    ``bsa_m2`` (m²; a model's training median), else left NaN."""
+    if bsa_m2 and not np.isfinite(indices.get("bsa_m2", np.nan)):
+        indices = indices | {f: indices[f.removesuffix("_per_m2")] / bsa_m2 for f in FEATURES if f.endswith("_per_m2")}
     ratios = {"mass_to_lv_edv": indices["lv_mass_g"] / indices["lv_edv_ml"] if indices["lv_edv_ml"] > 0 else np.nan,
               "rv_to_lv_edv": indices["rv_edv_ml"] / indices["lv_edv_ml"] if indices["lv_edv_ml"] > 0 else np.nan}
     return np.array([ratios[f] if f in ratios else indices[f] for f in FEATURES], float)
@@ -40,8 +44,9 @@ def features(indices: dict) -> np.ndarray:
 @dataclass(frozen=True)
 class DiagnosisModel:
     """A fitted classifier as plain numbers (JSON; nothing unpickled): features standardised, the
-    soft vote of a multinomial logistic regression and a random forest. NaN features (no height or
-    weight) take the training median."""
+    soft vote of a multinomial logistic regression and a random forest. NaN features take the
+    training median; a patient without height or weight is indexed by the training patients' median
+    BSA (``bsa_m2``), since the median of each indexed volume would contradict its own volumes."""
 
     classes: tuple[str, ...]
     fill: tuple[float, ...]  # training medians (0 for a feature no training patient had)
@@ -52,6 +57,11 @@ class DiagnosisModel:
     trees: tuple[dict, ...]  # left, right, feature, threshold, value (class shares per node)
     meta: dict = field(default_factory=dict)  # accuracy, cross-validation, segmenter, data
     basal_rv: dict | None = None  # the basal ES check (``clinical.checked_indices``) the indices and features use
+    bsa_m2: float | None = None  # the training patients' median BSA (m²), for a patient without height or weight
+
+    def features(self, indices: dict) -> np.ndarray:
+        """This model's ``FEATURES`` row of one patient's ``clinical.patient_indices``."""
+        return features(indices, self.bsa_m2)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities (N, classes) of feature rows (N, FEATURES)."""
@@ -73,8 +83,8 @@ class DiagnosisModel:
     @classmethod
     def from_json(cls, text: str) -> "DiagnosisModel":
         d = json.loads(text)
-        if d.pop("format", None) != FORMAT:
-            raise ValueError(f"not a {FORMAT} file")
+        if d.pop("format", None) not in READS:
+            raise ValueError(f"not a {' or '.join(READS)} file (written by a newer raysegment?)")
         if tuple(d.pop("features")) != FEATURES:
             raise ValueError("written for other features than this raysegment computes")
         return cls(**{k: tuple(map(tuple, v)) if k == "coef" else tuple(v) if isinstance(v, list) else v
@@ -101,8 +111,9 @@ def _sklearn_models(seed: int):
     return LogisticRegression(C=1.0, max_iter=5000), RandomForestClassifier(n_estimators=300, random_state=seed)
 
 
-def fit(x: np.ndarray, y: list[str], seed: int = 0, meta: dict | None = None) -> DiagnosisModel:
-    """Fit the classifier on feature rows ``x`` (N, FEATURES) and groups ``y``."""
+def fit(x: np.ndarray, y: list[str], seed: int = 0, meta: dict | None = None, bsa_m2: float | None = None) -> DiagnosisModel:
+    """Fit the classifier on feature rows ``x`` (N, FEATURES) and groups ``y``; ``bsa_m2``: see
+    ``DiagnosisModel`` (``median_bsa_m2``)."""
     x, y = np.asarray(x, float), np.asarray(y)
     classes = tuple(g for g in GROUPS if g in set(y)) + tuple(sorted(set(y) - set(GROUPS)))
     fill = np.zeros(x.shape[1])  # a feature no patient has (a structure never drawn): 0, no information
@@ -124,7 +135,18 @@ def fit(x: np.ndarray, y: list[str], seed: int = 0, meta: dict | None = None) ->
                       "threshold": t.threshold.tolist(), "value": np.round(value[:, order_rf], 6).tolist()})
     return DiagnosisModel(classes=classes, fill=tuple(fill.tolist()), mean=tuple(mean.tolist()), scale=tuple(scale.tolist()),
                           coef=tuple(tuple(r) for r in lr.coef_[order_lr].tolist()),
-                          intercept=tuple(lr.intercept_[order_lr].tolist()), trees=tuple(trees), meta=meta or {})
+                          intercept=tuple(lr.intercept_[order_lr].tolist()), trees=tuple(trees), meta=meta or {},
+                          bsa_m2=bsa_m2)
+
+
+def median_bsa_m2(names: list[str], patients: dict) -> float | None:
+    """The median body surface area (m²) of the ``names`` whose manifest metadata (``patients``) has
+    height and weight; None when none has."""
+    from raysegment.analysis.clinical import body_surface_area_m2
+
+    bsa = [body_surface_area_m2(patients.get(n, {}).get("height_cm"), patients.get(n, {}).get("weight_kg")) for n in names]
+    known = [b for b in bsa if b is not None and np.isfinite(b)]
+    return round(float(np.median(known)), 4) if known else None
 
 
 def cross_validate(x: np.ndarray, y: list[str], folds: int = 5, repeats: int = 10, seed: int = 0) -> dict:
@@ -331,13 +353,13 @@ def excess_by_slice(volumes: list[Volume], masks: dict, patients: set[str], posi
     return {name: (total / np.maximum(counts, 1)).round(2).tolist() for name, total in sums.items()}
 
 
-def patient_features(volumes: list[Volume], masks: dict, patients: dict,
-                     basal_rv: dict | None = None) -> tuple[list[str], np.ndarray, list[str]]:
-    """(patients, feature rows, groups) of ``predicted_indices``."""
+def patient_features(volumes: list[Volume], masks: dict, patients: dict, basal_rv: dict | None = None,
+                     bsa_m2: float | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    """(patients, feature rows, groups) of ``predicted_indices`` (``bsa_m2``: see ``features``)."""
     names, rows, groups = [], [], []
     for ed, _, ind, _ in predicted_indices(volumes, masks, patients, basal_rv):
         names.append(ed.patient)
-        rows.append(features(ind))
+        rows.append(features(ind, bsa_m2))
         groups.append(ed.group)
     return names, np.array(rows), groups
 

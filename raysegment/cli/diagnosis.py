@@ -23,6 +23,7 @@ from raysegment.analysis.diagnosis import (
     fit_basal_check,
     load,
     load_crossval_masks,
+    median_bsa_m2,
     misdiagnosed,
     patient_features,
 )
@@ -44,7 +45,9 @@ def _fit_command(a) -> int:
     train, val = set(manifest["splits"]["train"]), set(manifest["splits"].get("val", []))
     # The basal check learns from the train split only, so val keeps measuring it on unseen patients.
     basal = fit_basal_check(volumes, masks, train, seed=a.seed)
-    names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal)
+    # A patient without height or weight is indexed by the others' median BSA, in fitting as in use.
+    bsa = median_bsa_m2(sorted({v.patient for v in volumes}), manifest.get("patients", {}))
+    names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal, bsa)
     if len(set(y)) < 3 or len(names) < 10:  # the JSON classifier is multinomial: 3 groups or more
         print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
         return 2
@@ -62,7 +65,7 @@ def _fit_command(a) -> int:
         check = (f"Val check (fitted on the train split's {held['fitted_on']} patients, scored on the val split's "
                  f"{held['n']}): {held['correct']}/{held['n']} right ({', '.join(held['wrong']) or 'none wrong'}).")
         print(check)
-    model = replace(fit(x, y, seed=a.seed, meta=meta), basal_rv=basal)
+    model = replace(fit(x, y, seed=a.seed, meta=meta, bsa_m2=bsa), basal_rv=basal)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(model.to_json() + "\n")
     table = confusion_markdown(cv)

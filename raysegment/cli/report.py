@@ -264,7 +264,7 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
     from raysegment.analysis.diagnosis import load, misdiagnosed, patient_features
 
     model = load(ref, tracking_uri)
-    names, x, groups = patient_features(volumes, masks, patients, model.basal_rv)
+    names, x, groups = patient_features(volumes, masks, patients, model.basal_rv, model.bsa_m2)
     wrong = misdiagnosed(names, groups, model.predict(x) if names else [])
     return (f"Diagnosis ({ref}): {len(names) - len(wrong)}/{len(names)} right"
             + (f" (wrong: {', '.join(wrong)})" if wrong else ""))

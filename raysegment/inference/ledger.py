@@ -110,7 +110,6 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     ED's); the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's ``Group`` is copied
     as ``group_reference``, for scoring only: it is never an input."""
     from raysegment.analysis.clinical import checked_indices, ed_es_pairs, patient_flags
-    from raysegment.analysis.diagnosis import features
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
 
     for key, phases in ed_es_pairs(rows).items():
@@ -136,7 +135,7 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
             # up. (ACDC picks ED and ES by the LV; a slightly negative RV EF is a real, akinetic RV's.)
             extra["diagnosis_withheld"] = "es_above_ed_lv"
         elif diagnosis is not None:
-            p = diagnosis.predict_proba(features(ind))[0]
+            p = diagnosis.predict_proba(diagnosis.features(ind))[0]
             extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
             extra |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}
         if info.get("Group"):

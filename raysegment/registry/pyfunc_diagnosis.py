@@ -1,7 +1,9 @@
 """MLflow pyfunc of the diagnosis classifier, defined from code (its artifact is the model's JSON).
 
 ``predict`` takes feature rows (a DataFrame with the ``raysegment.analysis.diagnosis.FEATURES`` columns, or an
-(N, features) array) and returns a DataFrame: ``group`` and one ``p_<GROUP>`` column per class.
+(N, features) array) and returns a DataFrame: ``group`` and one ``p_<GROUP>`` column per class. A row
+of a patient without height or weight is best made by ``DiagnosisModel.features`` (its volumes indexed
+by the model's training median BSA); NaN columns take their training medians one by one.
 """
 
 from __future__ import annotations
