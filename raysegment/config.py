@@ -242,6 +242,8 @@ class ServeConfig:
     pacs: str | None = None  # DICOMweb URL the PACS push retrieves series from and stores SEGs to
     output: str | None = None  # with ``pacs``: masks, SEGs and the ledger shared with the scheduled job
     store: bool = True  # with ``pacs``: STOW-RS the SEGs back
+    # ``?format=json``'s diagnosis of a cine: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
+    diagnosis: str | None = "shipped"
 
 
 def default_of(cls, name: str):

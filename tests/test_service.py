@@ -112,6 +112,7 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stac
         "no such route": (requests.get(f"{url}/", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30), 404),
         "ES frame out of range": (_post(url, _nifti(np.stack([_study(), _study(4)], -1)), params="?format=json&ed=0&es=5"), 400),
         "ED and ES the same frame": (_post(url, good, params="?format=json&ed=1&es=1"), 400),
+        "height not a number": (_post(url, good, params="?format=json&height_cm=tall"), 400),
     }
     for kind, (response, status) in bad.items():
         assert response.status_code == status, (kind, response.status_code, response.text)
@@ -144,6 +145,11 @@ def test_the_service_mask_is_byte_for_byte_raysegment_segment(stack, tmp_path):
     counts = np.asarray(local.dataobj)[..., 0]
     assert summary["frames"][0]["voxels_lv"] == int((counts == 3).sum())
     assert {"ef_lv_pct", "ef_rv_pct", "spacing_mm"} <= set(summary)
+    # the batch job's indices and diagnosis (the shipped classifier, the service's default)
+    assert summary["patient"]["lv_edv_ml"] == pytest.approx(summary["frames"][0]["volume_lv_ml"], abs=1e-3)
+    assert ("diagnosis" in summary) != ("diagnosis_withheld" in summary), summary
+    sized = _post(url, body, params="?format=json&ed=0&es=1&height_cm=180&weight_kg=80").json()
+    assert sized["patient"]["bsa_m2"] == 2.0 and "no_height_weight" in summary["patient_qc_flags"]
     info = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     assert info["version"] == f"{NAME}/1" and info["dice"]["mean"] == 0.5 and len(info["weights_sha256"]) == 64
 

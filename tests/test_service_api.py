@@ -21,6 +21,7 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys, mon
            ("--runtime", "onnx", "--gpu"): "runs on the CPU",
            ("--token-file", str(tmp_path / "none")): "--token-file",
            ("--replicas", "0"): "must be > 0",
+           ("--diagnosis", str(tmp_path / "none.json")): "--diagnosis",
            # a model that is not there: refused before Ray starts, not by a replica's traceback
            ("--model", "shipped:resnet"): "no such shipped model",
            ("--model", str(tmp_path / "none.safetensors")): "not a raysegment weights file",
@@ -46,20 +47,59 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys, mon
     assert config.output == str((tmp_path / "out").resolve())
 
 
-def test_the_json_summary_has_ef_from_given_frames_and_no_nan():
+def _cine_rows(tmp_path, labels: list) -> list[dict]:
+    """Rows as ``segment_study`` writes them for a cine NIfTI whose mask holds ``labels`` (z, y, x) per frame."""
+    import nibabel as nib
+    import numpy as np
+
+    from raysegment.analysis.clinical import mark_cine_phases
+    from raysegment.inference.study import frame_rows
+
+    mask = tmp_path / "upload_seg.nii.gz"
+    nib.save(nib.Nifti1Image(np.stack([np.transpose(m, (2, 1, 0)) for m in labels], -1).astype(np.uint8),
+                             np.diag([1.25, 1.5, 10.0, 1.0])), str(mask))
+    common = {"study": str(tmp_path / "upload.nii.gz"), "phase": "", "mask": str(mask), "status": "done", "in_plane": "as-stored"}
+    rows = frame_rows(np.stack(labels), (10.0, 1.5, 1.25), common)
+    mark_cine_phases(rows)
+    return rows
+
+
+def test_the_json_summary_is_the_batch_jobs_patient_with_ef_from_given_frames_and_no_nan(tmp_path):
+    """A cine's JSON answer: the batch job's indices of its ED and ES frames (``add_patient_clinical``,
+    the same numbers and diagnosis ``infer`` writes), from the frames given or its largest / smallest LV;
+    an empty RV gives no EF, not NaN; swapped frames flag and withhold the diagnosis; height and weight
+    index the volumes."""
+    import numpy as np
+    from synth import synthetic_volume
+
+    from raysegment.analysis.diagnosis import load
+    from raysegment.inference.ledger import add_patient_clinical
     from raysegment.service.app import RequestError, summary
 
-    rows = [{"frame": t, "phase": "", "qc_flags": "", "lv_myo_mass_g": 100.0, "spacing_mm": "[10, 1.5, 1.5]",
-             "volume_lv_ml": lv, "volume_rv_ml": rv, "voxels_lv": 1} for t, (lv, rv) in enumerate([(150, 0.0), (60, 0.0)])]
-    out = summary(rows, "m/1", ed=0, es=1)
-    assert out["ef_lv_pct"] == pytest.approx(60.0) and out["ef_rv_pct"] is None  # an empty RV: no EF, not NaN
-    assert out["patient_qc_flags"] == [] and summary(rows, "m/1", ed=1, es=0)["patient_qc_flags"] == ["es_above_ed_lv"]
+    labels = [synthetic_volume(s, shape=(5, 40, 48), lv_radius=r)[1] for s, r in ((1, 7.0), (2, 5.0))]
+    labels = [np.where(m == 1, 0, m) for m in labels]  # no RV
+    model = load("shipped")
+    out = summary(_cine_rows(tmp_path, labels), "m/1", ed=0, es=1, diagnosis=model)
+    batch = _cine_rows(tmp_path, labels)
+    add_patient_clinical(batch, model)
+    assert out["ef_lv_pct"] == batch[0]["lv_ef_pct"] > 20 and out["ef_rv_pct"] is None  # an empty RV: no EF, not NaN
+    assert out["patient"]["lv_edv_ml"] == batch[0]["lv_edv_ml"] and out["diagnosis"] == batch[0]["diagnosis"]
+    assert sum(out[f"p_{g}"] for g in model.classes) == pytest.approx(1.0, abs=1e-3)
+    assert out["patient_qc_flags"] == ["no_height_weight"] and out["patient"]["bsa_m2"] is None
+    auto = summary(_cine_rows(tmp_path, labels), "m/1", None, None, model)  # largest / smallest LV: the same frames
+    assert {k: v for k, v in out.items() if k not in ("ed", "es")} == auto
+    sized = summary(_cine_rows(tmp_path, labels), "m/1", 0, 1, model, {"height_cm": 180.0, "weight_kg": 80.0})
+    assert sized["patient"]["bsa_m2"] == pytest.approx(2.0) and sized["patient_qc_flags"] == []
+    assert sized["patient"]["lv_edv_ml_per_m2"] == pytest.approx(out["patient"]["lv_edv_ml"] / 2.0, abs=1e-3)
+    swapped = summary(_cine_rows(tmp_path, labels), "m/1", ed=1, es=0, diagnosis=model)
+    assert "es_above_ed_lv" in swapped["patient_qc_flags"] and swapped["diagnosis_withheld"] == "es_above_ed_lv"
+    assert "diagnosis" not in swapped and "diagnosis" not in summary(_cine_rows(tmp_path, labels), "m/1", 0, 1)
     json.dumps(out, allow_nan=False)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in (*out.values(), *out["patient"].values()))
     for ed, es in ((0, 2), (1, 1), (0, None), (None, 1)):  # out of range, the same frame twice, one alone
         with pytest.raises(RequestError) as exc:
-            summary(rows, "m/1", ed=ed, es=es)
+            summary(_cine_rows(tmp_path, labels), "m/1", ed=ed, es=es)
         assert exc.value.status == 400 and "two different frame indices" in str(exc.value), (ed, es)
-    assert not any(isinstance(v, float) and math.isnan(v) for v in out.values())
 
 
 def test_serve_config_file_args_build_a_config():

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command_parser(
         "serve",
         "The online segmentation service on Ray Serve, in the foreground until Ctrl-C: POST a NIfTI file to "
-        "/v1/segment and get its mask (or ?format=json for volumes and EF); a registry alias is followed as it "
+        "/v1/segment and get its mask (or ?format=json for volumes, EF and diagnosis); a registry alias is followed as it "
         "moves. With --pacs and --output, series pushed by the PACS get their DICOM SEGs stored back.",
         "python -m raysegment.serve --model models:/raysegment-densenet121@champion --mlflow-uri http://mlflow:5000",
         "curl --data-binary @study.nii.gz -H 'Content-Type: application/octet-stream' "
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pacs", help="DICOMweb URL (http://HOST:PORT/dicom-web) the PACS push retrieves from and stores SEGs to")
     p.add_argument("--output", help="with --pacs: masks, SEGs and ledger.jsonl, the scheduled job's --output")
     p.add_argument("--no-store", action="store_true", help="with --pacs: keep the SEGs under OUTPUT, do not STOW-RS them")
+    p.add_argument("--diagnosis", default=d("diagnosis"),
+                   help="?format=json's ACDC diagnosis of a cine: 'shipped', a JSON file from `python -m raysegment.diagnosis "
+                        "fit`, models:/raysegment-diagnosis@champion, or 'none'")
     p.add_argument("--verbose", action="store_true", help="Ray Serve's own INFO output")
     return p
 
@@ -84,7 +87,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
                        max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
-                       store=not a.no_store)
+                       store=not a.no_store, diagnosis=None if a.diagnosis == "none" else a.diagnosis)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -114,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment(a.verbose)  # before MLflow loads: no INFO lines of a registry lookup
     check_registry(a)
     check_models(p, [a.model], a.mlflow_uri)
+    if config.diagnosis:  # a replica's traceback otherwise
+        from raysegment.analysis.diagnosis import load
+
+        try:
+            load(config.diagnosis, config.tracking_uri)
+        except Exception as exc:
+            p.error(f"--diagnosis {config.diagnosis}: cannot load ({type(exc).__name__}: {exc})")
     if not os.environ.get("RAY_ADDRESS") and not _port_free(config.host, config.port):
         p.error(f"--port {config.port}: {config.host}:{config.port} is in use (another service?); give another --port")
     if config.pacs:  # a wrong --pacs would otherwise only show in the log of every pushed series

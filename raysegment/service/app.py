@@ -2,8 +2,9 @@
 
     POST /v1/segment            body: a NIfTI file (.nii or .nii.gz bytes, 3-D or 4-D)
                                 → the mask (.nii.gz bytes) on the input's grid and affine
-    POST /v1/segment?format=json[&ed=F&es=F]
-                                → per-frame volumes (mL), voxels, LV mass (g), QC flags, EF (%)
+    POST /v1/segment?format=json[&ed=F&es=F][&height_cm=H&weight_kg=W]
+                                → per-frame volumes (mL), voxels, LV mass (g), QC flags; of a cine
+                                  the batch job's patient indices (EF %, …) and diagnosis
     POST /v1/pacs/series        body: {"study": UID, "series": UID} → 202; the series is pulled
                                 (WADO-RS), segmented, its SEGs stored back (STOW-RS), ledger written
     GET  /v1/health (no token asked: for probes), GET /v1/model
@@ -82,6 +83,11 @@ class SegmentService:
         torch.set_num_threads(config.threads or torch_threads(None, 1, config.cpus_per_replica))
         self.config = config
         self.holder = ModelHolder(config)
+        self.diagnosis = None
+        if config.diagnosis:  # checked by the command before Ray started
+            from raysegment.analysis.diagnosis import load
+
+            self.diagnosis = load(config.diagnosis, config.tracking_uri)
         self.lock = threading.Lock()
         self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
         self.heap = HeapTrimmer()
@@ -144,19 +150,20 @@ class SegmentService:
         body = await _read_body(request, int(self.config.max_body_mb * MiB))
         ed, es = _frame_param(params, "ed"), _frame_param(params, "es")
         check_frames(ed, es)  # before the body is segmented
+        size = {k: _size_param(params, k) for k in ("height_cm", "weight_kg")}
         predictor, version = self.holder.predictor, self.holder.version
         t0 = time.perf_counter()
-        result, turn = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es)
+        result, turn = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es, size)
         headers = {"X-Model-Version": version, "X-In-Plane": turn, "X-Seconds": f"{time.perf_counter() - t0:.3f}"}
         if fmt == "json":
             return JSONResponse(result, headers=headers)
         return Response(result, media_type="application/gzip", headers=headers)
 
     def segment_bytes(self, body: bytes, predictor: Predictor, as_json: bool, ed: int | None = None,
-                      es: int | None = None):
+                      es: int | None = None, size: dict | None = None):
         """A NIfTI file's bytes → (the mask's .nii.gz bytes, or the JSON summary; the in-plane turn it
         was segmented in); raises RequestError (400) for a body that is no usable NIfTI. The batch
-        job's per-study code does the work."""
+        job's per-study code does the work. ``size``: the patient's height_cm and weight_kg, if known."""
         from raysegment.inference.study import segment_study
 
         with scratch_dir(SCRATCH) as tmp:
@@ -171,7 +178,7 @@ class SegmentService:
                 self.heap.study_done()
             turn = rows[0].get("in_plane", "")
             if as_json:
-                return summary(rows, predictor.version, ed, es), turn
+                return summary(rows, predictor.version, ed, es, self.diagnosis, size), turn
             return Path(rows[0]["mask"]).read_bytes(), turn
 
     # ----------------------------------------------------------------- POST /v1/pacs/series
@@ -263,6 +270,19 @@ def _frame_param(params, name: str) -> int | None:
     return int(value)
 
 
+def _size_param(params, name: str) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < 1000:
+        raise RequestError(400, f"{name} must be a positive number ({name.split('_')[1]}), not {value!r}")
+    return number
+
+
 def check_frames(ed: int | None, es: int | None, n_frames: int | None = None) -> None:
     """Raises RequestError (400) unless ``ed`` and ``es`` are both absent, or two different frame
     indices (below ``n_frames`` when known): one without the other, or the same frame twice, gave
@@ -274,24 +294,39 @@ def check_frames(ed: int | None, es: int | None, n_frames: int | None = None) ->
         raise RequestError(400, f"ed and es must both be given, as two different frame indices{below}")
 
 
-def summary(rows: list[dict], version: str, ed: int | None, es: int | None) -> dict:
-    """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and EF (%) of
-    the LV and RV, from the frames ``ed``/``es`` when given (with ``patient_qc_flags``), else the
-    cine's largest/smallest volume."""
-    from raysegment.analysis.clinical import ejection_fraction, patient_flags
+def summary(rows: list[dict], version: str, ed: int | None, es: int | None, diagnosis=None,
+            size: dict | None = None) -> dict:
+    """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and, for a cine,
+    the batch job's patient indices (``inference.ledger.add_patient_clinical``) of its ED and ES frames
+    — ``ed``/``es`` when given, else its largest/smallest LV — under ``patient``, EF (%) of the LV and
+    RV, ``patient_qc_flags`` and, with a ``diagnosis`` model, its group and ``p_<GROUP>``. ``size``:
+    height_cm and weight_kg (the BSA-indexed indices; without them the diagnosis uses its median BSA)."""
+    from raysegment.inference.ledger import add_patient_clinical
 
+    check_frames(ed, es, len(rows))
+    if ed is not None:
+        for r in rows:
+            r["phase"] = "ED" if r["frame"] == ed else "ES" if r["frame"] == es else ""
     keys = ("frame", "phase", "qc_flags", "lv_myo_mass_g")
     frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
               for r in rows]
     out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "in_plane": rows[0].get("in_plane"),
            "frames": frames}
-    check_frames(ed, es, len(rows))
-    if ed is not None and es is not None:
+    if ed is not None:
         out["ed"], out["es"] = ed, es
-        volumes = {f"{n}_{p}v_ml": rows[f][f"volume_{n}_ml"] for n in ("lv", "rv") for p, f in (("ed", ed), ("es", es))}
-        for name in ("lv", "rv"):
-            out[f"ef_{name}_pct"] = ejection_fraction(volumes[f"{name}_edv_ml"], volumes[f"{name}_esv_ml"])
-        out["patient_qc_flags"] = patient_flags(volumes)  # es_above_ed_*: ed and es swapped?
-    elif len(rows) >= 2:
-        out.update({f"ef_{n}_pct": rows[0].get(f"ef_{n}_pct") for n in ("lv", "rv")})
+    if len(rows) < 2:
+        return json_safe(out)
+    for r in rows:
+        r.update({k: v for k, v in (size or {}).items() if v is not None})
+    before = [set(r) for r in rows]
+    add_patient_clinical(rows, diagnosis)
+    at = next((i for i, r in enumerate(rows) if r.get("phase") == "ED"), 0)
+    patient, added = rows[at], set(rows[at]) - before[at]
+    out.update({f"ef_{n}_pct": patient.get(f"ef_{n}_pct") for n in ("lv", "rv")})
+    if added:  # ED and ES found: the indices, their flags and the diagnosis
+        answer = {"patient_qc_flags", "diagnosis", "diagnosis_withheld"}
+        out["patient"] = {k: patient[k] for k in sorted(added - answer) if not k.startswith("p_")}
+        out["patient_qc_flags"] = [f for f in patient.get("patient_qc_flags", "").split(";") if f]
+        out |= {k: patient[k] for k in sorted(added) if k in answer - {"patient_qc_flags"} or k.startswith("p_")}
     return json_safe(out)
+
