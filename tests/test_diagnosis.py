@@ -431,6 +431,7 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     model = diagnosis.load(out)
     assert model.meta["patients"] == 15 and "accuracy" in model.meta
     assert model.bsa_m2 == pytest.approx(2.0, abs=1e-4)  # every Info.cfg: 180 cm, 80 kg
+    assert "indexed by 2.00 m², the median BSA" in capsys.readouterr().out
     with open(out.with_suffix(".features.csv"), newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["patient", "group", *diagnosis.FEATURES]

@@ -79,6 +79,8 @@ def _fit_command(a) -> int:
         writer.writerows([n, g] + [f"{v:.4g}" for v in row] for n, g, row in zip(names, y, x))
     print(summary)
     print(table)
+    if bsa is not None:
+        print(f"A patient without height or weight is indexed by {bsa:.2f} m², the median BSA of the patients here.")
     print(f"wrote {a.out} ({time.perf_counter() - t0:.0f} s); register it with "
           f"`python -m raysegment.registry diagnosis {a.out} --mlflow-uri URI`")
     return 0
