@@ -329,4 +329,3 @@ def summary(rows: list[dict], version: str, ed: int | None, es: int | None, diag
         out["patient_qc_flags"] = [f for f in patient.get("patient_qc_flags", "").split(";") if f]
         out |= {k: patient[k] for k in sorted(added) if k in answer - {"patient_qc_flags"} or k.startswith("p_")}
     return json_safe(out)
-
