@@ -479,10 +479,21 @@ def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, cap
     (nn / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"},
                                                  "labels": {"0": "background", "1": "RV", "2": "MLV", "3": "LVC"}}))
     assert prepare(PrepareConfig(source=nn, out=tmp_path / "d", **common))["content_hash"] == b["content_hash"]
-    # nnU-Net's splits_final.json as --val-file: refused, saying how to make the text file it takes
-    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": ["patient001_frame01"], "val": ["patient002_frame01"]}]))
-    assert main(["--source", str(nn), "--out", str(tmp_path / "e"), "--val-file", str(tmp_path / "splits_final.json")]) == 2
-    assert "JSON (nnU-Net's splits_final.json?); give a text file of val patients" in capsys.readouterr().err
+    # nnU-Net's splits_final.json as --val-file, with --fold K: fold K's val patients are val (a
+    # patient is val when any of its frames is); without --fold, or with a fold it lacks, refused.
+    splits = tmp_path / "splits_final.json"
+    splits.write_text(json.dumps([{"train": ["patient001_frame01"], "val": ["patient002_frame01", "patient002_frame07"]},
+                                  {"train": ["patient002_frame01"], "val": ["patient001_frame07", "patient003_frame01"]}]))
+    assert main(["--source", str(nn), "--out", str(tmp_path / "e"), "--val-file", str(splits), "--fold", "1",
+                 "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["splits"]["val"] == ["patient001", "patient003"]
+    for args, says in ((["--val-file", str(splits)], "2 folds: give --fold K (0…1)"),
+                       (["--val-file", str(splits), "--fold", "2"], "give --fold K (0…1)"),
+                       (["--val-file", str(tmp_path / "val.txt"), "--fold", "0"], "takes nnU-Net's splits_final.json"),
+                       (["--fold", "0"], "takes nnU-Net's splits_final.json as --val-file")):
+        assert main(["--source", str(nn), "--out", str(tmp_path / "f"), *args]) == 2
+        assert says in capsys.readouterr().err, args
+    assert not (tmp_path / "f").exists()
 
 
 def test_an_nnunet_images_folder_prepares_its_own_patients(tmp_path, capsys):

@@ -26,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards (created atomically)")
     d = lambda name: default_of(PrepareConfig, name)  # noqa: E731
     p.add_argument("--format", default=d("source_format"), choices=["auto", *FORMATS])
-    p.add_argument("--val-file", type=Path, default=d("val_file"), help="text file of validation patient ids")
+    p.add_argument("--val-file", type=Path, default=d("val_file"),
+                   help="text file of validation patient ids, or nnU-Net's splits_final.json with --fold")
+    p.add_argument("--fold", type=int, default=d("fold"), help="with nnU-Net's splits_final.json: the fold whose val "
+                   "patients are val (its other patients train)")
     p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given or found")
     p.add_argument("--seed", type=int, default=d("seed"), help="seed of the --val-fraction split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         out=a.out,
         source_format=a.format,
         val_file=a.val_file,
+        fold=a.fold,
         val_fraction=a.val_fraction,
         seed=a.seed,
         overwrite=a.overwrite,

@@ -78,6 +78,7 @@ class PrepareConfig:
     out: Path
     source_format: SourceFormat = "auto"
     val_file: Path | None = None
+    fold: int | None = None  # with nnU-Net's splits_final.json as ``val_file``: the fold whose val patients are val
     val_fraction: float = 0.125
     seed: int = 0
     rows_per_file: int = 256
@@ -95,19 +96,37 @@ class PrepareConfig:
 # --------------------------------------------------------------------------- split
 
 
-def _read_id_list(path: Path) -> list[str]:
+def _read_id_list(path: Path, fold: int | None = None) -> list[str]:
+    """The patients a split file names: a text file, one per line, or fold ``fold``'s val cases of
+    nnU-Net's ``splits_final.json`` (a patient is val when any of its frames is)."""
     if not path.is_file():
         raise PrepareError(f"{path}: split file missing")
     text = path.read_text()
     if text.lstrip().startswith(("[", "{")):  # nnU-Net's splits_final.json: five folds, train and val each
-        raise PrepareError(f"{path}: JSON (nnU-Net's splits_final.json?); give a text file of val patients, one per "
-                           f"line, e.g. fold 0's: python -c \"import json; print(*sorted({{c[:10] for c in "
-                           f"json.load(open('{path}'))[0]['val']}}), sep='\\n')\" > val.txt")
+        return _nnunet_fold(path, text, fold)
+    if fold is not None:
+        raise PrepareError(f"--fold {fold}: takes nnU-Net's splits_final.json as --val-file, not the text file {path}")
+    return _patient_ids(path, text.split())
+
+
+def _nnunet_fold(path: Path, text: str, fold: int | None) -> list[str]:
+    try:
+        folds = json.loads(text)
+        vals = [f["val"] for f in folds]
+    except (ValueError, TypeError, KeyError):
+        raise PrepareError(f"{path}: not nnU-Net's splits_final.json (a list of folds, each with 'train' and 'val')") from None
+    if fold is None or not 0 <= fold < len(vals):
+        raise PrepareError(f"{path}: nnU-Net's splits_final.json with {len(vals)} folds: give --fold K "
+                           f"(0…{len(vals) - 1}) to take fold K's val patients as val")
+    return sorted(set(_patient_ids(path, vals[fold])))
+
+
+def _patient_ids(path: Path, names) -> list[str]:
     ids = []
-    for line in text.split():
-        m = re.search(r"patient\d{3}", line)
+    for name in names:
+        m = re.search(r"patient\d{3}", str(name))
         if not m:
-            raise PrepareError(f"{path}: line {line!r} names no patientNNN")
+            raise PrepareError(f"{path}: {name!r} names no patientNNN")
         ids.append(m.group(0))
     return ids
 
@@ -122,11 +141,13 @@ def assign_splits(patients: dict[str, str], config: PrepareConfig) -> dict[str, 
     if val_file is None and (config.source / "val.txt").is_file():
         val_file = config.source / "val.txt"
     if val_file is not None:
-        val = set(_read_id_list(val_file))
+        val = set(_read_id_list(val_file, config.fold))
         unknown = sorted(val - set(patients))
         if unknown:
             raise PrepareError(f"{val_file}: names patients not in the source: {unknown[:5]}")
         return {p: ("val" if p in val else "train") for p in patients}
+    if config.fold is not None:
+        raise PrepareError(f"--fold {config.fold}: takes nnU-Net's splits_final.json as --val-file")
     if not 0.0 <= config.val_fraction < 1.0:
         raise PrepareError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
     val = stratified_val(patients, config.val_fraction, config.seed)
