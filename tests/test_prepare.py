@@ -517,6 +517,12 @@ def test_an_nnunet_images_folder_prepares_its_own_patients(tmp_path, capsys):
     assert [{k: v for k, v in r.items() if k != "group"} for r in read_rows(tmp_path / "ts")] == ours
     tr = prepare(PrepareConfig(source=nn, out=tmp_path / "tr", val_fraction=0.0, progress=False))
     assert sorted(tr["patients"]) == ["patient001", "patient002"]
+    # nnU-Net's own ACDC conversion writes imagesTs without labelsTs: said so, with what to do.
+    (nn / "labelsTs").rename(tmp_path / "labelsTs")
+    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "x"), "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "an nnU-Net imagesTs/ without labelsTs/ beside it" in err and "writes no labelsTs" in err
+    assert f"python -m raysegment.infer --input {nn / 'imagesTs'}" in err and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("breaker, says", [

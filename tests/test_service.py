@@ -152,6 +152,7 @@ def test_the_service_mask_is_byte_for_byte_raysegment_segment(stack, tmp_path):
     assert sized["patient"]["bsa_m2"] == 2.0 and "no_height_weight" in summary["patient_qc_flags"]
     info = requests.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()
     assert info["version"] == f"{NAME}/1" and info["dice"]["mean"] == 0.5 and len(info["weights_sha256"]) == 64
+    assert info["diagnosis"] == {"model": "shipped", "cv_accuracy": 0.92, "bsa_m2": 1.8708}
 
 
 def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_stores_nothing(stack, tmp_path):

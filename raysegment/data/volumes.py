@@ -17,6 +17,7 @@ from raysegment.io.studies import (
     info_from_cfg,
     nifti_to_zyx,
     nnunet_labels_dir,
+    nnunet_labels_path,
     parse_info_cfg,
     turn_in_plane,
     turn_spacing,
@@ -270,6 +271,19 @@ def check_source(source: Path) -> None:
                                             else "source folder does not exist"))
 
 
+def _check_nnunet_labels(source: Path) -> None:
+    """PrepareError for an nnU-Net images folder (or dataset) whose labels folder is missing: nnU-Net's
+    ACDC conversion writes no labelsTs, and the "empty source" line said nothing of it."""
+    images = source / "imagesTr" if (source / "imagesTr").is_dir() else source
+    if not (images.name.startswith("images") and (images.parent / "dataset.json").is_file()):
+        return
+    labels = nnunet_labels_path(images)
+    raise PrepareError(f"{source}: an nnU-Net {images.name}/ without {labels.name}/ beside it; prepare needs the reference "
+                       f"masks (nnU-Net's ACDC conversion writes no labelsTs: copy the testing folder's *_gt.nii.gz "
+                       f"files there named as the cases, patientNNN_frameFF.nii.gz), or segment it unscored with "
+                       f"`python -m raysegment.infer --input {images} --output OUT`")
+
+
 def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]:
     check_source(source)
     if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # read by ``data.nnunet``
@@ -280,6 +294,7 @@ def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]
         return "acdc-nifti"
     if find_h5_volumes(source):
         return "ssl4mis-h5"
+    _check_nnunet_labels(source)
     if (source / "manifest.json").is_file():
         raise PrepareError(f"{source}: holds shards already (its manifest.json), not an ACDC dataset: give it as "
                            f"--data to train, tune, report or diagnosis")

@@ -223,7 +223,8 @@ class SegmentService:
         return {ref, name, self.holder.version, f"models:/{self.holder.version}"}
 
     def model_info(self) -> dict:
-        """Name, version, per-class val Dice and weights digest (registry tags), runtime, backbones."""
+        """Name, version, per-class val Dice and weights digest (registry tags), runtime, backbones; the
+        diagnosis model's reference, cross-validated accuracy and median BSA (m²)."""
         predictor, version = self.holder.predictor, self.holder.version
         info = {"model": self.config.model, "version": version, "runtime": predictor.config.runtime,
                 "precision": predictor.config.precision,
@@ -241,6 +242,10 @@ class SegmentService:
 
             path = _local_path(self.config.model)
             info["weights_sha256"] = sha256(path / "model.pt" if path.is_dir() else path)
+        if self.diagnosis is not None:  # what ?format=json's diagnosis comes from
+            accuracy = self.diagnosis.meta.get("accuracy")
+            info["diagnosis"] = {"model": self.config.diagnosis, "bsa_m2": self.diagnosis.bsa_m2,
+                                 "cv_accuracy": None if accuracy is None else round(accuracy, 4)}
         return info
 
 
