@@ -129,3 +129,18 @@ def test_wrong_masks_are_one_error_line(official, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         report_cli.main(["evaluate", "--masks", str(some), "--flip-tta", *base])
     assert stop.value.code == 2 and "--flip-tta: how a model predicts" in capsys.readouterr().err
+
+
+def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp_path, capsys):
+    """Shards of a test set (``prepare --val-fraction 0``) hold train only: ``report evaluate`` without
+    ``--splits`` scores it and says so; ``clinical`` (val by default) still refuses in one line."""
+    src, _, _ = official
+    prepare(PrepareConfig(source=src, out=tmp_path / "test", val_fraction=0.0, progress=False))
+    masks = _write_masks(src, tmp_path / "preds", lambda case: f"{case}.nii.gz")
+    assert report_cli.main(["evaluate", "--masks", str(masks), "--data", str(tmp_path / "test")]) == 0
+    out, err = capsys.readouterr()
+    assert "holds no val split (prepared with --val-fraction 0?): scoring its train split" in err
+    assert "| train | all | 1.000 | 1.000 | 1.000 | 1.000 |" in out and "| val |" not in out
+    with pytest.raises(SystemExit):
+        report_cli.main(["clinical", "--masks", str(masks), "--data", str(tmp_path / "test"), "--out", str(tmp_path / "c")])
+    assert capsys.readouterr().err.strip().endswith("holds no val split; give --splits train")

@@ -88,7 +88,9 @@ def test_report_refuses_missing_shards_and_unknown_splits_in_one_line(tmp_path, 
     # val) and clinical's (val) said "no val shards there (make them with … prepare)" after loading.
     (tmp_path / "s" / "train").mkdir()
     (tmp_path / "s" / "train" / "part-0.parquet").write_bytes(b"")
-    for cmd in (["evaluate"], ["clinical", "--out", str(tmp_path / "c")]):
+    # Now clinical's (val: the patients no model trained on) refuses them in one line, and so does
+    # evaluate when --splits names val; evaluate without --splits scores the split they hold.
+    for cmd in (["evaluate", "--splits", "val"], ["clinical", "--out", str(tmp_path / "c")]):
         with pytest.raises(SystemExit) as exit_:
             report_cli.main([*cmd, "--model", "shipped:mobilenet_v2", "--data", str(tmp_path / "s")])
         assert exit_.value.code == 2

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
     what.add_argument("--masks", type=Path, help=MASKS_HELP + ", scored as they are")
     ev.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
-    ev.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="splits of --data to score")
+    ev.add_argument("--splits", nargs="+", choices=SPLITS,
+                    help="splits of --data to score (default: those it holds, train and val)")
     ev.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
     ev.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's prediction")
     ev.add_argument("--no-largest-component", action="store_true",
@@ -271,14 +272,23 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 
 
 def _check_splits(p, a) -> None:
-    """Each of ``--splits`` is in the local shards (shards of a source without val.txt are all train)."""
+    """Each of ``--splits`` is in the local shards (shards of a source without val.txt are all train).
+    ``evaluate`` without ``--splits`` scores the splits the shards hold; ``clinical`` and ``compare``
+    default to val, the patients no model trained on, and refuse shards without it."""
     from raysegment.data.dataset import is_bundle, shard_splits
     from raysegment.io import storage
 
+    given = getattr(a, "splits", None)
+    if a.cmd == "evaluate" and not given:
+        a.splits = list(SPLITS)
     if not getattr(a, "splits", None) or not a.data or is_bundle(a.data) or storage.is_uri(a.data):
         return
     held = shard_splits(a.data)  # none: a manifest without shards, which the reader names
-    if held and (missing := [s for s in a.splits if s not in held]):
+    if held and (missing := [s for s in a.splits if s not in held]) and a.cmd == "evaluate" and not given:
+        a.splits = [s for s in a.splits if s in held]
+        print(f"note: {a.data} holds no {' or '.join(missing)} split (prepared with --val-fraction 0?): scoring "
+              f"its {' and '.join(a.splits)} split", file=sys.stderr)
+    elif held and missing:
         p.error(f"--splits {' '.join(a.splits)}: {a.data} holds no {' or '.join(missing)} split; give --splits "
                 f"{' '.join(held)}")
 
