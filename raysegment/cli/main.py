@@ -9,13 +9,13 @@ import importlib
 import sys
 
 COMMANDS = {
-    "prepare": ("raysegment.cli.prepare", "ACDC (NIfTI or HDF5) → Parquet shards"),
+    "prepare": ("raysegment.cli.prepare", "ACDC (official NIfTI, SSL4MIS HDF5, nnU-Net raw) → Parquet shards"),
     "train": ("raysegment.cli.train", "one Ray Train run"),
     "tune": ("raysegment.cli.tune", "Ray Tune + Optuna search, final run, registration"),
     "infer": ("raysegment.cli.infer", "segment new studies (folder or PACS) on a schedule"),
     "serve": ("raysegment.cli.serve", "the online segmentation service (Ray Serve, HTTP)"),
     "registry": ("raysegment.cli.registry", "register, import, promote, ensemble models"),
-    "report": ("raysegment.cli.report", "evaluation, clinical agreement, figures"),
+    "report": ("raysegment.cli.report", "evaluate, compare, clinical agreement, figures (of models or masks)"),
     "diagnosis": ("raysegment.cli.diagnosis", "ACDC diagnosis: CV masks, fit, basal check"),
     "weights": ("raysegment.cli.weights", "export, seal, verify weights files"),
     "bench": ("raysegment.cli.bench", "speed and memory benchmarks"),
