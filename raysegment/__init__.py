@@ -49,3 +49,38 @@ def segment(image, *, model, config=None, tracking_uri: str | None = None, serie
     predictor = model if isinstance(model, Predictor) else Predictor.load(model, config, tracking_uri)
     out = zyx_to_nifti(predict_frames(predictor, frames, zooms)[0])
     return mask_image(out if len(img.shape) == 4 else out[..., 0], img)
+
+
+def clinical(ed, es, *, height_cm: float | None = None, weight_kg: float | None = None, diagnosis="shipped",
+             tracking_uri: str | None = None) -> dict:
+    """A patient's clinical indices and ACDC diagnosis from its ED and ES masks, as ``infer`` computes
+    them for the patients it segments (``analysis.patient.assess``).
+
+    ``ed``, ``es``: NIfTI paths or nibabel images, 3-D label maps (0 bg, 1 RV, 2 MYO, 3 LV) on one grid,
+    spacing from their headers (mm) — e.g. two frames of ``segment()``'s mask, or another tool's.
+    ``height_cm``, ``weight_kg``: give the BSA (m²) and the indexed volumes (mL/m², g/m²); without them
+    the diagnosis indexes by its training patients' median BSA. ``diagnosis``: 'shipped', a JSON file
+    from ``python -m raysegment.diagnosis fit``, ``models:/raysegment-diagnosis@champion`` or None.
+    Returns EDV, ESV, SV (mL) and EF (%) of the LV and RV, LV mass (g), wall thickness (mm), the basal
+    ES check's excess, ``patient_qc_flags`` and ``diagnosis`` with ``p_<GROUP>`` (or
+    ``diagnosis_withheld``); NaN where a value is unknown.
+
+        ind = raysegment.clinical("patient001_ED_seg.nii.gz", "patient001_ES_seg.nii.gz", height_cm=184, weight_kg=95)
+        ind["lv_ef_pct"], ind["diagnosis"]
+    """
+    import numpy as np
+
+    from raysegment.analysis.diagnosis import DiagnosisModel, load
+    from raysegment.analysis.patient import assess
+    from raysegment.data.masks import label_map, load_label_map
+
+    masks, spacings = [], []
+    for name, mask in (("ed", ed), ("es", es)):
+        img = mask if hasattr(mask, "dataobj") else load_label_map(mask)
+        masks.append(label_map(img, mask if not hasattr(mask, "dataobj") else name))
+        spacings.append(tuple(float(z) for z in img.header.get_zooms()[:3])[::-1])
+    if masks[0].shape != masks[1].shape or not np.allclose(spacings[0], spacings[1], atol=1e-3):
+        raise ValueError(f"ed and es must be on one grid: shapes (z, y, x) {masks[0].shape} and {masks[1].shape}, "
+                         f"spacing (mm) {spacings[0]} and {spacings[1]}")
+    model = diagnosis if isinstance(diagnosis, DiagnosisModel) or diagnosis is None else load(diagnosis, tracking_uri)
+    return assess(masks[0], masks[1], spacings[0], height_cm, weight_kg, model)

@@ -580,6 +580,40 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     assert "lv_ef_pct" not in lone[0]
 
 
+def test_clinical_api_gives_what_the_batch_job_writes_for_the_same_masks(tmp_path):
+    """``raysegment.clinical(ed, es)`` is the batch job's patient (one function, ``analysis.patient.assess``):
+    the same indices, flags and diagnosis as ``add_patient_clinical`` on rows of the same mask files;
+    a nibabel image works as a path does; an image, two grids or a 4-D one-hot mask are refused."""
+    import nibabel as nib
+
+    import raysegment
+    from raysegment.analysis.diagnosis import load
+    from raysegment.inference.ledger import add_patient_clinical
+
+    pdir = make_nifti_patient(tmp_path, 5, group="HCM")
+    rows = _patient_rows(pdir)
+    add_patient_clinical(rows, load("shipped"))
+    ed, es = (Path(r["mask"]) for r in rows)
+    api = raysegment.clinical(ed, es, height_cm=180.0, weight_kg=80.0)  # Info.cfg's
+    batch = {k: v for k, v in rows[0].items() if k in api}
+    assert set(api) - set(batch) == set() and "diagnosis" in api and api["bsa_m2"] == pytest.approx(2.0)
+    for k, v in api.items():  # every key the same (NaN: unknown in both)
+        assert batch[k] == v or (isinstance(v, float) and np.isnan(v) and np.isnan(batch[k])), k
+    assert raysegment.clinical(nib.load(ed), nib.load(es), height_cm=180.0, weight_kg=80.0)["lv_ef_pct"] == api["lv_ef_pct"]
+    plain = raysegment.clinical(ed, es, diagnosis=None)
+    assert "diagnosis" not in plain and plain["patient_qc_flags"] == "no_height_weight" and np.isnan(plain["bsa_m2"])
+    image = pdir / f"{pdir.name}_frame01.nii.gz"
+    with pytest.raises(ValueError, match="not a label map"):
+        raysegment.clinical(image, es)
+    small = nib.Nifti1Image(np.asanyarray(nib.load(es).dataobj)[:-2], nib.load(es).affine)
+    with pytest.raises(ValueError, match="must be on one grid"):
+        raysegment.clinical(ed, small)
+    onehot = nib.Nifti1Image(np.stack([np.asanyarray(nib.load(es).dataobj) == k for k in range(4)], -1).astype(np.uint8),
+                             nib.load(es).affine)
+    with pytest.raises(ValueError, match="save the argmax"):
+        raysegment.clinical(ed, onehot)
+
+
 def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(tmp_path, predictor):
     """Official-layout folders that get no indices are listed in report.md with the reason (an
     Info.cfg without integer ED / ES, which also flags its frames, or with ED = ES; a frame that failed;

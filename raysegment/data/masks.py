@@ -90,26 +90,35 @@ def _as_stored_image(mask_img, image: Path | None):
     return nib.Nifti1Image(data, mask_img.affine @ inv_ornt_aff(turn, mask_img.shape))
 
 
-def read_mask(path: Path, volume: Volume, image: Path | None = None) -> np.ndarray:
-    """One predicted mask as (z, y, x) uint8 on ``volume``'s grid (turned to the axes of the frame's
-    source ``image``, where known), checked: labels 0–3, the volume's shape."""
+def load_label_map(path):
+    """A NIfTI file's image, trailing length-1 axes dropped; ValueError naming the file if unreadable."""
     import nibabel as nib
 
     try:
-        img = nib.squeeze_image(nib.load(str(path)))
-        img = _as_stored_image(img, image)
-        data = np.asanyarray(img.dataobj)
+        return nib.squeeze_image(nib.load(str(path)))
     except Exception as exc:  # truncated gzip, not NIfTI
         raise ValueError(f"{path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+
+
+def label_map(img, name) -> np.ndarray:
+    """A 3-D NIfTI label map (0 bg, 1 RV, 2 MYO, 3 LV) as (z, y, x) uint8; ValueError naming ``name``
+    for anything else (4-D one-hot, an image's intensities)."""
+    data = np.asanyarray(img.dataobj)
     if data.ndim != 3:
-        raise ValueError(f"{path}: a mask is 3-D, this is {data.ndim}-D {data.shape}"
+        raise ValueError(f"{name}: a mask is 3-D, this is {data.ndim}-D {data.shape}"
                          + (" (one channel per class? save the argmax)" if data.ndim == 4 and LABELS in data.shape else ""))
     values = np.unique(data)
     if not np.all((values >= 0) & (values < LABELS) & (values == np.round(values))):
         bad = values[(values < 0) | (values >= LABELS) | (values != np.round(values))]
-        raise ValueError(f"{path}: not a label map (values 0–3 expected; it holds {bad[:3].tolist()}…): "
+        raise ValueError(f"{name}: not a label map (values 0–3 expected; it holds {bad[:3].tolist()}…): "
                          "give the predicted masks, not the images")
-    mask = nifti_to_zyx(data.astype(np.uint8))
+    return nifti_to_zyx(data.astype(np.uint8))
+
+
+def read_mask(path: Path, volume: Volume, image: Path | None = None) -> np.ndarray:
+    """One predicted mask as (z, y, x) uint8 on ``volume``'s grid (turned to the axes of the frame's
+    source ``image``, where known), checked: labels 0–3, the volume's shape."""
+    mask = label_map(_as_stored_image(load_label_map(path), image), path)
     if mask.shape != volume.label.shape:
         raise ValueError(f"{path}: shape (z, y, x) {mask.shape}, but {volume.patient} {volume.phase} in the "
                          f"shards is {volume.label.shape}: masks must be on the original frame's grid")

@@ -103,13 +103,13 @@ def results_rows(ledger: Ledger) -> list[dict]:
 
 def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
     """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
-    cine study, DICOM series or 4-D NIfTI (its largest / smallest LV frame): ``clinical.patient_indices``
-    from the masks on disk (height and weight from Info.cfg or the DICOM patient module give the BSA-indexed ones)
-    and, with a ``diagnosis`` model, its basal ES check applied first, the predicted group and
-    ``p_<GROUP>`` on both rows (``diagnosis_withheld`` instead where the LV's ES volume exceeds its
-    ED's); the rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's ``Group`` is copied
-    as ``group_reference``, for scoring only: it is never an input."""
-    from raysegment.analysis.clinical import checked_indices, ed_es_pairs, patient_flags
+    cine study, DICOM series or 4-D NIfTI (its largest / smallest LV frame): ``analysis.patient.assess``
+    of the masks on disk (height and weight from Info.cfg or the DICOM patient module give the
+    BSA-indexed indices; ``diagnosis``: its basal ES check, group and ``p_<GROUP>``) on both rows; the
+    rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's ``Group`` is copied as
+    ``group_reference``, for scoring only: it is never an input."""
+    from raysegment.analysis.clinical import ed_es_pairs
+    from raysegment.analysis.patient import assess
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
 
     for key, phases in ed_es_pairs(rows).items():
@@ -119,25 +119,15 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
         size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
         height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
         try:
-            masks = {ph: read_study(Path(r["mask"]))[1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
-            spacing = json.loads(phases["ED"]["spacing_mm"])
-            ind, basal = checked_indices(masks["ED"], masks["ES"], spacing, height, weight,
-                                         diagnosis.basal_rv if diagnosis else None)
+            studies = {ph: read_study(Path(r["mask"])) for ph, r in phases.items()}
+            masks = {ph: studies[ph][1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
+            spacing = tuple(float(z) for z in studies["ED"][2])[::-1]  # the mask's own zooms (mm), as raysegment.clinical
+            # The ES mask file stays the network's output; the indices leave out the basal excess.
+            extra = assess(masks["ED"], masks["ES"], spacing, height, weight, diagnosis)
         except (StudyError, OSError, ValueError, KeyError) as exc:
             for r in phases.values():
                 r["clinical_error"] = f"{type(exc).__name__}: {exc}"
             continue
-        # The ES mask file stays the network's output; the indices leave out the basal excess.
-        flags = patient_flags(ind)
-        extra = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(flags)}
-        if diagnosis is not None and "es_above_ed_lv" in flags:
-            # A negative LV EF: ED and ES swapped, or a mask gone wrong; a group from it would be made
-            # up. (ACDC picks ED and ES by the LV; a slightly negative RV EF is a real, akinetic RV's.)
-            extra["diagnosis_withheld"] = "es_above_ed_lv"
-        elif diagnosis is not None:
-            p = diagnosis.predict_proba(diagnosis.features(ind))[0]
-            extra["diagnosis"] = diagnosis.classes[int(p.argmax())]
-            extra |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}
         if info.get("Group"):
             extra["group_reference"] = info["Group"]
         for r in phases.values():
