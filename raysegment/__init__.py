@@ -68,6 +68,7 @@ def clinical(ed, es, *, height_cm: float | None = None, weight_kg: float | None 
         ind = raysegment.clinical("patient001_ED_seg.nii.gz", "patient001_ES_seg.nii.gz", height_cm=184, weight_kg=95)
         ind["lv_ef_pct"], ind["diagnosis"]
     """
+    import nibabel as nib
     import numpy as np
 
     from raysegment.analysis.diagnosis import DiagnosisModel, load
@@ -76,8 +77,9 @@ def clinical(ed, es, *, height_cm: float | None = None, weight_kg: float | None 
 
     masks, spacings = [], []
     for name, mask in (("ed", ed), ("es", es)):
-        img = mask if hasattr(mask, "dataobj") else load_label_map(mask)
-        masks.append(label_map(img, mask if not hasattr(mask, "dataobj") else name))
+        given = isinstance(mask, nib.spatialimages.SpatialImage)
+        img = nib.squeeze_image(mask) if given else load_label_map(mask)
+        masks.append(label_map(img, name if given else mask))
         spacings.append(tuple(float(z) for z in img.header.get_zooms()[:3])[::-1])
     if masks[0].shape != masks[1].shape or not np.allclose(spacings[0], spacings[1], atol=1e-3):
         raise ValueError(f"ed and es must be on one grid: shapes (z, y, x) {masks[0].shape} and {masks[1].shape}, "

@@ -2,7 +2,7 @@
 check, QC flags and the ACDC diagnosis. The batch job (``inference.ledger.add_patient_clinical``),
 the service's JSON answer and ``raysegment.clinical`` all call ``assess``.
 
-Imports ``analysis.clinical`` and ``analysis.diagnosis``; nothing above ``analysis``.
+Imports ``analysis.clinical`` (the diagnosis model comes as an argument); nothing above ``analysis``.
 """
 
 from __future__ import annotations
