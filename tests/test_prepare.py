@@ -538,3 +538,32 @@ def test_a_bad_nnunet_source_is_one_line_and_nothing_is_written(tmp_path, capsys
     breaker(nn)
     assert main(["--source", str(nn), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert says in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_nnunet_layout_job_gives_what_prepare_reads_with_its_folds(tmp_path, capsys):
+    """``jobs/nnunet-layout.py`` (docs/nnunet.md's check) on the bundled sample: nnU-Net's Dataset027
+    with a patient-grouped splits_final.json; ``prepare --fold K`` makes fold K's patients val and
+    reads the source's val patients back from imagesTs/labelsTs, as the SSL4MIS source has them."""
+    import runpy
+
+    from raysegment.data.dataset import load_volumes
+
+    sample = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
+    job = runpy.run_path(str(Path(__file__).resolve().parents[1] / "jobs" / "nnunet-layout.py"))
+    job["main"](sample, tmp_path / "nn", test_from_val=True)
+    ds = tmp_path / "nn" / "nnUNet_raw" / "Dataset027_ACDC"
+    splits = json.loads((tmp_path / "nn" / "nnUNet_preprocessed" / "Dataset027_ACDC" / "splits_final.json").read_text())
+    assert len(splits) == 5 and sorted(c for f in splits for c in f["val"]) == sorted(p.stem[:-4] for p in (ds / "labelsTr").iterdir())
+    fold = next(k for k, f in enumerate(splits) if f["val"])
+    val = sorted({c[:10] for c in splits[fold]["val"]})
+    assert main(["--source", str(ds), "--out", str(tmp_path / "f"), "--val-file",
+                 str(tmp_path / "nn" / "nnUNet_preprocessed" / "Dataset027_ACDC" / "splits_final.json"),
+                 "--fold", str(fold), "--no-progress"]) == 0
+    assert load_manifest(tmp_path / "f")["splits"]["val"] == val
+    assert main(["--source", str(ds / "imagesTs"), "--out", str(tmp_path / "t"), "--val-fraction", "0", "--no-progress"]) == 0
+    prepare(PrepareConfig(source=sample, out=tmp_path / "s", progress=False))
+    ours, theirs = load_volumes(tmp_path / "t", "train"), load_volumes(tmp_path / "s", "val")
+    assert [(v.patient, v.phase) for v in ours] == [(v.patient, v.phase) for v in theirs] and len(ours) == 4
+    for a, b in zip(ours, theirs):  # the same reference masks and spacing, through NIfTI and nnU-Net's names
+        np.testing.assert_array_equal(a.label, b.label)
+        np.testing.assert_allclose(a.spacing, b.spacing, atol=1e-4)
