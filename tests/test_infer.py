@@ -526,6 +526,8 @@ def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
         r.update(patient_id="P7", series_description="SA cine", volume_rv_ml=1.0, volume_myo_ml=1.0, volume_lv_ml=1.0)
     text = batch_report(rows, tmp_path, 0).read_text()
     assert f"| P7 SA cine (series …{'1.2.3.4'[-8:]}) | {rows[0]['lv_edv_ml']:.1f} |" in text
+    # The flags the table shows are explained below it (a DICOM series without PatientSize/Weight here).
+    assert "no_height_weight |" in text and "QC: `no_height_weight`: height or weight unknown" in text
 
 
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):

@@ -101,10 +101,20 @@ def unpaired_patients(rows: list[dict]) -> dict[str, str]:
     return why
 
 
+# What each patient QC flag means, for the people reading a report.
+PATIENT_FLAGS = {
+    "es_above_ed_lv": "the LV's ES volume exceeds its ED volume (EF < 0): ED and ES swapped, or a mask gone "
+                      "wrong; no diagnosis is given",
+    "es_above_ed_rv": "the RV's ES volume exceeds its ED volume (EF < 0): ED and ES swapped, a mask gone wrong, "
+                      "or an akinetic RV",
+    "no_height_weight": "height or weight unknown: no BSA-indexed volumes; the diagnosis indexes the volumes by "
+                        "its training patients' median BSA",
+}
+
+
 def patient_flags(ind: dict) -> list[str]:
-    """``es_above_ed_<lv|rv>``: an ES volume above the ED volume (EF < 0; mL) — ED and ES swapped in
-    Info.cfg, or a mask gone wrong. ``no_height_weight``: indices with a ``bsa_m2`` that is NaN — the
-    ``*_per_m2`` ones are empty and a diagnosis takes the training median for them."""
+    """The ``PATIENT_FLAGS`` that hold for a patient's indices: ``es_above_ed_<lv|rv>`` (an ES volume
+    above the ED volume, mL), ``no_height_weight`` (a ``bsa_m2`` that is NaN)."""
     flags = [f"es_above_ed_{n}" for n in ("lv", "rv") if ind[f"{n}_esv_ml"] > ind[f"{n}_edv_ml"]]
     return flags + (["no_height_weight"] if "bsa_m2" in ind and not math.isfinite(ind["bsa_m2"]) else [])
 

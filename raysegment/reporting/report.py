@@ -217,7 +217,7 @@ def _cell(text) -> str:
 def _patients_section(rows: list[dict]) -> list[str]:
     """The report's per-patient table (ED + ES indices, diagnosis, patient QC flags) and the
     official-layout folders that got no indices, with why."""
-    from raysegment.analysis.clinical import ed_es_pairs, unpaired_patients
+    from raysegment.analysis.clinical import PATIENT_FLAGS, ed_es_pairs, unpaired_patients
 
     # A patient folder by its name, a cine study (DICOM series, 4-D NIfTI) by its own.
     patients = {key: p["ED"] for key, p in ed_es_pairs(rows).items() if "lv_ef_pct" in p["ED"]}
@@ -237,6 +237,8 @@ def _patients_section(rows: list[dict]) -> list[str]:
         lines.append(f"| {_cell(name)} | {r['lv_edv_ml']:.1f} | {r['lv_ef_pct']:.1f} | {r['rv_edv_ml']:.1f} "
                      f"| {r['rv_ef_pct']:.1f} | {r['lv_mass_g']:.1f} | {r['myo_thickness_max_mm']:.1f} | {diag} "
                      f"| {r.get('group_reference', '')} | {r.get('patient_qc_flags', '')} |")
+    if shown := sorted({f for r in patients.values() for f in (r.get("patient_qc_flags") or "").split(";") if f}):
+        lines += ["", "QC: " + "; ".join(f"`{f}`: {PATIENT_FLAGS.get(f, '')}" for f in shown) + "."]
     if missing:
         lines += ["", "No patient indices for: " + "; ".join(f"{Path(f).name} ({why})" for f, why in sorted(missing.items())) + "."]
     return lines
