@@ -271,30 +271,29 @@ def check_source(source: Path) -> None:
                                             else "source folder does not exist"))
 
 
-def _check_nnunet_labels(source: Path) -> None:
-    """PrepareError for an nnU-Net images folder (or dataset) whose labels folder is missing: nnU-Net's
-    ACDC conversion writes no labelsTs, and the "empty source" line said nothing of it."""
+def _nnunet_images(source: Path) -> Path | None:
+    """The nnU-Net images folder ``source`` names, where its dataset.json is beside it: a dataset's
+    ``imagesTr``, or one of its ``imagesXx`` folders itself (``imagesTs``: the ACDC test patients)."""
     images = source / "imagesTr" if (source / "imagesTr").is_dir() else source
-    if not (images.name.startswith("images") and (images.parent / "dataset.json").is_file()):
-        return
-    labels = nnunet_labels_path(images)
-    raise PrepareError(f"{source}: an nnU-Net {images.name}/ without {labels.name}/ beside it; prepare needs the reference "
-                       f"masks (nnU-Net's ACDC conversion writes no labelsTs: copy the testing folder's *_gt.nii.gz "
-                       f"files there named as the cases, patientNNN_frameFF.nii.gz), or segment it unscored with "
-                       f"`python -m raysegment.infer --input {images} --output OUT`")
+    return images if images.name.startswith("images") and (images.parent / "dataset.json").is_file() else None
 
 
 def detect_format(source: Path) -> Literal["acdc-nifti", "ssl4mis-h5", "nnunet"]:
     check_source(source)
     if (source / "imagesTr").is_dir() and (source / "labelsTr").is_dir():  # read by ``data.nnunet``
         return "nnunet"
-    if nnunet_labels_dir(source) is not None and (source.parent / "dataset.json").is_file():
+    images = _nnunet_images(source)
+    if images is not None and nnunet_labels_dir(images) is not None:
         return "nnunet"  # one of a dataset's imagesXx folders: imagesTs, the ACDC test patients
     if find_patient_dirs(source):
         return "acdc-nifti"
     if find_h5_volumes(source):
         return "ssl4mis-h5"
-    _check_nnunet_labels(source)
+    if images is not None:  # nnU-Net's ACDC conversion writes imagesTs and no labelsTs
+        raise PrepareError(f"{source}: an nnU-Net {images.name}/ without {nnunet_labels_path(images).name}/ beside it; "
+                           f"prepare needs the reference masks (nnU-Net's ACDC conversion writes no labelsTs: copy the "
+                           f"testing folder's *_gt.nii.gz files there named as the cases, patientNNN_frameFF.nii.gz), or "
+                           f"segment it unscored with `python -m raysegment.infer --input {images} --output OUT`")
     if (source / "manifest.json").is_file():
         raise PrepareError(f"{source}: holds shards already (its manifest.json), not an ACDC dataset: give it as "
                            f"--data to train, tune, report or diagnosis")
