@@ -119,9 +119,10 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
         size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
         height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
         try:
-            studies = {ph: read_study(Path(r["mask"])) for ph, r in phases.items()}
-            masks = {ph: studies[ph][1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
-            spacing = tuple(float(z) for z in studies["ED"][2])[::-1]  # the mask's own zooms (mm), as raysegment.clinical
+            # A cine's ED and ES are two frames of one mask file: read it once.
+            studies = {path: read_study(Path(path)) for path in {r["mask"] for r in phases.values()}}
+            masks = {ph: studies[r["mask"]][1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
+            spacing = tuple(float(z) for z in studies[phases["ED"]["mask"]][2])[::-1]  # the mask's own zooms (mm)
             # The ES mask file stays the network's output; the indices leave out the basal excess.
             extra = assess(masks["ED"], masks["ES"], spacing, height, weight, diagnosis)
         except (StudyError, OSError, ValueError, KeyError) as exc:
