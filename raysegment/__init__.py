@@ -74,13 +74,14 @@ def clinical(ed, es, *, height_cm: float | None = None, weight_kg: float | None 
     from raysegment.analysis.diagnosis import DiagnosisModel, load
     from raysegment.analysis.patient import assess
     from raysegment.data.masks import label_map, load_label_map
+    from raysegment.io.studies import nifti_zooms
 
     masks, spacings = [], []
     for name, mask in (("ed", ed), ("es", es)):
         given = isinstance(mask, nib.spatialimages.SpatialImage)
         img = nib.squeeze_image(mask) if given else load_label_map(mask)
         masks.append(label_map(img, name if given else mask))
-        spacings.append(tuple(float(z) for z in img.header.get_zooms()[:3])[::-1])
+        spacings.append(nifti_zooms(img)[::-1])  # StudyError (a ValueError) for a spacing ≤ 0
     if masks[0].shape != masks[1].shape or not np.allclose(spacings[0], spacings[1], atol=1e-3):
         raise ValueError(f"ed and es must be on one grid: shapes (z, y, x) {masks[0].shape} and {masks[1].shape}, "
                          f"spacing (mm) {spacings[0]} and {spacings[1]}")

@@ -269,10 +269,15 @@ def study_arrays(img):
         raise StudyError(f"in-plane size {frames.shape[2:4]} too small for a short-axis image")
     if not np.all(np.isfinite(frames)):
         raise StudyError("image holds NaN or inf intensities")
+    return frames, nifti_zooms(img)
+
+
+def nifti_zooms(img) -> tuple[float, float, float]:
+    """(x, y, z) pixel spacing of a loaded NIfTI image, mm. Raises StudyError unless positive and finite."""
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         raise StudyError(f"pixel spacing (pixdim) {zooms} mm is not positive and finite")
-    return frames, zooms
+    return zooms
 
 
 def spacing_flag(img) -> str:
