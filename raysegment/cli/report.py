@@ -284,13 +284,15 @@ def _check_splits(p, a) -> None:
     if not getattr(a, "splits", None) or not a.data or is_bundle(a.data) or storage.is_uri(a.data):
         return
     held = shard_splits(a.data)  # none: a manifest without shards, which the reader names
-    if held and (missing := [s for s in a.splits if s not in held]) and a.cmd == "evaluate" and not given:
-        a.splits = [s for s in a.splits if s in held]
-        print(f"note: {a.data} holds no {' or '.join(missing)} split (prepared with --val-fraction 0?): scoring "
-              f"its {' and '.join(a.splits)} split", file=sys.stderr)
-    elif held and missing:
+    missing = [s for s in a.splits if s not in held] if held else []
+    if not missing:
+        return
+    if given or a.cmd != "evaluate":
         p.error(f"--splits {' '.join(a.splits)}: {a.data} holds no {' or '.join(missing)} split; give --splits "
                 f"{' '.join(held)}")
+    a.splits = [s for s in a.splits if s in held]
+    print(f"note: {a.data} holds no {' or '.join(missing)} split (prepared with --val-fraction 0?): scoring "
+          f"its {' and '.join(a.splits)} split", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
