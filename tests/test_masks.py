@@ -131,6 +131,30 @@ def test_wrong_masks_are_one_error_line(official, tmp_path, capsys):
     assert stop.value.code == 2 and "--flip-tta: how a model predicts" in capsys.readouterr().err
 
 
+def test_a_test_set_prepared_all_val_is_scored_by_default_and_trained_on_by_nothing(official, tmp_path, capsys):
+    """``prepare --val-fraction 1`` puts every patient in val, which ``report evaluate`` (saying so)
+    and ``report clinical`` score without ``--splits``; ``train`` refuses the shards in one line."""
+    from raysegment.cli import prepare as prepare_cli
+    from raysegment.cli import train as train_cli
+
+    src, _, _ = official
+    test = tmp_path / "test"
+    assert prepare_cli.main(["--source", str(src), "--out", str(test), "--val-fraction", "1", "--no-progress"]) == 0
+    assert shard_splits(test) == ["val"]
+    masks = _write_masks(src, tmp_path / "preds", lambda case: f"{case}.nii.gz")
+    capsys.readouterr()
+    assert report_cli.main(["evaluate", "--masks", str(masks), "--data", str(test)]) == 0
+    out, err = capsys.readouterr()
+    assert "holds no train split (a test set, prepared with --val-fraction 1?): scoring its val split" in err
+    assert "| val | all | 1.000 | 1.000 | 1.000 | 1.000 |" in out and "| train |" not in out
+    assert report_cli.main(["clinical", "--masks", str(masks), "--data", str(test), "--out", str(tmp_path / "c")]) == 0
+    assert "3 patients (val)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        train_cli.main(["--data", str(test), "--epochs", "1", "--storage", str(tmp_path / "runs")])
+    assert stop.value.code == 2 and "holds no train patients (a test set" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp_path, capsys):
     """Shards of a test set (``prepare --val-fraction 0``) hold train only: ``report evaluate`` without
     ``--splits`` scores it and says so; ``clinical`` (val by default) still refuses in one line."""
@@ -139,7 +163,7 @@ def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp
     masks = _write_masks(src, tmp_path / "preds", lambda case: f"{case}.nii.gz")
     assert report_cli.main(["evaluate", "--masks", str(masks), "--data", str(tmp_path / "test")]) == 0
     out, err = capsys.readouterr()
-    assert "holds no val split (prepared with --val-fraction 0?): scoring its train split" in err
+    assert "holds no val split (a test set, prepared with --val-fraction 0?): scoring its train split" in err
     assert "| train | all | 1.000 | 1.000 | 1.000 | 1.000 |" in out and "| val |" not in out
     with pytest.raises(SystemExit):
         report_cli.main(["clinical", "--masks", str(masks), "--data", str(tmp_path / "test"), "--out", str(tmp_path / "c")])

@@ -498,28 +498,28 @@ def test_nnunet_raw_layout_prepares_to_the_official_layouts_slices(tmp_path, cap
 
 def test_an_nnunet_images_folder_prepares_its_own_patients(tmp_path, capsys):
     """``--source Dataset027_ACDC/imagesTs``: the test patients the conversion put in imagesTs/labelsTs
-    (what an nnU-Net user's test predictions are of), all in one split with ``--val-fraction 0``; the
-    dataset itself still means imagesTr."""
+    (what an nnU-Net user's test predictions are of), all val with ``--val-fraction 1`` (what
+    ``report`` scores by default); the dataset itself still means imagesTr."""
     official = make_nifti_dataset(tmp_path / "acdc", n=4)
     nn = _as_nnunet(official, tmp_path / "Dataset027_ACDC")
     for kind in ("images", "labels"):
         (nn / f"{kind}Ts").mkdir()
         for f in (nn / f"{kind}Tr").glob("patient00[34]_*"):
             f.rename(nn / f"{kind}Ts" / f.name)
-    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "ts"), "--val-fraction", "0",
+    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "ts"), "--val-fraction", "1",
                  "--no-progress"]) == 0
-    assert "patients {'train': 2}" in capsys.readouterr().out
+    assert "patients {'val': 2}" in capsys.readouterr().out
     ts = load_manifest(tmp_path / "ts")
     assert ts["source_format"] == "nnunet" and sorted(ts["patients"]) == ["patient003", "patient004"]
     prepare(PrepareConfig(source=official, out=tmp_path / "all", val_fraction=0.0, progress=False))
-    ours = [{k: v for k, v in r.items() if k != "group"} for r in read_rows(tmp_path / "all")
+    ours = [{k: v for k, v in r.items() if k != "group"} | {"split": "val"} for r in read_rows(tmp_path / "all")
             if r["patient"] in ("patient003", "patient004")]
     assert [{k: v for k, v in r.items() if k != "group"} for r in read_rows(tmp_path / "ts")] == ours
     tr = prepare(PrepareConfig(source=nn, out=tmp_path / "tr", val_fraction=0.0, progress=False))
     assert sorted(tr["patients"]) == ["patient001", "patient002"]
     # nnU-Net's own ACDC conversion writes imagesTs without labelsTs: said so, with what to do.
     (nn / "labelsTs").rename(tmp_path / "labelsTs")
-    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "x"), "--val-fraction", "0"]) == 2
+    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "x"), "--val-fraction", "1"]) == 2
     err = capsys.readouterr().err
     assert "an nnU-Net imagesTs/ without labelsTs/ beside it" in err and "writes no labelsTs" in err
     assert f"python -m raysegment.infer --input {nn / 'imagesTs'}" in err and not (tmp_path / "x").exists()

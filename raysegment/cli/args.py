@@ -179,6 +179,7 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if data and is_bundle(data) and not getattr(a, "local", None):  # read in-process, never by Ray Data
         p.error(f"--data {data}: a bundle trains only with --local (in this process); Ray reads shards")
     check_data(p, data)
+    _check_train_patients(p, data)
     check_imagenet(p, a)
     init = getattr(a, "init_weights", None)
     if init and init != "shipped":
@@ -188,6 +189,18 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             saved_config(resolve_init_weights(init, a.backbone))  # a missing file: its own SystemExit
         except Exception as exc:
             p.error(f"--init-weights {init}: not a raysegment weights file or checkpoint ({type(exc).__name__}: {exc})")
+
+
+def _check_train_patients(p: argparse.ArgumentParser, data: str | None) -> None:
+    """Local shards with train patients: a test set's (``prepare --val-fraction 1``) has none."""
+    import json
+
+    if not data or is_bundle(data) or storage.is_uri(data):
+        return
+    splits = json.loads((Path(data) / "manifest.json").read_text()).get("splits", {})
+    if "train" in splits and not splits["train"]:
+        p.error(f"--data {data}: holds no train patients (a test set, prepared with --val-fraction 1?): "
+                "train on shards with train patients")
 
 
 def check_imagenet(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:

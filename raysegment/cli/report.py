@@ -272,7 +272,7 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
 
 
 def _check_splits(p, a) -> None:
-    """Each of ``--splits`` is in the local shards (shards of a source without val.txt are all train).
+    """Each of ``--splits`` is in the local shards (a test set's are all val, or all train).
     ``evaluate`` without ``--splits`` scores the splits the shards hold; ``clinical`` and ``compare``
     default to val, the patients no model trained on, and refuse shards without it."""
     from raysegment.data.dataset import is_bundle, shard_splits
@@ -291,7 +291,8 @@ def _check_splits(p, a) -> None:
         p.error(f"--splits {' '.join(a.splits)}: {a.data} holds no {' or '.join(missing)} split; give --splits "
                 f"{' '.join(held)}")
     a.splits = [s for s in a.splits if s in held]
-    print(f"note: {a.data} holds no {' or '.join(missing)} split (prepared with --val-fraction 0?): scoring "
+    how = "--val-fraction 1" if "train" in missing else "--val-fraction 0"
+    print(f"note: {a.data} holds no {' or '.join(missing)} split (a test set, prepared with {how}?): scoring "
           f"its {' and '.join(a.splits)} split", file=sys.stderr)
 
 

@@ -148,8 +148,8 @@ def assign_splits(patients: dict[str, str], config: PrepareConfig) -> dict[str, 
         return {p: ("val" if p in val else "train") for p in patients}
     if config.fold is not None:
         raise PrepareError(f"--fold {config.fold}: takes nnU-Net's splits_final.json as --val-file")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise PrepareError(f"--val-fraction {config.val_fraction}: must be in [0, 1)")
+    if not 0.0 <= config.val_fraction <= 1.0:
+        raise PrepareError(f"--val-fraction {config.val_fraction}: must be in [0, 1]")
     val = stratified_val(patients, config.val_fraction, config.seed)
     return {p: ("val" if p in val else "train") for p in patients}
 
