@@ -293,27 +293,59 @@ def test_pyfunc_infer_and_report_give_byte_identical_masks(tmp_path, tiny_model)
 
 
 def test_diagnosis_pyfunc_gives_the_classifiers_probabilities_without_a_type_hint_reminder(tmp_path):
-    """The diagnosis pyfunc, saved as registration logs it (an input example, no signature): a
-    DataFrame of feature rows in, the JSON classifier's group and probabilities out."""
+    """The diagnosis pyfunc, saved as registration logs it: a DataFrame of feature rows in, the JSON
+    classifier's group and probabilities out."""
     import mlflow.pyfunc
     import pandas as pd
 
     from raysegment.analysis.diagnosis import FEATURES, load
     from raysegment.model.weights import SHIPPED_DIR
+    from raysegment.registry.logged_models import diagnosis_model_kwargs
 
     model = load("shipped")
     rows = pd.DataFrame([model.fill, np.asarray(model.fill) * 1.3], columns=list(FEATURES))
-    code = __import__("raysegment.registry.pyfunc_diagnosis", fromlist=["x"]).__file__
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), python_model=code,
-                                 artifacts={"diagnosis": str(SHIPPED_DIR / "diagnosis.json")},
-                                 input_example=rows.iloc[:1], pip_requirements=["raysegment"])
+        mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), **diagnosis_model_kwargs(SHIPPED_DIR / "diagnosis.json"))
         out = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc")).predict(rows)
     assert not [w for w in caught if "type hint" in str(w.message)]
     p = model.predict_proba(rows.to_numpy(float))
     np.testing.assert_allclose(out[[f"p_{c}" for c in model.classes]].to_numpy(), p)
     assert list(out["group"]) == [model.classes[i] for i in p.argmax(1)]
+
+
+def test_diagnosis_pyfunc_diagnoses_rows_of_patient_indices_as_the_batch_job_does(tmp_path):
+    """Rows of patient indices (what ``raysegment.clinical`` returns, results.csv holds) get
+    ``analysis.patient.assess``'s group and probabilities: a patient without height or weight
+    indexed by the model's median BSA (not each per-m² feature's median, as a feature row with NaN
+    there gets), the group withheld where the LV's ES exceeds its ED or the volumes are NaN."""
+    import mlflow.pyfunc
+    import pandas as pd
+    from synth import sample_cine
+
+    from raysegment.analysis.diagnosis import FEATURES, features, load
+    from raysegment.analysis.patient import assess
+    from raysegment.model.weights import SHIPPED_DIR
+    from raysegment.registry.logged_models import diagnosis_model_kwargs
+
+    model = load("shipped")
+    _, labels, spacing = sample_cine("patient003")  # DCM
+    rows = [assess(labels[0], labels[1], spacing, 170.0, 70.0, model), assess(labels[0], labels[1], spacing, None, None, model),
+            assess(labels[1], labels[0], spacing, None, None, model)]
+    rows.append(rows[0] | {k: float("nan") for k in ("lv_edv_ml", "lv_esv_ml")})
+    # Saved as registration logs it: its signature, every column optional, the rest dropped.
+    mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), **diagnosis_model_kwargs(SHIPPED_DIR / "diagnosis.json"))
+    pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
+    out = pyfunc.predict(pd.DataFrame(rows).assign(study="patient003"))
+    p_cols = [f"p_{c}" for c in model.classes]
+    for i in (0, 1):
+        assert out["group"][i] == rows[i]["diagnosis"] and out["diagnosis_withheld"][i] == ""
+        np.testing.assert_allclose(out.loc[i, p_cols].to_numpy(float), [rows[i][c] for c in p_cols], atol=1e-4)
+    assert list(out["diagnosis_withheld"][2:]) == ["es_above_ed_lv", "no_volumes"] and out["group"][2:].isna().all()
+    assert out.loc[2:, p_cols].isna().all(axis=None)
+    # The same patient as a feature row whose per-m² columns are NaN: each one's median instead.
+    median_filled = pyfunc.predict(pd.DataFrame([features(rows[1])], columns=list(FEATURES)))
+    assert abs(median_filled["p_DCM"][0] - out["p_DCM"][1]) > 0.1, (median_filled, out)
 
 
 def test_mm_grid_keeps_shape_and_scale():

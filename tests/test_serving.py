@@ -176,6 +176,14 @@ def test_scheduled_inference_job(cluster, registered, diagnosis_registered, tmp_
         assert ed["ef_lv_pct"] == pytest.approx(expected, abs=0.01) and es["ef_lv_pct"] == pytest.approx(expected, abs=0.01)
         assert ed["diagnosis"] in ("NOR", "MINF", "DCM", "HCM", "RV") and ed["diagnosis"] == es["diagnosis"]
         assert "## Patients (ED + ES)" in (out / "report.md").read_text()
+        # The registered pyfunc, given results.csv's ED rows (patient indices), diagnoses as the job did.
+        import mlflow
+        import pandas as pd
+
+        mlflow.set_tracking_uri(cluster["mlflow"])
+        table = pd.read_csv(out / "results.csv").query("phase == 'ED'").reset_index(drop=True)
+        again = mlflow.pyfunc.load_model("models:/raysegment-diagnosis@champion").predict(table)
+        assert again["group"][list(table["study"]).index(ed["study"])] == ed["diagnosis"]
     assert len([r for r in done if r["study"].endswith("cine_4d.nii.gz")]) == 3  # every frame
     assert (out / "report.md").read_text().count("![") >= 4
 

@@ -25,6 +25,9 @@ FEATURES = ("lv_ef_pct", "rv_ef_pct", "lv_edv_ml_per_m2", "lv_esv_ml_per_m2", "r
             "lv_mass_g_per_m2", "mass_to_lv_edv", "rv_to_lv_edv", "myo_thickness_max_mm", "myo_thickness_mean_mm",
             "myo_thickness_sd_mm", "myo_es_thickness_max_mm", "myo_es_thickness_mean_mm", "myo_es_thickness_sd_mm",
             "myo_thickening_pct")
+# The ``clinical.patient_indices`` keys ``features`` reads; the per-m² ones and ``bsa_m2`` may be NaN (unknown).
+INDEX_KEYS = ("lv_edv_ml", "lv_esv_ml", "rv_edv_ml", "rv_esv_ml", "lv_mass_g",
+              *(f for f in FEATURES if not f.endswith("_per_m2") and f not in ("mass_to_lv_edv", "rv_to_lv_edv")))
 FORMAT = "raysegment-diagnosis/2"  # /2 adds ``bsa_m2``; a /1 file reads as before (no BSA fill)
 READS = (FORMAT, "raysegment-diagnosis/1")
 SHIPPED = Path(__file__).parents[1] / "shipped" / "diagnosis.json"

@@ -1,6 +1,7 @@
 """One patient's assessment from its ED and ES label volumes: clinical indices after the basal ES
 check, QC flags and the ACDC diagnosis. The batch job (``inference.ledger.add_patient_clinical``),
-the service's JSON answer and ``raysegment.clinical`` all call ``assess``.
+the service's JSON answer and ``raysegment.clinical`` all call ``assess``; the registered diagnosis
+pyfunc calls ``diagnose`` on rows of indices.
 
 Imports ``analysis.clinical`` (the diagnosis model comes as an argument); nothing above ``analysis``.
 """
@@ -20,14 +21,20 @@ def assess(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_cm: float
     group and ``p_<GROUP>``, or ``diagnosis_withheld`` where the LV's ES volume exceeds its ED's."""
     ind, basal = checked_indices(ed_zyx, es_zyx, spacing_zyx, height_cm, weight_kg,
                                  diagnosis.basal_rv if diagnosis else None)
-    flags = patient_flags(ind)
-    out = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(flags)}
-    if diagnosis is not None and "es_above_ed_lv" in flags:
+    out = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(patient_flags(ind))}
+    return out | (diagnose(ind, diagnosis) if diagnosis is not None else {})
+
+
+def diagnose(ind: dict, diagnosis) -> dict:
+    """``diagnosis``'s group and ``p_<GROUP>`` (4 decimals) of one patient's indices (those of
+    ``clinical.patient_indices``, taken after its basal ES check), or ``diagnosis_withheld``
+    (``es_above_ed_lv``; ``no_volumes``: NaN volumes)."""
+    if not np.isfinite([ind[k] for k in ("lv_edv_ml", "lv_esv_ml", "rv_edv_ml", "rv_esv_ml")]).all():
+        return {"diagnosis_withheld": "no_volumes"}  # a row of a patient whose masks could not be read
+    if "es_above_ed_lv" in patient_flags(ind):
         # A negative LV EF: ED and ES swapped, or a mask gone wrong; a group from it would be made
         # up. (ACDC picks ED and ES by the LV; a slightly negative RV EF is a real, akinetic RV's.)
-        out["diagnosis_withheld"] = "es_above_ed_lv"
-    elif diagnosis is not None:
-        p = diagnosis.predict_proba(diagnosis.features(ind))[0]
-        out["diagnosis"] = diagnosis.classes[int(p.argmax())]
-        out |= {f"p_{c}": round(float(q), 4) for c, q in zip(diagnosis.classes, p)}
-    return out
+        return {"diagnosis_withheld": "es_above_ed_lv"}
+    p = diagnosis.predict_proba(diagnosis.features(ind))[0]
+    return {"diagnosis": diagnosis.classes[int(p.argmax())]} | {f"p_{c}": round(float(q), 4)
+                                                              for c, q in zip(diagnosis.classes, p)}

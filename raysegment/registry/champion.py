@@ -29,7 +29,7 @@ from pathlib import Path
 
 from raysegment.model.checkpoint import save_checkpoint
 from raysegment.registry.figures import figures_shards, log_version_figures, log_version_history
-from raysegment.registry.logged_models import log_checkpoint_model, log_model_quietly, log_pyfunc
+from raysegment.registry.logged_models import diagnosis_model_kwargs, log_checkpoint_model, log_model_quietly, log_pyfunc
 from raysegment.runtime import disable_telemetry
 
 CHAMPION = "champion"
@@ -337,20 +337,16 @@ def register_diagnosis(model_file: str | Path, *, tracking_uri: str) -> Registra
     tagged with its cross-validated accuracy and the segmenter whose masks it learnt from. The one
     champion rule (``should_promote``) decides on ``champion`` by that accuracy."""
     import mlflow
-    import pandas as pd
 
-    from raysegment.analysis.diagnosis import FEATURES, load
+    from raysegment.analysis.diagnosis import load
 
     model = load(model_file)
     acc = float(model.meta.get("accuracy", float("nan")))
     mlflow.set_tracking_uri(tracking_uri)
-    example = pd.DataFrame([model.fill], columns=list(FEATURES))
 
     def log() -> str:
         mlflow.log_metrics({"cv_accuracy": acc, "cv_accuracy_sd": float(model.meta.get("accuracy_sd", float("nan")))})
-        return log_model_quietly(name="model", python_model=str(Path(__file__).with_name("pyfunc_diagnosis.py")),
-                                 artifacts={"diagnosis": str(model_file)}, input_example=example,
-                                 pip_requirements=["raysegment", "numpy", "pandas"])
+        return log_model_quietly(name="model", **diagnosis_model_kwargs(model_file))
 
     uri = _in_run(None, "diagnosis", log)
     tags = {"cv_accuracy": f"{acc:.4f}", "segmenter": str(model.meta.get("segmenter", "")),

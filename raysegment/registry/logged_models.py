@@ -1,7 +1,9 @@
 """Logging a registered version's MLflow pyfunc model: its signature (the contract callers rely on),
-the checkpoint files it carries, and MLflow's log call without its input-example reminder.
+the checkpoint files it carries, and MLflow's log call without its input-example reminder; the same
+for the diagnosis classifier's pyfunc.
 
-Imports no other raysegment module; the pyfunc code itself (``pyfunc_model.py``) is loaded by MLflow.
+Imports ``analysis.diagnosis`` (the classifier's columns) and no other raysegment module; the pyfunc
+code itself (``pyfunc_model.py``, ``pyfunc_diagnosis.py``) is loaded by MLflow.
 """
 
 from __future__ import annotations
@@ -25,6 +27,24 @@ def pyfunc_signature():
         # How the rows and columns lie (config.IN_PLANE or "auto"), as infer's --in-plane.
         params=ParamSchema([ParamSpec("spacing_mm", "double", [], (-1,)), ParamSpec("in_plane", "string", "auto")]),
     )
+
+
+def diagnosis_model_kwargs(model_file: str | Path) -> dict:
+    """``mlflow.pyfunc.log_model``/``save_model`` arguments of the diagnosis pyfunc of a JSON
+    classifier: every column it reads optional (rows of indices or of features; other columns are
+    dropped), one feature row of training medians as the example."""
+    import pandas as pd
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from raysegment.analysis.diagnosis import FEATURES, INDEX_KEYS, load
+
+    columns = dict.fromkeys([*INDEX_KEYS, "bsa_m2", *FEATURES])
+    return {"python_model": str(Path(__file__).with_name("pyfunc_diagnosis.py")),
+            "artifacts": {"diagnosis": str(model_file)},
+            "signature": ModelSignature(inputs=Schema([ColSpec("double", c, required=False) for c in columns])),
+            "input_example": pd.DataFrame([load(model_file).fill], columns=list(FEATURES)),
+            "pip_requirements": ["raysegment", "numpy", "pandas"]}
 
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "state.json")  # the optimizer state is training-only

@@ -1,9 +1,15 @@
 """MLflow pyfunc of the diagnosis classifier, defined from code (its artifact is the model's JSON).
 
-``predict`` takes feature rows (a DataFrame with the ``raysegment.analysis.diagnosis.FEATURES`` columns, or an
-(N, features) array) and returns a DataFrame: ``group`` and one ``p_<GROUP>`` column per class. A row
-of a patient without height or weight is best made by ``DiagnosisModel.features`` (its volumes indexed
-by the model's training median BSA); NaN columns take their training medians one by one.
+``predict`` takes a DataFrame of one of two kinds and returns a DataFrame of ``group`` and one
+``p_<GROUP>`` column per class:
+
+* rows of patient indices (the ``raysegment.analysis.diagnosis.INDEX_KEYS`` columns: volumes in mL,
+  mass in g, EF in %, thickness in mm; ``bsa_m2`` and the per-m² columns optional) — what
+  ``raysegment.clinical`` returns and the batch job's results.csv holds — are diagnosed as the batch
+  job does (``analysis.patient.diagnose``): a patient without BSA is indexed by the model's training
+  median BSA, and a ``diagnosis_withheld`` column names the rows given no group;
+* else feature rows (the ``FEATURES`` columns, or an (N, features) array); a NaN column takes its
+  training median.
 """
 
 from __future__ import annotations
@@ -24,13 +30,25 @@ class DiagnosisPyfunc(mlflow.pyfunc.PythonModel):
 
     # A hint MLflow infers no schema from (see pyfunc_model.py): no type-hint reminder on log or load.
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        from raysegment.analysis.diagnosis import FEATURES
+        from raysegment.analysis.diagnosis import FEATURES, INDEX_KEYS
 
+        p_cols = [f"p_{c}" for c in self.model.classes]
+        if hasattr(model_input, "columns") and set(INDEX_KEYS) <= set(model_input.columns):
+            return pd.DataFrame([self._diagnose(row, p_cols) for row in model_input.to_dict("records")])
         x = model_input[list(FEATURES)].to_numpy(float) if hasattr(model_input, "columns") else np.asarray(model_input, float)
         p = self.model.predict_proba(x)
-        out = pd.DataFrame(p, columns=[f"p_{c}" for c in self.model.classes])
+        out = pd.DataFrame(p, columns=p_cols)
         out.insert(0, "group", [self.model.classes[i] for i in p.argmax(1)])
         return out
 
+    def _diagnose(self, row: dict, p_cols: list[str]) -> dict:
+        from raysegment.analysis.diagnosis import FEATURES, INDEX_KEYS
+        from raysegment.analysis.patient import diagnose
+
+        unknown = {f: np.nan for f in FEATURES if f.endswith("_per_m2")} | {"bsa_m2": np.nan}
+        ind = unknown | {k: np.nan if v is None else float(v) for k, v in row.items() if k in unknown or k in INDEX_KEYS}
+        got = diagnose(ind, self.model)
+        return {"group": got.get("diagnosis"), **{c: got.get(c, np.nan) for c in p_cols},
+                "diagnosis_withheld": got.get("diagnosis_withheld", "")}
 
 set_model(DiagnosisPyfunc())
