@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from synth import synthetic_volume
 
-from raysegment.analysis import diagnosis
-from raysegment.analysis.clinical import basal_rv_check
+from raysegment.analysis import basal, diagnosis
+from raysegment.analysis.basal import basal_rv_check
 from raysegment.cli import diagnosis as diagnosis_cli
 from raysegment.data.dataset import all_volumes, load_bundle, save_bundle
 from raysegment.data.prepare import Volume
@@ -241,7 +241,7 @@ def test_basal_check_finds_the_base_at_either_end_of_the_stack():
 
 def _constant_check(intercept_rv: float, intercept_heart: float) -> dict:
     """A basal-es/2 check whose probabilities do not depend on the slice: sigmoid(intercept)."""
-    from raysegment.analysis.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
+    from raysegment.analysis.basal import BASAL_ES_FORMAT, SLICE_FEATURES
 
     n = len(SLICE_FEATURES)
     model = lambda b: {"mean": [0.0] * n, "scale": [1.0] * n, "coef": [0.0] * n, "intercept": b}  # noqa: E731
@@ -249,7 +249,7 @@ def _constant_check(intercept_rv: float, intercept_heart: float) -> dict:
 
 
 def test_basal_excess_is_the_expected_volume_of_the_walk():
-    from raysegment.analysis.clinical import BASAL_ES_SLICES, basal_es_excess
+    from raysegment.analysis.basal import BASAL_ES_SLICES, basal_es_excess
 
     _, ed = synthetic_volume(1, shape=(6, 40, 48))
     _, es = synthetic_volume(2, shape=(6, 40, 48), lv_radius=5.0)
@@ -276,7 +276,8 @@ def test_basal_excess_is_the_expected_volume_of_the_walk():
 
 
 def test_checked_indices_take_the_excess_off_the_es_volumes_and_read_old_checks():
-    from raysegment.analysis.clinical import basal_rv_check, checked_indices, patient_indices
+    from raysegment.analysis.basal import basal_rv_check, checked_indices
+    from raysegment.analysis.clinical import patient_indices
 
     _, ed = synthetic_volume(1, shape=(5, 40, 48))
     _, es = synthetic_volume(2, shape=(5, 40, 48), lv_radius=5.0)
@@ -319,15 +320,15 @@ def _basal_patients(n=16, seed=0):
 
 
 def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out():
-    from raysegment.analysis.clinical import SLICE_FEATURES, basal_es_excess
+    from raysegment.analysis.basal import SLICE_FEATURES, basal_es_excess
 
     volumes, masks = _basal_patients()
     patients = {v.patient for v in volumes}
-    rows = diagnosis.basal_slice_rows(volumes, [masks], patients)
+    rows = basal.basal_slice_rows(volumes, [masks], patients)
     x, y, who = rows["rv"]
     assert x.shape[1] == len(SLICE_FEATURES)
     assert y.sum() == 8 and set(who) == patients  # slice 0 of each odd patient is left out in the reference
-    check = diagnosis.fit_basal_check(volumes, [masks], patients)
+    check = basal.fit_basal_check(volumes, [masks], patients)
     assert check["format"] == "basal-es/2" and check["patients"] == 16 and check["rv"]["left_out_in_reference"] == 8
     assert "heart" not in check  # the reference always has the LV where the masks do: nothing to learn
     assert rows["heart"][1].sum() == 0 and len(rows["heart"][1]) > 0
@@ -336,14 +337,14 @@ def test_a_fitted_basal_check_learns_which_basal_slices_the_reference_leaves_out
             q = basal_es_excess(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.spacing, check)["p_no_rv"][0]
             assert (q > 0.5) == (not (v.label[0] == 1).any()), v.patient
     # Scored against the reference, the fitted check (cross-validated over patients) beats no check.
-    records, full = diagnosis.basal_check_agreement(volumes, {"toy": masks}, {"none": None}, patients, set(), folds=4)
+    records, full = basal.basal_check_agreement(volumes, {"toy": masks}, {"none": None}, patients, set(), folds=4)
     by = {(r["check"], r["split"]): r for r in records}
     assert by[("fitted here", "train")]["n"] == by[("none", "train")]["n"] == 16
     assert by[("fitted here", "train")]["rv_esv_ml_mae"] < 0.5 * by[("none", "train")]["rv_esv_ml_mae"]
     assert full["rv"]["slices"] == len(y)
     # The oracle row clears exactly the slices the reference leaves out: here that is all the error.
     assert by[("oracle (the reference's basal slices)", "train")]["rv_esv_ml_mae"] == pytest.approx(0.0, abs=1e-9)
-    where = diagnosis.excess_by_slice(volumes, masks, patients)
+    where = basal.excess_by_slice(volumes, masks, patients)
     assert where["rv"][0] > 0 and where["rv"][1:] == [0.0] * 4 and where["lv"] == [0.0] * 5
 
 

@@ -531,7 +531,7 @@ def test_a_dicom_cine_series_has_one_ef_on_every_frame_row(tmp_path):
 
 
 def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from_their_group(tmp_path):
-    from raysegment.analysis.clinical import checked_indices
+    from raysegment.analysis.basal import checked_indices
     from raysegment.analysis.diagnosis import GROUPS, features, load
     from raysegment.inference.ledger import add_patient_clinical
     from raysegment.io.studies import read_study

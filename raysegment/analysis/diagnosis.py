@@ -6,6 +6,8 @@
 The classifier learns from features of the segmenter's own predicted masks: each patient's masks
 come from a segmenter trained without that patient (``crossval-masks``: k folds stratified by
 group), so the classifier sees the segmenter's errors as they will be on new patients.
+
+Imports ``analysis`` (``basal``, ``clinical``, ``postprocess``), ``data`` and ``config``; nothing above ``analysis``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.analysis.basal import predicted_indices
 from raysegment.data.prepare import Volume
 
 GROUPS = ("NOR", "MINF", "DCM", "HCM", "RV")
@@ -59,7 +62,7 @@ class DiagnosisModel:
     intercept: tuple[float, ...]
     trees: tuple[dict, ...]  # left, right, feature, threshold, value (class shares per node)
     meta: dict = field(default_factory=dict)  # accuracy, cross-validation, segmenter, data
-    basal_rv: dict | None = None  # the basal ES check (``clinical.checked_indices``) the indices and features use
+    basal_rv: dict | None = None  # the basal ES check (``basal.checked_indices``) the indices and features use
     bsa_m2: float | None = None  # the training patients' median BSA (m²), for a patient without height or weight
 
     def features(self, indices: dict) -> np.ndarray:
@@ -216,146 +219,6 @@ def load_crossval_masks(folder: Path, volumes: list[Volume], config=None) -> dic
     return masks
 
 
-def basal_slice_rows(volumes: list[Volume], mask_sets: list[dict], patients: set[str]) -> dict[str, tuple]:
-    """Training rows of the ``basal-es/2`` check: the slices of ``clinical.basal_walk`` in each mask
-    set's ES volumes of ``patients``, per model ("rv", "heart"): (features (N, SLICE_FEATURES), the
-    reference leaves the structure out there (N,), patients (N,))."""
-    from raysegment.analysis.clinical import BASAL_MODELS, SLICE_FEATURES, basal_walk, base_first
-
-    rows = {key: ([], [], []) for key in BASAL_MODELS}
-    for v in volumes:
-        if v.phase != "ES" or v.patient not in patients or v.spacing is None:
-            continue
-        for masks in mask_sets:
-            if (v.patient, "ED") not in masks or (v.patient, "ES") not in masks:
-                continue
-            _, (ed, es, ref) = base_first(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label)
-            for key, labels in BASAL_MODELS.items():
-                x, y, who = rows[key]
-                for k, features, _ in basal_walk(ed, es, labels, v.spacing[0]):
-                    x.append(features)
-                    y.append(int(not (ref[k] == labels[0]).any()))
-                    who.append(v.patient)
-    return {k: (np.array(x).reshape(-1, len(SLICE_FEATURES)), np.array(y, int), np.array(who)) for k, (x, y, who) in rows.items()}
-
-
-def fit_basal_check(volumes: list[Volume], mask_sets: dict | list[dict], patients: set[str], seed: int = 0) -> dict | None:
-    """Fit ``clinical.basal_es_excess``'s check (format ``basal-es/2``) on the basal ES slices of
-    ``patients`` in every mask set (one segmenter's masks each: pooling several makes it hold for
-    each of them): per structure a logistic regression of "the reference leaves it out here". A
-    structure whose slices are all of one kind gets no model (nothing to learn); None when neither has one."""
-    from sklearn.linear_model import LogisticRegression
-
-    from raysegment.analysis.clinical import BASAL_ES_FORMAT, SLICE_FEATURES
-
-    mask_sets = [mask_sets] if isinstance(mask_sets, dict) else list(mask_sets)
-    check = {"format": BASAL_ES_FORMAT, "features": list(SLICE_FEATURES), "patients": len(patients),
-             "mask_sets": len(mask_sets)}
-    for key, (x, y, _) in basal_slice_rows(volumes, mask_sets, patients).items():
-        if len(set(y.tolist())) < 2:
-            continue
-        mean, scale = x.mean(0), x.std(0)
-        scale[scale == 0] = 1.0
-        lr = LogisticRegression(C=1.0, max_iter=5000, random_state=seed).fit((x - mean) / scale, y)
-        check[key] = {"mean": mean.tolist(), "scale": scale.tolist(), "coef": lr.coef_[0].tolist(),
-                      "intercept": float(lr.intercept_[0]), "slices": int(len(y)), "left_out_in_reference": int(y.sum())}
-    return check if "rv" in check or "heart" in check else None
-
-
-def predicted_indices(volumes: list[Volume], masks: dict, patients: dict, basal_rv: dict | None = None):
-    """Per patient (in order) with ED and ES masks and known spacing: (ED volume, ES volume,
-    ``clinical.patient_indices`` of the masks, what the basal ES check did). ``patients`` is the
-    manifest's metadata (height, weight); ``basal_rv``: the basal ES check (``clinical.checked_indices``)."""
-    from raysegment.analysis.clinical import checked_indices
-
-    by_patient: dict[str, dict] = {}
-    for v in volumes:
-        by_patient.setdefault(v.patient, {})[v.phase] = v
-    for patient, phases in sorted(by_patient.items()):
-        if not all((patient, ph) in masks and ph in phases for ph in ("ED", "ES")) or phases["ED"].spacing is None:
-            continue
-        meta = patients.get(patient, {})
-        ind, info = checked_indices(masks[(patient, "ED")], masks[(patient, "ES")], phases["ED"].spacing,
-                                    meta.get("height_cm"), meta.get("weight_kg"), basal_rv)
-        yield phases["ED"], phases["ES"], ind, info
-
-
-ORACLE = "oracle (the reference's basal slices)"
-
-
-def basal_check_agreement(volumes: list[Volume], mask_sets: dict[str, dict], checks: dict[str, dict | None],
-                          train: set[str], val: set[str], folds: int = 5, seed: int = 0) -> tuple[list[dict], dict | None]:
-    """How basal ES checks do, per mask set (name → masks of one segmenter): RV and LV EF (%) and
-    ESV (mL) against the reference, with each of ``checks`` (name → check or None) and with a check
-    fitted here on all mask sets — for the train patients by patient-grouped ``folds``-fold
-    cross-validation (each patient scored by a check fitted without it), for the val patients fitted
-    on every train patient. Returns (records, the check fitted on every train patient)."""
-    from raysegment.analysis.clinical import agreement, patient_indices
-
-    ref = {ed.patient: patient_indices(ed.label, es.label, ed.spacing)
-           for ed, es, _, _ in predicted_indices(volumes, {(v.patient, v.phase): v.label for v in volumes}, {})}
-    order = np.random.default_rng(seed).permutation(sorted(train)).tolist()
-    groups = [{p for i, p in enumerate(order) if i % folds == f} for f in range(folds)]
-    full = fit_basal_check(volumes, list(mask_sets.values()), set(train), seed)
-    # (patients, check) pairs that score each split: the fitted check is cross-validated on train.
-    plans = {name: {"train": [(set(train), c)], "val": [(set(val), c)]} for name, c in checks.items()}
-    plans["fitted here"] = {"train": [(g, fit_basal_check(volumes, list(mask_sets.values()), set(train) - g, seed)) for g in groups],
-                            "val": [(set(val), full)]}
-    # The most any basal check could give: the basal slices the reference leaves out, cleared.
-    plans[ORACLE] = {"train": [(set(train), None)], "val": [(set(val), None)]}
-    records = []
-    for set_name, masks in mask_sets.items():
-        for check_name, plan in plans.items():
-            scored = reference_basal_masks(volumes, masks) if check_name == ORACLE else masks
-            for split, parts in plan.items():
-                got = [(ed.patient, ind) for patients, check in parts
-                       for ed, _, ind, _ in predicted_indices([v for v in volumes if v.patient in patients], scored, {}, check)]
-                records.append({"masks": set_name, "check": check_name, "split": split, "n": len(got),
-                                **{f"{k}_{stat}": agreement([i[k] for _, i in got], [ref[p][k] for p, _ in got])[stat]
-                                   for k in ("rv_ef_pct", "lv_ef_pct", "rv_esv_ml", "lv_esv_ml") for stat in ("mae", "bias")}})
-    return records, full
-
-
-def reference_basal_masks(volumes: list[Volume], masks: dict) -> dict:
-    """``masks`` with the RV (LV cavity and myocardium) cleared on the basal ES slices
-    (``clinical.BASAL_ES_SLICES``) where the reference has none: what a perfect basal check does."""
-    from raysegment.analysis.clinical import BASAL_ES_SLICES, BASAL_MODELS, base_first
-
-    out = dict(masks)
-    for v in volumes:
-        key = (v.patient, "ES")
-        if v.phase != "ES" or key not in masks or (v.patient, "ED") not in masks:
-            continue
-        out[key] = masks[key].copy()
-        _, (_, es, ref) = base_first(masks[(v.patient, "ED")], out[key], v.label)  # views: es writes into out[key]
-        for k in range(min(BASAL_ES_SLICES, es.shape[0])):
-            for labels in BASAL_MODELS.values():
-                if not (ref[k] == labels[0]).any():
-                    es[k][np.isin(es[k], labels)] = 0
-    return out
-
-
-def excess_by_slice(volumes: list[Volume], masks: dict, patients: set[str], positions: int = 4) -> dict[str, list[float]]:
-    """Mean predicted − reference volume (mL) per ES slice position from the base (0 … ``positions``
-    − 1, then every slice below together) of RV, MYO and LV, over ``patients``: where the ES excess lies."""
-    from raysegment.analysis.clinical import base_first
-    from raysegment.config import CLASS_NAMES
-
-    sums = {name: np.zeros(positions + 1) for name in CLASS_NAMES.values()}
-    counts = np.zeros(positions + 1)
-    for v in volumes:
-        if v.phase != "ES" or v.patient not in patients or (v.patient, "ES") not in masks or v.spacing is None:
-            continue
-        _, (_, es, ref) = base_first(masks[(v.patient, "ED")], masks[(v.patient, "ES")], v.label)
-        voxel_ml = float(np.prod(v.spacing)) / 1000.0
-        for k in range(es.shape[0]):
-            pos = min(k, positions)
-            counts[pos] += 1
-            for lab, name in CLASS_NAMES.items():
-                sums[name][pos] += (float((es[k] == lab).sum()) - float((ref[k] == lab).sum())) * voxel_ml
-    return {name: (total / np.maximum(counts, 1)).round(2).tolist() for name, total in sums.items()}
-
-
 def patient_features(volumes: list[Volume], masks: dict, patients: dict, basal_rv: dict | None = None,
                      bsa_m2: float | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """(patients, feature rows, groups) of ``predicted_indices`` (``bsa_m2``: see ``features``)."""
@@ -388,15 +251,3 @@ def load(ref: str | Path, tracking_uri: str | None = None) -> DiagnosisModel:
     return DiagnosisModel.from_json(Path(ref).read_text())
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def basal_table(records: list[dict]) -> str:
-    """Markdown of ``basal_check_agreement``'s records."""
-    lines = ["| masks | check | split | n | RV EF MAE / bias (%) | LV EF MAE / bias (%) | RV ESV MAE / bias (mL) "
-             "| LV ESV MAE / bias (mL) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        cells = [f"{r[k + '_mae']:.2f} / {r[k + '_bias']:+.2f}" for k in ("rv_ef_pct", "lv_ef_pct", "rv_esv_ml", "lv_esv_ml")]
-        lines.append(f"| {r['masks']} | {r['check']} | {r['split']} | {r['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

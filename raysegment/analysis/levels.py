@@ -2,7 +2,7 @@
 them down (most errors sit at the base and the apex).
 
 A volume's levels: the slices on which its reference draws any structure, cut into three equal runs
-from base to apex (the base found by ``clinical.base_at_end``, as the basal ES check finds it); slices beyond the reference
+from base to apex (the base found by ``basal.base_at_end``, as the basal ES check finds it); slices beyond the reference
 on the base side count as base, beyond it on the apex side as apex, so a structure predicted where
 the reference has none is charged to the level it spills from.
 
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from raysegment.analysis.clinical import base_at_end
+from raysegment.analysis.basal import base_at_end
 from raysegment.config import CLASS_NAMES
 
 LEVELS = ("base", "mid", "apex")

@@ -3,14 +3,15 @@ check, QC flags and the ACDC diagnosis. The batch job (``inference.ledger.add_pa
 the service's JSON answer and ``raysegment.clinical`` all call ``assess``; the registered diagnosis
 pyfunc calls ``diagnose`` on rows of indices.
 
-Imports ``analysis.clinical`` (the diagnosis model comes as an argument); nothing above ``analysis``.
+Imports ``analysis.clinical`` and ``analysis.basal`` (the diagnosis model comes as an argument); nothing above ``analysis``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from raysegment.analysis.clinical import checked_indices, patient_flags
+from raysegment.analysis.basal import checked_indices
+from raysegment.analysis.clinical import patient_flags
 
 
 def assess(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_cm: float | None = None,

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.analysis.basal import basal_check_agreement, basal_table, excess_by_slice, fit_basal_check
 from raysegment.analysis.diagnosis import (
     FEATURES,
-    basal_check_agreement,
-    basal_table,
     confusion_markdown,
     cross_validate,
-    excess_by_slice,
     fit,
-    fit_basal_check,
     load,
     load_crossval_masks,
     median_bsa_m2,

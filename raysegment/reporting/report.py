@@ -304,8 +304,8 @@ def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None
     ``masks[(patient, phase)]`` (``basal_rv``: the basal ES check applied first; what it did is in the
     record) and ``ref_…`` from
     the reference labels (``patients``: the manifest's metadata: height, weight)."""
+    from raysegment.analysis.basal import predicted_indices
     from raysegment.analysis.clinical import patient_indices
-    from raysegment.analysis.diagnosis import predicted_indices
 
     unspaced = next((v for v in volumes if v.spacing is None), None)
     if unspaced is not None:
