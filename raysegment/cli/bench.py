@@ -26,14 +26,14 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from raysegment.cli import add_in_plane_argument, command_parser
+from raysegment.cli.bench_infer import bench_infer, infer_line
 from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
-from raysegment.cli.gpu_smoke import gpu_smoke, write_studies
+from raysegment.cli.gpu_smoke import gpu_smoke
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
 from raysegment.model.unet import BACKBONES
 
@@ -242,65 +242,6 @@ def bench_data(args) -> dict:
             "augment_slices_per_s_one_thread": round(augment, 1)}
 
 
-def bench_infer(args) -> dict:
-    """Seconds per study: the Predictor's pure forward pass vs ``raysegment.inference.batch`` end to end."""
-    import tempfile
-
-    from raysegment.config import PredictConfig
-    from raysegment.data.dataset import load_volumes
-    from raysegment.inference.batch import InferConfig, run_batch
-    from raysegment.inference.predictor import Predictor
-    from raysegment.inference.study import predict_frames
-    from raysegment.io.studies import read_study
-    from raysegment.runtime import ensure_ray
-
-    model = args.model or f"shipped:{args.backbone}"
-    predict = PredictConfig(batch_size=args.batch_size, precision=args.precision, in_plane=args.in_plane)
-    threads = torch_threads(args.threads, 1)
-    volumes = load_volumes(args.data, "val")[: args.volumes]
-    if len(volumes) < args.volumes:  # a larger batch: train volumes after the val ones
-        volumes += load_volumes(args.data, "train")[: args.volumes - len(volumes)]
-    with tempfile.TemporaryDirectory() as tmp:
-        studies = write_studies(volumes, Path(tmp) / "in")
-        # In-process: the same studies, read and predicted as the actor does, forward time counted.
-        torch.set_num_threads(threads)
-        predictor = Predictor.load(model, predict)
-        _, frames, zooms = read_study(studies[0])
-        predictor.predict(frames[0], in_plane="as-stored")  # warm-up (allocator, kernel selection)
-        predictor.forward_seconds = 0.0
-        t0 = time.perf_counter()
-        for path in studies:
-            _, frames, zooms = read_study(path)
-            predict_frames(predictor, frames, zooms)  # as the actor: "auto" decides once per study
-        predict_s = (time.perf_counter() - t0) / len(studies)
-        forward_s = predictor.forward_seconds / len(studies)
-        # The batch job: local Ray up first (not counted), then one run over the folder.
-        ensure_ray()
-        config = InferConfig(models=(model,), input=str(Path(tmp) / "in"), output=str(Path(tmp) / "out"),
-                             predict=predict, actors=args.actors, progress=False)
-        t0 = time.perf_counter()
-        summary = run_batch(config)
-        infer_total = time.perf_counter() - t0
-        infer_s = infer_total / len(studies)
-        ledger = [json.loads(line) for line in (Path(tmp) / "out" / "ledger.jsonl").read_text().splitlines()]
-    actor_s = float(np.mean([e["seconds"] for e in ledger]))
-    actor_forward_s = float(np.mean([e["forward_seconds"] for e in ledger]))
-    # Actor start, hashing, results, report: what the actors' study time (run side by side) leaves.
-    fixed_s = infer_total - sum(e["seconds"] for e in ledger) / summary["actors"]
-    return {"model": model, "backbone": predictor.members[0].config.model.backbone, "studies": len(studies),
-            "mean_slices": round(float(np.mean([v.image.shape[0] for v in volumes])), 1),
-            "precision": predictor.config.precision, "in_plane": args.in_plane,
-            **({"auto_turns": predictor.auto_turns} if args.in_plane == "auto" else {}),
-            "threads": threads, "actors": summary["actors"],
-            "segmented": summary["segmented"],
-            "forward_s_per_study": round(forward_s, 4), "predict_s_per_study": round(predict_s, 4),
-            "infer_actor_forward_s_per_study": round(actor_forward_s, 4), "infer_actor_s_per_study": round(actor_s, 4),
-            "infer_s_per_study": round(infer_s, 4),
-            "infer_fixed_s": round(fixed_s, 2), "infer_over_forward": round(infer_s / forward_s, 2)}
-
-
-# --------------------------------------------------------------------------- GPU smoke test
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m raysegment.bench`` command line (also used to dry-run job specs)."""
     from raysegment.config import PredictConfig
@@ -396,14 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         out = bench_infer(a)
         print(json.dumps(out))
-        print(f"{out['backbone']} ({out['precision']}, in-plane {out['in_plane']}, {out['threads']} threads in-process, "
-              f"{out['actors']} actors, "
-              f"{out['studies']} studies of "
-              f"{out['mean_slices']} slices): forward {out['forward_s_per_study']:.3f} s/study | Predictor "
-              f"{out['predict_s_per_study']:.3f} | per study in one of the {out['actors']} actors "
-              f"{out['infer_actor_s_per_study']:.3f} | infer "
-              f"{out['infer_s_per_study']:.3f} s/study = {out['infer_over_forward']:.2f}× forward (of which "
-              f"{out['infer_fixed_s']:.1f} s per batch: actor start, results, report)")
+        print(infer_line(out))
     return 0
 
 
