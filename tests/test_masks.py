@@ -167,4 +167,5 @@ def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp
     assert "| train | all | 1.000 | 1.000 | 1.000 | 1.000 |" in out and "| val |" not in out
     with pytest.raises(SystemExit):
         report_cli.main(["clinical", "--masks", str(masks), "--data", str(tmp_path / "test"), "--out", str(tmp_path / "c")])
-    assert capsys.readouterr().err.strip().endswith("holds no val split; give --splits train")
+    assert capsys.readouterr().err.strip().endswith("holds no val split; give --splits train (a test set: prepare it "
+                                                    "with --val-fraction 1, all val)")

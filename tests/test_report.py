@@ -95,7 +95,7 @@ def test_report_refuses_missing_shards_and_unknown_splits_in_one_line(tmp_path, 
             report_cli.main([*cmd, "--model", "shipped:mobilenet_v2", "--data", str(tmp_path / "s")])
         assert exit_.value.code == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
-            "holds no val split; give --splits train"), cmd
+            "holds no val split; give --splits train (a test set: prepare it with --val-fraction 1, all val)"), cmd
     with pytest.raises(FileNotFoundError, match=r"no val shards there \(it holds the train split only\)"):
         load_volumes(tmp_path / "s", "val")
 

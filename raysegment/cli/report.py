@@ -288,8 +288,9 @@ def _check_splits(p, a) -> None:
     if not missing:
         return
     if given or a.cmd != "evaluate":
+        hint = " (a test set: prepare it with --val-fraction 1, all val)" if held == ["train"] else ""
         p.error(f"--splits {' '.join(a.splits)}: {a.data} holds no {' or '.join(missing)} split; give --splits "
-                f"{' '.join(held)}")
+                f"{' '.join(held)}{hint}")
     a.splits = [s for s in a.splits if s in held]
     how = "--val-fraction 1" if "train" in missing else "--val-fraction 0"
     print(f"note: {a.data} holds no {' or '.join(missing)} split (a test set, prepared with {how}?): scoring "
