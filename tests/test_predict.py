@@ -346,6 +346,8 @@ def test_diagnosis_pyfunc_diagnoses_rows_of_patient_indices_as_the_batch_job_doe
     # The same patient as a feature row whose per-m² columns are NaN: each one's median instead.
     median_filled = pyfunc.predict(pd.DataFrame([features(rows[1])], columns=list(FEATURES)))
     assert abs(median_filled["p_DCM"][0] - out["p_DCM"][1]) > 0.1, (median_filled, out)
+    with pytest.raises(ValueError, match="takes rows of patient indices"):  # neither kind of row
+        pyfunc.predict(pd.DataFrame({"lv_edv_ml": [100.0], "lv_ef_pct": [55.0]}))
 
 
 def test_mm_grid_keeps_shape_and_scale():

@@ -8,8 +8,9 @@
   ``raysegment.clinical`` returns and the batch job's results.csv holds — are diagnosed as the batch
   job does (``analysis.patient.diagnose``): a patient without BSA is indexed by the model's training
   median BSA, and a ``diagnosis_withheld`` column names the rows given no group;
-* else feature rows (the ``FEATURES`` columns, or an (N, features) array); a NaN column takes its
-  training median.
+* else feature rows (the ``FEATURES`` columns); a NaN column takes its training median.
+
+Anything else (a table without either set of columns) is refused with the columns it takes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ class DiagnosisPyfunc(mlflow.pyfunc.PythonModel):
         p_cols = [f"p_{c}" for c in self.model.classes]
         if hasattr(model_input, "columns") and set(INDEX_KEYS) <= set(model_input.columns):
             return pd.DataFrame([self._diagnose(row, p_cols) for row in model_input.to_dict("records")])
-        x = model_input[list(FEATURES)].to_numpy(float) if hasattr(model_input, "columns") else np.asarray(model_input, float)
+        named = hasattr(model_input, "columns") and set(FEATURES) <= set(model_input.columns)
+        x = np.atleast_2d(np.asarray(model_input[list(FEATURES)] if named else model_input, float))
+        if x.shape[1] != len(FEATURES):
+            raise ValueError(f"takes rows of patient indices (columns {', '.join(INDEX_KEYS)}; bsa_m2 optional) or "
+                             f"the {len(FEATURES)} feature columns ({', '.join(FEATURES)})")
         p = self.model.predict_proba(x)
         out = pd.DataFrame(p, columns=p_cols)
         out.insert(0, "group", [self.model.classes[i] for i in p.argmax(1)])
@@ -50,5 +55,6 @@ class DiagnosisPyfunc(mlflow.pyfunc.PythonModel):
         got = diagnose(ind, self.model)
         return {"group": got.get("diagnosis"), **{c: got.get(c, np.nan) for c in p_cols},
                 "diagnosis_withheld": got.get("diagnosis_withheld", "")}
+
 
 set_model(DiagnosisPyfunc())
