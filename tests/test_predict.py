@@ -318,7 +318,8 @@ def test_diagnosis_pyfunc_diagnoses_rows_of_patient_indices_as_the_batch_job_doe
     """Rows of patient indices (what ``raysegment.clinical`` returns, results.csv holds) get
     ``analysis.patient.assess``'s group and probabilities: a patient without height or weight
     indexed by the model's median BSA (not each per-m² feature's median, as a feature row with NaN
-    there gets), the group withheld where the LV's ES exceeds its ED or the volumes are NaN."""
+    there gets), one with a ``bsa_m2`` and no per-m² values by its own; the group withheld where
+    the LV's ES exceeds its ED or the volumes are NaN."""
     import mlflow.pyfunc
     import pandas as pd
     from synth import sample_cine
@@ -333,6 +334,7 @@ def test_diagnosis_pyfunc_diagnoses_rows_of_patient_indices_as_the_batch_job_doe
     rows = [assess(labels[0], labels[1], spacing, 170.0, 70.0, model), assess(labels[0], labels[1], spacing, None, None, model),
             assess(labels[1], labels[0], spacing, None, None, model)]
     rows.append(rows[0] | {k: float("nan") for k in ("lv_edv_ml", "lv_esv_ml")})
+    rows.append({k: v for k, v in rows[0].items() if not k.endswith("_per_m2")})  # a BSA given, no per-m² values
     # Saved as registration logs it: its signature, every column optional, the rest dropped.
     mlflow.pyfunc.save_model(str(tmp_path / "pyfunc"), **diagnosis_model_kwargs(SHIPPED_DIR / "diagnosis.json"))
     pyfunc = mlflow.pyfunc.load_model(str(tmp_path / "pyfunc"))
@@ -341,8 +343,10 @@ def test_diagnosis_pyfunc_diagnoses_rows_of_patient_indices_as_the_batch_job_doe
     for i in (0, 1):
         assert out["group"][i] == rows[i]["diagnosis"] and out["diagnosis_withheld"][i] == ""
         np.testing.assert_allclose(out.loc[i, p_cols].to_numpy(float), [rows[i][c] for c in p_cols], atol=1e-4)
-    assert list(out["diagnosis_withheld"][2:]) == ["es_above_ed_lv", "no_volumes"] and out["group"][2:].isna().all()
-    assert out.loc[2:, p_cols].isna().all(axis=None)
+    assert list(out["diagnosis_withheld"][2:4]) == ["es_above_ed_lv", "no_volumes"] and out["group"][2:4].isna().all()
+    assert out.loc[2:3, p_cols].isna().all(axis=None)
+    assert out["group"][4] == rows[0]["diagnosis"]  # the volumes indexed by the row's own BSA
+    np.testing.assert_allclose(out.loc[4, p_cols].to_numpy(float), out.loc[0, p_cols].to_numpy(float), atol=1e-4)
     # The same patient as a feature row whose per-m² columns are NaN: each one's median instead.
     median_filled = pyfunc.predict(pd.DataFrame([features(rows[1])], columns=list(FEATURES)))
     assert abs(median_filled["p_DCM"][0] - out["p_DCM"][1]) > 0.1, (median_filled, out)

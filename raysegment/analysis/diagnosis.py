@@ -38,10 +38,13 @@ SHIPPED = Path(__file__).parents[1] / "shipped" / "diagnosis.json"
 
 def features(indices: dict, bsa_m2: float | None = None) -> np.ndarray:
     """The ``FEATURES`` vector of one patient from its ``clinical.patient_indices`` (NaN where unknown).
-    A patient without height or weight (its indices' ``bsa_m2`` NaN) has its volumes (mL) and mass (g)
-    indexed by ``bsa_m2`` (m²; a model's training median), else they stay NaN."""
-    if bsa_m2 and not np.isfinite(indices.get("bsa_m2", np.nan)):
-        indices = indices | {f: indices[f.removesuffix("_per_m2")] / bsa_m2 for f in FEATURES if f.endswith("_per_m2")}
+    A per-m² value that is missing or NaN is the volume (mL) or mass (g) over the patient's own
+    ``bsa_m2`` (m²) where it is known, else over ``bsa_m2`` (a model's training median), else NaN."""
+    own = float(indices.get("bsa_m2", np.nan))
+    bsa = own if np.isfinite(own) and own > 0 else bsa_m2
+    if bsa:
+        indices = indices | {f: indices[f.removesuffix("_per_m2")] / bsa for f in FEATURES
+                             if f.endswith("_per_m2") and not np.isfinite(indices.get(f, np.nan))}
     ratios = {"mass_to_lv_edv": indices["lv_mass_g"] / indices["lv_edv_ml"] if indices["lv_edv_ml"] > 0 else np.nan,
               "rv_to_lv_edv": indices["rv_edv_ml"] / indices["lv_edv_ml"] if indices["lv_edv_ml"] > 0 else np.nan}
     return np.array([ratios[f] if f in ratios else indices[f] for f in FEATURES], float)

@@ -6,8 +6,9 @@
 * rows of patient indices (the ``raysegment.analysis.diagnosis.INDEX_KEYS`` columns: volumes in mL,
   mass in g, EF in %, thickness in mm; ``bsa_m2`` and the per-m² columns optional) — what
   ``raysegment.clinical`` returns and the batch job's results.csv holds — are diagnosed as the batch
-  job does (``analysis.patient.diagnose``): a patient without BSA is indexed by the model's training
-  median BSA, and a ``diagnosis_withheld`` column names the rows given no group;
+  job does (``analysis.patient.diagnose``): volumes without per-m² values are indexed by the row's
+  ``bsa_m2``, else by the model's training median BSA; a ``diagnosis_withheld`` column names the
+  rows given no group;
 * else feature rows (the ``FEATURES`` columns); a NaN column takes its training median.
 
 Anything else (a table without either set of columns) is refused with the columns it takes.
