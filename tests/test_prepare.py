@@ -260,6 +260,20 @@ def test_cli_runs_as_module(tmp_path):
     assert "slices {'train': 8, 'val': 8}" in r.stdout
 
 
+def test_a_given_val_fraction_splits_a_source_with_val_txt_and_a_val_file_beside_it_is_refused(tmp_path, capsys):
+    """``--val-fraction`` given: it splits even a source with its own val.txt (the file won, and
+    ``--val-fraction 1`` of an SSL4MIS-layout test set was ignored without a word); with
+    ``--val-file`` as well, refused in one line."""
+    src = make_h5_dataset(tmp_path / "src", patients=(1, 2, 3), val=(2,))
+    assert main(["--source", str(src), "--out", str(tmp_path / "own"), "--no-progress"]) == 0
+    assert "patients {'train': 2, 'val': 1}" in capsys.readouterr().out  # its val.txt
+    assert main(["--source", str(src), "--out", str(tmp_path / "all"), "--val-fraction", "1", "--no-progress"]) == 0
+    assert "patients {'val': 3}" in capsys.readouterr().out
+    assert main(["--source", str(src), "--out", str(tmp_path / "x"), "--val-fraction", "0.5",
+                 "--val-file", str(src / "val.txt")]) == 2
+    assert "both split: give one" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_val_split_is_stratified_by_group_and_seeded():
     from raysegment.data.prepare import assign_splits
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from raysegment.cli import INTERRUPTED, command_parser
 from raysegment.config import default_of
-from raysegment.data.prepare import FORMATS, PrepareConfig, PrepareError, prepare
+from raysegment.data.prepare import DEFAULT_VAL_FRACTION, FORMATS, PrepareConfig, PrepareError, prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text file of validation patient ids, or nnU-Net's splits_final.json with --fold")
     p.add_argument("--fold", type=int, default=d("fold"), help="with nnU-Net's splits_final.json: the fold whose val "
                    "patients are val (its other patients train)")
-    p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="used when no split file is given "
-                   "or found; 1: every patient val (a test set, which report scores by default)")
+    p.add_argument("--val-fraction", type=float, default=d("val_fraction"), help="a seeded share of the patients, "
+                   "stratified by group, to val (default: the source's val.txt where it has one, else "
+                   f"{DEFAULT_VAL_FRACTION}); 1: every patient val (a test set, which report scores by default)")
     p.add_argument("--seed", type=int, default=d("seed"), help="seed of the --val-fraction split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -70,16 +70,19 @@ SCHEMA = pa.schema(
 )
 
 
+DEFAULT_VAL_FRACTION = 0.125
+
+
 @dataclass(frozen=True)
 class PrepareConfig:
-    """What ``prepare`` reads and how it splits. ``val_fraction`` applies when no split file exists."""
+    """What ``prepare`` reads and how it splits (``assign_splits``)."""
 
     source: Path
     out: Path
     source_format: SourceFormat = "auto"
     val_file: Path | None = None
     fold: int | None = None  # with nnU-Net's splits_final.json as ``val_file``: the fold whose val patients are val
-    val_fraction: float = 0.125
+    val_fraction: float | None = None  # None: the source's val.txt where it has one, else DEFAULT_VAL_FRACTION
     seed: int = 0
     rows_per_file: int = 256
     row_group_rows: int = 16
@@ -134,11 +137,13 @@ def _patient_ids(path: Path, names) -> list[str]:
 def assign_splits(patients: dict[str, str], config: PrepareConfig) -> dict[str, str]:
     """Map patient → 'train'|'val'. ``patients`` maps patient → group (for stratification).
 
-    Order of precedence: ``--val-file``; the source's ``val.txt`` (SSL4MIS layout); a seeded
-    fraction stratified by diagnosis group.
+    ``--val-file``, or ``--val-fraction`` (a seeded fraction stratified by diagnosis group); with
+    neither, the source's ``val.txt`` (SSL4MIS layout), else ``DEFAULT_VAL_FRACTION``.
     """
+    if config.val_file is not None and config.val_fraction is not None:
+        raise PrepareError(f"--val-file {config.val_file} and --val-fraction {config.val_fraction} both split: give one")
     val_file = config.val_file
-    if val_file is None and (config.source / "val.txt").is_file():
+    if val_file is None and config.val_fraction is None and (config.source / "val.txt").is_file():
         val_file = config.source / "val.txt"
     if val_file is not None:
         val = set(_read_id_list(val_file, config.fold))
@@ -148,9 +153,10 @@ def assign_splits(patients: dict[str, str], config: PrepareConfig) -> dict[str, 
         return {p: ("val" if p in val else "train") for p in patients}
     if config.fold is not None:
         raise PrepareError(f"--fold {config.fold}: takes nnU-Net's splits_final.json as --val-file")
-    if not 0.0 <= config.val_fraction <= 1.0:
-        raise PrepareError(f"--val-fraction {config.val_fraction}: must be in [0, 1]")
-    val = stratified_val(patients, config.val_fraction, config.seed)
+    fraction = DEFAULT_VAL_FRACTION if config.val_fraction is None else config.val_fraction
+    if not 0.0 <= fraction <= 1.0:
+        raise PrepareError(f"--val-fraction {fraction}: must be in [0, 1]")
+    val = stratified_val(patients, fraction, config.seed)
     return {p: ("val" if p in val else "train") for p in patients}
 
 
