@@ -420,8 +420,11 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     from raysegment.data.prepare import PrepareConfig, prepare
 
     groups = ("NOR", "DCM", "HCM")
-    for i in range(15):
+    for i in range(16):
         make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(4, 40, 48))
+    # patient016 without a reference group (Info.cfg without Group:): left out, not a fourth class
+    cfg = tmp_path / "src" / "training" / "patient016" / "Info.cfg"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("Group")))
     prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
     volumes = load_volumes(tmp_path / "shards", "train") + load_volumes(tmp_path / "shards", "val")
     (tmp_path / "cv").mkdir()
@@ -430,13 +433,15 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     assert diagnosis_cli.main(["fit", "--data", str(tmp_path / "shards"), "--masks", str(tmp_path / "cv"),
                                "--repeats", "1", "--out", str(out)]) == 0
     model = diagnosis.load(out)
-    assert model.meta["patients"] == 15 and "accuracy" in model.meta
+    assert model.meta["patients"] == 15 and "accuracy" in model.meta and set(model.classes) == set(groups)
     assert model.bsa_m2 == pytest.approx(2.0, abs=1e-4)  # every Info.cfg: 180 cm, 80 kg
-    assert "indexed by 2.00 m², the median BSA" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "indexed by 2.00 m², the median BSA" in printed.out
+    assert "note: left out, without a reference group (1): patient016" in printed.err
     with open(out.with_suffix(".features.csv"), newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["patient", "group", *diagnosis.FEATURES]
-    assert sorted(r[0] for r in rows[1:]) == sorted({v.patient for v in volumes})
+    assert sorted(r[0] for r in rows[1:]) == sorted({v.patient for v in volumes} - {"patient016"})
     assert {r[1] for r in rows[1:]} == set(groups) and all(len(r) == len(rows[0]) for r in rows)
     assert all(float(v) == float(v) for r in rows[1:] for v in r[2:] if v != "nan")  # numbers, not shifted text
 

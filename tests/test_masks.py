@@ -2,6 +2,7 @@
 --masks`, `report compare` with a folder side, `report clinical --masks`; names, axes, refusals."""
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -153,6 +154,23 @@ def test_a_test_set_prepared_all_val_is_scored_by_default_and_trained_on_by_noth
         train_cli.main(["--data", str(test), "--epochs", "1", "--storage", str(tmp_path / "runs")])
     assert stop.value.code == 2 and "holds no train patients (a test set" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_diagnosis_line_scores_only_patients_with_a_reference_group_and_withholds_as_the_batch_job(tmp_path, capsys):
+    """``report clinical --diagnosis`` on a test set: a patient without ``Group:`` in Info.cfg (ACDC's
+    101–150) is not counted wrong but listed by what it was called; one whose LV's ES exceeds its ED
+    (ED and ES masks swapped) is withheld, as ``infer`` withholds it (it was called a group)."""
+    src = make_nifti_dataset(tmp_path / "acdc", n=3)
+    cfg = src / "training" / "patient003" / "Info.cfg"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("Group")))
+    assert prepare(PrepareConfig(source=src, out=tmp_path / "test", val_fraction=1.0, progress=False))
+    swap = {"patient002_frame01": "patient002_frame07", "patient002_frame07": "patient002_frame01"}
+    masks = _write_masks(src, tmp_path / "preds", lambda case: f"{swap.get(case, case)}.nii.gz")
+    assert report_cli.main(["clinical", "--masks", str(masks), "--data", str(tmp_path / "test"), "--diagnosis", "shipped",
+                            "--out", str(tmp_path / "c")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Diagnosis"))
+    assert re.fullmatch(r"Diagnosis \(shipped\): [01]/2 right \((wrong: patient001 DCM→\w+; )?withheld: patient002 "
+                        r"es_above_ed_lv\); without a reference group \(1\): (NOR|MINF|DCM|HCM|RV) 1", line), line
 
 
 def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp_path, capsys):

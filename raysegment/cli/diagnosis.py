@@ -15,6 +15,7 @@ import numpy as np
 from raysegment.analysis.basal import basal_check_agreement, basal_table, excess_by_slice, fit_basal_check
 from raysegment.analysis.diagnosis import (
     FEATURES,
+    GROUPS,
     confusion_markdown,
     cross_validate,
     fit,
@@ -45,6 +46,11 @@ def _fit_command(a) -> int:
     # A patient without height or weight is indexed by the others' median BSA, in fitting as in use.
     bsa = median_bsa_m2(sorted({v.patient for v in volumes}), manifest.get("patients", {}))
     names, x, y = patient_features(volumes, masks, manifest.get("patients", {}), basal, bsa)
+    if unknown := [n for n, g in zip(names, y) if g not in GROUPS]:  # e.g. Info.cfg without Group: (a test set)
+        print(f"note: left out, without a reference group ({len(unknown)}): {', '.join(unknown[:5])}"
+              f"{', …' if len(unknown) > 5 else ''}", file=sys.stderr)
+        keep = [i for i, g in enumerate(y) if g in GROUPS]
+        names, x, y = [names[i] for i in keep], x[keep], [y[i] for i in keep]
     if len(set(y)) < 3 or len(names) < 10:  # the JSON classifier is multinomial: 3 groups or more
         print(f"error: {len(names)} patients with ED and ES masks, groups {sorted(set(y))}: too few to fit", file=sys.stderr)
         return 2

@@ -261,14 +261,31 @@ def _compare_command(a) -> int:
 
 
 def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> str:
-    """"Diagnosis (REF): k/n right (…wrong ones…)": the model on these masks' features vs the groups."""
-    from raysegment.analysis.diagnosis import load, misdiagnosed, patient_features
+    """"Diagnosis (REF): k/n right (wrong: …; withheld: …)" over the patients with a reference group,
+    each diagnosed as the batch job does (``analysis.patient.diagnose``); then what it called the
+    patients without one (a test set's ``Info.cfg`` without ``Group:``, ACDC's patients 101–150)."""
+    from collections import Counter
+
+    from raysegment.analysis.basal import predicted_indices
+    from raysegment.analysis.diagnosis import GROUPS, load, misdiagnosed
+    from raysegment.analysis.patient import diagnose
 
     model = load(ref, tracking_uri)
-    names, x, groups = patient_features(volumes, masks, patients, model.basal_rv, model.bsa_m2)
-    wrong = misdiagnosed(names, groups, model.predict(x) if names else [])
-    return (f"Diagnosis ({ref}): {len(names) - len(wrong)}/{len(names)} right"
-            + (f" (wrong: {', '.join(wrong)})" if wrong else ""))
+    calls = [(ed.patient, ed.group, diagnose(ind, model))
+             for ed, _, ind, _ in predicted_indices(volumes, masks, patients, model.basal_rv)]
+    known = [(n, g, d) for n, g, d in calls if g in GROUPS]
+    called = [(n, g, d["diagnosis"]) for n, g, d in known if "diagnosis" in d]
+    wrong = misdiagnosed([n for n, _, _ in called], [g for _, g, _ in called], [c for _, _, c in called])
+    withheld = [f"{n} {d['diagnosis_withheld']}" for n, _, d in known if "diagnosis" not in d]
+    parts = ([f"wrong: {', '.join(wrong)}"] if wrong else []) + ([f"withheld: {', '.join(withheld)}"] if withheld else [])
+    line = f"Diagnosis ({ref}): " + (f"{len(called) - len(wrong)}/{len(known)} right" if known else
+                                     "no patient with a reference group")
+    line += f" ({'; '.join(parts)})" if parts else ""
+    unknown = Counter(d.get("diagnosis", "withheld") for _, g, d in calls if g not in GROUPS)
+    if unknown:
+        line += (f"; without a reference group ({sum(unknown.values())}): "
+                 + ", ".join(f"{k} {c}" for k, c in sorted(unknown.items())))
+    return line
 
 
 def _check_splits(p, a) -> None:
