@@ -1,6 +1,7 @@
 """Masks another tool wrote (nnU-Net, MONAI, infer) scored on shards as a model's are: `report evaluate
 --masks`, `report compare` with a folder side, `report clinical --masks`; names, axes, refusals."""
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -159,7 +160,8 @@ def test_a_test_set_prepared_all_val_is_scored_by_default_and_trained_on_by_noth
 def test_the_diagnosis_line_scores_only_patients_with_a_reference_group_and_withholds_as_the_batch_job(tmp_path, capsys):
     """``report clinical --diagnosis`` on a test set: a patient without ``Group:`` in Info.cfg (ACDC's
     101–150) is not counted wrong but listed by what it was called; one whose LV's ES exceeds its ED
-    (ED and ES masks swapped) is withheld, as ``infer`` withholds it (it was called a group)."""
+    (ED and ES masks swapped) is withheld, as ``infer`` withholds it (it was called a group). Each
+    patient's call goes in clinical.csv."""
     src = make_nifti_dataset(tmp_path / "acdc", n=3)
     cfg = src / "training" / "patient003" / "Info.cfg"
     cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("Group")))
@@ -171,6 +173,10 @@ def test_the_diagnosis_line_scores_only_patients_with_a_reference_group_and_with
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Diagnosis"))
     assert re.fullmatch(r"Diagnosis \(shipped\): [01]/2 right \((wrong: patient001 DCM→\w+; )?withheld: patient002 "
                         r"es_above_ed_lv\); without a reference group \(1\): (NOR|MINF|DCM|HCM|RV) 1", line), line
+    # Each patient's call is in clinical.csv, the withheld one's reason instead.
+    rows = {r["patient"]: r for r in csv.DictReader((tmp_path / "c" / "clinical.csv").read_text().splitlines())}
+    assert rows["patient003"]["diagnosis"] == line.rsplit(": ", 1)[1].split()[0] and rows["patient003"]["p_RV"]
+    assert rows["patient002"]["diagnosis_withheld"] == "es_above_ed_lv" and rows["patient002"]["diagnosis"] == ""
 
 
 def test_evaluate_without_splits_scores_the_split_test_shards_hold(official, tmp_path, capsys):

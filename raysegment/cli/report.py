@@ -156,8 +156,11 @@ def _clinical_command(a) -> int:
         cis = {f"{m}_ci": error_ci(records, CLINICAL_INDICES, signed=m == "bias") for m in ("mae", "bias")}
     table = clinical_table(clinical_summary(records), **cis)
     head = f"Clinical indices of {source} against the reference masks: {len(records)} patients ({', '.join(a.splits)})."
-    if a.diagnosis:
-        table += "\n\n" + _diagnosis_line(a.diagnosis, a.mlflow_uri, volumes, masks, patients)
+    if a.diagnosis:  # each patient's call goes in clinical.csv too (a test set has no groups to score)
+        calls = _diagnoses(a.diagnosis, a.mlflow_uri, volumes, masks, patients)
+        table += "\n\n" + _diagnosis_line(a.diagnosis, calls)
+        for r in records:
+            r |= calls.get(r["patient"], ("", {}))[1]
     print(head)
     print(table)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -260,20 +263,27 @@ def _compare_command(a) -> int:
     return 0
 
 
-def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> str:
-    """"Diagnosis (REF): k/n right (wrong: …; withheld: …)" over the patients with a reference group,
-    each diagnosed as the batch job does (``analysis.patient.diagnose``); then what it called the
-    patients without one (a test set's ``Info.cfg`` without ``Group:``, ACDC's patients 101–150)."""
-    from collections import Counter
-
+def _diagnoses(ref: str, tracking_uri: str | None, volumes, masks: dict, patients: dict) -> dict[str, tuple[str, dict]]:
+    """Patient → (its reference group, the model's call): ``diagnosis`` and ``p_<GROUP>``, or
+    ``diagnosis_withheld``, as ``infer`` gives them (``analysis.patient.diagnose``)."""
     from raysegment.analysis.basal import predicted_indices
-    from raysegment.analysis.diagnosis import GROUPS, load, misdiagnosed
+    from raysegment.analysis.diagnosis import load
     from raysegment.analysis.patient import diagnose
 
     model = load(ref, tracking_uri)
-    calls = [(ed.patient, ed.group, diagnose(ind, model))
-             for ed, _, ind, _ in predicted_indices(volumes, masks, patients, model.basal_rv)]
-    known = [(n, g, d) for n, g, d in calls if g in GROUPS]
+    return {ed.patient: (ed.group, diagnose(ind, model))
+            for ed, _, ind, _ in predicted_indices(volumes, masks, patients, model.basal_rv)}
+
+
+def _diagnosis_line(ref: str, calls: dict[str, tuple[str, dict]]) -> str:
+    """"Diagnosis (REF): k/n right (wrong: …; withheld: …)" over the patients with a reference group;
+    then what ``calls`` (``_diagnoses``) made of the patients without one (a test set's ``Info.cfg``
+    without ``Group:``, ACDC's patients 101–150)."""
+    from collections import Counter
+
+    from raysegment.analysis.diagnosis import GROUPS, misdiagnosed
+
+    known = [(n, g, d) for n, (g, d) in calls.items() if g in GROUPS]
     called = [(n, g, d["diagnosis"]) for n, g, d in known if "diagnosis" in d]
     wrong = misdiagnosed([n for n, _, _ in called], [g for _, g, _ in called], [c for _, _, c in called])
     withheld = [f"{n} {d['diagnosis_withheld']}" for n, _, d in known if "diagnosis" not in d]
@@ -281,7 +291,7 @@ def _diagnosis_line(ref: str, tracking_uri: str | None, volumes, masks: dict, pa
     line = f"Diagnosis ({ref}): " + (f"{len(called) - len(wrong)}/{len(known)} right" if known else
                                      "no patient with a reference group")
     line += f" ({'; '.join(parts)})" if parts else ""
-    unknown = Counter(d.get("diagnosis", "withheld") for _, g, d in calls if g not in GROUPS)
+    unknown = Counter(d.get("diagnosis", "withheld") for g, d in calls.values() if g not in GROUPS)
     if unknown:
         line += (f"; without a reference group ({sum(unknown.values())}): "
                  + ", ".join(f"{k} {c}" for k, c in sorted(unknown.items())))

@@ -321,11 +321,12 @@ def clinical_records(volumes, masks: dict, patients: dict, basal_rv: dict | None
 
 
 def write_clinical_csv(records: list[dict], path: Path) -> Path:
-    """``clinical.csv``: one row per ``clinical_records`` record (csv quotes what holds a comma)."""
+    """``clinical.csv``: one row per ``clinical_records`` record (csv quotes what holds a comma); a
+    column only some records have (a diagnosis given or withheld) is empty in the others."""
     import csv
 
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(records[0]) if records else [])
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in records for k in r)))
         writer.writeheader()
         writer.writerows(records)
     return path
