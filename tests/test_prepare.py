@@ -230,6 +230,24 @@ def test_every_bad_patient_is_named_in_one_run(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_source_without_any_reference_masks_says_infer_segments_it(tmp_path, capsys):
+    """An unlabelled test set (ACDC's testing folder without _gt files): one line saying that no
+    patient has reference masks and the command that segments it, not "N of N patients cannot be
+    prepared … fix them" (one patient with them: each other one is named, as before)."""
+    src = make_nifti_dataset(tmp_path / "src", n=3)
+    for gt in sorted((src / "training").rglob("*_gt.nii.gz"))[2:]:  # patient001 keeps its two
+        gt.unlink()
+    assert main(["--source", str(src / "training"), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("error: 2 of 3 patients cannot be prepared")
+    for gt in (src / "training").rglob("*_gt.nii.gz"):
+        gt.unlink()
+    assert main(["--source", str(src / "training"), "--out", str(tmp_path / "b"), "--val-fraction", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no patient has reference masks (" in err, err
+    assert err.endswith(f"`python -m raysegment.infer --input {src / 'training'} --output OUT`")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_source_that_is_a_file_or_not_there_is_named_as_such(tmp_path):
     (tmp_path / "patient001_frame01.nii.gz").write_bytes(b"")
     for source, message in ((tmp_path / "patient001_frame01.nii.gz", "a file; give the ACDC folder"),

@@ -316,7 +316,7 @@ def _write_shards(config: PrepareConfig, refs: list[PatientRef], fmt: str, tmp: 
             spacing_known &= vol.spacing is not None
             _add_volume(vol, split, writers[split], digest, counts)
     if problems:
-        raise _all_problems(list(problems.values()), len(refs))
+        raise _all_problems(list(problems.values()), len(refs), config.source)
     for w in writers.values():
         w.flush()
     manifest = {
@@ -350,8 +350,13 @@ def _add_volume(vol: Volume, split: str, writer: _ShardWriter, digest, counts: d
 MAX_PROBLEMS_SHOWN = 20  # a source of the wrong kind altogether would fill the screen
 
 
-def _all_problems(problems: list[str], n_patients: int) -> PrepareError:
-    """One error for every bad patient of a source (a user fixing 100 patients learns them in one run)."""
+def _all_problems(problems: list[str], n_patients: int, source: Path) -> PrepareError:
+    """One error for every bad patient of a source (a user fixing 100 patients learns them in one run);
+    one line where no patient has reference masks (an unlabelled test set: ``infer``'s input)."""
+    if len(problems) == n_patients and all("(missing gt)" in p or ": missing gt for" in p for p in problems):
+        return PrepareError(f"{source}: no patient has reference masks ({problems[0]}); prepare makes shards to train "
+                            f"and score on. Segment these studies unscored with `python -m raysegment.infer --input "
+                            f"{source} --output OUT`")
     if len(problems) == 1:
         return PrepareError(problems[0])
     shown = problems[:MAX_PROBLEMS_SHOWN] + ([f"… and {len(problems) - MAX_PROBLEMS_SHOWN} more"]
