@@ -33,6 +33,7 @@ from raysegment.data.sources import PatientRef, patient_refs, read_patient
 from raysegment.data.splits import stratified_val
 from raysegment.data.volumes import (  # noqa: F401  (Volume, read_h5_volume, read_nifti_patient: imported from here)
     INFO_CSV,
+    MissingLabels,
     PrepareError,
     Volume,
     _group_from_number,
@@ -270,7 +271,7 @@ def _groups(config: PrepareConfig, refs: list[PatientRef], fmt: str, problems: d
             try:
                 groups[r.patient] = read_info_cfg(r.paths[0] / "Info.cfg").get("Group", "unknown")
             except PrepareError as exc:
-                groups[r.patient], problems[r.patient] = "unknown", str(exc)
+                groups[r.patient], problems[r.patient] = "unknown", exc
         return groups, None
     if fmt == "nnunet":  # the conversion kept no Info.cfg: the group follows the patient number
         return {r.patient: _group_from_number(r.patient) for r in refs}, None
@@ -280,7 +281,7 @@ def _groups(config: PrepareConfig, refs: list[PatientRef], fmt: str, problems: d
 
 
 def _write_shards(config: PrepareConfig, refs: list[PatientRef], fmt: str, tmp: Path) -> dict:
-    problems: dict[str, str] = {}  # patient → what is wrong with it: all of them are told at the end
+    problems: dict[str, PrepareError] = {}  # patient → what is wrong with it: all of them are told at the end
     groups, info = _groups(config, refs, fmt, problems)
     splits = assign_splits(groups, config)
 
@@ -306,7 +307,7 @@ def _write_shards(config: PrepareConfig, refs: list[PatientRef], fmt: str, tmp: 
         try:
             volumes = read_patient(ref, fmt, info)
         except PrepareError as exc:
-            problems[ref.patient] = str(exc)
+            problems[ref.patient] = exc
             continue
         patients[ref.patient] = {"group": volumes[0].group, **(volumes[0].info or {}),
                                  "spacing_mm": {v.phase: v.spacing and [round(s, 6) for s in v.spacing] for v in volumes}}
@@ -350,17 +351,17 @@ def _add_volume(vol: Volume, split: str, writer: _ShardWriter, digest, counts: d
 MAX_PROBLEMS_SHOWN = 20  # a source of the wrong kind altogether would fill the screen
 
 
-def _all_problems(problems: list[str], n_patients: int, source: Path) -> PrepareError:
+def _all_problems(problems: list[PrepareError], n_patients: int, source: Path) -> PrepareError:
     """One error for every bad patient of a source (a user fixing 100 patients learns them in one run);
     one line where no patient has reference masks (an unlabelled test set: ``infer``'s input)."""
-    if len(problems) == n_patients and all("(missing gt)" in p or ": missing gt for" in p for p in problems):
+    if len(problems) == n_patients and all(isinstance(p, MissingLabels) for p in problems):
         return PrepareError(f"{source}: no patient has reference masks ({problems[0]}); prepare makes shards to train "
                             f"and score on. Segment these studies unscored with `python -m raysegment.infer --input "
                             f"{source} --output OUT`")
     if len(problems) == 1:
-        return PrepareError(problems[0])
-    shown = problems[:MAX_PROBLEMS_SHOWN] + ([f"… and {len(problems) - MAX_PROBLEMS_SHOWN} more"]
-                                             if len(problems) > MAX_PROBLEMS_SHOWN else [])
+        return problems[0]
+    shown = [str(p) for p in problems[:MAX_PROBLEMS_SHOWN]] + ([f"… and {len(problems) - MAX_PROBLEMS_SHOWN} more"]
+                                                              if len(problems) > MAX_PROBLEMS_SHOWN else [])
     return PrepareError(f"{len(problems)} of {n_patients} patients cannot be prepared (nothing was written; fix them "
                         f"or move them out of the source):\n  " + "\n  ".join(shown))
 

@@ -35,6 +35,10 @@ class PrepareError(Exception):
     """Bad input: the message names the file and the problem, on one line (one per bad patient)."""
 
 
+class MissingLabels(PrepareError):
+    """A frame without its reference mask (a ``_gt`` file, an HDF5 ``label`` dataset)."""
+
+
 @dataclass(frozen=True)
 class Volume:
     """One labelled 3-D frame. ``image``/``label`` are (z, y, x); ``spacing`` is (z, y, x) mm."""
@@ -154,7 +158,8 @@ def read_h5_volume(path: Path) -> Volume:
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f or "label" not in f:
-                raise PrepareError(f"{path}: missing dataset 'image' or 'label' (missing gt)")
+                missing = MissingLabels if "image" in f else PrepareError
+                raise missing(f"{path}: missing dataset 'image' or 'label' (missing gt)")
             image = np.asarray(f["image"][()])
             label = np.asarray(f["label"][()])
     except PrepareError:
@@ -216,7 +221,7 @@ def read_nifti_patient(patient_dir: Path) -> list[Volume]:
         if not img_path.is_file():
             raise PrepareError(f"{img_path}: image of the {phase} frame named in Info.cfg is missing")
         if not gt_path.is_file():
-            raise PrepareError(f"{gt_path}: missing gt for the {phase} frame")
+            raise MissingLabels(f"{gt_path}: missing gt for the {phase} frame")
         volumes.append(read_labelled_nifti(img_path, gt_path, patient, phase, info.get("Group", "unknown"),
                                            info_from_cfg(info)))
     return volumes
