@@ -3,7 +3,7 @@ myocardium where the reference leaves them out (the ventricle has moved below th
 expected excess (mL) taken off the ES volumes before the indices (``checked_indices``); fitting it
 on a segmenter's masks (``fit_basal_check``) and scoring checks against the reference.
 
-Imports ``analysis.clinical`` and ``data``; nothing above ``analysis``.
+Imports ``analysis.clinical``, ``data`` and ``config``; nothing above ``analysis``.
 """
 
 from __future__ import annotations

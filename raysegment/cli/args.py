@@ -193,11 +193,11 @@ def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def _check_train_patients(p: argparse.ArgumentParser, data: str | None) -> None:
     """Local shards with train patients: a test set's (``prepare --val-fraction 1``) has none."""
-    import json
+    from raysegment.data.prepare import load_manifest
 
     if not data or is_bundle(data) or storage.is_uri(data):
         return
-    splits = json.loads((Path(data) / "manifest.json").read_text()).get("splits", {})
+    splits = load_manifest(data).get("splits", {})
     if "train" in splits and not splits["train"]:
         p.error(f"--data {data}: holds no train patients (a test set, prepared with --val-fraction 1?): "
                 "train on shards with train patients")
