@@ -63,6 +63,12 @@ def make_nifti_patient(root: Path, number: int, ed: int = 1, es: int = 7, nframe
     return pdir
 
 
+def drop_info_lines(patient_dir: Path, *keys: str) -> None:
+    """Info.cfg without its ``keys`` lines (``Group``, ``Height``, …): a test set's, an anonymised one's."""
+    cfg = patient_dir / "Info.cfg"
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith(keys)))
+
+
 def make_nifti_dataset(root: Path, n: int = 4, shape=(4, 40, 48)) -> Path:
     for i in range(1, n + 1):
         make_nifti_patient(root, i, group=GROUPS[(i - 1) % len(GROUPS)], shape=shape)

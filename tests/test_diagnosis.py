@@ -414,7 +414,7 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     module to the same patients, groups and columns."""
     import csv
 
-    from synth import make_nifti_patient
+    from synth import drop_info_lines, make_nifti_patient
 
     from raysegment.data.dataset import load_volumes
     from raysegment.data.prepare import PrepareConfig, prepare
@@ -423,8 +423,7 @@ def test_fit_command_writes_a_model_and_a_features_csv_that_round_trip(tmp_path,
     for i in range(16):
         make_nifti_patient(tmp_path / "src", i + 1, ed=1, es=5, nframes=6, group=groups[i % 3], shape=(4, 40, 48))
     # patient016 without a reference group (Info.cfg without Group:): left out, not a fourth class
-    cfg = tmp_path / "src" / "training" / "patient016" / "Info.cfg"
-    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("Group")))
+    drop_info_lines(tmp_path / "src" / "training" / "patient016", "Group")
     prepare(PrepareConfig(source=tmp_path / "src", out=tmp_path / "shards", val_fraction=0.25, progress=False))
     volumes = load_volumes(tmp_path / "shards", "train") + load_volumes(tmp_path / "shards", "val")
     (tmp_path / "cv").mkdir()

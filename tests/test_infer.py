@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import interrupt_when, write_checkpoint
-from synth import make_nifti_patient, synthetic_volume
+from synth import drop_info_lines, make_nifti_patient, synthetic_volume
 
 from raysegment.analysis.clinical import ejection_fraction
 from raysegment.inference.ledger import Ledger, results_rows, write_results
@@ -556,7 +556,7 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     # (its features are those of a patient of that BSA), not by each indexed volume's median.
     info = pdir / "Info.cfg"
     plain_info = info.read_text()
-    info.write_text("".join(line for line in plain_info.splitlines(True) if not line.startswith(("Height", "Weight"))))
+    drop_info_lines(pdir, "Height", "Weight")
     unsized = _patient_rows(pdir)
     add_patient_clinical(unsized, model)
     no_bsa, _ = checked_indices(masks[0], masks[1], (10.0, 1.5, 1.25), None, None, model.basal_rv)

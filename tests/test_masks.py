@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
-from synth import make_nifti_dataset
+from synth import drop_info_lines, make_nifti_dataset
 
 from raysegment.cli import report as report_cli
 from raysegment.data.dataset import load_volumes, shard_splits
@@ -163,8 +163,7 @@ def test_the_diagnosis_line_scores_only_patients_with_a_reference_group_and_with
     (ED and ES masks swapped) is withheld, as ``infer`` withholds it (it was called a group). Each
     patient's call goes in clinical.csv."""
     src = make_nifti_dataset(tmp_path / "acdc", n=3)
-    cfg = src / "training" / "patient003" / "Info.cfg"
-    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("Group")))
+    drop_info_lines(src / "training" / "patient003", "Group")
     assert prepare(PrepareConfig(source=src, out=tmp_path / "test", val_fraction=1.0, progress=False))
     swap = {"patient002_frame01": "patient002_frame07", "patient002_frame07": "patient002_frame01"}
     masks = _write_masks(src, tmp_path / "preds", lambda case: f"{swap.get(case, case)}.nii.gz")
