@@ -185,7 +185,13 @@ def _break_shards(src):  # shards given back as a source: what to do with them i
 def _break_duplicate(src):
     import shutil
     shutil.copytree(src / "training/patient001", src / "testing/patient001")
-    return "patient001", "duplicate patient id"
+    return "patient001 in more than one", "patient folders in 2 folders"
+
+
+def _break_testing_beside_training(src):  # the official release's root: its test patients would be trained on
+    import shutil
+    shutil.copytree(src / "training/patient001", src / "testing/patient101")
+    return "testing/ (1), training/ (2)", "give one of them as --source"
 
 
 def _break_ed_equals_es(src):  # both phases would be the same volume, an EF of 0 %
@@ -195,7 +201,8 @@ def _break_ed_equals_es(src):  # both phases would be the same volume, an EF of 
 
 
 BAD = [_break_missing_gt, _break_shape, _break_labels, _break_nan, _break_2d, _break_5d,
-       _break_gzip, _break_not_gzip, _break_empty, _break_shards, _break_duplicate, _break_ed_equals_es]
+       _break_gzip, _break_not_gzip, _break_empty, _break_shards, _break_duplicate, _break_testing_beside_training,
+       _break_ed_equals_es]
 
 
 @pytest.mark.parametrize("breaker", BAD, ids=[b.__name__[7:] for b in BAD])

@@ -41,11 +41,7 @@ def patient_refs(source: Path, fmt: str) -> list[PatientRef]:
         dirs = find_patient_dirs(source)
         if not dirs:
             raise PrepareError(f"{source}: empty source: no patientNNN/ folders")
-        seen: dict[str, Path] = {}
-        for d in dirs:
-            if d.name in seen:
-                raise PrepareError(f"{d}: duplicate patient id {d.name} (also {seen[d.name]})")
-            seen[d.name] = d
+        _check_one_folder(source, dirs)
         return [PatientRef(d.name, (d,)) for d in dirs]
     files = find_h5_volumes(source)
     if not files:
@@ -65,6 +61,27 @@ def patient_refs(source: Path, fmt: str) -> list[PatientRef]:
                 raise PrepareError(f"{paths[0].parent / f'{patient}_{frame}.h5'}: missing {frame} of {patient}")
         refs.append(PatientRef(patient, tuple(sorted(paths))))
     return refs
+
+
+def _check_one_folder(source: Path, dirs: list[Path]) -> None:
+    """PrepareError unless every patient folder sits in one folder: the official release's ``training/``
+    and ``testing/`` under one ``--source`` would put test patients into the train split unsaid (and
+    a copy of a patient elsewhere would be trained on twice)."""
+    by_folder = Counter(d.parent for d in dirs)
+    if len(by_folder) == 1:
+        return
+    folders = ", ".join(f"{_shown(folder, source)} ({n})" for folder, n in sorted(by_folder.items()))
+    dup = sorted(name for name, n in Counter(d.name for d in dirs).items() if n > 1)
+    raise PrepareError(f"{source}: patient folders in {len(by_folder)} folders, {folders}"
+                       f"{f' ({dup[0]} in more than one)' if dup else ''}: give one of them as --source, so that "
+                       f"no test patient lands in the train split (a test set is prepared on its own, with "
+                       f"--val-fraction 1)")
+
+
+def _shown(folder: Path, source: Path) -> str:
+    """``folder`` as the user finds it under ``source``: ``training/``, ``database/testing/``."""
+    rel = folder.relative_to(source) if folder.is_relative_to(source) else folder
+    return "./" if rel == Path(".") else f"{rel.as_posix()}/"
 
 
 def read_patient(ref: PatientRef, fmt: str, info: dict[str, dict] | None = None) -> list[Volume]:
