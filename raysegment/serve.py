@@ -1,4 +1,7 @@
-"""``python -m raysegment.serve``: the command's stable name; its code is ``raysegment.cli.serve``."""
+"""``python -m raysegment.serve``: the command's stable name; its code is ``raysegment.cli.serve``.
+
+Imports only that module.
+"""
 
 import sys
 

@@ -7,6 +7,8 @@ Empty structures (defined so that means stay finite):
 - GT and prediction both empty: Dice 1, HD95 0, ASSD 0 (nothing to find, nothing found).
 - exactly one empty: Dice 0, HD95 = ASSD = the grid's diagonal, the largest distance the
   grid can hold (a finite worst case).
+
+Imports ``config`` only; nothing above ``analysis``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Argument checks and options shared by the commands: counts and files checked before Ray
 starts (one ``error:`` line, exit 2; an MLflow registry or Ray cluster that does not answer, exit
-1), the recipe options of ``train`` and ``tune``. Top layer."""
+1), the recipe options of ``train`` and ``tune``. Top layer.
+
+Imports ``training``, ``inference``, ``model``, ``data``, ``io``, ``config`` and ``runtime``; no
+stage imports it.
+"""
 
 from __future__ import annotations
 

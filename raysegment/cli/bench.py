@@ -16,6 +16,9 @@ Both loops call the same ``train.train_step``.
 ``infer``: per study, the Predictor's pure forward time (inside the network) next to what
 ``raysegment.inference.batch`` spends (its whole batch run on the same studies written as NIfTI, without
 ground truth, after Ray is up), in one run.
+
+Top layer (no stage imports it): imports the other ``cli.bench_*`` modules, ``cli.gpu_smoke``,
+``cli.args``, ``training``, ``model``, ``data``, ``config`` and ``runtime``.
 """
 
 from __future__ import annotations

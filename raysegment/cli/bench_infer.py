@@ -1,6 +1,9 @@
 """``bench infer``: per study, the Predictor's pure forward time (inside the network) next to what
 ``raysegment.inference.batch`` spends on the same studies (written as NIfTI, without ground truth,
 after Ray is up), in one run. Top layer (it runs the batch job).
+
+Top layer (no stage imports it): imports ``cli.gpu_smoke``, ``inference``, ``data``, ``io``,
+``config`` and ``runtime``.
 """
 
 from __future__ import annotations

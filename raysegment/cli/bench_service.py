@@ -1,5 +1,9 @@
 """``bench serve``, ``bench onnx`` and ``bench soak``: the command lines of the service, runtime and
-soak benchmarks (``raysegment.service.load``, ``inference.evaluation``, ``raysegment.soak``). Top layer."""
+soak benchmarks (``raysegment.service.load``, ``inference.evaluation``, ``raysegment.soak``).
+
+Top layer (no stage imports it): imports ``cli.gpu_smoke``, ``soak``, ``service``, ``inference``,
+``data`` and ``config``.
+"""
 
 from __future__ import annotations
 

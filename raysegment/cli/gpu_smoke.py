@@ -1,5 +1,8 @@
 """``python -m raysegment.bench gpu-smoke``: a ten-minute check of a GPU node (benchmarks, training and
-its resume, GPU vs CPU inference) run as subprocesses with a time limit each. Top layer."""
+its resume, GPU vs CPU inference) run as subprocesses with a time limit each.
+
+Top layer (no stage imports it): imports ``training``, ``model``, ``data`` and ``io``.
+"""
 
 from __future__ import annotations
 

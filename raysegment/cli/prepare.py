@@ -1,5 +1,8 @@
 """``python -m raysegment.prepare``: ACDC → Parquet shards from the command line, over
-``raysegment.data.prepare``. Top layer."""
+``raysegment.data.prepare``.
+
+Top layer (no stage imports it): imports ``data`` and ``config``.
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """``python -m raysegment.serve``: the online segmentation service on Ray Serve, in the foreground
-until Ctrl-C / SIGTERM. A thin layer over ``raysegment.service``. Top layer.
+until Ctrl-C / SIGTERM. A thin layer over ``raysegment.service``.
 
     python -m raysegment.serve --model models:/raysegment-densenet121@champion --mlflow-uri http://127.0.0.1:5000
     curl -s --data-binary @patient001_4d.nii.gz -H 'Content-Type: application/octet-stream' \\
         http://127.0.0.1:8000/v1/segment -o patient001_4d_seg.nii.gz
+
+Top layer (no stage imports it): imports ``cli.args``, ``cli.lost``, ``service``, ``analysis``,
+``io``, ``config`` and ``runtime``.
 """
 
 from __future__ import annotations

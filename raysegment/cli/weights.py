@@ -1,5 +1,8 @@
 """``python -m raysegment.weights``: export, seal and verify weights files, over
-``raysegment.model.weights``. Top layer."""
+``raysegment.model.weights``.
+
+Top layer (no stage imports it): imports ``inference`` and ``model``.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ Slices are resampled to a square ``image_size`` grid (pixels) on the way in: the
 carry no spacing, so a fixed grid is the one thing both layouts share. Augmentation samples
 parameters first (``sample_augment``), then applies them with one deterministic, batched
 ``apply_augment`` (a single ``grid_sample`` does scale, rotation, flip and crop).
+
+Imports ``data.prepare`` and ``config``; nothing above ``data`` (not ``model``).
 """
 
 from __future__ import annotations

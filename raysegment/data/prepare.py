@@ -9,6 +9,9 @@ The layouts' readers (``data.sources``) yield volumes as (z, y, x) arrays, the o
 gives and the SSL4MIS files store; slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
 
     python -m raysegment.prepare --source ../shared/acdc --out /tmp/shards
+
+Imports ``data.sources``, ``data.splits``, ``data.volumes``, ``io`` and ``runtime``; nothing above
+``data``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The batch job's Ray actors: one Predictor each, sized to the free CPUs/GPUs, and the loop that
-hands them studies (a study whose worker dies is retried a bounded number of times)."""
+hands them studies (a study whose worker dies is retried a bounded number of times).
+
+Imports ``inference.predictor``, ``inference.study``, ``inference.ledger``, ``config`` and
+``runtime``; nothing above ``inference`` (not ``training``).
+"""
 
 from __future__ import annotations
 

@@ -12,6 +12,10 @@ content hash, model version, status), ``report.md`` with overlay PNGs, and ``las
 
 A study whose (content hash, model version) is in the ledger is skipped; a killed run resumes
 where it stopped. A bad study is recorded as failed with its reason and does not stop the rest.
+
+Imports ``inference.actors``, ``inference.ledger``, ``inference.pacs``, ``inference.predictor``,
+``reporting``, ``analysis``, ``model``, ``io``, ``config`` and ``runtime``; nothing above
+``inference`` (not ``training``).
 """
 
 from __future__ import annotations

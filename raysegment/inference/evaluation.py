@@ -1,5 +1,9 @@
 """Scoring models on shards: per-volume Dice/HD95 records of a model or an ensemble, and the
-figures of its predictions. Runs the Predictor over data; the rendering is ``raysegment.reporting``."""
+figures of its predictions. Runs the Predictor over data; the rendering is ``raysegment.reporting``.
+
+Imports ``inference.predictor``, ``reporting``, ``analysis``, ``data`` and ``config``; nothing above
+``inference`` (not ``training``).
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The batch job's ledger (append-only JSONL, one entry per study content and model version)
 and the results table built from it (one row per study frame, per-patient clinical indices and
-diagnosis). No Ray."""
+diagnosis). No Ray.
+
+Imports ``analysis`` and ``io``; nothing above ``inference`` (not ``training``).
+"""
 
 from __future__ import annotations
 

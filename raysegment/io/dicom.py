@@ -14,6 +14,8 @@ ends holding exactly the SEGs of a series' latest content (``web_replace_segs``)
 
 Bad input is ``StudyError`` (failed for good, with a one-line reason); input that is valid DICOM
 but no short-axis cine is ``SeriesSkipped``.
+
+Imports ``io.studies`` and ``config``; no stage.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 a cluster reaches. Ray Train and Tune take both; these helpers give the rest of raysegment the
 same two kinds through pyarrow's filesystems (credentials and endpoint from the environment, as
 pyarrow reads them: ``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, an instance role …).
+
+Imports nothing of raysegment.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ output helpers every writer shares (``atomic_write``, ``json_safe``).
 
 nibabel gives voxels in (x, y, z[, t]) order; everything inside raysegment works in
 SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
+
+Imports ``config`` and ``runtime`` only; no stage.
 """
 
 from __future__ import annotations

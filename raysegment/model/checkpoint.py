@@ -3,6 +3,8 @@
 A checkpoint folder holds ``model.pt`` (a state dict, read with ``weights_only=True``),
 ``config.json`` (the ``TrainConfig``), ``state.json`` (epoch, metrics, history) and, for
 training checkpoints, ``optimizer.pt``.
+
+Imports ``model.unet`` and ``config``; nothing of ``data`` or the stages above.
 """
 
 from __future__ import annotations

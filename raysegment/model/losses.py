@@ -1,4 +1,7 @@
-"""Weighted cross-entropy + weighted soft Dice for 4-class segmentation."""
+"""Weighted cross-entropy + weighted soft Dice for 4-class segmentation.
+
+Imports ``config`` only; nothing of ``data`` or the stages above.
+"""
 
 from __future__ import annotations
 

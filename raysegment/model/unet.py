@@ -6,6 +6,8 @@ Input is the slice itself, plus ``context_slices`` neighbours on each side with 
 (channels ordered from slice k-c to k+c; the pretrained first conv's summed RGB kernel goes to
 the centre channel, the neighbour kernels start at zero). Output is 4-class logits at the
 input's H×W (inputs are padded to a multiple of 32 inside and cropped back).
+
+Imports ``config`` only; nothing of ``data`` or the stages above.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Tensors are stored fp16, except those beyond fp16's range (kept fp32).
 
 Loading never unpickles code: safetensors holds only tensors and strings.
+
+Imports ``model.unet``, ``model.checkpoint``, ``model.onnx`` and ``config``; nothing of ``data`` or
+the stages above.
 """
 
 from __future__ import annotations

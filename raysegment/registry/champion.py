@@ -16,6 +16,9 @@ version only when its ``dice_mean`` beats the current champion's on the same man
 ``members/0``, ``members/1``, ... instead of ``checkpoint/``; their pyfunc, ``Predictor.load`` and
 ``raysegment.inference.batch`` average the members' softmax. Tags: ``members`` (pinned versions or file
 hashes), ``flip_tta`` (how the Dice tags were measured) and the Dice of the ensemble itself.
+
+Imports ``registry.figures``, ``registry.logged_models``, ``inference``, ``analysis``, ``model``,
+``data`` and ``runtime``; not ``training``, ``service``, ``soak`` or ``cli``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
 * else feature rows (the ``FEATURES`` columns); a NaN column takes its training median.
 
 Anything else (a table without either set of columns) is refused with the columns it takes.
+
+Imports ``analysis`` only; nothing above ``registry`` (MLflow loads this file as the model's code).
 """
 
 from __future__ import annotations

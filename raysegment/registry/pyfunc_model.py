@@ -11,6 +11,9 @@ from the NIfTI header), else the RV contact distance is in pixels. ``params={"in
 (``raysegment.config.IN_PLANE``, or "auto" to choose as-stored or rows-reversed from the models'
 confidence); the mask comes back on the input's grid either way. An ensemble version averages
 its members' softmax.
+
+Imports ``inference``, ``model`` and ``config``; nothing above ``registry`` (MLflow loads this file
+as the model's code).
 """
 
 from __future__ import annotations

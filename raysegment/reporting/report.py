@@ -1,6 +1,9 @@
 """Reports: Dice tables of a model on the shards, the batch job's report.md, and figures
 (segmentation overlays, learning curves; PNG, matplotlib, headless; the batch job's overlays
-are drawn without matplotlib, in the inference actor)."""
+are drawn without matplotlib, in the inference actor).
+
+Imports ``analysis``, ``model`` and ``io``; nothing above ``reporting``.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ Bad requests get a 4xx with a one-line JSON ``{"error": reason}``; the replica g
 Each replica follows a registry alias (``models:/NAME@ALIAS``): every ``poll_s`` it asks where the
 alias points and, when it moved, loads the new version beside the old and switches; a request holds
 the Predictor it started with, so none in flight fails.
+
+Imports ``inference``, ``analysis``, ``model``, ``io``, ``config`` and ``runtime``; not
+``training``, ``soak`` or ``cli``.
 """
 
 from __future__ import annotations

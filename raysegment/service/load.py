@@ -1,7 +1,10 @@
 """The service under load (``python -m raysegment.bench serve``): a bounded load test against
 127.0.0.1 that stops by itself — latency percentiles and throughput at 1 client and at C clients,
 for 1 and 2 replicas, optionally with a replica SIGKILLed every K seconds — next to the in-process
-time of the same volume and the batch job's studies/s on the same machine."""
+time of the same volume and the batch job's studies/s on the same machine.
+
+Imports ``service.run``, ``inference`` and ``config``; not ``training``, ``soak`` or ``cli``.
+"""
 
 from __future__ import annotations
 

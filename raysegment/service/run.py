@@ -1,5 +1,8 @@
 """Deploying the service on Ray Serve (local Ray, or the cluster ``RAY_ADDRESS`` names) and
-finding its replicas' processes (for the load test's replica kills)."""
+finding its replicas' processes (for the load test's replica kills).
+
+Imports ``service.app``, ``config`` and ``runtime``; not ``training``, ``soak`` or ``cli``.
+"""
 
 from __future__ import annotations
 

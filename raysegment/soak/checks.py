@@ -1,6 +1,9 @@
 """What the soak checks once the chaos is over: every good study segmented exactly once with the mask
 an undisturbed run makes, every bad one settled once with its reason, no error left, no temporary
-file left, a results table that agrees with the ledger; and memory after 50 studies against the end."""
+file left, a results table that agrees with the ledger; and memory after 50 studies against the end.
+
+Imports ``soak.corpus`` and ``inference``; not ``cli``.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ of bad inputs of ten kinds, each study with the outcome the batch job must settl
 
 Every study lies in its own folder ``sNNNN/``, written to a staging area and renamed into the input
 tree when its wave arrives (a rename is atomic: a run never sees half a study).
+
+Imports ``soak.dicom_cine`` only; not ``cli``.
 """
 
 from __future__ import annotations

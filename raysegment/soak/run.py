@@ -1,5 +1,8 @@
 """The soak from start to verdict (``python -m raysegment.bench soak``): the corpus, the chaos
-runs, the undisturbed reference run, the checks → ``OUT/soak.json`` and a pass/fail."""
+runs, the undisturbed reference run, the checks → ``OUT/soak.json`` and a pass/fail.
+
+Imports ``soak.corpus``, ``soak.checks``, ``soak.runner``, ``data`` and ``config``; not ``cli``.
+"""
 
 from __future__ import annotations
 

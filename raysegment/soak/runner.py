@@ -2,7 +2,10 @@
 (``python -m raysegment.infer`` as cron runs it) while studies arrive in waves, a chaos loop SIGKILLs
 a random inference actor every K settled studies and the driver itself a few times, until a run
 finds nothing new; then one undisturbed run over the same tree, the reference for masks, speed and
-memory. Process RSS is sampled from ``/proc`` (Linux)."""
+memory. Process RSS is sampled from ``/proc`` (Linux).
+
+Imports ``service``, ``inference`` and ``runtime``; not ``cli``.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Cross-validated masks for the diagnosis: train a segmenter per fold with the local loop and
 segment the held-out patients (``python -m raysegment.diagnosis crossval-masks``), or segment them
-with the ensemble of several such runs' fold models (``crossval-ensemble``). Training layer."""
+with the ensemble of several such runs' fold models (``crossval-ensemble``). Training layer.
+
+Imports ``training.local``, ``inference``, ``analysis``, ``model``, ``data`` and ``config``; not
+``service``, ``soak`` or ``cli``.
+"""
 
 from __future__ import annotations
 

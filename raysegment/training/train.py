@@ -7,6 +7,9 @@ workers), augments in torch, and validates on the whole val volumes (3-D Dice pe
 ``val_every``-th epoch and each of the last few, ``training.validation``). Every epoch reports
 ``dice_rv, dice_myo, dice_lv, dice_mean`` (and ``validated_epoch``) with a checkpoint holding model,
 optimizer, epoch and the full ``TrainConfig``; a crashed worker restarts from it.
+
+Imports ``training.core``, ``training.validation``, ``model``, ``data``, ``io``, ``config`` and
+``runtime``; not ``service``, ``soak`` or ``cli``.
 """
 
 from __future__ import annotations

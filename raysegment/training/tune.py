@@ -8,6 +8,10 @@ Without ``--data`` the bundled ACDC sample is prepared into ``./runs/sample-shar
 run per invocation, one child run per trial (params, per-epoch loss and Dice, config). The best
 trial's best checkpoint is registered as ``raysegment-<backbone>``; the ``champion`` alias moves
 only if it beats the current champion on the same data manifest.
+
+Imports ``training.train``, ``training.trials``, ``training.callbacks``, ``training.resume``,
+``registry``, ``model``, ``data``, ``io``, ``config`` and ``runtime``; not ``service``, ``soak`` or
+``cli``.
 """
 
 from __future__ import annotations
