@@ -198,3 +198,40 @@ def test_half_written_files_of_dead_writers_are_removed_and_living_ones_kept(tmp
     os.utime(files["old name, old"], (past, past))
     assert remove_stale_partials(tmp_path) == 2
     assert {k for k, f in files.items() if f.exists()} == {"alive", "other host, fresh", "a mask"}
+
+
+def test_hidden_files_and_folders_are_no_input(tmp_path):
+    """A folder copied from a Mac to exFAT or a share holds a ``._NAME`` resource fork beside each file
+    (and ``.DS_Store``; a zip adds ``__MACOSX/``): ``infer`` gave each a failed row (``unreadable
+    NIfTI``, ``unreadable DICOM``), ``prepare`` and the mask readers counted their patients and masks
+    twice. Hidden files and folders are now no input anywhere."""
+    from synth import make_h5_dataset, write_dicom_cine
+
+    from raysegment.data.masks import mask_files
+    from raysegment.data.volumes import find_h5_volumes, find_patient_dirs
+    from raysegment.io.dicom import find_series
+
+    pdir = make_nifti_patient(tmp_path / "nifti", 1)
+    dicom = write_dicom_cine(tmp_path / "dicom", np.ones((2, 3, 16, 16), np.float32))
+    h5 = make_h5_dataset(tmp_path / "h5", patients=(1, 2), val=(2,))
+    twins = [*pdir.glob("*.nii.gz"), *dicom[:2], *(h5 / "volumes").glob("*.h5")]
+    for f in twins:  # AppleDouble: a 4-kB header, no NIfTI, DICOM or HDF5 content
+        (f.parent / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(4000))
+    for root in (tmp_path / "nifti", tmp_path / "dicom"):
+        (root / ".DS_Store").write_bytes(bytes(100))
+    mac = tmp_path / "nifti" / "__MACOSX" / "training" / "patient001"
+    mac.mkdir(parents=True)
+    (mac / "._patient001_frame01.nii.gz").write_bytes(bytes(100))
+    (tmp_path / "nifti" / ".snapshot" / "patient002").mkdir(parents=True)  # a file server's snapshot copy
+
+    assert [p.name for p in find_studies(tmp_path / "nifti")] == [
+        "patient001_4d.nii.gz", "patient001_frame01.nii.gz", "patient001_frame07.nii.gz"]
+    series, bad = find_series(tmp_path / "dicom")
+    assert bad == [] and len(series) == 1 and len(series[0].files) == 6
+    assert find_patient_dirs(tmp_path / "nifti") == [pdir]
+    assert [p.name for p in find_h5_volumes(h5)] == [f"patient00{i}_frame0{f}.h5" for i in (1, 2) for f in (1, 2)]
+    masks = tmp_path / "masks"
+    (masks / ".ipynb_checkpoints").mkdir(parents=True)
+    for folder in (masks, masks / ".ipynb_checkpoints"):
+        (folder / "patient001_frame01_seg.nii.gz").write_bytes(b"")
+    assert mask_files(masks) == {("patient001", "frame01"): masks / "patient001_frame01_seg.nii.gz"}

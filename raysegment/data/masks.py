@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from raysegment.data.volumes import Volume
-from raysegment.io.studies import nifti_to_zyx, study_stem
+from raysegment.io.studies import hidden, nifti_to_zyx, study_stem
 
 # A predicted frame's file name: the ACDC case, then nothing or "_anything" (a tool's suffix). The
 # reference (_gt) and nnU-Net's image channel (_0000) are not predictions.
@@ -37,6 +37,8 @@ def mask_files(folder: Path) -> dict[tuple[str, str], Path]:
     """(patient, 'frameFF' or 'ED'/'ES') → NIfTI file under ``folder``; two files for one key are an error."""
     found: dict[tuple[str, str], Path] = {}
     for path in sorted(Path(folder).rglob("*.nii*")):
+        if hidden(path, Path(folder)):
+            continue
         if path.is_file() and re.search(r"\.nii(\.gz)?$", path.name) and (key := _key(study_stem(path))):
             if key in found:
                 raise ValueError(f"{found[key]} and {path} are both masks of {key[0]} {key[1]}: "

@@ -14,6 +14,7 @@ import numpy as np
 
 from raysegment.io.studies import (
     ed_es_fault,
+    hidden,
     info_from_cfg,
     nifti_to_zyx,
     nnunet_labels_dir,
@@ -144,7 +145,7 @@ def with_info(volume: Volume, info: dict | None) -> Volume:
 
 
 def find_h5_volumes(source: Path) -> list[Path]:
-    return sorted(p for p in source.rglob("*.h5") if _H5_NAME.match(p.name))
+    return sorted(p for p in source.rglob("*.h5") if _H5_NAME.match(p.name) and not hidden(p, source))
 
 
 def read_h5_volume(path: Path) -> Volume:
@@ -180,7 +181,7 @@ def read_h5_volume(path: Path) -> Volume:
 
 def find_patient_dirs(source: Path) -> list[Path]:
     """Patient folders of the official release: SOURCE/[training|testing/]patientNNN/."""
-    dirs = [p for p in source.rglob("patient*") if p.is_dir() and _PATIENT_DIR.match(p.name)]
+    dirs = [p for p in source.rglob("patient*") if p.is_dir() and _PATIENT_DIR.match(p.name) and not hidden(p, source)]
     if source.is_dir() and _PATIENT_DIR.match(source.name):
         dirs.append(source)
     return sorted(dirs)

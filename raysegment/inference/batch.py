@@ -259,8 +259,7 @@ def _excluded_line(root: Path, out: Path, skip_globs) -> str:
     matches nothing is named (a typo would otherwise segment what it meant to leave out)."""
     from raysegment.io.studies import left_out
 
-    out = out.resolve()
-    files = [p for p in root.rglob("*") if p.is_file() and out not in p.resolve().parents]
+    files = _input_files(root, out)
     counts = {g: sum(left_out(p, root, [g]) for p in files) for g in skip_globs}
     return "[raysegment] --exclude left out " + ", ".join(
         f"{n} file{'s' * (n != 1)} ({g})" if n else f"nothing ({g} matches no file)" for g, n in counts.items())
@@ -271,9 +270,7 @@ def _none_readable(root: Path, out: Path) -> str | None:
     SSL4MIS ``.h5`` volumes where they go instead. None for an empty folder (a poll with nothing new)."""
     from collections import Counter
 
-    out = out.resolve()
-    kinds = Counter("".join(p.suffixes[-2:]) or p.name for p in root.rglob("*")
-                    if p.is_file() and out not in p.resolve().parents)
+    kinds = Counter("".join(p.suffixes[-2:]) or p.name for p in _input_files(root, out))
     if not kinds:
         return None
     found = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(3)) + (", …" if len(kinds) > 3 else "")
@@ -284,6 +281,14 @@ def _none_readable(root: Path, out: Path) -> str | None:
                  f"{root} --out SHARDS, then python -m raysegment.report evaluate --model M --data SHARDS segments "
                  f"and scores them")
     return note
+
+
+def _input_files(root: Path, out: Path) -> list[Path]:
+    """The files under ``root`` that are input: not hidden (``studies.hidden``), not under ``out``."""
+    from raysegment.io.studies import hidden
+
+    out = out.resolve()
+    return [p for p in root.rglob("*") if p.is_file() and not hidden(p, root) and out not in p.resolve().parents]
 
 
 def _hash_files(items: list[dict]) -> None:

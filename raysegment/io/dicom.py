@@ -70,11 +70,11 @@ class Series:
 
 def find_series(root: Path, exclude: Path | None = None, skip_globs=()) -> tuple[list[Series], list[tuple[Path, str]]]:
     """DICOM series under ``root`` (files found by content) and the DICOM files that could not be
-    read as (path, reason). Files under ``exclude`` (the output folder) or matched by ``skip_globs``
-    (``studies.left_out``) are no input."""
+    read as (path, reason). Files under ``exclude`` (the output folder), ``studies.hidden`` or matched
+    by ``skip_globs`` (``studies.left_out``) are no input."""
     import pydicom
 
-    from raysegment.io.studies import left_out
+    from raysegment.io.studies import hidden, left_out
 
     root = Path(root)
     skip = Path(exclude).resolve() if exclude else None
@@ -83,7 +83,7 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=()) -> tuple
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
             continue
-        if skip_globs and left_out(path, root, skip_globs):
+        if hidden(path, root) or (skip_globs and left_out(path, root, skip_globs)):
             continue
         if not is_dicom_file(path):
             if path.suffix.lower() in DICOM_SUFFIXES:

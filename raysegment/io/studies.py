@@ -81,6 +81,13 @@ def info_from_cfg(info: dict[str, str]) -> dict:
             "ed_frame": num("ED", int), "es_frame": num("ES", int)}
 
 
+def hidden(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies under ``root`` in a hidden file or folder (a dot name: the ``._*`` files
+    macOS writes beside each file on exFAT and network shares, ``.DS_Store``, ``.snapshot``) or in a
+    zip's ``__MACOSX/``: never a study, patient or mask, whatever its name."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
+
 def study_stem(path: Path) -> str:
     """File name without ``.nii`` / ``.nii.gz``."""
     return re.sub(r"\.nii(\.gz)?$", "", path.name)
@@ -97,7 +104,7 @@ def left_out(path: Path, root: Path, patterns) -> bool:
 
 def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs=()) -> list[Path]:
     """Every ``*.nii``/``*.nii.gz`` under ``root`` that is not ground truth (``*_gt``, or in an nnU-Net
-    ``labelsXx`` folder), under ``exclude`` (the job's own output folder, when it lies inside the
+    ``labelsXx`` folder), ``hidden``, under ``exclude`` (the job's own output folder, when it lies inside the
     input) nor matched by ``skip_globs`` (``left_out``). Broken or looping symlinks are kept, so
     they get a failed row rather than vanish."""
     root = Path(root)
@@ -107,6 +114,8 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
     files = []
     for p in root.rglob("*"):
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")) or study_stem(p).endswith("_gt"):
+            continue
+        if hidden(p, root):
             continue
         if is_nnunet_label(p) or (skip_globs and left_out(p, root, skip_globs)):
             continue
