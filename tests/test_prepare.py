@@ -562,6 +562,12 @@ def test_an_nnunet_images_folder_prepares_its_own_patients(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "an nnU-Net imagesTs/ without labelsTs/ beside it" in err and "writes no labelsTs" in err
     assert f"python -m raysegment.infer --input {nn / 'imagesTs'}" in err and not (tmp_path / "x").exists()
+    # An empty labelsTs (made, not yet filled): one line too, not a line per patient to "fix".
+    (nn / "labelsTs").mkdir()
+    assert main(["--source", str(nn / "imagesTs"), "--out", str(tmp_path / "x"), "--val-fraction", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no patient has reference masks (" in err and "missing labels of" in err, err
+    assert err.endswith(f"`python -m raysegment.infer --input {nn / 'imagesTs'} --output OUT`") and not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("breaker, says", [

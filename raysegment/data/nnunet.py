@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from raysegment.data.volumes import PHASES, PrepareError, Volume, _group_from_number, read_labelled_nifti
+from raysegment.data.volumes import PHASES, MissingLabels, PrepareError, Volume, _group_from_number, read_labelled_nifti
 from raysegment.io.studies import NNUNET_FRAME, nnunet_labels_path, study_stem
 
 IMAGES = "imagesTr"
@@ -81,6 +81,6 @@ def read_nnunet_patient(patient: str, images: tuple[Path, ...]) -> list[Volume]:
     for phase, (frame, image) in zip(PHASES, ordered):
         label = nnunet_labels_path(folder) / f"{patient}_frame{frame:02d}.nii.gz"
         if not label.is_file():
-            raise PrepareError(f"{label}: missing labels of {image.name}")
+            raise MissingLabels(f"{label}: missing labels of {image.name}")
         volumes.append(read_labelled_nifti(image, label, patient, phase, _group_from_number(patient), info))
     return volumes

@@ -37,7 +37,8 @@ class PrepareError(Exception):
 
 
 class MissingLabels(PrepareError):
-    """A frame without its reference mask (a ``_gt`` file, an HDF5 ``label`` dataset)."""
+    """A frame without its reference mask (a ``_gt`` file, an HDF5 ``label`` dataset, a file in
+    nnU-Net's ``labelsXx``)."""
 
 
 @dataclass(frozen=True)
