@@ -216,3 +216,52 @@ def test_registry_refuses_missing_shards_before_anything(tmp_path, capsys):
                            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert exit_.value.code == 2 and "no shards there" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path, capsys):
+    """``registry list`` and ``registry promote`` on MLflow's own registry (a local SQLite store): the
+    versions with their scores and origin, newest first; a rollback moves ``@champion`` and writes when,
+    from which version and why on the version (tag and description); wrong names and versions are
+    one line each, and nothing moves."""
+    from mlflow import MlflowClient
+
+    from raysegment.cli import registry as registry_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name = MlflowClient(uri), "raysegment-mobilenet_v2"
+    client.create_registered_model(name)
+    for dice, origin in ((0.90, {"source_trial": "ab12cd34", "search_run": "0123456789ab", "epoch": "14"}),
+                         (0.92, {"final": "true", "search_run": "0123456789ab", "source_trial": "ab12cd34"})):
+        v = client.create_model_version(name, source=str(tmp_path))
+        for k, value in {**{f"dice_{c}": str(dice) for c in ("rv", "myo", "lv", "mean")}, "manifest_hash": "ff302dc7f8ea00",
+                         **origin}.items():
+            client.set_model_version_tag(name, v.version, k, value)
+        client.update_model_version(name, v.version, description=f"val Dice … made champion when registered: v{v.version}.")
+    client.set_registered_model_alias(name, "champion", "2")
+
+    assert registry_cli.main(["list", "--mlflow-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == name and len(lines) == 3, lines
+    assert lines[1].split()[:2] == ["v2", "champion"] and lines[2].split()[0] == "v1" and "champion" not in lines[2]
+    assert "val Dice 0.920 / 0.920 / 0.920, mean 0.920 on data ff302dc7f8ea  final run of search 01234567" in lines[1]
+    assert lines[2].endswith("search 01234567, trial ab12cd34, epoch 14")
+
+    for argv, says in ((["promote", name, "3"], f"error: {name} has no version 3 (it has v1, v2)"),
+                       (["promote", "raysegment-densenet121", "1"],
+                        f"error: no registered model 'raysegment-densenet121' (this registry has {name})")):
+        assert registry_cli.main([*argv, "--reason", "x", "--mlflow-uri", uri]) == 2
+        assert capsys.readouterr().err.strip() == says
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+
+    assert registry_cli.main(["promote", name, "v1", "--reason", "v2 misses basal RV slices.", "--mlflow-uri", uri]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{name}@champion is v1 (by hand on ") and out.endswith(", replacing v2: v2 misses basal RV slices)")
+    v1 = client.get_model_version_by_alias(name, "champion")
+    assert str(v1.version) == "1" and v1.tags["promoted_by_hand"].endswith(" UTC, replacing v2: v2 misses basal RV slices")
+    assert v1.description == (f"val Dice … made champion when registered: v1. Made champion by hand on "
+                              f"{v1.tags['promoted_by_hand']}.")
+    assert registry_cli.main(["promote", name, "1", "--reason", "again", "--mlflow-uri", uri]) == 0
+    assert capsys.readouterr().out.strip() == f"{name}@champion is v1: it is the champion already"
+    assert registry_cli.main(["list", name, "--mlflow-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[:2] == ["v1", "champion"] and lines[2].endswith(f"made champion by hand: {v1.tags['promoted_by_hand']}")

@@ -14,7 +14,7 @@ COMMANDS = {
     "tune": ("raysegment.cli.tune", "Ray Tune + Optuna search, final run, registration"),
     "infer": ("raysegment.cli.infer", "segment new studies (folder or PACS) on a schedule"),
     "serve": ("raysegment.cli.serve", "the online segmentation service (Ray Serve, HTTP)"),
-    "registry": ("raysegment.cli.registry", "register, import, promote, ensemble models"),
+    "registry": ("raysegment.cli.registry", "register, import, ensemble, list, promote models"),
     "report": ("raysegment.cli.report", "evaluate, compare, clinical agreement, figures (of models or masks)"),
     "diagnosis": ("raysegment.cli.diagnosis", "ACDC diagnosis: CV masks, fit, basal check"),
     "weights": ("raysegment.cli.weights", "export, seal, verify weights files"),

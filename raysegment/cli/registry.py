@@ -1,5 +1,5 @@
-"""``python -m raysegment.registry``: register, import, promote and ensemble models from the command
-line, over ``raysegment.registry.champion``. Top layer."""
+"""``python -m raysegment.registry``: register, import, ensemble, list and promote models from the
+command line, over ``raysegment.registry.champion`` and ``raysegment.registry.versions``. Top layer."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "registry",
         "The MLflow model registry: register a checkpoint or import a weights file, each scored on the val "
         "split of --data and made @champion only when it beats the current one; register an ensemble or the "
-        "diagnosis classifier.",
+        "diagnosis classifier; list the versions; make one the champion by hand (a rollback).",
         "python -m raysegment.registry import raysegment/shipped/densenet121.safetensors --data /data/shards "
         "--mlflow-uri http://mlflow:5000")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -50,7 +50,33 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(champion by the one champion rule on its CV accuracy)")
     dg.add_argument("model_file", help="the JSON file, or 'shipped'")
     dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
+    ls = sub.add_parser("list", help="each raysegment model's versions: champion, date, score, origin")
+    ls.add_argument("name", nargs="?", default=None, help="one registered model (default: every raysegment-* model)")
+    ls.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
+    pr = sub.add_parser("promote", help="make VERSION the champion by hand (a rollback): services and scheduled jobs "
+                                        "following @champion switch to it")
+    pr.add_argument("name", help="the registered model, e.g. raysegment-mobilenet_v2")
+    pr.add_argument("version", help="its version number")
+    pr.add_argument("--reason", required=True, help="why, in words: written on the version with the date and the "
+                                                    "version it replaces")
+    pr.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     return p
+
+
+def _list(name: str | None, tracking_uri: str) -> None:
+    from mlflow import MlflowClient
+
+    from raysegment.registry.versions import registered_names, version_rows
+
+    client = MlflowClient(tracking_uri)
+    names = [name] if name else registered_names(client)
+    if not names:
+        print(f"no raysegment models registered in {tracking_uri}")
+    for n in names:
+        rows = version_rows(client, n)
+        print(n)
+        for r in rows:
+            print(f"  v{r.version:<4} {'champion' if r.champion else '':<9} {r.created}  {r.score}  {r.origin}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     check_registry_answers(a.mlflow_uri)
     try:
+        if a.cmd == "list":
+            _list(a.name, a.mlflow_uri)
+            return 0
+        if a.cmd == "promote":
+            from raysegment.registry.versions import promote
+
+            r = promote(a.name, a.version.removeprefix("v"), reason=a.reason, tracking_uri=a.mlflow_uri)
+            print(f"{r.name}@champion is v{r.version}" + (f" ({r.reason})" if r.new else f": {r.reason}"))
+            return 0
         if a.cmd == "import":
             r = import_weights(a.weights, a.mlflow_uri, shards=a.data, force_champion=a.force_champion)
         elif a.cmd == "diagnosis":
