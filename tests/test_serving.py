@@ -222,7 +222,7 @@ def test_killed_inference_resumes_exactly_once(cluster, registered, tmp_path):
     assert len(studies) == 12
 
 
-def test_ensemble_version_averages_its_members_everywhere(cluster, registered, sample_shards, tmp_path):
+def test_ensemble_version_averages_its_members_everywhere(cluster, registered, sample_shards, tmp_path, capsys):
     """registry ensemble of a registered MobileNetV2 and the 2.5-D DenseNet-121 file: members pinned,
     its own val Dice, and the pyfunc and Predictor.load (of the references, or the ensemble's URI)
     give the same masks. (The batch job's ensemble: tests/test_infer.py.)"""
@@ -243,6 +243,10 @@ def test_ensemble_version_averages_its_members_everywhere(cluster, registered, s
     assert json.loads(v.tags["members"])[0] == "raysegment-mobilenet_v2/1" and v.tags["flip_tta"] == "false"
     expected = dice_summary(evaluate(files, sample_shards, splits=("val",), tracking_uri=cluster["mlflow"]))
     assert float(v.tags["dice_mean"]) == pytest.approx(expected["dice_mean"], abs=1e-6)
+    capsys.readouterr()
+    assert registry_cli.main(["list", "raysegment-ensemble", "--mlflow-uri", cluster["mlflow"]]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:2] == [f"v{v.version}", "champion"] and row[row.index("of") + 1] == "raysegment-mobilenet_v2/1,", row
 
     image, _ = synthetic_volume(2, shape=(3, 60, 70))
     raw = (image * 700).astype(np.float32)

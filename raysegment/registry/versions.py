@@ -10,6 +10,7 @@ Imports ``registry.champion``; nothing above ``registry``.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass
 
 from raysegment.registry.champion import CHAMPION, Registration
@@ -50,7 +51,7 @@ def _origin(tags: dict[str, str]) -> str:
     if "source_trial" in tags:
         return f"search {tags.get('search_run', '?')[:8]}, trial {tags['source_trial']}, epoch {tags.get('epoch', '?')}"
     if "members" in tags:
-        return "ensemble"
+        return "ensemble of " + ", ".join(json.loads(tags["members"]))
     return "registered from a file"
 
 
