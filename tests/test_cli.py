@@ -401,6 +401,13 @@ def test_data_that_is_an_acdc_dataset_gets_the_prepare_command_that_makes_its_sh
                    "--out SHARDS, then give --data SHARDS)" in said, said
         else:
             assert said.endswith("(no manifest.json; make them with python -m raysegment.prepare)"), said
+    # The release's root (training/ and testing/): the command names training/, which prepare takes.
+    import shutil
+
+    shutil.copytree(nifti / "training" / "patient001", nifti / "testing" / "patient101")
+    with pytest.raises(SystemExit):
+        train(["--data", str(nifti)])
+    assert f"prepare --source {nifti / 'training'} --out SHARDS" in capsys.readouterr().err
 
 
 def test_imagenet_weights_are_checked_before_ray_and_a_search_trains_from_them(tmp_path, capsys, monkeypatch,

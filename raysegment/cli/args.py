@@ -46,14 +46,18 @@ def check_data(p: argparse.ArgumentParser, data: str | None) -> None:
 
 def _make_shards(data: str) -> str:
     """How to make shards, in words; the exact command where ``data`` is an ACDC dataset itself."""
-    from raysegment.data.volumes import PrepareError, detect_format
+    from raysegment.data.volumes import PrepareError, detect_format, find_patient_dirs
 
     try:
         layout = detect_format(Path(data))
     except (PrepareError, OSError):
         return "make them with python -m raysegment.prepare"
+    source = data
+    if layout == "acdc-nifti" and len(folders := {d.parent for d in find_patient_dirs(Path(data))}) > 1:
+        # The release's root: prepare takes one of its folders (training/; testing/ scores on its own).
+        source = str(next((f for f in sorted(folders) if f.name == "training"), sorted(folders)[0]))
     return (f"it holds an ACDC dataset, {layout} layout: make shards of it with python -m raysegment.prepare "
-            f"--source {data} --out SHARDS, then give --data SHARDS")
+            f"--source {source} --out SHARDS, then give --data SHARDS")
 
 
 def check_models(p: argparse.ArgumentParser, refs, tracking_uri: str | None) -> None:
