@@ -138,3 +138,23 @@ def test_agreement_properties_and_by_hand():
     assert flipped["r"] == pytest.approx(a["r"]) and flipped["sd"] == pytest.approx(a["sd"])
     with_nan = agreement(np.append(pred, np.nan), np.append(ref, 1.0))
     assert with_nan["n"] == 4 and with_nan["bias"] == pytest.approx(1.0)
+
+
+def test_a_height_or_weight_in_the_wrong_unit_is_taken_as_unknown_and_flagged():
+    """A height in metres (1.8 "cm"), a DICOM PatientSize typed in cm (×100: 18000) or pounds gave a
+    BSA of 0.2 m² or 19 m² and indexed every volume by it; outside 100–250 cm and 20–350 kg the BSA is
+    unknown and the patient flagged ``implausible_height_weight``, the diagnosis by the median BSA."""
+    from raysegment.analysis.clinical import PATIENT_FLAGS, body_surface_area_m2
+    from raysegment.analysis.patient import assess
+
+    assert body_surface_area_m2(180, 80) == pytest.approx(2.0) and body_surface_area_m2(100, 20) is not None
+    for h, w in ((1.8, 80), (18000, 80), (180, 800), (180, 0), (-180, 80), (float("nan"), 80), (None, 80)):
+        assert body_surface_area_m2(h, w) is None, (h, w)
+    ed, es, spacing = _ring_stack(r_in=10), _ring_stack(r_in=6), (8.0, 1.5, 1.25)
+    flags = {(h, w): assess(ed, es, spacing, h, w)["patient_qc_flags"].split(";")
+             for h, w in ((180, 80), (1.8, 80), (180, 400), (None, None), (180, None))}
+    assert [f for f in flags[(180, 80)] if "height" in f] == []
+    assert "implausible_height_weight" in flags[(1.8, 80)] and "implausible_height_weight" in flags[(180, 400)]
+    assert "no_height_weight" in flags[(None, None)] and "no_height_weight" in flags[(180, None)]
+    assert math.isnan(assess(ed, es, spacing, 1.8, 80)["lv_edv_ml_per_m2"])
+    assert "metres, inches or pounds" in PATIENT_FLAGS["implausible_height_weight"]

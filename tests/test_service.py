@@ -113,12 +113,14 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_service_keeps_serving(stac
         "ES frame out of range": (_post(url, _nifti(np.stack([_study(), _study(4)], -1)), params="?format=json&ed=0&es=5"), 400),
         "ED and ES the same frame": (_post(url, good, params="?format=json&ed=1&es=1"), 400),
         "height not a number": (_post(url, good, params="?format=json&height_cm=tall"), 400),
+        "height in metres": (_post(url, good, params="?format=json&height_cm=1.8&weight_kg=80"), 400),
     }
     for kind, (response, status) in bad.items():
         assert response.status_code == status, (kind, response.status_code, response.text)
         reason = response.json()["error"]
         assert reason and "\n" not in reason and "/tmp/" not in reason, (kind, reason)
     assert bad["no such route"][0].json()["error"].startswith("no route /; routes: /v1/health, ")
+    assert bad["height in metres"][0].json()["error"] == "height_cm must be a number from 100 to 250 (cm), not '1.8'"
     ok = _post(url, good)
     assert ok.status_code == 200 and ok.headers["X-Model-Version"] == f"{NAME}/1"
     assert requests.get(f"{url}/v1/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30).json()["status"] == "ok"

@@ -16,6 +16,10 @@ from raysegment.config import CLASS_NAMES
 MYOCARDIUM_DENSITY_G_PER_ML = 1.05
 # QC bounds (mL) for a single cavity or myocardium of an adult heart; outside is implausible.
 PLAUSIBLE_ML = (2.0, 500.0)
+# An adult's height (cm) and weight (kg): outside, a unit went wrong (metres, inches, pounds; DICOM's
+# PatientSize typed in cm) and a BSA from them would index every volume wrongly.
+PLAUSIBLE_HEIGHT_CM = (100.0, 250.0)
+PLAUSIBLE_WEIGHT_KG = (20.0, 350.0)
 
 
 def voxel_counts(mask_zyx: np.ndarray) -> np.ndarray:
@@ -113,14 +117,22 @@ PATIENT_FLAGS = {
                       "or an akinetic RV",
     "no_height_weight": "height or weight unknown: no BSA-indexed volumes; the diagnosis indexes the volumes by "
                         "its training patients' median BSA",
+    "implausible_height_weight": f"height or weight outside {PLAUSIBLE_HEIGHT_CM[0]:.0f}–{PLAUSIBLE_HEIGHT_CM[1]:.0f} cm "
+                                 f"or {PLAUSIBLE_WEIGHT_KG[0]:.0f}–{PLAUSIBLE_WEIGHT_KG[1]:.0f} kg (metres, inches or "
+                                 "pounds?), taken as unknown: no BSA-indexed volumes; the diagnosis indexes the "
+                                 "volumes by its training patients' median BSA",
 }
 
 
-def patient_flags(ind: dict) -> list[str]:
+def patient_flags(ind: dict, height_cm: float | None = None, weight_kg: float | None = None) -> list[str]:
     """The ``PATIENT_FLAGS`` that hold for a patient's indices: ``es_above_ed_<lv|rv>`` (an ES volume
-    above the ED volume, mL), ``no_height_weight`` (a ``bsa_m2`` that is NaN)."""
+    above the ED volume, mL); where ``bsa_m2`` is NaN, ``implausible_height_weight`` if both
+    ``height_cm`` and ``weight_kg`` were given, else ``no_height_weight``."""
     flags = [f"es_above_ed_{n}" for n in ("lv", "rv") if ind[f"{n}_esv_ml"] > ind[f"{n}_edv_ml"]]
-    return flags + (["no_height_weight"] if "bsa_m2" in ind and not math.isfinite(ind["bsa_m2"]) else [])
+    if "bsa_m2" in ind and not math.isfinite(ind["bsa_m2"]):
+        given = all(v is not None and math.isfinite(v) for v in (height_cm, weight_kg))
+        flags.append("implausible_height_weight" if given else "no_height_weight")
+    return flags
 
 
 def add_patient_ef(table: list[dict]) -> None:
@@ -148,8 +160,12 @@ INDEXED = ("lv_edv_ml", "lv_esv_ml", "lv_sv_ml", "rv_edv_ml", "rv_esv_ml", "rv_s
 
 
 def body_surface_area_m2(height_cm: float | None, weight_kg: float | None) -> float | None:
-    """Mosteller's body-surface area (m²) = √(height cm × weight kg / 3600); None when either is unknown."""
-    if not height_cm or not weight_kg or height_cm <= 0 or weight_kg <= 0:
+    """Mosteller's body-surface area (m²) = √(height cm × weight kg / 3600); None when either is
+    unknown or implausible (outside ``PLAUSIBLE_HEIGHT_CM``, ``PLAUSIBLE_WEIGHT_KG``)."""
+    if height_cm is None or weight_kg is None:
+        return None
+    if not (PLAUSIBLE_HEIGHT_CM[0] <= height_cm <= PLAUSIBLE_HEIGHT_CM[1]
+            and PLAUSIBLE_WEIGHT_KG[0] <= weight_kg <= PLAUSIBLE_WEIGHT_KG[1]):  # NaN fails too
         return None
     return math.sqrt(height_cm * weight_kg / 3600.0)
 

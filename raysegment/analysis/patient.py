@@ -22,7 +22,8 @@ def assess(ed_zyx: np.ndarray, es_zyx: np.ndarray, spacing_zyx, height_cm: float
     group and ``p_<GROUP>``, or ``diagnosis_withheld`` where the LV's ES volume exceeds its ED's."""
     ind, basal = checked_indices(ed_zyx, es_zyx, spacing_zyx, height_cm, weight_kg,
                                  diagnosis.basal_rv if diagnosis else None)
-    out = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(patient_flags(ind))}
+    flags = patient_flags(ind, height_cm, weight_kg)
+    out = {k: round(v, 4) for k, v in ind.items()} | basal | {"patient_qc_flags": ";".join(flags)}
     return out | (diagnose(ind, diagnosis) if diagnosis is not None else {})
 
 

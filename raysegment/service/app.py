@@ -279,6 +279,10 @@ def _frame_param(params, name: str) -> int | None:
 
 
 def _size_param(params, name: str) -> float | None:
+    """``height_cm``/``weight_kg`` of a request: absent, or a number an adult can have in that unit (a
+    height in metres would index every volume by a BSA of 0.2 m²); else RequestError (400)."""
+    from raysegment.analysis.clinical import PLAUSIBLE_HEIGHT_CM, PLAUSIBLE_WEIGHT_KG
+
     value = params.get(name)
     if value is None:
         return None
@@ -286,8 +290,10 @@ def _size_param(params, name: str) -> float | None:
         number = float(value)
     except ValueError:
         number = float("nan")
-    if not 0 < number < 1000:
-        raise RequestError(400, f"{name} must be a positive number ({name.split('_')[1]}), not {value!r}")
+    low, high = PLAUSIBLE_HEIGHT_CM if name == "height_cm" else PLAUSIBLE_WEIGHT_KG
+    if not low <= number <= high:  # NaN fails too
+        raise RequestError(400, f"{name} must be a number from {low:g} to {high:g} ({name.split('_')[1]}), "
+                                f"not {value!r}")
     return number
 
 
