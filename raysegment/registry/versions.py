@@ -52,7 +52,7 @@ def _origin(tags: dict[str, str]) -> str:
         return f"search {tags.get('search_run', '?')[:8]}, trial {tags['source_trial']}, epoch {tags.get('epoch', '?')}"
     if "members" in tags:
         return "ensemble of " + ", ".join(json.loads(tags["members"]))
-    return "registered from a file"
+    return "registry import or register"
 
 
 def version_rows(client, name: str) -> list[VersionRow]:
