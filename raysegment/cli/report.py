@@ -46,32 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m raysegment.report evaluate --model shipped:densenet121 --data /data/shards",
         "python -m raysegment.report compare --a ~/runs/mnv2 --b ~/runs/mnv2-ds --data /data/shards --out /tmp/compare")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
-    what = ev.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", action="append",
-                      help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
-    what.add_argument("--masks", type=Path, help=MASKS_HELP + ", scored as they are")
-    ev.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
-    ev.add_argument("--splits", nargs="+", choices=SPLITS,
-                    help="splits of --data to score (default: those it holds, train and val)")
-    ev.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
-    ev.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's prediction")
-    ev.add_argument("--no-largest-component", action="store_true",
-                    help="score the raw argmax, without keeping each structure's largest 3-D component")
-    ev.add_argument("--ci", action="store_true",
-                    help="add each split's mean Dice with a 95 %% bootstrap CI over patients (seed 0)")
-    ev.add_argument("--by-level", action="store_true",
-                    help="also Dice and volume error (mL) at the base, mid-ventricle and apex (thirds of the "
-                         "reference's slices); with --out: levels.md, levels.json, levels.png")
-    ev.add_argument("--in-plane", default="as-stored", choices=IN_PLANE,
-                    help="score the volumes with their rows or columns reversed, or transposed: what a study "
-                         "in another in-plane orientation than the training data's costs")
-    ev.add_argument("--auto-in-plane", action="store_true",
-                    help="predict as infer does by default (--in-plane auto: as stored or rows reversed, per volume) "
-                         "and say what it chose")
-    ev.add_argument("--out", default=None, help="folder for records.json and table.md")
-    ev.add_argument("--mask-cache", type=Path, default=None,
-                    help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
+    _add_evaluate(sub)
     cl = sub.add_parser("clinical", help="clinical indices (EDV, ESV, EF, mass, wall thickness) against the "
                                          "reference masks: MAE, bias, limits of agreement, r, Bland-Altman plots")
     src = cl.add_mutually_exclusive_group(required=True)
@@ -103,6 +78,35 @@ def build_parser() -> argparse.ArgumentParser:
     fi.add_argument("--patient", default=None, help="val patient for the overlays (default: the first)")
     fi.add_argument("--out", required=True, help="folder for the PNGs")
     return p
+
+
+def _add_evaluate(sub) -> None:
+    ev = sub.add_parser("evaluate", help="Dice/HD95 table of a model on the shards' train and val splits")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", action="append",
+                      help="checkpoint folder, .safetensors file or models:/ URI; repeat it to evaluate an ensemble")
+    what.add_argument("--masks", type=Path, help=MASKS_HELP + ", scored as they are")
+    ev.add_argument("--data", required=True, help="shards folder from raysegment.prepare")
+    ev.add_argument("--splits", nargs="+", choices=SPLITS,
+                    help="splits of --data to score (default: those it holds, train and val)")
+    ev.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for models:/ references")
+    ev.add_argument("--flip-tta", action="store_true", help="average with the mirrored image's prediction")
+    ev.add_argument("--no-largest-component", action="store_true",
+                    help="score the raw argmax, without keeping each structure's largest 3-D component")
+    ev.add_argument("--ci", action="store_true",
+                    help="add each split's mean Dice with a 95 %% bootstrap CI over patients (seed 0)")
+    ev.add_argument("--by-level", action="store_true",
+                    help="also Dice and volume error (mL) at the base, mid-ventricle and apex (thirds of the "
+                         "reference's slices); with --out: levels.md, levels.json, levels.png")
+    ev.add_argument("--in-plane", default="as-stored", choices=IN_PLANE,
+                    help="score the volumes with their rows or columns reversed, or transposed: what a study "
+                         "in another in-plane orientation than the training data's costs")
+    ev.add_argument("--auto-in-plane", action="store_true",
+                    help="predict as infer does by default (--in-plane auto: as stored or rows reversed, per volume) "
+                         "and say what it chose")
+    ev.add_argument("--out", default=None, help="folder for records.json and table.md")
+    ev.add_argument("--mask-cache", type=Path, default=None,
+                    help="a folder keeping each split's masks (shared with `report clinical --mask-cache`)")
 
 
 def _add_compare(sub) -> None:
@@ -325,8 +329,6 @@ def _check_splits(p, a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
     from raysegment.cli.args import check_data, check_models, check_numbers, check_registry
     from raysegment.runtime import quiet_environment
 
@@ -350,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in figures(models, a.data, Path(a.out), a.patient, a.mlflow_uri):
             print(path)
         return 0
+    return _evaluate_command(p, a)
+
+
+def _evaluate_command(p, a) -> int:
+    """``report evaluate``: the Dice/HD95 table (per level too), written under ``--out``."""
+    import json
+
     levels, turns = ([] if a.by_level else None), {}
     if a.masks and (given := [f"--{o.replace('_', '-')}" for o in _MODEL_ONLY if getattr(a, o)]
                     + (["--in-plane"] if a.in_plane != "as-stored" else [])):
