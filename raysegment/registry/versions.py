@@ -41,7 +41,7 @@ def _score(tags: dict[str, str]) -> str:
         data = f" on data {tags['manifest_hash'][:12]}" if tags.get("manifest_hash") else ""
         return f"val Dice {dice}, mean {float(tags['dice_mean']):.3f}{claim}{data}"
     if "cv_accuracy" in tags:
-        return f"CV accuracy {float(tags['cv_accuracy']):.3f}"
+        return f"CV accuracy {float(tags['cv_accuracy']):.3f} on {tags.get('patients') or '?'} patients"
     return "unscored"
 
 
@@ -52,6 +52,8 @@ def _origin(tags: dict[str, str]) -> str:
         return f"search {tags.get('search_run', '?')[:8]}, trial {tags['source_trial']}, epoch {tags.get('epoch', '?')}"
     if "members" in tags:
         return "ensemble of " + ", ".join(json.loads(tags["members"]))
+    if "cv_accuracy" in tags:
+        return f"registry diagnosis; its masks: {tags.get('segmenter') or '?'}"
     return "registry import or register"
 
 
