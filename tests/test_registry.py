@@ -265,3 +265,12 @@ def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path
     assert registry_cli.main(["list", name, "--mlflow-uri", uri]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:2] == ["v1", "champion"] and lines[2].endswith(f"made champion by hand: {v1.tags['promoted_by_hand']}")
+    # Every raysegment model without a NAME: the diagnosis classifier's row says what it was scored on.
+    client.create_registered_model("raysegment-diagnosis")
+    d = client.create_model_version("raysegment-diagnosis", source=str(tmp_path))
+    for k, value in {"cv_accuracy": "0.9531", "patients": "80", "segmenter": "shipped densenet121"}.items():
+        client.set_model_version_tag("raysegment-diagnosis", d.version, k, value)
+    assert registry_cli.main(["list", "--mlflow-uri", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "raysegment-diagnosis" and lines[2] == name and len(lines) == 5, lines
+    assert lines[1].endswith("CV accuracy 0.953 on 80 patients  registry diagnosis; its masks: shipped densenet121")
