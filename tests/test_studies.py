@@ -214,7 +214,9 @@ def test_hidden_files_and_folders_are_no_input(tmp_path):
     pdir = make_nifti_patient(tmp_path / "nifti", 1)
     dicom = write_dicom_cine(tmp_path / "dicom", np.ones((2, 3, 16, 16), np.float32))
     h5 = make_h5_dataset(tmp_path / "h5", patients=(1, 2), val=(2,))
-    twins = [*pdir.glob("*.nii.gz"), *dicom[:2], *(h5 / "volumes").glob("*.h5")]
+    for f in dicom[:2]:  # as exports name them: a .dcm file whose twin is a .dcm without a DICOM header
+        f.rename(f.with_name(f.name + ".dcm"))
+    twins = [*pdir.glob("*.nii.gz"), *(tmp_path / "dicom").glob("*.dcm"), *(h5 / "volumes").glob("*.h5")]
     for f in twins:  # AppleDouble: a 4-kB header, no NIfTI, DICOM or HDF5 content
         (f.parent / f"._{f.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X" + bytes(4000))
     for root in (tmp_path / "nifti", tmp_path / "dicom"):
