@@ -181,7 +181,8 @@ def read_h5_volume(path: Path) -> Volume:
 
 
 def find_patient_dirs(source: Path) -> list[Path]:
-    """Patient folders of the official release: SOURCE/[training|testing/]patientNNN/."""
+    """Patient folders of the official release: SOURCE/[training|testing/]patientNNN/ (none in hidden
+    folders, ``io.studies.hidden``)."""
     dirs = [p for p in source.rglob("patient*") if p.is_dir() and _PATIENT_DIR.match(p.name) and not hidden(p, source)]
     if source.is_dir() and _PATIENT_DIR.match(source.name):
         dirs.append(source)
