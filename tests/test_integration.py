@@ -65,6 +65,12 @@ def test_tune_job_registers_champion_with_dice_tags(cluster, registered):
         assert 0.0 <= float(champion.tags[key]) <= 1.0
     assert len(champion.tags["manifest_hash"]) == 64 and champion.tags["git_commit"]
     assert json.loads(champion.tags["config"])["model"]["backbone"] == "mobilenet_v2"
+    # `train --recipe models:/…` reads the version's recipe from the registry: the search's trial config
+    from raysegment.cli.recipe import load_recipe
+    from raysegment.config import TrainConfig
+
+    assert load_recipe("models:/raysegment-mobilenet_v2@champion", cluster["mlflow"]) == \
+        TrainConfig.from_dict(json.loads(champion.tags["config"]))
     # one parent run, one child run per trial with per-epoch Dice (and the final run's)
     exp = client.get_experiment_by_name("raysegment-tune")
     runs = client.search_runs([exp.experiment_id])

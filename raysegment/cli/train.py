@@ -20,6 +20,7 @@ from raysegment.cli.args import (
     unfinished_removed,
 )
 from raysegment.cli.lost import cluster_gone, exit_now, lost_cluster, watch_cluster
+from raysegment.cli.recipe import apply_recipe, recipe_line, with_recipe
 from raysegment.config import LossConfig, ModelConfig, TrainConfig, default_of
 from raysegment.io import storage
 from raysegment.runtime import ensure_ray
@@ -68,16 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default=default_of(RunSpec, "placement"),
                    choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"],
                    help="how workers are placed on nodes (STRICT_SPREAD: one worker per node)")
+    p.add_argument("--recipe", metavar="MODEL", default=None,
+                   help="train again with the recipe MODEL carries (shipped:BACKBONE, a weights file, a checkpoint or "
+                        "run folder, models:/…): its options become the defaults, those given here win; not its weights")
+    p.add_argument("--mlflow-uri", default=None, help="tracking server of the registry, for a models:/ --recipe")
     p.add_argument("--audit-dir", default=None,
                    help="debug: write, per epoch and rank, the slices seen, the node and a weights checksum (JSON)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    a = p.parse_args(argv)
-    check_args(p, a)
-    config = TrainConfig(
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    """The run's TrainConfig from the parsed options (each recipe option: ``cli.recipe.OPTION_FIELDS``)."""
+    return TrainConfig(
         data=str(Path(a.data).resolve()),
         model=ModelConfig(backbone=a.backbone, decoder_width=a.decoder_width, context_slices=a.context_slices,
                           deep_supervision=a.deep_supervision),
@@ -88,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         precision=a.precision, weights=a.weights, seed=a.seed, init_weights=resolve_init_weights(a.init_weights, a.backbone),
         threads_per_worker=a.threads,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    a, recipe = apply_recipe(p, argv, p.parse_args(argv))
+    check_args(p, a)
+    config = config_from_args(a)
+    if recipe is not None:
+        config = with_recipe(config, recipe)
+        print(recipe_line(a.recipe, recipe, config), flush=True)
     if a.local:
         return _train_local(p, a, config)
     hooks = RunHooks(audit_dir=str(Path(a.audit_dir).resolve()) if a.audit_dir else None)
