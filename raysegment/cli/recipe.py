@@ -1,12 +1,13 @@
-"""``train --recipe MODEL``: train again with the recipe a model carries (its ``TrainConfig``), so that
-a shipped or registered model is reproduced by one command. The recipe's values become the options'
+"""``train --recipe MODEL``: train again with the recipe a model carries (its ``TrainConfig``): a
+shipped or registered model's run repeated by one command (the same recipe; with a time budget, not
+the same weights on another machine). The recipe's values become the options'
 defaults (options given on the command line win, and every check sees the values the run will use);
 what the command line has no option for (weight decay, warm-up, the other augmentations, …) comes
 from the recipe as it is. The data, the threads and everything about where the run goes stay the
 command's.
 
-Imports ``inference`` (resolving the reference), ``model``, ``data`` (the manifest) and ``config``.
-Top layer: no stage imports it.
+Imports ``cli.args``, ``inference`` (resolving the reference), ``model``, ``data`` (the manifest) and
+``config``. Top layer: no stage imports it.
 """
 
 from __future__ import annotations
