@@ -260,8 +260,12 @@ def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path
     assert str(v1.version) == "1" and v1.tags["promoted_by_hand"].endswith(" UTC, replacing v2: v2 misses basal RV slices")
     assert v1.description == (f"val Dice … made champion when registered: v1. Made champion by hand on "
                               f"{v1.tags['promoted_by_hand']}.")
-    assert registry_cli.main(["promote", name, "1", "--reason", "again", "--mlflow-uri", uri]) == 0
+    assert registry_cli.main(["promote", f"models:/{name}/1", "--reason", "again", "--mlflow-uri", uri]) == 0
     assert capsys.readouterr().out.strip() == f"{name}@champion is v1: it is the champion already"
+    with pytest.raises(SystemExit):  # no version at all
+        registry_cli.main(["promote", name, "--reason", "again", "--mlflow-uri", uri])
+    assert capsys.readouterr().err.strip().endswith(f"registry promote {name}: which version? Give NAME VERSION or "
+                                                    "NAME/VERSION (a number)")
     assert registry_cli.main(["list", name, "--mlflow-uri", uri]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:2] == ["v1", "champion"] and lines[2].endswith(f"made champion by hand: {v1.tags['promoted_by_hand']}")

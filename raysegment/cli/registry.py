@@ -55,12 +55,24 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     pr = sub.add_parser("promote", help="make VERSION the champion by hand (a rollback): services and scheduled jobs "
                                         "following @champion switch to it")
-    pr.add_argument("name", help="the registered model, e.g. raysegment-mobilenet_v2")
-    pr.add_argument("version", help="its version number")
+    pr.add_argument("name", help="the registered model, e.g. raysegment-mobilenet_v2, or NAME/VERSION as a service's "
+                                 "X-Model-Version header and infer's results name it (models:/ in front or not)")
+    pr.add_argument("version", nargs="?", default=None, help="its version number")
     pr.add_argument("--reason", required=True, help="why, in words: written on the version with the date and the "
                                                     "version it replaces")
     pr.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     return p
+
+
+def _name_version(p: argparse.ArgumentParser, name: str, version: str | None) -> tuple[str, str]:
+    """``NAME VERSION``, ``NAME/VERSION`` or ``models:/NAME/VERSION`` → (NAME, VERSION); ``v3`` is 3."""
+    name = name.removeprefix("models:/")
+    if version is None and "/" in name:
+        name, version = name.rsplit("/", 1)
+    if version is None or not version.removeprefix("v").isdigit():
+        given = "" if version is None else f", not {version!r}"
+        p.error(f"registry promote {name}: which version? Give NAME VERSION or NAME/VERSION (a number{given})")
+    return name, version.removeprefix("v")
 
 
 def _list(name: str | None, tracking_uri: str) -> None:
@@ -92,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "promote":
             from raysegment.registry.versions import promote
 
-            r = promote(a.name, a.version.removeprefix("v"), reason=a.reason, tracking_uri=a.mlflow_uri)
+            name, version = _name_version(p, a.name, a.version)
+            r = promote(name, version, reason=a.reason, tracking_uri=a.mlflow_uri)
             print(f"{r.name}@champion is v{r.version}" + (f" ({r.reason})" if r.new else f": {r.reason}"))
             return 0
         if a.cmd == "import":
