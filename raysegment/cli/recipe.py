@@ -76,10 +76,9 @@ def apply_recipe(p: argparse.ArgumentParser, argv: list[str] | None, a: argparse
     """(args parsed again with the recipe's defaults, the recipe), or (``a``, None) without ``--recipe``."""
     if not a.recipe:
         return a, None
-    if a.recipe.startswith("models:/"):
-        from raysegment.cli.args import check_registry_answers
+    from raysegment.cli.args import check_registry
 
-        check_registry_answers(a.mlflow_uri)  # exit 1, in one line, where the server does not answer
+    check_registry(a)  # a models:/ recipe: exit 1, in one line, where the server does not answer
     try:
         recipe = load_recipe(a.recipe, a.mlflow_uri)
     except Exception as exc:  # a missing file, no such version, an ensemble

@@ -86,10 +86,10 @@ def promote(name: str, version: str, *, reason: str, tracking_uri: str) -> Regis
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    rows = {r.version: r for r in version_rows(client, name)}
-    if version not in rows:
-        raise ValueError(f"{name} has no version {version} (it has v{', v'.join(sorted(rows, key=int))})")
-    before = _champion(client, name)
+    rows = version_rows(client, name)
+    if version not in {r.version for r in rows}:
+        raise ValueError(f"{name} has no version {version} (it has v{', v'.join(r.version for r in reversed(rows))})")
+    before = next((r.version for r in rows if r.champion), None)
     if before == version:
         return Registration(name, version, True, "it is the champion already", new=False)
     if not reason.strip():
