@@ -317,6 +317,29 @@ def test_segs_of_an_enhanced_mr_keep_decimal_strings_within_16_characters(tmp_pa
         assert errors == []
 
 
+def test_the_segs_of_a_series_agree_on_its_series_attributes_and_name_the_model(tmp_path):
+    """A SEG per frame in one SEG series: series number and description are one value per series
+    (a PACS lists the series by them; they said "frame 1" … "frame N"), and the description names
+    the model version; the frame is each instance's number and content label."""
+    import shutil
+    import subprocess
+
+    import pydicom
+
+    frames, labels = _cine()
+    write_dicom_cine(tmp_path / "in", frames)
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    paths = dicom.write_segs(dicom.read_cine(series), labels, "raysegment-densenet121/3", tmp_path / "seg")
+    heads = [pydicom.dcmread(p) for p in paths]
+    assert {(h.SeriesInstanceUID, h.SeriesNumber, h.SeriesDescription) for h in heads} == {
+        (heads[0].SeriesInstanceUID, 9000, "raysegment raysegment-densenet121/3")}
+    assert [(h.InstanceNumber, h.ContentLabel, h.ContentDescription) for h in heads] == [
+        (1, "CINE_FRAME_1", "cine frame 1 of 2"), (2, "CINE_FRAME_2", "cine frame 2 of 2")]
+    if shutil.which("dcentvfy"):  # dicom3tools' check that a series' files agree, where installed
+        report = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True)
+        assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []
+
+
 def test_seg_uids_follow_the_content_they_were_made_from(tmp_path):
     """A series that gained instances gets new SEG instance UIDs (so a PACS cannot keep the stale
     SEG under the old one), in the same SEG series."""

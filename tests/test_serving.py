@@ -305,6 +305,11 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         assert len(done) == 4 and all(r["stored"] for r in done)  # 2 series × 2 frames
         segs = client.search_for_instances(search_filters={"Modality": "SEG"})
         assert len(segs) == 4
+        # The PACS lists a SEG series per cine series, by the model version that made it.
+        listed = client.search_for_series(search_filters={"Modality": "SEG"},
+                                          fields=["SeriesDescription", "SeriesNumber"])
+        assert sorted((s["0008103E"]["Value"][0], s["00200011"]["Value"][0]) for s in listed) == [
+            (f"raysegment {done[0]['model_version']}", 9000)] * 2
         for r in done:
             series_uid = r["study"].split("/")[1]
             seg = hd.seg.segread(r["seg"])

@@ -8,7 +8,8 @@ Slices are sorted by position along the normal, frames by temporal position / tr
 
 Segmentations go back as one DICOM SEG per cine frame (highdicom refuses a SEG whose source planes
 repeat a position, and every frame repeats the slice positions), each referencing that frame's
-source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT). A SEG's
+source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT), in one SEG
+series per source series and model version, described by that version. A SEG's
 UID follows the content it was made from (the source instances, the model, the frame); a PACS
 ends holding exactly the SEGs of a series' latest content (``web_replace_segs``).
 
@@ -32,6 +33,9 @@ MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"  # legacy converted: same functional groups
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# Series-level attributes are one value per series (a SEG per frame shares them); the frame is each
+# instance's number and content label.
+SEG_SERIES_NUMBER = 9000
 ALGORITHM = "raysegment"
 # Names that say "DICOM": such a file that is not readable DICOM gets a failed row (other files
 # without a DICOM header are not input, e.g. notes beside the series).
@@ -312,6 +316,12 @@ def seg_series_uid(source_series_uid: str, model_version: str) -> str:
     return seg_uid(source_series_uid, model_version, "series")
 
 
+def seg_series_description(model_version: str) -> str:
+    """What a PACS lists for a SEG series: the model version that made it (a SEG series per version,
+    so the SEGs of a champion rolled back from are told apart from the champion's)."""
+    return f"{ALGORITHM} {model_version}"[:64]
+
+
 def _ds_values(values) -> list[float]:
     """Floats whose text fits a DS (≤ 16 characters): raw float64 positions would not."""
     from pydicom.valuerep import format_number_as_ds
@@ -350,10 +360,11 @@ def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir:
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=pixel, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=seg_series_uid(cine.series_uid, model_version), series_number=9000 + t,
+            series_instance_uid=seg_series_uid(cine.series_uid, model_version), series_number=SEG_SERIES_NUMBER,
             sop_instance_uid=seg_uid(cine.series_uid, model_version, cine.content, str(t)), instance_number=t + 1,
             manufacturer=ALGORITHM, manufacturer_model_name=model_version[:64], software_versions=__version__,
-            device_serial_number="0", series_description=f"raysegment SEG frame {t + 1}"[:64],
+            device_serial_number="0", series_description=seg_series_description(model_version),
+            content_label=f"CINE_FRAME_{t + 1}", content_description=f"cine frame {t + 1} of {len(cine.sources)}",
             omit_empty_frames=False, **kwargs)
         path = out_dir / f"seg_frame{t + 1:02d}.dcm"
         atomic_write(path, lambda tmp, seg=seg: seg.save_as(tmp))
