@@ -6,6 +6,7 @@ two versions under the champion rule, the champion serves through the pyfunc.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,47 @@ def test_champion_loads_through_pyfunc(cluster, registered, tmp_path):
     np.testing.assert_array_equal(spaced, predictor.predict(raw, spacing=(8.0, 0.7, 0.7), in_plane="auto"))
     as_stored = model.predict(raw, params={"in_plane": "as-stored"})
     np.testing.assert_array_equal(as_stored, predictor.predict(raw))
+
+
+def test_the_champion_serves_from_mlflows_own_scoring_server(cluster, registered, tmp_path):
+    """`mlflow models serve -m models:/…@champion` (what an MLflow user tries first) answers a JSON
+    volume with the Predictor's mask, and the version's requirements pin the stack it was made with."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+    from importlib.metadata import version
+
+    import mlflow
+    from servers import free_port, wait_http
+
+    from raysegment.inference.predictor import Predictor
+
+    mlflow.set_tracking_uri(cluster["mlflow"])
+    folder = mlflow.artifacts.download_artifacts("models:/raysegment-mobilenet_v2@champion", dst_path=str(tmp_path / "m"))
+    pins = (Path(folder) / "requirements.txt").read_text().split()
+    assert {f"torch=={version('torch').split('+')[0]}", f"torchvision=={version('torchvision').split('+')[0]}",
+            f"raysegment=={version('raysegment')}"} <= set(pins), pins
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cluster["mlflow"]}  # how MLflow's CLI finds the registry
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/raysegment-mobilenet_v2@champion",
+           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=90)
+        image, _ = synthetic_volume(1, shape=(3, 60, 70))
+        raw = (image * 900).astype(np.float32)
+        body = json.dumps({"inputs": raw.tolist(), "params": {"spacing_mm": [8.0, 0.7, 0.7]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        served = np.asarray(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    predictor = Predictor.load("models:/raysegment-mobilenet_v2@champion", tracking_uri=cluster["mlflow"])
+    np.testing.assert_array_equal(served, predictor.predict(raw, spacing=(8.0, 0.7, 0.7), in_plane="auto"))
 
 
 def test_champion_stays_when_the_new_version_was_scored_on_another_manifest(cluster, registered, tmp_path):

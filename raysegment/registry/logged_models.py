@@ -29,6 +29,26 @@ def pyfunc_signature():
     )
 
 
+SEGMENTER_PACKAGES = ("raysegment", "torch", "torchvision", "numpy")
+DIAGNOSIS_PACKAGES = ("raysegment", "numpy", "pandas")
+
+
+def pinned_requirements(packages) -> list[str]:
+    """``NAME==VERSION`` of each package as installed here (a local tag such as ``+cpu`` dropped, so a
+    GPU host gets the same release): an environment MLflow builds for the model (``mlflow models
+    serve`` / ``build-docker`` without ``--env-manager local``) then masks as this one does, not
+    with whatever torch is newest. A package not installed here stays unpinned."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in packages:
+        try:
+            out.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            out.append(name)
+    return out
+
+
 def diagnosis_model_kwargs(model_file: str | Path) -> dict:
     """``mlflow.pyfunc.log_model``/``save_model`` arguments of the diagnosis pyfunc of a JSON
     classifier: every column it reads optional (rows of indices or of features; other columns are
@@ -44,7 +64,7 @@ def diagnosis_model_kwargs(model_file: str | Path) -> dict:
             "artifacts": {"diagnosis": str(model_file)},
             "signature": ModelSignature(inputs=Schema([ColSpec("double", c, required=False) for c in columns])),
             "input_example": pd.DataFrame([load(model_file).fill], columns=list(FEATURES)),
-            "pip_requirements": ["raysegment", "numpy", "pandas"]}
+            "pip_requirements": pinned_requirements(DIAGNOSIS_PACKAGES)}
 
 
 CHECKPOINT_FILES = ("model.pt", "config.json", "state.json")  # the optimizer state is training-only
@@ -77,7 +97,7 @@ def log_pyfunc(artifacts: dict[str, str]) -> str:
     """Log the pyfunc model (defined from code, ``pyfunc_model.py``) with these artifact folders → URI."""
     return log_model_quietly(name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                              artifacts=artifacts, signature=pyfunc_signature(),
-                             pip_requirements=["raysegment", "torch", "torchvision", "numpy"])
+                             pip_requirements=pinned_requirements(SEGMENTER_PACKAGES))
 
 
 def log_checkpoint_model(checkpoint_dir: str | Path) -> str:
