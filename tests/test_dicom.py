@@ -317,14 +317,17 @@ def test_segs_of_an_enhanced_mr_keep_decimal_strings_within_16_characters(tmp_pa
         assert errors == []
 
 
-def test_the_segs_of_a_series_agree_on_its_series_attributes_and_name_the_model(tmp_path):
+def test_the_segs_of_a_series_agree_on_its_series_attributes_name_the_model_and_colour_as_our_figures(tmp_path):
     """A SEG per frame in one SEG series: series number and description are one value per series
     (a PACS lists the series by them; they said "frame 1" … "frame N"), and the description names
     the model version; the frame is each instance's number and content label."""
     import shutil
     import subprocess
 
+    import highdicom as hd
     import pydicom
+
+    from raysegment.config import CLASS_COLOURS
 
     frames, labels = _cine()
     write_dicom_cine(tmp_path / "in", frames)
@@ -335,6 +338,10 @@ def test_the_segs_of_a_series_agree_on_its_series_attributes_and_name_the_model(
         (heads[0].SeriesInstanceUID, 9000, "raysegment raysegment-densenet121/3")}
     assert [(h.InstanceNumber, h.ContentLabel, h.ContentDescription) for h in heads] == [
         (1, "CINE_FRAME_1", "cine frame 1 of 2"), (2, "CINE_FRAME_2", "cine frame 2 of 2")]
+    # Each segment's recommended display colour is its colour in our figures (RV red, MYO green, LV blue).
+    colours = [hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue).to_rgb()
+               for s in heads[0].SegmentSequence]
+    assert ["#%02x%02x%02x" % c for c in colours] == [CLASS_COLOURS[k] for k in (1, 2, 3)]
     if shutil.which("dcentvfy"):  # dicom3tools' check that a series' files agree, where installed
         report = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True)
         assert [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")] == []

@@ -298,8 +298,19 @@ def segment_descriptions(model_version: str):
     return [hd.seg.SegmentDescription(segment_number=i, segment_label=label,
                                       segmented_property_category=codes.SCT.AnatomicalStructure,
                                       segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                                      algorithm_identification=algo)
+                                      algorithm_identification=algo, display_color=_display_colour(i))
             for i, (label, code) in enumerate(structures, start=1)]
+
+
+def _display_colour(label: int):
+    """A segment's recommended display colour (CIELab), our figures' colour for it (``CLASS_COLOURS``),
+    so a viewer that honours it draws RV red, MYO green, LV blue."""
+    import highdicom as hd
+
+    from raysegment.config import CLASS_COLOURS
+
+    hexa = CLASS_COLOURS[label]
+    return hd.color.CIELabColor.from_rgb(*(int(hexa[k:k + 2], 16) for k in (1, 3, 5)))
 
 
 def seg_uid(*parts: str) -> str:

@@ -2,7 +2,7 @@
 (segmentation overlays, learning curves; PNG, matplotlib, headless; the batch job's overlays
 are drawn without matplotlib, in the inference actor).
 
-Imports ``analysis``, ``model`` and ``io``; nothing above ``reporting``.
+Imports ``analysis``, ``model``, ``io`` and ``config``; nothing above ``reporting``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.config import CLASS_COLOURS
 from raysegment.io.studies import atomic_write
 
-COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8"}  # RV red, MYO green, LV blue
+COLOURS = CLASS_COLOURS  # RV red, MYO green, LV blue
 
 
 def pyplot():
