@@ -177,6 +177,11 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     in_process = time.perf_counter() - t0
 
     client = dicomweb.web_client(pacs)
+    status_url = f"{url}/v1/pacs/series?study={series.study_uid}&series={series.uid}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = requests.get(status_url, headers=auth, timeout=30)
+    assert before.status_code == 404 and "not in the ledger for raysegment-mobilenet_v2/1" in before.json()["error"]
+    assert requests.get(f"{url}/v1/pacs/series?study={series.study_uid}", headers=auth, timeout=30).status_code == 400
     client.store_instances([pydicom.dcmread(f) for f in files])
     stored_at, stable_age = time.perf_counter(), 2.0
     deadline = stored_at + 120
@@ -190,11 +195,18 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     # Orthanc checks stability about once a second: marked stable at most ~1 s after StableAge.
     assert took - stable_age - 1.0 <= 1.5 * in_process + 5.0, (took, in_process)
     # The service stores the SEGs first and writes its ledger row after (a crash in between only
-    # re-stores the same UIDs next time), so the SEGs can be visible a moment before the row.
-    ledger_file = out / "ledger.jsonl"
-    while time.perf_counter() < deadline and not (ledger_file.exists() and ledger_file.read_text().strip()):
+    # re-stores the same UIDs next time), so the SEGs can be visible a moment before the row: a
+    # viewer asks the service how the series stands until it is settled.
+    status = requests.get(status_url, headers=auth, timeout=30)
+    while time.perf_counter() < deadline and status.json().get("status") == "queued":
         time.sleep(0.1)
-    ledger = [json.loads(line) for line in ledger_file.read_text().splitlines()]
+        status = requests.get(status_url, headers=auth, timeout=30)
+    assert status.status_code == 200, status.text
+    seg_series = {s["0020000E"]["Value"][0] for s in client.search_for_series(search_filters={"Modality": "SEG"})}
+    assert status.json() | {"finished": None, "seconds": None} == {
+        "series": f"dicom:{series.study_uid}/{series.uid}", "status": "done", "reason": "", "model_version": f"{NAME}/1",
+        "finished": None, "seconds": None, "frames": 2, "segs_stored": 2, "seg_series_uid": seg_series.pop()}
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     assert [(e["path"], e["status"]) for e in ledger] == [(f"dicom:{series.study_uid}/{series.uid}", "done")]
 
     summary = run_batch(InferConfig(models=(f"models:/{NAME}@champion",), input=pacs, output=str(out), tracking_uri=uri,

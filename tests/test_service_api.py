@@ -132,3 +132,29 @@ def test_two_writers_share_one_ledger_without_losing_a_line(tmp_path):
         t.join()
     entries = Ledger(path).entries
     assert len(entries) == 81 and all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_version_served(tmp_path):
+    """What GET /v1/pacs/series answers from the ledger: the entry of the series' latest content for
+    the version served, its SEG series where SEGs were stored; nothing for another version or series."""
+    from raysegment.inference.ledger import Ledger
+    from raysegment.inference.pacs import series_status
+    from raysegment.io.dicom import seg_series_uid
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    key = "dicom:1.2/1.2.3"
+    ledger.append({"path": key, "sha256": "old", "model_version": "m/1", "status": "error", "reason": "STOW-RS failed",
+                   "seconds": 0.0, "rows": []})
+    ledger.append({"path": "dicom:1.2/9.9", "sha256": "x", "model_version": "m/1", "status": "done", "reason": "",
+                   "seconds": 1.0, "rows": [{"stored": True}]})
+    assert series_status(tmp_path, "1.2", "1.2.3", "m/1")["status"] == "error"
+    ledger.append({"path": key, "sha256": "new", "model_version": "m/1", "status": "done", "reason": "", "seconds": 2.5,
+                   "finished": "2026-12-07T15:00:00", "rows": [{"frame": 0, "stored": True}, {"frame": 1, "stored": True}]})
+    with open(tmp_path / "ledger.jsonl", "a") as f:
+        f.write('{"path": "dicom:1.2/1.2.3", "torn by a killed wri')
+    assert series_status(tmp_path, "1.2", "1.2.3", "m/1") == {
+        "series": key, "status": "done", "reason": "", "model_version": "m/1", "finished": "2026-12-07T15:00:00",
+        "seconds": 2.5, "frames": 2, "segs_stored": 2, "seg_series_uid": seg_series_uid("1.2.3", "m/1")}
+    assert series_status(tmp_path, "1.2", "1.2.3", "m/2") is None  # another version has not done it
+    assert series_status(tmp_path, "1.2", "4.5", "m/1") is None
+    assert series_status(tmp_path / "nowhere", "1.2", "1.2.3", "m/1") is None

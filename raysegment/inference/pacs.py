@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raysegment.inference.ledger import Ledger, _entry, _now
+from raysegment.inference.ledger import Ledger, _entry, _now, latest_entry
 from raysegment.inference.study import settle_study
 
 
@@ -55,3 +55,21 @@ def _finish(ledger: Ledger, entry: dict) -> dict:
     entry.setdefault("finished", _now())
     ledger.append(entry)
     return entry
+
+
+def series_status(out: Path, study: str, series: str, version: str) -> dict | None:
+    """How a PACS series stands in the ledger ``out/ledger.jsonl`` for ``version`` (its latest
+    content's entry) → ``status`` (done, failed, skipped, error: retried by the next run), ``reason``,
+    when it finished, the frames segmented and SEGs stored, and the SEG series a viewer opens; None
+    when the ledger has no entry for it."""
+    from raysegment.io.dicom import seg_series_uid
+
+    key = f"dicom:{study}/{series}"
+    entry = latest_entry(out / "ledger.jsonl", key, version)
+    if entry is None:
+        return None
+    rows = entry.get("rows", [])
+    stored = sum(1 for r in rows if r.get("stored"))
+    return {"series": key, "status": entry["status"], "reason": entry.get("reason", ""), "model_version": version,
+            "finished": entry.get("finished"), "seconds": entry.get("seconds"), "frames": len(rows),
+            "segs_stored": stored, "seg_series_uid": seg_series_uid(series, version) if stored else None}

@@ -7,6 +7,8 @@
                                   the batch job's patient indices (EF %, …) and diagnosis
     POST /v1/pacs/series        body: {"study": UID, "series": UID} → 202; the series is pulled
                                 (WADO-RS), segmented, its SEGs stored back (STOW-RS), ledger written
+    GET  /v1/pacs/series?study=UID&series=UID
+                                → how that series stands (queued, done, failed, …; its SEG series)
     GET  /v1/health (no token asked: for probes), GET /v1/model
 
 Bad requests get a 4xx with a one-line JSON ``{"error": reason}``; the replica goes on serving.
@@ -27,6 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlencode
 
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
@@ -93,6 +96,7 @@ class SegmentService:
             self.diagnosis = load(config.diagnosis, config.tracking_uri)
         self.lock = threading.Lock()
         self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
+        self.queued: set[str] = set()  # pushed series keys this replica has not finished
         self.heap = HeapTrimmer()
 
     async def __call__(self, request):
@@ -112,15 +116,18 @@ class SegmentService:
         path, method = request.url.path.rstrip("/") or "/", request.method
         if path != "/v1/health":  # liveness probes carry no secrets
             self._authorize(request)
-        routes = {"/v1/segment": "POST", "/v1/pacs/series": "POST", "/v1/health": "GET", "/v1/model": "GET"}
+        routes = {"/v1/segment": ("POST",), "/v1/pacs/series": ("POST", "GET"), "/v1/health": ("GET",),
+                  "/v1/model": ("GET",)}
         if path not in routes:
             raise RequestError(404, f"no route {path}; routes: {', '.join(sorted(routes))}")
-        if method != routes[path]:
-            raise RequestError(405, f"{path} takes {routes[path]}, not {method}")
+        if method not in routes[path]:
+            raise RequestError(405, f"{path} takes {' or '.join(routes[path])}, not {method}")
         if path == "/v1/health":
             return JSONResponse({"status": "ok", "model_version": self.holder.version})
         if path == "/v1/model":
             return JSONResponse(await asyncio.to_thread(self.model_info))
+        if path == "/v1/pacs/series" and method == "GET":
+            return JSONResponse(await asyncio.to_thread(self.series_status, request.query_params))
         if path == "/v1/pacs/series":
             return self._accept_series(await request.body())
         return await self._segment_request(request)
@@ -198,9 +205,11 @@ class SegmentService:
             raise RequestError(400, 'body must be JSON {"study": StudyInstanceUID, "series": SeriesInstanceUID}') from None
         if not study or not series:
             raise RequestError(400, "empty Study or Series Instance UID")
+        self.queued.add(f"dicom:{study}/{series}")
         self.pacs_jobs.submit(self.pacs_series, study, series)
-        return JSONResponse({"accepted": f"dicom:{study}/{series}", "model_version": self.holder.version},
-                            status_code=202)
+        status = f"/v1/pacs/series?{urlencode({'study': study, 'series': series})}"
+        return JSONResponse({"accepted": f"dicom:{study}/{series}", "model_version": self.holder.version,
+                             "status": status}, status_code=202, headers={"Location": status})
 
     def pacs_series(self, study: str, series: str) -> dict:
         """Pull, segment, store and record one pushed series (``inference.pacs``); logs its outcome."""
@@ -215,8 +224,29 @@ class SegmentService:
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run
             log.exception("raysegment: PACS series %s/%s", study, series)
             return {}
+        finally:
+            self.queued.discard(f"dicom:{study}/{series}")
         log.warning("raysegment: PACS series %s: %s %s", series, entry["status"], entry.get("reason", ""))
         return entry
+
+    def series_status(self, params) -> dict:
+        """GET /v1/pacs/series: a pushed series for the version served now — ``queued`` on this
+        replica, else its ledger entry (``inference.pacs.series_status``); 404 when neither."""
+        from raysegment.inference.pacs import series_status
+
+        study, series = params.get("study", ""), params.get("series", "")
+        if not (study and series):
+            raise RequestError(400, "give ?study=StudyInstanceUID&series=SeriesInstanceUID")
+        if not self.config.output:
+            raise RequestError(409, "this service was started without --output; it keeps no ledger")
+        key, version = f"dicom:{study}/{series}", self.holder.version
+        if key in self.queued:
+            return {"series": key, "status": "queued", "model_version": version}
+        found = series_status(Path(self.config.output), study, series, version)
+        if found is None:
+            raise RequestError(404, f"{key} is not in the ledger for {version}: not pushed, queued on another "
+                                    f"replica, or its push was lost (the next scheduled run segments it)")
+        return found
 
     # ----------------------------------------------------------------- GET /v1/model
 
