@@ -477,6 +477,30 @@ def test_results_keep_only_the_latest_content_of_a_study_file(tmp_path):
     assert [(r["study"], r.get("volume_lv_ml")) for r in rows] == [("/t.nii.gz", None), ("/s.nii.gz", 2.0)]
 
 
+def test_after_a_rollback_the_version_rolled_back_to_segments_again_what_another_wrote_last(tmp_path):
+    """v1, then v2 (a new champion), then v1 again (rolled back): the output holds v2's masks, so v1's
+    old entry no longer settles the study; once v1 has written it again the results are v1's, in the
+    order last written, also for a ledger read afresh."""
+    led = Ledger(tmp_path / "ledger.jsonl")
+
+    def done(version: str, lv: float) -> dict:
+        return {"path": "/s.nii.gz", "sha256": "1", "model_version": version, "status": "done",
+                "rows": [{"study": "/s.nii.gz", "frame": 0, "status": "done", "model_version": version, "volume_lv_ml": lv}]}
+
+    led.append(done("m/1", 1.0))
+    led.append({"path": "/t.nii.gz", "sha256": "t", "model_version": "m/1", "status": "done", "rows": []})
+    led.append(done("m/2", 2.0))
+    assert led.has("/s.nii.gz", "1", "m/2") and not led.has("/s.nii.gz", "1", "m/1")
+    assert led.has("/t.nii.gz", "t", "m/1")  # what v2 has not written is still v1's
+    led.append(done("m/1", 1.0))
+    for ledger in (led, Ledger(tmp_path / "ledger.jsonl")):
+        assert ledger.has("/s.nii.gz", "1", "m/1") and not ledger.has("/s.nii.gz", "1", "m/2")
+        assert [(r["study"], r["model_version"]) for r in results_rows(ledger)] == [("/s.nii.gz", "m/1")]
+        assert ledger.stored_versions("/s.nii.gz") == set()
+    led.append({**done("m/2", 2.0), "rows": [{"stored": True}]})
+    assert led.stored_versions("/s.nii.gz") == {"m/2"}
+
+
 def test_unusable_ground_truth_is_flagged(tmp_path, predictor):
     pdir = make_nifti_patient(tmp_path, 3, ed=1, es=2, nframes=2, shape=(3, 40, 48))
     gt = pdir / "patient003_frame01_gt.nii.gz"

@@ -180,3 +180,53 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
         assert code == 1 and not ray.is_initialized()
         assert "ERROR (retried next run): WADO-RS retrieve failed (ConnectionError" in text
         assert "1 error to retry" in text and json.loads((out / "last_run.json").read_text())["actors"] == 0
+
+
+def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_path, tiny_model, capsys):
+    """v1, then v2 (a new champion), then v1 again (a rollback) on one PACS series: each run leaves the
+    output's mask and results and the PACS's one raysegment SEG series those of the model that ran
+    (the replaced version's SEG series deleted); before, the rolled-back run found the series "already
+    done" and the output and PACS kept v2's. A fourth run finds nothing to do."""
+    import nibabel as nib
+    import pydicom
+    import ray
+    import torch
+    from conftest import write_checkpoint
+    from servers import orthanc_available, running_orthanc
+
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import pinned_models, run_batch
+    from raysegment.inference.ledger import Ledger, results_rows
+    from raysegment.io import dicomweb
+    from raysegment.io.dicom import seg_series_uid
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    model, config = tiny_model
+    v1 = write_checkpoint(tmp_path / "v1", model, config)
+    with torch.no_grad():  # another model: another version string, and it draws LV where v1 draws MYO
+        model.head.bias[3] += 10.0
+    v2 = write_checkpoint(tmp_path / "v2", model, config)
+    files = write_dicom_cine(tmp_path / "src", _frames(4), patient="R1")
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+        client.store_instances([pydicom.dcmread(f) for f in files])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            masks = {}
+            for ckpt, segmented in ((v1, 1), (v2, 1), (v1, 1), (v1, 0)):
+                run = InferConfig(models=(str(ckpt),), input=url, output=str(out), threads=1, actors=1, progress=False,
+                                  diagnosis=None)
+                version = pinned_models(run)[1]
+                assert run_batch(run)["segmented"] == segmented, (ckpt.name, segmented)
+                rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
+                assert {r["model_version"] for r in rows} == {version} and all(r["stored"] for r in rows)
+                mask = np.asarray(nib.load(rows[0]["mask"]).dataobj)
+                np.testing.assert_array_equal(mask, masks.setdefault(version, mask))  # v1's again after the rollback
+                held = {s["0020000E"]["Value"][0] for s in client.search_for_series(search_filters={"Modality": "SEG"})}
+                assert held == {seg_series_uid(source.SeriesInstanceUID, version)}
+        finally:
+            ray.shutdown()
+    assert len(masks) == 2 and not np.array_equal(*masks.values())

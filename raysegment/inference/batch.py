@@ -116,7 +116,7 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
     try:
         for entry in _segment_all(actors, todo, config.max_attempts, version, died):
             if client is not None and config.store and entry["status"] == "done":
-                store_entry(client, entry)
+                store_entry(client, entry, ledger)
             progress(ledger, entry)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report

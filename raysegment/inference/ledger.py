@@ -22,7 +22,8 @@ from raysegment.io.studies import StudyError, atomic_write, read_study
 
 
 class Ledger:
-    """Append-only JSONL of finished studies; the last line for a (path, hash, version) wins.
+    """Append-only JSONL of finished studies; the last line for a (path, hash, version) wins, and a
+    path's last line says whose masks (and SEGs) the output holds for it.
 
     Several writers may share one ledger (the scheduled job and the online service): every read,
     append and repair holds an exclusive ``flock`` on ``<ledger>.lock``, so no line is lost to a
@@ -30,7 +31,8 @@ class Ledger:
 
     def __init__(self, path: Path):
         self.path = path
-        self.entries: dict[tuple[str, str, str], dict] = {}
+        self.entries: dict[tuple[str, str, str], dict] = {}  # in the order last written
+        self.latest: dict[str, tuple[str, str, str]] = {}  # path → its last-written entry's key
         self.refresh()
 
     def refresh(self) -> None:
@@ -45,7 +47,7 @@ class Ledger:
                     torn = True  # a torn last line from a killed run
                     continue
                 good.append(line)
-                self.entries[(e["path"], e["sha256"], e["model_version"])] = e
+                self._put(e)
             if torn:  # dropped for good, so every line of the ledger stays valid JSON
                 atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
 
@@ -61,19 +63,34 @@ class Ledger:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _put(self, e: dict) -> None:
+        key = (e["path"], e["sha256"], e["model_version"])
+        self.entries.pop(key, None)  # written again: now the latest
+        self.entries[key] = e
+        self.latest[e["path"]] = key
+
     def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
         """Whether this study content is settled for ``version``: done, or failed for good (bad
-        input, a worker it killed). Environment errors (status ``error``) are retried by the next
-        run; ``retry_failed`` retries failures too."""
+        input, a worker it killed), and nothing written for the path since — after a champion's
+        rollback the output holds the replaced version's masks, which the version rolled back to
+        segments again. Environment errors (status ``error``) are retried by the next run;
+        ``retry_failed`` retries failures too."""
         e = self.entries.get((path, digest, version))
-        return e is not None and (e["status"] in ("done", "skipped") or (e["status"] == "failed" and not retry_failed))
+        if e is None or self.latest.get(path) != (path, digest, version):
+            return False
+        return e["status"] in ("done", "skipped") or (e["status"] == "failed" and not retry_failed)
+
+    def stored_versions(self, path: str) -> set[str]:
+        """The model versions whose SEGs of study ``path`` (a PACS series) went to the PACS."""
+        return {e["model_version"] for (p, _, _), e in self.entries.items()
+                if p == path and any(r.get("stored") for r in e.get("rows", []))}
 
     def append(self, entry: dict) -> None:
         with self._locked(), open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.entries[(entry["path"], entry["sha256"], entry["model_version"])] = entry
+        self._put(entry)
 
 
 def latest_entry(ledger_path: Path, key: str, version: str) -> dict | None:
@@ -109,7 +126,7 @@ def results_rows(ledger: Ledger) -> list[dict]:
     """One row per study frame, from each study file's latest ledger entry (a file replaced in
     place supersedes its earlier content; its mask was overwritten too)."""
     latest = {}
-    for e in ledger.entries.values():  # in the order they were first written
+    for e in ledger.entries.values():  # in the order last written
         latest.pop(e["path"], None)
         latest[e["path"]] = e
     rows = []

@@ -11,15 +11,22 @@ from raysegment.inference.ledger import Ledger, _entry, _now, latest_entry
 from raysegment.inference.study import settle_study
 
 
-def store_entry(client, entry: dict) -> None:
-    """STOW-RS a finished series' SEGs and remove the SEGs of its earlier content from the PACS;
-    ``stored`` only once the PACS holds exactly these. A failure turns the entry into an error
-    (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicomweb import failure, web_replace_segs
+def store_entry(client, entry: dict, ledger: Ledger) -> None:
+    """STOW-RS a finished series' SEGs, remove the SEGs of its earlier content from the PACS, then
+    the SEG series of the other model versions the ``ledger`` stored for it (the replaced champion's,
+    or after a rollback the version rolled back from): the PACS holds one raysegment SEG series per
+    series, that of the model that segmented it last, as the output folder does. ``stored`` only once
+    the PACS holds exactly these. A failure turns the entry into an error (retried next run; the SEG
+    UIDs follow the content, so nothing is ever stored twice)."""
+    from raysegment.io.dicom import seg_series_uid
+    from raysegment.io.dicomweb import failure, web_delete_series, web_replace_segs
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
+    study, series = entry["path"][len("dicom:"):].split("/")
     try:
         web_replace_segs(client, segs)
+        for version in sorted(ledger.stored_versions(entry["path"]) - {entry["model_version"]}):
+            web_delete_series(client, study, seg_series_uid(series, version))
         for r in entry["rows"]:
             r["stored"] = True
     except Exception as exc:
@@ -47,7 +54,7 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
         return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
     entry = settle_study(key, digest, predictor, model_uri, out, False, files)
     if store and entry["status"] == "done":
-        store_entry(client, entry)
+        store_entry(client, entry, ledger)
     return _finish(ledger, entry)
 
 

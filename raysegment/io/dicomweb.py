@@ -136,6 +136,17 @@ def web_replace_segs(client, paths: list[Path]) -> None:
                                f"of SEG series {series} after storing and deleting")
 
 
+def web_delete_series(client, study: str, series: str) -> int:
+    """Delete every instance of a series from the PACS (DICOMweb DELETE, else Orthanc's REST API) →
+    how many it held; raises ``RuntimeError`` when some remain."""
+    held = _series_sops(client, study, series)
+    for sop in sorted(held):
+        _delete_instance(client, study, series, sop)
+    if left := _series_sops(client, study, series):
+        raise RuntimeError(f"the PACS still holds {len(left)} of {len(held)} instance(s) of series {series} after deleting")
+    return len(held)
+
+
 def _series_sops(client, study: str, series: str) -> set[str]:
     return {_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
                                                                       series_instance_uid=series)}
