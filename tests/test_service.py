@@ -180,7 +180,7 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     status_url = f"{url}/v1/pacs/series?study={series.study_uid}&series={series.uid}"
     auth = {"Authorization": f"Bearer {TOKEN}"}
     before = requests.get(status_url, headers=auth, timeout=30)
-    assert before.status_code == 404 and "not in the ledger for raysegment-mobilenet_v2/1" in before.json()["error"]
+    assert before.status_code == 404 and "has no result of raysegment-mobilenet_v2/1" in before.json()["error"]
     assert requests.get(f"{url}/v1/pacs/series?study={series.study_uid}", headers=auth, timeout=30).status_code == 400
     client.store_instances([pydicom.dcmread(f) for f in files])
     stored_at, stable_age = time.perf_counter(), 2.0

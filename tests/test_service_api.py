@@ -156,5 +156,8 @@ def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_vers
         "series": key, "status": "done", "reason": "", "model_version": "m/1", "finished": "2026-12-07T15:00:00",
         "seconds": 2.5, "frames": 2, "segs_stored": 2, "seg_series_uid": seg_series_uid("1.2.3", "m/1")}
     assert series_status(tmp_path, "1.2", "1.2.3", "m/2") is None  # another version has not done it
+    Ledger(tmp_path / "ledger.jsonl").append(  # a writer opening the ledger drops the torn line first
+        {"path": key, "sha256": "new", "model_version": "m/2", "status": "done", "reason": "", "rows": []})
+    assert series_status(tmp_path, "1.2", "1.2.3", "m/1") is None  # rolled back to m/1: m/2's result is the PACS's
     assert series_status(tmp_path, "1.2", "4.5", "m/1") is None
     assert series_status(tmp_path / "nowhere", "1.2", "1.2.3", "m/1") is None

@@ -93,10 +93,10 @@ class Ledger:
         self._put(entry)
 
 
-def latest_entry(ledger_path: Path, key: str, version: str) -> dict | None:
-    """The last ledger entry of study ``key`` (any content) for ``version``, or None; reads the file
-    from its end without the lock (appends are whole lines, a repair an atomic rename; a torn last line
-    is passed over)."""
+def latest_entry(ledger_path: Path, key: str) -> dict | None:
+    """The last ledger entry of study ``key`` (any content and version: whose result the output holds),
+    or None; reads the file from its end without the lock (appends are whole lines, a repair an atomic
+    rename; a torn last line is passed over)."""
     if not ledger_path.exists():
         return None
     quoted = json.dumps(key)
@@ -107,7 +107,7 @@ def latest_entry(ledger_path: Path, key: str, version: str) -> dict | None:
             e = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if e["path"] == key and e["model_version"] == version:
+        if e["path"] == key:
             return e
     return None
 

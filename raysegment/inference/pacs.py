@@ -65,15 +65,16 @@ def _finish(ledger: Ledger, entry: dict) -> dict:
 
 
 def series_status(out: Path, study: str, series: str, version: str) -> dict | None:
-    """How a PACS series stands in the ledger ``out/ledger.jsonl`` for ``version`` (its latest
-    content's entry) → ``status`` (done, failed, skipped, error: retried by the next run), ``reason``,
-    when it finished, the frames segmented and SEGs stored, and the SEG series a viewer opens; None
-    when the ledger has no entry for it."""
+    """How a PACS series stands in the ledger ``out/ledger.jsonl`` for ``version``: its last entry,
+    when ``version`` wrote it → ``status`` (done, failed, skipped, error: retried by the next run),
+    ``reason``, when it finished, the frames segmented and SEGs stored, and the SEG series a viewer
+    opens; None when the ledger has no entry for it, or another version's is the last (a rollback:
+    that version's SEGs are what the PACS holds until ``version`` segments the series again)."""
     from raysegment.io.dicom import seg_series_uid
 
     key = f"dicom:{study}/{series}"
-    entry = latest_entry(out / "ledger.jsonl", key, version)
-    if entry is None:
+    entry = latest_entry(out / "ledger.jsonl", key)
+    if entry is None or entry["model_version"] != version:
         return None
     rows = entry.get("rows", [])
     stored = sum(1 for r in rows if r.get("stored"))

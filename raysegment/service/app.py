@@ -244,8 +244,9 @@ class SegmentService:
             return {"series": key, "status": "queued", "model_version": version}
         found = series_status(Path(self.config.output), study, series, version)
         if found is None:
-            raise RequestError(404, f"{key} is not in the ledger for {version}: not pushed, queued on another "
-                                    f"replica, or its push was lost (the next scheduled run segments it)")
+            raise RequestError(404, f"{key} has no result of {version} in the ledger: not pushed yet, queued on "
+                                    f"another replica, its push lost or another version's result the latest (the "
+                                    f"next scheduled run segments it)")
         return found
 
     # ----------------------------------------------------------------- GET /v1/model
