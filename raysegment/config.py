@@ -215,6 +215,9 @@ class InferConfig:
     # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
     store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
+    # DICOMweb input: only series of studies dated within this many days before today (QIDO-RS
+    # StudyDate range); None: every MR series, each asked for its instances at every poll.
+    since_days: int | None = None
     # Folder input: files whose path under it (or name) matches one of these globs are no input
     # (e.g. ``*_4d.nii.gz``: the official layout's cine files beside the ED and ES frame files).
     exclude: tuple[str, ...] = ()

@@ -187,6 +187,9 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
     output's mask and results and the PACS's one raysegment SEG series those of the model that ran
     (the replaced version's SEG series deleted); before, the rolled-back run found the series "already
     done" and the output and PACS kept v2's. A fourth run finds nothing to do."""
+    import time
+    from dataclasses import replace
+
     import nibabel as nib
     import pydicom
     import ray
@@ -227,6 +230,14 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
                 np.testing.assert_array_equal(mask, masks.setdefault(version, mask))  # v1's again after the rollback
                 held = {s["0020000E"]["Value"][0] for s in client.search_for_series(search_filters={"Modality": "SEG"})}
                 assert held == {seg_series_uid(source.SeriesInstanceUID, version)}
+            # --since 1: a series of a study dated today is listed and segmented; the series above
+            # (its study dated 2026-01-01) is not even asked about.
+            today = [pydicom.dcmread(f) for f in write_dicom_cine(tmp_path / "today", _frames(4), patient="R2")]
+            for ds in today:
+                ds.StudyDate = time.strftime("%Y%m%d")
+            client.store_instances(today)
+            summary = run_batch(replace(run, since_days=1))
+            assert (summary["studies"], summary["segmented"], summary["already_done"]) == (1, 1, 0)
         finally:
             ray.shutdown()
     assert len(masks) == 2 and not np.array_equal(*masks.values())

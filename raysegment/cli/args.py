@@ -28,7 +28,7 @@ COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_si
           "resamples", "steps", "volumes", "clients", "requests", "studies", "waves")
 POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor", "lr", "poll_s", "max_body_mb",
             "pixel_mm", "step_timeout")
-NON_NEGATIVE = ("report_figures", "context_slices", "deep_supervision", "ce_weight", "dice_weight", "driver_kills")
+NON_NEGATIVE = ("report_figures", "since", "context_slices", "deep_supervision", "ce_weight", "dice_weight", "driver_kills")
 ZERO_OK = ("final_minutes", "gpus_per_worker")  # 0: no final stage, no GPU
 
 

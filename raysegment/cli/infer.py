@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diagnosis", default=d("diagnosis"),
                    help="ACDC diagnosis of patients with ED and ES (Info.cfg): 'shipped', a JSON file from "
                         "`python -m raysegment.diagnosis fit`, models:/raysegment-diagnosis@champion, or 'none'")
+    p.add_argument("--since", type=int, default=d("since_days"), metavar="DAYS",
+                   help="DICOMweb input: only series of studies dated today or in the DAYS days before (QIDO-RS "
+                        "StudyDate range), so each poll of a large PACS asks about recent series only; default: every "
+                        "MR series, one instance query each per poll")
     p.add_argument("--no-store", action="store_true",
                    help="DICOMweb input: keep the SEGs under OUTPUT/dicom/, do not STOW-RS them to the server")
     p.add_argument("--retry-failed", action="store_true",
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"or raysegment.segment(FILE) in Python for one study")
     if a.exclude and is_dicomweb(a.input):
         p.error("--exclude leaves out files of a folder input; a PACS's series are not files")
+    if a.since is not None and not is_dicomweb(a.input):
+        p.error("--since picks a PACS's series by their study date; a folder input is segmented whole (use --exclude)")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu/--gpus-per-actor")
     quiet_environment()  # before MLflow loads: no INFO lines of a registry lookup
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store,
-                         exclude=tuple(a.exclude))
+                         exclude=tuple(a.exclude), since_days=a.since)
     try:
         with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):
             summary = run_batch(config)

@@ -151,12 +151,19 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     try:
         items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
-                 for s in dicomweb.web_series(client)]
+                 for s in dicomweb.web_series(client, _since(config.since_days))]
     except Exception as exc:
         if why := unreachable(exc):
             raise PacsUnreachable(f"--input {config.input}: the PACS does not answer ({why})") from None
         raise RuntimeError(f"--input {config.input}: {failure('DICOMweb query', exc)}") from None
     return client, items
+
+
+def _since(days: int | None) -> str | None:
+    """The first StudyDate (``YYYYMMDD``, this machine's calendar) of ``--since DAYS``, or None."""
+    import datetime
+
+    return None if days is None else (datetime.date.today() - datetime.timedelta(days=days)).strftime("%Y%m%d")
 
 
 def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):

@@ -68,13 +68,15 @@ def _tag(item: dict, tag: str) -> str:
     return str(item.get(tag, {}).get("Value", [""])[0])
 
 
-def web_series(client) -> list[dict]:
+def web_series(client, since: str | None = None) -> list[dict]:
     """MR series on a DICOMweb server (QIDO-RS): ``{"study", "series", "sha256"}`` each, the digest
-    over the series' SOP Instance UIDs (one instance query per series). A record the server sends
-    without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason) instead of
-    stopping the others."""
+    over the series' SOP Instance UIDs (one instance query per series). ``since`` (``YYYYMMDD``):
+    only series of studies dated that day or later (DICOM range matching on StudyDate). A record the
+    server sends without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason)
+    instead of stopping the others."""
     out = []
-    for n, s in enumerate(client.search_for_series(search_filters={"Modality": "MR"})):
+    filters = {"Modality": "MR", **({"StudyDate": f"{since}-"} if since else {})}
+    for n, s in enumerate(client.search_for_series(search_filters=filters)):
         study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
         if not study or not series:
             digest = hashlib.sha256(repr(sorted(s.items())).encode()).hexdigest()
