@@ -268,6 +268,49 @@ def test_a_rerun_with_nothing_new_in_a_folder_starts_no_ray_and_changed_content_
         run_batch(config)
 
 
+def test_a_poll_reads_no_file_whose_size_times_and_inode_were_recorded_when_it_was_hashed(tmp_path, tiny_checkpoint,
+                                                                                         monkeypatch):
+    """A cron poll of a large archive hashed every file again; now a file whose stat is the one the
+    output's hash cache recorded keeps its hash unread. A file rewritten (same size, new bytes) is
+    read, and is new; a damaged cache only costs reading every file again."""
+    from raysegment.config import InferConfig
+    from raysegment.inference import batch
+    from raysegment.inference.batch import pinned_models, run_batch
+    from raysegment.model.weights import sha256
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    studies = [inp / f"{n}.nii.gz" for n in ("a", "b")]
+    for n, study in enumerate(studies):
+        nib.save(nib.Nifti1Image(np.full((8, 8, 2), n, np.float32), np.eye(4)), str(study))
+    config = InferConfig(models=(str(tiny_checkpoint),), input=str(inp), output=str(tmp_path / "out"), progress=False)
+    version = pinned_models(config)[1]
+    ledger = Ledger(tmp_path / "out" / "ledger.jsonl")
+    for study in studies:  # as a run that segmented them wrote them
+        ledger.append({"path": str(study.resolve()), "sha256": sha256(study), "model_version": version, "status": "done",
+                       "reason": "", "rows": []})
+    read = []
+    monkeypatch.setattr(batch, "sha256", lambda p: read.append(Path(p).name) or sha256(p))
+    assert (run_batch(config)["already_done"], read) == (2, ["a.nii.gz", "b.nii.gz"])  # no cache yet
+    read.clear()
+    summary = run_batch(config)
+    assert (summary["already_done"], summary["actors"], read) == (2, 0, [])
+    (tmp_path / "out" / "hashes.json").write_text('{"torn')
+    assert (run_batch(config)["already_done"], read) == (2, ["a.nii.gz", "b.nii.gz"])
+    read.clear()
+
+    class Started(Exception):
+        pass
+
+    monkeypatch.setattr("raysegment.runtime.ensure_ray", lambda *a, **k: (_ for _ in ()).throw(Started()))
+    data = bytearray(studies[1].read_bytes())
+    data[-5] ^= 0xFF  # same size, other bytes (the gzip trailer)
+    studies[1].write_bytes(bytes(data))
+    with pytest.raises(Started):
+        run_batch(config)
+    assert read == ["b.nii.gz"]
+
+
 def test_a_folder_of_files_none_a_study_says_what_they_are_and_an_empty_one_says_nothing(tmp_path, tiny_checkpoint,
                                                                                          capsys):
     """``infer --input`` a folder of SSL4MIS ``.h5`` volumes said only "0 studies"; now a note names

@@ -34,6 +34,7 @@ from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry, stop_signal
 
 LAST_RUN = "last_run.json"
+HASH_CACHE = "hashes.json"  # folder input: each file's stat and hash when last hashed (``_hash_files``)
 
 # --------------------------------------------------------------------------- the batch job
 
@@ -203,7 +204,7 @@ def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, 
     settled = {p for p, d, v in ledger.entries if v == version and ledger.has(p, d, v, config.retry_failed)}
     if any(_path_key(item["file"]) not in settled if "file" in item else new(item) for item in items):
         actors = start()
-    _hash_files(items)
+    _hash_files(items, Path(config.output) / HASH_CACHE)
     todo = select()
     return todo, actors or (start() if todo else [])
 
@@ -298,10 +299,39 @@ def _input_files(root: Path, out: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and not hidden(p, root) and out not in p.resolve().parents]
 
 
-def _hash_files(items: list[dict]) -> None:
+def _hash_files(items: list[dict], cache_path: Path) -> None:
+    """``path`` and ``sha256`` of each file item. A file whose size, times and inode are those the
+    cache (``OUTPUT/hashes.json``) recorded when it was last hashed keeps that hash unread, so a cron
+    poll of a large archive reads only what is new or changed (a changed file changes its ctime, which
+    no tool sets back). The cache is only that: deleted or damaged, every file is hashed again."""
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    fresh = {}
     for item in items:
-        if "file" in item:
-            item["path"], item["sha256"] = _identity(item.pop("file"))
+        if "file" not in item:
+            continue
+        file = item.pop("file")
+        stat, key = _stat(file), _path_key(file)
+        known = cache.get(key)
+        if stat is not None and known is not None and known[0] == stat:
+            item["path"], item["sha256"] = key, known[1]
+        else:
+            item["path"], item["sha256"] = _identity(file)
+        if stat is not None:
+            fresh[item["path"]] = [stat, item["sha256"]]
+    if fresh != cache:
+        atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+
+
+def _stat(p: Path) -> list[int] | None:
+    """[size, mtime_ns, ctime_ns, inode] of a file, or None when it cannot be read."""
+    try:
+        st = p.stat()
+    except (OSError, RuntimeError):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list[dict]:
