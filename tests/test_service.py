@@ -206,6 +206,7 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     assert status.json() | {"finished": None, "seconds": None} == {
         "series": f"dicom:{series.study_uid}/{series.uid}", "status": "done", "reason": "", "model_version": f"{NAME}/1",
         "finished": None, "seconds": None, "frames": 2, "segs_stored": 2, "seg_series_uid": seg_series.pop()}
+    assert not any((out / "dicom-in").iterdir())  # the retrieved images are not kept
     ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
     assert [(e["path"], e["status"]) for e in ledger] == [(f"dicom:{series.study_uid}/{series.uid}", "done")]
 

@@ -161,3 +161,23 @@ def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_vers
     assert series_status(tmp_path, "1.2", "1.2.3", "m/1") is None  # rolled back to m/1: m/2's result is the PACS's
     assert series_status(tmp_path, "1.2", "4.5", "m/1") is None
     assert series_status(tmp_path / "nowhere", "1.2", "1.2.3", "m/1") is None
+
+
+def test_retrieval_folders_a_killed_process_left_are_removed_after_a_day(tmp_path):
+    """A batch run or replica killed while it held a series' WADO-RS copy left it in OUTPUT/dicom-in;
+    the next batch run removes such a folder once it is a day old, and leaves younger ones (another
+    process may be segmenting that series now)."""
+    import os
+    import time
+
+    from raysegment.inference.pacs import clear_stale_retrievals, retrieval_folder
+
+    old, young = retrieval_folder(tmp_path, "1.2.3"), tmp_path / "dicom-in" / "4.5.6-99999"
+    for folder in (old, young):
+        folder.mkdir(parents=True)
+        (folder / "x.dcm").write_bytes(b"")
+    past = time.time() - 25 * 3600
+    os.utime(old, (past, past))
+    clear_stale_retrievals(tmp_path)
+    assert not old.exists() and young.exists()
+    clear_stale_retrievals(tmp_path / "nothing-here")  # no output yet: nothing to do

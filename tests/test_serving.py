@@ -280,13 +280,14 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
     with running_orthanc(tmp_path / "orthanc") as url:
         client = dicomweb.web_client(url)
-        truth = {}
+        truth, sources = {}, {}
         for n, patient in enumerate(("patient063", "patient078")):
             images, labels, spacing = sample_cine(patient)
             files = write_dicom_cine(tmp_path / "src" / patient, images, spacing_zyx=spacing, patient=patient,
                                      origin=(-90.0 + 7 * n, -70.0, 30.0))
             series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
             truth[series_uid] = (images, labels, spacing)
+            sources[series_uid] = sorted(files)
             client.store_instances([pydicom.dcmread(f) for f in files])
         images = next(iter(truth.values()))[0]
         odd = write_dicom_cine(tmp_path / "src" / "sc", images[:, :3], modality="OT", patient="X1")
@@ -303,6 +304,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         assert len(skipped) == 1 and "not evenly spaced" in skipped[0]["reason"]
         done = [r for r in rows if r["status"] == "done"]
         assert len(done) == 4 and all(r["stored"] for r in done)  # 2 series × 2 frames
+        assert not any((out / "dicom-in").iterdir())  # the retrieved images: the PACS keeps them, not the output
         segs = client.search_for_instances(search_filters={"Modality": "SEG"})
         assert len(segs) == 4
         # The PACS lists a SEG series per cine series, by the model version that made it.
@@ -314,8 +316,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
             series_uid = r["study"].split("/")[1]
             seg = hd.seg.segread(r["seg"])
             assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
-            source = dicom.Series(series_uid, r["study"].split("/")[0][len("dicom:"):],
-                                  sorted((out / "dicom-in" / series_uid).iterdir()))
+            source = dicom.Series(series_uid, r["study"].split("/")[0][len("dicom:"):], sources[series_uid])
             cine = dicom.read_cine(source)
             # The copy in the PACS: retrieved, read by highdicom, placed by its frame positions.
             stored = client.retrieve_instance(study_instance_uid=seg.StudyInstanceUID, series_instance_uid=seg.SeriesInstanceUID,

@@ -27,7 +27,7 @@ from pathlib import Path
 from raysegment.config import InferConfig
 from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
-from raysegment.inference.pacs import store_entry
+from raysegment.inference.pacs import clear_stale_retrievals, drop_retrieved, retrieval_folder, store_entry
 from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.io.studies import atomic_write, find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
@@ -72,6 +72,7 @@ def run_batch(config: InferConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)  # what writers killed mid-write left (the soak found a SEG's)
+    clear_stale_retrievals(out)
     ledger = Ledger(out / "ledger.jsonl")
     refs, version = pinned_models(config)
     config = replace(config, models=refs)
@@ -106,25 +107,31 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
     at once → True when Ctrl-C or SIGTERM stopped it."""
     import ray
 
-    try:
-        ray.get([a.ready.remote() for a in actors])
-    except ray.exceptions.RayActorError as exc:
-        raise RuntimeError(f"the inference actor could not load {' + '.join(config.models)}: {exc}") from None
+    retrieved = {item["path"]: item["retrieved"] for item in todo if "retrieved" in item}
     for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
         item["figure"] = i < config.report_figures
     died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
                      if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
     try:
+        try:
+            ray.get([a.ready.remote() for a in actors])
+        except ray.exceptions.RayActorError as exc:
+            raise RuntimeError(f"the inference actor could not load {' + '.join(config.models)}: {exc}") from None
         for entry in _segment_all(actors, todo, config.max_attempts, version, died):
             if client is not None and config.store and entry["status"] == "done":
                 store_entry(client, entry, ledger)
             progress(ledger, entry)
+            if entry["path"] in retrieved:  # recorded: the PACS keeps the images
+                drop_retrieved(retrieved.pop(entry["path"]))
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report
         # before the command ends; the studies left are new to the next run.
         if not stop_signal(exc):
             raise
         return True
+    finally:
+        for folder in retrieved.values():  # not recorded: the next run retrieves them again
+            drop_retrieved(folder)
     return False
 
 
@@ -335,7 +342,7 @@ def _stat(p: Path) -> list[int] | None:
 
 
 def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list[dict]:
-    """WADO-RS each series to ``out/dicom-in/<series uid>/`` → the series that arrived. A series
+    """WADO-RS each series to its ``retrieval_folder`` → the series that arrived. A series
     the PACS described without its UIDs is ``failed``; one whose query or retrieval failed is an
     ``error`` (retried by the next run); each goes to ``finish`` and the others go on."""
     from raysegment.io.dicomweb import failure, web_retrieve
@@ -347,10 +354,12 @@ def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list
             status = "failed" if "invalid" in item else "error"
             finish(_entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"]))
             continue
+        item["retrieved"] = retrieval_folder(out, series)
         try:
-            item["files"] = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
+            item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"])]
             ready.append(item)
         except Exception as exc:
+            drop_retrieved(item.pop("retrieved"))
             finish(_entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc)))
     return ready
 

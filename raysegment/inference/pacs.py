@@ -5,10 +5,39 @@ the series settled and stores nothing. Imports no Ray."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import time
 from pathlib import Path
 
 from raysegment.inference.ledger import Ledger, _entry, _now, latest_entry
 from raysegment.inference.study import settle_study
+
+RETRIEVED = "dicom-in"  # under the output: WADO-RS copies of the series being segmented
+STALE_RETRIEVAL_S = 24 * 3600  # a retrieval folder this old was left by a killed process
+
+
+def retrieval_folder(out: Path, series: str) -> Path:
+    """Where this process puts a series' retrieved instances: a folder of its own (the service and a
+    scheduled run may retrieve one series at once), removed (``drop_retrieved``) once the series'
+    entry is recorded — the PACS keeps the images; the output keeps no copy of them."""
+    return out / RETRIEVED / f"{series}-{os.getpid()}"
+
+
+def drop_retrieved(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def clear_stale_retrievals(out: Path) -> None:
+    """Remove retrieval folders a killed process left (older than a day: no series takes that long)."""
+    root = out / RETRIEVED
+    if root.is_dir():
+        for folder in root.iterdir():
+            try:
+                if time.time() - folder.stat().st_mtime > STALE_RETRIEVAL_S:
+                    drop_retrieved(folder)
+            except OSError:  # removed meanwhile by its own process
+                pass
 
 
 def store_entry(client, entry: dict, ledger: Ledger) -> None:
@@ -35,7 +64,7 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
                         store: bool = True) -> dict:
-    """Segment one PACS series (QIDO-RS its instances, WADO-RS them to ``out/dicom-in/SERIES``,
+    """Segment one PACS series (QIDO-RS its instances, WADO-RS them to a ``retrieval_folder``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
     from raysegment.io.dicomweb import failure, series_digest, web_retrieve
@@ -48,14 +77,18 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
         return _finish(ledger, _entry(key, "unknown", version, "error", failure("QIDO-RS instance query", exc)))
     if ledger.has(key, digest, version):
         return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
+    folder = retrieval_folder(out, series)
     try:
-        files = [str(p) for p in web_retrieve(client, study, series, out / "dicom-in" / series)]
-    except Exception as exc:
-        return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
-    entry = settle_study(key, digest, predictor, model_uri, out, False, files)
-    if store and entry["status"] == "done":
-        store_entry(client, entry, ledger)
-    return _finish(ledger, entry)
+        try:
+            files = [str(p) for p in web_retrieve(client, study, series, folder)]
+        except Exception as exc:
+            return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
+        entry = settle_study(key, digest, predictor, model_uri, out, False, files)
+        if store and entry["status"] == "done":
+            store_entry(client, entry, ledger)
+        return _finish(ledger, entry)
+    finally:
+        drop_retrieved(folder)
 
 
 def _finish(ledger: Ledger, entry: dict) -> dict:
