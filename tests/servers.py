@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "raysegment-test"
 
 
-def wait_http(url: str, timeout: float = 120) -> None:
+def wait_http(url: str, timeout: float = 120, answers=()) -> None:
+    """Until ``url`` answers 2xx, or one of the HTTP statuses ``answers`` (401 of a server that wants
+    credentials)."""
+    import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
@@ -32,6 +35,10 @@ def wait_http(url: str, timeout: float = 120) -> None:
         try:
             urllib.request.urlopen(url, timeout=2)
             return
+        except urllib.error.HTTPError as exc:
+            if exc.code in answers:
+                return
+            time.sleep(0.5)
         except Exception:
             time.sleep(0.5)
     raise TimeoutError(url)
@@ -164,7 +171,7 @@ def running_orthanc(root: Path, extra: dict | None = None, port: int | None = No
     proc = subprocess.Popen(["Orthanc", str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
                             **OWN_PROCESS_GROUP)
     try:
-        wait_http(f"http://127.0.0.1:{port}/system", timeout=60)
+        wait_http(f"http://127.0.0.1:{port}/system", timeout=60, answers=(401,))
         yield f"http://127.0.0.1:{port}/dicom-web"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

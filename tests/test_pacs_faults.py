@@ -241,3 +241,50 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
         finally:
             ray.shutdown()
     assert len(masks) == 2 and not np.array_equal(*masks.values())
+
+
+def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_the_password(tmp_path, tiny_checkpoint,
+                                                                                                capsys):
+    """Orthanc with HTTP basic authentication: without credentials, or with a wrong password, one line
+    saying how to give them (exit 2); with them in the URL the series is segmented and its SEGs
+    stored. No line and no ledger reason shows the password (they go to cron logs): before, an
+    unreachable PACS was `error: --input http://alice:secret@…`, a refusal `DICOMweb query failed
+    (HTTPError: 401 … for url: http://alice:wrong@…)`."""
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+
+    from raysegment.cli import infer
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.io import dicomweb
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    users = {"AuthenticationEnabled": True, "RegisteredUsers": {"alice": "s3cret-pw"}}
+    with running_orthanc(tmp_path / "orthanc", users) as url:
+        with_user = url.replace("http://", "http://alice:s3cret-pw@")
+        files = write_dicom_cine(tmp_path / "src", _frames(4), patient="A1")
+        dicomweb.web_client(with_user).store_instances([pydicom.dcmread(f) for f in files])
+        base = ["--model", str(tiny_checkpoint), "--output", str(tmp_path / "out"), "--diagnosis", "none"]
+        for given in (url, url.replace("http://", "http://alice:wrong-pw@")):
+            assert infer.main([*base, "--input", given]) == 2
+            err = capsys.readouterr().err
+            assert "refused this client (HTTP 401): give its user and password in the URL" in err, err
+            assert "wrong-pw" not in err
+        down = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}/dicom-web"
+        assert infer.main([*base, "--input", down]) == 1
+        err = capsys.readouterr().err
+        assert "http://alice:***@127.0.0.1" in err and "s3cret-pw" not in err, err
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_batch(InferConfig(models=(str(tiny_checkpoint),), input=with_user, output=str(tmp_path / "out"),
+                                            threads=1, actors=1, progress=False, diagnosis=None))
+        finally:
+            ray.shutdown()
+        assert summary["segmented"] == 1 and summary["errors"] == 0
+        segs = dicomweb.web_client(with_user).search_for_instances(search_filters={"Modality": "SEG"})
+        assert len(segs) == 2
+    assert dicomweb.redact("STOW-RS failed (HTTPError: 500 for url: https://bob:p@ss:w0rd@pacs/dicom-web/studies)") == \
+        "STOW-RS failed (HTTPError: 500 for url: https://bob:***@pacs/dicom-web/studies)"
+    assert "s3cret-pw" not in (tmp_path / "out" / "ledger.jsonl").read_text()

@@ -130,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("RAY_ADDRESS") and not _port_free(config.host, config.port):
         p.error(f"--port {config.port}: {config.host}:{config.port} is in use (another service?); give another --port")
     if config.pacs:  # a wrong --pacs would otherwise only show in the log of every pushed series
-        from raysegment.io.dicomweb import PacsUnreachable, check_pacs
+        from raysegment.io.dicomweb import PacsRefused, PacsUnreachable, check_pacs
 
         try:
             check_pacs(config.pacs)
         except PacsUnreachable as exc:
             print(f"error: --pacs: {exc}; nothing was started, the same command tries again", file=sys.stderr)
             return 1
+        except PacsRefused as exc:
+            p.error(f"--pacs: {exc}")
         except ValueError as exc:
             p.error(f"--pacs {exc}")
 

@@ -153,7 +153,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     if not is_dicomweb(config.input):
         return None, discover(Path(config.input), out, ledger, version, config.exclude)
     from raysegment.io import dicomweb
-    from raysegment.io.dicomweb import failure, unreachable
+    from raysegment.io.dicomweb import PacsRefused, denied, failure, redact, refused_line, unreachable
 
     client = dicomweb.web_client(config.input)
     try:
@@ -162,8 +162,10 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
                  for s in dicomweb.web_series(client, _since(config.since_days))]
     except Exception as exc:
         if why := unreachable(exc):
-            raise PacsUnreachable(f"--input {config.input}: the PACS does not answer ({why})") from None
-        raise RuntimeError(f"--input {config.input}: {failure('DICOMweb query', exc)}") from None
+            raise PacsUnreachable(f"--input {redact(config.input)}: the PACS does not answer ({why})") from None
+        if why := denied(exc):
+            raise PacsRefused(f"--input: {refused_line(config.input, why)}") from None
+        raise RuntimeError(f"--input {redact(config.input)}: {failure('DICOMweb query', exc)}") from None
     return client, items
 
 

@@ -26,6 +26,10 @@ class PacsUnreachable(RuntimeError):
     """The PACS did not answer (refused, timed out, a 5xx): an environment fault the next run retries."""
 
 
+class PacsRefused(ValueError):
+    """The PACS answered 401 or 403: no or wrong credentials, a setting to fix (``refused_line``)."""
+
+
 def unreachable(exc: Exception) -> str | None:
     """Why the PACS counts as not answering — refused, no such host, timed out (the root of urllib3's
     nesting, e.g. ``[Errno 111] Connection refused``), a 5xx after the client's retries — or None."""
@@ -45,6 +49,29 @@ def unreachable(exc: Exception) -> str | None:
     return None
 
 
+def denied(exc: Exception) -> str | None:
+    """``HTTP 401``/``HTTP 403`` when the PACS refused this client (no or wrong credentials), else None."""
+    response = getattr(exc, "response", None)
+    if (attempt := getattr(exc, "last_attempt", None)) is not None and not attempt.has_exception:
+        response = attempt.value
+    status = getattr(response, "status_code", None)
+    return f"HTTP {status}" if status in (401, 403) else None
+
+
+def refused_line(url: str, why: str) -> str:
+    """What to say of a PACS that refused this client: how to give it credentials."""
+    return (f"the PACS at {redact(url)} refused this client ({why}): give its user and password in the URL, "
+            f"http://USER:PASSWORD@HOST:PORT/dicom-web (HTTP basic authentication)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it (``http://USER:PASSWORD@HOST``) shown as ``***``:
+    error lines and ledger reasons end up in logs."""
+    import re
+
+    return re.sub(r"(\w+://[^/\s:@]+):[^/\s]*@", r"\1:***@", text)  # to the netloc's last @
+
+
 def check_pacs(url: str) -> None:
     """One QIDO-RS query (a study at most) to the DICOMweb root ``url``, before any work: raises
     ``PacsUnreachable`` when the PACS does not answer, ``ValueError`` when it answers but not as a
@@ -54,14 +81,16 @@ def check_pacs(url: str) -> None:
         client.search_for_studies(limit=1)
     except Exception as exc:
         if why := unreachable(exc):
-            raise PacsUnreachable(f"the PACS at {url} does not answer ({why})") from None
-        raise ValueError(f"{url}: not a DICOMweb root ({failure('QIDO-RS query', exc)})") from None
+            raise PacsUnreachable(f"the PACS at {redact(url)} does not answer ({why})") from None
+        if why := denied(exc):
+            raise PacsRefused(refused_line(url, why)) from None
+        raise ValueError(f"{redact(url)}: not a DICOMweb root ({failure('QIDO-RS query', exc)})") from None
 
 
 def failure(what: str, exc: BaseException, limit: int = 200) -> str:
     """The one-line reason a ledger row gives for a failed DICOMweb request ("WADO-RS retrieve
     failed (HTTPError: …)"): whitespace folded, at most ``limit`` characters of the error."""
-    return f"{what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:limit]})"
+    return redact(f"{what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:limit]})")
 
 
 def _tag(item: dict, tag: str) -> str:
