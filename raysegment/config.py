@@ -215,6 +215,8 @@ class InferConfig:
     # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
     store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
+    # DICOMweb input: the PACS's credentials, "USER:PASSWORD" (HTTP basic) or "Bearer TOKEN" (``--pacs-auth FILE``)
+    pacs_auth: str | None = field(default=None, repr=False)
     # DICOMweb input: only series of studies dated within this many days before today (QIDO-RS
     # StudyDate range); None: every MR series, each asked for its instances at every poll.
     since_days: int | None = None
@@ -246,6 +248,7 @@ class ServeConfig:
     pacs: str | None = None  # DICOMweb URL the PACS push retrieves series from and stores SEGs to
     output: str | None = None  # with ``pacs``: masks, SEGs and the ledger shared with the scheduled job
     store: bool = True  # with ``pacs``: STOW-RS the SEGs back
+    pacs_auth: str | None = field(default=None, repr=False)  # with ``pacs``: "USER:PASSWORD" or "Bearer TOKEN"
     # ``?format=json``'s diagnosis of a cine: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
 

@@ -270,7 +270,7 @@ def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_
         for given in (url, url.replace("http://", "http://alice:wrong-pw@")):
             assert infer.main([*base, "--input", given]) == 2
             err = capsys.readouterr().err
-            assert "refused this client (HTTP 401): give its user and password in the URL" in err, err
+            assert "refused this client (HTTP 401): give its credentials with --pacs-auth FILE" in err, err
             assert "wrong-pw" not in err
         down = f"http://alice:s3cret-pw@127.0.0.1:{free_port()}/dicom-web"
         assert infer.main([*base, "--input", down]) == 1
@@ -285,6 +285,15 @@ def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_
         assert summary["segmented"] == 1 and summary["errors"] == 0
         segs = dicomweb.web_client(with_user).search_for_instances(search_filters={"Modality": "SEG"})
         assert len(segs) == 2
+        # The credentials from a file (what ps does not show): the next poll finds the series settled.
+        (tmp_path / "pacs-auth").write_text("alice:s3cret-pw\n")
+        assert infer.main([*base, "--input", url, "--pacs-auth", str(tmp_path / "pacs-auth")]) == 0
+        assert "1 studies, 1 already done" in capsys.readouterr().out
+        (tmp_path / "pacs-auth").write_text("s3cret-pw\n")
+        with pytest.raises(SystemExit):
+            infer.main([*base, "--input", url, "--pacs-auth", str(tmp_path / "pacs-auth")])
+        err = capsys.readouterr().err
+        assert "expected one line, USER:PASSWORD" in err and "s3cret-pw" not in err, err
     assert dicomweb.redact("STOW-RS failed (HTTPError: 500 for url: https://bob:p@ss:w0rd@pacs/dicom-web/studies)") == \
         "STOW-RS failed (HTTPError: 500 for url: https://bob:***@pacs/dicom-web/studies)"
     assert "s3cret-pw" not in (tmp_path / "out" / "ledger.jsonl").read_text()

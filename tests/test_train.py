@@ -499,6 +499,8 @@ INFER = ["--input", "TMP", "--output", "TMP/o"]
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--max-attempts", "0"], "--max-attempts must be ≥ 1"),
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--report-figures", "-1"], "--report-figures must be ≥ 0"),
     ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--since", "2"], "--since picks a PACS's series"),
+    ("infer", ["--model", "shipped:mobilenet_v2", *INFER, "--pacs-auth", "TMP"], "--pacs-auth gives a PACS's credentials"),
+    ("serve", ["--model", "shipped:mobilenet_v2", "--pacs-auth", "TMP"], "--pacs-auth gives the credentials of --pacs"),
     ("infer", ["--model", "shipped:mobilenet_v2", "--input", "http://127.0.0.1:9/dicom-web", "--output", "TMP/o",
                "--since", "-1"], "--since must be ≥ 0"),
     ("train", ["--data", "SHARDS", "--lr", "-1"], "--lr must be > 0"),

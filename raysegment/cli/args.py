@@ -137,6 +137,33 @@ def check_not_file_store(uri: str) -> None:
     raise SystemExit(2)
 
 
+def read_secret(p: argparse.ArgumentParser, option: str, path: str | None) -> str | None:
+    """The stripped text of a secret's file (``--token-file``, ``--pacs-auth``), or None without one;
+    ``p.error`` when it cannot be read or is empty. A file, not the command line: ``ps`` shows that."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        p.error(f"{option} {path}: {exc.strerror}")
+    if not text:
+        p.error(f"{option} {path} is empty")
+    return text
+
+
+def pacs_auth(p: argparse.ArgumentParser, path: str | None) -> str | None:
+    """``--pacs-auth FILE``'s credentials, their form checked (``io.dicomweb.check_auth``)."""
+    from raysegment.io.dicomweb import check_auth
+
+    text = read_secret(p, "--pacs-auth", path)
+    if text is not None:
+        try:
+            check_auth(text)
+        except ValueError as exc:
+            p.error(f"--pacs-auth {path}: {exc}")
+    return text
+
+
 def check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Numeric options out of range (``COUNTS`` ≥ 1, ``POSITIVE`` > 0, ``NON_NEGATIVE`` ≥ 0): ``p.error``.
     Unchecked, ``infer --limit 0`` segmented nothing, ``serve --poll-s 0`` asked the registry in a

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOMweb input: only series of studies dated today or in the DAYS days before (QIDO-RS "
                         "StudyDate range), so each poll of a large PACS asks about recent series only; default: every "
                         "MR series, one instance query each per poll")
+    p.add_argument("--pacs-auth", metavar="FILE",
+                   help="DICOMweb input: file holding the PACS's credentials, USER:PASSWORD (HTTP basic) or 'Bearer TOKEN' "
+                        "(not the command line, which ps shows)")
     p.add_argument("--no-store", action="store_true",
                    help="DICOMweb input: keep the SEGs under OUTPUT/dicom/, do not STOW-RS them to the server")
     p.add_argument("--retry-failed", action="store_true",
@@ -89,7 +92,7 @@ def done_line(summary: dict, output: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import check_args, check_models, check_registry
+    from raysegment.cli.args import check_args, check_models, check_registry, pacs_auth
 
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():
@@ -99,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"or raysegment.segment(FILE) in Python for one study")
     if a.exclude and is_dicomweb(a.input):
         p.error("--exclude leaves out files of a folder input; a PACS's series are not files")
+    if a.pacs_auth and not is_dicomweb(a.input):
+        p.error("--pacs-auth gives a PACS's credentials; the input is a folder")
     if a.since is not None and not is_dicomweb(a.input):
         p.error("--since picks a PACS's series by their study date; a folder input is segmented whole (use --exclude)")
     if a.runtime == "onnx" and a.gpus_per_actor > 0:
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
                          retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store,
-                         exclude=tuple(a.exclude), since_days=a.since)
+                         exclude=tuple(a.exclude), since_days=a.since, pacs_auth=pacs_auth(p, a.pacs_auth))
     try:
         with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):
             summary = run_batch(config)

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding a bearer token every request must carry")
     p.add_argument("--max-body-mb", type=float, default=d("max_body_mb"), help="larger request bodies get 413, MB")
     p.add_argument("--pacs", help="DICOMweb URL (http://HOST:PORT/dicom-web) the PACS push retrieves from and stores SEGs to")
+    p.add_argument("--pacs-auth", metavar="FILE",
+                   help="with --pacs: file holding the PACS's credentials, USER:PASSWORD (HTTP basic) or 'Bearer TOKEN'")
     p.add_argument("--output", help="with --pacs: masks, SEGs and ledger.jsonl, the scheduled job's --output")
     p.add_argument("--no-store", action="store_true", help="with --pacs: keep the SEGs under OUTPUT, do not STOW-RS them")
     p.add_argument("--diagnosis", default=d("diagnosis"),
@@ -77,20 +79,18 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
         p.error("--pacs and --output go together (the ledger the scheduled job shares)")
     if a.runtime == "onnx" and a.gpu:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu")
-    token = None
-    if a.token_file:
-        try:
-            token = Path(a.token_file).read_text().strip()
-        except OSError as exc:
-            p.error(f"--token-file {a.token_file}: {exc.strerror}")
-        if not token:
-            p.error(f"--token-file {a.token_file} is empty")
+    from raysegment.cli.args import pacs_auth, read_secret
+
+    token = read_secret(p, "--token-file", a.token_file)
+    if a.pacs_auth and not a.pacs:
+        p.error("--pacs-auth gives the credentials of --pacs; there is no --pacs")
     predict = PredictConfig(device="cuda" if a.gpu else "cpu", precision=a.precision, runtime=a.runtime, in_plane=a.in_plane)
     return ServeConfig(model=a.model, tracking_uri=a.mlflow_uri, predict=predict, host=a.host, port=a.port,
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
                        max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
-                       store=not a.no_store, diagnosis=None if a.diagnosis == "none" else a.diagnosis)
+                       store=not a.no_store, diagnosis=None if a.diagnosis == "none" else a.diagnosis,
+                       pacs_auth=pacs_auth(p, a.pacs_auth))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from raysegment.io.dicomweb import PacsRefused, PacsUnreachable, check_pacs
 
         try:
-            check_pacs(config.pacs)
+            check_pacs(config.pacs, config.pacs_auth)
         except PacsUnreachable as exc:
             print(f"error: --pacs: {exc}; nothing was started, the same command tries again", file=sys.stderr)
             return 1

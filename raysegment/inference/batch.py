@@ -155,7 +155,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     from raysegment.io import dicomweb
     from raysegment.io.dicomweb import PacsRefused, denied, failure, redact, refused_line, unreachable
 
-    client = dicomweb.web_client(config.input)
+    client = dicomweb.web_client(config.input, config.pacs_auth)
     try:
         items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}

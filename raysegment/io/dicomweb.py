@@ -12,14 +12,33 @@ PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in sec
 PACS_ATTEMPTS, PACS_BACKOFF_MS = 3, 250  # tries per request, back-off base: waits 0.5 s, 1 s
 
 
-def web_client(url: str):
+def web_client(url: str, auth: str | None = None):
     """A DICOMweb client with bounded retries: an unreachable PACS fails after ``PACS_ATTEMPTS``
-    tries (about 2 s of back-off plus connect timeouts of ``PACS_TIMEOUT_S[0]`` s), not minutes."""
+    tries (about 2 s of back-off plus connect timeouts of ``PACS_TIMEOUT_S[0]`` s), not minutes.
+    ``auth``: the PACS's credentials (``check_auth``), sent with every request."""
+    import requests
     from dicomweb_client.api import DICOMwebClient
 
-    client = DICOMwebClient(url=url.rstrip("/"), timeout=PACS_TIMEOUT_S)
+    session = requests.Session()
+    if auth:
+        kind, value = check_auth(auth)
+        if kind == "bearer":
+            session.headers["Authorization"] = f"Bearer {value}"
+        else:
+            session.auth = tuple(value.split(":", 1))
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=PACS_TIMEOUT_S)
     client.set_http_retry_params(max_attempts=PACS_ATTEMPTS, wait_exponential_multiplier=PACS_BACKOFF_MS)
     return client
+
+
+def check_auth(text: str) -> tuple[str, str]:
+    """("basic", "USER:PASSWORD") or ("bearer", TOKEN) of a credentials file's text; ValueError otherwise."""
+    text = text.strip()
+    if text.startswith("Bearer ") and text[len("Bearer "):].strip():
+        return "bearer", text[len("Bearer "):].strip()
+    if "\n" not in text and ":" in text and text.split(":", 1)[0]:
+        return "basic", text
+    raise ValueError("expected one line, USER:PASSWORD (HTTP basic authentication) or 'Bearer TOKEN'")
 
 
 class PacsUnreachable(RuntimeError):
@@ -60,8 +79,8 @@ def denied(exc: Exception) -> str | None:
 
 def refused_line(url: str, why: str) -> str:
     """What to say of a PACS that refused this client: how to give it credentials."""
-    return (f"the PACS at {redact(url)} refused this client ({why}): give its user and password in the URL, "
-            f"http://USER:PASSWORD@HOST:PORT/dicom-web (HTTP basic authentication)")
+    return (f"the PACS at {redact(url)} refused this client ({why}): give its credentials with --pacs-auth FILE "
+            f"(USER:PASSWORD or 'Bearer TOKEN') or in the URL, http://USER:PASSWORD@HOST:PORT/dicom-web")
 
 
 def redact(text: str) -> str:
@@ -72,11 +91,11 @@ def redact(text: str) -> str:
     return re.sub(r"(\w+://[^/\s:@]+):[^/\s]*@", r"\1:***@", text)  # to the netloc's last @
 
 
-def check_pacs(url: str) -> None:
+def check_pacs(url: str, auth: str | None = None) -> None:
     """One QIDO-RS query (a study at most) to the DICOMweb root ``url``, before any work: raises
-    ``PacsUnreachable`` when the PACS does not answer, ``ValueError`` when it answers but not as a
-    DICOMweb root (a 404 of a wrong path)."""
-    client = web_client(url)
+    ``PacsUnreachable`` when the PACS does not answer, ``PacsRefused`` when it refuses the
+    credentials, ``ValueError`` when it answers but not as a DICOMweb root (a 404 of a wrong path)."""
+    client = web_client(url, auth)
     try:
         client.search_for_studies(limit=1)
     except Exception as exc:

@@ -218,7 +218,7 @@ class SegmentService:
 
         try:
             with self.lock:
-                entry = segment_pacs_series(web_client(self.config.pacs), study, series, self.holder.predictor,
+                entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series, self.holder.predictor,
                                             self.config.model, Path(self.config.output), store=self.config.store)
                 self.heap.study_done()
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run

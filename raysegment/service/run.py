@@ -68,20 +68,23 @@ def replica_pids() -> list[int]:
 def config_from_dict(args: dict) -> ServeConfig:
     """A ServeConfig from plain values (a Serve config file's ``args``, a KubeRay RayService):
     ServeConfig's field names, ``predict`` as a dict of PredictConfig's, ``autoscale`` as "MIN:MAX",
-    ``token_file`` a file holding the bearer token (a mounted Secret). Unknown keys are refused."""
+    ``token_file`` a file holding the bearer token, ``pacs_auth_file`` one holding the PACS's
+    credentials (mounted Secrets). Unknown keys are refused."""
     from dataclasses import fields
 
     from raysegment.config import PredictConfig
 
     args = dict(args)
-    known = {f.name for f in fields(ServeConfig)} | {"token_file"}
+    secrets = {"token_file": "token", "pacs_auth_file": "pacs_auth"}  # a mounted Secret's file → the setting
+    known = {f.name for f in fields(ServeConfig)} | set(secrets)
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown service settings {unknown}; known: {sorted(known)}")
-    if "token_file" in args:
-        from pathlib import Path
+    for key, setting in secrets.items():
+        if key in args:
+            from pathlib import Path
 
-        args["token"] = Path(args.pop("token_file")).read_text().strip()
+            args[setting] = Path(args.pop(key)).read_text().strip()
     if isinstance(args.get("autoscale"), str):
         lo, hi = args["autoscale"].split(":")
         args["autoscale"] = (int(lo), int(hi))
