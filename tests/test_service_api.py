@@ -183,3 +183,40 @@ def test_retrieval_folders_a_killed_process_left_are_removed_after_a_day(tmp_pat
     clear_stale_retrievals(tmp_path)
     assert not old.exists() and young.exists()
     clear_stale_retrievals(tmp_path / "nothing-here")  # no output yet: nothing to do
+
+
+def test_pacs_credentials_from_a_file_reach_the_server_as_basic_or_bearer_authorization():
+    """``--pacs-auth``'s two forms, against a local HTTP server that answers QIDO-RS only when the
+    Authorization header is right (and 401 otherwise, as a PACS does)."""
+    import base64
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from raysegment.io.dicomweb import PacsRefused, check_auth, check_pacs
+
+    accepted = {"Bearer t0k", "Basic " + base64.b64encode(b"alice:pw:with:colons").decode()}
+
+    class Pacs(BaseHTTPRequestHandler):
+        def do_GET(self):
+            ok = self.headers.get("Authorization") in accepted
+            self.send_response(200 if ok else 401)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.end_headers()
+            self.wfile.write(b"[]" if ok else b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Pacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    try:
+        check_pacs(url, "Bearer t0k")
+        check_pacs(url, "alice:pw:with:colons")  # the password may hold colons: the user is up to the first
+        for wrong in (None, "Bearer nope", "alice:nope"):
+            with pytest.raises(PacsRefused, match=r"refused this client \(HTTP 401\)"):
+                check_pacs(url, wrong)
+    finally:
+        server.shutdown()
+    for bad in ("just-a-password", "Bearer ", ":pw", "alice:pw\nbob:pw"):
+        with pytest.raises(ValueError, match="expected one line"):
+            check_auth(bad)
