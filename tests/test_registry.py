@@ -269,6 +269,11 @@ def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path
     assert registry_cli.main(["list", name, "--mlflow-uri", uri]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].split()[:2] == ["v1", "champion"] and lines[2].endswith(f"made champion by hand: {v1.tags['promoted_by_hand']}")
+    client.create_model_version(name, source=str(tmp_path))  # v3: newer than the champion
+    assert registry_cli.main(["list", name, "--last", "1", "--mlflow-uri", uri]) == 0  # the newest, and the champion
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["v3", "v1"], lines
+    assert lines[3] == "  … 1 older version(s) not shown (--last 1)" and len(lines) == 4, lines
     # Every raysegment model without a NAME: the diagnosis classifier's row says what it was scored on.
     client.create_registered_model("raysegment-diagnosis")
     d = client.create_model_version("raysegment-diagnosis", source=str(tmp_path))
@@ -276,5 +281,5 @@ def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path
         client.set_model_version_tag("raysegment-diagnosis", d.version, k, value)
     assert registry_cli.main(["list", "--mlflow-uri", uri]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "raysegment-diagnosis" and lines[2] == name and len(lines) == 5, lines
+    assert lines[0] == "raysegment-diagnosis" and lines[2] == name and len(lines) == 6, lines
     assert lines[1].endswith("CV accuracy 0.953 on 80 patients  registry diagnosis; its masks: shipped densenet121")

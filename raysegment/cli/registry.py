@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     ls = sub.add_parser("list", help="each raysegment model's versions: champion, date, score, origin")
     ls.add_argument("name", nargs="?", default=None, help="one registered model (default: every raysegment-* model)")
+    ls.add_argument("--last", type=int, default=None, metavar="N",
+                    help="the N newest versions of each model (and the champion, if older); default: all")
     ls.add_argument("--mlflow-uri", default=DEFAULT_TRACKING_URI, help="MLflow tracking server or database")
     pr = sub.add_parser("promote", help="make VERSION the champion by hand (a rollback): services and scheduled jobs "
                                         "following @champion switch to it")
@@ -75,7 +77,7 @@ def _name_version(p: argparse.ArgumentParser, name: str, version: str | None) ->
     return name, version.removeprefix("v")
 
 
-def _list(name: str | None, tracking_uri: str) -> None:
+def _list(name: str | None, tracking_uri: str, last: int | None = None) -> None:
     from mlflow import MlflowClient
 
     from raysegment.registry.versions import registered_names, version_rows
@@ -85,10 +87,13 @@ def _list(name: str | None, tracking_uri: str) -> None:
     if not names:
         print(f"no raysegment models registered in {tracking_uri}")
     for n in names:
-        rows = version_rows(client, n)
+        rows = version_rows(client, n)  # newest first
+        shown = rows if last is None else [r for i, r in enumerate(rows) if i < last or r.champion]
         print(n)
-        for r in rows:
+        for r in shown:
             print(f"  v{r.version:<4} {'champion' if r.champion else '':<9} {r.created}  {r.score}  {r.origin}")
+        if len(shown) < len(rows):
+            print(f"  … {len(rows) - len(shown)} older version(s) not shown (--last {last})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     check_data(p, getattr(a, "data", None))
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     check_registry_answers(a.mlflow_uri)
+    if getattr(a, "last", None) is not None and a.last < 1:
+        p.error(f"--last must be ≥ 1, got {a.last}")
     try:
         if a.cmd == "list":
-            _list(a.name, a.mlflow_uri)
+            _list(a.name, a.mlflow_uri, a.last)
             return 0
         if a.cmd == "promote":
             from raysegment.registry.versions import promote
