@@ -242,7 +242,7 @@ class ServeConfig:
     gpus_per_replica: float = 0.0
     threads: int | None = None  # torch threads per replica; None: its CPUs
     poll_s: float = 10.0  # how often each replica asks the registry where the alias points (s)
-    token: str | None = None  # bearer token every request must carry; None: none asked
+    token: str | None = field(default=None, repr=False)  # bearer token every request must carry; None: none asked
     max_body_mb: float = 512.0  # larger request bodies get 413 (a 4-D cine NIfTI is ~10–100 MB)
     request_timeout_s: float = 300.0  # end-to-end, at the HTTP proxy (then 408)
     pacs: str | None = None  # DICOMweb URL the PACS push retrieves series from and stores SEGs to

@@ -105,11 +105,14 @@ def test_the_json_summary_is_the_batch_jobs_patient_with_ef_from_given_frames_an
 def test_serve_config_file_args_build_a_config(tmp_path):
     from raysegment.service.run import config_from_dict
 
-    (tmp_path / "pacs").write_text("raysegment:s3cret-pw\n")  # a mounted Secret
+    (tmp_path / "pacs").write_text("raysegment:s3cret-pw\n")  # mounted Secrets
+    (tmp_path / "token").write_text("t0ken-s3cret\n")
     config = config_from_dict({"model": "models:/raysegment-densenet121@champion", "autoscale": "1:4",
-                               "predict": {"runtime": "onnx"}, "replicas": 2, "pacs_auth_file": str(tmp_path / "pacs")})
+                               "predict": {"runtime": "onnx"}, "replicas": 2, "pacs_auth_file": str(tmp_path / "pacs"),
+                               "token_file": str(tmp_path / "token")})
     assert config.autoscale == (1, 4) and config.predict.runtime == "onnx" and config.replicas == 2
-    assert config.pacs_auth == "raysegment:s3cret-pw" and "s3cret-pw" not in repr(config)
+    assert (config.pacs_auth, config.token) == ("raysegment:s3cret-pw", "t0ken-s3cret")
+    assert "s3cret" not in repr(config)  # a traceback or log line that shows the config shows no secret
     with pytest.raises(ValueError, match="unknown service settings"):
         config_from_dict({"model": "x", "port_number": 1})
 
