@@ -182,6 +182,7 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
         assert "1 error to retry" in text and json.loads((out / "last_run.json").read_text())["actors"] == 0
 
 
+@pytest.mark.slow
 def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_path, tiny_model, capsys):
     """v1, then v2 (a new champion), then v1 again (a rollback) on one PACS series: each run leaves the
     output's mask and results and the PACS's one raysegment SEG series those of the model that ran
@@ -243,6 +244,7 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
     assert len(masks) == 2 and not np.array_equal(*masks.values())
 
 
+@pytest.mark.slow
 def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_the_password(tmp_path, tiny_checkpoint,
                                                                                                 capsys):
     """Orthanc with HTTP basic authentication: without credentials, or with a wrong password, one line
