@@ -299,3 +299,42 @@ def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_
     assert dicomweb.redact("STOW-RS failed (HTTPError: 500 for url: https://bob:p@ss:w0rd@pacs/dicom-web/studies)") == \
         "STOW-RS failed (HTTPError: 500 for url: https://bob:***@pacs/dicom-web/studies)"
     assert "s3cret-pw" not in (tmp_path / "out" / "ledger.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_pacs_series_are_retrieved_as_an_actor_falls_free_not_all_before_the_first_is_segmented(
+        tmp_path, tiny_checkpoint, monkeypatch):
+    """Three new series, one actor: each retrieval finds no other series' copy in OUTPUT/dicom-in (the
+    one before it was segmented, recorded and removed first). Before, all three were retrieved before
+    the first was segmented: the whole to-do list on disk at once, the first result after the last
+    retrieval."""
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.io import dicomweb
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    out, seen = tmp_path / "out", []
+    real = dicomweb.web_retrieve
+
+    def retrieve(client, study, series, folder):
+        seen.append(sum(1 for f in (out / "dicom-in").iterdir() if f.name != folder.name) if (out / "dicom-in").exists() else 0)
+        return real(client, study, series, folder)
+
+    monkeypatch.setattr(dicomweb, "web_retrieve", retrieve)
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+        for n in range(3):
+            client.store_instances([pydicom.dcmread(f) for f in write_dicom_cine(tmp_path / f"s{n}", _frames(3), patient=f"L{n}")])
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_batch(InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1,
+                                            actors=1, progress=False, diagnosis=None))
+        finally:
+            ray.shutdown()
+    assert summary["segmented"] == 3 and seen == [0, 0, 0], (summary, seen)
+    assert not any((out / "dicom-in").iterdir())

@@ -77,23 +77,30 @@ WORKER_DIED = "worker died on this study"
 
 
 def _segment_all(actors: list, todo: list[dict], max_attempts: int, version: str,
-                 died_before: frozenset = frozenset()) -> Iterator[dict]:
+                 died_before: frozenset = frozenset(), prepare=None) -> Iterator[dict]:
     """Ledger entries as the actors finish them, one study in flight per actor. A call whose actor
     died is given to the (restarted) actors again, ``max_attempts`` times in all. Then the study is
     an ``error`` (retried next run: its workers may have died of something else — the OOM killer
     taking the node's largest process, an operator, a crashed node), unless it already killed its
     workers ``max_attempts`` times in an earlier run — (path, sha256) in ``died_before`` — which
-    makes it ``failed`` for good: a study that kills every worker it meets."""
+    makes it ``failed`` for good: a study that kills every worker it meets. ``prepare(item)``, called as
+    an actor falls free for the item (a PACS series' retrieval), returns None or the item's entry
+    (it cannot be segmented), which is yielded instead."""
     import ray
 
     queue = deque((item, 1) for item in todo)
     idle, pending = list(actors), {}
     while queue or pending:
         while idle and queue:
-            actor = idle.pop()
             item, attempt = queue.popleft()
+            if prepare is not None and (entry := prepare(item)) is not None:
+                yield entry
+                continue
+            actor = idle.pop()
             pending[actor.segment.remote(item["path"], item["sha256"], item["figure"], item.get("files"))] = \
                 (actor, item, attempt)
+        if not pending:  # every item left was answered by ``prepare``
+            continue
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         actor, item, attempt = pending.pop(ref)
         idle.append(actor)

@@ -107,22 +107,26 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
     at once → True when Ctrl-C or SIGTERM stopped it."""
     import ray
 
-    retrieved = {item["path"]: item["retrieved"] for item in todo if "retrieved" in item}
+    by_path = {item["path"]: item for item in todo}
     for i, item in enumerate(todo):  # the report's overlays are drawn in the actor, from memory
         item["figure"] = i < config.report_figures
     died = frozenset((e["path"], e["sha256"]) for e in ledger.entries.values()
                      if e["model_version"] == version and e["status"] == "error" and e["reason"].startswith(WORKER_DIED))
+
+    def retrieve(item: dict) -> dict | None:  # a PACS series, as an actor falls free for it
+        return None if "web" not in item or "files" in item else _retrieve_one(client, item, Path(config.output), version)
+
     try:
         try:
             ray.get([a.ready.remote() for a in actors])
         except ray.exceptions.RayActorError as exc:
             raise RuntimeError(f"the inference actor could not load {' + '.join(config.models)}: {exc}") from None
-        for entry in _segment_all(actors, todo, config.max_attempts, version, died):
+        for entry in _segment_all(actors, todo, config.max_attempts, version, died, prepare=retrieve):
             if client is not None and config.store and entry["status"] == "done":
                 store_entry(client, entry, ledger)
             progress(ledger, entry)
-            if entry["path"] in retrieved:  # recorded: the PACS keeps the images
-                drop_retrieved(retrieved.pop(entry["path"]))
+            if folder := by_path[entry["path"]].pop("retrieved", None):  # recorded: the PACS keeps the images
+                drop_retrieved(folder)
     except (KeyboardInterrupt, SystemExit) as exc:
         # Ctrl-C or SIGTERM: what is in the ledger goes into the results and the report
         # before the command ends; the studies left are new to the next run.
@@ -130,8 +134,9 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
             raise
         return True
     finally:
-        for folder in retrieved.values():  # not recorded: the next run retrieves them again
-            drop_retrieved(folder)
+        for item in todo:  # retrieved, not recorded: the next run retrieves them again
+            if "retrieved" in item:
+                drop_retrieved(item.pop("retrieved"))
     return False
 
 
@@ -178,8 +183,8 @@ def _since(days: int | None) -> str | None:
 
 def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, progress: "_Progress", client):
     """(the items to segment, the actors started for them). A poll that finds nothing new starts
-    no Ray at all; PACS series are retrieved before any actor starts; new NIfTI files are hashed
-    while the actors start."""
+    no Ray at all, nor one whose PACS series all fail to arrive; new NIfTI files are hashed while
+    the actors start."""
     import ray
 
     from raysegment.runtime import ensure_ray
@@ -205,8 +210,13 @@ def _plan(config: InferConfig, items: list[dict], ledger: Ledger, version: str, 
 
     web, todo, actors = client is not None, [], []
     if web:
+        # A series is retrieved when an actor is free for it (``_run_actors``): the output holds a few
+        # at a time, not the whole to-do list. The first is retrieved here: a run whose retrievals all
+        # fail starts no Ray.
         todo = select()
-        todo = _retrieve(client, todo, Path(config.output), version, lambda e: progress(ledger, e))
+        while todo and (failed := _retrieve_one(client, todo[0], Path(config.output), version)) is not None:
+            progress(ledger, failed)
+            todo.pop(0)
         return todo, start() if todo else []
     # A file whose path the ledger has settled for this version is likely unchanged: it is hashed
     # before anything starts, so a re-run with nothing new starts no Ray (cron polls so).
@@ -343,27 +353,23 @@ def _stat(p: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _retrieve(client, todo: list[dict], out: Path, version: str, finish) -> list[dict]:
-    """WADO-RS each series to its ``retrieval_folder`` → the series that arrived. A series
-    the PACS described without its UIDs is ``failed``; one whose query or retrieval failed is an
-    ``error`` (retried by the next run); each goes to ``finish`` and the others go on."""
+def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:
+    """WADO-RS a series to its ``retrieval_folder`` (``item["files"]``) → None, or the entry of a series
+    that cannot be segmented: ``failed`` when the PACS described it without its UIDs, ``error`` when its
+    query or retrieval failed (retried by the next run)."""
     from raysegment.io.dicomweb import failure, web_retrieve
 
-    ready = []
-    for item in todo:
-        study, series = item["web"]
-        if "invalid" in item or "error" in item:
-            status = "failed" if "invalid" in item else "error"
-            finish(_entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"]))
-            continue
-        item["retrieved"] = retrieval_folder(out, series)
-        try:
-            item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"])]
-            ready.append(item)
-        except Exception as exc:
-            drop_retrieved(item.pop("retrieved"))
-            finish(_entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc)))
-    return ready
+    study, series = item["web"]
+    if "invalid" in item or "error" in item:
+        status = "failed" if "invalid" in item else "error"
+        return _entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"])
+    item["retrieved"] = retrieval_folder(out, series)
+    try:
+        item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"])]
+    except Exception as exc:
+        drop_retrieved(item.pop("retrieved"))
+        return _entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc))
+    return None
 
 
 def _path_key(p: Path) -> str:
