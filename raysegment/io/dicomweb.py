@@ -177,10 +177,7 @@ def web_replace_segs(client, paths: list[Path]) -> None:
     heads = web_store(client, paths)
     for study, series in sorted({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID)) for h in heads}):
         wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
-        held = _series_sops(client, study, series)
-        for sop in sorted(held - wanted):
-            _delete_instance(client, study, series, sop)
-        held = _series_sops(client, study, series)
+        _, held = _keep_only(client, study, series, wanted)
         if held != wanted:
             raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
                                f"of SEG series {series} after storing and deleting")
@@ -189,12 +186,19 @@ def web_replace_segs(client, paths: list[Path]) -> None:
 def web_delete_series(client, study: str, series: str) -> int:
     """Delete every instance of a series from the PACS (DICOMweb DELETE, else Orthanc's REST API) →
     how many it held; raises ``RuntimeError`` when some remain."""
-    held = _series_sops(client, study, series)
-    for sop in sorted(held):
-        _delete_instance(client, study, series, sop)
-    if left := _series_sops(client, study, series):
+    held, left = _keep_only(client, study, series, set())
+    if left:
         raise RuntimeError(f"the PACS still holds {len(left)} of {len(held)} instance(s) of series {series} after deleting")
     return len(held)
+
+
+def _keep_only(client, study: str, series: str, wanted: set[str]) -> tuple[set[str], set[str]]:
+    """Delete the series' instances that are not ``wanted`` (SOP Instance UIDs) → (what it held
+    before, what it holds after)."""
+    held = _series_sops(client, study, series)
+    for sop in sorted(held - wanted):
+        _delete_instance(client, study, series, sop)
+    return held, _series_sops(client, study, series)
 
 
 def _series_sops(client, study: str, series: str) -> set[str]:
