@@ -93,25 +93,6 @@ class Ledger:
         self._put(entry)
 
 
-def latest_entry(ledger_path: Path, key: str) -> dict | None:
-    """The last ledger entry of study ``key`` (any content and version: whose result the output holds),
-    or None; reads the file from its end without the lock (appends are whole lines, a repair an atomic
-    rename; a torn last line is passed over)."""
-    if not ledger_path.exists():
-        return None
-    quoted = json.dumps(key)
-    for line in reversed(ledger_path.read_text().splitlines()):
-        if quoted not in line:  # most lines: no JSON parse
-            continue
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if e["path"] == key:
-            return e
-    return None
-
-
 def _entry(path: str, digest: str, version: str, status: str, reason: str) -> dict:
     """A ledger entry for a study that produced no rows (failed, error)."""
     return {"path": path, "sha256": digest, "model_version": version, "status": status, "reason": reason,

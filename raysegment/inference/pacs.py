@@ -10,7 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
-from raysegment.inference.ledger import Ledger, _entry, _now, latest_entry
+from raysegment.inference.ledger import Ledger, _entry, _now
 from raysegment.inference.study import settle_study
 
 RETRIEVED = "dicom-in"  # under the output: WADO-RS copies of the series being segmented
@@ -106,7 +106,8 @@ def series_status(out: Path, study: str, series: str, version: str) -> dict | No
     from raysegment.io.dicom import seg_series_uid
 
     key = f"dicom:{study}/{series}"
-    entry = latest_entry(out / "ledger.jsonl", key)
+    ledger = Ledger(out / "ledger.jsonl")
+    entry = ledger.entries[ledger.latest[key]] if key in ledger.latest else None
     if entry is None or entry["model_version"] != version:
         return None
     rows = entry.get("rows", [])
