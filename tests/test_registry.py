@@ -274,6 +274,9 @@ def test_list_shows_each_version_and_promote_moves_the_champion_by_hand(tmp_path
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:3]] == ["v3", "v1"], lines
     assert lines[3] == "  … 1 older version(s) not shown (--last 1)" and len(lines) == 4, lines
+    with pytest.raises(SystemExit):  # refused before the registry is asked
+        registry_cli.main(["list", name, "--last", "0", "--mlflow-uri", "http://127.0.0.1:9"])
+    assert capsys.readouterr().err.strip().endswith("error: --last must be ≥ 1, got 0")
     # Every raysegment model without a NAME: the diagnosis classifier's row says what it was scored on.
     client.create_registered_model("raysegment-diagnosis")
     d = client.create_model_version("raysegment-diagnosis", source=str(tmp_path))

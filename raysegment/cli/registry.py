@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from raysegment.cli import command_parser
-from raysegment.cli.args import check_data, check_registry_answers
+from raysegment.cli.args import check_data, check_numbers, check_registry_answers
 from raysegment.config import DEFAULT_TRACKING_URI
 from raysegment.registry.champion import import_weights, register_diagnosis, register_ensemble, register_scored
 from raysegment.runtime import quiet_environment
@@ -99,11 +99,10 @@ def _list(name: str | None, tracking_uri: str, last: int | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
+    check_numbers(p, a)
     check_data(p, getattr(a, "data", None))
     quiet_environment()  # before MLflow loads: no INFO lines, no download bars
     check_registry_answers(a.mlflow_uri)
-    if getattr(a, "last", None) is not None and a.last < 1:
-        p.error(f"--last must be ≥ 1, got {a.last}")
     try:
         if a.cmd == "list":
             _list(a.name, a.mlflow_uri, a.last)
