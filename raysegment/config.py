@@ -16,6 +16,7 @@ from typing import Literal
 VERSION = "0.1.0"  # raysegment's version (package metadata, SEG software versions)
 CLASS_NAMES = {1: "rv", 2: "myo", 3: "lv"}  # ACDC labels; 0 is background
 CLASS_COLOURS = {1: "#e6194b", 2: "#3cb44b", 3: "#4363d8"}  # RV red, MYO green, LV blue: figures and DICOM SEG segments
+CLASS_RGB = {k: tuple(int(v[i:i + 2], 16) for i in (1, 3, 5)) for k, v in CLASS_COLOURS.items()}  # the same, 0–255
 NUM_CLASSES = 4
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]

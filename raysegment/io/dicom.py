@@ -303,14 +303,13 @@ def segment_descriptions(model_version: str):
 
 
 def _display_colour(label: int):
-    """A segment's recommended display colour (CIELab), our figures' colour for it (``CLASS_COLOURS``),
+    """A segment's recommended display colour (CIELab), our figures' colour for it (``CLASS_RGB``),
     so a viewer that honours it draws RV red, MYO green, LV blue."""
     import highdicom as hd
 
-    from raysegment.config import CLASS_COLOURS
+    from raysegment.config import CLASS_RGB
 
-    hexa = CLASS_COLOURS[label]
-    return hd.color.CIELabColor.from_rgb(*(int(hexa[k:k + 2], 16) for k in (1, 3, 5)))
+    return hd.color.CIELabColor.from_rgb(*CLASS_RGB[label])
 
 
 def seg_uid(*parts: str) -> str:

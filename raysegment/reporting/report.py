@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.config import CLASS_COLOURS
+from raysegment.config import CLASS_COLOURS, CLASS_RGB
 from raysegment.io.studies import atomic_write
 
 COLOURS = CLASS_COLOURS  # RV red, MYO green, LV blue
@@ -77,8 +77,8 @@ def overlay_thumbnail(image_zyx: np.ndarray, mask_zyx: np.ndarray, out: Path, n_
         m = mask_zyx[k]
         padded = np.pad(m, 1, mode="edge")
         inner = ((padded[:-2, 1:-1] == m) & (padded[2:, 1:-1] == m) & (padded[1:-1, :-2] == m) & (padded[1:-1, 2:] == m))
-        for lab, colour in COLOURS.items():
-            rgb[(m == lab) & ~inner] = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+        for lab, colour in CLASS_RGB.items():
+            rgb[(m == lab) & ~inner] = colour
         panels += [rgb, np.zeros((m.shape[0], 4, 3), np.uint8)]  # 4-pixel black gutter
     pixels = np.concatenate(panels[:-1], axis=1)
     h, w = pixels.shape[:2]
