@@ -3,6 +3,7 @@
     python -m raysegment.bench train --data /tmp/shards --backbone mobilenet_v2 --steps 30
     python -m raysegment.bench infer --data /tmp/shards --model shipped:densenet121
     python -m raysegment.bench data --data /tmp/shards --cpus 1
+    python -m raysegment.bench poll --input /data/ACDC/training --exclude '*_4d.nii.gz' --copies 20
 
 ``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
 a bare single-process loop with the same model, batch, crop, augmentation and precision, in
@@ -12,6 +13,9 @@ Both loops call the same ``train.train_step``.
 ``gpu-smoke``: a ten-minute check of a GPU node (bench train on both backbones at two batch sizes,
 1 epoch then a resumed 2nd, GPU vs CPU inference masks), one JSON + markdown summary;
 ``--dry-run`` prints its steps anywhere.
+
+``poll`` (``cli.bench_poll``): seconds of a cron poll that finds nothing new in an archive of N copies
+of a folder, first and later polls.
 
 ``infer``: per study, the Predictor's pure forward time (inside the network) next to what
 ``raysegment.inference.batch`` spends (its whole batch run on the same studies written as NIfTI, without
@@ -29,12 +33,14 @@ import os
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from raysegment.cli import add_in_plane_argument, command_parser
 from raysegment.cli.bench_infer import bench_infer, infer_line
+from raysegment.cli.bench_poll import add_poll_bench, bench_poll, poll_line
 from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
 from raysegment.cli.gpu_smoke import gpu_smoke
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
@@ -291,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threads", type=int, default=None, help="torch threads of the in-process Predictor (default: all cores)")
     i.add_argument("--actors", type=int, default=None, help="the batch job's actors (default: its own policy)")
     add_in_plane_argument(i)
+    add_poll_bench(sub)
     add_service_benches(sub)
     g = sub.add_parser("gpu-smoke", help="ten-minute check of a GPU node: bench, train + resume, GPU vs CPU inference")
     g.add_argument("--out", default="gpu-smoke", help="folder for the sample, runs, logs and the summary")
@@ -305,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     check_numbers(p, a)
-    if a.what == "infer" or (a.what == "train" and not a.bare_only):  # they join RAY_ADDRESS's cluster if set
+    if a.what == "poll" and not Path(a.input).is_dir():
+        p.error(f"--input {a.input}: no such folder")
+    if a.what in ("infer", "poll") or (a.what == "train" and not a.bare_only):  # they join RAY_ADDRESS's cluster if set
         from raysegment.runtime import ClusterUnreachable, check_cluster
 
         try:
@@ -330,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
               f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
+    elif a.what == "poll":
+        out = bench_poll(a)
+        print(json.dumps(out))
+        print(poll_line(out))
     elif a.what in SERVICE_BENCHES:
         return run_service_bench(a)
     elif a.what == "gpu-smoke":
