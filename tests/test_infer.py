@@ -649,6 +649,49 @@ def test_patients_with_ed_and_es_get_clinical_indices_and_a_diagnosis_never_from
     assert "lv_ef_pct" not in lone[0]
 
 
+def test_a_poll_reads_the_masks_of_no_settled_patient_and_of_each_whose_mask_size_or_model_changed(tmp_path, monkeypatch):
+    """``write_results`` keeps each patient's indices in ``OUTPUT/clinical.json`` with what they came from
+    (mask files, height, weight, diagnosis model): a poll that finds nothing new reads no mask and writes
+    the same results; a rewritten mask, a new height or another diagnosis model recomputes that patient."""
+    import raysegment.inference.ledger as ledger_module
+    from raysegment.analysis.diagnosis import load
+
+    reads = []
+    real_read = ledger_module.read_study
+    monkeypatch.setattr(ledger_module, "read_study", lambda path: reads.append(Path(path).name) or real_read(path))
+    out, model = tmp_path / "out", load("shipped")
+    out.mkdir()
+    led = Ledger(out / "ledger.jsonl")
+    pdirs = [make_nifti_patient(tmp_path, n, group="HCM") for n in (5, 6)]
+    for pdir in pdirs:
+        for i, row in enumerate(_patient_rows(pdir)):
+            led.append({"path": row["study"], "sha256": f"{pdir.name}{i}", "model_version": "m/1", "status": "done",
+                        "rows": [row | {"volume_lv_ml": 1.0, "volume_rv_ml": 1.0}]})
+
+    def poll(diagnosis=model) -> list[str]:
+        reads.clear()
+        write_results(Ledger(out / "ledger.jsonl"), out, diagnosis)
+        return sorted({name.split("_")[0] for name in reads})
+
+    assert poll() == ["patient005", "patient006"]
+    first = (out / "results.csv").read_bytes()
+    assert poll() == [] and (out / "results.csv").read_bytes() == first  # unread, and the same to the byte
+    (out / "clinical.json").write_text("{not json")
+    assert poll() == ["patient005", "patient006"] and (out / "results.csv").read_bytes() == first
+    es = pdirs[0] / "patient005_frame07_gt.nii.gz"  # the ES mask, rewritten: that patient only
+    img = nib.load(str(es))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(es))
+    assert poll() == ["patient005"]
+    assert (out / "results.csv").read_bytes() != first
+    drop_info_lines(pdirs[1], "Height")
+    assert poll() == ["patient006"]
+    assert poll(None) == ["patient005", "patient006"]
+    # A patient gone from the results leaves the cache too.
+    Ledger(out / "ledger.jsonl").append({"path": str(pdirs[1] / "patient006_frame07.nii.gz"), "sha256": "x",
+                                         "model_version": "m/1", "status": "failed", "reason": "gone", "rows": []})
+    assert poll(None) == [] and list(json.loads((out / "clinical.json").read_text())) == [str(pdirs[0])]
+
+
 def test_clinical_api_gives_what_the_batch_job_writes_for_the_same_masks(tmp_path):
     """``raysegment.clinical(ed, es)`` is the batch job's patient (one function, ``analysis.patient.assess``):
     the same indices, flags and diagnosis as ``add_patient_clinical`` on rows of the same mask files;

@@ -29,7 +29,7 @@ from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all,
 from raysegment.inference.ledger import Ledger, _entry, _now, write_results
 from raysegment.inference.pacs import clear_stale_retrievals, drop_retrieved, retrieval_folder, store_entry
 from raysegment.io.dicomweb import PacsUnreachable
-from raysegment.io.studies import atomic_write, find_studies, remove_stale_partials
+from raysegment.io.studies import atomic_write, file_stat, find_studies, remove_stale_partials
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry, stop_signal
 
@@ -332,7 +332,7 @@ def _hash_files(items: list[dict], cache_path: Path) -> None:
         if "file" not in item:
             continue
         file = item.pop("file")
-        stat, key = _stat(file), _path_key(file)
+        stat, key = file_stat(file), _path_key(file)
         known = cache.get(key)
         if stat is not None and known is not None and known[0] == stat:
             item["path"], item["sha256"] = key, known[1]
@@ -342,15 +342,6 @@ def _hash_files(items: list[dict], cache_path: Path) -> None:
             fresh[item["path"]] = [stat, item["sha256"]]
     if fresh != cache:
         atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
-
-
-def _stat(p: Path) -> list[int] | None:
-    """[size, mtime_ns, ctime_ns, inode] of a file, or None when it cannot be read."""
-    try:
-        st = p.stat()
-    except (OSError, RuntimeError):
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:

@@ -7,6 +7,7 @@ Imports ``analysis`` and ``io``; nothing above ``inference`` (not ``training``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from raysegment.analysis.clinical import add_patient_ef
-from raysegment.io.studies import StudyError, atomic_write, read_study
+from raysegment.io.studies import StudyError, atomic_write, file_stat, read_study
+
+CLINICAL_CACHE = "clinical.json"  # per patient: what its indices were computed from, and them
 
 # --------------------------------------------------------------------------- ledger
 
@@ -121,34 +124,42 @@ def results_rows(ledger: Ledger) -> list[dict]:
     return rows
 
 
-def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
+def add_patient_clinical(rows: list[dict], diagnosis=None, cache: dict | None = None) -> None:
     """Per patient with ED and ES segmented — an official-layout folder (Info.cfg names them) or a
     cine study, DICOM series or 4-D NIfTI (its largest / smallest LV frame): ``analysis.patient.assess``
     of the masks on disk (height and weight from Info.cfg or the DICOM patient module give the
     BSA-indexed indices; ``diagnosis``: its basal ES check, group and ``p_<GROUP>``) on both rows; the
     rows' ``ef_lv_pct``/``ef_rv_pct`` become these EFs. Info.cfg's ``Group`` is copied as
-    ``group_reference``, for scoring only: it is never an input."""
+    ``group_reference``, for scoring only: it is never an input.
+
+    ``cache`` (patient key → its ``_clinical_stamp`` and indices): a patient whose stamp is unchanged
+    keeps its indices unread; left holding this call's patients only."""
     from raysegment.analysis.clinical import ed_es_pairs
-    from raysegment.analysis.patient import assess
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
 
+    known, model = dict(cache or {}), _model_digest(diagnosis)
+    if cache is not None:
+        cache.clear()
     for key, phases in ed_es_pairs(rows).items():
         folder = Path(key)
         info = parse_info_cfg(folder / "Info.cfg") if (folder / "Info.cfg").is_file() else {}  # a folder's, not a cine's
         # Info.cfg's height and weight, else the DICOM patient module's on the row
         size = {k: v for k, v in info_from_cfg(info).items() if v is not None}
         height, weight = (size.get(k, phases["ED"].get(k)) for k in ("height_cm", "weight_kg"))
-        try:
-            # A cine's ED and ES are two frames of one mask file: read it once.
-            studies = {path: read_study(Path(path)) for path in {r["mask"] for r in phases.values()}}
-            masks = {ph: studies[r["mask"]][1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
-            spacing = tuple(float(z) for z in studies[phases["ED"]["mask"]][2])[::-1]  # the mask's own zooms (mm)
-            # The ES mask file stays the network's output; the indices leave out the basal excess.
-            extra = assess(masks["ED"], masks["ES"], spacing, height, weight, diagnosis)
-        except (StudyError, OSError, ValueError, KeyError) as exc:
-            for r in phases.values():
-                r["clinical_error"] = f"{type(exc).__name__}: {exc}"
-            continue
+        stamp = _clinical_stamp(phases, height, weight, model)
+        hit = known.get(key)
+        if stamp is not None and hit is not None and hit["stamp"] == stamp:
+            extra = hit["indices"]
+        else:
+            try:
+                extra = _assess_masks(phases, height, weight, diagnosis)
+            except (StudyError, OSError, ValueError, KeyError) as exc:
+                for r in phases.values():
+                    r["clinical_error"] = f"{type(exc).__name__}: {exc}"
+                continue
+        if cache is not None and stamp is not None:
+            cache[key] = {"stamp": stamp, "indices": extra}
+        extra = dict(extra)
         if info.get("Group"):
             extra["group_reference"] = info["Group"]
         for r in phases.values():
@@ -159,16 +170,65 @@ def add_patient_clinical(rows: list[dict], diagnosis=None) -> None:
             r["ef_lv_pct"], r["ef_rv_pct"] = extra["lv_ef_pct"], extra["rv_ef_pct"]
 
 
+def _assess_masks(phases: dict, height, weight, diagnosis) -> dict:
+    """``analysis.patient.assess`` of one patient's ED and ES masks, read from disk."""
+    from raysegment.analysis.patient import assess
+
+    # A cine's ED and ES are two frames of one mask file: read it once.
+    studies = {path: read_study(Path(path)) for path in {r["mask"] for r in phases.values()}}
+    masks = {ph: studies[r["mask"]][1][r["frame"]].astype(np.uint8) for ph, r in phases.items()}
+    spacing = tuple(float(z) for z in studies[phases["ED"]["mask"]][2])[::-1]  # the mask's own zooms (mm)
+    # The ES mask file stays the network's output; the indices leave out the basal excess.
+    return assess(masks["ED"], masks["ES"], spacing, height, weight, diagnosis)
+
+
+def _model_digest(diagnosis) -> str | None:
+    """What identifies the diagnosis model (its JSON's hash) and the code that computes the indices."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        code = version("raysegment")
+    except PackageNotFoundError:
+        code = "?"
+    if diagnosis is None:
+        return code
+    return f"{code}:{hashlib.sha256(diagnosis.to_json().encode()).hexdigest()[:16]}"
+
+
+def _clinical_stamp(phases: dict, height, weight, model: str | None) -> list | None:
+    """All a patient's indices depend on: each phase's mask file (path, frame; ``file_stat``),
+    height (cm), weight (kg) and ``_model_digest``; None when a mask is unnamed or cannot be stat'ed."""
+    stamp = [height, weight, model]
+    for ph in ("ED", "ES"):
+        r = phases[ph]
+        stat = file_stat(Path(r["mask"])) if r.get("mask") else None
+        if stat is None:
+            return None
+        stamp += [r["mask"], r.get("frame"), *stat]
+    return stamp
+
+
 def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:
     """Rewrite results.parquet/.csv from the ledger (atomically): one row per study frame, with the
-    per-patient clinical indices and diagnosis (``add_patient_clinical``)."""
+    per-patient clinical indices and diagnosis (``add_patient_clinical``; those of patients whose masks,
+    size and models are unchanged come from ``OUTPUT/clinical.json``, so a poll that finds nothing new
+    reads no mask)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     # By study and frame (the ledger's order is the order studies finished in, which differs per run).
     rows = sorted(results_rows(ledger), key=lambda r: (str(r.get("study", "")), r.get("frame") or 0))
-    add_patient_clinical(rows, diagnosis)
+    cache_path = out / CLINICAL_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}  # only a cache: deleted or damaged, every patient's masks are read again
+    before = json.dumps(cache) if isinstance(cache, dict) else None
+    cache = cache if isinstance(cache, dict) else {}
+    add_patient_clinical(rows, diagnosis, cache)
+    if json.dumps(cache) != before:
+        atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
     if not rows:
         return rows
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("study", "frame", "status"), k))

@@ -348,6 +348,15 @@ def json_safe(value):
     return value
 
 
+def file_stat(p: Path) -> list[int] | None:
+    """[size, mtime_ns, ctime_ns, inode] of a file, or None when it cannot be read."""
+    try:
+        st = p.stat()
+    except (OSError, RuntimeError):
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
