@@ -11,6 +11,7 @@ import pytest
 from synth import rotated_orientation, synthetic_volume, write_dicom_cine
 
 from raysegment.io import dicom
+from raysegment.io import seg as dicom_seg
 
 
 def _cine(shape=(5, 40, 48)):
@@ -74,7 +75,7 @@ def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
     write_dicom_cine(tmp_path / "in", frames)
     (series,), _ = dicom.find_series(tmp_path / "in")
     cine = dicom.read_cine(series)
-    paths = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg")
+    paths = dicom_seg.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg")
     assert [p.name for p in paths] == ["seg_frame01.dcm", "seg_frame02.dcm"]
     import highdicom as hd
 
@@ -86,11 +87,11 @@ def test_one_seg_per_frame_reads_back_onto_the_mask_voxels(tmp_path):
     referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {p["ds"].SOPInstanceUID for p in cine.sources[1]}  # exactly frame 2's instances
     for t in range(2):
-        np.testing.assert_array_equal(dicom.read_seg_labels(paths[t], cine, t), labels[t])
+        np.testing.assert_array_equal(dicom_seg.read_seg_labels(paths[t], cine, t), labels[t])
     # Written again (a rerun after a kill): the same UIDs, so a PACS keeps one copy.
-    again = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg2")
+    again = dicom_seg.write_segs(cine, labels, "raysegment-mobilenet_v2/3", tmp_path / "seg2")
     assert hd.seg.segread(again[1]).SOPInstanceUID == seg.SOPInstanceUID
-    other = dicom.write_segs(cine, labels, "raysegment-mobilenet_v2/4", tmp_path / "seg3")
+    other = dicom_seg.write_segs(cine, labels, "raysegment-mobilenet_v2/4", tmp_path / "seg3")
     assert hd.seg.segread(other[1]).SOPInstanceUID != seg.SOPInstanceUID
 
 
@@ -113,7 +114,7 @@ def test_a_series_segments_to_a_nifti_mask_and_segs_that_agree(tmp_path, tiny_mo
     np.testing.assert_allclose(mask.affine, cine.affine, atol=1e-4)
     data = np.transpose(np.asarray(mask.dataobj), (3, 2, 1, 0))  # → (t, z, y, x)
     for t, r in enumerate(rows):
-        np.testing.assert_array_equal(dicom.read_seg_labels(r["seg"], cine, t), data[t])
+        np.testing.assert_array_equal(dicom_seg.read_seg_labels(r["seg"], cine, t), data[t])
 
 
 def test_segment_api_reads_a_dicom_folder_to_the_mask_infer_writes_and_says_which_series_to_name(tmp_path, tiny_model):
@@ -176,7 +177,7 @@ def test_a_series_whose_rows_run_the_other_way_gets_segs_of_the_stored_ones_mask
                               tmp_path / f"out-{name}")
         assert {r["in_plane"] for r in rows} == {"as-stored" if name == "stored" else "rows-reversed"}
         cine = dicom.read_cine(series)
-        segs[name] = np.stack([dicom.read_seg_labels(r["seg"], cine, t) for t, r in enumerate(rows)])
+        segs[name] = np.stack([dicom_seg.read_seg_labels(r["seg"], cine, t) for t, r in enumerate(rows)])
     assert (segs["stored"] == 3).sum() > 1000  # the LV is there
     np.testing.assert_array_equal(segs["reversed"], segs["stored"][:, :, ::-1])
 
@@ -197,11 +198,11 @@ def test_an_enhanced_multiframe_mr_reads_like_its_single_frame_series_and_gets_i
     a, b = dicom.read_cine(multi), dicom.read_cine(single)
     np.testing.assert_array_equal(a.frames, b.frames)
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
-    paths = dicom.write_segs(a, labels, "v1", tmp_path / "seg")
+    paths = dicom_seg.write_segs(a, labels, "v1", tmp_path / "seg")
     seg = hd.seg.segread(paths[0])
     assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == enhanced.SOPInstanceUID
     for t in range(2):
-        np.testing.assert_array_equal(dicom.read_seg_labels(paths[t], a, t), labels[t])
+        np.testing.assert_array_equal(dicom_seg.read_seg_labels(paths[t], a, t), labels[t])
 
 
 # --------------------------------------------------------------------------- bad and unusual input
@@ -307,7 +308,7 @@ def test_segs_of_an_enhanced_mr_keep_decimal_strings_within_16_characters(tmp_pa
     (tmp_path / "multi").mkdir()
     enhanced.save_as(tmp_path / "multi" / "cine")
     (multi,), _ = dicom.find_series(tmp_path / "multi")
-    paths = dicom.write_segs(dicom.read_cine(multi), labels, "v1", tmp_path / "seg")
+    paths = dicom_seg.write_segs(dicom.read_cine(multi), labels, "v1", tmp_path / "seg")
     for p in paths:
         texts = list(_ds_texts(pydicom.dcmread(p)))
         assert texts and max(len(t) for t in texts) <= 16, [t for t in texts if len(t) > 16]
@@ -332,7 +333,7 @@ def test_the_segs_of_a_series_agree_on_its_series_attributes_name_the_model_and_
     frames, labels = _cine()
     write_dicom_cine(tmp_path / "in", frames)
     (series,), _ = dicom.find_series(tmp_path / "in")
-    paths = dicom.write_segs(dicom.read_cine(series), labels, "raysegment-densenet121/3", tmp_path / "seg")
+    paths = dicom_seg.write_segs(dicom.read_cine(series), labels, "raysegment-densenet121/3", tmp_path / "seg")
     heads = [pydicom.dcmread(p) for p in paths]
     assert {(h.SeriesInstanceUID, h.SeriesNumber, h.SeriesDescription) for h in heads} == {
         (heads[0].SeriesInstanceUID, 9000, "raysegment raysegment-densenet121/3")}
@@ -357,9 +358,9 @@ def test_seg_uids_follow_the_content_they_were_made_from(tmp_path):
     part = dicom.Series("s", "t", [f for f in files if "3" not in f.name])
     (series,), _ = dicom.find_series(tmp_path / "in")
     full = dicom.read_cine(series)
-    a = hd.seg.segread(dicom.write_segs(full, labels, "v1", tmp_path / "a")[0])
+    a = hd.seg.segread(dicom_seg.write_segs(full, labels, "v1", tmp_path / "a")[0])
     full.content = dicom.instances_digest(part.sop_uids or ["other"])
-    b = hd.seg.segread(dicom.write_segs(full, labels, "v1", tmp_path / "b")[0])
+    b = hd.seg.segread(dicom_seg.write_segs(full, labels, "v1", tmp_path / "b")[0])
     assert a.SOPInstanceUID != b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
 
 

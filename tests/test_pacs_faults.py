@@ -202,7 +202,7 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
     from raysegment.inference.batch import pinned_models, run_batch
     from raysegment.inference.ledger import Ledger, results_rows
     from raysegment.io import dicomweb
-    from raysegment.io.dicom import seg_series_uid
+    from raysegment.io.seg import seg_series_uid
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")

@@ -144,7 +144,7 @@ def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_vers
     the version served, its SEG series where SEGs were stored; nothing for another version or series."""
     from raysegment.inference.ledger import Ledger
     from raysegment.inference.pacs import series_status
-    from raysegment.io.dicom import seg_series_uid
+    from raysegment.io.seg import seg_series_uid
 
     ledger = Ledger(tmp_path / "ledger.jsonl")
     key = "dicom:1.2/1.2.3"

@@ -275,6 +275,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
     from raysegment.config import PredictConfig
     from raysegment.inference.predictor import Predictor
     from raysegment.io import dicom, dicomweb
+    from raysegment.io import seg as dicom_seg
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
@@ -322,7 +323,7 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
             stored = client.retrieve_instance(study_instance_uid=seg.StudyInstanceUID, series_instance_uid=seg.SeriesInstanceUID,
                                               sop_instance_uid=seg.SOPInstanceUID)
             stored.save_as(tmp_path / "stored.dcm")
-            placed = dicom.read_seg_labels(tmp_path / "stored.dcm", cine, r["frame"])
+            placed = dicom_seg.read_seg_labels(tmp_path / "stored.dcm", cine, r["frame"])
             nifti = np.transpose(np.asarray(nib.load(r["mask"]).dataobj), (3, 2, 1, 0))[r["frame"]]
             np.testing.assert_array_equal(placed, nifti)
         # As good as the NIfTI path: the same model on the same patient's arrays with its spacing.

@@ -158,11 +158,12 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     if not is_dicomweb(config.input):
         return None, discover(Path(config.input), out, ledger, version, config.exclude)
     from raysegment.io import dicomweb
+    from raysegment.io.dicom import series_key
     from raysegment.io.dicomweb import PacsRefused, denied, failure, redact, refused_line, unreachable
 
     client = dicomweb.web_client(config.input, config.pacs_auth)
     try:
-        items = [{"path": f"dicom:{s['study']}/{s['series']}", "sha256": s["sha256"], "web": (s["study"], s["series"]),
+        items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"], "web": (s["study"], s["series"]),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client, _since(config.since_days))]
     except Exception as exc:
@@ -263,7 +264,7 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str, skip_globs=(
     """Work items under a folder: every NIfTI study file (``file``: hashed by ``_hash_files``) and every
     DICOM series (files found by content), but for files ``skip_globs`` match (``--exclude``; a line
     says how many). A DICOM file that cannot be read gets its failed entry here, once."""
-    from raysegment.io.dicom import find_series
+    from raysegment.io.dicom import find_series, series_key
 
     # NIfTI files are hashed later (``_hash_files``), while the actors start.
     items = [{"file": p} for p in find_studies(root, exclude=out, skip_globs=skip_globs)]  # nor is an output inside it
@@ -271,7 +272,7 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str, skip_globs=(
     if skip_globs:
         print(_excluded_line(root, out, skip_globs), flush=True)
     for s in series:
-        items.append({"path": f"dicom:{s.study_uid}/{s.uid}", "sha256": s.digest(), "files": [str(f) for f in s.files]})
+        items.append({"path": series_key(s.study_uid, s.uid), "sha256": s.digest(), "files": [str(f) for f in s.files]})
     for path, reason in bad:
         key, digest = _identity(path)
         if not ledger.has(key, digest, version):

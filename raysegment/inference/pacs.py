@@ -12,6 +12,7 @@ from pathlib import Path
 
 from raysegment.inference.ledger import Ledger, _entry, _now
 from raysegment.inference.study import settle_study
+from raysegment.io.dicom import series_key, series_uids
 
 RETRIEVED = "dicom-in"  # under the output: WADO-RS copies of the series being segmented
 STALE_RETRIEVAL_S = 24 * 3600  # a retrieval folder this old was left by a killed process
@@ -47,11 +48,11 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
     series, that of the model that segmented it last, as the output folder does. ``stored`` only once
     the PACS holds exactly these. A failure turns the entry into an error (retried next run; the SEG
     UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicom import seg_series_uid
     from raysegment.io.dicomweb import failure, web_delete_series, web_replace_segs
+    from raysegment.io.seg import seg_series_uid
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
-    study, series = entry["path"][len("dicom:"):].split("/")
+    study, series = series_uids(entry["path"])
     try:
         web_replace_segs(client, segs)
         for version in sorted(ledger.stored_versions(entry["path"]) - {entry["model_version"]}):
@@ -69,7 +70,7 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
     from raysegment.io.dicomweb import failure, series_digest, web_retrieve
 
-    key, version = f"dicom:{study}/{series}", predictor.version
+    key, version = series_key(study, series), predictor.version
     ledger = Ledger(out / "ledger.jsonl")
     try:
         digest = series_digest(client, study, series)
@@ -103,9 +104,9 @@ def series_status(out: Path, study: str, series: str, version: str) -> dict | No
     ``reason``, when it finished, the frames segmented and SEGs stored, and the SEG series a viewer
     opens; None when the ledger has no entry for it, or another version's is the last (a rollback:
     that version's SEGs are what the PACS holds until ``version`` segments the series again)."""
-    from raysegment.io.dicom import seg_series_uid
+    from raysegment.io.seg import seg_series_uid
 
-    key = f"dicom:{study}/{series}"
+    key = series_key(study, series)
     ledger = Ledger(out / "ledger.jsonl")
     entry = ledger.entries[ledger.latest[key]] if key in ledger.latest else None
     if entry is None or entry["model_version"] != version:

@@ -115,9 +115,10 @@ def segment_series(key: str, files: list[Path], predictor, model_uri: str, out_d
     frame. Writes the NIfTI mask (the series' geometry as its affine) and one DICOM SEG per frame under
     ``out_dir/dicom/<series uid>/``. ED / ES are the frames of largest / smallest LV volume.
     Raises ``SeriesSkipped`` for a series that is not a short-axis cine MR."""
-    from raysegment.io.dicom import Series, read_cine, write_segs
+    from raysegment.io.dicom import Series, read_cine, series_uids
+    from raysegment.io.seg import write_segs
 
-    study_uid, series_uid = key.removeprefix("dicom:").split("/", 1)
+    study_uid, series_uid = series_uids(key)
     cine = read_cine(Series(series_uid, study_uid, files))
     masks, turn = predict_frames(predictor, cine.frames, tuple(cine.spacing_zyx)[::-1])
     mask_path = out_dir / "masks" / f"{series_uid}_seg.nii.gz"

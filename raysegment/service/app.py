@@ -33,6 +33,7 @@ from urllib.parse import urlencode
 
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
+from raysegment.io.dicom import series_key
 from raysegment.io.studies import StudyError, json_safe
 from raysegment.runtime import HeapTrimmer, clear_stale_scratch, disable_telemetry, scratch_dir
 
@@ -205,10 +206,10 @@ class SegmentService:
             raise RequestError(400, 'body must be JSON {"study": StudyInstanceUID, "series": SeriesInstanceUID}') from None
         if not study or not series:
             raise RequestError(400, "empty Study or Series Instance UID")
-        self.queued.add(f"dicom:{study}/{series}")
+        self.queued.add(series_key(study, series))
         self.pacs_jobs.submit(self.pacs_series, study, series)
         status = f"/v1/pacs/series?{urlencode({'study': study, 'series': series})}"
-        return JSONResponse({"accepted": f"dicom:{study}/{series}", "model_version": self.holder.version,
+        return JSONResponse({"accepted": series_key(study, series), "model_version": self.holder.version,
                              "status": status}, status_code=202, headers={"Location": status})
 
     def pacs_series(self, study: str, series: str) -> dict:
@@ -225,7 +226,7 @@ class SegmentService:
             log.exception("raysegment: PACS series %s/%s", study, series)
             return {}
         finally:
-            self.queued.discard(f"dicom:{study}/{series}")
+            self.queued.discard(series_key(study, series))
         log.warning("raysegment: PACS series %s: %s %s", series, entry["status"], entry.get("reason", ""))
         return entry
 
@@ -239,7 +240,7 @@ class SegmentService:
             raise RequestError(400, "give ?study=StudyInstanceUID&series=SeriesInstanceUID")
         if not self.config.output:
             raise RequestError(409, "this service was started without --output; it keeps no ledger")
-        key, version = f"dicom:{study}/{series}", self.holder.version
+        key, version = series_key(study, series), self.holder.version
         if key in self.queued:
             return {"series": key, "status": "queued", "model_version": version}
         found = series_status(Path(self.config.output), study, series, version)
