@@ -72,6 +72,32 @@ def test_bench_infer_prints_forward_and_batch_job_per_study(shards, tmp_path, ti
     assert any("× forward (of which" in line for line in out)
 
 
+@pytest.mark.slow
+def test_bench_poll_times_polls_of_settled_copies_that_segment_nothing(tmp_path, tiny_model, capsys):
+    """`bench poll`: one real segmentation, then copies that the ledger settles (a poll of them that
+    segmented anything would fail the bench), two polls timed; a missing --input is refused."""
+    import ray
+    from synth import make_nifti_patient
+
+    for n in (1, 2):
+        make_nifti_patient(tmp_path / "acdc", n, nframes=8)
+    ckpt = write_checkpoint(tmp_path / "ckpt", *tiny_model)
+    try:
+        assert bench.main(["poll", "--input", str(tmp_path / "acdc"), "--model", str(ckpt), "--copies", "3",
+                           "--exclude", "*_4d.nii.gz"]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(next(line for line in out if line.startswith("{")))
+    assert result["studies_per_copy"] == 4 and result["studies"] == 12 and result["copies"] == 3
+    assert result["input_files"] == 12  # per patient: Info.cfg, the 4-D file, two frames and their _gt files
+    assert result["poll_s"] > 0 and result["first_poll_s"] > 0
+    assert "12 settled studies (3 copies of 4)" in out[-1]
+    with pytest.raises(SystemExit):
+        bench.main(["poll", "--input", str(tmp_path / "nowhere")])
+    assert "--input" in capsys.readouterr().err
+
+
 def test_gpu_smoke_dry_run_prints_every_step_without_a_gpu(tmp_path, capsys):
     assert bench.main(["gpu-smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
