@@ -15,7 +15,8 @@ from raysegment.inference.ledger import Ledger, results_rows, write_results
 from raysegment.inference.predictor import Predictor
 from raysegment.inference.study import segment_study
 from raysegment.io.studies import _umask
-from raysegment.reporting.report import batch_report, overlay_thumbnail, pick_slices
+from raysegment.reporting.batch import batch_report
+from raysegment.reporting.report import overlay_thumbnail, pick_slices
 
 
 @pytest.fixture
@@ -158,6 +159,28 @@ def test_report_shows_a_few_figures_flagged_first_and_keeps_its_table_intact(tmp
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 5 and all(line.count(" | ") == 9 for line in table[1:] if "broken" not in line)
     assert "failed: line one line \\| two" in text  # one table row, the pipe escaped
+
+
+def test_an_archive_larger_than_the_table_lists_its_failed_and_flagged_frames_and_says_so(tmp_path, monkeypatch):
+    """Up to ``MAX_TABLE_ROWS`` study frames the table lists them all; beyond, the failed and flagged
+    ones, with a line that says how many there are and that results.csv has them all."""
+    import raysegment.reporting.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "MAX_TABLE_ROWS", 5)
+    base = {"frame": 0, "status": "done", "volume_rv_ml": 1.0, "volume_myo_ml": 2.0, "volume_lv_ml": 3.0, "qc_flags": ""}
+    rows = [{**base, "study": f"/in/s{n}.nii.gz"} for n in range(5)]
+    def listed(text: str) -> list[str]:
+        return [line.split(" |")[0][2:] for line in text.splitlines() if line.startswith("| ") and ".nii" in line]
+
+    assert listed(batch_report(rows, tmp_path / "a", 0).read_text()) == [f"s{n}.nii.gz" for n in range(5)]
+    rows += [{**base, "study": "/in/t.nii.gz", "qc_flags": "missing_rv"},
+             {"study": "/in/bad.nii", "frame": -1, "status": "failed", "reason": "empty file"}]
+    text = batch_report(rows, tmp_path / "b", 0).read_text()
+    assert listed(text) == ["t.nii.gz", "bad.nii"]
+    assert "7 study frames, more than the 5 this table lists: it lists the failed and flagged ones (2)." in text
+    rows += [{**base, "study": f"/in/u{n}.nii.gz", "qc_flags": "missing_lv"} for n in range(5)]
+    text = batch_report(rows, tmp_path / "c", 0).read_text()
+    assert "flagged ones (the first 5 of 7)" in text and listed(text) == ["t.nii.gz", "bad.nii", "u0.nii.gz", "u1.nii.gz", "u2.nii.gz"]
 
 
 def test_report_and_summary_give_the_mean_dice_of_the_frames_scored_against_gt(tmp_path):

@@ -22,7 +22,8 @@ from raysegment.inference.ledger import add_patient_clinical
 from raysegment.inference.predictor import Predictor, predicted_masks
 from raysegment.inference.study import segment_study
 from raysegment.io.studies import read_study, zyx_to_nifti
-from raysegment.reporting.report import batch_report, clinical_records
+from raysegment.reporting.batch import batch_report
+from raysegment.reporting.report import clinical_records
 
 SAMPLE = Path(__file__).resolve().parents[1] / "raysegment" / "sample"
 

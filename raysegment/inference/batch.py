@@ -85,7 +85,7 @@ def run_batch(config: InferConfig) -> dict:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
     from raysegment.analysis.metrics import rows_dice_summary
-    from raysegment.reporting.report import batch_report
+    from raysegment.reporting.batch import batch_report
 
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)
