@@ -1,7 +1,7 @@
 """Process plumbing: how a process joins Ray (a cluster given by address or RAY_ADDRESS, else a new
 local one; telemetry off and Ray's per-pass console output off unless verbose, Ray's harmless lines
 dropped by ``console``), scratch folders that a killed process cannot leak for good, heap trimming
-for long-lived workers. Base layer: imports nothing of raysegment but ``console`` (Ray only inside
+for long-lived workers, secrets read from files. Base layer: imports nothing of raysegment but ``console`` (Ray only inside
 functions)."""
 
 from __future__ import annotations
@@ -313,6 +313,19 @@ def clear_stale_scratch(prefix: str, root: str | Path | None = None) -> int:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)
+
+
+def read_secret(path: str | Path) -> str:
+    """The stripped text of a secret's file (a bearer token, a PACS's credentials; a file or a mounted
+    Secret, not a command line, which ``ps`` shows) → ValueError when it cannot be read or is empty
+    (an empty token would fail every request, not the start)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
 
 
 def pid_alive(pid: int) -> bool:

@@ -115,6 +115,15 @@ def test_serve_config_file_args_build_a_config(tmp_path):
     assert "s3cret" not in repr(config)  # a traceback or log line that shows the config shows no secret
     with pytest.raises(ValueError, match="unknown service settings"):
         config_from_dict({"model": "x", "port_number": 1})
+    # A Secret mounted empty or not at all, or credentials of no known form: refused at the start, the
+    # secret nowhere in the message (an empty token let no request in, with 401s as the only sign).
+    (tmp_path / "empty").write_text("\n")
+    for args, message in (({"token_file": str(tmp_path / "empty")}, "token_file .*empty is empty"),
+                          ({"token_file": str(tmp_path / "absent")}, "token_file .*absent: No such file"),
+                          ({"pacs_auth_file": str(tmp_path / "token")}, "pacs_auth_file: expected one line")):
+        with pytest.raises(ValueError, match=message) as exc:
+            config_from_dict({"model": "x", **args})
+        assert "s3cret" not in str(exc.value)
 
 
 def test_two_writers_share_one_ledger_without_losing_a_line(tmp_path):

@@ -141,15 +141,14 @@ def check_not_file_store(uri: str) -> None:
 def read_secret(p: argparse.ArgumentParser, option: str, path: str | None) -> str | None:
     """The stripped text of a secret's file (``--token-file``, ``--pacs-auth``), or None without one;
     ``p.error`` when it cannot be read or is empty. A file, not the command line: ``ps`` shows that."""
+    from raysegment.runtime import read_secret as read
+
     if not path:
         return None
     try:
-        text = Path(path).read_text().strip()
-    except OSError as exc:
-        p.error(f"{option} {path}: {exc.strerror}")
-    if not text:
-        p.error(f"{option} {path} is empty")
-    return text
+        return read(path)
+    except ValueError as exc:
+        p.error(f"{option} {exc}")
 
 
 def pacs_auth(p: argparse.ArgumentParser, path: str | None) -> str | None:

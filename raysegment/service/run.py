@@ -7,7 +7,7 @@ Imports ``service.app``, ``config`` and ``runtime``; not ``training``, ``soak`` 
 from __future__ import annotations
 
 from raysegment.config import ServeConfig
-from raysegment.runtime import ensure_ray
+from raysegment.runtime import ensure_ray, read_secret
 
 APP_NAME, DEPLOYMENT = "raysegment", "segmenter"
 
@@ -69,7 +69,8 @@ def config_from_dict(args: dict) -> ServeConfig:
     """A ServeConfig from plain values (a Serve config file's ``args``, a KubeRay RayService):
     ServeConfig's field names, ``predict`` as a dict of PredictConfig's, ``autoscale`` as "MIN:MAX",
     ``token_file`` a file holding the bearer token, ``pacs_auth_file`` one holding the PACS's
-    credentials (mounted Secrets). Unknown keys are refused."""
+    credentials (mounted Secrets; ``runtime.read_secret``). Unknown keys, an empty or unreadable secret
+    and credentials of no known form are refused (ValueError)."""
     from dataclasses import fields
 
     from raysegment.config import PredictConfig
@@ -82,9 +83,17 @@ def config_from_dict(args: dict) -> ServeConfig:
         raise ValueError(f"unknown service settings {unknown}; known: {sorted(known)}")
     for key, setting in secrets.items():
         if key in args:
-            from pathlib import Path
+            try:
+                args[setting] = read_secret(args.pop(key))
+            except ValueError as exc:
+                raise ValueError(f"{key} {exc}") from None
+    if args.get("pacs_auth") is not None:
+        from raysegment.io.dicomweb import check_auth
 
-            args[setting] = Path(args.pop(key)).read_text().strip()
+        try:
+            check_auth(args["pacs_auth"])
+        except ValueError as exc:
+            raise ValueError(f"pacs_auth_file: {exc}") from None
     if isinstance(args.get("autoscale"), str):
         lo, hi = args["autoscale"].split(":")
         args["autoscale"] = (int(lo), int(hi))
