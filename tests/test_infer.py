@@ -567,6 +567,33 @@ def test_after_a_rollback_the_version_rolled_back_to_segments_again_what_another
     assert led.stored_versions("/s.nii.gz") == {"m/2"}
 
 
+def test_a_ledger_mostly_of_superseded_lines_is_rewritten_with_the_same_meaning(tmp_path):
+    """A series retried at every poll while its PACS was down appends an error line each time: read
+    again, a ledger of more than ``COMPACT_AT`` lines per entry keeps each key's last line, in the
+    order last written, so it says what it said and each later poll reads a little file."""
+    from raysegment.inference.ledger import COMPACT_AT
+
+    path = tmp_path / "ledger.jsonl"
+    led = Ledger(path)
+    first = {"path": "/a", "sha256": "1", "model_version": "m/1", "status": "done", "rows": [{"stored": True}]}
+    led.append(first)
+    tries = COMPACT_AT * 3 + 120
+    for i in range(tries):
+        led.append({"path": "/b", "sha256": "2", "model_version": "m/1", "status": "error", "reason": f"try {i}", "rows": []})
+    led.append(last := {"path": "/a", "sha256": "1", "model_version": "m/2", "status": "done", "rows": []})
+    assert len(path.read_text().splitlines()) == tries + 2
+    rows = results_rows(led)
+    after = Ledger(path)
+    b = {"path": "/b", "sha256": "2", "model_version": "m/1", "status": "error", "reason": f"try {tries - 1}", "rows": []}
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [first, b, last]
+    assert list(after.entries.values()) == list(led.entries.values()) and after.latest == led.latest
+    assert results_rows(after) == rows and after.stored_versions("/a") == {"m/1"}
+    assert not after.has("/a", "1", "m/1") and after.has("/a", "1", "m/2")
+    small = path.read_text()
+    Ledger(path)
+    assert path.read_text() == small  # a ledger of live lines is left as it is
+
+
 def test_unusable_ground_truth_is_flagged(tmp_path, predictor):
     pdir = make_nifti_patient(tmp_path, 3, ed=1, es=2, nframes=2, shape=(3, 40, 48))
     gt = pdir / "patient003_frame01_gt.nii.gz"

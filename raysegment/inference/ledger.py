@@ -19,6 +19,7 @@ import numpy as np
 from raysegment.analysis.clinical import add_patient_ef
 from raysegment.io.studies import StudyError, atomic_write, file_stat, read_study
 
+COMPACT_AT = 3  # lines per entry above which ``refresh`` rewrites the ledger with each key's last line
 CLINICAL_CACHE = "clinical.json"  # per patient: what its indices were computed from, and them
 
 # --------------------------------------------------------------------------- ledger
@@ -36,23 +37,27 @@ class Ledger:
         self.path = path
         self.entries: dict[tuple[str, str, str], dict] = {}  # in the order last written
         self.latest: dict[str, tuple[str, str, str]] = {}  # path → its last-written entry's key
+        self._keys: dict[str, set[tuple[str, str, str]]] = {}  # path → the keys of its entries
         self.refresh()
 
     def refresh(self) -> None:
+        """Re-read the file; drop a torn last line, and when most lines are superseded (a study
+        retried at every poll while its PACS was down) rewrite it with the last line of each key, in
+        the same order: what the ledger says is unchanged, each poll reads less."""
         if not self.path.exists():
             return
         with self._locked():
-            good, torn = [], False
-            for line in self.path.read_text().splitlines():
+            lines, torn = self.path.read_text().splitlines(), False
+            for line in lines:
                 try:
                     e = json.loads(line)
                 except json.JSONDecodeError:
                     torn = True  # a torn last line from a killed run
                     continue
-                good.append(line)
                 self._put(e)
-            if torn:  # dropped for good, so every line of the ledger stays valid JSON
-                atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(g + "\n" for g in good)))
+            if torn or len(lines) > COMPACT_AT * len(self.entries) + 100:
+                text = "".join(json.dumps(e) + "\n" for e in self.entries.values())
+                atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
 
     @contextmanager
     def _locked(self):
@@ -71,6 +76,7 @@ class Ledger:
         self.entries.pop(key, None)  # written again: now the latest
         self.entries[key] = e
         self.latest[e["path"]] = key
+        self._keys.setdefault(e["path"], set()).add(key)
 
     def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
         """Whether this study content is settled for ``version``: done, or failed for good (bad
@@ -85,8 +91,8 @@ class Ledger:
 
     def stored_versions(self, path: str) -> set[str]:
         """The model versions whose SEGs of study ``path`` (a PACS series) went to the PACS."""
-        return {e["model_version"] for (p, _, _), e in self.entries.items()
-                if p == path and any(r.get("stored") for r in e.get("rows", []))}
+        return {self.entries[k]["model_version"] for k in self._keys.get(path, ())
+                if any(r.get("stored") for r in self.entries[k].get("rows", []))}
 
     def append(self, entry: dict) -> None:
         with self._locked(), open(self.path, "a") as f:
