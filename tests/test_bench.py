@@ -98,6 +98,16 @@ def test_bench_poll_times_polls_of_settled_copies_that_segment_nothing(tmp_path,
     assert "--input" in capsys.readouterr().err
 
 
+def test_bench_ledger_reads_a_ledger_of_cine_series_whole_then_refreshes_a_reader(capsys):
+    assert bench.main(["ledger", "--series", "20", "--frames", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[0])
+    assert (result["series"], result["frames"]) == (20, 3) and result["read_whole_s"] >= 0 and result["refresh_s"] >= 0
+    assert out[1].startswith("ledger of 20 cine series × 3 frames")
+    with pytest.raises(SystemExit):
+        bench.main(["ledger", "--series", "0"])
+
+
 def test_gpu_smoke_dry_run_prints_every_step_without_a_gpu(tmp_path, capsys):
     assert bench.main(["gpu-smoke", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]

@@ -114,6 +114,27 @@ def test_ledger_survives_a_torn_line(tmp_path):
     assert [e["path"] for e in lines] == ["/a", "/b"]
 
 
+def test_a_refreshed_ledger_reads_what_others_appended_in_the_order_written(tmp_path):
+    """Two writers on one ledger: a refresh reads only the new lines, and each ends with the entries in
+    the file's order, as a ledger read afresh has them (the last-written entry of a path is its latest)."""
+    path = tmp_path / "ledger.jsonl"
+    a, b = Ledger(path), Ledger(path)
+
+    def entry(p: str, version: str) -> dict:
+        return {"path": p, "sha256": "1", "model_version": version, "status": "done", "rows": []}
+
+    a.append(entry("/s", "m/1"))
+    b.append(entry("/t", "m/1"))
+    b.append(entry("/s", "m/2"))
+    a.append(entry("/t", "m/2"))
+    for led in (a, b):
+        led.refresh()
+    fresh = Ledger(path)
+    assert list(a.entries) == list(b.entries) == list(fresh.entries) == [
+        ("/s", "1", "m/1"), ("/t", "1", "m/1"), ("/s", "1", "m/2"), ("/t", "1", "m/2")]
+    assert a.latest == b.latest == fresh.latest == {"/s": ("/s", "1", "m/2"), "/t": ("/t", "1", "m/2")}
+
+
 def test_the_actor_draws_an_overlay_of_frame_0_when_asked_or_flagged(tmp_path, predictor):
     import matplotlib.image
 

@@ -156,25 +156,38 @@ def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_vers
     from raysegment.io.seg import seg_series_uid
 
     ledger = Ledger(tmp_path / "ledger.jsonl")
+    reader = Ledger(tmp_path / "ledger.jsonl")  # as the service's: refreshed, reading what was appended since
+
+    def status(version: str, series: str = "1.2.3") -> dict | None:
+        reader.refresh()
+        return series_status(reader, "1.2", series, version)
+
     key = "dicom:1.2/1.2.3"
     ledger.append({"path": key, "sha256": "old", "model_version": "m/1", "status": "error", "reason": "STOW-RS failed",
                    "seconds": 0.0, "rows": []})
     ledger.append({"path": "dicom:1.2/9.9", "sha256": "x", "model_version": "m/1", "status": "done", "reason": "",
                    "seconds": 1.0, "rows": [{"stored": True}]})
-    assert series_status(tmp_path, "1.2", "1.2.3", "m/1")["status"] == "error"
+    assert status("m/1")["status"] == "error"
     ledger.append({"path": key, "sha256": "new", "model_version": "m/1", "status": "done", "reason": "", "seconds": 2.5,
                    "finished": "2026-12-07T15:00:00", "rows": [{"frame": 0, "stored": True}, {"frame": 1, "stored": True}]})
     with open(tmp_path / "ledger.jsonl", "a") as f:
         f.write('{"path": "dicom:1.2/1.2.3", "torn by a killed wri')
-    assert series_status(tmp_path, "1.2", "1.2.3", "m/1") == {
+    assert status("m/1") == {
         "series": key, "status": "done", "reason": "", "model_version": "m/1", "finished": "2026-12-07T15:00:00",
         "seconds": 2.5, "frames": 2, "segs_stored": 2, "seg_series_uid": seg_series_uid("1.2.3", "m/1")}
-    assert series_status(tmp_path, "1.2", "1.2.3", "m/2") is None  # another version has not done it
-    Ledger(tmp_path / "ledger.jsonl").append(  # a writer opening the ledger drops the torn line first
+    assert status("m/2") is None  # another version has not done it
+    assert '"torn' not in (tmp_path / "ledger.jsonl").read_text()  # the reader dropped the torn line
+    Ledger(tmp_path / "ledger.jsonl").append(
         {"path": key, "sha256": "new", "model_version": "m/2", "status": "done", "reason": "", "rows": []})
-    assert series_status(tmp_path, "1.2", "1.2.3", "m/1") is None  # rolled back to m/1: m/2's result is the PACS's
-    assert series_status(tmp_path, "1.2", "4.5", "m/1") is None
-    assert series_status(tmp_path / "nowhere", "1.2", "1.2.3", "m/1") is None
+    assert status("m/1") is None  # rolled back to m/1: m/2's result is the PACS's
+    assert status("m/1", "4.5") is None
+    # Another writer rewrote the file (here by hand, as a compaction does): the reader reads it afresh.
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    (tmp_path / "ledger.jsonl").unlink()
+    (tmp_path / "ledger.jsonl").write_text(lines[0] + "\n")
+    assert status("m/1")["status"] == "error" and status("m/2") is None
+    nowhere = Ledger(tmp_path / "nowhere" / "ledger.jsonl")
+    assert series_status(nowhere, "1.2", "1.2.3", "m/1") is None and not (tmp_path / "nowhere").exists()
 
 
 def test_retrieval_folders_a_killed_process_left_are_removed_after_a_day(tmp_path):

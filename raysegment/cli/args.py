@@ -26,7 +26,7 @@ from raysegment.training.train import RunSpec
 COUNTS = ("workers", "val_every", "epochs", "batch_size", "crop_size", "image_size", "decoder_width", "num_samples", "concurrency",
           "threads", "actors", "limit", "max_steps_per_epoch", "max_attempts", "grace_period", "final_epochs", "repeats",
           "resamples", "steps", "volumes", "clients", "requests", "studies", "waves", "last",
-          "copies")
+          "copies", "series", "frames")
 POSITIVE = ("cpus_per_worker", "minutes", "final_minutes", "gpus_per_worker", "cpus_per_actor", "lr", "poll_s", "max_body_mb",
             "pixel_mm", "step_timeout")
 NON_NEGATIVE = ("report_figures", "since", "context_slices", "deep_supervision", "ce_weight", "dice_weight", "driver_kills")

@@ -4,6 +4,7 @@
     python -m raysegment.bench infer --data /tmp/shards --model shipped:densenet121
     python -m raysegment.bench data --data /tmp/shards --cpus 1
     python -m raysegment.bench poll --input /data/ACDC/training --exclude '*_4d.nii.gz' --copies 20
+    python -m raysegment.bench ledger --series 4000
 
 ``train``: slices/s of the Ray Train path (1 worker: Ray Data shard → augment → step) against
 a bare single-process loop with the same model, batch, crop, augmentation and precision, in
@@ -15,7 +16,7 @@ Both loops call the same ``train.train_step``.
 ``--dry-run`` prints its steps anywhere.
 
 ``poll`` (``cli.bench_poll``): seconds of a cron poll that finds nothing new in an archive of N copies
-of a folder, first and later polls.
+of a folder, first and later polls. ``ledger``: reading a ledger of N cine series whole, and refreshing.
 
 ``infer``: per study, the Predictor's pure forward time (inside the network) next to what
 ``raysegment.inference.batch`` spends (its whole batch run on the same studies written as NIfTI, without
@@ -40,7 +41,7 @@ import torch
 
 from raysegment.cli import add_in_plane_argument, command_parser
 from raysegment.cli.bench_infer import bench_infer, infer_line
-from raysegment.cli.bench_poll import add_poll_bench, bench_poll, poll_line
+from raysegment.cli.bench_poll import add_poll_bench, bench_ledger, bench_poll, ledger_line, poll_line
 from raysegment.cli.bench_service import SERVICE_BENCHES, add_service_benches, run_service_bench
 from raysegment.cli.gpu_smoke import gpu_smoke
 from raysegment.config import ModelConfig, TrainConfig, default_of, torch_threads
@@ -339,10 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out))
         print(f"data pipeline {out['pipeline_slices_per_s_per_cpu']:.1f} slices/s per CPU; augmentation "
               f"{out['augment_slices_per_s_one_thread']:.1f} slices/s per thread")
-    elif a.what == "poll":
-        out = bench_poll(a)
+    elif a.what in ("poll", "ledger"):
+        out = bench_poll(a) if a.what == "poll" else bench_ledger(a)
         print(json.dumps(out))
-        print(poll_line(out))
+        print(poll_line(out) if a.what == "poll" else ledger_line(out))
     elif a.what in SERVICE_BENCHES:
         return run_service_bench(a)
     elif a.what == "gpu-smoke":

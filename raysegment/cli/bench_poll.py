@@ -1,8 +1,15 @@
-"""``bench poll``: seconds of a scheduled poll that finds nothing new, as the archive grows. A folder
+"""Costs that grow with an archive's history.
+
+``bench poll``: seconds of a scheduled poll that finds nothing new, as the archive grows. A folder
 (e.g. the official ACDC release's ``training``) is segmented once by ``raysegment.inference.batch``;
 then N−1 copies of it (input and masks hard-linked, ledger entries re-pathed) stand for an archive
 N times as large that earlier runs settled, and two polls of it are timed: the first with the
 copies' file hashes and patient indices not cached yet, the second as every later cron poll.
+
+``bench ledger``: a ledger of N segmented cine series (30 frame rows each, as the PACS path writes
+them): seconds to read it whole (what each scheduled run does once, and what the service's
+``GET /v1/pacs/series`` did per request) and to refresh a reader after one more series (what that
+request does now).
 
 Top layer (no stage imports it): imports ``inference``, ``io``, ``config`` and ``runtime``.
 """
@@ -76,6 +83,51 @@ def bench_poll(args) -> dict:
             "first_poll_s": polls[0], "poll_s": polls[1]}
 
 
+def _series_entry(n: int, frames: int) -> dict:
+    """A ledger entry as ``inference.study.segment_series`` and the PACS store write it (plausible values)."""
+    key = f"dicom:1.2.826.0.1.3680043.8.498.{n}/1.2.826.0.1.3680043.8.498.{n}.1"
+    common = {"study": key, "phase": "", "mask": f"/data/seg/masks/{key[-40:]}_seg.nii.gz",
+              "model_uri": "models:/raysegment-densenet121@champion",
+              "model_version": "raysegment-densenet121/7", "status": "done", "reason": "", "in_plane": "as-stored",
+              "series_description": "SA cine retro", "patient_id": f"P{n:08d}", "height_cm": 178.0, "weight_kg": 81.5,
+              "spacing_mm": "[10.0, 1.3672, 1.3672]", "qc_flags": "", "stored": True}
+    rows = [common | {"frame": t, "seg": f"/data/seg/dicom/{n}/seg_frame{t + 1:02d}.dcm",
+                      **{f"voxels_{c}": 5000 + 37 * t for c in ("rv", "myo", "lv")},
+                      **{f"volume_{c}_ml": 97.198486328125 + t for c in ("rv", "myo", "lv")},
+                      "lv_myo_mass_g": 173.59743118286133, "ef_lv_pct": 61.23456789, "ef_rv_pct": 52.3456789}
+            for t in range(frames)]
+    return {"path": key, "sha256": f"{n:064x}", "model_version": common["model_version"], "status": "done", "reason": "",
+            "seconds": 4.2, "forward_seconds": 3.1, "rows": rows, "finished": "2026-12-07T15:00:00"}
+
+
+def bench_ledger(args) -> dict:
+    """Seconds to read a ledger of ``args.series`` cine series whole, and to refresh a reader after one more."""
+    from raysegment.inference.ledger import Ledger
+
+    with tempfile.TemporaryDirectory(prefix="rs-bench-ledger-") as tmp:
+        path = Path(tmp) / "ledger.jsonl"
+        with open(path, "w") as f:
+            for n in range(args.series):
+                f.write(json.dumps(_series_entry(n, args.frames)) + "\n")
+        t0 = time.perf_counter()
+        reader = Ledger(path)
+        whole_s = time.perf_counter() - t0
+        Ledger(path).append(_series_entry(args.series, args.frames))  # another writer: the batch job, a push
+        t0 = time.perf_counter()
+        reader.refresh()
+        refresh_s = time.perf_counter() - t0
+        if len(reader.entries) != args.series + 1:
+            raise RuntimeError(f"the refreshed reader holds {len(reader.entries)} entries, not {args.series + 1}")
+        return {"series": args.series, "frames": args.frames, "ledger_mb": round(path.stat().st_size / 2**20, 1),
+                "read_whole_s": round(whole_s, 3), "refresh_s": round(refresh_s, 5)}
+
+
+def ledger_line(out: dict) -> str:
+    """``bench_ledger``'s figures in one line."""
+    return (f"ledger of {out['series']} cine series × {out['frames']} frames ({out['ledger_mb']} MB): read whole "
+            f"{out['read_whole_s']:.2f} s, a reader refreshed after one more series {out['refresh_s'] * 1000:.1f} ms")
+
+
 def poll_line(out: dict) -> str:
     """``bench_poll``'s figures in one line."""
     return (f"{out['studies']} settled studies ({out['copies']} copies of {out['studies_per_copy']}): first poll "
@@ -84,7 +136,7 @@ def poll_line(out: dict) -> str:
 
 
 def add_poll_bench(sub) -> None:
-    """The ``poll`` subcommand's arguments."""
+    """The ``poll`` and ``ledger`` subcommands' arguments."""
     from raysegment.config import InferConfig, default_of
 
     p = sub.add_parser("poll", help="seconds of a cron poll that finds nothing new, for an archive N copies of --input")
@@ -94,3 +146,6 @@ def add_poll_bench(sub) -> None:
                    help="as infer's --diagnosis ('none': no patient diagnosis)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="as infer's --exclude")
     p.add_argument("--copies", type=int, default=20, help="copies of --input the settled archive holds")
+    g = sub.add_parser("ledger", help="seconds to read a ledger of N cine series whole, and to refresh a reader")
+    g.add_argument("--series", type=int, default=4000, help="segmented cine series in the ledger (4000: a year of a busy scanner)")
+    g.add_argument("--frames", type=int, default=30, help="frame rows per series")

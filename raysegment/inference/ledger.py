@@ -31,33 +31,51 @@ class Ledger:
 
     Several writers may share one ledger (the scheduled job and the online service): every read,
     append and repair holds an exclusive ``flock`` on ``<ledger>.lock``, so no line is lost to a
-    repair racing an append. ``refresh`` re-reads what the others appended."""
+    repair racing an append. ``refresh`` reads what the others appended. Not for several threads."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._forget()
+        self.refresh()
+
+    def _forget(self) -> None:
         self.entries: dict[tuple[str, str, str], dict] = {}  # in the order last written
         self.latest: dict[str, tuple[str, str, str]] = {}  # path → its last-written entry's key
         self._keys: dict[str, set[tuple[str, str, str]]] = {}  # path → the keys of its entries
-        self.refresh()
+        self._read = (None, 0, 0)  # the file read so far: inode, bytes, lines
 
     def refresh(self) -> None:
-        """Re-read the file; drop a torn last line, and when most lines are superseded (a study
-        retried at every poll while its PACS was down) rewrite it with the last line of each key, in
-        the same order: what the ledger says is unchanged, each poll reads less."""
-        if not self.path.exists():
-            return
+        """Read what was appended since the last read (the whole file when it was replaced); drop a
+        torn last line, and when most lines are superseded (a study retried at every poll while its
+        PACS was down) rewrite it with the last line of each key, in the same order: what the ledger
+        says is unchanged, each poll reads less. A long-lived reader (the service) so reads only
+        what is new."""
+        if not self.path.exists():  # nothing written yet (and no folder made for a lock by a reader)
+            return self._forget()
         with self._locked():
-            lines, torn = self.path.read_text().splitlines(), False
+            try:
+                st = self.path.stat()
+            except FileNotFoundError:
+                return self._forget()
+            inode, offset, count = self._read
+            if st.st_ino != inode or st.st_size < offset:  # rewritten (compacted, repaired) by a writer
+                self._forget()
+                inode, offset, count = st.st_ino, 0, 0
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            lines = chunk.split(b"\n")
+            torn = lines.pop() != b""  # a last line without its newline: a writer killed mid-line
             for line in lines:
                 try:
-                    e = json.loads(line)
+                    self._put(json.loads(line))
                 except json.JSONDecodeError:
-                    torn = True  # a torn last line from a killed run
-                    continue
-                self._put(e)
-            if torn or len(lines) > COMPACT_AT * len(self.entries) + 100:
+                    torn = True
+            self._read = (inode, offset + len(chunk), count + len(lines))
+            if torn or self._read[2] > COMPACT_AT * len(self.entries) + 100:
                 text = "".join(json.dumps(e) + "\n" for e in self.entries.values())
                 atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
+                self._read = (self.path.stat().st_ino, len(text.encode()), len(self.entries))
 
     @contextmanager
     def _locked(self):
@@ -95,6 +113,8 @@ class Ledger:
                 if any(r.get("stored") for r in self.entries[k].get("rows", []))}
 
     def append(self, entry: dict) -> None:
+        """Write ``entry`` (fsync'd). The next ``refresh`` reads it back in its place among the lines
+        other writers appended meanwhile."""
         with self._locked(), open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
             f.flush()

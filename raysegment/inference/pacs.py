@@ -98,8 +98,8 @@ def _finish(ledger: Ledger, entry: dict) -> dict:
     return entry
 
 
-def series_status(out: Path, study: str, series: str, version: str) -> dict | None:
-    """How a PACS series stands in the ledger ``out/ledger.jsonl`` for ``version``: its last entry,
+def series_status(ledger: Ledger, study: str, series: str, version: str) -> dict | None:
+    """How a PACS series stands in the ``ledger`` (as last refreshed) for ``version``: its last entry,
     when ``version`` wrote it → ``status`` (done, failed, skipped, error: retried by the next run),
     ``reason``, when it finished, the frames segmented and SEGs stored, and the SEG series a viewer
     opens; None when the ledger has no entry for it, or another version's is the last (a rollback:
@@ -107,7 +107,6 @@ def series_status(out: Path, study: str, series: str, version: str) -> dict | No
     from raysegment.io.seg import seg_series_uid
 
     key = series_key(study, series)
-    ledger = Ledger(out / "ledger.jsonl")
     entry = ledger.entries[ledger.latest[key]] if key in ledger.latest else None
     if entry is None or entry["model_version"] != version:
         return None

@@ -98,6 +98,7 @@ class SegmentService:
         self.lock = threading.Lock()
         self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
         self.queued: set[str] = set()  # pushed series keys this replica has not finished
+        self.ledger, self.status_lock = None, threading.Lock()  # GET /v1/pacs/series' reader of the ledger
         self.heap = HeapTrimmer()
 
     async def __call__(self, request):
@@ -233,6 +234,7 @@ class SegmentService:
     def series_status(self, params) -> dict:
         """GET /v1/pacs/series: a pushed series for the version served now — ``queued`` on this
         replica, else its ledger entry (``inference.pacs.series_status``); 404 when neither."""
+        from raysegment.inference.ledger import Ledger
         from raysegment.inference.pacs import series_status
 
         study, series = params.get("study", ""), params.get("series", "")
@@ -243,7 +245,12 @@ class SegmentService:
         key, version = series_key(study, series), self.holder.version
         if key in self.queued:
             return {"series": key, "status": "queued", "model_version": version}
-        found = series_status(Path(self.config.output), study, series, version)
+        with self.status_lock:  # one reader that reads only what was appended since (a ledger of a year)
+            if self.ledger is None:
+                self.ledger = Ledger(Path(self.config.output) / "ledger.jsonl")
+            else:
+                self.ledger.refresh()
+            found = series_status(self.ledger, study, series, version)
         if found is None:
             raise RequestError(404, f"{key} has no result of {version} in the ledger: not pushed yet, queued on "
                                     f"another replica, its push lost or another version's result the latest (the "
