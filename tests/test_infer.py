@@ -355,6 +355,42 @@ def test_a_poll_reads_no_file_whose_size_times_and_inode_were_recorded_when_it_w
     assert read == ["b.nii.gz"]
 
 
+def test_a_poll_of_a_settled_dicom_folder_opens_no_file_and_one_rewritten_instance_alone(tmp_path, monkeypatch):
+    """``discover`` keeps what each file was (DICOM UIDs, a bad DICOM's reason, no DICOM) in the output's
+    ``dicom.json`` with its stat: a settled folder is stat'ed, not opened; a rewritten instance is read
+    again and changes its series' content; a damaged cache only costs opening every file again."""
+    import pydicom
+
+    import raysegment.io.dicom as dicom_module
+    from raysegment.inference.batch import discover
+    from raysegment.soak.dicom_cine import write_dicom_cine
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    files = write_dicom_cine(inp / "cine", np.random.default_rng(0).random((2, 3, 16, 16)))
+    (inp / "notes.txt").write_text("not DICOM")
+    (inp / "broken.dcm").write_bytes(b"")
+    opened = []
+    real_kind = dicom_module._file_kind
+    monkeypatch.setattr(dicom_module, "_file_kind", lambda p: opened.append(p.name) or real_kind(p))
+    ledger = Ledger(out / "ledger.jsonl")
+
+    def poll() -> tuple[list[dict], int]:
+        opened.clear()
+        return discover(inp, out, ledger, "m/1"), len(opened)
+
+    first, n = poll()
+    assert n == 8 and len(first) == 1 and len(first[0]["files"]) == 6
+    assert [e["reason"] for e in ledger.entries.values()] == ["unreadable DICOM (an empty file)"]
+    assert poll() == (first, 0)
+    ds = pydicom.dcmread(files[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(files[0])
+    again, n = poll()
+    assert n == 1 and again[0]["path"] == first[0]["path"] and again[0]["sha256"] != first[0]["sha256"]
+    (out / "dicom.json").write_text("[1, 2")
+    assert poll() == (again, 8)
+
+
 def test_a_folder_of_files_none_a_study_says_what_they_are_and_an_empty_one_says_nothing(tmp_path, tiny_checkpoint,
                                                                                          capsys):
     """``infer --input`` a folder of SSL4MIS ``.h5`` volumes said only "0 studies"; now a note names

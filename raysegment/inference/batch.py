@@ -26,7 +26,7 @@ from pathlib import Path
 
 from raysegment.config import InferConfig
 from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all, actor_options, plan_actors
-from raysegment.inference.ledger import Ledger, _entry, _now, write_results
+from raysegment.inference.ledger import Ledger, _entry, _now, read_cache, write_cache, write_results
 from raysegment.inference.pacs import clear_stale_retrievals, drop_retrieved, retrieval_folder, store_entry
 from raysegment.io.dicomweb import PacsUnreachable
 from raysegment.io.studies import atomic_write, file_stat, find_studies, remove_stale_partials
@@ -35,6 +35,7 @@ from raysegment.runtime import disable_telemetry, stop_signal
 
 LAST_RUN = "last_run.json"
 HASH_CACHE = "hashes.json"  # folder input: each file's stat and hash when last hashed (``_hash_files``)
+DICOM_CACHE = "dicom.json"  # folder input: each file's stat and what it was, DICOM UIDs or not (``find_series``)
 
 # --------------------------------------------------------------------------- the batch job
 
@@ -268,7 +269,10 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str, skip_globs=(
 
     # NIfTI files are hashed later (``_hash_files``), while the actors start.
     items = [{"file": p} for p in find_studies(root, exclude=out, skip_globs=skip_globs)]  # nor is an output inside it
-    series, bad = find_series(root, exclude=out, skip_globs=skip_globs)
+    before = read_cache(out / DICOM_CACHE)
+    headers = dict(before)
+    series, bad = find_series(root, exclude=out, skip_globs=skip_globs, cache=headers)
+    write_cache(out / DICOM_CACHE, headers, before)
     if skip_globs:
         print(_excluded_line(root, out, skip_globs), flush=True)
     for s in series:
@@ -324,11 +328,7 @@ def _hash_files(items: list[dict], cache_path: Path) -> None:
     cache (``OUTPUT/hashes.json``) recorded when it was last hashed keeps that hash unread, so a cron
     poll of a large archive reads only what is new or changed (a changed file changes its ctime, which
     no tool sets back). The cache is only that: deleted or damaged, every file is hashed again."""
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    fresh = {}
+    cache, fresh = read_cache(cache_path), {}
     for item in items:
         if "file" not in item:
             continue
@@ -341,8 +341,7 @@ def _hash_files(items: list[dict], cache_path: Path) -> None:
             item["path"], item["sha256"] = _identity(file)
         if stat is not None:
             fresh[item["path"]] = [stat, item["sha256"]]
-    if fresh != cache:
-        atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(fresh)))
+    write_cache(cache_path, fresh, cache)
 
 
 def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:

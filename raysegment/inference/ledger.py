@@ -122,6 +122,22 @@ class Ledger:
         self._put(entry)
 
 
+def read_cache(path: Path) -> dict:
+    """A JSON cache of the output folder (``hashes.json``, ``dicom.json``, ``clinical.json``); {} when
+    it is missing or damaged: a cache only saves reading what it describes again."""
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def write_cache(path: Path, cache: dict, before: dict) -> None:
+    """Write ``cache`` atomically where it differs from what was read (``before``)."""
+    if cache != before:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
+
+
 def _entry(path: str, digest: str, version: str, status: str, reason: str) -> dict:
     """A ledger entry for a study that produced no rows (failed, error)."""
     return {"path": path, "sha256": digest, "model_version": version, "status": status, "reason": reason,
@@ -245,16 +261,10 @@ def write_results(ledger: Ledger, out: Path, diagnosis=None) -> list[dict]:
 
     # By study and frame (the ledger's order is the order studies finished in, which differs per run).
     rows = sorted(results_rows(ledger), key=lambda r: (str(r.get("study", "")), r.get("frame") or 0))
-    cache_path = out / CLINICAL_CACHE
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}  # only a cache: deleted or damaged, every patient's masks are read again
-    before = json.dumps(cache) if isinstance(cache, dict) else None
-    cache = cache if isinstance(cache, dict) else {}
+    before = read_cache(out / CLINICAL_CACHE)
+    cache = dict(before)
     add_patient_clinical(rows, diagnosis, cache)
-    if json.dumps(cache) != before:
-        atomic_write(cache_path, lambda tmp: Path(tmp).write_text(json.dumps(cache)))
+    write_cache(out / CLINICAL_CACHE, cache, before)
     if not rows:
         return rows
     keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("study", "frame", "status"), k))

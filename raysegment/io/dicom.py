@@ -73,16 +73,19 @@ class Series:
         return instances_digest(self.sop_uids)
 
 
-def find_series(root: Path, exclude: Path | None = None, skip_globs=()) -> tuple[list[Series], list[tuple[Path, str]]]:
+def find_series(root: Path, exclude: Path | None = None, skip_globs=(),
+                cache: dict | None = None) -> tuple[list[Series], list[tuple[Path, str]]]:
     """DICOM series under ``root`` (files found by content) and the DICOM files that could not be
     read as (path, reason). Files under ``exclude`` (the output folder), ``studies.hidden`` or matched
-    by ``skip_globs`` (``studies.left_out``) are no input."""
-    import pydicom
-
-    from raysegment.io.studies import hidden, left_out
+    by ``skip_globs`` (``studies.left_out``) are no input. ``cache`` (path → its ``file_stat`` and
+    ``_file_kind``): a file whose stat is unchanged is not opened; left holding this call's files."""
+    from raysegment.io.studies import file_stat, hidden, left_out
 
     root = Path(root)
     skip = Path(exclude).resolve() if exclude else None
+    known = dict(cache or {})
+    if cache is not None:
+        cache.clear()
     series: dict[str, Series] = {}
     bad = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
@@ -90,24 +93,39 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=()) -> tuple
             continue
         if hidden(path, root) or (skip_globs and left_out(path, root, skip_globs)):
             continue
-        if not is_dicom_file(path):
-            if path.suffix.lower() in DICOM_SUFFIXES:
-                empty = path.stat().st_size == 0
-                bad.append((path, "unreadable DICOM (an empty file)" if empty else "unreadable DICOM (no DICOM header)"))
+        stat, hit = file_stat(path), known.get(str(path))
+        kind = hit[1] if stat is not None and hit is not None and hit[0] == stat else _file_kind(path)
+        if cache is not None and stat is not None:
+            cache[str(path)] = [stat, kind]
+        if kind[0] == "bad":
+            bad.append((path, kind[1]))
+        if kind[0] != "dicom":
             continue
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                                 specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
-            uid, study, sop = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-        except Exception as exc:  # truncated, no UIDs
-            bad.append((path, f"unreadable DICOM ({type(exc).__name__}: {exc})"))
-            continue
+        uid, study, sop = kind[1:]
         s = series.setdefault(uid, Series(uid, study))
         if sop in s.sop_uids:  # the same instance exported twice: one copy is the series
             continue
         s.files.append(path)
         s.sop_uids.append(sop)
     return list(series.values()), bad
+
+
+def _file_kind(path: Path) -> list[str]:
+    """What a file is to ``find_series``: ``["dicom", SERIES_UID, STUDY_UID, SOP_UID]``, ``["bad",
+    REASON]`` (a DICOM file that cannot be read) or ``["other"]`` (no DICOM, e.g. notes beside a series)."""
+    import pydicom
+
+    if not is_dicom_file(path):
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            empty = path.stat().st_size == 0
+            return ["bad", "unreadable DICOM (an empty file)" if empty else "unreadable DICOM (no DICOM header)"]
+        return ["other"]
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                             specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
+        return ["dicom", str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)]
+    except Exception as exc:  # truncated, no UIDs
+        return ["bad", f"unreadable DICOM ({type(exc).__name__}: {exc})"]
 
 
 @dataclass
