@@ -79,17 +79,17 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=(),
     read as (path, reason). Files under ``exclude`` (the output folder), ``studies.hidden`` or matched
     by ``skip_globs`` (``studies.left_out``) are no input. ``cache`` (path → its ``file_stat`` and
     ``_file_kind``): a file whose stat is unchanged is not opened; left holding this call's files."""
-    from raysegment.io.studies import file_stat, hidden, left_out
+    from raysegment.io.studies import file_stat, hidden, inside, left_out
 
     root = Path(root)
-    skip = Path(exclude).resolve() if exclude else None
+    skip = str(Path(exclude).resolve()) if exclude else None
     known = dict(cache or {})
     if cache is not None:
         cache.clear()
     series: dict[str, Series] = {}
     bad = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if skip is not None and (path.resolve() == skip or skip in path.resolve().parents):
+        if skip is not None and inside(path, skip):
             continue
         if hidden(path, root) or (skip_globs and left_out(path, root, skip_globs)):
             continue

@@ -88,6 +88,13 @@ def hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
 
 
+def inside(path: Path, folder: str) -> bool:
+    """Whether ``path``, symlinks resolved, is ``folder`` (resolved, as a string) or lies under it: one
+    ``realpath`` and a string compare per file (a poll of a large archive asks it of every file)."""
+    real = os.path.realpath(path)
+    return real == folder or real.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def study_stem(path: Path) -> str:
     """File name without ``.nii`` / ``.nii.gz``."""
     return re.sub(r"\.nii(\.gz)?$", "", path.name)
@@ -110,7 +117,7 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: input folder does not exist")
-    skip = Path(exclude).resolve() if exclude is not None else None
+    skip = str(Path(exclude).resolve()) if exclude is not None else None
     files = []
     for p in root.rglob("*"):
         if not (p.name.endswith(".nii.gz") or p.name.endswith(".nii")) or study_stem(p).endswith("_gt"):
@@ -121,7 +128,7 @@ def find_studies(root: str | Path, exclude: str | Path | None = None, skip_globs
             continue
         if p.is_symlink() and not p.exists():
             files.append(p)
-        elif p.is_file() and not (skip and (skip == (real := p.resolve()) or skip in real.parents)):
+        elif p.is_file() and not (skip and inside(p, skip)):
             files.append(p)
     return sorted(files)
 
