@@ -92,7 +92,7 @@ def test_bench_poll_times_polls_of_settled_copies_that_segment_nothing(tmp_path,
     assert result["studies_per_copy"] == 4 and result["studies"] == 12 and result["copies"] == 3
     assert result["input_files"] == 12  # per patient: Info.cfg, the 4-D file, two frames and their _gt files
     assert result["poll_s"] > 0 and result["first_poll_s"] > 0
-    assert "12 settled studies (3 copies of 4)" in out[-1]
+    assert "12 settled studies in 36 files (3 copies of 12 files, 4 studies;" in out[-1]
     with pytest.raises(SystemExit):
         bench.main(["poll", "--input", str(tmp_path / "nowhere")])
     assert "--input" in capsys.readouterr().err

@@ -130,7 +130,9 @@ def ledger_line(out: dict) -> str:
 
 def poll_line(out: dict) -> str:
     """``bench_poll``'s figures in one line."""
-    return (f"{out['studies']} settled studies ({out['copies']} copies of {out['studies_per_copy']}): first poll "
+    return (f"{out['studies']} settled studies in {out['copies'] * out['input_files']} files ({out['copies']} copies of "
+            f"{out['input_files']} files, {out['studies_per_copy']} studies; hard-linked copies of a DICOM series are one "
+            f"series): first poll "
             f"{out['first_poll_s']:.1f} s (new copies' hashes and indices), then {out['poll_s']:.1f} s per poll "
             f"(segmenting one copy took {out['segment_once_s']:.1f} s)")
 
