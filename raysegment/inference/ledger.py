@@ -180,6 +180,9 @@ def add_patient_clinical(rows: list[dict], diagnosis=None, cache: dict | None = 
     from raysegment.io.studies import info_from_cfg, parse_info_cfg
 
     known, model = dict(cache or {}), _model_digest(diagnosis)
+    by_study: dict[str, list[dict]] = {}  # a cine study's frame rows (every row once: not a scan per patient)
+    for r in rows:
+        by_study.setdefault(r.get("study"), []).append(r)
     if cache is not None:
         cache.clear()
     for key, phases in ed_es_pairs(rows).items():
@@ -208,7 +211,7 @@ def add_patient_clinical(rows: list[dict], diagnosis=None, cache: dict | None = 
             r.update(extra)
         # One EF per patient: the frame-volume EF (``add_patient_ef`` / ``add_cine_ef``) of every row of
         # this patient — for a cine study each of its frames — becomes the checked one.
-        for r in [x for x in rows if x.get("study") == key] or phases.values():
+        for r in by_study.get(key) or phases.values():
             r["ef_lv_pct"], r["ef_rv_pct"] = extra["lv_ef_pct"], extra["rv_ef_pct"]
 
 
