@@ -26,7 +26,6 @@ from raysegment.io.studies import StudyError
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 LEGACY_ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.4"  # legacy converted: same functional groups
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 # Names that say "DICOM": such a file that is not readable DICOM gets a failed row (other files
 # without a DICOM header are not input, e.g. notes beside the series).
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -145,6 +144,7 @@ class CineVolume:
 
 
 def as_floats(values) -> np.ndarray:
+    """A DICOM multi-valued DS (positions, orientations, spacings; mm) as a float64 array."""
     return np.array([float(v) for v in values])
 
 
