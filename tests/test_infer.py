@@ -112,6 +112,13 @@ def test_ledger_survives_a_torn_line(tmp_path):
     again.append({"path": "/b", "sha256": "2", "model_version": "m/1", "status": "failed"})
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [e["path"] for e in lines] == ["/a", "/b"]
+    # A writer that read the ledger before another was killed mid-line (the service beside a batch
+    # run) appends after the torn line, not onto it: its entry survives the next repair.
+    with open(path, "a") as f:
+        f.write('{"path": "/c", "sha2')
+    again.append({"path": "/d", "sha256": "4", "model_version": "m/1", "status": "done"})
+    assert [e["path"] for e in Ledger(path).entries.values()] == ["/a", "/b", "/d"]
+    assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["/a", "/b", "/d"]
 
 
 def test_a_refreshed_ledger_reads_what_others_appended_in_the_order_written(tmp_path):

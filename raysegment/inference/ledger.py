@@ -114,9 +114,12 @@ class Ledger:
 
     def append(self, entry: dict) -> None:
         """Write ``entry`` (fsync'd). The next ``refresh`` reads it back in its place among the lines
-        other writers appended meanwhile."""
-        with self._locked(), open(self.path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        other writers appended meanwhile. After a line another writer left torn (killed mid-write since
+        this one last read) it starts a new line, so the torn one alone is dropped, not this entry."""
+        with self._locked(), open(self.path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            torn = size > 0 and f.seek(size - 1) >= 0 and f.read(1) != b"\n"
+            f.write((b"\n" if torn else b"") + json.dumps(entry).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
         self._put(entry)
