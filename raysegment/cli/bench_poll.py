@@ -2,9 +2,10 @@
 
 ``bench poll``: seconds of a scheduled poll that finds nothing new, as the archive grows. A folder
 (e.g. the official ACDC release's ``training``) is segmented once by ``raysegment.inference.batch``;
-then N−1 copies of it (input and masks hard-linked, ledger entries re-pathed) stand for an archive
-N times as large that earlier runs settled, and two polls of it are timed: the first with the
-copies' file hashes and patient indices not cached yet, the second as every later cron poll.
+then N−1 copies of it (input and masks hard-linked, or copied across filesystems; ledger entries
+re-pathed) stand for an archive N times as large that earlier runs settled, and two polls of it are
+timed: the first with the copies' file hashes and patient indices not cached yet, the second as
+every later cron poll.
 
 ``bench ledger``: a ledger of N segmented cine series (30 frame rows each, as the PACS path writes
 them): seconds to read it whole (what each scheduled run does once, and what the service's
@@ -18,19 +19,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 
 def _link_tree(src: Path, dst: Path) -> int:
-    """Hard-link every file under ``src`` to the same place under ``dst`` → files linked."""
+    """Hard-link every file under ``src`` to the same place under ``dst`` (copy it where a link cannot
+    be made: ``src`` on another filesystem than the temporary folder) → files placed."""
     n = 0
     for p in src.rglob("*"):
         if p.is_file():
             target = dst / p.relative_to(src)
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.link(p, target)
+            try:
+                os.link(p, target)
+            except OSError:
+                shutil.copy2(p, target)
             n += 1
     return n
 
