@@ -154,12 +154,10 @@ def _now() -> str:
 def results_rows(ledger: Ledger) -> list[dict]:
     """One row per study frame, from each study file's latest ledger entry (a file replaced in
     place supersedes its earlier content; its mask was overwritten too)."""
-    latest = {}
-    for e in ledger.entries.values():  # in the order last written
-        latest.pop(e["path"], None)
-        latest[e["path"]] = e
     rows = []
-    for e in latest.values():
+    for key, e in ledger.entries.items():  # in the order last written: each path's by its latest entry
+        if ledger.latest[e["path"]] != key:
+            continue
         if e["status"] == "done":
             rows.extend(e["rows"])
         else:
