@@ -317,10 +317,10 @@ def _none_readable(root: Path, out: Path) -> str | None:
 
 def _input_files(root: Path, out: Path) -> list[Path]:
     """The files under ``root`` that are input: not hidden (``studies.hidden``), not under ``out``."""
-    from raysegment.io.studies import hidden
+    from raysegment.io.studies import hidden, inside
 
-    out = out.resolve()
-    return [p for p in root.rglob("*") if p.is_file() and not hidden(p, root) and out not in p.resolve().parents]
+    skip = str(out.resolve())
+    return [p for p in root.rglob("*") if p.is_file() and not hidden(p, root) and not inside(p, skip)]
 
 
 def _hash_files(items: list[dict], cache_path: Path) -> None:
