@@ -164,6 +164,11 @@ def pacs_auth(p: argparse.ArgumentParser, path: str | None) -> str | None:
     return text
 
 
+def diagnosis_ref(value: str) -> str | None:
+    """``--diagnosis``'s value as the configs take it: the word ``none`` is no diagnosis model (None)."""
+    return None if value == "none" else value
+
+
 def check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Numeric options out of range (``COUNTS`` ≥ 1, ``POSITIVE`` > 0, ``NON_NEGATIVE`` ≥ 0): ``p.error``.
     Unchecked, ``infer --limit 0`` segmented nothing, ``serve --poll-s 0`` asked the registry in a

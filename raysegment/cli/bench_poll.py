@@ -12,7 +12,7 @@ them): seconds to read it whole (what each scheduled run does once, and what the
 ``GET /v1/pacs/series`` did per request) and to refresh a reader after one more series (what that
 request does now).
 
-Top layer (no stage imports it): imports ``inference``, ``io``, ``config`` and ``runtime``.
+Top layer (no stage imports it): imports ``cli.args``, ``inference``, ``config`` and ``runtime``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def _copy_settled(ins: Path, out: Path, copies: int) -> None:
 
 def bench_poll(args) -> dict:
     """Seconds of the first segmentation of ``args.input`` and of two settled polls of ``args.copies`` copies."""
+    from raysegment.cli.args import diagnosis_ref
     from raysegment.config import InferConfig
     from raysegment.inference.batch import run_batch
     from raysegment.runtime import ensure_ray
@@ -69,7 +70,7 @@ def bench_poll(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="rs-bench-poll-") as tmp:
         ins, out = Path(tmp) / "in", Path(tmp) / "out"
         files = _link_tree(source, ins / "copy0000")
-        diagnosis = None if args.diagnosis == "none" else args.diagnosis
+        diagnosis = diagnosis_ref(args.diagnosis)
         config = InferConfig(models=(args.model,), input=str(ins), output=str(out), diagnosis=diagnosis,
                              exclude=tuple(args.exclude), progress=False)
         ensure_ray()  # not counted: a cron poll's process starts it only when there is work

@@ -92,7 +92,7 @@ def done_line(summary: dict, output: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    from raysegment.cli.args import check_args, check_models, check_registry, pacs_auth
+    from raysegment.cli.args import check_args, check_models, check_registry, diagnosis_ref, pacs_auth
 
     check_args(p, a)
     if Path(a.output).exists() and not Path(a.output).is_dir():
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                                runtime=a.runtime, in_plane=a.in_plane),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
-                         retry_failed=a.retry_failed, diagnosis=None if a.diagnosis == "none" else a.diagnosis, store=not a.no_store,
+                         retry_failed=a.retry_failed, diagnosis=diagnosis_ref(a.diagnosis), store=not a.no_store,
                          exclude=tuple(a.exclude), since_days=a.since, pacs_auth=pacs_auth(p, a.pacs_auth))
     try:
         with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):

@@ -79,7 +79,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
         p.error("--pacs and --output go together (the ledger the scheduled job shares)")
     if a.runtime == "onnx" and a.gpu:
         p.error("--runtime onnx runs on the CPU (ONNX Runtime's CPU provider); drop --gpu")
-    from raysegment.cli.args import pacs_auth, read_secret
+    from raysegment.cli.args import diagnosis_ref, pacs_auth, read_secret
 
     token = read_secret(p, "--token-file", a.token_file)
     if a.pacs_auth and not a.pacs:
@@ -89,7 +89,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
                        max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
-                       store=not a.no_store, diagnosis=None if a.diagnosis == "none" else a.diagnosis,
+                       store=not a.no_store, diagnosis=diagnosis_ref(a.diagnosis),
                        pacs_auth=pacs_auth(p, a.pacs_auth))
 
 
