@@ -840,7 +840,7 @@ def test_clinical_api_gives_what_the_batch_job_writes_for_the_same_masks(tmp_pat
         raysegment.clinical(ed, onehot)
 
 
-def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(tmp_path, predictor):
+def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(tmp_path, predictor, monkeypatch):
     """Official-layout folders that get no indices are listed in report.md with the reason (an
     Info.cfg without integer ED / ES, which also flags its frames, or with ED = ES; a frame that failed;
     a missing frame file); a patient whose ES volume exceeds its ED volume (Info.cfg's ED and ES swapped) has
@@ -877,11 +877,23 @@ def test_a_patient_without_indices_is_named_with_why_and_es_above_ed_is_flagged(
         "patient005": "patient005_frame07.nii.gz was not segmented (failed)",
         "patient006": "Info.cfg gives ED and ES the same frame"}
     text = batch_report(rows, tmp_path, 0).read_text()
-    assert "No patient indices for: patient003 (Info.cfg has no integer ED or ES line); patient004 (" in text
+    assert "No patient indices for 4 folders: patient003 (Info.cfg has no integer ED or ES line); patient004 (" in text
     table = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in text.splitlines()
              if re.match(r"\| patient\d{3} \|", line)}  # the patients table: its QC column
     assert table == {"patient001": "", "patient002": flags["patient002"]}
     assert "| withheld (es_above_ed_lv) |" in text and f"| {diagnosed['patient001'][0]} (0." in text
+    # An archive of more patients than the table lists: the flagged ones, and a count of the folders without.
+    import raysegment.reporting.batch as batch_module
+
+    monkeypatch.setattr(batch_module, "MAX_TABLE_ROWS", 1)
+    monkeypatch.setattr(batch_module, "MAX_NAMED", 3)
+    text = batch_report(rows, tmp_path / "capped", 0).read_text()
+    assert [line.split("|")[1].strip() for line in text.splitlines() if re.match(r"\| patient\d{3} \|", line)] == ["patient002"]
+    assert ("2 patients, more than the 1 this table lists: it lists those with a QC flag or a withheld diagnosis (1). "
+            "Every one is in `results.csv`.") in text
+    assert ("patient005 (patient005_frame07.nii.gz was not segmented (failed)); and 1 more (their rows in results.csv "
+            "have no lv_ef_pct).") in text
+    assert "patient006" not in text
     # The batch's own rows: a frame of the folder with the broken Info.cfg carries the flag.
     seg = segment_study(broken / "patient003_frame01.nii.gz", predictor, "m", tmp_path / "out")
     assert "info_cfg_without_ed_es" in seg[0]["qc_flags"].split(";")

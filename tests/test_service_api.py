@@ -190,6 +190,38 @@ def test_a_pushed_series_status_is_its_latest_contents_ledger_entry_for_the_vers
     assert series_status(nowhere, "1.2", "1.2.3", "m/1") is None and not (tmp_path / "nowhere").exists()
 
 
+def test_a_push_with_a_long_lived_reader_reads_only_what_was_appended_and_records_into_it(tmp_path, monkeypatch):
+    """The service's pushes share one reader of the ledger: each push refreshes it (another writer's
+    result counts) and appends its own entry to it, opening no reader of its own — a fresh one read a
+    year's ledger whole at every push. A PACS that lists the series' instances and fails to send them."""
+    from types import SimpleNamespace
+
+    from raysegment.inference import pacs
+    from raysegment.inference.ledger import Ledger
+    from raysegment.io.dicom import instances_digest
+
+    class Pacs:
+        def search_for_instances(self, study_instance_uid, series_instance_uid):
+            return [{"00080018": {"vr": "UI", "Value": [f"{series_instance_uid}.{i}"]}} for i in range(3)]
+
+        def retrieve_series(self, study_instance_uid, series_instance_uid):
+            raise ConnectionError("the PACS went away")
+
+    path, predictor = tmp_path / "ledger.jsonl", SimpleNamespace(version="m/1")
+    reader = Ledger(path)
+    Ledger(path).append({"path": "dicom:1.2/1.2.3", "sha256": instances_digest(f"1.2.3.{i}" for i in range(3)),
+                         "model_version": "m/1", "status": "done", "reason": "", "rows": []})  # the scheduled job's
+    monkeypatch.setattr(pacs, "Ledger", lambda p: pytest.fail(f"a push opened its own reader of {p}"))
+    done = pacs.segment_pacs_series(Pacs(), "1.2", "1.2.3", predictor, "m", tmp_path, ledger=reader)
+    assert done["status"] == "already_done"
+    entry = pacs.segment_pacs_series(Pacs(), "1.2", "4.5.6", predictor, "m", tmp_path, ledger=reader)
+    assert entry["status"] == "error" and "WADO-RS" in entry["reason"] and "went away" in entry["reason"]
+    assert reader.entries[reader.latest["dicom:1.2/4.5.6"]] == entry
+    assert reader._read[1] < path.stat().st_size  # its own line is held, not read back
+    reader.refresh()
+    assert list(reader.entries) == list(Ledger(path).entries)  # and the file agrees
+
+
 def test_retrieval_folders_a_killed_process_left_are_removed_after_a_day(tmp_path):
     """A batch run or replica killed while it held a series' WADO-RS copy left it in OUTPUT/dicom-in;
     the next batch run removes such a folder once it is a day old, and leaves younger ones (another

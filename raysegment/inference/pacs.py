@@ -64,14 +64,19 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
 
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
-                        store: bool = True) -> dict:
+                        store: bool = True, ledger: Ledger | None = None) -> dict:
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to a ``retrieval_folder``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
-    for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled)."""
+    for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled).
+    ``ledger``: a long-lived reader of that file (the service's), refreshed here, so a push reads
+    only what was appended since the last one, not a year's ledger whole."""
     from raysegment.io.dicomweb import failure, series_digest, web_retrieve
 
     key, version = series_key(study, series), predictor.version
-    ledger = Ledger(out / "ledger.jsonl")
+    if ledger is None:
+        ledger = Ledger(out / "ledger.jsonl")
+    else:
+        ledger.refresh()
     try:
         digest = series_digest(client, study, series)
     except Exception as exc:

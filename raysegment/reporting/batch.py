@@ -11,12 +11,26 @@ from pathlib import Path
 
 from raysegment.io.studies import atomic_write
 
-MAX_TABLE_ROWS = 1000  # study frames the table lists before it lists only the failed and flagged ones
+MAX_TABLE_ROWS = 1000  # frames (patients) a table lists before it lists only the failed and flagged ones
+MAX_NAMED = 20  # folders a sentence names before it gives their count
 
 
 def _cell(text) -> str:
     """A markdown table cell: one line, no column breaks."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _capped(items: list, problem, what: str, whose: str) -> tuple[list, list[str]]:
+    """An archive's every frame or patient, rewritten at each poll, is read by no one; its problems
+    are. → (the items a table lists: all up to ``MAX_TABLE_ROWS``, else the first of those ``problem``
+    holds for; the lines that say so)."""
+    if len(items) <= MAX_TABLE_ROWS:
+        return items, []
+    problems = [i for i in items if problem(i)]
+    shown = problems[:MAX_TABLE_ROWS]
+    count = f"the first {len(shown)} of {len(problems)}" if len(shown) < len(problems) else str(len(problems))
+    return shown, [f"{len(items)} {what}, more than the {MAX_TABLE_ROWS} this table lists: it lists {whose} ({count}). "
+                   f"Every one is in `results.csv`.", ""]
 
 
 def _patients_section(rows: list[dict]) -> list[str]:
@@ -30,10 +44,13 @@ def _patients_section(rows: list[dict]) -> list[str]:
     if not patients and not missing:
         return []
     lines = ["", "## Patients (ED + ES)", ""]
+    listed, note = _capped(sorted(patients.items()), lambda p: p[1].get("patient_qc_flags") or p[1].get("diagnosis_withheld"),
+                           "patients", "those with a QC flag or a withheld diagnosis")
+    lines += note
     if patients:
         lines += ["| patient | LV EDV mL | LV EF % | RV EDV mL | RV EF % | LV mass g | max wall mm | diagnosis (p) | reference | QC |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-    for folder, r in sorted(patients.items()):
+    for folder, r in listed:
         diag = f"{r['diagnosis']} ({r['p_' + r['diagnosis']]:.2f})" if r.get("diagnosis") else \
             f"withheld ({r['diagnosis_withheld']})" if r.get("diagnosis_withheld") else ""
         name = Path(folder).name  # a DICOM series: its patient ID and description, then the series UID's end
@@ -45,7 +62,11 @@ def _patients_section(rows: list[dict]) -> list[str]:
     if shown := sorted({f for r in patients.values() for f in (r.get("patient_qc_flags") or "").split(";") if f}):
         lines += ["", "QC: " + "; ".join(f"`{f}`: {PATIENT_FLAGS.get(f, '')}" for f in shown) + "."]
     if missing:
-        lines += ["", "No patient indices for: " + "; ".join(f"{Path(f).name} ({why})" for f, why in sorted(missing.items())) + "."]
+        named = [f"{Path(f).name} ({why})" for f, why in sorted(missing.items())]
+        more = f"; and {len(named) - MAX_NAMED} more (their rows in results.csv have no lv_ef_pct)" \
+            if len(named) > MAX_NAMED else ""
+        lines += ["", f"No patient indices for {len(named)} folder{'s' if len(named) > 1 else ''}: "
+                  + "; ".join(named[:MAX_NAMED]) + more + "."]
     return lines
 
 
@@ -73,13 +94,9 @@ def batch_report(rows: list[dict], out: Path, n_figures: int) -> Path:
         lines += ["By level of the heart (the reference's slices from base to apex in three equal runs), mean Dice "
                   "RV / MYO / LV: " + "; ".join(f"{level} " + " / ".join(f"{d:.3f}" for d in dice.values())
                                                  for level, dice in by_level.items()) + ".", ""]
-    shown = rows
-    if len(rows) > MAX_TABLE_ROWS:  # an archive's every frame, rewritten at each poll, is read by no one; its problems are
-        problems = [r for r in rows if r.get("status") != "done" or r.get("qc_flags")]
-        shown = problems[:MAX_TABLE_ROWS]
-        count = f"the first {len(shown)} of {len(problems)}" if len(shown) < len(problems) else str(len(problems))
-        lines += [f"{len(rows)} study frames, more than the {MAX_TABLE_ROWS} this table lists: it lists the failed "
-                  f"and flagged ones ({count}). Every frame is in `results.csv`.", ""]
+    shown, note = _capped(rows, lambda r: r.get("status") != "done" or r.get("qc_flags"), "study frames",
+                          "the failed and flagged ones")
+    lines += note
     lines += ["| study | frame | phase | status | RV mL | MYO mL | LV mL | LV EF % | Dice RV/MYO/LV | QC |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in shown:

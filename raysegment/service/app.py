@@ -99,6 +99,7 @@ class SegmentService:
         self.pacs_jobs = ThreadPoolExecutor(1, thread_name_prefix="pacs")
         self.queued: set[str] = set()  # pushed series keys this replica has not finished
         self.ledger, self.status_lock = None, threading.Lock()  # GET /v1/pacs/series' reader of the ledger
+        self.push_ledger = None  # the pushes' own reader (under ``lock``: a push holds it for seconds)
         self.heap = HeapTrimmer()
 
     async def __call__(self, request):
@@ -215,13 +216,17 @@ class SegmentService:
 
     def pacs_series(self, study: str, series: str) -> dict:
         """Pull, segment, store and record one pushed series (``inference.pacs``); logs its outcome."""
+        from raysegment.inference.ledger import Ledger
         from raysegment.inference.pacs import segment_pacs_series
         from raysegment.io.dicomweb import web_client
 
         try:
-            with self.lock:
-                entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series, self.holder.predictor,
-                                            self.config.model, Path(self.config.output), store=self.config.store)
+            with self.lock:  # pushes run one at a time: one reader of the ledger serves them all
+                out = Path(self.config.output)
+                self.push_ledger = self.push_ledger or Ledger(out / "ledger.jsonl")
+                entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series,
+                                            self.holder.predictor, self.config.model, out, store=self.config.store,
+                                            ledger=self.push_ledger)
                 self.heap.study_done()
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run
             log.exception("raysegment: PACS series %s/%s", study, series)
