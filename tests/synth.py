@@ -118,3 +118,24 @@ def sample_cine(patient: str) -> tuple[np.ndarray, np.ndarray, tuple[float, floa
     row = next(r for r in csv.DictReader(open(sample / "info.csv")) if r["patient"] == patient)
     px = float(row["pixel_spacing_mm"])
     return np.stack(images), np.stack(labels).astype(np.uint8), (float(row["slice_spacing_mm"]), px, px)
+
+
+COMPRESSED = ("JPEGLosslessProcess14_1", "JPEGLSLossless", "JPEG2000Lossless", "RLELossless")  # what PACS archives hold
+
+
+def compress_dicom(src, dst, syntax: str) -> None:
+    """Re-encode one instance's pixel data in a lossless compressed transfer syntax (GDCM)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(src))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(dst))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()

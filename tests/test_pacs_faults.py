@@ -183,6 +183,53 @@ def test_a_series_that_grows_in_the_pacs_ends_with_the_segs_of_its_latest_conten
 
 
 @pytest.mark.slow
+def test_a_series_the_pacs_keeps_compressed_is_retrieved_whole_and_a_cut_off_answer_is_retried(tmp_path, tiny_model):
+    """A PACS keeps MR images JPEG Lossless, JPEG-LS, JPEG 2000 compressed. Asked for them uncompressed,
+    Orthanc (which cannot transcode JPEG 2000) broke off its 200 answer: the series was segmented from
+    the instances before the break, its SEGs stored and the ledger said done for good. Now they come as
+    stored and are decoded here (the mask of the uncompressed series), and an answer that misses
+    instances is an error the next run retries: the old request, against the same Orthanc."""
+    import nibabel as nib
+    import pydicom
+    from servers import orthanc_available, running_orthanc
+    from synth import COMPRESSED, compress_dicom
+
+    from raysegment.config import PredictConfig
+    from raysegment.inference.pacs import segment_pacs_series
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.io import dicom, dicomweb
+    from raysegment.model.checkpoint import LoadedModel
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    plain = sorted(write_dicom_cine(tmp_path / "plain", _frames(4), patient="Z1"))
+    (tmp_path / "packed").mkdir()
+    for i, f in enumerate(plain):
+        compress_dicom(f, tmp_path / "packed" / f.name, COMPRESSED[i % len(COMPRESSED)])
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())
+    (series,), _ = dicom.find_series(tmp_path / "plain")
+    reference = segment_series(dicom.series_key(series.study_uid, series.uid), series.files, predictor, "tiny",
+                               tmp_path / "ref")[0]["mask"]
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+        # A JPEG Lossless instance first: Orthanc sends in that order, and transcodes it before it fails.
+        client.store_instances([pydicom.dcmread(tmp_path / "packed" / f.name) for f in plain])
+        entry = segment_pacs_series(client, series.study_uid, series.uid, predictor, "tiny", tmp_path / "out")
+        assert entry["status"] == "done" and [r["stored"] for r in entry["rows"]] == [True, True]
+        np.testing.assert_array_equal(np.asarray(nib.load(entry["rows"][0]["mask"]).dataobj),
+                                      np.asarray(nib.load(reference).dataobj))
+        assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 2
+
+        retrieve = client.retrieve_series  # the request before: the PACS transcodes to Explicit VR Little Endian
+        client.retrieve_series = lambda study_instance_uid, series_instance_uid, media_types=None: retrieve(
+            study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid)
+        entry = segment_pacs_series(client, series.study_uid, series.uid, predictor, "tiny", tmp_path / "cut")
+        assert entry["status"] == "error" and "IncompleteRetrieval" in entry["reason"], entry["reason"]
+        assert "not the ones its query listed" in entry["reason"] and not (tmp_path / "cut" / "masks").exists()
+
+
+@pytest.mark.slow
 def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_path, tiny_model, capsys):
     """v1, then v2 (a new champion), then v1 again (a rollback) on one PACS series: each run leaves the
     output's mask and results and the PACS's one raysegment SEG series those of the model that ran
@@ -321,9 +368,9 @@ def test_pacs_series_are_retrieved_as_an_actor_falls_free_not_all_before_the_fir
     out, seen = tmp_path / "out", []
     real = dicomweb.web_retrieve
 
-    def retrieve(client, study, series, folder):
+    def retrieve(client, study, series, folder, digest=None):
         seen.append(sum(1 for f in (out / "dicom-in").iterdir() if f.name != folder.name) if (out / "dicom-in").exists() else 0)
-        return real(client, study, series, folder)
+        return real(client, study, series, folder, digest)
 
     monkeypatch.setattr(dicomweb, "web_retrieve", retrieve)
     with running_orthanc(tmp_path / "orthanc") as url:

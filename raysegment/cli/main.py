@@ -30,7 +30,7 @@ def usage() -> str:
 
 
 # What a bug report needs besides raysegment's own version: the stack it runs on.
-STACK = ("torch", "torchvision", "ray", "mlflow", "optuna", "nibabel", "highdicom")
+STACK = ("torch", "torchvision", "ray", "mlflow", "optuna", "nibabel", "pydicom", "python-gdcm", "highdicom")
 
 
 def version_line() -> str:

@@ -356,7 +356,7 @@ def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:
         return _entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"])
     item["retrieved"] = retrieval_folder(out, series)
     try:
-        item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"])]
+        item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"], item["sha256"])]
     except Exception as exc:
         drop_retrieved(item.pop("retrieved"))
         return _entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc))

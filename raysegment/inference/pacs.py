@@ -86,7 +86,7 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     folder = retrieval_folder(out, series)
     try:
         try:
-            files = [str(p) for p in web_retrieve(client, study, series, folder)]
+            files = [str(p) for p in web_retrieve(client, study, series, folder, digest)]
         except Exception as exc:
             return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
         entry = settle_study(key, digest, predictor, model_uri, out, False, files)

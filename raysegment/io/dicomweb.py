@@ -146,14 +146,27 @@ def series_digest(client, study: str, series: str) -> str:
     return instances_digest(_series_sops(client, study, series))
 
 
-def web_retrieve(client, study: str, series: str, folder: Path) -> list[Path]:
-    """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID)."""
+class IncompleteRetrieval(RuntimeError):
+    """WADO-RS gave other instances than QIDO-RS listed for the series."""
+
+
+def web_retrieve(client, study: str, series: str, folder: Path, digest: str | None = None) -> list[Path]:
+    """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID), in the
+    transfer syntax the PACS stores them in (``transfer-syntax=*``; GDCM decodes JPEG Lossless, JPEG-LS
+    and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
+    breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
+    as QIDO-RS listed it (``series_digest``); an answer of other instances (cut off, or the series
+    still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=series):
+    for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=series,
+                                     media_types=(("application/dicom", "*"),)):
         path = folder / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
+    if digest is not None and instances_digest(p.stem for p in paths) != digest:
+        raise IncompleteRetrieval(f"the PACS sent {len(paths)} instance(s), not the ones its query listed "
+                                  f"(an answer cut off, or the series still arriving)")
     return paths
 
 
