@@ -81,6 +81,89 @@ def test_a_series_stored_compressed_reads_and_segments_as_its_uncompressed_twin(
         np.testing.assert_array_equal(dicom_seg.read_seg_labels(a["seg"], cine, t), dicom_seg.read_seg_labels(b["seg"], cine, t))
 
 
+def _split_per_slice(files, slices: int, numbers=None) -> list[str]:
+    """Give each slice of a cine series written by ``write_dicom_cine`` a series of its own (as many cine
+    protocols store a short-axis stack: a breath-hold, a series) → the new series' UIDs."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    uids = [generate_uid() for _ in range(slices)]
+    for f in files:
+        ds = pydicom.dcmread(f)
+        z = (int(ds.InstanceNumber) - 1) % slices
+        ds.SeriesInstanceUID, ds.SeriesDescription = uids[z], f"sa_{z + 1}"
+        ds.SeriesNumber = (numbers or range(10, 10 + slices))[z]
+        ds.save_as(f)
+    return uids
+
+
+def test_a_stack_stored_as_a_series_per_slice_is_read_and_segmented_as_one_series(tmp_path, tiny_model):
+    """Short-axis slices each in a series of their own (one breath-hold each) were each skipped, "a
+    single slice position": nothing of the study was segmented. Three or more parallel single-slice
+    series of one study and frame of reference are one stack, in slice order: the pixels, mask and
+    SEGs of the same cine stored as one series. A slice acquired again (same position, later series
+    number) replaces the first; a long-axis cine (another orientation) stays a series of its own."""
+    import copy
+    import shutil
+
+    import pydicom
+
+    from raysegment.config import PredictConfig
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import folder_cine, segment_series
+    from raysegment.model.checkpoint import LoadedModel
+
+    frames, _ = _cine()
+    write_dicom_cine(tmp_path / "one", frames, patient="S1")
+    shutil.copytree(tmp_path / "one", tmp_path / "split")  # the same instances, split into a series per slice
+    split = sorted((tmp_path / "split").iterdir())
+    members = _split_per_slice(split, 5)
+    first = pydicom.dcmread(split[0])
+    # Slice 3 acquired twice: the first take (series 12) blank, the repeat (series 30) the real images.
+    take = pydicom.uid.generate_uid()
+    for f in split:
+        ds = pydicom.dcmread(f)
+        if ds.SeriesInstanceUID != members[2]:
+            continue
+        blank = copy.deepcopy(ds)
+        blank.SeriesInstanceUID, blank.SeriesNumber = take, 12
+        blank.SOPInstanceUID = blank.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        blank.PixelData = np.zeros((40, 48), np.int16).tobytes()
+        blank.save_as(tmp_path / "split" / f"take1-{ds.InstanceNumber}", enforce_file_format=True)
+        ds.SeriesNumber = 30
+        ds.save_as(f)
+    row, col = rotated_orientation((70.0, 10.0, 0.0))
+    lax = write_dicom_cine(tmp_path / "split" / "lax", frames[:, :1], study_uid=first.StudyInstanceUID, orientation=(row, col))
+    for f in lax:
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+        ds.save_as(f)
+
+    found, bad = dicom.find_series(tmp_path / "split")
+    assert bad == [] and len(found) == 3
+    stack = next(s for s in found if s.members)
+    assert stack.members == tuple(members) and len(stack.files) == 10  # slice order, the repeat of slice 3
+    (single,), _ = dicom.find_series(tmp_path / "one")
+    reference = dicom.read_cine(single)
+    cine = dicom.read_cine(stack)
+    np.testing.assert_array_equal(cine.frames, reference.frames)
+    np.testing.assert_allclose(cine.affine, reference.affine, atol=1e-6)
+    assert cine.description == "sa_1 (a stack of 5 series)" and cine.series_uid == stack.uid
+    for other in (s for s in found if not s.members):
+        with pytest.raises(dicom.SeriesSkipped, match="a single slice position"):
+            dicom.read_cine(other)
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())
+    rows = segment_series(dicom.series_key(stack.study_uid, stack.uid), stack.files, predictor, "tiny", tmp_path / "out")
+    want = segment_series(dicom.series_key(single.study_uid, single.uid), single.files, predictor, "tiny", tmp_path / "ref")
+    np.testing.assert_array_equal(np.asarray(nib.load(rows[0]["mask"]).dataobj), np.asarray(nib.load(want[0]["mask"]).dataobj))
+    for t, (r, w) in enumerate(zip(rows, want)):
+        np.testing.assert_array_equal(dicom_seg.read_seg_labels(r["seg"], cine, t), dicom_seg.read_seg_labels(w["seg"], reference, t))
+        seg = pydicom.dcmread(r["seg"])
+        assert {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence} == set(members)
+    # raysegment.segment's folder reading finds it by the stack's UID or any of its series'.
+    assert folder_cine(tmp_path / "split", members[4]).series_uid == stack.uid
+
+
 @pytest.mark.parametrize("case,reason", [
     ("secondary_capture", r"not MR \(modality OT"),
     ("missing_slice", "not evenly spaced"),

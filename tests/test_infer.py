@@ -363,7 +363,7 @@ def test_a_poll_reads_no_file_whose_size_times_and_inode_were_recorded_when_it_w
 
 
 def test_a_poll_of_a_settled_dicom_folder_opens_no_file_and_one_rewritten_instance_alone(tmp_path, monkeypatch):
-    """``discover`` keeps what each file was (DICOM UIDs, a bad DICOM's reason, no DICOM) in the output's
+    """``discover`` keeps what each file was (DICOM UIDs and plane, a bad DICOM's reason, no DICOM) in the output's
     ``dicom.json`` with its stat: a settled folder is stat'ed, not opened; a rewritten instance is read
     again and changes its series' content; a damaged cache only costs opening every file again."""
     import pydicom
@@ -396,6 +396,10 @@ def test_a_poll_of_a_settled_dicom_folder_opens_no_file_and_one_rewritten_instan
     assert n == 1 and again[0]["path"] == first[0]["path"] and again[0]["sha256"] != first[0]["sha256"]
     (out / "dicom.json").write_text("[1, 2")
     assert poll() == (again, 8)
+    # A cache written before the planes were kept (4 items per DICOM file): those files are read again.
+    cache = json.loads((out / "dicom.json").read_text())
+    (out / "dicom.json").write_text(json.dumps({k: [st, kind[:4]] for k, (st, kind) in cache.items()}))
+    assert poll() == (again, 6)
 
 
 def test_a_folder_of_files_none_a_study_says_what_they_are_and_an_empty_one_says_nothing(tmp_path, tiny_checkpoint,

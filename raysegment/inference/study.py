@@ -158,7 +158,7 @@ def folder_cine(folder: Path, series_uid: str | None = None):
         why = f"{len(bad)} unreadable, e.g. {bad[0][0].name}: {bad[0][1]}" if bad else "a NIfTI study is given as its file"
         raise StudyError(f"{folder}: no DICOM series under it ({why})")
     if series_uid is not None:
-        chosen = [s for s in found if s.uid == series_uid]
+        chosen = [s for s in found if s.uid == series_uid or series_uid in s.members]  # a stack by any of its series
         if not chosen:
             raise StudyError(f"{folder}: no series {series_uid}; it holds {', '.join(s.uid for s in found[:10])}")
         found = chosen

@@ -2,15 +2,16 @@
 are ``io.seg``'s), and the series' keys and content digest.
 
 Discovery is by content (the ``DICM`` preamble), whatever the file names. Instances are grouped
-into series; a series is segmented when it is a short-axis cine MR: MR Image Storage (one file per
-slice and frame) or Enhanced MR (one multi-frame file), one orientation, slices evenly spaced
-along the slice normal, the same frames at every slice. Anything else is skipped with its reason.
+into series, and single-slice series that make one short-axis stack into one (``io.stacks``); a
+series is segmented when it is a short-axis cine MR: MR Image Storage (one file per slice and frame)
+or Enhanced MR (one multi-frame file), one orientation, slices evenly spaced along the slice normal,
+the same frames at every slice. Anything else is skipped with its reason.
 Slices are sorted by position along the normal, frames by temporal position / trigger time.
 
 Bad input is ``StudyError`` (failed for good, with a one-line reason); input that is valid DICOM
 but no short-axis cine is ``SeriesSkipped``.
 
-Imports ``io.studies`` and ``config``; no stage.
+Imports ``io.studies``, ``io.stacks`` and ``config``; no stage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysegment.io.stacks import MIN_SLICES, stack_groups
 from raysegment.io.studies import StudyError
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -61,12 +63,15 @@ def is_dicom_file(path: Path) -> bool:
 
 @dataclass
 class Series:
-    """The instances of one series (headers read, pixels not), and what grouping learnt of them."""
+    """The instances of one series (headers read, pixels not), and what grouping learnt of them. A
+    short-axis stack stored as a series per slice is one Series: ``uid`` derived (``stack_uid``),
+    ``members`` the source series' UIDs in slice order."""
 
     uid: str
     study_uid: str
     files: list[Path] = field(default_factory=list)
     sop_uids: list[str] = field(default_factory=list)
+    members: tuple[str, ...] = ()
 
     def digest(self) -> str:
         return instances_digest(self.sop_uids)
@@ -86,6 +91,7 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=(),
     if cache is not None:
         cache.clear()
     series: dict[str, Series] = {}
+    planes: dict[str, list] = {}  # series UID → its instances' planes (``_file_kind``)
     bad = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         if skip is not None and inside(path, skip):
@@ -93,25 +99,39 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=(),
         if hidden(path, root) or (skip_globs and left_out(path, root, skip_globs)):
             continue
         stat, hit = file_stat(path), known.get(str(path))
-        kind = hit[1] if stat is not None and hit is not None and hit[0] == stat else _file_kind(path)
+        # A DICOM file's entry of 4 items was cached before planes were kept: read again.
+        fresh = stat is not None and hit is not None and hit[0] == stat and len(hit[1]) != 4
+        kind = hit[1] if fresh else _file_kind(path)
         if cache is not None and stat is not None:
             cache[str(path)] = [stat, kind]
         if kind[0] == "bad":
             bad.append((path, kind[1]))
         if kind[0] != "dicom":
             continue
-        uid, study, sop = kind[1:]
+        uid, study, sop, plane = kind[1:]
         s = series.setdefault(uid, Series(uid, study))
         if sop in s.sop_uids:  # the same instance exported twice: one copy is the series
             continue
         s.files.append(path)
         s.sop_uids.append(sop)
-    return list(series.values()), bad
+        planes.setdefault(uid, []).append(plane)
+    return _stacked(series, planes), bad
 
 
-def _file_kind(path: Path) -> list[str]:
-    """What a file is to ``find_series``: ``["dicom", SERIES_UID, STUDY_UID, SOP_UID]``, ``["bad",
-    REASON]`` (a DICOM file that cannot be read) or ``["other"]`` (no DICOM, e.g. notes beside a series)."""
+def _stacked(series: dict[str, Series], planes: dict[str, list]) -> list[Series]:
+    """The series, with the single-slice series that make a short-axis stack (``io.stacks``) as one."""
+    groups = stack_groups({uid: (s.study_uid, planes[uid]) for uid, s in series.items()})
+    for uid, members in groups:
+        parts = [series.pop(m) for m in members]
+        series[uid] = Series(uid, parts[0].study_uid, [f for p in parts for f in p.files],
+                             [u for p in parts for u in p.sop_uids], tuple(members))
+    return list(series.values())
+
+
+def _file_kind(path: Path) -> list:
+    """What a file is to ``find_series``: ``["dicom", SERIES_UID, STUDY_UID, SOP_UID, PLANE]``, ``["bad",
+    REASON]`` (a DICOM file that cannot be read) or ``["other"]`` (no DICOM, e.g. notes beside a series).
+    PLANE (``io.stacks.plane``): where a single-frame MR image lies, else None."""
     import pydicom
 
     if not is_dicom_file(path):
@@ -121,10 +141,34 @@ def _file_kind(path: Path) -> list[str]:
         return ["other"]
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
-        return ["dicom", str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)]
+                             specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", *PLANE_TAGS])
+        plane = _plane_of(ds) if str(getattr(ds, "SOPClassUID", "")) == MR_IMAGE else None
+        return ["dicom", str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), plane]
     except Exception as exc:  # truncated, no UIDs
         return ["bad", f"unreadable DICOM ({type(exc).__name__}: {exc})"]
+
+
+PLANE_TAGS = ["SOPClassUID", "FrameOfReferenceUID", "ImageOrientationPatient", "ImagePositionPatient", "Rows", "Columns",
+              "SeriesNumber"]
+
+
+def _plane_of(ds) -> list | None:
+    """[frame of reference, orientation (6), position (3; mm), rows, columns, series number] of an
+    image; None without its geometry."""
+    try:
+        return [str(getattr(ds, "FrameOfReferenceUID", "")), _raw_floats(ds, "ImageOrientationPatient"),
+                _raw_floats(ds, "ImagePositionPatient"), int(ds.Rows), int(ds.Columns), int(getattr(ds, "SeriesNumber", 0) or 0)]
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _raw_floats(ds, keyword: str) -> list[float]:
+    """A DS element's values (mm) from its bytes as read: pydicom's own conversion, with its checks,
+    took half the time of reading the whole header."""
+    value = ds.get_item(keyword).value
+    if isinstance(value, bytes):
+        return [float(v) for v in value.split(b"\\")]
+    return [float(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") else [value])]
 
 
 @dataclass
@@ -176,7 +220,10 @@ def read_cine(series: Series) -> CineVolume:
         planes = [_plane(ds, ds, None) for ds in datasets]
     else:
         raise SeriesSkipped(f"MR but not an image storage class this reads (SOP class {sop})")
-    cine = _assemble(planes, series, str(getattr(first, "SeriesDescription", "")))
+    description = str(getattr(first, "SeriesDescription", ""))
+    if (n := len({str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets})) > 1:
+        description = f"{description} (a stack of {n} series)".strip()
+    cine = _assemble(planes, series, description)
     cine.content = instances_digest(sops)
     return cine
 
@@ -275,7 +322,8 @@ def _assemble(planes: list[dict], series: Series, description: str) -> CineVolum
     dist = np.array([float(p["ipp"] @ normal) for p in planes])
     levels = np.unique(np.round(dist, 2))
     if len(levels) < 2:
-        raise SeriesSkipped("a single slice position (not a short-axis stack)")
+        raise SeriesSkipped(f"a single slice position (not a short-axis stack; {MIN_SLICES} or more such series of one "
+                            f"study, parallel, are read as one)")
     by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: p["time"]) for lv in levels}
     counts = {len(v) for v in by_level.values()}
     if len(counts) != 1:

@@ -1,6 +1,7 @@
 """DICOM SEG out: a cine's masks → one DICOM SEG per cine frame (highdicom refuses a SEG whose source
 planes repeat a position, and every frame repeats the slice positions), each referencing that frame's
-source instances, with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT, our figures'
+source instances (a stack of a series per slice: all of them, each SEG frame placed by its plane, as
+highdicom derives frames from one series only), with three segments: RV cavity, LV myocardium, LV cavity (SNOMED CT, our figures'
 colours), in one SEG series per source series and model version, described by that version. A SEG's
 UID follows the content it was made from (the source instances, the model, the frame); a PACS ends
 holding exactly the SEGs of a series' latest content (``io.dicomweb.web_replace_segs``).
@@ -87,15 +88,17 @@ def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir:
     paths = []
     for t, planes in enumerate(cine.sources):
         sources = [p["ds"] for p in planes]
-        frame_numbers = None
+        kwargs = {}
         if planes[0]["frame"] is not None:  # enhanced MR: the planes are frames of one instance
             sources = [planes[0]["ds"]]
-            frame_numbers = [p["frame"] + 1 for p in planes]
+        elif len({str(ds.SeriesInstanceUID) for ds in sources}) > 1:
+            # A stack of a series per slice: highdicom takes one series as the planes' source; the
+            # others are referenced beside it, and every frame is placed by its plane.
+            sources, kwargs["further_source_images"] = sources[:1], sources[1:]
         labels = masks[t]
         pixel = np.stack([(labels == k) for k in (1, 2, 3)], axis=-1).astype(np.uint8)  # (Z, Y, X, segments)
-        kwargs = {}
-        if frame_numbers is not None:
-            # A multi-frame source: reference its frames of this temporal position, placed by their planes.
+        if len(sources) < len(planes):
+            # Placed by their planes: a multi-frame source's frames of this temporal position, or a stack's slices.
             kwargs["plane_positions"] = [hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, _ds_values(p["ipp"]))
                                          for p in planes]
             kwargs["plane_orientation"] = hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT,
