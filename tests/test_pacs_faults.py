@@ -230,6 +230,61 @@ def test_a_series_the_pacs_keeps_compressed_is_retrieved_whole_and_a_cut_off_ans
 
 
 @pytest.mark.slow
+def test_a_stack_stored_in_the_pacs_as_a_series_per_slice_is_segmented_as_one(tmp_path, tiny_model, tiny_checkpoint):
+    """Four single-slice cine series of one study (a breath-hold each) and a long-axis series in a real
+    Orthanc: the scheduled job segments the four as one stack (the instance query gives each image's
+    plane), stores its SEGs in one SEG series, and skips the long-axis series; a second run does nothing.
+    Before, each of the five was skipped ("a single slice position")."""
+    import nibabel as nib
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+    from synth import rotated_orientation
+    from test_dicom import _split_per_slice
+
+    from raysegment.config import InferConfig, PredictConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger, results_rows
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.io import dicom, dicomweb
+    from raysegment.model.checkpoint import LoadedModel
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    files = write_dicom_cine(tmp_path / "one", _frames(4), patient="K1")
+    (series,), _ = dicom.find_series(tmp_path / "one")
+    predictor = Predictor(LoadedModel(*tiny_model, "tiny/1"), PredictConfig())  # the checkpoint's weights
+    want = segment_series(dicom.series_key(series.study_uid, series.uid), series.files, predictor, "m", tmp_path / "ref")
+    members = _split_per_slice(files, 4)
+    first = pydicom.dcmread(files[0])
+    lax = write_dicom_cine(tmp_path / "lax", _frames(1), study_uid=first.StudyInstanceUID,
+                           orientation=rotated_orientation((70.0, 10.0, 0.0)))
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+        client.store_instances([pydicom.dcmread(f) for f in [*files, *lax]])
+        config = InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1, actors=1,
+                             progress=False, diagnosis=None)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_batch(config)
+            again = run_batch(config)
+        finally:
+            ray.shutdown()
+        assert summary["segmented"] == 1 and summary["not_cine"] == 1 and again["segmented"] == 0
+        rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
+        assert len(rows) == 2 and all(r["stored"] for r in rows)
+        assert rows[0]["series_description"] == "sa_1 (a stack of 4 series)"
+        np.testing.assert_array_equal(np.asarray(nib.load(rows[0]["mask"]).dataobj), np.asarray(nib.load(want[0]["mask"]).dataobj))
+        segs = client.search_for_instances(search_filters={"Modality": "SEG"})
+        assert len(segs) == 2 and len({s["0020000E"]["Value"][0] for s in segs}) == 1
+        seg = pydicom.dcmread(rows[0]["seg"])
+        assert {r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence} == set(members)
+        assert not any((out / "dicom-in").iterdir())
+
+
+@pytest.mark.slow
 def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_path, tiny_model, capsys):
     """v1, then v2 (a new champion), then v1 again (a rollback) on one PACS series: each run leaves the
     output's mask and results and the PACS's one raysegment SEG series those of the model that ran
@@ -368,9 +423,9 @@ def test_pacs_series_are_retrieved_as_an_actor_falls_free_not_all_before_the_fir
     out, seen = tmp_path / "out", []
     real = dicomweb.web_retrieve
 
-    def retrieve(client, study, series, folder, digest=None):
+    def retrieve(client, study, series, folder, *rest):
         seen.append(sum(1 for f in (out / "dicom-in").iterdir() if f.name != folder.name) if (out / "dicom-in").exists() else 0)
-        return real(client, study, series, folder, digest)
+        return real(client, study, series, folder, *rest)
 
     monkeypatch.setattr(dicomweb, "web_retrieve", retrieve)
     with running_orthanc(tmp_path / "orthanc") as url:

@@ -164,7 +164,8 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
 
     client = dicomweb.web_client(config.input, config.pacs_auth)
     try:
-        items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"], "web": (s["study"], s["series"]),
+        items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"],
+                  "web": (s["study"], s["series"], tuple(s.get("members", ()))),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client, _since(config.since_days))]
     except Exception as exc:
@@ -350,13 +351,13 @@ def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:
     query or retrieval failed (retried by the next run)."""
     from raysegment.io.dicomweb import failure, web_retrieve
 
-    study, series = item["web"]
+    study, series, members = item["web"]
     if "invalid" in item or "error" in item:
         status = "failed" if "invalid" in item else "error"
         return _entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"])
     item["retrieved"] = retrieval_folder(out, series)
     try:
-        item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"], item["sha256"])]
+        item["files"] = [str(p) for p in web_retrieve(client, study, series, item["retrieved"], item["sha256"], members)]
     except Exception as exc:
         drop_retrieved(item.pop("retrieved"))
         return _entry(item["path"], item["sha256"], version, "error", failure("WADO-RS retrieve", exc))

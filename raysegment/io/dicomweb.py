@@ -10,6 +10,9 @@ from raysegment.io.dicom import instances_digest
 
 PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in seconds, not minutes
 PACS_ATTEMPTS, PACS_BACKOFF_MS = 3, 250  # tries per request, back-off base: waits 0.5 s, 1 s
+# What an instance query asks for beyond the UIDs: where each image lies (``io.stacks``): SOP class,
+# frame of reference, orientation, position, rows, columns, series number.
+PLANE_FIELDS = ("00080016", "00200052", "00200037", "00200032", "00280010", "00280011", "00200011")
 
 
 def web_client(url: str, auth: str | None = None):
@@ -121,8 +124,9 @@ def web_series(client, since: str | None = None) -> list[dict]:
     over the series' SOP Instance UIDs (one instance query per series). ``since`` (``YYYYMMDD``):
     only series of studies dated that day or later (DICOM range matching on StudyDate). A record the
     server sends without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason)
-    instead of stopping the others."""
-    out = []
+    instead of stopping the others. Single-slice series that make one short-axis stack (``io.stacks``,
+    from the planes the instance query gives) are one record, with ``members``."""
+    out, found = [], {}
     filters = {"Modality": "MR", **({"StudyDate": f"{since}-"} if since else {})}
     for n, s in enumerate(client.search_for_series(search_filters=filters)):
         study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
@@ -132,12 +136,45 @@ def web_series(client, since: str | None = None) -> list[dict]:
                         "invalid": "PACS query record without Study or Series Instance UID"})
             continue
         try:
-            digest = series_digest(client, study, series)
+            found[series] = (study, _series_instances(client, study, series))
         except Exception as exc:
             out.append({"study": study, "series": series, "sha256": "unknown",
                         "error": failure("QIDO-RS instance query", exc)})
             continue
-        out.append({"study": study, "series": series, "sha256": digest})
+        out.append({"study": study, "series": series, "sha256": instances_digest(found[series][1])})
+    return _stacked(out, found)
+
+
+def _series_instances(client, study: str, series: str) -> dict[str, list | None]:
+    """A series' instances (QIDO-RS, one query) → SOP Instance UID: its plane (``io.dicom._plane_of``'s
+    form; None where the PACS does not give it, or the instance is no single-frame MR image)."""
+    from raysegment.io.dicom import MR_IMAGE
+
+    out = {}
+    for i in client.search_for_instances(study_instance_uid=study, series_instance_uid=series, fields=list(PLANE_FIELDS)):
+        value = {tag: i.get(tag, {}).get("Value") for tag in PLANE_FIELDS}
+        plane = None
+        if _tag(i, "00080016") == MR_IMAGE and all(value[t] for t in ("00200037", "00200032", "00280010", "00280011")):
+            try:
+                plane = [_tag(i, "00200052"), [float(v) for v in value["00200037"]], [float(v) for v in value["00200032"]],
+                         int(value["00280010"][0]), int(value["00280011"][0]), int((value["00200011"] or [0])[0] or 0)]
+            except (TypeError, ValueError):
+                plane = None
+        out[_tag(i, "00080018")] = plane
+    return out
+
+
+def _stacked(records: list[dict], found: dict[str, tuple[str, dict]]) -> list[dict]:
+    """``web_series``' records with the single-slice series that make a stack as one record: the
+    stack's UID as ``series``, its series in slice order as ``members``, the digest over all their instances."""
+    from raysegment.io.stacks import stack_groups
+
+    groups = stack_groups({uid: (study, list(sops.values())) for uid, (study, sops) in found.items()})
+    taken = {m for _, members in groups for m in members}
+    out = [r for r in records if r["series"] not in taken]
+    for uid, members in groups:
+        sops = [sop for m in members for sop in found[m][1]]
+        out.append({"study": found[members[0]][0], "series": uid, "members": members, "sha256": instances_digest(sops)})
     return out
 
 
@@ -150,20 +187,23 @@ class IncompleteRetrieval(RuntimeError):
     """WADO-RS gave other instances than QIDO-RS listed for the series."""
 
 
-def web_retrieve(client, study: str, series: str, folder: Path, digest: str | None = None) -> list[Path]:
+def web_retrieve(client, study: str, series: str, folder: Path, digest: str | None = None,
+                 members: tuple[str, ...] = ()) -> list[Path]:
     """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID), in the
     transfer syntax the PACS stores them in (``transfer-syntax=*``; GDCM decodes JPEG Lossless, JPEG-LS
     and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
     breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
     as QIDO-RS listed it (``series_digest``); an answer of other instances (cut off, or the series
-    still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part."""
+    still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part.
+    ``members``: a stack's series (``web_series``), retrieved one after the other into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=series,
-                                     media_types=(("application/dicom", "*"),)):
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+    for part in members or (series,):
+        for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=part,
+                                         media_types=(("application/dicom", "*"),)):
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
     if digest is not None and instances_digest(p.stem for p in paths) != digest:
         raise IncompleteRetrieval(f"the PACS sent {len(paths)} instance(s), not the ones its query listed "
                                   f"(an answer cut off, or the series still arriving)")
