@@ -121,6 +121,23 @@ def test_ledger_survives_a_torn_line(tmp_path):
     assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["/a", "/b", "/d"]
 
 
+def test_the_series_of_a_stack_have_no_rows_of_their_own_once_the_stack_is_segmented(tmp_path):
+    """Slice series skipped one by one before the rest of their stack arrived are the stack's rows
+    once it is segmented (its entry names them as ``members``); a series of no stack keeps its row."""
+    from raysegment.inference.ledger import results_rows
+
+    led = Ledger(tmp_path / "ledger.jsonl")
+    skipped = {"sha256": "s", "model_version": "m/1", "status": "skipped", "reason": "a single slice position"}
+    for series in ("sa1", "sa2", "lax"):
+        led.append({"path": f"dicom:1.2/{series}", **skipped})
+    assert [r["study"] for r in results_rows(led)] == ["dicom:1.2/sa1", "dicom:1.2/sa2", "dicom:1.2/lax"]
+    led.append({"path": "dicom:1.2/stack", "sha256": "t", "model_version": "m/1", "status": "done", "reason": "",
+                "members": ["dicom:1.2/sa1", "dicom:1.2/sa2", "dicom:1.2/sa3"],
+                "rows": [{"study": "dicom:1.2/stack", "frame": t, "status": "done"} for t in (0, 1)]})
+    assert [(r["study"], r["frame"]) for r in results_rows(led)] == [
+        ("dicom:1.2/lax", -1), ("dicom:1.2/stack", 0), ("dicom:1.2/stack", 1)]
+
+
 def test_a_refreshed_ledger_reads_what_others_appended_in_the_order_written(tmp_path):
     """Two writers on one ledger: a refresh reads only the new lines, and each ends with the entries in
     the file's order, as a ledger read afresh has them (the last-written entry of a path is its latest)."""

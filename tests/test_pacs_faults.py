@@ -231,10 +231,11 @@ def test_a_series_the_pacs_keeps_compressed_is_retrieved_whole_and_a_cut_off_ans
 
 @pytest.mark.slow
 def test_a_stack_stored_in_the_pacs_as_a_series_per_slice_is_segmented_as_one(tmp_path, tiny_model, tiny_checkpoint):
-    """Four single-slice cine series of one study (a breath-hold each) and a long-axis series in a real
-    Orthanc: the scheduled job segments the four as one stack (the instance query gives each image's
-    plane), stores its SEGs in one SEG series, and skips the long-axis series; a second run does nothing.
-    Before, each of the five was skipped ("a single slice position")."""
+    """Single-slice cine series of one study (a breath-hold each) and a long-axis series in a real
+    Orthanc. Two slices in: each is skipped, a single slice. All four in: the scheduled job segments
+    them as one stack (the instance query gives each image's plane), stores its SEGs in one SEG
+    series, and the results keep no row of the two slices' own; the long-axis series stays skipped;
+    a third run does nothing. Before, each of the five was skipped ("a single slice position")."""
     import nibabel as nib
     import pydicom
     import ray
@@ -263,18 +264,25 @@ def test_a_stack_stored_in_the_pacs_as_a_series_per_slice_is_segmented_as_one(tm
     out = tmp_path / "out"
     with running_orthanc(tmp_path / "orthanc") as url:
         client = dicomweb.web_client(url)
-        client.store_instances([pydicom.dcmread(f) for f in [*files, *lax]])
         config = InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1, actors=1,
                              progress=False, diagnosis=None)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
+            parts = {True: [], False: []}
+            for f in files:
+                parts[str(pydicom.dcmread(f).SeriesInstanceUID) in members[:2]].append(f)
+            client.store_instances([pydicom.dcmread(f) for f in [*parts[True], *lax]])
             summary = run_batch(config)
-            again = run_batch(config)
+            assert summary["segmented"] == 0 and summary["not_cine"] == 3, summary
+            client.store_instances([pydicom.dcmread(f) for f in parts[False]])
+            summary, again = run_batch(config), run_batch(config)
         finally:
             ray.shutdown()
-        assert summary["segmented"] == 1 and summary["not_cine"] == 1 and again["segmented"] == 0
-        rows = [r for r in results_rows(Ledger(out / "ledger.jsonl")) if r["status"] == "done"]
-        assert len(rows) == 2 and all(r["stored"] for r in rows)
+        assert summary["segmented"] == 1 and again["segmented"] == 0 and again["studies"] == 2
+        results = results_rows(Ledger(out / "ledger.jsonl"))
+        assert [r["status"] for r in results] == ["skipped", "done", "done"]  # the long-axis series, the stack's frames
+        rows = results[1:]
+        assert all(r["stored"] for r in rows) and not any(r["study"].endswith(members[0]) for r in results)
         assert rows[0]["series_description"] == "sa_1 (a stack of 4 series)"
         np.testing.assert_array_equal(np.asarray(nib.load(rows[0]["mask"]).dataobj), np.asarray(nib.load(want[0]["mask"]).dataobj))
         segs = client.search_for_instances(search_filters={"Modality": "SEG"})

@@ -125,6 +125,8 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
         for entry in _segment_all(actors, todo, config.max_attempts, version, died, prepare=retrieve):
             if client is not None and config.store and entry["status"] == "done":
                 store_entry(client, entry, ledger)
+            if members := by_path[entry["path"]].get("members"):  # a stack: its series have no rows of their own
+                entry["members"] = members
             progress(ledger, entry)
             if folder := by_path[entry["path"]].pop("retrieved", None):  # recorded: the PACS keeps the images
                 drop_retrieved(folder)
@@ -166,6 +168,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
     try:
         items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"],
                   "web": (s["study"], s["series"], tuple(s.get("members", ()))),
+                  **({"members": [series_key(s["study"], m) for m in s["members"]]} if s.get("members") else {}),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client, _since(config.since_days))]
     except Exception as exc:
@@ -277,7 +280,8 @@ def discover(root: Path, out: Path, ledger: "Ledger", version: str, skip_globs=(
     if skip_globs:
         print(_excluded_line(root, out, skip_globs), flush=True)
     for s in series:
-        items.append({"path": series_key(s.study_uid, s.uid), "sha256": s.digest(), "files": [str(f) for f in s.files]})
+        items.append({"path": series_key(s.study_uid, s.uid), "sha256": s.digest(), "files": [str(f) for f in s.files],
+                      **({"members": [series_key(s.study_uid, m) for m in s.members]} if s.members else {})})
     for path, reason in bad:
         key, digest = _identity(path)
         if not ledger.has(key, digest, version):

@@ -153,10 +153,14 @@ def _now() -> str:
 
 def results_rows(ledger: Ledger) -> list[dict]:
     """One row per study frame, from each study file's latest ledger entry (a file replaced in
-    place supersedes its earlier content; its mask was overwritten too)."""
+    place supersedes its earlier content; its mask was overwritten too). A series that is now one
+    slice of a stack (an entry's ``members``) has no row of its own: skipped as a single slice
+    before the stack's other series arrived, it is the stack's now."""
     rows = []
-    for key, e in ledger.entries.items():  # in the order last written: each path's by its latest entry
-        if ledger.latest[e["path"]] != key:
+    latest = [e for key, e in ledger.entries.items() if ledger.latest[e["path"]] == key]  # in the order last written
+    stacked = {m for e in latest for m in e.get("members", ())}
+    for e in latest:
+        if e["path"] in stacked:
             continue
         if e["status"] == "done":
             rows.extend(e["rows"])
