@@ -164,6 +164,29 @@ def test_a_stack_stored_as_a_series_per_slice_is_read_and_segmented_as_one_serie
     assert folder_cine(tmp_path / "split", members[4]).series_uid == stack.uid
 
 
+def test_frames_without_a_time_are_ordered_by_instance_number_and_without_that_skipped(tmp_path):
+    """An export without trigger time and temporal position (an anonymiser's, a converter's) left each
+    slice's frames in the order of the files' names, so frame t of one slice could be another phase of
+    the next, without a word. Now they follow the instance number; with none either, it is skipped."""
+    import pydicom
+
+    frames = np.stack([synthetic_volume(s, shape=(4, 40, 48))[0] for s in range(3)])
+    files = write_dicom_cine(tmp_path / "cine", frames)
+    (series,), _ = dicom.find_series(tmp_path / "cine")
+    reference = dicom.read_cine(series).frames
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.TriggerTime, ds.TemporalPositionIdentifier
+        ds.save_as(f)
+    np.testing.assert_array_equal(dicom.read_cine(series).frames, reference)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        del ds.InstanceNumber
+        ds.save_as(f)
+    with pytest.raises(dicom.SeriesSkipped, match="cannot be ordered"):
+        dicom.read_cine(series)
+
+
 @pytest.mark.parametrize("case,reason", [
     ("secondary_capture", r"not MR \(modality OT"),
     ("missing_slice", "not evenly spaced"),
@@ -494,7 +517,7 @@ def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
                     {"0020000D": {"Value": ["1.2"]}},
                     {"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.4"]}}]
 
-        def search_for_instances(self, study_instance_uid, series_instance_uid):
+        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None):
             if series_instance_uid == "1.2.4":
                 raise ConnectionError("reset by peer")
             return [{"00080018": {"Value": ["1.2.3.1"]}}]

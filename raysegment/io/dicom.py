@@ -6,7 +6,8 @@ into series, and single-slice series that make one short-axis stack into one (``
 series is segmented when it is a short-axis cine MR: MR Image Storage (one file per slice and frame)
 or Enhanced MR (one multi-frame file), one orientation, slices evenly spaced along the slice normal,
 the same frames at every slice. Anything else is skipped with its reason.
-Slices are sorted by position along the normal, frames by temporal position / trigger time.
+Slices are sorted by position along the normal, frames by temporal position / trigger time, else
+instance number.
 
 Bad input is ``StudyError`` (failed for good, with a one-line reason); input that is valid DICOM
 but no short-axis cine is ``SeriesSkipped``.
@@ -270,7 +271,8 @@ def _plane(ds, geometry, frame_index: int | None) -> dict:
         t = geometry.temporal
     slope = float(getattr(geometry, "RescaleSlope", getattr(ds, "RescaleSlope", 1)) or 1)
     intercept = float(getattr(geometry, "RescaleIntercept", getattr(ds, "RescaleIntercept", 0)) or 0)
-    return {"ds": ds, "frame": frame_index, "iop": iop, "ipp": ipp, "spacing": spacing, "time": t,
+    number = frame_index if frame_index is not None else int(getattr(ds, "InstanceNumber", 0) or 0)
+    return {"ds": ds, "frame": frame_index, "iop": iop, "ipp": ipp, "spacing": spacing, "time": t, "number": number,
             "pixels": pixels.astype(np.float64) * slope + intercept}
 
 
@@ -324,7 +326,9 @@ def _assemble(planes: list[dict], series: Series, description: str) -> CineVolum
     if len(levels) < 2:
         raise SeriesSkipped(f"a single slice position (not a short-axis stack; {MIN_SLICES} or more such series of one "
                             f"study, parallel, are read as one)")
-    by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: p["time"]) for lv in levels}
+    # Frames by time; where a series gives none (no trigger time or temporal position), by instance number.
+    by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: (p["time"], p["number"]))
+                for lv in levels}
     counts = {len(v) for v in by_level.values()}
     if len(counts) != 1:
         repeated = [lv for lv, ps in by_level.items() if len({p["time"] for p in ps}) < len(ps)]
@@ -332,6 +336,10 @@ def _assemble(planes: list[dict], series: Series, description: str) -> CineVolum
             raise SeriesSkipped(f"slice at {repeated[0]:g} mm holds two images of the same time "
                                 f"(an instance repeated under another UID)")
         raise SeriesSkipped(f"slices hold different numbers of frames {sorted(counts)} (an instance is missing)")
+    for lv, ps in by_level.items():
+        if len({(p["time"], p["number"]) for p in ps}) < len(ps):
+            raise SeriesSkipped(f"the frames of the slice at {lv:g} mm cannot be ordered (no trigger time, temporal "
+                                f"position or instance number tells them apart)")
     gaps = np.diff(levels)
     step = float(np.median(gaps))
     if np.any(np.abs(gaps - step) > 0.1 * step + 0.05):
