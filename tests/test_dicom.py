@@ -164,6 +164,26 @@ def test_a_stack_stored_as_a_series_per_slice_is_read_and_segmented_as_one_serie
     assert folder_cine(tmp_path / "split", members[4]).series_uid == stack.uid
 
 
+def test_positions_that_differ_by_micrometres_are_one_slice(tmp_path):
+    """Positions of one slice written a few micrometres apart (a header re-written from floats) were
+    grouped by rounding to 0.01 mm: those either side of a rounding line became two slices, and nine
+    series in ten were skipped, "slices hold different numbers of frames (an instance is missing)"."""
+    import pydicom
+
+    frames = np.stack([synthetic_volume(s, shape=(5, 40, 48))[0] for s in range(3)])
+    files = write_dicom_cine(tmp_path / "cine", frames)
+    (series,), _ = dicom.find_series(tmp_path / "cine")
+    reference = dicom.read_cine(series)
+    rng = np.random.default_rng(0)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.ImagePositionPatient = [round(float(v) + rng.uniform(-0.004, 0.004), 4) for v in ds.ImagePositionPatient]
+        ds.save_as(f)
+    cine = dicom.read_cine(series)
+    np.testing.assert_array_equal(cine.frames, reference.frames)
+    assert cine.spacing_zyx == pytest.approx(reference.spacing_zyx, abs=0.01)
+
+
 def test_frames_without_a_time_are_ordered_by_instance_number_and_without_that_skipped(tmp_path):
     """An export without trigger time and temporal position (an anonymiser's, a converter's) left each
     slice's frames in the order of the files' names, so frame t of one slice could be another phase of

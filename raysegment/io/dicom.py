@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raysegment.io.stacks import MIN_SLICES, stack_groups
+from raysegment.io.stacks import MIN_SLICES, position_levels, stack_groups
 from raysegment.io.studies import StudyError
 
 MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -320,15 +320,15 @@ def _assemble(planes: list[dict], series: Series, description: str) -> CineVolum
     shapes = {p["pixels"].shape for p in planes}
     if len(shapes) != 1:
         raise SeriesSkipped(f"images of different sizes {sorted(shapes)}")
-    # Slice positions along the normal (mm), grouped within 0.01 mm.
-    dist = np.array([float(p["ipp"] @ normal) for p in planes])
-    levels = np.unique(np.round(dist, 2))
+    # Slice positions along the normal (mm), one level per slice (``io.stacks.position_levels``).
+    labels, levels = position_levels([float(p["ipp"] @ normal) for p in planes])
+    levels = np.round(levels, 2)  # the slice step from positions to 0.01 mm, as it always was
     if len(levels) < 2:
         raise SeriesSkipped(f"a single slice position (not a short-axis stack; {MIN_SLICES} or more such series of one "
                             f"study, parallel, are read as one)")
     # Frames by time; where a series gives none (no trigger time or temporal position), by instance number.
-    by_level = {lv: sorted((p for p, d in zip(planes, dist) if round(d, 2) == lv), key=lambda p: (p["time"], p["number"]))
-                for lv in levels}
+    by_level = {lv: sorted((p for p, n in zip(planes, labels) if n == z), key=lambda p: (p["time"], p["number"]))
+                for z, lv in enumerate(levels)}
     counts = {len(v) for v in by_level.values()}
     if len(counts) != 1:
         repeated = [lv for lv, ps in by_level.items() if len({p["time"] for p in ps}) < len(ps)]
