@@ -14,7 +14,7 @@ from raysegment.analysis.clinical import ejection_fraction
 from raysegment.inference.ledger import Ledger, results_rows, write_results
 from raysegment.inference.predictor import Predictor
 from raysegment.inference.study import segment_study
-from raysegment.io.studies import _umask
+from raysegment.io.files import _umask
 from raysegment.reporting.batch import batch_report
 from raysegment.reporting.report import overlay_thumbnail, pick_slices
 

@@ -157,7 +157,7 @@ def test_output_inside_the_input_is_no_input_and_broken_links_are_kept(tmp_path)
 def test_outputs_get_the_umask_mode_not_mkstemp_0600(tmp_path):
     import os
 
-    from raysegment.io.studies import atomic_write
+    from raysegment.io.files import atomic_write
 
     old = os.umask(0o027)
     try:
@@ -181,7 +181,7 @@ def test_half_written_files_of_dead_writers_are_removed_and_living_ones_kept(tmp
     import subprocess
     import time
 
-    from raysegment.io.studies import remove_stale_partials
+    from raysegment.io.files import remove_stale_partials
 
     host = socket.gethostname()
     dead = subprocess.Popen(["true"])

@@ -301,7 +301,7 @@ def _evaluate_command(p, a) -> int:
         (out / "records.json").write_text(json.dumps(records, indent=1))
         (out / "table.md").write_text(table + "\n")
         if levels is not None:
-            from raysegment.io.studies import json_safe
+            from raysegment.io.files import json_safe
 
             (out / "levels.json").write_text(json.dumps(json_safe(levels), indent=1))  # a level without RV: null
             (out / "levels.md").write_text(level_table(levels) + "\n")

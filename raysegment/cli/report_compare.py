@@ -70,7 +70,7 @@ def compare_command(a) -> int:
     import json
 
     from raysegment.analysis import paired
-    from raysegment.io.studies import json_safe
+    from raysegment.io.files import json_safe
     from raysegment.reporting import paired as tables
 
     labels = [a.label_a or " + ".join(a.a), a.label_b or " + ".join(a.b)]

@@ -29,7 +29,8 @@ from raysegment.inference.actors import WORKER_DIED, SegmentActor, _segment_all,
 from raysegment.inference.ledger import Ledger, _entry, _now, read_cache, write_cache, write_results
 from raysegment.inference.pacs import clear_stale_retrievals, drop_retrieved, retrieval_folder, store_entry
 from raysegment.io.dicomweb import PacsUnreachable
-from raysegment.io.studies import atomic_write, file_stat, find_studies, remove_stale_partials
+from raysegment.io.files import atomic_write, file_stat, remove_stale_partials
+from raysegment.io.studies import find_studies
 from raysegment.model.weights import sha256
 from raysegment.runtime import disable_telemetry, stop_signal
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from raysegment.analysis.clinical import add_patient_ef
-from raysegment.io.studies import StudyError, atomic_write, file_stat, read_study
+from raysegment.io.files import atomic_write, file_stat
+from raysegment.io.studies import StudyError, read_study
 
 COMPACT_AT = 3  # lines per entry above which ``refresh`` rewrites the ledger with each key's last line
 CLINICAL_CACHE = "clinical.json"  # per patient: what its indices were computed from, and them

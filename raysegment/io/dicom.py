@@ -84,7 +84,8 @@ def find_series(root: Path, exclude: Path | None = None, skip_globs=(),
     read as (path, reason). Files under ``exclude`` (the output folder), ``studies.hidden`` or matched
     by ``skip_globs`` (``studies.left_out``) are no input. ``cache`` (path → its ``file_stat`` and
     ``_file_kind``): a file whose stat is unchanged is not opened; left holding this call's files."""
-    from raysegment.io.studies import file_stat, hidden, inside, left_out
+    from raysegment.io.files import file_stat
+    from raysegment.io.studies import hidden, inside, left_out
 
     root = Path(root)
     skip = str(Path(exclude).resolve()) if exclude else None

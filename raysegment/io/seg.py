@@ -81,7 +81,7 @@ def write_segs(cine: CineVolume, masks: np.ndarray, model_version: str, out_dir:
     import highdicom as hd
 
     from raysegment.config import VERSION as __version__
-    from raysegment.io.studies import atomic_write
+    from raysegment.io.files import atomic_write
 
     out_dir.mkdir(parents=True, exist_ok=True)
     descriptions = segment_descriptions(model_version)

@@ -1,12 +1,12 @@
 """Study I/O: finding NIfTI studies, reading them as (frames, z, y, x), the one intensity
 normalisation (prepare and the Predictor), writing masks on the
-input's exact grid, the ACDC ``Info.cfg`` parser, the one (x, y, z) ↔ (z, y, x) transpose, and the
-output helpers every writer shares (``atomic_write``, ``json_safe``).
+input's exact grid, the ACDC ``Info.cfg`` parser and the one (x, y, z) ↔ (z, y, x) transpose. The
+output helpers every writer shares are ``io.files``.
 
 nibabel gives voxels in (x, y, z[, t]) order; everything inside raysegment works in
 SimpleITK's (z, y, x) order, so slice ``k`` is ``volume[k]`` of shape (H, W) = (y, x).
 
-Imports ``config`` and ``runtime`` only; no stage.
+Imports ``config`` and ``io.files`` only; no stage.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ import logging
 import math
 import os
 import re
-import socket
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from raysegment.config import DEFAULT_PERCENTILES, IN_PLANE
-from raysegment.runtime import pid_alive
+from raysegment.io.files import atomic_write
 
 
 class StudyError(ValueError):
@@ -310,77 +308,6 @@ def spacing_flag(img) -> str:
     with nib.openers.ImageOpener(source.filename) as f:
         raw = type(img.header).from_fileobj(f, check=False)
     return "spacing_zero_1mm_assumed" if any(float(z) == 0 for z in raw["pixdim"][1:4]) else ""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-PARTIAL = ".partial-"
-STALE_FOREIGN_S = 3600.0  # a partial file of another host (shared storage) counts as abandoned after this
-
-
-def remove_stale_partials(root: Path) -> int:
-    """Delete the half-written files (``atomic_write``'s ``.partial-HOST-PID-*``) under ``root`` whose
-    writer is gone: a dead process of this host, or untouched for ``STALE_FOREIGN_S`` (another host,
-    or an older name without host and pid) → how many were removed."""
-    import time
-
-    removed, host = 0, socket.gethostname()
-    for p in root.rglob(f"{PARTIAL}*"):
-        m = re.match(rf"{re.escape(PARTIAL)}(.+)-(\d+)-", p.name)
-        try:
-            if m and m.group(1) == host:
-                stale = not pid_alive(int(m.group(2)))
-            else:
-                stale = time.time() - p.stat().st_mtime > STALE_FOREIGN_S
-            if stale and p.is_file():
-                p.unlink()
-                removed += 1
-        except OSError:  # gone meanwhile, or not ours to remove
-            continue
-    return removed
-
-
-def json_safe(value):
-    """NaN and inf (an EF of an empty ventricle) → None, in nested dicts and lists: JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def file_stat(p: Path) -> list[int] | None:
-    """[size, mtime_ns, ctime_ns, inode] of a file, or None when it cannot be read."""
-    try:
-        st = p.stat()
-    except (OSError, RuntimeError):
-        return None
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder (so os.replace is atomic), same suffix (nibabel picks the format by it).
-    # The writer's host and pid in the name: a later run removes what a killed writer left
-    # (``remove_stale_partials``) and leaves a living writer's file alone.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{PARTIAL}{socket.gethostname()}-{os.getpid()}-",
-                               suffix="".join(path.suffixes))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_mask(mask_fzyx: np.ndarray, ref_img, path: Path) -> None:

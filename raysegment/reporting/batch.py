@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from raysegment.io.studies import atomic_write
+from raysegment.io.files import atomic_write
 
 MAX_TABLE_ROWS = 1000  # frames (patients) a table lists before it lists only the failed and flagged ones
 MAX_NAMED = 20  # folders a sentence names before it gives their count

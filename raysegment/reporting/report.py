@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from raysegment.config import CLASS_COLOURS, CLASS_RGB
-from raysegment.io.studies import atomic_write
+from raysegment.io.files import atomic_write
 
 COLOURS = CLASS_COLOURS  # RV red, MYO green, LV blue
 

@@ -34,7 +34,8 @@ from urllib.parse import urlencode
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
 from raysegment.io.dicom import series_key
-from raysegment.io.studies import StudyError, json_safe
+from raysegment.io.files import json_safe
+from raysegment.io.studies import StudyError
 from raysegment.runtime import HeapTrimmer, clear_stale_scratch, disable_telemetry, scratch_dir
 
 log = logging.getLogger("ray.serve")
