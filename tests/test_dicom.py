@@ -346,6 +346,42 @@ def test_a_series_whose_rows_run_the_other_way_gets_segs_of_the_stored_ones_mask
     np.testing.assert_array_equal(segs["reversed"], segs["stored"][:, :, ::-1])
 
 
+def test_a_cine_series_gets_an_sr_of_its_indices_beside_its_segs_written_once(tmp_path):
+    """A segmented DICOM cine's patient indices (results.csv's, after the basal check) go into a DICOM
+    SR with LOINC codes and units, its SEGs as evidence; a poll with the same values writes nothing,
+    other values (a new model version) a new SR; a patient with no whole indices gets none."""
+    import pydicom
+    from synth import sample_cine
+
+    from raysegment.config import PredictConfig
+    from raysegment.inference.clinical_sr import write_srs
+    from raysegment.inference.ledger import add_patient_clinical
+    from raysegment.inference.predictor import Predictor
+    from raysegment.inference.study import segment_series
+    from raysegment.io.sr import MEASUREMENTS, read_indices_sr, sr_values
+
+    frames, _, spacing = sample_cine("patient003")
+    write_dicom_cine(tmp_path / "in", frames, spacing_zyx=spacing, patient="P3")
+    (series,), _ = dicom.find_series(tmp_path / "in")
+    out = tmp_path / "out"
+    rows = segment_series(dicom.series_key(series.study_uid, series.uid), series.files,
+                          Predictor.load("shipped:mobilenet_v2", PredictConfig()), "shipped", out)
+    add_patient_clinical(rows)
+    ed = next(r for r in rows if r["phase"] == "ED")
+    assert write_srs(rows, out) == {"written": 1, "stored": 0, "errors": []}
+    path = out / "dicom" / series.uid / "indices_sr.dcm"
+    assert read_indices_sr(path) == {k: round(ed[k], 1) for k, *_ in MEASUREMENTS} and 0 < ed["lv_ef_pct"] < 90  # a DCM patient
+    sr = pydicom.dcmread(path)
+    assert sr.Modality == "SR" and sr.PatientID == "P3" and sr.SeriesDescription.endswith(" indices")
+    assert {s.SeriesInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence} == \
+        {pydicom.dcmread(rows[0]["seg"]).SeriesInstanceUID}
+    assert write_srs(rows, out)["written"] == 0
+    for r in rows:
+        r["model_version"] = "other/2"
+    assert write_srs(rows, out)["written"] == 1 and pydicom.dcmread(path).SOPInstanceUID != sr.SOPInstanceUID
+    assert sr_values({**ed, "rv_ef_pct": -3.0}) is None and sr_values({**ed, "lv_mass_g": float("nan")}) is None
+
+
 def test_an_enhanced_multiframe_mr_reads_like_its_single_frame_series_and_gets_its_segs(tmp_path):
     import highdicom as hd
     import pydicom

@@ -308,6 +308,20 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         assert not any((out / "dicom-in").iterdir())  # the retrieved images: the PACS keeps them, not the output
         segs = client.search_for_instances(search_filters={"Modality": "SEG"})
         assert len(segs) == 4
+        # Each cine series' clinical indices as an SR in the PACS beside its SEGs: results.csv's values.
+        from raysegment.io.sr import MEASUREMENTS, read_indices_sr
+
+        srs = client.search_for_instances(search_filters={"Modality": "SR"})
+        assert len(srs) == 2 and json.loads((out / "last_run.json").read_text())["srs_stored"] == 2
+        for r in (r for r in done if r["phase"] == "ED"):
+            series_uid = r["study"].split("/")[1]
+            sr = next(i for i in srs if i["0020000E"]["Value"][0] != series_uid and i["0020000D"]["Value"][0] in r["study"])
+            stored = client.retrieve_instance(study_instance_uid=sr["0020000D"]["Value"][0],
+                                              series_instance_uid=sr["0020000E"]["Value"][0],
+                                              sop_instance_uid=sr["00080018"]["Value"][0])
+            stored.save_as(tmp_path / "sr.dcm")
+            assert read_indices_sr(tmp_path / "sr.dcm") == {k: round(r[k], 1) for k, *_ in MEASUREMENTS}
+            assert 40 < r["lv_ef_pct"] < 80 and r["lv_edv_ml"] > 50  # a real patient's, not a placeholder
         # The PACS lists a SEG series per cine series, by the model version that made it.
         listed = client.search_for_series(search_filters={"Modality": "SEG"},
                                           fields=["SeriesDescription", "SeriesNumber"])
@@ -346,6 +360,8 @@ def test_a_pacs_is_source_and_sink_exactly_once(cluster, tmp_path, capsys):
         assert "3 studies, 3 already done" in text and "0 to segment" in text
         assert json.loads((out / "last_run.json").read_text())["actors"] == 0
         assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 4
+        assert len(client.search_for_instances(search_filters={"Modality": "SR"})) == 2
+        assert json.loads((out / "last_run.json").read_text())["srs_stored"] == 0
         # A run killed after STOW-RS but before its ledger line stores the same SEGs again on resuming:
         # the same instances (UIDs from series, frame and model), not duplicates.
         dicomweb.web_store(client, [Path(r["seg"]) for r in done])

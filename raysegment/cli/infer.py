@@ -82,6 +82,8 @@ def done_line(summary: dict, output: str) -> str:
             f"error{'' if s['errors'] == 1 else 's'} to retry; {s['already_done']} already done by {s['version']}")
     if s.get("later"):
         text += f"; {s['later']} left to later runs (--limit)"
+    if s.get("sr_errors"):
+        text += f"; {s['sr_errors']} indices SR{'' if s['sr_errors'] == 1 else 's'} to store next run"
     if "dice_vs_gt" in s:
         d = s["dice_vs_gt"]
         text += (f". Dice against the reference masks ({d['volumes']} frames): RV {d['dice_rv']:.3f}, MYO {d['dice_myo']:.3f}, "
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[raysegment] {done_line(summary, a.output)}")
     # 1: some studies met an environment error (PACS, disk) and wait for the next run; a cron
     # wrapper or Kubernetes CronJob sees the run as failed. Bad input alone (failed rows) is 0.
-    return 1 if summary["errors"] else 0
+    return 1 if summary["errors"] or summary.get("sr_errors") else 0
 
 
 def _lost_line(output: str, lost, why: str) -> str:

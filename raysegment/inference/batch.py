@@ -87,13 +87,19 @@ def run_batch(config: InferConfig) -> dict:
         ray.kill(a)
     table = write_results(ledger, out, diagnosis)
     from raysegment.analysis.metrics import rows_dice_summary
+    from raysegment.inference.clinical_sr import write_srs
     from raysegment.reporting.batch import batch_report
+
+    srs = write_srs(table, out, client if config.store else None, ledger)
+    for line in srs["errors"][:5]:
+        print(f"[raysegment] indices SR not stored (retried next run): {line}", flush=True)
 
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)
     summary = {"studies": len(items), **progress.counts, "already_done": len(items) - progress.total - progress.later,
                **({"later": progress.later} if progress.later else {}),
                "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
+               "srs_written": srs["written"], "srs_stored": srs["stored"], "sr_errors": len(srs["errors"]),
                **({"dice_vs_gt": scored} if scored else {})}
     # For a scheduler's checks (and the soak): the console line is for people. A run killed before
     # this point leaves the previous run's file, which its "finished" time tells apart.

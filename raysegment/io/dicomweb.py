@@ -221,8 +221,8 @@ def web_store(client, paths: list[Path]) -> list:
 
 
 def web_replace_segs(client, paths: list[Path]) -> None:
-    """STOW-RS a series' SEGs, then delete from the PACS the SEGs of that SEG series that are not
-    among them (made from earlier content of the series), and check the PACS holds exactly these.
+    """STOW-RS a series' SEGs (or its indices SR), then delete from the PACS the instances of that
+    series that are not among them (made from earlier content), and check the PACS holds exactly these.
 
     Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
     DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
