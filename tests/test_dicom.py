@@ -376,6 +376,14 @@ def test_a_cine_series_gets_an_sr_of_its_indices_beside_its_segs_written_once(tm
     assert {s.SeriesInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence} == \
         {pydicom.dcmread(rows[0]["seg"]).SeriesInstanceUID}
     assert write_srs(rows, out)["written"] == 0
+
+    class Down:  # a PACS that fails the STOW-RS: a line, and the next run stores it
+        def store_instances(self, datasets):
+            raise ConnectionError("PACS down")
+
+    got = write_srs(rows, out, Down())
+    assert got["stored"] == 0 and "STOW-RS of its indices SR failed (ConnectionError: PACS down)" in got["errors"][0]
+    assert json.loads((out / "sr.json").read_text())[ed["study"]] == {"uid": sr.SOPInstanceUID, "stored": False}
     for r in rows:
         r["model_version"] = "other/2"
     assert write_srs(rows, out)["written"] == 1 and pydicom.dcmread(path).SOPInstanceUID != sr.SOPInstanceUID

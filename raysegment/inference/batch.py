@@ -92,7 +92,7 @@ def run_batch(config: InferConfig) -> dict:
 
     srs = write_srs(table, out, client if config.store else None, ledger)
     for line in srs["errors"][:5]:
-        print(f"[raysegment] indices SR not stored (retried next run): {line}", flush=True)
+        print(f"[raysegment] retried next run: {line}", flush=True)
 
     batch_report(table, out, n_figures=config.report_figures)
     scored = rows_dice_summary(table)

@@ -50,7 +50,11 @@ def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = 
         uid = sr_uid(series, version, values)
         known = before.get(key) if isinstance(before.get(key), dict) else {}
         if known.get("uid") != uid or not path.exists():
-            write_indices_sr(sorted(set(segs)), values, series, version, path)
+            try:
+                write_indices_sr(sorted(set(segs)), values, series, version, path)
+            except Exception as exc:  # a SEG gone from the output, a full disk: the results stand
+                counts["errors"].append(f"{key}: its indices SR was not written ({type(exc).__name__}: {exc})")
+                continue
             known = {"uid": uid, "stored": False}
             counts["written"] += 1
         if client is not None and not known.get("stored"):
