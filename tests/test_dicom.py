@@ -79,6 +79,20 @@ def test_a_series_stored_compressed_reads_and_segments_as_its_uncompressed_twin(
     cine = dicom.read_cine(series)
     for t, (a, b) in enumerate(zip(*masks)):
         np.testing.assert_array_equal(dicom_seg.read_seg_labels(a["seg"], cine, t), dicom_seg.read_seg_labels(b["seg"], cine, t))
+    # An Enhanced MR (one multi-frame instance) compressed: its frames decode to the same cine.
+    import highdicom as hd
+
+    (tmp_path / "enhanced").mkdir()
+    enhanced = hd.legacy.LegacyConvertedEnhancedMRImage([pydicom.dcmread(f) for f in plain], series_instance_uid=pydicom.uid.generate_uid(),
+                                                        series_number=6, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm")
+    compress_dicom(tmp_path / "enhanced.dcm", tmp_path / "enhanced" / "cine", "JPEG2000Lossless")
+    packed = pydicom.dcmread(tmp_path / "enhanced" / "cine")
+    # GDCM's writer rewrites the frames' positions as one regular volume: give them back.
+    packed.PerFrameFunctionalGroupsSequence = enhanced.PerFrameFunctionalGroupsSequence
+    packed.save_as(tmp_path / "enhanced" / "cine")
+    (multi,), _ = dicom.find_series(tmp_path / "enhanced")
+    np.testing.assert_array_equal(dicom.read_cine(multi).frames, reference)
 
 
 def _split_per_slice(files, slices: int, numbers=None) -> list[str]:
