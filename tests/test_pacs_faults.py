@@ -293,6 +293,54 @@ def test_a_stack_stored_in_the_pacs_as_a_series_per_slice_is_segmented_as_one(tm
 
 
 @pytest.mark.slow
+def test_a_pushed_series_gets_its_indices_sr_at_once_and_the_scheduled_run_stores_it_no_more(tmp_path):
+    """The service's push path (``segment_pacs_series``) on a bundled sample patient in a real Orthanc:
+    the SEGs and, with them, the SR of the patient's indices, the values the scheduled job's results
+    then hold; that run stores no SR again. Before, the SR waited for the next scheduled run."""
+    import pyarrow.parquet as pq
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+    from synth import sample_cine
+
+    from raysegment.analysis.diagnosis import load as load_diagnosis
+    from raysegment.config import InferConfig, PredictConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger
+    from raysegment.inference.pacs import segment_pacs_series
+    from raysegment.inference.predictor import Predictor
+    from raysegment.io import dicom, dicomweb
+    from raysegment.io.sr import MEASUREMENTS, read_indices_sr
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    images, _, spacing = sample_cine("patient063")
+    files = write_dicom_cine(tmp_path / "src", images, spacing_zyx=spacing, patient="S63")
+    (series,), _ = dicom.find_series(tmp_path / "src")
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+        client.store_instances([pydicom.dcmread(f) for f in files])
+        entry = segment_pacs_series(client, series.study_uid, series.uid, Predictor.load("shipped:mobilenet_v2", PredictConfig()),
+                                    "shipped:mobilenet_v2", out, ledger=Ledger(out / "ledger.jsonl"),
+                                    diagnosis=load_diagnosis("shipped"))
+        assert entry["status"] == "done" and "sr_error" not in entry
+        (sr,) = client.search_for_instances(search_filters={"Modality": "SR"})
+        client.retrieve_instance(study_instance_uid=series.study_uid, series_instance_uid=sr["0020000E"]["Value"][0],
+                                 sop_instance_uid=sr["00080018"]["Value"][0]).save_as(tmp_path / "sr.dcm")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_batch(InferConfig(models=("shipped:mobilenet_v2",), input=url, output=str(out), threads=1,
+                                            actors=1, progress=False))
+        finally:
+            ray.shutdown()
+        assert summary["already_done"] == 1 and summary["srs_written"] == 0 and summary["srs_stored"] == 0
+        ed = next(r for r in pq.read_table(out / "results.parquet").to_pylist() if r.get("phase") == "ED")
+        assert read_indices_sr(tmp_path / "sr.dcm") == {k: round(ed[k], 1) for k, *_ in MEASUREMENTS}
+        assert len(client.search_for_instances(search_filters={"Modality": "SR"})) == 1
+
+
+@pytest.mark.slow
 def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_path, tiny_model, capsys):
     """v1, then v2 (a new champion), then v1 again (a rollback) on one PACS series: each run leaves the
     output's mask and results and the PACS's one raysegment SEG series those of the model that ran

@@ -1,8 +1,9 @@
 """The clinical indices of each segmented DICOM cine series as a DICOM SR (``io.sr``), written beside
 its SEGs (``OUTPUT/dicom/SERIES/indices_sr.dcm``) and, where the input is a PACS, stored there. Runs
 after the results table (the indices, with the basal ES check, are computed there), at every run:
-an SR not yet written or stored (a series the service segmented, a STOW-RS that failed) is done by
-the next. ``OUTPUT/sr.json`` keeps, per series, the SR's UID and whether the PACS holds it.
+an SR not yet written or stored (a STOW-RS that failed) is done by the next; the service's push
+stores its series' SR at once (``store_entry_sr``). ``OUTPUT/sr.json`` keeps, per series, the SR's
+UID and whether the PACS holds it.
 
 Imports ``io`` and ``inference.ledger``; no Ray.
 """
@@ -31,16 +32,18 @@ def _series_rows(rows: list[dict]) -> dict[str, tuple[dict, list[Path]]]:
     return {k: (ed, segs) for k, (ed, segs) in found.items() if ed is not None and segs}
 
 
-def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = None) -> dict:
+def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = None, every: bool = True) -> dict:
     """Write (and with ``client``, store) the SR of every DICOM cine series in the results ``rows``
     whose indices are whole → {"written": n, "stored": n, "errors": [one line each]}. An SR is
-    written again only when its values or model version changed, and stored until the PACS has it."""
+    written again only when its values or model version changed, and stored until the PACS has it.
+    ``every``: ``rows`` are the whole results (``sr.json`` keeps their series only); False: one push's
+    series (the others are kept; beside a scheduled run, a lost mark only stores the same SR again)."""
     from raysegment.io.dicom import series_uids
     from raysegment.io.dicomweb import failure
     from raysegment.io.sr import sr_uid, sr_values, write_indices_sr
 
     before = read_cache(out / SR_CACHE)
-    cache, counts = {}, {"written": 0, "stored": 0, "errors": []}
+    cache, counts = ({} if every else dict(before)), {"written": 0, "stored": 0, "errors": []}
     for key, (ed, segs) in sorted(_series_rows(rows).items()):
         values = sr_values(ed)
         if values is None:
@@ -80,3 +83,14 @@ def _store(client, study: str, series: str, version: str, path: Path, ledger: Le
     others = ledger.stored_versions(series_key(study, series)) - {version} if ledger is not None else set()
     for other in sorted(others):
         web_delete_series(client, study, sr_series_uid(series, other))
+
+
+def store_entry_sr(client, entry: dict, out: Path, ledger: Ledger, diagnosis=None) -> list[str]:
+    """The SR of one series just segmented and stored (a service push): its indices as the results
+    table computes them (``add_patient_clinical``, on copies of its rows), written and stored → the
+    error lines (none when it went, or when the indices are not whole)."""
+    from raysegment.inference.ledger import add_patient_clinical
+
+    rows = [dict(r) for r in entry.get("rows", [])]
+    add_patient_clinical(rows, diagnosis)
+    return write_srs(rows, out, client, ledger, every=False)["errors"]

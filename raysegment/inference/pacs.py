@@ -10,6 +10,7 @@ import shutil
 import time
 from pathlib import Path
 
+from raysegment.inference.clinical_sr import store_entry_sr
 from raysegment.inference.ledger import Ledger, _entry, _now
 from raysegment.inference.study import settle_study
 from raysegment.io.dicom import series_key, series_uids
@@ -64,12 +65,14 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
 
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
-                        store: bool = True, ledger: Ledger | None = None) -> dict:
+                        store: bool = True, ledger: Ledger | None = None, diagnosis=None) -> dict:
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to a ``retrieval_folder``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled).
     ``ledger``: a long-lived reader of that file (the service's), refreshed here, so a push reads
-    only what was appended since the last one, not a year's ledger whole."""
+    only what was appended since the last one, not a year's ledger whole. With ``store``, the SEGs'
+    series gets its indices SR too (``diagnosis``: its basal ES check, as the results table's);
+    one that fails is ``sr_error`` on the returned entry (the next scheduled run stores it)."""
     from raysegment.io.dicomweb import failure, series_digest, web_retrieve
 
     key, version = series_key(study, series), predictor.version
@@ -92,7 +95,10 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
         entry = settle_study(key, digest, predictor, model_uri, out, False, files)
         if store and entry["status"] == "done":
             store_entry(client, entry, ledger)
-        return _finish(ledger, entry)
+        entry = _finish(ledger, entry)
+        if store and entry["status"] == "done" and (errors := store_entry_sr(client, entry, out, ledger, diagnosis)):
+            entry = {**entry, "sr_error": errors[0]}
+        return entry
     finally:
         drop_retrieved(folder)
 

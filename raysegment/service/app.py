@@ -227,14 +227,15 @@ class SegmentService:
                 self.push_ledger = self.push_ledger or Ledger(out / "ledger.jsonl")
                 entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series,
                                             self.holder.predictor, self.config.model, out, store=self.config.store,
-                                            ledger=self.push_ledger)
+                                            ledger=self.push_ledger, diagnosis=self.diagnosis)
                 self.heap.study_done()
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run
             log.exception("raysegment: PACS series %s/%s", study, series)
             return {}
         finally:
             self.queued.discard(series_key(study, series))
-        log.warning("raysegment: PACS series %s: %s %s", series, entry["status"], entry.get("reason", ""))
+        log.warning("raysegment: PACS series %s: %s %s%s", series, entry["status"], entry.get("reason", ""),
+                    f"; {entry['sr_error']}" if entry.get("sr_error") else "")
         return entry
 
     def series_status(self, params) -> dict:
