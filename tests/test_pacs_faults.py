@@ -293,6 +293,61 @@ def test_a_stack_stored_in_the_pacs_as_a_series_per_slice_is_segmented_as_one(tm
 
 
 @pytest.mark.slow
+def test_a_pushed_slice_series_segments_its_stack_and_stands_as_the_stack(tmp_path, tiny_checkpoint):
+    """The service's push path (``segment_pacs_series``) given one slice series of a stack stored as a
+    series per slice: with two slices in the PACS it is a single slice (skipped); once four are in, a
+    push of any of them segments the stack, the pushed series' status is the stack's, a push of
+    another slice finds it done, and the scheduled run then has nothing to do. Before, every push was
+    skipped, "a single slice position"."""
+    import pydicom
+    import ray
+    from servers import orthanc_available, running_orthanc
+    from test_dicom import _split_per_slice
+
+    from raysegment.config import InferConfig, PredictConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger
+    from raysegment.inference.pacs import segment_pacs_series, series_status
+    from raysegment.inference.predictor import Predictor
+    from raysegment.io import dicomweb
+    from raysegment.io.dicom import series_key
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    files = write_dicom_cine(tmp_path / "src", _frames(4), patient="Q1")
+    members = _split_per_slice(files, 4)
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    by_slice = {m: [f for f in files if str(pydicom.dcmread(f).SeriesInstanceUID) == m] for m in members}
+    predictor = Predictor.load(str(tiny_checkpoint), PredictConfig())  # the version the scheduled run pins
+    out = tmp_path / "out"
+    ledger = Ledger(out / "ledger.jsonl")
+    with running_orthanc(tmp_path / "orthanc") as url:
+        client = dicomweb.web_client(url)
+
+        def push(series: str) -> dict:
+            return segment_pacs_series(client, study, series, predictor, "tiny", out, ledger=ledger)
+
+        client.store_instances([pydicom.dcmread(f) for m in members[:2] for f in by_slice[m]])
+        first = push(members[0])
+        assert first["status"] == "skipped" and "a single slice position" in first["reason"]
+        client.store_instances([pydicom.dcmread(f) for m in members[2:] for f in by_slice[m]])
+        entry = push(members[2])
+        assert entry["status"] == "done" and len(entry["rows"]) == 2 and all(r["stored"] for r in entry["rows"])
+        assert entry["members"] == [series_key(study, m) for m in members]
+        status = series_status(ledger, study, members[0], predictor.version)
+        assert status["status"] == "done" and status["series"] == entry["path"] and status["segs_stored"] == 2
+        assert push(members[3])["status"] == "already_done"
+        assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 2
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            summary = run_batch(InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1,
+                                            actors=1, progress=False, diagnosis=None))
+        finally:
+            ray.shutdown()
+        assert summary["segmented"] == 0 and summary["already_done"] == 1, summary
+
+
+@pytest.mark.slow
 def test_a_pushed_series_gets_its_indices_sr_at_once_and_the_scheduled_run_stores_it_no_more(tmp_path):
     """The service's push path (``segment_pacs_series``) on a bundled sample patient in a real Orthanc:
     the SEGs and, with them, the SR of the patient's indices, the values the scheduled job's results

@@ -201,7 +201,7 @@ def test_a_push_with_a_long_lived_reader_reads_only_what_was_appended_and_record
     from raysegment.io.dicom import instances_digest
 
     class Pacs:
-        def search_for_instances(self, study_instance_uid, series_instance_uid):
+        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None):
             return [{"00080018": {"vr": "UI", "Value": [f"{series_instance_uid}.{i}"]}} for i in range(3)]
 
         def retrieve_series(self, study_instance_uid, series_instance_uid, media_types=None):

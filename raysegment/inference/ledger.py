@@ -43,6 +43,7 @@ class Ledger:
         self.entries: dict[tuple[str, str, str], dict] = {}  # in the order last written
         self.latest: dict[str, tuple[str, str, str]] = {}  # path → its last-written entry's key
         self._keys: dict[str, set[tuple[str, str, str]]] = {}  # path → the keys of its entries
+        self.member_of: dict[str, str] = {}  # a slice series' path → the stack's it is one slice of
         self._read = (None, 0, 0)  # the file read so far: inode, bytes, lines
 
     def refresh(self) -> None:
@@ -96,6 +97,8 @@ class Ledger:
         self.entries[key] = e
         self.latest[e["path"]] = key
         self._keys.setdefault(e["path"], set()).add(key)
+        for member in e.get("members", ()):
+            self.member_of[member] = e["path"]
 
     def has(self, path: str, digest: str, version: str, retry_failed: bool = False) -> bool:
         """Whether this study content is settled for ``version``: done, or failed for good (bad

@@ -73,7 +73,7 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     only what was appended since the last one, not a year's ledger whole. With ``store``, the SEGs'
     series gets its indices SR too (``diagnosis``: its basal ES check, as the results table's);
     one that fails is ``sr_error`` on the returned entry (the next scheduled run stores it)."""
-    from raysegment.io.dicomweb import failure, series_digest, web_retrieve
+    from raysegment.io.dicomweb import failure, push_target, web_retrieve
 
     key, version = series_key(study, series), predictor.version
     if ledger is None:
@@ -81,18 +81,21 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     else:
         ledger.refresh()
     try:
-        digest = series_digest(client, study, series)
+        series, digest, members = push_target(client, study, series)  # a slice of a stack: the stack
     except Exception as exc:
         return _finish(ledger, _entry(key, "unknown", version, "error", failure("QIDO-RS instance query", exc)))
+    key = series_key(study, series)
     if ledger.has(key, digest, version):
         return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
     folder = retrieval_folder(out, series)
     try:
         try:
-            files = [str(p) for p in web_retrieve(client, study, series, folder, digest)]
+            files = [str(p) for p in web_retrieve(client, study, series, folder, digest, members)]
         except Exception as exc:
             return _finish(ledger, _entry(key, digest, version, "error", failure("WADO-RS retrieve", exc)))
         entry = settle_study(key, digest, predictor, model_uri, out, False, files)
+        if members:  # its series have no rows of their own (``results_rows``)
+            entry["members"] = [series_key(study, m) for m in members]
         if store and entry["status"] == "done":
             store_entry(client, entry, ledger)
         entry = _finish(ledger, entry)
@@ -114,10 +117,13 @@ def series_status(ledger: Ledger, study: str, series: str, version: str) -> dict
     when ``version`` wrote it → ``status`` (done, failed, skipped, error: retried by the next run),
     ``reason``, when it finished, the frames segmented and SEGs stored, and the SEG series a viewer
     opens; None when the ledger has no entry for it, or another version's is the last (a rollback:
-    that version's SEGs are what the PACS holds until ``version`` segments the series again)."""
+    that version's SEGs are what the PACS holds until ``version`` segments the series again). A
+    slice series of a segmented stack stands as the stack does (its ``series`` is the stack's key)."""
     from raysegment.io.seg import seg_series_uid
 
     key = series_key(study, series)
+    key = ledger.member_of.get(key, key)  # one slice of a stack stored as a series per slice: the stack's
+    series = series_uids(key)[1]
     entry = ledger.entries[ledger.latest[key]] if key in ledger.latest else None
     if entry is None or entry["model_version"] != version:
         return None

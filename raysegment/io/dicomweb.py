@@ -119,15 +119,17 @@ def _tag(item: dict, tag: str) -> str:
     return str(item.get(tag, {}).get("Value", [""])[0])
 
 
-def web_series(client, since: str | None = None) -> list[dict]:
+def web_series(client, since: str | None = None, study_uid: str | None = None) -> list[dict]:
     """MR series on a DICOMweb server (QIDO-RS): ``{"study", "series", "sha256"}`` each, the digest
     over the series' SOP Instance UIDs (one instance query per series). ``since`` (``YYYYMMDD``):
     only series of studies dated that day or later (DICOM range matching on StudyDate). A record the
     server sends without its UIDs, or whose instance query fails, gets ``"invalid"`` (the reason)
     instead of stopping the others. Single-slice series that make one short-axis stack (``io.stacks``,
-    from the planes the instance query gives) are one record, with ``members``."""
+    from the planes the instance query gives) are one record, with ``members``. ``study_uid``: that
+    study's series only."""
     out, found = [], {}
-    filters = {"Modality": "MR", **({"StudyDate": f"{since}-"} if since else {})}
+    filters = {"Modality": "MR", **({"StudyDate": f"{since}-"} if since else {}),
+               **({"StudyInstanceUID": study_uid} if study_uid else {})}
     for n, s in enumerate(client.search_for_series(search_filters=filters)):
         study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
         if not study or not series:
@@ -136,7 +138,7 @@ def web_series(client, since: str | None = None) -> list[dict]:
                         "invalid": "PACS query record without Study or Series Instance UID"})
             continue
         try:
-            found[series] = (study, _series_instances(client, study, series))
+            found[series] = (study, series_instances(client, study, series))
         except Exception as exc:
             out.append({"study": study, "series": series, "sha256": "unknown",
                         "error": failure("QIDO-RS instance query", exc)})
@@ -145,7 +147,7 @@ def web_series(client, since: str | None = None) -> list[dict]:
     return _stacked(out, found)
 
 
-def _series_instances(client, study: str, series: str) -> dict[str, list | None]:
+def series_instances(client, study: str, series: str) -> dict[str, list | None]:
     """A series' instances (QIDO-RS, one query) → SOP Instance UID: its plane (``io.dicom._plane_of``'s
     form; None where the PACS does not give it, or the instance is no single-frame MR image)."""
     from raysegment.io.dicom import MR_IMAGE
@@ -178,9 +180,18 @@ def _stacked(records: list[dict], found: dict[str, tuple[str, dict]]) -> list[di
     return out
 
 
-def series_digest(client, study: str, series: str) -> str:
-    """The content digest the ledger keys a PACS series on: over its SOP Instance UIDs (QIDO-RS)."""
-    return instances_digest(_series_sops(client, study, series))
+def push_target(client, study: str, series: str) -> tuple[str, str, tuple[str, ...]]:
+    """What a pushed series is to segment → (series UID, content digest, member series): the series
+    itself; or, where it lies in one plane and is a slice of a short-axis stack stored as a series
+    per slice (``web_series`` of its study), the stack — its UID, digest and series."""
+    from raysegment.io.stacks import single_slice
+
+    instances = series_instances(client, study, series)
+    if single_slice(list(instances.values())) is not None:
+        for record in web_series(client, study_uid=study):
+            if series in record.get("members", ()):
+                return record["series"], record["sha256"], tuple(record["members"])
+    return series, instances_digest(instances), ()
 
 
 class IncompleteRetrieval(RuntimeError):
@@ -193,7 +204,7 @@ def web_retrieve(client, study: str, series: str, folder: Path, digest: str | No
     transfer syntax the PACS stores them in (``transfer-syntax=*``; GDCM decodes JPEG Lossless, JPEG-LS
     and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
     breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
-    as QIDO-RS listed it (``series_digest``); an answer of other instances (cut off, or the series
+    as QIDO-RS listed it (``web_series``, ``push_target``); an answer of other instances (cut off, or the series
     still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part.
     ``members``: a stack's series (``web_series``), retrieved one after the other into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

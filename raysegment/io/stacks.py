@@ -39,7 +39,7 @@ def stack_uid(study_uid: str, frame_of_reference: str, orientation) -> str:
     return generate_uid(entropy_srcs=["raysegment stack", study_uid, frame_of_reference, iop])
 
 
-def _single_slice(planes: list) -> tuple | None:
+def single_slice(planes: list) -> tuple | None:
     """(orientation, position along the normal in mm, series number) of a series whose images all
     lie in one plane; None for any other."""
     if not planes or any(p is None for p in planes):
@@ -62,7 +62,7 @@ def stack_groups(series: dict[str, tuple[str, list]]) -> list[tuple[str, list[st
     a slice acquired again) the higher series number is taken; the other stays a series of its own."""
     pools: dict[tuple, list] = {}
     for uid, (study, planes) in series.items():
-        found = _single_slice(planes)
+        found = single_slice(planes)
         if found is not None:
             frame_of_reference, rows, cols = planes[0][0], planes[0][3], planes[0][4]
             pools.setdefault((study, frame_of_reference, rows, cols), []).append((uid, *found))
