@@ -22,6 +22,21 @@ def _ledger(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
 
 
+def _scheduled_run(url: str, checkpoint: Path, out: Path) -> dict:
+    """One scheduled run of ``checkpoint`` on the PACS at ``url`` (a local Ray of 2 CPUs) → its counts."""
+    import ray
+
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return run_batch(InferConfig(models=(str(checkpoint),), input=url, output=str(out), threads=1, actors=1,
+                                     progress=False, diagnosis=None))
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture
 def pacs_urls():
     """DICOMweb roots that fail three ways: refused (nothing listens), 503 (a PACS failing) and 404
@@ -300,12 +315,10 @@ def test_a_pushed_slice_series_segments_its_stack_and_stands_as_the_stack(tmp_pa
     another slice finds it done, and the scheduled run then has nothing to do. Before, every push was
     skipped, "a single slice position"."""
     import pydicom
-    import ray
     from servers import orthanc_available, running_orthanc
     from test_dicom import _split_per_slice
 
-    from raysegment.config import InferConfig, PredictConfig
-    from raysegment.inference.batch import run_batch
+    from raysegment.config import PredictConfig
     from raysegment.inference.ledger import Ledger
     from raysegment.inference.pacs import segment_pacs_series, series_status
     from raysegment.inference.predictor import Predictor
@@ -338,12 +351,7 @@ def test_a_pushed_slice_series_segments_its_stack_and_stands_as_the_stack(tmp_pa
         assert status["status"] == "done" and status["series"] == entry["path"] and status["segs_stored"] == 2
         assert push(members[3])["status"] == "already_done"
         assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 2
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            summary = run_batch(InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1,
-                                            actors=1, progress=False, diagnosis=None))
-        finally:
-            ray.shutdown()
+        summary = _scheduled_run(url, tiny_checkpoint, out)
         assert summary["segmented"] == 0 and summary["already_done"] == 1, summary
 
 
@@ -522,11 +530,8 @@ def test_pacs_series_are_retrieved_as_an_actor_falls_free_not_all_before_the_fir
     the first was segmented: the whole to-do list on disk at once, the first result after the last
     retrieval."""
     import pydicom
-    import ray
     from servers import orthanc_available, running_orthanc
 
-    from raysegment.config import InferConfig
-    from raysegment.inference.batch import run_batch
     from raysegment.io import dicomweb
 
     if not orthanc_available():
@@ -543,11 +548,6 @@ def test_pacs_series_are_retrieved_as_an_actor_falls_free_not_all_before_the_fir
         client = dicomweb.web_client(url)
         for n in range(3):
             client.store_instances([pydicom.dcmread(f) for f in write_dicom_cine(tmp_path / f"s{n}", _frames(3), patient=f"L{n}")])
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        try:
-            summary = run_batch(InferConfig(models=(str(tiny_checkpoint),), input=url, output=str(out), threads=1,
-                                            actors=1, progress=False, diagnosis=None))
-        finally:
-            ray.shutdown()
+        summary = _scheduled_run(url, tiny_checkpoint, out)
     assert summary["segmented"] == 3 and seen == [0, 0, 0], (summary, seen)
     assert not any((out / "dicom-in").iterdir())
