@@ -173,8 +173,7 @@ def _find_items(config: InferConfig, out: Path, ledger: Ledger, version: str):
 
     client = dicomweb.web_client(config.input, config.pacs_auth)
     try:
-        items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"],
-                  "web": (s["study"], s["series"], tuple(s.get("members", ()))),
+        items = [{"path": series_key(s["study"], s["series"]), "sha256": s["sha256"], "web": (s["study"], s["series"]),
                   **({"members": [series_key(s["study"], m) for m in s["members"]]} if s.get("members") else {}),
                   **{k: s[k] for k in ("invalid", "error") if k in s}}
                  for s in dicomweb.web_series(client, _since(config.since_days))]
@@ -360,9 +359,11 @@ def _retrieve_one(client, item: dict, out: Path, version: str) -> dict | None:
     """WADO-RS a series to its ``retrieval_folder`` (``item["files"]``) → None, or the entry of a series
     that cannot be segmented: ``failed`` when the PACS described it without its UIDs, ``error`` when its
     query or retrieval failed (retried by the next run)."""
+    from raysegment.io.dicom import series_uids
     from raysegment.io.dicomweb import failure, web_retrieve
 
-    study, series, members = item["web"]
+    study, series = item["web"]
+    members = tuple(series_uids(m)[1] for m in item.get("members", ()))  # a stack's series
     if "invalid" in item or "error" in item:
         status = "failed" if "invalid" in item else "error"
         return _entry(item["path"], item["sha256"], version, status, item.get("invalid") or item["error"])

@@ -76,13 +76,11 @@ def _store(client, study: str, series: str, version: str, path: Path, ledger: Le
     """STOW-RS the SR, remove the SR series' older SRs (earlier content) and the SR series of the other
     versions whose SEGs the ledger stored for the series (a replaced champion's, or after a rollback)."""
     from raysegment.io.dicom import series_key
-    from raysegment.io.dicomweb import web_delete_series, web_replace_segs
+    from raysegment.io.dicomweb import web_replace_segs
     from raysegment.io.sr import sr_series_uid
 
-    web_replace_segs(client, [path])
     others = ledger.stored_versions(series_key(study, series)) - {version} if ledger is not None else set()
-    for other in sorted(others):
-        web_delete_series(client, study, sr_series_uid(series, other))
+    web_replace_segs(client, [path], [sr_series_uid(series, other) for other in sorted(others)])
 
 
 def store_entry_sr(client, entry: dict, out: Path, ledger: Ledger, diagnosis=None) -> list[str]:

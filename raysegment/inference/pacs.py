@@ -49,15 +49,14 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
     series, that of the model that segmented it last, as the output folder does. ``stored`` only once
     the PACS holds exactly these. A failure turns the entry into an error (retried next run; the SEG
     UIDs follow the content, so nothing is ever stored twice)."""
-    from raysegment.io.dicomweb import failure, web_delete_series, web_replace_segs
+    from raysegment.io.dicomweb import failure, web_replace_segs
     from raysegment.io.seg import seg_series_uid
 
     segs = [Path(r["seg"]) for r in entry["rows"] if r.get("seg")]
-    study, series = series_uids(entry["path"])
+    series = series_uids(entry["path"])[1]
+    others = sorted(ledger.stored_versions(entry["path"]) - {entry["model_version"]})
     try:
-        web_replace_segs(client, segs)
-        for version in sorted(ledger.stored_versions(entry["path"]) - {entry["model_version"]}):
-            web_delete_series(client, study, seg_series_uid(series, version))
+        web_replace_segs(client, segs, [seg_series_uid(series, version) for version in others])
         for r in entry["rows"]:
             r["stored"] = True
     except Exception as exc:

@@ -133,7 +133,7 @@ def _stacked(series: dict[str, Series], planes: dict[str, list]) -> list[Series]
 def _file_kind(path: Path) -> list:
     """What a file is to ``find_series``: ``["dicom", SERIES_UID, STUDY_UID, SOP_UID, PLANE]``, ``["bad",
     REASON]`` (a DICOM file that cannot be read) or ``["other"]`` (no DICOM, e.g. notes beside a series).
-    PLANE (``io.stacks.plane``): where a single-frame MR image lies, else None."""
+    PLANE: ``image_plane``."""
     import pydicom
 
     if not is_dicom_file(path):
@@ -144,8 +144,7 @@ def _file_kind(path: Path) -> list:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
                              specific_tags=["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", *PLANE_TAGS])
-        plane = _plane_of(ds) if str(getattr(ds, "SOPClassUID", "")) == MR_IMAGE else None
-        return ["dicom", str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), plane]
+        return ["dicom", str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), image_plane(ds)]
     except Exception as exc:  # truncated, no UIDs
         return ["bad", f"unreadable DICOM ({type(exc).__name__}: {exc})"]
 
@@ -154,23 +153,18 @@ PLANE_TAGS = ["SOPClassUID", "FrameOfReferenceUID", "ImageOrientationPatient", "
               "SeriesNumber"]
 
 
-def _plane_of(ds) -> list | None:
-    """[frame of reference, orientation (6), position (3; mm), rows, columns, series number] of an
-    image; None without its geometry."""
-    try:
-        return [str(getattr(ds, "FrameOfReferenceUID", "")), _raw_floats(ds, "ImageOrientationPatient"),
-                _raw_floats(ds, "ImagePositionPatient"), int(ds.Rows), int(ds.Columns), int(getattr(ds, "SeriesNumber", 0) or 0)]
-    except (AttributeError, KeyError, TypeError, ValueError):
+def image_plane(ds) -> list | None:
+    """Where a single-frame MR image lies (``io.stacks``' plane): [frame of reference, orientation
+    (6), position (3; mm), rows, columns, series number]; None for another image or one without its
+    geometry. ``ds``: a header read from a file or a PACS's instance record (``io.dicomweb``)."""
+    if str(getattr(ds, "SOPClassUID", "")) != MR_IMAGE:
         return None
-
-
-def _raw_floats(ds, keyword: str) -> list[float]:
-    """A DS element's values (mm) from its bytes as read: pydicom's own conversion, with its checks,
-    took half the time of reading the whole header."""
-    value = ds.get_item(keyword).value
-    if isinstance(value, bytes):
-        return [float(v) for v in value.split(b"\\")]
-    return [float(v) for v in (value if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") else [value])]
+    try:
+        return [str(getattr(ds, "FrameOfReferenceUID", "")), as_floats(ds.ImageOrientationPatient).tolist(),
+                as_floats(ds.ImagePositionPatient).tolist(), int(ds.Rows), int(ds.Columns),
+                int(getattr(ds, "SeriesNumber", 0) or 0)]
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 @dataclass

@@ -10,9 +10,6 @@ from raysegment.io.dicom import instances_digest
 
 PACS_TIMEOUT_S = (5.0, 120.0)  # connect, read: an unreachable PACS fails in seconds, not minutes
 PACS_ATTEMPTS, PACS_BACKOFF_MS = 3, 250  # tries per request, back-off base: waits 0.5 s, 1 s
-# What an instance query asks for beyond the UIDs: where each image lies (``io.stacks``): SOP class,
-# frame of reference, orientation, position, rows, columns, series number.
-PLANE_FIELDS = ("00080016", "00200052", "00200037", "00200032", "00280010", "00280011", "00200011")
 
 
 def web_client(url: str, auth: str | None = None):
@@ -148,20 +145,20 @@ def web_series(client, since: str | None = None, study_uid: str | None = None) -
 
 
 def series_instances(client, study: str, series: str) -> dict[str, list | None]:
-    """A series' instances (QIDO-RS, one query) → SOP Instance UID: its plane (``io.dicom._plane_of``'s
-    form; None where the PACS does not give it, or the instance is no single-frame MR image)."""
-    from raysegment.io.dicom import MR_IMAGE
+    """A series' instances (QIDO-RS, one query, asking for ``io.dicom.PLANE_TAGS`` too) → SOP Instance
+    UID: its ``io.dicom.image_plane`` (None where the PACS does not give it)."""
+    import pydicom
+    from pydicom.datadict import tag_for_keyword
 
+    from raysegment.io.dicom import PLANE_TAGS, image_plane
+
+    fields = [f"{tag_for_keyword(k):08X}" for k in PLANE_TAGS]
     out = {}
-    for i in client.search_for_instances(study_instance_uid=study, series_instance_uid=series, fields=list(PLANE_FIELDS)):
-        value = {tag: i.get(tag, {}).get("Value") for tag in PLANE_FIELDS}
-        plane = None
-        if _tag(i, "00080016") == MR_IMAGE and all(value[t] for t in ("00200037", "00200032", "00280010", "00280011")):
-            try:
-                plane = [_tag(i, "00200052"), [float(v) for v in value["00200037"]], [float(v) for v in value["00200032"]],
-                         int(value["00280010"][0]), int(value["00280011"][0]), int((value["00200011"] or [0])[0] or 0)]
-            except (TypeError, ValueError):
-                plane = None
+    for i in client.search_for_instances(study_instance_uid=study, series_instance_uid=series, fields=fields):
+        try:
+            plane = image_plane(pydicom.Dataset.from_json(i))
+        except Exception:  # a record that is not PS3.18 JSON: no plane, the UIDs still count
+            plane = None
         out[_tag(i, "00080018")] = plane
     return out
 
@@ -231,9 +228,10 @@ def web_store(client, paths: list[Path]) -> list:
     return datasets
 
 
-def web_replace_segs(client, paths: list[Path]) -> None:
+def web_replace_segs(client, paths: list[Path], stale: list[str] | tuple = ()) -> None:
     """STOW-RS a series' SEGs (or its indices SR), then delete from the PACS the instances of that
-    series that are not among them (made from earlier content), and check the PACS holds exactly these.
+    series that are not among them (made from earlier content), and check the PACS holds exactly these;
+    then delete the ``stale`` series of the same study whole (other model versions' SEG or SR series).
 
     Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
     DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
@@ -245,6 +243,8 @@ def web_replace_segs(client, paths: list[Path]) -> None:
         if held != wanted:
             raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
                                f"of SEG series {series} after storing and deleting")
+    for series in stale:
+        web_delete_series(client, str(heads[0].StudyInstanceUID), series)
 
 
 def web_delete_series(client, study: str, series: str) -> int:
