@@ -250,6 +250,9 @@ class ServeConfig:
     output: str | None = None  # with ``pacs``: masks, SEGs and the ledger shared with the scheduled job
     store: bool = True  # with ``pacs``: STOW-RS the SEGs back
     pacs_auth: str | None = field(default=None, repr=False)  # with ``pacs``: "USER:PASSWORD" or "Bearer TOKEN"
+    # with ``pacs``: a pushed slice of a stack stored as a series per slice waits until no slice of its
+    # study was pushed for this long (s), so the stack is segmented once, whole; 0: at each push
+    stack_settle_s: float = 60.0
     # ``?format=json``'s diagnosis of a cine: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
 

@@ -337,16 +337,21 @@ def test_a_pushed_slice_series_segments_its_stack_and_stands_as_the_stack(tmp_pa
     with running_orthanc(tmp_path / "orthanc") as url:
         client = dicomweb.web_client(url)
 
-        def push(series: str) -> dict:
-            return segment_pacs_series(client, study, series, predictor, "tiny", out, ledger=ledger)
+        def push(series: str, stack_waits: bool = False) -> dict:
+            return segment_pacs_series(client, study, series, predictor, "tiny", out, ledger=ledger,
+                                       stack_waits=stack_waits)
 
         client.store_instances([pydicom.dcmread(f) for m in members[:2] for f in by_slice[m]])
         first = push(members[0])
         assert first["status"] == "skipped" and "a single slice position" in first["reason"]
         client.store_instances([pydicom.dcmread(f) for m in members[2:] for f in by_slice[m]])
+        lines = len(ledger.entries)
+        waiting = push(members[2], stack_waits=True)  # the service's first look: the stack may still grow
+        assert waiting["status"] == "waiting"
+        assert len(ledger.entries) == lines and not client.search_for_instances(search_filters={"Modality": "SEG"})
         entry = push(members[2])
         assert entry["status"] == "done" and len(entry["rows"]) == 2 and all(r["stored"] for r in entry["rows"])
-        assert entry["members"] == [series_key(study, m) for m in members]
+        assert entry["members"] == [series_key(study, m) for m in members] and entry["path"] == waiting["path"]
         status = series_status(ledger, study, members[0], predictor.version)
         assert status["status"] == "done" and status["series"] == entry["path"] and status["segs_stored"] == 2
         assert push(members[3])["status"] == "already_done"

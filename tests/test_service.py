@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "s3cret-test-token"
 NAME = "raysegment-mobilenet_v2"
 LUA = Path(__file__).resolve().parents[1] / "jobs" / "orthanc" / "raysegment-push.lua"
+STACK_SETTLE_S = 8.0  # the service's --stack-settle here (Orthanc's StableAge is 2 s)
 
 
 def _register(tiny_model, root: Path, uri: str, seed: int) -> str:
@@ -65,6 +66,7 @@ def stack(tmp_path_factory, tiny_model_session):
         out = root / "out"
         with running_service(root / "svc", "--model", f"models:/{NAME}@champion", "--mlflow-uri", uri, "--poll-s", "1",
                              "--token-file", str(root / "token"), "--pacs", pacs, "--output", str(out),
+                             "--stack-settle", str(STACK_SETTLE_S),
                              "--threads", "1", "--max-body-mb", "1", port=port) as url:
             yield url, pacs, uri, out, root
     # Stopped (SIGTERM, as Ctrl-C): our line last; the raylet's note that the Serve controller's
@@ -215,6 +217,45 @@ def test_a_stable_series_in_orthanc_gets_its_segs_without_cron_and_the_job_then_
     assert summary["already_done"] == 1 and summary["segmented"] == 0 and summary["actors"] == 0
     assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == 2
     assert len((out / "ledger.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_stack_pushed_slice_by_slice_is_segmented_once_whole_after_its_last_slice(stack, tmp_path):
+    """A short-axis stack stored as a series per slice, its last slice arriving after the others had
+    turned stable and been pushed: the service waits (``--stack-settle``; the slices' status stays
+    ``queued``) and segments the whole stack once. Before, the first push segmented the three slices
+    there were and stored their SEGs, and the last slice's push segmented the stack again."""
+    import pydicom
+    from test_dicom import _split_per_slice
+
+    from raysegment.io import dicomweb
+
+    url, pacs, _, out, _ = stack
+    frames = np.stack([synthetic_volume(9, shape=(4, 48, 56))[0], synthetic_volume(10, shape=(4, 48, 56), lv_radius=5.0)[0]])
+    files = write_dicom_cine(tmp_path / "src", frames, patient="PUSH2")
+    members = _split_per_slice(files, 4)
+    study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    by_slice = {m: [pydicom.dcmread(f) for f in files if str(pydicom.dcmread(f).SeriesInstanceUID) == m] for m in members}
+    client, auth = dicomweb.web_client(pacs), {"Authorization": f"Bearer {TOKEN}"}
+    segs_before = len(client.search_for_instances(search_filters={"Modality": "SEG"}))
+
+    def status(series: str) -> requests.Response:
+        return requests.get(f"{url}/v1/pacs/series?study={study}&series={series}", headers=auth, timeout=30)
+
+    client.store_instances([ds for m in members[:3] for ds in by_slice[m]])
+    deadline = time.perf_counter() + 30
+    while time.perf_counter() < deadline and status(members[0]).status_code == 404:  # until Orthanc pushed it
+        time.sleep(0.25)
+    time.sleep(2.0)  # by now the old service had segmented the three slices
+    assert status(members[0]).json()["status"] == "queued"
+    client.store_instances(by_slice[members[3]])
+    deadline = time.perf_counter() + 90
+    while time.perf_counter() < deadline and status(members[3]).json().get("status") in ("queued", None):
+        time.sleep(0.25)
+    ledger = [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    mine = [e for e in ledger if e["path"].startswith(f"dicom:{study}/")]
+    assert [(e["status"], len(e["members"]), len(e["rows"])) for e in mine] == [("done", 4, 2)], mine
+    assert all(status(m).json()["series"] == mine[0]["path"] for m in members)
+    assert len(client.search_for_instances(search_filters={"Modality": "SEG"})) == segs_before + 2
 
 
 def _hammer(url: str, body: bytes, stop: threading.Event, results: list, timeout: float = 60) -> None:

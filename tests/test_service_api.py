@@ -21,6 +21,7 @@ def test_the_command_line_refuses_bad_settings_in_one_line(tmp_path, capsys, mon
            ("--runtime", "onnx", "--gpu"): "runs on the CPU",
            ("--token-file", str(tmp_path / "none")): "--token-file",
            ("--replicas", "0"): "must be > 0",
+           ("--stack-settle", "-1"): "--stack-settle is seconds",
            ("--diagnosis", str(tmp_path / "none.json")): "--diagnosis",
            # a model that is not there: refused before Ray starts, not by a replica's traceback
            ("--model", "shipped:resnet"): "no such shipped model",
@@ -74,7 +75,7 @@ def test_the_json_summary_is_the_batch_jobs_patient_with_ef_from_given_frames_an
 
     from raysegment.analysis.diagnosis import load
     from raysegment.inference.ledger import add_patient_clinical
-    from raysegment.service.app import RequestError, summary
+    from raysegment.service.answers import RequestError, summary
 
     labels = [synthetic_volume(s, shape=(5, 40, 48), lv_radius=r)[1] for s, r in ((1, 7.0), (2, 5.0))]
     labels = [np.where(m == 1, 0, m) for m in labels]  # no RV
@@ -277,3 +278,29 @@ def test_pacs_credentials_from_a_file_reach_the_server_as_basic_or_bearer_author
     for bad in ("just-a-password", "Bearer ", ":pw", "alice:pw\nbob:pw"):
         with pytest.raises(ValueError, match="expected one line"):
             check_auth(bad)
+
+
+def test_a_settle_timer_fires_once_per_key_after_the_last_add_with_everything_added():
+    """The service's wait for a stack stored as a series per slice: slices pushed one after the other
+    are segmented once, after the last, not at every push; another study keeps its own clock."""
+    from raysegment.service.settle import SettleTimer
+
+    fired, done = [], threading.Event()
+
+    def fire(key, items):
+        fired.append((key, items))
+        if len(fired) == 2:
+            done.set()
+
+    timer = SettleTimer(1.0, fire)
+    timer.add("study-a", "s1")
+    timer.add("study-b", "t1")
+    for series in ("s3", "s2", "s3"):
+        threading.Event().wait(0.1)  # each add within the wait: the clock starts again
+        timer.add("study-a", series)
+    assert timer.pending("study-a") == {"s1", "s2", "s3"}
+    assert done.wait(10)
+    assert fired == [("study-b", ["t1"]), ("study-a", ["s1", "s2", "s3"])]
+    assert timer.pending("study-a") == set()
+    threading.Event().wait(1.5)  # the earlier adds' timers found their clocks moved: nothing more
+    assert len(fired) == 2

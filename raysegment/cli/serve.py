@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pacs: file holding the PACS's credentials, USER:PASSWORD (HTTP basic) or 'Bearer TOKEN'")
     p.add_argument("--output", help="with --pacs: masks, SEGs and ledger.jsonl, the scheduled job's --output")
     p.add_argument("--no-store", action="store_true", help="with --pacs: keep the SEGs under OUTPUT, do not STOW-RS them")
+    p.add_argument("--stack-settle", type=float, default=d("stack_settle_s"), metavar="S",
+                   help="with --pacs: a short-axis stack stored as a series per slice is segmented once no slice of its "
+                        "study was pushed for S seconds (longer than the scanner's gap between slices; 0: at each push)")
     p.add_argument("--diagnosis", default=d("diagnosis"),
                    help="?format=json's ACDC diagnosis of a cine: 'shipped', a JSON file from `python -m raysegment.diagnosis "
                         "fit`, models:/raysegment-diagnosis@champion, or 'none'")
@@ -75,6 +78,8 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
         autoscale = (lo, hi)
     if a.replicas < 1 or not 0 < a.port < 65536 or a.cpus_per_replica <= 0 or a.poll_s <= 0:
         p.error("--replicas, --cpus-per-replica and --poll-s must be > 0, --port within 1–65535")
+    if not 0 <= a.stack_settle < 3600:
+        p.error(f"--stack-settle is seconds within 0–3600, not {a.stack_settle:g}")
     if bool(a.pacs) != bool(a.output):
         p.error("--pacs and --output go together (the ledger the scheduled job shares)")
     if a.runtime == "onnx" and a.gpu:
@@ -89,7 +94,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
                        max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
-                       store=not a.no_store, diagnosis=diagnosis_ref(a.diagnosis),
+                       store=not a.no_store, stack_settle_s=a.stack_settle, diagnosis=diagnosis_ref(a.diagnosis),
                        pacs_auth=pacs_auth(p, a.pacs_auth))
 
 

@@ -64,14 +64,17 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
 
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
-                        store: bool = True, ledger: Ledger | None = None, diagnosis=None) -> dict:
+                        store: bool = True, ledger: Ledger | None = None, diagnosis=None,
+                        stack_waits: bool = False) -> dict:
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to a ``retrieval_folder``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled).
     ``ledger``: a long-lived reader of that file (the service's), refreshed here, so a push reads
     only what was appended since the last one, not a year's ledger whole. With ``store``, the SEGs'
     series gets its indices SR too (``diagnosis``: its basal ES check, as the results table's);
-    one that fails is ``sr_error`` on the returned entry (the next scheduled run stores it)."""
+    one that fails is ``sr_error`` on the returned entry (the next scheduled run stores it).
+    ``stack_waits``: a slice of a stack not yet settled is left alone → ``{"status": "waiting", ...}``,
+    nothing recorded (the service segments the stack once its slices stopped arriving)."""
     from raysegment.io.dicomweb import failure, push_target, web_retrieve
 
     key, version = series_key(study, series), predictor.version
@@ -86,6 +89,8 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
     key = series_key(study, series)
     if ledger.has(key, digest, version):
         return {"path": key, "sha256": digest, "model_version": version, "status": "already_done", "reason": ""}
+    if members and stack_waits:
+        return {"path": key, "sha256": digest, "model_version": version, "status": "waiting", "reason": ""}
     folder = retrieval_folder(out, series)
     try:
         try:

@@ -8,7 +8,9 @@
     POST /v1/pacs/series        body: {"study": UID, "series": UID} → 202; the series is pulled
                                 (WADO-RS), segmented, its SEGs stored back (STOW-RS), ledger written
     GET  /v1/pacs/series?study=UID&series=UID
-                                → how that series stands (queued, done, failed, …; its SEG series)
+                                → how that series stands (queued, done, failed, …; its SEG series);
+                                a slice of a stack stored as a series per slice is queued until the
+                                study's slices stop arriving (``stack_settle_s``), then the stack's
     GET  /v1/health (no token asked: for probes), GET /v1/model
 
 Bad requests get a 4xx with a one-line JSON ``{"error": reason}``; the replica goes on serving.
@@ -34,23 +36,15 @@ from urllib.parse import urlencode
 from raysegment.config import ServeConfig, torch_threads
 from raysegment.inference.predictor import Predictor, is_registry_uri, pinned
 from raysegment.io.dicom import series_key
-from raysegment.io.files import json_safe
 from raysegment.io.studies import StudyError
 from raysegment.runtime import HeapTrimmer, clear_stale_scratch, disable_telemetry, scratch_dir
+from raysegment.service.answers import MiB, RequestError, check_frames, frame_param, read_body, size_param, summary
+from raysegment.service.settle import SettleTimer
 
 log = logging.getLogger("ray.serve")
 NIFTI_TYPES = {"application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
                "application/nifti", "image/nifti", ""}
-MiB = 1024 * 1024
 SCRATCH = "raysegment-serve-"  # a request's upload and mask: the temp folder's raysegment-serve-<pid>-…
-
-
-class RequestError(Exception):
-    """A bad request: its HTTP status and one-line reason."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
 
 
 class ModelHolder:
@@ -101,6 +95,7 @@ class SegmentService:
         self.queued: set[str] = set()  # pushed series keys this replica has not finished
         self.ledger, self.status_lock = None, threading.Lock()  # GET /v1/pacs/series' reader of the ledger
         self.push_ledger = None  # the pushes' own reader (under ``lock``: a push holds it for seconds)
+        self.stacks = SettleTimer(config.stack_settle_s, self._stack_settled)  # study → its waiting slice series
         self.heap = HeapTrimmer()
 
     async def __call__(self, request):
@@ -161,10 +156,10 @@ class SegmentService:
         if ctype not in NIFTI_TYPES:
             raise RequestError(415, f"content type {ctype!r} is not a NIfTI body; send the file's bytes as "
                                     f"application/octet-stream")
-        body = await _read_body(request, int(self.config.max_body_mb * MiB))
-        ed, es = _frame_param(params, "ed"), _frame_param(params, "es")
+        body = await read_body(request, int(self.config.max_body_mb * MiB))
+        ed, es = frame_param(params, "ed"), frame_param(params, "es")
         check_frames(ed, es)  # before the body is segmented
-        size = {k: _size_param(params, k) for k in ("height_cm", "weight_kg")}
+        size = {k: size_param(params, k) for k in ("height_cm", "weight_kg")}
         predictor, version = self.holder.predictor, self.holder.version
         t0 = time.perf_counter()
         result, turn = await asyncio.to_thread(self.segment_bytes, body, predictor, fmt == "json", ed, es, size)
@@ -215,28 +210,44 @@ class SegmentService:
         return JSONResponse({"accepted": series_key(study, series), "model_version": self.holder.version,
                              "status": status}, status_code=202, headers={"Location": status})
 
-    def pacs_series(self, study: str, series: str) -> dict:
-        """Pull, segment, store and record one pushed series (``inference.pacs``); logs its outcome."""
+    def pacs_series(self, study: str, series: str, settled: bool = False) -> dict:
+        """Pull, segment, store and record one pushed series (``inference.pacs``); logs its outcome. A
+        slice of a stack stored as a series per slice waits (``stack_settle_s``, still ``queued``) until
+        no slice of its study was pushed for that long, then the stack is segmented once (``settled``)."""
         from raysegment.inference.ledger import Ledger
         from raysegment.inference.pacs import segment_pacs_series
         from raysegment.io.dicomweb import web_client
 
+        entry = {}
         try:
             with self.lock:  # pushes run one at a time: one reader of the ledger serves them all
                 out = Path(self.config.output)
                 self.push_ledger = self.push_ledger or Ledger(out / "ledger.jsonl")
                 entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series,
                                             self.holder.predictor, self.config.model, out, store=self.config.store,
-                                            ledger=self.push_ledger, diagnosis=self.diagnosis)
+                                            ledger=self.push_ledger, diagnosis=self.diagnosis,
+                                            stack_waits=not settled and self.config.stack_settle_s > 0)
+                if entry["status"] == "waiting":
+                    self.stacks.add(study, series)
+                    log.warning("raysegment: PACS series %s: a slice of a stack, segmented with it once no slice of "
+                                "its study came for %g s", series, self.config.stack_settle_s)
+                    return entry
                 self.heap.study_done()
         except Exception:  # nothing recorded: the scheduled job segments the series on its next run
             log.exception("raysegment: PACS series %s/%s", study, series)
             return {}
         finally:
-            self.queued.discard(series_key(study, series))
+            if entry.get("status") != "waiting":
+                self.queued.discard(series_key(study, series))
         log.warning("raysegment: PACS series %s: %s %s%s", series, entry["status"], entry.get("reason", ""),
                     f"; {entry['sr_error']}" if entry.get("sr_error") else "")
         return entry
+
+    def _stack_settled(self, study: str, series: list[str]) -> None:
+        """No slice of ``study`` was pushed for ``stack_settle_s``: its waiting slices, one after the
+        other (the first segments the stack, the rest find it done)."""
+        for one in series:
+            self.pacs_jobs.submit(self.pacs_series, study, one, True)
 
     def series_status(self, params) -> dict:
         """GET /v1/pacs/series: a pushed series for the version served now — ``queued`` on this
@@ -296,96 +307,3 @@ class SegmentService:
             info["diagnosis"] = {"model": self.config.diagnosis, "bsa_m2": self.diagnosis.bsa_m2,
                                  "cv_accuracy": None if accuracy is None else round(accuracy, 4)}
         return info
-
-
-async def _read_body(request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (before reading, when the client says
-    its length) and with 400 when empty."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"body of {int(declared) / MiB:.1f} MiB exceeds the limit of {limit / MiB:.0f} MiB")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body exceeds the limit of {limit / MiB:.0f} MiB")
-        chunks.append(chunk)
-    if size == 0:
-        raise RequestError(400, "empty body; send a NIfTI file's bytes")
-    return b"".join(chunks)
-
-
-def _frame_param(params, name: str) -> int | None:
-    value = params.get(name)
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise RequestError(400, f"{name} must be a frame index (0, 1, ...), not {value!r}")
-    return int(value)
-
-
-def _size_param(params, name: str) -> float | None:
-    """``height_cm``/``weight_kg`` of a request: absent, or a number an adult can have in that unit (a
-    height in metres would index every volume by a BSA of 0.2 m²); else RequestError (400)."""
-    from raysegment.analysis.clinical import PLAUSIBLE_HEIGHT_CM, PLAUSIBLE_WEIGHT_KG
-
-    value = params.get(name)
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    low, high = PLAUSIBLE_HEIGHT_CM if name == "height_cm" else PLAUSIBLE_WEIGHT_KG
-    if not low <= number <= high:  # NaN fails too
-        raise RequestError(400, f"{name} must be a number from {low:g} to {high:g} ({name.split('_')[1]}), "
-                                f"not {value!r}")
-    return number
-
-
-def check_frames(ed: int | None, es: int | None, n_frames: int | None = None) -> None:
-    """Raises RequestError (400) unless ``ed`` and ``es`` are both absent, or two different frame
-    indices (below ``n_frames`` when known): one without the other, or the same frame twice, gave
-    no EF or an EF of 0 %."""
-    if ed is None and es is None:
-        return
-    if ed is None or es is None or ed == es or (n_frames is not None and max(ed, es) >= n_frames):
-        below = f" below {n_frames}" if n_frames is not None else ""
-        raise RequestError(400, f"ed and es must both be given, as two different frame indices{below}")
-
-
-def summary(rows: list[dict], version: str, ed: int | None, es: int | None, diagnosis=None,
-            size: dict | None = None) -> dict:
-    """The JSON answer: one entry per frame (volumes mL, voxels, LV mass g, QC flags) and, for a cine,
-    the batch job's patient indices (``inference.ledger.add_patient_clinical``) of its ED and ES frames
-    — ``ed``/``es`` when given, else its largest/smallest LV — under ``patient``, EF (%) of the LV and
-    RV, ``patient_qc_flags`` and, with a ``diagnosis`` model, its group and ``p_<GROUP>``. ``size``:
-    height_cm and weight_kg (the BSA-indexed indices; without them the diagnosis uses its median BSA)."""
-    from raysegment.inference.ledger import add_patient_clinical
-
-    check_frames(ed, es, len(rows))
-    if ed is not None:
-        for r in rows:
-            r["phase"] = "ED" if r["frame"] == ed else "ES" if r["frame"] == es else ""
-    keys = ("frame", "phase", "qc_flags", "lv_myo_mass_g")
-    frames = [{k: r.get(k) for k in keys} | {k: v for k, v in r.items() if k.startswith(("volume_", "voxels_"))}
-              for r in rows]
-    out = {"model_version": version, "spacing_mm": json.loads(rows[0]["spacing_mm"]), "in_plane": rows[0].get("in_plane"),
-           "frames": frames}
-    if ed is not None:
-        out["ed"], out["es"] = ed, es
-    if len(rows) < 2:
-        return json_safe(out)
-    for r in rows:
-        r.update({k: v for k, v in (size or {}).items() if v is not None})
-    before = [set(r) for r in rows]
-    add_patient_clinical(rows, diagnosis)
-    at = next((i for i, r in enumerate(rows) if r.get("phase") == "ED"), 0)
-    patient, added = rows[at], set(rows[at]) - before[at]
-    out.update({f"ef_{n}_pct": patient.get(f"ef_{n}_pct") for n in ("lv", "rv")})
-    if added:  # ED and ES found: the indices, their flags and the diagnosis
-        answer = {"patient_qc_flags", "diagnosis", "diagnosis_withheld"}
-        out["patient"] = {k: patient[k] for k in sorted(added - answer) if not k.startswith("p_")}
-        out["patient_qc_flags"] = [f for f in patient.get("patient_qc_flags", "").split(";") if f]
-        out |= {k: patient[k] for k in sorted(added) if k in answer - {"patient_qc_flags"} or k.startswith("p_")}
-    return json_safe(out)
