@@ -209,3 +209,48 @@ def running_service(root: Path, *args: str, port: int | None = None, timeout: fl
         log.close()
         stop_ray(env, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def refusing_deletes(dicomweb_url: str) -> Iterator[str]:
+    """A DICOMweb root in front of ``dicomweb_url`` (a ``running_orthanc``) that answers as most hospital
+    PACS do: QIDO-RS, WADO-RS and STOW-RS pass through; DICOMweb DELETE (not in the standard) is 405
+    and there is no Orthanc REST API beside it (404). Yields its DICOMweb URL."""
+    import http.server
+    import threading
+
+    import requests
+
+    upstream = dicomweb_url.rstrip("/")
+    root = upstream[: -len("/dicom-web")]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _forward(self) -> None:
+            if self.command == "DELETE" or not self.path.startswith("/dicom-web"):
+                self.send_response(405 if self.command == "DELETE" else 404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
+            r = requests.request(self.command, root + self.path, data=body, headers=headers, timeout=60)
+            self.send_response(r.status_code)
+            for k in ("Content-Type",):
+                if k in r.headers:
+                    self.send_header(k, r.headers[k])
+            self.send_header("Content-Length", str(len(r.content)))
+            self.end_headers()
+            self.wfile.write(r.content)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -382,7 +382,7 @@ def test_a_cine_series_gets_an_sr_of_its_indices_beside_its_segs_written_once(tm
                           Predictor.load("shipped:mobilenet_v2", PredictConfig()), "shipped", out)
     add_patient_clinical(rows)
     ed = next(r for r in rows if r["phase"] == "ED")
-    assert write_srs(rows, out) == {"written": 1, "stored": 0, "errors": []}
+    assert write_srs(rows, out) == {"written": 1, "stored": 0, "kept": 0, "errors": []}
     path = out / "dicom" / series.uid / "indices_sr.dcm"
     assert read_indices_sr(path) == {k: round(ed[k], 1) for k, *_ in MEASUREMENTS} and 0 < ed["lv_ef_pct"] < 90  # a DCM patient
     sr = pydicom.dcmread(path)
@@ -607,3 +607,65 @@ def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
     assert found[0]["sha256"] == dicom.instances_digest(["1.2.3.1"]) and "invalid" not in found[0]
     assert "without Study or Series Instance UID" in found[1]["invalid"]
     assert "QIDO-RS instance query failed (ConnectionError" in found[2]["error"]
+
+
+def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_an_error(tmp_path):
+    """``web_replace_segs`` against a PACS that answers DELETE 405 and has no Orthanc REST API: the new
+    instance is stored, the earlier one kept and said; one whose DELETE fails with a 503 (the PACS in
+    trouble) raises, so the series is an error retried next run, not settled with stale SEGs."""
+    from types import SimpleNamespace
+
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from raysegment.io.dicomweb import web_replace_segs
+
+    study, series = generate_uid(), generate_uid()
+
+    def instance(name: str) -> str:
+        ds = pydicom.Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
+        ds.SOPClassUID, ds.Modality = "1.2.840.10008.5.1.4.1.1.66.4", "SEG"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID, ds.file_meta.MediaStorageSOPClassUID = ExplicitVRLittleEndian, ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        return ds.SOPInstanceUID
+
+    class Pacs:
+        base_url = "http://pacs.example/dicom-web"
+
+        def __init__(self, delete_status: int):
+            self.held = {instance("old.dcm")}
+            self.other_version = {generate_uid(): {generate_uid()}}  # another model version's SEG series
+            self.calls = []
+            self._session = SimpleNamespace(delete=self._answer, post=self._answer)
+            self.delete_status = delete_status
+
+        def _answer(self, url, **kwargs):
+            self.calls.append(url)
+            status = self.delete_status if "/studies/" in url else 404  # no /tools/lookup here
+
+            def raise_for_status():
+                raise RuntimeError(f"HTTP {status}")
+
+            return SimpleNamespace(ok=False, status_code=status, raise_for_status=raise_for_status)
+
+        def store_instances(self, datasets):
+            self.held |= {str(ds.SOPInstanceUID) for ds in datasets}
+
+        def search_for_instances(self, study_instance_uid, series_instance_uid):
+            held = self.held if series_instance_uid == series else self.other_version.get(series_instance_uid, set())
+            return [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)]
+
+    new = instance("new.dcm")
+    refusing = Pacs(405)
+    kept = web_replace_segs(refusing, [tmp_path / "new.dcm"])
+    assert kept == "1 earlier instance(s) kept in the PACS: it deletes nothing (DICOMweb DELETE answered HTTP 405)"
+    assert new in refusing.held and len(refusing.held) == 2
+    assert web_replace_segs(refusing, [tmp_path / "new.dcm"], stale=list(refusing.other_version)).startswith("2 earlier")
+    troubled = Pacs(503)
+    with pytest.raises(RuntimeError, match="HTTP 503"):
+        web_replace_segs(troubled, [tmp_path / "new.dcm"])
+    assert not any("tools/lookup" in url for url in troubled.calls)  # no fallback on a 5xx

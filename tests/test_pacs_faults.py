@@ -471,6 +471,69 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_pacs_that_deletes_nothing_keeps_the_earlier_segs_and_the_series_is_done_not_retried(tmp_path, tiny_model):
+    """Most hospital PACS offer no DICOMweb DELETE (it is not in the standard) and no Orthanc REST API:
+    a series that grew, then a new champion, each store the new SEGs beside the earlier ones, which
+    the PACS keeps; the series is done (the entry says what was kept) and the next run has nothing to
+    do. Before, each was an error (`STOW-RS failed (HTTPError: 404 … /tools/lookup)`), segmented and
+    stored again at every run, exit 1."""
+    import pydicom
+    import ray
+    import torch
+    from conftest import write_checkpoint
+    from servers import orthanc_available, refusing_deletes, running_orthanc
+
+    from raysegment.cli.infer import done_line
+    from raysegment.config import InferConfig
+    from raysegment.inference.batch import run_batch
+    from raysegment.inference.ledger import Ledger
+    from raysegment.io import dicomweb
+
+    if not orthanc_available():
+        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
+    model, config = tiny_model
+    v1 = write_checkpoint(tmp_path / "v1", model, config)
+    with torch.no_grad():
+        model.head.bias[3] += 10.0
+    v2 = write_checkpoint(tmp_path / "v2", model, config)
+    files = write_dicom_cine(tmp_path / "src", _frames(6), patient="K1")  # frame-major: t * 6 + z
+    first_part = [f for i, f in enumerate(files) if i % 6 < 4]
+    out = tmp_path / "out"
+    with running_orthanc(tmp_path / "orthanc") as orthanc, refusing_deletes(orthanc) as url:
+        client = dicomweb.web_client(url)
+        client.store_instances([pydicom.dcmread(f) for f in first_part])
+
+        def run(ckpt) -> dict:
+            return run_batch(InferConfig(models=(str(ckpt),), input=url, output=str(out), threads=1, actors=1,
+                                         progress=False, diagnosis=None))
+
+        def segs() -> list[int]:  # instances per SEG series in the PACS
+            return sorted(len(client.search_for_instances(study_instance_uid=s["0020000D"]["Value"][0],
+                                                          series_instance_uid=s["0020000E"]["Value"][0]))
+                          for s in client.search_for_series(search_filters={"Modality": "SEG"}))
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            assert run(v1)["segmented"] == 1 and segs() == [2]
+            client.store_instances([pydicom.dcmread(f) for f in files if f not in first_part])
+            grown = run(v1)
+            assert (grown["segmented"], grown["errors"], grown.get("pacs_kept")) == (1, 0, 1), grown
+            assert segs() == [4]  # the new content's two SEGs beside the first two
+            replaced = run(v2)
+            assert (replaced["segmented"], replaced["errors"]) == (1, 0) and replaced["pacs_kept"] >= 1, replaced
+            assert segs() == [2, 4]  # v2's SEG series beside v1's
+            assert "the PACS deletes nothing" in done_line(replaced, str(out))
+            again = run(v2)
+            assert (again["segmented"], again["errors"], again["already_done"]) == (0, 0, 1), again
+        finally:
+            ray.shutdown()
+    entry = list(Ledger(out / "ledger.jsonl").entries.values())[-1]
+    assert entry["status"] == "done" and "kept in the PACS: it deletes nothing (DICOMweb DELETE answered HTTP 405)" \
+        in entry["reason"], entry
+    assert all(r["stored"] for r in entry["rows"])
+
+
+@pytest.mark.slow
 def test_a_pacs_that_wants_credentials_gets_them_from_the_url_and_no_line_shows_the_password(tmp_path, tiny_checkpoint,
                                                                                                 capsys):
     """Orthanc with HTTP basic authentication: without credentials, or with a wrong password, one line

@@ -82,6 +82,9 @@ def done_line(summary: dict, output: str) -> str:
             f"error{'' if s['errors'] == 1 else 's'} to retry; {s['already_done']} already done by {s['version']}")
     if s.get("later"):
         text += f"; {s['later']} left to later runs (--limit)"
+    if s.get("pacs_kept"):
+        text += (f"; the PACS deletes nothing: {s['pacs_kept']} SEG or SR set{'' if s['pacs_kept'] == 1 else 's'} "
+                 f"stored beside the earlier ones it keeps")
     if s.get("sr_errors"):
         text += f"; {s['sr_errors']} indices SR{'' if s['sr_errors'] == 1 else 's'} to store next run"
     if "dice_vs_gt" in s:

@@ -100,6 +100,7 @@ def run_batch(config: InferConfig) -> dict:
                **({"later": progress.later} if progress.later else {}),
                "version": version, "actors": len(actors), **({"interrupted": True} if interrupted else {}),
                "srs_written": srs["written"], "srs_stored": srs["stored"], "sr_errors": len(srs["errors"]),
+               **({"pacs_kept": progress.kept + srs["kept"]} if progress.kept + srs["kept"] else {}),
                **({"dice_vs_gt": scored} if scored else {})}
     # For a scheduler's checks (and the soak): the console line is for people. A run killed before
     # this point leaves the previous run's file, which its "finished" time tells apart.
@@ -132,6 +133,7 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
         for entry in _segment_all(actors, todo, config.max_attempts, version, died, prepare=retrieve):
             if client is not None and config.store and entry["status"] == "done":
                 store_entry(client, entry, ledger)
+                progress.kept += bool(entry["status"] == "done" and entry["reason"])  # beside earlier SEGs
             if members := by_path[entry["path"]].get("members"):  # a stack: its series have no rows of their own
                 entry["members"] = members
             progress(ledger, entry)
@@ -251,6 +253,7 @@ class _Progress:
     def __init__(self, counts: dict, verbose: bool):
         # total: studies to segment this run; later: new ones that --limit leaves to later runs
         self.counts, self.verbose, self.n, self.total, self.later = counts, verbose, 0, 0, 0
+        self.kept = 0  # series stored beside earlier SEGs that the PACS does not delete
 
     def __call__(self, ledger: "Ledger", entry: dict) -> None:
         entry.setdefault("finished", _now())

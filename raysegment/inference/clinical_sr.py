@@ -34,7 +34,8 @@ def _series_rows(rows: list[dict]) -> dict[str, tuple[dict, list[Path]]]:
 
 def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = None, every: bool = True) -> dict:
     """Write (and with ``client``, store) the SR of every DICOM cine series in the results ``rows``
-    whose indices are whole → {"written": n, "stored": n, "errors": [one line each]}. An SR is
+    whose indices are whole → {"written": n, "stored": n, "kept": n stored beside earlier SRs the
+    PACS does not delete, "errors": [one line each]}. An SR is
     written again only when its values or model version changed, and stored until the PACS has it.
     ``every``: ``rows`` are the whole results (``sr.json`` keeps their series only); False: one push's
     series (the others are kept; beside a scheduled run, a lost mark only stores the same SR again)."""
@@ -43,7 +44,7 @@ def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = 
     from raysegment.io.sr import sr_uid, sr_values, write_indices_sr
 
     before = read_cache(out / SR_CACHE)
-    cache, counts = ({} if every else dict(before)), {"written": 0, "stored": 0, "errors": []}
+    cache, counts = ({} if every else dict(before)), {"written": 0, "stored": 0, "kept": 0, "errors": []}
     for key, (ed, segs) in sorted(_series_rows(rows).items()):
         values = sr_values(ed)
         if values is None:
@@ -62,7 +63,7 @@ def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = 
             counts["written"] += 1
         if client is not None and not known.get("stored"):
             try:
-                _store(client, study, series, version, path, ledger)
+                counts["kept"] += bool(_store(client, study, series, version, path, ledger))
                 known = {**known, "stored": True}
                 counts["stored"] += 1
             except Exception as exc:
@@ -72,15 +73,16 @@ def write_srs(rows: list[dict], out: Path, client=None, ledger: Ledger | None = 
     return counts
 
 
-def _store(client, study: str, series: str, version: str, path: Path, ledger: Ledger | None) -> None:
+def _store(client, study: str, series: str, version: str, path: Path, ledger: Ledger | None) -> str:
     """STOW-RS the SR, remove the SR series' older SRs (earlier content) and the SR series of the other
-    versions whose SEGs the ledger stored for the series (a replaced champion's, or after a rollback)."""
+    versions whose SEGs the ledger stored for the series (a replaced champion's, or after a rollback)
+    → what a PACS that deletes nothing keeps beside it ("" when nothing)."""
     from raysegment.io.dicom import series_key
     from raysegment.io.dicomweb import web_replace_segs
     from raysegment.io.sr import sr_series_uid
 
     others = ledger.stored_versions(series_key(study, series)) - {version} if ledger is not None else set()
-    web_replace_segs(client, [path], [sr_series_uid(series, other) for other in sorted(others)])
+    return web_replace_segs(client, [path], [sr_series_uid(series, other) for other in sorted(others)])
 
 
 def store_entry_sr(client, entry: dict, out: Path, ledger: Ledger, diagnosis=None) -> list[str]:

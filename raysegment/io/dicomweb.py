@@ -228,41 +228,62 @@ def web_store(client, paths: list[Path]) -> list:
     return datasets
 
 
-def web_replace_segs(client, paths: list[Path], stale: list[str] | tuple = ()) -> None:
+class DeleteRefused(RuntimeError):
+    """The PACS deletes nothing for this client: DICOMweb DELETE (not in the standard) refused and no
+    Orthanc REST API beside it, or no permission to delete (most hospital PACS, by design or policy)."""
+
+
+REFUSED = (401, 403, 404, 405, 501)  # how a PACS answers a DELETE it does not offer or allow
+
+
+def web_replace_segs(client, paths: list[Path], stale: list[str] | tuple = ()) -> str:
     """STOW-RS a series' SEGs (or its indices SR), then delete from the PACS the instances of that
-    series that are not among them (made from earlier content), and check the PACS holds exactly these;
-    then delete the ``stale`` series of the same study whole (other model versions' SEG or SR series).
+    series that are not among them (made from earlier content), and check the PACS holds these;
+    then delete the ``stale`` series of the same study whole (other model versions' SEG or SR series)
+    → "" when the PACS now holds exactly these, else what it keeps beside them and why.
 
     Deleting uses DICOMweb DELETE where the server has it, else Orthanc's REST API beside its
-    DICOMweb root. Raises ``RuntimeError`` when the PACS does not end holding exactly ``paths``.
+    DICOMweb root; a PACS that offers neither or refuses (``DeleteRefused``) keeps the earlier
+    instances, said in the answer. Raises ``RuntimeError`` when the PACS lacks any of ``paths``, or
+    still holds others after deleting them.
     """
     heads = web_store(client, paths)
-    for study, series in sorted({(str(h.StudyInstanceUID), str(h.SeriesInstanceUID)) for h in heads}):
+    study, kept, refused = str(heads[0].StudyInstanceUID), 0, ""
+    for series in sorted({str(h.SeriesInstanceUID) for h in heads}):
         wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
-        _, held = _keep_only(client, study, series, wanted)
-        if held != wanted:
+        held = _series_sops(client, study, series)
+        if not refused and held - wanted:
+            try:
+                for sop in sorted(held - wanted):
+                    _delete_instance(client, study, series, sop)
+            except DeleteRefused as exc:
+                refused = str(exc)
+            held = _series_sops(client, study, series)
+        if wanted - held or (held != wanted and not refused):
             raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
                                f"of SEG series {series} after storing and deleting")
+        kept += len(held - wanted)
     for series in stale:
-        web_delete_series(client, str(heads[0].StudyInstanceUID), series)
+        if not refused:
+            try:
+                web_delete_series(client, study, series)
+                continue
+            except DeleteRefused as exc:
+                refused = str(exc)
+        kept += len(_series_sops(client, study, series))
+    return f"{kept} earlier instance(s) kept in the PACS: {refused}" if kept else ""
 
 
 def web_delete_series(client, study: str, series: str) -> int:
     """Delete every instance of a series from the PACS (DICOMweb DELETE, else Orthanc's REST API) →
-    how many it held; raises ``RuntimeError`` when some remain."""
-    held, left = _keep_only(client, study, series, set())
+    how many it held; raises ``DeleteRefused`` (``web_replace_segs``) or ``RuntimeError`` when some remain."""
+    held = _series_sops(client, study, series)
+    for sop in sorted(held):
+        _delete_instance(client, study, series, sop)
+    left = _series_sops(client, study, series)
     if left:
         raise RuntimeError(f"the PACS still holds {len(left)} of {len(held)} instance(s) of series {series} after deleting")
     return len(held)
-
-
-def _keep_only(client, study: str, series: str, wanted: set[str]) -> tuple[set[str], set[str]]:
-    """Delete the series' instances that are not ``wanted`` (SOP Instance UIDs) → (what it held
-    before, what it holds after)."""
-    held = _series_sops(client, study, series)
-    for sop in sorted(held - wanted):
-        _delete_instance(client, study, series, sop)
-    return held, _series_sops(client, study, series)
 
 
 def _series_sops(client, study: str, series: str) -> set[str]:
@@ -271,19 +292,26 @@ def _series_sops(client, study: str, series: str) -> set[str]:
 
 
 def _delete_instance(client, study: str, series: str, sop: str) -> None:
-    """DICOMweb DELETE (not in the standard; dcm4chee has it), else Orthanc's REST API."""
+    """DICOMweb DELETE (not in the standard; dcm4chee has it), else Orthanc's REST API; raises
+    ``DeleteRefused`` when the PACS offers neither or refuses (``REFUSED``)."""
     import requests
 
-    try:
-        client.delete_instance(study_instance_uid=study, series_instance_uid=series, sop_instance_uid=sop)
-        return
-    except Exception:
-        pass
     http = getattr(client, "_session", None) or requests  # the client's session carries its authentication
     base = client.base_url.rstrip("/")
+    # Not the client's delete_instance: it logs an ERROR line of its own at every 405.
+    answer = http.delete(f"{base}/studies/{study}/series/{series}/instances/{sop}", timeout=PACS_TIMEOUT_S)
+    if answer.ok:
+        return
+    if answer.status_code not in REFUSED:
+        answer.raise_for_status()  # a 5xx: the PACS in trouble, an error retried next run
     root = base[: -len("/dicom-web")] if base.endswith("/dicom-web") else base.rsplit("/", 1)[0]
     found = http.post(f"{root}/tools/lookup", data=sop, timeout=PACS_TIMEOUT_S)
+    if found.status_code in REFUSED:
+        raise DeleteRefused(f"it deletes nothing (DICOMweb DELETE answered HTTP {answer.status_code})")
     found.raise_for_status()
     for item in found.json():
         if item.get("Type") == "Instance":
-            http.delete(f"{root}/instances/{item['ID']}", timeout=PACS_TIMEOUT_S).raise_for_status()
+            gone = http.delete(f"{root}/instances/{item['ID']}", timeout=PACS_TIMEOUT_S)
+            if gone.status_code in REFUSED:
+                raise DeleteRefused(f"it refuses to delete (HTTP {gone.status_code})")
+            gone.raise_for_status()
