@@ -611,11 +611,13 @@ def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
 
 def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_an_error(tmp_path):
     """``web_replace_segs`` against a PACS that answers DELETE 405 and has no Orthanc REST API: the new
-    instance is stored, the earlier one kept and said; one whose DELETE fails with a 503 (the PACS in
-    trouble) raises, so the series is an error retried next run, not settled with stale SEGs."""
+    instance is stored, the earlier one kept and said; stored again, the PACS's 409 for a duplicate is
+    no error where it holds the instance. One whose DELETE fails with a 503 (the PACS in trouble)
+    raises, so the series is an error retried next run, not settled with stale SEGs."""
     from types import SimpleNamespace
 
     import pydicom
+    import requests
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -641,7 +643,7 @@ def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_a
             self.other_version = {generate_uid(): {generate_uid()}}  # another model version's SEG series
             self.calls = []
             self._session = SimpleNamespace(delete=self._answer, post=self._answer)
-            self.delete_status = delete_status
+            self.delete_status, self.strict = delete_status, True
 
         def _answer(self, url, **kwargs):
             self.calls.append(url)
@@ -653,7 +655,10 @@ def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_a
             return SimpleNamespace(ok=False, status_code=status, raise_for_status=raise_for_status)
 
         def store_instances(self, datasets):
-            self.held |= {str(ds.SOPInstanceUID) for ds in datasets}
+            sops = {str(ds.SOPInstanceUID) for ds in datasets}
+            if self.strict and sops <= self.held:  # a PACS that refuses duplicates
+                raise requests.HTTPError("409 Client Error: Conflict", response=SimpleNamespace(status_code=409))
+            self.held |= sops
 
         def search_for_instances(self, study_instance_uid, series_instance_uid):
             held = self.held if series_instance_uid == series else self.other_version.get(series_instance_uid, set())
@@ -664,7 +669,16 @@ def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_a
     kept = web_replace_segs(refusing, [tmp_path / "new.dcm"])
     assert kept == "1 earlier instance(s) kept in the PACS: it deletes nothing (DICOMweb DELETE answered HTTP 405)"
     assert new in refusing.held and len(refusing.held) == 2
+    # stored again (a rollback's SEGs in a PACS that kept them): refused as a duplicate, held, done
     assert web_replace_segs(refusing, [tmp_path / "new.dcm"], stale=list(refusing.other_version)).startswith("2 earlier")
+    refusing.held.discard(new)  # a 409 for an instance the PACS does not hold stays an error
+
+    def conflict(datasets):
+        raise requests.HTTPError("409 Client Error: Conflict", response=SimpleNamespace(status_code=409))
+
+    refusing.store_instances = conflict
+    with pytest.raises(requests.HTTPError):
+        web_replace_segs(refusing, [tmp_path / "new.dcm"])
     troubled = Pacs(503)
     with pytest.raises(RuntimeError, match="HTTP 503"):
         web_replace_segs(troubled, [tmp_path / "new.dcm"])

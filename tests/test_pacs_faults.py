@@ -525,6 +525,8 @@ def test_a_pacs_that_deletes_nothing_keeps_the_earlier_segs_and_the_series_is_do
             assert "the PACS deletes nothing" in done_line(replaced, str(out))
             again = run(v2)
             assert (again["segmented"], again["errors"], again["already_done"]) == (0, 0, 1), again
+            back = run(v1)  # a rollback: v1's SEGs, which the PACS kept, stored again
+            assert (back["segmented"], back["errors"]) == (1, 0) and segs() == [2, 4], back
         finally:
             ray.shutdown()
     entry = list(Ledger(out / "ledger.jsonl").entries.values())[-1]

@@ -220,11 +220,21 @@ def web_retrieve(client, study: str, series: str, folder: Path, digest: str | No
 
 def web_store(client, paths: list[Path]) -> list:
     """STOW-RS the files (SEGs) to the server → the data sets stored. Their UIDs follow the content
-    they were made from (``seg_uid``), so storing again after a kill replaces, never duplicates."""
+    they were made from (``seg_uid``), so storing again after a kill replaces, never duplicates. A
+    PACS that refuses instances it holds already (HTTP 409: a rollback's SEGs, in a PACS that kept
+    them) has them: that counts as stored."""
     import pydicom
 
     datasets = [pydicom.dcmread(p) for p in paths]
-    client.store_instances(datasets=datasets)
+    try:
+        client.store_instances(datasets=datasets)
+    except Exception as exc:
+        if getattr(getattr(exc, "response", None), "status_code", None) != 409:
+            raise
+        by_series = {(str(d.StudyInstanceUID), str(d.SeriesInstanceUID)) for d in datasets}
+        held = set().union(*(_series_sops(client, study, series) for study, series in by_series))
+        if not {str(d.SOPInstanceUID) for d in datasets} <= held:
+            raise
     return datasets
 
 
