@@ -212,12 +212,15 @@ def running_service(root: Path, *args: str, port: int | None = None, timeout: fl
 
 
 @contextlib.contextmanager
-def refusing_deletes(dicomweb_url: str) -> Iterator[str]:
-    """A DICOMweb root in front of ``dicomweb_url`` (a ``running_orthanc``) that answers as most hospital
-    PACS do: QIDO-RS, WADO-RS and STOW-RS pass through; DICOMweb DELETE (not in the standard) is 405
-    and there is no Orthanc REST API beside it (404). Yields its DICOMweb URL."""
+def hospital_pacs(dicomweb_url: str, deletes: bool = False, page: int | None = None) -> Iterator[str]:
+    """A DICOMweb root in front of ``dicomweb_url`` (a ``running_orthanc``) that answers as many hospital
+    PACS do: QIDO-RS, WADO-RS and STOW-RS pass through; without ``deletes``, DICOMweb DELETE (not in the
+    standard) is 405 and there is no Orthanc REST API beside it (404); with ``page``, a QIDO-RS answer
+    holds at most that many records from its ``offset`` (PS3.18: the rest asked for with ``offset``),
+    with the standard's Warning header when more remain. Yields its DICOMweb URL."""
     import http.server
     import threading
+    from urllib.parse import parse_qsl, urlencode, urlsplit
 
     import requests
 
@@ -226,21 +229,35 @@ def refusing_deletes(dicomweb_url: str) -> Iterator[str]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def _forward(self) -> None:
-            if self.command == "DELETE" or not self.path.startswith("/dicom-web"):
-                self.send_response(405 if self.command == "DELETE" else 404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+            if (self.command == "DELETE" and not deletes) or not self.path.startswith("/dicom-web"):
+                self._send(405 if self.command == "DELETE" else 404, b"", {})
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}
-            r = requests.request(self.command, root + self.path, data=body, headers=headers, timeout=60)
-            self.send_response(r.status_code)
-            for k in ("Content-Type",):
-                if k in r.headers:
-                    self.send_header(k, r.headers[k])
-            self.send_header("Content-Length", str(len(r.content)))
+            split = urlsplit(self.path)
+            query = dict(parse_qsl(split.query))
+            qido = page and self.command == "GET" and split.path.endswith(("/series", "/instances", "/studies"))
+            offset = int(query.pop("offset", 0)) if qido else 0
+            if qido:
+                query.pop("limit", None)
+            path = split.path + ("?" + urlencode(query) if query else "") if qido else self.path
+            r = requests.request(self.command, root + path, data=body, headers=headers, timeout=60)
+            content, extra = r.content, {}
+            if qido and r.ok:
+                records = r.json()
+                content = json.dumps(records[offset: offset + page]).encode()
+                if offset + page < len(records):
+                    extra["Warning"] = '299 raysegment-test: "There are additional results that can be requested"'
+            self._send(r.status_code, content, {"Content-Type": r.headers.get("Content-Type", ""), **extra})
+
+        def _send(self, status: int, content: bytes, headers: dict) -> None:
+            self.send_response(status)
+            for k, v in headers.items():
+                if v:
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(content)))
             self.end_headers()
-            self.wfile.write(r.content)
+            self.wfile.write(content)
 
         do_GET = do_POST = do_PUT = do_DELETE = _forward
 

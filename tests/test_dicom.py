@@ -590,15 +590,15 @@ def test_a_malformed_pacs_record_gets_its_own_row_and_the_rest_go_on():
     """A QIDO-RS series record without UIDs, or a failing instance query, marks that series only."""
 
     class Pacs:  # the records a DICOMweb server answers with (JSON as in PS3.18)
-        def search_for_series(self, search_filters):
+        def search_for_series(self, search_filters, offset=0):
             return [{"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.3"]}},
                     {"0020000D": {"Value": ["1.2"]}},
-                    {"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.4"]}}]
+                    {"0020000D": {"Value": ["1.2"]}, "0020000E": {"Value": ["1.2.4"]}}][offset:]
 
-        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None):
+        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None, offset=0):
             if series_instance_uid == "1.2.4":
                 raise ConnectionError("reset by peer")
-            return [{"00080018": {"Value": ["1.2.3.1"]}}]
+            return [{"00080018": {"Value": ["1.2.3.1"]}}][offset:]
 
     from raysegment.io import dicomweb
 
@@ -660,9 +660,9 @@ def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_a
                 raise requests.HTTPError("409 Client Error: Conflict", response=SimpleNamespace(status_code=409))
             self.held |= sops
 
-        def search_for_instances(self, study_instance_uid, series_instance_uid):
+        def search_for_instances(self, study_instance_uid, series_instance_uid, offset=0):
             held = self.held if series_instance_uid == series else self.other_version.get(series_instance_uid, set())
-            return [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)]
+            return [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sorted(held)][offset:]
 
     new = instance("new.dcm")
     refusing = Pacs(405)
@@ -683,3 +683,34 @@ def test_replacing_segs_in_a_pacs_that_deletes_nothing_keeps_them_and_a_5xx_is_a
     with pytest.raises(RuntimeError, match="HTTP 503"):
         web_replace_segs(troubled, [tmp_path / "new.dcm"])
     assert not any("tools/lookup" in url for url in troubled.calls)  # no fallback on a 5xx
+
+
+def test_a_pacs_that_caps_its_query_answers_is_paged_and_one_that_cannot_page_says_so():
+    """A series of 20 instances from a PACS that answers at most 8 records a query: asked again from the
+    offset, 3 queries in all (the series record's Number of Series Related Instances says when to
+    stop); one that ignores the offset gives the series an error saying what to change, not a digest
+    over its first 8 instances (then an `IncompleteRetrieval` at every run)."""
+    from raysegment.io.dicom import instances_digest
+    from raysegment.io.dicomweb import web_series
+
+    sops = [f"1.2.3.{i}" for i in range(20)]
+
+    class Pacs:
+        def __init__(self, pages: bool):
+            self.pages, self.queries = pages, 0
+
+        def search_for_series(self, search_filters=None, offset=None):
+            rows = [{"0020000D": {"vr": "UI", "Value": ["1.2"]}, "0020000E": {"vr": "UI", "Value": ["1.2.3"]},
+                     "00201209": {"vr": "IS", "Value": [20]}}]
+            return rows[offset or 0:]
+
+        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None, offset=None):
+            self.queries += 1
+            start = (offset or 0) if self.pages else 0
+            return [{"00080018": {"vr": "UI", "Value": [sop]}} for sop in sops[start: start + 8]]
+
+    paging = Pacs(pages=True)
+    assert web_series(paging) == [{"study": "1.2", "series": "1.2.3", "sha256": instances_digest(sops)}]
+    assert paging.queries == 3
+    (record,) = web_series(Pacs(pages=False))
+    assert record["sha256"] == "unknown" and "the PACS lists 8 of the series' 20 instances" in record["error"]

@@ -471,23 +471,27 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_pacs_that_deletes_nothing_keeps_the_earlier_segs_and_the_series_is_done_not_retried(tmp_path, tiny_model):
-    """Most hospital PACS offer no DICOMweb DELETE (it is not in the standard) and no Orthanc REST API:
-    a series that grew, then a new champion, each store the new SEGs beside the earlier ones, which
-    the PACS keeps; the series is done (the entry says what was kept) and the next run has nothing to
-    do. Before, each was an error (`STOW-RS failed (HTTPError: 404 … /tools/lookup)`), segmented and
-    stored again at every run, exit 1."""
+def test_a_pacs_that_deletes_nothing_and_pages_its_answers_gets_each_series_done_once(tmp_path, tiny_model):
+    """A PACS as many hospitals run: no DICOMweb DELETE (it is not in the standard) and no Orthanc REST
+    API, and query answers of at most 3 records (PS3.18: the rest from an ``offset``; 4 MR series, each
+    of 8–12 instances). Every series is listed whole and segmented; a series that grew, then a new
+    champion, each store the new SEGs beside the earlier ones, which the PACS keeps: the series is done
+    (the entry says what was kept) and the next run has nothing to do; a rollback stores v1's again.
+    Before, every series was an error at every run: `IncompleteRetrieval: the PACS sent 8 instance(s),
+    not the ones its query listed` (its first 3 listed), the fourth series never seen, and with paging
+    alone each replaced result `STOW-RS failed (HTTPError: 404 … /tools/lookup)`."""
     import pydicom
     import ray
     import torch
     from conftest import write_checkpoint
-    from servers import orthanc_available, refusing_deletes, running_orthanc
+    from servers import hospital_pacs, orthanc_available, running_orthanc
 
     from raysegment.cli.infer import done_line
     from raysegment.config import InferConfig
     from raysegment.inference.batch import run_batch
     from raysegment.inference.ledger import Ledger
     from raysegment.io import dicomweb
+    from raysegment.io.dicom import series_key
 
     if not orthanc_available():
         pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt install orthanc orthanc-dicomweb)")
@@ -498,38 +502,44 @@ def test_a_pacs_that_deletes_nothing_keeps_the_earlier_segs_and_the_series_is_do
     v2 = write_checkpoint(tmp_path / "v2", model, config)
     files = write_dicom_cine(tmp_path / "src", _frames(6), patient="K1")  # frame-major: t * 6 + z
     first_part = [f for i, f in enumerate(files) if i % 6 < 4]
+    others = [f for n in range(3) for f in write_dicom_cine(tmp_path / f"other{n}", _frames(4), patient=f"K{n + 2}")]
     out = tmp_path / "out"
-    with running_orthanc(tmp_path / "orthanc") as orthanc, refusing_deletes(orthanc) as url:
+    with running_orthanc(tmp_path / "orthanc") as orthanc, hospital_pacs(orthanc, page=3) as url:
         client = dicomweb.web_client(url)
-        client.store_instances([pydicom.dcmread(f) for f in first_part])
+        client.store_instances([pydicom.dcmread(f) for f in first_part + others])
+        head = pydicom.dcmread(files[0], stop_before_pixels=True)
+        study, grown_key = str(head.StudyInstanceUID), series_key(head.StudyInstanceUID, head.SeriesInstanceUID)
 
         def run(ckpt) -> dict:
             return run_batch(InferConfig(models=(str(ckpt),), input=url, output=str(out), threads=1, actors=1,
                                          progress=False, diagnosis=None))
 
-        def segs() -> list[int]:  # instances per SEG series in the PACS
-            return sorted(len(client.search_for_instances(study_instance_uid=s["0020000D"]["Value"][0],
-                                                          series_instance_uid=s["0020000E"]["Value"][0]))
-                          for s in client.search_for_series(search_filters={"Modality": "SEG"}))
+        def segs() -> list[int]:  # instances per SEG series of the growing series' study in the PACS
+            return sorted(len(dicomweb._series_sops(client, s["0020000D"]["Value"][0], s["0020000E"]["Value"][0]))
+                          for s in dicomweb._paged(client.search_for_series, search_filters={"Modality": "SEG"})
+                          if s["0020000D"]["Value"][0] == study)
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            assert run(v1)["segmented"] == 1 and segs() == [2]
+            first = run(v1)
+            assert (first["studies"], first["segmented"], first["errors"]) == (4, 4, 0), first
+            assert segs() == [2]
             client.store_instances([pydicom.dcmread(f) for f in files if f not in first_part])
             grown = run(v1)
             assert (grown["segmented"], grown["errors"], grown.get("pacs_kept")) == (1, 0, 1), grown
             assert segs() == [4]  # the new content's two SEGs beside the first two
             replaced = run(v2)
-            assert (replaced["segmented"], replaced["errors"]) == (1, 0) and replaced["pacs_kept"] >= 1, replaced
+            assert (replaced["segmented"], replaced["errors"]) == (4, 0) and replaced["pacs_kept"] >= 4, replaced
             assert segs() == [2, 4]  # v2's SEG series beside v1's
             assert "the PACS deletes nothing" in done_line(replaced, str(out))
             again = run(v2)
-            assert (again["segmented"], again["errors"], again["already_done"]) == (0, 0, 1), again
+            assert (again["segmented"], again["errors"], again["already_done"]) == (0, 0, 4), again
             back = run(v1)  # a rollback: v1's SEGs, which the PACS kept, stored again
-            assert (back["segmented"], back["errors"]) == (1, 0) and segs() == [2, 4], back
+            assert (back["segmented"], back["errors"]) == (4, 0) and segs() == [2, 4], back
         finally:
             ray.shutdown()
-    entry = list(Ledger(out / "ledger.jsonl").entries.values())[-1]
+    entry = Ledger(out / "ledger.jsonl").entries
+    entry = [e for e in entry.values() if e["path"] == grown_key][-1]
     assert entry["status"] == "done" and "kept in the PACS: it deletes nothing (DICOMweb DELETE answered HTTP 405)" \
         in entry["reason"], entry
     assert all(r["stored"] for r in entry["rows"])

@@ -202,8 +202,12 @@ def test_a_push_with_a_long_lived_reader_reads_only_what_was_appended_and_record
     from raysegment.io.dicom import instances_digest
 
     class Pacs:
-        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None):
-            return [{"00080018": {"vr": "UI", "Value": [f"{series_instance_uid}.{i}"]}} for i in range(3)]
+        def search_for_series(self, study_instance_uid, search_filters):
+            return [{"0020000D": {"vr": "UI", "Value": [study_instance_uid]}, "0020000E": {"vr": "UI", "Value": [
+                search_filters["SeriesInstanceUID"]]}, "00201209": {"vr": "IS", "Value": [3]}}]
+
+        def search_for_instances(self, study_instance_uid, series_instance_uid, fields=None, offset=0):
+            return [{"00080018": {"vr": "UI", "Value": [f"{series_instance_uid}.{i}"]}} for i in range(3)][offset:]
 
         def retrieve_series(self, study_instance_uid, series_instance_uid, media_types=None):
             raise ConnectionError("the PACS went away")

@@ -127,7 +127,7 @@ def web_series(client, since: str | None = None, study_uid: str | None = None) -
     out, found = [], {}
     filters = {"Modality": "MR", **({"StudyDate": f"{since}-"} if since else {}),
                **({"StudyInstanceUID": study_uid} if study_uid else {})}
-    for n, s in enumerate(client.search_for_series(search_filters=filters)):
+    for n, s in enumerate(_paged(client.search_for_series, search_filters=filters)):
         study, series = _tag(s, "0020000D"), _tag(s, "0020000E")
         if not study or not series:
             digest = hashlib.sha256(repr(sorted(s.items())).encode()).hexdigest()
@@ -135,7 +135,7 @@ def web_series(client, since: str | None = None, study_uid: str | None = None) -
                         "invalid": "PACS query record without Study or Series Instance UID"})
             continue
         try:
-            found[series] = (study, series_instances(client, study, series))
+            found[series] = (study, series_instances(client, study, series, _count(s)))
         except Exception as exc:
             out.append({"study": study, "series": series, "sha256": "unknown",
                         "error": failure("QIDO-RS instance query", exc)})
@@ -144,23 +144,66 @@ def web_series(client, since: str | None = None, study_uid: str | None = None) -
     return _stacked(out, found)
 
 
-def series_instances(client, study: str, series: str) -> dict[str, list | None]:
-    """A series' instances (QIDO-RS, one query, asking for ``io.dicom.PLANE_TAGS`` too) → SOP Instance
-    UID: its ``io.dicom.image_plane`` (None where the PACS does not give it)."""
+def series_instances(client, study: str, series: str, expected: int | None = None) -> dict[str, list | None]:
+    """A series' instances (QIDO-RS, asking for ``io.dicom.PLANE_TAGS`` too) → SOP Instance UID: its
+    ``io.dicom.image_plane`` (None where the PACS does not give it). ``expected``: the series' Number of
+    Series Related Instances; a PACS that answers with fewer (it caps its answers) is asked for the
+    rest (``_paged``), and one that will not send them raises ``ShortListing``."""
     import pydicom
     from pydicom.datadict import tag_for_keyword
 
     from raysegment.io.dicom import PLANE_TAGS, image_plane
 
     fields = [f"{tag_for_keyword(k):08X}" for k in PLANE_TAGS]
+    records = _paged(client.search_for_instances, expected, study_instance_uid=study, series_instance_uid=series,
+                     fields=fields)
+    if expected is not None and len(records) < expected:
+        raise ShortListing(f"the PACS lists {len(records)} of the series' {expected} instances: it caps its query "
+                           f"answers and does not page them by offset (raise its limit; Orthanc: LimitFindInstances)")
     out = {}
-    for i in client.search_for_instances(study_instance_uid=study, series_instance_uid=series, fields=fields):
+    for i in records:
         try:
             plane = image_plane(pydicom.Dataset.from_json(i))
         except Exception:  # a record that is not PS3.18 JSON: no plane, the UIDs still count
             plane = None
         out[_tag(i, "00080018")] = plane
     return out
+
+
+class ShortListing(RuntimeError):
+    """The PACS listed fewer instances of a series than it says the series holds."""
+
+
+def _count(record: dict) -> int | None:
+    """A QIDO-RS series record's Number of Series Related Instances, None where it does not give it."""
+    try:
+        return int(_tag(record, "00201209"))
+    except ValueError:
+        return None
+
+
+def _no_paging_note(record) -> bool:
+    return "additional results" not in record.getMessage()
+
+
+def _paged(search, expected: int | None = None, **query) -> list[dict]:
+    """Every record of a QIDO-RS ``search`` (a client's ``search_for_…``) from a PACS that sends at most
+    so many per answer (PS3.18: the rest from an ``offset``): asked again from the number received
+    while an answer brings records not seen before and, with ``expected``, fewer than that came (so
+    a whole answer costs no second query). A PACS that ignores the offset ends it: nothing new."""
+    import logging
+
+    records, seen = [], set()
+    # dicomweb-client logs each answer's Warning header, "There are additional results …": asked here
+    logging.getLogger("dicomweb_client.web").addFilter(_no_paging_note)  # the same filter is added once
+    while expected is None or len(records) < expected:
+        answer = search(**query, **({"offset": len(records)} if records else {}))
+        new = [r for r in answer if repr(sorted(r.items())) not in seen]
+        if not new:
+            break
+        records += new
+        seen |= {repr(sorted(r.items())) for r in new}
+    return records
 
 
 def _stacked(records: list[dict], found: dict[str, tuple[str, dict]]) -> list[dict]:
@@ -183,7 +226,8 @@ def push_target(client, study: str, series: str) -> tuple[str, str, tuple[str, .
     per slice (``web_series`` of its study), the stack — its UID, digest and series."""
     from raysegment.io.stacks import single_slice
 
-    instances = series_instances(client, study, series)
+    record = client.search_for_series(study_instance_uid=study, search_filters={"SeriesInstanceUID": series})
+    instances = series_instances(client, study, series, _count(record[0]) if record else None)
     if single_slice(list(instances.values())) is not None:
         for record in web_series(client, study_uid=study):
             if series in record.get("members", ()):
@@ -297,8 +341,8 @@ def web_delete_series(client, study: str, series: str) -> int:
 
 
 def _series_sops(client, study: str, series: str) -> set[str]:
-    return {_tag(i, "00080018") for i in client.search_for_instances(study_instance_uid=study,
-                                                                      series_instance_uid=series)}
+    return {_tag(i, "00080018") for i in _paged(client.search_for_instances, study_instance_uid=study,
+                                                series_instance_uid=series)}
 
 
 def _delete_instance(client, study: str, series: str, sop: str) -> None:
