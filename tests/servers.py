@@ -212,12 +212,14 @@ def running_service(root: Path, *args: str, port: int | None = None, timeout: fl
 
 
 @contextlib.contextmanager
-def hospital_pacs(dicomweb_url: str, deletes: bool = False, page: int | None = None) -> Iterator[str]:
+def hospital_pacs(dicomweb_url: str, deletes: bool = False, page: int | None = None,
+                  as_stored: bool = True) -> Iterator[str]:
     """A DICOMweb root in front of ``dicomweb_url`` (a ``running_orthanc``) that answers as many hospital
     PACS do: QIDO-RS, WADO-RS and STOW-RS pass through; without ``deletes``, DICOMweb DELETE (not in the
     standard) is 405 and there is no Orthanc REST API beside it (404); with ``page``, a QIDO-RS answer
     holds at most that many records from its ``offset`` (PS3.18: the rest asked for with ``offset``),
-    with the standard's Warning header when more remain. Yields its DICOMweb URL."""
+    with the standard's Warning header when more remain; without ``as_stored``, a retrieval that asks for
+    the instances as stored (``transfer-syntax=*``) is 406 Not Acceptable. Yields its DICOMweb URL."""
     import http.server
     import threading
     from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -231,6 +233,9 @@ def hospital_pacs(dicomweb_url: str, deletes: bool = False, page: int | None = N
         def _forward(self) -> None:
             if (self.command == "DELETE" and not deletes) or not self.path.startswith("/dicom-web"):
                 self._send(405 if self.command == "DELETE" else 404, b"", {})
+                return
+            if not as_stored and "transfer-syntax=*" in self.headers.get("Accept", "").replace(" ", ""):
+                self._send(406, b"", {})
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             headers = {k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")}

@@ -473,13 +473,14 @@ def test_a_rolled_back_champion_leaves_its_own_masks_and_seg_series_only(tmp_pat
 @pytest.mark.slow
 def test_a_pacs_that_deletes_nothing_and_pages_its_answers_gets_each_series_done_once(tmp_path, tiny_model):
     """A PACS as many hospitals run: no DICOMweb DELETE (it is not in the standard) and no Orthanc REST
-    API, and query answers of at most 3 records (PS3.18: the rest from an ``offset``; 4 MR series, each
-    of 8–12 instances). Every series is listed whole and segmented; a series that grew, then a new
-    champion, each store the new SEGs beside the earlier ones, which the PACS keeps: the series is done
-    (the entry says what was kept) and the next run has nothing to do; a rollback stores v1's again.
-    Before, every series was an error at every run: `IncompleteRetrieval: the PACS sent 8 instance(s),
-    not the ones its query listed` (its first 3 listed), the fourth series never seen, and with paging
-    alone each replaced result `STOW-RS failed (HTTPError: 404 … /tools/lookup)`."""
+    API, query answers of at most 3 records (PS3.18: the rest from an ``offset``; 4 MR series, each
+    of 8–12 instances), and no retrieval of instances as stored (406 to ``transfer-syntax=*``). Every
+    series is listed whole and segmented; a series that grew, then a new champion, each store the new
+    SEGs beside the earlier ones, which the PACS keeps: the series is done (the entry says what was
+    kept) and the next run has nothing to do; a rollback stores v1's again. Before, every series was
+    an error at every run: each retrieval `HTTPError: 406`, with it served `IncompleteRetrieval: the
+    PACS sent 8 instance(s), not the ones its query listed` (its first 3 listed), the fourth series
+    never seen, and with paging too each replaced result `STOW-RS failed (HTTPError: 404 …)`."""
     import pydicom
     import ray
     import torch
@@ -504,7 +505,7 @@ def test_a_pacs_that_deletes_nothing_and_pages_its_answers_gets_each_series_done
     first_part = [f for i, f in enumerate(files) if i % 6 < 4]
     others = [f for n in range(3) for f in write_dicom_cine(tmp_path / f"other{n}", _frames(4), patient=f"K{n + 2}")]
     out = tmp_path / "out"
-    with running_orthanc(tmp_path / "orthanc") as orthanc, hospital_pacs(orthanc, page=3) as url:
+    with running_orthanc(tmp_path / "orthanc") as orthanc, hospital_pacs(orthanc, page=3, as_stored=False) as url:
         client = dicomweb.web_client(url)
         client.store_instances([pydicom.dcmread(f) for f in first_part + others])
         head = pydicom.dcmread(files[0], stop_before_pixels=True)

@@ -242,8 +242,8 @@ class IncompleteRetrieval(RuntimeError):
 def web_retrieve(client, study: str, series: str, folder: Path, digest: str | None = None,
                  members: tuple[str, ...] = ()) -> list[Path]:
     """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID), in the
-    transfer syntax the PACS stores them in (``transfer-syntax=*``; GDCM decodes JPEG Lossless, JPEG-LS
-    and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
+    transfer syntax the PACS stores them in (``transfer-syntax=*``, where it offers it: ``_retrieve_as_stored``;
+    GDCM decodes JPEG Lossless, JPEG-LS and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
     breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
     as QIDO-RS listed it (``web_series``, ``push_target``); an answer of other instances (cut off, or the series
     still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part.
@@ -251,8 +251,7 @@ def web_retrieve(client, study: str, series: str, folder: Path, digest: str | No
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for part in members or (series,):
-        for ds in client.retrieve_series(study_instance_uid=study, series_instance_uid=part,
-                                         media_types=(("application/dicom", "*"),)):
+        for ds in _retrieve_as_stored(client, study, part):
             path = folder / f"{ds.SOPInstanceUID}.dcm"
             ds.save_as(path, enforce_file_format=True)
             paths.append(path)
@@ -260,6 +259,18 @@ def web_retrieve(client, study: str, series: str, folder: Path, digest: str | No
         raise IncompleteRetrieval(f"the PACS sent {len(paths)} instance(s), not the ones its query listed "
                                   f"(an answer cut off, or the series still arriving)")
     return paths
+
+
+def _retrieve_as_stored(client, study: str, series: str) -> list:
+    """A series' instances as the PACS stores them; from a PACS that does not offer that (HTTP 406 or
+    400 to ``transfer-syntax=*``), as it sends them by default (explicit VR little endian)."""
+    try:
+        return client.retrieve_series(study_instance_uid=study, series_instance_uid=series,
+                                      media_types=(("application/dicom", "*"),))
+    except Exception as exc:
+        if getattr(getattr(exc, "response", None), "status_code", None) not in (400, 406):
+            raise
+    return client.retrieve_series(study_instance_uid=study, series_instance_uid=series)
 
 
 def web_store(client, paths: list[Path]) -> list:
