@@ -132,8 +132,7 @@ def _run_actors(config: InferConfig, actors, todo: list[dict], ledger: Ledger, v
             raise RuntimeError(f"the inference actor could not load {' + '.join(config.models)}: {exc}") from None
         for entry in _segment_all(actors, todo, config.max_attempts, version, died, prepare=retrieve):
             if client is not None and config.store and entry["status"] == "done":
-                store_entry(client, entry, ledger)
-                progress.kept += bool(entry["status"] == "done" and entry["reason"])  # beside earlier SEGs
+                progress.kept += bool(store_entry(client, entry, ledger))  # beside earlier SEGs it keeps
             if members := by_path[entry["path"]].get("members"):  # a stack: its series have no rows of their own
                 entry["members"] = members
             progress(ledger, entry)

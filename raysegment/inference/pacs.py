@@ -42,14 +42,14 @@ def clear_stale_retrievals(out: Path) -> None:
                 pass
 
 
-def store_entry(client, entry: dict, ledger: Ledger) -> None:
+def store_entry(client, entry: dict, ledger: Ledger) -> str:
     """STOW-RS a finished series' SEGs, remove the SEGs of its earlier content from the PACS, then
     the SEG series of the other model versions the ``ledger`` stored for it (the replaced champion's,
     or after a rollback the version rolled back from): the PACS holds one raysegment SEG series per
     series, that of the model that segmented it last, as the output folder does. ``stored`` once the
     PACS holds these; one that deletes nothing keeps the earlier ones beside them, said in the entry's
-    ``reason``. A failure turns the entry into an error (retried next run; the SEG UIDs follow the
-    content, so nothing is ever stored twice)."""
+    ``reason`` and returned ("" when it holds exactly these). A failure turns the entry into an error
+    (retried next run; the SEG UIDs follow the content, so nothing is ever stored twice)."""
     from raysegment.io.dicomweb import failure, web_replace_segs
     from raysegment.io.seg import seg_series_uid
 
@@ -62,8 +62,10 @@ def store_entry(client, entry: dict, ledger: Ledger) -> None:
             r["stored"] = True
         if kept:  # a PACS that deletes nothing: done, and said (not an error retried at every run)
             entry["reason"] = kept
+        return kept
     except Exception as exc:
         entry["status"], entry["reason"] = "error", failure("STOW-RS", exc, 300)
+        return ""
 
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,

@@ -68,12 +68,17 @@ def unreachable(exc: Exception) -> str | None:
     return None
 
 
-def denied(exc: Exception) -> str | None:
-    """``HTTP 401``/``HTTP 403`` when the PACS refused this client (no or wrong credentials), else None."""
+def http_status(exc: Exception) -> int | None:
+    """The HTTP status a failed DICOMweb request got (also after the client's retries gave up), else None."""
     response = getattr(exc, "response", None)
     if (attempt := getattr(exc, "last_attempt", None)) is not None and not attempt.has_exception:
         response = attempt.value
-    status = getattr(response, "status_code", None)
+    return getattr(response, "status_code", None)
+
+
+def denied(exc: Exception) -> str | None:
+    """``HTTP 401``/``HTTP 403`` when the PACS refused this client (no or wrong credentials), else None."""
+    status = http_status(exc)
     return f"HTTP {status}" if status in (401, 403) else None
 
 
@@ -242,9 +247,9 @@ class IncompleteRetrieval(RuntimeError):
 def web_retrieve(client, study: str, series: str, folder: Path, digest: str | None = None,
                  members: tuple[str, ...] = ()) -> list[Path]:
     """WADO-RS: a series' instances saved under ``folder`` (one file per SOP Instance UID), in the
-    transfer syntax the PACS stores them in (``transfer-syntax=*``, where it offers it: ``_retrieve_as_stored``;
-    GDCM decodes JPEG Lossless, JPEG-LS and JPEG 2000): without it the PACS must transcode, and one that cannot (Orthanc with JPEG 2000)
-    breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
+    transfer syntax the PACS stores them in where it offers that (``_retrieve_as_stored``; GDCM decodes
+    JPEG Lossless, JPEG-LS and JPEG 2000): else the PACS must transcode, and one that cannot (Orthanc
+    with JPEG 2000) breaks off its answer after a 200, which reads as a shorter series. ``digest``: the series' content
     as QIDO-RS listed it (``web_series``, ``push_target``); an answer of other instances (cut off, or the series
     still growing) raises ``IncompleteRetrieval``, so it is retried rather than segmented in part.
     ``members``: a stack's series (``web_series``), retrieved one after the other into ``folder``."""
@@ -268,7 +273,7 @@ def _retrieve_as_stored(client, study: str, series: str) -> list:
         return client.retrieve_series(study_instance_uid=study, series_instance_uid=series,
                                       media_types=(("application/dicom", "*"),))
     except Exception as exc:
-        if getattr(getattr(exc, "response", None), "status_code", None) not in (400, 406):
+        if http_status(exc) not in (400, 406):
             raise
     return client.retrieve_series(study_instance_uid=study, series_instance_uid=series)
 
@@ -284,7 +289,7 @@ def web_store(client, paths: list[Path]) -> list:
     try:
         client.store_instances(datasets=datasets)
     except Exception as exc:
-        if getattr(getattr(exc, "response", None), "status_code", None) != 409:
+        if http_status(exc) != 409:
             raise
         by_series = {(str(d.StudyInstanceUID), str(d.SeriesInstanceUID)) for d in datasets}
         held = set().union(*(_series_sops(client, study, series) for study, series in by_series))
