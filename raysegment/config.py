@@ -216,6 +216,7 @@ class InferConfig:
     # Diagnosis of patients with ED and ES: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
     store: bool = True  # DICOMweb input: STOW-RS the SEGs back to the server
+    sr: bool = True  # DICOM input: each cine series' indices SR, stored with the SEGs (a PACS may take none)
     # DICOMweb input: the PACS's credentials, "USER:PASSWORD" (HTTP basic) or "Bearer TOKEN" (``--pacs-auth FILE``)
     pacs_auth: str | None = field(default=None, repr=False)
     # DICOMweb input: only series of studies dated within this many days before today (QIDO-RS
@@ -253,6 +254,7 @@ class ServeConfig:
     # with ``pacs``: a pushed slice of a stack stored as a series per slice waits until no slice of its
     # study was pushed for this long (s), so the stack is segmented once, whole; 0: at each push
     stack_settle_s: float = 60.0
+    sr: bool = True  # with ``pacs`` and ``store``: each series' indices SR stored with its SEGs
     # ``?format=json``'s diagnosis of a cine: "shipped", a JSON file, models:/raysegment-diagnosis@…, or None
     diagnosis: str | None = "shipped"
 

@@ -400,8 +400,13 @@ def test_a_pushed_series_gets_its_indices_sr_at_once_and_the_scheduled_run_store
         try:
             summary = run_batch(InferConfig(models=("shipped:mobilenet_v2",), input=url, output=str(out), threads=1,
                                             actors=1, progress=False))
+            # --no-sr (a PACS that takes no Comprehensive 3D SR): the SEGs, no SR written or stored
+            without = run_batch(InferConfig(models=("shipped:mobilenet_v2",), input=url, output=str(tmp_path / "no-sr"),
+                                            threads=1, actors=1, progress=False, sr=False))
         finally:
             ray.shutdown()
+        assert (without["segmented"], without["srs_written"], without["srs_stored"]) == (1, 0, 0), without
+        assert not list((tmp_path / "no-sr").rglob("indices_sr.dcm"))
         assert summary["already_done"] == 1 and summary["srs_written"] == 0 and summary["srs_stored"] == 0
         ed = next(r for r in pq.read_table(out / "results.parquet").to_pylist() if r.get("phase") == "ED")
         assert read_indices_sr(tmp_path / "sr.dcm") == {k: round(ed[k], 1) for k, *_ in MEASUREMENTS}

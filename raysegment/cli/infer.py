@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pacs-auth", metavar="FILE",
                    help="DICOMweb input: file holding the PACS's credentials, USER:PASSWORD (HTTP basic) or 'Bearer TOKEN' "
                         "(not the command line, which ps shows)")
+    p.add_argument("--no-sr", action="store_true",
+                   help="DICOM input: write no indices SR (for a PACS that takes no Comprehensive 3D SR); "
+                        "results.csv keeps the indices")
     p.add_argument("--no-store", action="store_true",
                    help="DICOMweb input: keep the SEGs under OUTPUT/dicom/, do not STOW-RS them to the server")
     p.add_argument("--retry-failed", action="store_true",
@@ -86,7 +89,8 @@ def done_line(summary: dict, output: str) -> str:
         text += (f"; the PACS deletes nothing: {s['pacs_kept']} SEG or SR set{'' if s['pacs_kept'] == 1 else 's'} "
                  f"stored beside the earlier ones it keeps")
     if s.get("sr_errors"):
-        text += f"; {s['sr_errors']} indices SR{'' if s['sr_errors'] == 1 else 's'} to store next run"
+        text += (f"; {s['sr_errors']} indices SR{'' if s['sr_errors'] == 1 else 's'} to store next run "
+                 f"(--no-sr for a PACS that takes none)")
     if "dice_vs_gt" in s:
         d = s["dice_vs_gt"]
         text += (f". Dice against the reference masks ({d['volumes']} frames): RV {d['dice_rv']:.3f}, MYO {d['dice_myo']:.3f}, "
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                                runtime=a.runtime, in_plane=a.in_plane),
                          actors=a.actors, cpus_per_actor=a.cpus_per_actor, gpus_per_actor=a.gpus_per_actor,
                          threads=a.threads, report_figures=a.report_figures, limit=a.limit, max_attempts=a.max_attempts,
-                         retry_failed=a.retry_failed, diagnosis=diagnosis_ref(a.diagnosis), store=not a.no_store,
+                         retry_failed=a.retry_failed, diagnosis=diagnosis_ref(a.diagnosis), store=not a.no_store, sr=not a.no_sr,
                          exclude=tuple(a.exclude), since_days=a.since, pacs_auth=pacs_auth(p, a.pacs_auth))
     try:
         with watch_cluster(lambda lost, why: _lost_line(a.output, lost, why)):

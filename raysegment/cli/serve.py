@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pacs: file holding the PACS's credentials, USER:PASSWORD (HTTP basic) or 'Bearer TOKEN'")
     p.add_argument("--output", help="with --pacs: masks, SEGs and ledger.jsonl, the scheduled job's --output")
     p.add_argument("--no-store", action="store_true", help="with --pacs: keep the SEGs under OUTPUT, do not STOW-RS them")
+    p.add_argument("--no-sr", action="store_true",
+                   help="with --pacs: store no indices SR with the SEGs (for a PACS that takes no Comprehensive 3D SR)")
     p.add_argument("--stack-settle", type=float, default=d("stack_settle_s"), metavar="S",
                    help="with --pacs: a short-axis stack stored as a series per slice is segmented once no slice of its "
                         "study was pushed for S seconds (longer than the scanner's gap between slices; 0: at each push)")
@@ -94,7 +96,7 @@ def config_from_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> Serve
                        replicas=a.replicas, autoscale=autoscale, cpus_per_replica=a.cpus_per_replica,
                        gpus_per_replica=1.0 if a.gpu else 0.0, threads=a.threads, poll_s=a.poll_s, token=token,
                        max_body_mb=a.max_body_mb, pacs=a.pacs, output=str(Path(a.output).resolve()) if a.output else None,
-                       store=not a.no_store, stack_settle_s=a.stack_settle, diagnosis=diagnosis_ref(a.diagnosis),
+                       store=not a.no_store, sr=not a.no_sr, stack_settle_s=a.stack_settle, diagnosis=diagnosis_ref(a.diagnosis),
                        pacs_auth=pacs_auth(p, a.pacs_auth))
 
 

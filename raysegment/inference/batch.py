@@ -90,7 +90,8 @@ def run_batch(config: InferConfig) -> dict:
     from raysegment.inference.clinical_sr import write_srs
     from raysegment.reporting.batch import batch_report
 
-    srs = write_srs(table, out, client if config.store else None, ledger)
+    srs = (write_srs(table, out, client if config.store else None, ledger) if config.sr
+           else {"written": 0, "stored": 0, "kept": 0, "errors": []})
     for line in srs["errors"][:5]:
         print(f"[raysegment] retried next run: {line}", flush=True)
 

@@ -70,13 +70,13 @@ def store_entry(client, entry: dict, ledger: Ledger) -> str:
 
 def segment_pacs_series(client, study: str, series: str, predictor, model_uri: str, out: Path,
                         store: bool = True, ledger: Ledger | None = None, diagnosis=None,
-                        stack_waits: bool = False) -> dict:
+                        stack_waits: bool = False, sr: bool = True) -> dict:
     """Segment one PACS series (QIDO-RS its instances, WADO-RS them to a ``retrieval_folder``,
     ``settle_study``, STOW-RS the SEGs) unless the ledger ``out/ledger.jsonl`` already holds it
     for ``predictor.version`` → the ledger entry (``{"status": "already_done", ...}`` when settled).
     ``ledger``: a long-lived reader of that file (the service's), refreshed here, so a push reads
-    only what was appended since the last one, not a year's ledger whole. With ``store``, the SEGs'
-    series gets its indices SR too (``diagnosis``: its basal ES check, as the results table's);
+    only what was appended since the last one, not a year's ledger whole. With ``store`` and ``sr``,
+    the SEGs' series gets its indices SR too (``diagnosis``: its basal ES check, as the results table's);
     one that fails is ``sr_error`` on the returned entry (the next scheduled run stores it).
     ``stack_waits``: a slice of a stack not yet settled is left alone → ``{"status": "waiting", ...}``,
     nothing recorded (the service segments the stack once its slices stopped arriving)."""
@@ -108,7 +108,8 @@ def segment_pacs_series(client, study: str, series: str, predictor, model_uri: s
         if store and entry["status"] == "done":
             store_entry(client, entry, ledger)
         entry = _finish(ledger, entry)
-        if store and entry["status"] == "done" and (errors := store_entry_sr(client, entry, out, ledger, diagnosis)):
+        if sr and store and entry["status"] == "done" and (errors := store_entry_sr(client, entry, out, ledger,
+                                                                                     diagnosis)):
             entry = {**entry, "sr_error": errors[0]}
         return entry
     finally:

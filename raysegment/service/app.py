@@ -225,7 +225,7 @@ class SegmentService:
                 self.push_ledger = self.push_ledger or Ledger(out / "ledger.jsonl")
                 entry = segment_pacs_series(web_client(self.config.pacs, self.config.pacs_auth), study, series,
                                             self.holder.predictor, self.config.model, out, store=self.config.store,
-                                            ledger=self.push_ledger, diagnosis=self.diagnosis,
+                                            ledger=self.push_ledger, diagnosis=self.diagnosis, sr=self.config.sr,
                                             stack_waits=not settled and self.config.stack_settle_s > 0)
                 if entry["status"] == "waiting":
                     self.stacks.add(study, series)
