@@ -319,10 +319,11 @@ def web_replace_segs(client, paths: list[Path], stale: list[str] | tuple = ()) -
     """
     heads = web_store(client, paths)
     study, kept, refused = str(heads[0].StudyInstanceUID), 0, ""
-    for series in sorted({str(h.SeriesInstanceUID) for h in heads}):
-        wanted = {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == series}
+    own = sorted({str(h.SeriesInstanceUID) for h in heads})
+    targets = [(s, {str(h.SOPInstanceUID) for h in heads if str(h.SeriesInstanceUID) == s}) for s in own]
+    for series, wanted in targets + [(s, set()) for s in stale]:  # a stale series: nothing of it wanted
         held = _series_sops(client, study, series)
-        if not refused and held - wanted:
+        if held - wanted and not refused:
             try:
                 for sop in sorted(held - wanted):
                     _delete_instance(client, study, series, sop)
@@ -330,30 +331,10 @@ def web_replace_segs(client, paths: list[Path], stale: list[str] | tuple = ()) -
                 refused = str(exc)
             held = _series_sops(client, study, series)
         if wanted - held or (held != wanted and not refused):
-            raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} SEG(s) "
-                               f"of SEG series {series} after storing and deleting")
+            raise RuntimeError(f"the PACS holds {len(held - wanted)} stale and lacks {len(wanted - held)} "
+                               f"instance(s) of series {series} after storing and deleting")
         kept += len(held - wanted)
-    for series in stale:
-        if not refused:
-            try:
-                web_delete_series(client, study, series)
-                continue
-            except DeleteRefused as exc:
-                refused = str(exc)
-        kept += len(_series_sops(client, study, series))
     return f"{kept} earlier instance(s) kept in the PACS: {refused}" if kept else ""
-
-
-def web_delete_series(client, study: str, series: str) -> int:
-    """Delete every instance of a series from the PACS (DICOMweb DELETE, else Orthanc's REST API) →
-    how many it held; raises ``DeleteRefused`` (``web_replace_segs``) or ``RuntimeError`` when some remain."""
-    held = _series_sops(client, study, series)
-    for sop in sorted(held):
-        _delete_instance(client, study, series, sop)
-    left = _series_sops(client, study, series)
-    if left:
-        raise RuntimeError(f"the PACS still holds {len(left)} of {len(held)} instance(s) of series {series} after deleting")
-    return len(held)
 
 
 def _series_sops(client, study: str, series: str) -> set[str]:
